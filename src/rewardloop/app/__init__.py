@@ -1,0 +1,1 @@
+"""The annotation server (FastAPI). Nothing outside app/ imports it."""

@@ -1,0 +1,76 @@
+"""The ``rewardloop`` command line.
+
+Thin by design: each module in this package parses flags into a config and calls the library.
+A module joins the CLI by defining ``register(app: typer.Typer) -> None`` (and an optional
+``ORDER`` integer for its place in ``--help``); it must not import torch or other heavy modules
+at import time, so ``rewardloop --help`` stays fast. Only this package prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import sys
+
+import typer
+
+from rewardloop import __version__
+from rewardloop.errors import TrainingError, UserError
+
+app = typer.Typer(
+    name="rewardloop",
+    help=(
+        "Fine-tune language models from human feedback: collect preferences (serve, tasks, "
+        "simulate, quality), model them (train rm), optimise policies (train sft|dpo|grpo|rloo|ppo), "
+        "evaluate (eval, report) and run it all in rounds (loop). Start with `rewardloop demo`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rewardloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."
+    ),
+) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register_all() -> None:
+    modules = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        modules.append(importlib.import_module(f"{__name__}.{info.name}"))
+    for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one line on stderr and a non-zero exit."""
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except TrainingError as exc:
+        typer.echo(f"training stopped: {exc}", err=True)
+        sys.exit(exc.exit_code)

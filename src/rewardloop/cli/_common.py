@@ -1,0 +1,38 @@
+"""Options shared by several commands, so each flag is spelled and explained once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+
+def default_db() -> str:
+    return os.environ.get("REWARDLOOP_DB", "sqlite:///rewardloop.db")
+
+
+DB = typer.Option(
+    None,
+    "--db",
+    help="Store URL (SQLAlchemy): sqlite:///FILE or postgresql+psycopg://USER:PASS@HOST/DB. "
+    "Default: $REWARDLOOP_DB, else sqlite:///rewardloop.db.",
+)
+CONFIG = typer.Option(
+    None, "--config", help="YAML file of config keys; flags given on the command line win."
+)
+OUT = typer.Option(..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json).")
+SEED = typer.Option(None, "--seed", help="Random seed for data order, init and sampling.")
+
+
+def resolve_db(db: str | None) -> str:
+    """The --db flag, else $REWARDLOOP_DB, else the default SQLite file."""
+    return db or default_db()
+
+
+def existing_file(path: Path) -> Path:
+    from rewardloop.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    return path

@@ -1,0 +1,1 @@
+"""Data model, store and file formats."""

@@ -1,0 +1,175 @@
+"""The store: a SQLAlchemy engine on SQLite (default) or PostgreSQL, migrated by Alembic.
+
+SQLite is set up the way it is safe under a web server: WAL journal, foreign keys on for every
+connection, a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions so two writers queue
+instead of failing half-way with "database is locked". Reads use deferred transactions and run
+beside the writer (WAL).
+
+Use ``Store.read()`` for queries and ``Store.write()`` for changes; both are context managers
+yielding an ORM session. ``write()`` commits on success and rolls back on any exception, so an
+import is all or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from rewardloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///rewardloop.db"
+MIGRATIONS = Path(__file__).parent / "migrations"
+_WRITE = "rewardloop_write"
+
+
+def default_url() -> str:
+    """``$REWARDLOOP_DB`` or the SQLite file ``rewardloop.db`` in the working directory."""
+    return os.environ.get("REWARDLOOP_DB", DEFAULT_URL)
+
+
+def _setup_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event (below) issue BEGIN itself, so we choose its kind.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        if engine.url.database not in (None, "", ":memory:"):
+            cur.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL is durable against process crashes (kill -9); only an OS crash or
+            # power loss can lose the last transactions. FULL also survives power loss.
+            cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = "IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Store:
+    """One database: engine, sessions, migrations."""
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True, echo: bool = False) -> None:
+        self.url = url or default_url()
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            raise UserError(
+                f"--db: {self.url!r} is not a database URL; use sqlite:///FILE or "
+                "postgresql+psycopg://USER:PASS@HOST/DB"
+            ) from None
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise UserError(f"--db: unsupported database {self.dialect!r}; use sqlite or postgresql")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.dialect == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:" and not Path(db).parent.exists():
+                raise UserError(f"--db: directory {Path(db).parent} does not exist")
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        try:
+            self.engine = create_engine(parsed, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise UserError(
+                f"--db: the driver for {self.dialect} is not installed ({exc.name}); "
+                "pip install 'rewardloop[postgres]'"
+            ) from None
+        if self.dialect == "sqlite":
+            _setup_sqlite(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self.migrate()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for queries; rolled back at the end (nothing is written)."""
+        with self._sessions() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction: committed when the block ends, rolled back on any exception."""
+        with self._sessions() as session:
+            session.connection(execution_options={_WRITE: True})
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    # -- migrations -----------------------------------------------------------------------
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (creates it on an empty database)."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except OperationalError as exc:
+            raise UserError(f"--db: cannot open {self.safe_url}: {exc.orig}") from None
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None for an empty database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def tables(self) -> list[str]:
+        return sorted(inspect(self.engine).get_table_names())
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden, for messages and logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def backup(self, dest: str | Path) -> Path:
+        """Copy a SQLite database safely while it is in use (the backup API, not a file copy)."""
+        if self.dialect != "sqlite":
+            raise UserError("backup is for SQLite stores; use pg_dump for PostgreSQL")
+        import sqlite3
+
+        dest = Path(dest)
+        raw = self.engine.raw_connection()
+        try:
+            target = sqlite3.connect(dest)
+            with target:
+                raw.driver_connection.backup(target)  # type: ignore[union-attr]
+            target.close()
+        finally:
+            raw.close()
+        return dest
+
+    def dispose(self) -> None:
+        self.engine.dispose()

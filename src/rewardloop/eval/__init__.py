@@ -1,0 +1,1 @@
+"""Evaluation: win rates, KL, ratings, reports."""

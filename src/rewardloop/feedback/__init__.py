@@ -1,0 +1,1 @@
+"""Preference collection: tasks, simulated annotators, quality, selection."""

@@ -1,0 +1,1 @@
+"""Training loops, one file per algorithm family, and the shared run plumbing."""

@@ -1,0 +1,104 @@
+"""The store: migrations, SQLite settings, constraints that make bad states impossible."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from rewardloop.data import schema as S
+from rewardloop.data.store import Store
+from rewardloop.errors import UserError
+
+
+def _task_with_two_responses(session) -> S.ComparisonTask:
+    p = S.Prompt(text="hi", content_hash=S.content_hash("hi"))
+    r1 = S.Response(prompt=p, text="a", content_hash=S.content_hash("a"))
+    r2 = S.Response(prompt=p, text="b", content_hash=S.content_hash("b"))
+    t = S.ComparisonTask(prompt=p, kind="pairwise", overlap=2)
+    t.items = [S.TaskItem(response=r1, position=0), S.TaskItem(response=r2, position=1)]
+    session.add(t)
+    session.flush()
+    return t
+
+
+def test_migrated_to_head_with_all_tables(store: Store) -> None:
+    assert store.revision() is not None
+    for table in ("annotators", "prompts", "responses", "tasks", "judgments", "audit_log"):
+        assert table in store.tables()
+
+
+def test_one_judgment_per_task_and_annotator(store: Store) -> None:
+    with store.write() as s:
+        t = _task_with_two_responses(s)
+        a = S.Annotator(name="ann")
+        s.add(a)
+        s.flush()
+        ids = [i.response_id for i in t.items]
+        s.add(S.Judgment(task=t, annotator=a, ranking=[[ids[0]], [ids[1]]], idempotency_key="k1"))
+        task_id, ann_id = t.id, a.id
+    with pytest.raises(IntegrityError):
+        with store.write() as s:
+            s.add(S.Judgment(task_id=task_id, annotator_id=ann_id, ranking=[[1], [2]],
+                             idempotency_key="k2"))
+
+
+def test_idempotency_key_unique(store: Store) -> None:
+    with store.write() as s:
+        t = _task_with_two_responses(s)
+        s.add(S.Judgment(task=t, ranking=[[1], [2]], idempotency_key="same"))
+        task_id = t.id
+    with pytest.raises(IntegrityError):
+        with store.write() as s:
+            s.add(S.Judgment(task_id=task_id, ranking=[[2], [1]], idempotency_key="same"))
+
+
+def test_failed_write_leaves_nothing(store: Store) -> None:
+    with pytest.raises(RuntimeError):
+        with store.write() as s:
+            s.add(S.Annotator(name="ghost"))
+            s.flush()
+            raise RuntimeError("boom")
+    with store.read() as s:
+        assert s.query(S.Annotator).count() == 0
+
+
+def test_bad_kind_and_overlap_refused(store: Store) -> None:
+    for bad in ({"kind": "triple"}, {"kind": "pairwise", "overlap": 0}):
+        with pytest.raises(IntegrityError):
+            with store.write() as s:
+                p = S.Prompt(text="x", content_hash=S.content_hash(repr(bad)))
+                s.add(S.ComparisonTask(prompt=p, **bad))
+
+
+def test_sqlite_pragmas(sqlite_store: Store) -> None:
+    with sqlite_store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_backup_copies_live_database(sqlite_store: Store, tmp_path) -> None:
+    with sqlite_store.write() as s:
+        s.add(S.Annotator(name="kept"))
+    dest = sqlite_store.backup(tmp_path / "copy.db")
+    copy = Store(f"sqlite:///{dest}")
+    with copy.read() as s:
+        assert [a.name for a in s.query(S.Annotator)] == ["kept"]
+
+
+def test_bad_urls_are_user_errors(tmp_path) -> None:
+    with pytest.raises(UserError, match="not a database URL"):
+        Store("not a url")
+    with pytest.raises(UserError, match="unsupported database"):
+        Store("mysql://u@h/db")
+    with pytest.raises(UserError, match="does not exist"):
+        Store(f"sqlite:///{tmp_path}/missing/dir/x.db")
+
+
+def test_ranking_helpers() -> None:
+    assert S.validate_ranking([[3], [1, 2]], [1, 2, 3]) == [[3], [1, 2]]
+    with pytest.raises(ValueError, match="twice"):
+        S.validate_ranking([[1], [1]], [1, 2])
+    with pytest.raises(ValueError, match="each of the task's responses"):
+        S.validate_ranking([[1]], [1, 2])
+    assert S.ranking_pairs([[3], [1, 2]]) == [(3, 1, False), (3, 2, False), (1, 2, True)]
