@@ -57,7 +57,8 @@ def load_config(cls: type[T], config_file: Path | None = None, **flags: Any) -> 
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+            kind = type(loaded).__name__
+            raise UserError(f"{path}: expected a mapping of config keys, got {kind}")
         unknown = sorted(set(loaded) - set(fields))
         if unknown:
             raise UserError(f"{path}: unknown config keys {unknown}; known: {sorted(fields)}")

@@ -21,7 +21,9 @@ DB = typer.Option(
 CONFIG = typer.Option(
     None, "--config", help="YAML file of config keys; flags given on the command line win."
 )
-OUT = typer.Option(..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json).")
+OUT = typer.Option(
+    ..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json)."
+)
 SEED = typer.Option(None, "--seed", help="Random seed for data order, init and sampling.")
 
 

@@ -131,7 +131,7 @@ class Prompt(Base):
 
 
 class Response(Base):
-    """An answer to a prompt, with who wrote it (model and version) and how (generation settings)."""
+    """An answer to a prompt: who wrote it (model, version) and how (generation settings)."""
 
     __tablename__ = "responses"
     __table_args__ = (UniqueConstraint("prompt_id", "content_hash", name="uq_response_content"),)
@@ -188,7 +188,7 @@ class ComparisonTask(Base):
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     gold_ranking: Mapped[list[Any] | None] = mapped_column(JSON)
     priority: Mapped[float] = mapped_column(Float, default=0.0)
-    # Number of judgments received; `done` once it reaches `overlap` (kept in step by feedback.tasks).
+    # Judgments received; `done` once it reaches `overlap` (kept in step by feedback.tasks).
     n_judgments: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[bool] = mapped_column(Boolean, default=False)
     external_id: Mapped[str | None] = mapped_column(String(255), index=True)

@@ -73,7 +73,9 @@ class Store:
             ) from None
         self.dialect = parsed.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
-            raise UserError(f"--db: unsupported database {self.dialect!r}; use sqlite or postgresql")
+            raise UserError(
+                f"--db: unsupported database {self.dialect!r}; use sqlite or postgresql"
+            )
         kwargs: dict[str, Any] = {"echo": echo}
         if self.dialect == "sqlite":
             db = parsed.database
