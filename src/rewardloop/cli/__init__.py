@@ -23,7 +23,8 @@ app = typer.Typer(
     help=(
         "Fine-tune language models from human feedback: collect preferences (serve, tasks, "
         "simulate, quality), model them (train rm), optimise policies "
-        "(train sft|dpo|grpo|rloo|ppo), evaluate (eval, report) and run it all in rounds (loop). Start with `rewardloop demo`."
+        "(train sft|dpo|grpo|rloo|ppo), evaluate (eval, report) and run it all in rounds "
+        "(loop). Start with `rewardloop demo`."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
