@@ -1,0 +1,61 @@
+"""Shared harness: run each side of a comparison in its own process launch and tabulate.
+
+Each benchmark module exposes ``main()`` that, when called with ``--side NAME``, runs one side
+and prints a single JSON object as its LAST stdout line (figures such as ``samples_per_s``,
+``peak_rss_mb``, ``eval_accuracy``). Without ``--side`` it launches every side in a fresh
+subprocess (so peak memory is per side, not shared) and prints the table with ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_side(module: str, side: str, args: Sequence[str] = (), timeout: float = 1800) -> dict:
+    """Run ``python -m module --side side *args`` in a fresh process; return its JSON line."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--side", side, *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{module} --side {side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{module} --side {side} printed no JSON result:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def ratio(ours: Any, theirs: Any) -> str:
+    try:
+        return f"{float(ours) / float(theirs):.2f}x"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return "-"
+
+
+def print_table(title: str, results: dict[str, dict], keys: Sequence[str],
+                ours: str = "rewardloop", theirs: str = "trl") -> None:
+    """Print one row per key: each side's value and ours/theirs."""
+    sides = list(results)
+    print(f"\n## {title}")
+    print("| metric | " + " | ".join(sides) + f" | {ours}/{theirs} |")
+    print("|---" * (len(sides) + 2) + "|")
+    for key in keys:
+        vals = [results[s].get(key) for s in sides]
+        shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals]
+        r = ratio(results.get(ours, {}).get(key), results.get(theirs, {}).get(key))
+        print(f"| {key} | " + " | ".join(shown) + f" | {r} |")
+    sys.stdout.flush()
