@@ -1,0 +1,169 @@
+"""Evaluation statistics: win rates with bootstrap intervals, Bradley–Terry arena ratings,
+calibration. Pure numpy/scipy, no models, so every figure here is unit-tested by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+ELO_SCALE = 400.0 / np.log(10.0)  # logit units -> Elo points (Chatbot Arena's convention)
+ELO_BASE = 1000.0
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """How often A beats B on paired items; ties count half (Chatbot Arena's convention)."""
+
+    rate: float
+    ci_low: float
+    ci_high: float
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        return {"win_rate": self.rate, "win_rate_ci": [self.ci_low, self.ci_high],
+                "wins": self.wins, "ties": self.ties, "losses": self.losses, "n": self.n}
+
+
+def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float], *, n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` over resampled rows of ``values``."""
+    values = np.asarray(values)
+    if len(values) == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    stats = np.array([stat(values[i]) for i in idx])
+    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+def outcomes(scores_a: Sequence[float], scores_b: Sequence[float], tie_eps: float = 0.0
+             ) -> np.ndarray:
+    """Per-item outcome for A: 1 win, 0.5 tie (|a - b| <= tie_eps), 0 loss."""
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"scores differ in length: {a.shape} vs {b.shape}")
+    diff = a - b
+    return np.where(np.abs(diff) <= tie_eps, 0.5, (diff > 0).astype(float))
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, tie_eps: float = 0.0,
+             n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> WinRate:
+    """Win rate of A over B on paired items (same prompt), with a bootstrap interval over items."""
+    out = outcomes(scores_a, scores_b, tie_eps)
+    if len(out) == 0:
+        raise ValueError("win_rate needs at least one paired item")
+    low, high = bootstrap_ci(out, np.mean, n_boot=n_boot, alpha=alpha, seed=seed)
+    return WinRate(rate=float(out.mean()), ci_low=low, ci_high=high,
+                   wins=int((out == 1).sum()), ties=int((out == 0.5).sum()),
+                   losses=int((out == 0).sum()))
+
+
+Battle = tuple[str, str, float]  # (model_a, model_b, outcome for a: 1 win, 0.5 tie, 0 loss)
+
+
+def _bt_fit(a_idx: np.ndarray, b_idx: np.ndarray, y: np.ndarray, n: int, l2: float) -> np.ndarray:
+    """Maximum-likelihood Bradley–Terry strengths θ (logit units), mean-zero.
+
+    P(a beats b) = σ(θ_a − θ_b); a tie contributes half a win each way (y = 0.5), which is the
+    same as a fractional label in the logistic likelihood. ``l2`` is a tiny ridge that keeps the
+    estimate finite when a model won (or lost) every battle.
+    """
+
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        d = theta[a_idx] - theta[b_idx]
+        # log σ(d) = -logaddexp(0, -d); stable for large |d|
+        ll = y * -np.logaddexp(0, -d) + (1 - y) * -np.logaddexp(0, d)
+        p = 1.0 / (1.0 + np.exp(-d))
+        g_d = -(y - p)
+        grad = np.zeros(n)
+        np.add.at(grad, a_idx, g_d)
+        np.add.at(grad, b_idx, -g_d)
+        return float(-ll.sum() + l2 * theta @ theta), grad + 2 * l2 * theta
+
+    res = minimize(nll, np.zeros(n), jac=True, method="L-BFGS-B")
+    theta = res.x
+    return theta - theta.mean()
+
+
+def bradley_terry_ratings(battles: Sequence[Battle], *, l2: float = 1e-6) -> dict[str, float]:
+    """Elo-scaled Bradley–Terry ratings (mean 1000) from pairwise battles, by maximum likelihood."""
+    names = sorted({m for a, b, _ in battles for m in (a, b)})
+    if len(names) < 2:
+        raise ValueError("arena ratings need battles between at least two models")
+    index = {m: i for i, m in enumerate(names)}
+    a_idx = np.array([index[a] for a, _, _ in battles])
+    b_idx = np.array([index[b] for _, b, _ in battles])
+    y = np.array([float(o) for _, _, o in battles])
+    if not np.all(np.isin(y, (0.0, 0.5, 1.0))):
+        raise ValueError("battle outcomes must be 1 (a wins), 0.5 (tie) or 0 (b wins)")
+    theta = _bt_fit(a_idx, b_idx, y, len(names), l2)
+    return {m: float(ELO_BASE + ELO_SCALE * theta[i]) for m, i in index.items()}
+
+
+def arena_ratings(battles: Sequence[Battle], *, n_boot: int = 200, alpha: float = 0.05,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """Ratings with percentile bootstrap intervals (battles resampled with replacement)."""
+    point = bradley_terry_ratings(battles)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {m: [] for m in point}
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(battles), size=len(battles))
+        boot = bradley_terry_ratings([battles[i] for i in pick])
+        for m in point:
+            if m in boot:
+                samples[m].append(boot[m])
+    out = {}
+    for m, r in point.items():
+        s = np.array(samples[m]) if samples[m] else np.array([r])
+        out[m] = {"rating": r, "ci_low": float(np.quantile(s, alpha / 2)),
+                  "ci_high": float(np.quantile(s, 1 - alpha / 2)), "battles": int(
+                      sum(1 for a, b, _ in battles if m in (a, b)))}
+    return out
+
+
+def expected_calibration_error(probs: Sequence[float], labels: Sequence[float], n_bins: int = 10
+                               ) -> tuple[float, list[dict[str, float]]]:
+    """ECE of predicted probabilities that the label is 1, with equal-width bins.
+
+    For a reward model, ``probs`` = σ(r_chosen − r_rejected) and ``labels`` = 1 (the human
+    preference). Predicting both orientations (p for the pair, 1 − p for the swapped pair with
+    label 0) makes the reliability diagram symmetric; callers decide. Returns the ECE (weighted
+    mean |accuracy − confidence| over bins) and per-bin rows for a reliability diagram.
+    """
+    p = np.asarray(probs, dtype=float)
+    y = np.asarray(labels, dtype=float)
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError("probs and labels must be non-empty and of equal length")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
+    ece, rows = 0.0, []
+    for b in range(n_bins):
+        sel = which == b
+        if not sel.any():
+            continue
+        conf, acc, frac = float(p[sel].mean()), float(y[sel].mean()), float(sel.mean())
+        ece += frac * abs(acc - conf)
+        rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
+                     "confidence": conf, "accuracy": acc, "count": int(sel.sum())})
+    return float(ece), rows
+
+
+def length_stats(texts: Sequence[str]) -> dict[str, float]:
+    """Mean/median/p95 length in characters and words."""
+    if not texts:
+        return {"n": 0}
+    chars = np.array([len(t) for t in texts], dtype=float)
+    words = np.array([len(t.split()) for t in texts], dtype=float)
+    return {"n": len(texts), "chars_mean": float(chars.mean()),
+            "chars_median": float(np.median(chars)), "chars_p95": float(np.quantile(chars, 0.95)),
+            "words_mean": float(words.mean()), "words_median": float(np.median(words))}
