@@ -1,0 +1,150 @@
+"""The records rewardloop's data files hold, and chat-aware accessors trainers need.
+
+Text is a string or a chat list of ``{"role", "content"}`` messages (extra keys are kept). A chat
+*answer* ends with the assistant's message; UltraFeedback-binarized answers also repeat the
+prompt before it (:func:`completion_messages` strips it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+Message: TypeAlias = dict[str, Any]
+Chat: TypeAlias = list[Message]
+Text: TypeAlias = str | Chat
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+HH_HUMAN = "\n\nHuman:"
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt to generate answers for."""
+
+    prompt: Text
+    id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CandidatesRecord:
+    """Candidate answers to one prompt; ``models[i]`` (if given) wrote ``responses[i]``."""
+
+    prompt: Text
+    responses: list[str]
+    models: list[str | None] | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """``chosen`` was preferred to ``rejected`` (or, with ``tie``, neither was)."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    margin: float | None = None
+    annotator: str | None = None
+    id: str | None = None
+    tie: bool = False
+
+
+@dataclass(frozen=True)
+class RankingRecord:
+    """``ranking`` orders ``responses`` by index, best group first; a group of 2+ is a tie."""
+
+    prompt: Text
+    responses: list[Text]
+    ranking: list[list[int]]
+    annotator: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class UnpairedRecord:
+    """A thumbs up (``label=True``) or down for one completion (KTO)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    annotator: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """Supervised data: ``prompt`` + ``completion``, or ``messages``, or ``text`` (one form)."""
+
+    prompt: Text | None = None
+    completion: Text | None = None
+    messages: Chat | None = None
+    text: str | None = None
+    id: str | None = None
+
+    def prompt_completion(self) -> tuple[Text, Text]:
+        """(prompt, completion) for loss masking: a chat's last message is the completion."""
+        if self.messages is not None:
+            return self.messages[:-1], self.messages[-1:]
+        if self.text is not None:
+            return "", self.text
+        assert self.prompt is not None and self.completion is not None
+        return self.prompt, self.completion
+
+
+Record: TypeAlias = (
+    PromptRecord | CandidatesRecord | PairRecord | RankingRecord | UnpairedRecord | SFTRecord
+)
+
+
+# -- chat-aware accessors ----------------------------------------------------------------------
+
+
+def is_chat(value: Text) -> bool:
+    return isinstance(value, list)
+
+
+def as_messages(prompt: Text) -> Chat:
+    """A prompt as chat messages: a plain string becomes one user message."""
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt: Text) -> str:
+    """Plain text of a prompt: the string itself, or the chat as ``role: content`` paragraphs."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def response_text(response: Text) -> str:
+    """Plain text of an answer: the string itself, or the content of the chat's last message."""
+    if isinstance(response, str):
+        return response
+    return str(response[-1]["content"]) if response else ""
+
+
+def completion_messages(prompt: Text, response: Text) -> Chat:
+    """The answer's own messages, without a leading copy of the prompt (UltraFeedback-binarized
+    rows repeat the prompt inside ``chosen``/``rejected``)."""
+    if isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    head = as_messages(prompt)
+    return response[len(head):] if response[: len(head)] == head else list(response)
+
+
+def hh_transcripts(pair: PairRecord) -> tuple[str, str]:
+    """(chosen, rejected) as whole HH-RLHF transcripts.
+
+    A prompt read from an HH file (ending in ``"\\n\\nAssistant:"``) is joined verbatim with the
+    answers, so HH files round-trip exactly; other prompts are rendered turn by turn.
+    """
+    prompt = pair.prompt
+    if isinstance(prompt, str) and prompt.startswith(HH_HUMAN) and prompt.endswith(HH_ASSISTANT):
+        return prompt + response_text(pair.chosen), prompt + response_text(pair.rejected)
+    turns = [
+        f"{HH_ASSISTANT if m['role'] == 'assistant' else HH_HUMAN} {m['content']}"
+        for m in as_messages(prompt)
+    ]
+    head = "".join(turns) + HH_ASSISTANT
+    return head + " " + response_text(pair.chosen), head + " " + response_text(pair.rejected)
