@@ -1,0 +1,234 @@
+"""feedback.tasks: creating tasks, leasing them under overlap, recording judgments."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from rewardloop.data import schema as S
+from rewardloop.errors import DataError
+from rewardloop.feedback import tasks as T
+
+
+def _annotators(store, names):
+    with store.write() as s:
+        objs = [S.Annotator(name=n) for n in names]
+        s.add_all(objs)
+    return objs
+
+
+def _make_tasks(store, n, overlap=1, k=2, kind="pairwise", batch="b"):
+    with store.write() as s:
+        b = T.get_or_create_batch(s, batch, guidelines="Prefer helpful answers.")
+        ids = []
+        for i in range(n):
+            p = T.get_or_create_prompt(s, f"prompt {i}")
+            rs = [T.get_or_create_response(s, p, f"answer {i}.{j}") for j in range(k)]
+            ids.append(T.create_task(s, p, rs, kind=kind, overlap=overlap, batch=b).id)
+    return ids
+
+
+def test_dedup_prompt_response_batch(store) -> None:
+    with store.write() as s:
+        p1 = T.get_or_create_prompt(s, "hi")
+        p2 = T.get_or_create_prompt(s, "hi")
+        chat = T.get_or_create_prompt(s, messages=[{"role": "user", "content": "hi"}])
+        r1 = T.get_or_create_response(s, p1, "a", model="m")
+        r2 = T.get_or_create_response(s, p1, "a")
+        r3 = T.get_or_create_response(s, chat, "a")
+        b1 = T.get_or_create_batch(s, "x", guidelines="g1")
+        b2 = T.get_or_create_batch(s, "x")
+        assert p1.id == p2.id != chat.id
+        assert r1.id == r2.id != r3.id
+        assert b1.id == b2.id and b1.guideline_version == S.content_hash("g1")[:12]
+    with pytest.raises(DataError, match="exactly one"):
+        with store.write() as s:
+            T.get_or_create_prompt(s, "x", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(DataError, match="role"):
+        with store.write() as s:
+            T.get_or_create_prompt(s, messages=[{"content": "x"}])
+
+
+def test_create_task_validates(store) -> None:
+    with store.write() as s:
+        p = T.get_or_create_prompt(s, "p")
+        other = T.get_or_create_prompt(s, "other")
+        a, b, c = (T.get_or_create_response(s, p, t) for t in "abc")
+        x = T.get_or_create_response(s, other, "x")
+        with pytest.raises(T.TaskError, match="exactly 2"):
+            T.create_task(s, p, [a, b, c])
+        with pytest.raises(T.TaskError, match="at least 2"):
+            T.create_task(s, p, [a], kind="ranking")
+        with pytest.raises(T.TaskError, match="prompt"):
+            T.create_task(s, p, [a, x])
+        with pytest.raises(T.TaskError, match="overlap"):
+            T.create_task(s, p, [a, b], overlap=0)
+        with pytest.raises(T.TaskError, match="gold ranking"):
+            T.create_task(s, p, [a, b], gold_ranking=[[a.id], [c.id]])
+        task = T.create_task(s, p, [a, b, c], kind="ranking", gold_ranking=[[c.id], [a.id, b.id]])
+        assert task.is_gold and [i.response_id for i in task.items] == [a.id, b.id, c.id]
+        assert s.scalar(select(func.count()).select_from(S.AuditEvent)) == 1
+
+
+def test_lease_order_shuffle_and_reuse(store) -> None:
+    ids = _make_tasks(store, 3, k=3, kind="ranking")
+    with store.write() as s:
+        t = s.get(S.ComparisonTask, ids[2])
+        t.priority = 5.0
+        item_ids = sorted(i.response_id for i in t.items)
+    (ann,) = _annotators(store, ["ann"])
+    with store.write() as s:
+        lease = T.next_task(s, ann, rng=random.Random(0))
+        assert lease.task_id == ids[2]  # highest priority first
+        assert sorted(lease.shown_order) == item_ids
+        view = T.task_view(s, lease)
+        assert [r["id"] for r in view["responses"]] == lease.shown_order
+        assert view["prompt"] == "prompt 2" and view["kind"] == "ranking"
+        assert view["guideline_version"]
+    with store.write() as s:
+        again = T.next_task(s, ann)
+        assert again.id == lease.id  # an unexpired lease is handed back, not a new task
+    with store.write() as s:
+        j, created = T.submit_judgment(s, ann, lease.task_id, [lease.shown_order],
+                                       idempotency_key="k")
+        assert created and j.shown_order == lease.shown_order and j.guideline_version
+    with store.write() as s:
+        assert T.next_task(s, ann).task_id == ids[0]  # then the oldest
+
+
+def test_overlap_and_expired_leases(store) -> None:
+    (tid,) = _make_tasks(store, 1, overlap=2)
+    a, b, c = _annotators(store, ["a", "b", "c"])
+    with store.write() as s:
+        la = T.next_task(s, a)
+        lb = T.next_task(s, b, lease_s=-1)  # already expired: frees its slot
+        assert la.task_id == lb.task_id == tid
+    with store.write() as s:
+        lc = T.next_task(s, c)
+        assert lc is not None and lc.task_id == tid
+    with store.write() as s:
+        assert T.next_task(s, b) is None  # a and c hold both slots
+        with pytest.raises(T.TaskError, match="all the judgments") as err:
+            T.submit_judgment(s, b, tid, lb.shown_order, idempotency_key="kb")
+        assert err.value.status == 409
+    for ann, lease in ((a, la), (c, lc)):
+        with store.write() as s:
+            T.submit_judgment(s, ann, tid, [[lease.shown_order[0]], [lease.shown_order[1]]],
+                              idempotency_key=f"k{ann.name}")
+    with store.read() as s:
+        task = s.get(S.ComparisonTask, tid)
+        assert task.done and task.n_judgments == 2
+        assert T.batch_progress(s)["annotators"] == {"a": 1, "c": 1}
+
+
+def test_submit_errors_and_replay(store) -> None:
+    (tid,) = _make_tasks(store, 1, overlap=2)
+    a, b = _annotators(store, ["a", "b"])
+    with store.write() as s:
+        with pytest.raises(T.TaskError, match="does not exist") as err:
+            T.submit_judgment(s, a, 999, [[1], [2]], idempotency_key="x")
+        assert err.value.status == 404
+        with pytest.raises(T.TaskError, match="not leased") as err:
+            T.submit_judgment(s, a, tid, [[1], [2]], idempotency_key="x")
+        assert err.value.status == 403
+        lease = T.next_task(s, a)
+    r1, r2 = lease.shown_order
+    with store.write() as s:
+        with pytest.raises(T.TaskError, match="ranking") as err:
+            T.submit_judgment(s, a, tid, [[r1], [r1]], idempotency_key="x")
+        assert err.value.status == 422
+        with pytest.raises(T.TaskError, match="strength"):
+            T.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x", strength="huge")
+    with store.write() as s:
+        j, created = T.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x",
+                                       strength="clear", time_ms=1200)
+        assert created
+    with store.write() as s:
+        j2, created = T.submit_judgment(s, a, tid, [r1, r2], idempotency_key="x")
+        assert not created and j2.id == j.id
+        with pytest.raises(T.TaskError, match="different judgment"):
+            T.submit_judgment(s, a, tid, [[r2], [r1]], idempotency_key="x")
+        with pytest.raises(T.TaskError, match="another annotator"):
+            T.submit_judgment(s, b, tid, [[r1], [r2]], idempotency_key="x")
+        with pytest.raises(T.TaskError, match="already judged"):
+            T.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="y")
+    with store.write() as s:  # without a lease (imports, simulators): allowed when asked
+        _, created = T.submit_judgment(s, b, tid, [[r1, r2]], idempotency_key="z",
+                                       require_lease=False, source="simulated")
+        assert created
+    with store.read() as s:
+        assert s.get(S.ComparisonTask, tid).done
+        actions = s.scalars(select(S.AuditEvent.action)).all()
+        assert actions.count("judgment.create") == 2
+
+
+def test_candidates_pairing_gold_and_errors(store) -> None:
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "models": ["m1", "m2", "m3"]},
+            {"prompt": [{"role": "user", "content": "q"}], "responses": ["x", "y"]}]
+    with store.write() as s:
+        b = T.get_or_create_batch(s, "cand")
+        made = T.create_tasks_from_candidates(s, rows, kind="pairwise", overlap=2, batch=b,
+                                              gold={0: [[2], [0, 1]]})
+        assert len(made) == 3 + 1
+        gold = [t for t in made if t.is_gold]
+        assert len(gold) == 3
+        resp = {r.text: r.id for r in s.scalars(select(S.Response))}
+        assert gold[1].gold_ranking == [[resp["c"]], [resp["a"]]]  # pair (a, c)
+        adj = T.create_tasks_from_candidates(s, rows[:1], kind="pairwise", batch=b,
+                                             pairing="adjacent")
+        assert len(adj) == 2
+        rank = T.create_tasks_from_candidates(s, rows, kind="ranking", batch=b)
+        assert [len(t.items) for t in rank] == [3, 2]
+        assert s.scalar(select(S.Response.model).where(S.Response.text == "b")) == "m2"
+    bad = [({"prompt": 3, "responses": ["a", "b"]}, "field 'prompt'"),
+           ({"prompt": "p", "responses": ["a"]}, "field 'responses'"),
+           ({"prompt": "p", "responses": ["a", "b"], "models": ["m"]}, "field 'models'")]
+    for row, where in bad:
+        with pytest.raises(DataError, match=f"f.jsonl:line 7 {where}"):
+            with store.write() as s:
+                T.create_tasks_from_candidates(s, [row], path="f.jsonl", line_numbers=[7])
+
+
+@pytest.mark.slow
+def test_concurrent_annotators_exact_counts(store) -> None:
+    overlap, n_tasks, n_workers = 2, 30, 6
+    ids = _make_tasks(store, n_tasks, overlap=overlap)
+    anns = _annotators(store, [f"w{i}" for i in range(n_workers)])
+    errors: list[BaseException] = []
+    done_by: dict[str, list[int]] = {}
+
+    def work(ann) -> None:
+        mine = done_by.setdefault(ann.name, [])
+        try:
+            for _ in range(n_tasks + 5):
+                with store.write() as s:
+                    lease = T.next_task(s, ann)
+                    if lease is None:
+                        return
+                    order = lease.shown_order
+                    task_id = lease.task_id
+                with store.write() as s:
+                    T.submit_judgment(s, ann, task_id, [[order[0]], [order[1]]],
+                                      idempotency_key=uuid.uuid4().hex)
+                mine.append(task_id)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a,)) for a in anns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sum(len(v) for v in done_by.values()) == n_tasks * overlap
+    for v in done_by.values():
+        assert len(v) == len(set(v))  # nobody judged a task twice
+    with store.read() as s:
+        counts = dict(s.execute(select(S.Judgment.task_id, func.count())
+                                .group_by(S.Judgment.task_id)).all())
+        assert counts == dict.fromkeys(ids, overlap)
+        assert all(t.done and t.n_judgments == overlap for t in s.scalars(select(S.ComparisonTask)))
