@@ -1,0 +1,384 @@
+"""Loading policies, reward/value models and tokenizers safely; LoRA; dtype and device.
+
+Safe by default: weights load from safetensors only (a pickle can run code), and a model
+repository's own Python code runs only with ``trust_remote_code=True``. A local directory is
+checked before transformers sees it, so a user mistake is one clear ``UserError``; a string that
+is not a local path is passed to transformers as a hub id (which downloads unless
+``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rewardloop.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+NEW_PAD_TOKEN = "<|pad|>"  # noqa: S105 (a vocabulary entry, not a secret)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters (Hu et al., 2021) on the chosen linear layers; the base stays frozen."""
+
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: int = 32
+    """Scale: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (keep 0 for RL: it makes log-probs noisy)."""
+    target_modules: tuple[str, ...] | str = "all-linear"
+    """Module names to adapt (e.g. ("q_proj", "v_proj")) or peft's "all-linear"."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError("LoRA r must be at least 1")
+        if self.alpha <= 0:
+            raise ValueError("LoRA alpha must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("LoRA dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must not be empty")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a UserError."""
+    import torch
+
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}; use one of {list(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto`` → bfloat16 on a GPU that supports it, else float32 (CPU half precision is slow)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _is_local(path: str | Path) -> bool:
+    text = str(path)
+    return (Path(text).exists() or text.startswith((".", "/", "~")) or os.sep in text
+            and not _HUB_ID.match(text))
+
+
+def check_model_dir(path: str | Path) -> str:
+    """Validate a local model directory (or pass a hub id through); return what to load.
+
+    Refuses: a missing directory; one without ``config.json`` (or ``adapter_config.json``); one
+    whose weights are only pickles; a corrupt safetensors file.
+    """
+    text = str(path)
+    if not _is_local(text):
+        if not _HUB_ID.match(text):
+            raise UserError(f"{text!r} is neither a local directory nor a hub id (org/name)")
+        return text
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise UserError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise UserError(f"{p} is a file; give the model directory (with config.json)")
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise UserError(f"{p} has no config.json: not a Hugging Face model directory "
+                        "(save it with save_pretrained, or build one with `rewardloop tiny`)")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(
+                f"{p} has only pickle weights ({', '.join(pickles)}); loading them can run "
+                "arbitrary code, so rewardloop reads safetensors only. Convert once in a trusted "
+                "environment: AutoModel.from_pretrained(dir).save_pretrained(dir, "
+                "safe_serialization=True)")
+        raise UserError(f"{p} has no *.safetensors weights file")
+    for file in weights:
+        _check_safetensors(file)
+    return str(p)
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as exc:  # safetensors raises its own error type and OSError/ValueError
+        raise UserError(f"{file} is not a valid safetensors file ({exc}); re-save the model") \
+            from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def _hub_errors(source: str) -> Iterator[None]:
+    """Turn transformers' OSError for an unreachable/unknown hub id into a UserError."""
+    try:
+        yield
+    except OSError as exc:
+        hint = (" HF_HUB_OFFLINE is set and it is not in the local cache; download it first "
+                "or give a local directory." if _offline() else "")
+        raise UserError(f"could not load {source!r}: {exc}.{hint}".replace("\n", " ")) from None
+
+
+def load_tokenizer(
+    path: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    add_pad_token: bool = False,
+    padding_side: str | None = None,
+):  # -> transformers.PreTrainedTokenizerBase
+    """Load a tokenizer whose pad token is distinct from EOS.
+
+    Pad == EOS (or no pad) is refused: the real EOS would be masked as padding and the model never
+    learns to stop (TRL #1623, #734). With ``add_pad_token=True`` a new ``<|pad|>`` token is
+    added instead; then call ``match_tokenizer`` on the model to grow its embeddings.
+    ``padding_side`` ("left" for generation, "right" for training) overrides the saved one.
+    """
+    from transformers import AutoTokenizer
+
+    source = check_model_dir(path)
+    with _hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=_offline())
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of {source} has no EOS token; set eos_token and re-save it")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        problem = ("has no pad token" if tokenizer.pad_token_id is None
+                   else f"uses its EOS token {tokenizer.eos_token!r} as the pad token")
+        if not add_pad_token:
+            raise UserError(
+                f"tokenizer of {source} {problem}. Pad must differ from EOS, or the EOS is masked "
+                "as padding and the model never learns to stop (TRL issue #1623). Pass "
+                "--add-pad-token to add a new pad token, or set a distinct pad_token and re-save.")
+        tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
+        log.warning("tokenizer of %s %s; added %s as pad token", source, problem, NEW_PAD_TOKEN)
+    if padding_side is not None:
+        if padding_side not in ("left", "right"):
+            raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def match_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """Grow the embeddings to the tokenizer (after ``add_pad_token``) and record its pad id."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _read_config(source: str) -> dict[str, Any]:
+    config = Path(source) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def _from_pretrained(auto_cls: Any, source: str, *, dtype: str, device: str,
+                     trust_remote_code: bool, **kwargs: Any) -> nn.Module:
+    dev = resolve_device(device)
+    with _hub_errors(source):
+        model = auto_cls.from_pretrained(
+            source, dtype=resolve_dtype(dtype, dev), use_safetensors=True,
+            trust_remote_code=trust_remote_code, local_files_only=_offline(), **kwargs,
+        )
+    return model.to(dev)
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    lora: LoraSettings | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """A causal LM from a local dir, a LoRA adapter dir or a hub id, on ``device``.
+
+    With ``lora``, fresh adapters are added (only they train). An adapter directory written by
+    ``save_model`` loads its base and the adapters (trainable unless ``trainable=False``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = check_model_dir(path)
+    adapter = _is_adapter_dir(source)
+    if adapter:
+        model = _load_adapter(AutoModelForCausalLM, source, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code, trainable=trainable)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, device=device,
+                                 trust_remote_code=trust_remote_code)
+    if lora is not None:
+        if adapter:
+            raise UserError(f"{source} already holds LoRA adapters; drop --lora-r to keep "
+                            "training them, or merge them first")
+        model = apply_lora(model, lora)
+    return model
+
+
+def _is_adapter_dir(source: str) -> bool:
+    p = Path(source)
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def _load_adapter(auto_cls: Any, source: str, *, dtype: str, device: str,
+                  trust_remote_code: bool, trainable: bool, **kwargs: Any) -> nn.Module:
+    from peft import PeftModel
+
+    base_path = json.loads((Path(source) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    if not base_path:
+        raise UserError(f"{source}/adapter_config.json names no base_model_name_or_path")
+    base = _from_pretrained(auto_cls, check_model_dir(base_path), dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code, **kwargs)
+    return PeftModel.from_pretrained(base, source, is_trainable=trainable)
+
+
+def load_reward_model(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    lora: LoraSettings | None = None,
+    pad_token_id: int | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """A scalar-output sequence classifier (``num_labels=1``).
+
+    From a saved reward model it loads as is; from a causal LM it gets a fresh linear head
+    (``score``). ``config.pad_token_id`` is set (from ``pad_token_id`` or the model's config), so
+    transformers pools the score at the last non-pad token.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    source = check_model_dir(path)
+    if _is_adapter_dir(source):
+        model = _load_adapter(AutoModelForSequenceClassification, source, dtype=dtype,
+                              device=device, trust_remote_code=trust_remote_code,
+                              trainable=trainable, num_labels=1)
+    else:
+        archs = _read_config(source).get("architectures") or []
+        is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+        labels = _read_config(source).get("id2label")
+        if is_classifier and labels is not None and len(labels) != 1:
+            raise UserError(f"{source} is a classifier with {len(labels)} labels; a reward model "
+                            "has exactly one (a scalar score)")
+        model = _from_pretrained(AutoModelForSequenceClassification, source, dtype=dtype,
+                                 device=device, trust_remote_code=trust_remote_code, num_labels=1)
+        if not is_classifier:
+            log.info("%s is not a reward model yet: added a fresh scalar head", source)
+    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
+    if pad is None:
+        raise UserError(f"{source} has no pad_token_id; the reward is read at the last non-pad "
+                        "token, so load the tokenizer first and pass its pad_token_id")
+    model.config.pad_token_id = pad
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model
+
+
+def load_value_model(path: str | Path, **kwargs: Any) -> nn.Module:
+    """A PPO value model: the same scalar-head model as a reward model (often started from one)."""
+    return load_reward_model(path, **kwargs)
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap ``model`` in peft LoRA adapters; for a classifier its head trains fully too."""
+    from peft import LoraConfig, get_peft_model
+
+    is_classifier = any(name.endswith("ForSequenceClassification")
+                        for name in (getattr(model.config, "architectures", None) or [])) or \
+        type(model).__name__.endswith("ForSequenceClassification")
+    targets = settings.target_modules
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"cannot apply LoRA: {exc}") from None
+
+
+def is_peft(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the LoRA model as its frozen base (the reference policy) inside the block."""
+    if not is_peft(model):
+        raise TypeError("disable_adapter needs a LoRA (peft) model; load a separate reference "
+                        "model for full fine-tuning")
+    with model.disable_adapter():
+        yield model
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (RL needs the same log-probs in rollout and update)."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout_rate"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+    return model
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
+               merge_lora: bool = False) -> nn.Module:
+    """Write a transformers-loadable directory: full weights, or for LoRA the adapter.
+
+    ``merge_lora=True`` folds the adapters into the base weights IN PLACE and saves a plain
+    model; the merged model is returned (use it instead of ``model`` afterwards).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if merge_lora and is_peft(model):
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return model
