@@ -1,0 +1,101 @@
+"""Deterministic, resumable data order and gradient-accumulation helpers shared by the trainers.
+
+The most reported resume bug in RLHF libraries is the data position not being restored
+(transformers #11323, OpenRLHF #1103), or restored at an epoch boundary so that no training
+happens. ``EpochSampler`` keeps its whole position in two integers, and each epoch's order is a
+pure function of ``(seed, epoch)``, so a resumed run draws exactly the batches an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+class EpochSampler:
+    """Batches of indices into a dataset of ``n`` items, epoch after epoch, forever.
+
+    Each epoch is a fresh permutation drawn from ``numpy.random.default_rng((seed, epoch))``
+    (independent of the global RNGs). The last short batch of an epoch is yielded unless
+    ``drop_last``; a batch never spans two epochs.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, *, shuffle: bool = True,
+                 drop_last: bool = False) -> None:
+        if n < 1:
+            raise ValueError("EpochSampler needs at least one item")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if drop_last and batch_size > n:
+            raise ValueError(f"batch_size {batch_size} > dataset size {n} with drop_last: "
+                             "no batch could ever be drawn")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch = 0
+        self.position = 0  # index into this epoch's order of the next item to hand out
+        self._order: np.ndarray | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            if self.shuffle:
+                self._order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+            else:
+                self._order = np.arange(self.n)
+        return self._order
+
+    def next_batch(self) -> list[int]:
+        """The next batch of indices; moves to the next epoch when this one is used up."""
+        remaining = self.n - self.position
+        if remaining == 0 or (self.drop_last and remaining < self.batch_size):
+            self.epoch += 1
+            self.position = 0
+            self._order = None
+        order = self._epoch_order()
+        batch = order[self.position:self.position + self.batch_size]
+        self.position += len(batch)
+        return [int(i) for i in batch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position; refuses a state from a different data set-up."""
+        for key in ("n", "batch_size", "seed"):
+            if int(state[key]) != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]} but this run has "
+                                 f"{getattr(self, key)}; resume with the same data and settings")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = None
+
+
+def microbatches(batch: Sequence[int], micro_batch_size: int) -> list[list[int]]:
+    """Split one optimizer step's batch into consecutive micro-batches for accumulation."""
+    if micro_batch_size < 1:
+        raise ValueError("micro_batch_size must be at least 1")
+    items = list(batch)
+    return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
+
+
+def count_tokens(masks: Sequence[torch.Tensor]) -> int:
+    """Total of 1s over all micro-batches' masks (each (batch, seq)): the global normaliser.
+
+    Divide each micro-batch's *summed* token loss by this count before ``backward()``, and the
+    accumulated gradient equals that of one big batch with a token-mean loss, whatever the split.
+    """
+    return int(sum(int(m.sum().item()) for m in masks))
