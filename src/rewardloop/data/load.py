@@ -1,0 +1,162 @@
+"""Reading the store back as records: what exports write and what trainers consume.
+
+Judgments come out in insertion order. A judgment's ranking is mapped from response ids to
+indices into its task's answers (in task order), so a ranking record reads exactly like the
+file row it was imported from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from rewardloop.data.formats import (
+    CandidatesRecord,
+    PairRecord,
+    PromptRecord,
+    RankingRecord,
+    Text,
+    UnpairedRecord,
+)
+from rewardloop.data.schema import (
+    Annotator,
+    Batch,
+    ComparisonTask,
+    Judgment,
+    Prompt,
+    Rating,
+    Response,
+    TaskItem,
+    ranking_pairs,
+)
+from rewardloop.data.store import Store
+from rewardloop.errors import UserError
+
+_CHUNK = 500
+
+
+def stored_value(row: Prompt | Response) -> Text:
+    """The stored text or chat list, exactly as it was given."""
+    return row.messages if row.messages is not None else row.text  # type: ignore[return-value]
+
+
+# -- records -------------------------------------------------------------------------------------
+
+
+def _judgments(s: Session, batch: str | None) -> Iterator[Judgment]:
+    """Judgments in insertion order with their task, items, prompt and annotator loaded."""
+    task = selectinload(Judgment.task)
+    query = select(Judgment).order_by(Judgment.id).options(
+        task.selectinload(ComparisonTask.items).selectinload(TaskItem.response),
+        task.selectinload(ComparisonTask.prompt), selectinload(Judgment.annotator))
+    if batch is not None:
+        batch_id = s.scalar(select(Batch.id).where(Batch.name == batch))
+        if batch_id is None:
+            raise UserError(f"--batch: no batch named {batch!r}")
+        query = query.join(Judgment.task).where(ComparisonTask.batch_id == batch_id)
+    yield from s.scalars(query.execution_options(yield_per=_CHUNK))
+
+
+def _ranked(j: Judgment) -> tuple[Text, list[Text], list[list[int]]]:
+    """(prompt, answers in task order, ranking as groups of indices into the answers)."""
+    items = j.task.items
+    index = {item.response_id: i for i, item in enumerate(items)}
+    groups = [[index[rid] for rid in (g if isinstance(g, list) else [g])] for g in j.ranking]
+    return stored_value(j.task.prompt), [stored_value(item.response) for item in items], groups
+
+
+def load_rankings(store: Store, *, batch: str | None = None) -> list[RankingRecord]:
+    """Every judgment as a ranking of its task's answers (ties kept), oldest first."""
+    with store.read() as s:
+        out = []
+        for j in _judgments(s, batch):
+            prompt, answers, groups = _ranked(j)
+            name = j.annotator.name if j.annotator else None
+            out.append(RankingRecord(prompt, answers, groups, name, j.external_id))
+        return out
+
+
+def load_pairs(store: Store, *, batch: str | None = None) -> list[PairRecord]:
+    """Every judgment as pairs (a k-way ranking gives all its pairs); ties have ``tie=True``."""
+    with store.read() as s:
+        out = []
+        for j in _judgments(s, batch):
+            prompt, answers, groups = _ranked(j)
+            name = j.annotator.name if j.annotator else None
+            out.extend(PairRecord(prompt, answers[a], answers[b], j.margin, name, j.external_id,
+                                  tie) for a, b, tie in ranking_pairs(groups))
+        return out
+
+
+def load_unpaired(store: Store) -> list[UnpairedRecord]:
+    """Every thumbs-up/down rating (ratings with only a score are left out), oldest first."""
+    with store.read() as s:
+        names = dict(s.execute(select(Annotator.id, Annotator.name)).tuples().all())
+        query = (select(Rating).where(Rating.label.is_not(None)).order_by(Rating.id)
+                 .options(selectinload(Rating.response).selectinload(Response.prompt)))
+        return [UnpairedRecord(stored_value(r.response.prompt), stored_value(r.response),
+                               bool(r.label), names.get(r.annotator_id), r.external_id)
+                for r in s.scalars(query)]
+
+
+def load_prompts(store: Store) -> list[PromptRecord]:
+    with store.read() as s:
+        return [PromptRecord(stored_value(p), p.external_id, dict(p.meta or {}))
+                for p in s.scalars(select(Prompt).order_by(Prompt.id))]
+
+
+def load_candidates(store: Store) -> list[CandidatesRecord]:
+    """Each prompt that has answers, with their texts and models, oldest first."""
+    with store.read() as s:
+        query = select(Prompt).order_by(Prompt.id).options(selectinload(Prompt.responses))
+        out = []
+        for p in s.scalars(query):
+            responses = sorted(p.responses, key=lambda r: r.id)
+            if responses:
+                models = [r.model for r in responses]
+                out.append(CandidatesRecord(stored_value(p), [r.text for r in responses],
+                                            models if any(models) else None, p.external_id))
+        return out
+
+
+# -- stats -------------------------------------------------------------------------------------
+
+
+def _per_annotator(s: Session) -> dict[str, dict[str, int]]:
+    totals: dict[str, dict[str, int]] = {}
+    for model, column in ((Judgment, "judgments"), (Rating, "ratings")):
+        query = (select(Annotator.name, func.count(model.id)).select_from(model)
+                 .outerjoin(Annotator, model.annotator_id == Annotator.id)
+                 .group_by(Annotator.name))
+        for name, n in s.execute(query).tuples():
+            row = totals.setdefault(name or "(unknown)", {"judgments": 0, "ratings": 0})
+            row[column] = n
+    return dict(sorted(totals.items()))
+
+
+def stats(store: Store) -> dict[str, Any]:
+    """Counts, per-annotator totals, response lengths (chars/words) and the tie rate."""
+    from rewardloop.eval.metrics import length_stats
+
+    tables = {"prompts": Prompt, "responses": Response, "batches": Batch,
+              "tasks": ComparisonTask, "judgments": Judgment, "ratings": Rating,
+              "annotators": Annotator}
+    with store.read() as s:
+        counts = {name: s.scalar(select(func.count()).select_from(model)) or 0
+                  for name, model in tables.items()}
+        by_source = dict(s.execute(select(Judgment.source, func.count())
+                                   .group_by(Judgment.source)).tuples().all())
+        annotators = _per_annotator(s)
+        texts = list(s.scalars(select(Response.text)))
+        rankings = list(s.scalars(select(Judgment.ranking)))
+    tied = sum(any(isinstance(g, list) and len(g) > 1 for g in r) for r in rankings)
+    return {
+        "counts": counts,
+        "judgments_by_source": dict(sorted(by_source.items())),
+        "annotators": annotators,
+        "response_length": length_stats(texts),
+        "tie_rate": tied / len(rankings) if rankings else None,
+    }
