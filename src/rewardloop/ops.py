@@ -62,13 +62,14 @@ def token_log_probs(
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical softmax(logits) at each position: (B, T, V) -> (B, T).
 
-    H = logsumexp(z) - sum_v softmax(z)_v z_v, computed one row at a time to bound memory.
+    H = -sum_v p_v log p_v with 0 log 0 = 0, so -inf logits (banned tokens) are fine; computed
+    one row at a time to bound memory.
     """
     rows = []
     for row_logits in logits:
         z = row_logits.float() if row_logits.dtype in _HALF else row_logits
         probs = torch.softmax(z, dim=-1)
-        rows.append(torch.logsumexp(z, dim=-1) - (probs * z).sum(dim=-1))
+        rows.append(-torch.special.xlogy(probs, probs).sum(dim=-1))
     return torch.stack(rows, dim=0)
 
 
