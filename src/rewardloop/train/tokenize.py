@@ -1,0 +1,171 @@
+"""Turning (prompt, completion) pairs into token ids, masks and padded batches.
+
+The one implementation every trainer uses (SFT, reward models, DPO/KTO, RL rollouts), so that
+"which tokens belong to the answer" is decided in exactly one place:
+
+- a string prompt is tokenised as is (plus BOS when the tokenizer adds one) and the completion
+  follows it, then EOS;
+- a chat prompt (list of ``{"role", "content"}``) goes through the tokenizer's chat template
+  with the generation prompt, and the completion's text (a chat completion's last message)
+  follows, then EOS;
+- prompts are cut from the left (the end of a conversation matters most) to
+  ``max_prompt_length``; completions are cut from the right to fit ``max_length``, and a cut
+  completion gets no EOS (``has_eos=False``) so RL can penalise answers that never end.
+
+The prompt and completion are tokenised separately and concatenated, so the boundary is exact
+(tokenising the joined string could merge tokens across it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rewardloop.data.records import SFTRecord, Text, is_chat, response_text
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised example.
+
+    ``completion_mask[t]`` is 1 where ``input_ids[t]`` is a completion token (the EOS included),
+    0 on prompt tokens. ``has_eos`` is False when the completion was cut at ``max_length``.
+    """
+
+    input_ids: list[int]
+    completion_mask: list[int]
+    prompt_len: int
+    has_eos: bool
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
+    """Token ids of a prompt: chat prompts through the chat template with the generation prompt."""
+    if is_chat(prompt):
+        rendered = tokenizer.apply_chat_template(
+            list(prompt), add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(str(prompt))["input_ids"])
+
+
+def completion_ids(tokenizer: Any, completion: Text) -> list[int]:
+    """Token ids of a completion's text (no special tokens; EOS is added by ``encode``)."""
+    text = response_text(completion) if is_chat(completion) else str(completion)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_length: int,
+           max_prompt_length: int | None = None, add_eos: bool = True) -> Encoded:
+    """Tokenise one example; see the module docstring for the rules."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    p_ids = prompt_ids(tokenizer, prompt) if prompt is not None else []
+    limit = max_length - 1 if completion is not None else max_length
+    if max_prompt_length is not None:
+        limit = min(limit, max_prompt_length)
+    if len(p_ids) > limit:
+        p_ids = p_ids[len(p_ids) - limit:]
+    if completion is None:
+        return Encoded(p_ids, [0] * len(p_ids), len(p_ids), has_eos=False)
+    c_ids = completion_ids(tokenizer, completion)
+    if add_eos:
+        c_ids = c_ids + [tokenizer.eos_token_id]
+    room = max_length - len(p_ids)
+    has_eos = add_eos and len(c_ids) <= room
+    c_ids = c_ids[:room]
+    return Encoded(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), len(p_ids), has_eos)
+
+
+def encode_sft(tokenizer: Any, record: SFTRecord, *, max_length: int,
+               max_prompt_length: int | None = None) -> Encoded:
+    """An SFT row: prompt/completion, chat messages (the last assistant turn is the completion),
+    or plain text (all of it is trained on)."""
+    prompt, completion = record.prompt_completion()
+    return encode(tokenizer, prompt, completion, max_length=max_length,
+                  max_prompt_length=max_prompt_length)
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """Pad lists of ints to one (B, T) LongTensor, on the right (training) or left (generation)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        if side == "right":
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(encoded: Sequence[Encoded], pad_id: int, side: str = "right"
+            ) -> dict[str, torch.Tensor]:
+    """A padded batch: ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T), ``has_eos``
+    (B,)."""
+    return {
+        "input_ids": pad([e.input_ids for e in encoded], pad_id, side),
+        "attention_mask": pad([[1] * len(e) for e in encoded], 0, side),
+        "completion_mask": pad([e.completion_mask for e in encoded], 0, side),
+        "has_eos": torch.tensor([e.has_eos for e in encoded], dtype=torch.bool),
+    }
+
+
+def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int
+                  ) -> dict[str, torch.Tensor]:
+    """Chosen and rejected rows in ONE (2B, T) batch (chosen first) for a single forward pass."""
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected examples")
+    return collate(list(chosen) + list(rejected), pad_id)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                           mega_batch_mult: int = 16) -> list[list[int]]:
+    """Index batches of similar lengths, in random order, each index exactly once.
+
+    Shuffle, cut into mega-batches of ``batch_size * mega_batch_mult``, sort each by length
+    (longest first) and cut into batches; then shuffle the batches. Padding waste drops to a
+    few percent while the order stays random (the trick TRL/transformers call group_by_length).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * max(1, mega_batch_mult)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def completion_token_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the completion tokens and their mask, both (B, T-1).
+
+    Logits at position t predict token t+1, so both are shifted by one.
+    """
+    from rewardloop.ops import token_log_probs
+
+    logits = model(input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logps = token_log_probs(logits[:, :-1], batch["input_ids"][:, 1:], temperature)
+    return logps, batch["completion_mask"][:, 1:].to(logps.dtype)
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                   average: bool = False) -> torch.Tensor:
+    """Summed (or, with ``average``, mean) log-prob of each row's completion: (B,)."""
+    logps, mask = completion_token_logps(model, batch, temperature)
+    total = (logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1.0) if average else total

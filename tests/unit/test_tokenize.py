@@ -1,0 +1,107 @@
+"""Tokenisation, masks and batching shared by every trainer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rewardloop.data.records import SFTRecord
+from rewardloop.train import tokenize as T
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from rewardloop.tiny import build_tiny
+
+    d = build_tiny(tmp_path_factory.mktemp("tiny") / "m", hidden_size=16, num_layers=1,
+                   num_heads=2, vocab_size=400)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def test_prompt_completion_boundary_and_eos(tok) -> None:
+    e = T.encode(tok, "Hello there", "Thanks", max_length=64)
+    p = tok("Hello there")["input_ids"]
+    c = tok("Thanks", add_special_tokens=False)["input_ids"]
+    assert e.input_ids == p + c + [tok.eos_token_id]
+    assert e.completion_mask == [0] * len(p) + [1] * (len(c) + 1)
+    assert e.prompt_len == len(p) and e.has_eos
+
+
+def test_completion_cut_at_max_length_has_no_eos(tok) -> None:
+    full = T.encode(tok, "Hi", "a long answer that goes on and on", max_length=256)
+    cut = T.encode(tok, "Hi", "a long answer that goes on and on", max_length=full.prompt_len + 3)
+    assert len(cut) == full.prompt_len + 3 and not cut.has_eos
+    assert tok.eos_token_id not in cut.input_ids[cut.prompt_len:]
+
+
+def test_prompt_cut_from_the_left(tok) -> None:
+    e = T.encode(tok, "one two three four five six seven", "ok", max_length=64,
+                 max_prompt_length=3)
+    full = tok("one two three four five six seven")["input_ids"]
+    assert e.input_ids[:3] == full[-3:] and e.prompt_len == 3
+
+
+def test_empty_completion_is_just_eos(tok) -> None:
+    e = T.encode(tok, "Hi", "", max_length=16)
+    assert e.completion_mask[-1] == 1 and sum(e.completion_mask) == 1 and e.has_eos
+
+
+def test_chat_prompt_uses_template(tok) -> None:
+    chat = [{"role": "user", "content": "hi"}]
+    e = T.encode(tok, chat, [{"role": "assistant", "content": "yo"}], max_length=64)
+    rendered = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert e.input_ids[: e.prompt_len] == tok(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_sft_messages_train_on_last_turn(tok) -> None:
+    rec = SFTRecord(messages=[{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hello"}])
+    e = T.encode_sft(tok, rec, max_length=64)
+    answer = tok("hello", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [i for i, m in zip(e.input_ids, e.completion_mask, strict=True) if m] == answer
+
+
+def test_pad_and_collate_pairs() -> None:
+    assert T.pad([[1, 2], [3]], 0, "left").tolist() == [[1, 2], [0, 3]]
+    a = T.Encoded([5, 6, 7], [0, 1, 1], 1, True)
+    b = T.Encoded([5, 8], [0, 1], 1, False)
+    batch = T.collate_pairs([a], [b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 8, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 1, 1], [0, 1, 0]]
+    assert batch["has_eos"].tolist() == [True, False]
+    with pytest.raises(ValueError):
+        T.collate_pairs([a], [], 0)
+
+
+def test_length_grouped_batches_cover_every_index_once() -> None:
+    lengths = [random.Random(i).randint(1, 100) for i in range(103)]
+    batches = T.length_grouped_batches(lengths, 8, random.Random(0), mega_batch_mult=4)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(103))
+    # inside a batch lengths are close: sorted mega-batches waste little padding
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    naive = T.length_grouped_batches(lengths, 8, random.Random(0), mega_batch_mult=0)
+    naive_waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                      for b in naive)
+    assert waste < naive_waste
+
+
+def test_sequence_logps_sums_only_completion_tokens() -> None:
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            class Out:
+                logits = torch.zeros(*input_ids.shape, 4)
+            return Out()
+
+    batch = T.collate([T.Encoded([1, 2, 3], [0, 1, 1], 1, True),
+                       T.Encoded([1, 2], [0, 1], 1, True)], pad_id=0)
+    lp = T.sequence_logps(Uniform(), batch)
+    # uniform over 4 tokens: each completion token has log-prob log(1/4)
+    assert torch.allclose(lp, torch.tensor([2, 1]) * torch.log(torch.tensor(0.25)))
+    avg = T.sequence_logps(Uniform(), batch, average=True)
+    assert torch.allclose(avg, torch.log(torch.tensor([0.25, 0.25])))
