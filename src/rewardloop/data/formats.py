@@ -64,7 +64,6 @@ __all__ = [
 
 # Completion rating keys, in order of preference (UltraFeedback's own key first).
 RATING_KEYS = ("overall_score", "rating", "score", "fine-grained_score")
-_DETECT_ROWS = 20
 
 
 # -- row parsers: one JSON object -> records ---------------------------------------------------
@@ -295,29 +294,24 @@ def _empty(path: Path) -> DataError:
 
 
 def detect_format(path: str | Path) -> str:
-    """The format of a JSONL file, from the keys of its first non-blank rows (up to 20)."""
+    """The format of a JSONL file, from the keys of its first non-blank row.
+
+    Later rows are not consulted: a row that lacks a field of the detected format is then
+    reported by :func:`read_records` as that missing field, which is the useful message.
+    """
     path = _existing(path)
-    first: tuple[int, str] | None = None
     rows = _rows(path)
     try:
-        for number, obj in rows:
-            guess = _guess(obj)
-            if guess is None:
-                raise DataError(f"cannot tell the format from the keys {sorted(obj)}; pass "
-                                f"--format (one of {', '.join(FORMATS)})", path=str(path),
-                                line=number)
-            if first is None:
-                first = (number, guess)
-            elif guess != first[1]:
-                raise DataError(f"looks like {guess} but line {first[0]} looks like {first[1]}; "
-                                "pass --format", path=str(path), line=number)
-            if number - first[0] >= _DETECT_ROWS:
-                break
+        number, obj = next(rows)
+    except StopIteration:
+        raise _empty(path) from None
     finally:
         rows.close()
-    if first is None:
-        raise _empty(path)
-    return first[1]
+    guess = _guess(obj)
+    if guess is None:
+        raise DataError(f"cannot tell the format from the keys {sorted(obj)}; pass --format "
+                        f"(one of {', '.join(FORMATS)})", path=str(path), line=number)
+    return guess
 
 
 def check_format(fmt: str, known: Iterable[str] = FORMATS) -> str:
