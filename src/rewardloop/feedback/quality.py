@@ -1,0 +1,296 @@
+"""Feedback quality: agreement, annotator reliability, bias and spam flags, group differences.
+
+Everything is computed on *pair units* (one unordered pair of responses in one task, see
+``feedback.agreement``): a ranking of k answers gives k(k-1)/2 pair values. ``load_records``
+reads judgments from the store into plain records; ``analyze`` is a pure function of those
+records, so research code can call it on anything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from rewardloop.feedback import agreement as A
+from rewardloop.feedback.bias import BiasStats, bias_stats
+from rewardloop.feedback.records import JudgmentRecord, load_records, pair_values
+
+Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id)
+FLAGS = ("spam", "position_bias", "length_bias", "gold_fail")
+
+__all__ = ["FLAGS", "AnnotatorQuality", "JudgmentRecord", "QualityReport", "Thresholds",
+           "analyze", "annotator_weights", "flagged_annotators", "load_records", "quality_report"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When an annotator is flagged. Conservative on purpose: a flag needs enough data *and* a
+    large, significant effect, so an honest annotator with ordinary noise is not flagged."""
+
+    min_judgments: int = 20
+    """Judgments needed before position/length/constant-answer flags are considered."""
+    position_p: float = 0.001
+    """``position_bias``: two-sided binomial p-value against 0.5 must be below this ..."""
+    position_gap: float = 0.25
+    """... and the first-shown win rate at least this far from 0.5 (i.e. > 0.75 or < 0.25)."""
+    length_p: float = 0.001
+    """``length_bias``: binomial p-value (longer answer wins vs 0.5) below this ..."""
+    length_gap: float = 0.15
+    """... and the longer-wins rate at least this far from the other annotators' rate."""
+    spam_margin: float = 0.15
+    """``spam``: agreement significantly below chance + this margin ..."""
+    spam_alpha: float = 0.01
+    """... at this one-sided significance level ..."""
+    min_compared: int = 20
+    """... over at least this many pair units shared with other annotators."""
+    constant_share: float = 0.95
+    """``spam`` also when this share of judgments have the same answer pattern by position."""
+    gold_min: int = 10
+    """``gold_fail``: needs this many gold pair comparisons ..."""
+    gold_accuracy: float = 0.7
+    """... and gold accuracy significantly below this (one-sided, ``gold_alpha``)."""
+    gold_alpha: float = 0.01
+
+
+@dataclass
+class AnnotatorQuality:
+    """Everything `quality` knows about one annotator (see docs/quality.md)."""
+
+    name: str
+    groups: tuple[str, ...]
+    judgments: int
+    compared: int = 0
+    agreement: float | None = None
+    chance_agreement: float | None = None
+    reliability: float | None = None
+    gold_compared: int = 0
+    gold_accuracy: float | None = None
+    bias: BiasStats = field(default_factory=BiasStats)
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QualityReport:
+    krippendorff_alpha: float | None
+    fleiss_kappa: float | None
+    judgments: int
+    annotators: dict[str, AnnotatorQuality]
+    groups: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``rewardloop quality --json`` object."""
+        return {
+            "krippendorff_alpha": self.krippendorff_alpha,
+            "fleiss_kappa": self.fleiss_kappa,
+            "judgments": self.judgments,
+            "annotators": {name: {
+                "judgments": q.judgments, "agreement": q.agreement,
+                "reliability": q.reliability, "gold_accuracy": q.gold_accuracy,
+                "position_bias_p": q.bias.position_p, "length_bias_p": q.bias.length_p,
+                "flags": list(q.flags)} for name, q in sorted(self.annotators.items())},
+            "groups": self.groups,
+        }
+
+
+def _units(records: Sequence[JudgmentRecord]) -> dict[Unit, list[tuple[str | None, int]]]:
+    units: dict[Unit, list[tuple[str | None, int]]] = defaultdict(list)
+    for rec in records:
+        for (lo, hi), value in pair_values(rec.ranking).items():
+            units[(rec.task_id, lo, hi)].append((rec.annotator, value))
+    return units
+
+
+def _agreement(name: str, units: Mapping[Unit, list[tuple[str | None, int]]],
+               own: Mapping[Unit, int]) -> tuple[int, float | None, float | None, float]:
+    """(units compared, leave-one-out majority agreement, chance agreement, credit sum)."""
+    credits: list[float] = []
+    modes_credit: list[np.ndarray] = []
+    values: list[int] = []
+    for unit, value in own.items():
+        others = [v for a, v in units[unit] if a != name]
+        if not others:
+            continue
+        credits.append(A.majority_credit(value, others) or 0.0)
+        modes_credit.append(np.array([A.majority_credit(c, others) or 0.0
+                                      for c in range(A.N_VALUES)]))
+        values.append(value)
+    if not credits:
+        return 0, None, None, 0.0
+    # Chance: the annotator's own value shares, drawn independently of the unit.
+    p_self = np.bincount(values, minlength=A.N_VALUES) / len(values)
+    chance = float(np.mean([p_self @ m for m in modes_credit]))
+    return len(credits), float(np.mean(credits)), chance, float(sum(credits))
+
+
+def _reliability(records: Sequence[JudgmentRecord], units: Mapping[Unit, list]
+                 ) -> dict[str, float]:
+    """Dawid–Skene accuracy per named annotator, on units judged by 2+ named annotators."""
+    shared = [u for u, vals in units.items() if sum(a is not None for a, _ in vals) >= 2]
+    if not shared:
+        return {}
+    unit_index = {u: i for i, u in enumerate(shared)}
+    names = sorted({a for u in shared for a, _ in units[u] if a is not None})
+    ann_index = {n: i for i, n in enumerate(names)}
+    obs = [(ann_index[a], unit_index[u], v) for u in shared for a, v in units[u] if a is not None]
+    arr = np.array(obs, dtype=int)
+    clamp = {}
+    for rec in records:
+        if rec.gold_ranking is not None:
+            for (lo, hi), value in pair_values(rec.gold_ranking).items():
+                if (rec.task_id, lo, hi) in unit_index:
+                    clamp[unit_index[(rec.task_id, lo, hi)]] = value
+    fit = A.dawid_skene(arr[:, 0], arr[:, 1], arr[:, 2], n_annotators=len(names),
+                        n_units=len(shared), clamp=clamp)
+    return {n: float(fit.accuracy[i]) for n, i in ann_index.items()}
+
+
+def _gold(recs: Iterable[JudgmentRecord]) -> tuple[int, int]:
+    """(gold pair comparisons, correct ones) over an annotator's judgments of gold tasks."""
+    n = correct = 0
+    for rec in recs:
+        if rec.gold_ranking is None:
+            continue
+        gold = pair_values(rec.gold_ranking)
+        for pair, value in pair_values(rec.ranking).items():
+            if pair in gold:
+                n += 1
+                correct += int(value == gold[pair])
+    return n, correct
+
+
+def _flags(q: AnnotatorQuality, credit: float, gold_correct: int, th: Thresholds) -> list[str]:
+    from scipy.stats import binomtest
+
+    flags = []
+    near_chance = False
+    if q.compared >= th.min_compared and q.chance_agreement is not None:
+        target = min(q.chance_agreement + th.spam_margin, 0.999)
+        k = min(int(round(credit)), q.compared)
+        near_chance = binomtest(k, q.compared, target, alternative="less").pvalue < th.spam_alpha
+    constant = q.bias.patterns >= th.min_judgments and q.bias.top_pattern_share >= th.constant_share
+    if near_chance or constant:
+        flags.append("spam")
+    b = q.bias
+    if (b.position_n >= th.min_judgments and b.position_p is not None
+            and b.position_p < th.position_p and abs(b.position_rate - 0.5) >= th.position_gap):
+        flags.append("position_bias")
+    if (b.length_n >= th.min_judgments and b.length_p is not None and b.length_p < th.length_p
+            and abs(b.length_rate - b.length_reference) >= th.length_gap):
+        flags.append("length_bias")
+    if q.gold_compared >= th.gold_min and binomtest(
+            gold_correct, q.gold_compared, th.gold_accuracy, alternative="less"
+    ).pvalue < th.gold_alpha:
+        flags.append("gold_fail")
+    return flags
+
+
+def _annotators(records: Sequence[JudgmentRecord], units: Mapping[Unit, list],
+                th: Thresholds) -> dict[str, AnnotatorQuality]:
+    by_name: dict[str, list[JudgmentRecord]] = defaultdict(list)
+    for rec in records:
+        if rec.annotator is not None:
+            by_name[rec.annotator].append(rec)
+    reliability = _reliability(records, units)
+    biases = bias_stats(by_name)
+    out = {}
+    for name, recs in sorted(by_name.items()):
+        own = {(r.task_id, lo, hi): v
+               for r in recs for (lo, hi), v in pair_values(r.ranking).items()}
+        compared, agree, chance, credit = _agreement(name, units, own)
+        gold_n, gold_correct = _gold(recs)
+        q = AnnotatorQuality(
+            name=name, groups=recs[0].groups, judgments=len(recs), compared=compared,
+            agreement=agree, chance_agreement=chance, reliability=reliability.get(name),
+            gold_compared=gold_n, gold_accuracy=gold_correct / gold_n if gold_n else None,
+            bias=biases[name])
+        q.flags = _flags(q, credit, gold_correct, th)
+        out[name] = q
+    return out
+
+
+def _group_view(records: Sequence[JudgmentRecord], top: int = 5) -> dict[str, Any]:
+    """Per group: members and judgments; per pair of groups: agreement of majority verdicts on
+    shared pair units, and how far their win rates for the same answer differ."""
+    members: dict[str, set[str]] = defaultdict(set)
+    counts: Counter[str] = Counter()
+    # share[g][unit] = [wins of the smaller id (ties count half), votes]
+    share: dict[str, dict[Unit, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for rec in records:
+        for g in rec.groups:
+            members[g].add(rec.annotator or "?")
+            counts[g] += 1
+            for (lo, hi), v in pair_values(rec.ranking).items():
+                cell = share[g][(rec.task_id, lo, hi)]
+                cell[0] += {A.LO: 1.0, A.TIE: 0.5, A.HI: 0.0}[v]
+                cell[1] += 1
+    pairs: dict[str, Any] = {}
+    for g1, g2 in combinations(sorted(members), 2):
+        shared = sorted(set(share[g1]) & set(share[g2]))
+        if not shared:
+            continue
+        rate1 = np.array([share[g1][u][0] / share[g1][u][1] for u in shared])
+        rate2 = np.array([share[g2][u][0] / share[g2][u][1] for u in shared])
+        diff = np.abs(rate1 - rate2)
+        worst = np.argsort(-diff, kind="stable")[:top]
+        pairs[f"{g1} vs {g2}"] = {
+            "units": len(shared),
+            "agreement": float(np.mean(np.sign(rate1 - 0.5) == np.sign(rate2 - 0.5))),
+            "mean_abs_win_rate_diff": float(diff.mean()),
+            "top_disagreements": [
+                {"task_id": shared[i][0], "a": shared[i][1], "b": shared[i][2],
+                 f"win_rate_a_{g1}": float(rate1[i]), f"win_rate_a_{g2}": float(rate2[i])}
+                for i in worst if diff[i] > 0],
+        }
+    return {"members": {g: {"annotators": sorted(m), "judgments": counts[g]}
+                        for g, m in sorted(members.items())}, "pairs": pairs}
+
+
+def analyze(records: Sequence[JudgmentRecord], thresholds: Thresholds | None = None
+            ) -> QualityReport:
+    """The full quality report of ``records`` (pure: no store access)."""
+    th = thresholds or Thresholds()
+    units = _units(records)
+    alpha = A.krippendorff_alpha({u: [v for _, v in vals] for u, vals in units.items()})
+    pairwise = {r.task_id for r in records if r.kind == "pairwise"}
+    kappa = A.fleiss_kappa(A.value_counts(
+        {u: [v for _, v in vals] for u, vals in units.items() if u[0] in pairwise}))
+    return QualityReport(
+        krippendorff_alpha=alpha, fleiss_kappa=kappa, judgments=len(records),
+        annotators=_annotators(records, units, th), groups=_group_view(records))
+
+
+def _records_from(source: Any, batch: str | None) -> list[JudgmentRecord]:
+    """Records from a Store (opens a read session) or from an open ORM session."""
+    if hasattr(source, "read") and hasattr(source, "engine"):
+        with source.read() as session:
+            return load_records(session, batch)
+    return load_records(source, batch)
+
+
+def quality_report(source: Any, batch: str | None = None,
+                   thresholds: Thresholds | None = None) -> QualityReport:
+    """``analyze`` of the judgments in the store (``source``: a Store or an ORM session)."""
+    return analyze(_records_from(source, batch), thresholds)
+
+
+def annotator_weights(source: Any, batch: str | None = None) -> dict[str, float]:
+    """Dawid–Skene reliability (estimated accuracy, 0..1) per annotator name, for weighting
+    judgments in reward-model training. Annotators who share no pair unit with anyone have no
+    estimate and are left out (weigh them 1, or as you see fit)."""
+    report = quality_report(source, batch)
+    return {n: q.reliability for n, q in report.annotators.items() if q.reliability is not None}
+
+
+def flagged_annotators(source: Any, batch: str | None = None,
+                       thresholds: Thresholds | None = None,
+                       flags: Iterable[str] = FLAGS) -> set[str]:
+    """Names of annotators with any of ``flags`` (default: all), e.g. to drop their judgments."""
+    wanted = set(flags)
+    report = quality_report(source, batch, thresholds)
+    return {n for n, q in report.annotators.items() if wanted & set(q.flags)}
+
