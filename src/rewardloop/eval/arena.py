@@ -1,0 +1,87 @@
+"""The human arena: policies' answers judged side by side by people, rated by Bradley–Terry.
+
+``create_arena_tasks`` turns answers of several policies to the same prompts into pairwise
+tasks (each response records the ``model`` that wrote it); people judge them in the annotation
+server (or a simulated pool does); ``arena_battles`` reads the judgments back as battles and
+``eval.metrics.arena_ratings`` rates the policies with bootstrap intervals, ties as half wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from rewardloop.data.schema import Batch, ComparisonTask, Judgment, TaskItem
+from rewardloop.eval.metrics import Battle
+from rewardloop.feedback import tasks as T
+
+
+@dataclass(frozen=True)
+class ArenaTasks:
+    tasks: int
+    identical_pairs_skipped: int
+
+
+def create_arena_tasks(session: Session, prompts: Sequence[Any],
+                       outputs: Mapping[str, Sequence[str]], *, batch_name: str,
+                       overlap: int = 1, seed: int = 0) -> ArenaTasks:
+    """One pairwise task per prompt and pair of policies (``outputs[name][i]`` answers
+    ``prompts[i]``). Identical answers teach nothing and cannot be attributed: skipped, counted.
+    The left/right order is randomised by the task service per annotator.
+    """
+    names = sorted(outputs)
+    if len(names) < 2:
+        raise ValueError("an arena needs answers from at least two policies")
+    for name in names:
+        if len(outputs[name]) != len(prompts):
+            raise ValueError(f"policy {name!r} has {len(outputs[name])} answers for "
+                             f"{len(prompts)} prompts")
+    rng = random.Random(seed)
+    batch = T.get_or_create_batch(session, batch_name)
+    made = skipped = 0
+    for i, prompt in enumerate(prompts):
+        p = (T.get_or_create_prompt(session, messages=prompt) if isinstance(prompt, list)
+             else T.get_or_create_prompt(session, text=str(prompt)))
+        pairs = list(itertools.combinations(names, 2))
+        rng.shuffle(pairs)
+        for a, b in pairs:
+            if outputs[a][i] == outputs[b][i]:
+                skipped += 1
+                continue
+            ra = T.get_or_create_response(session, p, outputs[a][i], model=a)
+            rb = T.get_or_create_response(session, p, outputs[b][i], model=b)
+            T.create_task(session, p, [ra, rb], kind="pairwise", overlap=overlap, batch=batch)
+            made += 1
+    return ArenaTasks(tasks=made, identical_pairs_skipped=skipped)
+
+
+def _outcome(ranking: list[list[int]], first: int) -> float:
+    """1 if response ``first`` is ranked strictly above the other, 0.5 for a tie, else 0."""
+    if len(ranking) == 1:
+        return 0.5
+    return 1.0 if first in ranking[0] else 0.0
+
+
+def arena_battles(session: Session, batch_name: str | None = None) -> list[Battle]:
+    """Battles ``(model_a, model_b, outcome)`` from judged pairwise tasks whose two responses
+    come from different named models (in task order)."""
+    query = (select(Judgment).join(ComparisonTask)
+             .where(ComparisonTask.kind == "pairwise")
+             .options(selectinload(Judgment.task).selectinload(ComparisonTask.items)
+                      .selectinload(TaskItem.response)))
+    if batch_name is not None:
+        query = query.where(ComparisonTask.batch.has(Batch.name == batch_name))
+    battles: list[Battle] = []
+    for judgment in session.scalars(query):
+        items = judgment.task.items
+        a, b = items[0].response, items[1].response
+        if not a.model or not b.model or a.model == b.model:
+            continue
+        battles.append((a.model, b.model, _outcome(judgment.ranking, a.id)))
+    return battles
