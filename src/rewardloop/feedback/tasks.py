@@ -337,10 +337,13 @@ def _claim_open_task(session: Session, annotator_id: int, batch: Batch | None,
                      now: dt.datetime) -> ComparisonTask | None:
     judged = exists().where(Judgment.task_id == ComparisonTask.id,
                             Judgment.annotator_id == annotator_id)
+    skipped = exists().where(Assignment.task_id == ComparisonTask.id,
+                             Assignment.annotator_id == annotator_id,
+                             Assignment.completed.is_(True))
     active = _active_leases(ComparisonTask.id, now).scalar_subquery()
     query = (
         select(ComparisonTask)
-        .where(ComparisonTask.done.is_(False), ~judged,
+        .where(ComparisonTask.done.is_(False), ~judged, ~skipped,
                ComparisonTask.n_judgments + active < ComparisonTask.overlap,
                *_batch_filter(batch))
         .order_by(ComparisonTask.priority.desc(), ComparisonTask.id).limit(1)
@@ -396,6 +399,20 @@ def next_task(
         session.add(lease)
     session.flush()
     return lease
+
+
+def skip_task(session: Session, annotator: Annotator, task_id: int) -> None:
+    """Hand a leased task back unjudged: its slot frees at once and it is not offered to this
+    annotator again."""
+    lease = session.scalar(select(Assignment).where(
+        Assignment.task_id == task_id, Assignment.annotator_id == annotator.id,
+        Assignment.completed.is_(False)))
+    if lease is None:
+        raise TaskError(f"task {task_id!r} is not leased to you", status=404)
+    lease.completed, lease.expires_at = True, utcnow()
+    session.add(AuditEvent(actor_id=annotator.id, action="task.skip",
+                           payload={"task_id": task_id}))
+    session.flush()
 
 
 def task_view(session: Session, assignment: Assignment) -> dict[str, Any]:

@@ -1,0 +1,187 @@
+"""Accounts: annotators and admins, their passwords (argon2id), bearer tokens and sessions.
+
+Nothing secret is stored in the clear: passwords as argon2id hashes (OWASP parameters: 19 MiB,
+2 iterations, parallelism 1), bearer tokens as SHA-256, session ids as HMAC-SHA-256 under the
+server secret (so a copy of the database alone cannot mint a session).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from rewardloop.data.schema import (
+    ROLES,
+    Annotator,
+    ApiToken,
+    AuditEvent,
+    Setting,
+    WebSession,
+    utcnow,
+)
+from rewardloop.errors import UserError
+
+SECRET_KEY = "session_secret"  # noqa: S105 (the settings row name, not a secret)
+SESSION_TTL = dt.timedelta(hours=12)
+MIN_PASSWORD = 8
+_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32,
+                         salt_len=16, type=Type.ID)
+# Verified against when the user does not exist, so a login takes as long either way.
+_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is making a request, and how they proved it."""
+
+    id: int
+    name: str
+    role: str
+    via: str  # "session" or "token"
+    csrf_token: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def hash_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"a password needs at least {MIN_PASSWORD} characters")
+    return _HASHER.hash(password)
+
+
+def verify_password(stored: str | None, password: str) -> bool:
+    try:
+        return _HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def session_hash(secret: str, session_id: str) -> str:
+    return hmac.new(secret.encode(), session_id.encode(), hashlib.sha256).hexdigest()
+
+
+def server_secret(session: Session, env_value: str | None) -> str:
+    """``$REWARDLOOP_SECRET`` if set, else the secret generated once and kept in ``settings``."""
+    if env_value:
+        if len(env_value) < 32:
+            raise UserError("REWARDLOOP_SECRET must be at least 32 characters")
+        return env_value
+    row = session.get(Setting, SECRET_KEY)
+    if row is None:
+        row = Setting(key=SECRET_KEY, value=secrets.token_urlsafe(48))
+        session.add(row)
+        session.flush()
+    return row.value
+
+
+# -- users ------------------------------------------------------------------------------------
+
+
+def get_user(session: Session, name: str) -> Annotator:
+    user = session.scalar(select(Annotator).where(Annotator.name == name))
+    if user is None:
+        raise UserError(f"no user named {name!r}; `rewardloop users list` shows them")
+    return user
+
+
+def add_user(session: Session, name: str, role: str, *, password: str | None = None,
+             groups: list[str] | None = None) -> Annotator:
+    """Create a user; refuses a taken name, an unknown role and a short password."""
+    if role not in ROLES:
+        raise UserError(f"role must be one of {list(ROLES)}, got {role!r}")
+    if not name or len(name) > 120 or not name.isprintable() or name != name.strip():
+        raise UserError("a user name needs 1 to 120 printable characters, no outer spaces")
+    if session.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
+        raise UserError(f"a user named {name!r} already exists")
+    user = Annotator(name=name, role=role, groups=list(groups or []),
+                     password_hash=hash_password(password) if password is not None else None)
+    session.add(user)
+    session.flush()
+    session.add(AuditEvent(actor_id=None, action="user.add",
+                           payload={"user": name, "role": role, "groups": list(groups or [])}))
+    return user
+
+
+def deactivate_user(session: Session, name: str) -> Annotator:
+    """Turn a user off: their sessions and tokens stop working at once."""
+    user = get_user(session, name)
+    user.active = False
+    revoke_credentials(session, user.id)
+    session.add(AuditEvent(action="user.deactivate", payload={"user": name}))
+    return user
+
+
+def revoke_credentials(session: Session, user_id: int) -> None:
+    now = utcnow()
+    session.execute(update(ApiToken).where(ApiToken.annotator_id == user_id,
+                                           ApiToken.revoked_at.is_(None)).values(revoked_at=now))
+    session.execute(update(WebSession).where(WebSession.annotator_id == user_id)
+                    .values(revoked=True))
+
+
+def new_token(session: Session, user: Annotator) -> str:
+    """A fresh bearer token for ``user``; their earlier tokens are revoked. Shown once."""
+    now = utcnow()
+    session.execute(update(ApiToken).where(ApiToken.annotator_id == user.id,
+                                           ApiToken.revoked_at.is_(None)).values(revoked_at=now))
+    token = secrets.token_urlsafe(32)
+    session.add(ApiToken(annotator_id=user.id, token_hash=token_hash(token)))
+    session.add(AuditEvent(action="user.token", payload={"user": user.name}))
+    session.flush()
+    return token
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def principal_for_token(session: Session, token: str) -> Principal | None:
+    row = session.execute(
+        select(Annotator.id, Annotator.name, Annotator.role)
+        .join(ApiToken, ApiToken.annotator_id == Annotator.id)
+        .where(ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None),
+               Annotator.active.is_(True))).first()
+    return Principal(row.id, row.name, row.role, "token") if row else None
+
+
+def principal_for_session(session: Session, secret: str, session_id: str) -> Principal | None:
+    row = session.execute(
+        select(Annotator.id, Annotator.name, Annotator.role, WebSession.csrf_token)
+        .join(WebSession, WebSession.annotator_id == Annotator.id)
+        .where(WebSession.session_hash == session_hash(secret, session_id),
+               WebSession.revoked.is_(False), WebSession.expires_at > utcnow(),
+               Annotator.active.is_(True))).first()
+    if row is None:
+        return None
+    return Principal(row.id, row.name, row.role, "session", row.csrf_token)
+
+
+def login(session: Session, secret: str, name: str, password: str) -> tuple[str, str] | None:
+    """Check the password; on success open a server-side session: ``(session_id, csrf)``."""
+    user = session.scalar(select(Annotator).where(Annotator.name == name))
+    ok = verify_password(user.password_hash if user else None, password)
+    if user is None or not ok or not user.active:
+        return None
+    session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    session.add(WebSession(session_hash=session_hash(secret, session_id), annotator_id=user.id,
+                           csrf_token=csrf, expires_at=utcnow() + SESSION_TTL))
+    session.add(AuditEvent(actor_id=user.id, action="session.login", payload={}))
+    return session_id, csrf
+
+
+def logout(session: Session, secret: str, session_id: str) -> None:
+    session.execute(update(WebSession).where(
+        WebSession.session_hash == session_hash(secret, session_id)).values(revoked=True))

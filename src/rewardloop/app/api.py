@@ -1,0 +1,175 @@
+"""The JSON API: routes only parse, authorise and call feedback.tasks (or accounts/stats)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from starlette.background import BackgroundTask
+
+from rewardloop.app import accounts
+from rewardloop.app.deps import SESSION_COOKIE, Admin, DbDep, User
+from rewardloop.app.schemas import (
+    JudgmentIn,
+    JudgmentOut,
+    LoginIn,
+    LoginOut,
+    TaskOut,
+    TasksCreateIn,
+    TasksCreateOut,
+    UserOut,
+)
+from rewardloop.app.stats import admin_stats
+from rewardloop.data.schema import Annotator, Batch
+from rewardloop.feedback import tasks as T
+
+router = APIRouter(prefix="/api")
+ERRORS = {401: {"description": "Not logged in"}, 403: {"description": "Not allowed"}}
+
+
+def client_addr(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def set_session_cookie(request: Request, response: Response, session_id: str) -> None:
+    response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/",
+                        max_age=int(accounts.SESSION_TTL.total_seconds()))
+
+
+def do_login(request: Request, db: DbDep, username: str, password: str) -> tuple[str, str, str]:
+    """Rate-limited password check: ``(session_id, csrf, role)``; 429 / 401 otherwise."""
+    limiter = request.app.state.login_limiter
+    addr = client_addr(request)
+    if limiter.blocked(username, addr):
+        raise HTTPException(429, "too many failed logins; wait a minute and try again")
+    with db.write() as session:
+        opened = accounts.login(session, request.app.state.secret, username, password)
+        role = session.scalar(select(Annotator.role).where(Annotator.name == username))
+    if opened is None:
+        limiter.failed(username, addr)
+        raise HTTPException(401, "wrong user name or password")
+    limiter.succeeded(username, addr)
+    return opened[0], opened[1], role or "annotator"
+
+
+@router.post("/login", responses={401: ERRORS[401], 429: {"description": "Too many failures"}})
+def login(body: LoginIn, request: Request, response: Response, db: DbDep) -> LoginOut:
+    """Open a session: sets an HttpOnly cookie and returns the CSRF token for it."""
+    session_id, csrf, role = do_login(request, db, body.username, body.password)
+    set_session_cookie(request, response, session_id)
+    return LoginOut(user=UserOut(name=body.username, role=role), csrf_token=csrf)
+
+
+@router.post("/logout", status_code=204, responses=ERRORS)
+def logout(request: Request, who: User, db: DbDep) -> Response:
+    """End this browser session (bearer tokens are revoked with `rewardloop users token`)."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if who.via == "session" and cookie:
+        with db.write() as session:
+            accounts.logout(session, request.app.state.secret, cookie)
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _batch(session: object, name: str | None) -> Batch | None:
+    if name is None:
+        return None
+    found = session.scalar(select(Batch).where(Batch.name == name))  # type: ignore[attr-defined]
+    if found is None:
+        raise HTTPException(404, f"no batch named {name!r}")
+    return found
+
+
+@router.get("/tasks/next", response_model=TaskOut,
+            responses={204: {"description": "Nothing left for you"}, **ERRORS})
+def next_task(who: User, db: DbDep,
+              batch: Annotated[str | None, Query(max_length=255)] = None) -> Response | TaskOut:
+    """Lease the next task to the caller (or the one they hold), responses in shown order."""
+    with db.write() as session:
+        lease = T.next_task(session, session.get(Annotator, who.id), batch=_batch(session, batch))
+        if lease is None:
+            return Response(status_code=204)
+        view = T.task_view(session, lease)
+        expires = lease.expires_at
+    return TaskOut(**view, lease_expires_at=expires)
+
+
+@router.post("/judgments", status_code=201, responses={
+    200: {"model": JudgmentOut, "description": "Replay of a stored judgment"},
+    404: {"description": "No such task"}, 409: {"description": "Conflict"}, **ERRORS})
+def submit_judgment(body: JudgmentIn, who: User, db: DbDep, response: Response) -> JudgmentOut:
+    """Record a ranking of a task leased to the caller; committed before the answer is sent."""
+    for attempt in range(2):
+        try:
+            with db.write() as session:
+                judgment, created = T.submit_judgment(
+                    session, session.get(Annotator, who.id), body.task_id,
+                    [list(g) for g in body.ranking], idempotency_key=body.idempotency_key,
+                    strength=body.strength, rationale=body.rationale, time_ms=body.time_ms)
+                out = JudgmentOut(id=judgment.id, task_id=judgment.task_id,
+                                  ranking=judgment.ranking, strength=judgment.strength,
+                                  created=created)
+            break
+        except IntegrityError:
+            # A concurrent replay of the same key won the insert; the retry finds it stored.
+            if attempt:
+                raise HTTPException(409, "conflicting concurrent judgment") from None
+    response.status_code = 201 if out.created else 200
+    return out
+
+
+@router.post("/tasks/{task_id}/skip", status_code=204, responses=ERRORS)
+def skip_task(task_id: int, who: User, db: DbDep) -> Response:
+    """Give a leased task back without judging it; it is not offered to the caller again."""
+    with db.write() as session:
+        T.skip_task(session, session.get(Annotator, who.id), task_id)
+    return Response(status_code=204)
+
+
+@router.post("/admin/tasks", status_code=201, responses=ERRORS)
+def create_tasks(body: TasksCreateIn, who: Admin, db: DbDep) -> TasksCreateOut:
+    """Turn candidates rows (prompt, responses, models?) into tasks of a batch."""
+    with db.write() as session:
+        batch = T.get_or_create_batch(session, body.batch, guidelines=body.guidelines)
+        made = T.create_tasks_from_candidates(
+            session, [r.model_dump(exclude_none=True) for r in body.rows], kind=body.kind,
+            overlap=body.overlap, batch=batch, gold=body.gold, pairing=body.pairing,
+            path="rows")
+        ids = [t.id for t in made]
+    return TasksCreateOut(batch=body.batch, created=len(ids), task_ids=ids)
+
+
+@router.get("/admin/stats", responses=ERRORS)
+def stats(who: Admin, db: DbDep) -> dict[str, object]:
+    """Progress, per-annotator counts, agreement, gold accuracy, position bias, activity."""
+    with db.read() as session:
+        return admin_stats(session)
+
+
+@router.get("/admin/export", response_class=FileResponse,
+            responses={200: {"content": {"application/x-ndjson": {}}}, **ERRORS})
+def export(who: Admin, db: DbDep,
+           format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
+           batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
+    """All judgments (of ``batch``) as JSONL in a training format (see docs/server.md)."""
+    from rewardloop.data.transfer import export as export_store
+
+    if batch is not None and format == "kto":
+        raise HTTPException(422, "batch selects comparisons; kto exports ratings")
+    tmp = Path(tempfile.mkdtemp(prefix="rewardloop-export-"))
+    try:
+        export_store(db.store, format, tmp / "export.jsonl", batch=batch)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FileResponse(tmp / "export.jsonl", media_type="application/x-ndjson",
+                        filename=f"judgments-{format}.jsonl",
+                        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))

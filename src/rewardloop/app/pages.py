@@ -1,0 +1,132 @@
+"""Server-rendered HTML pages: login, annotate, admin. Every page but /login needs a session.
+
+The pages carry no inline script or style (the CSP forbids both); behaviour lives in
+static/*.js and talks to the JSON API with the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+
+from rewardloop.app import accounts
+from rewardloop.app.accounts import Principal
+from rewardloop.app.api import do_login, set_session_cookie
+from rewardloop.app.deps import SESSION_COOKIE, Db, authenticate
+from rewardloop.app.render import markdown, prompt_html
+from rewardloop.app.stats import admin_stats
+from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
+from rewardloop.feedback import tasks as T
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _page_user(request: Request) -> Principal | None:
+    return authenticate(request, None, request.cookies.get(SESSION_COOKIE))
+
+
+def _render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def _to_login() -> RedirectResponse:
+    return RedirectResponse("/login", status_code=303)
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+
+
+@router.get("/")
+def index(request: Request) -> Response:
+    who = _page_user(request)
+    if who is None:
+        return _to_login()
+    return RedirectResponse("/admin" if who.is_admin else "/annotate", status_code=303)
+
+
+@router.get("/login")
+def login_page(request: Request) -> Response:
+    return _render(request, "login.html", error=None)
+
+
+@router.post("/login")
+def login_form(request: Request, username: Annotated[str, Form(max_length=120)],
+               password: Annotated[str, Form(max_length=1024)]) -> Response:
+    if not _same_origin(request):
+        return _render(request, "login.html", 403, error="cross-site login refused")
+    try:
+        session_id, _csrf, role = do_login(request, request.app.state.db, username, password)
+    except HTTPException as exc:
+        return _render(request, "login.html", exc.status_code, error=exc.detail)
+    response = RedirectResponse("/admin" if role == "admin" else "/annotate", status_code=303)
+    set_session_cookie(request, response, session_id)
+    return response
+
+
+@router.post("/logout")
+def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=128)]) -> Response:
+    who, cookie = _page_user(request), request.cookies.get(SESSION_COOKIE)
+    if who is not None and cookie and hmac.compare_digest(csrf_token, who.csrf_token or ""):
+        with request.app.state.db.write() as session:
+            accounts.logout(session, request.app.state.secret, cookie)
+    response = _to_login()
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _task_context(db: Db, who: Principal, batch_name: str | None) -> dict[str, Any]:
+    with db.write() as session:
+        batch = None
+        if batch_name:
+            batch = session.scalar(select(Batch).where(Batch.name == batch_name))
+            if batch is None:
+                raise HTTPException(404, f"no batch named {batch_name!r}")
+        lease = T.next_task(session, session.get(Annotator, who.id), batch=batch)
+        mine = session.scalar(select(func.count(Judgment.id))
+                              .where(Judgment.annotator_id == who.id))
+        if lease is None:
+            return {"task": None, "mine": mine, "progress": T.batch_progress(session, batch)}
+        view = T.task_view(session, lease)
+        task_batch = session.scalar(select(Batch).join(ComparisonTask).where(
+            ComparisonTask.id == lease.task_id))
+        guidelines = task_batch.guidelines if task_batch is not None else None
+        progress = T.batch_progress(session, task_batch)
+    responses = [{"label": LABELS[i % 26], "key": i + 1, "id": r["id"],
+                  "html": markdown(r["text"])} for i, r in enumerate(view["responses"])]
+    return {"task": {**view, "prompt_html": prompt_html(view["prompt"]), "items": responses},
+            "guidelines": markdown(guidelines) if guidelines else None,
+            "mine": mine, "progress": progress}
+
+
+@router.get("/annotate")
+def annotate(request: Request,
+             batch: Annotated[str | None, Query(max_length=255)] = None) -> Response:
+    who = _page_user(request)
+    if who is None:
+        return _to_login()
+    context = _task_context(request.app.state.db, who, batch)
+    return _render(request, "annotate.html", user=who, csrf=who.csrf_token, **context)
+
+
+@router.get("/admin")
+def admin(request: Request) -> Response:
+    who = _page_user(request)
+    if who is None:
+        return _to_login()
+    if not who.is_admin:
+        return _render(request, "error.html", 403, user=who, csrf=who.csrf_token,
+                       message="This page is for admins.")
+    with request.app.state.db.read() as session:
+        stats = admin_stats(session)
+    return _render(request, "admin.html", user=who, csrf=who.csrf_token, stats=stats,
+                   formats=["trl", "ranking", "hh", "kto"])

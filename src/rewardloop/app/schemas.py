@@ -1,0 +1,95 @@
+"""Request and response bodies of the JSON API (separate in and out models, strict limits)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ResponseId = Annotated[int, Field(ge=1, le=2**62)]
+Group = Annotated[list[ResponseId], Field(min_length=1, max_length=64)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginIn(_In):
+    username: str = Field(min_length=1, max_length=120)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class UserOut(BaseModel):
+    name: str
+    role: str
+
+
+class LoginOut(BaseModel):
+    user: UserOut
+    csrf_token: str = Field(description="Send as X-CSRF-Token on state-changing requests.")
+
+
+class ResponseOut(BaseModel):
+    id: int
+    text: str
+
+
+class TaskOut(BaseModel):
+    task_id: int
+    prompt: str | list[dict[str, Any]] = Field(description="Text, or chat messages.")
+    responses: list[ResponseOut] = Field(description="In the order shown to this annotator.")
+    kind: str
+    guideline_version: str | None = None
+    lease_expires_at: dt.datetime
+
+
+class JudgmentIn(_In):
+    task_id: int = Field(ge=1, le=2**62)
+    ranking: list[Group] = Field(min_length=1, max_length=64,
+                                 description="Groups of response ids, best first; a group of "
+                                             "two or more is a tie.")
+    strength: Literal["slight", "clear", "strong"] | None = None
+    rationale: str | None = Field(default=None, max_length=10_000)
+    time_ms: int | None = Field(default=None, ge=0, le=7 * 24 * 3600 * 1000)
+    idempotency_key: str = Field(min_length=1, max_length=128,
+                                 description="Unique per judgment; a replay returns the stored "
+                                             "judgment instead of a second one.")
+
+
+class JudgmentOut(BaseModel):
+    id: int
+    task_id: int
+    ranking: list[list[int]]
+    strength: str | None
+    created: bool = Field(description="False when this answers a replayed idempotency key.")
+
+
+class CandidateRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str | list[dict[str, Any]]
+    responses: list[str] = Field(min_length=2, max_length=64)
+    models: list[str | None] | None = None
+
+
+class TasksCreateIn(_In):
+    rows: list[CandidateRow] = Field(min_length=1, max_length=5000)
+    kind: Literal["pairwise", "ranking"] = "pairwise"
+    overlap: int = Field(default=1, ge=1, le=100)
+    batch: str = Field(min_length=1, max_length=255)
+    guidelines: str | None = Field(default=None, max_length=100_000)
+    gold: dict[int, list[list[int]]] | None = Field(
+        default=None, description="Row index -> known ranking in response indices.")
+    pairing: Literal["all", "adjacent"] = "all"
+
+
+class TasksCreateOut(BaseModel):
+    batch: str
+    created: int
+    task_ids: list[int]
+
+
+class Health(BaseModel):
+    status: str
+    database: str

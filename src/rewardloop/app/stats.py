@@ -1,0 +1,99 @@
+"""Figures for the admin dashboard, kept simple: progress, counts, raw pairwise agreement
+between annotators who judged the same task, gold accuracy, position bias and recent activity.
+
+Agreement and gold accuracy are computed on *pair units*: each unordered pair of responses in
+a task gets a value from each judgment (which one won, or a tie), so a ranking of k answers
+counts k(k-1)/2 times. ``feedback.quality`` has the chance-corrected statistics.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import combinations
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
+from rewardloop.feedback.tasks import batch_progress
+
+RECENT = 20
+
+
+def pair_values(ranking: list[list[int]]) -> dict[tuple[int, int], int]:
+    """``(lo_id, hi_id) -> -1`` when lo won, ``1`` when hi won, ``0`` for a tie."""
+    rank = {rid: i for i, group in enumerate(ranking) for rid in group}
+    out = {}
+    for a, b in combinations(sorted(rank), 2):
+        out[(a, b)] = (rank[a] > rank[b]) - (rank[a] < rank[b])
+    return out
+
+
+def _ratio(hits: float, n: float) -> float | None:
+    return round(hits / n, 4) if n else None
+
+
+Votes = dict[int, list[tuple[str, dict[tuple[int, int], int]]]]
+
+
+def _agreement(by_task: Votes) -> tuple[dict[str, list[int]], list[int]]:
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    total = [0, 0]
+    for judged in by_task.values():
+        for (name_a, va), (name_b, vb) in combinations(judged, 2):
+            for unit in va.keys() & vb.keys():
+                same = int(va[unit] == vb[unit])
+                for name in (name_a, name_b):
+                    per[name][0] += same
+                    per[name][1] += 1
+                total[0] += same
+                total[1] += 1
+    return per, total
+
+
+def admin_stats(session: Session) -> dict[str, Any]:
+    """Everything the admin page and ``GET /api/admin/stats`` show."""
+    rows = session.execute(
+        select(Judgment.task_id, Judgment.ranking, Judgment.shown_order, Judgment.time_ms,
+               Judgment.created_at, Annotator.name, ComparisonTask.gold_ranking)
+        .join(ComparisonTask, ComparisonTask.id == Judgment.task_id)
+        .outerjoin(Annotator, Annotator.id == Judgment.annotator_id)
+        .order_by(Judgment.id)).all()
+    by_task: Votes = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    gold: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    first_wins = [0, 0]
+    for r in rows:
+        name = r.name or "(unknown)"
+        values = pair_values(r.ranking)
+        counts[name] += 1
+        by_task[r.task_id].append((name, values))
+        if r.gold_ranking:
+            truth = pair_values(r.gold_ranking)
+            gold[name][0] += sum(values.get(u) == v for u, v in truth.items())
+            gold[name][1] += len(truth)
+        top = r.ranking[0]
+        if r.shown_order and len(top) == 1:  # ties say nothing about position
+            first_wins[0] += int(top[0] == r.shown_order[0])
+            first_wins[1] += 1
+    per_agree, total_agree = _agreement(by_task)
+    batches = session.scalars(select(Batch).order_by(Batch.id)).all()
+    return {
+        "judgments": len(rows),
+        "progress": batch_progress(session),
+        "batches": [batch_progress(session, b) for b in batches],
+        "annotators": [
+            {"name": name, "judgments": n,
+             "agreement": _ratio(*per_agree[name]) if name in per_agree else None,
+             "gold_accuracy": _ratio(*gold[name]) if name in gold else None}
+            for name, n in sorted(counts.items())],
+        "agreement": _ratio(*total_agree),
+        "agreement_pairs": total_agree[1],
+        "gold_accuracy": _ratio(sum(g[0] for g in gold.values()), sum(g[1] for g in gold.values())),
+        "position_bias": _ratio(*first_wins),
+        "position_bias_n": first_wins[1],
+        "recent": [
+            {"at": r.created_at.isoformat(), "annotator": r.name, "task_id": r.task_id,
+             "time_ms": r.time_ms} for r in rows[::-1][:RECENT]],
+    }

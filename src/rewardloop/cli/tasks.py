@@ -1,0 +1,110 @@
+"""``rewardloop tasks create|progress``: comparison tasks from a candidates file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from rewardloop.cli._common import DB, existing_file, resolve_db
+
+ORDER = 12
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """JSON objects of a JSONL file and their 1-based line numbers (blank lines skipped)."""
+    from rewardloop.errors import DataError
+
+    rows, lines = [], []
+    with existing_file(path).open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not valid JSON: {exc.msg}", path=str(path), line=number) \
+                    from None
+            if not isinstance(obj, dict):
+                raise DataError("expected a JSON object", path=str(path), line=number)
+            rows.append(obj)
+            lines.append(number)
+    if not rows:
+        raise DataError("no rows", path=str(path))
+    return rows, lines
+
+
+def register(app: typer.Typer) -> None:
+    tasks = typer.Typer(help="Create comparison tasks and follow their progress.",
+                        no_args_is_help=True)
+    app.add_typer(tasks, name="tasks")
+
+    @tasks.command("create")
+    def create(
+        file: Path = typer.Argument(..., help="Candidates JSONL: prompt, responses, models?"),
+        kind: str = typer.Option("pairwise", "--kind", help="pairwise (one task per pair of "
+                                 "answers) or ranking (one task ranking all answers of a row)."),
+        overlap: int = typer.Option(1, "--overlap", help="Distinct annotators wanted per task."),
+        pairing: str = typer.Option("all", "--pairing", help="For pairwise from 3+ answers: all "
+                                    "pairs, or adjacent (1-2, 2-3, ...)."),
+        gold: Path | None = typer.Option(
+            None, "--gold", help="JSONL of gold rows (prompt, responses, ranking as groups of "
+            "indices, best first): tasks with a known answer to check annotators."),
+        guidelines: Path | None = typer.Option(
+            None, "--guidelines", help="Markdown file shown to annotators with the batch."),
+        batch: str | None = typer.Option(None, "--batch",
+                                         help="Batch name (default: the file's stem)."),
+        db: str | None = DB,
+    ) -> None:
+        """Turn a candidates file into comparison tasks, all in one transaction."""
+        from rewardloop.data.store import Store
+        from rewardloop.errors import DataError
+        from rewardloop.feedback import tasks as T
+
+        rows, lines = read_jsonl(file)
+        gold_rows, gold_lines = read_jsonl(gold) if gold is not None else ([], [])
+        rankings = {}
+        for i, (row, line) in enumerate(zip(gold_rows, gold_lines, strict=True)):
+            if "ranking" not in row:
+                raise DataError("gold rows need a ranking", path=str(gold), line=line,
+                                field="ranking")
+            rankings[i] = row["ranking"]
+        text = existing_file(guidelines).read_text(encoding="utf-8") if guidelines else None
+        store = Store(resolve_db(db))
+        with store.write() as session:
+            b = T.get_or_create_batch(session, batch or file.stem, guidelines=text)
+            made = T.create_tasks_from_candidates(
+                session, rows, kind=kind, overlap=overlap, batch=b, pairing=pairing,
+                path=str(file), line_numbers=lines)
+            if gold_rows:
+                made += T.create_tasks_from_candidates(
+                    session, gold_rows, kind=kind, overlap=overlap, batch=b, gold=rankings,
+                    pairing=pairing, path=str(gold), line_numbers=gold_lines)
+            name = b.name
+        n_gold = sum(t.is_gold for t in made)
+        typer.echo(f"created {len(made)} {kind} tasks ({n_gold} gold) in batch {name}, "
+                   f"overlap {overlap}")
+
+    @tasks.command("progress")
+    def progress(batch: str | None = typer.Option(None, "--batch", help="Only this batch."),
+                 db: str | None = DB) -> None:
+        """Tasks, tasks complete, judgments and judgments per annotator."""
+        from sqlalchemy import select
+
+        from rewardloop.data.schema import Batch
+        from rewardloop.data.store import Store
+        from rewardloop.errors import UserError
+        from rewardloop.feedback import tasks as T
+
+        with Store(resolve_db(db)).read() as session:
+            b = None
+            if batch is not None:
+                b = session.scalar(select(Batch).where(Batch.name == batch))
+                if b is None:
+                    raise UserError(f"--batch: no batch named {batch!r}")
+            p = T.batch_progress(session, b)
+        typer.echo(f"tasks {p['tasks']}  done {p['done']}  judgments {p['judgments']}")
+        for name, n in p["annotators"].items():
+            typer.echo(f"  {name}\t{n}")
