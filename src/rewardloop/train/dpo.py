@@ -1,0 +1,662 @@
+"""Direct preference optimisation from a preference file: DPO, cDPO, IPO, robust DPO, KTO.
+
+One explicit loop (``train_dpo``). What differs between the losses is chosen ONCE, by name, in
+``OBJECTIVES``: which data kind a loss reads (pairs, or unpaired thumbs up/down for KTO), how a
+micro-batch is scored, and which pure loss of ``rewardloop.losses`` turns log-probs into the
+loss. The loop never branches on the loss.
+
+Every example is two sequences, scored together in one (2B, T) forward pass:
+
+- pairwise losses: ``(prompt + chosen, prompt + rejected)``;
+- KTO: ``(prompt + completion, prompt + mismatched completion)``; the mismatched one (another
+  row's answer, fixed per example by the seed) only feeds KTO's KL reference point z0
+  (Ethayarajh et al. 2024, §4.1). Fixing the partner per example lets the reference log-probs be
+  cached like DPO's, and z0 is measured over the whole optimizer step, so it does not change with
+  gradient accumulation.
+
+Reference log-probs log π_ref(y|x) are computed once, before training, in batched no-grad
+passes, cached (N, 2) and saved in the run directory (a resumed run reads them back). The
+reference is ``--ref-model``, else the initial policy, else (with LoRA) the base model with the
+adapter disabled, so no second copy of the model is kept. ``precompute_ref=False`` scores the
+reference on the fly every step instead (same numbers; used to test the cache).
+
+Losses are normalised by the number of pairs (and, for the RPO NLL term, chosen tokens) in the
+whole optimizer step, so gradient accumulation does not change the update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewardloop import losses
+from rewardloop.data.formats import read_records
+from rewardloop.data.records import PairRecord, Record, UnpairedRecord
+from rewardloop.errors import DataError, UserError
+from rewardloop.models import (
+    LoraSettings,
+    disable_adapter,
+    disable_dropout,
+    load_policy,
+    load_tokenizer,
+    match_tokenizer,
+    save_model,
+)
+from rewardloop.train.data import EpochSampler, microbatches
+from rewardloop.train.run import (
+    RunDir,
+    check_finite,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+)
+from rewardloop.train.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
+
+log = logging.getLogger(__name__)
+
+PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
+UNPAIRED_FORMATS = ("kto",)
+LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto")
+SCHEDULES = ("linear", "constant")
+REF_CACHE = "ref_logps.pt"
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Options of ``rewardloop train dpo``."""
+
+    model: str
+    """Policy to start from: a local model directory or a hub id (also the default reference)."""
+    data: Path
+    """Training preferences: pairwise rows (trl, hh, ultrafeedback) or, for KTO, kto rows."""
+    out: Path
+    """Run directory (model/, config.yaml, metrics.jsonl, summary.json, checkpoints/)."""
+    loss: str = "dpo"
+    """dpo (sigmoid), cdpo (DPO with label smoothing), ipo, robust (unbiased under label flips),
+    or kto (unpaired rows)."""
+    beta: float = 0.1
+    """β: the strength of the pull toward the reference (IPO's τ). Smaller moves further."""
+    label_smoothing: float = 0.0
+    """ε, the assumed rate of flipped labels: cdpo needs 0 < ε < 0.5, robust 0 <= ε < 0.5; dpo
+    with ε > 0 is cdpo; ipo and kto take none."""
+    length_normalize: bool = False
+    """Use the mean log-prob per completion token instead of the sum (IPO authors' choice)."""
+    nll_coef: float = 0.0
+    """RPO (Pang et al. 2024): add this times the token-mean NLL of the chosen answers."""
+    desirable_weight: float = 1.0
+    """KTO λ_D: weight of desirable examples."""
+    undesirable_weight: float = 1.0
+    """KTO λ_U: weight of undesirable examples."""
+    ref_model: str | None = None
+    """Reference model; None uses the initial policy (with LoRA: the adapter disabled)."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once before training and cache them (no reference model in
+    memory while training). False scores the reference every step."""
+    data_format: str | None = None
+    """Format of --data/--eval-data; None detects it from the rows."""
+    eval_data: Path | None = None
+    """Held-out preferences (same kind as --data) for eval loss and implicit-reward accuracy."""
+    seed: int = 0
+    """Seed of initialisation, data order and KTO's mismatched pairs."""
+    epochs: int = 1
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to take; None runs ``epochs`` passes."""
+    batch_size: int = 8
+    """Pairs (KTO: examples) per optimizer step, over all gradient-accumulation micro-batches."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; must divide batch_size."""
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``lr``."""
+    schedule: str = "linear"
+    """After warm-up: "linear" decay to 0 at the last step, or "constant"."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient to this global norm (0 turns clipping off)."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens; longer answers are cut (and lose their EOS)."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
+    ref_batch_size: int = 32
+    """Examples per batch of the reference (and evaluation) no-grad passes."""
+    lora_r: int | None = None
+    """Train LoRA adapters of this rank instead of all weights; the reference is then the base
+    model with the adapter disabled (unless ref_model is given)."""
+    lora_alpha: int = 32
+    """LoRA scale alpha (the update is multiplied by alpha / r)."""
+    merge_lora: bool = False
+    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    save_every: int = 0
+    """Write a checkpoint every this many steps (0: only the final model)."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in --out."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+    add_pad_token: bool = False
+    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
+
+    def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must be in [0, 0.5)")
+        if self.loss == "cdpo" and self.label_smoothing == 0.0:
+            raise ValueError("cdpo needs --label-smoothing in (0, 0.5), e.g. 0.1")
+        if self.loss in ("ipo", "kto") and self.label_smoothing != 0.0:
+            raise ValueError(f"{self.loss} has no label smoothing; leave it at 0")
+        if self.nll_coef < 0:
+            raise ValueError("nll_coef must be >= 0")
+        if self.loss == "kto" and self.nll_coef != 0.0:
+            raise ValueError("nll_coef (RPO) applies to chosen answers of pairwise losses, "
+                             "not kto")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError("desirable_weight and undesirable_weight must be > 0")
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs and max_steps must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"grad_accum ({self.grad_accum})")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
+        if self.warmup_steps < 0 or self.schedule not in SCHEDULES:
+            raise ValueError(f"warmup_steps >= 0 and schedule in {list(SCHEDULES)} required")
+        if self.max_length < 2 or (self.max_prompt_length is not None
+                                   and not 1 <= self.max_prompt_length < self.max_length):
+            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
+        if self.ref_batch_size < 1 or self.save_every < 0 or self.log_every < 1:
+            raise ValueError("ref_batch_size >= 1, save_every >= 0 and log_every >= 1 required")
+        if self.lora_r is not None:
+            LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
+        if self.data_format is not None and self.data_format not in (
+                PAIRWISE_FORMATS + UNPAIRED_FORMATS):
+            raise ValueError(f"data_format must be one of "
+                             f"{list(PAIRWISE_FORMATS + UNPAIRED_FORMATS)}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: every item is two tokenised sequences
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training item as the two sequences the loss scores.
+
+    Pairwise: ``first`` = prompt + chosen, ``second`` = prompt + rejected, ``label`` True.
+    KTO: ``first`` = prompt + completion, ``second`` = prompt + another row's completion (only
+    for the KL reference point), ``label`` = desirable.
+    """
+
+    first: Encoded
+    second: Encoded
+    label: bool = True
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.first) + len(self.second)
+
+
+def _encode(tokenizer: Any, cfg: DPOConfig, prompt: Any, completion: Any) -> Encoded:
+    return encode(tokenizer, prompt, completion, max_length=cfg.max_length,
+                  max_prompt_length=cfg.max_prompt_length)
+
+
+def build_pairs(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> list[Example]:
+    """Pairs as examples; ties state no preference, so they are left out (and counted)."""
+    pairs = [r for r in records if isinstance(r, PairRecord)]
+    kept = [p for p in pairs if not p.tie]
+    if len(kept) < len(pairs):
+        log.warning("left out %d tied pairs (DPO needs a preferred answer)",
+                    len(pairs) - len(kept))
+    return [Example(_encode(tokenizer, cfg, p.prompt, p.chosen),
+                    _encode(tokenizer, cfg, p.prompt, p.rejected)) for p in kept]
+
+
+def build_unpaired(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> list[Example]:
+    """KTO examples, each with a fixed mismatched partner: the next row of a seeded shuffle."""
+    rows = [r for r in records if isinstance(r, UnpairedRecord)]
+    if len(rows) < 2:
+        raise UserError("kto needs at least 2 rows: the KL reference point pairs each prompt "
+                        "with another row's completion")
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    n_good = sum(r.label for r in rows)
+    ratio = (cfg.desirable_weight * n_good) / max(cfg.undesirable_weight * (len(rows) - n_good),
+                                                  1e-9)
+    if not 1.0 <= ratio <= 4.0 / 3.0:
+        log.warning("KTO: desirable_weight * #desirable / (undesirable_weight * #undesirable) "
+                    "= %.2f; the KTO paper recommends 1 to 4/3", ratio)
+    return [Example(_encode(tokenizer, cfg, r.prompt, r.completion),
+                    _encode(tokenizer, cfg, r.prompt, rows[partner[i]].completion), r.label)
+            for i, r in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: summed (or mean) completion log-probs of both sequences, (B, 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def score(model: nn.Module, examples: Sequence[Example], pad_id: int, average: bool
+          ) -> torch.Tensor:
+    """Log-probs of both sequences of each example in ONE forward pass: (B, 2).
+
+    The (2B, T) batch holds every ``first`` row, then every ``second`` row; prompt tokens and
+    padding are outside the completion mask, so they never count.
+    """
+    device = next(model.parameters()).device
+    batch = collate_pairs([e.first for e in examples], [e.second for e in examples], pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logps = sequence_logps(model, batch, average=average)  # (2B,)
+    return logps.view(2, len(examples)).T
+
+
+
+def score_first(model: nn.Module, examples: Sequence[Example], pad_id: int, average: bool
+                ) -> torch.Tensor:
+    """Log-probs of the ``first`` sequences only: (B, 1) (KTO's labelled completions)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate([e.first for e in examples], pad_id).items()}
+    return sequence_logps(model, batch, average=average).unsqueeze(-1)
+
+
+def score_all(model: nn.Module, examples: Sequence[Example], pad_id: int, average: bool,
+              batch_size: int) -> torch.Tensor:
+    """No-grad (N, 2) float32 log-probs of a whole data set, batched by similar length."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
+    out = torch.empty(len(examples), 2, dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = score(model, [examples[i] for i in idx], pad_id, average).float().cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: one per loss name, chosen once
+# ---------------------------------------------------------------------------------------------
+
+Forward = Callable[[nn.Module, Sequence[Example], int, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything that differs between the losses, so the training loop does not branch."""
+
+    kind: str
+    """Data kind, for messages: "pairwise" or "unpaired"."""
+    formats: tuple[str, ...]
+    """File formats this objective reads."""
+    build: Callable[[Sequence[Record], Any, DPOConfig], list[Example]]
+    """Records -> examples (tokenised sequence pairs)."""
+    forward: Forward
+    """Policy log-probs with gradient of what the loss needs: (B, 2) pairs, (B, 1) KTO."""
+    loss: Callable[..., losses.LossOutput]
+    """(policy (B, k), ref (B, 2), labels (B,), z0, cfg, global_count) -> (loss, metrics)."""
+    reference_point: Callable[..., torch.Tensor]
+    """(policy model, examples, ref (B, 2), pad_id, cfg, chunk) -> detached scalar z0."""
+    accuracy: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """(policy (B, k), ref (B, 2), labels (B,), z0) -> implicit-reward accuracy."""
+
+
+def _pairwise_loss(name: str) -> Callable[..., losses.LossOutput]:
+    loss_fn = losses.PREFERENCE_LOSSES[name]
+
+    def loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, z0: torch.Tensor,
+             cfg: DPOConfig, global_count: float | None) -> losses.LossOutput:
+        return loss_fn(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
+                       label_smoothing=cfg.label_smoothing, global_count=global_count)
+
+    return loss
+
+
+def _kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, z0: torch.Tensor,
+              cfg: DPOConfig, global_count: float | None) -> losses.LossOutput:
+    return losses.kto_loss(policy[:, 0], ref[:, 0], labels, z0, beta=cfg.beta,
+                           desirable_weight=cfg.desirable_weight,
+                           undesirable_weight=cfg.undesirable_weight, global_count=global_count)
+
+
+def _no_reference_point(model: nn.Module, examples: Sequence[Example], ref: torch.Tensor,
+                        pad_id: int, cfg: DPOConfig, chunk: int) -> torch.Tensor:
+    return torch.zeros((), device=ref.device)
+
+
+def _kto_reference_point(model: nn.Module, examples: Sequence[Example], ref: torch.Tensor,
+                         pad_id: int, cfg: DPOConfig, chunk: int) -> torch.Tensor:
+    """z0 over all of ``examples`` (the whole optimizer step): policy vs reference log-probs of
+    the mismatched completions, no gradient (KTO treats z0 as a constant)."""
+    with torch.no_grad():
+        kl_logps = score_all(model, examples, pad_id, cfg.length_normalize, chunk)[:, 1]
+    return losses.kto_kl_ref_point(kl_logps.to(ref.device), ref[:, 1].to(torch.float32))
+
+
+def _pairwise_accuracy(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor,
+                       z0: torch.Tensor) -> torch.Tensor:
+    """Share of pairs whose chosen answer has the larger implicit reward β log π/π_ref."""
+    logratios = policy - ref
+    return (logratios[:, 0] > logratios[:, 1]).float().mean()
+
+
+def _kto_accuracy(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor,
+                  z0: torch.Tensor) -> torch.Tensor:
+    """Share of examples on the right side of the reference point: desirable ones with
+    log π/π_ref > z0, undesirable ones below it."""
+    above = (policy[:, 0] - ref[:, 0]) > z0
+    return (above == labels.bool()).float().mean()
+
+
+def _pairwise(name: str) -> Objective:
+    return Objective("pairwise", PAIRWISE_FORMATS, build_pairs, score, _pairwise_loss(name),
+                     _no_reference_point, _pairwise_accuracy)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    **{name: _pairwise(name) for name in losses.PREFERENCE_LOSSES},
+    "kto": Objective("unpaired", UNPAIRED_FORMATS, build_unpaired, score_first, _kto_loss,
+                     _kto_reference_point, _kto_accuracy),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and reference log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: Any
+                  ) -> list[Example]:
+    """Read ``path`` and refuse data of the wrong kind for the loss (pairs vs unpaired)."""
+    fmt, records = read_records(path, cfg.data_format)
+    if fmt not in objective.formats:
+        other = "--loss kto" if objective.kind == "pairwise" else "--loss dpo (or ipo, ...)"
+        raise DataError(f"holds {fmt} rows, but --loss {cfg.loss} trains on {objective.kind} "
+                        f"rows ({', '.join(objective.formats)}); convert the data or use "
+                        f"{other}", path=str(path))
+    examples = objective.build(records, tokenizer, cfg)
+    if not examples:
+        raise DataError("has no usable examples (every pair is a tie)", path=str(path))
+    cut = sum(not (e.first.has_eos and e.second.has_eos) for e in examples)
+    if cut:
+        log.warning("%s: %d of %d examples were cut at max_length=%d (no EOS)", path, cut,
+                    len(examples), cfg.max_length)
+    return examples
+
+
+Scorer = Callable[[Sequence[Example]], torch.Tensor]
+
+
+def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int) -> Scorer:
+    """How to score examples under π_ref: (N, 2) no-grad log-probs.
+
+    ``--ref-model`` is loaded as a frozen model. Otherwise, with LoRA, the policy with its
+    adapter disabled IS the base model. Otherwise the reference is the initial policy: itself
+    when scoring once before training, or a frozen copy when scoring on the fly.
+    """
+    def with_model(model: nn.Module) -> Scorer:
+        return lambda ex: score_all(model, ex, pad_id, cfg.length_normalize, cfg.ref_batch_size)
+
+    if cfg.ref_model is not None:
+        ref = load_policy(cfg.ref_model, dtype=cfg.dtype, device=cfg.device,
+                          trust_remote_code=cfg.trust_remote_code, trainable=False)
+        if ref.get_input_embeddings().num_embeddings != policy.get_input_embeddings(
+                ).num_embeddings:
+            raise UserError(f"--ref-model {cfg.ref_model} has a different vocabulary size than "
+                            f"the policy {cfg.model}; both must share the tokenizer")
+        return with_model(disable_dropout(ref.eval().requires_grad_(False)))
+    if cfg.lora_r is not None:
+        def base_scorer(examples: Sequence[Example]) -> torch.Tensor:
+            with disable_adapter(policy):
+                return with_model(policy)(examples)
+        return base_scorer
+    if cfg.precompute_ref:
+        return with_model(policy)
+    import copy
+
+    return with_model(copy.deepcopy(policy).eval().requires_grad_(False))
+
+
+def _fingerprint(cfg: DPOConfig) -> str:
+    keys = ("model", "ref_model", "lora_r", "data", "eval_data", "data_format", "loss",
+            "max_length", "max_prompt_length", "length_normalize", "seed", "dtype")
+    return json.dumps({k: str(getattr(cfg, k)) for k in keys}, sort_keys=True)
+
+
+def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
+                    splits: dict[str, list[Example]], run_dir: Path
+                    ) -> Callable[[str, Sequence[int]], torch.Tensor]:
+    """``ref(split, indices) -> (b, 2)`` reference log-probs, cached unless precompute_ref=False.
+
+    The cache is written to ``run_dir/ref_logps.pt`` and read back on resume (the initial policy
+    no longer exists then). Call before any optimizer step.
+    """
+    scorer = _reference_scorer(cfg, policy, pad_id)
+    if not cfg.precompute_ref:
+        return lambda split, idx: scorer([splits[split][i] for i in idx])
+    path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg)
+    cache: dict[str, torch.Tensor] | None = None
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") == fingerprint and all(
+                saved.get(k) is not None and len(saved[k]) == len(v) for k, v in splits.items()):
+            cache = {k: saved[k] for k in splits}
+            log.info("read cached reference log-probs from %s", path)
+    if cache is None:
+        cache = {name: scorer(examples) for name, examples in splits.items()}
+        tmp = path.with_name(f".tmp-{REF_CACHE}")
+        torch.save({"fingerprint": fingerprint, **cache}, tmp)
+        os.replace(tmp, path)
+    return lambda split, idx: cache[split][list(idx)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step, evaluation, the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _labels(examples: Sequence[Example], device: torch.device) -> torch.Tensor:
+    return torch.tensor([e.label for e in examples], dtype=torch.bool, device=device)
+
+
+def _completion_tokens(examples: Sequence[Example]) -> torch.Tensor:
+    return torch.tensor([sum(e.first.completion_mask) for e in examples], dtype=torch.float32)
+
+
+def _nll(first_logps: torch.Tensor, examples: Sequence[Example], average: bool,
+         global_tokens: float) -> torch.Tensor:
+    """RPO's token-mean NLL of the chosen answers over the whole step, from sequence log-probs.
+
+    A summed sequence log-prob is the sum of its token log-probs, so Σ_rows -sum / tokens_in_step
+    is exactly the token-mean NLL; mean log-probs are turned back into sums first.
+    """
+    n = _completion_tokens(examples).to(first_logps.device)
+    sums = first_logps * n if average else first_logps  # (b,)
+    loss, _ = losses.nll_loss(sums.unsqueeze(-1), torch.ones_like(sums).unsqueeze(-1),
+                              global_tokens=global_tokens)
+    return loss
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (all detached)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def train_step(policy: nn.Module, objective: Objective, examples: Sequence[Example],
+               ref: torch.Tensor, cfg: DPOConfig, pad_id: int) -> StepResult:
+    """Accumulate the gradient of one optimizer step over micro-batches (no optimizer call).
+
+    ``ref`` (B, 2) reference log-probs of ``examples``. Each micro-batch loss is divided by the
+    step's pair count (and chosen-token count), so the summed gradient equals the full batch's.
+    """
+    device = ref.device
+    labels = _labels(examples, device)
+    z0 = objective.reference_point(policy, examples, ref, pad_id, cfg, cfg.micro_batch_size)
+    chosen_tokens = float(_completion_tokens(examples).sum())
+    total = torch.zeros((), device=device)
+    nll_total = torch.zeros((), device=device)
+    policy_logps = []
+    for mb in microbatches(range(len(examples)), cfg.micro_batch_size):
+        mb_examples = [examples[i] for i in mb]
+        logps = objective.forward(policy, mb_examples, pad_id, cfg.length_normalize)  # (b, k)
+        loss, _ = objective.loss(logps, ref[mb], labels[mb], z0, cfg, len(examples))
+        if cfg.nll_coef:
+            nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, chosen_tokens)
+            loss = loss + cfg.nll_coef * nll
+            nll_total += nll.detach()
+        loss.backward()
+        total += loss.detach()
+        policy_logps.append(logps.detach())
+    # Metrics of the whole step at once (KTO's per-side means are not means of micro-batches).
+    logps = torch.cat(policy_logps)
+    _, metrics = objective.loss(logps, ref, labels, z0, cfg, None)
+    if cfg.nll_coef:
+        metrics["nll"] = nll_total
+    return StepResult(total, metrics)
+
+
+def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example],
+             ref: torch.Tensor, cfg: DPOConfig, pad_id: int) -> dict[str, float]:
+    """Eval loss, implicit-reward accuracy and the loss's metrics over all ``examples``."""
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
+        chunks = [objective.forward(policy, [examples[i] for i in order[s:s + cfg.ref_batch_size]],
+                                    pad_id, cfg.length_normalize).float()
+                  for s in range(0, len(order), cfg.ref_batch_size)]
+        logps = torch.empty_like(torch.cat(chunks))  # (N, k), back in data order
+        logps[order] = torch.cat(chunks)
+        z0 = objective.reference_point(policy, examples, ref, pad_id, cfg, cfg.ref_batch_size)
+        labels = _labels(examples, ref.device)
+        loss, metrics = objective.loss(logps, ref, labels, z0, cfg, None)
+        accuracy = objective.accuracy(logps, ref, labels, z0)
+    policy.train(was_training)
+    out = {"eval_loss": float(loss), "eval_accuracy": float(accuracy)}
+    out.update({f"eval_{k}": float(v) for k, v in metrics.items()})
+    return out
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: DPOConfig, total_steps: int
+               ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then linear decay to 0 at ``total_steps`` (or constant)."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return step / max(1, cfg.warmup_steps)
+        if cfg.schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN metrics (e.g. KTO's rewards/chosen in a step without desirable rows) as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
+
+
+def load_model(cfg: DPOConfig) -> tuple[nn.Module, Any]:
+    """The policy (with fresh LoRA adapters when lora_r is set), dropout off, and its tokenizer
+    (pad != EOS is required, or a new pad token with add_pad_token)."""
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               add_pad_token=cfg.add_pad_token, padding_side="right")
+    lora = None if cfg.lora_r is None else LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    policy = load_policy(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                         trust_remote_code=cfg.trust_remote_code, lora=lora)
+    match_tokenizer(policy, tokenizer)
+    disable_dropout(policy)
+    return policy, tokenizer
+
+
+def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
+    """Train with ``cfg``; returns the summary (also written to ``cfg.out/summary.json``)."""
+    objective = OBJECTIVES[cfg.loss]
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    policy, tokenizer = load_model(cfg)
+    pad_id = tokenizer.pad_token_id
+    splits = {"train": load_examples(cfg.data, cfg, objective, tokenizer)}
+    if cfg.eval_data is not None:
+        splits["eval"] = load_examples(cfg.eval_data, cfg, objective, tokenizer)
+    device = next(policy.parameters()).device
+    ref = reference_logps(cfg, policy, pad_id, splits, run.out)  # before any update
+    train = splits["train"]
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = EpochSampler(len(train), cfg.batch_size, seed=cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+    step = 0
+    ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
+                       schedulers={"policy": scheduler})
+    if ckpt is not None:
+        step = ckpt.step
+        sampler.load_state_dict(ckpt.sampler_state)
+
+    policy.train()
+    with progress_bar(total_steps, f"train {cfg.loss}", start=step) as show:
+        while step < total_steps:
+            idx = sampler.next_batch()
+            batch = [train[i] for i in idx]
+            optimizer.zero_grad(set_to_none=True)
+            result = train_step(policy, objective, batch, ref("train", idx).to(device), cfg,
+                                pad_id)
+            check_finite(result.loss, step + 1, run=run)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            check_finite(grad_norm, step + 1, name="grad_norm", run=run)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            run.meter.step(samples=len(batch), tokens=sum(e.n_tokens for e in batch))
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics = {"loss": float(result.loss), "grad_norm": float(grad_norm),
+                           "lr": scheduler.get_last_lr()[0],
+                           "epoch": sampler.epoch + sampler.position / sampler.n,
+                           **{k: float(v) for k, v in result.metrics.items()}}
+                run.log_metrics(step, _finite(metrics))
+            show(step, f"loss {float(result.loss):.4f}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(run, step, models={"policy": policy},
+                                optimizers={"policy": optimizer},
+                                schedulers={"policy": scheduler},
+                                sampler_state=sampler.state_dict())
+
+    figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train),
+                               "reference": "cached" if cfg.precompute_ref else "on-the-fly"}
+    if "eval" in splits:
+        eval_ref = ref("eval", range(len(splits["eval"]))).to(device)
+        figures.update(_finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg,
+                                        pad_id)))
+    save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+    return run.write_summary(figures)
