@@ -94,7 +94,7 @@ def load_pairs(store: Store, *, batch: str | None = None) -> list[PairRecord]:
 def load_unpaired(store: Store) -> list[UnpairedRecord]:
     """Every thumbs-up/down rating (ratings with only a score are left out), oldest first."""
     with store.read() as s:
-        names = dict(s.execute(select(Annotator.id, Annotator.name)).tuples().all())
+        names = dict(s.execute(select(Annotator.id, Annotator.name)).all())
         query = (select(Rating).where(Rating.label.is_not(None)).order_by(Rating.id)
                  .options(selectinload(Rating.response).selectinload(Response.prompt)))
         return [UnpairedRecord(stored_value(r.response.prompt), stored_value(r.response),
@@ -131,7 +131,7 @@ def _per_annotator(s: Session) -> dict[str, dict[str, int]]:
         query = (select(Annotator.name, func.count(model.id)).select_from(model)
                  .outerjoin(Annotator, model.annotator_id == Annotator.id)
                  .group_by(Annotator.name))
-        for name, n in s.execute(query).tuples():
+        for name, n in s.execute(query):
             row = totals.setdefault(name or "(unknown)", {"judgments": 0, "ratings": 0})
             row[column] = n
     return dict(sorted(totals.items()))
@@ -148,7 +148,7 @@ def stats(store: Store) -> dict[str, Any]:
         counts = {name: s.scalar(select(func.count()).select_from(model)) or 0
                   for name, model in tables.items()}
         by_source = dict(s.execute(select(Judgment.source, func.count())
-                                   .group_by(Judgment.source)).tuples().all())
+                                   .group_by(Judgment.source)).all())
         annotators = _per_annotator(s)
         texts = list(s.scalars(select(Response.text)))
         rankings = list(s.scalars(select(Judgment.ranking)))

@@ -172,6 +172,7 @@ class _Importer:
         if row is None:
             row = Annotator(name=name, kind="import", role="annotator")
             self.s.add(row)
+            self.s.flush()  # ratings refer to it by id
             self.report.created["annotators"] += 1
         self.annotators[name] = row
         return row
@@ -250,8 +251,9 @@ def _import_candidates(imp: _Importer, r: CandidatesRecord) -> bool:
 def _import_rating(imp: _Importer, r: UnpairedRecord, key: str) -> None:
     p, _ = imp.prompt(r.prompt)
     response, _ = imp.response(p, r.completion)
-    imp.s.add(Rating(response=response, annotator=imp.annotator(r.annotator), label=r.label,
-                     idempotency_key=key, source=imp.source, external_id=r.id))
+    annotator = imp.annotator(r.annotator)
+    imp.s.add(Rating(response=response, annotator_id=annotator.id if annotator else None,
+                     label=r.label, idempotency_key=key, source=imp.source, external_id=r.id))
     imp.report.created["ratings"] += 1
 
 
