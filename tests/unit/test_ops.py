@@ -48,6 +48,20 @@ def test_selective_log_softmax_half_precision_is_float32_and_accurate() -> None:
     close(out, reference.squeeze(-1), tol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_log_probs_gradient_matches_full_log_softmax(temperature: float) -> None:
+    """The row-by-row computation must still backpropagate like the textbook formula."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((ops.token_log_probs(logits, labels, temperature)
+                                   * weights).sum(), logits)
+    textbook = torch.log_softmax(logits / temperature, -1).gather(-1, labels[..., None])
+    (expected,) = torch.autograd.grad((textbook.squeeze(-1) * weights).sum(), logits)
+    close(ours, expected, tol=1e-10)
+
+
 def test_entropy_from_logits_hand_values() -> None:
     # Uniform over 4 -> ln 4; softmax([0, ln3, -inf, -inf]) = [1/4, 3/4, 0, 0].
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, LN3, -math.inf, -math.inf]]])
