@@ -1,0 +1,187 @@
+"""Import/export between files and the store (SQLite and PostgreSQL): what lands in which
+table, duplicates, all-or-nothing, batches, ties, stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from rewardloop.data import schema as S
+from rewardloop.data import transfer as T
+from rewardloop.data.formats import PairRecord, read_records
+from rewardloop.data.load import load_pairs
+from rewardloop.data.store import Store
+from rewardloop.errors import DataError, UserError
+
+HH_HEAD = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:"
+
+
+def jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def count(store: Store, model: Any) -> int:
+    with store.read() as s:
+        return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+def test_pairwise_rows_become_task_and_judgment(store: Store, tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5, "annotator": "ann",
+         "id": "row-1"},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "22", "annotator": "ann"},
+    ])
+    report = T.import_file(store, path, batch="round-1")
+    assert (report.format, report.imported, report.duplicates) == ("trl", 2, 0)
+    assert report.created == {"prompts": 1, "responses": 3, "tasks": 2, "judgments": 2,
+                              "annotators": 1, "batches": 1}
+    with store.read() as s:
+        j = s.scalars(select(S.Judgment).order_by(S.Judgment.id)).first()
+        items = [i.response.text for i in j.task.items]
+        assert items == ["4", "5"] and j.task.kind == "pairwise" and j.task.overlap == 1
+        assert j.task.done and j.task.n_judgments == 1 and j.task.batch.name == "round-1"
+        assert j.ranking == [[j.task.items[0].response_id], [j.task.items[1].response_id]]
+        assert (j.margin, j.source, j.external_id) == (1.5, "import", "row-1")
+        assert (j.annotator.name, j.annotator.kind) == ("ann", "import")
+        assert s.scalars(select(S.AuditEvent.action)).all() == ["data.import"]
+
+
+def test_reimport_and_repeats_are_counted_and_skipped(store: Store, tmp_path: Path) -> None:
+    row = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = jsonl(tmp_path / "p.jsonl", [row, {**row, "id": "same content"},
+                                       {"prompt": "p", "chosen": "b", "rejected": "a"},
+                                       {"prompt": "p", "chosen": "a", "rejected": "a"}])
+    first = T.import_file(store, path)
+    assert (first.imported, first.duplicates) == (2, 1)
+    assert first.skipped == {T.SKIP_IDENTICAL: 1}
+    again = T.import_file(store, path)
+    assert (again.imported, again.duplicates, sum(again.created.values())) == (0, 3, 0)
+    assert count(store, S.Judgment) == 2 and count(store, S.Response) == 2
+
+
+def test_a_bad_fifth_line_imports_nothing(store: Store, tmp_path: Path) -> None:
+    good = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b", "annotator": "x"}
+            for i in range(4)]
+    path = jsonl(tmp_path / "p.jsonl", [*good, {"prompt": "p", "chosen": "a"}, *good])
+    with pytest.raises(DataError, match="line 5 field 'rejected'"):
+        T.import_file(store, path)
+    for model in (S.Prompt, S.Response, S.ComparisonTask, S.Judgment, S.Annotator, S.Batch):
+        assert count(store, model) == 0
+
+
+def test_ranking_with_ties_round_trips_and_trl_export_skips_ties(store: Store,
+                                                                  tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[1], [0, 2]],
+             "annotator": "ann", "id": "r1"},
+            {"prompt": "q", "responses": ["x", "y"], "ranking": [[0, 1]]}]
+    T.import_file(store, jsonl(tmp_path / "r.jsonl", rows))
+    with store.read() as s:
+        assert sorted(s.scalars(select(S.ComparisonTask.kind))) == ["pairwise", "ranking"]
+    T.export(store, "ranking", tmp_path / "out.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == rows
+    report = T.export(store, "trl", tmp_path / "pairs.jsonl")
+    assert report.rows == 2 and report.skipped == {T.SKIP_TIES: 2}
+    _, pairs = read_records(tmp_path / "pairs.jsonl", "trl")
+    assert pairs == [PairRecord("p", "b", "a", None, "ann", "r1"),
+                     PairRecord("p", "b", "c", None, "ann", "r1")]
+    assert sum(p.tie for p in load_pairs(store)) == 2
+
+
+def test_hh_import_export_is_exact(store: Store, tmp_path: Path) -> None:
+    rows = [{"chosen": HH_HEAD + " fine", "rejected": HH_HEAD + " go away"},
+            {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: x\n\nAssistant: b",
+             "annotator": "ann"}]
+    assert T.import_file(store, jsonl(tmp_path / "hh.jsonl", rows)).imported == 2
+    with store.read() as s:
+        assert s.scalars(select(S.Prompt.text).order_by(S.Prompt.id)).first() == HH_HEAD
+    T.export(store, "hh", tmp_path / "out.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == rows
+
+
+def test_ultrafeedback_pairs_with_margins(store: Store, tmp_path: Path) -> None:
+    row = {"prompt": "q", "completions": [{"response": "a", "overall_score": 9},
+                                          {"response": "b", "overall_score": 6},
+                                          {"response": "c", "overall_score": 9}]}
+    report = T.import_file(store, jsonl(tmp_path / "uf.jsonl", [row]))
+    assert (report.format, report.records, report.imported) == ("ultrafeedback", 2, 2)
+    assert [(p.chosen, p.rejected, p.margin) for p in load_pairs(store)] == [
+        ("a", "b", 3.0), ("c", "b", 3.0)]
+
+
+def test_chat_rows_keep_their_messages(store: Store, tmp_path: Path) -> None:
+    user, bot = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    rows = [{"prompt": "hi", "chosen": [user, bot],
+             "rejected": [user, {"role": "assistant", "content": "no"}]}]
+    T.import_file(store, jsonl(tmp_path / "c.jsonl", rows))
+    with store.read() as s:
+        texts = s.scalars(select(S.Response.text).order_by(S.Response.id)).all()
+    assert texts == ["hello", "no"]
+    T.export(store, "trl", tmp_path / "out.jsonl")
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == rows[0]
+
+
+def test_kto_prompts_and_candidates(store: Store, tmp_path: Path) -> None:
+    kto = [{"prompt": "p", "completion": "good", "label": True, "annotator": "ann"},
+           {"prompt": "p", "completion": "bad", "label": False}]
+    assert T.import_file(store, jsonl(tmp_path / "k.jsonl", kto)).created["ratings"] == 2
+    T.export(store, "kto", tmp_path / "k_out.jsonl")
+    assert [json.loads(x) for x in (tmp_path / "k_out.jsonl").read_text().splitlines()] == kto
+
+    prompts = [{"prompt": "new", "meta": {"topic": "t"}, "id": "n1"}, {"prompt": "p"}]
+    report = T.import_file(store, jsonl(tmp_path / "pr.jsonl", prompts))
+    assert (report.imported, report.duplicates) == (1, 1)  # "p" came with the KTO rows
+    cands = [{"prompt": "new", "responses": ["r1", "r2"], "models": ["m", None]}]
+    assert T.import_file(store, jsonl(tmp_path / "c.jsonl", cands)).created["responses"] == 2
+    T.export(store, "candidates", tmp_path / "c_out.jsonl")
+    out = [json.loads(x) for x in (tmp_path / "c_out.jsonl").read_text().splitlines()]
+    assert out == [{"prompt": "p", "responses": ["good", "bad"]},
+                   {"prompt": "new", "responses": ["r1", "r2"], "models": ["m", None],
+                    "id": "n1"}]
+
+
+def test_batches_existing_annotators_and_refusals(store: Store, tmp_path: Path) -> None:
+    with store.write() as s:
+        s.add(S.Annotator(name="alice", kind="human"))
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "alice"}
+    T.import_file(store, jsonl(tmp_path / "a.jsonl", [pair]), batch="one")
+    T.import_file(store, jsonl(tmp_path / "b.jsonl", [{**pair, "prompt": "q"}]), batch="two")
+    with store.read() as s:
+        assert s.scalars(select(S.Annotator.kind)).all() == ["human"]
+    report = T.export(store, "trl", tmp_path / "two.jsonl", batch="two")
+    assert report.rows == 1 and "\"q\"" in (tmp_path / "two.jsonl").read_text()
+    with pytest.raises(UserError, match="no batch named 'three'"):
+        T.export(store, "trl", tmp_path / "x.jsonl", batch="three")
+    with pytest.raises(UserError, match="does not apply to kto"):
+        T.export(store, "kto", tmp_path / "x.jsonl", batch="one")
+    with pytest.raises(UserError, match="a prompts file has none"):
+        T.import_file(store, jsonl(tmp_path / "p.jsonl", [{"prompt": "z"}]), batch="one")
+    with pytest.raises(UserError, match="train sft"):
+        T.import_file(store, jsonl(tmp_path / "s.jsonl", [{"text": "t"}]))
+    with pytest.raises(UserError, match="unknown format 'ultrafeedback'"):
+        T.export(store, "ultrafeedback", tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_stats(store: Store, tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "chosen": "one two", "rejected": "three", "annotator": "ann"},
+            {"prompt": "p", "chosen": "one two", "rejected": "three", "tie": True},
+            {"prompt": "q", "chosen": "four five six", "rejected": "seven", "annotator": "ann"}]
+    T.import_file(store, jsonl(tmp_path / "p.jsonl", rows))
+    T.import_file(store, jsonl(tmp_path / "k.jsonl",
+                               [{"prompt": "q", "completion": "x", "label": True}]))
+    result = T.stats(store)
+    assert result["counts"] == {"prompts": 2, "responses": 5, "batches": 0, "tasks": 3,
+                                "judgments": 3, "ratings": 1, "annotators": 1}
+    assert result["annotators"] == {"(unknown)": {"judgments": 1, "ratings": 1},
+                                    "ann": {"judgments": 2, "ratings": 0}}
+    assert result["tie_rate"] == pytest.approx(1 / 3)
+    assert result["judgments_by_source"] == {"import": 3}
+    lengths = result["response_length"]  # "one two", "three", "four five six", "seven", "x"
+    assert lengths["n"] == 5 and lengths["chars_median"] == 5
+    assert lengths["words_mean"] == pytest.approx((2 + 1 + 3 + 1 + 1) / 5)
+    assert T.stats(Store(f"sqlite:///{tmp_path / 'empty.db'}"))["tie_rate"] is None
