@@ -1,0 +1,254 @@
+"""Reward sources for online RL: reward models, Python functions and weighted sums of them.
+
+A reward is given as ``SPEC[@WEIGHT]`` (``--reward``, repeatable):
+
+- ``SPEC`` a reward-model run directory (from ``rewardloop train rm``) or its ``model/``
+  directory: the completion is scored by the model and normalised with the ``reward_stats.json``
+  saved with it ((r - mean) / std), so rewards of different models are on one scale;
+- ``SPEC`` = ``package.module:function``: a function with TRL's reward signature
+  ``fn(prompts, completions, **kwargs) -> list[float]``. kwargs hold ``completion_ids`` (lists of
+  token ids), ``has_eos`` (list of bool: False when the answer was cut and never ended),
+  ``prompt_ids`` and every key of the prompts' ``meta`` objects (like TRL's extra dataset
+  columns). Chat prompts give chat completions (``[{"role": "assistant", "content": ...}]``),
+  as in TRL.
+
+The total is ``clip(Σ weight_i · r_i, ±reward_clip) - missing_eos_penalty · [no EOS]``: the
+penalty comes after the clip so a clipped reward cannot swallow it. A function that raises or
+returns the wrong number of values is a ``UserError`` naming it; a non-finite value is a
+``TrainingError`` naming it and the completion.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewardloop.data.records import Text, is_chat
+from rewardloop.errors import TrainingError, UserError
+
+RewardFn = Callable[..., Sequence[Any]]
+_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+STATS_FILE = "reward_stats.json"
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One ``--reward`` value: what scores (``spec``) and its weight in the sum."""
+
+    spec: str
+    weight: float = 1.0
+
+
+def parse_reward_spec(text: str) -> RewardSpec:
+    """``"pkg.mod:fn@0.5"`` -> RewardSpec("pkg.mod:fn", 0.5). A path may contain ``@``; only a
+    final ``@NUMBER`` is read as the weight."""
+    text = text.strip()
+    if not text:
+        raise UserError("--reward is empty; give a reward-model dir or package.module:function")
+    head, sep, tail = text.rpartition("@")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return RewardSpec(text)
+        if not math.isfinite(weight):
+            raise UserError(f"--reward {text!r}: the weight must be a finite number")
+        if not head:
+            raise UserError(f"--reward {text!r}: nothing before '@{tail}'")
+        return RewardSpec(head, weight)
+    return RewardSpec(text)
+
+
+def _load_function(spec: str) -> tuple[str, RewardFn]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"--reward {spec}: cannot import module {module_name!r} ({exc}); is it "
+                        "installed or on PYTHONPATH?") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise UserError(f"--reward {spec}: module {module_name!r} has no function {attr!r}")
+    return attr, fn
+
+
+def _read_stats(model_dir: Path) -> tuple[float, float]:
+    """(mean, std) from ``reward_stats.json`` next to the model or in its run directory."""
+    for folder in (model_dir, model_dir.parent):
+        path = folder / STATS_FILE
+        if path.is_file():
+            try:
+                stats = json.loads(path.read_text())
+                mean, std = float(stats["mean"]), float(stats["std"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{path}: expected {{\"mean\": float, \"std\": float}} "
+                                f"({exc})") from None
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise UserError(f"{path}: mean must be finite and std > 0, got {mean}, {std}")
+            return mean, std
+    raise UserError(f"reward model {model_dir} has no {STATS_FILE} (mean/std of its scores, "
+                    "written by `rewardloop train rm`); without it rewards cannot be normalised")
+
+
+def _model_dir(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--reward {spec}: neither a directory nor package.module:function")
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
+class ModelReward:
+    """A reward model (a ``train rm`` run or its ``model/``), scores normalised by its stats."""
+
+    def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
+                 max_length: int = 1024) -> None:
+        from rewardloop.models import check_model_dir, load_reward_model, load_tokenizer
+
+        model_dir = _model_dir(spec)
+        source = check_model_dir(model_dir)
+        self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+        self.mean, self.std = _read_stats(model_dir)
+        self.tokenizer = load_tokenizer(source, padding_side="right")
+        self.model = load_reward_model(source, device=device, trainable=False,
+                                       pad_token_id=self.tokenizer.pad_token_id).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
+                 ) -> list[float]:
+        from rewardloop.train.tokenize import collate, encode
+
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            rows = [encode(self.tokenizer, p, c, max_length=self.max_length)
+                    for p, c in zip(prompts[start:start + self.batch_size],
+                                    completions[start:start + self.batch_size], strict=True)]
+            batch = collate(rows, self.tokenizer.pad_token_id, side="right")
+            mask = batch["attention_mask"].to(device)
+            # transformers pools the score at each row's last non-pad token (the EOS).
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=mask).logits  # (b, 1)
+            out.extend(((logits[:, 0].float() - self.mean) / self.std).tolist())
+        return out
+
+
+class FunctionReward:
+    """A Python reward function with TRL's signature, checked on every call."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.name, self.fn = _load_function(spec)
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **kwargs: Any
+                 ) -> list[float]:
+        try:
+            values = self.fn(prompts=list(prompts), completions=list(completions), **kwargs)
+        except Exception as exc:  # user code: any failure becomes one clear line
+            raise UserError(f"reward function {self.spec} raised {type(exc).__name__}: "
+                            f"{exc}".replace("\n", " ")) from exc
+        if values is None or isinstance(values, str | bytes) or not hasattr(values, "__len__"):
+            raise UserError(f"reward function {self.spec} must return a list of floats, got "
+                            f"{type(values).__name__}")
+        if len(values) != len(completions):
+            raise UserError(f"reward function {self.spec} returned {len(values)} values for "
+                            f"{len(completions)} completions; return one float per completion")
+        out = []
+        for i, value in enumerate(values):
+            try:
+                out.append(float(value))
+            except (TypeError, ValueError):
+                raise UserError(f"reward function {self.spec} returned {value!r} (a "
+                                f"{type(value).__name__}) for completion {i}; return floats"
+                                ) from None
+        return out
+
+
+RewardSource = ModelReward | FunctionReward
+
+
+@dataclass(frozen=True)
+class RewardOutput:
+    """Rewards of one rollout batch of ``N`` completions."""
+
+    total: torch.Tensor
+    """(N,) float32: clipped weighted sum, minus the missing-EOS penalty."""
+    per_source: dict[str, torch.Tensor]
+    """Each source's raw (unweighted, normalised for models) rewards, (N,) each."""
+
+    def metrics(self) -> dict[str, float]:
+        """``reward/<source>/mean|std`` per source plus ``reward/mean|std`` of the total."""
+        out = {}
+        for name, values in {**self.per_source, "total": self.total}.items():
+            key = "reward" if name == "total" else f"reward/{name}"
+            out[f"{key}/mean"] = float(values.mean())
+            out[f"{key}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+        return out
+
+
+class Rewards:
+    """Weighted sum of reward sources with clipping and a missing-EOS penalty."""
+
+    def __init__(self, specs: Sequence[RewardSpec], *, reward_clip: float | None = None,
+                 missing_eos_penalty: float = 0.0, device: str = "auto",
+                 batch_size: int = 16, max_length: int = 1024) -> None:
+        if not specs:
+            raise UserError("give at least one --reward (a reward-model dir or "
+                            "package.module:function)")
+        self.sources: list[tuple[str, float, RewardSource]] = []
+        for spec in specs:
+            source: RewardSource
+            if _FUNCTION_SPEC.match(spec.spec) and not Path(spec.spec).exists():
+                source = FunctionReward(spec.spec)
+            else:
+                source = ModelReward(spec.spec, device=device, batch_size=batch_size,
+                                     max_length=max_length)
+            name = source.name
+            taken = {n for n, _, _ in self.sources}
+            suffix = 2
+            while name in taken:
+                name, suffix = f"{source.name}_{suffix}", suffix + 1
+            self.sources.append((name, spec.weight, source))
+        self.reward_clip = reward_clip
+        self.missing_eos_penalty = missing_eos_penalty
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.sources]
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[str], *,
+                 has_eos: Sequence[bool], completion_ids: Sequence[Sequence[int]],
+                 **extra: Any) -> RewardOutput:
+        """Score ``N`` (prompt, completion text) pairs; ``extra`` goes to reward functions."""
+        shown = [[{"role": "assistant", "content": c}] if is_chat(p) else c
+                 for p, c in zip(prompts, completions, strict=True)]
+        kwargs = {"completion_ids": [list(c) for c in completion_ids],
+                  "has_eos": [bool(e) for e in has_eos], **extra}
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        per_source = {}
+        for name, weight, source in self.sources:
+            values = torch.tensor(source(prompts, shown, **kwargs), dtype=torch.float32)
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise TrainingError(
+                    f"reward {name!r} gave {values[i].item()} for completion {i} "
+                    f"({completions[i][:80]!r}); rewards must be finite")
+            per_source[name] = values
+            total += weight * values
+        if self.reward_clip is not None:
+            total = total.clamp(-self.reward_clip, self.reward_clip)
+        if self.missing_eos_penalty:
+            ended = torch.as_tensor(list(has_eos), dtype=torch.bool)
+            total = total - self.missing_eos_penalty * (~ended).float()
+        return RewardOutput(total=total, per_source=per_source)

@@ -1,0 +1,595 @@
+"""Critic-free online RL: GRPO, RLOO and REINFORCE++ in one explicit loop.
+
+Each step: draw ``batch_size / num_generations`` prompts, sample ``num_generations`` completions
+per prompt, score them (``rewardloop.rewards``), turn the scores into advantages with the
+estimator named by ``advantage`` (``ADVANTAGES``), then run ``ppo_epochs`` passes of clipped
+policy-gradient updates over minibatches of the batch. The three methods differ only in the
+baseline:
+
+- ``grpo`` (Shao et al. 2024): score minus its group's mean, divided by the group's std unless
+  ``scale_rewards=False`` (Dr. GRPO); KL to the reference as a k3 term in the loss by default;
+- ``rloo`` (Ahmadian et al. 2024): score minus the mean of the OTHER samples of its prompt; KL
+  (k1, summed over the sequence) subtracted from the score by default, as in the paper;
+- ``reinforce++`` (Hu 2025): per-token rewards (k1 KL penalty on every token, score on the last
+  real one), discounted returns whitened over the whole batch; no groups needed.
+
+Batch sizes, all counted in completions: ``batch_size`` per step (sampled together);
+``mini_batch_size`` per optimizer update (``ppo_epochs * batch_size / mini_batch_size`` updates
+a step); ``micro_batch_size`` per forward/backward (gradient accumulation; the losses are
+normalised by the minibatch's global token/sequence counts, so the split does not change them).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewardloop import ops, pg_losses
+from rewardloop.errors import UserError
+from rewardloop.models import LoraSettings
+from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage estimators, chosen once by name
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdvantageInput:
+    """What an estimator sees: N = prompts x num_generations completions, contiguous groups."""
+
+    scores: torch.Tensor  # (N,) total reward of each completion
+    kl: torch.Tensor | None  # (N, C) per-token KL estimate to the reference (None: no KL)
+    mask: torch.Tensor  # (N, C) completion mask
+    kl_coef: float
+    kl_in_reward: bool
+    group_size: int
+    scale_rewards: bool
+    gamma: float
+
+
+def _sequence_scores(a: AdvantageInput) -> torch.Tensor:
+    """Scores with the sequence's summed KL subtracted when the KL lives in the reward. (N,)"""
+    if a.kl_in_reward and a.kl is not None and a.kl_coef:
+        return a.scores - a.kl_coef * ops.masked_sum(a.kl, a.mask, dim=-1)
+    return a.scores
+
+
+def _grpo(a: AdvantageInput) -> torch.Tensor:
+    return ops.group_advantages(_sequence_scores(a), a.group_size, a.scale_rewards)[0]
+
+
+def _rloo(a: AdvantageInput) -> torch.Tensor:
+    return ops.rloo_advantages(_sequence_scores(a), a.group_size)
+
+
+def _reinforce_pp(a: AdvantageInput) -> torch.Tensor:
+    kl = a.kl if a.kl is not None and a.kl_in_reward else torch.zeros_like(a.scores[:, None]
+                                                                           * a.mask)
+    return ops.reinforce_pp_advantages(a.scores, kl, a.mask, a.kl_coef, a.gamma)[0]
+
+
+ADVANTAGES: dict[str, Callable[[AdvantageInput], torch.Tensor]] = {
+    "grpo": _grpo,
+    "rloo": _rloo,
+    "reinforce++": _reinforce_pp,
+}
+"""Estimator name -> advantages, (N,) one per sequence or (N, C) one per token."""
+
+GROUP_METHODS = ("grpo", "rloo")
+# Each method's paper default: where the KL penalty goes and how it is estimated.
+KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1"), "reinforce++": ("reward", "k1")}
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Options of ``rewardloop train grpo`` / ``rloo`` (``rloo`` sets ``advantage="rloo"``)."""
+
+    policy: str
+    """Policy to train: a model directory (e.g. an SFT run's model/), a LoRA adapter dir or a
+    hub id."""
+    prompts: Path
+    """Prompts file (JSONL, ``prompt`` or ``messages`` per line, optional ``meta``)."""
+    out: Path
+    """Run directory to write."""
+    rewards: tuple[str, ...] = ()
+    """Reward specs ``SPEC[@WEIGHT]``: a reward-model dir or ``package.module:function``."""
+    advantage: str = "grpo"
+    """Advantage estimator: grpo, rloo or reinforce++."""
+    num_generations: int = 4
+    """Completions sampled per prompt (the group size; at least 2 for grpo/rloo)."""
+    batch_size: int = 16
+    """Completions per step (prompts per step x num_generations)."""
+    mini_batch_size: int | None = None
+    """Completions per optimizer update (default: batch_size, one update per epoch)."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward pass (gradient accumulation; default: mini_batch_size)."""
+    ppo_epochs: int = 1
+    """Passes over each step's batch (TRL's num_iterations; > 1 reuses samples, clipped)."""
+    max_steps: int = 100
+    """Steps to run (each samples batch_size completions)."""
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Optimizer updates of linear learning-rate warm-up (then constant)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (tokens) keep their last tokens."""
+    max_new_tokens: int = 64
+    """Longest completion (tokens); longer ones are cut and count as missing EOS."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs use the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    kl_coef: float = 0.04
+    """KL penalty coefficient beta (0 = no reference model, no KL)."""
+    kl_estimator: str | None = None
+    """k1, k2 or k3; None = the method's default (grpo k3, rloo/reinforce++ k1)."""
+    kl_in: str | None = None
+    """Where the KL penalty goes: reward or loss; None = the method's default (grpo loss,
+    rloo/reinforce++ reward)."""
+    kl_target: float | None = None
+    """Adaptive KL: target KL per sequence (k1, summed over tokens); None = fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in completions (Ziegler et al. 2019)."""
+    scale_rewards: bool = True
+    """GRPO: divide group-centred rewards by the group std (False = Dr. GRPO)."""
+    gamma: float = 1.0
+    """REINFORCE++ discount factor."""
+    clip_eps: float = 0.2
+    """PPO clip range epsilon (lower side)."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO clip-higher); None = clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens; None = off."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (entropy is logged either way)."""
+    loss_aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
+    reward_clip: float | None = None
+    """Clip the weighted reward to [-c, c]; None = no clipping."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of completions that never emit EOS."""
+    reward_batch_size: int = 16
+    """Completions per reward-model forward pass."""
+    gold: str | None = None
+    """Optional ``package.module:function`` scored on every sample but never optimised (a gold
+    judge to watch the proxy/gold gap)."""
+    lora_r: int | None = None
+    """Train LoRA adapters of this rank instead of all weights (reference = adapters off)."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    merge_lora: bool = False
+    """Save the policy with the adapters merged into the weights."""
+    add_pad_token: bool = False
+    """Add a pad token when the tokenizer has none (or pad == EOS)."""
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    trust_remote_code: bool = False
+    """Run the model repository's own code (off: safe by default)."""
+    seed: int = 0
+    """Seed for prompt order and sampling."""
+    save_every: int = 50
+    """Write a checkpoint every this many steps (and at the end)."""
+    sample_every: int = 10
+    """Write sample completions to samples.jsonl every this many steps (0 = never)."""
+    num_samples: int = 4
+    """Completions written per sampling step."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+
+    def __post_init__(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {sorted(ADVANTAGES)}, "
+                             f"got {self.advantage!r}")
+        kl_in, estimator = KL_DEFAULTS[self.advantage]
+        object.__setattr__(self, "kl_in", self.kl_in or kl_in)
+        object.__setattr__(self, "kl_estimator", self.kl_estimator or estimator)
+        object.__setattr__(self, "mini_batch_size", self.mini_batch_size or self.batch_size)
+        object.__setattr__(self, "micro_batch_size",
+                           self.micro_batch_size or self.mini_batch_size)
+        _check_common(self)
+        if self.advantage in GROUP_METHODS and self.num_generations < 2:
+            raise ValueError(f"{self.advantage} needs num_generations >= 2: with one completion "
+                             "per prompt the group baseline equals the reward and every "
+                             "advantage is 0")
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size {self.batch_size} (completions per step) must be a "
+                             f"multiple of num_generations {self.num_generations}")
+        if self.advantage == "reinforce++" and self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError("k1 in the loss has zero expected gradient; use k3 or kl_in=reward")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError("gamma must be in (0, 1]")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.num_generations
+
+
+def _check_common(cfg: Any) -> None:
+    """Checks shared by the GRPO and PPO configs (called from their ``__post_init__``)."""
+    if not cfg.rewards:
+        raise ValueError("give at least one reward (--reward SPEC[@WEIGHT])")
+    positive = ("batch_size", "max_steps", "ppo_epochs", "max_new_tokens", "max_prompt_length",
+                "save_every", "kl_horizon", "reward_batch_size")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.mini_batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of mini_batch_size "
+                         f"{cfg.mini_batch_size}")
+    if cfg.mini_batch_size % cfg.micro_batch_size:
+        raise ValueError(f"mini_batch_size {cfg.mini_batch_size} must be a multiple of "
+                         f"micro_batch_size {cfg.micro_batch_size}")
+    _check_options(cfg)
+
+
+def _check_options(cfg: Any) -> None:
+    if cfg.lr <= 0 or cfg.temperature <= 0 or cfg.kl_coef < 0 or cfg.max_grad_norm < 0:
+        raise ValueError("lr and temperature must be > 0; kl_coef and max_grad_norm >= 0")
+    if cfg.kl_in not in ("reward", "loss"):
+        raise ValueError(f"kl_in must be reward or loss, got {cfg.kl_in!r}")
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}")
+    if cfg.loss_aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss_aggregation must be one of {sorted(AGGREGATIONS)}")
+    if cfg.kl_target is not None and cfg.kl_target <= 0:
+        raise ValueError("kl_target must be > 0")
+    if cfg.dual_clip is not None and cfg.dual_clip <= 1.0:
+        raise ValueError("dual_clip must be > 1")
+    if cfg.reward_clip is not None and cfg.reward_clip <= 0:
+        raise ValueError("reward_clip must be > 0")
+    if cfg.missing_eos_penalty < 0 or cfg.sample_every < 0 or cfg.warmup_steps < 0:
+        raise ValueError("missing_eos_penalty, sample_every and warmup_steps must be >= 0")
+    if cfg.lora_r is not None and cfg.lora_r < 1:
+        raise ValueError("lora_r must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up shared with train/ppo.py
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything an RL run builds before its loop."""
+
+    run: Any  # train.run.RunDir
+    tokenizer: Any
+    policy: Any  # the trained causal LM (peft-wrapped with LoRA)
+    reference: Any | None  # frozen copy; None with LoRA (adapters off) or without KL
+    prompts: list[Any]  # prompt texts / chats
+    prompt_ids: list[list[int]]
+    extras: dict[str, list[Any]]  # meta keys every prompt has, for reward functions
+    rewards: Any  # rewards.Rewards
+    gold: Any | None  # rewards.FunctionReward
+    sampler: Any  # train.data.EpochSampler over prompts
+    kl_ctl: Any  # ops.AdaptiveKLController | ops.FixedKLController
+
+
+def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
+    """Run dir, seeding, tokenizer, policy (+LoRA), reference, prompts, rewards, sampler."""
+    from rewardloop.data.formats import read_records
+    from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
+    from rewardloop.rewards import FunctionReward, Rewards, parse_reward_spec
+    from rewardloop.rollout import encode_prompts
+    from rewardloop.train.data import EpochSampler
+    from rewardloop.train.run import RunDir, seed_everything
+
+    _, records = read_records(cfg.prompts, "prompts")
+    if len(records) < cfg.prompts_per_step:
+        raise UserError(f"{cfg.prompts} has {len(records)} prompts but each step needs "
+                        f"{cfg.prompts_per_step} (batch_size / num_generations)")
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code,
+                               add_pad_token=cfg.add_pad_token, padding_side="left")
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
+    policy = load_policy(cfg.policy, dtype=cfg.dtype, device=cfg.device, lora=lora,
+                         trust_remote_code=cfg.trust_remote_code)
+    match_tokenizer(policy, tokenizer)
+    disable_dropout(policy)  # rollout and update must see the same log-probs
+    reference = None
+    if needs_reference and lora is None:
+        reference = copy.deepcopy(policy).eval()
+        reference.requires_grad_(False)
+    prompts = [r.prompt for r in records]
+    metas = [r.meta for r in records]
+    common = set.intersection(*(set(m) for m in metas)) if metas else set()
+    extras = {k: [m[k] for m in metas] for k in sorted(common)}
+    rewards = Rewards([parse_reward_spec(s) for s in cfg.rewards], reward_clip=cfg.reward_clip,
+                      missing_eos_penalty=cfg.missing_eos_penalty, device=cfg.device,
+                      batch_size=cfg.reward_batch_size,
+                      max_length=cfg.max_prompt_length + cfg.max_new_tokens)
+    gold = FunctionReward(cfg.gold) if cfg.gold else None
+    sampler = EpochSampler(len(records), cfg.prompts_per_step, cfg.seed, drop_last=True)
+    kl_ctl = (ops.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.kl_target is not None else ops.FixedKLController(cfg.kl_coef))
+    return Setup(run, tokenizer, policy, reference, prompts,
+                 encode_prompts(tokenizer, prompts, cfg.max_prompt_length), extras, rewards,
+                 gold, sampler, kl_ctl)
+
+
+def make_optimizer(model: Any, cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters, with linear warm-up then a constant rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda update: min(1.0, (update + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def reference_logps(setup: Setup, rollout: Any, temperature: float, micro_batch_size: int
+                    ) -> torch.Tensor:
+    """(B, C) log-probs under the reference: the frozen copy, or the policy with LoRA off."""
+    from rewardloop.models import disable_adapter
+    from rewardloop.rollout import batched_logps
+
+    if setup.reference is not None:
+        return batched_logps(setup.reference, rollout, temperature, micro_batch_size)
+    with disable_adapter(setup.policy) as base:
+        return batched_logps(base, rollout, temperature, micro_batch_size)
+
+
+def score_rollout(setup: Setup, rows: list[int], rollout: Any, n: int) -> tuple[Any, dict]:
+    """Rewards of a rollout whose prompts are ``rows`` (each repeated ``n`` times); metrics
+    include the gold judge's mean when one is configured."""
+    prompts = [setup.prompts[i] for i in rows for _ in range(n)]
+    mask = rollout.completion_mask.bool()
+    extra = {k: [v[i] for i in rows for _ in range(n)] for k, v in setup.extras.items()}
+    ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, mask, strict=True)]
+    prompt_ids = [setup.prompt_ids[i] for i in rows for _ in range(n)]
+    out = setup.rewards(prompts, rollout.texts, has_eos=rollout.has_eos.tolist(),
+                        completion_ids=ids, prompt_ids=prompt_ids, **extra)
+    metrics = out.metrics()
+    if setup.gold is not None:
+        gold = setup.gold(prompts, rollout.texts, completion_ids=ids,
+                          has_eos=rollout.has_eos.tolist(), **extra)
+        metrics["gold/mean"] = sum(gold) / len(gold)
+    return out, metrics
+
+
+def write_samples(setup: Setup, cfg: Any, step: int, rows: list[int], rollout: Any,
+                  rewards: torch.Tensor) -> None:
+    """Every ``sample_every`` steps, the first ``num_samples`` completions to samples.jsonl."""
+    from rewardloop.rollout import append_samples, sample_records
+
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        prompts = [setup.prompts[i] for i in rows for _ in range(cfg.num_generations)]
+        append_samples(setup.run.out / "samples.jsonl",
+                       sample_records(step, prompts, rollout, rewards, cfg.num_samples))
+
+
+def finish(setup: Setup, cfg: Any, history: list[dict[str, float]], **extra_models: Any
+           ) -> dict[str, Any]:
+    """Save the model(s) and summary.json (throughput, memory, reward/gold first vs last)."""
+    from rewardloop.models import save_model
+
+    save_model(setup.policy, setup.tokenizer, setup.run.model_dir,
+               merge_lora=getattr(cfg, "merge_lora", False))
+    for name, model in extra_models.items():
+        save_model(model, setup.tokenizer, setup.run.out / name)
+    figures: dict[str, Any] = {}
+    tail = max(1, len(history) // 10)  # the last 10% of steps (at least one)
+    for key in ("reward/mean", "gold/mean", "kl_k1", "completion_length_mean"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            short = key.replace("/mean", "").replace("/", "_")
+            figures[f"{short}_first"] = values[0]
+            figures[f"{short}_last"] = sum(values[-tail:]) / len(values[-tail:])
+    return setup.run.write_summary(figures)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """One step's sampled batch and everything the update needs (B completions, width C)."""
+
+    rows: list[int]  # prompt indices, each sampled num_generations times
+    rollout: Any  # rollout.Rollout
+    rewards: Any  # rewards.RewardOutput
+    old_logps: torch.Tensor | None  # (B, C) sampling-time policy log-probs, when needed
+    ref_logps: torch.Tensor | None  # (B, C) reference log-probs (None without KL)
+    advantages: torch.Tensor  # (B,) or (B, C)
+    kl_coef: float
+    metrics: dict[str, float]
+
+
+def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any,
+                    reuse_samples: bool) -> Experience:
+    """Sample, score, compute old/reference log-probs and advantages for one step."""
+    from rewardloop.rollout import batched_logps
+
+    n, mb = cfg.num_generations, cfg.micro_batch_size
+    use_kl = cfg.kl_coef > 0 or cfg.kl_target is not None
+    rows = setup.sampler.next_batch()
+    t0 = time.perf_counter()
+    rollout = generator.generate([setup.prompt_ids[i] for i in rows], n, settings)
+    t1 = time.perf_counter()
+    reward_out, metrics = score_rollout(setup, rows, rollout, n)
+    t2 = time.perf_counter()
+    kl_in_reward = use_kl and cfg.kl_in == "reward"
+    # With one update on the whole batch the sampling policy IS the one being updated, so its
+    # log-probs are the detached new ones and need no extra pass -- unless the reward needs the
+    # KL before the update.
+    old_logps = (batched_logps(setup.policy, rollout, cfg.temperature, mb)
+                 if reuse_samples or kl_in_reward else None)
+    ref_logps = reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None
+    kl_tokens = (KL_ESTIMATORS[cfg.kl_estimator](old_logps, ref_logps)
+                 if kl_in_reward else None)  # (B, C)
+    kl_coef = setup.kl_ctl.value
+    advantages = ADVANTAGES[cfg.advantage](AdvantageInput(
+        reward_out.total, kl_tokens, rollout.completion_mask, kl_coef, kl_in_reward, n,
+        cfg.scale_rewards, cfg.gamma))
+    if n > 1:
+        group_std = reward_out.total.view(-1, n).std(dim=1)
+        metrics["frac_reward_zero_std"] = float((group_std < 1e-6).float().mean())
+    metrics.update({"time_generate_s": t1 - t0, "time_score_s": t2 - t1,
+                    "advantage_abs_mean": float(advantages.abs().mean())})
+    metrics["time_ref_s"] = time.perf_counter() - t2
+    return Experience(rows, rollout, reward_out, old_logps, ref_logps, advantages, kl_coef,
+                      metrics)
+
+
+def micro_step(cfg: Any, policy: Any, exp: Experience, idx: torch.Tensor,
+               common: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + backward of one micro-batch ``idx``; returns its new log-probs (b, C) and
+    metrics (loss parts, token means)."""
+    from rewardloop.rollout import completion_forward
+
+    mc = exp.rollout.select(idx)
+    mask = mc.completion_mask
+    fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
+                             entropy_grad=cfg.entropy_coef > 0)
+    old = exp.old_logps[idx] if exp.old_logps is not None else fwd.logps.detach()
+    loss, metrics = pg_losses.ppo_clip_loss(
+        fwd.logps, old, exp.advantages[idx], mask, cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
+    metrics["pg_loss"] = loss.detach()
+    if exp.ref_logps is not None and cfg.kl_in == "loss":
+        kl_loss, _ = pg_losses.kl_penalty_loss(fwd.logps, exp.ref_logps[idx], mask, exp.kl_coef,
+                                               cfg.kl_estimator, **common)
+        loss = loss + kl_loss
+        metrics["kl_loss"] = kl_loss.detach()
+    ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
+    if cfg.entropy_coef:
+        loss = loss + ent_loss
+    loss.backward()
+    metrics.update(ent, loss=loss.detach())
+    return fwd.logps.detach(), metrics
+
+
+def update_policy(cfg: GRPOConfig, policy: Any, optimizer: Any, scheduler: Any,
+                  exp: Experience, reuse_samples: bool, step: int, run: Any
+                  ) -> tuple[dict[str, float], torch.Tensor]:
+    """``ppo_epochs`` passes of minibatch updates; returns averaged metrics and the first
+    pass's log-probs (B, C) (the sampling policy's when ``reuse_samples`` is off)."""
+    from rewardloop.train.run import check_finite
+
+    mask = exp.rollout.completion_mask
+    first_pass = torch.zeros_like(mask, dtype=torch.float32)
+    # Loss parts are summed over micro-batches (each already divided by the global count);
+    # token statistics are token-weighted means over everything processed.
+    loss_keys = ("loss", "pg_loss", "kl_loss")
+    sums: dict[str, float] = {}
+    tokens, updates = 0.0, 0
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(mask)) if reuse_samples else torch.arange(len(mask))
+        for mb_start in range(0, len(mask), cfg.mini_batch_size):
+            mb_rows = order[mb_start:mb_start + cfg.mini_batch_size]
+            common = {"mode": cfg.loss_aggregation, "global_tokens": float(mask[mb_rows].sum()),
+                      "global_seqs": float(len(mb_rows)),
+                      "norm_length": float(cfg.max_new_tokens)}
+            for mc_start in range(0, len(mb_rows), cfg.micro_batch_size):
+                idx = mb_rows[mc_start:mc_start + cfg.micro_batch_size]
+                logps, m = micro_step(cfg, policy, exp, idx, common)
+                if epoch == 0:
+                    first_pass[idx] = logps
+                weight = float(mask[idx].sum())
+                tokens += weight
+                for key, value in m.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * (
+                        1.0 if key in loss_keys else weight)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            check_finite(grad_norm, step, name="gradient norm", run=run)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            updates += 1
+    metrics = {k: v / (updates if k in (*loss_keys, "grad_norm") else tokens)
+               for k, v in sums.items()}
+    check_finite(metrics["loss"], step, run=run)
+    metrics["lr"] = scheduler.get_last_lr()[0]
+    return metrics, first_pass
+
+
+def kl_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
+               ) -> dict[str, float]:
+    """Both estimators of KL(policy || reference), per token, and k1 summed per sequence."""
+    k1 = ops.kl_k1(policy_logps, ref_logps)
+    return {"kl_k1": float(ops.masked_mean(k1, mask)),
+            "kl_k3": float(ops.masked_mean(ops.kl_k3(policy_logps, ref_logps), mask)),
+            "kl_seq_k1": float(ops.masked_sum(k1, mask) / mask.shape[0])}
+
+
+def train(cfg: GRPOConfig) -> dict[str, Any]:
+    """Run GRPO / RLOO / REINFORCE++ per ``cfg``; returns the summary written to summary.json."""
+    from rewardloop.rollout import (
+        HFGenerator,
+        SamplingSettings,
+        rollout_metrics,
+        truncate_samples,
+    )
+    from rewardloop.train.run import progress_bar, save_checkpoint
+
+    setup = setup_run(cfg, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    run, policy = setup.run, setup.policy
+    optimizer, scheduler = make_optimizer(policy, cfg)
+    generator = HFGenerator(policy, setup.tokenizer)
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
+    step = 0
+    ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
+                       schedulers={"policy": scheduler})
+    if ckpt is not None:
+        step = ckpt.step
+        setup.sampler.load_state_dict(ckpt.sampler_state)
+        setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
+    truncate_samples(run.out / "samples.jsonl", step)
+    history: list[dict[str, float]] = []
+    policy.train()
+    with progress_bar(cfg.max_steps, cfg.advantage, start=step) as show:
+        while step < cfg.max_steps:
+            exp = make_experience(cfg, setup, generator, settings, reuse_samples)
+            t0 = time.perf_counter()
+            train_metrics, first_pass = update_policy(cfg, policy, optimizer, scheduler, exp,
+                                                      reuse_samples, step + 1, run)
+            step += 1
+            time_ref = exp.metrics.pop("time_ref_s")  # reference/old log-probs count as training
+            metrics = {**exp.metrics, **train_metrics, **rollout_metrics(exp.rollout),
+                       "time_train_s": time.perf_counter() - t0 + time_ref}
+            if exp.ref_logps is not None:
+                sampled = exp.old_logps if exp.old_logps is not None else first_pass
+                metrics.update(kl_metrics(sampled, exp.ref_logps, exp.rollout.completion_mask),
+                               kl_coef=exp.kl_coef)
+                setup.kl_ctl.update(metrics["kl_seq_k1"], len(exp.rollout))
+            run.meter.step(samples=len(exp.rollout),
+                           tokens=int(exp.rollout.attention_mask.sum()))
+            run.log_metrics(step, metrics)
+            history.append(metrics)
+            write_samples(setup, cfg, step, exp.rows, exp.rollout, exp.rewards.total)
+            show(step, f"reward {metrics['reward/mean']:.3f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(run, step, models={"policy": policy},
+                                optimizers={"policy": optimizer},
+                                schedulers={"policy": scheduler},
+                                sampler_state=setup.sampler.state_dict(),
+                                extra={"kl_ctl": setup.kl_ctl.state_dict()})
+    return finish(setup, cfg, history)
