@@ -62,6 +62,23 @@ def test_fleiss_kappa_unequal_counts_hand_worked() -> None:
     assert A.fleiss_kappa(np.array([[2, 0, 0], [3, 0, 0]])) is None  # P_e = 1
 
 
+def test_binom_test_hand_worked_and_against_scipy() -> None:
+    # n = 10, p = 1/2, k = 2: P(X <= 2) + P(X >= 8) = 2 * (1 + 10 + 45) / 1024.
+    assert A.binom_test(2, 10) == pytest.approx(112 / 1024)
+    assert A.binom_test(5, 10) == 1.0
+    # n = 3, p = 1/4: pmf = (27, 27, 9, 1) / 64; outcomes no likelier than k = 2: {2, 3}.
+    assert A.binom_test(2, 3, 0.25) == pytest.approx(10 / 64)
+    assert A.binom_test(3, 3, 0.25) == pytest.approx(1 / 64)
+    assert A.binom_test(1, 3, 0.25, "less") == pytest.approx(54 / 64)
+    assert A.binom_test(1, 3, 0.25, "greater") == pytest.approx(37 / 64)
+    from scipy.stats import binomtest
+
+    for k, n, p, alt in [(13, 20, 0.5, "two-sided"), (70, 200, 0.65, "less"),
+                         (3, 41, 0.3, "two-sided"), (60, 100, 0.7, "greater")]:
+        expected = binomtest(k, n, p, alternative=alt).pvalue
+        assert A.binom_test(k, n, p, alt) == pytest.approx(expected, rel=1e-9)
+
+
 def test_majority_credit_splits_tied_majorities() -> None:
     assert A.majority_credit(0, [0, 0, 1]) == 1.0
     assert A.majority_credit(1, [0, 0, 1]) == 0.0

@@ -36,8 +36,9 @@ def _print_report(report: Any) -> None:
                   f"Krippendorff's alpha: {_fmt(report.krippendorff_alpha)}  "
                   f"Fleiss' kappa: {_fmt(report.fleiss_kappa)}")
     table = Table(title="Annotators")
-    for col in ("annotator", "group", "n", "agree", "chance", "reliab.", "gold",
-                "first wins (p)", "longer wins (p)", "flags"):
+    table.add_column("annotator", no_wrap=True)
+    for col in ("group", "n", "agree", "chance", "reliab.", "gold", "first wins (p)",
+                "longer wins (p)", "flags"):
         table.add_column(col)
     for name, q in sorted(report.annotators.items()):
         table.add_row(

@@ -13,6 +13,7 @@ answer give the same value whatever order each of them was shown.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,31 @@ def fleiss_kappa(counts: np.ndarray) -> float | None:
     if p_e >= 1.0:
         return None
     return (float(p_i.mean()) - p_e) / (1.0 - p_e)
+
+
+def binom_test(k: int, n: int, p: float = 0.5, alternative: str = "two-sided") -> float:
+    """Exact binomial test p-value, as ``scipy.stats.binomtest(k, n, p).pvalue``.
+
+    Two-sided sums the probabilities of all outcomes no more likely than ``k`` (scipy's
+    "minlike" rule, same 1e-7 relative tolerance); ``less``/``greater`` are the tails.
+    Written out because importing ``scipy.stats`` costs seconds on every ``quality`` run.
+    """
+    if not 0 <= k <= n or not 0.0 < p < 1.0:
+        raise ValueError(f"need 0 <= k <= n and 0 < p < 1, got k={k}, n={n}, p={p}")
+    x = np.arange(n + 1)
+    log_fact = np.cumsum(np.log(np.maximum(x, 1)))
+    log_pmf = (log_fact[n] - log_fact - log_fact[::-1]
+               + x * math.log(p) + (n - x) * math.log1p(-p))
+    pmf = np.exp(log_pmf)
+    if alternative == "less":
+        return float(min(1.0, pmf[: k + 1].sum()))
+    if alternative == "greater":
+        return float(min(1.0, pmf[k:].sum()))
+    if alternative != "two-sided":
+        raise ValueError(f"alternative must be two-sided, less or greater, got {alternative!r}")
+    if k == p * n:
+        return 1.0
+    return float(min(1.0, pmf[pmf <= pmf[k] * (1 + 1e-7)].sum()))
 
 
 def majority_credit(value: int, others: Sequence[int]) -> float | None:

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rewardloop.feedback.agreement import TIE
+from rewardloop.feedback.agreement import TIE, binom_test
 from rewardloop.feedback.records import JudgmentRecord, pair_values
 
 
@@ -73,9 +73,7 @@ def shown_pattern(rec: JudgmentRecord) -> tuple[tuple[int, ...], ...] | None:
 
 
 def _binom_p(wins: int, n: int) -> float | None:
-    from scipy.stats import binomtest
-
-    return float(binomtest(wins, n, 0.5).pvalue) if n else None
+    return binom_test(wins, n) if n else None
 
 
 def bias_stats(by_name: Mapping[str, Sequence[JudgmentRecord]], min_reference: int = 20

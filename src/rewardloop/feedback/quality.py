@@ -164,14 +164,12 @@ def _gold(recs: Iterable[JudgmentRecord]) -> tuple[int, int]:
 
 
 def _flags(q: AnnotatorQuality, credit: float, gold_correct: int, th: Thresholds) -> list[str]:
-    from scipy.stats import binomtest
-
     flags = []
     near_chance = False
     if q.compared >= th.min_compared and q.chance_agreement is not None:
         target = min(q.chance_agreement + th.spam_margin, 0.999)
         k = min(int(round(credit)), q.compared)
-        near_chance = binomtest(k, q.compared, target, alternative="less").pvalue < th.spam_alpha
+        near_chance = A.binom_test(k, q.compared, target, "less") < th.spam_alpha
     constant = q.bias.patterns >= th.min_judgments and q.bias.top_pattern_share >= th.constant_share
     if near_chance or constant:
         flags.append("spam")
@@ -182,9 +180,8 @@ def _flags(q: AnnotatorQuality, credit: float, gold_correct: int, th: Thresholds
     if (b.length_n >= th.min_judgments and b.length_p is not None and b.length_p < th.length_p
             and abs(b.length_rate - b.length_reference) >= th.length_gap):
         flags.append("length_bias")
-    if q.gold_compared >= th.gold_min and binomtest(
-            gold_correct, q.gold_compared, th.gold_accuracy, alternative="less"
-    ).pvalue < th.gold_alpha:
+    if q.gold_compared >= th.gold_min and A.binom_test(
+            gold_correct, q.gold_compared, th.gold_accuracy, "less") < th.gold_alpha:
         flags.append("gold_fail")
     return flags
 
