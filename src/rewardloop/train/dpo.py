@@ -584,29 +584,29 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
-def load_model(cfg: DPOConfig) -> tuple[nn.Module, Any]:
-    """The policy (with fresh LoRA adapters when lora_r is set), dropout off, and its tokenizer
-    (pad != EOS is required, or a new pad token with add_pad_token)."""
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               add_pad_token=cfg.add_pad_token, padding_side="right")
+def load_model(cfg: DPOConfig, tokenizer: Any) -> nn.Module:
+    """The policy (with fresh LoRA adapters when lora_r is set), dropout off, sized to the
+    tokenizer."""
     lora = None if cfg.lora_r is None else LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
     policy = load_policy(cfg.model, dtype=cfg.dtype, device=cfg.device,
                          trust_remote_code=cfg.trust_remote_code, lora=lora)
     match_tokenizer(policy, tokenizer)
-    disable_dropout(policy)
-    return policy, tokenizer
+    return disable_dropout(policy)
 
 
 def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary (also written to ``cfg.out/summary.json``)."""
     objective = OBJECTIVES[cfg.loss]
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
-    seed_everything(cfg.seed)
-    policy, tokenizer = load_model(cfg)
+    # Pad must differ from EOS (or be added): the EOS would be masked as padding otherwise.
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               add_pad_token=cfg.add_pad_token, padding_side="right")
     pad_id = tokenizer.pad_token_id
     splits = {"train": load_examples(cfg.data, cfg, objective, tokenizer)}
     if cfg.eval_data is not None:
         splits["eval"] = load_examples(cfg.eval_data, cfg, objective, tokenizer)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    policy = load_model(cfg, tokenizer)
     device = next(policy.parameters()).device
     ref = reference_logps(cfg, policy, pad_id, splits, run.out)  # before any update
     train = splits["train"]

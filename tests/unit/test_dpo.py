@@ -1,0 +1,201 @@
+"""DPO/KTO trainer pieces: masking edge cases against hand-computed log-probs, config checks,
+KTO's mismatched pairs, the RPO term, and the CLI's user errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rewardloop.cli import app
+from rewardloop.data.records import PairRecord, UnpairedRecord
+from rewardloop.errors import UserError
+from rewardloop.losses import PREFERENCE_LOSSES, nll_loss
+from rewardloop.synthetic import corpus_texts, preference_rows
+from rewardloop.tiny import build_tiny
+from rewardloop.train import dpo
+from rewardloop.train.dpo import DPOConfig, Example, build_pairs, build_unpaired, score
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    return build_tiny(out, corpus_texts(100), vocab_size=300, hidden_size=16, num_layers=1,
+                      num_heads=2, max_position=96)
+
+
+@pytest.fixture(scope="module")
+def tok_model(tiny_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    return AutoTokenizer.from_pretrained(tiny_dir), model
+
+
+def _cfg(tmp: Path, **kw) -> DPOConfig:
+    return DPOConfig(model="m", data=tmp / "d.jsonl", out=tmp / "o", **kw)
+
+
+def _hand_logp(model, ids: list[int], mask: list[int]) -> float:
+    """Σ_t log softmax(logits[t-1])[ids[t]] over completion positions, one unpadded sequence."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]  # (T, V)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if mask[t])
+
+
+def test_masking_edge_cases_match_hand_computed_logps(tok_model, tmp_path: Path) -> None:
+    tokenizer, model = tok_model
+    eos = tokenizer.eos_token_id
+    long_prompt = "Hi, my package has not arrived and the delivery is two weeks late. " * 2
+    long_answer = "I have sent a new parcel today with express delivery at no cost. " * 4
+    cfg = _cfg(tmp_path, max_length=40, max_prompt_length=24)
+    pairs = [
+        PairRecord(long_prompt, "Sorry.", ""),  # prompt longer than the answer; empty answer
+        PairRecord("Refund?", long_answer, "No."),  # answer cut at max length: no EOS
+    ]
+    (short, empty), (cut, short2) = [(e.first, e.second) for e in build_pairs(pairs, tokenizer,
+                                                                             cfg)]
+    # Prompt longer than max_prompt_length: cut from the left, the end of the prompt kept.
+    full_prompt = tokenizer(long_prompt)["input_ids"]
+    assert short.prompt_len == 24 and short.input_ids[:24] == full_prompt[-24:]
+    # Empty answer: only its EOS is trained on.
+    assert empty.completion_mask == [0] * 24 + [1] and empty.input_ids[-1] == eos
+    assert empty.has_eos and short.has_eos and short.input_ids[-1] == eos
+    # Answer reaching max_length: cut, no EOS, every kept answer token in the mask.
+    assert len(cut) == 40 and not cut.has_eos and eos not in cut.input_ids
+    assert sum(cut.completion_mask) == 40 - cut.prompt_len
+    # Scored in one padded (2B, T) batch == scored alone, unpadded, by hand.
+    examples = [Example(short, empty), Example(cut, short2)]
+    got = score(model, examples, tokenizer.pad_token_id, average=False)  # (2, 2)
+    want = [[_hand_logp(model, e.input_ids, e.completion_mask) for e in (ex.first, ex.second)]
+            for ex in examples]
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+    mean = score(model, examples, tokenizer.pad_token_id, average=True)
+    counts = torch.tensor([[sum(e.first.completion_mask), sum(e.second.completion_mask)]
+                           for e in examples], dtype=torch.float32)
+    torch.testing.assert_close(mean * counts, got, rtol=1e-5, atol=1e-5)
+
+
+def test_ties_are_left_out(tok_model, tmp_path: Path) -> None:
+    tokenizer, _ = tok_model
+    pairs = [PairRecord("p", "a", "b"), PairRecord("p", "c", "d", tie=True)]
+    assert len(build_pairs(pairs, tokenizer, _cfg(tmp_path))) == 1
+
+
+def test_kto_partners_are_other_rows_and_fixed_by_seed(tok_model, tmp_path: Path) -> None:
+    tokenizer, _ = tok_model
+    rows = [UnpairedRecord(f"prompt {i}", f"answer number {i}", i % 2 == 0) for i in range(6)]
+    cfg = _cfg(tmp_path, loss="kto", max_length=32)
+    examples = build_unpaired(rows, tokenizer, cfg)
+    assert [e.label for e in examples] == [r.label for r in rows]
+    for e in examples:
+        # Same prompt as its row, completion of another row; every row is used once.
+        assert e.second.input_ids[:e.second.prompt_len] == e.first.input_ids[:e.first.prompt_len]
+        assert e.second.input_ids[e.second.prompt_len:] != e.first.input_ids[e.first.prompt_len:]
+    answers = sorted(tuple(e.second.input_ids[e.second.prompt_len:]) for e in examples)
+    assert answers == sorted(tuple(e.first.input_ids[e.first.prompt_len:]) for e in examples)
+    again = build_unpaired(rows, tokenizer, cfg)
+    assert [e.second for e in again] == [e.second for e in examples]
+    with pytest.raises(UserError, match="at least 2"):
+        build_unpaired(rows[:1], tokenizer, cfg)
+
+
+def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
+    assert set(dpo.OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto"} == set(dpo.LOSSES)
+    assert dpo.OBJECTIVES["kto"].formats == ("kto",)
+    assert dpo.OBJECTIVES["ipo"].formats == ("trl", "hh", "ultrafeedback")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"loss": "cdpo"}, "cdpo needs"),
+    ({"loss": "ipo", "label_smoothing": 0.1}, "no label smoothing"),
+    ({"loss": "kto", "nll_coef": 1.0}, "pairwise"),
+    ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"),
+    ({"loss": "simpo"}, "loss must be one of"),
+    ({"beta": 0.0}, "beta"),
+    ({"max_length": 16, "max_prompt_length": 16}, "max_prompt_length"),
+    ({"lora_r": 0}, "LoRA r"),
+])
+def test_config_is_validated(tmp_path: Path, kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _cfg(tmp_path, **kw)
+
+
+def test_rpo_term_is_the_token_mean_nll_of_the_chosen(tok_model, tmp_path: Path) -> None:
+    tokenizer, model = tok_model
+    cfg = _cfg(tmp_path, max_length=48)
+    rows = preference_rows(3, seed=3)
+    examples = build_pairs([PairRecord(r["prompt"], r["chosen"], r["rejected"]) for r in rows],
+                           tokenizer, cfg)
+    chosen = [e.first for e in examples]
+    tokens = sum(sum(c.completion_mask) for c in chosen)
+    per_token = [_hand_logp(model, c.input_ids, c.completion_mask) for c in chosen]
+    want = -sum(per_token) / tokens
+    for average in (False, True):
+        logps = score(model, examples, tokenizer.pad_token_id, average)[:, 0]
+        got = dpo._nll(logps, examples, average, float(tokens)).detach()
+        assert abs(float(got) - want) < 1e-4
+    # The same number through losses.nll_loss on a hand-built per-token tensor.
+    flat = torch.tensor([per_token])
+    assert abs(float(nll_loss(flat, torch.ones_like(flat), global_tokens=tokens)[0]) - want) \
+        < 1e-6
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_refuses_the_wrong_data_kind(tiny_dir: Path, tmp_path: Path) -> None:
+    kto = _write(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "c", "label": True}] * 2)
+    res = CliRunner().invoke(app, ["train", "dpo", "--model", str(tiny_dir), "--data", str(kto),
+                                   "--out", str(tmp_path / "run")])
+    assert isinstance(res.exception, UserError)
+    assert "holds kto rows" in str(res.exception) and "--loss kto" in str(res.exception)
+    pairs = _write(tmp_path / "pairs.jsonl", preference_rows(2))
+    res = CliRunner().invoke(app, ["train", "dpo", "--model", str(tiny_dir), "--data",
+                                   str(pairs), "--loss", "kto", "--out", str(tmp_path / "run")])
+    assert isinstance(res.exception, UserError) and "unpaired" in str(res.exception)
+    assert not (tmp_path / "run").exists()  # nothing written for a refused run
+
+
+def test_cli_refuses_pad_equal_to_eos(tiny_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "pad_is_eos"
+    shutil.copytree(tiny_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(model)
+    pairs = _write(tmp_path / "pairs.jsonl", preference_rows(2))
+    res = CliRunner().invoke(app, ["train", "dpo", "--model", str(model), "--data", str(pairs),
+                                   "--out", str(tmp_path / "run")])
+    assert isinstance(res.exception, UserError)
+    assert "as the pad token" in str(res.exception) and "--add-pad-token" in str(res.exception)
+
+
+def test_cli_refuses_bad_flags_before_loading_anything(tiny_dir: Path, tmp_path: Path) -> None:
+    pairs = _write(tmp_path / "pairs.jsonl", preference_rows(2))
+    base = ["train", "dpo", "--model", str(tiny_dir), "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(app, [*base, "--data", str(pairs), "--loss", "cdpo"])
+    assert isinstance(res.exception, UserError) and "label-smoothing" in str(res.exception)
+    res = CliRunner().invoke(app, [*base, "--data", str(tmp_path / "missing.jsonl")])
+    assert isinstance(res.exception, UserError) and "no such file" in str(res.exception)
+
+
+def test_cli_help_explains_every_flag() -> None:
+    res = CliRunner().invoke(app, ["train", "dpo", "--help"])
+    assert res.exit_code == 0
+    for flag in ("--loss", "--beta", "--label-smoothing", "--length-normalize", "--nll-coef",
+                 "--desirable-weight", "--undesirable-weight", "--ref-model", "--lora-r",
+                 "--grad-accum", "--max-prompt-length", "--resume", "--eval-data"):
+        assert flag in res.output
