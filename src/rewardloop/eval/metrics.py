@@ -166,4 +166,5 @@ def length_stats(texts: Sequence[str]) -> dict[str, float]:
     words = np.array([len(t.split()) for t in texts], dtype=float)
     return {"n": len(texts), "chars_mean": float(chars.mean()),
             "chars_median": float(np.median(chars)), "chars_p95": float(np.quantile(chars, 0.95)),
-            "words_mean": float(words.mean()), "words_median": float(np.median(words))}
+            "words_mean": float(words.mean()), "words_median": float(np.median(words)),
+            "words_p95": float(np.quantile(words, 0.95))}
