@@ -21,7 +21,6 @@ returns the wrong number of values is a ``UserError`` naming it; a non-finite va
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -36,7 +35,6 @@ from rewardloop.errors import TrainingError, UserError
 
 RewardFn = Callable[..., Sequence[Any]]
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-STATS_FILE = "reward_stats.json"
 
 
 @dataclass(frozen=True)
@@ -80,67 +78,22 @@ def _load_function(spec: str) -> tuple[str, RewardFn]:
     return attr, fn
 
 
-def _read_stats(model_dir: Path) -> tuple[float, float]:
-    """(mean, std) from ``reward_stats.json`` next to the model or in its run directory."""
-    for folder in (model_dir, model_dir.parent):
-        path = folder / STATS_FILE
-        if path.is_file():
-            try:
-                stats = json.loads(path.read_text())
-                mean, std = float(stats["mean"]), float(stats["std"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{path}: expected {{\"mean\": float, \"std\": float}} "
-                                f"({exc})") from None
-            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-                raise UserError(f"{path}: mean must be finite and std > 0, got {mean}, {std}")
-            return mean, std
-    raise UserError(f"reward model {model_dir} has no {STATS_FILE} (mean/std of its scores, "
-                    "written by `rewardloop train rm`); without it rewards cannot be normalised")
-
-
-def _model_dir(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--reward {spec}: neither a directory nor package.module:function")
-    return path / "model" if (path / "model" / "config.json").is_file() else path
-
-
 class ModelReward:
-    """A reward model (a ``train rm`` run or its ``model/``), scores normalised by its stats."""
+    """A reward model (a ``train rm`` run or its ``model/``), scored by ``score.RewardScorer``
+    and normalised to mean 0 / std 1 with its ``reward_stats.json``."""
 
     def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
-                 max_length: int = 1024) -> None:
-        from rewardloop.models import check_model_dir, load_reward_model, load_tokenizer
+                 max_length: int | None = None) -> None:
+        from rewardloop.score import RewardScorer, resolve_rm_dir
 
-        model_dir = _model_dir(spec)
-        source = check_model_dir(model_dir)
+        model_dir = resolve_rm_dir(Path(spec).expanduser())
         self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-        self.mean, self.std = _read_stats(model_dir)
-        self.tokenizer = load_tokenizer(source, padding_side="right")
-        self.model = load_reward_model(source, device=device, trainable=False,
-                                       pad_token_id=self.tokenizer.pad_token_id).eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        self.batch_size, self.max_length = batch_size, max_length
+        self.scorer = RewardScorer(model_dir, device=device, batch_size=batch_size,
+                                   normalize=True, max_length=max_length)
 
-    @torch.no_grad()
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:
-        from rewardloop.train.tokenize import collate, encode
-
-        device = next(self.model.parameters()).device
-        out: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            rows = [encode(self.tokenizer, p, c, max_length=self.max_length)
-                    for p, c in zip(prompts[start:start + self.batch_size],
-                                    completions[start:start + self.batch_size], strict=True)]
-            batch = collate(rows, self.tokenizer.pad_token_id, side="right")
-            mask = batch["attention_mask"].to(device)
-            # transformers pools the score at each row's last non-pad token (the EOS).
-            logits = self.model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=mask).logits  # (b, 1)
-            out.extend(((logits[:, 0].float() - self.mean) / self.std).tolist())
-        return out
+        return self.scorer.score(prompts, completions)
 
 
 class FunctionReward:
@@ -201,7 +154,7 @@ class Rewards:
 
     def __init__(self, specs: Sequence[RewardSpec], *, reward_clip: float | None = None,
                  missing_eos_penalty: float = 0.0, device: str = "auto",
-                 batch_size: int = 16, max_length: int = 1024) -> None:
+                 batch_size: int = 16, max_length: int | None = None) -> None:
         if not specs:
             raise UserError("give at least one --reward (a reward-model dir or "
                             "package.module:function)")
@@ -210,6 +163,9 @@ class Rewards:
             source: RewardSource
             if _FUNCTION_SPEC.match(spec.spec) and not Path(spec.spec).exists():
                 source = FunctionReward(spec.spec)
+            elif not Path(spec.spec).expanduser().exists():
+                raise UserError(f"--reward {spec.spec}: neither an existing reward-model "
+                                "directory nor package.module:function")
             else:
                 source = ModelReward(spec.spec, device=device, batch_size=batch_size,
                                      max_length=max_length)
