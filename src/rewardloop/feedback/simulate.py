@@ -15,7 +15,9 @@ import dataclasses
 import importlib
 import logging
 import math
+import os
 import random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,14 +212,23 @@ def load_pool(path: Path | str) -> list[SimulatedAnnotator]:
 
 
 def load_gold(spec: str) -> GoldFn:
-    """Import a gold function given as ``package.module:function``."""
+    """Import a gold function given as ``package.module:function`` (the working directory is
+    searched too)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"--gold: {spec!r} is not of the form package.module:function")
+    # Like `python -m`, look in the working directory too, so a local gold.py just works.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"--gold: cannot import module {module_name!r}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"--gold: module {module_name!r} has no function {attr!r}")
