@@ -1,0 +1,152 @@
+"""Over-optimisation alarms: pure functions over a history of records (steps or rounds).
+
+A policy that games its reward model shows it in a few figures long before anyone reads its
+answers (Gao et al. 2022, "Scaling laws for reward model overoptimization"):
+
+- the proxy reward keeps rising while a held-out judge (a gold function, or people's win rate)
+  falls -- compared over a window, so one noisy step does not raise it;
+- the policy drifts far from its reference (KL per sequence beyond ``max_kl``);
+- answers grow (mean length beyond ``max_length_ratio`` times the first record's), the most
+  common way to please a length-biased reward model.
+
+Each record is a mapping such as one ``metrics.jsonl`` row or one loop round; a key a record
+lacks is simply not checked there. ``check_alarms`` returns human-readable messages; callers log
+them as warnings and write them to ``summary.json`` under ``alarms`` (the report shows them).
+``best_index`` picks the record to keep as the best checkpoint by the held-out score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Record = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class AlarmSettings:
+    """Which keys to watch and when to raise an alarm."""
+
+    proxy_key: str = "proxy"
+    """Key of the optimised (proxy) reward, e.g. ``reward/mean`` in an RL run's metrics."""
+    held_out_keys: tuple[str, ...] = ("gold", "human")
+    """Keys of held-out judges (gold function score, human win rate); each is compared with
+    the proxy separately."""
+    kl_key: str = "kl"
+    """Key of the KL to the reference per sequence (e.g. ``kl_seq_k1``)."""
+    length_key: str = "length"
+    """Key of the mean answer length (tokens or words; only ratios are used)."""
+    step_key: str = "step"
+    """Key naming the record in messages (``step`` or ``round``); its index when absent."""
+    window: int = 3
+    """Records averaged on each side of the proxy/held-out comparison (needs 2 x window)."""
+    min_change: float = 0.0
+    """Changes of at most this size (in either direction) do not count as rising or falling."""
+    max_kl: float | None = None
+    """Alarm when the KL exceeds this; None = no KL alarm."""
+    max_length_ratio: float | None = None
+    """Alarm when the mean length exceeds this times the first record's; None = off."""
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+        if self.min_change < 0:
+            raise ValueError("min_change must be >= 0")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise ValueError("max_kl must be > 0 (or null to turn the alarm off)")
+        if self.max_length_ratio is not None and self.max_length_ratio <= 1:
+            raise ValueError("max_length_ratio must be > 1 (or null to turn the alarm off)")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _name(records: Sequence[Record], index: int, step_key: str) -> str:
+    step = records[index].get(step_key, index)
+    return f"{step_key} {step}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def divergence_alarm(records: Sequence[Record], proxy_key: str, held_out_key: str, *,
+                     window: int = 3, min_change: float = 0.0, step_key: str = "step"
+                     ) -> str | None:
+    """The first point where the proxy's mean over the last ``window`` records (that have both
+    keys) rose by more than ``min_change`` over the ``window`` before, while the held-out mean
+    fell by more than ``min_change``; None when that never happens."""
+    paired = [(i, p, h) for i, r in enumerate(records)
+              if (p := _number(r.get(proxy_key))) is not None
+              and (h := _number(r.get(held_out_key))) is not None]
+    for end in range(2 * window, len(paired) + 1):
+        before, after = paired[end - 2 * window:end - window], paired[end - window:end]
+        proxy_0, proxy_1 = _mean([p for _, p, _ in before]), _mean([p for _, p, _ in after])
+        held_0, held_1 = _mean([h for _, _, h in before]), _mean([h for _, _, h in after])
+        if proxy_1 - proxy_0 > min_change and held_0 - held_1 > min_change:
+            where = _name(records, after[-1][0], step_key)
+            return (f"{where}: proxy reward {proxy_key} rose {proxy_0:.4g} -> {proxy_1:.4g} "
+                    f"while held-out {held_out_key} fell {held_0:.4g} -> {held_1:.4g} "
+                    f"(means over windows of {window}): the policy may be gaming the reward "
+                    "model")
+    return None
+
+
+def kl_alarm(records: Sequence[Record], kl_key: str, max_kl: float, *,
+             step_key: str = "step") -> str | None:
+    """The first record whose KL exceeds ``max_kl``; None if none does."""
+    for i, record in enumerate(records):
+        kl = _number(record.get(kl_key))
+        if kl is not None and kl > max_kl:
+            return (f"{_name(records, i, step_key)}: KL to the reference {kl_key} = {kl:.4g} "
+                    f"exceeds max_kl {max_kl:.4g}: the policy drifted far from where it started; "
+                    "raise the KL coefficient or lower the learning rate")
+    return None
+
+
+def length_alarm(records: Sequence[Record], length_key: str, max_ratio: float, *,
+                 step_key: str = "step") -> str | None:
+    """The first record whose mean length exceeds ``max_ratio`` x the first record's."""
+    start: float | None = None
+    for i, record in enumerate(records):
+        length = _number(record.get(length_key))
+        if length is None:
+            continue
+        if start is None:
+            start = length
+            continue
+        if start > 0 and length > max_ratio * start:
+            return (f"{_name(records, i, step_key)}: mean answer length {length_key} = "
+                    f"{length:.4g} is {length / start:.2f}x the start ({start:.4g}), beyond "
+                    f"max_length_ratio {max_ratio:g}: check for length hacking")
+    return None
+
+
+def check_alarms(records: Sequence[Record], settings: AlarmSettings | None = None) -> list[str]:
+    """Every alarm ``settings`` asks for, in a fixed order (divergence per held-out key, KL,
+    length); an empty list when all is well."""
+    s = settings or AlarmSettings()
+    found = [divergence_alarm(records, s.proxy_key, key, window=s.window,
+                              min_change=s.min_change, step_key=s.step_key)
+             for key in s.held_out_keys]
+    if s.max_kl is not None:
+        found.append(kl_alarm(records, s.kl_key, s.max_kl, step_key=s.step_key))
+    if s.max_length_ratio is not None:
+        found.append(length_alarm(records, s.length_key, s.max_length_ratio,
+                                  step_key=s.step_key))
+    return [message for message in found if message is not None]
+
+
+def best_index(records: Sequence[Record], keys: Sequence[str]) -> int | None:
+    """Index of the record with the highest value of the first of ``keys`` that any record has
+    (earliest on ties); None when no record has any of them."""
+    for key in keys:
+        scored = [(v, -i) for i, r in enumerate(records) if (v := _number(r.get(key))) is not None]
+        if scored:
+            return -max(scored)[1]
+    return None

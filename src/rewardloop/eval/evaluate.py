@@ -1,0 +1,330 @@
+"""``rewardloop eval``: a policy against a baseline on the same prompts.
+
+Both policies answer every prompt once (through ``rollout.HFGenerator``, the one generation
+interface), then each judge scores both answers and the policy's win rate is reported with a
+bootstrap interval over prompts (ties count half). A judge is a reward-model directory or a
+Python function ``package.module:function`` with TRL's reward signature (both resolved by
+``rewards.Rewards``), or ``human``: arena tasks are created in the store for people (or a
+simulated pool) to judge, and ``arena_result`` rates the policies from their judgments.
+
+Also reported: the KL of the policy to the baseline on the policy's own answers (mean over
+answers of the summed per-token ``log p_policy - log p_baseline``, i.e. k1 summed per sequence,
+at the sampling temperature) and the length statistics of both. Outputs in ``--out``:
+``eval.json`` (read by ``eval.report``) and ``samples.jsonl`` (prompt, baseline, policy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rewardloop.errors import UserError
+from rewardloop.eval.metrics import Battle, WinRate, bootstrap_ci, length_stats, win_rate
+
+log = logging.getLogger(__name__)
+
+HUMAN = "human"
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of ``rewardloop eval``."""
+
+    policy: str
+    """The policy to evaluate: a model directory (e.g. a run's model/) or a hub id."""
+    baseline: str
+    """The policy to compare against (e.g. the SFT model); must share the tokenizer for KL."""
+    prompts: Path
+    """Prompts file (JSONL, ``prompt`` or ``messages`` per line)."""
+    out: Path
+    """Directory to write eval.json and samples.jsonl to."""
+    judges: tuple[str, ...] = ()
+    """Judges: reward-model dirs, ``package.module:function`` or ``human``; the first one gives
+    the headline ``win_rate``."""
+    n: int | None = None
+    """Use only the first n prompts; None = all."""
+    max_new_tokens: int = 64
+    """Longest answer in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of both policies (and of the KL's log-probs)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (tokens) keep their last tokens."""
+    batch_size: int = 32
+    """Prompts per generation / scoring batch."""
+    seed: int = 0
+    """Seed of sampling (the same for both policies)."""
+    tie_eps: float = 0.0
+    """Judge scores closer than this count as a tie."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the win-rate interval."""
+    db: str | None = None
+    """Store URL for the ``human`` judge's arena tasks (default: $REWARDLOOP_DB or
+    sqlite:///rewardloop.db)."""
+    arena_batch: str = "eval-arena"
+    """Batch name of the arena tasks (``human`` judge)."""
+    arena_overlap: int = 1
+    """Annotators per arena task."""
+    policy_name: str = "policy"
+    """Name of the policy in the arena and the report."""
+    baseline_name: str = "baseline"
+    """Name of the baseline in the arena and the report."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        if not self.judges:
+            raise ValueError("give at least one judge (--judge): a reward-model dir, "
+                             "package.module:function, or human")
+        if self.n is not None and self.n < 1:
+            raise ValueError("n must be at least 1")
+        if self.max_new_tokens < 1 or self.max_prompt_length < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens, max_prompt_length and batch_size must be >= 1")
+        if self.temperature <= 0 or self.tie_eps < 0 or self.n_boot < 1:
+            raise ValueError("temperature must be > 0, tie_eps >= 0 and n_boot >= 1")
+        if self.arena_overlap < 1:
+            raise ValueError("arena_overlap must be at least 1")
+        if self.policy_name == self.baseline_name:
+            raise ValueError("policy_name and baseline_name must differ")
+
+
+@dataclass
+class Answers:
+    """One policy's answers to the prompts, with the rollouts that produced them."""
+
+    texts: list[str]
+    rollouts: list[Any]  # rollout.Rollout per batch, in prompt order
+
+    def token_data(self) -> dict[str, list[Any]]:
+        """``completion_ids`` and ``has_eos`` for reward functions (TRL's extra kwargs)."""
+        ids: list[list[int]] = []
+        eos: list[bool] = []
+        for r in self.rollouts:
+            for row, mask, ended in zip(r.completion_ids, r.completion_mask, r.has_eos,
+                                        strict=True):
+                ids.append(row[mask.bool()].tolist())
+                eos.append(bool(ended))
+        return {"completion_ids": ids, "has_eos": eos}
+
+
+def load_for_generation(model: str, device: str = "auto") -> tuple[Any, Any]:
+    """A frozen policy in eval mode and its left-padding tokenizer."""
+    from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
+
+    tokenizer = load_tokenizer(model, padding_side="left")
+    policy = load_policy(model, device=device, trainable=False).eval()
+    match_tokenizer(policy, tokenizer)
+    policy.requires_grad_(False)
+    return policy, tokenizer
+
+
+def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], *, n: int = 1,
+                   max_new_tokens: int = 64, temperature: float = 1.0,
+                   max_prompt_length: int = 512, batch_size: int = 32, seed: int = 0) -> Answers:
+    """``n`` sampled answers per prompt (rows of a prompt contiguous), ``batch_size`` prompts at
+    a time; the same ``seed`` gives the same answers."""
+    from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
+    from rewardloop.train.run import seed_everything
+
+    seed_everything(seed)
+    generator = HFGenerator(model, tokenizer)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    ids = encode_prompts(tokenizer, prompts, max_prompt_length)
+    rollouts = [generator.generate(ids[i:i + batch_size], n, settings)
+                for i in range(0, len(ids), batch_size)]
+    return Answers([t for r in rollouts for t in r.texts], rollouts)
+
+
+def sequence_kl(policy: Any, baseline: Any, answers: Answers, temperature: float,
+                batch_size: int) -> dict[str, float]:
+    """KL(policy || baseline) estimated on the policy's own answers: ``kl`` is the mean over
+    answers of the summed per-token k1 (log-ratio), ``kl_per_token`` its token mean."""
+    from rewardloop import ops
+    from rewardloop.rollout import batched_logps
+
+    total, tokens, seqs = 0.0, 0.0, 0
+    for rollout in answers.rollouts:
+        logp = batched_logps(policy, rollout, temperature, batch_size)  # (B, C)
+        ref = batched_logps(baseline, rollout, temperature, batch_size)
+        mask = rollout.completion_mask.to(logp.dtype)
+        total += float(ops.masked_sum(ops.kl_k1(logp, ref), mask))
+        tokens += float(mask.sum())
+        seqs += len(rollout)
+    return {"kl": total / max(seqs, 1), "kl_per_token": total / max(tokens, 1.0)}
+
+
+def judge_name(spec: str) -> str:
+    """A short label of a judge for tables: a directory's name or the function's."""
+    if spec == HUMAN:
+        return HUMAN
+    path = Path(spec)
+    if path.exists():
+        return (path.parent.name if path.name == "model" else path.name) or spec
+    return spec.rpartition(":")[2] or spec
+
+
+def score_answers(spec: str, prompts: Sequence[Any], answers: Answers, *,
+                  batch_size: int = 32, device: str = "auto") -> list[float]:
+    """Scores of ``answers`` by one judge (a reward-model dir or ``package.module:function``)."""
+    from rewardloop.rewards import Rewards, RewardSpec
+
+    rewards = Rewards([RewardSpec(spec)], device=device, batch_size=batch_size)
+    out = rewards(list(prompts), answers.texts, **answers.token_data())
+    return [float(x) for x in out.total]
+
+
+def compare(spec: str, policy_scores: Sequence[float], baseline_scores: Sequence[float], *,
+            tie_eps: float = 0.0, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """One judge's comparison row of ``eval.json``."""
+    rate = win_rate(policy_scores, baseline_scores, tie_eps=tie_eps, n_boot=n_boot, seed=seed)
+    return {"name": judge_name(spec), "judge": spec, **rate.as_dict(),
+            "policy_mean": float(np.mean(policy_scores)),
+            "baseline_mean": float(np.mean(baseline_scores))}
+
+
+def _read_prompts(cfg: EvalConfig) -> list[Any]:
+    from rewardloop.data.formats import read_records
+
+    _, records = read_records(cfg.prompts, "prompts")
+    prompts = [r.prompt for r in records][: cfg.n]
+    if not prompts:
+        raise UserError(f"{cfg.prompts}: no prompts")
+    return prompts
+
+
+def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
+                 baseline: Answers) -> dict[str, Any]:
+    from rewardloop.data.store import Store
+    from rewardloop.eval.arena import create_arena_tasks
+
+    store = Store(cfg.db)
+    try:
+        with store.write() as session:
+            outputs = {cfg.policy_name: policy.texts, cfg.baseline_name: baseline.texts}
+            made = create_arena_tasks(
+                session, prompts, outputs, batch_name=cfg.arena_batch,
+                overlap=cfg.arena_overlap, seed=cfg.seed)
+    finally:
+        store.dispose()
+    return {"name": HUMAN, "judge": HUMAN, "status": "pending", "db": store.safe_url,
+            "arena_batch": cfg.arena_batch, "tasks": made.tasks,
+            "identical_pairs_skipped": made.identical_pairs_skipped}
+
+
+def write_eval(out: Path, result: Mapping[str, Any]) -> None:
+    """Write ``eval.json`` atomically."""
+    from rewardloop.train.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2) + "\n")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Generate, judge and measure per ``cfg``; writes and returns the ``eval.json`` object."""
+    prompts = _read_prompts(cfg)
+    gen = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+           "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.batch_size,
+           "seed": cfg.seed}
+    policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device)
+    baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device)
+    policy = sample_answers(policy_model, policy_tok, prompts, **gen)
+    baseline = sample_answers(baseline_model, baseline_tok, prompts, **gen)
+    result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,
+                              "policy_name": cfg.policy_name,
+                              "baseline_name": cfg.baseline_name, "n": len(prompts)}
+    if policy_tok.get_vocab() == baseline_tok.get_vocab():
+        result.update(sequence_kl(policy_model, baseline_model, policy, cfg.temperature,
+                                  cfg.batch_size))
+    else:
+        log.warning("eval: %s and %s have different tokenizers; KL is not computed",
+                    cfg.policy, cfg.baseline)
+    del policy_model, baseline_model
+    result["length"] = {"policy": length_stats(policy.texts),
+                        "baseline": length_stats(baseline.texts)}
+    comparisons = []
+    for spec in cfg.judges:
+        if spec == HUMAN:
+            comparisons.append(_human_tasks(cfg, prompts, policy, baseline))
+            continue
+        scores_p = score_answers(spec, prompts, policy, batch_size=cfg.batch_size,
+                                 device=cfg.device)
+        scores_b = score_answers(spec, prompts, baseline, batch_size=cfg.batch_size,
+                                 device=cfg.device)
+        comparisons.append(compare(spec, scores_p, scores_b, tie_eps=cfg.tie_eps,
+                                   n_boot=cfg.n_boot, seed=cfg.seed))
+    result["comparisons"] = comparisons
+    headline = comparisons[0]
+    result.update({k: headline[k] for k in ("judge", "win_rate", "win_rate_ci", "wins", "ties",
+                                            "losses") if k in headline})
+    write_eval(cfg.out, result)
+    _write_samples(cfg.out / SAMPLES_FILE, prompts, baseline.texts, policy.texts)
+    return result
+
+
+def _write_samples(path: Path, prompts: Sequence[Any], baseline: Sequence[str],
+                   policy: Sequence[str]) -> None:
+    from rewardloop.train.checkpoint import atomic_write_text
+
+    rows = [json.dumps({"prompt": p, "baseline": b, "policy": a})
+            for p, b, a in zip(prompts, baseline, policy, strict=True)]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The human arena
+# ---------------------------------------------------------------------------------------------
+
+
+def battle_win_rate(battles: Sequence[Battle], policy: str, baseline: str, *,
+                    n_boot: int = 1000, seed: int = 0) -> WinRate | None:
+    """Win rate of ``policy`` over ``baseline`` from their direct battles (ties half), with a
+    bootstrap interval over battles; None when they never met."""
+    outcomes = [o if a == policy else 1.0 - o for a, b, o in battles
+                if {a, b} == {policy, baseline}]
+    if not outcomes:
+        return None
+    values = np.asarray(outcomes, dtype=float)
+    low, high = bootstrap_ci(values, np.mean, n_boot=n_boot, seed=seed)
+    return WinRate(rate=float(values.mean()), ci_low=low, ci_high=high,
+                   wins=int((values == 1).sum()), ties=int((values == 0.5).sum()),
+                   losses=int((values == 0).sum()))
+
+
+def arena_result(battles: Sequence[Battle], *, policy: str | None = None,
+                 baseline: str | None = None, n_boot: int = 200, seed: int = 0
+                 ) -> dict[str, Any]:
+    """Bradley–Terry ratings (Elo scale, bootstrap intervals) of every model in ``battles``,
+    and, given ``policy`` and ``baseline``, the policy's direct win rate over the baseline."""
+    from rewardloop.eval.metrics import arena_ratings
+
+    if not battles:
+        raise UserError("no judged arena battles yet: judge the arena tasks first "
+                        "(rewardloop serve) and run this again")
+    out: dict[str, Any] = {"battles": len(battles),
+                           "ratings": arena_ratings(battles, n_boot=n_boot, seed=seed)}
+    if policy is not None and baseline is not None:
+        rate = battle_win_rate(battles, policy, baseline, n_boot=max(n_boot, 1000), seed=seed)
+        if rate is not None:
+            out.update({"name": HUMAN, "judge": HUMAN, **rate.as_dict()})
+    return out
+
+
+def store_arena(db: str | None, batch: str | None, **kwargs: Any) -> dict[str, Any]:
+    """``arena_result`` of the battles judged in the store (optionally one batch)."""
+    from rewardloop.data.store import Store
+    from rewardloop.eval.arena import arena_battles
+
+    store = Store(db)
+    try:
+        with store.read() as session:
+            battles = arena_battles(session, batch)
+    finally:
+        store.dispose()
+    return arena_result(battles, **kwargs)
