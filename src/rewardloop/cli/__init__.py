@@ -11,14 +11,32 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
-import sys
 
 import typer
+from typer.core import TyperGroup
 
 from rewardloop import __version__
 from rewardloop.errors import TrainingError, UserError
 
+
+class _Root(TyperGroup):
+    """Turns a user's mistake into one line on stderr and its exit status (2; 3 for training
+    that cannot go on), here rather than in ``main`` so every caller (the console script,
+    ``CliRunner`` in tests, ``python -m``) sees the same behaviour."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except TrainingError as exc:
+            typer.echo(f"training stopped: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_Root,
     name="rewardloop",
     help=(
         "Fine-tune language models from human feedback: collect preferences (serve, tasks, "
@@ -66,12 +84,5 @@ _register_all()
 
 
 def main() -> None:
-    """Console entry point: user mistakes become one line on stderr and a non-zero exit."""
-    try:
-        app()
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except TrainingError as exc:
-        typer.echo(f"training stopped: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    """Console entry point."""
+    app()
