@@ -1,0 +1,200 @@
+"""Scoring answers with a trained reward model: the library behind ``rewardloop score``, and a
+reward source for RL (``RewardScorer`` has TRL's reward-function signature).
+
+A reward model is a sequence classifier whose head (``score``) reads the hidden state of the
+last real token of ``prompt + answer + EOS`` (``ops.last_token_index``; an off-by-one here is a
+classic silent bug). An ensemble (``train rm --ensemble K``) has K heads on one shared trunk:
+its reward is the mean of the heads and its uncertainty their standard deviation.
+
+Next to the weights, ``reward_stats.json`` (written by ``train rm``) holds the mean and standard
+deviation of the rewards on held-out data, the ensemble size and the tokenisation limits, so a
+scorer can normalise rewards to mean 0 / std 1 and encode exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rewardloop.data.records import Text
+from rewardloop.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "reward_stats.json"
+ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
+
+
+def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rewards of a right- or left-padded batch: (N, T) ids and mask -> (N, K) heads.
+
+    Runs the trunk, takes the hidden state at ``ops.last_token_index(attention_mask)`` and
+    applies the head there only (LoRA layers and peft's trainable head copy act in place, so a
+    peft model works the same). Models without a ``score`` head fall back to their own pooling.
+    """
+    import torch
+
+    from rewardloop.models import is_peft
+    from rewardloop.ops import last_token_index
+
+    classifier = model.get_base_model() if is_peft(model) else model
+    trunk = getattr(classifier, getattr(classifier, "base_model_prefix", ""), None)
+    head = getattr(classifier, "score", None)
+    if trunk is None or head is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits
+    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).last_hidden_state  # (N, T, H)
+    last = last_token_index(batch["attention_mask"])  # (N,)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return head(hidden[rows, last])  # (N, K)
+
+
+def resolve_rm_dir(path: str | Path) -> Path:
+    """A reward-model directory: ``path`` itself, or ``path/model`` for a ``train rm`` run dir."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"reward model {p} does not exist")
+    if (p / "model").is_dir() and not (p / "config.json").is_file() \
+            and not (p / "adapter_config.json").is_file():
+        p = p / "model"
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise UserError(f"{path} is neither a reward-model directory nor a train rm run "
+                        "directory (no config.json or model/)")
+    return p
+
+
+def read_stats(model_dir: Path) -> dict[str, Any] | None:
+    """``reward_stats.json`` of a reward-model directory, or None when it has none."""
+    file = Path(model_dir) / STATS_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file}: not valid JSON ({exc})") from None
+
+
+def ensemble_size(model_dir: Path) -> int:
+    """Heads of the reward model in ``model_dir`` (1 for a plain reward model)."""
+    stats = read_stats(model_dir) or {}
+    config = Path(model_dir) / "config.json"
+    from_config = json.loads(config.read_text()).get(ENSEMBLE_KEY) if config.is_file() else None
+    return int(stats.get("ensemble") or from_config or 1)
+
+
+def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto",
+                       trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(reward model in eval mode, tokenizer) from a reward-model directory."""
+    from rewardloop.models import load_reward_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code,
+                               padding_side="right")
+    heads = ensemble_size(model_dir)
+    if heads == 1:
+        model = load_reward_model(model_dir, dtype=dtype, device=device, trainable=False,
+                                  trust_remote_code=trust_remote_code,
+                                  pad_token_id=tokenizer.pad_token_id)
+    else:
+        model = _load_ensemble(model_dir, heads, device=device, dtype=dtype,
+                               trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_ensemble(model_dir: Path, heads: int, *, device: str, dtype: str,
+                   trust_remote_code: bool) -> nn.Module:
+    """A K-head classifier (``models.load_reward_model`` only loads one head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rewardloop.models import check_model_dir, resolve_device, resolve_dtype
+
+    source = check_model_dir(model_dir)
+    dev = resolve_device(device)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, dtype=resolve_dtype(dtype, dev), use_safetensors=True,
+        trust_remote_code=trust_remote_code, num_labels=heads)
+    return model.to(dev)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Rewards of N answers: ``mean`` (N,), and ``std`` (N,) across ensemble heads or None."""
+
+    mean: list[float]
+    std: list[float] | None
+
+
+class RewardScorer:
+    """Batched scoring of (prompt, answer) pairs with a reward model (run dir or model dir).
+
+    ``normalize=True`` maps rewards to (r - mean) / std with ``reward_stats.json`` (RL wants
+    rewards on a fixed scale). Answers are encoded as in training (prompt, answer, EOS) and cut
+    to the training ``max_length`` unless one is given.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 32, *,
+                 normalize: bool = False, max_length: int | None = None,
+                 dtype: str = "auto") -> None:
+        if batch_size < 1:
+            raise UserError("batch size must be at least 1")
+        self.model_dir = resolve_rm_dir(path)
+        self.model, self.tokenizer = load_scoring_model(self.model_dir, device=device,
+                                                        dtype=dtype)
+        self.device = next(self.model.parameters()).device
+        self.batch_size = batch_size
+        self.stats = read_stats(self.model_dir) or {}
+        self.heads = ensemble_size(self.model_dir)
+        self.max_length = int(max_length or self.stats.get("max_length") or 1024)
+        self.max_prompt_length = self.stats.get("max_prompt_length")
+        self.normalize = normalize
+        if normalize and not {"mean", "std"} <= set(self.stats):
+            raise UserError(f"{self.model_dir} has no {STATS_FILE} with mean/std; score "
+                            "without normalisation or retrain with train rm")
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
+                 ) -> list[float]:
+        """TRL's reward-function signature: one float per (prompt, completion)."""
+        return self.score(prompts, completions)
+
+    def score(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
+        """The reward of each (prompt, completion): the mean over heads of an ensemble."""
+        return self.score_with_std(prompts, completions).mean
+
+    def score_with_std(self, prompts: Sequence[Text], completions: Sequence[Text], *,
+                       progress: Any = None) -> Scores:
+        """Rewards and (for an ensemble) their std across heads, in the input order.
+
+        ``progress``: an optional callable ``progress(done)`` told how many answers are scored.
+        """
+        import torch
+
+        from rewardloop.train.tokenize import collate, encode
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        encoded = [encode(self.tokenizer, p, c, max_length=self.max_length,
+                          max_prompt_length=self.max_prompt_length)
+                   for p, c in zip(prompts, completions, strict=True)]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding
+        heads = torch.empty(len(encoded), self.heads, dtype=torch.float32)
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = collate([encoded[i] for i in idx], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                heads[idx] = rewards_of(self.model, batch).float().cpu()
+                if progress is not None:
+                    progress(start + len(idx))
+        if self.normalize:
+            heads = (heads - float(self.stats["mean"])) / max(float(self.stats["std"]), 1e-8)
+        std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
+        return Scores(heads.mean(dim=1).tolist(), std)

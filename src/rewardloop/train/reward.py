@@ -1,0 +1,629 @@
+"""Reward models from preferences (``rewardloop train rm``): Bradley–Terry and Plackett–Luce.
+
+One explicit loop (``train_rm``). Every training item is a *comparison*: K answers to one prompt
+and their ranks (0 = best, equal ranks tie). A pair is K = 2 (ranks 0/1, or 0/0 for a tie); a
+ranking row is K >= 2. The data kind picks the objective once, by name (``OBJECTIVES``):
+pairwise files (trl, hh, ultrafeedback) train with Bradley–Terry (optional margin, label
+smoothing, ties as half wins), ranking files with Plackett–Luce (ties stage-wise, see
+``losses.plackett_luce_loss``). All answers of a micro-batch go through the model in ONE forward
+pass (a pair batch holds every chosen row, then every rejected row), and the reward is read at
+the last real token (``score.rewards_of``).
+
+Losses are normalised by the summed weight of all comparisons in the optimizer step (the number
+of comparisons unless annotators are weighted by reliability), so gradient accumulation does not
+change the update. ``ensemble`` K > 1 puts K heads on one shared trunk (one forward pass, K
+rewards); each head is trained on the same loss from its own random start, the reward is their
+mean and their standard deviation is the model's uncertainty.
+
+After training the model is evaluated (accuracy, loss, calibration, per-annotator and per-group
+accuracy, correlation of reward with answer length) and ``reward_stats.json`` (mean/std of the
+rewards, ensemble size, tokenisation limits) is saved next to the weights for ``score`` and RL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rewardloop import losses
+from rewardloop.data.formats import read_records
+from rewardloop.data.records import PairRecord, RankingRecord, Record
+from rewardloop.errors import UserError
+from rewardloop.eval.metrics import expected_calibration_error
+from rewardloop.models import (
+    LoraSettings,
+    apply_lora,
+    load_reward_model,
+    load_tokenizer,
+    match_tokenizer,
+    resolve_device,
+    save_model,
+)
+from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.train.run import (
+    RunDir,
+    check_finite,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+)
+from rewardloop.train.sft import LengthGroupedSampler, scheduler, split_micro
+from rewardloop.train.tokenize import Encoded, collate, encode
+
+log = logging.getLogger(__name__)
+
+PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
+RANKING_FORMATS = ("ranking",)
+WEIGHTINGS = ("none", "reliability")
+SCHEDULES = ("linear", "cosine", "constant")
+LENGTH_CORRELATION_WARNING = 0.5
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Options of ``rewardloop train rm``."""
+
+    model: str
+    """A causal LM (a fresh scalar head is added) or an existing reward model (dir or hub id)."""
+    data: Path
+    """Training preferences: pairwise rows (trl, hh, ultrafeedback) or ranking rows."""
+    out: Path
+    """Run directory (model/, config.yaml, metrics.jsonl, summary.json, checkpoints/)."""
+    eval_data: Path | None = None
+    """Held-out preferences: accuracy, loss, calibration, per-annotator accuracy, length bias."""
+    data_format: str | None = None
+    """Format of --data/--eval-data (trl, hh, ultrafeedback, ranking); None detects it."""
+    use_margin: bool = False
+    """Bradley–Terry with the rows' ``margin``: chosen must win by at least that (Llama 2)."""
+    label_smoothing: float = 0.0
+    """ε: the target probability that chosen wins is 1 - ε (pairwise data only)."""
+    center_rewards_coef: float = 0.0
+    """Weight of the auxiliary loss mean((Σ rewards of a comparison)²) keeping rewards near 0."""
+    ensemble: int = 1
+    """Number of reward heads on one shared trunk; > 1 gives a mean reward and its std."""
+    weighting: str = "none"
+    """none, or reliability: weigh each comparison by its annotator's estimated reliability."""
+    exclude_flagged: bool = False
+    """Drop the judgments of annotators the quality checks flag (needs --db)."""
+    db: str | None = None
+    """Store URL to read annotator reliability, flags and groups from."""
+    annotator_weights: Path | None = None
+    """JSON file {annotator: weight} used by weighting=reliability instead of the store."""
+    annotator_groups: Path | None = None
+    """JSON file {annotator: [group, ...]} for per-group eval accuracy (the store's groups are
+    added when --db is given)."""
+    seed: int = 0
+    """Seed of initialisation (heads) and data order."""
+    epochs: int = 1
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to take; None runs ``epochs`` passes."""
+    batch_size: int = 16
+    """Comparisons (pairs or rankings) per optimizer step, over all micro-batches."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; must divide batch_size."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``lr``."""
+    schedule: str = "linear"
+    """After warm-up: "linear" decay to 0, "cosine" decay to 0, or "constant"."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient to this global norm (0 turns clipping off)."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens; longer answers are cut."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
+    eval_batch_size: int = 32
+    """Comparisons per no-grad evaluation batch."""
+    lora_r: int | None = None
+    """Train LoRA adapters of this rank (and the head) instead of all weights."""
+    lora_alpha: int = 32
+    """LoRA scale alpha (the update is multiplied by alpha / r)."""
+    merge_lora: bool = False
+    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    save_steps: int = 0
+    """Write a checkpoint every this many steps (0: only the final model)."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in --out."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+    add_pad_token: bool = False
+    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
+
+    def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
+        if self.data_format is not None and self.data_format not in (
+                PAIRWISE_FORMATS + RANKING_FORMATS):
+            raise ValueError(f"data_format must be one of "
+                             f"{list(PAIRWISE_FORMATS + RANKING_FORMATS)}")
+        if not 0.0 <= self.label_smoothing < 0.5 or self.center_rewards_coef < 0:
+            raise ValueError("label_smoothing must be in [0, 0.5) and center_rewards_coef >= 0")
+        if self.ensemble < 1:
+            raise ValueError("ensemble must be at least 1")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}")
+        if self.weighting == "reliability" and self.db is None and self.annotator_weights is None:
+            raise ValueError("weighting=reliability needs --db (the store's annotator "
+                             "reliability) or --annotator-weights FILE.json")
+        if self.exclude_flagged and self.db is None:
+            raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs and max_steps must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"grad_accum ({self.grad_accum})")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
+        if self.warmup_steps < 0 or self.schedule not in SCHEDULES:
+            raise ValueError(f"warmup_steps >= 0 and schedule in {list(SCHEDULES)} required")
+        if self.max_length < 2 or (self.max_prompt_length is not None
+                                   and not 1 <= self.max_prompt_length < self.max_length):
+            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
+        if self.eval_batch_size < 1 or self.save_steps < 0 or self.log_every < 1:
+            raise ValueError("eval_batch_size >= 1, save_steps >= 0 and log_every >= 1 required")
+        if self.lora_r is not None:
+            LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
+            if self.ensemble > 1 and not self.merge_lora:
+                raise ValueError("an ensemble trained with LoRA must be saved merged: add "
+                                 "--merge-lora")
+        elif self.merge_lora:
+            raise ValueError("merge_lora needs lora_r")
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """K tokenised answers to one prompt and their ranks (0 best; equal ranks are a tie)."""
+
+    responses: tuple[Encoded, ...]
+    ranks: tuple[int, ...]
+    margin: float = 0.0
+    annotator: str | None = None
+    weight: float = 1.0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e) for e in self.responses)
+
+
+def _ranks(ranking: Sequence[Sequence[int]], k: int) -> tuple[int, ...]:
+    ranks = [0] * k
+    for place, group in enumerate(ranking):
+        for i in group:
+            ranks[i] = place
+    return tuple(ranks)
+
+
+def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
+                   ) -> list[Comparison]:
+    """Pairs and rankings as comparisons (a tied pair keeps both answers at rank 0)."""
+    def enc(prompt: Any, answer: Any) -> Encoded:
+        return encode(tokenizer, prompt, answer, max_length=cfg.max_length,
+                      max_prompt_length=cfg.max_prompt_length)
+
+    out = []
+    for r in records:
+        if isinstance(r, PairRecord):
+            out.append(Comparison((enc(r.prompt, r.chosen), enc(r.prompt, r.rejected)),
+                                  (0, 0) if r.tie else (0, 1), float(r.margin or 0.0),
+                                  r.annotator))
+        elif isinstance(r, RankingRecord):
+            out.append(Comparison(tuple(enc(r.prompt, a) for a in r.responses),
+                                  _ranks(r.ranking, len(r.responses)), 0.0, r.annotator))
+    return out
+
+
+def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
+    """(objective name, comparisons) of a preference file; other data kinds are refused."""
+    fmt, records = read_records(path, cfg.data_format)
+    if fmt not in PAIRWISE_FORMATS + RANKING_FORMATS:
+        raise UserError(f"{path}: looks like {fmt} rows, but train rm needs preferences: "
+                        "pairwise rows (prompt, chosen, rejected), hh, ultrafeedback or ranking "
+                        "rows")
+    items = to_comparisons(records, tokenizer, cfg)
+    if not items:
+        raise UserError(f"{path}: no comparison to learn from (ultrafeedback rows with equal "
+                        "ratings give none)")
+    return ("bradley-terry" if fmt in PAIRWISE_FORMATS else "plackett-luce"), items
+
+
+def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float] | None,
+                           flagged: set[str]) -> list[Comparison]:
+    """Drop comparisons judged by ``flagged`` annotators; weigh the rest by ``weights``.
+
+    Unknown annotators (and rows without one) weigh 1, as ``feedback.quality`` advises.
+    """
+    kept = [c for c in items if c.annotator not in flagged] if flagged else list(items)
+    if len(kept) < len(items):
+        log.warning("left out %d comparisons by %d flagged annotators",
+                    len(items) - len(kept), len(flagged))
+    if not kept:
+        raise UserError("every comparison was judged by a flagged annotator; nothing to train on")
+    if weights is None:
+        return kept
+    out = []
+    for c in kept:
+        w = float(weights.get(c.annotator, 1.0)) if c.annotator is not None else 1.0
+        if not w >= 0 or math.isinf(w):
+            raise UserError(f"annotator {c.annotator!r} has weight {w}; weights must be >= 0")
+        out.append(Comparison(c.responses, c.ranks, c.margin, c.annotator, w))
+    if sum(c.weight for c in out) <= 0:
+        raise UserError("every comparison has weight 0; nothing to train on")
+    return out
+
+
+def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object mapping annotator names to {what}")
+    return data
+
+
+def annotator_info(cfg: RewardConfig) -> tuple[dict[str, float] | None, set[str],
+                                               dict[str, list[str]]]:
+    """(weights or None, flagged annotators, groups by annotator) from the files and the store."""
+    weights: dict[str, float] | None = None
+    flagged: set[str] = set()
+    groups: dict[str, list[str]] = {}
+    if cfg.annotator_groups is not None:
+        for name, g in _read_json_mapping(cfg.annotator_groups, "groups").items():
+            groups[name] = [g] if isinstance(g, str) else [str(x) for x in g]
+    if cfg.weighting == "reliability" and cfg.annotator_weights is not None:
+        raw = _read_json_mapping(cfg.annotator_weights, "weights")
+        try:
+            weights = {str(k): float(v) for k, v in raw.items()}
+        except (TypeError, ValueError):
+            raise UserError(f"{cfg.annotator_weights}: every weight must be a number") from None
+    if cfg.db is not None:
+        from rewardloop.data.schema import Annotator
+        from rewardloop.data.store import Store
+        from rewardloop.feedback.quality import annotator_weights, flagged_annotators
+
+        store = Store(cfg.db)
+        try:
+            if cfg.weighting == "reliability" and weights is None:
+                weights = annotator_weights(store)
+            if cfg.exclude_flagged:
+                flagged = flagged_annotators(store)
+            with store.read() as session:
+                for a in session.query(Annotator).all():
+                    if a.groups:
+                        groups.setdefault(a.name, []).extend(
+                            str(g) for g in a.groups if str(g) not in groups.get(a.name, []))
+        finally:
+            store.dispose()
+    return weights, flagged, groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and objectives
+# ---------------------------------------------------------------------------------------------
+
+
+def score_comparisons(model: nn.Module, items: Sequence[Comparison], pad_id: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All answers of ``items`` in ONE forward pass -> (scores (B, K, H), ranks (B, K)).
+
+    Rows are laid out answer-position-major (every first answer, then every second, ...), so a
+    pair batch is exactly ``collate_pairs``'s chosen-then-rejected layout. Absent answers of
+    shorter rankings have rank -1 and score 0.
+    """
+    k_max = max(len(c.responses) for c in items)
+    where = [(b, k) for k in range(k_max) for b, c in enumerate(items) if k < len(c.responses)]
+    batch = collate([items[b].responses[k] for b, k in where], pad_id)
+    rewards = rewards_of(model, {k: v.to(device) for k, v in batch.items()})  # (N, H)
+    b_idx = torch.tensor([b for b, _ in where], device=device)
+    k_idx = torch.tensor([k for _, k in where], device=device)
+    scores = rewards.new_zeros(len(items), k_max, rewards.shape[1])
+    scores = scores.index_put((b_idx, k_idx), rewards)
+    ranks = torch.full((len(items), k_max), -1, dtype=torch.long, device=device)
+    for b, c in enumerate(items):
+        ranks[b, :len(c.ranks)] = torch.tensor(c.ranks)
+    return scores, ranks
+
+
+def _bradley_terry(scores: torch.Tensor, ranks: torch.Tensor, margins: torch.Tensor,
+                   cfg: RewardConfig, global_count: float) -> losses.LossOutput:
+    """BT on (B, 2) scores of one head; ties are half wins, margins only with use_margin."""
+    return losses.bradley_terry_loss(
+        scores[:, 0], scores[:, 1], margin=margins if cfg.use_margin else None,
+        label_smoothing=cfg.label_smoothing, tie=ranks[:, 0] == ranks[:, 1],
+        global_count=global_count)
+
+
+def _plackett_luce(scores: torch.Tensor, ranks: torch.Tensor, margins: torch.Tensor,
+                   cfg: RewardConfig, global_count: float) -> losses.LossOutput:
+    """Plackett–Luce on (B, K) scores of one head (margins and smoothing do not apply)."""
+    return losses.plackett_luce_loss(scores, ranks, global_count=global_count)
+
+
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RewardConfig, float],
+                     losses.LossOutput]
+OBJECTIVES: dict[str, Objective] = {
+    "bradley-terry": _bradley_terry,
+    "plackett-luce": _plackett_luce,
+}
+
+
+def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
+                    items: Sequence[Comparison], cfg: RewardConfig, step_weight: float,
+                    step_count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Σ_i w_i loss_i / ``step_weight`` averaged over heads, plus reward centering.
+
+    scores (B, K, H), ranks (B, K); ``step_weight`` / ``step_count``: summed weight / number of
+    the comparisons in the whole optimizer step. The losses take one global count, so
+    comparisons are grouped by weight: a group of weight w divides its summed loss by
+    step_weight / w, which gives Σ_i w_i loss_i / step_weight exactly.
+    """
+    device = scores.device
+    weights = torch.tensor([c.weight for c in items], device=device)
+    margins = torch.tensor([c.margin for c in items], device=device, dtype=scores.dtype)
+    heads = scores.shape[-1]
+    loss = scores.new_zeros(())
+    for w in torch.unique(weights).tolist():
+        if w == 0:
+            continue
+        sel = weights == w
+        for h in range(heads):
+            part, _ = objective(scores[sel][..., h], ranks[sel], margins[sel], cfg,
+                                step_weight / w)
+            loss = loss + part / heads
+    if cfg.center_rewards_coef > 0:
+        # A batch mean over this micro-batch; x B_micro / B_step makes it a share of the step.
+        centering = torch.stack([losses.reward_centering_loss(scores[..., h],
+                                                              cfg.center_rewards_coef)
+                                 for h in range(heads)]).mean()
+        loss = loss + centering * len(items) / step_count
+    with torch.no_grad():  # metrics of the ensemble's reward, the mean over heads (B, K)
+        _, metrics = objective(scores.mean(-1), ranks, margins, cfg, float(len(items)))
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_all(model: nn.Module, items: Sequence[Comparison], pad_id: int, device: torch.device,
+              batch_size: int) -> list[torch.Tensor]:
+    """No-grad rewards of every answer: one (K_i, H) float32 tensor per comparison."""
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        scores, _ = score_comparisons(model, [items[i] for i in idx], pad_id, device)
+        for j, i in enumerate(idx):
+            out[i] = scores[j, :len(items[i].responses)].float().cpu()
+    model.train(was_training)
+    return out
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def reward_stats(scores: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Mean/std of the (ensemble-mean) rewards of all answers, and of each head."""
+    flat = torch.cat(list(scores))  # (N, H)
+    mean = flat.mean(-1)
+    return {"mean": float(mean.mean()), "std": float(mean.std(unbiased=False)),
+            "n": int(flat.shape[0]), "ensemble": int(flat.shape[1]),
+            "head_mean": flat.mean(0).tolist(), "head_std": flat.std(0, unbiased=False).tolist()}
+
+
+def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
+                 groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """Accuracy, calibration and per-annotator/group accuracy of r_better - r_worse (P,)."""
+    correct = deltas > 0
+    probs = 1.0 / (1.0 + np.exp(-deltas))
+    ece, bins = expected_calibration_error(np.concatenate([probs, 1 - probs]),
+                                           np.concatenate([np.ones_like(probs),
+                                                           np.zeros_like(probs)]))
+    figures: dict[str, Any] = {"eval_accuracy": float(correct.mean()), "eval_ece": ece,
+                               "calibration_bins": bins}
+    by_name: dict[str, list[bool]] = defaultdict(list)
+    by_group: dict[str, list[bool]] = defaultdict(list)
+    for ok, name in zip(correct.tolist(), who, strict=True):
+        if name is None:
+            continue
+        by_name[name].append(ok)
+        for g in groups.get(name, ()):
+            by_group[g].append(ok)
+    for key, table in (("accuracy_by_annotator", by_name), ("accuracy_by_group", by_group)):
+        if table:
+            figures[key] = {n: {"accuracy": float(np.mean(v)), "pairs": len(v)}
+                            for n, v in sorted(table.items())}
+    return figures
+
+
+def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[torch.Tensor],
+             cfg: RewardConfig, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """Held-out figures of the ensemble-mean reward.
+
+    - ``eval_loss``: the objective's NLL (no margin, no smoothing: the data's log-likelihood);
+    - ``eval_accuracy``: share of strictly ordered answer pairs the reward orders right (ties
+      are left out); per annotator and per annotator group as well;
+    - ``eval_ece`` and ``calibration_bins``: calibration of σ(r_better - r_worse), counted in
+      both orientations so the reliability diagram is symmetric;
+    - ``length_correlation``: Pearson r of reward and answer length in tokens.
+    """
+    k_max = max(len(c.responses) for c in items)
+    mean = torch.zeros(len(items), k_max)
+    ranks = torch.full((len(items), k_max), -1, dtype=torch.long)
+    for b, (c, s) in enumerate(zip(items, scores, strict=True)):
+        mean[b, :len(c.responses)] = s.mean(-1)
+        ranks[b, :len(c.ranks)] = torch.tensor(c.ranks)
+    plain = RewardConfig(model=cfg.model, data=cfg.data, out=cfg.out)
+    loss, _ = OBJECTIVES[objective_name](mean, ranks, torch.zeros(len(items)), plain,
+                                         float(len(items)))
+    deltas, who = [], []
+    for b, c in enumerate(items):
+        for i in range(len(c.ranks)):
+            for j in range(len(c.ranks)):
+                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
+                    deltas.append(float(mean[b, i] - mean[b, j]))
+                    who.append(c.annotator)
+    figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
+    if deltas:
+        figures.update(pair_figures(np.asarray(deltas), who, groups))
+    rewards = [float(r) for c, s in zip(items, scores, strict=True) for r in s.mean(-1)]
+    lengths = [sum(e.completion_mask) for c in items for e in c.responses]
+    corr = _pearson(rewards, lengths)
+    figures["length_correlation"] = corr
+    if corr is not None and abs(corr) > LENGTH_CORRELATION_WARNING:
+        log.warning("reward and answer length correlate (Pearson r = %.2f): the model mostly "
+                    "rewards length", corr)
+    if scores and scores[0].shape[-1] > 1:
+        figures["eval_uncertainty_mean"] = float(torch.cat(list(scores)).std(
+            -1, unbiased=False).mean())
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(cfg: RewardConfig) -> tuple[nn.Module, Any]:
+    """The reward model (K fresh heads for an ensemble, LoRA when asked) and its tokenizer."""
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               add_pad_token=cfg.add_pad_token, padding_side="right")
+    model = load_reward_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                              trust_remote_code=cfg.trust_remote_code,
+                              pad_token_id=tokenizer.pad_token_id)
+    match_tokenizer(model, tokenizer)
+    if cfg.ensemble > 1:
+        old = model.score
+        head = nn.Linear(old.in_features, cfg.ensemble, bias=old.bias is not None,
+                         dtype=old.weight.dtype, device=old.weight.device)
+        nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+        model.score = head
+        model.config.num_labels = cfg.ensemble
+        setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
+    if cfg.lora_r:
+        model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+    return model, tokenizer
+
+
+def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
+    from rewardloop.train.checkpoint import atomic_write_text
+
+    atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
+
+
+def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
+    """Train a reward model; returns the summary written to ``summary.json``."""
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg)
+    device = resolve_device(cfg.device)
+    pad_id = tokenizer.pad_token_id
+    weights, flagged, groups = annotator_info(cfg)
+    objective_name, items = read_comparisons(cfg.data, tokenizer, cfg)
+    n_read = len(items)
+    items = apply_annotator_policy(items, weights, flagged)
+    eval_name, eval_items = (read_comparisons(cfg.eval_data, tokenizer, cfg)
+                             if cfg.eval_data else (objective_name, []))
+    if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
+        raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
+                        "rows train with Plackett-Luce, which has neither")
+    objective = OBJECTIVES[objective_name]
+    lengths = [c.n_tokens for c in items]
+    sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
+    log.info("rm: %d comparisons (%s), %d steps", len(items), objective_name, total_steps)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
+    ckpt = run.restore(models={"reward": model}, optimizers={"reward": optimizer},
+                       schedulers={"reward": sched})
+    step = 0
+    if ckpt is not None:
+        step = ckpt.step
+        sampler.load_state_dict(ckpt.sampler_state)
+    with progress_bar(total_steps, "rm", start=step) as show:
+        while step < total_steps:
+            batch = sampler.next_batch()
+            step_weight = sum(items[i].weight for i in batch)  # global normaliser of the step
+            step_loss = torch.zeros((), device=device)
+            step_metrics: dict[str, float] = defaultdict(float)
+            for micro in split_micro(batch, lengths, cfg.grad_accum):
+                mb = [items[i] for i in micro]
+                scores, ranks = score_comparisons(model, mb, pad_id, device)
+                loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg,
+                                                max(step_weight, 1e-12), len(batch))
+                loss.backward()
+                step_loss += loss.detach()
+                for key, value in metrics.items():
+                    step_metrics[key] += float(value) * len(mb) / len(batch)
+            check_finite(step_loss, step + 1, run=run)
+            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.zeros(()))
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            run.meter.step(samples=len(batch), tokens=sum(lengths[i] for i in batch))
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log_metrics(step, {"loss": step_loss, "grad_norm": grad_norm,
+                                       "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
+                                       **step_metrics})
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                save_checkpoint(run, step, models={"reward": model},
+                                optimizers={"reward": optimizer}, schedulers={"reward": sched},
+                                sampler_state=sampler.state_dict())
+            show(step, f"loss {float(step_loss):.3f}")
+
+    stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
+    stats_scores = score_all(model, stats_items, pad_id, device, cfg.eval_batch_size)
+    figures: dict[str, Any] = {}
+    if eval_items:
+        figures = evaluate(eval_name, eval_items, stats_scores, cfg, groups)
+        run.log_metrics(step, {k: v for k, v in figures.items() if isinstance(v, float)})
+    stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
+             "max_prompt_length": cfg.max_prompt_length}
+    model = save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+    _write_stats(run.model_dir, stats)
+    return run.write_summary({
+        **figures, "objective": objective_name, "ensemble": cfg.ensemble,
+        "train_comparisons": len(items), "dropped_flagged": n_read - len(items),
+        "reward_mean": stats["mean"], "reward_std": stats["std"]})

@@ -1,0 +1,433 @@
+"""Supervised fine-tuning: next-token cross-entropy on answers (``rewardloop train sft``).
+
+One explicit loop (``train_sft``). Data are ``sft`` rows (prompt + completion, chat ``messages``
+whose last turn is the answer, or plain ``text``), tokenised once by ``train.tokenize``. The loss
+is the token mean of -log p(token) over the *target* tokens of the whole optimizer step: the
+completion tokens (EOS included) by default, every token with ``train_on_prompt``. Dividing by the
+step's global target-token count (not a micro-batch mean) makes gradient accumulation exact.
+
+Batches group examples of similar length (``LengthGroupedSampler``) and are padded to their own
+longest row, so little compute goes to padding. With ``packing`` several examples share one row
+of up to ``max_length`` tokens, with ``position_ids`` restarting at 0 for each; transformers
+turns restarting positions (and no 2-D attention mask) into a block-diagonal causal mask, so a
+token never attends to another example (``tests/unit/test_sft.py`` checks packed logits equal
+unpacked ones). The first token of every example is never a target, so nothing is trained to
+predict one example from the end of the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewardloop import losses, ops
+from rewardloop.data.formats import read_records
+from rewardloop.data.records import SFTRecord
+from rewardloop.errors import UserError
+from rewardloop.models import (
+    LoraSettings,
+    load_policy,
+    load_tokenizer,
+    match_tokenizer,
+    resolve_device,
+    save_model,
+)
+from rewardloop.train.run import (
+    RunDir,
+    check_finite,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+)
+from rewardloop.train.tokenize import Encoded, encode_sft, length_grouped_batches, pad
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Options of ``rewardloop train sft``."""
+
+    model: str
+    """Causal LM to start from: a local model directory or a hub id."""
+    data: Path
+    """Training rows in the sft format: prompt + completion, messages, or text."""
+    out: Path
+    """Run directory (model/, config.yaml, metrics.jsonl, summary.json, checkpoints/)."""
+    eval_data: Path | None = None
+    """Held-out sft rows: eval loss and perplexity on their target tokens."""
+    train_on_prompt: bool = False
+    """Also train on prompt tokens (default: only the completion and its EOS)."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens (isolated by position_ids);
+    batch_size then counts packed rows."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    epochs: int = 1
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to take; None runs ``epochs`` passes."""
+    batch_size: int = 16
+    """Examples (packed rows with packing) per optimizer step, over all micro-batches."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; must divide batch_size."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``lr``."""
+    schedule: str = "linear"
+    """After warm-up: "linear" decay to 0, "cosine" decay to 0, or "constant"."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient to this global norm (0 turns clipping off)."""
+    max_length: int = 512
+    """Longest prompt + completion (and packed row) in tokens; longer answers are cut."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
+    eval_batch_size: int = 32
+    """Examples per no-grad evaluation batch."""
+    eval_every: int = 0
+    """Evaluate on eval_data every this many steps (0: only at the end)."""
+    lora_r: int | None = None
+    """Train LoRA adapters of this rank instead of all weights."""
+    lora_alpha: int = 32
+    """LoRA scale alpha (the update is multiplied by alpha / r)."""
+    merge_lora: bool = False
+    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    save_steps: int = 0
+    """Write a checkpoint every this many steps (0: only the final model)."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in --out."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+    add_pad_token: bool = False
+    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
+
+    def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs and max_steps must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"grad_accum ({self.grad_accum})")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
+        if self.warmup_steps < 0 or self.schedule not in SCHEDULES:
+            raise ValueError(f"warmup_steps >= 0 and schedule in {list(SCHEDULES)} required")
+        if self.max_length < 2 or (self.max_prompt_length is not None
+                                   and not 1 <= self.max_prompt_length < self.max_length):
+            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
+        if self.eval_batch_size < 1 or self.eval_every < 0:
+            raise ValueError("eval_batch_size >= 1 and eval_every >= 0 required")
+        if self.save_steps < 0 or self.log_every < 1:
+            raise ValueError("save_steps >= 0 and log_every >= 1 required")
+        if self.lora_r is not None:
+            LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
+        elif self.merge_lora:
+            raise ValueError("merge_lora needs lora_r")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: examples -> rows (one example, or several packed) -> padded batches
+# ---------------------------------------------------------------------------------------------
+
+
+def read_sft(path: Path, tokenizer: Any, cfg: SFTConfig) -> list[Encoded]:
+    """Tokenised sft rows of ``path``; another data kind is a UserError naming it."""
+    fmt, records = read_records(path)
+    if fmt != "sft":
+        raise UserError(f"{path}: looks like {fmt} rows, but train sft needs sft rows "
+                        "(prompt + completion, messages ending with the assistant, or text); "
+                        "for preferences use train rm or train dpo")
+    examples = [encode_sft(tokenizer, r, max_length=cfg.max_length,
+                           max_prompt_length=cfg.max_prompt_length)
+                for r in records if isinstance(r, SFTRecord)]
+    if not any(sum(target_mask(e, cfg.train_on_prompt)) for e in examples):
+        raise UserError(f"{path}: no example has a token to train on (are the completions "
+                        "cut away by --max-length?)")
+    return examples
+
+
+def target_mask(example: Encoded, train_on_prompt: bool) -> list[int]:
+    """1 on the tokens the loss predicts: the completion (or every token), never the first.
+
+    The first token has no context inside its example; in a packed row it would be predicted
+    from the previous example, which must not be learnt.
+    """
+    mask = [1] * len(example) if train_on_prompt else list(example.completion_mask)
+    if mask:
+        mask[0] = 0
+    return mask
+
+
+def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group example indices into rows of at most ``max_length`` tokens (first-fit decreasing).
+
+    Deterministic; every index appears once. Rows are filled longest example first, which leaves
+    little room unused (the strategy TRL calls "bfd").
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+    return rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a batch: the example indices it holds (one, or several when packed)."""
+
+    examples: tuple[int, ...]
+    length: int
+
+
+def make_rows(examples: Sequence[Encoded], cfg: SFTConfig) -> list[Row]:
+    lengths = [len(e) for e in examples]
+    groups = pack(lengths, cfg.max_length) if cfg.packing else [[i] for i in range(len(lengths))]
+    return [Row(tuple(g), sum(lengths[i] for i in g)) for g in groups]
+
+
+def collate_rows(rows: Sequence[Row], examples: Sequence[Encoded], pad_id: int,
+                 train_on_prompt: bool, packed: bool) -> dict[str, torch.Tensor]:
+    """A right-padded batch: input_ids, targets (B, T), and attention_mask or position_ids.
+
+    Unpacked rows get the usual 2-D attention mask. Packed rows get ``position_ids`` restarting
+    at 0 per example and no attention mask, which transformers turns into a block-diagonal
+    causal mask; padding at the end of a row is a segment of its own that no real token sees.
+    """
+    ids, targets, positions = [], [], []
+    for row in rows:
+        parts = [examples[i] for i in row.examples]
+        ids.append([t for e in parts for t in e.input_ids])
+        targets.append([m for e in parts for m in target_mask(e, train_on_prompt)])
+        positions.append([p for e in parts for p in range(len(e))])
+    batch = {"input_ids": pad(ids, pad_id), "targets": pad(targets, 0)}
+    if packed:
+        width = batch["input_ids"].shape[1]
+        batch["position_ids"] = pad([p + list(range(width - len(p))) for p in positions], 0)
+    else:
+        batch["attention_mask"] = pad([[1] * len(x) for x in ids], 0)
+    return batch
+
+
+class LengthGroupedSampler:
+    """Resumable epochs of batches of similar-length rows (``tokenize.length_grouped_batches``).
+
+    Each epoch's batches are a pure function of ``(seed, epoch)``, and the position is two
+    integers, so a resumed run draws exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        if not lengths:
+            raise ValueError("LengthGroupedSampler needs at least one item")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._batches: list[list[int]] | None = None
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._batches is None:
+            rng = random.Random(self.seed * 1_000_003 + self.epoch)
+            self._batches = length_grouped_batches(self.lengths, self.batch_size, rng)
+        return self._batches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch_batches())
+
+    def next_batch(self) -> list[int]:
+        """The next batch of indices; moves to the next epoch when this one is used up."""
+        if self.position >= len(self._epoch_batches()):
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        batch = self._epoch_batches()[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n": len(self.lengths),
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position; refuses a state from a different data set-up."""
+        for key, mine in (("n", len(self.lengths)), ("batch_size", self.batch_size),
+                          ("seed", self.seed)):
+            if int(state[key]) != mine:
+                raise UserError(f"checkpoint sampler has {key}={state[key]} but this run has "
+                                f"{mine}; resume with the same data and settings")
+        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
+
+
+def split_micro(indices: Sequence[int], lengths: Sequence[int], n_micro: int) -> list[list[int]]:
+    """Cut one step's indices into ``n_micro`` equal micro-batches of similar lengths.
+
+    Sorting inside the step changes which rows share a micro-batch, not the step's summed
+    gradient, and keeps padding low in every micro-batch.
+    """
+    ordered = sorted(indices, key=lambda i: -lengths[i])
+    size = math.ceil(len(ordered) / n_micro)
+    return [ordered[k:k + size] for k in range(0, len(ordered), size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], global_tokens: float
+              ) -> torch.Tensor:
+    """Summed -log p of the batch's target tokens / ``global_tokens``: a scalar.
+
+    Logits at position t predict token t+1, so targets are shifted by one.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "targets"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    token_logps = ops.token_log_probs(logits[:, :-1], batch["input_ids"][:, 1:])  # (B, T-1)
+    loss, _ = losses.nll_loss(token_logps, batch["targets"][:, 1:], global_tokens=global_tokens)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Encoded], cfg: SFTConfig, pad_id: int,
+             device: torch.device) -> dict[str, float]:
+    """Token-mean NLL of the eval targets (``eval_loss``) and ``eval_perplexity`` = exp of it."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    total = sum(sum(target_mask(e, cfg.train_on_prompt)) for e in examples)
+    nll = 0.0
+    for start in range(0, len(order), cfg.eval_batch_size):
+        rows = [Row((i,), len(examples[i])) for i in order[start:start + cfg.eval_batch_size]]
+        batch = collate_rows(rows, examples, pad_id, cfg.train_on_prompt, packed=False)
+        nll += float(token_nll(model, {k: v.to(device) for k, v in batch.items()}, total))
+    model.train(was_training)
+    return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 700.0))}
+
+
+def scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+              schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak, then linear or cosine decay to 0 at ``total_steps``, or flat."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(cfg: SFTConfig) -> tuple[nn.Module, Any]:
+    """The policy (with fresh LoRA adapters when asked) and its right-padding tokenizer."""
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               add_pad_token=cfg.add_pad_token, padding_side="right")
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
+    model = load_policy(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                        trust_remote_code=cfg.trust_remote_code, lora=lora)
+    match_tokenizer(model, tokenizer)
+    return model, tokenizer
+
+
+def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
+    """Run supervised fine-tuning; returns the summary written to ``summary.json``."""
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg)
+    device = resolve_device(cfg.device)
+    pad_id = tokenizer.pad_token_id
+    examples = read_sft(cfg.data, tokenizer, cfg)
+    eval_examples = read_sft(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else []
+    rows = make_rows(examples, cfg)
+    row_lengths = [r.length for r in rows]
+    row_targets = [sum(sum(target_mask(examples[i], cfg.train_on_prompt)) for i in r.examples)
+                   for r in rows]
+    sampler = LengthGroupedSampler(row_lengths, cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
+    log.info("sft: %d examples in %d rows, %d steps", len(examples), len(rows), total_steps)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
+    ckpt = run.restore(models={"policy": model}, optimizers={"policy": optimizer},
+                       schedulers={"policy": sched})
+    step = 0
+    if ckpt is not None:
+        step = ckpt.step
+        sampler.load_state_dict(ckpt.sampler_state)
+    figures: dict[str, float] = {}
+    with progress_bar(total_steps, "sft", start=step) as show:
+        while step < total_steps:
+            batch_rows = sampler.next_batch()
+            n_targets = sum(row_targets[i] for i in batch_rows)  # global normaliser of the step
+            step_loss = torch.zeros((), device=device)
+            for micro in split_micro(batch_rows, row_lengths, cfg.grad_accum):
+                batch = collate_rows([rows[i] for i in micro], examples, pad_id,
+                                     cfg.train_on_prompt, cfg.packing)
+                loss = token_nll(model, {k: v.to(device) for k, v in batch.items()},
+                                 max(n_targets, 1))
+                loss.backward()
+                step_loss += loss.detach()
+            check_finite(step_loss, step + 1, run=run)
+            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.zeros(()))
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            run.meter.step(samples=sum(len(rows[i].examples) for i in batch_rows),
+                           tokens=sum(row_lengths[i] for i in batch_rows))
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log_metrics(step, {"loss": step_loss, "grad_norm": grad_norm,
+                                       "lr": sched.get_last_lr()[0], "target_tokens": n_targets,
+                                       "epoch": sampler.epoch})
+            if eval_examples and cfg.eval_every and step % cfg.eval_every == 0:
+                figures = evaluate(model, eval_examples, cfg, pad_id, device)
+                run.log_metrics(step, figures)
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                save_checkpoint(run, step, models={"policy": model},
+                                optimizers={"policy": optimizer}, schedulers={"policy": sched},
+                                sampler_state=sampler.state_dict())
+            show(step, f"loss {float(step_loss):.3f}")
+    if eval_examples:
+        figures = evaluate(model, eval_examples, cfg, pad_id, device)
+        run.log_metrics(step, figures)
+    save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+    return run.write_summary({**figures, "train_examples": len(examples),
+                              "packed_rows": len(rows) if cfg.packing else None})
