@@ -100,6 +100,10 @@ def check_model_dir(path: str | Path) -> str:
     if not _is_local(text):
         if not _HUB_ID.match(text):
             raise UserError(f"{text!r} is neither a local directory nor a hub id (org/name)")
+        if _offline() and not _in_hub_cache(text):
+            raise UserError(f"{text!r} is not a local directory, and HF_HUB_OFFLINE is set but "
+                            "it is not in the Hugging Face cache; download it first or give a "
+                            "local directory")
         return text
     p = Path(text).expanduser()
     if not p.exists():
@@ -122,6 +126,13 @@ def check_model_dir(path: str | Path) -> str:
     for file in weights:
         _check_safetensors(file)
     return str(p)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str)
+               for name in ("config.json", "adapter_config.json"))
 
 
 def _check_safetensors(file: Path) -> None:
@@ -210,7 +221,9 @@ def _from_pretrained(auto_cls: Any, source: str, *, dtype: str, device: str,
     with _hub_errors(source):
         model = auto_cls.from_pretrained(
             source, dtype=resolve_dtype(dtype, dev), use_safetensors=True,
-            trust_remote_code=trust_remote_code, local_files_only=_offline(), **kwargs,
+            trust_remote_code=trust_remote_code, local_files_only=_offline(),
+            # transformers does not pass local_files_only on to its adapter lookup
+            adapter_kwargs={"local_files_only": True} if _offline() else None, **kwargs,
         )
     return model.to(dev)
 
