@@ -159,7 +159,9 @@ def _hub_errors(source: str) -> Iterator[None]:
     except OSError as exc:
         hint = (" HF_HUB_OFFLINE is set and it is not in the local cache; download it first "
                 "or give a local directory." if _offline() else "")
-        raise UserError(f"could not load {source!r}: {exc}.{hint}".replace("\n", " ")) from None
+        where = "" if Path(source).is_dir() else " (no such local directory; tried as a hub id)"
+        raise UserError(f"could not load {source!r}{where}: {exc}.{hint}".replace("\n", " ")) \
+            from None
 
 
 def load_tokenizer(
