@@ -198,3 +198,95 @@ class RewardScorer:
             heads = (heads - float(self.stats["mean"])) / max(float(self.stats["std"]), 1e-8)
         std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
         return Scores(heads.mean(dim=1).tolist(), std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a file (``rewardloop score``)
+# ---------------------------------------------------------------------------------------------
+
+PAIR_FORMATS = ("trl", "hh", "ultrafeedback")
+LIST_FORMATS = ("candidates", "ranking")
+SINGLE_FORMATS = ("sft", "kto")
+
+
+def _answers(fmt: str, record: Any) -> list[tuple[Text, Text]]:
+    """The (prompt, answer) pairs of one record, in the order their scores are written."""
+    if fmt in PAIR_FORMATS:
+        return [(record.prompt, record.chosen), (record.prompt, record.rejected)]
+    if fmt in LIST_FORMATS:
+        return [(record.prompt, r) for r in record.responses]
+    if fmt == "kto":
+        return [(record.prompt, record.completion)]
+    if record.text is not None:
+        raise UserError("sft rows with only 'text' have no prompt/answer split to score; give "
+                        "prompt + completion (or messages) rows")
+    return [record.prompt_completion()]
+
+
+def _put(fmt: str, row: dict[str, Any], mean: list[float], std: list[float] | None) -> None:
+    if fmt in PAIR_FORMATS:
+        row["score_chosen"], row["score_rejected"] = mean
+        if std is not None:
+            row["score_chosen_std"], row["score_rejected_std"] = std
+    elif fmt in LIST_FORMATS:
+        row["scores"] = mean
+        if std is not None:
+            row["scores_std"] = std
+    else:
+        row["score"] = mean[0]
+        if std is not None:
+            row["score_std"] = std[0]
+
+
+def _rows_of(fmt: str, path: Path, records: Sequence[Any]) -> list[dict[str, Any]]:
+    """The rows to write: the input objects (extra fields kept), or for ultrafeedback, whose
+    rows expand into several pairs, one trl row per pair."""
+    if fmt == "ultrafeedback":
+        return [{k: v for k, v in (("prompt", r.prompt), ("chosen", r.chosen),
+                                   ("rejected", r.rejected), ("margin", r.margin),
+                                   ("annotator", r.annotator), ("id", r.id)) if v is not None}
+                for r in records]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    if len(rows) != len(records):
+        raise UserError(f"{path}: {len(rows)} rows gave {len(records)} records; cannot align")
+    return rows
+
+
+def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32,
+               normalize: bool = False, data_format: str | None = None,
+               device: str = "auto") -> int:
+    """Score every answer in ``data`` and write the rows with their scores to ``out``.
+
+    Pairwise rows get ``score_chosen``/``score_rejected``, candidates and ranking rows
+    ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
+    output is written atomically. Returns the number of rows written.
+    """
+    from rewardloop.data.formats import read_records
+    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.train.run import progress_bar
+
+    data, out = Path(data), Path(out)
+    fmt, records = read_records(data, data_format)
+    if fmt not in PAIR_FORMATS + LIST_FORMATS + SINGLE_FORMATS:
+        raise UserError(f"{data}: {fmt} rows hold no answers to score; give pairwise, "
+                        "candidates, ranking or prompt/completion rows (generate answers for "
+                        "prompts first)")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: directory {out.parent} does not exist")
+    answers = [_answers(fmt, r) for r in records]
+    rows = _rows_of(fmt, data, records)
+    scorer = RewardScorer(rm, device, batch_size, normalize=normalize)
+    flat = [pair for group in answers for pair in group]
+    with progress_bar(len(flat), "score") as show:
+        scores = scorer.score_with_std([p for p, _ in flat], [a for _, a in flat],
+                                       progress=show)
+    start = 0
+    for row, group in zip(rows, answers, strict=True):
+        end = start + len(group)
+        _put(fmt, row, scores.mean[start:end],
+             scores.std[start:end] if scores.std is not None else None)
+        start = end
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_text(out, text)
+    return len(rows)
