@@ -1,0 +1,207 @@
+"""``rewardloop generate``: sample K answers per prompt, write candidates, and (with --db) create
+the comparison tasks a label budget buys, chosen at random or by reward-model uncertainty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from rewardloop.cli._common import DB, SEED, existing_file, resolve_db
+from rewardloop.errors import UserError
+
+if TYPE_CHECKING:
+    from rewardloop.feedback.select import SelectionConfig
+
+ORDER = 11
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Options of ``rewardloop generate``."""
+
+    policy: str
+    """Policy to sample from: a model directory (or a train run's model/) or a hub id."""
+    prompts: Path
+    """Prompts JSONL (``prompt`` text or chat, or ``messages``)."""
+    n: int = 4
+    """Answers sampled per prompt (>= 2: tasks compare answers)."""
+    out: Path | None = None
+    """Candidates JSONL to write (prompt, responses, models)."""
+    db: str | None = None
+    """Store URL: create tasks there (``--select``, ``--budget``, ... apply only then)."""
+    select: str | None = None
+    """random or uncertainty (default random when --db is given)."""
+    rm: Path | None = None
+    """Ensemble reward model (``train rm --ensemble K``) for uncertainty selection."""
+    measure: str = "bald"
+    """Ensemble disagreement of a pair: bald or std."""
+    budget: int | None = None
+    """Labels (judgments) to spend; None: one per candidate pair."""
+    batch: str | None = None
+    """Batch name for the tasks (default: generate-<prompts file stem>)."""
+    overlap_share: float = 0.1
+    """Share of the non-gold tasks given to --overlap annotators."""
+    overlap: int = 3
+    """Annotators per overlap item and per gold item."""
+    gold: Path | None = None
+    """Gold rows JSONL (prompt, responses, ranking) to interleave as gold items."""
+    gold_rate: float = 0.05
+    """Share of all tasks that are gold items (when --gold is given)."""
+    max_new_tokens: int = 64
+    """Longest answer in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens (cut from the left)."""
+    batch_size: int = 8
+    """Prompts sampled together."""
+    seed: int = 0
+    """Seed for sampling and selection."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        from rewardloop.rollout import SamplingSettings
+
+        if self.n < 2:
+            raise ValueError(f"-n must be at least 2 (tasks compare answers), got {self.n}")
+        if self.out is None and self.db is None:
+            raise ValueError("nothing to write: give --out FILE and/or --db URL")
+        if self.db is None:
+            given = [f for f, v in (("--select", self.select), ("--rm", self.rm),
+                                    ("--budget", self.budget), ("--gold", self.gold),
+                                    ("--batch", self.batch)) if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} create tasks and need --db URL")
+        if self.select == "uncertainty" and self.rm is None:
+            raise ValueError("--select uncertainty needs --rm DIR (an ensemble reward model)")
+        if self.rm is not None and self.select != "uncertainty":
+            raise ValueError("--rm is used only by --select uncertainty")
+        if self.batch_size < 1 or self.max_prompt_length < 1:
+            raise ValueError("batch_size and max_prompt_length must be at least 1")
+        self.selection()
+        SamplingSettings(self.max_new_tokens, self.temperature, self.top_p)
+
+    def selection(self) -> SelectionConfig:
+        from rewardloop.feedback.select import SelectionConfig
+
+        return SelectionConfig(strategy=self.select or "random", budget=self.budget,
+                               overlap_share=self.overlap_share, overlap=self.overlap,
+                               gold_rate=self.gold_rate, measure=self.measure, seed=self.seed)
+
+
+def run_generate(cfg: GenerateConfig) -> list[str]:
+    """Sample, write, select, create; returns the lines to print."""
+    from rewardloop.data.formats import PromptRecord, read_records, write_records
+    from rewardloop.feedback import select as S
+    from rewardloop.rollout import SamplingSettings
+
+    gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
+    prompts = [r.prompt for r in read_records(existing_file(cfg.prompts), "prompts")[1]
+               if isinstance(r, PromptRecord)]
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    origin = S.policy_origin(cfg.policy, {
+        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+        "top_p": cfg.top_p, "seed": cfg.seed})
+    label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
+    rows = S.sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
+                               batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
+                               device=cfg.device, dtype=cfg.dtype, model_label=label)
+    lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
+             f"{len(rows)} prompts from {label}"]
+    if cfg.out is not None:
+        write_records(cfg.out, "candidates", rows)
+        lines.append(f"wrote {cfg.out}")
+    if cfg.db is None:
+        return lines
+    pairs = S.candidate_pairs(rows)
+    sel = cfg.selection()
+    scores = None
+    if sel.strategy == "uncertainty":
+        assert cfg.rm is not None  # checked by the config
+        heads = S.heads_of(cfg.rm, device=cfg.device)
+        scores = S.uncertainty_scores(rows, pairs, heads, sel.measure)
+    planned = S.plan(sel, pairs, S.gold_pairs(gold_rows), scores)
+    from rewardloop.data.store import Store
+    from rewardloop.feedback import tasks as T
+
+    store = Store(resolve_db(cfg.db))
+    try:
+        with store.write() as session:
+            batch = T.get_or_create_batch(session, cfg.batch or f"generate-{cfg.prompts.stem}")
+            S.create_planned_tasks(session, planned, rows, gold_rows, batch=batch, origin=origin)
+            name = batch.name
+    finally:
+        store.dispose()
+    lines.append(f"created {planned.describe()} in batch {name} ({sel.strategy} selection)")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+
+
+def generate(
+    policy: str = typer.Option(..., "--policy", "--model",
+                               help="Policy to sample from: a model directory (or a train run "
+                               "directory's model/) or a hub id."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts JSONL: prompt (text or chat) "
+                                 "or messages per line."),
+    n: int = typer.Option(4, "-n", help="Answers to sample per prompt (at least 2)."),
+    out: Path | None = typer.Option(None, "--out", help="Candidates JSONL to write (prompt, "
+                                    "responses, models = policy name@version)."),
+    db: str | None = DB,
+    select: str | None = typer.Option(None, "--select", help="With --db: which pairs become "
+                                      "tasks: random or uncertainty (ensemble disagreement). "
+                                      "Default random."),
+    rm: Path | None = typer.Option(None, "--rm", help="Ensemble reward model (train rm "
+                                   "--ensemble K) scoring the pairs for --select uncertainty."),
+    measure: str = typer.Option("bald", "--measure", help="Disagreement of the ensemble on a "
+                                "pair: bald (mutual information) or std (of the reward gap)."),
+    budget: int | None = typer.Option(None, "--budget", help="Labels (judgments) to spend; an "
+                                      "overlap or gold task costs --overlap labels. Default: one "
+                                      "per candidate pair."),
+    batch: str | None = typer.Option(None, "--batch", help="Batch name for the tasks. Default: "
+                                     "generate-<prompts file stem>."),
+    overlap_share: float = typer.Option(0.1, "--overlap-share", help="Share of the (non-gold) "
+                                        "tasks given to several annotators, for agreement."),
+    overlap: int = typer.Option(3, "--overlap", help="Annotators per overlap item and per gold "
+                                "item."),
+    gold: Path | None = typer.Option(None, "--gold", help="Gold rows JSONL (prompt, responses, "
+                                     "ranking best first) to interleave as known-answer items."),
+    gold_rate: float = typer.Option(0.05, "--gold-rate", help="Share of all tasks that are gold "
+                                    "items (with --gold)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer in tokens."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
+    max_prompt_length: int = typer.Option(512, "--max-prompt-length", help="Longest prompt in "
+                                          "tokens (cut from the left)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts sampled together."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    seed: int | None = SEED,
+) -> None:
+    """Sample answers from a policy into a candidates file and, with --db, create the tasks
+    worth a label budget: overlap items, gold items, then random or most-uncertain pairs."""
+    from rewardloop.config import load_config
+
+    try:
+        cfg = load_config(
+            GenerateConfig, policy=policy, prompts=prompts, n=n, out=out, db=db, select=select,
+            rm=rm, measure=measure, budget=budget, batch=batch, overlap_share=overlap_share,
+            overlap=overlap, gold=gold, gold_rate=gold_rate, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, max_prompt_length=max_prompt_length,
+            batch_size=batch_size, device=device, dtype=dtype, seed=seed)
+        lines = run_generate(cfg)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    for line in lines:
+        typer.echo(line)
