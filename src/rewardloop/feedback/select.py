@@ -145,7 +145,7 @@ def gold_pairs(rows: Sequence[RankingRecord]) -> list[tuple[Pair, list[list[int]
     return out
 
 
-def plannedcounts(budget: int, n_pairs: int, n_gold: int, overlap_share: float, overlap: int,
+def plan_counts(budget: int, n_pairs: int, n_gold: int, overlap_share: float, overlap: int,
                 gold_rate: float) -> Counts:
     """The most tasks whose labels fit ``budget``: with T tasks, G = min(round(rate T), n_gold)
     gold, O = round(share (T - G)) overlap and the rest single; overlap and gold tasks cost
@@ -212,7 +212,7 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
     rng = np.random.default_rng(cfg.seed)
     budget = cfg.budget if cfg.budget is not None else len(pairs)
     gold_used = gold if cfg.gold_rate > 0 else ()
-    n = plannedcounts(budget, len(pairs), len(gold_used), cfg.overlap_share, cfg.overlap,
+    n = plan_counts(budget, len(pairs), len(gold_used), cfg.overlap_share, cfg.overlap,
                     cfg.gold_rate)
     order = rng.permutation(len(pairs))
     overlap_idx = [int(i) for i in order[:n.overlap]]
