@@ -1,0 +1,361 @@
+"""The stages of one loop round (``loop.STAGES``), each a function of the round and its directory.
+
+Each returns the figures its ``DONE.json`` marker records. They call the library's own pieces
+(rollout, the task service, the simulator, the trainers, ``eval.evaluate``) -- no CLI -- and are
+safe to run again after an interruption: task creation checks its batch first, the simulator
+only judges open tasks, trainers resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rewardloop.errors import UserError
+from rewardloop.loop import LoopConfig, read_marker, round_dir
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLIT = 0.15  # share of the round's prompts whose judgments are held out for the RM
+
+
+class RoundContext:
+    """Where round ``n`` reads from and writes to."""
+
+    def __init__(self, cfg: LoopConfig, n: int) -> None:
+        self.cfg, self.n = cfg, n
+        self.dir = round_dir(cfg.workdir, n)
+
+    @property
+    def batch(self) -> str:
+        return f"round-{self.n}"
+
+    @property
+    def policy(self) -> str:
+        """The policy this round starts from: the previous round's result, else the start."""
+        if self.n == 1:
+            return self.cfg.policy
+        return str(round_dir(self.cfg.workdir, self.n - 1) / "policy" / "model")
+
+    @property
+    def previous_rm(self) -> str | None:
+        if self.n == 1:
+            return None
+        return str(round_dir(self.cfg.workdir, self.n - 1) / "rm" / "model")
+
+    @property
+    def rm(self) -> Path:
+        return self.dir / "rm"
+
+    def store(self) -> Any:
+        from rewardloop.data.store import Store
+
+        return Store(self.cfg.db_url)
+
+
+def _trainer_flags(stage_dir: Path) -> dict[str, bool]:
+    """Resume a trainer that left checkpoints; otherwise start it afresh in ``stage_dir``."""
+    ckpts = stage_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        return {"resume": True}
+    return {"overwrite": True}
+
+
+def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
+    """``cls(**fixed, **options)`` (options win), with config mistakes as UserErrors."""
+    from rewardloop.config import load_config
+
+    unknown = sorted(set(options) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+    if unknown:
+        raise UserError(f"{cls.__name__}: unknown keys {unknown} in the loop config's options")
+    return load_config(cls, None, **{**fixed, **dict(options)})
+
+
+# -- generate -------------------------------------------------------------------------------
+
+
+def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """Sample ``responses_per_prompt`` answers from the current policy for the round's prompts
+    (``candidates.jsonl``); rows with fewer than two distinct answers are dropped."""
+    from rewardloop.data.formats import read_records, write_records
+    from rewardloop.data.records import CandidatesRecord
+    from rewardloop.eval.evaluate import load_for_generation, sample_answers
+
+    cfg = ctx.cfg
+    _, records = read_records(cfg.prompts, "prompts")
+    rng = random.Random(f"{cfg.seed}:{ctx.n}")
+    chosen = rng.sample(records, min(cfg.prompts_per_round, len(records)))
+    model, tokenizer = load_for_generation(ctx.policy)
+    k = cfg.responses_per_prompt
+    answers = sample_answers(model, tokenizer, [r.prompt for r in chosen], n=k,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             seed=cfg.seed + ctx.n)
+    rows = []
+    for i, record in enumerate(chosen):
+        # A barely trained model can emit any byte; NUL cannot be stored by every database.
+        distinct = list(dict.fromkeys(t for t in answers.texts[i * k:(i + 1) * k]
+                                      if t.strip() and "\x00" not in t))
+        if len(distinct) >= 2:
+            rows.append(CandidatesRecord(record.prompt, distinct,
+                                         [f"round-{ctx.n - 1}"] * len(distinct), record.id))
+    if not rows:
+        raise UserError(f"round {ctx.n}: the policy gave identical answers to every prompt; "
+                        "raise temperature or responses_per_prompt")
+    write_records(out / "candidates.jsonl", "candidates", rows)
+    return {"prompts": len(chosen), "rows": len(rows),
+            "responses": sum(len(r.responses) for r in rows)}
+
+
+# -- tasks and feedback ---------------------------------------------------------------------------
+
+
+def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """Comparison tasks for every pair of a row's answers, in batch ``round-N``. A batch that
+    already has tasks (a creation that committed before an interruption) is kept as is."""
+    from rewardloop.data.schema import Batch
+    from rewardloop.feedback import tasks as T
+
+    candidates = ctx.dir / "generate" / "candidates.jsonl"
+    rows = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()]
+    store = ctx.store()
+    try:
+        with store.write() as session:
+            existing = session.query(Batch).filter(Batch.name == ctx.batch).one_or_none()
+            progress = T.batch_progress(session, existing) if existing is not None else None
+            if progress is None or progress["tasks"] == 0:
+                batch = T.get_or_create_batch(session, ctx.batch)
+                made = T.create_tasks_from_candidates(session, rows, overlap=ctx.cfg.overlap,
+                                                      batch=batch, path=str(candidates))
+                count = len(made)
+            else:
+                count = progress["tasks"]
+    finally:
+        store.dispose()
+    return {"batch": ctx.batch, "tasks": count, "overlap": ctx.cfg.overlap}
+
+
+def _progress(store: Any, batch: str) -> dict[str, Any]:
+    from rewardloop.data.schema import Batch
+    from rewardloop.feedback import tasks as T
+
+    with store.read() as session:
+        row = session.query(Batch).filter(Batch.name == batch).one()
+        return T.batch_progress(session, row)
+
+
+def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """Judgments for the round's batch: from the simulated pool, or from people (poll the store
+    until ``min_judgments`` arrive or ``wait_timeout_s`` passes)."""
+    from rewardloop.feedback.simulate import load_pool, simulate
+
+    cfg = ctx.cfg
+    tasks = read_marker(ctx.dir / "tasks") or {}
+    needed = cfg.min_judgments or int(tasks.get("figures", {}).get("tasks", 0)) * cfg.overlap
+    store = ctx.store()
+    try:
+        if cfg.pool is not None:
+            simulate(store, load_pool(cfg.pool), cfg.pool_gold or cfg.gold or "",
+                     batch=ctx.batch, seed=cfg.seed + ctx.n)
+        deadline = time.monotonic() + cfg.wait_timeout_s
+        progress = _progress(store, ctx.batch)
+        while progress["judgments"] < needed:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"round {ctx.n}: {progress['judgments']} of {needed} judgments arrived in "
+                    f"batch {ctx.batch} within {cfg.wait_timeout_s:g}s. Judge the tasks with "
+                    f"`rewardloop serve --db {store.safe_url}`, then run `rewardloop loop` "
+                    "again: it resumes here")
+            log.info("round %d: %d of %d judgments; waiting", ctx.n, progress["judgments"],
+                     needed)
+            time.sleep(cfg.poll_s)
+            progress = _progress(store, ctx.batch)
+    finally:
+        store.dispose()
+    return {"judgments": progress["judgments"], "needed": needed, "tasks": progress["tasks"],
+            "annotators": len(progress["annotators"])}
+
+
+# -- reward model -------------------------------------------------------------------------------
+
+
+def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
+    """Every round's judged pairs so far, split by prompt into train and held-out files."""
+    from rewardloop.data.formats import write_records
+    from rewardloop.data.load import load_pairs
+
+    store = ctx.store()
+    try:
+        pairs = [p for n in range(1, ctx.n + 1)
+                 for p in load_pairs(store, batch=f"round-{n}") if not p.tie]
+    finally:
+        store.dispose()
+    held = {json.dumps(p.prompt) for p in pairs}
+    rng = random.Random(f"{ctx.cfg.seed}:split")
+    prompts = sorted(held)
+    rng.shuffle(prompts)
+    held = set(prompts[:max(1, round(EVAL_SPLIT * len(prompts)))])
+    train = [p for p in pairs if json.dumps(p.prompt) not in held]
+    heldout = [p for p in pairs if json.dumps(p.prompt) in held]
+    if not train or not heldout:
+        raise UserError(f"round {ctx.n}: too few judged pairs ({len(pairs)}) to train and "
+                        "evaluate a reward model; raise prompts_per_round")
+    write_records(out / "pairs.jsonl", "trl", train)
+    write_records(out / "eval_pairs.jsonl", "trl", heldout)
+    return len(train), len(heldout)
+
+
+def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """Export judgments and a quality report, then train the reward model (warm start from the
+    previous round's), without the judgments of flagged annotators."""
+    from rewardloop.feedback.quality import quality_report
+    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.train.reward import RewardConfig, train_rm
+
+    data = ctx.dir / "data"
+    data.mkdir(exist_ok=True)
+    n_train, n_eval = _export_pairs(ctx, data)
+    store = ctx.store()
+    try:
+        report = quality_report(store).to_json()
+    finally:
+        store.dispose()
+    atomic_write_text(data / "quality.json", json.dumps(report, indent=2) + "\n")
+    flagged = sorted(n for n, a in report["annotators"].items() if a["flags"])
+    cfg = _build(RewardConfig, ctx.cfg.rm_options, model=ctx.previous_rm or ctx.policy,
+                 data=data / "pairs.jsonl", eval_data=data / "eval_pairs.jsonl", out=out,
+                 exclude_flagged=ctx.cfg.exclude_flagged, db=ctx.cfg.db_url,
+                 max_length=512, seed=ctx.cfg.seed + ctx.n, **_trainer_flags(out))
+    summary = train_rm(cfg)
+    return {"train_pairs": n_train, "eval_pairs": n_eval, "flagged": flagged,
+            "krippendorff_alpha": report.get("krippendorff_alpha"),
+            **{k: summary[k] for k in ("eval_accuracy", "eval_ece", "length_correlation",
+                                       "dropped_flagged") if k in summary}}
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+
+def _rl_alarms(ctx: RoundContext, run_dir: Path) -> list[str]:
+    from rewardloop.eval.alarms import AlarmSettings, check_alarms
+    from rewardloop.eval.report import read_metrics
+
+    return check_alarms(read_metrics(run_dir / "metrics.jsonl"), AlarmSettings(
+        proxy_key="reward/mean", held_out_keys=("gold/mean",), kl_key="kl_seq_k1",
+        length_key="completion_length_mean", window=ctx.cfg.alarm_window,
+        max_kl=ctx.cfg.max_kl, max_length_ratio=ctx.cfg.max_length_ratio))
+
+
+def _dpo_pairs(ctx: RoundContext) -> Path:
+    """The round's candidate answers, best and worst by the reward model, as DPO pairs."""
+    from rewardloop.data.formats import read_records, write_records
+    from rewardloop.data.records import PairRecord
+    from rewardloop.rewards import Rewards, RewardSpec
+
+    _, rows = read_records(ctx.dir / "generate" / "candidates.jsonl", "candidates")
+    rm = Rewards([RewardSpec(str(ctx.rm))])
+    pairs = []
+    for row in rows:
+        scores = rm([row.prompt] * len(row.responses), row.responses,
+                    has_eos=[True] * len(row.responses),
+                    completion_ids=[[] for _ in row.responses]).total.tolist()
+        best, worst = max(range(len(scores)), key=scores.__getitem__), \
+            min(range(len(scores)), key=scores.__getitem__)
+        if scores[best] > scores[worst]:
+            pairs.append(PairRecord(row.prompt, row.responses[best], row.responses[worst],
+                                    margin=scores[best] - scores[worst]))
+    path = ctx.dir / "dpo_pairs.jsonl"
+    write_records(path, "trl", pairs)
+    return path
+
+
+def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """Optimise the policy against the round's reward model (or by online DPO on its labels)."""
+    cfg = ctx.cfg
+    flags = _trainer_flags(out)
+    if cfg.algorithm == "dpo":
+        from rewardloop.train.dpo import DPOConfig, train_dpo
+
+        summary = train_dpo(_build(DPOConfig, cfg.policy_options, model=ctx.policy,
+                                   data=_dpo_pairs(ctx), out=out, seed=cfg.seed + ctx.n,
+                                   **flags))
+    else:
+        if cfg.algorithm == "ppo":
+            from rewardloop.train.ppo import PPOConfig as RLConfig
+            from rewardloop.train.ppo import train
+            fixed: dict[str, Any] = {}
+        else:
+            from rewardloop.train.grpo import GRPOConfig as RLConfig
+            from rewardloop.train.grpo import train
+            fixed = {"advantage": cfg.algorithm}
+        summary = train(_build(RLConfig, cfg.policy_options, policy=ctx.policy,
+                               prompts=cfg.prompts, out=out, rewards=(str(ctx.rm),),
+                               gold=cfg.gold, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, seed=cfg.seed + ctx.n,
+                               **fixed, **flags))
+    figures = {k: v for k, v in summary.items()
+               if isinstance(v, int | float) and not k.startswith("peak")}
+    figures["alarms"] = _rl_alarms(ctx, out) if cfg.algorithm != "dpo" else []
+    return figures
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The simulated pool judges the arena tasks ``evaluate`` created; returns its figures."""
+    from rewardloop.eval.evaluate import store_arena, write_eval
+    from rewardloop.feedback.simulate import load_pool, simulate
+
+    cfg = ctx.cfg
+    batch = f"arena-round-{ctx.n}"
+    store = ctx.store()
+    try:
+        simulate(store, load_pool(cfg.pool), cfg.pool_gold or cfg.gold or "", batch=batch,
+                 seed=cfg.seed + 1000 + ctx.n)
+    finally:
+        store.dispose()
+    arena = store_arena(cfg.db_url, batch, policy=result["policy_name"],
+                        baseline=result["baseline_name"], seed=cfg.seed)
+    result["comparisons"] = [c for c in result["comparisons"] if c["judge"] != "human"]
+    if "win_rate" in arena:
+        result["comparisons"].append({k: arena[k] for k in (
+            "name", "judge", "win_rate", "win_rate_ci", "wins", "ties", "losses", "n")})
+    result["arena"] = arena
+    write_eval(out, result)
+    return arena
+
+
+def stage_eval(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """The round's policy against the starting one: gold judge (if any), the round's reward
+    model, and the simulated-people arena when ``arena`` is on."""
+    from rewardloop.eval.evaluate import HUMAN, EvalConfig, evaluate
+
+    cfg = ctx.cfg
+    judges = tuple(j for j in (cfg.gold, str(ctx.rm), HUMAN if cfg.arena else None) if j)
+    result = evaluate(EvalConfig(
+        policy=str(ctx.dir / "policy" / "model"), baseline=cfg.policy,
+        prompts=cfg.eval_prompts or cfg.prompts, out=out, judges=judges, n=cfg.eval_n,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        seed=cfg.seed + 7, db=cfg.db_url, arena_batch=f"arena-round-{ctx.n}",
+        policy_name=f"round-{ctx.n}", baseline_name="start"))
+    figures: dict[str, Any] = {"kl": result.get("kl"),
+                               "policy_words_mean": result["length"]["policy"].get("words_mean"),
+                               "baseline_words_mean":
+                                   result["length"]["baseline"].get("words_mean")}
+    rows = {("gold" if c["judge"] == cfg.gold else "rm"): c for c in result["comparisons"]
+            if "win_rate" in c}
+    if cfg.arena:
+        rows["human"] = _arena(ctx, out, result)
+    for key, row in rows.items():
+        if "win_rate" in row:
+            figures[f"{key}_win_rate"] = row["win_rate"]
+            figures[f"{key}_win_rate_ci"] = row["win_rate_ci"]
+    for key in ("policy_mean", "baseline_mean"):
+        if key in rows.get("gold", {}):
+            figures[f"gold_{key}"] = rows["gold"][key]
+    return figures
