@@ -169,16 +169,19 @@ def principal_for_session(session: Session, secret: str, session_id: str) -> Pri
     return Principal(row.id, row.name, row.role, "session", row.csrf_token)
 
 
-def login(session: Session, secret: str, name: str, password: str) -> tuple[str, str] | None:
-    """Check the password; on success open a server-side session: ``(session_id, csrf)``."""
+def check_password(session: Session, name: str, password: str) -> int | None:
+    """The id of the active user ``name`` if ``password`` is theirs (constant-ish time)."""
     user = session.scalar(select(Annotator).where(Annotator.name == name))
     ok = verify_password(user.password_hash if user else None, password)
-    if user is None or not ok or not user.active:
-        return None
+    return user.id if user is not None and ok and user.active else None
+
+
+def open_session(session: Session, secret: str, user_id: int) -> tuple[str, str]:
+    """A new server-side session for ``user_id``: ``(session_id, csrf_token)``."""
     session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    session.add(WebSession(session_hash=session_hash(secret, session_id), annotator_id=user.id,
+    session.add(WebSession(session_hash=session_hash(secret, session_id), annotator_id=user_id,
                            csrf_token=csrf, expires_at=utcnow() + SESSION_TTL))
-    session.add(AuditEvent(actor_id=user.id, action="session.login", payload={}))
+    session.add(AuditEvent(actor_id=user_id, action="session.login", payload={}))
     return session_id, csrf
 
 

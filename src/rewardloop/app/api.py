@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from rewardloop.app import accounts
@@ -49,14 +50,16 @@ def do_login(request: Request, db: DbDep, username: str, password: str) -> tuple
     addr = client_addr(request)
     if limiter.blocked(username, addr):
         raise HTTPException(429, "too many failed logins; wait a minute and try again")
-    with db.write() as session:
-        opened = accounts.login(session, request.app.state.secret, username, password)
-        role = session.scalar(select(Annotator.role).where(Annotator.name == username))
-    if opened is None:
+    with db.read() as session:
+        user_id = accounts.check_password(session, username, password)
+        role = session.scalar(select(Annotator.role).where(Annotator.id == user_id))
+    if user_id is None:
         limiter.failed(username, addr)
         raise HTTPException(401, "wrong user name or password")
     limiter.succeeded(username, addr)
-    return opened[0], opened[1], role or "annotator"
+    secret = request.app.state.secret
+    session_id, csrf = db.run(lambda s: accounts.open_session(s, secret, user_id))
+    return session_id, csrf, role or "annotator"
 
 
 @router.post("/login", responses={401: ERRORS[401], 429: {"description": "Too many failures"}})
@@ -72,17 +75,17 @@ def logout(request: Request, who: User, db: DbDep) -> Response:
     """End this browser session (bearer tokens are revoked with `rewardloop users token`)."""
     cookie = request.cookies.get(SESSION_COOKIE)
     if who.via == "session" and cookie:
-        with db.write() as session:
-            accounts.logout(session, request.app.state.secret, cookie)
+        secret = request.app.state.secret
+        db.run(lambda s: accounts.logout(s, secret, cookie))
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
 
-def _batch(session: object, name: str | None) -> Batch | None:
+def _batch(session: Session, name: str | None) -> Batch | None:
     if name is None:
         return None
-    found = session.scalar(select(Batch).where(Batch.name == name))  # type: ignore[attr-defined]
+    found = session.scalar(select(Batch).where(Batch.name == name))
     if found is None:
         raise HTTPException(404, f"no batch named {name!r}")
     return found
@@ -93,13 +96,15 @@ def _batch(session: object, name: str | None) -> Batch | None:
 def next_task(who: User, db: DbDep,
               batch: Annotated[str | None, Query(max_length=255)] = None) -> Response | TaskOut:
     """Lease the next task to the caller (or the one they hold), responses in shown order."""
-    with db.write() as session:
-        lease = T.next_task(session, session.get(Annotator, who.id), batch=_batch(session, batch))
-        if lease is None:
-            return Response(status_code=204)
-        view = T.task_view(session, lease)
-        expires = lease.expires_at
-    return TaskOut(**view, lease_expires_at=expires)
+
+    def lease(session: Session) -> TaskOut | None:
+        got = T.next_task(session, session.get(Annotator, who.id), batch=_batch(session, batch))
+        if got is None:
+            return None
+        return TaskOut(**T.task_view(session, got), lease_expires_at=got.expires_at)
+
+    out = db.run(lease)
+    return Response(status_code=204) if out is None else out
 
 
 @router.post("/judgments", status_code=201, responses={
@@ -107,21 +112,19 @@ def next_task(who: User, db: DbDep,
     404: {"description": "No such task"}, 409: {"description": "Conflict"}, **ERRORS})
 def submit_judgment(body: JudgmentIn, who: User, db: DbDep, response: Response) -> JudgmentOut:
     """Record a ranking of a task leased to the caller; committed before the answer is sent."""
-    for attempt in range(2):
-        try:
-            with db.write() as session:
-                judgment, created = T.submit_judgment(
-                    session, session.get(Annotator, who.id), body.task_id,
-                    [list(g) for g in body.ranking], idempotency_key=body.idempotency_key,
-                    strength=body.strength, rationale=body.rationale, time_ms=body.time_ms)
-                out = JudgmentOut(id=judgment.id, task_id=judgment.task_id,
-                                  ranking=judgment.ranking, strength=judgment.strength,
-                                  created=created)
-            break
-        except IntegrityError:
-            # A concurrent replay of the same key won the insert; the retry finds it stored.
-            if attempt:
-                raise HTTPException(409, "conflicting concurrent judgment") from None
+
+    def record(session: Session) -> JudgmentOut:
+        judgment, created = T.submit_judgment(
+            session, session.get(Annotator, who.id), body.task_id,
+            [list(g) for g in body.ranking], idempotency_key=body.idempotency_key,
+            strength=body.strength, rationale=body.rationale, time_ms=body.time_ms)
+        return JudgmentOut(id=judgment.id, task_id=judgment.task_id, ranking=judgment.ranking,
+                           strength=judgment.strength, created=created)
+
+    try:
+        out = db.run(record)
+    except IntegrityError:
+        raise HTTPException(409, "conflicting concurrent judgment") from None
     response.status_code = 201 if out.created else 200
     return out
 
@@ -129,21 +132,23 @@ def submit_judgment(body: JudgmentIn, who: User, db: DbDep, response: Response) 
 @router.post("/tasks/{task_id}/skip", status_code=204, responses=ERRORS)
 def skip_task(task_id: int, who: User, db: DbDep) -> Response:
     """Give a leased task back without judging it; it is not offered to the caller again."""
-    with db.write() as session:
-        T.skip_task(session, session.get(Annotator, who.id), task_id)
+    db.run(lambda s: T.skip_task(s, s.get(Annotator, who.id), task_id))
     return Response(status_code=204)
 
 
 @router.post("/admin/tasks", status_code=201, responses=ERRORS)
 def create_tasks(body: TasksCreateIn, who: Admin, db: DbDep) -> TasksCreateOut:
     """Turn candidates rows (prompt, responses, models?) into tasks of a batch."""
-    with db.write() as session:
+
+    def create(session: Session) -> list[int]:
         batch = T.get_or_create_batch(session, body.batch, guidelines=body.guidelines)
         made = T.create_tasks_from_candidates(
             session, [r.model_dump(exclude_none=True) for r in body.rows], kind=body.kind,
             overlap=body.overlap, batch=batch, gold=body.gold, pairing=body.pairing,
             path="rows")
-        ids = [t.id for t in made]
+        return [t.id for t in made]
+
+    ids = db.run(create)
     return TasksCreateOut(batch=body.batch, created=len(ids), task_ids=ids)
 
 

@@ -8,17 +8,18 @@ Cookie-authenticated requests that change state must carry the session's CSRF to
 from __future__ import annotations
 
 import hmac
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from rewardloop.app.accounts import Principal, principal_for_session, principal_for_token
+from rewardloop.app.writer import GroupWriter
 from rewardloop.data.store import Store
+
+R = TypeVar("R")
 
 SESSION_COOKIE = "rl_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -29,18 +30,16 @@ cookie_scheme = APIKeyCookie(name=SESSION_COOKIE, auto_error=False,
 
 
 class Db:
-    """The store as routes use it. On SQLite, writers in this process queue on a lock before
-    ``BEGIN IMMEDIATE``: waiting on a lock is fair and prompt, while SQLite's busy handler
-    polls with sleeps of up to 100 ms and would dominate tail latency."""
+    """The store as routes use it: reads directly, writes through the group-commit writer
+    (one thread, many operations per durable commit; see ``app.writer``)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._lock: Any = threading.Lock() if store.dialect == "sqlite" else nullcontext()
+        self.writer = GroupWriter(store)
 
-    @contextmanager
-    def write(self) -> Iterator[Session]:
-        with self._lock, self.store.write() as session:
-            yield session
+    def run(self, fn: Callable[[Session], R]) -> R:
+        """Run ``fn(session)`` in a write transaction; returns once it is committed."""
+        return self.writer.run(fn)
 
     def read(self) -> Any:
         return self.store.read()

@@ -36,10 +36,10 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
     """
     app = FastAPI(title="rewardloop annotation server", version=__version__,
                   description="Collect pairwise comparisons and rankings of model answers.")
-    app.state.db = Db(store)
-    with app.state.db.write() as session:
+    with store.write() as session:
         app.state.secret = accounts.server_secret(
             session, secret or os.environ.get("REWARDLOOP_SECRET"))
+    app.state.db = Db(store)
     app.state.login_limiter = login_limiter or LoginLimiter()
     app.add_middleware(SecurityMiddleware, max_body=max_body)
     app.include_router(api_router)

@@ -14,11 +14,12 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from rewardloop.app import accounts
 from rewardloop.app.accounts import Principal
 from rewardloop.app.api import do_login, set_session_cookie
-from rewardloop.app.deps import SESSION_COOKIE, Db, authenticate
+from rewardloop.app.deps import SESSION_COOKIE, authenticate
 from rewardloop.app.render import markdown, prompt_html
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
@@ -77,35 +78,32 @@ def login_form(request: Request, username: Annotated[str, Form(max_length=120)],
 def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=128)]) -> Response:
     who, cookie = _page_user(request), request.cookies.get(SESSION_COOKIE)
     if who is not None and cookie and hmac.compare_digest(csrf_token, who.csrf_token or ""):
-        with request.app.state.db.write() as session:
-            accounts.logout(session, request.app.state.secret, cookie)
+        secret = request.app.state.secret
+        request.app.state.db.run(lambda s: accounts.logout(s, secret, cookie))
     response = _to_login()
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
 
-def _task_context(db: Db, who: Principal, batch_name: str | None) -> dict[str, Any]:
-    with db.write() as session:
-        batch = None
-        if batch_name:
-            batch = session.scalar(select(Batch).where(Batch.name == batch_name))
-            if batch is None:
-                raise HTTPException(404, f"no batch named {batch_name!r}")
-        lease = T.next_task(session, session.get(Annotator, who.id), batch=batch)
-        mine = session.scalar(select(func.count(Judgment.id))
-                              .where(Judgment.annotator_id == who.id))
-        if lease is None:
-            return {"task": None, "mine": mine, "progress": T.batch_progress(session, batch)}
-        view = T.task_view(session, lease)
-        task_batch = session.scalar(select(Batch).join(ComparisonTask).where(
-            ComparisonTask.id == lease.task_id))
-        guidelines = task_batch.guidelines if task_batch is not None else None
-        progress = T.batch_progress(session, task_batch)
+def _lease_page(session: Session, who: Principal, batch_name: str | None) -> dict[str, Any]:
+    batch = None
+    if batch_name:
+        batch = session.scalar(select(Batch).where(Batch.name == batch_name))
+        if batch is None:
+            raise HTTPException(404, f"no batch named {batch_name!r}")
+    lease = T.next_task(session, session.get(Annotator, who.id), batch=batch)
+    mine = session.scalar(select(func.count(Judgment.id)).where(Judgment.annotator_id == who.id))
+    if lease is None:
+        return {"task": None, "mine": mine, "progress": T.batch_progress(session, batch)}
+    view = T.task_view(session, lease)
+    task_batch = session.scalar(select(Batch).join(ComparisonTask).where(
+        ComparisonTask.id == lease.task_id))
     responses = [{"label": LABELS[i % 26], "key": i + 1, "id": r["id"],
                   "html": markdown(r["text"])} for i, r in enumerate(view["responses"])]
+    guidelines = task_batch.guidelines if task_batch is not None else None
     return {"task": {**view, "prompt_html": prompt_html(view["prompt"]), "items": responses},
             "guidelines": markdown(guidelines) if guidelines else None,
-            "mine": mine, "progress": progress}
+            "mine": mine, "progress": T.batch_progress(session, task_batch)}
 
 
 @router.get("/annotate")
@@ -114,7 +112,7 @@ def annotate(request: Request,
     who = _page_user(request)
     if who is None:
         return _to_login()
-    context = _task_context(request.app.state.db, who, batch)
+    context = request.app.state.db.run(lambda s: _lease_page(s, who, batch))
     return _render(request, "annotate.html", user=who, csrf=who.csrf_token, **context)
 
 
