@@ -1,0 +1,90 @@
+"""``rewardloop loop``: rounds of feedback and training; ``rewardloop loop status``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from rewardloop.errors import UserError
+
+ORDER = 70
+
+loop_app = typer.Typer(
+    help=(
+        "Run rounds of generate -> tasks -> judgments (people through `rewardloop serve`, or a "
+        "simulated pool) -> reward model -> policy -> eval, each stage in WORKDIR/round-N/. "
+        "Run it again to resume an interrupted run at its first unfinished stage. "
+        "`loop status` shows the rounds. See docs/loop.md and examples/loop.yaml."
+    ),
+    invoke_without_command=True,
+    rich_markup_mode=None,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(loop_app, name="loop")
+
+
+def _cell(state: str, figures: dict[str, Any], stage: str) -> str:
+    if state != "done":
+        return state
+    key = {"generate": "rows", "tasks": "tasks", "feedback": "judgments",
+           "rm": "eval_accuracy", "policy": "reward_last", "eval": "gold_win_rate"}[stage]
+    value = figures.get(key)
+    if isinstance(value, float):
+        return f"done {key}={value:.3f}"
+    return f"done {key}={value}" if value is not None else "done"
+
+
+@loop_app.callback()
+def loop(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, "--config", help="Loop YAML (keys of docs/loop.md; see examples/loop.yaml)."),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Directory of the run (overrides the config's workdir)."),
+) -> None:
+    """Run or resume the loop described by --config."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        raise UserError("loop needs --config FILE.yaml (see examples/loop.yaml)")
+    from rewardloop.config import load_config
+    from rewardloop.loop import LoopConfig, run_loop
+
+    cfg = load_config(LoopConfig, config, workdir=workdir)
+    summary = run_loop(cfg)
+    for key in ("gold_win_rate", "rm_win_rate", "human_win_rate", "rm_accuracy", "kl"):
+        if summary.get(key) is not None:
+            typer.echo(f"{key}: {summary[key]:.3f}")
+    for alarm in summary["alarms"]:
+        typer.echo(f"alarm: {alarm}")
+    if summary.get("best"):
+        typer.echo(f"best policy: round {summary['best']['round']} ({summary['best']['model']})")
+    typer.echo(f"wrote {cfg.workdir / 'summary.json'}; `rewardloop loop status --workdir "
+               f"{cfg.workdir}` shows every stage")
+
+
+@loop_app.command("status")
+def status(
+    workdir: Path = typer.Option(..., "--workdir", help="Directory of a loop run."),
+) -> None:
+    """A table of rounds x stages: done (with a key figure), partial (interrupted) or pending."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rewardloop.loop import STAGES, loop_status
+
+    rounds = loop_status(workdir)
+    if not rounds:
+        raise UserError(f"{workdir}: no rounds yet (no round-N directories)")
+    table = Table(title=f"loop {workdir}")
+    table.add_column("round")
+    for stage in STAGES:
+        table.add_column(stage)
+    for r in rounds:
+        table.add_row(str(r["round"]), *[_cell(r["stages"][s], r["figures"].get(s, {}), s)
+                                          for s in STAGES])
+    Console().print(table)
