@@ -3,7 +3,7 @@ the comparison tasks a label budget buys, chosen at random or by reward-model un
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,7 +136,10 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     try:
         with store.write() as session:
             batch = T.get_or_create_batch(session, cfg.batch or f"generate-{cfg.prompts.stem}")
-            S.create_planned_tasks(session, planned, rows, gold_rows, batch=batch, origin=origin)
+            # The responses get name, version and settings from the origin, not the file's label.
+            unlabelled = [replace(r, models=None) for r in rows]
+            S.create_planned_tasks(session, planned, unlabelled, gold_rows, batch=batch,
+                                   origin=origin)
             name = batch.name
     finally:
         store.dispose()
