@@ -1,0 +1,121 @@
+"""``eval.evaluate``: win rates from battles by hand, judges, and a tiny end-to-end evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rewardloop.errors import UserError
+from rewardloop.eval.evaluate import (
+    EvalConfig,
+    arena_result,
+    battle_win_rate,
+    compare,
+    evaluate,
+    judge_name,
+    store_arena,
+)
+
+GOLD = "rewardloop.synthetic:gold_score"
+
+
+def test_battle_win_rate_by_hand() -> None:
+    # policy P vs baseline B, either side of the pair: P wins, tie, B wins, P wins (as b).
+    battles = [("P", "B", 1.0), ("P", "B", 0.5), ("P", "B", 0.0), ("B", "P", 0.0),
+               ("P", "C", 1.0)]  # a battle with another model does not count
+    rate = battle_win_rate(battles, "P", "B", n_boot=200)
+    assert rate is not None
+    assert rate.rate == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert (rate.wins, rate.ties, rate.losses) == (2, 1, 1)
+    assert 0.0 <= rate.ci_low <= rate.rate <= rate.ci_high <= 1.0
+    assert battle_win_rate(battles, "B", "C") is None
+
+
+def test_arena_result_ratings_and_direct_win_rate() -> None:
+    battles = [("P", "B", 1.0)] * 6 + [("P", "B", 0.0)] * 2
+    out = arena_result(battles, policy="P", baseline="B", n_boot=50)
+    assert out["battles"] == 8 and out["win_rate"] == pytest.approx(0.75)
+    assert out["ratings"]["P"]["rating"] > out["ratings"]["B"]["rating"]
+    with pytest.raises(UserError):
+        arena_result([])
+
+
+def test_compare_counts_ties_half() -> None:
+    row = compare(GOLD, [1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0], n_boot=100)
+    assert row["name"] == "gold_score"
+    assert row["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert (row["wins"], row["ties"], row["losses"]) == (2, 1, 1)
+    assert row["policy_mean"] == pytest.approx(1.5) and row["baseline_mean"] == pytest.approx(1.25)
+
+
+def test_judge_name(tmp_path: Path) -> None:
+    (tmp_path / "rm-run" / "model").mkdir(parents=True)
+    assert judge_name(str(tmp_path / "rm-run" / "model")) == "rm-run"
+    assert judge_name(str(tmp_path / "rm-run")) == "rm-run"
+    assert judge_name(GOLD) == "gold_score" and judge_name("human") == "human"
+
+
+@pytest.mark.parametrize("bad", [{"judges": ()}, {"n": 0}, {"temperature": 0.0},
+                                 {"policy_name": "baseline"}])
+def test_config_validation(bad: dict, tmp_path: Path) -> None:
+    base = {"policy": "a", "baseline": "b", "prompts": tmp_path / "p.jsonl", "out": tmp_path,
+            "judges": (GOLD,)}
+    with pytest.raises(ValueError):
+        EvalConfig(**{**base, **bad})
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    from rewardloop import synthetic
+    from rewardloop.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("eval")
+    texts = synthetic.corpus_texts(200)
+    a = build_tiny(root / "a", texts=texts, vocab_size=300, hidden_size=16, num_layers=1,
+                   num_heads=2, seed=0)
+    b = build_tiny(root / "b", texts=texts, vocab_size=300, hidden_size=16, num_layers=1,
+                   num_heads=2, seed=1)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in synthetic.prompt_rows(6)))
+    return a, b, prompts
+
+
+def test_policy_against_itself_ties_with_zero_kl(tiny_pair: tuple[Path, Path, Path],
+                                                 tmp_path: Path) -> None:
+    a, _, prompts = tiny_pair
+    out = evaluate(EvalConfig(policy=str(a), baseline=str(a), prompts=prompts, out=tmp_path,
+                              judges=(GOLD,), max_new_tokens=8, n_boot=50))
+    # the same model and seed give the same answers: every item ties, the KL is exactly 0
+    assert out["win_rate"] == 0.5 and out["ties"] == 6 and out["win_rate_ci"] == [0.5, 0.5]
+    assert out["kl"] == pytest.approx(0.0, abs=1e-6)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["comparisons"][0]["judge"] == GOLD and saved["n"] == 6
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["policy"] == r["baseline"] for r in rows)
+    assert set(saved["length"]) == {"policy", "baseline"}
+
+
+def test_human_judge_creates_arena_tasks(tiny_pair: tuple[Path, Path, Path],
+                                         tmp_path: Path) -> None:
+    from rewardloop.data.store import Store
+    from rewardloop.feedback.simulate import SimulatedAnnotator, simulate
+
+    a, b, prompts = tiny_pair
+    db = f"sqlite:///{tmp_path / 'arena.db'}"
+    out = evaluate(EvalConfig(policy=str(a), baseline=str(b), prompts=prompts,
+                              out=tmp_path / "ev", judges=("human", GOLD), max_new_tokens=8,
+                              n_boot=50, db=db, policy_name="A", baseline_name="B"))
+    human = out["comparisons"][0]
+    assert human["status"] == "pending" and "win_rate" not in out
+    assert human["tasks"] + human["identical_pairs_skipped"] == 6
+    assert out["comparisons"][1]["n"] == 6
+    store = Store(db)
+    try:
+        simulate(store, [SimulatedAnnotator("p1")], GOLD, batch="eval-arena")
+    finally:
+        store.dispose()
+    result = store_arena(db, "eval-arena", policy="A", baseline="B", n_boot=20)
+    assert result["battles"] == human["tasks"]
+    assert result["n"] == human["tasks"] and set(result["ratings"]) == {"A", "B"}
