@@ -21,8 +21,8 @@ from pathlib import Path
 from benchmarks.common import peak_rss_mb, print_table, run_side
 
 MODULE = "benchmarks.dpo"
-SETTINGS = {"pairs": 1024, "eval_pairs": 256, "batch_size": 16, "beta": 0.1, "lr": 5e-5,
-            "max_length": 192, "sft_rows": 2000, "gold_prompts": 96}
+SETTINGS = {"pairs": 512, "eval_pairs": 128, "batch_size": 16, "beta": 0.1, "lr": 1e-4,
+            "max_length": 160, "sft_rows": 2000, "gold_prompts": 48}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -45,14 +45,20 @@ def prepare(work: Path) -> dict[str, str]:
     from rewardloop.tiny import build_tiny
     from rewardloop.train.sft import SFTConfig, train_sft
 
+    if (work / "sft" / "model" / "config.json").is_file():  # reuse a prepared --work dir
+        return _data(work)
     base = build_tiny(work / "base", corpus_texts(2000), vocab_size=1024, hidden_size=64,
                       num_layers=2, num_heads=4, max_position=256)
     sft = _write_jsonl(work / "sft.jsonl", [{"prompt": r["prompt"],
                                              "completion": " " + r["completion"]}
                                             for r in sft_rows(SETTINGS["sft_rows"], seed=0)])
-    train_sft(SFTConfig(model=str(base), data=sft, out=work / "sft", epochs=2, batch_size=32,
+    train_sft(SFTConfig(model=str(base), data=sft, out=work / "sft", epochs=1, batch_size=32,
                         lr=3e-3, warmup_steps=10, max_length=SETTINGS["max_length"],
                         device="cpu", dtype="float32"))
+    return _data(work)
+
+
+def _data(work: Path) -> dict[str, str]:
     return {"model": str(work / "sft" / "model"),
             "train": str(_write_jsonl(work / "train.jsonl", _pairs(SETTINGS["pairs"], 1))),
             "eval": str(_write_jsonl(work / "eval.jsonl", _pairs(SETTINGS["eval_pairs"], 2)))}
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--side", choices=("rewardloop", "trl", "gold"))
     parser.add_argument("--paths", help="JSON of model/train/eval paths (set by the parent)")
     parser.add_argument("--out", help="output directory of this side")
+    parser.add_argument("--work", help="keep the tiny/SFT models here (reused when present)")
     args = parser.parse_args()
     if args.side == "gold":
         print(json.dumps(side_gold(args.paths)))
@@ -142,13 +149,14 @@ def main() -> None:
         print(json.dumps(fn(json.loads(args.paths), Path(args.out))))
         return
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         print(f"preparing: tiny model + SFT in {work} ...", file=sys.stderr)
         paths = prepare(work)
         results = {}
         for side in ("rewardloop", "trl"):
             results[side] = run_side(MODULE, side, ["--paths", json.dumps(paths),
-                                                    "--out", str(work / side)])
+                                                    "--out", str(Path(tmp) / side)])
         gold_sft = run_side(MODULE, "gold", ["--paths", paths["model"]])["gold"]
         for res in results.values():
             res["gold_before"] = gold_sft

@@ -278,7 +278,6 @@ def score(model: nn.Module, examples: Sequence[Example], pad_id: int, average: b
     return logps.view(2, len(examples)).T
 
 
-
 def score_first(model: nn.Module, examples: Sequence[Example], pad_id: int, average: bool
                 ) -> torch.Tensor:
     """Log-probs of the ``first`` sequences only: (B, 1) (KTO's labelled completions)."""
