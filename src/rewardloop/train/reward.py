@@ -519,10 +519,14 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(cfg: RewardConfig) -> tuple[nn.Module, Any]:
-    """The reward model (K fresh heads for an ensemble, LoRA when asked) and its tokenizer."""
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               add_pad_token=cfg.add_pad_token, padding_side="right")
+def load_tokenizer_for(cfg: RewardConfig) -> Any:
+    """The model's right-padding tokenizer (pad == EOS refused unless add_pad_token)."""
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                          add_pad_token=cfg.add_pad_token, padding_side="right")
+
+
+def load_model(cfg: RewardConfig, tokenizer: Any) -> nn.Module:
+    """The reward model: K fresh heads for an ensemble, LoRA when asked."""
     model = load_reward_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                               trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
@@ -539,7 +543,7 @@ def load_model(cfg: RewardConfig) -> tuple[nn.Module, Any]:
         setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
     if cfg.lora_r:
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
-    return model, tokenizer
+    return model
 
 
 def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
@@ -550,20 +554,22 @@ def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
 
 def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
     """Train a reward model; returns the summary written to ``summary.json``."""
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg)
-    device = resolve_device(cfg.device)
+    # Data first: a refused file must not leave a half-made run directory behind.
+    tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
-    weights, flagged, groups = annotator_info(cfg)
     objective_name, items = read_comparisons(cfg.data, tokenizer, cfg)
-    n_read = len(items)
-    items = apply_annotator_policy(items, weights, flagged)
     eval_name, eval_items = (read_comparisons(cfg.eval_data, tokenizer, cfg)
                              if cfg.eval_data else (objective_name, []))
     if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
         raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
                         "rows train with Plackett-Luce, which has neither")
+    weights, flagged, groups = annotator_info(cfg)
+    n_read = len(items)
+    items = apply_annotator_policy(items, weights, flagged)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    model = load_model(cfg, tokenizer)
+    device = resolve_device(cfg.device)
     objective = OBJECTIVES[objective_name]
     lengths = [c.n_tokens for c in items]
     sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)

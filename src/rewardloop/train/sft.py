@@ -353,26 +353,32 @@ def scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: 
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(cfg: SFTConfig) -> tuple[nn.Module, Any]:
-    """The policy (with fresh LoRA adapters when asked) and its right-padding tokenizer."""
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               add_pad_token=cfg.add_pad_token, padding_side="right")
+def load_tokenizer_for(cfg: SFTConfig) -> Any:
+    """The model's right-padding tokenizer (pad == EOS refused unless add_pad_token)."""
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                          add_pad_token=cfg.add_pad_token, padding_side="right")
+
+
+def load_model(cfg: SFTConfig, tokenizer: Any) -> nn.Module:
+    """The policy, with fresh LoRA adapters when asked, its embeddings matched to ``tokenizer``."""
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     model = load_policy(cfg.model, dtype=cfg.dtype, device=cfg.device,
                         trust_remote_code=cfg.trust_remote_code, lora=lora)
     match_tokenizer(model, tokenizer)
-    return model, tokenizer
+    return model
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
     """Run supervised fine-tuning; returns the summary written to ``summary.json``."""
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg)
-    device = resolve_device(cfg.device)
+    # Data first: a refused file must not leave a half-made run directory behind.
+    tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
     examples = read_sft(cfg.data, tokenizer, cfg)
     eval_examples = read_sft(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else []
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    seed_everything(cfg.seed)
+    model = load_model(cfg, tokenizer)
+    device = resolve_device(cfg.device)
     rows = make_rows(examples, cfg)
     row_lengths = [r.length for r in rows]
     row_targets = [sum(sum(target_mask(examples[i], cfg.train_on_prompt)) for i in r.examples)
