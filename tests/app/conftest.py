@@ -61,3 +61,9 @@ def server(sqlite_store) -> Server:
 def any_server(store) -> Server:
     """The same, on SQLite and PostgreSQL."""
     return populate(store)
+
+
+@pytest.fixture
+def make_server():
+    """``populate`` itself, for tests that need other users or task counts."""
+    return populate

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -130,7 +130,8 @@ def submit_judgment(body: JudgmentIn, who: User, db: DbDep, response: Response) 
 
 
 @router.post("/tasks/{task_id}/skip", status_code=204, responses=ERRORS)
-def skip_task(task_id: int, who: User, db: DbDep) -> Response:
+def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
+              db: DbDep) -> Response:
     """Give a leased task back without judging it; it is not offered to the caller again."""
     db.run(lambda s: T.skip_task(s, s.get(Annotator, who.id), task_id))
     return Response(status_code=204)
@@ -169,7 +170,7 @@ def export(who: Admin, db: DbDep,
 
     if batch is not None and format == "kto":
         raise HTTPException(422, "batch selects comparisons; kto exports ratings")
-    tmp = Path(tempfile.mkdtemp(prefix="rewardloop-export-"))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="rewardloop-export-"))
     try:
         export_store(db.store, format, tmp / "export.jsonl", batch=batch)
     except BaseException:
