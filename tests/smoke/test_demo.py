@@ -1,0 +1,34 @@
+"""``rewardloop demo --fast``: the whole pipeline end to end on a tiny model (figures mean little
+at this size; the full demo's are in docs/loop.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+
+def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
+    from rewardloop.cli import app
+
+    workdir = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--fast", "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output and "rewardloop serve" in result.output
+    summary = json.loads((workdir / "summary.json").read_text())
+    low, high = summary["gold_win_rate_ci"]
+    assert 0.0 <= low <= summary["gold_win_rate"] <= high <= 1.0
+    assert 0.0 <= summary["rm_accuracy"] <= 1.0
+    assert summary["kl"] is not None and isinstance(summary["alarms"], list)
+    html = (workdir / "report.html").read_text()
+    for section in ("Win rates", "Annotators", "Reward-model calibration", "KL to the reference",
+                    "Gold vs proxy reward", "Sample answers"):
+        assert section in html, section
+    # the spammer is flagged by the quality report and left out of reward-model training
+    quality = json.loads((workdir / "round-1" / "data" / "quality.json").read_text())
+    assert set(quality["annotators"]) >= {"spammer", "warm-1", "concise-1"}
+    # the stages are resumable: a second run redoes nothing and gives the same figures
+    again = CliRunner().invoke(app, ["demo", "--fast", "--workdir", str(workdir)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((workdir / "summary.json").read_text())["per_round"] == summary["per_round"]
