@@ -57,7 +57,7 @@ def test_health_openapi_and_security_headers(server) -> None:
     assert "default-src 'self'" in csp and "script-src 'self'" in csp
     assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
     assert r.headers["x-content-type-options"] == "nosniff"
-    assert r.headers["referrer-policy"] == "no-referrer"
+    assert r.headers["referrer-policy"] == "same-origin"
     paths = c.get("/openapi.json").json()["paths"]
     assert {"/api/login", "/api/tasks/next", "/api/judgments", "/api/admin/stats"} <= set(paths)
 

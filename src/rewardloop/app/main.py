@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -34,7 +36,12 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
     The session secret is ``secret``, else ``$REWARDLOOP_SECRET``, else one generated on first
     start and kept in the store's ``settings`` table; there is no built-in default.
     """
-    app = FastAPI(title="rewardloop annotation server", version=__version__,
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.db.writer.close()  # queued writes are committed before the process ends
+
+    app = FastAPI(title="rewardloop annotation server", version=__version__, lifespan=lifespan,
                   description="Collect pairwise comparisons and rankings of model answers.")
     with store.write() as session:
         app.state.secret = accounts.server_secret(
