@@ -115,7 +115,8 @@ class Generator(Protocol):
 class HFGenerator:
     """Sampling with Hugging Face ``generate`` on the policy being trained.
 
-    Uses the KV cache, left-padded prompts and ``num_return_sequences``. Dropout is off while
+    Uses the KV cache, left-padded prompts and ``num_return_sequences``; the pad token is never
+    sampled (it would read as padding inside an answer). Dropout is off while
     sampling (``eval()``), and the model's previous train/eval mode is restored afterwards.
     """
 
@@ -147,6 +148,8 @@ class HFGenerator:
                 temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                 max_new_tokens=settings.max_new_tokens, num_return_sequences=n,
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True,
+                # A sampled pad token would be masked as padding in the middle of an answer.
+                suppress_tokens=[self.pad_id],
             )  # (P0 * n, Lp + C'), C' <= max_new_tokens
         finally:
             self.model.train(was_training)

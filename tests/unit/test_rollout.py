@@ -1,0 +1,179 @@
+"""Rollouts with HF generate: group layout, left-padded prompts, EOS/padding edge cases, and
+log-probs that do not depend on how a batch is padded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardloop import ops
+from rewardloop.rollout import (
+    HFGenerator,
+    Rollout,
+    SamplingSettings,
+    completion_forward,
+    encode_prompts,
+    sample_records,
+    truncate_samples,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared CPU, OpenMP spin-waiting makes tiny models crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from rewardloop.models import load_policy, load_tokenizer
+    from rewardloop.tiny import build_tiny, generate_corpus
+
+    path = build_tiny(tmp_path_factory.mktemp("tiny") / "m", generate_corpus(300),
+                      vocab_size=320, hidden_size=16, num_layers=1, num_heads=2, max_position=128)
+    return load_policy(path, device="cpu"), load_tokenizer(path, padding_side="left")
+
+
+def _eos_bias(model, eos_id: int, logit: float):
+    """A forward hook making EOS's logit ``logit`` and every other 0: a controllable stop rate."""
+    def hook(module, args, output):
+        forced = torch.zeros_like(output)
+        forced[..., eos_id] = logit
+        return forced
+    return model.lm_head.register_forward_hook(hook)
+
+
+PROMPTS = ["Hi, my order is late.", "Refund please, it is broken and I am upset."]
+
+
+def test_groups_are_contiguous_and_prompts_left_padded(tiny) -> None:
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    torch.manual_seed(0)
+    model.train()
+    rollout = HFGenerator(model, tokenizer).generate(ids, 3, SamplingSettings(max_new_tokens=5))
+    assert len(rollout) == 6 and rollout.completion_ids.shape[1] <= 5
+    for row in range(6):
+        real = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist()
+        assert real == ids[row // 3]  # rows 0-2 belong to prompt 0, rows 3-5 to prompt 1
+        assert rollout.prompt_mask[row, -1] == 1  # left padding: the prompt ends at the edge
+    mask, has_eos = ops.completion_mask(rollout.completion_ids, tokenizer.eos_token_id,
+                                        tokenizer.pad_token_id)
+    assert torch.equal(mask, rollout.completion_mask) and torch.equal(has_eos, rollout.has_eos)
+    assert model.training  # sampled in eval mode, then its train mode restored
+    model.eval()
+
+
+def test_immediate_eos_gives_one_token_and_empty_text(tiny) -> None:
+    model, tokenizer = tiny
+    handle = _eos_bias(model, tokenizer.eos_token_id, 100.0)
+    try:
+        rollout = HFGenerator(model, tokenizer).generate(
+            encode_prompts(tokenizer, PROMPTS, 64), 2, SamplingSettings(max_new_tokens=4))
+    finally:
+        handle.remove()
+    assert rollout.completion_ids[:, 0].tolist() == [tokenizer.eos_token_id] * 4
+    assert rollout.completion_mask.sum(dim=1).tolist() == [1] * 4  # the EOS itself is trained
+    assert rollout.has_eos.all() and rollout.texts == [""] * 4
+
+
+def test_never_ending_answers_are_flagged(tiny) -> None:
+    model, tokenizer = tiny
+    handle = _eos_bias(model, tokenizer.eos_token_id, -100.0)
+    try:
+        torch.manual_seed(0)
+        rollout = HFGenerator(model, tokenizer).generate(
+            encode_prompts(tokenizer, PROMPTS, 64), 2, SamplingSettings(max_new_tokens=6))
+    finally:
+        handle.remove()
+    assert rollout.completion_ids.shape[1] == 6
+    assert not rollout.has_eos.any()
+    assert rollout.completion_mask.sum(dim=1).tolist() == [6] * 4
+
+
+def test_mixed_stops_pad_after_eos(tiny) -> None:
+    """Some rows stop early: everything after their EOS is pad and masked out."""
+    model, tokenizer = tiny
+    handle = _eos_bias(model, tokenizer.eos_token_id, 4.0)  # p(EOS) ~ 15% per token
+    try:
+        torch.manual_seed(1)
+        rollout = HFGenerator(model, tokenizer).generate(
+            encode_prompts(tokenizer, PROMPTS, 64), 8, SamplingSettings(max_new_tokens=8))
+    finally:
+        handle.remove()
+    lengths = rollout.completion_mask.sum(dim=1)
+    assert rollout.has_eos.any() and not rollout.has_eos.all()
+    # The pad token is never sampled, so a completion's mask has no holes.
+    assert (rollout.completion_mask.cummin(dim=1).values == rollout.completion_mask).all()
+    for row in range(len(rollout)):
+        n = int(lengths[row])
+        if rollout.has_eos[row]:
+            assert rollout.completion_ids[row, n - 1] == tokenizer.eos_token_id
+            assert (rollout.completion_ids[row, n:] == tokenizer.pad_token_id).all()
+        else:
+            assert n == rollout.completion_ids.shape[1]
+
+
+def test_log_probs_do_not_depend_on_padding(tiny) -> None:
+    """A row's completion log-probs in a left/right-padded batch equal those of the row alone
+    (positions count real tokens only, as generate numbers them)."""
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    torch.manual_seed(2)
+    rollout = HFGenerator(model, tokenizer).generate(ids, 2, SamplingSettings(max_new_tokens=6))
+    model.eval()
+    with torch.no_grad():
+        batched = completion_forward(model, rollout, temperature=0.7, with_entropy=True)
+        for row in range(len(rollout)):
+            alone = completion_forward(model, rollout.select([row]), temperature=0.7)
+            n = int(rollout.completion_mask[row].sum())
+            p_real = int(rollout.prompt_mask[row].sum())
+            assert rollout.select([row]).prompt_ids.shape[1] == p_real  # padding trimmed
+            assert torch.allclose(batched.logps[row, :n], alone.logps[0, :n], atol=1e-5)
+    model.train()
+    assert batched.entropy is not None and batched.entropy.shape == batched.logps.shape
+    assert (batched.entropy >= 0).all()
+
+
+def test_temperature_scales_log_probs(tiny) -> None:
+    model, tokenizer = tiny
+    rollout = HFGenerator(model, tokenizer).generate(
+        encode_prompts(tokenizer, PROMPTS[:1], 64), 1, SamplingSettings(max_new_tokens=3))
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids).logits[:, -4:-1] / 0.5
+        expected = torch.log_softmax(logits, -1).gather(
+            -1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+        got = completion_forward(model, rollout, temperature=0.5).logps
+    n = int(rollout.completion_mask.sum())
+    assert torch.allclose(got[0, :n], expected[0, :n], atol=1e-5)
+
+
+def test_sampling_settings_and_generator_refuse_bad_input(tiny) -> None:
+    model, tokenizer = tiny
+    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"max_new_tokens": 0}, {"top_k": -1}):
+        with pytest.raises(ValueError):
+            SamplingSettings(**bad)
+    with pytest.raises(ValueError, match="at least one token"):
+        HFGenerator(model, tokenizer).generate([[]], 1, SamplingSettings())
+
+
+def test_samples_file_truncates_on_resume(tmp_path: Path) -> None:
+    rollout = Rollout(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                      torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long),
+                      torch.tensor([True, False]), ["a", "b"])
+    path = tmp_path / "samples.jsonl"
+    from rewardloop.rollout import append_samples
+
+    for step in (1, 2, 3):
+        append_samples(path, sample_records(step, ["p", "q"], rollout, torch.tensor([1., 2.]), 1))
+    truncate_samples(path, 2)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0] == {"step": 1, "prompt": "p", "completion": "a", "reward": 1.0,
+                       "has_eos": True}
