@@ -408,6 +408,29 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     return loss, metrics
 
 
+def accumulate_gradients(model: nn.Module, objective: Objective, items: Sequence[Comparison],
+                         batch: Sequence[int], cfg: RewardConfig, pad_id: int,
+                         device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Backward of one optimizer step's loss over ``cfg.grad_accum`` micro-batches.
+
+    Every micro-batch divides by the summed weight (and count) of the WHOLE step's comparisons,
+    so the accumulated gradient is the one-big-batch gradient. Returns (loss, mean metrics).
+    """
+    step_weight = sum(items[i].weight for i in batch)
+    step_loss = torch.zeros((), device=device)
+    step_metrics: dict[str, float] = defaultdict(float)
+    for micro in split_micro(batch, {i: items[i].n_tokens for i in batch}, cfg.grad_accum):
+        mb = [items[i] for i in micro]
+        scores, ranks = score_comparisons(model, mb, pad_id, device)
+        loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg,
+                                        max(step_weight, 1e-12), len(batch))
+        loss.backward()
+        step_loss += loss.detach()
+        for key, value in metrics.items():
+            step_metrics[key] += float(value) * len(mb) / len(batch)
+    return step_loss, dict(step_metrics)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -589,18 +612,8 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
-            step_weight = sum(items[i].weight for i in batch)  # global normaliser of the step
-            step_loss = torch.zeros((), device=device)
-            step_metrics: dict[str, float] = defaultdict(float)
-            for micro in split_micro(batch, lengths, cfg.grad_accum):
-                mb = [items[i] for i in micro]
-                scores, ranks = score_comparisons(model, mb, pad_id, device)
-                loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg,
-                                                max(step_weight, 1e-12), len(batch))
-                loss.backward()
-                step_loss += loss.detach()
-                for key, value in metrics.items():
-                    step_metrics[key] += float(value) * len(mb) / len(batch)
+            step_loss, step_metrics = accumulate_gradients(model, objective, items, batch, cfg,
+                                                           pad_id, device)
             check_finite(step_loss, step + 1, run=run)
             grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.zeros(()))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,7 +285,8 @@ class LengthGroupedSampler:
         self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
 
 
-def split_micro(indices: Sequence[int], lengths: Sequence[int], n_micro: int) -> list[list[int]]:
+def split_micro(indices: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
+                n_micro: int) -> list[list[int]]:
     """Cut one step's indices into ``n_micro`` equal micro-batches of similar lengths.
 
     Sorting inside the step changes which rows share a micro-batch, not the step's summed
@@ -312,6 +313,27 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], global_tokens: f
     token_logps = ops.token_log_probs(logits[:, :-1], batch["input_ids"][:, 1:])  # (B, T-1)
     loss, _ = losses.nll_loss(token_logps, batch["targets"][:, 1:], global_tokens=global_tokens)
     return loss
+
+
+def accumulate_gradients(model: nn.Module, batch_rows: Sequence[int], rows: Sequence[Row],
+                         examples: Sequence[Encoded], cfg: SFTConfig, pad_id: int,
+                         device: torch.device) -> tuple[torch.Tensor, int]:
+    """Backward of one optimizer step's loss over ``cfg.grad_accum`` micro-batches.
+
+    Each micro-batch's summed token NLL is divided by the target tokens of the WHOLE step, so
+    the accumulated gradient is the one-big-batch token mean. Returns (step loss, targets).
+    """
+    n_targets = sum(sum(target_mask(examples[i], cfg.train_on_prompt))
+                    for r in batch_rows for i in rows[r].examples)
+    lengths = {r: rows[r].length for r in batch_rows}
+    step_loss = torch.zeros((), device=device)
+    for micro in split_micro(batch_rows, lengths, cfg.grad_accum):
+        batch = collate_rows([rows[i] for i in micro], examples, pad_id, cfg.train_on_prompt,
+                             cfg.packing)
+        loss = token_nll(model, {k: v.to(device) for k, v in batch.items()}, max(n_targets, 1))
+        loss.backward()
+        step_loss += loss.detach()
+    return step_loss, n_targets
 
 
 @torch.no_grad()
@@ -381,8 +403,6 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
     device = resolve_device(cfg.device)
     rows = make_rows(examples, cfg)
     row_lengths = [r.length for r in rows]
-    row_targets = [sum(sum(target_mask(examples[i], cfg.train_on_prompt)) for i in r.examples)
-                   for r in rows]
     sampler = LengthGroupedSampler(row_lengths, cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
     log.info("sft: %d examples in %d rows, %d steps", len(examples), len(rows), total_steps)
@@ -401,15 +421,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
     with progress_bar(total_steps, "sft", start=step) as show:
         while step < total_steps:
             batch_rows = sampler.next_batch()
-            n_targets = sum(row_targets[i] for i in batch_rows)  # global normaliser of the step
-            step_loss = torch.zeros((), device=device)
-            for micro in split_micro(batch_rows, row_lengths, cfg.grad_accum):
-                batch = collate_rows([rows[i] for i in micro], examples, pad_id,
-                                     cfg.train_on_prompt, cfg.packing)
-                loss = token_nll(model, {k: v.to(device) for k, v in batch.items()},
-                                 max(n_targets, 1))
-                loss.backward()
-                step_loss += loss.detach()
+            step_loss, n_targets = accumulate_gradients(model, batch_rows, rows, examples, cfg,
+                                                        pad_id, device)
             check_finite(step_loss, step + 1, run=run)
             grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.zeros(()))

@@ -1,0 +1,174 @@
+"""The reward-model loop: every parameter trained, weighted loss against a hand-computed mean,
+gradient-accumulation invariance, Plackett–Luce rankings with per-annotator/group figures,
+annotator policy, held-out accuracy above chance, CLI errors. Resume is in
+tests/invariants/test_sft_rm_invariants.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from rewardloop.cli import app
+from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
+from rewardloop.tiny import build_tiny
+from rewardloop.train.reward import (
+    OBJECTIVES,
+    Comparison,
+    RewardConfig,
+    accumulate_gradients,
+    apply_annotator_policy,
+    comparison_loss,
+    load_model,
+    load_tokenizer_for,
+    read_comparisons,
+    train_rm,
+)
+from rewardloop.train.tokenize import Encoded
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    return build_tiny(out, corpus_texts(200), vocab_size=300, hidden_size=16, num_layers=1,
+                      num_heads=2, max_position=128)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tiny_dir: Path, out: Path, data: Path, **kw) -> RewardConfig:
+    base = {"lr": 1e-2, "max_length": 64, "batch_size": 4, "device": "cpu"}
+    base.update(kw)
+    return RewardConfig(model=str(tiny_dir), data=data, out=out, **base)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_every_parameter_changes(tiny_dir: Path, tmp_path: Path) -> None:
+    data = _write(tmp_path / "pairs.jsonl", preference_rows(12, seed=1))
+    summary = train_rm(_cfg(tiny_dir, tmp_path / "run", data, max_steps=3))
+    before, after = load_file(str(tiny_dir / "model.safetensors")), _weights(tmp_path / "run")
+    trunk = {k: v for k, v in after.items() if not k.startswith("score")}
+    assert set(trunk) == set(before) - {"lm_head.weight"}
+    assert [k for k in trunk if torch.equal(before[k], trunk[k])] == []
+    assert after["score.weight"].shape == (1, 16)
+    stats = json.loads((tmp_path / "run" / "model" / "reward_stats.json").read_text())
+    assert stats["source"] == "train" and stats["n"] == 24 and stats["ensemble"] == 1
+    assert summary["steps"] == 3 and summary["objective"] == "bradley-terry"
+
+
+def _enc(n: int) -> Encoded:
+    return Encoded(list(range(1, n + 1)), [0] + [1] * (n - 1), 1, True)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_pair_losses(tmp_path: Path) -> None:
+    scores = torch.tensor([[[2.0], [0.5]], [[0.0], [1.0]], [[1.0], [1.0]]])  # (B=3, K=2, H=1)
+    ranks = torch.tensor([[0, 1], [0, 1], [0, 0]])  # the third pair is a tie
+    items = [Comparison((_enc(3), _enc(3)), (0, 1), weight=0.5),
+             Comparison((_enc(3), _enc(3)), (0, 1), weight=1.0),
+             Comparison((_enc(3), _enc(3)), (0, 0), weight=0.25)]
+    cfg = RewardConfig(model="m", data=tmp_path / "d", out=tmp_path / "o")
+    loss, _ = comparison_loss(OBJECTIVES["bradley-terry"], scores, ranks, items, cfg,
+                              step_weight=1.75, step_count=3)
+    per_pair = [-F.logsigmoid(torch.tensor(1.5)), -F.logsigmoid(torch.tensor(-1.0)),
+                torch.log(torch.tensor(2.0))]  # a tie at Δ=0: -½logσ(0) - ½logσ(0) = log 2
+    want = (0.5 * per_pair[0] + 1.0 * per_pair[1] + 0.25 * per_pair[2]) / 1.75
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_annotator_policy_drops_flagged_and_weighs_the_rest() -> None:
+    items = [Comparison((_enc(2), _enc(2)), (0, 1), annotator=a) for a in ("a", "b", "c", None)]
+    kept = apply_annotator_policy(items, {"a": 0.9, "c": 0.4}, {"b"})
+    assert [(c.annotator, c.weight) for c in kept] == [("a", 0.9), ("c", 0.4), (None, 1.0)]
+
+
+@pytest.mark.parametrize("extra", [{}, {"ensemble": 3, "center_rewards_coef": 0.1}])
+def test_grad_accumulation_gives_the_one_batch_gradient(tiny_dir: Path, tmp_path: Path,
+                                                         extra: dict) -> None:
+    """Batch 8 in one pass == 8 micro-batches of 1, gradient by gradient, with annotator
+    weights, margins, an ensemble and centering (Adam's first step is scale-free, so comparing
+    updated weights would miss a wrong normaliser)."""
+    rows = preference_rows(8, seed=4)
+    for i, row in enumerate(rows):
+        row["annotator"] = f"a{i % 3}"
+    data = _write(tmp_path / "pairs.jsonl", rows)
+    cfg = _cfg(tiny_dir, tmp_path / "run", data, batch_size=8, use_margin=True, **extra)
+    tokenizer = load_tokenizer_for(cfg)
+    model = load_model(cfg, tokenizer)
+    name, items = read_comparisons(data, tokenizer, cfg)
+    items = apply_annotator_policy(items, {"a0": 0.9, "a1": 0.3}, set())
+    grads, losses = {}, {}
+    for accum in (1, 8):
+        step_cfg = dataclasses.replace(cfg, grad_accum=accum)
+        losses[accum], _ = accumulate_gradients(model, OBJECTIVES[name], items, range(8),
+                                                step_cfg, tokenizer.pad_token_id,
+                                                torch.device("cpu"))
+        grads[accum] = {n: p.grad.clone() for n, p in model.named_parameters()
+                        if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    assert float(losses[1]) == pytest.approx(float(losses[8]), rel=1e-6)
+    assert grads[1].keys() == grads[8].keys() and "score.weight" in grads[1]
+    for key, value in grads[1].items():
+        torch.testing.assert_close(grads[8][key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_rankings_train_with_plackett_luce_and_report_annotators(tiny_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    prompts = sft_rows(6, seed=5)
+    rows = [{"prompt": p["prompt"], "responses": [p["completion"], "No.", "Read the help page."],
+             "ranking": [[0], [1, 2]] if i % 2 else [[0], [1], [2]], "annotator": f"a{i % 2}"}
+            for i, p in enumerate(prompts)]
+    data = _write(tmp_path / "rank.jsonl", rows)
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"a0": ["north"], "a1": "south"}))
+    summary = train_rm(_cfg(tiny_dir, tmp_path / "run", data, eval_data=data, max_steps=2,
+                            annotator_groups=groups))
+    assert summary["objective"] == "plackett-luce"
+    assert set(summary["accuracy_by_annotator"]) == {"a0", "a1"}
+    assert set(summary["accuracy_by_group"]) == {"north", "south"}
+    # a0 ranks 3 strict levels (3 ordered pairs), a1 ties two answers (2 ordered pairs)
+    assert summary["accuracy_by_annotator"]["a0"]["pairs"] == 9
+    assert summary["accuracy_by_annotator"]["a1"]["pairs"] == 6
+    assert sum(b["count"] for b in summary["calibration_bins"]) == 2 * 15
+    assert -1.0 <= summary["length_correlation"] <= 1.0
+
+
+def test_held_out_accuracy_is_clearly_above_chance(tiny_dir: Path, tmp_path: Path) -> None:
+    rows = preference_rows(260, seed=7, min_gap=1.0)
+    train, held = _write(tmp_path / "t.jsonl", rows[:200]), _write(tmp_path / "e.jsonl", rows[200:])
+    summary = train_rm(_cfg(tiny_dir, tmp_path / "run", train, eval_data=held, epochs=2,
+                            batch_size=8, lr=3e-3))
+    assert summary["eval_accuracy"] >= 0.7, summary["eval_accuracy"]
+    stats = json.loads((tmp_path / "run" / "model" / "reward_stats.json").read_text())
+    assert stats["source"] == "eval" and stats["n"] == 120
+
+
+def test_cli_refuses_wrong_kinds_and_impossible_options(tiny_dir: Path, tmp_path: Path) -> None:
+    sft = _write(tmp_path / "sft.jsonl", sft_rows(2))
+    pairs = _write(tmp_path / "pairs.jsonl", preference_rows(2))
+    base = ["train", "rm", "--model", str(tiny_dir), "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(app, [*base, "--data", str(sft)])
+    assert res.exit_code == 2 and "looks like sft rows" in res.output
+    assert not (tmp_path / "run").exists()
+    res = CliRunner().invoke(app, [*base, "--data", str(pairs), "--weighting", "reliability"])
+    assert res.exit_code == 2 and "--annotator-weights" in res.output
+    res = CliRunner().invoke(app, [*base, "--data", str(pairs), "--exclude-flagged"])
+    assert res.exit_code == 2 and "--db" in res.output
+    res = CliRunner().invoke(app, [*base, "--data", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "no such file" in res.output
+    res = CliRunner().invoke(app, ["train", "rm", "--help"])
+    for flag in ("--use-margin", "--label-smoothing", "--center-rewards-coef", "--ensemble",
+                 "--weighting", "--exclude-flagged", "--annotator-weights", "--annotator-groups",
+                 "--db", "--lora-r", "--resume"):
+        assert flag in res.output
