@@ -168,6 +168,56 @@ _RLOO_HELP = ("RLOO: `train grpo --advantage rloo` (leave-one-out baseline, k1 K
               "reward). See docs/rl.md.")
 
 
+def ppo(
+    out: Path = OUT, policy: str | None = POLICY, prompts: Path | None = PROMPTS,
+    reward: list[str] | None = REWARD,
+    value_model: str | None = typer.Option(
+        None, "--value-model", help="Where the critic starts: a reward-model run/model dir "
+        "(recommended) or, by default, the policy's weights with a fresh scalar head."),
+    value_lr: float | None = typer.Option(None, "--value-lr", help="Value model learning "
+                                          "rate. Default: --lr."),
+    vf_coef: float | None = typer.Option(None, "--vf-coef", help="Value loss weight. "
+                                         "Default 0.1."),
+    value_clip: float | None = typer.Option(None, "--value-clip", help="Clip value updates to "
+                                            "+-this around rollout-time values. Default 0.2."),
+    gamma: float | None = typer.Option(None, "--gamma", help="GAE discount. Default 1."),
+    lam: float | None = typer.Option(None, "--lam", help="GAE lambda. Default 0.95."),
+    whiten_advantages: bool | None = typer.Option(
+        None, "--whiten-advantages/--no-whiten-advantages", help="Whiten advantages over the "
+        "batch's real tokens. Default on."),
+    num_generations: int | None = typer.Option(None, "--num-generations", help="Completions "
+                                               "per prompt. Default 1."),
+    batch_size: int | None = BATCH, mini_batch_size: int | None = MINI,
+    micro_batch_size: int | None = MICRO, ppo_epochs: int | None = EPOCHS,
+    max_steps: int | None = STEPS, lr: float | None = LR, weight_decay: float | None = WD,
+    warmup_steps: int | None = WARMUP, max_grad_norm: float | None = GRAD,
+    max_prompt_length: int | None = MAX_PROMPT, max_new_tokens: int | None = MAX_NEW,
+    temperature: float | None = TEMP, top_p: float | None = TOP_P, top_k: int | None = TOP_K,
+    kl_coef: float | None = KL_COEF, kl_estimator: str | None = KL_EST,
+    kl_target: float | None = KL_TARGET, kl_horizon: int | None = KL_HORIZON,
+    clip_eps: float | None = CLIP, clip_eps_high: float | None = CLIP_HIGH,
+    dual_clip: float | None = DUAL, entropy_coef: float | None = ENT,
+    loss_aggregation: str | None = AGG, reward_clip: float | None = RCLIP,
+    missing_eos_penalty: float | None = EOS_PEN, reward_batch_size: int | None = RBATCH,
+    gold: str | None = GOLD, lora_r: int | None = LORA_R, lora_alpha: int | None = LORA_ALPHA,
+    merge_lora: bool | None = MERGE, add_pad_token: bool | None = PAD,
+    dtype: str | None = DTYPE, device: str | None = DEVICE,
+    trust_remote_code: bool | None = REMOTE, seed: int | None = SEED,
+    save_every: int | None = SAVE, sample_every: int | None = SAMPLE,
+    num_samples: int | None = NSAMPLES, resume: bool | None = RESUME,
+    overwrite: bool | None = OVERWRITE, config: Path | None = CONFIG,
+) -> None:
+    """PPO with a critic: per-token KL (k1) in the reward, the score on the last real token,
+    GAE advantages from a separate value model, clipped policy and value losses. Writes --out
+    (model/, value_model/, metrics.jsonl, samples.jsonl, summary.json, checkpoints/)."""
+    flags = dict(locals())
+    flags.pop("config")
+    from rewardloop.train.ppo import PPOConfig
+
+    _run("ppo", PPOConfig, config, flags)
+
+
 def register(app: typer.Typer) -> None:
     train_app.command("grpo", help=_GRPO_HELP)(_group_command("grpo"))
     train_app.command("rloo", help=_RLOO_HELP)(_group_command("rloo"))
+    train_app.command("ppo")(ppo)

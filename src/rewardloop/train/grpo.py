@@ -207,7 +207,7 @@ class GRPOConfig:
         object.__setattr__(self, "mini_batch_size", self.mini_batch_size or self.batch_size)
         object.__setattr__(self, "micro_batch_size",
                            self.micro_batch_size or self.mini_batch_size)
-        _check_common(self)
+        check_common(self)
         if self.advantage in GROUP_METHODS and self.num_generations < 2:
             raise ValueError(f"{self.advantage} needs num_generations >= 2: with one completion "
                              "per prompt the group baseline equals the reward and every "
@@ -225,7 +225,7 @@ class GRPOConfig:
         return self.batch_size // self.num_generations
 
 
-def _check_common(cfg: Any) -> None:
+def check_common(cfg: Any) -> None:
     """Checks shared by the GRPO and PPO configs (called from their ``__post_init__``)."""
     if not cfg.rewards:
         raise ValueError("give at least one reward (--reward SPEC[@WEIGHT])")

@@ -1,0 +1,377 @@
+"""PPO with a learned critic for language models (Ziegler et al. 2019; Ouyang et al. 2022), in
+one explicit loop, following "The N Implementation Details of RLHF with PPO" (Huang et al.).
+
+Each step: sample ``batch_size`` completions, score them, build per-token rewards (``-kl_coef *
+k1`` on every token, plus the sequence score on the LAST REAL token of the completion), estimate
+per-token values with a separate value model, compute GAE advantages (whitened over the real
+tokens) and returns, then run ``ppo_epochs`` passes of minibatch updates of the policy (clipped
+surrogate, optional dual clip, entropy bonus) and of the value model (clipped value loss).
+
+The value model is a scalar-head classifier (``models.load_value_model``) started from
+``value_model`` (usually the reward model's directory) or, without one, from the policy's
+weights with a fresh head. The reference is a frozen copy of the initial policy, or the policy
+with its LoRA adapters disabled. Batch-size semantics are those of ``train/grpo.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewardloop import ops, pg_losses
+from rewardloop.train.grpo import (
+    Setup,
+    check_common,
+    finish,
+    kl_metrics,
+    make_optimizer,
+    reference_logps,
+    score_rollout,
+    setup_run,
+    write_samples,
+)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Options of ``rewardloop train ppo``."""
+
+    policy: str
+    """Policy to train: a model directory, a LoRA adapter dir or a hub id."""
+    prompts: Path
+    """Prompts file (JSONL, ``prompt`` or ``messages`` per line, optional ``meta``)."""
+    out: Path
+    """Run directory to write."""
+    rewards: tuple[str, ...] = ()
+    """Reward specs ``SPEC[@WEIGHT]``: a reward-model dir or ``package.module:function``."""
+    value_model: str | None = None
+    """Where the value model starts: a reward-model dir (recommended) or None = the policy's
+    weights with a fresh scalar head."""
+    num_generations: int = 1
+    """Completions sampled per prompt (PPO needs no groups)."""
+    batch_size: int = 16
+    """Completions per step (prompts per step x num_generations)."""
+    mini_batch_size: int | None = None
+    """Completions per optimizer update (default: batch_size)."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward pass (default: mini_batch_size)."""
+    ppo_epochs: int = 4
+    """Passes over each step's samples."""
+    max_steps: int = 100
+    """Steps to run (each samples batch_size completions)."""
+    lr: float = 1e-6
+    """Policy AdamW learning rate."""
+    value_lr: float | None = None
+    """Value model learning rate (default: lr)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Optimizer updates of linear learning-rate warm-up (then constant)."""
+    max_grad_norm: float = 1.0
+    """Clip each model's gradient norm to this (0 = off)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (tokens) keep their last tokens."""
+    max_new_tokens: int = 64
+    """Longest completion (tokens); longer ones are cut and count as missing EOS."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs use the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient in the reward (0 = no reference model)."""
+    kl_estimator: str = "k1"
+    """Estimator of the per-token KL in the reward: k1 (principled), k2 or k3."""
+    kl_in: str = "reward"
+    """PPO puts the KL in the reward (the only supported place)."""
+    kl_target: float | None = None
+    """Adaptive KL: target KL per sequence (k1, summed); None = fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in completions."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the real tokens of the batch (masked)."""
+    clip_eps: float = 0.2
+    """PPO clip range epsilon."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO clip-higher); None = clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1; None = off."""
+    value_clip: float | None = 0.2
+    """Clip the value update to +-this around the rollout-time values; None = no clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (entropy is logged either way)."""
+    loss_aggregation: str = "token-mean"
+    """Aggregation of per-token losses (see ops.AGGREGATIONS)."""
+    reward_clip: float | None = None
+    """Clip the weighted reward to [-c, c]; None = no clipping."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of completions that never emit EOS."""
+    reward_batch_size: int = 16
+    """Completions per reward-model forward pass."""
+    gold: str | None = None
+    """Optional ``package.module:function`` logged as gold/mean, never optimised."""
+    lora_r: int | None = None
+    """Train LoRA adapters of this rank (policy and value model)."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    merge_lora: bool = False
+    """Save the policy with the adapters merged."""
+    add_pad_token: bool = False
+    """Add a pad token when the tokenizer has none (or pad == EOS)."""
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    trust_remote_code: bool = False
+    """Run the model repository's own code."""
+    seed: int = 0
+    """Seed for prompt order, sampling and the value head."""
+    save_every: int = 50
+    """Checkpoint every this many steps (and at the end)."""
+    sample_every: int = 10
+    """Write sample completions to samples.jsonl every this many steps (0 = never)."""
+    num_samples: int = 4
+    """Completions written per sampling step."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mini_batch_size", self.mini_batch_size or self.batch_size)
+        object.__setattr__(self, "micro_batch_size",
+                           self.micro_batch_size or self.mini_batch_size)
+        object.__setattr__(self, "value_lr", self.value_lr or self.lr)
+        check_common(self)
+        if self.kl_in != "reward":
+            raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
+        if self.num_generations < 1 or self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
+                             f"num_generations {self.num_generations}")
+        if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError("gamma must be in (0, 1] and lam in [0, 1]")
+        if self.vf_coef <= 0 or self.value_lr <= 0:
+            raise ValueError("vf_coef and value_lr must be > 0")
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError("value_clip must be > 0")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.num_generations
+
+
+def load_value(cfg: PPOConfig, setup: Setup) -> Any:
+    """The value model: from ``value_model`` or the policy's weights, fresh head, dropout off."""
+    from rewardloop.models import LoraSettings, disable_dropout, load_value_model, match_tokenizer
+
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
+    source = cfg.value_model or cfg.policy
+    if cfg.value_model is not None and (Path(source) / "model" / "config.json").is_file():
+        source = str(Path(source) / "model")
+    model = load_value_model(source, dtype=cfg.dtype, device=cfg.device, lora=lora,
+                             trust_remote_code=cfg.trust_remote_code,
+                             pad_token_id=setup.tokenizer.pad_token_id)
+    match_tokenizer(model, setup.tokenizer)
+    return disable_dropout(model)
+
+
+def token_values(value_model: Any, rollout: Any) -> torch.Tensor:
+    """V(s_t) for every completion position: (B, C), read from the hidden state that predicts
+    completion token t (the state before it), with the model's scalar head."""
+    from rewardloop.models import is_peft
+    from rewardloop.rollout import position_ids
+
+    classifier = value_model.get_base_model() if is_peft(value_model) else value_model
+    trunk = getattr(classifier, classifier.base_model_prefix)
+    mask = rollout.attention_mask
+    hidden = trunk(input_ids=rollout.input_ids, attention_mask=mask,
+                   position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    width = rollout.completion_ids.shape[1]
+    return classifier.score(hidden[:, -width - 1:-1]).squeeze(-1).float()  # (B, C)
+
+
+@dataclass
+class PPOBatch:
+    """One step's experience (B completions of width C)."""
+
+    rows: list[int]
+    rollout: Any
+    rewards: Any  # rewards.RewardOutput
+    old_logps: torch.Tensor  # (B, C)
+    ref_logps: torch.Tensor | None  # (B, C)
+    old_values: torch.Tensor  # (B, C)
+    advantages: torch.Tensor  # (B, C)
+    returns: torch.Tensor  # (B, C)
+    kl_coef: float
+    metrics: dict[str, float]
+
+
+def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: Any,
+                    settings: Any) -> PPOBatch:
+    """Sample, score, and turn scores + per-token KL + values into GAE advantages."""
+    from rewardloop.rollout import batched_logps
+
+    rows = setup.sampler.next_batch()
+    t0 = time.perf_counter()
+    rollout = generator.generate([setup.prompt_ids[i] for i in rows], cfg.num_generations,
+                                 settings)
+    t1 = time.perf_counter()
+    reward_out, metrics = score_rollout(setup, rows, rollout, cfg.num_generations)
+    t2 = time.perf_counter()
+    mask = rollout.completion_mask
+    old_logps = batched_logps(setup.policy, rollout, cfg.temperature, cfg.micro_batch_size)
+    use_kl = cfg.kl_coef > 0 or cfg.kl_target is not None
+    ref_logps = (reference_logps(setup, rollout, cfg.temperature, cfg.micro_batch_size)
+                 if use_kl else None)
+    with torch.no_grad():
+        old_values = torch.cat([token_values(value_model, rollout.select(range(s, min(
+            s + cfg.micro_batch_size, len(rollout))))) for s in range(0, len(rollout),
+                                                                   cfg.micro_batch_size)])
+    kl = (ops.KL_ESTIMATORS[cfg.kl_estimator](old_logps, ref_logps) if ref_logps is not None
+          else torch.zeros_like(old_logps))
+    kl_coef = setup.kl_ctl.value
+    token_rewards = ops.kl_shaped_rewards(reward_out.total, kl, mask, kl_coef)  # (B, C)
+    advantages, returns = ops.gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages and int(mask.sum()) > 1:
+        advantages = ops.masked_whiten(advantages, mask)
+    metrics.update({
+        "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
+        "value_explained_variance": float(ops.explained_variance(old_values, returns, mask))
+        if int(mask.sum()) > 1 else 0.0,
+        "returns_mean": float(ops.masked_mean(returns, mask)),
+        "time_ref_s": time.perf_counter() - t2})
+    return PPOBatch(rows, rollout, reward_out, old_logps, ref_logps, old_values, advantages,
+                    returns, kl_coef, metrics)
+
+
+def micro_step(cfg: PPOConfig, policy: Any, value_model: Any, batch: PPOBatch,
+               idx: torch.Tensor, common: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Policy and value losses of micro-batch ``idx``, backpropagated; returns metrics."""
+    from rewardloop.rollout import completion_forward
+
+    mc = batch.rollout.select(idx)
+    mask = mc.completion_mask
+    fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
+                             entropy_grad=cfg.entropy_coef > 0)
+    pg_loss, metrics = pg_losses.ppo_clip_loss(
+        fwd.logps, batch.old_logps[idx], batch.advantages[idx], mask, cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
+    ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
+    values = token_values(value_model, mc)
+    vf_loss, vf = pg_losses.value_loss(values, batch.old_values[idx], batch.returns[idx], mask,
+                                       cfg.value_clip, **common)
+    loss = pg_loss + cfg.vf_coef * vf_loss + (ent_loss if cfg.entropy_coef else 0.0)
+    loss.backward()
+    return {**metrics, **ent, **vf, "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+            "loss": loss.detach()}
+
+
+def update(cfg: PPOConfig, models: dict[str, Any], optimizers: dict[str, Any],
+           schedulers: dict[str, Any], batch: PPOBatch, step: int, run: Any
+           ) -> dict[str, float]:
+    """``ppo_epochs`` passes of shuffled minibatch updates of the policy and value model."""
+    from rewardloop.train.run import check_finite
+
+    mask = batch.rollout.completion_mask
+    loss_keys = ("loss", "pg_loss", "vf_loss")
+    sums: dict[str, float] = {}
+    tokens, updates = 0.0, 0
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(mask))
+        for mb_start in range(0, len(mask), cfg.mini_batch_size):
+            mb_rows = order[mb_start:mb_start + cfg.mini_batch_size]
+            common = {"mode": cfg.loss_aggregation, "global_tokens": float(mask[mb_rows].sum()),
+                      "global_seqs": float(len(mb_rows)),
+                      "norm_length": float(cfg.max_new_tokens)}
+            for mc_start in range(0, len(mb_rows), cfg.micro_batch_size):
+                idx = mb_rows[mc_start:mc_start + cfg.micro_batch_size]
+                m = micro_step(cfg, models["policy"], models["value"], batch, idx, common)
+                weight = float(mask[idx].sum())
+                tokens += weight
+                for key, value in m.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * (
+                        1.0 if key in loss_keys else weight)
+            for name, model in models.items():
+                params = [p for p in model.parameters() if p.requires_grad]
+                norm = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                check_finite(norm, step, name=f"{name} gradient norm", run=run)
+                optimizers[name].step()
+                schedulers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+                sums[f"grad_norm_{name}"] = sums.get(f"grad_norm_{name}", 0.0) + float(norm)
+            updates += 1
+    per_update = (*loss_keys, "grad_norm_policy", "grad_norm_value")
+    metrics = {k: v / (updates if k in per_update else tokens) for k, v in sums.items()}
+    check_finite(metrics["loss"], step, run=run)
+    metrics["lr"] = schedulers["policy"].get_last_lr()[0]
+    return metrics
+
+
+def train(cfg: PPOConfig) -> dict[str, Any]:
+    """Run PPO per ``cfg``; returns the summary written to summary.json."""
+    from dataclasses import replace
+
+    from rewardloop.rollout import (
+        HFGenerator,
+        SamplingSettings,
+        rollout_metrics,
+        truncate_samples,
+    )
+    from rewardloop.train.run import progress_bar, save_checkpoint
+
+    setup = setup_run(cfg, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    run, policy = setup.run, setup.policy
+    value_model = load_value(cfg, setup)
+    models = {"policy": policy, "value": value_model}
+    optimizers, schedulers = {}, {}
+    optimizers["policy"], schedulers["policy"] = make_optimizer(policy, cfg)
+    optimizers["value"], schedulers["value"] = make_optimizer(
+        value_model, replace(cfg, lr=cfg.value_lr))
+    generator = HFGenerator(policy, setup.tokenizer)
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    step = 0
+    ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers)
+    if ckpt is not None:
+        step = ckpt.step
+        setup.sampler.load_state_dict(ckpt.sampler_state)
+        setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
+    truncate_samples(run.out / "samples.jsonl", step)
+    history: list[dict[str, float]] = []
+    policy.train()
+    value_model.train()
+    with progress_bar(cfg.max_steps, "ppo", start=step) as show:
+        while step < cfg.max_steps:
+            batch = make_experience(cfg, setup, value_model, generator, settings)
+            t0 = time.perf_counter()
+            train_metrics = update(cfg, models, optimizers, schedulers, batch, step + 1, run)
+            step += 1
+            time_ref = batch.metrics.pop("time_ref_s")
+            metrics = {**batch.metrics, **train_metrics, **rollout_metrics(batch.rollout),
+                       "time_train_s": time.perf_counter() - t0 + time_ref}
+            if batch.ref_logps is not None:
+                metrics.update(kl_metrics(batch.old_logps, batch.ref_logps,
+                                          batch.rollout.completion_mask), kl_coef=batch.kl_coef)
+                setup.kl_ctl.update(metrics["kl_seq_k1"], len(batch.rollout))
+            run.meter.step(samples=len(batch.rollout),
+                           tokens=int(batch.rollout.attention_mask.sum()))
+            run.log_metrics(step, metrics)
+            history.append(metrics)
+            write_samples(setup, cfg, step, batch.rows, batch.rollout, batch.rewards.total)
+            show(step, f"reward {metrics['reward/mean']:.3f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(run, step, models=models, optimizers=optimizers,
+                                schedulers=schedulers, sampler_state=setup.sampler.state_dict(),
+                                extra={"kl_ctl": setup.kl_ctl.state_dict()})
+    return finish(setup, cfg, history, value_model=value_model)
