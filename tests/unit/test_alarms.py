@@ -15,7 +15,8 @@ from rewardloop.eval.alarms import (
 
 
 def _rows(proxy: list[float], gold: list[float]) -> list[dict[str, float]]:
-    return [{"step": i + 1, "proxy": p, "gold": g} for i, (p, g) in enumerate(zip(proxy, gold))]
+    pairs = zip(proxy, gold, strict=True)
+    return [{"step": i + 1, "proxy": p, "gold": g} for i, (p, g) in enumerate(pairs)]
 
 
 def test_divergence_fires_when_proxy_rises_and_gold_falls() -> None:
