@@ -48,9 +48,15 @@ def _setup_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         if engine.url.database not in (None, "", ":memory:"):
             cur.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL is durable against process crashes (kill -9); only an OS crash or
-            # power loss can lose the last transactions. FULL also survives power loss.
-            cur.execute("PRAGMA synchronous=FULL")
+            # In WAL mode NORMAL is durable against process crashes (a server killed with
+            # kill -9 keeps every committed transaction); only an OS crash or power loss can
+            # lose the last few. FULL would fsync on every commit, which cost ~100 ms per
+            # judgment on a loaded machine. Set REWARDLOOP_SQLITE_SYNCHRONOUS=FULL to trade
+            # that speed for power-loss durability.
+            sync = os.environ.get("REWARDLOOP_SQLITE_SYNCHRONOUS", "NORMAL").upper()
+            if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+                sync = "NORMAL"
+            cur.execute(f"PRAGMA synchronous={sync}")
         cur.close()
 
     @event.listens_for(engine, "begin")
