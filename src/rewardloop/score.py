@@ -266,7 +266,7 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     from rewardloop.train.checkpoint import atomic_write_text
     from rewardloop.train.run import progress_bar
 
-    data, out = Path(data), Path(out)
+    data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
     fmt, records = read_records(data, data_format)
     if fmt not in PAIR_FORMATS + LIST_FORMATS + SINGLE_FORMATS:
         raise UserError(f"{data}: {fmt} rows hold no answers to score; give pairwise, "
