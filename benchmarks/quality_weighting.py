@@ -14,6 +14,7 @@ and scored on held-out pairs labelled by the hidden gold judge. Printed: accurac
 accuracy spammers cost (a - b) and the share of it (c) and (d) win back.
 
     python -m benchmarks.quality_weighting [--budget 600] [--steps 60] [--seeds 1]
+        [--honest 6] [--random-spam 2] [--constant-spam 1]
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ from rewardloop.data.records import CandidatesRecord, PairRecord, RankingRecord
 from rewardloop.feedback.simulate import SimulatedAnnotator
 
 GOLD = "rewardloop.synthetic:gold_score"
-SPAMMERS = ("spam-random-1", "spam-random-2", "spam-constant-1")
 
 
-def pool(honest: int = 6, temperature: float = 1.0) -> list[SimulatedAnnotator]:
-    """``honest`` Bradley–Terry annotators on the gold score, 2 random and 1 constant spammer."""
-    people = [SimulatedAnnotator(f"honest-{i}", temperature=temperature)
-              for i in range(1, honest + 1)]
-    return people + [SimulatedAnnotator(SPAMMERS[0], spam="random"),
-                     SimulatedAnnotator(SPAMMERS[1], spam="random"),
-                     SimulatedAnnotator(SPAMMERS[2], spam="constant")]
+def pool(honest: int = 6, random_spam: int = 2, constant_spam: int = 1,
+         temperature: float = 1.0) -> list[SimulatedAnnotator]:
+    """Bradley–Terry annotators on the gold score, then random and constant (always the answer
+    shown first) spammers, named ``spam-*``."""
+    return ([SimulatedAnnotator(f"honest-{i}", temperature=temperature)
+             for i in range(1, honest + 1)]
+            + [SimulatedAnnotator(f"spam-random-{i}", spam="random")
+               for i in range(1, random_spam + 1)]
+            + [SimulatedAnnotator(f"spam-constant-{i}", spam="constant")
+               for i in range(1, constant_spam + 1)])
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -94,7 +97,8 @@ def train_eval(model: Path, data: Path, evals: Path, out: Path, *, steps: int, s
     return train_rm(cfg)
 
 
-def collect(workdir: Path, budget: int, seed: int) -> tuple[Any, list[PairRecord]]:
+def collect(workdir: Path, budget: int, seed: int, annotators: list[SimulatedAnnotator]
+            ) -> tuple[Any, list[PairRecord]]:
     """A store with the pool's judgments of a planned batch; (store, every judged pair)."""
     from rewardloop.data.load import load_pairs
     from rewardloop.data.store import Store
@@ -112,19 +116,19 @@ def collect(workdir: Path, budget: int, seed: int) -> tuple[Any, list[PairRecord
     with store.write() as s:
         batch = T.get_or_create_batch(s, "bench")
         S.create_planned_tasks(s, planned, rows, golds, batch=batch)
-    simulate(store, pool(), GOLD, batch="bench", seed=seed)
+    simulate(store, annotators, GOLD, batch="bench", seed=seed)
     return store, load_pairs(store)
 
 
-def one_seed(workdir: Path, model: Path, budget: int, steps: int, seed: int
-             ) -> dict[str, Any]:
+def one_seed(workdir: Path, model: Path, budget: int, steps: int, seed: int,
+             annotators: list[SimulatedAnnotator]) -> dict[str, Any]:
     from rewardloop.feedback.quality import annotator_weights, flagged_annotators
 
     t0 = time.perf_counter()
-    store, pairs = collect(workdir, budget, seed)
+    store, pairs = collect(workdir, budget, seed, annotators)
     collect_s = time.perf_counter() - t0
     evals = eval_file(workdir, seed)
-    honest = [p for p in pairs if p.annotator not in SPAMMERS]
+    honest = [p for p in pairs if not str(p.annotator).startswith("spam-")]
     files = {"a_honest_only": write_jsonl(workdir / "honest.jsonl", pairs_rows(honest)),
              "all": write_jsonl(workdir / "all.jsonl", pairs_rows(pairs))}
     arms = {
@@ -149,11 +153,11 @@ def recovered(a: float, b: float, x: float) -> str:
     return f"{(x - b) / (a - b):.0%}" if a - b > 1e-9 else "- (spammers cost nothing)"
 
 
-def report(results: list[dict[str, Any]], budget: int, steps: int) -> None:
+def report(results: list[dict[str, Any]], budget: int, steps: int, pool_line: str) -> None:
     arms = ("a_honest_only", "b_all_unweighted", "c_reliability", "d_exclude_flagged")
     acc = {arm: float(np.mean([r[arm]["accuracy"] for r in results])) for arm in arms}
     print(f"\n## Quality-aware reward-model training ({len(results)} seed(s), budget {budget} "
-          f"labels, {steps} steps, tiny RM)")
+          f"labels, {steps} steps, tiny RM; pool {pool_line})")
     print("| training labels | pairs | held-out gold accuracy | train s |")
     print("|---|---|---|---|")
     for arm in arms:
@@ -175,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=600, help="Labels collected per seed.")
     parser.add_argument("--steps", type=int, default=60, help="Training steps of every RM.")
     parser.add_argument("--seeds", type=int, default=1, help="Seeds to average over.")
+    parser.add_argument("--honest", type=int, default=6, help="Honest annotators.")
+    parser.add_argument("--random-spam", type=int, default=2, help="Random spammers.")
+    parser.add_argument("--constant-spam", type=int, default=1,
+                        help="Spammers who always pick the answer shown first.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a shared machine).")
     args = parser.parse_args(argv)
@@ -185,9 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="rl-quality-") as tmp:
         workdir = Path(tmp)
         model = build_model(workdir)
-        results = [one_seed(workdir, model, args.budget, args.steps, seed)
+        annotators = pool(args.honest, args.random_spam, args.constant_spam)
+        results = [one_seed(workdir, model, args.budget, args.steps, seed, annotators)
                    for seed in range(args.seeds)]
-    report(results, args.budget, args.steps)
+    report(results, args.budget, args.steps, f"{args.honest} honest, {args.random_spam} random "
+           f"+ {args.constant_spam} constant spammers")
 
 
 if __name__ == "__main__":
