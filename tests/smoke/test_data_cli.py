@@ -10,7 +10,6 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from rewardloop.cli import app
-from rewardloop.errors import DataError
 
 ROWS = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "annotator": "ann"},
         {"prompt": "capital of France?", "chosen": "Paris", "rejected": "Lyon"}]
@@ -50,8 +49,8 @@ def test_bad_file_imports_nothing(tmp_path: Path) -> None:
     runner, db = CliRunner(), f"sqlite:///{tmp_path / 'cli.db'}"
     bad = jsonl(tmp_path / "bad.jsonl", [*ROWS, {"prompt": "p", "chosen": 3, "rejected": "x"}])
     result = runner.invoke(app, ["data", "import", str(bad), "--db", db])
-    assert isinstance(result.exception, DataError)
-    assert "bad.jsonl:line 3 field 'chosen'" in str(result.exception)
+    assert result.exit_code == 2
+    assert "bad.jsonl:line 3 field 'chosen'" in result.stderr
     stats = json.loads(runner.invoke(app, ["data", "stats", "--db", db, "--json"]).output)
     assert set(stats["counts"].values()) == {0}
 

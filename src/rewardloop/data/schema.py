@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -178,6 +179,8 @@ class ComparisonTask(Base):
         CheckConstraint("overlap >= 1", name="ck_task_overlap"),
         CheckConstraint("NOT is_gold OR gold_ranking IS NOT NULL", name="ck_task_gold_answer"),
         Index("ix_tasks_open", "batch_id", "done"),
+        # next_task walks open tasks by (priority DESC, id): migration 0002.
+        Index("ix_tasks_next", "done", text("priority DESC"), "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -225,7 +228,10 @@ class Assignment(Base):
     """A lease: the task was handed to this annotator until ``expires_at``, in ``shown_order``."""
 
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("task_id", "annotator_id", name="uq_assignment"),)
+    __table_args__ = (
+        UniqueConstraint("task_id", "annotator_id", name="uq_assignment"),
+        Index("ix_assignments_annotator", "annotator_id", "completed"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
