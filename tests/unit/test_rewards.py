@@ -147,11 +147,11 @@ def test_no_reward_is_refused() -> None:
 def rm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``train rm``-like run dir: model/ with a random scalar head and reward_stats.json."""
     from rewardloop.models import load_reward_model, load_tokenizer
-    from rewardloop.tiny import build_tiny
+    from rewardloop.tiny import build_tiny, generate_corpus
 
     root = tmp_path_factory.mktemp("rm")
-    base = build_tiny(root / "base", vocab_size=320, hidden_size=16, num_layers=1, num_heads=2,
-                      max_position=128)
+    base = build_tiny(root / "base", generate_corpus(300), vocab_size=320, hidden_size=16,
+                      num_layers=1, num_heads=2, max_position=128)
     tokenizer = load_tokenizer(base)
     torch.manual_seed(0)
     model = load_reward_model(base, device="cpu", pad_token_id=tokenizer.pad_token_id)
