@@ -107,12 +107,11 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for queries; rolled back at the end (nothing is written)."""
+        """A session for queries. Closing it ends the transaction without writing and leaves
+        the loaded objects usable (detached, attributes kept), unlike an explicit rollback,
+        which would expire them."""
         with self._sessions() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
