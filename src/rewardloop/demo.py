@@ -77,8 +77,10 @@ class DemoSizes:
     """Longest answer in tokens."""
 
 
-FULL = DemoSizes(corpus=3000, prompts=512, eval_prompts=200, hidden_size=96, num_layers=2,
-                 sft_steps=300, prompts_per_round=320, overlap=2, rm_steps=120, rl_steps=60,
+# Sized for about 3-4 minutes on 2 CPU cores: enough judgments (~220 per annotator) for the
+# quality report to catch the spammer, and enough RL steps for a clear gold win over SFT.
+FULL = DemoSizes(corpus=3000, prompts=640, eval_prompts=200, hidden_size=96, num_layers=2,
+                 sft_steps=300, prompts_per_round=512, overlap=3, rm_steps=200, rl_steps=80,
                  rl_batch=32, max_new_tokens=48)
 FAST = DemoSizes(corpus=200, prompts=64, eval_prompts=24, hidden_size=32, num_layers=1,
                  sft_steps=8, prompts_per_round=24, overlap=2, rm_steps=4, rl_steps=2,

@@ -95,8 +95,9 @@ class LoopConfig:
     """Alarm when the KL per sequence to the reference exceeds this; None = off."""
     max_length_ratio: float | None = 2.0
     """Alarm when mean answer length exceeds this times the start's; None = off."""
-    alarm_window: int = 3
-    """Steps averaged on each side when comparing proxy and gold reward trends."""
+    alarm_window: int = 5
+    """Steps averaged on each side when comparing proxy and gold reward trends (each change
+    must also exceed two standard errors of the step noise)."""
     seed: int = 0
     """Seed of prompt selection, sampling, simulation and training."""
 

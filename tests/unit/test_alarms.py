@@ -86,3 +86,25 @@ def test_best_index_prefers_first_available_key_and_earliest_tie() -> None:
 def test_settings_are_validated(bad: dict) -> None:
     with pytest.raises(ValueError):
         AlarmSettings(**bad)
+
+
+def test_noise_alone_does_not_raise_a_divergence_alarm() -> None:
+    import random
+
+    rng = random.Random(0)
+    # flat proxy and gold with step noise: windows of 3 wobble, but never beyond 2 std errors
+    # of the change in both directions at once often enough to matter over this run
+    rows = [{"step": i, "proxy": rng.gauss(0, 1), "gold": rng.gauss(0, 1)} for i in range(60)]
+    assert divergence_alarm(rows, "proxy", "gold", window=10) is None
+    # a real divergence (proxy +2, gold -2 from step 30) is still caught
+    rows = [{"step": i, "proxy": rng.gauss(2 * (i >= 30), 0.5),
+             "gold": rng.gauss(-2 * (i >= 30), 0.5)} for i in range(60)]
+    assert divergence_alarm(rows, "proxy", "gold", window=10) is not None
+
+
+def test_change_noise_hand_worked() -> None:
+    from rewardloop.eval.alarms import _change_noise
+
+    # var([0, 2]) = 2 and var([1, 3]) = 2 -> sqrt(2/2 + 2/2) = sqrt(2)
+    assert abs(_change_noise([0, 2], [1, 3]) - 2 ** 0.5) < 1e-12
+    assert _change_noise([1], [2]) == 0.0

@@ -75,25 +75,45 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def _change_noise(before: Sequence[float], after: Sequence[float]) -> float:
+    """Standard error of the difference of two window means (0 for windows of one record).
+
+    Step-level metrics of an RL run are noisy (a batch of 32 samples); without this, a window
+    where the proxy wobbles up while gold wobbles down raises a false alarm in most runs.
+    """
+    if len(before) < 2 or len(after) < 2:
+        return 0.0
+
+    def var(xs: Sequence[float]) -> float:
+        m = _mean(xs)
+        return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    return math.sqrt(var(before) / len(before) + var(after) / len(after))
+
+
 def divergence_alarm(records: Sequence[Record], proxy_key: str, held_out_key: str, *,
-                     window: int = 3, min_change: float = 0.0, step_key: str = "step"
-                     ) -> str | None:
+                     window: int = 3, min_change: float = 0.0, step_key: str = "step",
+                     z: float = 2.0) -> str | None:
     """The first point where the proxy's mean over the last ``window`` records (that have both
-    keys) rose by more than ``min_change`` over the ``window`` before, while the held-out mean
-    fell by more than ``min_change``; None when that never happens."""
+    keys) rose over the ``window`` before, while the held-out mean fell; None when that never
+    happens. Each change must exceed ``min_change`` and ``z`` standard errors of the change
+    (computed from the spread inside the windows), so noise alone rarely raises it."""
     paired = [(i, p, h) for i, r in enumerate(records)
               if (p := _number(r.get(proxy_key))) is not None
               and (h := _number(r.get(held_out_key))) is not None]
     for end in range(2 * window, len(paired) + 1):
         before, after = paired[end - 2 * window:end - window], paired[end - window:end]
-        proxy_0, proxy_1 = _mean([p for _, p, _ in before]), _mean([p for _, p, _ in after])
-        held_0, held_1 = _mean([h for _, _, h in before]), _mean([h for _, _, h in after])
-        if proxy_1 - proxy_0 > min_change and held_0 - held_1 > min_change:
+        p0, p1 = [p for _, p, _ in before], [p for _, p, _ in after]
+        h0, h1 = [h for _, _, h in before], [h for _, _, h in after]
+        proxy_0, proxy_1, held_0, held_1 = _mean(p0), _mean(p1), _mean(h0), _mean(h1)
+        proxy_bar = max(min_change, z * _change_noise(p0, p1))
+        held_bar = max(min_change, z * _change_noise(h0, h1))
+        if proxy_1 - proxy_0 > proxy_bar and held_0 - held_1 > held_bar:
             where = _name(records, after[-1][0], step_key)
             return (f"{where}: proxy reward {proxy_key} rose {proxy_0:.4g} -> {proxy_1:.4g} "
                     f"while held-out {held_out_key} fell {held_0:.4g} -> {held_1:.4g} "
-                    f"(means over windows of {window}): the policy may be gaming the reward "
-                    "model")
+                    f"(means over windows of {window}, beyond {z:g} standard errors): the "
+                    "policy may be gaming the reward model")
     return None
 
 

@@ -52,7 +52,7 @@ from rewardloop.models import (
     match_tokenizer,
     save_model,
 )
-from rewardloop.train.data import EpochSampler, microbatches
+from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, microbatches, scheduler
 from rewardloop.train.run import (
     RunDir,
     check_finite,
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
 UNPAIRED_FORMATS = ("kto",)
 LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto")
-SCHEDULES = ("linear", "constant")
 REF_CACHE = "ref_logps.pt"
 
 
@@ -564,19 +563,6 @@ def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example
     return out
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: DPOConfig, total_steps: int
-               ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then linear decay to 0 at ``total_steps`` (or constant)."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return step / max(1, cfg.warmup_steps)
-        if cfg.schedule == "constant":
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN metrics (e.g. KTO's rewards/chosen in a step without desirable rows) as null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -612,12 +598,13 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = EpochSampler(len(train), cfg.batch_size, seed=cfg.seed)
+    # Similar-length pairs share a batch: padding (wasted compute) drops to a few percent.
+    sampler = LengthGroupedSampler([e.n_tokens for e in train], cfg.batch_size, seed=cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
-    scheduler = _scheduler(optimizer, cfg, total_steps)
+    sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     step = 0
     ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
-                       schedulers={"policy": scheduler})
+                       schedulers={"policy": sched})
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
@@ -635,20 +622,20 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
                 params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             check_finite(grad_norm, step + 1, name="grad_norm", run=run)
             optimizer.step()
-            scheduler.step()
+            sched.step()
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(e.n_tokens for e in batch))
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics = {"loss": float(result.loss), "grad_norm": float(grad_norm),
-                           "lr": scheduler.get_last_lr()[0],
-                           "epoch": sampler.epoch + sampler.position / sampler.n,
+                           "lr": sched.get_last_lr()[0],
+                           "epoch": sampler.epoch + sampler.position / sampler.batches_per_epoch,
                            **{k: float(v) for k, v in result.metrics.items()}}
                 run.log_metrics(step, _finite(metrics))
             show(step, f"loss {float(result.loss):.4f}")
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"policy": policy},
                                 optimizers={"policy": optimizer},
-                                schedulers={"policy": scheduler},
+                                schedulers={"policy": sched},
                                 sampler_state=sampler.state_dict())
 
     figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train),

@@ -50,6 +50,7 @@ from rewardloop.models import (
     save_model,
 )
 from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
 from rewardloop.train.run import (
     RunDir,
     check_finite,
@@ -57,7 +58,7 @@ from rewardloop.train.run import (
     save_checkpoint,
     seed_everything,
 )
-from rewardloop.train.sft import LengthGroupedSampler, scheduler, split_micro
+from rewardloop.train.sft import split_micro
 from rewardloop.train.tokenize import Encoded, collate, encode
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
 RANKING_FORMATS = ("ranking",)
 WEIGHTINGS = ("none", "reliability")
-SCHEDULES = ("linear", "cosine", "constant")
 LENGTH_CORRELATION_WARNING = 0.5
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from rewardloop.models import (
     resolve_device,
     save_model,
 )
+from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
 from rewardloop.train.run import (
     RunDir,
     check_finite,
@@ -47,11 +47,10 @@ from rewardloop.train.run import (
     save_checkpoint,
     seed_everything,
 )
-from rewardloop.train.tokenize import Encoded, encode_sft, length_grouped_batches, pad
+from rewardloop.train.tokenize import Encoded, encode_sft, pad
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -239,52 +238,6 @@ def collate_rows(rows: Sequence[Row], examples: Sequence[Encoded], pad_id: int,
     return batch
 
 
-class LengthGroupedSampler:
-    """Resumable epochs of batches of similar-length rows (``tokenize.length_grouped_batches``).
-
-    Each epoch's batches are a pure function of ``(seed, epoch)``, and the position is two
-    integers, so a resumed run draws exactly the batches an uninterrupted one would.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
-        if not lengths:
-            raise ValueError("LengthGroupedSampler needs at least one item")
-        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
-        self.epoch, self.position = 0, 0
-        self._batches: list[list[int]] | None = None
-
-    def _epoch_batches(self) -> list[list[int]]:
-        if self._batches is None:
-            rng = random.Random(self.seed * 1_000_003 + self.epoch)
-            self._batches = length_grouped_batches(self.lengths, self.batch_size, rng)
-        return self._batches
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._epoch_batches())
-
-    def next_batch(self) -> list[int]:
-        """The next batch of indices; moves to the next epoch when this one is used up."""
-        if self.position >= len(self._epoch_batches()):
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        batch = self._epoch_batches()[self.position]
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "n": len(self.lengths),
-                "batch_size": self.batch_size, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state``'s position; refuses a state from a different data set-up."""
-        for key, mine in (("n", len(self.lengths)), ("batch_size", self.batch_size),
-                          ("seed", self.seed)):
-            if int(state[key]) != mine:
-                raise UserError(f"checkpoint sampler has {key}={state[key]} but this run has "
-                                f"{mine}; resume with the same data and settings")
-        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
-
-
 def split_micro(indices: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
                 n_micro: int) -> list[list[int]]:
     """Cut one step's indices into ``n_micro`` equal micro-batches of similar lengths.
@@ -353,21 +306,6 @@ def evaluate(model: nn.Module, examples: Sequence[Encoded], cfg: SFTConfig, pad_
     return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 700.0))}
 
 
-def scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-              schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak, then linear or cosine decay to 0 at ``total_steps``, or flat."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------------------------------------
