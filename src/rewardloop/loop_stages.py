@@ -97,9 +97,7 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
                              seed=cfg.seed + ctx.n)
     rows = []
     for i, record in enumerate(chosen):
-        # A barely trained model can emit any byte; NUL cannot be stored by every database.
-        distinct = list(dict.fromkeys(t for t in answers.texts[i * k:(i + 1) * k]
-                                      if t.strip() and "\x00" not in t))
+        distinct = list(dict.fromkeys(t for t in answers.texts[i * k:(i + 1) * k] if t.strip()))
         if len(distinct) >= 2:
             rows.append(CandidatesRecord(record.prompt, distinct,
                                          [f"round-{ctx.n - 1}"] * len(distinct), record.id))

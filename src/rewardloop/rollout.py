@@ -163,6 +163,8 @@ class HFGenerator:
         texts = self.tokenizer.batch_decode(completion_ids * completion_mask
                                             + self.pad_id * (1 - completion_mask),
                                             skip_special_tokens=True)
+        # A byte-level model can emit any byte; NUL breaks JSONL readers and PostgreSQL text.
+        texts = [t.replace("\x00", "") for t in texts]
         return Rollout(
             prompt_ids=prompt_ids.repeat_interleave(n, dim=0),
             prompt_mask=prompt_mask.repeat_interleave(n, dim=0),

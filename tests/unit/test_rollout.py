@@ -177,3 +177,13 @@ def test_samples_file_truncates_on_resume(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0] == {"step": 1, "prompt": "p", "completion": "a", "reward": 1.0,
                        "has_eos": True}
+
+
+def test_nul_bytes_are_stripped_from_texts(tiny, monkeypatch) -> None:
+    """A byte-level model can emit NUL; it would break JSONL readers and PostgreSQL text."""
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS[:1], 64)
+    monkeypatch.setattr(tokenizer, "batch_decode",
+                        lambda seqs, **kw: ["a\x00b" for _ in range(len(seqs))])
+    rollout = HFGenerator(model, tokenizer).generate(ids, 2, SamplingSettings(max_new_tokens=3))
+    assert rollout.texts == ["ab", "ab"]

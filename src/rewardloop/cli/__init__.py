@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 
 import typer
@@ -68,6 +69,11 @@ def _root(
 ) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        # transformers/huggingface_hub print a progress bar and a load report for every model
+        # they load; our own progress bars say what is happening. -v brings theirs back.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _register_all() -> None:
