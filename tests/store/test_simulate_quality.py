@@ -81,6 +81,8 @@ def test_simulate_then_quality(store: Store) -> None:
     weights = annotator_weights(store, batch="b1")
     assert set(weights) == set(report.annotators)
     assert weights["clicker"] < min(weights[f"honest-{i}"] for i in (1, 2))
+    for name, q in report.annotators.items():  # weight = 2p - 1, clipped at 0
+        assert weights[name] == pytest.approx(max(0.0, 2 * q.reliability - 1))
     assert flagged_annotators(store) == {"clicker"}
     with store.read() as s:  # an open session works as well as a store
         assert flagged_annotators(s, flags=["gold_fail"]) == set()

@@ -275,12 +275,21 @@ def quality_report(source: Any, batch: str | None = None,
     return analyze(_records_from(source, batch), thresholds)
 
 
+def reliability_weight(accuracy: float) -> float:
+    """Training weight of a judgment by an annotator of this estimated accuracy: 2p - 1,
+    clipped at 0. A coin-flipper (p = 0.5) carries no information and weighs 0, a perfect
+    annotator weighs 1; under symmetric label noise with flip rate 1 - p the expected
+    Bradley–Terry gradient of a label shrinks by exactly this factor."""
+    return max(0.0, 2.0 * accuracy - 1.0)
+
+
 def annotator_weights(source: Any, batch: str | None = None) -> dict[str, float]:
-    """Dawid–Skene reliability (estimated accuracy, 0..1) per annotator name, for weighting
-    judgments in reward-model training. Annotators who share no pair unit with anyone have no
-    estimate and are left out (weigh them 1, or as you see fit)."""
+    """Training weight per annotator name (``reliability_weight`` of the Dawid–Skene accuracy),
+    for weighting judgments in reward-model training. Annotators who share no pair unit with
+    anyone have no estimate and are left out (weigh them 1, or as you see fit)."""
     report = quality_report(source, batch)
-    return {n: q.reliability for n, q in report.annotators.items() if q.reliability is not None}
+    return {n: reliability_weight(q.reliability) for n, q in report.annotators.items()
+            if q.reliability is not None}
 
 
 def flagged_annotators(source: Any, batch: str | None = None,
