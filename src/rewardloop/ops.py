@@ -19,24 +19,32 @@ _HALF = (torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 
 
+# Temporary (rows x T x V) elements one logsumexp call may allocate: 32M floats = 128 MiB.
+_LOGSUMEXP_CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[..., index]: (B, T, V), (B, T) -> (B, T).
 
-    Computes ``logit[index] - logsumexp(logit)`` one row at a time, so no full (B, T, V)
-    log-softmax copy is made (the vocabulary dimension dominates memory). Half-precision
-    logsumexp is inaccurate, so bf16/fp16 rows go through a float32 log_softmax instead.
+    Computes ``logit[index] - logsumexp(logit)`` a chunk of rows at a time, so no full
+    (B, T, V) log-softmax copy is made when the vocabulary is large (it dominates memory), while
+    small problems go in one call instead of paying per-row overhead. Half-precision logsumexp
+    is inaccurate, so bf16/fp16 rows go through a float32 log_softmax instead.
     ``index`` must hold valid token ids (replace ignore-index labels before calling).
     """
     low_precision = logits.dtype in _HALF
     out_dtype = torch.float32 if low_precision else logits.dtype
     out = torch.empty(index.shape, dtype=out_dtype, device=logits.device)
-    for row, (row_logits, row_index) in enumerate(zip(logits, index, strict=True)):
+    per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
+    step = max(1, _LOGSUMEXP_CHUNK_ELEMENTS // per_row)
+    for start in range(0, logits.shape[0], step):
+        chunk, chunk_index = logits[start:start + step], index[start:start + step]
         if low_precision:
-            row_logp = torch.log_softmax(row_logits.float(), dim=-1)
-            out[row] = row_logp.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
+            chunk_logp = torch.log_softmax(chunk.float(), dim=-1)
+            out[start:start + step] = chunk_logp.gather(-1, chunk_index.unsqueeze(-1)).squeeze(-1)
         else:
-            picked = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
-            out[row] = picked - torch.logsumexp(row_logits, dim=-1)
+            picked = chunk.gather(-1, chunk_index.unsqueeze(-1)).squeeze(-1)
+            out[start:start + step] = picked - torch.logsumexp(chunk, dim=-1)
     return out
 
 

@@ -377,3 +377,13 @@ def test_token_mean_without_global_count_is_not_accumulation_invariant() -> None
     naive = sum(ops.aggregate(loss[i : i + 1], mask[i : i + 1]) for i in range(2)) / 2  # 2.5
     close(full, 1.75)
     close(naive, 2.5)
+
+
+def test_selective_log_softmax_chunking_does_not_change_results(monkeypatch) -> None:
+    torch.manual_seed(0)
+    logits, index = torch.randn(5, 3, 11), torch.randint(0, 11, (5, 3))
+    whole = ops.selective_log_softmax(logits, index)
+    monkeypatch.setattr(ops, "_LOGSUMEXP_CHUNK_ELEMENTS", 40)  # 1 row of 3 x 11 per chunk
+    assert torch.allclose(ops.selective_log_softmax(logits, index), whole, atol=1e-6)
+    assert torch.allclose(whole, torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0],
+                          atol=1e-6)

@@ -97,15 +97,14 @@ def pad(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> t
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        if side == "right":
-            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        else:
-            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-    return out
+    if not seqs:
+        return torch.empty((0, 0), dtype=torch.long)
+    # One tensor from padded Python lists: a tensor per row costs more than the copy.
+    if side == "right":
+        rows = [list(s) + [pad_value] * (width - len(s)) for s in seqs]
+    else:
+        rows = [[pad_value] * (width - len(s)) + list(s) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width)
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int, side: str = "right"
