@@ -112,6 +112,22 @@ class Generator(Protocol):
         ...
 
 
+def _never_sample(token_id: int) -> Any:
+    """A logits processor that sets one token's logit to -inf in place.
+
+    transformers' ``suppress_tokens`` builds a vocabulary-sized mask every decoding step (~15%
+    of generation time for a tiny model); writing one column costs almost nothing.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _NeverSample(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            scores[:, token_id] = -float("inf")
+            return scores
+
+    return LogitsProcessorList([_NeverSample()])
+
+
 class HFGenerator:
     """Sampling with Hugging Face ``generate`` on the policy being trained.
 
@@ -149,7 +165,7 @@ class HFGenerator:
                 max_new_tokens=settings.max_new_tokens, num_return_sequences=n,
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True,
                 # A sampled pad token would be masked as padding in the middle of an answer.
-                suppress_tokens=[self.pad_id],
+                logits_processor=_never_sample(self.pad_id),
             )  # (P0 * n, Lp + C'), C' <= max_new_tokens
         finally:
             self.model.train(was_training)

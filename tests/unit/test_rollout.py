@@ -187,3 +187,17 @@ def test_nul_bytes_are_stripped_from_texts(tiny, monkeypatch) -> None:
                         lambda seqs, **kw: ["a\x00b" for _ in range(len(seqs))])
     rollout = HFGenerator(model, tokenizer).generate(ids, 2, SamplingSettings(max_new_tokens=3))
     assert rollout.texts == ["ab", "ab"]
+
+
+def test_pad_is_never_sampled_even_when_likely(tiny) -> None:
+    """Pad inside an answer would be read as padding: it must never be drawn."""
+    model, tokenizer = tiny
+    handle = _eos_bias(model, tokenizer.pad_token_id, 20.0)  # pad would win ~always
+    try:
+        ids = encode_prompts(tokenizer, PROMPTS, 64)
+        torch.manual_seed(0)
+        rollout = HFGenerator(model, tokenizer).generate(ids, 2, SamplingSettings(max_new_tokens=6))
+    finally:
+        handle.remove()
+    real = rollout.completion_ids[rollout.completion_mask.bool()]
+    assert tokenizer.pad_token_id not in real.tolist()
