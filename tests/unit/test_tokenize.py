@@ -93,9 +93,9 @@ def test_length_grouped_batches_cover_every_index_once() -> None:
 
 def test_sequence_logps_sums_only_completion_tokens() -> None:
     class Uniform(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
             class Out:
-                logits = torch.zeros(*input_ids.shape, 4)
+                logits = torch.zeros(input_ids.shape[0], logits_to_keep or input_ids.shape[1], 4)
             return Out()
 
     batch = T.collate([T.Encoded([1, 2, 3], [0, 1, 1], 1, True),
@@ -105,3 +105,20 @@ def test_sequence_logps_sums_only_completion_tokens() -> None:
     assert torch.allclose(lp, torch.tensor([2, 1]) * torch.log(torch.tensor(0.25)))
     avg = T.sequence_logps(Uniform(), batch, average=True)
     assert torch.allclose(avg, torch.log(torch.tensor([0.25, 0.25])))
+
+
+def test_completion_logps_equal_a_full_forward(tok, tmp_path) -> None:
+    """Projecting only completion positions to the vocabulary changes no log-prob."""
+    from transformers import AutoModelForCausalLM
+
+    from rewardloop.ops import token_log_probs
+    from rewardloop.tiny import build_tiny
+
+    model = AutoModelForCausalLM.from_pretrained(
+        build_tiny(tmp_path / "m", hidden_size=16, num_layers=1, num_heads=2, vocab_size=400))
+    batch = T.collate([T.encode(tok, "a long prompt with many words in it", "ok", max_length=64),
+                       T.encode(tok, "short", "a longer answer here", max_length=64)], pad_id=3)
+    logps, mask = T.completion_token_logps(model, batch)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = token_log_probs(full[:, :-1], batch["input_ids"][:, 1:])
+    assert torch.allclose(logps * mask, expected * mask, atol=1e-5)

@@ -152,14 +152,25 @@ def completion_token_logps(model: Any, batch: dict[str, torch.Tensor], temperatu
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens and their mask, both (B, T-1).
 
-    Logits at position t predict token t+1, so both are shifted by one.
+    Logits at position t predict token t+1, so both are shifted by one. Only the positions from
+    the earliest completion start on are projected to the vocabulary (``logits_to_keep``): the
+    prompt's logits are never used, and the vocabulary projection is the largest matmul of a
+    small model. Earlier positions get log-prob 0 under a 0 mask.
     """
     from rewardloop.ops import token_log_probs
 
-    logits = model(input_ids=batch["input_ids"],
-                   attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    logps = token_log_probs(logits[:, :-1], batch["input_ids"][:, 1:], temperature)
-    return logps, batch["completion_mask"][:, 1:].to(logps.dtype)
+    input_ids, completion = batch["input_ids"], batch["completion_mask"]
+    width = input_ids.shape[1]
+    has_completion = completion.any(dim=1)
+    first = int(completion.float().argmax(dim=1)[has_completion].min()) \
+        if bool(has_completion.any()) else width
+    start = max(0, first - 1)  # the logit at `start` predicts the first completion token
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
+                   logits_to_keep=width - start).logits  # (B, width - start, V)
+    part = token_log_probs(logits[:, :-1], input_ids[:, start + 1:], temperature)
+    logps = part.new_zeros((input_ids.shape[0], width - 1))
+    logps[:, start:] = part
+    return logps, completion[:, 1:].to(logps.dtype)
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0,
