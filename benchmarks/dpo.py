@@ -21,8 +21,8 @@ from pathlib import Path
 from benchmarks.common import peak_rss_mb, print_table, run_side
 
 MODULE = "benchmarks.dpo"
-SETTINGS = {"pairs": 2048, "eval_pairs": 128, "batch_size": 16, "beta": 0.1, "lr": 1e-4,
-            "max_length": 160, "sft_rows": 2000, "gold_prompts": 48}
+SETTINGS = {"pairs": 2048, "eval_pairs": 512, "batch_size": 16, "beta": 0.1, "lr": 1e-4,
+            "max_length": 160, "sft_rows": 2000, "gold_prompts": 200}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
