@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from rewardloop.data.records import CHAT_ROLES, Chat, Text
-from rewardloop.data.schema import content_hash
+from rewardloop.data.values import content_hash
 
 # Column widths in the store (schema.py): longer values would fail on PostgreSQL.
 MAX_ID_CHARS = 255

@@ -52,7 +52,7 @@ from rewardloop.data.records import (
     prompt_text,
     response_text,
 )
-from rewardloop.data.schema import validate_ranking
+from rewardloop.data.values import validate_ranking
 from rewardloop.errors import DataError, UserError
 
 __all__ = [

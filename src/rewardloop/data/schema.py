@@ -15,8 +15,6 @@ ids is a tie, e.g. ``[[12], [10, 11]]`` means 12 beat both 10 and 11, which tie.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from typing import Any
 
 from sqlalchemy import (
@@ -35,21 +33,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from rewardloop.data.values import content_hash, ranking_pairs, validate_ranking
+
 ROLES = ("admin", "annotator")
 TASK_KINDS = ("pairwise", "ranking")
 STRENGTHS = ("slight", "clear", "strong")
 SOURCES = ("human", "simulated", "import", "model")
 
+__all__ = ["content_hash", "ranking_pairs", "validate_ranking"]  # re-exported for callers
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def content_hash(value: Any) -> str:
-    """Stable SHA-256 of a text or JSON value (chat messages), used for de-duplication."""
-    if not isinstance(value, str):
-        value = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
 class Base(DeclarativeBase):
@@ -310,44 +305,3 @@ class AuditEvent(Base):
     actor_id: Mapped[int | None] = mapped_column(ForeignKey("annotators.id", ondelete="SET NULL"))
     action: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-
-
-def validate_ranking(ranking: Any, response_ids: list[int] | tuple[int, ...]) -> list[list[int]]:
-    """Check that ``ranking`` orders exactly ``response_ids`` (each once), best group first.
-
-    Returns the ranking as a list of lists of ints; raises ValueError naming the problem.
-    """
-    if not isinstance(ranking, list) or not ranking:
-        raise ValueError("ranking must be a non-empty list of groups of response ids")
-    groups: list[list[int]] = []
-    for group in ranking:
-        members = group if isinstance(group, list) else [group]
-        if not members or not all(isinstance(m, int) and not isinstance(m, bool) for m in members):
-            raise ValueError(f"each ranking group must be a non-empty list of ids, got {group!r}")
-        groups.append(list(members))
-    flat = [m for g in groups for m in g]
-    if len(flat) != len(set(flat)):
-        raise ValueError("a response appears twice in the ranking")
-    if set(flat) != set(response_ids):
-        raise ValueError(
-            f"ranking must list each of the task's responses {sorted(response_ids)} once, "
-            f"got {sorted(flat)}"
-        )
-    # An all-tie ranking (one group) is allowed: it says "no preference between these".
-    return groups
-
-
-def ranking_pairs(ranking: list[list[int]]) -> list[tuple[int, int, bool]]:
-    """All ordered pairs implied by a ranking: ``(better, worse, is_tie)``.
-
-    Ties are returned once per unordered pair with ``is_tie=True`` (order by list position).
-    """
-    pairs: list[tuple[int, int, bool]] = []
-    for i, group in enumerate(ranking):
-        for a_idx, a in enumerate(group):
-            for b in group[a_idx + 1:]:
-                pairs.append((a, b, True))
-            for lower in ranking[i + 1:]:
-                for b in lower:
-                    pairs.append((a, b, False))
-    return pairs
