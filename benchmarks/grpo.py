@@ -37,7 +37,7 @@ MAX_NEW_TOKENS = 24
 LR = 2e-4
 SEED = 0
 BETA = {"grpo": 0.04, "rloo": 0.05}  # each trainer's paper default
-EVAL_PROMPTS, EVAL_SAMPLES = 16, 4
+EVAL_PROMPTS, EVAL_SAMPLES = 64, 4
 
 
 def prepare(work: Path) -> None:
