@@ -10,6 +10,11 @@ from urllib.parse import quote
 
 import pytest
 
+# One math thread per test process: `make test` runs two xdist workers on two cores, and with
+# more threads OpenMP spin-waiting makes tiny models crawl. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 PG_URL = os.environ.get("REWARDLOOP_TEST_PG_URL")
 PG_SKIP_REASON = (
     "PostgreSQL tests need a server: set REWARDLOOP_TEST_PG_URL="

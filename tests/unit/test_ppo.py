@@ -21,13 +21,6 @@ def length_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> 
     return [len(c) / 10.0 for c in completions]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared CPU, OpenMP spin-waiting makes tiny models crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

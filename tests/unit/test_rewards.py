@@ -41,13 +41,6 @@ def nan_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> lis
     return [1.0, math.nan][: len(completions)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared CPU, OpenMP spin-waiting makes tiny models crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def score(rewards: Rewards, prompts: list[Any], completions: list[str],
