@@ -130,7 +130,7 @@ def _prepare_sft(out: Path, data: Path, tiny: Path, sizes: DemoSizes, seed: int
     summary = train_sft(SFTConfig(
         model=str(tiny / "model"), data=data / "sft.jsonl", out=out, seed=seed,
         max_steps=sizes.sft_steps, batch_size=32, lr=3e-3, warmup_steps=10, schedule="cosine",
-        max_length=160, save_steps=max(sizes.sft_steps // 3, 1), resume=resume,
+        max_length=160, save_every=max(sizes.sft_steps // 3, 1), resume=resume,
         overwrite=not resume))
     return {"loss": summary.get("loss"), "steps": summary["steps"], "wall_s": summary["wall_s"]}
 

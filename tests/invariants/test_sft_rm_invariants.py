@@ -50,8 +50,8 @@ def test_resume_equals_uninterrupted_across_an_epoch_boundary(tiny_dir: Path, tm
                    schedule="constant", max_length=64, device="cpu", **kw)
 
     train(cfg(tmp_path / "whole", max_steps=3))
-    train(cfg(tmp_path / "split", max_steps=2, save_steps=2))  # "crashes" after step 2
-    summary = train(cfg(tmp_path / "split", max_steps=3, save_steps=2, resume=True))
+    train(cfg(tmp_path / "split", max_steps=2, save_every=2))  # "crashes" after step 2
+    summary = train(cfg(tmp_path / "split", max_steps=3, save_every=2, resume=True))
     assert summary["steps"] == 3
     whole = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     split = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))

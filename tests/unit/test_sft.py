@@ -213,5 +213,5 @@ def test_cli_trains_and_help_explains_every_flag(tiny_dir: Path, tmp_path: Path)
     res = CliRunner().invoke(app, ["train", "sft", "--help"])
     assert res.exit_code == 0
     for flag in ("--train-on-prompt", "--packing", "--lora-r", "--lora-alpha", "--merge-lora",
-                 "--eval-data", "--save-steps", "--resume", "--grad-accum", "--max-length"):
+                 "--eval-data", "--save-every", "--resume", "--grad-accum", "--max-length"):
         assert flag in res.output

@@ -94,7 +94,7 @@ def rm(
     merge_lora: bool = MERGE_LORA,
     dtype: str | None = DTYPE,
     device: str | None = DEVICE,
-    save_steps: int | None = SAVE_STEPS,
+    save_every: int | None = SAVE_STEPS,
     log_every: int | None = LOG_EVERY,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
@@ -117,7 +117,7 @@ def rm(
         warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
         max_length=max_length, max_prompt_length=max_prompt_length,
         eval_batch_size=eval_batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
-        merge_lora=flag(merge_lora), dtype=dtype, device=device, save_steps=save_steps,
+        merge_lora=flag(merge_lora), dtype=dtype, device=device, save_every=save_every,
         log_every=log_every, resume=flag(resume), overwrite=flag(overwrite),
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
     )

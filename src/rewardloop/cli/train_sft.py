@@ -46,7 +46,7 @@ MERGE_LORA = typer.Option(False, "--merge-lora", help="Save a merged plain model
 DTYPE = typer.Option(None, "--dtype", help="auto (bfloat16 on a capable GPU, else float32), "
                      "float32, bfloat16 or float16.")
 DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. Default auto.")
-SAVE_STEPS = typer.Option(None, "--save-steps", help="Write a checkpoint every N steps (0: only "
+SAVE_STEPS = typer.Option(None, "--save-every", help="Write a checkpoint every N steps (0: only "
                           "the final model). Default 0.")
 LOG_EVERY = typer.Option(None, "--log-every", help="Log metrics every N steps. Default 1.")
 RESUME = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in "
@@ -105,7 +105,7 @@ def sft(
     merge_lora: bool = MERGE_LORA,
     dtype: str | None = DTYPE,
     device: str | None = DEVICE,
-    save_steps: int | None = SAVE_STEPS,
+    save_every: int | None = SAVE_STEPS,
     log_every: int | None = LOG_EVERY,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
@@ -126,7 +126,7 @@ def sft(
         max_grad_norm=max_grad_norm, max_length=max_length, max_prompt_length=max_prompt_length,
         eval_batch_size=eval_batch_size, eval_every=eval_every, lora_r=lora_r,
         lora_alpha=lora_alpha, merge_lora=flag(merge_lora), dtype=dtype, device=device,
-        save_steps=save_steps, log_every=log_every, resume=flag(resume),
+        save_every=save_every, log_every=log_every, resume=flag(resume),
         overwrite=flag(overwrite), add_pad_token=flag(add_pad_token),
         trust_remote_code=flag(trust_remote_code),
     )

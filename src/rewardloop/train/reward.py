@@ -138,7 +138,7 @@ class RewardConfig:
     """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    save_steps: int = 0
+    save_every: int = 0
     """Write a checkpoint every this many steps (0: only the final model)."""
     log_every: int = 1
     """Log metrics every this many steps."""
@@ -179,8 +179,8 @@ class RewardConfig:
         if self.max_length < 2 or (self.max_prompt_length is not None
                                    and not 1 <= self.max_prompt_length < self.max_length):
             raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
-        if self.eval_batch_size < 1 or self.save_steps < 0 or self.log_every < 1:
-            raise ValueError("eval_batch_size >= 1, save_steps >= 0 and log_every >= 1 required")
+        if self.eval_batch_size < 1 or self.save_every < 0 or self.log_every < 1:
+            raise ValueError("eval_batch_size >= 1, save_every >= 0 and log_every >= 1 required")
         if self.lora_r is not None:
             LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
             if self.ensemble > 1 and not self.merge_lora:
@@ -626,7 +626,7 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
                 run.log_metrics(step, {"loss": step_loss, "grad_norm": grad_norm,
                                        "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
                                        **step_metrics})
-            if cfg.save_steps and step % cfg.save_steps == 0:
+            if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"reward": model},
                                 optimizers={"reward": optimizer}, schedulers={"reward": sched},
                                 sampler_state=sampler.state_dict())

@@ -108,7 +108,7 @@ class SFTConfig:
     """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    save_steps: int = 0
+    save_every: int = 0
     """Write a checkpoint every this many steps (0: only the final model)."""
     log_every: int = 1
     """Log metrics every this many steps."""
@@ -136,8 +136,8 @@ class SFTConfig:
             raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
         if self.eval_batch_size < 1 or self.eval_every < 0:
             raise ValueError("eval_batch_size >= 1 and eval_every >= 0 required")
-        if self.save_steps < 0 or self.log_every < 1:
-            raise ValueError("save_steps >= 0 and log_every >= 1 required")
+        if self.save_every < 0 or self.log_every < 1:
+            raise ValueError("save_every >= 0 and log_every >= 1 required")
         if self.lora_r is not None:
             LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
         elif self.merge_lora:
@@ -377,7 +377,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
             if eval_examples and cfg.eval_every and step % cfg.eval_every == 0:
                 figures = evaluate(model, eval_examples, cfg, pad_id, device)
                 run.log_metrics(step, figures)
-            if cfg.save_steps and step % cfg.save_steps == 0:
+            if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"policy": model},
                                 optimizers={"policy": optimizer}, schedulers={"policy": sched},
                                 sampler_state=sampler.state_dict())
