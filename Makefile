@@ -22,7 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+	# --reruns 1: a test that fails once and then passes is reported as RERUN in the summary
+	# (kept visible), so one rare timing flake does not fail CI.
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --reruns 1 -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
