@@ -175,6 +175,13 @@ class RewardScorer:
 
         ``progress``: an optional callable ``progress(done)`` told how many answers are scored.
         """
+        heads = self.score_heads(prompts, completions, progress=progress)
+        std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
+        return Scores(heads.mean(dim=1).tolist(), std)
+
+    def score_heads(self, prompts: Sequence[Text], completions: Sequence[Text], *,
+                    progress: Any = None) -> Any:
+        """(N, K) rewards of every head in the input order (normalised when ``normalize``)."""
         import torch
 
         from rewardloop.train.tokenize import collate, encode
@@ -196,8 +203,7 @@ class RewardScorer:
                     progress(start + len(idx))
         if self.normalize:
             heads = (heads - float(self.stats["mean"])) / max(float(self.stats["std"]), 1e-8)
-        std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
-        return Scores(heads.mean(dim=1).tolist(), std)
+        return heads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,11 +239,8 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
 
 
 def heads_of(rm_dir: str | Path, *, device: str = "auto", batch_size: int = 32) -> HeadFn:
-    """A function giving the (N, K) scores of every head of the reward model in ``rm_dir``.
-
-    Loads through ``score.RewardScorer`` (directory checks, training ``max_length``), then runs
-    ``score.rewards_of`` per batch because the scorer returns only the mean and std of heads.
-    """
+    """A function giving the (N, K) scores of every head of the reward model in ``rm_dir``
+    (``score.RewardScorer.score_heads``: directory checks, training ``max_length``, batching)."""
     from rewardloop.errors import UserError
     from rewardloop.score import RewardScorer
 
@@ -253,21 +250,7 @@ def heads_of(rm_dir: str | Path, *, device: str = "auto", batch_size: int = 32) 
                         "ensemble (train rm --ensemble K, K >= 2)")
 
     def score(prompts: Sequence[Text], completions: Sequence[str]) -> np.ndarray:
-        import torch
-
-        from rewardloop.score import rewards_of
-        from rewardloop.train.tokenize import collate, encode
-
-        encoded = [encode(scorer.tokenizer, p, c, max_length=scorer.max_length,
-                          max_prompt_length=scorer.max_prompt_length)
-                   for p, c in zip(prompts, completions, strict=True)]
-        out = np.empty((len(encoded), scorer.heads))
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = collate(encoded[start:start + batch_size], scorer.tokenizer.pad_token_id)
-                batch = {k: v.to(scorer.device) for k, v in batch.items()}
-                out[start:start + batch_size] = rewards_of(scorer.model, batch).float().cpu()
-        return out
+        return scorer.score_heads(prompts, completions).numpy().astype(np.float64)
 
     return score
 
