@@ -3,9 +3,9 @@
     python -m benchmarks.load --db sqlite --annotators 50 --seconds 20
     python -m benchmarks.load --db postgresql ...   # uses $REWARDLOOP_TEST_PG_URL
 
-Each annotator (an asyncio task with its own bearer token, one shared httpx connection pool)
-loops GET /api/tasks/next -> POST /api/judgments. Prints judgments/s sustained over the run and
-p50/p99 latency per request kind. The load generator runs on the same machine as the server,
+Each annotator (an asyncio task with its own bearer token and keep-alive connection) loops
+GET /api/tasks/next -> POST /api/judgments with no think time. Prints judgments/s sustained over
+the run and p50/p99 latency per request kind. The load generator runs on the same machine as the server,
 so on a small box the two compete for the CPU; the figures are a floor, not a ceiling.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -22,6 +23,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 
@@ -87,40 +89,86 @@ def start_server(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"server did not start; see {log}")
 
 
-async def annotator(client, token: str, deadline: float, lat: dict[str, list[float]],
+class Conn:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol for this test.
+
+    A full client (httpx) costs about a millisecond of CPU per request, which on a 2-core box
+    would measure the client as much as the server; this one builds requests from bytes and
+    reads ``Content-Length`` bodies only (the server never sends chunked JSON).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        self.writer.write(head + body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise RuntimeError("chunked responses are not expected from this server")
+        return status, await self.reader.readexactly(length) if length else b""
+
+
+async def annotator(port: int, token: str, deadline: float, lat: dict[str, list[float]],
                     done: list[int]) -> None:
-    headers = {"Authorization": f"Bearer {token}"}
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        r = await client.get("/api/tasks/next", headers=headers)
-        t1 = time.perf_counter()
-        lat["next"].append(t1 - t0)
-        if r.status_code == 204:
-            return
-        r.raise_for_status()
-        lease = r.json()
-        ids = [x["id"] for x in lease["responses"]]
-        body = {"task_id": lease["task_id"], "ranking": [[ids[0]], [ids[1]]],
-                "idempotency_key": uuid.uuid4().hex, "time_ms": 1000}
-        r = await client.post("/api/judgments", json=body, headers=headers)
-        lat["submit"].append(time.perf_counter() - t1)
-        r.raise_for_status()
-        done[0] += 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = Conn(reader, writer)
+    auth = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n".encode()
+    get_next = b"GET /api/tasks/next HTTP/1.1\r\n" + auth + b"\r\n"
+    try:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            status, payload = await conn.request(get_next)
+            t1 = time.perf_counter()
+            lat["next"].append(t1 - t0)
+            if status == 204:
+                return
+            if status != 200:
+                raise RuntimeError(f"GET /api/tasks/next answered {status}: {payload[:200]!r}")
+            lease = json.loads(payload)
+            ids = [x["id"] for x in lease["responses"]]
+            body = json.dumps({"task_id": lease["task_id"], "ranking": [[ids[0]], [ids[1]]],
+                               "idempotency_key": uuid.uuid4().hex, "time_ms": 1000}).encode()
+            head = (b"POST /api/judgments HTTP/1.1\r\n" + auth
+                    + b"Content-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n")
+            status, payload = await conn.request(head, body)
+            lat["submit"].append(time.perf_counter() - t1)
+            if status != 201:
+                raise RuntimeError(f"POST /api/judgments answered {status}: {payload[:200]!r}")
+            done[0] += 1
+    finally:
+        writer.close()
 
 
 async def drive(port: int, tokens: list[str], seconds: float) -> tuple[int, float, dict]:
-    import httpx
-
     lat: dict[str, list[float]] = {"next": [], "submit": []}
     done = [0]
-    limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits,
-                                 timeout=30) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(annotator(client, t, start + seconds, lat, done)
-                               for t in tokens))
-        elapsed = time.perf_counter() - start
-    return done[0], elapsed, lat
+    start = time.perf_counter()
+    await asyncio.gather(*(annotator(port, t, start + seconds, lat, done) for t in tokens))
+    return done[0], time.perf_counter() - start, lat
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when it is installed (it is with the server's dependencies)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -150,12 +198,17 @@ def main() -> None:
     port = free_port()
     proc = start_server(url, port, work / "server.log")
     try:
-        n, elapsed, lat = asyncio.run(drive(port, tokens, args.seconds))
+        server0, client0 = cpu_seconds(proc.pid), time.process_time()
+        n, elapsed, lat = run(drive(port, tokens, args.seconds))
+        server_cpu, client_cpu = cpu_seconds(proc.pid) - server0, time.process_time() - client0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     print(f"db={args.db} annotators={args.annotators} seconds={elapsed:.1f} cpus={os.cpu_count()}")
     print(f"judgments={n} judgments/s={n / elapsed:.1f} requests/s={2 * n / elapsed:.1f}")
+    per = 1000 / max(n, 1)
+    print(f"cpu per judgment: server {server_cpu * per:.2f} ms, load generator "
+          f"{client_cpu * per:.2f} ms (server busy {server_cpu / elapsed:.0%} of one core)")
     for kind, values in lat.items():
         print(f"{kind:>6}: p50={pct(values, 0.5):.1f} ms  p99={pct(values, 0.99):.1f} ms  "
               f"n={len(values)}")

@@ -7,7 +7,7 @@ import pytest
 from rewardloop.data import schema as S
 from rewardloop.eval.arena import arena_battles, create_arena_tasks
 from rewardloop.eval.metrics import bradley_terry_ratings
-from rewardloop.feedback import tasks as T
+from rewardloop.feedback import queue as Q
 
 
 def _judge_all(store, prefer: str, tie_prompt: str | None = None) -> int:
@@ -17,8 +17,8 @@ def _judge_all(store, prefer: str, tie_prompt: str | None = None) -> int:
         ann = S.Annotator(name="ann")
         s.add(ann)
         s.flush()
-        while (lease := T.next_task(s, ann)) is not None:
-            view = T.task_view(s, lease)
+        while (lease := Q.next_task(s, ann)) is not None:
+            view = Q.task_view(s, lease)
             task = s.get(S.ComparisonTask, view["task_id"])
             by_model = {i.response.model: i.response_id for i in task.items}
             if view["prompt"] == tie_prompt:
@@ -26,7 +26,7 @@ def _judge_all(store, prefer: str, tie_prompt: str | None = None) -> int:
             else:
                 other = next(m for m in by_model if m != prefer)
                 ranking = [[by_model[prefer]], [by_model[other]]]
-            T.submit_judgment(s, ann, view["task_id"], ranking, idempotency_key=f"k{n}")
+            Q.submit_judgment(s, ann, view["task_id"], ranking, idempotency_key=f"k{n}")
             n += 1
     return n
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from rewardloop.cli import app
 from rewardloop.data.records import CandidatesRecord, RankingRecord
 from rewardloop.data.schema import Annotator, ComparisonTask, Response, TaskItem
+from rewardloop.feedback import queue as Q
 from rewardloop.feedback import select as S
 from rewardloop.feedback import tasks as T
 from rewardloop.synthetic import corpus_texts, preference_rows, prompt_rows
@@ -106,9 +107,9 @@ def test_planned_tasks_are_handed_out_in_plan_order(store) -> None:
         s.add(ann)
         s.flush()
         handed = []
-        while (lease := T.next_task(s, ann, batch=batch)) is not None:
+        while (lease := Q.next_task(s, ann, batch=batch)) is not None:
             handed.append(lease.task_id)
-            T.skip_task(s, ann, lease.task_id)
+            Q.skip_task(s, ann, lease.task_id)
         assert handed == [t.id for t in made]
         gold_task = made[2]
         assert gold_task.is_gold and gold_task.overlap == 2

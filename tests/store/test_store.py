@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from rewardloop.data import schema as S
 from rewardloop.data.store import Store
@@ -50,6 +51,35 @@ def test_idempotency_key_unique(store: Store) -> None:
     with pytest.raises(IntegrityError):
         with store.write() as s:
             s.add(S.Judgment(task_id=task_id, ranking=[[2], [1]], idempotency_key="same"))
+
+
+def test_database_audits_judgments_and_keeps_the_log_append_only(store: Store) -> None:
+    with store.write() as s:
+        t = _task_with_two_responses(s)
+        a = S.Annotator(name="ann")
+        s.add(a)
+        s.flush()
+        ids = [i.response_id for i in t.items]
+        s.add(S.Judgment(task=t, annotator=a, ranking=[[ids[1]], [ids[0]]], idempotency_key="k",
+                         source="human"))
+        ann_id, task_id = a.id, t.id
+    with store.read() as s:
+        (event,) = s.scalars(select(S.AuditEvent)).all()
+        judgment = s.scalars(select(S.Judgment)).one()
+        assert (event.action, event.actor_id) == ("judgment.create", ann_id)
+        assert event.payload == {"judgment_id": judgment.id, "task_id": task_id,
+                                 "ranking": [[ids[1]], [ids[0]]], "idempotency_key": "k",
+                                 "source": "human"}
+        assert event.at.replace(tzinfo=None) == judgment.created_at.replace(tzinfo=None)
+    for change in (update(S.AuditEvent).values(action="judgment.delete"),
+                   update(S.AuditEvent).values(payload={}), delete(S.AuditEvent)):
+        with pytest.raises(DBAPIError, match="append-only"):
+            with store.write() as s:
+                s.execute(change)
+    with store.write() as s:  # erasing a user nulls their actor id (the foreign key's action)
+        s.execute(update(S.AuditEvent).values(actor_id=None))
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(S.AuditEvent)) == 1
 
 
 def test_failed_write_leaves_nothing(store: Store) -> None:

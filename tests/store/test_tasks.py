@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from rewardloop.data import schema as S
 from rewardloop.errors import DataError
+from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 
@@ -82,42 +83,42 @@ def test_lease_order_shuffle_and_reuse(store) -> None:
         item_ids = sorted(i.response_id for i in t.items)
     (ann,) = _annotators(store, ["ann"])
     with store.write() as s:
-        lease = T.next_task(s, ann, rng=random.Random(0))
+        lease = Q.next_task(s, ann, rng=random.Random(0))
         assert lease.task_id == ids[2]  # highest priority first
         assert sorted(lease.shown_order) == item_ids
-        view = T.task_view(s, lease)
+        view = Q.task_view(s, lease)
         assert [r["id"] for r in view["responses"]] == lease.shown_order
         assert view["prompt"] == "prompt 2" and view["kind"] == "ranking"
         assert view["guideline_version"]
     with store.write() as s:
-        again = T.next_task(s, ann)
+        again = Q.next_task(s, ann)
         assert again.id == lease.id  # an unexpired lease is handed back, not a new task
     with store.write() as s:
-        j, created = T.submit_judgment(s, ann, lease.task_id, [lease.shown_order],
+        j, created = Q.submit_judgment(s, ann, lease.task_id, [lease.shown_order],
                                        idempotency_key="k")
         assert created and j.shown_order == lease.shown_order and j.guideline_version
     with store.write() as s:
-        assert T.next_task(s, ann).task_id == ids[0]  # then the oldest
+        assert Q.next_task(s, ann).task_id == ids[0]  # then the oldest
 
 
 def test_overlap_and_expired_leases(store) -> None:
     (tid,) = _make_tasks(store, 1, overlap=2)
     a, b, c = _annotators(store, ["a", "b", "c"])
     with store.write() as s:
-        la = T.next_task(s, a)
-        lb = T.next_task(s, b, lease_s=-1)  # already expired: frees its slot
+        la = Q.next_task(s, a)
+        lb = Q.next_task(s, b, lease_s=-1)  # already expired: frees its slot
         assert la.task_id == lb.task_id == tid
     with store.write() as s:
-        lc = T.next_task(s, c)
+        lc = Q.next_task(s, c)
         assert lc is not None and lc.task_id == tid
     with store.write() as s:
-        assert T.next_task(s, b) is None  # a and c hold both slots
+        assert Q.next_task(s, b) is None  # a and c hold both slots
         with pytest.raises(T.TaskError, match="all the judgments") as err:
-            T.submit_judgment(s, b, tid, lb.shown_order, idempotency_key="kb")
+            Q.submit_judgment(s, b, tid, lb.shown_order, idempotency_key="kb")
         assert err.value.status == 409
     for ann, lease in ((a, la), (c, lc)):
         with store.write() as s:
-            T.submit_judgment(s, ann, tid, [[lease.shown_order[0]], [lease.shown_order[1]]],
+            Q.submit_judgment(s, ann, tid, [[lease.shown_order[0]], [lease.shown_order[1]]],
                               idempotency_key=f"k{ann.name}")
     with store.read() as s:
         task = s.get(S.ComparisonTask, tid)
@@ -130,34 +131,34 @@ def test_submit_errors_and_replay(store) -> None:
     a, b = _annotators(store, ["a", "b"])
     with store.write() as s:
         with pytest.raises(T.TaskError, match="does not exist") as err:
-            T.submit_judgment(s, a, 999, [[1], [2]], idempotency_key="x")
+            Q.submit_judgment(s, a, 999, [[1], [2]], idempotency_key="x")
         assert err.value.status == 404
         with pytest.raises(T.TaskError, match="not leased") as err:
-            T.submit_judgment(s, a, tid, [[1], [2]], idempotency_key="x")
+            Q.submit_judgment(s, a, tid, [[1], [2]], idempotency_key="x")
         assert err.value.status == 403
-        lease = T.next_task(s, a)
+        lease = Q.next_task(s, a)
     r1, r2 = lease.shown_order
     with store.write() as s:
         with pytest.raises(T.TaskError, match="ranking") as err:
-            T.submit_judgment(s, a, tid, [[r1], [r1]], idempotency_key="x")
+            Q.submit_judgment(s, a, tid, [[r1], [r1]], idempotency_key="x")
         assert err.value.status == 422
         with pytest.raises(T.TaskError, match="strength"):
-            T.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x", strength="huge")
+            Q.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x", strength="huge")
     with store.write() as s:
-        j, created = T.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x",
+        j, created = Q.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x",
                                        strength="clear", time_ms=1200)
         assert created
     with store.write() as s:
-        j2, created = T.submit_judgment(s, a, tid, [r1, r2], idempotency_key="x")
+        j2, created = Q.submit_judgment(s, a, tid, [r1, r2], idempotency_key="x")
         assert not created and j2.id == j.id
         with pytest.raises(T.TaskError, match="different judgment"):
-            T.submit_judgment(s, a, tid, [[r2], [r1]], idempotency_key="x")
+            Q.submit_judgment(s, a, tid, [[r2], [r1]], idempotency_key="x")
         with pytest.raises(T.TaskError, match="another annotator"):
-            T.submit_judgment(s, b, tid, [[r1], [r2]], idempotency_key="x")
+            Q.submit_judgment(s, b, tid, [[r1], [r2]], idempotency_key="x")
         with pytest.raises(T.TaskError, match="already judged"):
-            T.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="y")
+            Q.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="y")
     with store.write() as s:  # without a lease (imports, simulators): allowed when asked
-        _, created = T.submit_judgment(s, b, tid, [[r1, r2]], idempotency_key="z",
+        _, created = Q.submit_judgment(s, b, tid, [[r1, r2]], idempotency_key="z",
                                        require_lease=False, source="simulated")
         assert created
     with store.read() as s:
@@ -206,13 +207,13 @@ def test_concurrent_annotators_exact_counts(store) -> None:
         try:
             for _ in range(n_tasks + 5):
                 with store.write() as s:
-                    lease = T.next_task(s, ann)
+                    lease = Q.next_task(s, ann)
                     if lease is None:
                         return
                     order = lease.shown_order
                     task_id = lease.task_id
                 with store.write() as s:
-                    T.submit_judgment(s, ann, task_id, [[order[0]], [order[1]]],
+                    Q.submit_judgment(s, ann, task_id, [[order[0]], [order[1]]],
                                       idempotency_key=uuid.uuid4().hex)
                 mine.append(task_id)
         except BaseException as exc:  # surfaced below

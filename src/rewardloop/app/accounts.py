@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, false, select, true, update
 from sqlalchemy.orm import Session
 
 from rewardloop.data.schema import (
@@ -148,22 +148,25 @@ def new_token(session: Session, user: Annotator) -> str:
 # -- authentication ---------------------------------------------------------------------------
 
 
+_A, _TOK, _WS = Annotator.__table__, ApiToken.__table__, WebSession.__table__
+# Built once: every API request runs one of these (Core on the session's connection).
+_BY_TOKEN = (select(_A.c.id, _A.c.name, _A.c.role).join(_TOK, _TOK.c.annotator_id == _A.c.id)
+             .where(_TOK.c.token_hash == bindparam("hash"), _TOK.c.revoked_at.is_(None),
+                    _A.c.active == true()))
+_BY_SESSION = (select(_A.c.id, _A.c.name, _A.c.role, _WS.c.csrf_token)
+               .join(_WS, _WS.c.annotator_id == _A.c.id)
+               .where(_WS.c.session_hash == bindparam("hash"), _WS.c.revoked == false(),
+                      _WS.c.expires_at > bindparam("now"), _A.c.active == true()))
+
+
 def principal_for_token(session: Session, token: str) -> Principal | None:
-    row = session.execute(
-        select(Annotator.id, Annotator.name, Annotator.role)
-        .join(ApiToken, ApiToken.annotator_id == Annotator.id)
-        .where(ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None),
-               Annotator.active.is_(True))).first()
+    row = session.connection().execute(_BY_TOKEN, {"hash": token_hash(token)}).first()
     return Principal(row.id, row.name, row.role, "token") if row else None
 
 
 def principal_for_session(session: Session, secret: str, session_id: str) -> Principal | None:
-    row = session.execute(
-        select(Annotator.id, Annotator.name, Annotator.role, WebSession.csrf_token)
-        .join(WebSession, WebSession.annotator_id == Annotator.id)
-        .where(WebSession.session_hash == session_hash(secret, session_id),
-               WebSession.revoked.is_(False), WebSession.expires_at > utcnow(),
-               Annotator.active.is_(True))).first()
+    row = session.connection().execute(
+        _BY_SESSION, {"hash": session_hash(secret, session_id), "now": utcnow()}).first()
     if row is None:
         return None
     return Principal(row.id, row.name, row.role, "session", row.csrf_token)

@@ -1,4 +1,5 @@
-"""The JSON API: routes only parse, authorise and call feedback.tasks (or accounts/stats)."""
+"""The JSON API: routes only parse, authorise and call feedback.queue / feedback.tasks (or
+accounts / stats)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from rewardloop.app import accounts
-from rewardloop.app.deps import SESSION_COOKIE, Admin, DbDep, User
+from rewardloop.app.deps import SESSION_COOKIE, Admin, Creds, DbDep, User
 from rewardloop.app.schemas import (
     JudgmentIn,
     JudgmentOut,
@@ -28,6 +29,7 @@ from rewardloop.app.schemas import (
 )
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Annotator, Batch
+from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 router = APIRouter(prefix="/api")
@@ -82,10 +84,10 @@ def logout(request: Request, who: User, db: DbDep) -> Response:
     return response
 
 
-def _batch(session: Session, name: str | None) -> Batch | None:
+def _batch_id(session: Session, name: str | None) -> int | None:
     if name is None:
         return None
-    found = session.scalar(select(Batch).where(Batch.name == name))
+    found = session.scalar(select(Batch.id).where(Batch.name == name))
     if found is None:
         raise HTTPException(404, f"no batch named {name!r}")
     return found
@@ -93,36 +95,40 @@ def _batch(session: Session, name: str | None) -> Batch | None:
 
 @router.get("/tasks/next", response_model=TaskOut,
             responses={204: {"description": "Nothing left for you"}, **ERRORS})
-def next_task(who: User, db: DbDep,
-              batch: Annotated[str | None, Query(max_length=255)] = None) -> Response | TaskOut:
+async def next_task(creds: Creds, db: DbDep,
+                    batch: Annotated[str | None, Query(max_length=255)] = None
+                    ) -> Response | TaskOut:
     """Lease the next task to the caller (or the one they hold), responses in shown order."""
 
     def lease(session: Session) -> TaskOut | None:
-        got = T.next_task(session, session.get(Annotator, who.id), batch=_batch(session, batch))
+        who = creds.resolve(session)
+        got = Q.next_task(session, who.id, batch=_batch_id(session, batch))
         if got is None:
             return None
-        return TaskOut(**T.task_view(session, got), lease_expires_at=got.expires_at)
+        return TaskOut(**Q.task_view(session, got), lease_expires_at=got.expires_at)
 
-    out = db.run(lease)
+    out = await db.run_async(lease)
     return Response(status_code=204) if out is None else out
 
 
 @router.post("/judgments", status_code=201, responses={
     200: {"model": JudgmentOut, "description": "Replay of a stored judgment"},
     404: {"description": "No such task"}, 409: {"description": "Conflict"}, **ERRORS})
-def submit_judgment(body: JudgmentIn, who: User, db: DbDep, response: Response) -> JudgmentOut:
+async def submit_judgment(body: JudgmentIn, creds: Creds, db: DbDep,
+                          response: Response) -> JudgmentOut:
     """Record a ranking of a task leased to the caller; committed before the answer is sent."""
 
     def record(session: Session) -> JudgmentOut:
-        judgment, created = T.submit_judgment(
-            session, session.get(Annotator, who.id), body.task_id,
-            [list(g) for g in body.ranking], idempotency_key=body.idempotency_key,
-            strength=body.strength, rationale=body.rationale, time_ms=body.time_ms)
+        who = creds.resolve(session)
+        judgment, created = Q.submit_judgment(
+            session, who.id, body.task_id, [list(g) for g in body.ranking],
+            idempotency_key=body.idempotency_key, strength=body.strength,
+            rationale=body.rationale, time_ms=body.time_ms)
         return JudgmentOut(id=judgment.id, task_id=judgment.task_id, ranking=judgment.ranking,
                            strength=judgment.strength, created=created)
 
     try:
-        out = db.run(record)
+        out = await db.run_async(record)
     except IntegrityError:
         raise HTTPException(409, "conflicting concurrent judgment") from None
     response.status_code = 201 if out.created else 200
@@ -133,7 +139,7 @@ def submit_judgment(body: JudgmentIn, who: User, db: DbDep, response: Response) 
 def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
               db: DbDep) -> Response:
     """Give a leased task back without judging it; it is not offered to the caller again."""
-    db.run(lambda s: T.skip_task(s, s.get(Annotator, who.id), task_id))
+    db.run(lambda s: Q.skip_task(s, who.id, task_id))
     return Response(status_code=204)
 
 

@@ -19,19 +19,16 @@ from sqlalchemy.orm import Session
 from rewardloop.app import accounts
 from rewardloop.app.accounts import Principal
 from rewardloop.app.api import do_login, set_session_cookie
-from rewardloop.app.deps import SESSION_COOKIE, authenticate
+from rewardloop.app.deps import SESSION_COOKIE, page_user
 from rewardloop.app.render import markdown, prompt_html
 from rewardloop.app.stats import admin_stats
-from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
+from rewardloop.data.schema import Batch, ComparisonTask, Judgment
+from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _page_user(request: Request) -> Principal | None:
-    return authenticate(request, None, request.cookies.get(SESSION_COOKIE))
 
 
 def _render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -49,7 +46,7 @@ def _same_origin(request: Request) -> bool:
 
 @router.get("/")
 def index(request: Request) -> Response:
-    who = _page_user(request)
+    who = page_user(request)
     if who is None:
         return _to_login()
     return RedirectResponse("/admin" if who.is_admin else "/annotate", status_code=303)
@@ -76,7 +73,7 @@ def login_form(request: Request, username: Annotated[str, Form(max_length=120)],
 
 @router.post("/logout")
 def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=128)]) -> Response:
-    who, cookie = _page_user(request), request.cookies.get(SESSION_COOKIE)
+    who, cookie = page_user(request), request.cookies.get(SESSION_COOKIE)
     if who is not None and cookie and hmac.compare_digest(csrf_token, who.csrf_token or ""):
         secret = request.app.state.secret
         request.app.state.db.run(lambda s: accounts.logout(s, secret, cookie))
@@ -91,11 +88,11 @@ def _lease_page(session: Session, who: Principal, batch_name: str | None) -> dic
         batch = session.scalar(select(Batch).where(Batch.name == batch_name))
         if batch is None:
             raise HTTPException(404, f"no batch named {batch_name!r}")
-    lease = T.next_task(session, session.get(Annotator, who.id), batch=batch)
+    lease = Q.next_task(session, who.id, batch=batch)
     mine = session.scalar(select(func.count(Judgment.id)).where(Judgment.annotator_id == who.id))
     if lease is None:
         return {"task": None, "mine": mine, "progress": T.batch_progress(session, batch)}
-    view = T.task_view(session, lease)
+    view = Q.task_view(session, lease)
     task_batch = session.scalar(select(Batch).join(ComparisonTask).where(
         ComparisonTask.id == lease.task_id))
     responses = [{"label": LABELS[i % 26], "key": i + 1, "id": r["id"],
@@ -109,7 +106,7 @@ def _lease_page(session: Session, who: Principal, batch_name: str | None) -> dic
 @router.get("/annotate")
 def annotate(request: Request,
              batch: Annotated[str | None, Query(max_length=255)] = None) -> Response:
-    who = _page_user(request)
+    who = page_user(request)
     if who is None:
         return _to_login()
     context = request.app.state.db.run(lambda s: _lease_page(s, who, batch))
@@ -118,7 +115,7 @@ def annotate(request: Request,
 
 @router.get("/admin")
 def admin(request: Request) -> Response:
-    who = _page_user(request)
+    who = page_user(request)
     if who is None:
         return _to_login()
     if not who.is_admin:

@@ -3,10 +3,12 @@
 A durable commit costs an fsync (SQLite ``synchronous=FULL``; PostgreSQL likewise), several
 milliseconds on ordinary disks, so one transaction per request caps a server at a few hundred
 writes per second however fast the code is. Here each request hands its operation to the writer
-and waits; the writer takes every operation queued (up to ``max_batch``), runs each in its own
-SAVEPOINT (a failing one is rolled back alone and its error goes back to its request), commits
-once, and only then answers them all. An acknowledged write is therefore committed, and the
-operations still run strictly one after another, so ``feedback.tasks`` sees no concurrency.
+and waits; the writer takes every operation queued (up to ``max_batch``), runs them one after
+another in one transaction, commits once, and only then answers them all. If one raises, the
+group is rolled back and run again with each operation in its own SAVEPOINT, so the failing one
+is rolled back alone and its error goes back to its request. An acknowledged write is therefore
+committed, and the operations run strictly one after another, so ``feedback.queue`` sees no
+concurrency. Operations may run twice, so they must not act outside the session.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ class GroupWriter:
         self._thread = threading.Thread(target=self._loop, name="rewardloop-writer", daemon=True)
         self._thread.start()
 
-    def run(self, fn: Callable[[Session], R], timeout: float = 60.0) -> R:
-        """Run ``fn`` in a write transaction; returns its result once committed (or raises)."""
+    def submit(self, fn: Callable[[Session], R]) -> Future[R]:
+        """Queue ``fn``; the future resolves to its result once committed (or to its error)."""
         future: Future[R] = Future()
         self._queue.put((fn, future))
-        return future.result(timeout=timeout)
+        return future
+
+    def run(self, fn: Callable[[Session], R], timeout: float = 60.0) -> R:
+        """Run ``fn`` in a write transaction; returns its result once committed (or raises)."""
+        return self.submit(fn).result(timeout=timeout)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -68,16 +74,31 @@ class GroupWriter:
             if ops:
                 self._commit(ops)
 
-    def _commit(self, ops: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+    def _attempt(self, ops: list[tuple[Callable[[Session], Any], Future[Any]]],
+                 isolate: bool) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
+        with self.store.write() as session:
+            for fn, _ in ops:
+                if not isolate:  # any error escapes and rolls the whole group back
+                    outcomes.append((True, fn(session)))
+                    continue
+                try:
+                    with session.begin_nested():
+                        outcomes.append((True, fn(session)))
+                except Exception as exc:  # goes back to the request that sent it
+                    outcomes.append((False, exc))
+        return outcomes
+
+    def _commit(self, ops: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
         try:
-            with self.store.write() as session:
-                for fn, _ in ops:
-                    try:
-                        with session.begin_nested():
-                            outcomes.append((True, fn(session)))
-                    except Exception as exc:  # goes back to the request that sent it
-                        outcomes.append((False, exc))
+            try:
+                outcomes = self._attempt(ops, isolate=False)
+            except Exception:
+                # An operation failed, and what it wrote before failing cannot be told apart
+                # from the others' writes: roll the group back and run it again with each
+                # operation in its own SAVEPOINT. Errors are rare (a replayed or refused
+                # judgment), so the common case pays for no savepoints at all.
+                outcomes = self._attempt(ops, isolate=True)
         except Exception as exc:
             log.exception("group commit of %d operations failed", len(ops))
             for _, future in ops:

@@ -326,15 +326,15 @@ class _Judge:
     def step(self, store: Any, batch_id: int | None, gold: _GoldCache) -> bool:
         """Judge one task; False when nothing is left for this annotator."""
         from rewardloop.data.schema import Annotator, Batch
-        from rewardloop.feedback import tasks
+        from rewardloop.feedback import queue
 
         with store.write() as s:
             annotator = s.get(Annotator, self.annotator_id)
             batch = s.get(Batch, batch_id) if batch_id is not None else None
-            lease = tasks.next_task(s, annotator, batch=batch, rng=self.lease_rng)
+            lease = queue.next_task(s, annotator, batch=batch, rng=self.lease_rng)
             if lease is None:
                 return False
-            view = tasks.task_view(s, lease)
+            view = queue.task_view(s, lease)
         shown = [r["id"] for r in view["responses"]]
         scores = gold.scores(view)
         groups = self.sim.judge(view["prompt"], [r["text"] for r in view["responses"]],
@@ -342,7 +342,7 @@ class _Judge:
         ranking = [[shown[i] for i in g] for g in groups]
         with store.write() as s:
             annotator = s.get(Annotator, self.annotator_id)
-            tasks.submit_judgment(
+            queue.submit_judgment(
                 s, annotator, view["task_id"], ranking,
                 idempotency_key=f"sim:{self.seed}:{self.annotator_id}:{view['task_id']}",
                 time_ms=self.sim.sample_time_ms(self.rng), shown_order=shown,

@@ -1,36 +1,25 @@
-"""Comparison tasks: creating them, handing them out under leases, recording judgments.
+"""Comparison tasks: creating them and reporting progress (``feedback.queue`` leases them
+and records judgments).
 
-This is the one place that changes annotation state; the server, the simulated annotators and
-the loop all go through it. Every function takes an ORM session and never commits: run the
-writing ones (``create_*``, ``next_task``, ``submit_judgment``) inside ``Store.write()``, whose
-commit makes them durable.
-
-Handing out work is safe under concurrency. On SQLite ``Store.write()`` opens the transaction
-with ``BEGIN IMMEDIATE``, so writers run one at a time and the capacity check below is exact. On
-PostgreSQL the candidate task row is locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` and its
-capacity recounted by a fresh statement once the lock is held, so two annotators never fill the
-same last slot. A task's capacity is ``overlap``: judgments received plus unexpired leases held
-by others never exceed it.
+With ``feedback.queue`` this is the one place that changes annotation state; the server, the
+simulated annotators and the loop all go through them. Every function takes an ORM session and
+never commits: run the writing ones (``create_*``, ``get_or_create_*``) inside
+``Store.write()``, whose commit makes them durable.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import random
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rewardloop.data.schema import (
-    SOURCES,
-    STRENGTHS,
     TASK_KINDS,
     Annotator,
-    Assignment,
     AuditEvent,
     Batch,
     ComparisonTask,
@@ -39,16 +28,11 @@ from rewardloop.data.schema import (
     Response,
     TaskItem,
     content_hash,
-    utcnow,
     validate_ranking,
 )
 from rewardloop.errors import DataError, UserError
 
 PAIRINGS = ("all", "adjacent")
-# On PostgreSQL a candidate can look open in a stale snapshot and turn out full once locked;
-# we then try the next one. The race window is tiny, so a few tries always suffice.
-_MAX_CLAIM_TRIES = 64
-_SYSTEM_RNG = random.SystemRandom()
 
 
 class TaskError(UserError):
@@ -298,262 +282,8 @@ def _row_prompt(session: Session, row: Mapping[str, Any], err: Any) -> Prompt:
     raise err("needs a prompt: a string or a list of chat messages", "prompt")
 
 
-# -- handing out tasks ----------------------------------------------------------------------
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite gives back naive datetimes; everything is stored in UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-def _is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
-def _active_leases(task_id: Any, now: dt.datetime) -> Select[Any]:
-    """Count of unexpired, uncompleted leases on a task (a reserved slot each)."""
-    return select(func.count(Assignment.id)).where(
-        Assignment.task_id == task_id, Assignment.completed.is_(False),
-        Assignment.expires_at > now)
-
-
 def _batch_filter(batch: Batch | None) -> list[ColumnElement[bool]]:
     return [ComparisonTask.batch_id == batch.id] if batch is not None else []
-
-
-def _current_lease(session: Session, annotator_id: int, batch: Batch | None,
-                   now: dt.datetime) -> Assignment | None:
-    query = (
-        select(Assignment).join(ComparisonTask, ComparisonTask.id == Assignment.task_id)
-        .where(Assignment.annotator_id == annotator_id, Assignment.completed.is_(False),
-               Assignment.expires_at > now, ComparisonTask.done.is_(False),
-               *_batch_filter(batch))
-        .order_by(Assignment.leased_at).limit(1)
-    )
-    return session.scalar(query)
-
-
-def _claim_open_task(session: Session, annotator_id: int, batch: Batch | None,
-                     now: dt.datetime) -> ComparisonTask | None:
-    judged = exists().where(Judgment.task_id == ComparisonTask.id,
-                            Judgment.annotator_id == annotator_id)
-    skipped = exists().where(Assignment.task_id == ComparisonTask.id,
-                             Assignment.annotator_id == annotator_id,
-                             Assignment.completed.is_(True))
-    active = _active_leases(ComparisonTask.id, now).scalar_subquery()
-    query = (
-        select(ComparisonTask)
-        .where(ComparisonTask.done.is_(False), ~judged, ~skipped,
-               ComparisonTask.n_judgments + active < ComparisonTask.overlap,
-               *_batch_filter(batch))
-        .order_by(ComparisonTask.priority.desc(), ComparisonTask.id).limit(1)
-        .execution_options(populate_existing=True)
-    )
-    if not _is_postgres(session):
-        return session.scalar(query)
-    tried: list[int] = []
-    for _ in range(_MAX_CLAIM_TRIES):
-        q = query.where(ComparisonTask.id.not_in(tried)) if tried else query
-        task = session.scalar(q.with_for_update(skip_locked=True, of=ComparisonTask))
-        if task is None:
-            return None
-        # We hold the row lock now, so this statement's snapshot sees every committed lease.
-        if task.n_judgments + session.scalar(_active_leases(task.id, now)) < task.overlap:
-            return task
-        tried.append(task.id)
-    return None
-
-
-def next_task(
-    session: Session,
-    annotator: Annotator,
-    *,
-    batch: Batch | None = None,
-    lease_s: float = 600,
-    rng: random.Random | None = None,
-) -> Assignment | None:
-    """Lease the next task to ``annotator`` (or return the lease it already holds).
-
-    Open tasks this annotator has not judged and that still have room under ``overlap`` come
-    highest ``priority`` first, then oldest. The display order of the responses is shuffled
-    per annotator and kept in ``Assignment.shown_order``. None when nothing is left.
-    """
-    now = utcnow()
-    lease = _current_lease(session, annotator.id, batch, now)
-    if lease is not None:
-        return lease
-    task = _claim_open_task(session, annotator.id, batch, now)
-    if task is None:
-        return None
-    expires = now + dt.timedelta(seconds=lease_s)
-    lease = session.scalar(select(Assignment).where(Assignment.task_id == task.id,
-                                                    Assignment.annotator_id == annotator.id))
-    if lease is not None:  # this annotator's own lease ran out earlier: renew it, same order
-        lease.leased_at, lease.expires_at = now, expires
-    else:
-        order = list(session.scalars(select(TaskItem.response_id).where(
-            TaskItem.task_id == task.id).order_by(TaskItem.position)))
-        (rng or _SYSTEM_RNG).shuffle(order)
-        lease = Assignment(task_id=task.id, annotator_id=annotator.id, shown_order=order,
-                           leased_at=now, expires_at=expires)
-        session.add(lease)
-    session.flush()
-    return lease
-
-
-def skip_task(session: Session, annotator: Annotator, task_id: int) -> None:
-    """Hand a leased task back unjudged: its slot frees at once and it is not offered to this
-    annotator again."""
-    lease = session.scalar(select(Assignment).where(
-        Assignment.task_id == task_id, Assignment.annotator_id == annotator.id,
-        Assignment.completed.is_(False)))
-    if lease is None:
-        raise TaskError(f"task {task_id!r} is not leased to you", status=404)
-    lease.completed, lease.expires_at = True, utcnow()
-    session.add(AuditEvent(actor_id=annotator.id, action="task.skip",
-                           payload={"task_id": task_id}))
-    session.flush()
-
-
-def task_view(session: Session, assignment: Assignment) -> dict[str, Any]:
-    """What an annotator is shown: the prompt and the responses in the leased display order."""
-    row = session.execute(
-        select(ComparisonTask.kind, Prompt.text, Prompt.messages, Batch.guideline_version)
-        .join(Prompt, Prompt.id == ComparisonTask.prompt_id)
-        .outerjoin(Batch, Batch.id == ComparisonTask.batch_id)
-        .where(ComparisonTask.id == assignment.task_id)).one()
-    texts = dict(session.execute(
-        select(Response.id, Response.text).join(TaskItem, TaskItem.response_id == Response.id)
-        .where(TaskItem.task_id == assignment.task_id)).all())
-    return {
-        "task_id": assignment.task_id,
-        "prompt": row.text if row.text is not None else row.messages,
-        "responses": [{"id": rid, "text": texts[rid]} for rid in assignment.shown_order],
-        "kind": row.kind,
-        "guideline_version": row.guideline_version,
-    }
-
-
-# -- recording judgments --------------------------------------------------------------------
-
-
-def _normalise(ranking: Any) -> Any:
-    if isinstance(ranking, list):
-        return [g if isinstance(g, list) else [g] for g in ranking]
-    return ranking
-
-
-def _check_judgment_fields(idempotency_key: str, strength: str | None, source: str,
-                           time_ms: int | None) -> None:
-    if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 128:
-        raise TaskError("idempotency_key must be a string of 1 to 128 characters", status=422)
-    if strength is not None and strength not in STRENGTHS:
-        raise TaskError(f"strength must be one of {list(STRENGTHS)}, got {strength!r}",
-                        status=422)
-    if source not in SOURCES:
-        raise TaskError(f"source must be one of {list(SOURCES)}, got {source!r}", status=422)
-    if time_ms is not None and (not isinstance(time_ms, int) or time_ms < 0):
-        raise TaskError("time_ms must be a non-negative integer", status=422)
-
-
-def _replay(prior: Judgment, annotator: Annotator, task_id: int, ranking: Any) -> Judgment:
-    if prior.annotator_id != annotator.id:
-        raise TaskError("this idempotency key was already used by another annotator; "
-                        "use a fresh key for each judgment")
-    if prior.task_id != task_id or prior.ranking != _normalise(ranking):
-        raise TaskError("this idempotency key was already used for a different judgment; "
-                        "use a fresh key for each judgment")
-    return prior
-
-
-def _load_task(session: Session, task_id: int) -> ComparisonTask:
-    query = (select(ComparisonTask).where(ComparisonTask.id == task_id)
-             .execution_options(populate_existing=True))
-    if _is_postgres(session):
-        query = query.with_for_update(of=ComparisonTask)
-    task = session.scalar(query) if isinstance(task_id, int) else None
-    if task is None:
-        raise TaskError(f"task {task_id!r} does not exist", status=404)
-    return task
-
-
-def _take_slot(session: Session, task: ComparisonTask, annotator: Annotator,
-               require_lease: bool) -> Assignment | None:
-    """The annotator's open lease on ``task``, after checking they may judge it now."""
-    if session.scalar(select(exists().where(Judgment.task_id == task.id,
-                                            Judgment.annotator_id == annotator.id))):
-        raise TaskError(f"you have already judged task {task.id}")
-    lease = session.scalar(select(Assignment).where(
-        Assignment.task_id == task.id, Assignment.annotator_id == annotator.id,
-        Assignment.completed.is_(False)))
-    if require_lease and lease is None:
-        raise TaskError(f"task {task.id} is not leased to you; ask for the next task first",
-                        status=403)
-    now = utcnow()
-    if lease is not None and _aware(lease.expires_at) > now:
-        return lease  # the lease reserved a slot
-    if task.done or task.n_judgments + session.scalar(_active_leases(task.id, now)) \
-            >= task.overlap:
-        raise TaskError(f"task {task.id} already has all the judgments it needs")
-    return lease
-
-
-def submit_judgment(
-    session: Session,
-    annotator: Annotator,
-    task_id: int,
-    ranking: list[list[int]],
-    *,
-    idempotency_key: str,
-    strength: str | None = None,
-    rationale: str | None = None,
-    time_ms: int | None = None,
-    shown_order: list[int] | None = None,
-    guideline_version: str | None = None,
-    source: str = "human",
-    margin: float | None = None,
-    require_lease: bool = True,
-) -> tuple[Judgment, bool]:
-    """Record ``annotator``'s ranking of task ``task_id`` (response ids, best group first).
-
-    Returns ``(judgment, created)``. Replaying an ``idempotency_key`` returns the stored
-    judgment with ``created=False``; the same key from another annotator or with other content
-    is refused. Raises TaskError (``status`` 404/403/409/422) for an unknown task, a task not
-    leased to this annotator (when ``require_lease``), one already judged by them, a full task
-    or an invalid ranking.
-    """
-    _check_judgment_fields(idempotency_key, strength, source, time_ms)
-    prior = session.scalar(select(Judgment).where(Judgment.idempotency_key == idempotency_key))
-    if prior is not None:
-        return _replay(prior, annotator, task_id, ranking), False
-    task = _load_task(session, task_id)
-    item_ids = list(session.scalars(select(TaskItem.response_id).where(
-        TaskItem.task_id == task.id).order_by(TaskItem.position)))
-    try:
-        groups = validate_ranking(ranking, item_ids)
-    except ValueError as exc:
-        raise TaskError(f"ranking: {exc}", status=422) from None
-    lease = _take_slot(session, task, annotator, require_lease)
-    if shown_order is None and lease is not None:
-        shown_order = lease.shown_order
-    if guideline_version is None and task.batch_id is not None:
-        guideline_version = session.scalar(
-            select(Batch.guideline_version).where(Batch.id == task.batch_id))
-    judgment = Judgment(
-        task_id=task.id, annotator_id=annotator.id, ranking=groups, strength=strength,
-        margin=margin, rationale=rationale, shown_order=shown_order, time_ms=time_ms,
-        guideline_version=guideline_version, idempotency_key=idempotency_key, source=source)
-    session.add(judgment)
-    task.n_judgments += 1
-    task.done = task.n_judgments >= task.overlap
-    if lease is not None:
-        lease.completed = True
-    session.flush()
-    session.add(AuditEvent(actor_id=annotator.id, action="judgment.create", payload={
-        "judgment_id": judgment.id, "task_id": task.id, "ranking": groups,
-        "idempotency_key": idempotency_key, "source": source}))
-    session.flush()
-    return judgment, True
 
 
 # -- progress -------------------------------------------------------------------------------

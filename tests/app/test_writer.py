@@ -1,0 +1,61 @@
+"""The group-commit writer: many operations per transaction, a failing one rolled back alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from rewardloop.app.writer import GroupWriter
+from rewardloop.data import schema as S
+from rewardloop.data.store import Store
+
+
+def _add(name: str, fail: bool = False):
+    def op(session):
+        session.add(S.Annotator(name=name))
+        session.flush()  # written before failing: must not survive
+        if fail:
+            raise ValueError(f"refused {name}")
+        return name
+
+    return op
+
+
+def test_group_is_committed_once_and_a_failing_op_is_rolled_back_alone(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    writer = GroupWriter(store)
+    gate, started = threading.Event(), threading.Event()
+
+    def hold(_session):  # keeps the writer busy while the next group queues up
+        started.set()
+        gate.wait(10)
+
+    first = writer.submit(hold)
+    started.wait(10)
+    futures = [writer.submit(_add("a")), writer.submit(_add("bad", fail=True)),
+               writer.submit(_add("b"))]
+    gate.set()
+    first.result(10)
+    assert futures[0].result(10) == "a" and futures[2].result(10) == "b"
+    with pytest.raises(ValueError, match="refused bad"):
+        futures[1].result(10)
+    writer.close()
+    with store.read() as s:
+        assert sorted(s.scalars(select(S.Annotator.name))) == ["a", "b"]
+    store.dispose()
+
+
+def test_run_returns_after_commit_and_raises_the_ops_error(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    writer = GroupWriter(store)
+    assert writer.run(_add("x")) == "x"
+    with store.read() as s:  # visible to a fresh reader: committed
+        assert s.scalar(select(S.Annotator.name)) == "x"
+    with pytest.raises(ValueError):
+        writer.run(_add("y", fail=True))
+    writer.close()
+    with store.read() as s:
+        assert list(s.scalars(select(S.Annotator.name))) == ["x"]
+    store.dispose()
