@@ -5,8 +5,8 @@
 
 Each annotator (an asyncio task with its own bearer token and keep-alive connection) loops
 GET /api/tasks/next -> POST /api/judgments with no think time. Prints judgments/s sustained over
-the run and p50/p99 latency per request kind. The load generator runs on the same machine as the server,
-so on a small box the two compete for the CPU; the figures are a floor, not a ceiling.
+the run, p50/p99 latency per request kind and CPU time per judgment on each side. The load
+generator runs on the same machine as the server, so on a small box the two compete for the CPU.
 """
 
 from __future__ import annotations

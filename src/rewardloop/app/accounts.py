@@ -18,6 +18,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import bindparam, false, select, true, update
 from sqlalchemy.orm import Session
 
+from rewardloop.data.prepared import Driver, Prepared
 from rewardloop.data.schema import (
     ROLES,
     Annotator,
@@ -149,24 +150,26 @@ def new_token(session: Session, user: Annotator) -> str:
 
 
 _A, _TOK, _WS = Annotator.__table__, ApiToken.__table__, WebSession.__table__
-# Built once: every API request runs one of these (Core on the session's connection).
-_BY_TOKEN = (select(_A.c.id, _A.c.name, _A.c.role).join(_TOK, _TOK.c.annotator_id == _A.c.id)
-             .where(_TOK.c.token_hash == bindparam("hash"), _TOK.c.revoked_at.is_(None),
-                    _A.c.active == true()))
-_BY_SESSION = (select(_A.c.id, _A.c.name, _A.c.role, _WS.c.csrf_token)
-               .join(_WS, _WS.c.annotator_id == _A.c.id)
-               .where(_WS.c.session_hash == bindparam("hash"), _WS.c.revoked == false(),
-                      _WS.c.expires_at > bindparam("now"), _A.c.active == true()))
+# Every API request runs one of these, so they are prepared statements (see data.prepared).
+_BY_TOKEN = Prepared(
+    select(_A.c.id, _A.c.name, _A.c.role).join(_TOK, _TOK.c.annotator_id == _A.c.id)
+    .where(_TOK.c.token_hash == bindparam("hash"), _TOK.c.revoked_at.is_(None),
+           _A.c.active == true()))
+_BY_SESSION = Prepared(
+    select(_A.c.id, _A.c.name, _A.c.role, _WS.c.csrf_token)
+    .join(_WS, _WS.c.annotator_id == _A.c.id)
+    .where(_WS.c.session_hash == bindparam("hash"), _WS.c.revoked == false(),
+           _WS.c.expires_at > bindparam("now"), _A.c.active == true()))
 
 
 def principal_for_token(session: Session, token: str) -> Principal | None:
-    row = session.connection().execute(_BY_TOKEN, {"hash": token_hash(token)}).first()
+    row = _BY_TOKEN.first(Driver(session), {"hash": token_hash(token)})
     return Principal(row.id, row.name, row.role, "token") if row else None
 
 
 def principal_for_session(session: Session, secret: str, session_id: str) -> Principal | None:
-    row = session.connection().execute(
-        _BY_SESSION, {"hash": session_hash(secret, session_id), "now": utcnow()}).first()
+    row = _BY_SESSION.first(Driver(session),
+                            {"hash": session_hash(secret, session_id), "now": utcnow()})
     if row is None:
         return None
     return Principal(row.id, row.name, row.role, "session", row.csrf_token)

@@ -56,7 +56,7 @@ class Db:
         return self.store.read()
 
 
-def get_db(request: Request) -> Db:
+async def get_db(request: Request) -> Db:
     return request.app.state.db
 
 

@@ -1,8 +1,9 @@
 """The work queue: leasing tasks to annotators and recording their judgments.
 
-These functions are the annotation server's hot path (two calls per judgment), so they run
-SQLAlchemy Core statements built once at import time on the session's connection: a dozen
-indexed statements per judgment, no ORM unit of work. Like ``feedback.tasks`` they never commit;
+These functions are the annotation server's hot path (two calls per judgment), so their SQL is
+written once in SQLAlchemy Core and run as prepared statements on the session's own driver
+connection (``data.prepared``): about a dozen indexed statements per judgment, no ORM unit of
+work. Like ``feedback.tasks`` they never commit;
 run them inside ``Store.write()`` (or the server's group-commit writer), whose commit makes them
 durable. Pending ORM changes of the session are flushed first, so a caller may create tasks and
 lease them in one transaction.
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    Connection,
-    Row,
+    Integer,
     Select,
+    any_,
     bindparam,
     exists,
     false,
@@ -35,8 +36,10 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from rewardloop.data.prepared import Driver, Prepared
 from rewardloop.data.schema import (
     SOURCES,
     STRENGTHS,
@@ -97,7 +100,7 @@ class Recorded:
     source: str
 
 
-# -- statements (built once; SQLAlchemy caches their compiled form) ---------------------------
+# -- statements (compiled once per dialect, run on the driver: see ``data.prepared``) ---------
 
 
 def _with_batch(query: Select[Any], by_batch: bool) -> Select[Any]:
@@ -120,48 +123,62 @@ def _current_lease(by_batch: bool) -> Select[Any]:
 
 
 def _open_task(by_batch: bool) -> Select[Any]:
+    """The first task with room that this annotator has neither judged nor skipped, with the
+    annotator's own expired lease on it if there is one (``own_id``)."""
+    own = _A.alias("own")
     judged = exists().where(_J.c.task_id == _T.c.id, _J.c.annotator_id == bindparam("aid"))
-    skipped = exists().where(_A.c.task_id == _T.c.id, _A.c.annotator_id == bindparam("aid"),
-                             _A.c.completed == true())
     active = _active_leases(_T.c.id).scalar_subquery()
-    query = (select(_T.c.id, _T.c.n_judgments, _T.c.overlap)
-             .where(_T.c.done == false(), ~judged, ~skipped,
+    query = (select(_T.c.id, _T.c.n_judgments, _T.c.overlap, own.c.id.label("own_id"),
+                    own.c.shown_order)
+             .outerjoin(own, (own.c.task_id == _T.c.id) & (own.c.annotator_id == bindparam("aid")))
+             .where(_T.c.done == false(), ~judged, own.c.completed.is_not(true()),
                     _T.c.n_judgments + active < _T.c.overlap)
              .order_by(_T.c.priority.desc(), _T.c.id).limit(1))
     return _with_batch(query, by_batch)
 
 
-_CURRENT = {b: _current_lease(b) for b in (False, True)}
-_OPEN = {b: _open_task(b) for b in (False, True)}
-_OPEN_PG = {b: q.where(_T.c.id.not_in(bindparam("tried", expanding=True)))
-            .with_for_update(skip_locked=True, of=_T) for b, q in _OPEN.items()}
-_ACTIVE = _active_leases(bindparam("tid"))
-_OWN_LEASE = select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.expires_at).where(
-    _A.c.task_id == bindparam("tid"), _A.c.annotator_id == bindparam("aid"))
-_ITEMS = select(_I.c.response_id).where(_I.c.task_id == bindparam("tid")).order_by(_I.c.position)
-_NEW_LEASE = insert(_A)
-_RENEW = update(_A).where(_A.c.id == bindparam("lease_id")).values(
-    leased_at=bindparam("now"), expires_at=bindparam("expires"))
-_VIEW = (select(_T.c.kind, _P.c.text, _P.c.messages, _B.c.guideline_version)
-         .join(_P, _P.c.id == _T.c.prompt_id).outerjoin(_B, _B.c.id == _T.c.batch_id)
-         .where(_T.c.id == bindparam("tid")))
-_TEXTS = (select(_R.c.id, _R.c.text).join(_I, _I.c.response_id == _R.c.id)
-          .where(_I.c.task_id == bindparam("tid")))
-_BY_KEY = select(_J.c.id, _J.c.task_id, _J.c.annotator_id, _J.c.ranking, _J.c.strength,
-                 _J.c.shown_order, _J.c.guideline_version, _J.c.time_ms, _J.c.source).where(
-    _J.c.idempotency_key == bindparam("key"))
-_TASK = (select(_T.c.id, _T.c.done, _T.c.n_judgments, _T.c.overlap, _T.c.batch_id,
-                _B.c.guideline_version)
-         .outerjoin(_B, _B.c.id == _T.c.batch_id).where(_T.c.id == bindparam("tid")))
-_TASK_PG = _TASK.with_for_update(of=_T)
-_JUDGED = select(exists().where(_J.c.task_id == bindparam("tid"),
-                                _J.c.annotator_id == bindparam("aid")))
-_NEW_JUDGMENT = insert(_J)
-_COUNT_JUDGMENT = update(_T).where(_T.c.id == bindparam("tid")).values(
-    n_judgments=_T.c.n_judgments + 1, done=_T.c.n_judgments + 1 >= _T.c.overlap)
-_CLOSE_LEASE = update(_A).where(_A.c.id == bindparam("lease_id")).values(
-    completed=True, expires_at=bindparam("expires"))
-_AUDIT_EVENT = insert(_AUDIT)
+def _insert(table: Any, *columns: str) -> Prepared:
+    return Prepared(insert(table).values({c: bindparam(c) for c in columns})
+                    .returning(table.c.id))
+
+
+_CURRENT = {b: Prepared(_current_lease(b)) for b in (False, True)}
+_OPEN = {b: Prepared(_open_task(b)) for b in (False, True)}
+# PostgreSQL: skip rows other transactions hold, and the ones found full once locked.
+_OPEN_PG = {b: Prepared(_open_task(b).where(~(_T.c.id == any_(bindparam(
+    "tried", type_=postgresql.ARRAY(Integer))))).with_for_update(skip_locked=True, of=_T))
+    for b in (False, True)}
+_ACTIVE = Prepared(_active_leases(bindparam("tid")))
+_OWN_LEASE = Prepared(select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.expires_at).where(
+    _A.c.task_id == bindparam("tid"), _A.c.annotator_id == bindparam("aid")))
+_ITEMS = Prepared(select(_I.c.response_id).where(_I.c.task_id == bindparam("tid"))
+                  .order_by(_I.c.position))
+_NEW_LEASE = _insert(_A, "task_id", "annotator_id", "shown_order", "leased_at", "expires_at",
+                     "completed")
+_RENEW = Prepared(update(_A).where(_A.c.id == bindparam("lease_id")).values(
+    leased_at=bindparam("now"), expires_at=bindparam("expires")))
+_VIEW = Prepared(select(_T.c.kind, _P.c.text, _P.c.messages, _B.c.guideline_version)
+                 .join(_P, _P.c.id == _T.c.prompt_id).outerjoin(_B, _B.c.id == _T.c.batch_id)
+                 .where(_T.c.id == bindparam("tid")))
+_TEXTS = Prepared(select(_R.c.id, _R.c.text).join(_I, _I.c.response_id == _R.c.id)
+                  .where(_I.c.task_id == bindparam("tid")))
+_BY_KEY = Prepared(select(_J.c.id, _J.c.task_id, _J.c.annotator_id, _J.c.ranking, _J.c.strength,
+                          _J.c.shown_order, _J.c.guideline_version, _J.c.time_ms, _J.c.source)
+                   .where(_J.c.idempotency_key == bindparam("key")))
+_TASK_QUERY = (select(_T.c.id, _T.c.done, _T.c.n_judgments, _T.c.overlap, _B.c.guideline_version)
+               .outerjoin(_B, _B.c.id == _T.c.batch_id).where(_T.c.id == bindparam("tid")))
+_TASK = Prepared(_TASK_QUERY)
+_TASK_PG = Prepared(_TASK_QUERY.with_for_update(of=_T))
+_JUDGED = Prepared(select(exists().where(_J.c.task_id == bindparam("tid"),
+                                         _J.c.annotator_id == bindparam("aid"))))
+_NEW_JUDGMENT = _insert(_J, "task_id", "annotator_id", "ranking", "strength", "margin",
+                        "rationale", "shown_order", "time_ms", "guideline_version",
+                        "idempotency_key", "source", "meta", "created_at")
+_COUNT_JUDGMENT = Prepared(update(_T).where(_T.c.id == bindparam("tid")).values(
+    n_judgments=_T.c.n_judgments + 1, done=_T.c.n_judgments + 1 >= _T.c.overlap))
+_CLOSE_LEASE = Prepared(update(_A).where(_A.c.id == bindparam("lease_id")).values(
+    completed=True, expires_at=bindparam("expires")))
+_AUDIT_EVENT = _insert(_AUDIT, "at", "actor_id", "action", "payload")
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -169,33 +186,23 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
-def _conn(session: Session) -> Connection:
-    session.flush()
-    return session.connection()
-
-
 def _id(obj: Any) -> int | None:
     return obj if obj is None or isinstance(obj, int) else obj.id
-
-
-def _audit(conn: Connection, actor_id: int | None, action: str, payload: dict[str, Any]) -> None:
-    conn.execute(_AUDIT_EVENT, {"at": utcnow(), "actor_id": actor_id, "action": action,
-                                "payload": payload})
 
 
 # -- handing out tasks ----------------------------------------------------------------------
 
 
-def _claim(conn: Connection, params: dict[str, Any], by_batch: bool) -> Row[Any] | None:
-    if conn.dialect.name != "postgresql":
-        return conn.execute(_OPEN[by_batch], params).first()
+def _claim(db: Driver, params: dict[str, Any], by_batch: bool) -> Any:
+    if db.dialect.name != "postgresql":
+        return _OPEN[by_batch].first(db, params)
     tried: list[int] = []
     for _ in range(_MAX_CLAIM_TRIES):
-        task = conn.execute(_OPEN_PG[by_batch], {**params, "tried": tried}).first()
+        task = _OPEN_PG[by_batch].first(db, {**params, "tried": tried})
         if task is None:
             return None
         # We hold the row lock now, so this statement's snapshot sees every committed lease.
-        held = conn.execute(_ACTIVE, {"tid": task.id, "now": params["now"]}).scalar_one()
+        held = _ACTIVE.scalars(db, {"tid": task.id, "now": params["now"]})[0]
         if task.n_judgments + held < task.overlap:
             return task
         tried.append(task.id)
@@ -216,46 +223,46 @@ def next_task(
     highest ``priority`` first, then oldest. The display order of the responses is shuffled
     per annotator and kept with the lease. None when nothing is left.
     """
-    conn = _conn(session)
+    db = Driver(session)
     aid, batch_id, by_batch = _id(annotator), _id(batch), batch is not None
     now = utcnow()
     params = {"aid": aid, "now": now, "batch_id": batch_id}
-    row = conn.execute(_CURRENT[by_batch], params).first()
+    row = _CURRENT[by_batch].first(db, params)
     if row is not None:
         return Lease(row.id, row.task_id, aid, row.shown_order, _aware(row.leased_at),
                      _aware(row.expires_at))
-    task = _claim(conn, params, by_batch)
+    task = _claim(db, params, by_batch)
     if task is None:
         return None
     expires = now + dt.timedelta(seconds=lease_s)
-    own = conn.execute(_OWN_LEASE, {"tid": task.id, "aid": aid}).first()
-    if own is not None:  # this annotator's own lease ran out earlier: renew it, same order
-        conn.execute(_RENEW, {"lease_id": own.id, "now": now, "expires": expires})
-        return Lease(own.id, task.id, aid, own.shown_order, now, expires)
-    order = list(conn.execute(_ITEMS, {"tid": task.id}).scalars())
+    if task.own_id is not None:  # this annotator's own lease ran out earlier: renew it
+        _RENEW.run(db, {"lease_id": task.own_id, "now": now, "expires": expires})
+        return Lease(task.own_id, task.id, aid, task.shown_order, now, expires)
+    order = _ITEMS.scalars(db, {"tid": task.id})
     (rng or _SYSTEM_RNG).shuffle(order)
-    lease_id = conn.execute(_NEW_LEASE, {
-        "task_id": task.id, "annotator_id": aid, "shown_order": order, "leased_at": now,
-        "expires_at": expires, "completed": False}).inserted_primary_key[0]
-    return Lease(lease_id, task.id, aid, order, now, expires)
+    (new,) = _NEW_LEASE.run(db, {"task_id": task.id, "annotator_id": aid, "shown_order": order,
+                                 "leased_at": now, "expires_at": expires, "completed": False})
+    return Lease(new.id, task.id, aid, order, now, expires)
 
 
 def skip_task(session: Session, annotator: Annotator | int, task_id: int) -> None:
     """Hand a leased task back unjudged: its slot frees at once and it is not offered to this
     annotator again."""
-    conn, aid = _conn(session), _id(annotator)
-    own = conn.execute(_OWN_LEASE, {"tid": task_id, "aid": aid}).first()
+    db, aid = Driver(session), _id(annotator)
+    own = _OWN_LEASE.first(db, {"tid": task_id, "aid": aid})
     if own is None or own.completed:
         raise TaskError(f"task {task_id!r} is not leased to you", status=404)
-    conn.execute(_CLOSE_LEASE, {"lease_id": own.id, "expires": utcnow()})
-    _audit(conn, aid, "task.skip", {"task_id": task_id})
+    now = utcnow()
+    _CLOSE_LEASE.run(db, {"lease_id": own.id, "expires": now})
+    _AUDIT_EVENT.run(db, {"at": now, "actor_id": aid, "action": "task.skip",
+                          "payload": {"task_id": task_id}})
 
 
 def task_view(session: Session, lease: Lease) -> dict[str, Any]:
     """What an annotator is shown: the prompt and the responses in the leased display order."""
-    conn = _conn(session)
-    row = conn.execute(_VIEW, {"tid": lease.task_id}).one()
-    texts = dict(conn.execute(_TEXTS, {"tid": lease.task_id}).all())
+    db = Driver(session)
+    row = _VIEW.first(db, {"tid": lease.task_id})
+    texts = dict(_TEXTS.run(db, {"tid": lease.task_id}))
     return {
         "task_id": lease.task_id,
         "prompt": row.text if row.text is not None else row.messages,
@@ -287,7 +294,7 @@ def _check_judgment_fields(idempotency_key: str, strength: str | None, source: s
         raise TaskError("time_ms must be a non-negative integer", status=422)
 
 
-def _replay(prior: Row[Any], annotator_id: int | None, task_id: int, ranking: Any) -> Recorded:
+def _replay(prior: Any, annotator_id: int | None, task_id: int, ranking: Any) -> Recorded:
     if prior.annotator_id != annotator_id:
         raise TaskError("this idempotency key was already used by another annotator; "
                         "use a fresh key for each judgment")
@@ -297,12 +304,11 @@ def _replay(prior: Row[Any], annotator_id: int | None, task_id: int, ranking: An
     return Recorded(**prior._asdict())
 
 
-def _take_slot(conn: Connection, task: Row[Any], aid: int | None,
-               require_lease: bool) -> Row[Any] | None:
+def _take_slot(db: Driver, task: Any, aid: int | None, require_lease: bool) -> Any:
     """The annotator's open lease on ``task``, after checking they may judge it now."""
-    if conn.execute(_JUDGED, {"tid": task.id, "aid": aid}).scalar():
+    if _JUDGED.scalars(db, {"tid": task.id, "aid": aid})[0]:
         raise TaskError(f"you have already judged task {task.id}")
-    lease = conn.execute(_OWN_LEASE, {"tid": task.id, "aid": aid}).first()
+    lease = _OWN_LEASE.first(db, {"tid": task.id, "aid": aid})
     if lease is not None and lease.completed:
         lease = None
     if require_lease and lease is None:
@@ -311,7 +317,7 @@ def _take_slot(conn: Connection, task: Row[Any], aid: int | None,
     now = utcnow()
     if lease is not None and _aware(lease.expires_at) > now:
         return lease  # the lease reserved a slot
-    held = conn.execute(_ACTIVE, {"tid": task.id, "now": now}).scalar_one()
+    held = _ACTIVE.scalars(db, {"tid": task.id, "now": now})[0]
     if task.done or task.n_judgments + held >= task.overlap:
         raise TaskError(f"task {task.id} already has all the judgments it needs")
     return lease
@@ -342,34 +348,34 @@ def submit_judgment(
     or an invalid ranking.
     """
     _check_judgment_fields(idempotency_key, strength, source, time_ms)
-    conn, aid = _conn(session), _id(annotator)
-    prior = conn.execute(_BY_KEY, {"key": idempotency_key}).first()
+    db, aid = Driver(session), _id(annotator)
+    prior = _BY_KEY.first(db, {"key": idempotency_key})
     if prior is not None:
         return _replay(prior, aid, task_id, ranking), False
     task = None
     if isinstance(task_id, int):
-        stmt = _TASK_PG if conn.dialect.name == "postgresql" else _TASK
-        task = conn.execute(stmt, {"tid": task_id}).first()
+        task = (_TASK_PG if db.dialect.name == "postgresql" else _TASK).first(db, {"tid": task_id})
     if task is None:
         raise TaskError(f"task {task_id!r} does not exist", status=404)
-    item_ids = list(conn.execute(_ITEMS, {"tid": task.id}).scalars())
     try:
-        groups = validate_ranking(ranking, item_ids)
+        groups = validate_ranking(ranking, _ITEMS.scalars(db, {"tid": task.id}))
     except ValueError as exc:
         raise TaskError(f"ranking: {exc}", status=422) from None
-    lease = _take_slot(conn, task, aid, require_lease)
+    lease = _take_slot(db, task, aid, require_lease)
     if shown_order is None and lease is not None:
         shown_order = lease.shown_order
     if guideline_version is None:
         guideline_version = task.guideline_version
-    values = {"task_id": task.id, "annotator_id": aid, "ranking": groups, "strength": strength,
-              "margin": margin, "rationale": rationale, "shown_order": shown_order,
-              "time_ms": time_ms, "guideline_version": guideline_version,
-              "idempotency_key": idempotency_key, "source": source}
-    judgment_id = conn.execute(_NEW_JUDGMENT, values).inserted_primary_key[0]
-    conn.execute(_COUNT_JUDGMENT, {"tid": task.id})
+    (new,) = _NEW_JUDGMENT.run(db, {
+        "task_id": task.id, "annotator_id": aid, "ranking": groups, "strength": strength,
+        "margin": margin, "rationale": rationale, "shown_order": shown_order,
+        "time_ms": time_ms, "guideline_version": guideline_version,
+        "idempotency_key": idempotency_key, "source": source, "meta": {},
+        "created_at": utcnow()})
+    judgment_id = new.id
+    _COUNT_JUDGMENT.run(db, {"tid": task.id})
     if lease is not None:
-        conn.execute(_CLOSE_LEASE, {"lease_id": lease.id, "expires": lease.expires_at})
+        _CLOSE_LEASE.run(db, {"lease_id": lease.id, "expires": lease.expires_at})
     # The judgment's audit row is written by the database (trigger of migration 0003).
     return Recorded(judgment_id, task.id, aid, groups, strength, shown_order, guideline_version,
                     time_ms, source), True
