@@ -1,14 +1,23 @@
 """GRPO and RLOO: rewardloop vs TRL 1.16 on the same tiny SFT'd model, prompts and reward.
 
-    python -m benchmarks.grpo [--steps 16] [--algos grpo,rloo] [--workdir DIR]
+    python -m benchmarks.grpo [--steps 16] [--algos grpo,rloo] [--workdir DIR] [--seed 0]
 
 The parent process builds a tiny Llama model, fine-tunes it briefly on the synthetic
 customer-support task (``rewardloop.train.sft``) and writes the prompts; then every side runs in
 its own process launch (``benchmarks.common.run_side``), so peak memory is per side. Both sides
 optimise the hidden gold judge ``rewardloop.synthetic:gold_score`` as a Python reward with the
 same prompts x generations per step, max new tokens, steps, learning rate, KL coefficient and
-clip range. Gold before/after is measured the same way for both (our ``HFGenerator`` sampling
-4 answers to each of 16 held-out prompts, fixed seed), outside the timed region.
+clip range. TRL's GRPO default ``use_bias_correction_kl=True`` multiplies the k3 penalty by the
+importance ratio, which leaves its value alone but changes its gradient to the unbiased
+reverse-KL one; it is turned off so both sides optimise the same k3 gradient (the loss and
+gradient on a fixed batch then agree to float precision: tests/parity/test_trl_parity.py).
+TRL's default activation checkpointing is off too: ours does not recompute activations, and it
+only costs TRL time. Gold before/after is measured the same way for both (our ``HFGenerator``
+sampling 4 answers to each of 64 held-out prompts, fixed seed), outside the timed region.
+
+With 16 completions a step the KL and entropy curves vary a lot from seed to seed (after 6
+GRPO steps the KL to the reference ranged 0.014-0.13 for ours and 0.021-0.11 for TRL over 16
+seeds, median 0.031 for both), so compare curves over several ``--seed`` values, not one run.
 
 Both sides run with the same ``--threads`` (default 1: on a shared, oversubscribed CPU OpenMP
 spin-waiting made 2-thread runs ~30x slower and noisy).
@@ -35,7 +44,6 @@ GENERATIONS = 4
 PROMPTS_PER_STEP = 4
 MAX_NEW_TOKENS = 24
 LR = 2e-4
-SEED = 0
 BETA = {"grpo": 0.04, "rloo": 0.05}  # each trainer's paper default
 EVAL_PROMPTS, EVAL_SAMPLES = 64, 4
 
@@ -82,7 +90,7 @@ def gold_of(model_dir: str, work: Path) -> float:
     return sum(scores) / len(scores)
 
 
-def side_ours(algo: str, work: Path, steps: int) -> dict[str, Any]:
+def side_ours(algo: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     from rewardloop.train.grpo import GRPOConfig, train
 
     out = work / f"ours-{algo}"
@@ -92,7 +100,7 @@ def side_ours(algo: str, work: Path, steps: int) -> dict[str, Any]:
         policy=policy, prompts=work / "prompts.jsonl", out=out, rewards=(REWARD,),
         advantage=algo, num_generations=GENERATIONS,
         batch_size=GENERATIONS * PROMPTS_PER_STEP, max_steps=steps, lr=LR,
-        max_new_tokens=MAX_NEW_TOKENS, kl_coef=BETA[algo], seed=SEED, device="cpu",
+        max_new_tokens=MAX_NEW_TOKENS, kl_coef=BETA[algo], seed=seed, device="cpu",
         # TRL's RLOO loss is the mean over sequences of a sequence-level ratio times the
         # advantage: the same gradient as our per-sequence token sum.
         loss_aggregation="token-mean" if algo == "grpo" else "seq-mean-token-sum",
@@ -113,7 +121,7 @@ def side_ours(algo: str, work: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def side_trl(algo: str, work: Path, steps: int) -> dict[str, Any]:
+def side_trl(algo: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,10 +156,11 @@ def side_trl(algo: str, work: Path, steps: int) -> dict[str, Any]:
         output_dir=str(out), use_cpu=True, per_device_train_batch_size=GENERATIONS
         * PROMPTS_PER_STEP, gradient_accumulation_steps=1, num_generations=GENERATIONS,
         max_completion_length=MAX_NEW_TOKENS, learning_rate=LR, lr_scheduler_type="constant",
-        max_steps=steps, beta=BETA[algo], temperature=1.0, seed=SEED, logging_steps=1,
+        max_steps=steps, beta=BETA[algo], temperature=1.0, seed=seed, logging_steps=1,
         report_to="none", save_strategy="no", bf16=False, disable_dropout=True,
-        dataloader_num_workers=0,
-        **({"loss_type": "dapo", "scale_rewards": "group"} if algo == "grpo" else {}))
+        dataloader_num_workers=0, activation_checkpointing=False,
+        **({"loss_type": "dapo", "scale_rewards": "group", "use_bias_correction_kl": False}
+           if algo == "grpo" else {}))
     trainer = Trainer(model=model, reward_funcs=gold_score, args=args,
                       train_dataset=Dataset.from_list(prompts),
                       processing_class=AutoTokenizer.from_pretrained(policy, padding_side="left"))
@@ -189,6 +198,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="optimisation steps per side")
     parser.add_argument("--algos", default="grpo,rloo", help="comma-separated: grpo,rloo")
     parser.add_argument("--workdir", type=Path, default=None, help="where models and runs go")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="prompt order and sampling seed of both sides")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of every side (OMP_NUM_THREADS); 1 avoids "
                         "OpenMP spin-waiting on a shared, oversubscribed CPU")
@@ -198,12 +209,12 @@ def main() -> None:
     work = args.workdir or Path(tempfile.gettempdir()) / "rewardloop-bench-grpo"
     if args.side:
         who, algo = args.side.split("-", 1)
-        result = (side_ours if who == "ours" else side_trl)(algo, work, args.steps)
+        result = (side_ours if who == "ours" else side_trl)(algo, work, args.steps, args.seed)
         print(json.dumps(result))
         return
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by both sides
     prepare(work)
-    common = ["--steps", str(args.steps), "--workdir", str(work)]
+    common = ["--steps", str(args.steps), "--workdir", str(work), "--seed", str(args.seed)]
     for algo in args.algos.split(","):
         results: dict[str, dict] = {}
         for _ in range(args.repeats):

@@ -10,11 +10,18 @@ numbers below come from TRL's own code, not from a copy of its formulas.
 TRL 1.16's DPO "sigmoid" loss ignores ``label_smoothing``; conservative DPO's formula
 -(1-ε) log σ(βh) - ε log σ(-βh) is its "aot" loss on a batch of one pair (sorting one element
 is the identity), so cDPO is checked pair by pair through "aot".
+
+GRPO is compared on value AND gradient with respect to the per-token log-probs (the parameter
+gradient is that times the same Jacobian on both sides). TRL's ``use_bias_correction_kl``
+(default True) multiplies the k3 term by the differentiable ratio π/π_old: the value is
+unchanged on-policy but the KL gradient becomes (log π - log π_ref)·∇log π (unbiased reverse
+KL) instead of k3's own (1 - π_ref/π)·∇log π, which ours uses; with it off the two agree.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +29,7 @@ import pytest
 import torch
 
 from rewardloop import losses as L
-from rewardloop import ops
+from rewardloop import ops, pg_losses
 
 pytestmark = pytest.mark.parity
 
@@ -32,6 +39,7 @@ if tuple(int(p) for p in trl.__version__.split(".")[:2]) < (1, 16):
                 allow_module_level=True)
 
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
+from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
 from trl.trainer.reward_trainer import RewardTrainer  # noqa: E402
 
@@ -43,12 +51,22 @@ class _Accelerator:
     """Single-process stand-in: gathering is the identity."""
 
     device = torch.device("cpu")
+    num_processes = 1
+    is_main_process = True
 
     @staticmethod
     def gather(x: torch.Tensor) -> torch.Tensor:
         return x
 
     gather_for_metrics = gather
+
+    @staticmethod
+    def reduce(x: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def autocast() -> nullcontext:
+        return nullcontext()
 
 
 class _StandInLM:
@@ -220,3 +238,76 @@ def test_bradley_terry_matches_trl_reward_loss(with_margin: bool, center: float 
     trl_metrics = trainer._metrics["train"]
     assert float(metrics["accuracy"]) == pytest.approx(trl_metrics["accuracy"][-1], abs=1e-6)
     assert float(metrics["margin"]) == pytest.approx(trl_metrics["margin"][-1], abs=1e-6)
+
+
+def _trl_grpo(logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+              advantages: torch.Tensor, beta: float, bias_correction: bool) -> torch.Tensor:
+    """TRL's GRPO "dapo" loss on one optimizer step (no accumulation), on-policy."""
+    n_rows, width = logps.shape
+    args = SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None,
+                           steps_per_generation=1)
+    # The stand-in returns (B, 1 + C) log-probs; TRL keeps the last C (the completion).
+    model = _StandInLM({1: torch.cat([logps.new_zeros(n_rows, 1), logps], dim=1)})
+    trainer = _trainer(GRPOTrainer, model=model, args=args, beta=beta, loss_type="dapo",
+                       epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="token",
+                       top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                       use_vllm=False, current_gradient_accumulation_steps=1,
+                       _entropy_bonus_enabled=False)
+    ones = torch.ones(n_rows, 1, dtype=torch.long)
+    inputs = {"prompt_ids": ones, "prompt_mask": ones,
+              "completion_ids": torch.ones(n_rows, width, dtype=torch.long),
+              "completion_mask": mask, "advantages": advantages,
+              "num_items_in_batch": mask.sum(), "ref_per_token_logps": ref}
+    return trainer._compute_loss(trainer.model, inputs)
+
+
+def _grpo_batch() -> tuple[torch.Tensor, ...]:
+    """4 prompts x 4 completions: log-probs, reference log-probs (the policy has drifted from
+    the reference, so the KL term has a gradient), mask and group-normalised advantages."""
+    logps, mask = _completions(16, 7, seed=5)
+    g = torch.Generator().manual_seed(6)
+    ref = (logps + 0.3 * torch.randn(16, 7, generator=g, dtype=DT)) * mask
+    scores = torch.randn(16, generator=g, dtype=DT)
+    return logps, ref, mask, ops.group_advantages(scores, 4)[0]
+
+
+def _ours_grpo(logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+               advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """Our GRPO loss as ``train/grpo.py``'s micro_step builds it: token-mean clipped surrogate
+    plus the k3 penalty in the loss."""
+    common = {"mode": "token-mean", "global_tokens": float(mask.sum())}
+    pg, _ = pg_losses.ppo_clip_loss(logps, logps.detach(), advantages, mask, 0.2, **common)
+    kl, _ = pg_losses.kl_penalty_loss(logps, ref, mask, beta, "k3", **common)
+    return pg + kl
+
+
+def _loss_and_grad(fn: Any, logps: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
+    leaf = logps.clone().requires_grad_(True)
+    loss = fn(leaf, *args)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04, 0.5])
+def test_grpo_loss_and_gradient_match_trl_without_kl_bias_correction(beta: float) -> None:
+    logps, ref, mask, adv = _grpo_batch()
+    loss, grad = _loss_and_grad(_ours_grpo, logps, ref, mask, adv, beta)
+    trl_loss, trl_grad = _loss_and_grad(_trl_grpo, logps, ref, mask, adv, beta, False)
+    torch.testing.assert_close(loss, trl_loss, **TOL)
+    torch.testing.assert_close(grad, trl_grad, **TOL)
+
+
+def test_trl_default_kl_bias_correction_changes_only_the_kl_gradient() -> None:
+    """Why the benchmark turns TRL's default off: same loss value, different KL gradient."""
+    logps, ref, mask, adv = _grpo_batch()
+    beta = 0.04
+    loss, grad = _loss_and_grad(_ours_grpo, logps, ref, mask, adv, beta)
+    trl_loss, trl_grad = _loss_and_grad(_trl_grpo, logps, ref, mask, adv, beta, True)
+    torch.testing.assert_close(loss, trl_loss, **TOL)
+    # TRL's KL gradient per token is beta * (log π - log π_ref) / tokens; ours is k3's.
+    tokens = float(mask.sum())
+    log_ratio = (logps - ref) * mask
+    expected = grad - beta * (1 - torch.exp(-log_ratio)) * mask / tokens \
+        + beta * log_ratio / tokens
+    torch.testing.assert_close(trl_grad, expected, **TOL)
+    assert not torch.allclose(grad, trl_grad, atol=1e-4)
