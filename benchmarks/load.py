@@ -70,9 +70,9 @@ def prepare(url: str, annotators: int, tasks: int, overlap: int) -> list[str]:
     return tokens
 
 
-def start_server(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_server(url: str, port: int, log: Path, workers: int = 1) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-c", "from rewardloop.cli import main; main()", "serve",
-           "--db", url, "--port", str(port)]
+           "--db", url, "--port", str(port), "--workers", str(workers)]
     env = {**os.environ, "REWARDLOOP_SECRET": uuid.uuid4().hex * 2}
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     import httpx
@@ -157,9 +157,14 @@ async def drive(port: int, tokens: list[str], seconds: float) -> tuple[int, floa
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live children (Linux /proc), in seconds."""
+    proc = Path(f"/proc/{pid}")
+    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in (proc / "task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += cpu_seconds(int(child))
+    return total
 
 
 def run(coro: Any) -> Any:
@@ -184,6 +189,7 @@ def main() -> None:
                     help="Store to run against (postgresql needs $REWARDLOOP_TEST_PG_URL).")
     ap.add_argument("--annotators", type=int, default=50, help="Concurrent annotators.")
     ap.add_argument("--seconds", type=float, default=20, help="How long to drive load.")
+    ap.add_argument("--workers", type=int, default=1, help="Server processes (serve --workers).")
     ap.add_argument("--tasks", type=int, default=8000, help="Tasks to create (overlap 3).")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rewardloop-load-"))
@@ -196,7 +202,7 @@ def main() -> None:
         url = pg_url(base)
     tokens = prepare(url, args.annotators, args.tasks, overlap=3)
     port = free_port()
-    proc = start_server(url, port, work / "server.log")
+    proc = start_server(url, port, work / "server.log", args.workers)
     try:
         server0, client0 = cpu_seconds(proc.pid), time.process_time()
         n, elapsed, lat = run(drive(port, tokens, args.seconds))

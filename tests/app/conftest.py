@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import pytest
@@ -67,3 +68,11 @@ def any_server(store) -> Server:
 def make_server():
     """``populate`` itself, for tests that need other users or task counts."""
     return populate
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for tests that start `rewardloop serve`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

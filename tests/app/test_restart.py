@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ from sqlalchemy import select
 
 from rewardloop.data import schema as S
 from rewardloop.data.store import Store
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(url: str, port: int, log) -> subprocess.Popen:
@@ -40,12 +33,12 @@ def _serve(url: str, port: int, log) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_9_keeps_acknowledged_judgments(tmp_path, make_server) -> None:
+def test_kill_9_keeps_acknowledged_judgments(tmp_path, make_server, free_port) -> None:
     url = f"sqlite:///{tmp_path / 'serve.db'}"
     store = Store(url)
     server = make_server(store, n_tasks=10, overlap=2)
     store.dispose()
-    port = _free_port()
+    port = free_port
     acked: list[int] = []
     with open(tmp_path / "server.log", "wb") as log:
         proc = _serve(url, port, log)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from rewardloop.app import accounts
-from rewardloop.app.deps import SESSION_COOKIE, Admin, Creds, DbDep, User
+from rewardloop.app.deps import HOT_SECURITY, SESSION_COOKIE, Admin, DbDep, HotCreds, User
 from rewardloop.app.schemas import (
     JudgmentIn,
     JudgmentOut,
@@ -93,9 +93,9 @@ def _batch_id(session: Session, name: str | None) -> int | None:
     return found
 
 
-@router.get("/tasks/next", response_model=TaskOut,
+@router.get("/tasks/next", response_model=TaskOut, openapi_extra=HOT_SECURITY,
             responses={204: {"description": "Nothing left for you"}, **ERRORS})
-async def next_task(creds: Creds, db: DbDep,
+async def next_task(creds: HotCreds, request: Request,
                     batch: Annotated[str | None, Query(max_length=255)] = None
                     ) -> Response | TaskOut:
     """Lease the next task to the caller (or the one they hold), responses in shown order."""
@@ -107,14 +107,14 @@ async def next_task(creds: Creds, db: DbDep,
             return None
         return TaskOut(**Q.task_view(session, got), lease_expires_at=got.expires_at)
 
-    out = await db.run_async(lease)
+    out = await request.app.state.db.run_async(lease)
     return Response(status_code=204) if out is None else out
 
 
-@router.post("/judgments", status_code=201, responses={
+@router.post("/judgments", status_code=201, openapi_extra=HOT_SECURITY, responses={
     200: {"model": JudgmentOut, "description": "Replay of a stored judgment"},
     404: {"description": "No such task"}, 409: {"description": "Conflict"}, **ERRORS})
-async def submit_judgment(body: JudgmentIn, creds: Creds, db: DbDep,
+async def submit_judgment(body: JudgmentIn, creds: HotCreds, request: Request,
                           response: Response) -> JudgmentOut:
     """Record a ranking of a task leased to the caller; committed before the answer is sent."""
 
@@ -128,7 +128,7 @@ async def submit_judgment(body: JudgmentIn, creds: Creds, db: DbDep,
                            strength=judgment.strength, created=created)
 
     try:
-        out = await db.run_async(record)
+        out = await request.app.state.db.run_async(record)
     except IntegrityError:
         raise HTTPException(409, "conflicting concurrent judgment") from None
     response.status_code = 201 if out.created else 200

@@ -3,6 +3,7 @@ the security middleware, the JSON API and the HTML pages together."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -70,3 +71,17 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
         return Health(status="ok", database=store.dialect)
 
     return app
+
+
+def tune_gc_for_serving() -> None:
+    """Keep Python's cycle collector from stalling every request now and then.
+
+    A full collection walks every tracked object, and a server process holds a few hundred
+    thousand long-lived ones (FastAPI, SQLAlchemy, pydantic): each full collection stopped
+    the event loop for ~100-150 ms, which set the p99 latency under load. ``gc.freeze`` moves
+    everything alive at start-up out of the collector's sight, and a larger first threshold
+    makes young collections rarer. Call once, after the app is built, in the serving process.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)

@@ -1,0 +1,77 @@
+"""`rewardloop serve --workers 2`: two processes on one port, both serving, stopped together."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rewardloop.data.store import Store
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+def test_two_workers_share_the_port_and_stop_together(tmp_path, make_server, free_port) -> None:
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    store = Store(url)
+    server = make_server(store, n_tasks=6, overlap=2)
+    store.dispose()
+    port = free_port
+    cmd = [sys.executable, "-c", "from rewardloop.cli import main; main()", "serve", "--db", url,
+           "--port", str(port), "--workers", "2"]
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "REWARDLOOP_SECRET": "w" * 40})
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # both workers up: every fresh connection answers
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                ok = all(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                         .status_code == 200 for _ in range(8))
+            except httpx.HTTPError:
+                ok = False
+            if ok and len(_children(proc.pid)) >= 2:
+                break
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.2)
+        workers = [c for c in _children(proc.pid)  # not multiprocessing's resource tracker
+                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2
+        done = 0
+        for user in ("ann", "bob"):  # one connection each: judged through whichever worker
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={
+                    "Authorization": f"Bearer {server.tokens[user]}"}) as client:
+                for _ in range(3):
+                    lease = client.get("/api/tasks/next").json()
+                    ids = [x["id"] for x in lease["responses"]]
+                    r = client.post("/api/judgments", json={
+                        "task_id": lease["task_id"], "ranking": [[ids[0]], [ids[1]]],
+                        "idempotency_key": uuid.uuid4().hex})
+                    assert r.status_code == 201, r.text
+                    done += 1
+        admin = httpx.get(f"http://127.0.0.1:{port}/api/admin/stats", headers={
+            "Authorization": f"Bearer {server.tokens['admin']}"}).json()
+        assert admin["judgments"] == done
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
