@@ -192,3 +192,56 @@ def test_pad_is_never_sampled_even_when_likely(tiny) -> None:
         handle.remove()
     real = rollout.completion_ids[rollout.completion_mask.bool()]
     assert tokenizer.pad_token_id not in real.tolist()
+
+
+def test_decoding_loop_chooses_what_hf_generate_chooses(tiny) -> None:
+    """With a deterministic choice (top_k=1) the loop and ``model.generate`` (pad suppressed)
+    produce the same tokens: same prefill, positions, cache steps and stopping."""
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    settings = SamplingSettings(max_new_tokens=9, top_k=1)
+    ours = HFGenerator(model, tokenizer).generate(ids, 2, settings)
+    from rewardloop.train.tokenize import pad
+
+    prompt_ids = pad(ids, tokenizer.pad_token_id, side="left")
+    mask = pad([[1] * len(p) for p in ids], 0, side="left")
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=mask, do_sample=True, top_k=1,
+            max_new_tokens=settings.max_new_tokens, num_return_sequences=2,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[tokenizer.pad_token_id])
+    assert torch.equal(ours.completion_ids, out[:, prompt_ids.shape[1]:])
+
+
+def test_sample_tokens_draws_with_the_given_probabilities() -> None:
+    from rewardloop.rollout import sample_tokens
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws = sample_tokens(probs.expand(40_000, -1).contiguous())
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    # 4 standard errors of a proportion with n = 40000 is at most 0.01.
+    assert torch.allclose(freq, probs, atol=0.01) and freq[4] == 0
+
+
+def test_warp_logits_matches_hf_warpers() -> None:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from rewardloop.rollout import warp_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.6, 5, 1.0), (1.3, 0, 0.8),
+                                      (0.9, 10, 0.5), (1.0, 1, 0.3)):
+        expected = logits.clone()
+        if temperature != 1.0:
+            expected = TemperatureLogitsWarper(temperature)(None, expected)
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        got = warp_logits(logits.clone(), SamplingSettings(temperature=temperature, top_k=top_k,
+                                                           top_p=top_p))
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        assert torch.allclose(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
