@@ -287,16 +287,18 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], max_prompt_length: in
                    max_prompt_length=max_prompt_length).input_ids for p in prompts]
 
 
-@torch.no_grad()
 def batched_logps(model: Any, rollout: Rollout, temperature: float, micro_batch_size: int
                   ) -> torch.Tensor:
     """Per-token completion log-probs (B, C) without gradient, ``micro_batch_size`` rows at a
-    time (old-policy and reference log-probs)."""
+    time (old-policy and reference log-probs). Computed in inference mode and cloned out of
+    it, so the losses can use them as constants."""
     parts = []
-    for start in range(0, len(rollout), micro_batch_size):
-        rows = range(start, min(start + micro_batch_size, len(rollout)))
-        parts.append(completion_forward(model, rollout.select(rows), temperature).logps)
-    return torch.cat(parts, dim=0)
+    with torch.inference_mode():
+        for start in range(0, len(rollout), micro_batch_size):
+            rows = range(start, min(start + micro_batch_size, len(rollout)))
+            parts.append(completion_forward(model, rollout.select(rows), temperature).logps)
+        logps = torch.cat(parts, dim=0)
+    return logps.clone()
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
