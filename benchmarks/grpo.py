@@ -69,8 +69,9 @@ def prepare(work: Path) -> None:
                         warmup_steps=10, overwrite=True, device="cpu"))
 
 
-def gold_of(model_dir: str, work: Path) -> float:
-    """Mean gold score of sampled answers to the held-out prompts (same seed for every model)."""
+def gold_samples(model_dir: str, work: Path, samples: int = EVAL_SAMPLES) -> list[float]:
+    """Gold scores of ``samples`` sampled answers to each held-out prompt (same seed for every
+    model)."""
     import torch
 
     from rewardloop.models import load_policy, load_tokenizer
@@ -84,9 +85,14 @@ def gold_of(model_dir: str, work: Path) -> float:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         rollout = HFGenerator(model, tokenizer).generate(
-            encode_prompts(tokenizer, prompts, 256), EVAL_SAMPLES,
+            encode_prompts(tokenizer, prompts, 256), samples,
             SamplingSettings(max_new_tokens=MAX_NEW_TOKENS))
-    scores = gold_score([p for p in prompts for _ in range(EVAL_SAMPLES)], rollout.texts)
+    return gold_score([p for p in prompts for _ in range(samples)], rollout.texts)
+
+
+def gold_of(model_dir: str, work: Path) -> float:
+    """Mean gold score of sampled answers to the held-out prompts."""
+    scores = gold_samples(model_dir, work)
     return sum(scores) / len(scores)
 
 

@@ -1,0 +1,204 @@
+"""Does RL against a learned reward model raise the hidden gold score? GRPO and PPO (ours) and
+TRL's GRPOTrainer, same reward model, prompts, steps, batch and learning rate, several seeds.
+
+    python -m benchmarks.rl_quality [--steps 100] [--seeds 0,1,2] [--workdir DIR]
+
+The set-up is RLHF's: the SFT policy of ``benchmarks.grpo`` samples two answers to each of 2000
+fresh prompts, the hidden gold judge (``rewardloop.synthetic:gold_score``) prefers one (pairs
+closer than 0.2 in gold are dropped), and a reward model is trained on those preferences
+(``train rm``, initialised from the SFT model). Every side then optimises that reward model's
+normalised score -- never the gold -- and is judged by the gold on 1024 answers to 64 held-out
+prompts (same sampling seed for every model).
+TRL gets the reward model as a Python reward function built by ``rewardloop.rewards`` (the same
+normalised scores ours computes), with TRL's KL bias correction off so both optimise the same
+objective. Sides run in this one process, one after another (this measures learning, not
+speed; ``benchmarks.grpo`` measures speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.grpo import EVAL_PROMPTS, MAX_NEW_TOKENS, gold_samples, prepare
+
+STEPS = 100
+GENERATIONS, PROMPTS_PER_STEP = 4, 4
+LR, BETA = 2e-4, 0.04
+PPO_LR = 1e-4
+EVAL_SAMPLES = 16  # per held-out prompt: 1024 answers, s.e. of the mean gold ~0.045
+RM_PROMPTS, RM_MIN_GAP = 2000, 0.2
+
+
+def build_reward_model(work: Path) -> Path:
+    """Preferences of the gold judge between two SFT samples per prompt -> ``work/rm``."""
+    from rewardloop import synthetic
+    from rewardloop.models import load_policy, load_tokenizer
+    from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
+    from rewardloop.train.reward import RewardConfig, train_rm
+
+    rm = work / "rm"
+    if (rm / "summary.json").is_file():
+        return rm
+    policy = str(work / "sft" / "model")
+    tokenizer = load_tokenizer(policy, padding_side="left")
+    generator = HFGenerator(load_policy(policy, device="cpu"), tokenizer)
+    prompts = [r["prompt"] for r in synthetic.prompt_rows(RM_PROMPTS, seed=3)]
+    rows = []
+    torch.manual_seed(3)
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start:start + 64]
+        out = generator.generate(encode_prompts(tokenizer, chunk, 256), 2,
+                                 SamplingSettings(max_new_tokens=MAX_NEW_TOKENS))
+        gold = synthetic.gold_score([p for p in chunk for _ in range(2)], out.texts)
+        for i, prompt in enumerate(chunk):
+            (a, b), (ga, gb) = out.texts[2 * i:2 * i + 2], gold[2 * i:2 * i + 2]
+            if a != b and abs(ga - gb) > RM_MIN_GAP:  # near-ties are coin flips to a person
+                chosen, rejected = (a, b) if ga > gb else (b, a)
+                rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    random.Random(0).shuffle(rows)
+    cut = len(rows) // 5
+    for name, part in (("rm_eval.jsonl", rows[:cut]), ("rm_train.jsonl", rows[cut:])):
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    train_rm(RewardConfig(model=policy, data=work / "rm_train.jsonl",
+                          eval_data=work / "rm_eval.jsonl", out=rm, epochs=2, batch_size=32,
+                          lr=1e-3, max_length=128, device="cpu", overwrite=True))
+    return rm
+
+
+def _gold(model_dir: str, work: Path) -> tuple[float, float]:
+    scores = gold_samples(model_dir, work, EVAL_SAMPLES)
+    mean = sum(scores) / len(scores)
+    var = sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)
+    return mean, math.sqrt(var / len(scores))
+
+
+def _curves(out: Path, reward_key: str, kl_key: str) -> tuple[list[float], list[float]]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r[reward_key] for r in rows], [r.get(kl_key, 0.0) for r in rows]
+
+
+def side_ours_grpo(work: Path, rm: Path, steps: int, seed: int) -> dict[str, Any]:
+    from rewardloop.train.grpo import GRPOConfig, train
+
+    out = work / f"ours-grpo-{seed}"
+    train(GRPOConfig(
+        policy=str(work / "sft" / "model"), prompts=work / "prompts.jsonl", out=out,
+        rewards=(str(rm),), advantage="grpo", num_generations=GENERATIONS,
+        batch_size=GENERATIONS * PROMPTS_PER_STEP, max_steps=steps, lr=LR,
+        max_new_tokens=MAX_NEW_TOKENS, kl_coef=BETA, seed=seed, device="cpu",
+        loss_aggregation="token-mean", sample_every=0, save_every=10_000, overwrite=True))
+    rewards, kl = _curves(out, "reward/mean", "kl_k3")
+    return {"model": str(out / "model"), "reward_curve": rewards, "kl_curve": kl}
+
+
+def side_ours_ppo(work: Path, rm: Path, steps: int, seed: int) -> dict[str, Any]:
+    from rewardloop.train.ppo import PPOConfig, train
+
+    out = work / f"ours-ppo-{seed}"
+    train(PPOConfig(
+        policy=str(work / "sft" / "model"), prompts=work / "prompts.jsonl", out=out,
+        rewards=(str(rm),), value_model=str(rm), batch_size=GENERATIONS * PROMPTS_PER_STEP,
+        max_steps=steps, lr=PPO_LR, max_new_tokens=MAX_NEW_TOKENS, kl_coef=BETA, seed=seed,
+        device="cpu", sample_every=0, save_every=10_000, overwrite=True))
+    rewards, kl = _curves(out, "reward/mean", "kl_k1")
+    return {"model": str(out / "model"), "reward_curve": rewards, "kl_curve": kl}
+
+
+def side_trl_grpo(work: Path, rm: Path, steps: int, seed: int) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewardloop.rewards import ModelReward
+
+    scorer = ModelReward(str(rm), device="cpu")
+
+    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        return scorer(prompts, completions)
+
+    out = work / f"trl-grpo-{seed}"
+    policy = str(work / "sft" / "model")
+    prompts = [json.loads(x) for x in (work / "prompts.jsonl").read_text().splitlines()]
+    args = GRPOConfig(
+        output_dir=str(out), use_cpu=True, per_device_train_batch_size=GENERATIONS
+        * PROMPTS_PER_STEP, gradient_accumulation_steps=1, num_generations=GENERATIONS,
+        max_completion_length=MAX_NEW_TOKENS, learning_rate=LR, lr_scheduler_type="constant",
+        max_steps=steps, beta=BETA, temperature=1.0, seed=seed, logging_steps=1,
+        report_to="none", save_strategy="no", bf16=False, disable_dropout=True,
+        dataloader_num_workers=0, activation_checkpointing=False, loss_type="dapo",
+        scale_rewards="group", use_bias_correction_kl=False)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy,
+                                                                     dtype=torch.float32),
+                          reward_funcs=reward_model, args=args,
+                          train_dataset=Dataset.from_list(prompts),
+                          processing_class=AutoTokenizer.from_pretrained(policy,
+                                                                         padding_side="left"))
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {"model": str(out / "model"), "reward_curve": [h["reward"] for h in logs],
+            "kl_curve": [h.get("kl", 0.0) for h in logs]}
+
+
+SIDES = {"ours-grpo": side_ours_grpo, "trl-grpo": side_trl_grpo, "ours-ppo": side_ours_ppo}
+
+
+def _every(values: list[float], n: int) -> str:
+    """Means of consecutive blocks of ``n`` values, as a compact curve."""
+    blocks = [values[i:i + n] for i in range(0, len(values), n)]
+    return " ".join(f"{sum(b) / len(b):+.2f}" for b in blocks if b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimisation steps per run")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds per side")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides")
+    parser.add_argument("--workdir", type=Path, default=None, help="where models and runs go")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = args.workdir or Path(tempfile.gettempdir()) / "rewardloop-bench-grpo"
+    prepare(work)
+    rm = build_reward_model(work)
+    rm_summary = json.loads((rm / "summary.json").read_text())
+    before, before_se = _gold(str(work / "sft" / "model"), work)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"\n## RL against a learned reward model: {args.steps} steps x "
+          f"{GENERATIONS * PROMPTS_PER_STEP} completions, {MAX_NEW_TOKENS} new tokens, "
+          f"lr {LR} (PPO {PPO_LR}), beta {BETA}, CPU")
+    print(f"reward model: held-out accuracy {rm_summary.get('eval_accuracy', float('nan')):.3f}"
+          f" on the gold judge's preferences between SFT samples")
+    print(f"gold before (SFT policy, {EVAL_PROMPTS * EVAL_SAMPLES} samples): {before:+.3f} "
+          f"(s.e. {before_se:.3f})\n")
+    print("| side | seed | gold after (s.e.) | gain | wall s | reward, means of 10 steps | "
+          "KL per token, means of 10 steps |")
+    print("|---|---|---|---|---|---|---|")
+    gains: dict[str, list[float]] = {}
+    for name in args.sides.split(","):
+        for seed in seeds:
+            t0 = time.perf_counter()
+            result = SIDES[name](work, rm, args.steps, seed)
+            wall = time.perf_counter() - t0
+            after, se = _gold(result["model"], work)
+            gains.setdefault(name, []).append(after - before)
+            print(f"| {name} | {seed} | {after:+.3f} ({se:.3f}) | {after - before:+.3f} | "
+                  f"{wall:.0f} | {_every(result['reward_curve'], 10)} | "
+                  f"{_every(result['kl_curve'], 10)} |", flush=True)
+    print("\n| side | mean gold gain over seeds | min | max |")
+    print("|---|---|---|---|")
+    for name, values in gains.items():
+        print(f"| {name} | {sum(values) / len(values):+.3f} | {min(values):+.3f} | "
+              f"{max(values):+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
