@@ -59,3 +59,30 @@ def test_run_returns_after_commit_and_raises_the_ops_error(tmp_path) -> None:
     with store.read() as s:
         assert list(s.scalars(select(S.Annotator.name))) == ["x"]
     store.dispose()
+
+
+def test_refused_api_requests_do_not_make_the_group_run_again(server, monkeypatch) -> None:
+    """A bad token or a refused judgment is answered without rolling back and re-running the
+    group commit it shared with other requests (the writer's slow path)."""
+    from rewardloop.app.writer import GroupWriter as W
+
+    isolated: list[int] = []
+    original = W._attempt
+
+    def spy(self, ops, isolate):
+        if isolate:
+            isolated.append(len(ops))
+        return original(self, ops, isolate)
+
+    monkeypatch.setattr(W, "_attempt", spy)
+    bad = server.client()
+    assert bad.get("/api/tasks/next", headers={"Authorization": "Bearer nope"}).status_code == 401
+    ann = server.client("ann")
+    lease = ann.get("/api/tasks/next").json()
+    ids = [r["id"] for r in lease["responses"]]
+    body = {"task_id": lease["task_id"], "ranking": [[ids[0]], [ids[1]]], "idempotency_key": "k"}
+    assert ann.post("/api/judgments", json=body).status_code == 201
+    again = {**body, "idempotency_key": "k2"}
+    assert ann.post("/api/judgments", json=again).status_code == 409  # already judged
+    assert ann.get("/api/tasks/next", params={"batch": "missing"}).status_code == 404
+    assert isolated == []

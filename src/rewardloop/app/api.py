@@ -100,14 +100,14 @@ async def next_task(creds: HotCreds, request: Request,
                     ) -> Response | TaskOut:
     """Lease the next task to the caller (or the one they hold), responses in shown order."""
 
-    def lease(session: Session) -> TaskOut | None:
+    def lease(session: Session) -> TaskOut | None:  # refuses only before writing
         who = creds.resolve(session)
         got = Q.next_task(session, who.id, batch=_batch_id(session, batch))
         if got is None:
             return None
         return TaskOut(**Q.task_view(session, got), lease_expires_at=got.expires_at)
 
-    out = await request.app.state.db.run_async(lease)
+    out = await request.app.state.db.run_refusable(lease)
     return Response(status_code=204) if out is None else out
 
 
@@ -118,7 +118,7 @@ async def submit_judgment(body: JudgmentIn, creds: HotCreds, request: Request,
                           response: Response) -> JudgmentOut:
     """Record a ranking of a task leased to the caller; committed before the answer is sent."""
 
-    def record(session: Session) -> JudgmentOut:
+    def record(session: Session) -> JudgmentOut:  # refuses only before writing
         who = creds.resolve(session)
         judgment, created = Q.submit_judgment(
             session, who.id, body.task_id, [list(g) for g in body.ranking],
@@ -128,7 +128,7 @@ async def submit_judgment(body: JudgmentIn, creds: HotCreds, request: Request,
                            strength=judgment.strength, created=created)
 
     try:
-        out = await request.app.state.db.run_async(record)
+        out = await request.app.state.db.run_refusable(record)
     except IntegrityError:
         raise HTTPException(409, "conflicting concurrent judgment") from None
     response.status_code = 201 if out.created else 200

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from rewardloop.app.accounts import Principal, principal_for_session, principal_for_token
 from rewardloop.app.writer import GroupWriter
 from rewardloop.data.store import Store
+from rewardloop.feedback.tasks import TaskError
 
 R = TypeVar("R")
 
@@ -34,6 +35,11 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 bearer_scheme = HTTPBearer(auto_error=False, description="A token from `rewardloop users token`.")
 cookie_scheme = APIKeyCookie(name=SESSION_COOKIE, auto_error=False,
                              description="Session cookie set by POST /api/login.")
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    error: Exception
 
 
 class Db:
@@ -51,6 +57,23 @@ class Db:
     async def run_async(self, fn: Callable[[Session], R]) -> R:
         """``run`` for async routes: the event loop keeps serving while ``fn`` is committed."""
         return await asyncio.wrap_future(self.writer.submit(fn))
+
+    async def run_refusable(self, fn: Callable[[Session], R]) -> R:
+        """``run_async`` for an operation that refuses (HTTPException, TaskError) only before it
+        writes anything: the refusal is handed back as a value and raised here, so it does not
+        make the writer roll back and re-run the group it shared (a flood of bad tokens would
+        otherwise double the work of everyone's requests)."""
+
+        def op(session: Session) -> R | _Refusal:
+            try:
+                return fn(session)
+            except (HTTPException, TaskError) as exc:
+                return _Refusal(exc)
+
+        out = await self.run_async(op)
+        if isinstance(out, _Refusal):
+            raise out.error
+        return out
 
     def read(self) -> Any:
         return self.store.read()
