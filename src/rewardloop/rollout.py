@@ -167,6 +167,8 @@ class HFGenerator:
         # ``past_key_values``.
         params = inspect.signature(model.forward).parameters
         self._cache_name = "cache" if "cache" in params else "past_key_values"
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self._additive_mask = attention in ("sdpa", "eager")
 
     def _decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 settings: SamplingSettings) -> torch.Tensor:
@@ -174,6 +176,11 @@ class HFGenerator:
         rows, width = prompt_ids.shape
         limit = settings.max_new_tokens
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, limit)], dim=1)
+        if self._additive_mask:
+            # Decoding steps get the ready 4D mask (0 = attend, -inf-ish = padding), which
+            # transformers uses as is instead of rebuilding one from the 2D mask every step.
+            dtype = next(self.model.parameters()).dtype
+            mask = ((1 - mask[:, None, None, :]).to(dtype) * torch.finfo(dtype).min)
         positions = position_ids(prompt_mask)
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -190,7 +197,7 @@ class HFGenerator:
             if t + 1 == limit or bool(done.all()):
                 return tokens[:, : t + 1]
             cache = getattr(out, self._cache_name)
-            out = self.model(input_ids=token[:, None], attention_mask=mask[:, : width + t + 1],
+            out = self.model(input_ids=token[:, None], attention_mask=mask[..., : width + t + 1],
                              position_ids=next_position, use_cache=True,
                              **{self._cache_name: cache})
             next_position = next_position + 1

@@ -194,10 +194,12 @@ def test_pad_is_never_sampled_even_when_likely(tiny) -> None:
     assert tokenizer.pad_token_id not in real.tolist()
 
 
-def test_decoding_loop_chooses_what_hf_generate_chooses(tiny) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_decoding_loop_chooses_what_hf_generate_chooses(tiny, attention) -> None:
     """With a deterministic choice (top_k=1) the loop and ``model.generate`` (pad suppressed)
-    produce the same tokens: same prefill, positions, cache steps and stopping."""
+    produce the same tokens: same prefill, positions, padding mask, cache steps, stopping."""
     model, tokenizer = tiny
+    model.set_attn_implementation(attention)
     ids = encode_prompts(tokenizer, PROMPTS, 64)
     settings = SamplingSettings(max_new_tokens=9, top_k=1)
     ours = HFGenerator(model, tokenizer).generate(ids, 2, settings)
@@ -211,6 +213,7 @@ def test_decoding_loop_chooses_what_hf_generate_chooses(tiny) -> None:
             max_new_tokens=settings.max_new_tokens, num_return_sequences=2,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             suppress_tokens=[tokenizer.pad_token_id])
+    model.set_attn_implementation("sdpa")
     assert torch.equal(ours.completion_ids, out[:, prompt_ids.shape[1]:])
 
 
