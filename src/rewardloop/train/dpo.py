@@ -55,6 +55,7 @@ from rewardloop.models import (
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, microbatches, scheduler
 from rewardloop.train.run import (
     RunDir,
+    adamw,
     check_finite,
     progress_bar,
     save_checkpoint,
@@ -597,7 +598,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     train = splits["train"]
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     # Similar-length pairs share a batch: padding (wasted compute) drops to a few percent.
     sampler = LengthGroupedSampler([e.n_tokens for e in train], cfg.batch_size, seed=cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch

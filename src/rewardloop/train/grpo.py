@@ -331,8 +331,10 @@ def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
 
 def make_optimizer(model: Any, cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters, with linear warm-up then a constant rate."""
+    from rewardloop.train.run import adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: min(1.0, (update + 1) / warmup) if warmup else 1.0)

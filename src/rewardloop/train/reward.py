@@ -53,6 +53,7 @@ from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
 from rewardloop.train.run import (
     RunDir,
+    adamw,
     check_finite,
     progress_bar,
     save_checkpoint,
@@ -601,7 +602,7 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"reward": model}, optimizers={"reward": optimizer},
                        schedulers={"reward": sched})

@@ -231,6 +231,14 @@ class RunDir:
         return load_checkpoint(self, latest, models=models, optimizers=optimizers,
                                schedulers=schedulers)
 
+def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``params``, as one fused kernel where torch has one for them (CPU and CUDA
+    floating-point tensors): the same update rule, ~5x cheaper per step for small models
+    (0.5 vs 2.6 ms for the RL benchmark's policy)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def check_finite(value: torch.Tensor | float, step: int, *, name: str = "loss",
                  run: RunDir | None = None) -> None:
     """Stop with a TrainingError when ``value`` holds NaN or infinity (the HF Trainer goes on)."""

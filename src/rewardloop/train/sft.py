@@ -42,6 +42,7 @@ from rewardloop.models import (
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
 from rewardloop.train.run import (
     RunDir,
+    adamw,
     check_finite,
     progress_bar,
     save_checkpoint,
@@ -347,7 +348,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"policy": model}, optimizers={"policy": optimizer},
                        schedulers={"policy": sched})
