@@ -79,14 +79,32 @@ def start_server(url: str, port: int, log: Path, workers: int = 1) -> subprocess
 
     for _ in range(300):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            # Every worker listening first: SO_REUSEPORT spreads connections only over the
+            # sockets that exist when they arrive, and the keep-alive connections never move.
+            if listening_sockets(port) >= workers and httpx.get(
+                    f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
         if proc.poll() is not None:
             break
     proc.kill()
     raise RuntimeError(f"server did not start; see {log}")
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN state on ``port`` (Linux /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
 
 
 class Conn:
