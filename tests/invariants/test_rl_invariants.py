@@ -89,17 +89,25 @@ def test_resume_equals_uninterrupted(root: Path, kind: str) -> None:
     assert samples == [1, 1, 1, 1, 2, 2, 2, 2]
 
 
-def test_gradient_accumulation_does_not_change_the_update(root: Path) -> None:
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_gradient_accumulation_does_not_change_the_update(root: Path, advantage: str) -> None:
+    """For rloo (KL in the reward) one micro-batch takes the advantages from the update's own
+    forward pass and four take them from a separate pass first: the same update either way."""
     from rewardloop.train.grpo import train
 
-    train(_config("grpo", root, "acc-1", max_steps=1, micro_batch_size=4))
-    train(_config("grpo", root, "acc-4", max_steps=1, micro_batch_size=1))
+    # Two steps: at the second the policy has left the reference, so the KL is not 0.
+    train(_config("grpo", root, "acc-1", max_steps=2, micro_batch_size=4, advantage=advantage,
+                  kl_coef=0.5))
+    train(_config("grpo", root, "acc-4", max_steps=2, micro_batch_size=1, advantage=advantage,
+                  kl_coef=0.5))
     # Adam's first step is nearly sign(g), so also compare the gradient norm and the loss.
-    m1, m4 = (json.loads((root / name / "metrics.jsonl").read_text().splitlines()[0])
+    m1, m4 = (json.loads((root / name / "metrics.jsonl").read_text().splitlines()[-1])
               for name in ("acc-1", "acc-4"))
     assert m1["reward/mean"] == m4["reward/mean"]  # same samples
+    assert m1["kl_k1"] != 0 and m4["kl_k1"] == pytest.approx(m1["kl_k1"], rel=1e-4, abs=1e-7)
     assert m4["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
     assert m4["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
+    assert m4["advantage_abs_mean"] == pytest.approx(m1["advantage_abs_mean"], rel=1e-5)
     a, b = _weights(root / "acc-1" / "model"), _weights(root / "acc-4" / "model")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key

@@ -28,15 +28,22 @@ def test_migrated_to_head_with_all_tables(store: Store) -> None:
         assert table in store.tables()
 
 
-def test_one_judgment_per_task_and_annotator(store: Store) -> None:
+def _one_judgment(store: Store, key: str, best: int = 0) -> tuple[int, int, list[int]]:
+    """A task, an annotator and their judgment (response ``best`` first): task and annotator
+    ids and the task's response ids."""
     with store.write() as s:
         t = _task_with_two_responses(s)
         a = S.Annotator(name="ann")
         s.add(a)
         s.flush()
         ids = [i.response_id for i in t.items]
-        s.add(S.Judgment(task=t, annotator=a, ranking=[[ids[0]], [ids[1]]], idempotency_key="k1"))
-        task_id, ann_id = t.id, a.id
+        s.add(S.Judgment(task=t, annotator=a, ranking=[[ids[best]], [ids[1 - best]]],
+                         idempotency_key=key, source="human"))
+        return t.id, a.id, ids
+
+
+def test_one_judgment_per_task_and_annotator(store: Store) -> None:
+    task_id, ann_id, _ = _one_judgment(store, "k1")
     with pytest.raises(IntegrityError):
         with store.write() as s:
             s.add(S.Judgment(task_id=task_id, annotator_id=ann_id, ranking=[[1], [2]],
@@ -54,15 +61,7 @@ def test_idempotency_key_unique(store: Store) -> None:
 
 
 def test_database_audits_judgments_and_keeps_the_log_append_only(store: Store) -> None:
-    with store.write() as s:
-        t = _task_with_two_responses(s)
-        a = S.Annotator(name="ann")
-        s.add(a)
-        s.flush()
-        ids = [i.response_id for i in t.items]
-        s.add(S.Judgment(task=t, annotator=a, ranking=[[ids[1]], [ids[0]]], idempotency_key="k",
-                         source="human"))
-        ann_id, task_id = a.id, t.id
+    task_id, ann_id, ids = _one_judgment(store, "k", best=1)
     with store.read() as s:
         (event,) = s.scalars(select(S.AuditEvent)).all()
         judgment = s.scalars(select(S.Judgment)).one()

@@ -416,9 +416,13 @@ class Experience:
     rewards: Any  # rewards.RewardOutput
     old_logps: torch.Tensor | None  # (B, C) sampling-time policy log-probs, when needed
     ref_logps: torch.Tensor | None  # (B, C) reference log-probs (None without KL)
-    advantages: torch.Tensor  # (B,) or (B, C)
+    advantages: torch.Tensor | None  # (B,) or (B, C); None until the update computes them
     kl_coef: float
     metrics: dict[str, float]
+    # With the KL in the reward and one update on one micro-batch, the advantages need the
+    # sampling policy's log-probs, which the update's own forward pass gives (detached): this
+    # makes them from those, saving a separate forward pass of the policy every step.
+    advantages_from: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any,
@@ -436,25 +440,32 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
     t2 = time.perf_counter()
     kl_in_reward = use_kl and cfg.kl_in == "reward"
     # With one update on the whole batch the sampling policy IS the one being updated, so its
-    # log-probs are the detached new ones and need no extra pass -- unless the reward needs the
-    # KL before the update.
+    # log-probs are the detached new ones and need no extra pass. If the reward needs the KL
+    # before the update, the update computes the advantages from its own forward pass when it
+    # is a single micro-batch (``advantages_from``); otherwise an extra pass gives them now.
+    deferred = kl_in_reward and not reuse_samples and mb >= len(rollout)
     old_logps = (batched_logps(setup.policy, rollout, cfg.temperature, mb)
-                 if reuse_samples or kl_in_reward else None)
+                 if reuse_samples or (kl_in_reward and not deferred) else None)
     ref_logps = reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None
-    kl_tokens = (KL_ESTIMATORS[cfg.kl_estimator](old_logps, ref_logps)
-                 if kl_in_reward else None)  # (B, C)
     kl_coef = setup.kl_ctl.value
-    advantages = ADVANTAGES[cfg.advantage](AdvantageInput(
-        reward_out.total, kl_tokens, rollout.completion_mask, kl_coef, kl_in_reward, n,
-        cfg.scale_rewards, cfg.gamma))
+
+    def advantages_from(sampled_logps: torch.Tensor | None) -> torch.Tensor:
+        kl_tokens = (KL_ESTIMATORS[cfg.kl_estimator](sampled_logps, ref_logps)
+                     if kl_in_reward else None)  # (B, C)
+        return ADVANTAGES[cfg.advantage](AdvantageInput(
+            reward_out.total, kl_tokens, rollout.completion_mask, kl_coef, kl_in_reward, n,
+            cfg.scale_rewards, cfg.gamma))
+
+    advantages = None if deferred else advantages_from(old_logps)
     if n > 1:
         group_std = reward_out.total.view(-1, n).std(dim=1)
         metrics["frac_reward_zero_std"] = float((group_std < 1e-6).float().mean())
-    metrics.update({"time_generate_s": t1 - t0, "time_score_s": t2 - t1,
-                    "advantage_abs_mean": float(advantages.abs().mean())})
+    metrics.update({"time_generate_s": t1 - t0, "time_score_s": t2 - t1})
+    if advantages is not None:
+        metrics["advantage_abs_mean"] = float(advantages.abs().mean())
     metrics["time_ref_s"] = time.perf_counter() - t2
     return Experience(rows, rollout, reward_out, old_logps, ref_logps, advantages, kl_coef,
-                      metrics)
+                      metrics, advantages_from if deferred else None)
 
 
 def micro_step(cfg: Any, policy: Any, exp: Experience, idx: torch.Tensor,
@@ -468,6 +479,11 @@ def micro_step(cfg: Any, policy: Any, exp: Experience, idx: torch.Tensor,
     fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
                              entropy_grad=cfg.entropy_coef > 0)
     old = exp.old_logps[idx] if exp.old_logps is not None else fwd.logps.detach()
+    if exp.advantages is None:  # deferred: this micro-batch is the whole batch, in order
+        if exp.advantages_from is None or len(idx) != len(exp.rollout):
+            raise RuntimeError("deferred advantages need the whole batch in one micro-batch")
+        exp.advantages = exp.advantages_from(old)
+        exp.metrics["advantage_abs_mean"] = float(exp.advantages.abs().mean())
     loss, metrics = pg_losses.ppo_clip_loss(
         fwd.logps, old, exp.advantages[idx], mask, cfg.clip_eps,
         clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
