@@ -75,3 +75,23 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path, make_server, fre
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+def test_a_worker_that_cannot_start_stops_the_server_with_an_error(tmp_path, free_port) -> None:
+    import socket
+
+    taken = socket.socket()  # a plain listener on the port: no worker can bind it
+    taken.bind(("127.0.0.1", free_port))
+    taken.listen()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from rewardloop.cli import main; main()", "serve", "--db",
+             f"sqlite:///{tmp_path / 'x.db'}", "--port", str(free_port), "--workers", "2"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "REWARDLOOP_SECRET": "w" * 40})
+    finally:
+        taken.close()
+    assert done.returncode == 1
+    assert "cannot listen on 127.0.0.1" in done.stderr and "Address already in use" in done.stderr
+    assert "stopped unexpectedly" in done.stderr and "Traceback" not in done.stderr

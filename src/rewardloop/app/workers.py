@@ -58,22 +58,24 @@ def serve_workers(url: str, host: str, port: int, workers: int, options: dict[st
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_worker, args=(url, host, port, options),
                              name=f"rewardloop-worker-{i}") for i in range(workers)]
-    stopping = False
+    asked_to_stop = False
 
-    def stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
+    def terminate_workers() -> None:
         for p in procs:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def on_signal(_signum: int, _frame: Any) -> None:
+        nonlocal asked_to_stop
+        asked_to_stop = True
+        terminate_workers()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for p in procs:
             p.start()
         wait([p.sentinel for p in procs])  # until the first worker ends
-        if not stopping:
-            stop(signal.SIGTERM, None)
+        terminate_workers()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
@@ -82,7 +84,7 @@ def serve_workers(url: str, host: str, port: int, workers: int, options: dict[st
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stopping:
+    if asked_to_stop:
         return 0
     codes = [p.exitcode for p in procs]
     print(f"error: a worker stopped unexpectedly (exit codes {codes}); stopped the others",
