@@ -76,3 +76,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """``file_server(n_tasks, overlap) -> (url, Server)``: users and tasks in a SQLite file that
+    a `rewardloop serve` process can open (the store is closed again)."""
+    from rewardloop.data.store import Store
+
+    def make(n_tasks: int, overlap: int) -> tuple[str, Server]:
+        url = f"sqlite:///{tmp_path / 'serve.db'}"
+        store = Store(url)
+        server = populate(store, n_tasks=n_tasks, overlap=overlap)
+        store.dispose()
+        return url, server
+
+    return make

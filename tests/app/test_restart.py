@@ -33,11 +33,8 @@ def _serve(url: str, port: int, log) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_9_keeps_acknowledged_judgments(tmp_path, make_server, free_port) -> None:
-    url = f"sqlite:///{tmp_path / 'serve.db'}"
-    store = Store(url)
-    server = make_server(store, n_tasks=10, overlap=2)
-    store.dispose()
+def test_kill_9_keeps_acknowledged_judgments(tmp_path, file_server, free_port) -> None:
+    url, server = file_server(n_tasks=10, overlap=2)
     port = free_port
     acked: list[int] = []
     with open(tmp_path / "server.log", "wb") as log:

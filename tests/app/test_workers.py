@@ -13,8 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rewardloop.data.store import Store
-
 
 def _children(pid: int) -> list[int]:
     found = []
@@ -25,11 +23,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
-def test_two_workers_share_the_port_and_stop_together(tmp_path, make_server, free_port) -> None:
-    url = f"sqlite:///{tmp_path / 'serve.db'}"
-    store = Store(url)
-    server = make_server(store, n_tasks=6, overlap=2)
-    store.dispose()
+def test_two_workers_share_the_port_and_stop_together(tmp_path, file_server, free_port) -> None:
+    url, server = file_server(n_tasks=6, overlap=2)
     port = free_port
     cmd = [sys.executable, "-c", "from rewardloop.cli import main; main()", "serve", "--db", url,
            "--port", str(port), "--workers", "2"]
