@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardloop.errors import UserError
+from rewardloop.tracking import check_report_to
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class LoopConfig:
     must also exceed two standard errors of the step noise)."""
     seed: int = 0
     """Seed of prompt selection, sampling, simulation and training."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers every trainer of the loop also reports to: tensorboard, wandb,
+    mlflow, trackio (one tracker run per trainer run)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.prompts_per_round < 1 or self.overlap < 1:
@@ -124,6 +128,7 @@ class LoopConfig:
         for name in ("rm_options", "policy_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must be a mapping of config keys")
+        check_report_to(self.report_to)  # before a round runs, not at its first trainer
 
     @property
     def db_url(self) -> str:

@@ -58,12 +58,13 @@ class RoundContext:
         return Store(self.cfg.db_url)
 
 
-def _trainer_flags(stage_dir: Path) -> dict[str, bool]:
-    """Resume a trainer that left checkpoints; otherwise start it afresh in ``stage_dir``."""
+def _trainer_flags(stage_dir: Path, report_to: tuple[str, ...]) -> dict[str, Any]:
+    """Resume a trainer that left checkpoints, otherwise start it afresh in ``stage_dir``;
+    either way reporting to the loop's trackers."""
     ckpts = stage_dir / "checkpoints"
     if ckpts.is_dir() and any(ckpts.iterdir()):
-        return {"resume": True}
-    return {"overwrite": True}
+        return {"resume": True, "report_to": report_to}
+    return {"overwrite": True, "report_to": report_to}
 
 
 def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
@@ -227,7 +228,8 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     cfg = _build(RewardConfig, ctx.cfg.rm_options, model=ctx.previous_rm or ctx.policy,
                  data=data / "pairs.jsonl", eval_data=data / "eval_pairs.jsonl", out=out,
                  exclude_flagged=ctx.cfg.exclude_flagged, db=ctx.cfg.db_url,
-                 max_length=512, seed=ctx.cfg.seed + ctx.n, **_trainer_flags(out))
+                 max_length=512, seed=ctx.cfg.seed + ctx.n,
+                 **_trainer_flags(out, ctx.cfg.report_to))
     summary = train_rm(cfg)
     return {"train_pairs": n_train, "eval_pairs": n_eval, "flagged": flagged,
             "krippendorff_alpha": report.get("krippendorff_alpha"),
@@ -274,7 +276,7 @@ def _dpo_pairs(ctx: RoundContext) -> Path:
 def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Optimise the policy against the round's reward model (or by online DPO on its labels)."""
     cfg = ctx.cfg
-    flags = _trainer_flags(out)
+    flags = _trainer_flags(out, cfg.report_to)
     if cfg.algorithm == "dpo":
         from rewardloop.train.dpo import DPOConfig, train_dpo
 

@@ -25,6 +25,14 @@ OUT = typer.Option(
     ..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json)."
 )
 SEED = typer.Option(None, "--seed", help="Random seed for data order, init and sampling.")
+REPORT_TO = typer.Option(
+    None, "--report-to", help="Also send the metrics to an experiment tracker, repeatable: none, "
+    "tensorboard, wandb (offline without an API key), mlflow or trackio. See docs/tracking.md.")
+
+
+def trackers(values: list[str] | None) -> tuple[str, ...] | None:
+    """The repeated --report-to values as a config override (None: keep YAML/default)."""
+    return tuple(values) if values else None
 
 
 def resolve_db(db: str | None) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from rewardloop.cli._common import REPORT_TO, trackers
 from rewardloop.errors import UserError
 
 ORDER = 70
@@ -45,6 +46,7 @@ def loop(
         None, "--config", help="Loop YAML (keys of docs/loop.md; see examples/loop.yaml)."),
     workdir: Path | None = typer.Option(
         None, "--workdir", help="Directory of the run (overrides the config's workdir)."),
+    report_to: list[str] | None = REPORT_TO,
 ) -> None:
     """Run or resume the loop described by --config."""
     if ctx.invoked_subcommand is not None:
@@ -54,7 +56,7 @@ def loop(
     from rewardloop.config import load_config
     from rewardloop.loop import LoopConfig, run_loop
 
-    cfg = load_config(LoopConfig, config, workdir=workdir)
+    cfg = load_config(LoopConfig, config, workdir=workdir, report_to=trackers(report_to))
     summary = run_loop(cfg)
     for key in ("gold_win_rate", "rm_win_rate", "human_win_rate", "rm_accuracy", "kl"):
         if summary.get(key) is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from rewardloop.cli._common import CONFIG, OUT, SEED
+from rewardloop.cli._common import CONFIG, OUT, REPORT_TO, SEED, trackers
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -111,6 +111,7 @@ def sft(
     overwrite: bool = OVERWRITE,
     add_pad_token: bool = ADD_PAD,
     trust_remote_code: bool = REMOTE_CODE,
+    report_to: list[str] | None = REPORT_TO,
     config: Path | None = CONFIG,
 ) -> None:
     """Supervised fine-tuning: cross-entropy on the completion tokens (or all tokens)."""
@@ -128,7 +129,7 @@ def sft(
         lora_alpha=lora_alpha, merge_lora=flag(merge_lora), dtype=dtype, device=device,
         save_every=save_every, log_every=log_every, resume=flag(resume),
         overwrite=flag(overwrite), add_pad_token=flag(add_pad_token),
-        trust_remote_code=flag(trust_remote_code),
+        trust_remote_code=flag(trust_remote_code), report_to=trackers(report_to),
     )
     for path in (cfg.data, cfg.eval_data):
         if path is not None:

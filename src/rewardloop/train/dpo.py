@@ -155,6 +155,8 @@ class DPOConfig:
     """Add a new pad token when the tokenizer has none (or pads with EOS)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
         if self.loss not in LOSSES:
@@ -590,7 +592,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     splits = {"train": load_examples(cfg.data, cfg, objective, tokenizer)}
     if cfg.eval_data is not None:
         splits["eval"] = load_examples(cfg.eval_data, cfg, objective, tokenizer)
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                 report_to=cfg.report_to)
     seed_everything(cfg.seed)
     policy = load_model(cfg, tokenizer)
     device = next(policy.parameters()).device

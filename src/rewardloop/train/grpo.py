@@ -196,6 +196,8 @@ class GRPOConfig:
     """Continue the run in --out from its latest checkpoint."""
     overwrite: bool = False
     """Delete an existing run in --out first."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
@@ -299,7 +301,8 @@ def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
     if len(records) < cfg.prompts_per_step:
         raise UserError(f"{cfg.prompts} has {len(records)} prompts but each step needs "
                         f"{cfg.prompts_per_step} (batch_size / num_generations)")
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                 report_to=cfg.report_to)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code,
                                add_pad_token=cfg.add_pad_token, padding_side="left")

@@ -147,6 +147,8 @@ class PPOConfig:
     """Continue the run in --out from its latest checkpoint."""
     overwrite: bool = False
     """Delete an existing run in --out first."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mini_batch_size", self.mini_batch_size or self.batch_size)

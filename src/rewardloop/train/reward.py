@@ -151,6 +151,8 @@ class RewardConfig:
     """Add a new pad token when the tokenizer has none (or pads with EOS)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
         if self.data_format is not None and self.data_format not in (
@@ -590,7 +592,8 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
     weights, flagged, groups = annotator_info(cfg)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                 report_to=cfg.report_to)
     seed_everything(cfg.seed)
     model = load_model(cfg, tokenizer)
     device = resolve_device(cfg.device)

@@ -39,7 +39,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from torch import nn
 
 from rewardloop.config import config_to_dict
 from rewardloop.errors import TrainingError, UserError
+from rewardloop.tracking import check_report_to, open_trackers, scalars
 from rewardloop.train.checkpoint import (
     COMPLETE,
     Checkpoint,
@@ -135,13 +136,16 @@ class RunDir:
     """The ``--out`` directory of one training run (layout in DESIGN.md, "Run directory").
 
     Refuses to reuse a directory that holds a run unless ``resume`` (continue from its latest
-    complete checkpoint) or ``overwrite`` (delete it first) is given.
+    complete checkpoint) or ``overwrite`` (delete it first) is given. Metrics also go to the
+    experiment trackers named in ``report_to`` (``rewardloop.tracking``), which end with the
+    summary.
     """
 
     def __init__(self, out: Path | str, config: Any, *, resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, report_to: Sequence[str] = ()) -> None:
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+        check_report_to(report_to)  # a missing package must not leave a half-made run behind
         self.out = Path(out)
         self.resume = resume
         self._prepare(overwrite)
@@ -153,6 +157,7 @@ class RunDir:
         resolved = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         self.meter = ThroughputMeter()
+        self.trackers = open_trackers(report_to, self.out, resolved)
 
     def _prepare(self, overwrite: bool) -> None:
         out = self.out
@@ -187,11 +192,16 @@ class RunDir:
         return self.out / "metrics.jsonl"
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append ``{"step": step, **metrics}`` as one JSON line, flushed at once."""
+        """Append ``{"step": step, **metrics}`` as one JSON line, flushed at once, and send
+        its numbers to the trackers under the same names."""
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+        numbers = scalars(record)
+        numbers.pop("step")
+        for tracker in self.trackers:
+            tracker.log(int(step), numbers)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines logged after ``after_step`` (and a torn last line) before resuming."""
@@ -212,6 +222,9 @@ class RunDir:
         summary: dict[str, Any] = {**self.meter.summary(), **peak_memory_mb()}
         summary.update({k: _plain(v) for k, v in (figures or {}).items()})
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         return summary
 
     def restore(self, *, models: Mapping[str, nn.Module],

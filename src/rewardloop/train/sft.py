@@ -121,6 +121,8 @@ class SFTConfig:
     """Add a new pad token when the tokenizer has none (or pads with EOS)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -336,7 +338,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
     pad_id = tokenizer.pad_token_id
     examples = read_sft(cfg.data, tokenizer, cfg)
     eval_examples = read_sft(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else []
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                 report_to=cfg.report_to)
     seed_everything(cfg.seed)
     model = load_model(cfg, tokenizer)
     device = resolve_device(cfg.device)
