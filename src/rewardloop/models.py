@@ -384,11 +384,14 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
                merge_lora: bool = False) -> nn.Module:
-    """Write a transformers-loadable directory: full weights, or for LoRA the adapter.
+    """Write a transformers-loadable directory: full weights, or for LoRA the adapter, and a
+    model card (README.md) naming the base model and the command line.
 
     ``merge_lora=True`` folds the adapters into the base weights IN PLACE and saves a plain
     model; the merged model is returned (use it instead of ``model`` afterwards).
     """
+    from rewardloop.model_card import CardInfo, command_line, write_model_card
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if merge_lora and is_peft(model):
@@ -396,4 +399,6 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    write_model_card(out, CardInfo(base_model=base, command=command_line()))
     return model

@@ -50,6 +50,7 @@ from torch import nn
 
 from rewardloop.config import config_to_dict
 from rewardloop.errors import TrainingError, UserError
+from rewardloop.model_card import info_from_run, write_model_card
 from rewardloop.tracking import check_report_to, open_trackers, scalars
 from rewardloop.train.checkpoint import (
     COMPLETE,
@@ -156,6 +157,8 @@ class RunDir:
             (self.out / "summary.json").unlink(missing_ok=True)
         resolved = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        self.config = resolved
+        self.config_type = "" if isinstance(config, Mapping) else type(config).__name__
         self.meter = ThroughputMeter()
         self.trackers = open_trackers(report_to, self.out, resolved)
 
@@ -217,11 +220,20 @@ class RunDir:
                 kept.append(line + "\n")
         atomic_write_text(self.metrics_path, "".join(kept))
 
+    def saved_models(self) -> list[Path]:
+        """The model directories saved in the run (model/, and e.g. PPO's value_model/)."""
+        return sorted(d for d in self.out.iterdir() if d.is_dir() and d != self.checkpoints_dir
+                      and ((d / "config.json").is_file() or (d / "adapter_config.json").is_file()))
+
     def write_summary(self, figures: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``summary.json`` atomically: throughput, peak memory and ``figures``."""
+        """Write ``summary.json`` atomically (throughput, peak memory and ``figures``), complete
+        the model cards of the saved models with them, and end the trackers' runs."""
         summary: dict[str, Any] = {**self.meter.summary(), **peak_memory_mb()}
         summary.update({k: _plain(v) for k, v in (figures or {}).items()})
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        card = info_from_run(self.config, self.config_type, summary)
+        for model_dir in self.saved_models():
+            write_model_card(model_dir, card)
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
