@@ -170,6 +170,7 @@ def load_tokenizer(
     trust_remote_code: bool = False,
     add_pad_token: bool = False,
     padding_side: str | None = None,
+    chat_template: str | Path | None = None,
 ):  # -> transformers.PreTrainedTokenizerBase
     """Load a tokenizer whose pad token is distinct from EOS.
 
@@ -177,6 +178,8 @@ def load_tokenizer(
     learns to stop (TRL #1623, #734). With ``add_pad_token=True`` a new ``<|pad|>`` token is
     added instead; then call ``match_tokenizer`` on the model to grow its embeddings.
     ``padding_side`` ("left" for generation, "right" for training) overrides the saved one.
+    ``chat_template`` is a Jinja chat-template file that replaces the tokenizer's own (or gives
+    one to a tokenizer that has none); it is saved with the trained model.
     """
     from transformers import AutoTokenizer
 
@@ -200,7 +203,29 @@ def load_tokenizer(
         if padding_side not in ("left", "right"):
             raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         tokenizer.padding_side = padding_side
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
     return tokenizer
+
+
+def read_chat_template(path: str | Path) -> str:
+    """The text of a Jinja chat-template file (``--chat-template``), checked to compile."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--chat-template {file}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as exc:
+        raise UserError(f"--chat-template {file}: not a valid Jinja template (line "
+                        f"{exc.lineno}: {exc.message})") from None
+    if "messages" not in text:
+        raise UserError(f"--chat-template {file}: a chat template loops over `messages`; this "
+                        "file never mentions them")
+    return text
 
 
 def match_tokenizer(model: nn.Module, tokenizer: Any) -> None:

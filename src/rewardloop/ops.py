@@ -9,7 +9,7 @@ float. Nothing here keeps state except the two KL controllers, whose state is ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -98,9 +98,12 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool 
 
 
 def completion_mask(
-    completion_ids: torch.Tensor, eos_id: int, pad_id: int | None = None
+    completion_ids: torch.Tensor, eos_id: int | Sequence[int], pad_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the tokens that belong to each completion, and whether it ended with EOS.
+
+    ``eos_id`` may be several ids (instruct models stop on each of their generation config's
+    EOS ids, e.g. Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``); the first of any ends a row.
 
     completion_ids (B, T) -> mask (B, T) long, has_eos (B,) bool. A row keeps every token up to
     and including its first EOS. A row without EOS (cut at max length) keeps all its tokens
@@ -108,11 +111,12 @@ def completion_mask(
     it (``mask * has_eos[:, None]``). ``pad_id == eos_id`` is refused: the real EOS would be
     indistinguishable from padding and the model would never learn to stop (TRL #1623).
     """
-    if pad_id is not None and pad_id == eos_id:
+    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    if pad_id is not None and pad_id in eos_ids:
         raise ValueError(
-            f"pad_id == eos_id ({eos_id}): the EOS token would be masked as padding and the "
+            f"pad_id == eos_id ({pad_id}): the EOS token would be masked as padding and the "
             "model would never learn to stop; give the tokenizer a distinct pad token")
-    is_eos = completion_ids == eos_id
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     has_eos = is_eos.any(dim=-1)
     width = completion_ids.shape[-1]
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=-1),

@@ -144,6 +144,17 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS and each EOS id of the model's
+    ``generation_config`` (Llama 3 and Qwen2.5 instruct models list several, e.g. end of turn
+    and end of text), except the pad id (never sampled, and it would read as padding)."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, list | tuple) else [extra]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None and i != tokenizer.pad_token_id]
+
+
 class HFGenerator:
     """Sampling from a Hugging Face causal LM (the policy being trained) with its KV cache.
 
@@ -152,8 +163,9 @@ class HFGenerator:
     :func:`sample_tokens`. It draws from the same distribution as ``generate`` (tested: the same
     tokens when the choice is deterministic, the same frequencies otherwise) and skips the
     machinery ``generate`` runs every step (input preparation, processors, stopping criteria).
-    The pad token is never sampled (it would read as padding inside an answer). Dropout is off
-    while sampling (``eval()``), and the model's previous train/eval mode is restored afterwards.
+    The pad token is never sampled (it would read as padding inside an answer). A row stops at
+    the first of the model's stop tokens (:func:`stop_token_ids`). Dropout is off while sampling
+    (``eval()``), and the model's previous train/eval mode is restored afterwards.
     """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
@@ -162,7 +174,7 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_id = int(tokenizer.eos_token_id)
+        self.eos_ids = stop_token_ids(model, tokenizer)
         # transformers 5.x names the KV cache argument and output ``cache``; 4.x
         # ``past_key_values``.
         params = inspect.signature(model.forward).parameters
@@ -186,6 +198,7 @@ class HFGenerator:
                          position_ids=positions, use_cache=True, logits_to_keep=1)
         next_position = positions[:, -1:] + 1
         tokens = prompt_ids.new_full((rows, limit), self.pad_id)
+        stop = torch.tensor(self.eos_ids, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         for t in range(limit):
             logits = out.logits[:, -1].float()
@@ -193,7 +206,7 @@ class HFGenerator:
             token = sample_tokens(warp_logits(logits, settings).softmax(dim=-1))
             token = token.masked_fill(done, self.pad_id)
             tokens[:, t] = token
-            done |= token == self.eos_id
+            done |= torch.isin(token, stop)
             if t + 1 == limit or bool(done.all()):
                 return tokens[:, : t + 1]
             cache = getattr(out, self._cache_name)
@@ -225,7 +238,7 @@ class HFGenerator:
             completion_ids = completion_ids.clone()
         finally:
             self.model.train(was_training)
-        completion_mask, has_eos = ops.completion_mask(completion_ids, self.eos_id, self.pad_id)
+        completion_mask, has_eos = ops.completion_mask(completion_ids, self.eos_ids, self.pad_id)
         texts = self.tokenizer.batch_decode(completion_ids * completion_mask
                                             + self.pad_id * (1 - completion_mask),
                                             skip_special_tokens=True)

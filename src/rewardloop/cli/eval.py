@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from rewardloop.cli._common import CONFIG, DB, SEED, resolve_db
+from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, DB, SEED, resolve_db
 from rewardloop.errors import UserError
 
 ORDER = 60
@@ -73,6 +73,7 @@ def evaluate(
     arena_batch: str | None = typer.Option(
         None, "--arena-batch", help="Batch name of the human judge's arena tasks. "
         "Default eval-arena."),
+    chat_template: Path | None = CHAT_TEMPLATE,
     config: Path | None = CONFIG,
 ) -> None:
     """Generate from --policy and --baseline, judge, and write eval.json + samples.jsonl."""
@@ -90,7 +91,8 @@ def evaluate(
         raise UserError(f"eval needs {', '.join(missing)} (or a --config file giving them)")
     cfg = load_config(EvalConfig, config, policy=policy, baseline=baseline, prompts=prompts,
                       judges=judges, out=out, n=n, max_new_tokens=max_new_tokens,
-                      temperature=temperature, seed=seed, db=db, arena_batch=arena_batch)
+                      temperature=temperature, seed=seed, db=db, arena_batch=arena_batch,
+                      chat_template=chat_template)
     result = run_eval(cfg)
     _print_comparisons(result, cfg.out)
 

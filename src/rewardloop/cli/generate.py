@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from rewardloop.cli._common import DB, SEED, existing_file, resolve_db
+from rewardloop.cli._common import CHAT_TEMPLATE, DB, SEED, existing_file, resolve_db
 from rewardloop.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ class GenerateConfig:
     """auto, cpu, cuda or cuda:N."""
     dtype: str = "auto"
     """auto, float32, bfloat16 or float16."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for the policy's tokenizer (chat prompts need one)."""
 
     def __post_init__(self) -> None:
         from rewardloop.rollout import SamplingSettings
@@ -113,7 +115,8 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
     rows = S.sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
                                batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
-                               device=cfg.device, dtype=cfg.dtype, model_label=label)
+                               device=cfg.device, dtype=cfg.dtype, model_label=label,
+                               chat_template=cfg.chat_template)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:
@@ -190,6 +193,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int | None = SEED,
+    chat_template: Path | None = CHAT_TEMPLATE,
 ) -> None:
     """Sample answers from a policy into a candidates file and, with --db, create the tasks
     worth a label budget: overlap items, gold items, then random or most-uncertain pairs."""
@@ -201,7 +205,8 @@ def generate(
             rm=rm, measure=measure, budget=budget, batch=batch, overlap_share=overlap_share,
             overlap=overlap, gold=gold, gold_rate=gold_rate, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, max_prompt_length=max_prompt_length,
-            batch_size=batch_size, device=device, dtype=dtype, seed=seed)
+            batch_size=batch_size, device=device, dtype=dtype, seed=seed,
+            chat_template=chat_template)
         lines = run_generate(cfg)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)

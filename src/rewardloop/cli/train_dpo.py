@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rewardloop.cli._common import CONFIG, REPORT_TO, SEED, trackers
+from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, REPORT_TO, SEED, trackers
 from rewardloop.cli._train_group import train_app
 
 ORDER = 45
@@ -103,6 +103,7 @@ def dpo(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete an existing run in --out first."),
     seed: int | None = SEED,
+    chat_template: Path | None = CHAT_TEMPLATE,
     report_to: list[str] | None = REPORT_TO,
     config: Path | None = CONFIG,
 ) -> None:
@@ -126,7 +127,8 @@ def dpo(
         max_prompt_length=max_prompt_length, lora_r=lora_r, lora_alpha=lora_alpha,
         merge_lora=merge_lora or None, save_every=save_every, dtype=dtype, device=device,
         add_pad_token=add_pad_token or None, resume=resume or None,
-        overwrite=overwrite or None, report_to=trackers(report_to),
+        overwrite=overwrite or None, chat_template=chat_template,
+        report_to=trackers(report_to),
     )
     summary = train_dpo(cfg)
     line = f"trained {summary['steps']} steps ({cfg.loss}) in {summary['wall_s']:.1f}s"

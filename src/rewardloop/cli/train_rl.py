@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from rewardloop.cli._common import CONFIG, OUT, REPORT_TO, SEED, trackers
+from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, OUT, REPORT_TO, SEED, trackers
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -148,6 +148,7 @@ def _group_command(default_advantage: str) -> Any:
         seed: int | None = SEED, save_every: int | None = SAVE,
         sample_every: int | None = SAMPLE, num_samples: int | None = NSAMPLES,
         resume: bool | None = RESUME, overwrite: bool | None = OVERWRITE,
+        chat_template: Path | None = CHAT_TEMPLATE,
         report_to: list[str] | None = REPORT_TO, config: Path | None = CONFIG,
     ) -> None:
         flags = dict(locals())
@@ -206,8 +207,8 @@ def ppo(
     trust_remote_code: bool | None = REMOTE, seed: int | None = SEED,
     save_every: int | None = SAVE, sample_every: int | None = SAMPLE,
     num_samples: int | None = NSAMPLES, resume: bool | None = RESUME,
-    overwrite: bool | None = OVERWRITE, report_to: list[str] | None = REPORT_TO,
-    config: Path | None = CONFIG,
+    overwrite: bool | None = OVERWRITE, chat_template: Path | None = CHAT_TEMPLATE,
+    report_to: list[str] | None = REPORT_TO, config: Path | None = CONFIG,
 ) -> None:
     """PPO with a critic: per-token KL (k1) in the reward, the score on the last real token,
     GAE advantages from a separate value model, clipped policy and value losses. Writes --out

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from rewardloop.cli._common import CONFIG, DB, OUT, REPORT_TO, SEED, trackers
+from rewardloop.cli._common import (
+    CHAT_TEMPLATE,
+    CONFIG,
+    DB,
+    OUT,
+    REPORT_TO,
+    SEED,
+    trackers,
+)
 from rewardloop.cli._train_group import train_app
 from rewardloop.cli.train_sft import (
     ADD_PAD,
@@ -100,6 +108,7 @@ def rm(
     overwrite: bool = OVERWRITE,
     add_pad_token: bool = ADD_PAD,
     trust_remote_code: bool = REMOTE_CODE,
+    chat_template: Path | None = CHAT_TEMPLATE,
     report_to: list[str] | None = REPORT_TO,
     config: Path | None = CONFIG,
 ) -> None:
@@ -121,7 +130,7 @@ def rm(
         merge_lora=flag(merge_lora), dtype=dtype, device=device, save_every=save_every,
         log_every=log_every, resume=flag(resume), overwrite=flag(overwrite),
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
-        report_to=trackers(report_to),
+        chat_template=chat_template, report_to=trackers(report_to),
     )
     for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:

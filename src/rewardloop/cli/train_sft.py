@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from rewardloop.cli._common import CONFIG, OUT, REPORT_TO, SEED, trackers
+from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, OUT, REPORT_TO, SEED, trackers
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -111,6 +111,7 @@ def sft(
     overwrite: bool = OVERWRITE,
     add_pad_token: bool = ADD_PAD,
     trust_remote_code: bool = REMOTE_CODE,
+    chat_template: Path | None = CHAT_TEMPLATE,
     report_to: list[str] | None = REPORT_TO,
     config: Path | None = CONFIG,
 ) -> None:
@@ -129,7 +130,8 @@ def sft(
         lora_alpha=lora_alpha, merge_lora=flag(merge_lora), dtype=dtype, device=device,
         save_every=save_every, log_every=log_every, resume=flag(resume),
         overwrite=flag(overwrite), add_pad_token=flag(add_pad_token),
-        trust_remote_code=flag(trust_remote_code), report_to=trackers(report_to),
+        trust_remote_code=flag(trust_remote_code), chat_template=chat_template,
+        report_to=trackers(report_to),
     )
     for path in (cfg.data, cfg.eval_data):
         if path is not None:

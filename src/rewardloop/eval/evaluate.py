@@ -78,6 +78,9 @@ class EvalConfig:
     """Name of the baseline in the arena and the report."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for both policies' tokenizers (for chat prompts when they have
+    none)."""
 
     def __post_init__(self) -> None:
         if not self.judges:
@@ -114,11 +117,12 @@ class Answers:
         return {"completion_ids": ids, "has_eos": eos}
 
 
-def load_for_generation(model: str, device: str = "auto") -> tuple[Any, Any]:
+def load_for_generation(model: str, device: str = "auto", chat_template: Path | None = None
+                        ) -> tuple[Any, Any]:
     """A frozen policy in eval mode and its left-padding tokenizer."""
     from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
 
-    tokenizer = load_tokenizer(model, padding_side="left")
+    tokenizer = load_tokenizer(model, padding_side="left", chat_template=chat_template)
     policy = load_policy(model, device=device, trainable=False).eval()
     match_tokenizer(policy, tokenizer)
     policy.requires_grad_(False)
@@ -232,8 +236,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     gen = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
            "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.batch_size,
            "seed": cfg.seed}
-    policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device)
-    baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device)
+    policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device, cfg.chat_template)
+    baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device,
+                                                       cfg.chat_template)
     policy = sample_answers(policy_model, policy_tok, prompts, **gen)
     baseline = sample_answers(baseline_model, baseline_tok, prompts, **gen)
     result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,

@@ -302,7 +302,8 @@ def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
 def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int, settings: Any, *,
                       seed: int = 0, batch_size: int = 8, max_prompt_length: int = 512,
                       device: str = "auto", dtype: str = "auto",
-                      model_label: str | None = None) -> list[CandidatesRecord]:
+                      model_label: str | None = None, chat_template: Path | None = None
+                      ) -> list[CandidatesRecord]:
     """``n`` sampled answers per prompt (``rollout.HFGenerator``, ``settings``: a
     ``rollout.SamplingSettings``), ``batch_size`` prompts at a time. Repeated answers to one
     prompt are kept once (a task compares distinct texts); ``models`` is ``model_label``."""
@@ -311,7 +312,7 @@ def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int, setti
     from rewardloop.train.run import seed_everything
 
     seed_everything(seed)
-    tokenizer = load_tokenizer(policy, padding_side="left")
+    tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template)
     model = load_policy(policy, dtype=dtype, device=device, trainable=False)
     generator = HFGenerator(model, tokenizer)
     rows = []

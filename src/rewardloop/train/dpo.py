@@ -155,6 +155,9 @@ class DPOConfig:
     """Add a new pad token when the tokenizer has none (or pads with EOS)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
+    the model."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
@@ -587,7 +590,8 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     objective = OBJECTIVES[cfg.loss]
     # Pad must differ from EOS (or be added): the EOS would be masked as padding otherwise.
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               add_pad_token=cfg.add_pad_token, padding_side="right")
+                               add_pad_token=cfg.add_pad_token, padding_side="right",
+                               chat_template=cfg.chat_template)
     pad_id = tokenizer.pad_token_id
     splits = {"train": load_examples(cfg.data, cfg, objective, tokenizer)}
     if cfg.eval_data is not None:

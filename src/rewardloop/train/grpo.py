@@ -196,6 +196,9 @@ class GRPOConfig:
     """Continue the run in --out from its latest checkpoint."""
     overwrite: bool = False
     """Delete an existing run in --out first."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
+    the model."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
@@ -305,7 +308,8 @@ def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code,
-                               add_pad_token=cfg.add_pad_token, padding_side="left")
+                               add_pad_token=cfg.add_pad_token, padding_side="left",
+                               chat_template=cfg.chat_template)
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     policy = load_policy(cfg.policy, dtype=cfg.dtype, device=cfg.device, lora=lora,
                          trust_remote_code=cfg.trust_remote_code)

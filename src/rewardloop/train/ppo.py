@@ -147,6 +147,9 @@ class PPOConfig:
     """Continue the run in --out from its latest checkpoint."""
     overwrite: bool = False
     """Delete an existing run in --out first."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
+    the model."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 

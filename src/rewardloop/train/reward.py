@@ -151,6 +151,9 @@ class RewardConfig:
     """Add a new pad token when the tokenizer has none (or pads with EOS)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
+    the model."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
@@ -548,7 +551,8 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
 def load_tokenizer_for(cfg: RewardConfig) -> Any:
     """The model's right-padding tokenizer (pad == EOS refused unless add_pad_token)."""
     return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                          add_pad_token=cfg.add_pad_token, padding_side="right")
+                          add_pad_token=cfg.add_pad_token, padding_side="right",
+                          chat_template=cfg.chat_template)
 
 
 def load_model(cfg: RewardConfig, tokenizer: Any) -> nn.Module:

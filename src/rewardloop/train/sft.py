@@ -121,6 +121,9 @@ class SFTConfig:
     """Add a new pad token when the tokenizer has none (or pads with EOS)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
+    the model."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
@@ -319,7 +322,8 @@ def evaluate(model: nn.Module, examples: Sequence[Encoded], cfg: SFTConfig, pad_
 def load_tokenizer_for(cfg: SFTConfig) -> Any:
     """The model's right-padding tokenizer (pad == EOS refused unless add_pad_token)."""
     return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                          add_pad_token=cfg.add_pad_token, padding_side="right")
+                          add_pad_token=cfg.add_pad_token, padding_side="right",
+                          chat_template=cfg.chat_template)
 
 
 def load_model(cfg: SFTConfig, tokenizer: Any) -> nn.Module:

@@ -5,9 +5,14 @@ The one implementation every trainer uses (SFT, reward models, DPO/KTO, RL rollo
 
 - a string prompt is tokenised as is (plus BOS when the tokenizer adds one) and the completion
   follows it, then EOS;
-- a chat prompt (list of ``{"role", "content"}``) goes through the tokenizer's chat template
-  with the generation prompt, and the completion's text (a chat completion's last message)
-  follows, then EOS;
+- a conversation (a chat prompt or a chat completion, lists of ``{"role", "content"}``) goes
+  through the tokenizer's chat template: the prompt is the template's rendering of the prompt
+  messages with the generation prompt, and the completion is what the template adds for the
+  answer's turn, up to and including its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``,
+  ``<end_of_turn>``...), not a bare EOS appended after it. Whitespace the template puts after
+  the end-of-turn token is left out: generation stops at that token and never samples it. A
+  tokenizer without a chat template is refused for conversations (``--chat-template FILE``
+  gives one, ``models.load_tokenizer``);
 - prompts are cut from the left (the end of a conversation matters most) to
   ``max_prompt_length``; completions are cut from the right to fit ``max_length``, and a cut
   completion gets no EOS (``has_eos=False``) so RL can penalise answers that never end.
@@ -18,6 +23,7 @@ The prompt and completion are tokenised separately and concatenated, so the boun
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +31,18 @@ from typing import Any
 
 import torch
 
-from rewardloop.data.records import SFTRecord, Text, is_chat, response_text
+from rewardloop.data.records import (
+    Chat,
+    SFTRecord,
+    Text,
+    as_messages,
+    completion_messages,
+    is_chat,
+    response_text,
+)
+from rewardloop.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,28 +62,65 @@ class Encoded:
         return len(self.input_ids)
 
 
+def render_chat(tokenizer: Any, messages: Chat, *, generation_prompt: bool) -> str:
+    """The chat template's text of ``messages``; a tokenizer without a template is a UserError."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise UserError(f"the tokenizer of {name} has no chat template, but the data holds "
+                        "conversations (chat messages); pass --chat-template FILE (a Jinja chat "
+                        "template) or give prompt/completion text rows")
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation_prompt,
+                                         tokenize=False)
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
     """Token ids of a prompt: chat prompts through the chat template with the generation prompt."""
     if is_chat(prompt):
-        rendered = tokenizer.apply_chat_template(
-            list(prompt), add_generation_prompt=True, tokenize=False
-        )
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return _ids(tokenizer, render_chat(tokenizer, prompt, generation_prompt=True))
     return list(tokenizer(str(prompt))["input_ids"])
 
 
 def completion_ids(tokenizer: Any, completion: Text) -> list[int]:
     """Token ids of a completion's text (no special tokens; EOS is added by ``encode``)."""
     text = response_text(completion) if is_chat(completion) else str(completion)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _ids(tokenizer, text)
+
+
+def chat_completion_ids(tokenizer: Any, prompt: Chat, completion: Text) -> list[int]:
+    """Token ids of the answer's turn as the template renders it after the generation prompt,
+    ending with the template's end-of-turn token.
+
+    A template whose rendering of the whole conversation does not start with its rendering of
+    the prompt (some drop or rewrite earlier turns) cannot say where the answer starts: the
+    answer's text then gets the tokenizer's EOS, as for text rows.
+    """
+    head = render_chat(tokenizer, prompt, generation_prompt=True)
+    full = render_chat(tokenizer, [*prompt, *completion_messages(prompt, completion)],
+                       generation_prompt=False)
+    if not full.startswith(head):
+        log.warning("the chat template does not extend the prompt's rendering with the answer; "
+                    "ending the answer with EOS instead of the template's end of turn")
+        return completion_ids(tokenizer, completion) + [tokenizer.eos_token_id]
+    return _ids(tokenizer, full[len(head):].rstrip())
 
 
 def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_length: int,
            max_prompt_length: int | None = None, add_eos: bool = True) -> Encoded:
-    """Tokenise one example; see the module docstring for the rules."""
+    """Tokenise one example; see the module docstring for the rules. ``add_eos`` does not apply
+    to conversations: their answer ends with the template's end-of-turn token."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    p_ids = prompt_ids(tokenizer, prompt) if prompt is not None else []
+    chat = (prompt is not None and is_chat(prompt)) or (completion is not None
+                                                        and is_chat(completion))
+    if chat and completion is not None:
+        messages = as_messages(prompt) if prompt is not None else []
+        p_ids = _ids(tokenizer, render_chat(tokenizer, messages, generation_prompt=True))
+    else:
+        p_ids = prompt_ids(tokenizer, prompt) if prompt is not None else []
     limit = max_length - 1 if completion is not None else max_length
     if max_prompt_length is not None:
         limit = min(limit, max_prompt_length)
@@ -74,11 +128,14 @@ def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_
         p_ids = p_ids[len(p_ids) - limit:]
     if completion is None:
         return Encoded(p_ids, [0] * len(p_ids), len(p_ids), has_eos=False)
-    c_ids = completion_ids(tokenizer, completion)
-    if add_eos:
-        c_ids = c_ids + [tokenizer.eos_token_id]
+    if chat:
+        c_ids, ends = chat_completion_ids(tokenizer, messages, completion), True
+    else:
+        c_ids, ends = completion_ids(tokenizer, completion), add_eos
+        if add_eos:
+            c_ids = c_ids + [tokenizer.eos_token_id]
     room = max_length - len(p_ids)
-    has_eos = add_eos and len(c_ids) <= room
+    has_eos = ends and len(c_ids) <= room
     c_ids = c_ids[:room]
     return Encoded(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), len(p_ids), has_eos)
 
