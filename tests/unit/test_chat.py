@@ -1,0 +1,121 @@
+"""Chat models: conversations through the chat template, answers ending with the template's
+end-of-turn token, generation stopping on every EOS id of generation_config, and no template
+refused unless --chat-template gives one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _archs import CHATML, EOT, build_arch
+from typer.testing import CliRunner
+
+from rewardloop import ops
+from rewardloop.cli import app
+from rewardloop.data.records import SFTRecord
+from rewardloop.errors import UserError
+from rewardloop.models import load_policy, load_tokenizer
+from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts, stop_token_ids
+from rewardloop.train import tokenize as T
+
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi, my order?"}]
+ANSWER = "It ships today."
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_arch(tmp_path_factory.mktemp("chat") / "m", "llama", eot=True)
+
+
+@pytest.fixture(scope="module")
+def tok(instruct: Path):
+    return load_tokenizer(instruct)
+
+
+def test_answer_ends_with_the_end_of_turn_token_not_a_bare_eos(tok) -> None:
+    e = T.encode(tok, CHAT, [{"role": "assistant", "content": ANSWER}], max_length=128)
+    head = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert e.input_ids[:e.prompt_len] == tok(head, add_special_tokens=False)["input_ids"]
+    answer = e.input_ids[e.prompt_len:]
+    eot = tok.convert_tokens_to_ids(EOT)
+    assert answer[-1] == eot and tok.eos_token_id not in answer
+    assert tok.decode(answer) == ANSWER + EOT  # the template's newline after it is left out
+    assert e.completion_mask == [0] * e.prompt_len + [1] * len(answer) and e.has_eos
+    # A text answer to a chat prompt is the same assistant turn (scoring, eval judges).
+    assert T.encode(tok, CHAT, ANSWER, max_length=128) == e
+    # SFT messages: the last turn is the answer.
+    turns = [*CHAT, {"role": "assistant", "content": ANSWER}]
+    sft = T.encode_sft(tok, SFTRecord(messages=turns), max_length=128)
+    assert sft == e
+    cut = T.encode(tok, CHAT, ANSWER, max_length=e.prompt_len + 2)
+    assert not cut.has_eos and eot not in cut.input_ids[cut.prompt_len:]
+
+
+def test_text_rows_still_end_with_eos(tok) -> None:
+    e = T.encode(tok, "Hi, my order?", ANSWER, max_length=128)
+    assert e.input_ids[-1] == tok.eos_token_id and e.has_eos
+
+
+def test_rl_prompts_use_the_template(tok) -> None:
+    (ids,) = encode_prompts(tok, [CHAT], 64)
+    head = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert ids == tok(head, add_special_tokens=False)["input_ids"]
+
+
+def test_generation_stops_on_every_eos_id_of_generation_config(instruct: Path, tok) -> None:
+    model = load_policy(instruct, device="cpu")
+    eot = tok.convert_tokens_to_ids(EOT)
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, eot]
+    # Stop also on a third of the vocabulary, so most rows stop early on an id the tokenizer
+    # does not call EOS; each row must end exactly at its first stop token.
+    stops = [tok.eos_token_id, eot, *range(10, len(tok), 3)]
+    model.generation_config.eos_token_id = [i for i in stops if i != tok.pad_token_id]
+    generator = HFGenerator(model, tok)
+    torch.manual_seed(0)
+    rollout = generator.generate(encode_prompts(tok, [CHAT, "Hello"], 64), 8,
+                                 SamplingSettings(max_new_tokens=12))
+    stop_set = set(generator.eos_ids)
+    for row, mask, ended in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist(),
+                                rollout.has_eos.tolist(), strict=True):
+        kept = [t for t, m in zip(row, mask, strict=True) if m]
+        assert all(t not in stop_set for t in kept[:-1])
+        assert ended == (kept[-1] in stop_set)
+    assert rollout.has_eos.sum() > 8  # most rows stopped early
+    mask, _ = ops.completion_mask(rollout.completion_ids, generator.eos_ids, tok.pad_token_id)
+    assert torch.equal(mask, rollout.completion_mask)
+
+
+def test_stop_ids_leave_out_the_pad_token(instruct: Path, tok) -> None:
+    model = load_policy(instruct, device="cpu")
+    model.generation_config.eos_token_id = [tok.pad_token_id, tok.eos_token_id]
+    assert stop_token_ids(model, tok) == [tok.eos_token_id]
+
+
+def test_no_chat_template_is_exit_2_unless_chat_template_file(tmp_path: Path) -> None:
+    model = build_arch(tmp_path / "plain", "llama", chat=False)
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [*CHAT, {"role": "assistant", "content": f"{ANSWER} {i}"}]}
+            for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["train", "sft", "--model", str(model), "--data", str(data), "--max-steps", "1",
+            "--batch-size", "2", "--device", "cpu"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "no chat template" in res.output
+    assert "--chat-template" in res.output and not (tmp_path / "a").exists()
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for message in messages %}")
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b"), "--chat-template",
+                                   str(bad)])
+    assert res.exit_code == 2 and "not a valid Jinja template" in res.output
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "c"), "--chat-template",
+                                   str(template)])
+    assert res.exit_code == 0, res.output
+    # The trained model carries the template: generating from it needs no flag.
+    assert load_tokenizer(tmp_path / "c" / "model").chat_template == CHATML
+    with pytest.raises(UserError, match="no such file"):
+        load_tokenizer(model, chat_template=tmp_path / "missing.jinja")
