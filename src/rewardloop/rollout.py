@@ -179,8 +179,12 @@ class HFGenerator:
         # ``past_key_values``.
         params = inspect.signature(model.forward).parameters
         self._cache_name = "cache" if "cache" in params else "past_key_values"
-        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        self._additive_mask = attention in ("sdpa", "eager")
+        config = getattr(model, "config", None)
+        attention = getattr(config, "_attn_implementation", None)
+        # A sliding-window cache (Mistral, Qwen2, Gemma 2/3) keeps only the last W keys, which a
+        # ready full-width 4D mask does not fit: those models build their own mask every step.
+        self._additive_mask = (attention in ("sdpa", "eager")
+                               and not getattr(config, "sliding_window", None))
 
     def _decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 settings: SamplingSettings) -> torch.Tensor:
