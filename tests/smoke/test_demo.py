@@ -22,9 +22,12 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     assert 0.0 <= summary["rm_accuracy"] <= 1.0
     assert summary["kl"] is not None and isinstance(summary["alarms"], list)
     html = (workdir / "report.html").read_text()
-    for section in ("Win rates", "Annotators", 'alt="calibration"', "KL to the reference",
-                    "Gold vs proxy reward", "Sample answers"):
+    for section in ("Headlines", "Win rates", "Annotators", 'alt="calibration"',
+                    "moved from the reference (KL)", "does the hidden gold judge agree",
+                    "Sample answers"):
         assert section in html, section
+    assert html.index("Win rates") < html.index("does the hidden gold judge agree") \
+        < html.index("<h3>Summary</h3>")  # headline figures first, then the details
     # the spammer is flagged by the quality report and left out of reward-model training
     quality = json.loads((workdir / "round-1" / "data" / "quality.json").read_text())
     assert set(quality["annotators"]) >= {"spammer", "warm-1", "concise-1"}

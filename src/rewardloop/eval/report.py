@@ -3,9 +3,15 @@
 Reads what every run writes (DESIGN.md): ``summary.json`` and ``metrics.jsonl``; and, where
 present, ``eval.json`` (win rates from ``rewardloop eval``), ``quality.json`` (annotator
 agreement from ``rewardloop quality --json``), ``samples.jsonl`` (sample replies) and a
-summary's ``calibration_bins`` (reward-model reliability diagram). Each figure is drawn only
-when its data exists, so the same builder serves an SFT run, a PPO run or a whole demo.
-All text from runs (model answers included) is escaped: it is untrusted.
+summary's ``calibration_bins`` (reward-model reliability diagram).
+
+Each figure answers one question (``CHARTS``), and each of its panels holds series of one unit,
+so no small quantity is flattened against a large one on a shared axis; where several metrics
+estimate the same thing (the KL estimators) one is drawn. The headline figures (alarms, win
+rates, rounds, reward against gold, reward-model accuracy) come first, then each run's details.
+A figure is drawn only when some series has at least two points, so none is empty, and the same
+builder serves an SFT run, a PPO run or a whole demo. All text from runs (model answers
+included) is escaped: it is untrusted.
 """
 
 from __future__ import annotations
@@ -17,18 +23,61 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-CURVE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Reward", ("reward",)),
-    ("KL to the reference", ("kl",)),
-    ("Gold vs proxy reward", ("gold", "proxy")),
-    ("Loss", ("loss",)),
-    ("Accuracy", ("accurac",)),
-    ("Entropy and length", ("entropy", "length")),
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axis of a chart: series that share a unit, so one scale reads them all."""
+
+    label: str
+    """The y-axis label, with the unit."""
+    keys: tuple[str, ...]
+    """Metric names drawn on this axis (as metrics.jsonl spells them)."""
+    first_only: bool = False
+    """Draw only the first key a run has: several estimates of one quantity (the KL
+    estimators) would say the same thing five times."""
+    limits: tuple[float, float] | None = None
+    """Fixed y range, for shares and accuracies (0 to 1)."""
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A figure answering one question; each panel has its own scale."""
+
+    question: str
+    panels: tuple[Panel, ...]
+    headline: bool = False
+    """Shown at the top of the report, before the details of each run."""
+    unless: str | None = None
+    """Left out for runs that log this metric (RL runs' surrogate loss says little)."""
+
+
+SHARE = (-0.03, 1.03)  # 0 to 1, with room for a line at either end
+CHARTS: tuple[Chart, ...] = (
+    Chart("Is the policy earning more reward, and does the hidden gold judge agree?",
+          (Panel("proxy reward (mean)", ("reward/mean",)),
+           Panel("gold reward (mean)", ("gold/mean",))), headline=True),
+    Chart("Does the reward model rank the preferred answer first (training, held out)?",
+          (Panel("accuracy", ("accuracy", "eval_accuracy"), limits=SHARE),
+           Panel("reward", ("rewards/chosen", "rewards/rejected"))), headline=True),
+    Chart("How far has the policy moved from the reference (KL)?",
+          (Panel("KL to the reference", ("kl_seq_k1", "kl_k1", "kl"), first_only=True),)),
+    Chart("Are the answers getting longer, or cut off?",
+          (Panel("answer length (tokens)", ("completion_length_mean", "completion_length_max")),
+           Panel("share cut at max length", ("truncated_frac",), limits=SHARE))),
+    Chart("Is the policy still exploring?", (Panel("entropy (nats per token)", ("entropy",)),)),
+    Chart("Is the loss going down?",
+          (Panel("training loss", ("loss",)), Panel("held-out loss", ("eval_loss",))),
+          unless="reward/mean"),
+    Chart("Are the updates stable?",
+          (Panel("gradient norm", ("grad_norm",)),
+           Panel("share of clipped ratios", ("clip_frac",), limits=SHARE))),
 )
 
 
@@ -64,54 +113,98 @@ def _figure_png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _numeric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    keys: set[str] = set()
-    for row in rows:
-        for k, v in row.items():
-            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
-                if math.isfinite(v):
-                    keys.add(k)
-    return sorted(keys)
+def series(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(step, value) of every finite number logged under ``key``."""
+    return [(r["step"], float(r[key])) for r in rows
+            if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)
+            and math.isfinite(r[key])]
 
 
-def curve_figures(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(title, png data URI) for each metric group that has data."""
+def _panel_series(panel: Panel, rows: Sequence[dict[str, Any]]
+                  ) -> dict[str, list[tuple[float, float]]]:
+    found = {k: pts for k in panel.keys if (pts := series(rows, k))}
+    if panel.first_only and found:
+        first = next(iter(found))
+        return {first: found[first]}
+    return found
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = _numeric_keys(rows)
-    figures = []
-    for title, needles in CURVE_GROUPS:
-        chosen = [k for k in keys if any(n in k.lower() for n in needles)]
-        if not chosen:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for key in chosen[:8]:
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, linewidth=1.4)
+    return plt
+
+
+def chart_figure(chart: Chart, rows: Sequence[dict[str, Any]]) -> tuple[str, int] | None:
+    """(png data URI, points drawn) of ``chart`` for a run's metrics; None when no series has
+    two points (one point makes no curve: such figures are left out, not drawn empty)."""
+    if chart.unless and series(rows, chart.unless):
+        return None
+    panels = [(p, s) for p in chart.panels if (s := _panel_series(p, rows))]
+    if not any(len(pts) >= 2 for _, found in panels for pts in found.values()):
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 0.6, 2.9),
+                             squeeze=False)
+    points = 0
+    for ax, (panel, found) in zip(axes[0], panels, strict=True):
+        for key, pts in found.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) < 30 else "-",
+                    markersize=3, linewidth=1.4, label=key)
+            points += len(pts)
+        if panel.limits:
+            ax.set_ylim(*panel.limits)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_ylabel(panel.label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        figures.append((title, _figure_png(fig)))
-    return figures
+        if len(found) > 1 or panel.first_only:
+            ax.legend(fontsize=7)
+    fig.suptitle(chart.question, fontsize=10)
+    fig.tight_layout()
+    return _figure_png(fig), points
+
+
+def rounds_figure(per_round: Sequence[dict[str, Any]]) -> tuple[str, int] | None:
+    """Win rate of each round's policy against the start, per judge (a loop's summary)."""
+    judges = [j for j in ("gold", "proxy", "human")
+              if sum(isinstance(r.get(j), int | float) for r in per_round) >= 2]
+    if not judges:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 2.9))
+    points = 0
+    for judge in judges:
+        pts = [(r["round"], r[judge]) for r in per_round if isinstance(r.get(judge), int | float)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=judge)
+        points += len(pts)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylim(*SHARE)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("win rate vs the start")
+    ax.set_title("Does each round's policy beat the starting one?", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _figure_png(fig), points
 
 
 def calibration_figure(bins: Sequence[dict[str, float]]) -> str:
     """Reliability diagram: accuracy against confidence per bin, with the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3.6, 3.6))
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-")
     ax.set_xlabel("predicted P(chosen wins)")
     ax.set_ylabel("observed accuracy")
-    ax.set_title("Reward-model calibration")
+    ax.set_title("Are the reward model's\nprobabilities right? (calibration)", fontsize=10)
     return _figure_png(fig)
 
 
@@ -119,12 +212,8 @@ def bar_figure(title: str, labels: Sequence[str], values: Sequence[float],
                lows: Sequence[float] | None = None, highs: Sequence[float] | None = None,
                ref: float | None = None) -> str:
     """A horizontal bar chart with optional confidence intervals and a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(labels)))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.4 * len(labels)))
     err = None
     if lows is not None and highs is not None:
         err = [[v - lo for v, lo in zip(values, lows, strict=True)],
@@ -147,11 +236,13 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _img(title: str, uri: str) -> str:
-    return f'<figure><img alt="{html.escape(title)}" src="{uri}"></figure>'
+def _img(title: str, uri: str, points: int) -> str:
+    """A figure; ``data-points`` (what it plots) lets tests check that no figure is empty."""
+    return (f'<figure data-points="{points}"><img alt="{html.escape(title)}" src="{uri}">'
+            "</figure>")
 
 
-def _win_rate_section(ev: dict[str, Any]) -> str:
+def _win_rate_section(ev: dict[str, Any], name: str) -> str:
     comps = ev.get("comparisons") or [ev]
     rows = [c for c in comps if "win_rate" in c]
     if not rows:
@@ -159,12 +250,14 @@ def _win_rate_section(ev: dict[str, Any]) -> str:
     labels = [str(c.get("name", c.get("judge", "win rate"))) for c in rows]
     vals = [float(c["win_rate"]) for c in rows]
     ci = [c.get("win_rate_ci") or [v, v] for c, v in zip(rows, vals, strict=True)]
-    fig = bar_figure("Win rate vs baseline (95% CI)", labels, vals,
+    policy, baseline = ev.get("policy_name", "the policy"), ev.get("baseline_name", "the baseline")
+    fig = bar_figure(f"Did {policy} beat {baseline}? Win rate per judge (95% CI; 0.5 = even)",
+                     labels, vals,
                      [c[0] for c in ci], [c[1] for c in ci], ref=0.5)
     table = _table([(lbl, v, f"[{c[0]:.3f}, {c[1]:.3f}]", r.get("n", ""))
                     for lbl, v, c, r in zip(labels, vals, ci, rows, strict=True)],
                    ["judge", "win rate", "95% CI", "n"])
-    return "<h3>Win rates</h3>" + _img("win rates", fig) + table
+    return f"<h3>Win rates ({html.escape(name)})</h3>" + _img("win rates", fig, len(vals)) + table
 
 
 def _quality_section(q: dict[str, Any]) -> str:
@@ -173,12 +266,13 @@ def _quality_section(q: dict[str, Any]) -> str:
         return ""
     names = sorted(anns)
     agree = [float(anns[n].get("agreement") or 0.0) for n in names]
-    fig = bar_figure("Annotator agreement with the leave-one-out majority", names, agree)
+    fig = bar_figure("Which annotators agree with the others? (leave-one-out majority)", names,
+                     agree)
     rows = [(n, anns[n].get("judgments"), anns[n].get("agreement"), anns[n].get("reliability"),
              ", ".join(anns[n].get("flags") or [])) for n in names]
     alpha = q.get("krippendorff_alpha")
     head = f"<p>Krippendorff's alpha: {alpha:.3f}</p>" if isinstance(alpha, float) else ""
-    return ("<h3>Annotators</h3>" + head + _img("agreement", fig)
+    return ("<h3>Annotators</h3>" + head + _img("agreement", fig, len(names))
             + _table(rows, ["annotator", "judgments", "agreement", "reliability", "flags"]))
 
 
@@ -198,27 +292,72 @@ def _samples_section(path: Path, limit: int = 8) -> str:
                                                header)
 
 
-def run_section(run: Path) -> str:
-    """The HTML of one run directory."""
-    parts = [f"<h2>{html.escape(str(run))}</h2>"]
-    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
-    if isinstance(summary, dict):
-        flat = [(k, v) for k, v in summary.items() if not isinstance(v, dict | list)]
-        parts.append("<h3>Summary</h3>" + _table(flat, ["figure", "value"]))
-        if summary.get("calibration_bins"):
-            parts.append(_img("calibration", calibration_figure(summary["calibration_bins"])))
-    for title, uri in curve_figures(read_metrics(run / "metrics.jsonl")):
-        parts.append(_img(title, uri))
-    for name, section in (("eval.json", _win_rate_section), ("quality.json", _quality_section)):
+@dataclass
+class RunFiles:
+    """What a run directory holds that the report reads (None where absent)."""
+
+    path: Path
+    summary: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    eval: dict[str, Any] | None
+    quality: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path.resolve().parts[-2:])
+
+
+def read_run(run: Path) -> RunFiles:
+    def load(name: str) -> dict[str, Any] | None:
         data = _read_json(run / name) if (run / name).is_file() else None
-        if isinstance(data, dict):
-            parts.append(section(data))
-    if (run / "samples.jsonl").is_file():
-        parts.append(_samples_section(run / "samples.jsonl"))
-    alarms = summary.get("alarms") if isinstance(summary, dict) else None
-    if alarms:
-        items = "".join(f"<li>{html.escape(str(a))}</li>" for a in alarms)
-        parts.append(f'<div class="alarm"><h3>Over-optimisation alarms</h3><ul>{items}</ul></div>')
+        return data if isinstance(data, dict) else None
+
+    return RunFiles(run, load("summary.json"), read_metrics(run / "metrics.jsonl"),
+                    load("eval.json"), load("quality.json"))
+
+
+def _detail_charts(run: RunFiles) -> list[str]:
+    return [_img(chart.question, *drawn) for chart in CHARTS
+            if not chart.headline and (drawn := chart_figure(chart, run.metrics))]
+
+
+def headline_section(runs: Sequence[RunFiles]) -> str:
+    """The top of the report: alarms, win rates, rounds, reward and reward-model accuracy."""
+    parts = []
+    for run in runs:
+        alarms = (run.summary or {}).get("alarms")
+        if alarms:
+            items = "".join(f"<li>{html.escape(str(a))}</li>" for a in alarms)
+            parts.append(f'<div class="alarm"><h3>Over-optimisation alarms '
+                         f"({html.escape(run.name)})</h3><ul>{items}</ul></div>")
+    for run in runs:
+        per_round = (run.summary or {}).get("per_round")
+        if isinstance(per_round, list) and (drawn := rounds_figure(per_round)):
+            parts.append(_img("rounds", *drawn))
+    parts += [_win_rate_section(run.eval, run.name) for run in runs if run.eval is not None]
+    for chart in (c for c in CHARTS if c.headline):
+        for run in runs:
+            if drawn := chart_figure(chart, run.metrics):
+                parts.append(f"<h3>{html.escape(run.name)}</h3>" + _img(chart.question, *drawn))
+    if not parts:
+        return ""
+    return '<section class="headlines"><h2>Headlines</h2>' + "\n".join(parts) + "</section>"
+
+
+def run_section(run: RunFiles) -> str:
+    """The details of one run directory: its summary, the other charts, annotators, samples."""
+    parts = [f"<h2>{html.escape(run.name)}</h2>"]
+    if run.summary is not None:
+        flat = [(k, v) for k, v in run.summary.items() if not isinstance(v, dict | list)]
+        parts.append("<h3>Summary</h3>" + _table(flat, ["figure", "value"]))
+        bins = run.summary.get("calibration_bins")
+        if bins:
+            parts.append(_img("calibration", calibration_figure(bins), len(bins)))
+    parts += _detail_charts(run)
+    if run.quality is not None:
+        parts.append(_quality_section(run.quality))
+    if (run.path / "samples.jsonl").is_file():
+        parts.append(_samples_section(run.path / "samples.jsonl"))
     return "<section>" + "\n".join(parts) + "</section>"
 
 
@@ -226,7 +365,8 @@ STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;max-width:420px}
-figure{margin:.5em 0} img{max-width:100%} section{border-top:2px solid #ddd;margin-top:2em}
+figure{margin:.5em 0;display:inline-block;vertical-align:top} img{max-width:100%}
+section{border-top:2px solid #ddd;margin-top:2em} .headlines{background:#f7f9fc;padding:0 1em}
 .alarm{background:#fff3f3;border:1px solid #e99;padding:.5em 1em}
 """
 
@@ -238,7 +378,8 @@ def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop repor
     missing = [str(r) for r in runs if not Path(r).is_dir()]
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
-    body = "\n".join(run_section(Path(r)) for r in runs)
+    files = [read_run(Path(r)) for r in runs]
+    body = headline_section(files) + "\n".join(run_section(r) for r in files)
     doc = (f"<!doctype html><html><head><meta charset='utf-8'>"
            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
            f"img-src data:; style-src 'unsafe-inline'\">"
