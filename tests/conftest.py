@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,3 +65,56 @@ def sqlite_store(tmp_path: Path):
     st = Store(f"sqlite:///{tmp_path / 'test.db'}")
     yield st
     st.dispose()
+
+
+# -- run directories for the report tests (unit and browser) ------------------------------------
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _rl_run(d: Path, steps: int = 6) -> Path:
+    """An RL run as train grpo writes it (the metric names of metrics.jsonl)."""
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({
+        "steps": steps, "wall_s": 1.5, "alarms": ["proxy reward rose while gold fell at step 3"]}))
+    _write_jsonl(d / "metrics.jsonl", [
+        {"step": i, "reward/mean": 0.1 * i, "gold/mean": 0.5 - 0.02 * i, "kl_k1": 0.01 * i,
+         "kl_k3": 0.011 * i, "kl_seq_k1": 0.3 * i, "entropy": 0.05, "loss": 1e-8,
+         "completion_length_mean": 40.0 + i, "completion_length_max": 48,
+         "truncated_frac": 0.1, "grad_norm": 0.5, "clip_frac": 0.0} for i in range(1, steps + 1)])
+    (d / "samples.jsonl").write_text(json.dumps(
+        {"prompt": "hi", "before": "<script>alert(1)</script>", "after": "Hello!"}) + "\n")
+    return d
+
+
+def _rm_run(d: Path) -> Path:
+    """A reward-model run: training curves, and held-out figures logged once at the end."""
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({
+        "steps": 4, "eval_accuracy": 0.7, "calibration_bins": [
+            {"confidence": 0.6, "accuracy": 0.55, "count": 5, "bin_low": 0.5, "bin_high": 0.6},
+            {"confidence": 0.8, "accuracy": 0.75, "count": 5, "bin_low": 0.7, "bin_high": 0.8}]}))
+    rows = [{"step": i, "loss": 0.7 - 0.05 * i, "grad_norm": 0.2, "accuracy": 0.5 + 0.05 * i,
+             "rewards/chosen": 0.01 * i, "rewards/rejected": -0.01 * i} for i in range(1, 5)]
+    rows.append({"step": 4, "eval_loss": 0.6, "eval_accuracy": 0.7, "length_correlation": 0.1})
+    _write_jsonl(d / "metrics.jsonl", rows)
+    return d
+
+
+def _eval_run(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "eval.json").write_text(json.dumps({"win_rate": 0.6, "win_rate_ci": [0.5, 0.7],
+                                             "n": 40, "judge": "gold", "policy_name": "round-1",
+                                             "baseline_name": "start"}))
+    (d / "quality.json").write_text(json.dumps({"krippendorff_alpha": 0.41, "annotators": {
+        "ann-1": {"judgments": 10, "agreement": 0.8, "reliability": 0.9, "flags": []},
+        "spam": {"judgments": 10, "agreement": 0.5, "reliability": 0.5, "flags": ["spam"]}}}))
+    return d
+
+
+@pytest.fixture
+def report_runs(tmp_path: Path) -> list[Path]:
+    """A demo-like set of run directories: a reward model, an RL policy, an evaluation."""
+    return [_rm_run(tmp_path / "rm"), _rl_run(tmp_path / "policy"), _eval_run(tmp_path / "eval")]

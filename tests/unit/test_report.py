@@ -18,50 +18,6 @@ FIGURE = re.compile(r'<figure data-points="(\d+)"><img alt="([^"]*)" '
                     r'src="data:image/png;base64,([^"]+)">')
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
-def rl_run(d: Path, steps: int = 6) -> Path:
-    """An RL run as train grpo writes it (the metric names of metrics.jsonl)."""
-    d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({
-        "steps": steps, "wall_s": 1.5, "alarms": ["proxy reward rose while gold fell at step 3"]}))
-    _write_jsonl(d / "metrics.jsonl", [
-        {"step": i, "reward/mean": 0.1 * i, "gold/mean": 0.5 - 0.02 * i, "kl_k1": 0.01 * i,
-         "kl_k3": 0.011 * i, "kl_seq_k1": 0.3 * i, "entropy": 0.05, "loss": 1e-8,
-         "completion_length_mean": 40.0 + i, "completion_length_max": 48,
-         "truncated_frac": 0.1, "grad_norm": 0.5, "clip_frac": 0.0} for i in range(1, steps + 1)])
-    (d / "samples.jsonl").write_text(json.dumps(
-        {"prompt": "hi", "before": "<script>alert(1)</script>", "after": "Hello!"}) + "\n")
-    return d
-
-
-def rm_run(d: Path) -> Path:
-    """A reward-model run: training curves, and held-out figures logged once at the end."""
-    d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({
-        "steps": 4, "eval_accuracy": 0.7, "calibration_bins": [
-            {"confidence": 0.6, "accuracy": 0.55, "count": 5, "bin_low": 0.5, "bin_high": 0.6},
-            {"confidence": 0.8, "accuracy": 0.75, "count": 5, "bin_low": 0.7, "bin_high": 0.8}]}))
-    rows = [{"step": i, "loss": 0.7 - 0.05 * i, "grad_norm": 0.2, "accuracy": 0.5 + 0.05 * i,
-             "rewards/chosen": 0.01 * i, "rewards/rejected": -0.01 * i} for i in range(1, 5)]
-    rows.append({"step": 4, "eval_loss": 0.6, "eval_accuracy": 0.7, "length_correlation": 0.1})
-    _write_jsonl(d / "metrics.jsonl", rows)
-    return d
-
-
-def eval_run(d: Path) -> Path:
-    d.mkdir(parents=True)
-    (d / "eval.json").write_text(json.dumps({"win_rate": 0.6, "win_rate_ci": [0.5, 0.7],
-                                             "n": 40, "judge": "gold", "policy_name": "round-1",
-                                             "baseline_name": "start"}))
-    (d / "quality.json").write_text(json.dumps({"krippendorff_alpha": 0.41, "annotators": {
-        "ann-1": {"judgments": 10, "agreement": 0.8, "reliability": 0.9, "flags": []},
-        "spam": {"judgments": 10, "agreement": 0.5, "reliability": 0.5, "flags": ["spam"]}}}))
-    return d
-
-
 def figures(doc: str) -> list[tuple[int, str, bytes]]:
     return [(int(n), alt, base64.b64decode(data)) for n, alt, data in FIGURE.findall(doc)]
 
@@ -77,10 +33,9 @@ def drawn_pixels(png: bytes) -> int:
     return int(close.any(-1).sum())
 
 
-def test_report_figures_are_headlines_first_one_question_and_never_empty(tmp_path: Path
-                                                                         ) -> None:
-    runs = [rm_run(tmp_path / "rm"), rl_run(tmp_path / "policy"), eval_run(tmp_path / "eval")]
-    doc = build_report(runs, tmp_path / "r.html").read_text()
+def test_report_figures_are_headlines_first_one_question_and_never_empty(
+        tmp_path: Path, report_runs: list[Path]) -> None:
+    doc = build_report(report_runs, tmp_path / "r.html").read_text()
     found = figures(doc)
     alts = [alt for _, alt, _ in found]
     # Headlines: win rates, then reward vs gold, then reward-model accuracy; details after.
@@ -92,7 +47,7 @@ def test_report_figures_are_headlines_first_one_question_and_never_empty(tmp_pat
     for points, alt, png in found:
         assert points >= 1, alt
         assert drawn_pixels(png) > 30, alt  # something is drawn, not just axes
-    # Five KL estimators are logged; one is drawn (six steps = six points).
+    # Three KL estimators are logged; one is drawn (six steps = six points).
     kl = [p for p, alt, _ in found if "KL" in alt]
     assert kl == [6]
     # Entropy near 0 and lengths near 40 are separate figures, not one axis.
@@ -108,8 +63,8 @@ def test_report_figures_are_headlines_first_one_question_and_never_empty(tmp_pat
 def test_a_run_with_single_points_only_draws_no_curve(tmp_path: Path) -> None:
     d = tmp_path / "short"
     d.mkdir()
-    _write_jsonl(d / "metrics.jsonl", [{"step": 1, "loss": 0.5, "entropy": 0.1,
-                                        "completion_length_mean": 12.0}])
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "entropy": 0.1,
+                                                 "completion_length_mean": 12.0}) + "\n")
     doc = build_report([d], tmp_path / "r.html").read_text()
     assert figures(doc) == [] and "Headlines" not in doc
 
@@ -119,8 +74,8 @@ def test_read_metrics_skips_a_torn_line(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
 
 
-def test_report_cli(tmp_path: Path) -> None:
-    run = rl_run(tmp_path / "run")
+def test_report_cli(tmp_path: Path, report_runs: list[Path]) -> None:
+    run = report_runs[1]
     res = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "x.html")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "x.html").is_file()
