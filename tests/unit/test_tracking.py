@@ -163,3 +163,9 @@ def test_loop_config_checks_its_trackers(tmp_path: Path) -> None:
         load_config(LoopConfig, config)
     res = CliRunner().invoke(app, ["loop", "--help"])
     assert "--report-to" in res.output
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "grpo", "rloo", "ppo"])
+def test_every_trainer_offers_report_to_and_chat_template(command: str) -> None:
+    res = CliRunner().invoke(app, ["train", command, "--help"])
+    assert res.exit_code == 0 and "--report-to" in res.output and "--chat-template" in res.output
