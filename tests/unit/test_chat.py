@@ -54,6 +54,15 @@ def test_answer_ends_with_the_end_of_turn_token_not_a_bare_eos(tok) -> None:
     assert not cut.has_eos and eot not in cut.input_ids[cut.prompt_len:]
 
 
+def test_a_template_refusing_a_conversation_is_a_user_error(tok) -> None:
+    strict = tok.__class__.from_pretrained(tok.name_or_path)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match=r"refused .*'system', 'user'.*System role not supported"):
+        T.encode(strict, CHAT, ANSWER, max_length=64)
+
+
 def test_text_rows_still_end_with_eos(tok) -> None:
     e = T.encode(tok, "Hi, my order?", ANSWER, max_length=128)
     assert e.input_ids[-1] == tok.eos_token_id and e.has_eos

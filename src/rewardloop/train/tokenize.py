@@ -69,8 +69,16 @@ def render_chat(tokenizer: Any, messages: Chat, *, generation_prompt: bool) -> s
         raise UserError(f"the tokenizer of {name} has no chat template, but the data holds "
                         "conversations (chat messages); pass --chat-template FILE (a Jinja chat "
                         "template) or give prompt/completion text rows")
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation_prompt,
-                                         tokenize=False)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages),
+                                             add_generation_prompt=generation_prompt,
+                                             tokenize=False)
+    except TemplateError as exc:  # e.g. Gemma's template refuses a system turn
+        roles = [m.get("role") for m in messages]
+        raise UserError(f"the chat template refused a conversation with roles {roles}: {exc}") \
+            from None
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
