@@ -7,6 +7,14 @@ from pathlib import Path
 import typer
 
 from rewardloop.cli._common import CONFIG, SEED
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 45
@@ -103,6 +111,11 @@ def dpo(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete an existing run in --out first."),
     seed: int | None = SEED,
+    strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT,
+    nproc: int | None = NPROC,
     config: Path | None = CONFIG,
 ) -> None:
     """Optimise a policy directly on preferences (no reward model): DPO and its variants."""
@@ -126,6 +139,7 @@ def dpo(
         merge_lora=merge_lora or None, save_every=save_every, dtype=dtype, device=device,
         add_pad_token=add_pad_token or None, resume=resume or None,
         overwrite=overwrite or None,
+        **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
     summary = train_dpo(cfg)
     line = f"trained {summary['steps']} steps ({cfg.loss}) in {summary['wall_s']:.1f}s"

@@ -7,6 +7,14 @@ from pathlib import Path
 import typer
 
 from rewardloop.cli._common import CONFIG, DB, OUT, SEED
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 from rewardloop.cli.train_sft import (
     ADD_PAD,
@@ -100,6 +108,11 @@ def rm(
     overwrite: bool = OVERWRITE,
     add_pad_token: bool = ADD_PAD,
     trust_remote_code: bool = REMOTE_CODE,
+    strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT,
+    nproc: int | None = NPROC,
     config: Path | None = CONFIG,
 ) -> None:
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
@@ -120,6 +133,7 @@ def rm(
         merge_lora=flag(merge_lora), dtype=dtype, device=device, save_every=save_every,
         log_every=log_every, resume=flag(resume), overwrite=flag(overwrite),
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
+        **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
     for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:

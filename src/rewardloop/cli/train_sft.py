@@ -11,6 +11,14 @@ from typing import Any
 import typer
 
 from rewardloop.cli._common import CONFIG, OUT, SEED
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -111,6 +119,11 @@ def sft(
     overwrite: bool = OVERWRITE,
     add_pad_token: bool = ADD_PAD,
     trust_remote_code: bool = REMOTE_CODE,
+    strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT,
+    nproc: int | None = NPROC,
     config: Path | None = CONFIG,
 ) -> None:
     """Supervised fine-tuning: cross-entropy on the completion tokens (or all tokens)."""
@@ -129,6 +142,7 @@ def sft(
         save_every=save_every, log_every=log_every, resume=flag(resume),
         overwrite=flag(overwrite), add_pad_token=flag(add_pad_token),
         trust_remote_code=flag(trust_remote_code),
+        **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
     for path in (cfg.data, cfg.eval_data):
         if path is not None:

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,42 +38,11 @@ import torch.distributed as dist
 from torch import nn
 
 from rewardloop.errors import TrainingError, UserError
+from rewardloop.options import PRECISIONS, STRATEGIES, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "ddp", "fsdp")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_TIMEOUT_S = 90
-
-
-@dataclass(frozen=True, kw_only=True)
-class RuntimeOptions:
-    """Processes, sharding and precision: the options every trainer shares."""
-
-    strategy: str = "auto"
-    """With several processes: ddp (a full copy of the model per process, gradients averaged)
-    or fsdp (FSDP2: parameters, gradients and optimizer state sharded per decoder layer; needs
-    2+ processes). auto is ddp with several processes."""
-    precision: str = "auto"
-    """Compute precision: fp32, bf16 or fp16 (GPU only, with a gradient scaler). Weights,
-    gradients and optimizer state stay fp32 (master weights) whatever this says. auto: bf16 on
-    a GPU that supports it, else fp32."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: much less memory for ~30% more compute."""
-    dist_timeout: int = DEFAULT_TIMEOUT_S
-    """Seconds a process waits for the others in a collective before it stops with an error
-    (a dead or hung rank must not hang the run)."""
-
-    def check_runtime(self) -> None:
-        """ValueError for a name outside the choices (called by each config's __post_init__)."""
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, "
-                             f"got {self.precision!r}")
-        if self.dist_timeout < 1:
-            raise ValueError("dist_timeout must be at least 1 second")
 
 
 def _env_int(name: str, default: int) -> int:
