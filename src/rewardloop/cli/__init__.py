@@ -102,4 +102,8 @@ def main() -> None:
             raise SystemExit(2)
         raise SystemExit(launch(nproc, rest))
     sys.argv[1:] = rest
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun or --nproc, rank 0 reports; the others would repeat it (errors still
+        # reach stderr from every rank).
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     app()

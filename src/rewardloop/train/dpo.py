@@ -609,7 +609,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
 def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     objective = OBJECTIVES[cfg.loss]
-    rt.check_divisible(cfg.batch_size, "--batch-size")
+    rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
     # Pad must differ from EOS (or be added): the EOS would be masked as padding otherwise.
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
@@ -624,8 +624,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     ref = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before any update
     train = splits["train"]
 
+    policy = rt.prepare(policy)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in policy.parameters() if p.requires_grad]
-    policy = rt.prepare(policy)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     # Similar-length pairs share a batch: padding (wasted compute) drops to a few percent.
     sampler = LengthGroupedSampler([e.n_tokens for e in train], cfg.batch_size, seed=cfg.seed)

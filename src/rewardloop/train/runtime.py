@@ -296,14 +296,16 @@ class Runtime:
             norm = norm.full_tensor()
         grad_norm = float(norm)
         loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-        bad = torch.zeros(self.world_size, dtype=torch.float64)
-        # Under fp16 an infinite grad norm is the scaler's business (it skips the step).
-        if not math.isfinite(loss_value) or (self.scaler is None
-                                             and not math.isfinite(grad_norm)):
-            bad[self.rank] = 1.0
+        # Row 0: this rank's loss; row 1: the grad norm (under fp16 an infinite grad norm is
+        # the scaler's business: it skips the step). A NaN in one rank's loss reaches every
+        # rank's gradient through the all-reduce, so the loss row names where it started.
+        bad = torch.zeros(2, self.world_size, dtype=torch.float64)
+        bad[0, self.rank] = float(not math.isfinite(loss_value))
+        bad[1, self.rank] = float(self.scaler is None and not math.isfinite(grad_norm))
         bad = self.all_reduce(bad)
         if bad.any():
-            ranks = [r for r in range(self.world_size) if bad[r] > 0]
+            row = bad[0] if bad[0].any() else bad[1]
+            ranks = [r for r in range(self.world_size) if row[r] > 0]
             what = f"loss {loss_value}, grad norm {grad_norm}"
             raise TrainingError(self._nan_message(ranks, what, step, run))
         if self.scaler is not None:
@@ -358,9 +360,24 @@ def runtime_for(options: RuntimeOptions, device: str = "auto") -> Iterator[Runti
     runtime = Runtime(options, device)
     try:
         yield runtime
-    except BaseException:
+    except BaseException as exc:
         # Another rank may be waiting in a collective: do not wait for it in close().
         if runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()
+        if runtime.distributed and _lost_peer(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(
+                f"rank {runtime.rank} of {runtime.world_size} lost contact with another process "
+                f"of the run, which died or hung (see its own output; the last good checkpoint "
+                f"stays): {first[:300]}") from None
         raise
     runtime.close()
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away (gloo/NCCL errors, timeouts)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection reset", "connection closed"))

@@ -343,7 +343,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
 def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
     # Data first: a refused file must not leave a half-made run directory behind.
-    rt.check_divisible(cfg.batch_size // cfg.grad_accum * cfg.grad_accum, "--batch-size")
+    rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
@@ -359,8 +359,8 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
     log.info("sft: %d examples in %d rows, %d steps", len(examples), len(rows), total_steps)
 
     model.train()
+    model = rt.prepare(model)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in model.parameters() if p.requires_grad]
-    model = rt.prepare(model)
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"policy": model}, optimizers={"policy": optimizer},
