@@ -408,12 +408,14 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
-               merge_lora: bool = False) -> nn.Module:
+               merge_lora: bool = False, state_dict: dict[str, Any] | None = None
+               ) -> nn.Module:
     """Write a transformers-loadable directory: full weights, or for LoRA the adapter, and a
     model card (README.md) naming the base model and the command line.
 
     ``merge_lora=True`` folds the adapters into the base weights IN PLACE and saves a plain
     model; the merged model is returned (use it instead of ``model`` afterwards).
+    ``state_dict``: the full weights when ``model`` itself holds only shards (FSDP).
     """
     from rewardloop.model_card import CardInfo, command_line, write_model_card
 
@@ -421,7 +423,7 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     if merge_lora and is_peft(model):
         model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None

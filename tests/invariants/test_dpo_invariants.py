@@ -17,6 +17,7 @@ from rewardloop.synthetic import corpus_texts, preference_rows
 from rewardloop.tiny import build_tiny
 from rewardloop.train import dpo
 from rewardloop.train.dpo import DPOConfig, train_dpo
+from rewardloop.train.runtime import Runtime, RuntimeOptions
 
 MAX_LENGTH = 40
 
@@ -80,10 +81,12 @@ def test_gradient_accumulation_gives_the_same_gradient_and_step(setup, tmp_path:
     objective = dpo.OBJECTIVES[loss]
     examples = dpo.load_examples(full.data, full, objective, tokenizer)
     grads = []
+    rt = Runtime(RuntimeOptions())
     for cfg in (full, micro):
-        model = dpo.load_model(cfg, tokenizer)
+        model = dpo.load_model(cfg, tokenizer, rt)
         ref = dpo.score_all(model, examples, tokenizer.pad_token_id, cfg.length_normalize, 8)
-        result = dpo.train_step(model, objective, examples, ref, cfg, tokenizer.pad_token_id)
+        result = dpo.train_step(rt, model, objective, examples, ref, cfg,
+                                tokenizer.pad_token_id)
         grads.append((result.loss, {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     for name, g in grads[0][1].items():
@@ -141,7 +144,7 @@ def test_cached_reference_equals_on_the_fly(setup, tmp_path: Path) -> None:
             assert m_cached[key] == pytest.approx(m_fly[key], abs=1e-5)
     # The cache holds exactly the reference model's scores of (chosen, rejected).
     tokenizer = dpo.load_tokenizer(cached.model)
-    model = dpo.load_model(cached, tokenizer)
+    model = dpo.load_model(cached, tokenizer, Runtime(RuntimeOptions()))
     examples = dpo.load_examples(cached.data, cached, dpo.OBJECTIVES["dpo"], tokenizer)
     want = dpo.score_all(model, examples, tokenizer.pad_token_id, False, 3)
     saved = torch.load(tmp_path / "cached" / dpo.REF_CACHE, weights_only=True)
@@ -164,7 +167,8 @@ def test_lora_reference_is_the_base_model_with_the_adapter_disabled(setup, tmp_p
     # while the cached reference equals the plain base model's scores.
     assert s_cached["eval_rewards/margins"] != 0.0
     tokenizer = dpo.load_tokenizer(cached.model)
-    base = dpo.load_model(replace(cached, lora_r=None), tokenizer)
+    base = dpo.load_model(replace(cached, lora_r=None), tokenizer,
+                          Runtime(RuntimeOptions()))
     examples = dpo.load_examples(cached.data, cached, dpo.OBJECTIVES["dpo"], tokenizer)
     want = dpo.score_all(base, examples, tokenizer.pad_token_id, False, 8)
     saved = torch.load(tmp_path / "cached" / dpo.REF_CACHE, weights_only=True)

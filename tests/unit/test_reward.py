@@ -5,7 +5,6 @@ tests/invariants/test_sft_rm_invariants.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,18 +17,21 @@ from typer.testing import CliRunner
 from rewardloop.cli import app
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.train.data import rank_micro_batches
 from rewardloop.train.reward import (
     OBJECTIVES,
     Comparison,
     RewardConfig,
-    accumulate_gradients,
     apply_annotator_policy,
     comparison_loss,
     load_model,
     load_tokenizer_for,
+    micro_loss,
     read_comparisons,
     train_rm,
 )
+from rewardloop.train.runtime import Runtime, RuntimeOptions
+from rewardloop.train.step import accumulate
 from rewardloop.train.tokenize import Encoded
 
 
@@ -105,15 +107,16 @@ def test_grad_accumulation_gives_the_one_batch_gradient(tiny_dir: Path, tmp_path
     data = _write(tmp_path / "pairs.jsonl", rows)
     cfg = _cfg(tiny_dir, tmp_path / "run", data, batch_size=8, use_margin=True, **extra)
     tokenizer = load_tokenizer_for(cfg)
-    model = load_model(cfg, tokenizer)
+    rt = Runtime(RuntimeOptions())
+    model = load_model(cfg, tokenizer, rt)
     name, items = read_comparisons(data, tokenizer, cfg)
     items = apply_annotator_policy(items, {"a0": 0.9, "a1": 0.3}, set())
     grads, losses = {}, {}
+    batch = list(range(8))
     for accum in (1, 8):
-        step_cfg = dataclasses.replace(cfg, grad_accum=accum)
-        losses[accum], _ = accumulate_gradients(model, OBJECTIVES[name], items, range(8),
-                                                step_cfg, tokenizer.pad_token_id,
-                                                torch.device("cpu"))
+        micro = rank_micro_batches(batch, [c.n_tokens for c in items], accum, 0, 1)
+        losses[accum], _ = accumulate(rt, model, micro, micro_loss(
+            model, OBJECTIVES[name], items, batch, cfg, tokenizer.pad_token_id, rt.device))
         grads[accum] = {n: p.grad.clone() for n, p in model.named_parameters()
                         if p.grad is not None}
         model.zero_grad(set_to_none=True)

@@ -222,8 +222,10 @@ def test_state_file_loads_with_weights_only(tmp_path: Path) -> None:
     path = save_checkpoint(run, 1, models={"m": model}, optimizers={"m": opt},
                            schedulers={"m": sched})
     state = torch.load(path / "state.pt", weights_only=True)
-    assert set(state) >= {"optimizers", "schedulers", "rng", "sampler", "extra", "meter"}
-    assert sorted(p.name for p in path.iterdir()) == [COMPLETE, "model-m.safetensors", "state.pt"]
+    assert set(state) >= {"schedulers", "sampler", "extra", "meter", "world_size"}
+    assert set(torch.load(path / "rng-0.pt", weights_only=True)) >= {"python", "numpy", "torch"}
+    # Weights and optimizer state: torch.distributed.checkpoint, resharded on load.
+    assert sorted(p.name for p in path.iterdir()) == [COMPLETE, "dcp", "rng-0.pt", "state.pt"]
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
@@ -248,7 +250,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path,
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", boom)
+    monkeypatch.setattr(ckpt_mod, "_rng_state", boom)  # after the weights, before the marker
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(run, 2, models={"m": model}, optimizers={"m": opt}, keep_last=1)
     monkeypatch.undo()

@@ -4,7 +4,6 @@ the CLI's user errors. Resume == uninterrupted is in tests/invariants/test_sft_r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -19,20 +18,24 @@ from rewardloop.cli import app
 from rewardloop.data.records import SFTRecord
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.train.data import rank_micro_batches
+from rewardloop.train.runtime import Runtime, RuntimeOptions
 from rewardloop.train.sft import (
     Row,
     SFTConfig,
-    accumulate_gradients,
     collate_rows,
     load_model,
     load_tokenizer_for,
     make_rows,
+    micro_loss,
     pack,
     read_sft,
+    step_targets,
     target_mask,
     token_nll,
     train_sft,
 )
+from rewardloop.train.step import accumulate
 from rewardloop.train.tokenize import encode_sft
 
 
@@ -164,17 +167,20 @@ def test_grad_accumulation_gives_the_one_batch_gradient(tiny_dir: Path, tmp_path
     data = _write(tmp_path / "train.jsonl", sft_rows(24 if packing else 8, seed=3))
     cfg = _cfg(tiny_dir, tmp_path, data, batch_size=8, packing=packing, max_length=48)
     tokenizer = load_tokenizer_for(cfg)
-    model = load_model(cfg, tokenizer)
+    rt = Runtime(RuntimeOptions())
+    model = load_model(cfg, tokenizer, rt)
     examples = read_sft(data, tokenizer, cfg)
     rows = make_rows(examples, cfg)
     batch = list(range(min(8, len(rows))))
+    n_targets = step_targets(batch, rows, examples, cfg.train_on_prompt)
     grads, losses = {}, {}
     for accum in (1, len(batch)):
-        step_cfg = dataclasses.replace(cfg, grad_accum=accum, batch_size=len(batch))
-        losses[accum], _ = accumulate_gradients(model, batch, rows, examples, step_cfg,
-                                                tokenizer.pad_token_id, torch.device("cpu"))
+        micro = rank_micro_batches(batch, [r.length for r in rows], accum, 0, 1)
+        assert len(micro) == accum
+        losses[accum], _ = accumulate(rt, model, micro, micro_loss(
+            model, rows, examples, cfg, tokenizer.pad_token_id, rt.device, n_targets))
         grads[accum] = _grads(model)
-    assert float(losses[1]) == pytest.approx(float(losses[len(batch)]), rel=1e-6)
+    assert losses[1] == pytest.approx(losses[len(batch)], rel=1e-6)
     assert grads[1].keys() == grads[len(batch)].keys() and grads[1]
     for key, value in grads[1].items():
         torch.testing.assert_close(grads[len(batch)][key], value, atol=1e-6, rtol=1e-5)

@@ -90,5 +90,20 @@ _register_all()
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. ``train ... --nproc N`` starts N processes of the same command."""
+    import sys
+
+    from rewardloop.cli._launch import launch, take_nproc
+
+    nproc, rest = take_nproc(sys.argv[1:])
+    if nproc is not None and nproc > 1:
+        if not rest or rest[0] != "train":
+            typer.echo("error: --nproc applies to the train commands", err=True)
+            raise SystemExit(2)
+        raise SystemExit(launch(nproc, rest))
+    sys.argv[1:] = rest
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun or --nproc, rank 0 reports; the others would repeat it (errors still
+        # reach stderr from every rank).
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     app()

@@ -7,6 +7,14 @@ from pathlib import Path
 import typer
 
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, REPORT_TO, SEED, trackers
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 45
@@ -105,6 +113,11 @@ def dpo(
     seed: int | None = SEED,
     chat_template: Path | None = CHAT_TEMPLATE,
     report_to: list[str] | None = REPORT_TO,
+    strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT,
+    nproc: int | None = NPROC,
     config: Path | None = CONFIG,
 ) -> None:
     """Optimise a policy directly on preferences (no reward model): DPO and its variants."""
@@ -129,6 +142,7 @@ def dpo(
         add_pad_token=add_pad_token or None, resume=resume or None,
         overwrite=overwrite or None, chat_template=chat_template,
         report_to=trackers(report_to),
+        **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
     summary = train_dpo(cfg)
     line = f"trained {summary['steps']} steps ({cfg.loss}) in {summary['wall_s']:.1f}s"

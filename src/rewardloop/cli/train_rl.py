@@ -8,6 +8,14 @@ from typing import Any
 import typer
 
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, OUT, REPORT_TO, SEED, trackers
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -97,6 +105,8 @@ def _run(kind: str, cfg_cls: Any, config: Path | None, flags: dict[str, Any]) ->
     from rewardloop.config import load_config
 
     rewards = flags.pop("reward")
+    flags.update(runtime_flags(*(flags.pop(k) for k in (
+        "strategy", "precision", "gradient_checkpointing", "dist_timeout", "nproc"))))
     flags["rewards"] = tuple(rewards) if rewards else None
     flags["report_to"] = trackers(flags["report_to"])
     cfg = load_config(cfg_cls, config, **flags)
@@ -149,7 +159,11 @@ def _group_command(default_advantage: str) -> Any:
         sample_every: int | None = SAMPLE, num_samples: int | None = NSAMPLES,
         resume: bool | None = RESUME, overwrite: bool | None = OVERWRITE,
         chat_template: Path | None = CHAT_TEMPLATE,
-        report_to: list[str] | None = REPORT_TO, config: Path | None = CONFIG,
+        report_to: list[str] | None = REPORT_TO,
+        strategy: str | None = STRATEGY, precision: str | None = PRECISION,
+        gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+        dist_timeout: int | None = DIST_TIMEOUT, nproc: int | None = NPROC,
+        config: Path | None = CONFIG,
     ) -> None:
         flags = dict(locals())
         flags.pop("config")
@@ -208,7 +222,10 @@ def ppo(
     save_every: int | None = SAVE, sample_every: int | None = SAMPLE,
     num_samples: int | None = NSAMPLES, resume: bool | None = RESUME,
     overwrite: bool | None = OVERWRITE, chat_template: Path | None = CHAT_TEMPLATE,
-    report_to: list[str] | None = REPORT_TO, config: Path | None = CONFIG,
+    report_to: list[str] | None = REPORT_TO, strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT, nproc: int | None = NPROC,
+    config: Path | None = CONFIG,
 ) -> None:
     """PPO with a critic: per-token KL (k1) in the reward, the score on the last real token,
     GAE advantages from a separate value model, clipped policy and value losses. Writes --out

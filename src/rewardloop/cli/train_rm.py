@@ -15,6 +15,14 @@ from rewardloop.cli._common import (
     SEED,
     trackers,
 )
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 from rewardloop.cli.train_sft import (
     ADD_PAD,
@@ -110,6 +118,11 @@ def rm(
     trust_remote_code: bool = REMOTE_CODE,
     chat_template: Path | None = CHAT_TEMPLATE,
     report_to: list[str] | None = REPORT_TO,
+    strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT,
+    nproc: int | None = NPROC,
     config: Path | None = CONFIG,
 ) -> None:
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
@@ -131,6 +144,7 @@ def rm(
         log_every=log_every, resume=flag(resume), overwrite=flag(overwrite),
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
         chat_template=chat_template, report_to=trackers(report_to),
+        **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
     for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:

@@ -11,6 +11,14 @@ from typing import Any
 import typer
 
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, OUT, REPORT_TO, SEED, trackers
+from rewardloop.cli._launch import (
+    DIST_TIMEOUT,
+    GRADIENT_CHECKPOINTING,
+    NPROC,
+    PRECISION,
+    STRATEGY,
+    runtime_flags,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -113,6 +121,11 @@ def sft(
     trust_remote_code: bool = REMOTE_CODE,
     chat_template: Path | None = CHAT_TEMPLATE,
     report_to: list[str] | None = REPORT_TO,
+    strategy: str | None = STRATEGY,
+    precision: str | None = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    dist_timeout: int | None = DIST_TIMEOUT,
+    nproc: int | None = NPROC,
     config: Path | None = CONFIG,
 ) -> None:
     """Supervised fine-tuning: cross-entropy on the completion tokens (or all tokens)."""
@@ -132,6 +145,7 @@ def sft(
         overwrite=flag(overwrite), add_pad_token=flag(add_pad_token),
         trust_remote_code=flag(trust_remote_code), chat_template=chat_template,
         report_to=trackers(report_to),
+        **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
     for path in (cfg.data, cfg.eval_data):
         if path is not None:

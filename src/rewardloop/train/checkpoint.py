@@ -2,32 +2,32 @@
 
 Each checkpoint is written to a temporary directory, fsynced, renamed into place and only then
 marked complete with a ``COMPLETE`` file; older ones are deleted only after that, so a crash
-mid-save leaves the last good checkpoint. Model weights are safetensors; optimizer, scheduler,
-sampler and RNG states are ``torch.save`` of plain containers and tensors, read back with
-``weights_only=True`` (never a full pickle).
+mid-save leaves the last good checkpoint. Trainable weights and optimizer states are written by
+torch.distributed.checkpoint (every rank its own shards; a resume at another world size
+reshards them); scheduler, sampler and RNG states are ``torch.save`` of plain containers and
+tensors, read back with ``weights_only=True`` (never a full pickle).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from rewardloop.errors import UserError
-
-if TYPE_CHECKING:
-    from rewardloop.train.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
+class Meter(Protocol):
+    def state_dict(self) -> dict[str, float | int]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class RunLike(Protocol):
+    """What checkpoints need of a run directory (``train.run.RunDir``)."""
+
+    @property
+    def checkpoints_dir(self) -> Path: ...
+    meter: Meter
+    def truncate_metrics(self, after_step: int) -> None: ...
+
+
 @dataclass
 class Checkpoint:
     """What ``load_checkpoint`` hands back besides the restored objects."""
@@ -68,7 +82,7 @@ def _step_of(path: Path) -> int | None:
     return int(name[len(_STEP_PREFIX):])
 
 
-def list_checkpoints(run: RunDir | Path) -> list[Path]:
+def list_checkpoints(run: RunLike | Path) -> list[Path]:
     """Complete checkpoints (with their marker), oldest first."""
     root = Path(run) / "checkpoints" if isinstance(run, str | Path) else run.checkpoints_dir
     if not root.is_dir():
@@ -78,7 +92,7 @@ def list_checkpoints(run: RunDir | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run: RunDir | Path) -> Path | None:
+def latest_checkpoint(run: RunLike | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None; incomplete ones are ignored."""
     done = list_checkpoints(run)
     return done[-1] if done else None
@@ -111,14 +125,37 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter (all of a full model; adapters + heads of a LoRA model)."""
-    return {name: p.detach().contiguous().cpu()
-            for name, p in model.named_parameters() if p.requires_grad}
+def _trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters a checkpoint holds: every one of a full model, the adapters and
+    heads of a LoRA model (frozen base weights are re-read from the model directory)."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {name for name, p in inner.named_parameters() if p.requires_grad}
+
+
+def _dcp_state(models: Mapping[str, nn.Module],
+               optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """``{name: {"model": trainable tensors, "optim": state}}`` keyed by parameter names, so a
+    checkpoint is independent of the world size and of DDP/FSDP wrapping (DCP reshards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    unknown = set(optimizers) - set(models)
+    if unknown:
+        raise ValueError(f"optimizers {sorted(unknown)} have no model of the same name")
+    state: dict[str, Any] = {}
+    for name, model in models.items():
+        keep = _trainable_names(model)
+        if name in optimizers:
+            msd, osd = get_state_dict(model, optimizers[name])
+            state[name] = {"optim": osd}
+        else:
+            msd = get_model_state_dict(model)
+            state[name] = {}
+        state[name]["model"] = {k: v for k, v in msd.items() if k in keep}
+    return state
 
 
 def save_checkpoint(
-    run: RunDir,
+    run: RunLike,
     step: int,
     *,
     models: Mapping[str, nn.Module],
@@ -127,47 +164,71 @@ def save_checkpoint(
     sampler_state: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     keep_last: int = 2,
+    runtime: Any = None,
 ) -> Path:
     """Atomically write ``checkpoints/step-{step}/`` and keep the newest ``keep_last``.
 
-    Holds each model's trainable parameters (``model-{name}.safetensors``), and in ``state.pt``
-    the optimizer and scheduler states, the sampler position, every RNG state, the throughput
-    meter and ``extra`` (controller state such as an adaptive KL coefficient: plain Python
-    values and tensors only).
+    Every rank calls it (``runtime`` is the run's ``train.runtime.Runtime``; None in one plain
+    process). The models' trainable parameters and the optimizer states go through
+    torch.distributed.checkpoint (``dcp/``: each rank writes its shards, a resume at another
+    world size reshards); ``state.pt`` holds the schedulers, the sampler position, the
+    throughput meter and ``extra`` (controller state such as an adaptive KL coefficient: plain
+    Python values and tensors only); ``rng-R.pt`` every rank's RNG states.
     """
-    from safetensors.torch import save_file
+    import torch.distributed.checkpoint as dcp
 
     if keep_last < 1:
         raise ValueError("keep_last must be at least 1")
+    main = runtime is None or runtime.is_main
     root = run.checkpoints_dir
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{step}"
     tmp = root / f"{_TMP_PREFIX}{_STEP_PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, model in models.items():
-        save_file(_trainable_tensors(model), str(tmp / f"model-{name}.safetensors"))
-    state = {
-        "step": int(step),
-        "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
-        "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-        "sampler": dict(sampler_state) if sampler_state is not None else None,
-        "rng": _rng_state(),
-        "meter": run.meter.state_dict(),
-        "extra": dict(extra or {}),
-    }
-    torch.save(state, tmp / "state.pt")
-    for file in tmp.iterdir():
-        _fsync_path(file)
-    _fsync_path(tmp)
-    if final.exists():  # an incomplete leftover, or the same step saved again
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    atomic_write_text(final / COMPLETE, json.dumps({"step": int(step), "time": time.time()}))
-    _fsync_path(root)
-    _prune(root, keep_last, newest=final)
-    log.info("saved checkpoint %s", final)
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(runtime)
+    with _quiet_single_process():
+        dcp.save(_dcp_state(models, optimizers or {}), checkpoint_id=str(tmp / "dcp"))
+    rank = runtime.rank if runtime is not None else 0
+    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    if main:
+        state = {
+            "step": int(step),
+            "world_size": runtime.world_size if runtime is not None else 1,
+            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+            "sampler": dict(sampler_state) if sampler_state is not None else None,
+            "meter": run.meter.state_dict(),
+            "extra": dict(extra or {}),
+        }
+        torch.save(state, tmp / "state.pt")
+    _barrier(runtime)
+    if main:
+        for file in tmp.rglob("*"):
+            _fsync_path(file)
+        _fsync_path(tmp)
+        if final.exists():  # an incomplete leftover, or the same step saved again
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        atomic_write_text(final / COMPLETE, json.dumps({"step": int(step), "time": time.time()}))
+        _fsync_path(root)
+        _prune(root, keep_last, newest=final)
+        log.info("saved checkpoint %s", final)
+    _barrier(runtime)
     return final
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call in a plain single process, which is a case we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(runtime: Any) -> None:
+    if runtime is not None:
+        runtime.barrier()
 
 
 def _prune(root: Path, keep_last: int, *, newest: Path) -> None:
@@ -182,52 +243,80 @@ def _prune(root: Path, keep_last: int, *, newest: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _load_model_tensors(model: nn.Module, file: Path, name: str) -> None:
-    from safetensors.torch import load_file
-
-    saved = load_file(str(file))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise UserError(f"checkpoint {file} does not match model '{name}' (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}); resume with the same "
+def _check_names(path: Path, name: str, saved: Mapping[str, Any],
+                 wanted: Mapping[str, torch.Tensor]) -> None:
+    missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    resized = sorted(k for k in set(saved) & set(wanted)
+                     if tuple(getattr(saved[k], "size", ())) != tuple(wanted[k].shape))
+    if missing or unexpected or resized:
+        raise UserError(f"checkpoint {path} does not match model '{name}' (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}, other shape "
+                        f"{resized[:3]}); resume with the same "
                         "model and LoRA settings")
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(saved[key].to(param.device))
+
+
+def _load_models(path: Path, models: Mapping[str, nn.Module],
+                 optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    reader = dcp.FileSystemReader(str(path / "dcp"))
+    meta = reader.read_metadata().state_dict_metadata
+    keys = set(meta)
+    state = _dcp_state(models, optimizers)
+    for name, parts in state.items():
+        prefix = f"{name}.model."
+        saved = {k[len(prefix):]: meta[k] for k in keys if k.startswith(prefix)}
+        if not saved:
+            raise UserError(f"checkpoint {path} has no weights for model '{name}'")
+        _check_names(path, name, saved, parts["model"])
+        if "optim" in parts and not any(k.startswith(f"{name}.optim.") for k in keys):
+            raise UserError(f"checkpoint {path} has no state for optimizer '{name}'")
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=reader)
+    for name, model in models.items():
+        set_state_dict(model, optimizers[name] if name in optimizers else (),
+                       model_state_dict=state[name]["model"],
+                       optim_state_dict=state[name].get("optim", {}),
+                       options=StateDictOptions(strict=False))
 
 
 def load_checkpoint(
-    run: RunDir,
+    run: RunLike,
     path: Path | None = None,
     *,
     models: Mapping[str, nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     schedulers: Mapping[str, Any] | None = None,
+    runtime: Any = None,
 ) -> Checkpoint:
     """Restore models, optimizers, schedulers, RNGs and the meter from a complete checkpoint.
 
     ``path`` defaults to the latest complete one. Metric lines logged after its step are
     dropped so that ``metrics.jsonl`` holds each step once. Call it after building every object
-    (building draws random numbers; the RNG states are restored last).
+    (building draws random numbers; the RNG states are restored last). Every rank calls it; a
+    checkpoint written at another world size loads too (a rank without saved RNG states keeps
+    its own seeded ones).
     """
-    path = path if path is not None else latest_checkpoint(run)
+    path = path if path is not None else latest_checkpoint(run.checkpoints_dir.parent)
     if path is None or not (path / COMPLETE).is_file():
         raise UserError(f"no complete checkpoint at {path or run.checkpoints_dir}")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    for name, model in models.items():
-        file = path / f"model-{name}.safetensors"
-        if not file.is_file():
-            raise UserError(f"checkpoint {path} has no weights for model '{name}'")
-        _load_model_tensors(model, file, name)
-    for kind, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
-        for name, obj in (objects or {}).items():
-            if name not in state[kind]:
-                raise UserError(f"checkpoint {path} has no state for {kind[:-1]} '{name}'")
-            obj.load_state_dict(state[kind][name])
+    _load_models(path, models, optimizers or {})
+    for name, obj in (schedulers or {}).items():
+        if name not in state["schedulers"]:
+            raise UserError(f"checkpoint {path} has no state for scheduler '{name}'")
+        obj.load_state_dict(state["schedulers"][name])
     run.meter.load_state_dict(state["meter"])
-    run.truncate_metrics(int(state["step"]))
-    _set_rng_state(state["rng"])
+    if runtime is None or runtime.is_main:
+        run.truncate_metrics(int(state["step"]))
+    rank = runtime.rank if runtime is not None else 0
+    rng = path / f"rng-{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    else:
+        log.info("%s has no RNG state for rank %d (saved at world size %s)", path, rank,
+                 state["world_size"])
     log.info("resumed from %s (step %d)", path, state["step"])
     return Checkpoint(step=int(state["step"]), path=path, sampler_state=state["sampler"],
                       extra=state["extra"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,6 +94,27 @@ def microbatches(batch: Sequence[int], micro_batch_size: int) -> list[list[int]]
         raise ValueError("micro_batch_size must be at least 1")
     items = list(batch)
     return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
+
+
+def rank_micro_batches(batch: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
+                       grad_accum: int, rank: int, world_size: int
+                       ) -> list[tuple[list[int], bool]]:
+    """This rank's ``grad_accum`` micro-batches of one optimizer step: ``(indices, filler)``.
+
+    The step's batch is cut into ``world_size * grad_accum`` micro-batches of similar lengths
+    and dealt out round-robin, so the ranks together process exactly the rows one process
+    would. Every rank must run the same number of forward/backward passes (the last one
+    all-reduces the gradients), so when a short batch (an epoch's last) leaves a rank with
+    nothing, it gets a *filler*: the batch's first row, whose loss the caller multiplies by 0.
+    """
+    n_micro = world_size * grad_accum
+    ordered = sorted(batch, key=lambda i: -lengths[i])
+    size = math.ceil(len(ordered) / n_micro)
+    chunks = [ordered[k:k + size] for k in range(0, len(ordered), size)]
+    if world_size > 1:
+        chunks += [[] for _ in range(n_micro - len(chunks))]
+    return [(chunk, False) if chunk else ([ordered[0]], True)
+            for chunk in chunks[rank::world_size]]
 
 
 def count_tokens(masks: Sequence[torch.Tensor]) -> int:

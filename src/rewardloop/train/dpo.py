@@ -50,17 +50,17 @@ from rewardloop.models import (
     load_policy,
     load_tokenizer,
     match_tokenizer,
-    save_model,
 )
-from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, microbatches, scheduler
+from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, rank_micro_batches, scheduler
 from rewardloop.train.run import (
     RunDir,
     adamw,
-    check_finite,
     progress_bar,
     save_checkpoint,
     seed_everything,
 )
+from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.step import accumulate
 from rewardloop.train.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ REF_CACHE = "ref_logps.pt"
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(RuntimeOptions):
     """Options of ``rewardloop train dpo``."""
 
     model: str
@@ -162,6 +162,7 @@ class DPOConfig:
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
+        self.check_runtime()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.beta <= 0:
@@ -416,7 +417,7 @@ def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: A
 Scorer = Callable[[Sequence[Example]], torch.Tensor]
 
 
-def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int) -> Scorer:
+def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int, rt: Runtime) -> Scorer:
     """How to score examples under π_ref: (N, 2) no-grad log-probs.
 
     ``--ref-model`` is loaded as a frozen model. Otherwise, with LoRA, the policy with its
@@ -424,16 +425,22 @@ def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int) -> Scorer:
     when scoring once before training, or a frozen copy when scoring on the fly.
     """
     def with_model(model: nn.Module) -> Scorer:
-        return lambda ex: score_all(model, ex, pad_id, cfg.length_normalize, cfg.ref_batch_size)
+        def scorer(examples: Sequence[Example]) -> torch.Tensor:
+            with rt.autocast():
+                return score_all(model, examples, pad_id, cfg.length_normalize,
+                                 cfg.ref_batch_size)
+        return scorer
 
     if cfg.ref_model is not None:
-        ref = load_policy(cfg.ref_model, dtype=cfg.dtype, device=cfg.device,
-                          trust_remote_code=cfg.trust_remote_code, trainable=False)
+        ref = load_policy(cfg.ref_model, dtype=rt.frozen_dtype(cfg.dtype),
+                          device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
+                          trainable=False)
         if ref.get_input_embeddings().num_embeddings != policy.get_input_embeddings(
                 ).num_embeddings:
             raise UserError(f"--ref-model {cfg.ref_model} has a different vocabulary size than "
                             f"the policy {cfg.model}; both must share the tokenizer")
-        return with_model(disable_dropout(ref.eval().requires_grad_(False)))
+        frozen = disable_dropout(ref.eval().requires_grad_(False))
+        return with_model(rt.prepare(frozen, trainable=False))
     if cfg.lora_r is not None:
         def base_scorer(examples: Sequence[Example]) -> torch.Tensor:
             with disable_adapter(policy):
@@ -443,7 +450,8 @@ def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int) -> Scorer:
         return with_model(policy)
     import copy
 
-    return with_model(copy.deepcopy(policy).eval().requires_grad_(False))
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+    return with_model(rt.prepare(frozen, trainable=False))
 
 
 def _fingerprint(cfg: DPOConfig) -> str:
@@ -453,14 +461,14 @@ def _fingerprint(cfg: DPOConfig) -> str:
 
 
 def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
-                    splits: dict[str, list[Example]], run_dir: Path
+                    splits: dict[str, list[Example]], run_dir: Path, rt: Runtime
                     ) -> Callable[[str, Sequence[int]], torch.Tensor]:
     """``ref(split, indices) -> (b, 2)`` reference log-probs, cached unless precompute_ref=False.
 
     The cache is written to ``run_dir/ref_logps.pt`` and read back on resume (the initial policy
     no longer exists then). Call before any optimizer step.
     """
-    scorer = _reference_scorer(cfg, policy, pad_id)
+    scorer = _reference_scorer(cfg, policy, pad_id, rt)
     if not cfg.precompute_ref:
         return lambda split, idx: scorer([splits[split][i] for i in idx])
     path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg)
@@ -473,9 +481,10 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
             log.info("read cached reference log-probs from %s", path)
     if cache is None:
         cache = {name: scorer(examples) for name, examples in splits.items()}
-        tmp = path.with_name(f".tmp-{REF_CACHE}")
-        torch.save({"fingerprint": fingerprint, **cache}, tmp)
-        os.replace(tmp, path)
+        if rt.is_main:
+            tmp = path.with_name(f".tmp-{REF_CACHE}")
+            torch.save({"fingerprint": fingerprint, **cache}, tmp)
+            os.replace(tmp, path)
     return lambda split, idx: cache[split][list(idx)]
 
 
@@ -512,39 +521,51 @@ class StepResult:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    local_loss: float = 0.0
+    """This rank's share of ``loss`` (the finite check names the rank it came from)."""
 
 
-def train_step(policy: nn.Module, objective: Objective, examples: Sequence[Example],
-               ref: torch.Tensor, cfg: DPOConfig, pad_id: int) -> StepResult:
-    """Accumulate the gradient of one optimizer step over micro-batches (no optimizer call).
+def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
+               examples: Sequence[Example], ref: torch.Tensor, cfg: DPOConfig, pad_id: int
+               ) -> StepResult:
+    """Accumulate the gradient of one optimizer step over this rank's micro-batches (no
+    optimizer call); the loss and metrics returned are the whole step's, on every rank.
 
     ``ref`` (B, 2) reference log-probs of ``examples``. Each micro-batch loss is divided by the
     step's pair count (and chosen-token count), so the summed gradient equals the full batch's.
     """
     device = ref.device
     labels = _labels(examples, device)
-    z0 = objective.reference_point(policy, examples, ref, pad_id, cfg, cfg.micro_batch_size)
+    with rt.autocast():
+        z0 = objective.reference_point(policy, examples, ref, pad_id, cfg,
+                                       cfg.micro_batch_size)
     chosen_tokens = float(_completion_tokens(examples).sum())
-    total = torch.zeros((), device=device)
-    nll_total = torch.zeros((), device=device)
-    policy_logps = []
-    for mb in microbatches(range(len(examples)), cfg.micro_batch_size):
-        mb_examples = [examples[i] for i in mb]
+    seen: dict[int, torch.Tensor] = {}
+
+    def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        mb_examples = [examples[i] for i in indices]
         logps = objective.forward(policy, mb_examples, pad_id, cfg.length_normalize)  # (b, k)
-        loss, _ = objective.loss(logps, ref[mb], labels[mb], z0, cfg, len(examples))
+        loss, _ = objective.loss(logps, ref[indices], labels[indices], z0, cfg, len(examples))
+        metrics = {}
         if cfg.nll_coef:
             nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, chosen_tokens)
             loss = loss + cfg.nll_coef * nll
-            nll_total += nll.detach()
-        loss.backward()
-        total += loss.detach()
-        policy_logps.append(logps.detach())
+            metrics["nll"] = float(nll)
+        seen.update(zip(indices, logps.detach().float().cpu(), strict=True))
+        return loss, metrics
+
+    micro = rank_micro_batches(range(len(examples)), [e.n_tokens for e in examples],
+                               cfg.grad_accum, rt.rank, rt.world_size)
+    total, sums = accumulate(rt, policy, micro, loss_of)
+    reduced = rt.sum_floats(total, sums.get("nll", 0.0))
     # Metrics of the whole step at once (KTO's per-side means are not means of micro-batches).
-    logps = torch.cat(policy_logps)
+    for part in rt.gather_objects(seen):
+        seen.update(part)
+    logps = torch.stack([seen[i] for i in range(len(examples))]).to(device)
     _, metrics = objective.loss(logps, ref, labels, z0, cfg, None)
     if cfg.nll_coef:
-        metrics["nll"] = nll_total
-    return StepResult(total, metrics)
+        metrics["nll"] = torch.tensor(reduced[1])
+    return StepResult(torch.tensor(reduced[0]), metrics, local_loss=total)
 
 
 def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example],
@@ -575,11 +596,11 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
-def load_model(cfg: DPOConfig, tokenizer: Any) -> nn.Module:
-    """The policy (with fresh LoRA adapters when lora_r is set), dropout off, sized to the
-    tokenizer."""
+def load_model(cfg: DPOConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
+    """The policy in fp32 master weights (with fresh LoRA adapters when lora_r is set),
+    dropout off, sized to the tokenizer."""
     lora = None if cfg.lora_r is None else LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
-    policy = load_policy(cfg.model, dtype=cfg.dtype, device=cfg.device,
+    policy = load_policy(cfg.model, dtype=rt.weights_dtype(cfg.dtype), device=str(rt.device),
                          trust_remote_code=cfg.trust_remote_code, lora=lora)
     match_tokenizer(policy, tokenizer)
     return disable_dropout(policy)
@@ -587,7 +608,14 @@ def load_model(cfg: DPOConfig, tokenizer: Any) -> nn.Module:
 
 def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary (also written to ``cfg.out/summary.json``)."""
+    with runtime_for(cfg, cfg.device) as rt:
+        return _train(cfg, rt)
+
+
+def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     objective = OBJECTIVES[cfg.loss]
+    rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
+    rt.check_merge_lora(cfg.merge_lora)
     # Pad must differ from EOS (or be added): the EOS would be masked as padding otherwise.
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                add_pad_token=cfg.add_pad_token, padding_side="right",
@@ -596,14 +624,14 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     splits = {"train": load_examples(cfg.data, cfg, objective, tokenizer)}
     if cfg.eval_data is not None:
         splits["eval"] = load_examples(cfg.eval_data, cfg, objective, tokenizer)
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
-    policy = load_model(cfg, tokenizer)
-    device = next(policy.parameters()).device
-    ref = reference_logps(cfg, policy, pad_id, splits, run.out)  # before any update
+    policy = load_model(cfg, tokenizer, rt)
+    ref = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before any update
     train = splits["train"]
 
+    policy = rt.prepare(policy)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     # Similar-length pairs share a batch: padding (wasted compute) drops to a few percent.
@@ -612,7 +640,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     step = 0
     ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
-                       schedulers={"policy": sched})
+                       schedulers={"policy": sched}, runtime=rt)
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
@@ -622,19 +650,14 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         while step < total_steps:
             idx = sampler.next_batch()
             batch = [train[i] for i in idx]
-            optimizer.zero_grad(set_to_none=True)
-            result = train_step(policy, objective, batch, ref("train", idx).to(device), cfg,
-                                pad_id)
-            check_finite(result.loss, step + 1, run=run)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            check_finite(grad_norm, step + 1, name="grad_norm", run=run)
-            optimizer.step()
-            sched.step()
+            result = train_step(rt, policy, objective, batch, ref("train", idx).to(rt.device),
+                                cfg, pad_id)
+            grad_norm = rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step + 1,
+                                          loss=result.local_loss, run=run, scheduler=sched)
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(e.n_tokens for e in batch))
             if step % cfg.log_every == 0 or step == total_steps:
-                metrics = {"loss": float(result.loss), "grad_norm": float(grad_norm),
+                metrics = {"loss": float(result.loss), "grad_norm": grad_norm,
                            "lr": sched.get_last_lr()[0],
                            "epoch": sampler.epoch + sampler.position / sampler.batches_per_epoch,
                            **{k: float(v) for k, v in result.metrics.items()}}
@@ -644,13 +667,14 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
                 save_checkpoint(run, step, models={"policy": policy},
                                 optimizers={"policy": optimizer},
                                 schedulers={"policy": sched},
-                                sampler_state=sampler.state_dict())
+                                sampler_state=sampler.state_dict(), runtime=rt)
 
     figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train),
                                "reference": "cached" if cfg.precompute_ref else "on-the-fly"}
     if "eval" in splits:
-        eval_ref = ref("eval", range(len(splits["eval"]))).to(device)
-        figures.update(_finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg,
-                                        pad_id)))
-    save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+        eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device)
+        with rt.autocast():
+            figures.update(_finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg,
+                                            pad_id)))
+    rt.save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     return run.write_summary(figures)

@@ -46,20 +46,23 @@ from rewardloop.models import (
     load_reward_model,
     load_tokenizer,
     match_tokenizer,
-    resolve_device,
-    save_model,
 )
 from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
-from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
+from rewardloop.train.data import (
+    SCHEDULES,
+    LengthGroupedSampler,
+    rank_micro_batches,
+    scheduler,
+)
 from rewardloop.train.run import (
     RunDir,
     adamw,
-    check_finite,
     progress_bar,
     save_checkpoint,
     seed_everything,
 )
-from rewardloop.train.sft import split_micro
+from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.train.tokenize import Encoded, collate, encode
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,7 @@ LENGTH_CORRELATION_WARNING = 0.5
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(RuntimeOptions):
     """Options of ``rewardloop train rm``."""
 
     model: str
@@ -110,9 +113,11 @@ class RewardConfig:
     max_steps: int | None = None
     """Optimizer steps to take; None runs ``epochs`` passes."""
     batch_size: int = 16
-    """Comparisons (pairs or rankings) per optimizer step, over all micro-batches."""
+    """Comparisons (pairs or rankings) per optimizer step, over all micro-batches and all
+    processes (the global batch)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; must divide batch_size."""
+    """Micro-batches per optimizer step in each process; processes x grad_accum must divide
+    batch_size."""
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -158,6 +163,7 @@ class RewardConfig:
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
+        self.check_runtime()
         if self.data_format is not None and self.data_format not in (
                 PAIRWISE_FORMATS + RANKING_FORMATS):
             raise ValueError(f"data_format must be one of "
@@ -414,27 +420,22 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     return loss, metrics
 
 
-def accumulate_gradients(model: nn.Module, objective: Objective, items: Sequence[Comparison],
-                         batch: Sequence[int], cfg: RewardConfig, pad_id: int,
-                         device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-    """Backward of one optimizer step's loss over ``cfg.grad_accum`` micro-batches.
+def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
+               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device
+               ) -> MicroLoss:
+    """The loss of one micro-batch of the step ``batch``: divided by the summed weight (and
+    count) of the WHOLE step's comparisons, so the accumulated gradient is the one-big-batch
+    gradient. Metrics come back as sums over the micro-batch's comparisons."""
+    step_weight = max(sum(items[i].weight for i in batch), 1e-12)
 
-    Every micro-batch divides by the summed weight (and count) of the WHOLE step's comparisons,
-    so the accumulated gradient is the one-big-batch gradient. Returns (loss, mean metrics).
-    """
-    step_weight = sum(items[i].weight for i in batch)
-    step_loss = torch.zeros((), device=device)
-    step_metrics: dict[str, float] = defaultdict(float)
-    for micro in split_micro(batch, {i: items[i].n_tokens for i in batch}, cfg.grad_accum):
-        mb = [items[i] for i in micro]
+    def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        mb = [items[i] for i in indices]
         scores, ranks = score_comparisons(model, mb, pad_id, device)
-        loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg,
-                                        max(step_weight, 1e-12), len(batch))
-        loss.backward()
-        step_loss += loss.detach()
-        for key, value in metrics.items():
-            step_metrics[key] += float(value) * len(mb) / len(batch)
-    return step_loss, dict(step_metrics)
+        loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
+                                        len(batch))
+        return loss, {k: float(v) * len(mb) for k, v in metrics.items()}
+
+    return loss_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,10 +556,11 @@ def load_tokenizer_for(cfg: RewardConfig) -> Any:
                           chat_template=cfg.chat_template)
 
 
-def load_model(cfg: RewardConfig, tokenizer: Any) -> nn.Module:
-    """The reward model: K fresh heads for an ensemble, LoRA when asked."""
-    model = load_reward_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                              trust_remote_code=cfg.trust_remote_code,
+def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
+    """The reward model in fp32 master weights: K fresh heads for an ensemble, LoRA when
+    asked."""
+    model = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
+                              device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)
     if cfg.ensemble > 1:
@@ -582,9 +584,16 @@ def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
 
 
-def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
+def train_rm(cfg: RewardConfig) -> dict[str, Any]:
     """Train a reward model; returns the summary written to ``summary.json``."""
+    with runtime_for(cfg, cfg.device) as rt:
+        return _train(cfg, rt)
+
+
+def _train(cfg: RewardConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
     # Data first: a refused file must not leave a half-made run directory behind.
+    rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
+    rt.check_merge_lora(cfg.merge_lora)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
     objective_name, items = read_comparisons(cfg.data, tokenizer, cfg)
@@ -596,11 +605,10 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
     weights, flagged, groups = annotator_info(cfg)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer)
-    device = resolve_device(cfg.device)
+    model = load_model(cfg, tokenizer, rt)
     objective = OBJECTIVES[objective_name]
     lengths = [c.n_tokens for c in items]
     sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
@@ -608,11 +616,12 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
     log.info("rm: %d comparisons (%s), %d steps", len(items), objective_name, total_steps)
 
     model.train()
+    model = rt.prepare(model)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"reward": model}, optimizers={"reward": optimizer},
-                       schedulers={"reward": sched})
+                       schedulers={"reward": sched}, runtime=rt)
     step = 0
     if ckpt is not None:
         step = ckpt.step
@@ -620,36 +629,36 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
-            step_loss, step_metrics = accumulate_gradients(model, objective, items, batch, cfg,
-                                                           pad_id, device)
-            check_finite(step_loss, step + 1, run=run)
-            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.zeros(()))
-            optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = accumulate_and_step(
+                rt, model, optimizer, params,
+                rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
+                micro_loss(model, objective, items, batch, cfg, pad_id, rt.device),
+                max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(lengths[i] for i in batch))
             if step % cfg.log_every == 0 or step == total_steps:
-                run.log_metrics(step, {"loss": step_loss, "grad_norm": grad_norm,
+                run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
                                        "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
-                                       **step_metrics})
+                                       **{k: v / len(batch)
+                                          for k, v in out.metric_sums.items()}})
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"reward": model},
                                 optimizers={"reward": optimizer}, schedulers={"reward": sched},
-                                sampler_state=sampler.state_dict())
-            show(step, f"loss {float(step_loss):.3f}")
+                                sampler_state=sampler.state_dict(), runtime=rt)
+            show(step, f"loss {out.loss:.3f}")
 
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
-    stats_scores = score_all(model, stats_items, pad_id, device, cfg.eval_batch_size)
+    with rt.autocast():
+        stats_scores = score_all(model, stats_items, pad_id, rt.device, cfg.eval_batch_size)
     figures: dict[str, Any] = {}
     if eval_items:
         figures = evaluate(eval_name, eval_items, stats_scores, cfg, groups)
         run.log_metrics(step, {k: v for k, v in figures.items() if isinstance(v, float)})
     stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
              "max_prompt_length": cfg.max_prompt_length}
-    model = save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
-    _write_stats(run.model_dir, stats)
+    rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+    if rt.is_main:
+        _write_stats(run.model_dir, stats)
     return run.write_summary({
         **figures, "objective": objective_name, "ensemble": cfg.ensemble,
         "train_comparisons": len(items), "dropped_flagged": n_read - len(items),

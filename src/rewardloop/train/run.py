@@ -143,39 +143,52 @@ class RunDir:
     """
 
     def __init__(self, out: Path | str, config: Any, *, resume: bool = False,
-                 overwrite: bool = False, report_to: Sequence[str] = ()) -> None:
+                 overwrite: bool = False, runtime: Any = None,
+                 report_to: Sequence[str] = ()) -> None:
+        """``runtime`` (a ``train.runtime.Runtime``): every rank checks the directory, rank 0
+        alone changes it, and the others wait for that; only rank 0 writes metrics and reports
+        them to the trackers named in ``report_to``."""
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         check_report_to(report_to)  # a missing package must not leave a half-made run behind
         self.out = Path(out)
         self.resume = resume
-        self._prepare(overwrite)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.checkpoints_dir.mkdir(exist_ok=True)
-        if resume:
-            # A resumed run is unfinished until it writes a new summary.
-            (self.out / "summary.json").unlink(missing_ok=True)
+        self.main = runtime is None or runtime.is_main
+        delete = self._check(overwrite)  # on every rank: all refuse alike, none waits
+        if runtime is not None:
+            runtime.barrier()
         resolved = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
-        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         self.config = resolved
         self.config_type = "" if isinstance(config, Mapping) else type(config).__name__
+        if self.main:
+            if delete:
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.checkpoints_dir.mkdir(exist_ok=True)
+            if resume:
+                # A resumed run is unfinished until it writes a new summary.
+                (self.out / "summary.json").unlink(missing_ok=True)
+            atomic_write_text(self.out / "config.yaml",
+                              yaml.safe_dump(resolved, sort_keys=False))
+        if runtime is not None:
+            runtime.barrier()
         self.meter = ThroughputMeter()
-        self.trackers = open_trackers(report_to, self.out, resolved)
+        self.trackers = open_trackers(report_to, self.out, resolved) if self.main else []
 
-    def _prepare(self, overwrite: bool) -> None:
+    def _check(self, overwrite: bool) -> bool:
+        """UserError when ``out`` may not be used; True when it must be deleted first."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a directory")
         if not out.is_dir() or not any(out.iterdir()) or self.resume:
-            return
+            return False
         is_run = any((out / name).exists()
                      for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints"))
         if overwrite:
             if not is_run:
                 raise UserError(f"--out {out} is not empty and is not a rewardloop run "
                                 "directory; refusing to delete it, choose another --out")
-            shutil.rmtree(out)
-            return
+            return True
         if (out / "summary.json").exists():
             raise UserError(f"--out {out} holds a finished run; pass --overwrite to replace it "
                             "or choose another directory")
@@ -196,7 +209,9 @@ class RunDir:
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append ``{"step": step, **metrics}`` as one JSON line, flushed at once, and send
-        its numbers to the trackers under the same names."""
+        its numbers to the trackers under the same names (rank 0)."""
+        if not self.main:
+            return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -227,9 +242,14 @@ class RunDir:
 
     def write_summary(self, figures: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``summary.json`` atomically (throughput, peak memory and ``figures``), complete
-        the model cards of the saved models with them, and end the trackers' runs."""
+        the model cards of the saved models with them, and end the trackers' runs.
+
+        Every rank gets the summary back; only rank 0 writes it.
+        """
         summary: dict[str, Any] = {**self.meter.summary(), **peak_memory_mb()}
         summary.update({k: _plain(v) for k, v in (figures or {}).items()})
+        if not self.main:
+            return summary
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         card = info_from_run(self.config, self.config_type, summary)
         for model_dir in self.saved_models():
@@ -241,7 +261,8 @@ class RunDir:
 
     def restore(self, *, models: Mapping[str, nn.Module],
                 optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
-                schedulers: Mapping[str, Any] | None = None) -> Checkpoint | None:
+                schedulers: Mapping[str, Any] | None = None, runtime: Any = None
+                ) -> Checkpoint | None:
         """With ``resume``, load the latest complete checkpoint into the given objects.
 
         Returns None for a fresh run (or a resumed one without checkpoints: it starts over).
@@ -251,10 +272,11 @@ class RunDir:
         latest = latest_checkpoint(self)
         if latest is None:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", self.out)
-            self.truncate_metrics(0)
+            if self.main:
+                self.truncate_metrics(0)
             return None
         return load_checkpoint(self, latest, models=models, optimizers=optimizers,
-                               schedulers=schedulers)
+                               schedulers=schedulers, runtime=runtime)
 
 def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``params``, as one fused kernel where torch has one for them (CPU and CUDA

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,18 +36,22 @@ from rewardloop.models import (
     load_policy,
     load_tokenizer,
     match_tokenizer,
-    resolve_device,
-    save_model,
 )
-from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
+from rewardloop.train.data import (
+    SCHEDULES,
+    LengthGroupedSampler,
+    rank_micro_batches,
+    scheduler,
+)
 from rewardloop.train.run import (
     RunDir,
     adamw,
-    check_finite,
     progress_bar,
     save_checkpoint,
     seed_everything,
 )
+from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.train.tokenize import Encoded, encode_sft, pad
 
 log = logging.getLogger(__name__)
@@ -55,7 +59,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(RuntimeOptions):
     """Options of ``rewardloop train sft``."""
 
     model: str
@@ -78,9 +82,11 @@ class SFTConfig:
     max_steps: int | None = None
     """Optimizer steps to take; None runs ``epochs`` passes."""
     batch_size: int = 16
-    """Examples (packed rows with packing) per optimizer step, over all micro-batches."""
+    """Examples (packed rows with packing) per optimizer step, over all micro-batches and all
+    processes (the global batch)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; must divide batch_size."""
+    """Micro-batches per optimizer step in each process; processes x grad_accum must divide
+    batch_size."""
     lr: float = 2e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -128,6 +134,7 @@ class SFTConfig:
     """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
+        self.check_runtime()
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise ValueError("epochs and max_steps must be at least 1")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -244,18 +251,6 @@ def collate_rows(rows: Sequence[Row], examples: Sequence[Encoded], pad_id: int,
     return batch
 
 
-def split_micro(indices: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
-                n_micro: int) -> list[list[int]]:
-    """Cut one step's indices into ``n_micro`` equal micro-batches of similar lengths.
-
-    Sorting inside the step changes which rows share a micro-batch, not the step's summed
-    gradient, and keeps padding low in every micro-batch.
-    """
-    ordered = sorted(indices, key=lambda i: -lengths[i])
-    size = math.ceil(len(ordered) / n_micro)
-    return [ordered[k:k + size] for k in range(0, len(ordered), size)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
@@ -274,40 +269,50 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], global_tokens: f
     return loss
 
 
-def accumulate_gradients(model: nn.Module, batch_rows: Sequence[int], rows: Sequence[Row],
-                         examples: Sequence[Encoded], cfg: SFTConfig, pad_id: int,
-                         device: torch.device) -> tuple[torch.Tensor, int]:
-    """Backward of one optimizer step's loss over ``cfg.grad_accum`` micro-batches.
+def step_targets(batch_rows: Sequence[int], rows: Sequence[Row], examples: Sequence[Encoded],
+                 train_on_prompt: bool) -> int:
+    """Target tokens of one optimizer step's rows (all ranks' rows: the global count)."""
+    return sum(sum(target_mask(examples[i], train_on_prompt))
+               for r in batch_rows for i in rows[r].examples)
 
-    Each micro-batch's summed token NLL is divided by the target tokens of the WHOLE step, so
-    the accumulated gradient is the one-big-batch token mean. Returns (step loss, targets).
-    """
-    n_targets = sum(sum(target_mask(examples[i], cfg.train_on_prompt))
-                    for r in batch_rows for i in rows[r].examples)
-    lengths = {r: rows[r].length for r in batch_rows}
-    step_loss = torch.zeros((), device=device)
-    for micro in split_micro(batch_rows, lengths, cfg.grad_accum):
-        batch = collate_rows([rows[i] for i in micro], examples, pad_id, cfg.train_on_prompt,
+
+def micro_loss(model: nn.Module, rows: Sequence[Row], examples: Sequence[Encoded],
+               cfg: SFTConfig, pad_id: int, device: torch.device, n_targets: int) -> MicroLoss:
+    """The loss of one micro-batch of ``rows``: its summed target NLL / the step's
+    ``n_targets`` (so the accumulated gradient is the one-big-batch token mean)."""
+    def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = collate_rows([rows[i] for i in indices], examples, pad_id, cfg.train_on_prompt,
                              cfg.packing)
-        loss = token_nll(model, {k: v.to(device) for k, v in batch.items()}, max(n_targets, 1))
-        loss.backward()
-        step_loss += loss.detach()
-    return step_loss, n_targets
+        return token_nll(model, {k: v.to(device) for k, v in batch.items()}, n_targets), {}
+
+    return loss_of
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Encoded], cfg: SFTConfig, pad_id: int,
-             device: torch.device) -> dict[str, float]:
-    """Token-mean NLL of the eval targets (``eval_loss``) and ``eval_perplexity`` = exp of it."""
+             rt: Runtime) -> dict[str, float]:
+    """Token-mean NLL of the eval targets (``eval_loss``) and ``eval_perplexity`` = exp of it.
+
+    Every rank scores its share of the batches (the same number of forward passes on each,
+    which FSDP needs) and the summed NLL is all-reduced.
+    """
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total = sum(sum(target_mask(e, cfg.train_on_prompt)) for e in examples)
+    starts = list(range(0, len(order), cfg.eval_batch_size))
+    n_real = len(starts)
+    starts += [0] * (-n_real % rt.world_size)  # fillers, so every rank runs as many passes
     nll = 0.0
-    for start in range(0, len(order), cfg.eval_batch_size):
-        rows = [Row((i,), len(examples[i])) for i in order[start:start + cfg.eval_batch_size]]
+    for k in range(rt.rank, len(starts), rt.world_size):
+        chunk = order[starts[k]:starts[k] + cfg.eval_batch_size]
+        rows = [Row((i,), len(examples[i])) for i in chunk]
         batch = collate_rows(rows, examples, pad_id, cfg.train_on_prompt, packed=False)
-        nll += float(token_nll(model, {k: v.to(device) for k, v in batch.items()}, total))
+        with rt.autocast():
+            value = float(token_nll(model, {k: v.to(rt.device) for k, v in batch.items()},
+                                    total))
+        nll += value if k < n_real else 0.0
+    nll = rt.sum_floats(nll)[0]
     model.train(was_training)
     return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 700.0))}
 
@@ -326,27 +331,34 @@ def load_tokenizer_for(cfg: SFTConfig) -> Any:
                           chat_template=cfg.chat_template)
 
 
-def load_model(cfg: SFTConfig, tokenizer: Any) -> nn.Module:
-    """The policy, with fresh LoRA adapters when asked, its embeddings matched to ``tokenizer``."""
+def load_model(cfg: SFTConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
+    """The policy in fp32 master weights, with fresh LoRA adapters when asked, its embeddings
+    matched to ``tokenizer``."""
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
-    model = load_policy(cfg.model, dtype=cfg.dtype, device=cfg.device,
+    model = load_policy(cfg.model, dtype=rt.weights_dtype(cfg.dtype), device=str(rt.device),
                         trust_remote_code=cfg.trust_remote_code, lora=lora)
     match_tokenizer(model, tokenizer)
     return model
 
 
-def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
+def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run supervised fine-tuning; returns the summary written to ``summary.json``."""
+    with runtime_for(cfg, cfg.device) as rt:
+        return _train(cfg, rt)
+
+
+def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
     # Data first: a refused file must not leave a half-made run directory behind.
+    rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
+    rt.check_merge_lora(cfg.merge_lora)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
     examples = read_sft(cfg.data, tokenizer, cfg)
     eval_examples = read_sft(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else []
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer)
-    device = resolve_device(cfg.device)
+    model = load_model(cfg, tokenizer, rt)
     rows = make_rows(examples, cfg)
     row_lengths = [r.length for r in rows]
     sampler = LengthGroupedSampler(row_lengths, cfg.batch_size, cfg.seed)
@@ -354,11 +366,12 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
     log.info("sft: %d examples in %d rows, %d steps", len(examples), len(rows), total_steps)
 
     model.train()
+    model = rt.prepare(model)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"policy": model}, optimizers={"policy": optimizer},
-                       schedulers={"policy": sched})
+                       schedulers={"policy": sched}, runtime=rt)
     step = 0
     if ckpt is not None:
         step = ckpt.step
@@ -367,32 +380,31 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read t
     with progress_bar(total_steps, "sft", start=step) as show:
         while step < total_steps:
             batch_rows = sampler.next_batch()
-            step_loss, n_targets = accumulate_gradients(model, batch_rows, rows, examples, cfg,
-                                                        pad_id, device)
-            check_finite(step_loss, step + 1, run=run)
-            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.zeros(()))
-            optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
+            n_targets = max(step_targets(batch_rows, rows, examples, cfg.train_on_prompt), 1)
+            out = accumulate_and_step(
+                rt, model, optimizer, params,
+                rank_micro_batches(batch_rows, row_lengths, cfg.grad_accum, rt.rank,
+                                   rt.world_size),
+                micro_loss(model, rows, examples, cfg, pad_id, rt.device, n_targets),
+                max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
             step += 1
             run.meter.step(samples=sum(len(rows[i].examples) for i in batch_rows),
                            tokens=sum(row_lengths[i] for i in batch_rows))
             if step % cfg.log_every == 0 or step == total_steps:
-                run.log_metrics(step, {"loss": step_loss, "grad_norm": grad_norm,
+                run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
                                        "lr": sched.get_last_lr()[0], "target_tokens": n_targets,
                                        "epoch": sampler.epoch})
             if eval_examples and cfg.eval_every and step % cfg.eval_every == 0:
-                figures = evaluate(model, eval_examples, cfg, pad_id, device)
+                figures = evaluate(model, eval_examples, cfg, pad_id, rt)
                 run.log_metrics(step, figures)
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"policy": model},
                                 optimizers={"policy": optimizer}, schedulers={"policy": sched},
-                                sampler_state=sampler.state_dict())
-            show(step, f"loss {float(step_loss):.3f}")
+                                sampler_state=sampler.state_dict(), runtime=rt)
+            show(step, f"loss {out.loss:.3f}")
     if eval_examples:
-        figures = evaluate(model, eval_examples, cfg, pad_id, device)
+        figures = evaluate(model, eval_examples, cfg, pad_id, rt)
         run.log_metrics(step, figures)
-    save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+    rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     return run.write_summary({**figures, "train_examples": len(examples),
                               "packed_rows": len(rows) if cfg.packing else None})

@@ -1,0 +1,132 @@
+"""``rewardloop train ... --nproc N``: start N processes of the same command on this machine.
+
+Each child is ``python -m rewardloop <the same arguments>`` with torch.distributed's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port), exactly what
+``torchrun --standalone --nproc-per-node N -m rewardloop ...`` gives it, so the trainer code is
+the same under both. The launcher watches the children: when one exits with an error the others
+are stopped (after a short grace period, so that an error every rank agreed on is reported by
+each), and the launcher exits with that child's status naming its rank (3 for a NaN, 2 for a
+user error). Several machines use torchrun's rendezvous flags instead (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import typer
+
+from rewardloop.options import RuntimeOptions, field_docs
+
+GRACE_S = 10.0
+
+
+def _doc(name: str) -> str:
+    return field_docs(RuntimeOptions)[name]
+
+
+STRATEGY = typer.Option(None, "--strategy", help=_doc("strategy"))
+PRECISION = typer.Option(None, "--precision", help=_doc("precision"))
+GRADIENT_CHECKPOINTING = typer.Option(False, "--gradient-checkpointing",
+                                      help=_doc("gradient_checkpointing"))
+DIST_TIMEOUT = typer.Option(None, "--dist-timeout", help=_doc("dist_timeout"))
+NPROC = typer.Option(None, "--nproc", help="Start this many processes on this machine, one per "
+                     "GPU (or CPU share), with the same options (the same as torchrun "
+                     "--standalone --nproc-per-node N -m rewardloop ...). --batch-size stays "
+                     "the global batch. Several machines: docs/distributed.md.")
+
+
+def runtime_flags(strategy: str | None, precision: str | None, gradient_checkpointing: bool,
+                  dist_timeout: int | None, nproc: int | None) -> dict[str, object]:
+    """The runtime options as config overrides. ``--nproc`` is taken off the command line
+    before parsing (``main``); reaching a command means it was called in-process."""
+    if nproc is not None and nproc > 1:
+        raise typer.BadParameter("--nproc works from the rewardloop command (or use torchrun)",
+                                 param_hint="--nproc")
+    return {"strategy": strategy, "precision": precision,
+            "gradient_checkpointing": True if gradient_checkpointing else None,
+            "dist_timeout": dist_timeout}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def take_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """(N, the arguments without ``--nproc N``); N is None when the flag is absent."""
+    rest, nproc = [], None
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1] if "=" in arg else (
+                argv[i + 1] if i + 1 < len(argv) else "")
+            if "=" not in arg:
+                next(it, None)
+            if not value.isdigit() or int(value) < 1:
+                typer.echo(f"error: --nproc needs a whole number >= 1, got {value!r}", err=True)
+                raise SystemExit(2)
+            nproc = int(value)
+            continue
+        rest.append(arg)
+    return nproc, rest
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``rewardloop *args`` in ``nproc`` processes; the exit status of the run."""
+    if "WORLD_SIZE" in os.environ:
+        typer.echo("error: --nproc inside an already launched process (torchrun or --nproc); "
+                   "give one or the other", err=True)
+        return 2
+    port = free_port()
+    children = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        # Each process would otherwise start one thread per core: N x cores threads fighting.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # The user's own command line, run again by the same interpreter: no shell.
+        command = [sys.executable, "-m", "rewardloop", *args]
+        children.append(subprocess.Popen(command, env=env))  # noqa: S603
+    try:
+        return _watch(children)
+    except KeyboardInterrupt:
+        _stop(children)
+        return 130
+
+
+def _watch(children: list[subprocess.Popen[bytes]]) -> int:
+    while True:
+        codes = [c.poll() for c in children]
+        failed = [(r, code) for r, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            deadline = time.monotonic() + GRACE_S
+            while time.monotonic() < deadline and any(c.poll() is None for c in children):
+                time.sleep(0.1)
+            _stop(children)
+            rank, code = failed[0]
+            reason = f"signal {-code}" if code < 0 else f"status {code}"
+            typer.echo(f"error: rank {rank} of {len(children)} exited with {reason}; "
+                       "the other processes were stopped", err=True)
+            return code if code > 0 else 1
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()

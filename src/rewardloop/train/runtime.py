@@ -1,0 +1,383 @@
+"""THE training runtime: one process or many, the same trainer code.
+
+Every trainer (sft, rm, dpo, grpo/rloo/reinforce++, ppo) builds one ``Runtime`` and lets it do
+what depends on the scale it runs at:
+
+- **processes**: rank and world size come from torch.distributed's environment (``torchrun``,
+  ``rewardloop ... --nproc N`` or a Ray actor); with one process nothing is initialised;
+- **strategy**: ``ddp`` (a full replica per rank, gradients all-reduced) or ``fsdp`` (FSDP2:
+  ``fully_shard`` on every decoder layer, then on the whole model, so parameters, gradients and
+  optimizer state are sharded); frozen models are sharded the same way under fsdp;
+- **precision**: weights, gradients, their reduction and the optimizer state stay fp32 (master
+  weights); ``bf16``/``fp16`` only change the compute (autocast in one process or under DDP,
+  FSDP2's ``MixedPrecisionPolicy`` when sharded). AdamW on bf16 weights rounds away any update
+  under ~0.4% of a weight, which at RL learning rates is most of them;
+- **one optimizer step** (``optimizer_step``): unscale, clip, the real grad norm (also with
+  clipping off), a finite check every rank agrees on, step, zero_grad.
+
+Gradient accumulation: call ``sync_gradients(model, last)`` before each micro-batch's forward
+(only the step's last micro-batch all-reduces) and ``backward(loss)`` after it. The losses are
+normalised by GLOBAL counts (tokens or sequences of the whole step on all ranks), so each rank's
+loss is its share of the global loss; DDP and FSDP average gradients over ranks, so ``backward``
+multiplies by the world size to turn that average back into the sum. N processes then take
+exactly the step one process would (``tests/invariants/test_distributed.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rewardloop.errors import TrainingError, UserError
+from rewardloop.options import PRECISIONS, STRATEGIES, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+class Runtime:
+    """Rank, device, strategy and precision of this process (see the module docstring)."""
+
+    def __init__(self, options: RuntimeOptions, device: str = "auto") -> None:
+        self.world_size = _env_int("WORLD_SIZE", 1)
+        self.rank = _env_int("RANK", 0)
+        self.local_rank = _env_int("LOCAL_RANK", 0)
+        self.device = self._device(device)
+        self.strategy = self._strategy(options.strategy)
+        self.precision = self._precision(options.precision)
+        self.gradient_checkpointing = options.gradient_checkpointing
+        self.timeout_s = options.dist_timeout
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self._mesh: Any = None
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
+            log.info("rank %d of %d on %s (%s, %s)", self.rank, self.world_size, self.device,
+                     self.strategy, self.precision)
+
+    # -- resolution of the options -----------------------------------------------------------
+
+    def _device(self, device: str) -> torch.device:
+        from rewardloop.models import resolve_device
+
+        dev = resolve_device(device)
+        if dev.type == "cuda" and self.world_size > 1:
+            if torch.cuda.device_count() <= self.local_rank:
+                raise UserError(f"local rank {self.local_rank} has no GPU: "
+                                f"{torch.cuda.device_count()} visible on this machine")
+            return torch.device("cuda", self.local_rank)
+        return dev
+
+    def _strategy(self, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            raise UserError(f"--strategy must be one of {list(STRATEGIES)}")
+        if self.world_size == 1:
+            if strategy == "fsdp":
+                raise UserError("--strategy fsdp shards the model over several processes; with "
+                                "one process use the default, or launch several with --nproc N "
+                                "or torchrun")
+            return "none"
+        return "ddp" if strategy == "auto" else strategy
+
+    def _precision(self, precision: str) -> str:
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {list(PRECISIONS)}")
+        on_gpu = self.device.type == "cuda"
+        if precision == "auto":
+            return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+        if precision == "fp16" and not on_gpu:
+            raise UserError("--precision fp16 needs a CUDA GPU (its gradient scaler and fast "
+                            "kernels are GPU-only); use bf16 or fp32 on the CPU")
+        return precision
+
+    # -- who am I -----------------------------------------------------------------------------
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes metrics, samples, summaries and the final model."""
+        return self.rank == 0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _COMPUTE_DTYPES[self.precision]
+
+    def weights_dtype(self, requested: str) -> str:
+        """The dtype to load TRAINED weights in: fp32 master weights unless the user asked for
+        another one explicitly (then it is theirs, with a warning when updates will round)."""
+        if requested == "auto":
+            return "float32"
+        if requested in ("bfloat16", "float16"):
+            log.warning("--dtype %s keeps the trained weights themselves in half precision: "
+                        "AdamW updates under ~0.4%% of a weight round away. Leave --dtype auto "
+                        "and use --precision bf16 for fp32 master weights.", requested)
+        return requested
+
+    def frozen_dtype(self, requested: str) -> str:
+        """The dtype of frozen models (reference, reward models): the compute precision."""
+        if requested != "auto":
+            return requested
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.precision]
+
+    # -- collectives ---------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max/min) of ``value`` over ranks, returned on the value's own device."""
+        if not self.distributed:
+            return value
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        out = value.detach().clone().to(self._comm_device)
+        dist.all_reduce(out, op=ops[op])
+        return out.to(value.device)
+
+    def sum_floats(self, *values: float) -> list[float]:
+        """Sums over ranks of a few numbers (global token and sequence counts), one collective."""
+        tensor = torch.tensor(values, dtype=torch.float64)
+        return self.all_reduce(tensor).tolist()
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """``value`` of every rank, in rank order (small Python objects: metrics, texts)."""
+        if not self.distributed:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous share of ``items`` (the caller made the count divisible)."""
+        size = len(items) // self.world_size
+        return list(items[self.rank * size:(self.rank + 1) * size])
+
+    def check_divisible(self, count: int, what: str) -> None:
+        """UserError unless ``count`` splits evenly over the ranks."""
+        if count % self.world_size:
+            raise UserError(f"{what} ({count}) must be a multiple of the number of processes "
+                            f"({self.world_size}) so that every process gets the same share")
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, *, trainable: bool = True) -> nn.Module:
+        """Checkpointing, then DDP / FSDP2 wrapping; frozen models are sharded under fsdp only.
+
+        The returned module is what the loop calls; ``unwrap`` gives the HF model back.
+        """
+        if trainable and self.gradient_checkpointing:
+            _enable_checkpointing(model)
+        if self.strategy == "fsdp":
+            return self._fully_shard(model)
+        if self.strategy == "ddp" and trainable:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _fully_shard(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self._mesh is None:
+            self._mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype,
+                                      reduce_dtype=torch.float32)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=self._mesh, mp_policy=policy)
+        fully_shard(model, mesh=self._mesh, mp_policy=policy)
+        return model
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The module under a DDP wrapper (FSDP2 keeps the model's own class)."""
+        return model.module if hasattr(model, "module") and isinstance(
+            model, torch.nn.parallel.DistributedDataParallel) else model
+
+    def save_model(self, model: nn.Module, tokenizer: Any, out_dir: Any, *,
+                   merge_lora: bool = False) -> None:
+        """``models.save_model`` of the whole model by rank 0 (FSDP shards are gathered on
+        every rank first: a rank that sent while others still gathered would hang)."""
+        from rewardloop.models import save_model
+
+        inner = self.unwrap(model)
+        state = None
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            state = get_model_state_dict(model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            save_model(inner, tokenizer, out_dir, merge_lora=merge_lora, state_dict=state)
+        self.barrier()
+
+    def check_merge_lora(self, merge_lora: bool) -> None:
+        """--merge-lora folds adapters into full weights, which FSDP never holds in one place."""
+        if merge_lora and self.strategy == "fsdp":
+            raise UserError("--merge-lora does not work with --strategy fsdp (no process holds "
+                            "the full weights); save the adapter and merge it afterwards, or "
+                            "use --strategy ddp")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Reduced-precision compute for forward passes (a no-op in fp32 and under FSDP2,
+        whose policy casts the parameters itself)."""
+        if self.precision == "fp32" or self.strategy == "fsdp":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def sync_gradients(self, model: nn.Module, last: bool) -> None:
+        """Before a micro-batch's forward: all-reduce its gradients only if it is the step's
+        last (accumulating micro-batches locally saves (n - 1) all-reduces a step)."""
+        if self.strategy == "ddp":
+            model.require_backward_grad_sync = last  # type: ignore[assignment]
+        elif self.strategy == "fsdp":
+            model.set_requires_gradient_sync(last)  # type: ignore[operator]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's share of a globally normalised loss (see module docstring)."""
+        if self.world_size > 1:
+            loss = loss * self.world_size
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                       max_grad_norm: float, *, step: int, loss: torch.Tensor | float,
+                       run: Any = None, scheduler: Any = None) -> float:
+        """Clip, check, step and zero the gradients; returns the global grad norm before
+        clipping (the real one, also when ``max_grad_norm`` is 0: no clipping).
+
+        A NaN or infinite loss or grad norm on ANY rank stops every rank with the same
+        TrainingError (exit 3) before the weights change; the last checkpoint stays good.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        norm = nn.utils.clip_grad_norm_(list(params),
+                                        max_grad_norm if max_grad_norm > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        grad_norm = float(norm)
+        loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        # Row 0: this rank's loss; row 1: the grad norm (under fp16 an infinite grad norm is
+        # the scaler's business: it skips the step). A NaN in one rank's loss reaches every
+        # rank's gradient through the all-reduce, so the loss row names where it started.
+        bad = torch.zeros(2, self.world_size, dtype=torch.float64)
+        bad[0, self.rank] = float(not math.isfinite(loss_value))
+        bad[1, self.rank] = float(self.scaler is None and not math.isfinite(grad_norm))
+        bad = self.all_reduce(bad)
+        if bad.any():
+            row = bad[0] if bad[0].any() else bad[1]
+            ranks = [r for r in range(self.world_size) if row[r] > 0]
+            what = f"loss {loss_value}, grad norm {grad_norm}"
+            raise TrainingError(self._nan_message(ranks, what, step, run))
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _nan_message(self, ranks: list[int], what: str, step: int, run: Any) -> str:
+        from rewardloop.train.checkpoint import latest_checkpoint
+
+        where = f" on rank {', '.join(map(str, ranks))}" if self.distributed else ""
+        message = f"not finite{where} at step {step} ({what}); stopped."
+        if run is not None:
+            latest = latest_checkpoint(run.out)
+            message += (f" The last good checkpoint is {latest}; lower the learning rate and "
+                        "rerun with --resume." if latest else " No checkpoint was written yet.")
+        return message
+
+    def close(self) -> None:
+        """Leave the process group (waits for the others first, so none is left hanging)."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (the classes it names in
+    ``_no_split_modules``; those are the units FSDP shards and gathers one at a time)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    inner = getattr(model, "get_base_model", lambda: model)()
+    if not hasattr(inner, "gradient_checkpointing_enable"):
+        raise UserError(f"{type(inner).__name__} does not support --gradient-checkpointing")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):  # LoRA: frozen embeddings need this
+        model.enable_input_require_grads()
+
+
+@contextlib.contextmanager
+def runtime_for(options: RuntimeOptions, device: str = "auto") -> Iterator[Runtime]:
+    """A Runtime that leaves the process group when the run ends, however it ends."""
+    runtime = Runtime(options, device)
+    try:
+        yield runtime
+    except BaseException as exc:
+        # Another rank may be waiting in a collective: do not wait for it in close().
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        if runtime.distributed and _lost_peer(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(
+                f"rank {runtime.rank} of {runtime.world_size} lost contact with another process "
+                f"of the run, which died or hung (see its own output; the last good checkpoint "
+                f"stays): {first[:300]}") from None
+        raise
+    runtime.close()
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away (gloo/NCCL errors, timeouts)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection reset", "connection closed"))

@@ -1,0 +1,176 @@
+"""Several processes (torch.distributed, gloo on CPU) take exactly the steps one process takes.
+
+Each test starts real processes (``rewardloop ... --nproc 2``, or the ranks by hand where the
+test kills one) with OMP_NUM_THREADS=1 and a free port, and compares against a one-process run
+with the same global batch. fp32 on CPU: losses and weights agree to ~1e-6; the tolerance below
+(1e-5) leaves room for the different summation order of the all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardloop.cli._launch import free_port
+from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
+from rewardloop.tiny import build_tiny
+
+pytestmark = pytest.mark.xdist_group("distributed")  # two processes each: keep them apart
+
+TOL = 1e-5
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    build_tiny(root / "tiny", corpus_texts(100), vocab_size=300, hidden_size=16, num_layers=2,
+               seed=0)
+    for name, rows in (("sft", sft_rows(24, seed=1)), ("pairs", preference_rows(24, seed=2))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def rewardloop(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "rewardloop", *args], env=ENV, text=True,
+                         capture_output=True, timeout=240)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\n{res.stdout}\n{res.stderr[-3000:]}")
+    return res
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb, strict=True):
+        for key in keys:
+            assert x[key] == pytest.approx(y[key], rel=TOL, abs=TOL), (key, x["step"])
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=TOL, msg=name)
+
+
+def command(kind: str, work: Path, out: Path) -> list[str]:
+    common = ["--model", str(work / "tiny"), "--out", str(out), "--max-steps", "3",
+              "--batch-size", "8", "--lr", "1e-3", "--max-length", "64"]
+    data = {"sft": "sft", "rm": "pairs", "dpo": "pairs"}[kind]
+    return ["train", kind, "--data", str(work / f"{data}.jsonl"), *common]
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])
+def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
+                                                    kind: str) -> None:
+    one = tmp_path / "one"
+    rewardloop(*command(kind, work, one), "--grad-accum", "2")
+    for strategy in ("ddp", "fsdp"):
+        two = tmp_path / strategy
+        res = rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy)
+        assert res.stdout.count("wrote") == 1  # rank 0 alone reports
+        assert_same_run(one, two)
+        assert json.loads((two / "summary.json").read_text())["steps"] == 3
+    assert not any(torch.equal(v, weights(one)[k]) for k, v in weights(one).items()
+                   if k.endswith("q_proj.weight")) or kind == "rm"  # it did train
+
+
+def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Path,
+                                                                       tmp_path: Path) -> None:
+    """A checkpoint written by 2 FSDP processes resumes on 2 and on 1 (DCP reshards)."""
+    def sft(out: Path, steps: int, *extra: str) -> None:
+        rewardloop(*command("sft", work, out)[:-8], "--max-steps", str(steps), "--batch-size",
+                   "4", "--lr", "1e-3", "--max-length", "64", "--schedule", "constant",
+                   "--save-every", "2", *extra)
+
+    full = tmp_path / "full"
+    sft(full, 4, "--nproc", "2", "--strategy", "fsdp")
+    cut = tmp_path / "cut"
+    sft(cut, 2, "--nproc", "2", "--strategy", "fsdp")  # the "interrupted" run: 2 of 4 steps
+    (cut / "summary.json").unlink()
+    import shutil
+
+    on_one = tmp_path / "on_one"
+    shutil.copytree(cut, on_one)
+    sft(cut, 4, "--nproc", "2", "--strategy", "fsdp", "--resume")
+    sft(on_one, 4, "--resume")
+    assert_same_run(full, cut)
+    assert_same_run(full, on_one)
+
+
+def test_nan_on_one_rank_stops_every_rank_with_exit_3(work: Path, tmp_path: Path) -> None:
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from rewardloop.train import sft\n"
+        "real = sft.token_nll\n"
+        "def poisoned(*a, **k):\n"
+        "    loss = real(*a, **k)\n"
+        "    return loss * float('nan') if os.environ['RANK'] == '1' else loss\n"
+        "sft.token_nll = poisoned\n"
+        "from rewardloop.cli import main\n"
+        "sys.argv[0] = 'rewardloop'\n"
+        "main()\n")
+    port = str(free_port())
+    args = command("sft", work, tmp_path / "run")
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script), *args], text=True,
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port})
+             for r in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3]
+    assert time.monotonic() - start < 60
+    for err in errors:
+        assert "not finite on rank 1 at step 1" in err and "Traceback" not in err
+
+
+def test_a_killed_rank_makes_the_other_exit_with_a_message(work: Path, tmp_path: Path) -> None:
+    port = str(free_port())
+    out = tmp_path / "run"
+    args = [*command("sft", work, out)[:-8], "--max-steps", "100000", "--batch-size", "4",
+            "--max-length", "64", "--dist-timeout", "60"]
+    procs = [subprocess.Popen([sys.executable, "-m", "rewardloop", *args], text=True,
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port})
+             for r in range(2)]
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").is_file(), "training never started"
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    err = procs[0].communicate(timeout=150)[1]
+    assert procs[0].returncode not in (0, None)
+    assert time.monotonic() - killed < 120
+    assert "rank 0 of 2 lost contact with another process" in err and "Traceback" not in err
+
+
+def test_impossible_combinations_are_exit_2(work: Path, tmp_path: Path) -> None:
+    base = command("sft", work, tmp_path / "run")
+    res = rewardloop(*base, "--strategy", "fsdp", check=False)
+    assert res.returncode == 2 and "--strategy fsdp" in res.stderr
+    res = rewardloop(*base, "--precision", "fp16", check=False)
+    assert res.returncode == 2 and "fp16 needs a CUDA GPU" in res.stderr
+    res = rewardloop(*base[:-6], "--batch-size", "3", "--nproc", "2", check=False)
+    assert res.returncode == 2 and "multiple of the number of processes" in res.stderr
+    assert not (tmp_path / "run").exists()
