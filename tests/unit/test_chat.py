@@ -128,3 +128,18 @@ def test_no_chat_template_is_exit_2_unless_chat_template_file(tmp_path: Path) ->
     assert load_tokenizer(tmp_path / "c" / "model").chat_template == CHATML
     with pytest.raises(UserError, match="no such file"):
         load_tokenizer(model, chat_template=tmp_path / "missing.jinja")
+
+
+def test_generate_needs_a_chat_template_for_chat_prompts(tmp_path: Path) -> None:
+    model = build_arch(tmp_path / "plain", "qwen2", chat=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": CHAT}) + "\n" for _ in range(2)))
+    base = ["generate", "--policy", str(model), "--prompts", str(prompts), "-n", "2",
+            "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "c.jsonl")]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 2 and "no chat template" in res.output
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    res = CliRunner().invoke(app, [*base, "--chat-template", str(template)])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
