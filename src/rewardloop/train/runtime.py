@@ -243,6 +243,13 @@ class Runtime:
 
             state = get_model_state_dict(model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
+            # Tied weights (embeddings = output layer) come back as two gathered copies that
+            # save_pretrained cannot recognise as one: keep the first name, as it would.
+            seen: dict[int, str] = {}
+            for name, param in inner.named_parameters(remove_duplicate=False):
+                if id(param) in seen:
+                    state.pop(name, None)
+                seen.setdefault(id(param), name)
         if self.is_main:
             save_model(inner, tokenizer, out_dir, merge_lora=merge_lora, state_dict=state)
         self.barrier()
