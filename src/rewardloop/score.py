@@ -38,12 +38,9 @@ def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     Runs the trunk, takes the hidden state at ``ops.last_token_index(attention_mask)`` and
     applies the head there only (LoRA layers and peft's trainable head copy act in place, so a
-    peft model works the same). Models without a ``score`` head, and models wrapped for
-    several processes (DDP, FSDP2: only their own forward gathers and syncs the weights), use
-    the model's forward and its pooling at the last non-pad token.
+    peft model works the same). Models without a ``score`` head fall back to their own pooling.
     """
     import torch
-    from torch.distributed.fsdp import FSDPModule
 
     from rewardloop.models import is_peft
     from rewardloop.ops import last_token_index
@@ -51,7 +48,7 @@ def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     classifier = model.get_base_model() if is_peft(model) else model
     trunk = getattr(classifier, getattr(classifier, "base_model_prefix", ""), None)
     head = getattr(classifier, "score", None)
-    if trunk is None or head is None or isinstance(model, FSDPModule):
+    if trunk is None or head is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits
     hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
