@@ -170,17 +170,31 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var / (count - 1) if unbiased else var / count
 
 
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the data-parallel processes (``Runtime.all_reduce``)."""
+
+
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    reduce_sum: ReduceSum | None = None,
 ) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries come back as 0.
 
     The statistics ignore padding entirely (Huang et al. 2022, "The N Implementation Details of
     RLHF with PPO", detail on advantage whitening). ``shift_mean=False`` rescales but keeps the
-    mean (used for rewards, whose sign carries meaning).
+    mean (used for rewards, whose sign carries meaning). ``reduce_sum``: with the batch split
+    over processes, the mean and the (Bessel-corrected) variance are those of the whole batch.
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    if reduce_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        count, total = reduce_sum(torch.stack([m.sum(), (x * m).sum()])).unbind()
+        if count < 2:
+            raise ValueError(f"masked_whiten needs at least 2 masked entries, got {int(count)}")
+        mean = total / count
+        var = reduce_sum(((x - mean) ** 2 * m).sum()) / (count - 1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(x.dtype)
@@ -286,7 +300,8 @@ def kl_shaped_rewards(
 
 
 def reinforce_pp_advantages(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float = 1.0
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float = 1.0,
+    reduce_sum: ReduceSum | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (Hu 2025, eqs. 6-8) -> (advantages, returns), both (B, T).
 
@@ -295,7 +310,7 @@ def reinforce_pp_advantages(
     whitened over all real tokens of the whole batch (a global baseline instead of a critic).
     """
     returns = discounted_returns(kl_shaped_rewards(scores, kl, mask, kl_coef), mask, gamma)
-    return masked_whiten(returns, mask), returns
+    return masked_whiten(returns, mask, reduce_sum=reduce_sum), returns
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

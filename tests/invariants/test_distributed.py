@@ -83,11 +83,12 @@ def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
     for strategy in ("ddp", "fsdp"):
         two = tmp_path / strategy
         res = rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy)
-        assert res.stdout.count("wrote") == 1  # rank 0 alone reports
+        assert len(res.stdout.strip().splitlines()) == 1  # rank 0 alone reports
         assert_same_run(one, two)
         assert json.loads((two / "summary.json").read_text())["steps"] == 3
-    assert not any(torch.equal(v, weights(one)[k]) for k, v in weights(one).items()
-                   if k.endswith("q_proj.weight")) or kind == "rm"  # it did train
+    key = "model.layers.0.self_attn.q_proj.weight"  # it did train
+    assert not torch.equal(load_file(str(work / "tiny" / "model.safetensors"))[key],
+                           weights(one)[key])
 
 
 def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Path,

@@ -35,6 +35,8 @@ from rewardloop import ops, pg_losses
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
+from rewardloop.options import RuntimeOptions
+from rewardloop.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class AdvantageInput:
     group_size: int
     scale_rewards: bool
     gamma: float
+    reduce_sum: ops.ReduceSum | None = None  # sums over processes: whole-batch statistics
 
 
 def _sequence_scores(a: AdvantageInput) -> torch.Tensor:
@@ -76,7 +79,8 @@ def _rloo(a: AdvantageInput) -> torch.Tensor:
 def _reinforce_pp(a: AdvantageInput) -> torch.Tensor:
     kl = a.kl if a.kl is not None and a.kl_in_reward else torch.zeros_like(a.scores[:, None]
                                                                            * a.mask)
-    return ops.reinforce_pp_advantages(a.scores, kl, a.mask, a.kl_coef, a.gamma)[0]
+    return ops.reinforce_pp_advantages(a.scores, kl, a.mask, a.kl_coef, a.gamma,
+                                       reduce_sum=a.reduce_sum)[0]
 
 
 ADVANTAGES: dict[str, Callable[[AdvantageInput], torch.Tensor]] = {
@@ -92,7 +96,7 @@ KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1"), "reinforce++": 
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(RuntimeOptions):
     """Options of ``rewardloop train grpo`` / ``rloo`` (``rloo`` sets ``advantage="rloo"``)."""
 
     policy: str
@@ -109,11 +113,14 @@ class GRPOConfig:
     num_generations: int = 4
     """Completions sampled per prompt (the group size; at least 2 for grpo/rloo)."""
     batch_size: int = 16
-    """Completions per step (prompts per step x num_generations)."""
+    """Completions per step (prompts per step x num_generations), over all processes: each
+    generates for its share of the step's prompts (a prompt's group stays on one process)."""
     mini_batch_size: int | None = None
-    """Completions per optimizer update (default: batch_size, one update per epoch)."""
+    """Completions per optimizer update, over all processes (default: batch_size, one update
+    per epoch)."""
     micro_batch_size: int | None = None
-    """Completions per forward/backward pass (gradient accumulation; default: mini_batch_size)."""
+    """Completions per forward/backward pass in each process (gradient accumulation; default:
+    the process's share of mini_batch_size)."""
     ppo_epochs: int = 1
     """Passes over each step's batch (TRL's num_iterations; > 1 reuses samples, clipped)."""
     max_steps: int = 100
@@ -232,6 +239,7 @@ class GRPOConfig:
 
 def check_common(cfg: Any) -> None:
     """Checks shared by the GRPO and PPO configs (called from their ``__post_init__``)."""
+    cfg.check_runtime()
     if not cfg.rewards:
         raise ValueError("give at least one reward (--reward SPEC[@WEIGHT])")
     positive = ("batch_size", "max_steps", "ppo_epochs", "max_new_tokens", "max_prompt_length",
@@ -278,9 +286,11 @@ def _check_options(cfg: Any) -> None:
 class Setup:
     """Everything an RL run builds before its loop."""
 
+    rt: Runtime
     run: Any  # train.run.RunDir
     tokenizer: Any
-    policy: Any  # the trained causal LM (peft-wrapped with LoRA)
+    policy: Any  # the trained causal LM (peft-wrapped with LoRA), wrapped for DDP/FSDP
+    inner: Any  # the same model unwrapped: generation and adapters-off reference
     reference: Any | None  # frozen copy; None with LoRA (adapters off) or without KL
     prompts: list[Any]  # prompt texts / chats
     prompt_ids: list[list[int]]
@@ -291,8 +301,12 @@ class Setup:
     kl_ctl: Any  # ops.AdaptiveKLController | ops.FixedKLController
 
 
-def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
-    """Run dir, seeding, tokenizer, policy (+LoRA), reference, prompts, rewards, sampler."""
+def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
+    """Run dir, seeding, tokenizer, policy (+LoRA), reference, prompts, rewards, sampler.
+
+    The sampler draws the step's prompts alike on every process; each takes its share
+    (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy.
+    """
     from rewardloop.data.formats import read_records
     from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
     from rewardloop.rewards import FunctionReward, Rewards, parse_reward_spec
@@ -300,40 +314,68 @@ def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
     from rewardloop.train.data import EpochSampler
     from rewardloop.train.run import RunDir, seed_everything
 
+    check_sizes(cfg, rt)
+    rt.check_merge_lora(cfg.merge_lora)
     _, records = read_records(cfg.prompts, "prompts")
     if len(records) < cfg.prompts_per_step:
         raise UserError(f"{cfg.prompts} has {len(records)} prompts but each step needs "
                         f"{cfg.prompts_per_step} (batch_size / num_generations)")
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code,
                                add_pad_token=cfg.add_pad_token, padding_side="left",
                                chat_template=cfg.chat_template)
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
-    policy = load_policy(cfg.policy, dtype=cfg.dtype, device=cfg.device, lora=lora,
-                         trust_remote_code=cfg.trust_remote_code)
-    match_tokenizer(policy, tokenizer)
-    disable_dropout(policy)  # rollout and update must see the same log-probs
+    inner = load_policy(cfg.policy, dtype=rt.weights_dtype(cfg.dtype), device=str(rt.device),
+                        lora=lora, trust_remote_code=cfg.trust_remote_code)
+    match_tokenizer(inner, tokenizer)
+    disable_dropout(inner)  # rollout and update must see the same log-probs
     reference = None
     if needs_reference and lora is None:
-        reference = copy.deepcopy(policy).eval()
+        reference = copy.deepcopy(inner).eval()
         reference.requires_grad_(False)
+        reference = rt.prepare(reference, trainable=False)
+    policy = rt.prepare(inner)
     prompts = [r.prompt for r in records]
     metas = [r.meta for r in records]
     common = set.intersection(*(set(m) for m in metas)) if metas else set()
     extras = {k: [m[k] for m in metas] for k in sorted(common)}
     rewards = Rewards([parse_reward_spec(s) for s in cfg.rewards], reward_clip=cfg.reward_clip,
-                      missing_eos_penalty=cfg.missing_eos_penalty, device=cfg.device,
+                      missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
                       max_length=cfg.max_prompt_length + cfg.max_new_tokens)
     gold = FunctionReward(cfg.gold) if cfg.gold else None
     sampler = EpochSampler(len(records), cfg.prompts_per_step, cfg.seed, drop_last=True)
     kl_ctl = (ops.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target is not None else ops.FixedKLController(cfg.kl_coef))
-    return Setup(run, tokenizer, policy, reference, prompts,
+    return Setup(rt, run, tokenizer, policy, inner, reference, prompts,
                  encode_prompts(tokenizer, prompts, cfg.max_prompt_length), extras, rewards,
                  gold, sampler, kl_ctl)
+
+
+def seed_sampling(cfg: Any, rt: Runtime) -> None:
+    """After the models are built (alike on every process): each process samples its own
+    completions, so each gets its own random stream."""
+    if rt.distributed:
+        from rewardloop.train.run import seed_everything
+
+        seed_everything(cfg.seed + 7919 * rt.rank)
+
+
+def check_sizes(cfg: Any, rt: Runtime) -> None:
+    """Every process gets whole prompts (groups) and whole minibatches (exit 2 otherwise)."""
+    rt.check_divisible(cfg.prompts_per_step, "prompts per step (batch_size / num_generations)")
+    rt.check_divisible(cfg.mini_batch_size, "--mini-batch-size")
+    local_mini = cfg.mini_batch_size // rt.world_size
+    if local_mini % local_micro(cfg, rt):
+        raise UserError(f"each process's share of --mini-batch-size ({local_mini}) must be a "
+                        f"multiple of --micro-batch-size ({cfg.micro_batch_size})")
+
+
+def local_micro(cfg: Any, rt: Runtime) -> int:
+    """Completions per forward/backward pass in this process."""
+    return min(cfg.micro_batch_size, cfg.mini_batch_size // rt.world_size)
 
 
 def make_optimizer(model: Any, cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
@@ -354,9 +396,10 @@ def reference_logps(setup: Setup, rollout: Any, temperature: float, micro_batch_
     from rewardloop.models import disable_adapter
     from rewardloop.rollout import batched_logps
 
-    if setup.reference is not None:
-        return batched_logps(setup.reference, rollout, temperature, micro_batch_size)
-    with disable_adapter(setup.policy) as base:
+    with setup.rt.autocast():
+        if setup.reference is not None:
+            return batched_logps(setup.reference, rollout, temperature, micro_batch_size)
+    with disable_adapter(setup.inner) as base, setup.rt.autocast():
         return batched_logps(base, rollout, temperature, micro_batch_size)
 
 
@@ -383,7 +426,7 @@ def write_samples(setup: Setup, cfg: Any, step: int, rows: list[int], rollout: A
     """Every ``sample_every`` steps, the first ``num_samples`` completions to samples.jsonl."""
     from rewardloop.rollout import append_samples, sample_records
 
-    if cfg.sample_every and step % cfg.sample_every == 0:
+    if cfg.sample_every and step % cfg.sample_every == 0 and setup.rt.is_main:
         prompts = [setup.prompts[i] for i in rows for _ in range(cfg.num_generations)]
         append_samples(setup.run.out / "samples.jsonl",
                        sample_records(step, prompts, rollout, rewards, cfg.num_samples))
@@ -392,12 +435,10 @@ def write_samples(setup: Setup, cfg: Any, step: int, rows: list[int], rollout: A
 def finish(setup: Setup, cfg: Any, history: list[dict[str, float]], **extra_models: Any
            ) -> dict[str, Any]:
     """Save the model(s) and summary.json (throughput, memory, reward/gold first vs last)."""
-    from rewardloop.models import save_model
-
-    save_model(setup.policy, setup.tokenizer, setup.run.model_dir,
-               merge_lora=getattr(cfg, "merge_lora", False))
+    setup.rt.save_model(setup.policy, setup.tokenizer, setup.run.model_dir,
+                        merge_lora=getattr(cfg, "merge_lora", False))
     for name, model in extra_models.items():
-        save_model(model, setup.tokenizer, setup.run.out / name)
+        setup.rt.save_model(model, setup.tokenizer, setup.run.out / name)
     figures: dict[str, Any] = {}
     tail = max(1, len(history) // 10)  # the last 10% of steps (at least one)
     for key in ("reward/mean", "gold/mean", "kl_k1", "completion_length_mean"):
@@ -437,11 +478,13 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
     """Sample, score, compute old/reference log-probs and advantages for one step."""
     from rewardloop.rollout import batched_logps
 
-    n, mb = cfg.num_generations, cfg.micro_batch_size
+    rt = setup.rt
+    n, mb = cfg.num_generations, local_micro(cfg, rt)
     use_kl = cfg.kl_coef > 0 or cfg.kl_target is not None
-    rows = setup.sampler.next_batch()
+    rows = rt.shard(setup.sampler.next_batch())  # this process's prompts, whole groups
     t0 = time.perf_counter()
-    rollout = generator.generate([setup.prompt_ids[i] for i in rows], n, settings)
+    with rt.gathered(setup.policy):
+        rollout = generator.generate([setup.prompt_ids[i] for i in rows], n, settings)
     t1 = time.perf_counter()
     reward_out, metrics = score_rollout(setup, rows, rollout, n)
     t2 = time.perf_counter()
@@ -451,8 +494,9 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
     # before the update, the update computes the advantages from its own forward pass when it
     # is a single micro-batch (``advantages_from``); otherwise an extra pass gives them now.
     deferred = kl_in_reward and not reuse_samples and mb >= len(rollout)
-    old_logps = (batched_logps(setup.policy, rollout, cfg.temperature, mb)
-                 if reuse_samples or (kl_in_reward and not deferred) else None)
+    with rt.autocast():
+        old_logps = (batched_logps(setup.policy, rollout, cfg.temperature, mb)
+                     if reuse_samples or (kl_in_reward and not deferred) else None)
     ref_logps = reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None
     kl_coef = setup.kl_ctl.value
 
@@ -461,7 +505,7 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
                      if kl_in_reward else None)  # (B, C)
         return ADVANTAGES[cfg.advantage](AdvantageInput(
             reward_out.total, kl_tokens, rollout.completion_mask, kl_coef, kl_in_reward, n,
-            cfg.scale_rewards, cfg.gamma))
+            cfg.scale_rewards, cfg.gamma, rt.all_reduce if rt.distributed else None))
 
     advantages = None if deferred else advantages_from(old_logps)
     if n > 1:
@@ -475,7 +519,7 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
                       metrics, advantages_from if deferred else None)
 
 
-def micro_step(cfg: Any, policy: Any, exp: Experience, idx: torch.Tensor,
+def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.Tensor,
                common: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward of one micro-batch ``idx``; returns its new log-probs (b, C) and
     metrics (loss parts, token means)."""
@@ -483,8 +527,9 @@ def micro_step(cfg: Any, policy: Any, exp: Experience, idx: torch.Tensor,
 
     mc = exp.rollout.select(idx)
     mask = mc.completion_mask
-    fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
-                             entropy_grad=cfg.entropy_coef > 0)
+    with rt.autocast():
+        fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
+                                 entropy_grad=cfg.entropy_coef > 0)
     old = exp.old_logps[idx] if exp.old_logps is not None else fwd.logps.detach()
     if exp.advantages is None:  # deferred: this micro-batch is the whole batch, in order
         if exp.advantages_from is None or len(idx) != len(exp.rollout):
@@ -503,54 +548,61 @@ def micro_step(cfg: Any, policy: Any, exp: Experience, idx: torch.Tensor,
     ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
     if cfg.entropy_coef:
         loss = loss + ent_loss
-    loss.backward()
+    rt.backward(loss)
     metrics.update(ent, loss=loss.detach())
     return fwd.logps.detach(), metrics
 
 
-def update_policy(cfg: GRPOConfig, policy: Any, optimizer: Any, scheduler: Any,
-                  exp: Experience, reuse_samples: bool, step: int, run: Any
+def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
+                  exp: Experience, reuse_samples: bool, step: int
                   ) -> tuple[dict[str, float], torch.Tensor]:
-    """``ppo_epochs`` passes of minibatch updates; returns averaged metrics and the first
-    pass's log-probs (B, C) (the sampling policy's when ``reuse_samples`` is off)."""
-    from rewardloop.train.run import check_finite
+    """``ppo_epochs`` passes of minibatch updates; returns metrics of the whole batch (all
+    processes) and this process's first-pass log-probs (B, C) (the sampling policy's when
+    ``reuse_samples`` is off).
 
+    Each process updates on its share of every minibatch; the losses divide by the
+    minibatch's token and sequence counts summed over all processes.
+    """
+    rt, policy = setup.rt, setup.policy
     mask = exp.rollout.completion_mask
     first_pass = torch.zeros_like(mask, dtype=torch.float32)
     # Loss parts are summed over micro-batches (each already divided by the global count);
     # token statistics are token-weighted means over everything processed.
     loss_keys = ("loss", "pg_loss", "kl_loss")
     sums: dict[str, float] = {}
-    tokens, updates = 0.0, 0
+    tokens, updates, grad_norms = 0.0, 0, 0.0
     params = [p for p in policy.parameters() if p.requires_grad]
+    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask)) if reuse_samples else torch.arange(len(mask))
-        for mb_start in range(0, len(mask), cfg.mini_batch_size):
-            mb_rows = order[mb_start:mb_start + cfg.mini_batch_size]
-            common = {"mode": cfg.loss_aggregation, "global_tokens": float(mask[mb_rows].sum()),
-                      "global_seqs": float(len(mb_rows)),
-                      "norm_length": float(cfg.max_new_tokens)}
-            for mc_start in range(0, len(mb_rows), cfg.micro_batch_size):
-                idx = mb_rows[mc_start:mc_start + cfg.micro_batch_size]
-                logps, m = micro_step(cfg, policy, exp, idx, common)
+        for mb_start in range(0, len(mask), mini):
+            mb_rows = order[mb_start:mb_start + mini]
+            global_tokens, global_seqs = rt.sum_floats(float(mask[mb_rows].sum()),
+                                                       float(len(mb_rows)))
+            common = {"mode": cfg.loss_aggregation, "global_tokens": global_tokens,
+                      "global_seqs": global_seqs, "norm_length": float(cfg.max_new_tokens)}
+            starts = range(0, len(mb_rows), micro)
+            local_loss = 0.0
+            for k, mc_start in enumerate(starts):
+                idx = mb_rows[mc_start:mc_start + micro]
+                rt.sync_gradients(policy, last=k == len(starts) - 1)
+                logps, m = micro_step(cfg, rt, policy, exp, idx, common)
                 if epoch == 0:
                     first_pass[idx] = logps
                 weight = float(mask[idx].sum())
                 tokens += weight
+                local_loss += float(m["loss"])
                 for key, value in m.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * (
                         1.0 if key in loss_keys else weight)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            check_finite(grad_norm, step, name="gradient norm", run=run)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            grad_norms += rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step,
+                                            loss=local_loss, run=setup.run, scheduler=scheduler)
             updates += 1
-    metrics = {k: v / (updates if k in (*loss_keys, "grad_norm") else tokens)
-               for k, v in sums.items()}
-    check_finite(metrics["loss"], step, run=run)
+    keys = sorted(sums)
+    *totals, tokens = rt.sum_floats(*(sums[k] for k in keys), tokens)
+    metrics = {k: v / (updates if k in loss_keys else tokens)
+               for k, v in zip(keys, totals, strict=True)}
+    metrics["grad_norm"] = grad_norms / updates
     metrics["lr"] = scheduler.get_last_lr()[0]
     return metrics, first_pass
 
@@ -566,6 +618,13 @@ def kl_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.
 
 def train(cfg: GRPOConfig) -> dict[str, Any]:
     """Run GRPO / RLOO / REINFORCE++ per ``cfg``; returns the summary written to summary.json."""
+    from rewardloop.train.runtime import runtime_for
+
+    with runtime_for(cfg, cfg.device) as rt:
+        return _train(cfg, rt)
+
+
+def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
     from rewardloop.rollout import (
         HFGenerator,
         SamplingSettings,
@@ -574,39 +633,43 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     )
     from rewardloop.train.run import progress_bar, save_checkpoint
 
-    setup = setup_run(cfg, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy
     optimizer, scheduler = make_optimizer(policy, cfg)
-    generator = HFGenerator(policy, setup.tokenizer)
+    generator = HFGenerator(setup.inner, setup.tokenizer)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
+    seed_sampling(cfg, rt)
     step = 0
     ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
-                       schedulers={"policy": scheduler})
+                       schedulers={"policy": scheduler}, runtime=rt)
     if ckpt is not None:
         step = ckpt.step
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
-    truncate_samples(run.out / "samples.jsonl", step)
+    if rt.is_main:
+        truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []
     policy.train()
     with progress_bar(cfg.max_steps, cfg.advantage, start=step) as show:
         while step < cfg.max_steps:
             exp = make_experience(cfg, setup, generator, settings, reuse_samples)
             t0 = time.perf_counter()
-            train_metrics, first_pass = update_policy(cfg, policy, optimizer, scheduler, exp,
-                                                      reuse_samples, step + 1, run)
+            train_metrics, first_pass = update_policy(cfg, setup, optimizer, scheduler, exp,
+                                                      reuse_samples, step + 1)
             step += 1
             time_ref = exp.metrics.pop("time_ref_s")  # reference/old log-probs count as training
-            metrics = {**exp.metrics, **train_metrics, **rollout_metrics(exp.rollout),
-                       "time_train_s": time.perf_counter() - t0 + time_ref}
+            local = {**exp.metrics, **rollout_metrics(exp.rollout),
+                     "time_train_s": time.perf_counter() - t0 + time_ref}
             if exp.ref_logps is not None:
                 sampled = exp.old_logps if exp.old_logps is not None else first_pass
-                metrics.update(kl_metrics(sampled, exp.ref_logps, exp.rollout.completion_mask),
-                               kl_coef=exp.kl_coef)
-                setup.kl_ctl.update(metrics["kl_seq_k1"], len(exp.rollout))
-            run.meter.step(samples=len(exp.rollout),
-                           tokens=int(exp.rollout.attention_mask.sum()))
+                local.update(kl_metrics(sampled, exp.ref_logps, exp.rollout.completion_mask))
+            metrics = {**rt.mean_floats(local), **train_metrics}
+            if exp.ref_logps is not None:
+                metrics["kl_coef"] = exp.kl_coef
+                setup.kl_ctl.update(metrics["kl_seq_k1"], len(exp.rollout) * rt.world_size)
+            tokens = rt.sum_floats(float(exp.rollout.attention_mask.sum()))[0]
+            run.meter.step(samples=len(exp.rollout) * rt.world_size, tokens=int(tokens))
             run.log_metrics(step, metrics)
             history.append(metrics)
             write_samples(setup, cfg, step, exp.rows, exp.rollout, exp.rewards.total)
@@ -616,5 +679,5 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
                                 optimizers={"policy": optimizer},
                                 schedulers={"policy": scheduler},
                                 sampler_state=setup.sampler.state_dict(),
-                                extra={"kl_ctl": setup.kl_ctl.state_dict()})
+                                extra={"kl_ctl": setup.kl_ctl.state_dict()}, runtime=rt)
     return finish(setup, cfg, history)

@@ -23,21 +23,25 @@ from typing import Any
 import torch
 
 from rewardloop import ops, pg_losses
+from rewardloop.options import RuntimeOptions
 from rewardloop.train.grpo import (
     Setup,
     check_common,
     finish,
     kl_metrics,
+    local_micro,
     make_optimizer,
     reference_logps,
     score_rollout,
+    seed_sampling,
     setup_run,
     write_samples,
 )
+from rewardloop.train.runtime import Runtime
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(RuntimeOptions):
     """Options of ``rewardloop train ppo``."""
 
     policy: str
@@ -177,18 +181,20 @@ class PPOConfig:
 
 
 def load_value(cfg: PPOConfig, setup: Setup) -> Any:
-    """The value model: from ``value_model`` or the policy's weights, fresh head, dropout off."""
+    """The value model in fp32 master weights: from ``value_model`` or the policy's weights,
+    fresh head, dropout off; wrapped for the runtime's strategy."""
     from rewardloop.models import LoraSettings, disable_dropout, load_value_model, match_tokenizer
 
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     source = cfg.value_model or cfg.policy
     if cfg.value_model is not None and (Path(source) / "model" / "config.json").is_file():
         source = str(Path(source) / "model")
-    model = load_value_model(source, dtype=cfg.dtype, device=cfg.device, lora=lora,
+    model = load_value_model(source, dtype=setup.rt.weights_dtype(cfg.dtype),
+                             device=str(setup.rt.device), lora=lora,
                              trust_remote_code=cfg.trust_remote_code,
                              pad_token_id=setup.tokenizer.pad_token_id)
     match_tokenizer(model, setup.tokenizer)
-    return disable_dropout(model)
+    return setup.rt.prepare(disable_dropout(model))
 
 
 def token_values(value_model: Any, rollout: Any) -> torch.Tensor:
@@ -197,11 +203,14 @@ def token_values(value_model: Any, rollout: Any) -> torch.Tensor:
     from rewardloop.models import is_peft
     from rewardloop.rollout import position_ids
 
-    classifier = value_model.get_base_model() if is_peft(value_model) else value_model
-    trunk = getattr(classifier, classifier.base_model_prefix)
+    inner = Runtime.unwrap(value_model)
+    classifier = inner.get_base_model() if is_peft(inner) else inner
     mask = rollout.attention_mask
-    hidden = trunk(input_ids=rollout.input_ids, attention_mask=mask,
-                   position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    # Through the model's own forward (DDP syncs and FSDP gathers only there); its last
+    # hidden state is the trunk's output, read at every position instead of the pooled one.
+    hidden = value_model(input_ids=rollout.input_ids, attention_mask=mask,
+                         position_ids=position_ids(mask), use_cache=False,
+                         output_hidden_states=True).hidden_states[-1]
     width = rollout.completion_ids.shape[1]
     return classifier.score(hidden[:, -width - 1:-1]).squeeze(-1).float()  # (B, C)
 
@@ -227,29 +236,32 @@ def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: A
     """Sample, score, and turn scores + per-token KL + values into GAE advantages."""
     from rewardloop.rollout import batched_logps
 
-    rows = setup.sampler.next_batch()
+    rt = setup.rt
+    mb = local_micro(cfg, rt)
+    rows = rt.shard(setup.sampler.next_batch())  # this process's share of the prompts
     t0 = time.perf_counter()
-    rollout = generator.generate([setup.prompt_ids[i] for i in rows], cfg.num_generations,
-                                 settings)
+    with rt.gathered(setup.policy):
+        rollout = generator.generate([setup.prompt_ids[i] for i in rows], cfg.num_generations,
+                                     settings)
     t1 = time.perf_counter()
     reward_out, metrics = score_rollout(setup, rows, rollout, cfg.num_generations)
     t2 = time.perf_counter()
     mask = rollout.completion_mask
-    old_logps = batched_logps(setup.policy, rollout, cfg.temperature, cfg.micro_batch_size)
+    with rt.autocast():
+        old_logps = batched_logps(setup.policy, rollout, cfg.temperature, mb)
     use_kl = cfg.kl_coef > 0 or cfg.kl_target is not None
-    ref_logps = (reference_logps(setup, rollout, cfg.temperature, cfg.micro_batch_size)
-                 if use_kl else None)
-    with torch.no_grad():
+    ref_logps = (reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None)
+    with torch.no_grad(), rt.autocast():
         old_values = torch.cat([token_values(value_model, rollout.select(range(s, min(
-            s + cfg.micro_batch_size, len(rollout))))) for s in range(0, len(rollout),
-                                                                   cfg.micro_batch_size)])
+            s + mb, len(rollout))))) for s in range(0, len(rollout), mb)])
     kl = (ops.KL_ESTIMATORS[cfg.kl_estimator](old_logps, ref_logps) if ref_logps is not None
           else torch.zeros_like(old_logps))
     kl_coef = setup.kl_ctl.value
     token_rewards = ops.kl_shaped_rewards(reward_out.total, kl, mask, kl_coef)  # (B, C)
     advantages, returns = ops.gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages and int(mask.sum()) > 1:
-        advantages = ops.masked_whiten(advantages, mask)
+    if cfg.whiten_advantages:  # over the whole batch: every process's tokens
+        advantages = ops.masked_whiten(advantages, mask,
+                                       reduce_sum=rt.all_reduce if rt.distributed else None)
     metrics.update({
         "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
         "value_explained_variance": float(ops.explained_variance(old_values, returns, mask))
@@ -260,72 +272,86 @@ def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: A
                     returns, kl_coef, metrics)
 
 
-def micro_step(cfg: PPOConfig, policy: Any, value_model: Any, batch: PPOBatch,
+def micro_step(cfg: PPOConfig, rt: Runtime, policy: Any, value_model: Any, batch: PPOBatch,
                idx: torch.Tensor, common: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Policy and value losses of micro-batch ``idx``, backpropagated; returns metrics."""
     from rewardloop.rollout import completion_forward
 
     mc = batch.rollout.select(idx)
     mask = mc.completion_mask
-    fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
-                             entropy_grad=cfg.entropy_coef > 0)
+    with rt.autocast():
+        fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
+                                 entropy_grad=cfg.entropy_coef > 0)
+        values = token_values(value_model, mc)
     pg_loss, metrics = pg_losses.ppo_clip_loss(
         fwd.logps, batch.old_logps[idx], batch.advantages[idx], mask, cfg.clip_eps,
         clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
     ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
-    values = token_values(value_model, mc)
     vf_loss, vf = pg_losses.value_loss(values, batch.old_values[idx], batch.returns[idx], mask,
                                        cfg.value_clip, **common)
     loss = pg_loss + cfg.vf_coef * vf_loss + (ent_loss if cfg.entropy_coef else 0.0)
-    loss.backward()
+    rt.backward(loss)
     return {**metrics, **ent, **vf, "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
             "loss": loss.detach()}
 
 
-def update(cfg: PPOConfig, models: dict[str, Any], optimizers: dict[str, Any],
+def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict[str, Any],
            schedulers: dict[str, Any], batch: PPOBatch, step: int, run: Any
            ) -> dict[str, float]:
-    """``ppo_epochs`` passes of shuffled minibatch updates of the policy and value model."""
-    from rewardloop.train.run import check_finite
-
+    """``ppo_epochs`` passes of shuffled minibatch updates of the policy and value model;
+    each process updates on its share of every minibatch, losses divided by global counts."""
     mask = batch.rollout.completion_mask
     loss_keys = ("loss", "pg_loss", "vf_loss")
     sums: dict[str, float] = {}
+    norms: dict[str, float] = {}
     tokens, updates = 0.0, 0
+    params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in models.items()}
+    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for _epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask))
-        for mb_start in range(0, len(mask), cfg.mini_batch_size):
-            mb_rows = order[mb_start:mb_start + cfg.mini_batch_size]
-            common = {"mode": cfg.loss_aggregation, "global_tokens": float(mask[mb_rows].sum()),
-                      "global_seqs": float(len(mb_rows)),
-                      "norm_length": float(cfg.max_new_tokens)}
-            for mc_start in range(0, len(mb_rows), cfg.micro_batch_size):
-                idx = mb_rows[mc_start:mc_start + cfg.micro_batch_size]
-                m = micro_step(cfg, models["policy"], models["value"], batch, idx, common)
+        for mb_start in range(0, len(mask), mini):
+            mb_rows = order[mb_start:mb_start + mini]
+            global_tokens, global_seqs = rt.sum_floats(float(mask[mb_rows].sum()),
+                                                       float(len(mb_rows)))
+            common = {"mode": cfg.loss_aggregation, "global_tokens": global_tokens,
+                      "global_seqs": global_seqs, "norm_length": float(cfg.max_new_tokens)}
+            starts = range(0, len(mb_rows), micro)
+            local_loss = 0.0
+            for k, mc_start in enumerate(starts):
+                idx = mb_rows[mc_start:mc_start + micro]
+                for model in models.values():
+                    rt.sync_gradients(model, last=k == len(starts) - 1)
+                m = micro_step(cfg, rt, models["policy"], models["value"], batch, idx, common)
                 weight = float(mask[idx].sum())
                 tokens += weight
+                local_loss += float(m["loss"])
                 for key, value in m.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * (
                         1.0 if key in loss_keys else weight)
-            for name, model in models.items():
-                params = [p for p in model.parameters() if p.requires_grad]
-                norm = torch.nn.utils.clip_grad_norm_(
-                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                check_finite(norm, step, name=f"{name} gradient norm", run=run)
-                optimizers[name].step()
-                schedulers[name].step()
-                optimizers[name].zero_grad(set_to_none=True)
-                sums[f"grad_norm_{name}"] = sums.get(f"grad_norm_{name}", 0.0) + float(norm)
+            for name in models:
+                norm = rt.optimizer_step(optimizers[name], params[name], cfg.max_grad_norm,
+                                         step=step, loss=local_loss, run=run,
+                                         scheduler=schedulers[name])
+                norms[f"grad_norm_{name}"] = norms.get(f"grad_norm_{name}", 0.0) + norm
             updates += 1
-    per_update = (*loss_keys, "grad_norm_policy", "grad_norm_value")
-    metrics = {k: v / (updates if k in per_update else tokens) for k, v in sums.items()}
-    check_finite(metrics["loss"], step, run=run)
+    keys = sorted(sums)
+    *totals, tokens = rt.sum_floats(*(sums[k] for k in keys), tokens)
+    metrics = {k: v / (updates if k in loss_keys else tokens)
+               for k, v in zip(keys, totals, strict=True)}
+    metrics.update({k: v / updates for k, v in norms.items()})
     metrics["lr"] = schedulers["policy"].get_last_lr()[0]
     return metrics
 
 
 def train(cfg: PPOConfig) -> dict[str, Any]:
     """Run PPO per ``cfg``; returns the summary written to summary.json."""
+    from rewardloop.train.runtime import runtime_for
+
+    with runtime_for(cfg, cfg.device) as rt:
+        return _train(cfg, rt)
+
+
+def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
     from dataclasses import replace
 
     from rewardloop.rollout import (
@@ -336,7 +362,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     )
     from rewardloop.train.run import progress_bar, save_checkpoint
 
-    setup = setup_run(cfg, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy
     value_model = load_value(cfg, setup)
     models = {"policy": policy, "value": value_model}
@@ -344,15 +370,17 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     optimizers["policy"], schedulers["policy"] = make_optimizer(policy, cfg)
     optimizers["value"], schedulers["value"] = make_optimizer(
         value_model, replace(cfg, lr=cfg.value_lr))
-    generator = HFGenerator(policy, setup.tokenizer)
+    generator = HFGenerator(setup.inner, setup.tokenizer)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    seed_sampling(cfg, rt)
     step = 0
-    ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers)
+    ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers, runtime=rt)
     if ckpt is not None:
         step = ckpt.step
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
-    truncate_samples(run.out / "samples.jsonl", step)
+    if rt.is_main:
+        truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []
     policy.train()
     value_model.train()
@@ -360,17 +388,21 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         while step < cfg.max_steps:
             batch = make_experience(cfg, setup, value_model, generator, settings)
             t0 = time.perf_counter()
-            train_metrics = update(cfg, models, optimizers, schedulers, batch, step + 1, run)
+            train_metrics = update(cfg, rt, models, optimizers, schedulers, batch, step + 1,
+                                   run)
             step += 1
             time_ref = batch.metrics.pop("time_ref_s")
-            metrics = {**batch.metrics, **train_metrics, **rollout_metrics(batch.rollout),
-                       "time_train_s": time.perf_counter() - t0 + time_ref}
+            local = {**batch.metrics, **rollout_metrics(batch.rollout),
+                     "time_train_s": time.perf_counter() - t0 + time_ref}
             if batch.ref_logps is not None:
-                metrics.update(kl_metrics(batch.old_logps, batch.ref_logps,
-                                          batch.rollout.completion_mask), kl_coef=batch.kl_coef)
-                setup.kl_ctl.update(metrics["kl_seq_k1"], len(batch.rollout))
-            run.meter.step(samples=len(batch.rollout),
-                           tokens=int(batch.rollout.attention_mask.sum()))
+                local.update(kl_metrics(batch.old_logps, batch.ref_logps,
+                                        batch.rollout.completion_mask))
+            metrics = {**rt.mean_floats(local), **train_metrics}
+            if batch.ref_logps is not None:
+                metrics["kl_coef"] = batch.kl_coef
+                setup.kl_ctl.update(metrics["kl_seq_k1"], len(batch.rollout) * rt.world_size)
+            tokens = rt.sum_floats(float(batch.rollout.attention_mask.sum()))[0]
+            run.meter.step(samples=len(batch.rollout) * rt.world_size, tokens=int(tokens))
             run.log_metrics(step, metrics)
             history.append(metrics)
             write_samples(setup, cfg, step, batch.rows, batch.rollout, batch.rewards.total)
@@ -378,5 +410,5 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(run, step, models=models, optimizers=optimizers,
                                 schedulers=schedulers, sampler_state=setup.sampler.state_dict(),
-                                extra={"kl_ctl": setup.kl_ctl.state_dict()})
+                                extra={"kl_ctl": setup.kl_ctl.state_dict()}, runtime=rt)
     return finish(setup, cfg, history, value_model=value_model)

@@ -159,6 +159,15 @@ class Runtime:
         tensor = torch.tensor(values, dtype=torch.float64)
         return self.all_reduce(tensor).tolist()
 
+    def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
+        """Each number averaged over ranks (per-process means of equal-sized shares: the
+        whole batch's mean). Every rank must pass the same keys."""
+        keys = sorted(values)
+        if not self.distributed:
+            return dict(values)
+        sums = self.sum_floats(*(float(values[k]) for k in keys))
+        return {k: v / self.world_size for k, v in zip(keys, sums, strict=True)}
+
     def gather_objects(self, value: Any) -> list[Any]:
         """``value`` of every rank, in rank order (small Python objects: metrics, texts)."""
         if not self.distributed:
@@ -218,8 +227,39 @@ class Runtime:
                                       reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=self._mesh, mp_policy=policy)
+        # Reward and value models run their trunk and their score head one after the other
+        # (``score.rewards_of``, ``ppo.token_values``), never the root forward: each must be a
+        # unit of its own that gathers its weights when called. (Causal LMs are not split so:
+        # their tied embeddings and output layer must stay in one unit.)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = getattr(inner, "score", None)
+        trunk = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+        if isinstance(head, nn.Module) and isinstance(trunk, nn.Module):
+            fully_shard(trunk, mesh=self._mesh, mp_policy=policy)
+            fully_shard(head, mesh=self._mesh, mp_policy=policy)
         fully_shard(model, mesh=self._mesh, mp_policy=policy)
         return model
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The whole model on every rank for a while (generation under FSDP2: the decoding
+        loop runs a different number of steps on each rank, so forward passes must not need
+        the others). Every rank must enter it; a no-op without sharding."""
+        if self.strategy != "fsdp":
+            yield model
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False)
+            unit.unshard()
+        try:
+            yield model
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True)
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -243,6 +283,13 @@ class Runtime:
 
             state = get_model_state_dict(model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
+            # Tied weights (embeddings = output layer) come back as two gathered copies that
+            # save_pretrained cannot recognise as one: keep the first name, as it would.
+            seen: dict[int, str] = {}
+            for name, param in inner.named_parameters(remove_duplicate=False):
+                if id(param) in seen:
+                    state.pop(name, None)
+                seen.setdefault(id(param), name)
         if self.is_main:
             save_model(inner, tokenizer, out_dir, merge_lora=merge_lora, state_dict=state)
         self.barrier()
