@@ -120,6 +120,22 @@ def test_wandb_run_gets_the_config_and_every_step(tmp_path: Path,
     assert [c[0] for c in calls] == ["init", "log", "log", "log", "finish"]
 
 
+def test_trackio_run_gets_the_config_and_every_step(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trackio is not installed here either: a stand-in module records its calls."""
+    calls: list[tuple[str, object]] = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)),
+        log=lambda metrics, step: calls.append(("log", (step, metrics))),
+        finish=lambda: calls.append(("finish", None)))
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    run = RunDir(tmp_path / "run", CONFIG, report_to=("trackio",))
+    _log_three_steps(run)
+    assert calls[0] == ("init", {"project": "rewardloop", "name": "run", "config": CONFIG})
+    assert calls[3] == ("log", (3, {"loss": 0.75, "kl_k1": 0.125, "epoch": 1.0}))
+    assert [c[0] for c in calls] == ["init", "log", "log", "log", "finish"]
+
+
 def test_unknown_mixed_or_missing_back_ends_are_refused_before_the_run_dir(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert check_report_to(["none"]) == ()
