@@ -33,26 +33,43 @@ STATS_FILE = "reward_stats.json"
 ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
 
 
+def trunk_states(model: nn.Module, classifier: nn.Module, **inputs: Any) -> torch.Tensor:
+    """The trunk's last hidden state (N, T, H) of a sequence-classification model, taken by a
+    hook during the model's OWN forward: DDP syncs gradients and FSDP2 gathers weights and
+    reduces gradients only around the root forward, never around a submodule called alone.
+    ``model`` is what to call (possibly DDP/FSDP-wrapped), ``classifier`` the HF model in it."""
+    trunk = getattr(classifier, classifier.base_model_prefix)
+    seen: list[torch.Tensor] = []
+    handle = trunk.register_forward_hook(
+        lambda _module, _args, output: seen.append(output.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards of a right- or left-padded batch: (N, T) ids and mask -> (N, K) heads.
 
-    Runs the trunk, takes the hidden state at ``ops.last_token_index(attention_mask)`` and
-    applies the head there only (LoRA layers and peft's trainable head copy act in place, so a
-    peft model works the same). Models without a ``score`` head fall back to their own pooling.
+    Takes the trunk's hidden state at ``ops.last_token_index(attention_mask)`` and applies the
+    head there (LoRA layers and peft's trainable head copy act in place, so a peft model works
+    the same). Models without a ``score`` head use their own pooling.
     """
     import torch
 
     from rewardloop.models import is_peft
     from rewardloop.ops import last_token_index
 
-    classifier = model.get_base_model() if is_peft(model) else model
-    trunk = getattr(classifier, getattr(classifier, "base_model_prefix", ""), None)
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    classifier = inner.get_base_model() if is_peft(inner) else inner
     head = getattr(classifier, "score", None)
-    if trunk is None or head is None:
+    if getattr(classifier, getattr(classifier, "base_model_prefix", ""), None) is None \
+            or head is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).last_hidden_state  # (N, T, H)
+    hidden = trunk_states(model, classifier, input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"])  # (N, T, H)
     last = last_token_index(batch["attention_mask"])  # (N,)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return head(hidden[rows, last])  # (N, K)

@@ -564,7 +564,7 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     loss_keys = ("loss", "pg_loss", "kl_loss")
     sums: dict[str, float] = {}
     tokens, updates, grad_norms = 0.0, 0, 0.0
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # see ppo.update
     mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask)) if reuse_samples else torch.arange(len(mask))
