@@ -11,8 +11,8 @@ from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 
 
-def _task_with_two_responses(session) -> S.ComparisonTask:
-    p = S.Prompt(text="hi", content_hash=S.content_hash("hi"))
+def _task_with_two_responses(session, prompt: str = "hi") -> S.ComparisonTask:
+    p = S.Prompt(text=prompt, content_hash=S.content_hash(prompt))
     r1 = S.Response(prompt=p, text="a", content_hash=S.content_hash("a"))
     r2 = S.Response(prompt=p, text="b", content_hash=S.content_hash("b"))
     t = S.ComparisonTask(prompt=p, kind="pairwise", overlap=2)
@@ -50,14 +50,24 @@ def test_one_judgment_per_task_and_annotator(store: Store) -> None:
                              idempotency_key="k2"))
 
 
-def test_idempotency_key_unique(store: Store) -> None:
+def test_idempotency_key_unique_per_annotator(store: Store) -> None:
+    """One annotator's keys never collide with another's (migration 0004): a user cannot take
+    someone else's predictable keys first and block their judgments."""
     with store.write() as s:
         t = _task_with_two_responses(s)
-        s.add(S.Judgment(task=t, ranking=[[1], [2]], idempotency_key="same"))
-        task_id = t.id
-    with pytest.raises(IntegrityError):
-        with store.write() as s:
-            s.add(S.Judgment(task_id=task_id, ranking=[[2], [1]], idempotency_key="same"))
+        t.overlap = 3
+        a, b = S.Annotator(name="a"), S.Annotator(name="b")
+        s.add_all([a, b])
+        s.flush()
+        s.add(S.Judgment(task=t, annotator_id=a.id, ranking=[[1], [2]], idempotency_key="same"))
+        task_id, a_id, b_id = t.id, a.id, b.id
+    with store.write() as s:  # the same key from another annotator is theirs to use
+        s.add(S.Judgment(task_id=task_id, annotator_id=b_id, ranking=[[2], [1]],
+                         idempotency_key="same"))
+    with pytest.raises(IntegrityError), store.write() as s:
+        t2 = _task_with_two_responses(s, prompt="another prompt")
+        s.add(S.Judgment(task=t2, annotator_id=a_id, ranking=[[2], [1]],
+                         idempotency_key="same"))
 
 
 def test_database_audits_judgments_and_keeps_the_log_append_only(store: Store) -> None:
