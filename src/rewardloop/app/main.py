@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
@@ -81,8 +81,9 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
         return JSONResponse({"detail": f"{exc}; try again"}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    @app.get("/healthz", tags=["health"], responses={503: {"model": Health}})
-    def healthz() -> Health | JSONResponse:
+    @app.get("/healthz", tags=["health"], response_model=Health,
+             responses={503: {"model": Health, "description": "The writer has stopped"}})
+    def healthz() -> Response:
         """Liveness, database reachability and a running writer (no login needed, reveals
         nothing); 503 when the writer has stopped, since no write could then succeed."""
         with app.state.db.read() as session:
@@ -90,7 +91,7 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
         if not app.state.db.writer.alive:
             return JSONResponse(Health(status="writer stopped", database=store.dialect)
                                 .model_dump(), status_code=503)
-        return Health(status="ok", database=store.dialect)
+        return JSONResponse(Health(status="ok", database=store.dialect).model_dump())
 
     return app
 
