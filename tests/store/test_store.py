@@ -155,3 +155,35 @@ def test_migrations_match_the_models(store: Store) -> None:
     diff = [d for d in diff if not (d[0] in ("add_index", "remove_index")
                                     and d[1].name == "ix_tasks_next")]
     assert diff == []
+
+
+def test_migration_0004_keeps_judgments_and_the_audit_trigger(tmp_path) -> None:
+    """Upgrading a store that has judgments (SQLite rebuilds the table) keeps every row, the
+    indexes and the audit trigger, and makes keys per annotator."""
+    from alembic import command
+    from sqlalchemy import text
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}", migrate=False)
+    cfg = store._alembic_config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO annotators (id, name, role, active, groups, attributes, "
+                          "kind, created_at) VALUES (1, 'a', 'annotator', 1, '[]', '{}', "
+                          "'human', '2026-01-01'), (2, 'b', 'annotator', 1, '[]', '{}', "
+                          "'human', '2026-01-01')"))
+    task_id, _, _ = _one_judgment(store, "shared-key")
+    store.migrate()
+    assert store.revision() == "0004"
+    with store.write() as s:
+        s.add(S.Judgment(task_id=task_id, annotator_id=2, ranking=[[2], [1]],
+                         idempotency_key="shared-key"))
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(S.Judgment)) == 2
+        actions = s.scalars(select(S.AuditEvent.action)).all()
+        assert actions == ["judgment.create", "judgment.create"]  # the trigger still fires
+        indexes = {row[0] for row in s.execute(text(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'judgments'"))}
+        assert {"ix_judgments_task_id", "ix_judgments_annotator_id"} <= indexes
+    store.dispose()
