@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Strict: an id is a JSON integer, never "7" or true (lax pydantic would take both).
 ResponseId = Annotated[int, Field(ge=1, le=2**62, strict=True)]
 Group = Annotated[list[ResponseId], Field(min_length=1, max_length=64)]
+StrictIndex = Annotated[int, Field(ge=0, le=63, strict=True)]  # a response's index in its row
 
 
 class _In(BaseModel):
@@ -80,7 +81,7 @@ class TasksCreateIn(_In):
     overlap: int = Field(default=1, ge=1, le=100, strict=True)
     batch: str = Field(min_length=1, max_length=255)
     guidelines: str | None = Field(default=None, max_length=100_000)
-    gold: dict[int, list[list[int]]] | None = Field(
+    gold: dict[int, list[list[StrictIndex]]] | None = Field(
         default=None, description="Row index -> known ranking in response indices.")
     pairing: Literal["all", "adjacent"] = "all"
 
