@@ -302,3 +302,14 @@ def test_ids_must_be_json_integers(server, bad) -> None:
 def test_export_of_an_unknown_batch_is_404(server) -> None:
     r = server.client("admin").get("/api/admin/export?format=trl&batch=nope")
     assert r.status_code == 404 and "nope" in r.json()["detail"]
+
+
+def test_limiter_forgets_old_attempts_under_a_spray_of_names(monkeypatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("rewardloop.app.security.time.monotonic", lambda: clock[0])
+    limiter = LoginLimiter(window_s=60)
+    for i in range(4000):  # 3 keys each: over the 10,000 that start pruning
+        limiter.start(f"name{i}", f"10.0.{i // 250}.{i % 250}")
+    clock[0] += 61
+    limiter.start("late", "10.9.9.9")
+    assert len(limiter._attempts) == 3  # noqa: SLF001 - the memory bound itself

@@ -120,6 +120,7 @@ class LoginLimiter:
         self.limits = {"pair": per_pair, "addr": per_addr, "user": per_user}
         self.window_s = window_s
         self._attempts: dict[tuple[str, str], deque[float]] = {}
+        self._pruned_at = 0.0
         self._lock = threading.Lock()
         self._checks = threading.BoundedSemaphore(max_checks)
 
@@ -134,7 +135,10 @@ class LoginLimiter:
         keys = (("pair", f"{addr}\n{user}"), ("addr", addr), ("user", user))
         now = time.monotonic()
         with self._lock:
-            if len(self._attempts) > 10_000:  # bound memory under a spray of names
+            # Bound memory under a spray of names, pruning at most once a second (each prune
+            # walks every key, which a flood must not make the cost of every attempt).
+            if len(self._attempts) > 10_000 and now - self._pruned_at > 1.0:
+                self._pruned_at = now
                 for key in [k for k, q in self._attempts.items() if not self._recent(k, now)]:
                     del self._attempts[key]
             if any(len(self._recent(k, now)) >= self.limits[k[0]] for k in keys):
