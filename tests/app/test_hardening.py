@@ -313,3 +313,25 @@ def test_limiter_forgets_old_attempts_under_a_spray_of_names(monkeypatch) -> Non
     clock[0] += 61
     limiter.start("late", "10.9.9.9")
     assert len(limiter._attempts) == 3  # noqa: SLF001 - the memory bound itself
+
+
+def test_import_keys_are_reserved(server, tmp_path) -> None:
+    """A user cannot store an import's predictable key first and so make the import skip
+    that record as already present."""
+    from rewardloop.data.transfer import import_file
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Question 0?", "chosen": "Answer 0a",
+                                "rejected": "Answer 0b"}) + "\n")
+    from rewardloop.data import formats
+    from rewardloop.data.transfer import _record_key
+
+    (record,) = formats.read_records(path, "trl")[1]
+    ann = server.client("ann")
+    lease = ann.get("/api/tasks/next").json()
+    ids = [x["id"] for x in lease["responses"]]
+    r = ann.post("/api/judgments", json={"task_id": lease["task_id"],
+                                         "ranking": [ids[:1], ids[1:]],
+                                         "idempotency_key": _record_key(record)})
+    assert r.status_code == 422 and "reserved" in r.text
+    assert import_file(server.store, path, "trl").imported == 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rewardloop.data.values import IMPORT_KEY_PREFIX
 
 # Strict: an id is a JSON integer, never "7" or true (lax pydantic would take both).
 ResponseId = Annotated[int, Field(ge=1, le=2**62, strict=True)]
@@ -57,6 +59,15 @@ class JudgmentIn(_In):
     idempotency_key: str = Field(min_length=1, max_length=128,
                                  description="Unique per judgment; a replay returns the stored "
                                              "judgment instead of a second one.")
+
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _not_an_import_key(cls, key: str) -> str:
+        if key.startswith(IMPORT_KEY_PREFIX):
+            raise ValueError(f"keys starting with {IMPORT_KEY_PREFIX!r} are reserved for "
+                             "imported judgments")
+        return key
 
 
 class JudgmentOut(BaseModel):
