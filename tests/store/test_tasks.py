@@ -160,7 +160,8 @@ def test_submit_errors_and_replay(store) -> None:
         for other in ({"strength": "strong", "time_ms": 1200},
                       {"strength": "clear", "time_ms": 1200, "rationale": "why"},
                       {"strength": "clear"}, {"strength": "clear", "time_ms": 1200,
-                                              "source": "simulated"}):
+                                              "source": "simulated"},
+                      {"strength": "clear", "time_ms": 1200, "margin": 0.5}):
             with pytest.raises(T.TaskError, match="different judgment") as err:
                 Q.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x", **other)
             assert err.value.status == 409

@@ -166,7 +166,10 @@ _TEXTS = Prepared(select(_R.c.id, _R.c.text).join(_I, _I.c.response_id == _R.c.i
 # reveal another's. A judgment without an annotator (an import) has its own key space.
 _BY_KEY_QUERY = select(_J.c.id, _J.c.task_id, _J.c.annotator_id, _J.c.ranking, _J.c.strength,
                        _J.c.shown_order, _J.c.guideline_version, _J.c.time_ms, _J.c.source,
-                       _J.c.rationale, _J.c.margin).where(_J.c.idempotency_key == bindparam("key"))
+                       _J.c.rationale).where(_J.c.idempotency_key == bindparam("key"))
+# Only library callers give a margin; a float column has no driver-level result processor on
+# PostgreSQL without the column's type code, so it is read apart, when needed.
+_MARGIN = select(_J.c.margin).where(_J.c.id == bindparam("jid"))
 _BY_KEY = {True: Prepared(_BY_KEY_QUERY.where(_J.c.annotator_id == bindparam("aid"))),
            False: Prepared(_BY_KEY_QUERY.where(_J.c.annotator_id.is_(None)))}
 _TASK_QUERY = (select(_T.c.id, _T.c.done, _T.c.n_judgments, _T.c.overlap, _B.c.guideline_version)
@@ -298,10 +301,13 @@ def _check_judgment_fields(idempotency_key: str, strength: str | None, source: s
         raise TaskError("time_ms must be a non-negative integer", status=422)
 
 
-def _replay(prior: Any, task_id: int, ranking: Any, given: dict[str, Any]) -> Recorded:
+def _replay(session: Session, prior: Any, task_id: int, ranking: Any,
+            given: dict[str, Any]) -> Recorded:
     """The stored judgment, if the replay asks for exactly it: every field the caller gave
     must match (a replay that silently dropped a new strength or rationale would lose it)."""
     stored = prior._asdict()
+    if given.get("margin") is not None:
+        stored["margin"] = session.scalar(_MARGIN, {"jid": prior.id})
     differ = [name for name, value in given.items()
               if value is not None or name in _ALWAYS_COMPARED if stored[name] != value]
     if prior.task_id != task_id or prior.ranking != _normalise(ranking):
@@ -309,7 +315,8 @@ def _replay(prior: Any, task_id: int, ranking: Any, given: dict[str, Any]) -> Re
     if differ:
         raise TaskError(f"this idempotency key was already used for a different judgment "
                         f"({', '.join(differ)} differ); use a fresh key for each judgment")
-    return Recorded(**{k: v for k, v in stored.items() if k not in ("rationale", "margin")})
+    stored.pop("margin", None)
+    return Recorded(**{k: v for k, v in stored.items() if k != "rationale"})
 
 
 # What an API client always sends (or leaves out) itself; the rest is compared when given.
@@ -377,7 +384,7 @@ def submit_judgment(
         given = {"strength": strength, "rationale": rationale, "time_ms": time_ms,
                  "margin": margin, "source": source, "shown_order": shown_order,
                  "guideline_version": guideline_version}
-        return _replay(prior, task_id, ranking, given), False
+        return _replay(session, prior, task_id, ranking, given), False
     own = _own_lease(db, task_id, aid, require_lease)
     task = None
     if isinstance(task_id, int):
