@@ -335,3 +335,14 @@ def test_import_keys_are_reserved(server, tmp_path) -> None:
                                          "idempotency_key": _record_key(record)})
     assert r.status_code == 422 and "reserved" in r.text
     assert import_file(server.store, path, "trl").imported == 1
+
+
+def test_serve_warns_about_a_database_others_can_read(tmp_path) -> None:
+    from rewardloop.cli.serve import readable_by_others
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Store(url).dispose()
+    assert readable_by_others(url) is None  # created 0600
+    (tmp_path / "old.db").chmod(0o644)
+    assert "chmod 600" in readable_by_others(url)
+    assert readable_by_others("postgresql+psycopg://u@h/db") is None

@@ -52,6 +52,25 @@ def check_forwarded_allow_ips(value: str) -> str:
     return ",".join(entries)
 
 
+def readable_by_others(url: str) -> str | None:
+    """A warning when the SQLite file of ``url`` may be read by other users (files made before
+    stores were created 0600 keep their old mode), else None."""
+    import stat
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0
+    if not mode & 0o077:
+        return None
+    return (f"warning: {path} (mode {mode:04o}) holds the session secret and password hashes "
+            f"but other users may read it; chmod 600 {path}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -105,6 +124,9 @@ def register(app: typer.Typer) -> None:
         allowed = check_forwarded_allow_ips(forwarded_allow_ips or "127.0.0.1")
         url = resolve_db(db)
         store = Store(url)  # migrates once, before any worker starts
+        warning = readable_by_others(url)
+        if warning:
+            typer.echo(warning, err=True)
         options: dict[str, Any] = dict(
             log_level=log_level, proxy_headers=proxy_headers or forwarded_allow_ips is not None,
             forwarded_allow_ips=allowed, access_log=log_level in ("debug", "info"))
