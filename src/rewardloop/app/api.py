@@ -165,7 +165,7 @@ async def submit_judgment(body: JudgmentIn, creds: HotCreds, request: Request,
 def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
               db: DbDep) -> Response:
     """Give a leased task back without judging it; it is not offered to the caller again."""
-    db.run(lambda s: Q.skip_task(s, who.id, task_id))
+    db.run_refusable_sync(lambda s: Q.skip_task(s, who.id, task_id))
     return Response(status_code=204)
 
 

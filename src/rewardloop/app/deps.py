@@ -79,20 +79,30 @@ class Db:
         writes anything: the refusal is handed back as a value and raised here, so it does not
         make the writer roll back and re-run the group it shared (a flood of bad tokens would
         otherwise double the work of everyone's requests)."""
+        return _raise_refusal(await self.run_async(_refusable(fn)))
 
-        def op(session: Session) -> R | _Refusal:
-            try:
-                return fn(session)
-            except (HTTPException, TaskError) as exc:
-                return _Refusal(exc)
-
-        out = await self.run_async(op)
-        if isinstance(out, _Refusal):
-            raise out.error
-        return out
+    def run_refusable_sync(self, fn: Callable[[Session], R]) -> R:
+        """``run_refusable`` for sync routes."""
+        return _raise_refusal(self.run(_refusable(fn)))
 
     def read(self) -> Any:
         return self.store.read()
+
+
+def _refusable(fn: Callable[[Session], R]) -> Callable[[Session], R | _Refusal]:
+    def op(session: Session) -> R | _Refusal:
+        try:
+            return fn(session)
+        except (HTTPException, TaskError) as exc:
+            return _Refusal(exc)
+
+    return op
+
+
+def _raise_refusal(out: R | _Refusal) -> R:
+    if isinstance(out, _Refusal):
+        raise out.error
+    return out
 
 
 def tokens_equal(given: str, expected: str) -> bool:

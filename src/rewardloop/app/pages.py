@@ -111,7 +111,7 @@ def annotate(request: Request,
     who = page_user(request)
     if who is None:
         return _to_login()
-    context = request.app.state.db.run(lambda s: _lease_page(s, who, batch))
+    context = request.app.state.db.run_refusable_sync(lambda s: _lease_page(s, who, batch))
     return _render(request, "annotate.html", user=who, csrf=who.csrf_token, **context)
 
 
