@@ -85,4 +85,7 @@ def test_refused_api_requests_do_not_make_the_group_run_again(server, monkeypatc
     again = {**body, "idempotency_key": "k2"}
     assert ann.post("/api/judgments", json=again).status_code == 409  # already judged
     assert ann.get("/api/tasks/next", params={"batch": "missing"}).status_code == 404
+    assert ann.post("/api/tasks/999/skip").status_code == 404  # not leased to ann
+    page, _ = server.login("bob")
+    assert page.get("/annotate", params={"batch": "missing"}).status_code == 404
     assert isolated == []

@@ -74,6 +74,18 @@ def _setup_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _create_private(path: Path) -> None:
+    """Create a new SQLite file readable by its owner only (0600): it holds the session secret
+    and password hashes. SQLite gives its -wal and -shm files the same mode. An existing file
+    keeps the mode its owner chose."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UserError(f"cannot create {path}: {exc.strerror}") from None
+
+
 class _WriteLock:
     """Writers of one SQLite file, across threads and processes, one at a time: a re-entrant
     thread lock, then ``flock`` on ``path`` (held by the outermost holder only)."""
@@ -128,6 +140,8 @@ class Store:
             db = parsed.database
             if db and db != ":memory:" and not Path(db).parent.exists():
                 raise UserError(f"--db: directory {Path(db).parent} does not exist")
+            if db and db != ":memory:":
+                _create_private(Path(db))
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -216,6 +230,7 @@ class Store:
         import sqlite3
 
         dest = Path(dest)
+        _create_private(dest)  # a copy of the secrets, so as private as the original
         raw = self.engine.raw_connection()
         try:
             target = sqlite3.connect(dest)

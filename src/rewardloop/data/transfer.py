@@ -56,6 +56,7 @@ from rewardloop.data.schema import (
     content_hash,
 )
 from rewardloop.data.store import Store
+from rewardloop.data.values import IMPORT_KEY_PREFIX
 from rewardloop.errors import UserError
 
 __all__ = ["EXPORTABLE", "IMPORTABLE", "ExportReport", "ImportReport", "export", "import_file",
@@ -93,7 +94,7 @@ class ExportReport:
 
 
 def _key(kind: str, parts: Any) -> str:
-    return f"import:{kind}:{content_hash(parts)}"
+    return f"{IMPORT_KEY_PREFIX}{kind}:{content_hash(parts)}"
 
 
 def _judgment_key(prompt: Text, answers: Sequence[Text], groups: list[list[int]],

@@ -10,6 +10,11 @@ import hashlib
 import json
 from typing import Any
 
+# Imported rows' idempotency keys start with this and are predictable content hashes, and an
+# import skips a record whose key is already stored, so the annotation API refuses keys in this
+# namespace: no user can store one first and so suppress an import.
+IMPORT_KEY_PREFIX = "import:"
+
 
 def content_hash(value: Any) -> str:
     """Stable SHA-256 of a text or JSON value (chat messages), used for de-duplication."""
