@@ -90,7 +90,7 @@ FAST = DemoSizes(corpus=200, prompts=64, eval_prompts=24, hidden_size=32, num_la
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     import json
 
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -99,7 +99,7 @@ def _prepare_data(out: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
     import yaml
 
     from rewardloop import synthetic
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     _write_jsonl(out / "sft.jsonl", synthetic.sft_rows(sizes.corpus, seed=seed))
     _write_jsonl(out / "prompts.jsonl", synthetic.prompt_rows(sizes.prompts, seed=seed + 1))
@@ -168,7 +168,7 @@ def run_demo(workdir: Path, *, fast: bool = False, seed: int = 0) -> dict[str, A
     import json
 
     from rewardloop.eval.report import build_report
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     start = time.perf_counter()
     sizes = FAST if fast else FULL

@@ -153,7 +153,7 @@ def read_marker(stage_dir: Path) -> dict[str, Any] | None:
 def run_stage(stage_dir: Path, name: str, fn: Callable[[Path], Mapping[str, Any]]
               ) -> dict[str, Any]:
     """Run ``fn(stage_dir)`` unless the stage's marker exists; write the marker last."""
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     done = read_marker(stage_dir)
     if done is not None:
@@ -185,7 +185,7 @@ def _round_record(n: int, figures: Mapping[str, Mapping[str, Any]]) -> dict[str,
 
 def _write_best(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any] | None:
     from rewardloop.eval.alarms import best_index
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     index = best_index(records, ("gold", "human", "proxy"))
     if index is None:
@@ -200,7 +200,7 @@ def _write_best(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any
 def summarize(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     """``WORKDIR/summary.json``: the last round's headline figures, every round, alarms, best."""
     from rewardloop.eval.alarms import AlarmSettings, check_alarms
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     alarms = [f"round {r['round']} RL run: {a}" for r in records
               for a in r.get("policy/alarms", [])]
@@ -234,7 +234,7 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
     """
     from rewardloop import loop_stages
     from rewardloop.config import config_to_dict
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.workdir / "config.yaml", _yaml(config_to_dict(cfg)))

@@ -211,8 +211,8 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Export judgments and a quality report, then train the reward model (warm start from the
     previous round's), without the judgments of flagged annotators."""
     from rewardloop.feedback.quality import quality_report
-    from rewardloop.train.checkpoint import atomic_write_text
     from rewardloop.train.reward import RewardConfig, train_rm
+    from rewardloop.util.files import atomic_write_text
 
     data = ctx.dir / "data"
     data.mkdir(exist_ok=True)

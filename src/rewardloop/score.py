@@ -269,8 +269,8 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     output is written atomically. Returns the number of rows written.
     """
     from rewardloop.data.formats import read_records
-    from rewardloop.train.checkpoint import atomic_write_text
-    from rewardloop.train.run import progress_bar
+    from rewardloop.util.files import atomic_write_text
+    from rewardloop.util.progress import progress_bar
 
     data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
     fmt, records = read_records(data, data_format)

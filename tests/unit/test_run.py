@@ -26,10 +26,10 @@ from rewardloop.train.run import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,6 @@ here. Optional fields are omitted when written empty.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from rewardloop.data.records import (
 )
 from rewardloop.data.values import validate_ranking
 from rewardloop.errors import DataError, UserError
+from rewardloop.util.files import atomic_file
 
 __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
@@ -392,27 +391,12 @@ def write_records(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for record in records:
-                if not isinstance(record, cls):
-                    raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
-                                    f"got {type(record).__name__}")
-                fh.write(json.dumps(to_row(record), ensure_ascii=False, allow_nan=False) + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_file(path) as fh:
+        for record in records:
+            if not isinstance(record, cls):
+                raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
+                                f"got {type(record).__name__}")
+            fh.write(json.dumps(to_row(record), ensure_ascii=False, allow_nan=False) + "\n")
+            count += 1
     return count

@@ -131,7 +131,7 @@ def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], *, n: int
     """``n`` sampled answers per prompt (rows of a prompt contiguous), ``batch_size`` prompts at
     a time; the same ``seed`` gives the same answers."""
     from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
-    from rewardloop.train.run import seed_everything
+    from rewardloop.util.seed import seed_everything
 
     seed_everything(seed)
     generator = HFGenerator(model, tokenizer)
@@ -220,7 +220,7 @@ def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
 
 def write_eval(out: Path, result: Mapping[str, Any]) -> None:
     """Write ``eval.json`` atomically."""
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2) + "\n")
@@ -270,7 +270,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def _write_samples(path: Path, prompts: Sequence[Any], baseline: Sequence[str],
                    policy: Sequence[str]) -> None:
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     rows = [json.dumps({"prompt": p, "baseline": b, "policy": a})
             for p, b, a in zip(prompts, baseline, policy, strict=True)]

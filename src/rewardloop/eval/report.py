@@ -20,6 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rewardloop.errors import UserError
+from rewardloop.util.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 CURVE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -233,8 +236,6 @@ figure{margin:.5em 0} img{max-width:100%} section{border-top:2px solid #ddd;marg
 
 def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report") -> Path:
     """Write ``out`` (HTML, self-contained) for the given run directories; returns ``out``."""
-    from rewardloop.errors import UserError
-
     missing = [str(r) for r in runs if not Path(r).is_dir()]
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
@@ -246,7 +247,5 @@ def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop repor
            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, doc)
     return out

@@ -308,7 +308,7 @@ def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int, setti
     prompt are kept once (a task compares distinct texts); ``models`` is ``model_label``."""
     from rewardloop.models import load_policy, load_tokenizer
     from rewardloop.rollout import HFGenerator, encode_prompts
-    from rewardloop.train.run import seed_everything
+    from rewardloop.util.seed import seed_everything
 
     seed_everything(seed)
     tokenizer = load_tokenizer(policy, padding_side="left")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rewardloop.errors import UserError
+from rewardloop.util.files import atomic_write_text
 
 if TYPE_CHECKING:
     from rewardloop.train.run import RunDir
@@ -43,14 +44,6 @@ def _fsync_path(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 @dataclass
 class Checkpoint:

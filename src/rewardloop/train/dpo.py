@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,11 +56,12 @@ from rewardloop.train.run import (
     RunDir,
     adamw,
     check_finite,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
 from rewardloop.train.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
+from rewardloop.util.files import atomic_file
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -468,9 +468,8 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
             log.info("read cached reference log-probs from %s", path)
     if cache is None:
         cache = {name: scorer(examples) for name, examples in splits.items()}
-        tmp = path.with_name(f".tmp-{REF_CACHE}")
-        torch.save({"fingerprint": fingerprint, **cache}, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path, binary=True) as fh:
+            torch.save({"fingerprint": fingerprint, **cache}, fh)
     return lambda split, idx: cache[split][list(idx)]
 
 

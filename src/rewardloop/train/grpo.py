@@ -293,7 +293,8 @@ def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
     from rewardloop.rewards import FunctionReward, Rewards, parse_reward_spec
     from rewardloop.rollout import encode_prompts
     from rewardloop.train.data import EpochSampler
-    from rewardloop.train.run import RunDir, seed_everything
+    from rewardloop.train.run import RunDir
+    from rewardloop.util.seed import seed_everything
 
     _, records = read_records(cfg.prompts, "prompts")
     if len(records) < cfg.prompts_per_step:
@@ -565,7 +566,8 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         rollout_metrics,
         truncate_samples,
     )
-    from rewardloop.train.run import progress_bar, save_checkpoint
+    from rewardloop.train.run import save_checkpoint
+    from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy

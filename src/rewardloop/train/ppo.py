@@ -329,7 +329,8 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         rollout_metrics,
         truncate_samples,
     )
-    from rewardloop.train.run import progress_bar, save_checkpoint
+    from rewardloop.train.run import save_checkpoint
+    from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy

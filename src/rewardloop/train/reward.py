@@ -55,12 +55,12 @@ from rewardloop.train.run import (
     RunDir,
     adamw,
     check_finite,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
 from rewardloop.train.sft import split_micro
 from rewardloop.train.tokenize import Encoded, collate, encode
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -571,7 +571,7 @@ def load_model(cfg: RewardConfig, tokenizer: Any) -> nn.Module:
 
 
 def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
-    from rewardloop.train.checkpoint import atomic_write_text
+    from rewardloop.util.files import atomic_write_text
 
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
 

@@ -30,16 +30,14 @@ back with ``weights_only=True``, never a full pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import random
 import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +51,19 @@ from rewardloop.errors import TrainingError, UserError
 from rewardloop.train.checkpoint import (
     COMPLETE,
     Checkpoint,
-    atomic_write_text,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
+from rewardloop.util.files import atomic_write_text
 
 __all__ = [
     "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "check_finite", "latest_checkpoint",
-    "list_checkpoints", "load_checkpoint", "peak_memory_mb", "progress_bar", "save_checkpoint",
-    "seed_everything",
+    "list_checkpoints", "load_checkpoint", "peak_memory_mb", "save_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 class ThroughputMeter:
@@ -254,32 +244,3 @@ def check_finite(value: torch.Tensor | float, step: int, *, name: str = "loss",
         where = (f" The last good checkpoint is {latest}; lower the learning rate and rerun "
                  "with --resume." if latest else " No checkpoint was written yet.")
     raise TrainingError(f"{name} is not finite ({shown}) at step {step}; stopped.{where}")
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str, *, start: int = 0) -> Iterator[
-        Callable[..., None]]:
-    """A rich progress bar on stderr (silent when stderr is not a terminal).
-
-    Yields ``show(step, info="")`` that moves the bar to ``step`` with a short status text.
-    """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task(description, total=total, completed=start, info="")
-
-        def show(step: int, info: str = "") -> None:
-            progress.update(task, completed=step, info=info)
-
-        yield show

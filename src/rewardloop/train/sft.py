@@ -44,11 +44,11 @@ from rewardloop.train.run import (
     RunDir,
     adamw,
     check_finite,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
 from rewardloop.train.tokenize import Encoded, encode_sft, pad
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
