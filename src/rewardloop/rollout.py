@@ -209,7 +209,7 @@ class HFGenerator:
             raise ValueError("n must be at least 1")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        from rewardloop.train.tokenize import pad
+        from rewardloop.tokenize import pad
 
         device = next(self.model.parameters()).device
         prompt_ids = pad(prompts, self.pad_id, side="left").to(device).repeat_interleave(n, 0)
@@ -288,7 +288,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], max_prompt_length: in
                    ) -> list[list[int]]:
     """Token ids of each prompt (chat prompts through the chat template), cut from the left to
     ``max_prompt_length`` tokens (the end of a conversation matters most)."""
-    from rewardloop.train.tokenize import encode
+    from rewardloop.tokenize import encode
 
     return [encode(tokenizer, p, None, max_length=max(max_prompt_length, 2),
                    max_prompt_length=max_prompt_length).input_ids for p in prompts]

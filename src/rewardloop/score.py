@@ -184,7 +184,7 @@ class RewardScorer:
         """(N, K) rewards of every head in the input order (normalised when ``normalize``)."""
         import torch
 
-        from rewardloop.train.tokenize import collate, encode
+        from rewardloop.tokenize import collate, encode
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")

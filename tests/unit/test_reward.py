@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from rewardloop.cli import app
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.tokenize import Encoded
 from rewardloop.train.reward import (
     OBJECTIVES,
     Comparison,
@@ -30,7 +31,6 @@ from rewardloop.train.reward import (
     read_comparisons,
     train_rm,
 )
-from rewardloop.train.tokenize import Encoded
 
 
 @pytest.fixture(scope="module")

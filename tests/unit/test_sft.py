@@ -19,6 +19,7 @@ from rewardloop.cli import app
 from rewardloop.data.records import SFTRecord
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.tokenize import encode_sft
 from rewardloop.train.sft import (
     Row,
     SFTConfig,
@@ -33,7 +34,6 @@ from rewardloop.train.sft import (
     token_nll,
     train_sft,
 )
-from rewardloop.train.tokenize import encode_sft
 
 
 @pytest.fixture(scope="module")

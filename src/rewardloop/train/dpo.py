@@ -51,6 +51,7 @@ from rewardloop.models import (
     match_tokenizer,
     save_model,
 )
+from rewardloop.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, microbatches, scheduler
 from rewardloop.train.run import (
     RunDir,
@@ -58,7 +59,6 @@ from rewardloop.train.run import (
     check_finite,
     save_checkpoint,
 )
-from rewardloop.train.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
 from rewardloop.util.files import atomic_file
 from rewardloop.util.progress import progress_bar
 from rewardloop.util.seed import seed_everything

@@ -50,6 +50,7 @@ from rewardloop.models import (
     save_model,
 )
 from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
 from rewardloop.train.run import (
     RunDir,
@@ -58,7 +59,6 @@ from rewardloop.train.run import (
     save_checkpoint,
 )
 from rewardloop.train.sft import split_micro
-from rewardloop.train.tokenize import Encoded, collate, encode
 from rewardloop.util.progress import progress_bar
 from rewardloop.util.seed import seed_everything
 

@@ -39,6 +39,7 @@ from rewardloop.models import (
     resolve_device,
     save_model,
 )
+from rewardloop.tokenize import Encoded, encode_sft, pad
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, scheduler
 from rewardloop.train.run import (
     RunDir,
@@ -46,7 +47,6 @@ from rewardloop.train.run import (
     check_finite,
     save_checkpoint,
 )
-from rewardloop.train.tokenize import Encoded, encode_sft, pad
 from rewardloop.util.progress import progress_bar
 from rewardloop.util.seed import seed_everything
 
