@@ -156,15 +156,3 @@ def expected_calibration_error(probs: Sequence[float], labels: Sequence[float], 
         rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
                      "confidence": conf, "accuracy": acc, "count": int(sel.sum())})
     return float(ece), rows
-
-
-def length_stats(texts: Sequence[str]) -> dict[str, float]:
-    """Mean/median/p95 length in characters and words."""
-    if not texts:
-        return {"n": 0}
-    chars = np.array([len(t) for t in texts], dtype=float)
-    words = np.array([len(t.split()) for t in texts], dtype=float)
-    return {"n": len(texts), "chars_mean": float(chars.mean()),
-            "chars_median": float(np.median(chars)), "chars_p95": float(np.quantile(chars, 0.95)),
-            "words_mean": float(words.mean()), "words_median": float(np.median(words)),
-            "words_p95": float(np.quantile(words, 0.95))}

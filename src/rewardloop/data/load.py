@@ -33,6 +33,7 @@ from rewardloop.data.schema import (
     ranking_pairs,
 )
 from rewardloop.data.store import Store
+from rewardloop.data.values import length_stats
 from rewardloop.errors import UserError
 
 _CHUNK = 500
@@ -139,8 +140,6 @@ def _per_annotator(s: Session) -> dict[str, dict[str, int]]:
 
 def stats(store: Store) -> dict[str, Any]:
     """Counts, per-annotator totals, response lengths (chars/words) and the tie rate."""
-    from rewardloop.eval.metrics import length_stats
-
     tables = {"prompts": Prompt, "responses": Response, "batches": Batch,
               "tasks": ComparisonTask, "judgments": Judgment, "ratings": Rating,
               "annotators": Annotator}

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from rewardloop.data.values import length_stats
 from rewardloop.errors import UserError
-from rewardloop.eval.metrics import Battle, WinRate, bootstrap_ci, length_stats, win_rate
+from rewardloop.metrics import Battle, WinRate, bootstrap_ci, win_rate
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def arena_result(battles: Sequence[Battle], *, policy: str | None = None,
                  ) -> dict[str, Any]:
     """Bradley–Terry ratings (Elo scale, bootstrap intervals) of every model in ``battles``,
     and, given ``policy`` and ``baseline``, the policy's direct win rate over the baseline."""
-    from rewardloop.eval.metrics import arena_ratings
+    from rewardloop.metrics import arena_ratings
 
     if not battles:
         raise UserError("no judged arena battles yet: judge the arena tasks first "

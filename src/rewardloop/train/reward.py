@@ -39,7 +39,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.eval.metrics import expected_calibration_error
+from rewardloop.metrics import expected_calibration_error
 from rewardloop.models import (
     LoraSettings,
     apply_lora,
