@@ -25,6 +25,9 @@ from typing import Any, Protocol
 import torch
 
 from rewardloop import ops
+from rewardloop.data.records import CandidatesRecord, Text
+from rewardloop.models import load_policy, load_tokenizer
+from rewardloop.util.seed import seed_everything
 
 
 @dataclass(frozen=True)
@@ -342,3 +345,30 @@ def truncate_samples(path: Path, after_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     path.write_text("".join(kept), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate answers for people to compare
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int,
+                      settings: SamplingSettings, *, seed: int = 0, batch_size: int = 8,
+                      max_prompt_length: int = 512, device: str = "auto", dtype: str = "auto",
+                      model_label: str | None = None) -> list[CandidatesRecord]:
+    """``n`` sampled answers per prompt from ``policy`` (loaded here), ``batch_size`` prompts at
+    a time. Repeated answers to one prompt are kept once (a task compares distinct texts);
+    ``models`` is ``model_label``."""
+    seed_everything(seed)
+    tokenizer = load_tokenizer(policy, padding_side="left")
+    model = load_policy(policy, dtype=dtype, device=device, trainable=False)
+    generator = HFGenerator(model, tokenizer)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        rollout = generator.generate(encode_prompts(tokenizer, chunk, max_prompt_length), n,
+                                     settings)
+        for i, prompt in enumerate(chunk):
+            answers = list(dict.fromkeys(rollout.texts[i * n:(i + 1) * n]))
+            rows.append(CandidatesRecord(prompt, answers, [model_label] * len(answers)))
+    return rows

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from rewardloop.data.records import Text
 from rewardloop.errors import UserError
@@ -296,3 +298,19 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     atomic_write_text(out, text)
     return len(rows)
+
+
+def heads_of(rm_dir: str | Path, *, device: str = "auto", batch_size: int = 32
+             ) -> Callable[[Sequence[Text], Sequence[str]], np.ndarray]:
+    """A function giving the (N, K) scores of every head of the ensemble reward model in
+    ``rm_dir`` (``RewardScorer.score_heads``: directory checks, training ``max_length``,
+    batching), as ``feedback.select.uncertainty_scores`` wants it."""
+    scorer = RewardScorer(rm_dir, device=device, batch_size=batch_size)
+    if scorer.heads < 2:
+        raise UserError(f"{rm_dir} is a single reward model; uncertainty selection needs an "
+                        "ensemble (train rm --ensemble K, K >= 2)")
+
+    def score(prompts: Sequence[Text], completions: Sequence[str]) -> np.ndarray:
+        return np.asarray(scorer.score_heads(prompts, completions).numpy(), dtype=np.float64)
+
+    return score

@@ -17,8 +17,9 @@ candidate comparisons (a prompt and k answers, so k(k-1)/2 pairs each) a *plan* 
    and the head), or ``std`` = std_k d_k.
 
 The planning functions are pure; :func:`create_planned_tasks` writes a plan through
-``feedback.tasks``; :func:`heads_of` scores answers with every head of a ``train rm --ensemble``
-model; task priorities make the server hand tasks out in plan order.
+``feedback.tasks``; task priorities make the server hand tasks out in plan order. What needs a
+model comes in from the caller: ``uncertainty_scores`` takes a ``HeadFn`` (``score.heads_of``),
+and candidates are sampled by ``rollout.sample_candidates``.
 """
 
 from __future__ import annotations
@@ -238,23 +239,6 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
 # -- scoring with an ensemble reward model ----------------------------------------------------
 
 
-def heads_of(rm_dir: str | Path, *, device: str = "auto", batch_size: int = 32) -> HeadFn:
-    """A function giving the (N, K) scores of every head of the reward model in ``rm_dir``
-    (``score.RewardScorer.score_heads``: directory checks, training ``max_length``, batching)."""
-    from rewardloop.errors import UserError
-    from rewardloop.score import RewardScorer
-
-    scorer = RewardScorer(rm_dir, device=device, batch_size=batch_size)
-    if scorer.heads < 2:
-        raise UserError(f"{rm_dir} is a single reward model; uncertainty selection needs an "
-                        "ensemble (train rm --ensemble K, K >= 2)")
-
-    def score(prompts: Sequence[Text], completions: Sequence[str]) -> np.ndarray:
-        return scorer.score_heads(prompts, completions).numpy().astype(np.float64)
-
-    return score
-
-
 def uncertainty_scores(rows: Sequence[CandidatesRecord], pairs: Sequence[Pair], heads: HeadFn,
                        measure: str = "bald") -> np.ndarray:
     """Disagreement of each candidate pair, scoring each answer once with ``heads``."""
@@ -297,32 +281,6 @@ def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return Origin(name, digest.hexdigest()[:12], gen_settings)
-
-
-def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int, settings: Any, *,
-                      seed: int = 0, batch_size: int = 8, max_prompt_length: int = 512,
-                      device: str = "auto", dtype: str = "auto",
-                      model_label: str | None = None) -> list[CandidatesRecord]:
-    """``n`` sampled answers per prompt (``rollout.HFGenerator``, ``settings``: a
-    ``rollout.SamplingSettings``), ``batch_size`` prompts at a time. Repeated answers to one
-    prompt are kept once (a task compares distinct texts); ``models`` is ``model_label``."""
-    from rewardloop.models import load_policy, load_tokenizer
-    from rewardloop.rollout import HFGenerator, encode_prompts
-    from rewardloop.util.seed import seed_everything
-
-    seed_everything(seed)
-    tokenizer = load_tokenizer(policy, padding_side="left")
-    model = load_policy(policy, dtype=dtype, device=device, trainable=False)
-    generator = HFGenerator(model, tokenizer)
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        rollout = generator.generate(encode_prompts(tokenizer, chunk, max_prompt_length), n,
-                                     settings)
-        for i, prompt in enumerate(chunk):
-            answers = list(dict.fromkeys(rollout.texts[i * n:(i + 1) * n]))
-            rows.append(CandidatesRecord(prompt, answers, [model_label] * len(answers)))
-    return rows
 
 
 # -- writing a plan to the store ---------------------------------------------------------------
