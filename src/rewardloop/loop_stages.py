@@ -210,7 +210,7 @@ def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
 def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Export judgments and a quality report, then train the reward model (warm start from the
     previous round's), without the judgments of flagged annotators."""
-    from rewardloop.feedback.quality import quality_report
+    from rewardloop.feedback.quality import annotators_from_db, quality_report
     from rewardloop.train.reward import RewardConfig, train_rm
     from rewardloop.util.files import atomic_write_text
 
@@ -228,7 +228,9 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
                  data=data / "pairs.jsonl", eval_data=data / "eval_pairs.jsonl", out=out,
                  exclude_flagged=ctx.cfg.exclude_flagged, db=ctx.cfg.db_url,
                  max_length=512, seed=ctx.cfg.seed + ctx.n, **_trainer_flags(out))
-    summary = train_rm(cfg)
+    summary = train_rm(cfg, annotators_from_db(ctx.cfg.db_url,
+                                               weights=cfg.weighting == "reliability",
+                                               flagged=cfg.exclude_flagged))
     return {"train_pairs": n_train, "eval_pairs": n_eval, "flagged": flagged,
             "krippendorff_alpha": report.get("krippendorff_alpha"),
             **{k: summary[k] for k in ("eval_accuracy", "eval_ece", "length_correlation",

@@ -15,7 +15,10 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
+from rewardloop.data.schema import Annotator
+from rewardloop.data.store import Store
 from rewardloop.feedback import agreement as A
 from rewardloop.feedback.bias import BiasStats, bias_stats
 from rewardloop.feedback.records import JudgmentRecord, load_records, pair_values
@@ -24,7 +27,8 @@ Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id
 FLAGS = ("spam", "position_bias", "length_bias", "gold_fail")
 
 __all__ = ["FLAGS", "AnnotatorQuality", "JudgmentRecord", "QualityReport", "Thresholds",
-           "analyze", "annotator_weights", "flagged_annotators", "load_records", "quality_report"]
+           "analyze", "annotator_weights", "annotators_from_db", "flagged_annotators",
+           "load_records", "quality_report"]
 
 
 @dataclass(frozen=True)
@@ -300,3 +304,19 @@ def flagged_annotators(source: Any, batch: str | None = None,
     report = quality_report(source, batch, thresholds)
     return {n for n, q in report.annotators.items() if wanted & set(q.flags)}
 
+
+def annotators_from_db(db: str, *, weights: bool, flagged: bool
+                       ) -> tuple[dict[str, float] | None, set[str], dict[str, list[str]]]:
+    """What the store at ``db`` knows about annotators, as plain data for reward-model training
+    (``train.reward.train_rm``, which does not open the store itself): reliability weights (when
+    ``weights``, else None), the flagged names (when ``flagged``, else none) and each
+    annotator's groups."""
+    store = Store(db)
+    try:
+        with store.read() as session:
+            groups = {a.name: [str(g) for g in a.groups]
+                      for a in session.scalars(select(Annotator)) if a.groups}
+        return (annotator_weights(store) if weights else None,
+                flagged_annotators(store) if flagged else set(), groups)
+    finally:
+        store.dispose()

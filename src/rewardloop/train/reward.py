@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,9 +289,18 @@ def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def annotator_info(cfg: RewardConfig) -> tuple[dict[str, float] | None, set[str],
-                                               dict[str, list[str]]]:
-    """(weights or None, flagged annotators, groups by annotator) from the files and the store."""
+StoredAnnotators = tuple[Mapping[str, float] | None, Set[str], Mapping[str, Sequence[str]]]
+"""(weights or None, flagged names, groups by name) as read from the store by the caller
+(``feedback.quality.annotators_from_db``): the trainer itself does not open the store."""
+
+
+def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
+                   ) -> tuple[dict[str, float] | None, set[str], dict[str, list[str]]]:
+    """(weights or None, flagged annotators, groups by annotator) from the files and ``stored``
+    (needed when ``cfg.db`` is set)."""
+    if cfg.db is not None and stored is None:
+        raise ValueError("cfg.db is set: pass what the store knows about annotators "
+                         "(feedback.quality.annotators_from_db)")
     weights: dict[str, float] | None = None
     flagged: set[str] = set()
     groups: dict[str, list[str]] = {}
@@ -304,24 +313,15 @@ def annotator_info(cfg: RewardConfig) -> tuple[dict[str, float] | None, set[str]
             weights = {str(k): float(v) for k, v in raw.items()}
         except (TypeError, ValueError):
             raise UserError(f"{cfg.annotator_weights}: every weight must be a number") from None
-    if cfg.db is not None:
-        from rewardloop.data.schema import Annotator
-        from rewardloop.data.store import Store
-        from rewardloop.feedback.quality import annotator_weights, flagged_annotators
-
-        store = Store(cfg.db)
-        try:
-            if cfg.weighting == "reliability" and weights is None:
-                weights = annotator_weights(store)
-            if cfg.exclude_flagged:
-                flagged = flagged_annotators(store)
-            with store.read() as session:
-                for a in session.query(Annotator).all():
-                    if a.groups:
-                        groups.setdefault(a.name, []).extend(
-                            str(g) for g in a.groups if str(g) not in groups.get(a.name, []))
-        finally:
-            store.dispose()
+    if stored is not None:
+        store_weights, store_flagged, store_groups = stored
+        if cfg.weighting == "reliability" and weights is None and store_weights is not None:
+            weights = dict(store_weights)
+        if cfg.exclude_flagged:
+            flagged = set(store_flagged)
+        for name, gs in store_groups.items():
+            groups.setdefault(name, []).extend(
+                str(g) for g in gs if str(g) not in groups.get(name, []))
     return weights, flagged, groups
 
 
@@ -576,8 +576,10 @@ def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
 
 
-def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read top to bottom)
-    """Train a reward model; returns the summary written to ``summary.json``."""
+def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None  # noqa: C901 (the loop)
+             ) -> dict[str, Any]:
+    """Train a reward model; returns the summary written to ``summary.json``. ``stored``: what
+    the store knows about annotators, when ``cfg.db`` is set."""
     # Data first: a refused file must not leave a half-made run directory behind.
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
@@ -587,7 +589,7 @@ def train_rm(cfg: RewardConfig) -> dict[str, Any]:  # noqa: C901 (the loop, read
     if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
         raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
                         "rows train with Plackett-Luce, which has neither")
-    weights, flagged, groups = annotator_info(cfg)
+    weights, flagged, groups = annotator_info(cfg, stored)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
