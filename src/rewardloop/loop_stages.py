@@ -1,27 +1,79 @@
-"""The stages of one loop round (``loop.STAGES``), each a function of the round and its directory.
+"""The stages of one loop round (``loop.STAGE_TABLE``), each a function of the round and its
+directory, and the markers that make them resumable.
 
-Each returns the figures its ``DONE.json`` marker records. They call the library's own pieces
-(rollout, the task service, the simulator, the trainers, ``eval.evaluate``) -- no CLI -- and are
-safe to run again after an interruption: task creation checks its batch first, the simulator
-only judges open tasks, trainers resume from their checkpoints.
+Each returns the figures its ``DONE.json`` marker records (``run_stage`` writes it last). They
+call the library's own pieces (rollout, the task service, the simulator, the trainers,
+``eval.evaluate``) -- no CLI -- and are safe to run again after an interruption: task creation
+checks its batch first, the simulator only judges open tasks, trainers resume from their
+checkpoints.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rewardloop.config import load_config
+from rewardloop.data.formats import read_records, write_records
+from rewardloop.data.load import load_pairs
+from rewardloop.data.records import CandidatesRecord, PairRecord
+from rewardloop.data.schema import Batch
+from rewardloop.data.store import Store
 from rewardloop.errors import UserError
-from rewardloop.loop import LoopConfig, read_marker, round_dir
+from rewardloop.eval.alarms import AlarmSettings, check_alarms
+from rewardloop.eval.evaluate import (
+    HUMAN,
+    EvalConfig,
+    evaluate,
+    load_for_generation,
+    sample_answers,
+    store_arena,
+    write_eval,
+)
+from rewardloop.eval.report import read_metrics
+from rewardloop.feedback import tasks as T
+from rewardloop.feedback.quality import annotators_from_db, quality_report
+from rewardloop.feedback.simulate import load_pool, simulate
+from rewardloop.loop_config import LoopConfig, round_dir
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLIT = 0.15  # share of the round's prompts whose judgments are held out for the RM
+MARKER = "DONE.json"
+
+
+def read_marker(stage_dir: Path) -> dict[str, Any] | None:
+    """The figures of a finished stage, or None when it has not finished."""
+    path = stage_dir / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # cannot happen with atomic writes; treat as unfinished
+
+
+def run_stage(stage_dir: Path, name: str, fn: Callable[[Path], Mapping[str, Any]]
+              ) -> dict[str, Any]:
+    """Run ``fn(stage_dir)`` unless the stage's marker exists; write the marker last."""
+    done = read_marker(stage_dir)
+    if done is not None:
+        log.info("%s: done already, skipped", stage_dir)
+        return dict(done.get("figures", {}))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    log.info("%s: running %s", stage_dir, name)
+    figures = dict(fn(stage_dir))
+    marker = {"stage": name, "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+              "figures": figures}
+    atomic_write_text(stage_dir / MARKER, json.dumps(marker, indent=2) + "\n")
+    return figures
 
 
 class RoundContext:
@@ -53,8 +105,6 @@ class RoundContext:
         return self.dir / "rm"
 
     def store(self) -> Any:
-        from rewardloop.data.store import Store
-
         return Store(self.cfg.db_url)
 
 
@@ -68,8 +118,6 @@ def _trainer_flags(stage_dir: Path) -> dict[str, bool]:
 
 def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
     """``cls(**fixed, **options)`` (options win), with config mistakes as UserErrors."""
-    from rewardloop.config import load_config
-
     unknown = sorted(set(options) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
     if unknown:
         raise UserError(f"{cls.__name__}: unknown keys {unknown} in the loop config's options")
@@ -82,10 +130,6 @@ def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
 def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Sample ``responses_per_prompt`` answers from the current policy for the round's prompts
     (``candidates.jsonl``); rows with fewer than two distinct answers are dropped."""
-    from rewardloop.data.formats import read_records, write_records
-    from rewardloop.data.records import CandidatesRecord
-    from rewardloop.eval.evaluate import load_for_generation, sample_answers
-
     cfg = ctx.cfg
     _, records = read_records(cfg.prompts, "prompts")
     rng = random.Random(f"{cfg.seed}:{ctx.n}")
@@ -115,9 +159,6 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
 def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Comparison tasks for every pair of a row's answers, in batch ``round-N``. A batch that
     already has tasks (a creation that committed before an interruption) is kept as is."""
-    from rewardloop.data.schema import Batch
-    from rewardloop.feedback import tasks as T
-
     candidates = ctx.dir / "generate" / "candidates.jsonl"
     rows = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()]
     store = ctx.store()
@@ -138,9 +179,6 @@ def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 
 def _progress(store: Any, batch: str) -> dict[str, Any]:
-    from rewardloop.data.schema import Batch
-    from rewardloop.feedback import tasks as T
-
     with store.read() as session:
         row = session.query(Batch).filter(Batch.name == batch).one()
         return T.batch_progress(session, row)
@@ -149,8 +187,6 @@ def _progress(store: Any, batch: str) -> dict[str, Any]:
 def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Judgments for the round's batch: from the simulated pool, or from people (poll the store
     until ``min_judgments`` arrive or ``wait_timeout_s`` passes)."""
-    from rewardloop.feedback.simulate import load_pool, simulate
-
     cfg = ctx.cfg
     tasks = read_marker(ctx.dir / "tasks") or {}
     needed = cfg.min_judgments or int(tasks.get("figures", {}).get("tasks", 0)) * cfg.overlap
@@ -183,9 +219,6 @@ def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
     """Every round's judged pairs so far, split by prompt into train and held-out files."""
-    from rewardloop.data.formats import write_records
-    from rewardloop.data.load import load_pairs
-
     store = ctx.store()
     try:
         pairs = [p for n in range(1, ctx.n + 1)
@@ -210,9 +243,8 @@ def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
 def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Export judgments and a quality report, then train the reward model (warm start from the
     previous round's), without the judgments of flagged annotators."""
-    from rewardloop.feedback.quality import annotators_from_db, quality_report
+    # The trainers import torch (seconds): loaded when a stage runs, not for `loop status`.
     from rewardloop.train.reward import RewardConfig, train_rm
-    from rewardloop.util.files import atomic_write_text
 
     data = ctx.dir / "data"
     data.mkdir(exist_ok=True)
@@ -241,9 +273,6 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 
 def _rl_alarms(ctx: RoundContext, run_dir: Path) -> list[str]:
-    from rewardloop.eval.alarms import AlarmSettings, check_alarms
-    from rewardloop.eval.report import read_metrics
-
     return check_alarms(read_metrics(run_dir / "metrics.jsonl"), AlarmSettings(
         proxy_key="reward/mean", held_out_keys=("gold/mean",), kl_key="kl_seq_k1",
         length_key="completion_length_mean", window=ctx.cfg.alarm_window,
@@ -252,9 +281,7 @@ def _rl_alarms(ctx: RoundContext, run_dir: Path) -> list[str]:
 
 def _dpo_pairs(ctx: RoundContext) -> Path:
     """The round's candidate answers, best and worst by the reward model, as DPO pairs."""
-    from rewardloop.data.formats import read_records, write_records
-    from rewardloop.data.records import PairRecord
-    from rewardloop.rewards import Rewards, RewardSpec
+    from rewardloop.rewards import Rewards, RewardSpec  # imports torch: only when it runs
 
     _, rows = read_records(ctx.dir / "generate" / "candidates.jsonl", "candidates")
     rm = Rewards([RewardSpec(str(ctx.rm))])
@@ -277,6 +304,7 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Optimise the policy against the round's reward model (or by online DPO on its labels)."""
     cfg = ctx.cfg
     flags = _trainer_flags(out)
+    # Each trainer imports torch: only the chosen one is loaded, and only when the stage runs.
     if cfg.algorithm == "dpo":
         from rewardloop.train.dpo import DPOConfig, train_dpo
 
@@ -308,9 +336,6 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, Any]:
     """The simulated pool judges the arena tasks ``evaluate`` created; returns its figures."""
-    from rewardloop.eval.evaluate import store_arena, write_eval
-    from rewardloop.feedback.simulate import load_pool, simulate
-
     cfg = ctx.cfg
     batch = f"arena-round-{ctx.n}"
     store = ctx.store()
@@ -333,8 +358,6 @@ def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, An
 def stage_eval(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """The round's policy against the starting one: gold judge (if any), the round's reward
     model, and the simulated-people arena when ``arena`` is on."""
-    from rewardloop.eval.evaluate import HUMAN, EvalConfig, evaluate
-
     cfg = ctx.cfg
     judges = tuple(j for j in (cfg.gold, str(ctx.rm), HUMAN if cfg.arena else None) if j)
     result = evaluate(EvalConfig(
