@@ -27,6 +27,7 @@ import torch
 from rewardloop import ops
 from rewardloop.data.records import CandidatesRecord, Text
 from rewardloop.models import load_policy, load_tokenizer
+from rewardloop.tokenize import encode, pad
 from rewardloop.util.seed import seed_everything
 
 
@@ -212,8 +213,6 @@ class HFGenerator:
             raise ValueError("n must be at least 1")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        from rewardloop.tokenize import pad
-
         device = next(self.model.parameters()).device
         prompt_ids = pad(prompts, self.pad_id, side="left").to(device).repeat_interleave(n, 0)
         prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
@@ -291,8 +290,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], max_prompt_length: in
                    ) -> list[list[int]]:
     """Token ids of each prompt (chat prompts through the chat template), cut from the left to
     ``max_prompt_length`` tokens (the end of a conversation matters most)."""
-    from rewardloop.tokenize import encode
-
     return [encode(tokenizer, p, None, max_length=max(max_prompt_length, 2),
                    max_prompt_length=max_prompt_length).input_ids for p in prompts]
 

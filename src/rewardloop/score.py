@@ -18,16 +18,27 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
+from rewardloop.data.formats import read_records
 from rewardloop.data.records import Text
 from rewardloop.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from rewardloop.models import (
+    check_model_dir,
+    is_peft,
+    load_reward_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from rewardloop.ops import last_token_index
+from rewardloop.tokenize import collate, encode
+from rewardloop.util.files import atomic_write_text
+from rewardloop.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +53,6 @@ def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     applies the head there only (LoRA layers and peft's trainable head copy act in place, so a
     peft model works the same). Models without a ``score`` head fall back to their own pooling.
     """
-    import torch
-
-    from rewardloop.models import is_peft
-    from rewardloop.ops import last_token_index
-
     classifier = model.get_base_model() if is_peft(model) else model
     trunk = getattr(classifier, getattr(classifier, "base_model_prefix", ""), None)
     head = getattr(classifier, "score", None)
@@ -96,8 +102,6 @@ def ensemble_size(model_dir: Path) -> int:
 def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto",
                        trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """(reward model in eval mode, tokenizer) from a reward-model directory."""
-    from rewardloop.models import load_reward_model, load_tokenizer
-
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code,
                                padding_side="right")
     heads = ensemble_size(model_dir)
@@ -115,9 +119,7 @@ def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "a
 def _load_ensemble(model_dir: Path, heads: int, *, device: str, dtype: str,
                    trust_remote_code: bool) -> nn.Module:
     """A K-head classifier (``models.load_reward_model`` only loads one head)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from rewardloop.models import check_model_dir, resolve_device, resolve_dtype
+    from transformers import AutoModelForSequenceClassification  # ~1 s: only when loading
 
     source = check_model_dir(model_dir)
     dev = resolve_device(device)
@@ -184,10 +186,6 @@ class RewardScorer:
     def score_heads(self, prompts: Sequence[Text], completions: Sequence[Text], *,
                     progress: Any = None) -> Any:
         """(N, K) rewards of every head in the input order (normalised when ``normalize``)."""
-        import torch
-
-        from rewardloop.tokenize import collate, encode
-
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         encoded = [encode(self.tokenizer, p, c, max_length=self.max_length,
@@ -270,10 +268,6 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
     output is written atomically. Returns the number of rows written.
     """
-    from rewardloop.data.formats import read_records
-    from rewardloop.util.files import atomic_write_text
-    from rewardloop.util.progress import progress_bar
-
     data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
     fmt, records = read_records(data, data_format)
     if fmt not in PAIR_FORMATS + LIST_FORMATS + SINGLE_FORMATS:

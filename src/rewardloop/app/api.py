@@ -29,6 +29,7 @@ from rewardloop.app.schemas import (
 )
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Annotator, Batch
+from rewardloop.data.transfer import export as export_store
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
@@ -172,8 +173,6 @@ def export(who: Admin, db: DbDep,
            format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
            batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
     """All judgments (of ``batch``) as JSONL in a training format (see docs/server.md)."""
-    from rewardloop.data.transfer import export as export_store
-
     if batch is not None and format == "kto":
         raise HTTPException(422, "batch selects comparisons; kto exports ratings")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="rewardloop-export-"))

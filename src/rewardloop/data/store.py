@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -176,7 +177,7 @@ class Store:
     # -- migrations -----------------------------------------------------------------------
 
     def _alembic_config(self) -> Any:
-        from alembic.config import Config
+        from alembic.config import Config  # alembic: only when migrating (see migrate)
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -184,6 +185,7 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (creates it on an empty database)."""
+        # Alembic takes about half a second to import; only migrations need it.
         from alembic import command
 
         cfg = self._alembic_config()
@@ -196,7 +198,7 @@ class Store:
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None for an empty database)."""
-        from alembic.runtime.migration import MigrationContext
+        from alembic.runtime.migration import MigrationContext  # see migrate
 
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
@@ -213,8 +215,6 @@ class Store:
         """Copy a SQLite database safely while it is in use (the backup API, not a file copy)."""
         if self.dialect != "sqlite":
             raise UserError("backup is for SQLite stores; use pg_dump for PostgreSQL")
-        import sqlite3
-
         dest = Path(dest)
         raw = self.engine.raw_connection()
         try:

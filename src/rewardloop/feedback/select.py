@@ -24,6 +24,7 @@ and candidates are sampled by ``rollout.sample_candidates``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from rewardloop.data.records import CandidatesRecord, RankingRecord, Text
+from rewardloop.data.formats import read_records
+from rewardloop.data.records import CandidatesRecord, RankingRecord, Text, response_text
+from rewardloop.feedback import tasks as T
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +272,6 @@ class Origin:
 def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
     """Name and version of a policy: a local directory's name (its run's name for a ``model/``
     folder) and the first 12 hex digits of the SHA-256 of its weight files; a hub id as given."""
-    import hashlib
-
     path = Path(policy)
     if not path.is_dir():
         return Origin(str(policy), None, gen_settings)
@@ -294,8 +295,6 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
 
     A candidate row's ``models[i]`` names the writer of answer i, else ``origin.model``.
     """
-    from rewardloop.feedback import tasks as T
-
     origin = origin or Origin()
     created = []
     for position, item in enumerate(planned.tasks):
@@ -327,13 +326,9 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
 
 
 def _plain(text: Text) -> str:
-    from rewardloop.data.records import response_text
-
     return text if isinstance(text, str) else response_text(text)
 
 
 def read_gold(path: str | Path) -> list[RankingRecord]:
     """Gold rows (``ranking`` format: prompt, responses, ranking) from a JSONL file."""
-    from rewardloop.data.formats import read_records
-
     return [r for r in read_records(path, "ranking")[1] if isinstance(r, RankingRecord)]

@@ -59,6 +59,7 @@ from rewardloop.train.run import (
     save_checkpoint,
 )
 from rewardloop.train.sft import split_micro
+from rewardloop.util.files import atomic_write_text
 from rewardloop.util.progress import progress_bar
 from rewardloop.util.seed import seed_everything
 
@@ -571,8 +572,6 @@ def load_model(cfg: RewardConfig, tokenizer: Any) -> nn.Module:
 
 
 def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
-    from rewardloop.util.files import atomic_write_text
-
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
 
 
