@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from rewardloop.config import load_config
-from rewardloop.data.formats import read_records, write_records
+from rewardloop.data.formats import read_as, write_records
 from rewardloop.data.load import load_pairs
-from rewardloop.data.records import CandidatesRecord, PairRecord
+from rewardloop.data.records import CandidatesRecord, PairRecord, PromptRecord
 from rewardloop.data.schema import Batch
 from rewardloop.data.store import Store
 from rewardloop.errors import UserError
@@ -131,7 +131,7 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Sample ``responses_per_prompt`` answers from the current policy for the round's prompts
     (``candidates.jsonl``); rows with fewer than two distinct answers are dropped."""
     cfg = ctx.cfg
-    _, records = read_records(cfg.prompts, "prompts")
+    records = read_as(cfg.prompts, "prompts", PromptRecord)
     rng = random.Random(f"{cfg.seed}:{ctx.n}")
     chosen = rng.sample(records, min(cfg.prompts_per_round, len(records)))
     model, tokenizer = load_for_generation(ctx.policy)
@@ -283,7 +283,7 @@ def _dpo_pairs(ctx: RoundContext) -> Path:
     """The round's candidate answers, best and worst by the reward model, as DPO pairs."""
     from rewardloop.rewards import Rewards, RewardSpec  # imports torch: only when it runs
 
-    _, rows = read_records(ctx.dir / "generate" / "candidates.jsonl", "candidates")
+    rows = read_as(ctx.dir / "generate" / "candidates.jsonl", "candidates", CandidatesRecord)
     rm = Rewards([RewardSpec(str(ctx.rm))])
     pairs = []
     for row in rows:
@@ -312,20 +312,22 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
                                    data=_dpo_pairs(ctx), out=out, seed=cfg.seed + ctx.n,
                                    **flags))
     else:
+        fixed = {"policy": ctx.policy, "prompts": cfg.prompts, "out": out,
+                 "rewards": (str(ctx.rm),), "gold": cfg.gold,
+                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                 "seed": cfg.seed + ctx.n, **flags}
         if cfg.algorithm == "ppo":
-            from rewardloop.train.ppo import PPOConfig as RLConfig
-            from rewardloop.train.ppo import train
-            fixed: dict[str, Any] = {}
+            from rewardloop.train.ppo import PPOConfig
+            from rewardloop.train.ppo import train as train_ppo
+
+            summary = train_ppo(_build(PPOConfig, cfg.policy_options, **fixed))
         else:
-            from rewardloop.train.grpo import GRPOConfig as RLConfig
-            from rewardloop.train.grpo import train
-            fixed = {"advantage": cfg.algorithm}
-        summary = train(_build(RLConfig, cfg.policy_options, policy=ctx.policy,
-                               prompts=cfg.prompts, out=out, rewards=(str(ctx.rm),),
-                               gold=cfg.gold, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, seed=cfg.seed + ctx.n,
-                               **fixed, **flags))
-    figures = {k: v for k, v in summary.items()
+            from rewardloop.train.grpo import GRPOConfig
+            from rewardloop.train.grpo import train as train_grpo
+
+            summary = train_grpo(_build(GRPOConfig, cfg.policy_options,
+                                        advantage=cfg.algorithm, **fixed))
+    figures: dict[str, Any] = {k: v for k, v in summary.items()
                if isinstance(v, int | float) and not k.startswith("peak")}
     figures["alarms"] = _rl_alarms(ctx, out) if cfg.algorithm != "dpo" else []
     return figures
@@ -337,6 +339,7 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
 def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, Any]:
     """The simulated pool judges the arena tasks ``evaluate`` created; returns its figures."""
     cfg = ctx.cfg
+    assert cfg.pool is not None  # LoopConfig refuses arena without a simulated pool
     batch = f"arena-round-{ctx.n}"
     store = ctx.store()
     try:

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+HFModel = Any
+"""A transformers ``PreTrainedModel`` or a peft model wrapping one, where its own methods
+(``config``, ``save_pretrained``, ``disable_adapter``) are used: peft ships no type information
+and ``nn.Module`` does not have them, so this type stays open."""
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -207,7 +212,7 @@ def load_tokenizer(
     return tokenizer
 
 
-def match_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+def match_tokenizer(model: HFModel, tokenizer: Any) -> None:
     """Grow the embeddings to the tokenizer (after ``add_pad_token``) and record its pad id."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -303,6 +308,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification  # heavy
 
     source = check_model_dir(path)
+    model: HFModel
     if _is_adapter_dir(source):
         model = _load_adapter(AutoModelForSequenceClassification, source, dtype=dtype,
                               device=device, trust_remote_code=trust_remote_code,
@@ -359,7 +365,7 @@ def is_peft(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+def disable_adapter(model: HFModel) -> Iterator[nn.Module]:
     """Run the LoRA model as its frozen base (the reference policy) inside the block."""
     if not is_peft(model):
         raise TypeError("disable_adapter needs a LoRA (peft) model; load a separate reference "
@@ -386,7 +392,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
+def save_model(model: HFModel, tokenizer: Any, out_dir: str | Path, *,
                merge_lora: bool = False) -> nn.Module:
     """Write a transformers-loadable directory: full weights, or for LoRA the adapter.
 

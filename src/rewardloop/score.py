@@ -28,6 +28,7 @@ from rewardloop.data.formats import read_records
 from rewardloop.data.records import Text
 from rewardloop.errors import UserError
 from rewardloop.models import (
+    HFModel,
     check_model_dir,
     is_peft,
     load_reward_model,
@@ -46,7 +47,7 @@ STATS_FILE = "reward_stats.json"
 ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
 
 
-def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def rewards_of(model: HFModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards of a right- or left-padded batch: (N, T) ids and mask -> (N, K) heads.
 
     Runs the trunk, takes the hidden state at ``ops.last_token_index(attention_mask)`` and

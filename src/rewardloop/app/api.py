@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 import tempfile
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -34,7 +34,8 @@ from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 router = APIRouter(prefix="/api")
-ERRORS = {401: {"description": "Not logged in"}, 403: {"description": "Not allowed"}}
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "Not logged in"},
+                                           403: {"description": "Not allowed"}}
 
 
 def client_addr(request: Request) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Executable
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class _Compiled:
     defaults: dict[str, Any]  # values written into the statement itself (LIMIT 1, SET x=1)
     binds: dict[str, Callable[[Any], Any]]
     results: list[Callable[[Any], Any] | None]
-    row: type
+    row: Any  # a namedtuple class of the result's column keys
 
 
 class Prepared:
@@ -42,19 +43,20 @@ class Prepared:
     applied (pass ``created_at`` and the like explicitly).
     """
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
         self._compiled: dict[str, _Compiled] = {}
 
     def _compile(self, dialect: Dialect) -> _Compiled:
-        compiled = self.statement.compile(dialect=dialect)
+        compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect))
         if any(b.expanding for b in compiled.binds.values()):
             raise TypeError("prepared statements cannot take expanding (IN list) parameters")
         if dialect.positional:
             names = list(compiled.positiontup or [])
         else:
             names = list(dict.fromkeys(compiled.bind_names.values()))
-        defaults, binds = {}, {}
+        defaults: dict[str, Any] = {}
+        binds: dict[str, Callable[[Any], Any]] = {}
         for name in set(names):
             bind = compiled.binds[name]
             if not bind.required:

@@ -228,13 +228,17 @@ def write_eval(out: Path, result: Mapping[str, Any]) -> None:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate, judge and measure per ``cfg``; writes and returns the ``eval.json`` object."""
     prompts = _read_prompts(cfg)
-    gen = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-           "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.batch_size,
-           "seed": cfg.seed}
     policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device)
     baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device)
-    policy = sample_answers(policy_model, policy_tok, prompts, **gen)
-    baseline = sample_answers(baseline_model, baseline_tok, prompts, **gen)
+
+    def sample(model: Any, tokenizer: Any) -> Answers:  # both sides sampled alike
+        return sample_answers(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature,
+                              max_prompt_length=cfg.max_prompt_length,
+                              batch_size=cfg.batch_size, seed=cfg.seed)
+
+    policy = sample(policy_model, policy_tok)
+    baseline = sample(baseline_model, baseline_tok)
     result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,
                               "policy_name": cfg.policy_name,
                               "baseline_name": cfg.baseline_name, "n": len(prompts)}

@@ -45,7 +45,7 @@ def _read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.is_file():
         return rows
     for line in path.read_text().splitlines():

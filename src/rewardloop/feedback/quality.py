@@ -179,9 +179,11 @@ def _flags(q: AnnotatorQuality, credit: float, gold_correct: int, th: Thresholds
         flags.append("spam")
     b = q.bias
     if (b.position_n >= th.min_judgments and b.position_p is not None
-            and b.position_p < th.position_p and abs(b.position_rate - 0.5) >= th.position_gap):
+            and b.position_rate is not None and b.position_p < th.position_p
+            and abs(b.position_rate - 0.5) >= th.position_gap):
         flags.append("position_bias")
-    if (b.length_n >= th.min_judgments and b.length_p is not None and b.length_p < th.length_p
+    if (b.length_n >= th.min_judgments and b.length_p is not None
+            and b.length_rate is not None and b.length_p < th.length_p
             and abs(b.length_rate - b.length_reference) >= th.length_gap):
         flags.append("length_bias")
     if q.gold_compared >= th.gold_min and A.binom_test(

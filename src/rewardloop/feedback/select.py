@@ -24,6 +24,7 @@ and candidates are sampled by ``rollout.sample_candidates``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -128,7 +129,7 @@ class Plan:
 
 def candidate_pairs(rows: Sequence[CandidatesRecord]) -> list[Pair]:
     """Every unordered pair of distinct answers of every row, in row order."""
-    out = []
+    out: list[Pair] = []
     for r, row in enumerate(rows):
         k = len(row.responses)
         out.extend((r, a, b) for a in range(k) for b in range(a + 1, k)
@@ -220,11 +221,11 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
                     cfg.gold_rate)
     order = rng.permutation(len(pairs))
     overlap_idx = [int(i) for i in order[:n.overlap]]
-    rest = order[n.overlap:]
+    rest = [int(i) for i in order[n.overlap:]]
     if cfg.strategy == "uncertainty":
         assert scores is not None  # checked above
-        rest = sorted(rest, key=lambda i: (-float(scores[i]), int(i)))
-    picked = [int(i) for i in rest[:n.select]]
+        rest = sorted(rest, key=lambda i: (-float(scores[i]), i))
+    picked = rest[:n.select]
 
     def task(role: str, i: int, over: int) -> PlannedTask:
         r, a, b = pairs[i]
@@ -279,7 +280,7 @@ def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
     digest = hashlib.sha256()
     for file in sorted(path.glob("*.safetensors")):
         with file.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                 digest.update(chunk)
     return Origin(name, digest.hexdigest()[:12], gen_settings)
 
@@ -298,23 +299,12 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
     origin = origin or Origin()
     created = []
     for position, item in enumerate(planned.tasks):
-        is_gold = item.role == "gold"
-        row = gold_rows[item.row] if is_gold else rows[item.row]
+        row: CandidatesRecord | RankingRecord = (
+            gold_rows[item.row] if item.role == "gold" else rows[item.row])
         prompt = (T.get_or_create_prompt(session, messages=list(row.prompt))
                   if isinstance(row.prompt, list)
                   else T.get_or_create_prompt(session, text=row.prompt))
-        responses = []
-        for i in (item.a, item.b):
-            text = row.responses[i]
-            if is_gold:
-                responses.append(T.get_or_create_response(
-                    session, prompt, _plain(text),
-                    messages=list(text) if isinstance(text, list) else None))
-                continue
-            named = row.models[i] if row.models is not None else None
-            responses.append(T.get_or_create_response(
-                session, prompt, text, model=named or origin.model,
-                model_version=origin.model_version, gen_settings=dict(origin.gen_settings)))
+        responses = [_response(session, prompt, row, i, origin) for i in (item.a, item.b)]
         by_index = {item.a: responses[0].id, item.b: responses[1].id}
         gold = ([[by_index[i] for i in g] for g in item.gold_ranking]
                 if item.gold_ranking is not None else None)
@@ -323,6 +313,20 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
                                      priority=float(len(planned.tasks) - position)))
     log.info("created %d tasks (%d labels)", len(created), planned.labels())
     return created
+
+
+def _response(session: Any, prompt: Any, row: CandidatesRecord | RankingRecord, i: int,
+              origin: Origin) -> Any:
+    """Answer ``i`` of ``row`` as a stored response: a gold row's as written, a candidate's with
+    its writer (``row.models[i]``, else ``origin``) and the sampling settings."""
+    text = row.responses[i]
+    messages = list(text) if isinstance(text, list) else None
+    if isinstance(row, RankingRecord):
+        return T.get_or_create_response(session, prompt, _plain(text), messages=messages)
+    named = row.models[i] if row.models is not None else None
+    return T.get_or_create_response(
+        session, prompt, _plain(text), messages=messages, model=named or origin.model,
+        model_version=origin.model_version, gen_settings=dict(origin.gen_settings))
 
 
 def _plain(text: Text) -> str:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,13 @@ from rewardloop import ops, pg_losses
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
+
+if TYPE_CHECKING:
+    from rewardloop.models import HFModel
+    from rewardloop.rewards import FunctionReward, RewardOutput, Rewards
+    from rewardloop.rollout import Rollout
+    from rewardloop.train.data import EpochSampler
+    from rewardloop.train.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -273,17 +280,17 @@ def _check_options(cfg: Any) -> None:
 class Setup:
     """Everything an RL run builds before its loop."""
 
-    run: Any  # train.run.RunDir
+    run: RunDir
     tokenizer: Any
-    policy: Any  # the trained causal LM (peft-wrapped with LoRA)
-    reference: Any | None  # frozen copy; None with LoRA (adapters off) or without KL
+    policy: HFModel  # the trained causal LM (peft-wrapped with LoRA)
+    reference: HFModel | None  # frozen copy; None with LoRA (adapters off) or without KL
     prompts: list[Any]  # prompt texts / chats
     prompt_ids: list[list[int]]
     extras: dict[str, list[Any]]  # meta keys every prompt has, for reward functions
-    rewards: Any  # rewards.Rewards
-    gold: Any | None  # rewards.FunctionReward
-    sampler: Any  # train.data.EpochSampler over prompts
-    kl_ctl: Any  # ops.AdaptiveKLController | ops.FixedKLController
+    rewards: Rewards
+    gold: FunctionReward | None
+    sampler: EpochSampler  # over prompts
+    kl_ctl: ops.AdaptiveKLController | ops.FixedKLController
 
 
 def setup_run(cfg: Any, *, needs_reference: bool) -> Setup:
@@ -413,8 +420,8 @@ class Experience:
     """One step's sampled batch and everything the update needs (B completions, width C)."""
 
     rows: list[int]  # prompt indices, each sampled num_generations times
-    rollout: Any  # rollout.Rollout
-    rewards: Any  # rewards.RewardOutput
+    rollout: Rollout
+    rewards: RewardOutput
     old_logps: torch.Tensor | None  # (B, C) sampling-time policy log-probs, when needed
     ref_logps: torch.Tensor | None  # (B, C) reference log-probs (None without KL)
     advantages: torch.Tensor | None  # (B,) or (B, C); None until the update computes them

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,10 @@ from rewardloop.train.grpo import (
     setup_run,
     write_samples,
 )
+
+if TYPE_CHECKING:
+    from rewardloop.rewards import RewardOutput
+    from rewardloop.rollout import Rollout
 
 
 @dataclass(frozen=True)
@@ -206,8 +210,8 @@ class PPOBatch:
     """One step's experience (B completions of width C)."""
 
     rows: list[int]
-    rollout: Any
-    rewards: Any  # rewards.RewardOutput
+    rollout: Rollout
+    rewards: RewardOutput
     old_logps: torch.Tensor  # (B, C)
     ref_logps: torch.Tensor | None  # (B, C)
     old_values: torch.Tensor  # (B, C)
