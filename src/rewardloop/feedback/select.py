@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from rewardloop.data.formats import read_records
+from rewardloop.data.formats import read_as
 from rewardloop.data.records import CandidatesRecord, RankingRecord, Text, response_text
 from rewardloop.feedback import tasks as T
 
@@ -258,7 +258,7 @@ def uncertainty_scores(rows: Sequence[CandidatesRecord], pairs: Sequence[Pair], 
     return pair_disagreement(np.asarray(heads(prompts, answers)), index, pairs, measure)
 
 
-# -- sampling candidates ----------------------------------------------------------------------
+# -- where candidates come from -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -335,4 +335,4 @@ def _plain(text: Text) -> str:
 
 def read_gold(path: str | Path) -> list[RankingRecord]:
     """Gold rows (``ranking`` format: prompt, responses, ranking) from a JSONL file."""
-    return [r for r in read_records(path, "ranking")[1] if isinstance(r, RankingRecord)]
+    return read_as(path, "ranking", RankingRecord)
