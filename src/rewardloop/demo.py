@@ -30,8 +30,7 @@ import yaml
 from rewardloop import synthetic
 from rewardloop.eval.report import build_report
 from rewardloop.loop import run_loop
-from rewardloop.loop_config import LoopConfig
-from rewardloop.loop_stages import run_stage
+from rewardloop.loop_config import LoopConfig, run_stage
 from rewardloop.tiny import build_tiny
 from rewardloop.util.files import atomic_write_text
 

@@ -1,6 +1,6 @@
 """``rewardloop loop``: rounds of generate -> tasks -> judgments -> reward model -> policy -> eval.
 
-Every round lives in ``WORKDIR/round-N/`` with one directory per stage (``STAGES``). A stage is
+Every round lives in ``WORKDIR/round-N/`` with one directory per stage (``STAGE_TABLE``). A stage is
 done only when its marker ``DONE.json`` exists; the marker is written last and atomically, and
 holds the stage's figures. An interrupted run started again with the same config resumes at the
 first unfinished stage; trainers in an unfinished stage continue from their own checkpoints.
@@ -24,13 +24,10 @@ from typing import Any
 import yaml
 
 from rewardloop.config import config_to_dict
-from rewardloop.errors import UserError
 from rewardloop.eval.alarms import AlarmSettings, best_index, check_alarms
-from rewardloop.loop_config import LoopConfig, round_dir
+from rewardloop.loop_config import LoopConfig, round_dir, run_stage
 from rewardloop.loop_stages import (
     RoundContext,
-    read_marker,
-    run_stage,
     stage_eval,
     stage_feedback,
     stage_generate,
@@ -56,8 +53,8 @@ STAGE_TABLE: tuple[tuple[str, StageFn], ...] = (
     ("policy", stage_policy),
     ("eval", stage_eval),
 )
-"""The stages of a round, in the order they run; each writes ``round-N/<name>/``."""
-STAGES = tuple(name for name, _ in STAGE_TABLE)
+"""The stages of a round, in the order they run; each writes ``round-N/<name>/``. Their names
+are ``loop_config.STAGES``, which ``rewardloop loop status`` reads without importing them."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,25 +131,3 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
 
 def _yaml(data: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(data), sort_keys=False)
-
-
-def loop_status(workdir: Path) -> list[dict[str, Any]]:
-    """Each round's stages: ``{"round": N, "stages": {stage: state}, "figures": {...}}`` where a
-    state is done, partial (started, no marker) or pending."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: no such directory")
-    rounds = sorted((int(p.name.split("-", 1)[1]), p) for p in workdir.glob("round-*")
-                    if p.name.split("-", 1)[1].isdigit())
-    out = []
-    for n, path in rounds:
-        states, figures = {}, {}
-        for stage in STAGES:
-            marker = read_marker(path / stage)
-            if marker is not None:
-                states[stage] = "done"
-                figures[stage] = marker.get("figures", {})
-            else:
-                states[stage] = "partial" if (path / stage).exists() else "pending"
-        out.append({"round": n, "stages": states, "figures": figures})
-    return out

@@ -1,18 +1,31 @@
-"""The options of ``rewardloop loop`` and where a round lives on disk.
+"""The options of ``rewardloop loop`` and the layout of its work directory: ``round-N/<stage>/``,
+the ``DONE.json`` marker that makes a stage resumable, and ``loop_status`` that reads them back.
 
 Apart from ``loop.py`` (which runs the rounds) so that ``loop_stages.py`` can read the config
-without importing the module that imports it.
+without importing the module that imports it, and so that ``rewardloop loop status`` starts
+without importing the stages (the store, the evaluators).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewardloop.errors import UserError
+from rewardloop.util.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "tasks", "feedback", "rm", "policy", "eval")
+"""The stages of a round, in order (``loop.STAGE_TABLE`` maps each to its function)."""
 ALGORITHMS = ("grpo", "rloo", "ppo", "dpo")
 SELECTIONS = ("random",)
+MARKER = "DONE.json"
 
 
 @dataclass(frozen=True)
@@ -110,3 +123,52 @@ class LoopConfig:
 
 def round_dir(workdir: Path, n: int) -> Path:
     return Path(workdir) / f"round-{n}"
+
+
+def read_marker(stage_dir: Path) -> dict[str, Any] | None:
+    """The figures of a finished stage, or None when it has not finished."""
+    path = stage_dir / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # cannot happen with atomic writes; treat as unfinished
+
+
+def run_stage(stage_dir: Path, name: str, fn: Callable[[Path], Mapping[str, Any]]
+              ) -> dict[str, Any]:
+    """Run ``fn(stage_dir)`` unless the stage's marker exists; write the marker last."""
+    done = read_marker(stage_dir)
+    if done is not None:
+        log.info("%s: done already, skipped", stage_dir)
+        return dict(done.get("figures", {}))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    log.info("%s: running %s", stage_dir, name)
+    figures = dict(fn(stage_dir))
+    marker = {"stage": name, "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+              "figures": figures}
+    atomic_write_text(stage_dir / MARKER, json.dumps(marker, indent=2) + "\n")
+    return figures
+
+
+def loop_status(workdir: Path) -> list[dict[str, Any]]:
+    """Each round's stages: ``{"round": N, "stages": {stage: state}, "figures": {...}}`` where a
+    state is done, partial (started, no marker) or pending."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: no such directory")
+    rounds = sorted((int(p.name.split("-", 1)[1]), p) for p in workdir.glob("round-*")
+                    if p.name.split("-", 1)[1].isdigit())
+    out = []
+    for n, path in rounds:
+        states, figures = {}, {}
+        for stage in STAGES:
+            marker = read_marker(path / stage)
+            if marker is not None:
+                states[stage] = "done"
+                figures[stage] = marker.get("figures", {})
+            else:
+                states[stage] = "partial" if (path / stage).exists() else "pending"
+        out.append({"round": n, "stages": states, "figures": figures})
+    return out

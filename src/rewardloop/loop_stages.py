@@ -1,7 +1,8 @@
 """The stages of one loop round (``loop.STAGE_TABLE``), each a function of the round and its
-directory, and the markers that make them resumable.
+directory.
 
-Each returns the figures its ``DONE.json`` marker records (``run_stage`` writes it last). They
+Each returns the figures its ``DONE.json`` marker records (``loop_config.run_stage`` writes it
+last). They
 call the library's own pieces (rollout, the task service, the simulator, the trainers,
 ``eval.evaluate``) -- no CLI -- and are safe to run again after an interruption: task creation
 checks its batch first, the simulator only judges open tasks, trainers resume from their
@@ -10,12 +11,11 @@ checkpoints.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,40 +40,12 @@ from rewardloop.eval.report import read_metrics
 from rewardloop.feedback import tasks as T
 from rewardloop.feedback.quality import annotators_from_db, quality_report
 from rewardloop.feedback.simulate import load_pool, simulate
-from rewardloop.loop_config import LoopConfig, round_dir
+from rewardloop.loop_config import LoopConfig, read_marker, round_dir
 from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLIT = 0.15  # share of the round's prompts whose judgments are held out for the RM
-MARKER = "DONE.json"
-
-
-def read_marker(stage_dir: Path) -> dict[str, Any] | None:
-    """The figures of a finished stage, or None when it has not finished."""
-    path = stage_dir / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # cannot happen with atomic writes; treat as unfinished
-
-
-def run_stage(stage_dir: Path, name: str, fn: Callable[[Path], Mapping[str, Any]]
-              ) -> dict[str, Any]:
-    """Run ``fn(stage_dir)`` unless the stage's marker exists; write the marker last."""
-    done = read_marker(stage_dir)
-    if done is not None:
-        log.info("%s: done already, skipped", stage_dir)
-        return dict(done.get("figures", {}))
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    log.info("%s: running %s", stage_dir, name)
-    figures = dict(fn(stage_dir))
-    marker = {"stage": name, "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-              "figures": figures}
-    atomic_write_text(stage_dir / MARKER, json.dumps(marker, indent=2) + "\n")
-    return figures
 
 
 class RoundContext:

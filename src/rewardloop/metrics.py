@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 
 ELO_SCALE = 400.0 / np.log(10.0)  # logit units -> Elo points (Chatbot Arena's convention)
 ELO_BASE = 1000.0
@@ -89,6 +88,10 @@ def _bt_fit(a_idx: np.ndarray, b_idx: np.ndarray, y: np.ndarray, n: int, l2: flo
         np.add.at(grad, a_idx, g_d)
         np.add.at(grad, b_idx, -g_d)
         return float(-ll.sum() + l2 * theta @ theta), grad + 2 * l2 * theta
+
+    # scipy.optimize takes over a second to import; only arena ratings need it, while the
+    # reward-model trainer and the loop import this module for win rates and ECE.
+    from scipy.optimize import minimize
 
     res = minimize(nll, np.zeros(n), jac=True, method="L-BFGS-B")
     theta = res.x
