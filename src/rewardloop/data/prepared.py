@@ -32,7 +32,7 @@ class _Compiled:
     defaults: dict[str, Any]  # values written into the statement itself (LIMIT 1, SET x=1)
     binds: dict[str, Callable[[Any], Any]]
     results: list[Callable[[Any], Any] | None]
-    row: Any  # a namedtuple class of the result's column keys
+    make_row: Callable[[list[Any]], tuple[Any, ...]]  # a namedtuple of the result's columns
 
 
 class Prepared:
@@ -70,7 +70,7 @@ class Prepared:
         # Unnamed columns (count(), exists()) get positional names: read them by index.
         row = namedtuple("Row", [str(c.key) for c in columns], rename=True)  # type: ignore[misc]
         return _Compiled(str(compiled), names, dialect.positional, defaults, binds, results,
-                         row)
+                         row._make)
 
     def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
@@ -86,7 +86,7 @@ class Prepared:
         if cursor.description is None:
             return []
         procs = c.results
-        return [c.row._make([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
+        return [c.make_row([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
                 for raw in cursor.fetchall()]
 
     def first(self, db: Driver, params: Mapping[str, Any] | None = None) -> Any:
