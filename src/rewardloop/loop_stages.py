@@ -76,7 +76,7 @@ class RoundContext:
     def rm(self) -> Path:
         return self.dir / "rm"
 
-    def store(self) -> Any:
+    def store(self) -> Store:
         return Store(self.cfg.db_url)
 
 
@@ -150,7 +150,7 @@ def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
     return {"batch": ctx.batch, "tasks": count, "overlap": ctx.cfg.overlap}
 
 
-def _progress(store: Any, batch: str) -> dict[str, Any]:
+def _progress(store: Store, batch: str) -> dict[str, Any]:
     with store.read() as session:
         row = session.query(Batch).filter(Batch.name == batch).one()
         return T.batch_progress(session, row)
