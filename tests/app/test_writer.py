@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from rewardloop.app.writer import GroupWriter
 from rewardloop.data import schema as S
@@ -26,6 +26,10 @@ def _add(name: str, fail: bool = False):
 def test_group_is_committed_once_and_a_failing_op_is_rolled_back_alone(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'w.db'}")
     writer = GroupWriter(store)
+    commits: list[int] = []
+    rollbacks: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    event.listen(store.engine, "rollback", lambda _conn: rollbacks.append(1))
     gate, started = threading.Event(), threading.Event()
 
     def hold(_session):  # keeps the writer busy while the next group queues up
@@ -42,6 +46,9 @@ def test_group_is_committed_once_and_a_failing_op_is_rolled_back_alone(tmp_path)
     with pytest.raises(ValueError, match="refused bad"):
         futures[1].result(10)
     writer.close()
+    # One commit for the holding operation, one for the group of three; the group's first
+    # attempt (no savepoints) was rolled back once when "bad" raised.
+    assert (len(commits), len(rollbacks)) == (2, 1)
     with store.read() as s:
         assert sorted(s.scalars(select(S.Annotator.name))) == ["a", "b"]
     store.dispose()

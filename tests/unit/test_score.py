@@ -14,8 +14,8 @@ from rewardloop.cli import app
 from rewardloop.score import RewardScorer, resolve_rm_dir
 from rewardloop.synthetic import candidate_rows, corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.tokenize import encode
 from rewardloop.train.reward import RewardConfig, train_rm
-from rewardloop.train.tokenize import encode
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

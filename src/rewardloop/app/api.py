@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 import tempfile
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -29,11 +29,13 @@ from rewardloop.app.schemas import (
 )
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Annotator, Batch
+from rewardloop.data.transfer import export as export_store
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 router = APIRouter(prefix="/api")
-ERRORS = {401: {"description": "Not logged in"}, 403: {"description": "Not allowed"}}
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "Not logged in"},
+                                           403: {"description": "Not allowed"}}
 
 
 def client_addr(request: Request) -> str:
@@ -198,8 +200,6 @@ def export(who: Admin, db: DbDep,
            format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
            batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
     """All judgments (of ``batch``) as JSONL in a training format (see docs/server.md)."""
-    from rewardloop.data.transfer import export as export_store
-
     if batch is not None and format == "kto":
         raise HTTPException(422, "batch selects comparisons; kto exports ratings")
     with db.read() as session:

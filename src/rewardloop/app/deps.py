@@ -172,7 +172,7 @@ async def hot_credentials(request: Request) -> Credentials:
 
 
 HotCreds = Annotated[Credentials, Depends(hot_credentials)]
-HOT_SECURITY = {"security": [{"HTTPBearer": []}, {"APIKeyCookie": []}]}
+HOT_SECURITY: dict[str, Any] = {"security": [{"HTTPBearer": []}, {"APIKeyCookie": []}]}
 
 
 def page_user(request: Request) -> Principal | None:

@@ -21,6 +21,10 @@ import sys
 from multiprocessing.connection import wait
 from typing import Any
 
+import uvicorn
+
+from rewardloop.app.main import create_app, tune_gc_for_serving
+from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 
 
@@ -37,11 +41,6 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _worker(url: str, host: str, port: int, options: dict[str, Any],
             app_options: dict[str, Any]) -> None:
-    import uvicorn
-
-    from rewardloop.app.main import create_app, tune_gc_for_serving
-    from rewardloop.data.store import Store
-
     try:
         sock = _listen(host, port)
     except OSError as exc:

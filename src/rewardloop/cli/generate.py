@@ -101,7 +101,8 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     """Sample, write, select, create; returns the lines to print."""
     from rewardloop.data.formats import PromptRecord, read_records, write_records
     from rewardloop.feedback import select as S
-    from rewardloop.rollout import SamplingSettings
+    from rewardloop.rollout import SamplingSettings, sample_candidates
+    from rewardloop.score import heads_of
 
     gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
     prompts = [r.prompt for r in read_records(existing_file(cfg.prompts), "prompts")[1]
@@ -111,9 +112,9 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed})
     label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
-    rows = S.sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
-                               batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
-                               device=cfg.device, dtype=cfg.dtype, model_label=label)
+    rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
+                             batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
+                             device=cfg.device, dtype=cfg.dtype, model_label=label)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:
@@ -126,7 +127,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     scores = None
     if sel.strategy == "uncertainty":
         assert cfg.rm is not None  # checked by the config
-        heads = S.heads_of(cfg.rm, device=cfg.device)
+        heads = heads_of(cfg.rm, device=cfg.device)
         scores = S.uncertainty_scores(rows, pairs, heads, sel.measure)
     planned = S.plan(sel, pairs, S.gold_pairs(gold_rows), scores)
     from rewardloop.data.store import Store

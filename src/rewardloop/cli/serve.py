@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
 
         if not 0 < port < 65536:
             raise UserError(f"--port must be 1..65535, got {port}")
-        app_options = {"public_url": check_public_url(public_url),
+        app_options: dict[str, Any] = {"public_url": check_public_url(public_url),
                        "write_timeout": write_timeout}
         allowed = check_forwarded_allow_ips(forwarded_allow_ips or "127.0.0.1")
         url = resolve_db(db)

@@ -109,11 +109,15 @@ def _run(kind: str, cfg_cls: Any, config: Path | None, flags: dict[str, Any]) ->
         "strategy", "precision", "gradient_checkpointing", "dist_timeout", "nproc"))))
     flags["rewards"] = tuple(rewards) if rewards else None
     cfg = load_config(cfg_cls, config, **flags)
+    # Each trainer imports torch: only the one asked for is loaded.
     if kind == "ppo":
-        from rewardloop.train.ppo import train
+        from rewardloop.train.ppo import train as train_ppo
+
+        summary = train_ppo(cfg)
     else:
-        from rewardloop.train.grpo import train
-    summary = train(cfg)
+        from rewardloop.train.grpo import train as train_grpo
+
+        summary = train_grpo(cfg)
     shown = ", ".join(f"{k} {summary[k]:.4g}" for k in ("reward_first", "reward_last",
                                                           "kl_k1_last", "samples_per_s")
                       if isinstance(summary.get(k), float))

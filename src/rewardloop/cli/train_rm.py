@@ -118,6 +118,7 @@ def rm(
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
     from rewardloop.cli._common import existing_file
     from rewardloop.config import load_config
+    from rewardloop.feedback.quality import annotators_from_db
     from rewardloop.train.reward import RewardConfig, train_rm
 
     cfg = load_config(
@@ -138,6 +139,8 @@ def rm(
     for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:
             existing_file(path)
-    summary = train_rm(cfg)
+    stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
+                                 flagged=cfg.exclude_flagged) if cfg.db is not None else None)
+    summary = train_rm(cfg, stored)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
                                     "eval_ece", "length_correlation"))

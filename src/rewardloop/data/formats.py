@@ -24,11 +24,9 @@ here. Optional fields are omitted when written empty.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rewardloop.data import _fields as F
 from rewardloop.data.records import (
@@ -54,13 +52,16 @@ from rewardloop.data.records import (
 )
 from rewardloop.data.values import validate_ranking
 from rewardloop.errors import DataError, UserError
+from rewardloop.util.files import atomic_file
 
 __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
     "PromptRecord", "RankingRecord", "Record", "SFTRecord", "Text", "UnpairedRecord",
     "as_messages", "completion_messages", "detect_format", "hh_transcripts", "is_chat",
-    "prompt_text", "read_records", "response_text", "write_records",
+    "prompt_text", "read_as", "read_records", "response_text", "write_records",
 ]
+
+R = TypeVar("R")
 
 # Completion rating keys, in order of preference (UltraFeedback's own key first).
 RATING_KEYS = ("overall_score", "rating", "score", "fine-grained_score")
@@ -167,7 +168,7 @@ def _parse_ultrafeedback(obj: dict[str, Any]) -> list[Record]:
     if not isinstance(completions, list):
         raise F.Invalid("completions", f"must be a list, got {F.kind_of(completions)}")
     rated = [_rated_completion(c, f"completions[{i}]") for i, c in enumerate(completions)]
-    options = {"annotator": F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS), "id": F.ident(obj)}
+    annotator, row_id = F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS), F.ident(obj)
     pairs: list[Record] = []
     for i, (text_i, score_i) in enumerate(rated):
         for text_j, score_j in rated[i + 1:]:
@@ -175,7 +176,8 @@ def _parse_ultrafeedback(obj: dict[str, Any]) -> list[Record]:
                 continue  # equal ratings (or equal texts) state no preference
             (win, win_score), (lose, lose_score) = sorted(
                 [(text_i, score_i), (text_j, score_j)], key=lambda c: -c[1])
-            pairs.append(PairRecord(prompt, win, lose, margin=win_score - lose_score, **options))
+            pairs.append(PairRecord(prompt, win, lose, margin=win_score - lose_score,
+                                    annotator=annotator, id=row_id))
     return pairs
 
 
@@ -247,7 +249,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _rows(path: Path) -> Generator[tuple[int, dict[str, Any]], None, None]:
     """(1-based line number, object) for each non-blank line; lines may be of any length."""
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, 1):
@@ -343,6 +345,16 @@ def read_records(path: str | Path, fmt: str | None = None) -> tuple[str, list[Re
     return fmt, records
 
 
+def read_as(path: str | Path, fmt: str, cls: type[R]) -> list[R]:
+    """The records of a file in format ``fmt``, typed as ``cls`` (the record class that format
+    reads into, e.g. ``PromptRecord`` for ``prompts``)."""
+    records = read_records(path, fmt)[1]
+    wrong = next((r for r in records if not isinstance(r, cls)), None)
+    if wrong is not None:
+        raise TypeError(f"{fmt} rows read as {type(wrong).__name__}, not {cls.__name__}")
+    return [r for r in records if isinstance(r, cls)]
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 
@@ -392,27 +404,12 @@ def write_records(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for record in records:
-                if not isinstance(record, cls):
-                    raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
-                                    f"got {type(record).__name__}")
-                fh.write(json.dumps(to_row(record), ensure_ascii=False, allow_nan=False) + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_file(path) as fh:
+        for record in records:
+            if not isinstance(record, cls):
+                raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
+                                f"got {type(record).__name__}")
+            fh.write(json.dumps(to_row(record), ensure_ascii=False, allow_nan=False) + "\n")
+            count += 1
     return count

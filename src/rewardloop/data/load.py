@@ -33,6 +33,7 @@ from rewardloop.data.schema import (
     ranking_pairs,
 )
 from rewardloop.data.store import Store
+from rewardloop.data.values import length_stats
 from rewardloop.errors import UserError
 
 _CHUNK = 500
@@ -71,7 +72,7 @@ def _ranked(j: Judgment) -> tuple[Text, list[Text], list[list[int]]]:
 def load_rankings(store: Store, *, batch: str | None = None) -> list[RankingRecord]:
     """Every judgment as a ranking of its task's answers (ties kept), oldest first."""
     with store.read() as s:
-        out = []
+        out: list[RankingRecord] = []
         for j in _judgments(s, batch):
             prompt, answers, groups = _ranked(j)
             name = j.annotator.name if j.annotator else None
@@ -82,7 +83,7 @@ def load_rankings(store: Store, *, batch: str | None = None) -> list[RankingReco
 def load_pairs(store: Store, *, batch: str | None = None) -> list[PairRecord]:
     """Every judgment as pairs (a k-way ranking gives all its pairs); ties have ``tie=True``."""
     with store.read() as s:
-        out = []
+        out: list[PairRecord] = []
         for j in _judgments(s, batch):
             prompt, answers, groups = _ranked(j)
             name = j.annotator.name if j.annotator else None
@@ -94,7 +95,7 @@ def load_pairs(store: Store, *, batch: str | None = None) -> list[PairRecord]:
 def load_unpaired(store: Store) -> list[UnpairedRecord]:
     """Every thumbs-up/down rating (ratings with only a score are left out), oldest first."""
     with store.read() as s:
-        names = dict(s.execute(select(Annotator.id, Annotator.name)).all())
+        names: dict[int | None, str] = dict(s.execute(select(Annotator.id, Annotator.name)).all())
         query = (select(Rating).where(Rating.label.is_not(None)).order_by(Rating.id)
                  .options(selectinload(Rating.response).selectinload(Response.prompt)))
         return [UnpairedRecord(stored_value(r.response.prompt), stored_value(r.response),
@@ -139,8 +140,6 @@ def _per_annotator(s: Session) -> dict[str, dict[str, int]]:
 
 def stats(store: Store) -> dict[str, Any]:
     """Counts, per-annotator totals, response lengths (chars/words) and the tie rate."""
-    from rewardloop.eval.metrics import length_stats
-
     tables = {"prompts": Prompt, "responses": Response, "batches": Batch,
               "tasks": ComparisonTask, "judgments": Judgment, "ratings": Rating,
               "annotators": Annotator}

@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Executable
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class _Compiled:
     defaults: dict[str, Any]  # values written into the statement itself (LIMIT 1, SET x=1)
     binds: dict[str, Callable[[Any], Any]]
     results: list[Callable[[Any], Any] | None]
-    row: type
+    make_row: Callable[[list[Any]], tuple[Any, ...]]  # a namedtuple of the result's columns
 
 
 class Prepared:
@@ -42,19 +43,20 @@ class Prepared:
     applied (pass ``created_at`` and the like explicitly).
     """
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
         self._compiled: dict[str, _Compiled] = {}
 
     def _compile(self, dialect: Dialect) -> _Compiled:
-        compiled = self.statement.compile(dialect=dialect)
+        compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect))
         if any(b.expanding for b in compiled.binds.values()):
             raise TypeError("prepared statements cannot take expanding (IN list) parameters")
         if dialect.positional:
             names = list(compiled.positiontup or [])
         else:
             names = list(dict.fromkeys(compiled.bind_names.values()))
-        defaults, binds = {}, {}
+        defaults: dict[str, Any] = {}
+        binds: dict[str, Callable[[Any], Any]] = {}
         for name in set(names):
             bind = compiled.binds[name]
             if not bind.required:
@@ -68,7 +70,7 @@ class Prepared:
         # Unnamed columns (count(), exists()) get positional names: read them by index.
         row = namedtuple("Row", [str(c.key) for c in columns], rename=True)  # type: ignore[misc]
         return _Compiled(str(compiled), names, dialect.positional, defaults, binds, results,
-                         row)
+                         row._make)
 
     def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
@@ -84,7 +86,7 @@ class Prepared:
         if cursor.description is None:
             return []
         procs = c.results
-        return [c.row._make([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
+        return [c.make_row([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
                 for raw in cursor.fetchall()]
 
     def first(self, db: Driver, params: Mapping[str, Any] | None = None) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -99,17 +100,18 @@ class _WriteLock:
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._thread:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._fd
             if self._depth == 0:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._thread:
@@ -190,7 +192,7 @@ class Store:
     # -- migrations -----------------------------------------------------------------------
 
     def _alembic_config(self) -> Any:
-        from alembic.config import Config
+        from alembic.config import Config  # alembic: only when migrating (see migrate)
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -198,6 +200,7 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (creates it on an empty database)."""
+        # Alembic takes about half a second to import; only migrations need it.
         from alembic import command
 
         cfg = self._alembic_config()
@@ -210,7 +213,7 @@ class Store:
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None for an empty database)."""
-        from alembic.runtime.migration import MigrationContext
+        from alembic.runtime.migration import MigrationContext  # see migrate
 
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
@@ -227,8 +230,6 @@ class Store:
         """Copy a SQLite database safely while it is in use (the backup API, not a file copy)."""
         if self.dialect != "sqlite":
             raise UserError("backup is for SQLite stores; use pg_dump for PostgreSQL")
-        import sqlite3
-
         dest = Path(dest)
         _create_private(dest)  # a copy of the secrets, so as private as the original
         raw = self.engine.raw_connection()

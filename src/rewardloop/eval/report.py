@@ -20,6 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rewardloop.errors import UserError
+from rewardloop.util.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 CURVE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -42,7 +45,7 @@ def _read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.is_file():
         return rows
     for line in path.read_text().splitlines():
@@ -55,12 +58,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend. Imported here, not at the top: it takes
+    about a second, and the loop imports this module for ``read_metrics`` alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _figure_png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -76,11 +88,7 @@ def _numeric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def curve_figures(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     """(title, png data URI) for each metric group that has data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     keys = _numeric_keys(rows)
     figures = []
     for title, needles in CURVE_GROUPS:
@@ -101,11 +109,7 @@ def curve_figures(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def calibration_figure(bins: Sequence[dict[str, float]]) -> str:
     """Reliability diagram: accuracy against confidence per bin, with the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3.6, 3.6))
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-")
@@ -119,11 +123,7 @@ def bar_figure(title: str, labels: Sequence[str], values: Sequence[float],
                lows: Sequence[float] | None = None, highs: Sequence[float] | None = None,
                ref: float | None = None) -> str:
     """A horizontal bar chart with optional confidence intervals and a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(labels)))
     err = None
     if lows is not None and highs is not None:
@@ -233,8 +233,6 @@ figure{margin:.5em 0} img{max-width:100%} section{border-top:2px solid #ddd;marg
 
 def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report") -> Path:
     """Write ``out`` (HTML, self-contained) for the given run directories; returns ``out``."""
-    from rewardloop.errors import UserError
-
     missing = [str(r) for r in runs if not Path(r).is_dir()]
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
@@ -246,7 +244,5 @@ def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop repor
            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, doc)
     return out

@@ -21,11 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Integer,
     Select,
+    Table,
     any_,
     bindparam,
     exists,
@@ -62,14 +63,15 @@ from rewardloop.feedback.tasks import TaskError
 _MAX_CLAIM_TRIES = 64
 _SYSTEM_RNG = random.SystemRandom()
 
-_A = Assignment.__table__
-_T = ComparisonTask.__table__
-_J = Judgment.__table__
-_I = TaskItem.__table__
-_B = Batch.__table__
-_P = Prompt.__table__
-_R = Response.__table__
-_AUDIT = AuditEvent.__table__
+# Declared as Table: mypy sees `__table__` as a FromClause, which update() and insert() refuse.
+_A = cast(Table, Assignment.__table__)
+_T = cast(Table, ComparisonTask.__table__)
+_J = cast(Table, Judgment.__table__)
+_I = cast(Table, TaskItem.__table__)
+_B = cast(Table, Batch.__table__)
+_P = cast(Table, Prompt.__table__)
+_R = cast(Table, Response.__table__)
+_AUDIT = cast(Table, AuditEvent.__table__)
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,10 @@ def _id(obj: Any) -> int | None:
     return obj if obj is None or isinstance(obj, int) else obj.id
 
 
+def _annotator_id(annotator: Annotator | int) -> int:
+    return annotator if isinstance(annotator, int) else annotator.id
+
+
 # -- handing out tasks ----------------------------------------------------------------------
 
 
@@ -231,7 +237,7 @@ def next_task(
     per annotator and kept with the lease. None when nothing is left.
     """
     db = Driver(session)
-    aid, batch_id, by_batch = _id(annotator), _id(batch), batch is not None
+    aid, batch_id, by_batch = _annotator_id(annotator), _id(batch), batch is not None
     now = utcnow()
     params = {"aid": aid, "now": now, "batch_id": batch_id}
     row = _CURRENT[by_batch].first(db, params)
@@ -255,7 +261,7 @@ def next_task(
 def skip_task(session: Session, annotator: Annotator | int, task_id: int) -> None:
     """Hand a leased task back unjudged: its slot frees at once and it is not offered to this
     annotator again."""
-    db, aid = Driver(session), _id(annotator)
+    db, aid = Driver(session), _annotator_id(annotator)
     own = _OWN_LEASE.first(db, {"tid": task_id, "aid": aid})
     if own is None or own.completed:
         raise TaskError(f"task {task_id!r} is not leased to you", status=404)

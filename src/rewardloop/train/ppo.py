@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,10 @@ from rewardloop.train.grpo import (
     write_samples,
 )
 from rewardloop.train.runtime import Runtime
+
+if TYPE_CHECKING:
+    from rewardloop.rewards import RewardOutput
+    from rewardloop.rollout import Rollout
 
 
 @dataclass(frozen=True)
@@ -213,8 +217,8 @@ class PPOBatch:
     """One step's experience (B completions of width C)."""
 
     rows: list[int]
-    rollout: Any
-    rewards: Any  # rewards.RewardOutput
+    rollout: Rollout
+    rewards: RewardOutput
     old_logps: torch.Tensor  # (B, C)
     ref_logps: torch.Tensor | None  # (B, C)
     old_values: torch.Tensor  # (B, C)
@@ -357,7 +361,8 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
         rollout_metrics,
         truncate_samples,
     )
-    from rewardloop.train.run import progress_bar, save_checkpoint
+    from rewardloop.train.run import save_checkpoint
+    from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy

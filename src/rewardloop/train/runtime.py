@@ -397,12 +397,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    inner = getattr(model, "get_base_model", lambda: model)()
+    inner: Any = getattr(model, "get_base_model", lambda: model)()
     if not hasattr(inner, "gradient_checkpointing_enable"):
         raise UserError(f"{type(inner).__name__} does not support --gradient-checkpointing")
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):  # LoRA: frozen embeddings need this
-        model.enable_input_require_grads()
+    outer: Any = model
+    if hasattr(outer, "enable_input_require_grads"):  # LoRA: frozen embeddings need this
+        outer.enable_input_require_grads()
 
 
 @contextlib.contextmanager
