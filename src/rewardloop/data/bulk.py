@@ -1,0 +1,282 @@
+"""Writing imported records into the store a chunk at a time, with few statements per chunk.
+
+An import of 200k rows must neither hold 200k rows of ORM objects nor pay a query per row. So
+each chunk of records costs a handful of statements: one ``IN (...)`` lookup per table for what
+already exists, then one multi-row INSERT (with RETURNING where ids are needed) per table. Only
+ids and hashes of the chunk stay in memory. Everything runs inside the caller's transaction, so
+an error in a later chunk still rolls back the earlier ones. Rows written by earlier chunks are
+visible to later lookups in that transaction, which is how repeats across chunks are found.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from rewardloop.data.records import (
+    CandidatesRecord,
+    PairRecord,
+    PromptRecord,
+    RankingRecord,
+    Record,
+    Text,
+    UnpairedRecord,
+    response_text,
+)
+from rewardloop.data.schema import (
+    Annotator,
+    ComparisonTask,
+    Judgment,
+    Prompt,
+    Rating,
+    Response,
+    TaskItem,
+)
+from rewardloop.data.values import content_hash
+
+SKIP_IDENTICAL = "pairs whose chosen and rejected answers are identical"
+
+
+@dataclass
+class ImportReport:
+    """What an import did. ``records`` counts records read (UltraFeedback rows give several)."""
+
+    path: str
+    format: str
+    records: int = 0
+    imported: int = 0
+    duplicates: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    created: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Comparison:
+    """A judgment to write: answers in task order and the ranking as groups of indices."""
+
+    prompt: Text
+    answers: list[Text]
+    groups: list[list[int]]
+    key: str
+    models: Sequence[str | None]
+    fields: dict[str, Any]
+
+
+def _key(kind: str, parts: Any) -> str:
+    return f"import:{kind}:{content_hash(parts)}"
+
+
+def judgment_key(prompt: Text, answers: Sequence[Text], groups: list[list[int]],
+                 annotator: str | None, dimension: str | None = None) -> str:
+    """Content key of an imported judgment; the dimension only enters when there is one, so
+    keys of files without dimensions stay what they were."""
+    # Order inside a tie group does not change what was said, so it does not change the key.
+    hashed = [sorted(content_hash(answers[i]) for i in group) for group in groups]
+    parts: list[Any] = [content_hash(prompt), hashed, annotator]
+    return _key("judgment", parts + [dimension] if dimension else parts)
+
+
+def pair_groups(r: PairRecord) -> list[list[int]]:
+    return [[0, 1]] if r.tie else [[0], [1]]
+
+
+def record_key(r: Record) -> str | None:
+    """The idempotency key of a record that becomes a judgment or rating (else None)."""
+    if isinstance(r, PairRecord):
+        if content_hash(r.chosen) == content_hash(r.rejected):
+            return None
+        return judgment_key(r.prompt, [r.chosen, r.rejected], pair_groups(r), r.annotator,
+                            r.dimension)
+    if isinstance(r, RankingRecord):
+        return judgment_key(r.prompt, r.responses, r.ranking, r.annotator)
+    if isinstance(r, UnpairedRecord):
+        return _key("rating", [content_hash(r.prompt), content_hash(r.completion), r.label,
+                               r.annotator])
+    return None
+
+
+def _judgment_meta(r: PairRecord) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if r.dimension:
+        meta["dimension"] = r.dimension
+    if r.both_bad:
+        meta["both_bad"] = True
+    return meta
+
+
+class Importer:
+    """Writes chunks of records through one session; ``report`` counts what it did."""
+
+    def __init__(self, session: Session, report: ImportReport, batch_id: int | None,
+                 source: str) -> None:
+        self.s, self.report, self.batch_id, self.source = session, report, batch_id, source
+        self.annotators: dict[str, int] = {}
+
+    # -- rows that need ids ---------------------------------------------------------------
+
+    def _prompts(self, wanted: Sequence[tuple[Text, str | None, dict[str, Any]]]
+                 ) -> tuple[dict[str, int], set[str]]:
+        """Ids of these prompts by content hash (created when new), and the hashes created."""
+        first: dict[str, tuple[Text, str | None, dict[str, Any]]] = {}
+        for item in wanted:
+            first.setdefault(content_hash(item[0]), item)
+        ids = {h: i for h, i in self.s.execute(select(Prompt.content_hash, Prompt.id)
+                                               .where(Prompt.content_hash.in_(list(first))))}
+        new = [{"text": None if isinstance(v, list) else v,
+                "messages": v if isinstance(v, list) else None, "external_id": ext,
+                "meta": dict(meta), "content_hash": digest}
+               for digest, (v, ext, meta) in first.items() if digest not in ids]
+        if new:
+            rows = self.s.execute(insert(Prompt).returning(
+                Prompt.content_hash, Prompt.id, sort_by_parameter_order=True), new)
+            ids.update({h: i for h, i in rows})
+            self.report.created["prompts"] += len(new)
+        return ids, {row["content_hash"] for row in new}
+
+    def _responses(self, wanted: Sequence[tuple[int, Text, str | None]]
+                   ) -> tuple[dict[tuple[int, str], int], set[tuple[int, str]]]:
+        """Ids of (prompt id, answer) responses, created when new, and the ones created."""
+        first: dict[tuple[int, str], tuple[Text, str | None]] = {}
+        for prompt_id, value, model in wanted:
+            first.setdefault((prompt_id, content_hash(value)), (value, model))
+        query = select(Response.prompt_id, Response.content_hash, Response.id).where(
+            Response.prompt_id.in_({p for p, _ in first}),
+            Response.content_hash.in_({h for _, h in first}))
+        ids = {(p, h): i for p, h, i in self.s.execute(query) if (p, h) in first}
+        new = [{"prompt_id": p, "text": response_text(v),
+                "messages": v if isinstance(v, list) else None, "model": model,
+                "content_hash": h}
+               for (p, h), (v, model) in first.items() if (p, h) not in ids]
+        if new:
+            rows = self.s.execute(insert(Response).returning(
+                Response.prompt_id, Response.content_hash, Response.id,
+                sort_by_parameter_order=True), new)
+            ids.update({(p, h): i for p, h, i in rows})
+            self.report.created["responses"] += len(new)
+        return ids, {(row["prompt_id"], row["content_hash"]) for row in new}
+
+    def annotator(self, name: str | None) -> int | None:
+        if name is None:
+            return None
+        if name not in self.annotators:
+            found = self.s.scalar(select(Annotator.id).where(Annotator.name == name))
+            if found is None:
+                found = self.s.scalar(insert(Annotator).values(
+                    name=name, kind="import", role="annotator").returning(Annotator.id))
+                self.report.created["annotators"] += 1
+            self.annotators[name] = found
+        return self.annotators[name]
+
+    # -- one chunk ------------------------------------------------------------------------
+
+    def add(self, records: Sequence[Record]) -> None:
+        """Import one chunk: prompts/candidates, comparisons and ratings, skipping repeats."""
+        keys = [record_key(r) for r in records]
+        existing = self._existing_keys(keys)
+        comparisons: list[_Comparison] = []
+        ratings: list[tuple[UnpairedRecord, str]] = []
+        for record, key in zip(records, keys, strict=True):
+            if isinstance(record, PromptRecord | CandidatesRecord):
+                continue
+            if key is None:  # a pair whose two answers are the same text says nothing
+                skipped = self.report.skipped
+                skipped[SKIP_IDENTICAL] = skipped.get(SKIP_IDENTICAL, 0) + 1
+            elif key in existing:
+                self.report.duplicates += 1
+            else:
+                existing.add(key)
+                if isinstance(record, UnpairedRecord):
+                    ratings.append((record, key))
+                else:
+                    comparisons.append(self._comparison(record, key))
+        self._add_plain([r for r in records if isinstance(r, PromptRecord | CandidatesRecord)])
+        self._add_comparisons(comparisons)
+        self._add_ratings(ratings)
+        self.report.imported += len(comparisons) + len(ratings)
+
+    def _existing_keys(self, keys: Sequence[str | None]) -> set[str]:
+        wanted = sorted({k for k in keys if k})
+        found: set[str] = set()
+        if wanted:
+            for model in (Judgment, Rating):
+                found.update(self.s.scalars(select(model.idempotency_key)
+                                            .where(model.idempotency_key.in_(wanted))))
+        return found
+
+    def _comparison(self, r: PairRecord | RankingRecord, key: str) -> _Comparison:
+        if isinstance(r, RankingRecord):
+            return _Comparison(r.prompt, r.responses, r.ranking, key, [None] * len(r.responses),
+                               {"annotator_id": self.annotator(r.annotator), "margin": None,
+                                "external_id": r.id, "meta": {}})
+        return _Comparison(r.prompt, [r.chosen, r.rejected], pair_groups(r), key,
+                           r.models or [None, None],
+                           {"annotator_id": self.annotator(r.annotator), "margin": r.margin,
+                            "external_id": r.id, "meta": _judgment_meta(r)})
+
+    def _add_plain(self, records: Sequence[PromptRecord | CandidatesRecord]) -> None:
+        """Prompts and candidate answers; a row counts as imported when it added anything."""
+        if not records:
+            return
+        prompt_ids, new_prompts = self._prompts([(r.prompt, r.id, getattr(r, "meta", {}))
+                                                 for r in records])
+        answers = [(prompt_ids[content_hash(r.prompt)], text, model)
+                   for r in records if isinstance(r, CandidatesRecord)
+                   for text, model in zip(r.responses, r.models or [None] * len(r.responses),
+                                          strict=True)]
+        _, new_answers = self._responses(answers) if answers else ({}, set())
+        for r in records:
+            digest = content_hash(r.prompt)
+            created = digest in new_prompts
+            new_prompts.discard(digest)  # a prompt repeated later in the chunk is not new then
+            if isinstance(r, CandidatesRecord):
+                pid = prompt_ids[digest]
+                mine = {(pid, content_hash(t)) for t in r.responses} & new_answers
+                new_answers -= mine
+                created = created or bool(mine)
+            self.report.imported += created
+            self.report.duplicates += not created
+
+    def _add_comparisons(self, items: Sequence[_Comparison]) -> None:
+        """Tasks (overlap 1, already done), their items, and one judgment each."""
+        if not items:
+            return
+        prompt_ids, _ = self._prompts([(c.prompt, None, {}) for c in items])
+        pids = [prompt_ids[content_hash(c.prompt)] for c in items]
+        answer_ids, _ = self._responses([(pid, a, m) for pid, c in zip(pids, items, strict=True)
+                                         for a, m in zip(c.answers, c.models, strict=True)])
+        task_ids = list(self.s.scalars(insert(ComparisonTask).returning(
+            ComparisonTask.id, sort_by_parameter_order=True), [
+            {"prompt_id": pid, "batch_id": self.batch_id, "overlap": 1, "n_judgments": 1,
+             "done": True, "kind": "pairwise" if len(c.answers) == 2 else "ranking",
+             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)]))
+        task_items, judgments = [], []
+        for task_id, pid, c in zip(task_ids, pids, items, strict=True):
+            ids = [answer_ids[(pid, content_hash(a))] for a in c.answers]
+            task_items += [{"task_id": task_id, "response_id": rid, "position": i}
+                           for i, rid in enumerate(ids)]
+            judgments.append({"task_id": task_id, "ranking": [[ids[i] for i in g]
+                                                              for g in c.groups],
+                              "idempotency_key": c.key, "source": self.source, **c.fields})
+        self.s.execute(insert(TaskItem), task_items)
+        self.s.execute(insert(Judgment), judgments)
+        self.report.created["tasks"] += len(items)
+        self.report.created["judgments"] += len(items)
+
+    def _add_ratings(self, items: Sequence[tuple[UnpairedRecord, str]]) -> None:
+        if not items:
+            return
+        prompt_ids, _ = self._prompts([(r.prompt, None, {}) for r, _ in items])
+        pids = [prompt_ids[content_hash(r.prompt)] for r, _ in items]
+        answer_ids, _ = self._responses([(pid, r.completion, None)
+                                         for pid, (r, _) in zip(pids, items, strict=True)])
+        self.s.execute(insert(Rating), [
+            {"response_id": answer_ids[(pid, content_hash(r.completion))],
+             "annotator_id": self.annotator(r.annotator), "label": r.label,
+             "idempotency_key": key, "source": self.source, "external_id": r.id}
+            for pid, (r, key) in zip(pids, items, strict=True)])
+        self.report.created["ratings"] += len(items)
