@@ -64,7 +64,7 @@ from rewardloop.data.shapes import (
     parse_shp,
     stream_oasst,
 )
-from rewardloop.data.sources import Location, data_error, open_source, rows
+from rewardloop.data.sources import COLUMNAR, Location, data_error, open_source, rows
 from rewardloop.data.values import validate_ranking
 from rewardloop.errors import DataError, UserError
 
@@ -72,7 +72,8 @@ __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
     "PromptRecord", "RankingRecord", "Record", "SFTRecord", "Text", "UnpairedRecord",
     "as_messages", "completion_messages", "detect_format", "hh_transcripts", "is_chat",
-    "prompt_text", "read_records", "response_text", "write_records",
+    "iter_records",
+    "prompt_text", "read_records", "response_text", "write_dataset", "write_records",
 ]
 
 # Completion rating keys, in order of preference (UltraFeedback's own key first).
@@ -399,24 +400,37 @@ _WRITERS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
 WRITABLE: tuple[str, ...] = tuple(_WRITERS)
 
 
+def _rows_of(fmt: str, records: Iterable[Record]) -> Iterator[dict[str, Any]]:
+    cls, to_row = _WRITERS[check_format(fmt, WRITABLE)]
+    for record in records:
+        if not isinstance(record, cls):
+            raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
+                            f"got {type(record).__name__}")
+        yield to_row(record)
+
+
 def write_records(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
     """Write ``records`` as ``fmt`` atomically (temp file, fsync, rename); returns the row count.
 
-    A reader never sees a half-written file, and a failure leaves any old file in place.
+    A ``.parquet`` or ``.arrow`` path is written columnar, anything else as JSONL. A reader
+    never sees a half-written file, and a failure leaves any old file in place.
     """
-    cls, to_row = _WRITERS[check_format(fmt, WRITABLE)]
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: directory {path.parent} does not exist")
+    if path.suffix in COLUMNAR:
+        from rewardloop.data.columnar import write_table_file  # pyarrow: only when asked
+
+        table_rows = list(_rows_of(fmt, records))
+        write_table_file(path, table_rows)
+        return len(table_rows)
+    rows_out = _rows_of(fmt, records)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for record in records:
-                if not isinstance(record, cls):
-                    raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
-                                    f"got {type(record).__name__}")
-                fh.write(json.dumps(to_row(record), ensure_ascii=False, allow_nan=False) + "\n")
+            for row in rows_out:
+                fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
                 count += 1
             fh.flush()
             os.fsync(fh.fileno())
@@ -432,3 +446,12 @@ def write_records(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
         finally:
             os.close(dir_fd)
     return count
+
+
+def write_dataset(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
+    """Write ``records`` as a directory ``datasets.load_from_disk`` loads; returns the rows."""
+    from rewardloop.data.columnar import write_saved_dataset  # pyarrow: only when asked
+
+    table_rows = list(_rows_of(fmt, records))
+    write_saved_dataset(Path(path), table_rows)
+    return len(table_rows)

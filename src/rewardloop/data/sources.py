@@ -202,7 +202,7 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def _pyarrow() -> Any:
+def pyarrow_module() -> Any:
     try:
         import pyarrow  # noqa: F401  (slow to import: only when a columnar file is read)
         import pyarrow.ipc
@@ -214,7 +214,7 @@ def _pyarrow() -> Any:
 
 def _batches(path: Path) -> Iterator[Any]:
     """Record batches of a Parquet or Arrow file (IPC file or stream format), one at a time."""
-    pa = _pyarrow()
+    pa = pyarrow_module()
     try:
         if COLUMNAR[path.suffix] == "parquet":
             yield from pa.parquet.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)

@@ -114,29 +114,37 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None, *,
 # -- export ------------------------------------------------------------------------------------
 
 
-def export(store: Store, fmt: str, path: str | Path, *, batch: str | None = None
-           ) -> ExportReport:
-    """Write the store's data as ``fmt`` (one of ``EXPORTABLE``), atomically.
-
-    ``trl`` and ``hh`` cannot express ties: tied pairs are left out and counted in ``skipped``.
-    ``batch`` limits comparison formats to one batch's judgments.
-    """
-    formats.check_format(fmt, EXPORTABLE)
-    if batch is not None and fmt not in ("trl", "ranking", "hh"):
-        raise UserError(f"--batch selects comparisons; it does not apply to {fmt} exports")
-    report = ExportReport(str(path), fmt)
-    records: list[Any]
+def _export_records(store: Store, fmt: str, report: ExportReport, batch: str | None,
+                    dimension: str | None) -> list[Any]:
     if fmt in ("trl", "hh"):
-        pairs = load_pairs(store, batch=batch)
+        pairs = load_pairs(store, batch=batch, dimension=dimension)
         records = [p for p in pairs if not p.tie]
         if len(records) < len(pairs):
             report.skipped[SKIP_TIES] = len(pairs) - len(records)
-    elif fmt == "ranking":
-        records = load_rankings(store, batch=batch)
-    elif fmt == "kto":
-        records = load_unpaired(store)
-    else:
-        records = load_prompts(store) if fmt == "prompts" else load_candidates(store)
-    report.rows = formats.write_records(path, fmt, records)
+        return records
+    if fmt == "ranking":
+        return load_rankings(store, batch=batch, dimension=dimension)
+    if fmt == "kto":
+        return load_unpaired(store)
+    return load_prompts(store) if fmt == "prompts" else load_candidates(store)
+
+
+def export(store: Store, fmt: str, path: str | Path, *, batch: str | None = None,
+           dimension: str | None = None, hf_dataset: bool = False) -> ExportReport:
+    """Write the store's data as ``fmt`` (one of ``EXPORTABLE``), atomically.
+
+    ``path`` is a JSONL, Parquet (``.parquet``) or Arrow (``.arrow``) file, or with
+    ``hf_dataset`` a directory ``datasets.load_from_disk`` loads. ``trl`` and ``hh`` cannot
+    express ties: tied pairs are left out and counted in ``skipped``. ``batch`` limits
+    comparison formats to one batch's judgments, ``dimension`` to one judged dimension.
+    """
+    formats.check_format(fmt, EXPORTABLE)
+    for name, value in (("--batch", batch), ("--dimension", dimension)):
+        if value is not None and fmt not in ("trl", "ranking", "hh"):
+            raise UserError(f"{name} selects comparisons; it does not apply to {fmt} exports")
+    report = ExportReport(str(path), fmt)
+    records = _export_records(store, fmt, report, batch, dimension)
+    write = formats.write_dataset if hf_dataset else formats.write_records
+    report.rows = write(path, fmt, records)
     log.info("exported %d %s rows to %s", report.rows, fmt, path)
     return report
