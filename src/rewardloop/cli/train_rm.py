@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
 
 def rm(
     model: str = MODEL,
-    data: Path = typer.Option(..., "--data", help="Training preferences (JSONL): pairwise rows "
+    data: Path = typer.Option(..., "--data", help="Training preferences (JSONL, Parquet, "
+                              "Arrow or a dataset folder, DIR:SPLIT for a split): pairwise rows "
                               "(prompt, chosen, rejected; hh and ultrafeedback are converted) "
                               "or ranking rows."),
     out: Path = OUT,
@@ -103,7 +104,7 @@ def rm(
     config: Path | None = CONFIG,
 ) -> None:
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
-    from rewardloop.cli._common import existing_file
+    from rewardloop.cli._common import existing_data, existing_file
     from rewardloop.config import load_config
     from rewardloop.train.reward import RewardConfig, train_rm
 
@@ -121,7 +122,10 @@ def rm(
         log_every=log_every, resume=flag(resume), overwrite=flag(overwrite),
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
     )
-    for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
+    for path in (cfg.data, cfg.eval_data):
+        if path is not None:
+            existing_data(path)
+    for path in (cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:
             existing_file(path)
     summary = train_rm(cfg)

@@ -72,8 +72,8 @@ __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
     "PromptRecord", "RankingRecord", "Record", "SFTRecord", "Text", "UnpairedRecord",
     "as_messages", "completion_messages", "detect_format", "hh_transcripts", "is_chat",
-    "iter_records",
-    "prompt_text", "read_records", "response_text", "write_dataset", "write_records",
+    "iter_records", "prompt_text", "read_records", "read_training_records", "response_text",
+    "write_dataset", "write_records",
 ]
 
 # Completion rating keys, in order of preference (UltraFeedback's own key first).
@@ -355,6 +355,22 @@ def read_records(path: str | Path, fmt: str | None = None, split: str | None = N
     """
     fmt, records = iter_records(path, fmt, split)
     return fmt, list(records)
+
+
+# What each published shape's records are, for trainers that choose a loss by record kind.
+TRAINING_KIND = {"arena": "trl", "shp": "trl", "saferlhf-better": "trl", "saferlhf-safer": "trl",
+                 "oasst": "ranking"}
+
+
+def read_training_records(path: str | Path, fmt: str | None = None, split: str | None = None
+                          ) -> tuple[str, list[Record]]:
+    """:func:`read_records` for trainers: the format comes back as the kind of its records.
+
+    A published shape (Arena, SHP, PKU-SafeRLHF pairs; oasst rankings) reads as ``trl`` or
+    ``ranking``, so a trainer that accepts those accepts it too.
+    """
+    fmt, records = read_records(path, fmt, split)
+    return TRAINING_KIND.get(fmt, fmt), records
 
 
 # -- writing -----------------------------------------------------------------------------------
