@@ -261,7 +261,7 @@ def _guess(obj: dict[str, Any]) -> str | None:
     """The format a row's keys point to (None when they point nowhere)."""
     keys = set(obj)
     for shape, fmt in (({"model_a", "model_b", "winner"}, "arena"),
-                       ({"message_id", "parent_id", "role", "text"}, "oasst"),
+                       ({"message_id", "role", "text"}, "oasst"),
                        ({"score_A", "score_B"}, "shp"),
                        ({"better_response_id", "safer_response_id"}, "saferlhf-better")):
         if shape <= keys:
