@@ -11,13 +11,14 @@ visible to later lookups in that transaction, which is how repeats across chunks
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
+from rewardloop.data.prepared import Driver, Prepared
 from rewardloop.data.records import (
     CandidatesRecord,
     PairRecord,
@@ -36,6 +37,7 @@ from rewardloop.data.schema import (
     Rating,
     Response,
     TaskItem,
+    utcnow,
 )
 from rewardloop.data.values import content_hash
 
@@ -71,13 +73,17 @@ def _key(kind: str, parts: Any) -> str:
     return f"import:{kind}:{content_hash(parts)}"
 
 
+Digest = Callable[[Text], str]
+
+
 def judgment_key(prompt: Text, answers: Sequence[Text], groups: list[list[int]],
-                 annotator: str | None, dimension: str | None = None) -> str:
+                 annotator: str | None, dimension: str | None = None,
+                 digest: Digest = content_hash) -> str:
     """Content key of an imported judgment; the dimension only enters when there is one, so
     keys of files without dimensions stay what they were."""
     # Order inside a tie group does not change what was said, so it does not change the key.
-    hashed = [sorted(content_hash(answers[i]) for i in group) for group in groups]
-    parts: list[Any] = [content_hash(prompt), hashed, annotator]
+    hashed = [sorted(digest(answers[i]) for i in group) for group in groups]
+    parts: list[Any] = [digest(prompt), hashed, annotator]
     return _key("judgment", parts + [dimension] if dimension else parts)
 
 
@@ -85,18 +91,17 @@ def pair_groups(r: PairRecord) -> list[list[int]]:
     return [[0, 1]] if r.tie else [[0], [1]]
 
 
-def record_key(r: Record) -> str | None:
+def record_key(r: Record, digest: Digest = content_hash) -> str | None:
     """The idempotency key of a record that becomes a judgment or rating (else None)."""
     if isinstance(r, PairRecord):
-        if content_hash(r.chosen) == content_hash(r.rejected):
+        if digest(r.chosen) == digest(r.rejected):
             return None
         return judgment_key(r.prompt, [r.chosen, r.rejected], pair_groups(r), r.annotator,
-                            r.dimension)
+                            r.dimension, digest)
     if isinstance(r, RankingRecord):
-        return judgment_key(r.prompt, r.responses, r.ranking, r.annotator)
+        return judgment_key(r.prompt, r.responses, r.ranking, r.annotator, digest=digest)
     if isinstance(r, UnpairedRecord):
-        return _key("rating", [content_hash(r.prompt), content_hash(r.completion), r.label,
-                               r.annotator])
+        return _key("rating", [digest(r.prompt), digest(r.completion), r.label, r.annotator])
     return None
 
 
@@ -109,13 +114,52 @@ def _judgment_meta(r: PairRecord) -> dict[str, Any]:
     return meta
 
 
+def _insert(table: Any, columns: str, returning: bool = False) -> Prepared:
+    statement = insert(table).values({c: bindparam(c) for c in columns.split()})
+    return Prepared(statement.returning(table.c.id) if returning else statement)
+
+
+# Every column with a Python-side default is given: prepared statements do not apply them.
+_PROMPT = _insert(Prompt.__table__, "text messages external_id meta content_hash created_at",
+                  returning=True)
+_RESPONSE = _insert(Response.__table__, "prompt_id text messages model gen_settings meta "
+                    "content_hash created_at", returning=True)
+_TASK = _insert(ComparisonTask.__table__, "prompt_id batch_id kind overlap is_gold priority "
+                "n_judgments done external_id meta created_at", returning=True)
+_ITEM = _insert(TaskItem.__table__, "task_id response_id position")
+_JUDGMENT = _insert(Judgment.__table__, "task_id annotator_id ranking margin idempotency_key "
+                    "source external_id meta created_at")
+_RATING = _insert(Rating.__table__, "response_id annotator_id label idempotency_key source "
+                  "external_id created_at")
+
+
 class Importer:
     """Writes chunks of records through one session; ``report`` counts what it did."""
 
     def __init__(self, session: Session, report: ImportReport, batch_id: int | None,
                  source: str) -> None:
         self.s, self.report, self.batch_id, self.source = session, report, batch_id, source
+        # Writes go through prepared statements on the session's own driver connection (same
+        # transaction): SQLAlchemy's per-row cost, not SQLite's, bounded an import's speed.
+        self.db = Driver(session)
         self.annotators: dict[str, int] = {}
+        self.hashes: dict[str, str] = {}  # text -> content hash, for one chunk
+
+    def digest(self, value: Text) -> str:
+        """``content_hash`` remembered for the current chunk: a pair's texts are hashed for
+        its key, its prompt and its responses, and a prompt repeats across rows."""
+        if not isinstance(value, str):
+            return content_hash(value)
+        found = self.hashes.get(value)
+        if found is None:
+            found = self.hashes[value] = content_hash(value)
+        return found
+
+    def _new_ids(self, statement: Prepared, rows: list[dict[str, Any]]) -> list[int]:
+        """Insert ``rows`` one statement each (RETURNING gives no row order for a multi-row
+        INSERT); on the driver connection each costs a few microseconds."""
+        now = utcnow()
+        return [statement.first(self.db, {**row, "created_at": now}).id for row in rows]
 
     # -- rows that need ids ---------------------------------------------------------------
 
@@ -124,7 +168,7 @@ class Importer:
         """Ids of these prompts by content hash (created when new), and the hashes created."""
         first: dict[str, tuple[Text, str | None, dict[str, Any]]] = {}
         for item in wanted:
-            first.setdefault(content_hash(item[0]), item)
+            first.setdefault(self.digest(item[0]), item)
         ids = {h: i for h, i in self.s.execute(select(Prompt.content_hash, Prompt.id)
                                                .where(Prompt.content_hash.in_(list(first))))}
         new = [{"text": None if isinstance(v, list) else v,
@@ -132,9 +176,8 @@ class Importer:
                 "meta": dict(meta), "content_hash": digest}
                for digest, (v, ext, meta) in first.items() if digest not in ids]
         if new:
-            rows = self.s.execute(insert(Prompt).returning(
-                Prompt.content_hash, Prompt.id, sort_by_parameter_order=True), new)
-            ids.update({h: i for h, i in rows})
+            ids.update(zip([r["content_hash"] for r in new], self._new_ids(_PROMPT, new),
+                           strict=True))
             self.report.created["prompts"] += len(new)
         return ids, {row["content_hash"] for row in new}
 
@@ -143,20 +186,18 @@ class Importer:
         """Ids of (prompt id, answer) responses, created when new, and the ones created."""
         first: dict[tuple[int, str], tuple[Text, str | None]] = {}
         for prompt_id, value, model in wanted:
-            first.setdefault((prompt_id, content_hash(value)), (value, model))
+            first.setdefault((prompt_id, self.digest(value)), (value, model))
         query = select(Response.prompt_id, Response.content_hash, Response.id).where(
             Response.prompt_id.in_({p for p, _ in first}),
             Response.content_hash.in_({h for _, h in first}))
         ids = {(p, h): i for p, h, i in self.s.execute(query) if (p, h) in first}
         new = [{"prompt_id": p, "text": response_text(v),
                 "messages": v if isinstance(v, list) else None, "model": model,
-                "content_hash": h}
+                "gen_settings": {}, "meta": {}, "content_hash": h}
                for (p, h), (v, model) in first.items() if (p, h) not in ids]
         if new:
-            rows = self.s.execute(insert(Response).returning(
-                Response.prompt_id, Response.content_hash, Response.id,
-                sort_by_parameter_order=True), new)
-            ids.update({(p, h): i for p, h, i in rows})
+            ids.update(zip([(r["prompt_id"], r["content_hash"]) for r in new],
+                           self._new_ids(_RESPONSE, new), strict=True))
             self.report.created["responses"] += len(new)
         return ids, {(row["prompt_id"], row["content_hash"]) for row in new}
 
@@ -176,7 +217,8 @@ class Importer:
 
     def add(self, records: Sequence[Record]) -> None:
         """Import one chunk: prompts/candidates, comparisons and ratings, skipping repeats."""
-        keys = [record_key(r) for r in records]
+        self.hashes.clear()
+        keys = [record_key(r, self.digest) for r in records]
         existing = self._existing_keys(keys)
         comparisons: list[_Comparison] = []
         ratings: list[tuple[UnpairedRecord, str]] = []
@@ -224,18 +266,18 @@ class Importer:
             return
         prompt_ids, new_prompts = self._prompts([(r.prompt, r.id, getattr(r, "meta", {}))
                                                  for r in records])
-        answers = [(prompt_ids[content_hash(r.prompt)], text, model)
+        answers = [(prompt_ids[self.digest(r.prompt)], text, model)
                    for r in records if isinstance(r, CandidatesRecord)
                    for text, model in zip(r.responses, r.models or [None] * len(r.responses),
                                           strict=True)]
         _, new_answers = self._responses(answers) if answers else ({}, set())
         for r in records:
-            digest = content_hash(r.prompt)
+            digest = self.digest(r.prompt)
             created = digest in new_prompts
             new_prompts.discard(digest)  # a prompt repeated later in the chunk is not new then
             if isinstance(r, CandidatesRecord):
                 pid = prompt_ids[digest]
-                mine = {(pid, content_hash(t)) for t in r.responses} & new_answers
+                mine = {(pid, self.digest(t)) for t in r.responses} & new_answers
                 new_answers -= mine
                 created = created or bool(mine)
             self.report.imported += created
@@ -246,24 +288,25 @@ class Importer:
         if not items:
             return
         prompt_ids, _ = self._prompts([(c.prompt, None, {}) for c in items])
-        pids = [prompt_ids[content_hash(c.prompt)] for c in items]
+        pids = [prompt_ids[self.digest(c.prompt)] for c in items]
         answer_ids, _ = self._responses([(pid, a, m) for pid, c in zip(pids, items, strict=True)
                                          for a, m in zip(c.answers, c.models, strict=True)])
-        task_ids = list(self.s.scalars(insert(ComparisonTask).returning(
-            ComparisonTask.id, sort_by_parameter_order=True), [
-            {"prompt_id": pid, "batch_id": self.batch_id, "overlap": 1, "n_judgments": 1,
-             "done": True, "kind": "pairwise" if len(c.answers) == 2 else "ranking",
-             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)]))
+        task_ids = self._new_ids(_TASK, [
+            {"prompt_id": pid, "batch_id": self.batch_id, "overlap": 1, "is_gold": False,
+             "priority": 0.0, "n_judgments": 1, "done": True, "meta": {},
+             "kind": "pairwise" if len(c.answers) == 2 else "ranking",
+             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)])
         task_items, judgments = [], []
         for task_id, pid, c in zip(task_ids, pids, items, strict=True):
-            ids = [answer_ids[(pid, content_hash(a))] for a in c.answers]
+            ids = [answer_ids[(pid, self.digest(a))] for a in c.answers]
             task_items += [{"task_id": task_id, "response_id": rid, "position": i}
                            for i, rid in enumerate(ids)]
             judgments.append({"task_id": task_id, "ranking": [[ids[i] for i in g]
                                                               for g in c.groups],
                               "idempotency_key": c.key, "source": self.source, **c.fields})
-        self.s.execute(insert(TaskItem), task_items)
-        self.s.execute(insert(Judgment), judgments)
+        now = utcnow()
+        _ITEM.run_many(self.db, task_items)
+        _JUDGMENT.run_many(self.db, [{**j, "created_at": now} for j in judgments])
         self.report.created["tasks"] += len(items)
         self.report.created["judgments"] += len(items)
 
@@ -271,12 +314,14 @@ class Importer:
         if not items:
             return
         prompt_ids, _ = self._prompts([(r.prompt, None, {}) for r, _ in items])
-        pids = [prompt_ids[content_hash(r.prompt)] for r, _ in items]
+        pids = [prompt_ids[self.digest(r.prompt)] for r, _ in items]
         answer_ids, _ = self._responses([(pid, r.completion, None)
                                          for pid, (r, _) in zip(pids, items, strict=True)])
-        self.s.execute(insert(Rating), [
-            {"response_id": answer_ids[(pid, content_hash(r.completion))],
+        now = utcnow()
+        _RATING.run_many(self.db, [
+            {"response_id": answer_ids[(pid, self.digest(r.completion))],
              "annotator_id": self.annotator(r.annotator), "label": r.label,
-             "idempotency_key": key, "source": self.source, "external_id": r.id}
+             "idempotency_key": key, "source": self.source, "external_id": r.id,
+             "created_at": now}
             for pid, (r, key) in zip(pids, items, strict=True)])
         self.report.created["ratings"] += len(items)

@@ -14,7 +14,7 @@ so what is stored and read back is exactly what SQLAlchemy would store and read.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,22 +70,34 @@ class Prepared:
         return _Compiled(str(compiled), names, dialect.positional, defaults, binds, results,
                          row)
 
-    def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
-        """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
-        c = self._compiled.get(db.dialect.name)
+    def _for(self, dialect: Dialect) -> _Compiled:
+        c = self._compiled.get(dialect.name)
         if c is None:
-            c = self._compiled[db.dialect.name] = self._compile(db.dialect)
+            c = self._compiled[dialect.name] = self._compile(dialect)
+        return c
+
+    @staticmethod
+    def _args(c: _Compiled, params: Mapping[str, Any] | None) -> Any:
         values = {**c.defaults, **(params or {})}
         for name, proc in c.binds.items():
             values[name] = proc(values[name])
-        args: Any = [values[n] for n in c.names] if c.positional else \
-            {n: values[n] for n in c.names}
-        cursor = db.raw.execute(c.sql, args)
+        return [values[n] for n in c.names] if c.positional else {n: values[n] for n in c.names}
+
+    def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
+        c = self._for(db.dialect)
+        cursor = db.raw.execute(c.sql, self._args(c, params))
         if cursor.description is None:
             return []
         procs = c.results
         return [c.row._make([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
                 for raw in cursor.fetchall()]
+
+    def run_many(self, db: Driver, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute once per row of ``rows`` in one driver call (executemany); no results."""
+        if rows:
+            c = self._for(db.dialect)
+            db.raw.cursor().executemany(c.sql, [self._args(c, row) for row in rows])
 
     def first(self, db: Driver, params: Mapping[str, Any] | None = None) -> Any:
         rows = self.run(db, params)
