@@ -105,6 +105,19 @@ def record_key(r: Record, digest: Digest = content_hash) -> str | None:
     return None
 
 
+def _same(rows: list[dict[str, Any]], *keys: str) -> dict[str, Any]:
+    """The ``keys`` whose value is the same in every row, taken out of the rows: a shared value
+    is encoded once, not once a row (JSON ``{}`` and ``null`` for plain-text data)."""
+    shared = {}
+    for key in keys:
+        first = rows[0][key]
+        if all(row[key] == first for row in rows):
+            shared[key] = first
+            for row in rows:
+                del row[key]
+    return shared
+
+
 def _judgment_meta(r: PairRecord) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if r.dimension:
@@ -155,11 +168,12 @@ class Importer:
             found = self.hashes[value] = content_hash(value)
         return found
 
-    def _new_ids(self, statement: Prepared, rows: list[dict[str, Any]]) -> list[int]:
+    def _new_ids(self, statement: Prepared, rows: list[dict[str, Any]],
+                 shared: dict[str, Any]) -> list[int]:
         """Insert ``rows`` one statement each (RETURNING gives no row order for a multi-row
-        INSERT); on the driver connection each costs a few microseconds."""
-        now = utcnow()
-        return [statement.first(self.db, {**row, "created_at": now}).id for row in rows]
+        INSERT); on the driver connection each costs a few microseconds. ``shared`` values
+        are the same for every row and encoded once."""
+        return statement.first_column(self.db, rows, {**shared, "created_at": utcnow()})
 
     # -- rows that need ids ---------------------------------------------------------------
 
@@ -176,7 +190,8 @@ class Importer:
                 "meta": dict(meta), "content_hash": digest}
                for digest, (v, ext, meta) in first.items() if digest not in ids]
         if new:
-            ids.update(zip([r["content_hash"] for r in new], self._new_ids(_PROMPT, new),
+            ids.update(zip([r["content_hash"] for r in new],
+                           self._new_ids(_PROMPT, new, _same(new, "messages", "meta")),
                            strict=True))
             self.report.created["prompts"] += len(new)
         return ids, {row["content_hash"] for row in new}
@@ -193,11 +208,12 @@ class Importer:
         ids = {(p, h): i for p, h, i in self.s.execute(query) if (p, h) in first}
         new = [{"prompt_id": p, "text": response_text(v),
                 "messages": v if isinstance(v, list) else None, "model": model,
-                "gen_settings": {}, "meta": {}, "content_hash": h}
+                "content_hash": h}
                for (p, h), (v, model) in first.items() if (p, h) not in ids]
         if new:
+            shared = {"gen_settings": {}, "meta": {}, **_same(new, "messages")}
             ids.update(zip([(r["prompt_id"], r["content_hash"]) for r in new],
-                           self._new_ids(_RESPONSE, new), strict=True))
+                           self._new_ids(_RESPONSE, new, shared), strict=True))
             self.report.created["responses"] += len(new)
         return ids, {(row["prompt_id"], row["content_hash"]) for row in new}
 
@@ -292,10 +308,10 @@ class Importer:
         answer_ids, _ = self._responses([(pid, a, m) for pid, c in zip(pids, items, strict=True)
                                          for a, m in zip(c.answers, c.models, strict=True)])
         task_ids = self._new_ids(_TASK, [
-            {"prompt_id": pid, "batch_id": self.batch_id, "overlap": 1, "is_gold": False,
-             "priority": 0.0, "n_judgments": 1, "done": True, "meta": {},
-             "kind": "pairwise" if len(c.answers) == 2 else "ranking",
-             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)])
+            {"prompt_id": pid, "kind": "pairwise" if len(c.answers) == 2 else "ranking",
+             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)],
+            {"batch_id": self.batch_id, "overlap": 1, "is_gold": False, "priority": 0.0,
+             "n_judgments": 1, "done": True, "meta": {}})
         task_items, judgments = [], []
         for task_id, pid, c in zip(task_ids, pids, items, strict=True):
             ids = [answer_ids[(pid, self.digest(a))] for a in c.answers]
@@ -303,10 +319,10 @@ class Importer:
                            for i, rid in enumerate(ids)]
             judgments.append({"task_id": task_id, "ranking": [[ids[i] for i in g]
                                                               for g in c.groups],
-                              "idempotency_key": c.key, "source": self.source, **c.fields})
-        now = utcnow()
+                              "idempotency_key": c.key, **c.fields})
         _ITEM.run_many(self.db, task_items)
-        _JUDGMENT.run_many(self.db, [{**j, "created_at": now} for j in judgments])
+        _JUDGMENT.run_many(self.db, judgments, {"created_at": utcnow(), "source": self.source,
+                                                **_same(judgments, "meta")})
         self.report.created["tasks"] += len(items)
         self.report.created["judgments"] += len(items)
 

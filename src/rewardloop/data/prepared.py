@@ -77,11 +77,22 @@ class Prepared:
         return c
 
     @staticmethod
-    def _args(c: _Compiled, params: Mapping[str, Any] | None) -> Any:
+    def _args(c: _Compiled, params: Mapping[str, Any] | None,
+              fixed: Mapping[str, Any] | None = None) -> Any:
+        """Driver arguments: ``params`` through the bind processors, ``fixed`` as given
+        (already processed)."""
         values = {**c.defaults, **(params or {})}
         for name, proc in c.binds.items():
-            values[name] = proc(values[name])
+            if fixed is None or name not in fixed:
+                values[name] = proc(values[name])
+        if fixed:
+            values.update(fixed)
         return [values[n] for n in c.names] if c.positional else {n: values[n] for n in c.names}
+
+    @staticmethod
+    def _fixed(c: _Compiled, shared: Mapping[str, Any]) -> dict[str, Any]:
+        """``shared`` values (the same for every row) through their bind processors, once."""
+        return {name: c.binds[name](v) if name in c.binds else v for name, v in shared.items()}
 
     def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
@@ -93,11 +104,23 @@ class Prepared:
         return [c.row._make([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
                 for raw in cursor.fetchall()]
 
-    def run_many(self, db: Driver, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Execute once per row of ``rows`` in one driver call (executemany); no results."""
+    def run_many(self, db: Driver, rows: Sequence[Mapping[str, Any]],
+                 shared: Mapping[str, Any] | None = None) -> None:
+        """Execute once per row of ``rows`` (plus the ``shared`` values, processed once) in
+        one driver call (executemany); no results."""
         if rows:
             c = self._for(db.dialect)
-            db.raw.cursor().executemany(c.sql, [self._args(c, row) for row in rows])
+            fixed = self._fixed(c, shared or {})
+            db.raw.cursor().executemany(c.sql, [self._args(c, row, fixed) for row in rows])
+
+    def first_column(self, db: Driver, rows: Sequence[Mapping[str, Any]],
+                     shared: Mapping[str, Any] | None = None) -> list[Any]:
+        """Execute once per row (one statement each, so results keep the rows' order) and
+        return the raw first column of each result (an INSERT's RETURNING id)."""
+        c = self._for(db.dialect)
+        fixed = self._fixed(c, shared or {})
+        raw = db.raw
+        return [raw.execute(c.sql, self._args(c, row, fixed)).fetchone()[0] for row in rows]
 
     def first(self, db: Driver, params: Mapping[str, Any] | None = None) -> Any:
         rows = self.run(db, params)
