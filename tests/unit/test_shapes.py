@@ -182,3 +182,22 @@ def test_oasst_reply_to_a_message_not_in_the_data(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="t.jsonl:line 2 field 'parent_id': names message "
                                         "'gone', which is not in the data"):
         F.read_records(write(tmp_path / "t.jsonl", rows))
+
+
+def test_hh_and_ultrafeedback_raw_and_binarized_from_parquet(tmp_path: Path) -> None:
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+          "rejected": "\n\nHuman: hi\n\nAssistant: go"}
+    assert F.read_records(write(tmp_path / "hh.parquet", [hh])) == (
+        "hh", [PairRecord("\n\nHuman: hi\n\nAssistant:", " hello", " go")])
+    raw = {"source": "evol", "instruction": "Add 2+2.", "models": ["a", "b"],
+           "completions": [{"model": "a", "response": "4", "overall_score": 9.0},
+                           {"model": "b", "response": "5", "overall_score": 3.5}]}
+    assert F.read_records(write(tmp_path / "uf.parquet", [raw])) == (
+        "ultrafeedback", [PairRecord("Add 2+2.", "4", "5", margin=5.5)])
+    binarized = {"prompt": "Add 2+2.", "prompt_id": "x1", "score_chosen": 9.0,
+                 "score_rejected": 3.5, "chosen": [user("Add 2+2."), bot("4")],
+                 "rejected": [user("Add 2+2."), bot("5")],
+                 "messages": [user("Add 2+2."), bot("4")]}
+    assert F.read_records(write(tmp_path / "ufb.parquet", [binarized])) == (
+        "trl", [PairRecord("Add 2+2.", [user("Add 2+2."), bot("4")],
+                           [user("Add 2+2."), bot("5")])])
