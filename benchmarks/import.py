@@ -141,8 +141,11 @@ def main() -> None:
         print_table(f"import of {args.rows} HH rows from Parquet", results,
                     ["rows", "wall_s", "cpu_s", "peak_rss_mb"], theirs="datasets")
         ours = results["rewardloop"]
-        ok = ours["peak_rss_mb"] <= 1024 and ours["wall_s"] <= 60
-        print(f"goal (<= 1024 MiB, <= 60 s): {'met' if ok else 'NOT met'}")
+        memory = "met" if ours["peak_rss_mb"] <= 1024 else "NOT met"
+        speed = "met" if ours["wall_s"] <= 60 else "NOT met"
+        print(f"goal: peak RSS <= 1024 MiB {memory}; wall <= 60 s {speed} "
+              f"(CPU {ours['cpu_s']:.1f} s; load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} CPUs: other work on the machine stretches wall time)")
         sys.stdout.flush()
 
 
