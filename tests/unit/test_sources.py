@@ -120,6 +120,12 @@ def test_split_directories_of_a_hub_folder(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     parquet(tmp_path / "train" / "part-0.parquet", TEXT_ROWS)
     assert F.read_records(tmp_path)[1] == TEXT_EXPECTED
+    # The Hub's Parquet conversion: CONFIG/SPLIT/NNNN.parquet.
+    converted = tmp_path / "converted" / "default"
+    for split, rows in (("train", TEXT_ROWS[:2]), ("test", TEXT_ROWS[2:])):
+        (converted / split).mkdir(parents=True)
+        parquet(converted / split / "0000.parquet", rows)
+    assert F.read_records(f"{tmp_path / 'converted'}:test")[1] == TEXT_EXPECTED[2:]
 
 
 @pytest.mark.parametrize(("make", "message"), [

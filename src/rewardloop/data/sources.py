@@ -9,7 +9,8 @@ Every reader of rewardloop data goes through :func:`open_source`, so each ``--da
 - a ``datasets.save_to_disk`` directory: one dataset (``state.json`` + Arrow shards) or a
   DatasetDict (``dataset_dict.json`` + one directory per split);
 - a Hub-style dataset folder: Parquet, Arrow or JSONL files anywhere below it, the split taken
-  from the file name (``data/train-00000-of-00002.parquet``) or a directory (``train/...``).
+  from the file name (``data/train-00000-of-00002.parquet``) or its directory
+  (``default/train/0000.parquet``).
 
 A folder with several splits needs one chosen: ``--split NAME`` where a command has it, or
 ``DIR:NAME`` anywhere a path is taken. The ``datasets`` package is not needed: its saved
@@ -119,11 +120,12 @@ def _saved_dict(path: Path, split: str | None) -> tuple[Path, ...]:
 
 
 def _file_split(relative: Path) -> str:
-    """A Hub file's split: a directory named after it (``train/x.parquet``), else the leading
-    word of the file name (``data/train-00000-of-00001.parquet``)."""
-    for part in relative.parts[:-1]:
-        if part != "data":
-            return part
+    """A Hub file's split: the leading word of its name when it sits at the top or in a
+    ``data/`` directory (``data/train-00000-of-00001.parquet``, ``test.jsonl``), else the name
+    of its directory (``train/part-0.parquet``, ``default/train/0000.parquet``)."""
+    parent = relative.parent.name
+    if parent not in ("", "data"):
+        return parent
     match = _SPLIT_NAME.match(relative.name)
     return match.group(0) if match else relative.stem
 
