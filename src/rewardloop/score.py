@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewardloop.data.formats import read_records
+from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import Text
 from rewardloop.errors import UserError
 from rewardloop.models import (
@@ -270,8 +270,10 @@ def _rows_of(fmt: str, path: Path, records: Sequence[Any]) -> list[dict[str, Any
                                    ("rejected", r.rejected), ("margin", r.margin),
                                    ("annotator", r.annotator), ("id", r.id)) if v is not None}
                 for r in records]
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
+    from rewardloop.data.sources import open_source
+    from rewardloop.data.sources import rows as source_rows
+
+    rows = [obj for _, obj in source_rows(open_source(path))]
     if len(rows) != len(records):
         raise UserError(f"{path}: {len(rows)} rows gave {len(records)} records; cannot align")
     return rows
@@ -287,7 +289,7 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     output is written atomically. Returns the number of rows written.
     """
     data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
-    fmt, records = read_records(data, data_format)
+    fmt, records = read_training_records(data, data_format)
     if fmt not in PAIR_FORMATS + LIST_FORMATS + SINGLE_FORMATS:
         raise UserError(f"{data}: {fmt} rows hold no answers to score; give pairwise, "
                         "candidates, ranking or prompt/completion rows (generate answers for "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from rewardloop.cli._common import DB, SEED, existing_file, resolve_db
+from rewardloop.cli._common import DB, SEED, existing_data, existing_file, resolve_db
 from rewardloop.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ class GenerateConfig:
     policy: str
     """Policy to sample from: a model directory (or a train run's model/) or a hub id."""
     prompts: Path
-    """Prompts JSONL (``prompt`` text or chat, or ``messages``)."""
+    """Prompts (JSONL, Parquet, Arrow or a dataset folder): ``prompt`` or ``messages``."""
     n: int = 4
     """Answers sampled per prompt (>= 2: tasks compare answers)."""
     out: Path | None = None
@@ -105,7 +105,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     from rewardloop.score import heads_of
 
     gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
-    prompts = [r.prompt for r in read_records(existing_file(cfg.prompts), "prompts")[1]
+    prompts = [r.prompt for r in read_records(existing_data(cfg.prompts), "prompts")[1]
                if isinstance(r, PromptRecord)]
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     origin = S.policy_origin(cfg.policy, {
@@ -156,8 +156,8 @@ def generate(
     policy: str = typer.Option(..., "--policy", "--model",
                                help="Policy to sample from: a model directory (or a train run "
                                "directory's model/) or a hub id."),
-    prompts: Path = typer.Option(..., "--prompts", help="Prompts JSONL: prompt (text or chat) "
-                                 "or messages per line."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts (JSONL, Parquet, Arrow or a "
+                                 "dataset folder): prompt (text or chat) or messages per row."),
     n: int = typer.Option(4, "-n", help="Answers to sample per prompt (at least 2)."),
     out: Path | None = typer.Option(None, "--out", help="Candidates JSONL to write (prompt, "
                                     "responses, models = policy name@version)."),

@@ -23,7 +23,8 @@ ORDER = 41
 # Options shared by every online-RL command, spelled and explained once.
 POLICY = typer.Option(None, "--policy", help="Policy to train: model dir (e.g. an SFT run's "
                       "model/), LoRA adapter dir or hub id. Required (flag or config).")
-PROMPTS = typer.Option(None, "--prompts", help="Prompts JSONL: `prompt` (text or chat) or "
+PROMPTS = typer.Option(None, "--prompts", help="Prompts (JSONL, Parquet, Arrow or a dataset "
+                       "folder, DIR:SPLIT for a split): `prompt` (text or chat) or "
                        "`messages` per line; `meta` keys are passed to reward functions.")
 REWARD = typer.Option(None, "--reward", help="Reward SPEC[@WEIGHT], repeatable: a reward-model "
                       "run dir (or its model/), normalised by its reward_stats.json, or "

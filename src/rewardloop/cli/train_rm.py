@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
 
 def rm(
     model: str = MODEL,
-    data: Path = typer.Option(..., "--data", help="Training preferences (JSONL): pairwise rows "
+    data: Path = typer.Option(..., "--data", help="Training preferences (JSONL, Parquet, "
+                              "Arrow or a dataset folder, DIR:SPLIT for a split): pairwise rows "
                               "(prompt, chosen, rejected; hh and ultrafeedback are converted) "
                               "or ranking rows."),
     out: Path = OUT,
@@ -116,7 +117,7 @@ def rm(
     config: Path | None = CONFIG,
 ) -> None:
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
-    from rewardloop.cli._common import existing_file
+    from rewardloop.cli._common import existing_data, existing_file
     from rewardloop.config import load_config
     from rewardloop.feedback.quality import annotators_from_db
     from rewardloop.train.reward import RewardConfig, train_rm
@@ -136,7 +137,10 @@ def rm(
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
         **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
-    for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
+    for path in (cfg.data, cfg.eval_data):
+        if path is not None:
+            existing_data(path)
+    for path in (cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:
             existing_file(path)
     stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",

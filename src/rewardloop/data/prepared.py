@@ -14,7 +14,7 @@ so what is stored and read back is exactly what SQLAlchemy would store and read.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -72,22 +72,57 @@ class Prepared:
         return _Compiled(str(compiled), names, dialect.positional, defaults, binds, results,
                          row._make)
 
-    def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
-        """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
-        c = self._compiled.get(db.dialect.name)
+    def _for(self, dialect: Dialect) -> _Compiled:
+        c = self._compiled.get(dialect.name)
         if c is None:
-            c = self._compiled[db.dialect.name] = self._compile(db.dialect)
+            c = self._compiled[dialect.name] = self._compile(dialect)
+        return c
+
+    @staticmethod
+    def _args(c: _Compiled, params: Mapping[str, Any] | None,
+              fixed: Mapping[str, Any] | None = None) -> Any:
+        """Driver arguments: ``params`` through the bind processors, ``fixed`` as given
+        (already processed)."""
         values = {**c.defaults, **(params or {})}
         for name, proc in c.binds.items():
-            values[name] = proc(values[name])
-        args: Any = [values[n] for n in c.names] if c.positional else \
-            {n: values[n] for n in c.names}
-        cursor = db.raw.execute(c.sql, args)
+            if fixed is None or name not in fixed:
+                values[name] = proc(values[name])
+        if fixed:
+            values.update(fixed)
+        return [values[n] for n in c.names] if c.positional else {n: values[n] for n in c.names}
+
+    @staticmethod
+    def _fixed(c: _Compiled, shared: Mapping[str, Any]) -> dict[str, Any]:
+        """``shared`` values (the same for every row) through their bind processors, once."""
+        return {name: c.binds[name](v) if name in c.binds else v for name, v in shared.items()}
+
+    def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
+        c = self._for(db.dialect)
+        cursor = db.raw.execute(c.sql, self._args(c, params))
         if cursor.description is None:
             return []
         procs = c.results
         return [c.make_row([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
                 for raw in cursor.fetchall()]
+
+    def run_many(self, db: Driver, rows: Sequence[Mapping[str, Any]],
+                 shared: Mapping[str, Any] | None = None) -> None:
+        """Execute once per row of ``rows`` (plus the ``shared`` values, processed once) in
+        one driver call (executemany); no results."""
+        if rows:
+            c = self._for(db.dialect)
+            fixed = self._fixed(c, shared or {})
+            db.raw.cursor().executemany(c.sql, [self._args(c, row, fixed) for row in rows])
+
+    def first_column(self, db: Driver, rows: Sequence[Mapping[str, Any]],
+                     shared: Mapping[str, Any] | None = None) -> list[Any]:
+        """Execute once per row (one statement each, so results keep the rows' order) and
+        return the raw first column of each result (an INSERT's RETURNING id)."""
+        c = self._for(db.dialect)
+        fixed = self._fixed(c, shared or {})
+        raw = db.raw
+        return [raw.execute(c.sql, self._args(c, row, fixed)).fetchone()[0] for row in rows]
 
     def first(self, db: Driver, params: Mapping[str, Any] | None = None) -> Any:
         rows = self.run(db, params)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from rewardloop import losses
-from rewardloop.data.formats import read_records
+from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import DataError, UserError
 from rewardloop.models import (
@@ -393,7 +393,7 @@ OBJECTIVES: dict[str, Objective] = {
 def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: Any
                   ) -> list[Example]:
     """Read ``path`` and refuse data of the wrong kind for the loss (pairs vs unpaired)."""
-    fmt, records = read_records(path, cfg.data_format)
+    fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in objective.formats:
         other = "--loss kto" if objective.kind == "pairwise" else "--loss dpo (or ipo, ...)"
         raise DataError(f"holds {fmt} rows, but --loss {cfg.loss} trains on {objective.kind} "

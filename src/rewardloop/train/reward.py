@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from rewardloop import losses
-from rewardloop.data.formats import read_records
+from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
 from rewardloop.metrics import expected_calibration_error
@@ -247,7 +247,7 @@ def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
 
 def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
     """(objective name, comparisons) of a preference file; other data kinds are refused."""
-    fmt, records = read_records(path, cfg.data_format)
+    fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in PAIRWISE_FORMATS + RANKING_FORMATS:
         raise UserError(f"{path}: looks like {fmt} rows, but train rm needs preferences: "
                         "pairwise rows (prompt, chosen, rejected), hh, ultrafeedback or ranking "
