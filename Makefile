@@ -22,12 +22,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	# The layer contract of docs/architecture.md (pyproject.toml [tool.importlinter]).
+	$(BIN)/lint-imports --no-cache
+	# Types: strict on ops, losses, pg_losses and rollout, standard elsewhere ([tool.mypy]).
+	$(BIN)/mypy
 	# --reruns 1: a test that fails once and then passes is reported as RERUN in the summary
 	# (kept visible), so one rare timing flake does not fail CI.
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --reruns 1 -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

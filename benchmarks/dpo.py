@@ -117,7 +117,7 @@ def side_gold(model_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rewardloop.synthetic import gold_score, prompt_rows
-    from rewardloop.train.tokenize import pad
+    from rewardloop.tokenize import pad
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()

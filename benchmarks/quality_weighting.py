@@ -89,12 +89,15 @@ def gold_rows(n: int, seed: int) -> list[RankingRecord]:
 def train_eval(model: Path, data: Path, evals: Path, out: Path, *, steps: int, seed: int,
                ensemble: int = 1, **options: Any) -> dict[str, Any]:
     """``train.reward.train_rm`` on CPU with the benchmark's fixed settings; its summary."""
+    from rewardloop.feedback.quality import annotators_from_db
     from rewardloop.train.reward import RewardConfig, train_rm
 
     cfg = RewardConfig(model=str(model), data=data, eval_data=evals, out=out, max_steps=steps,
                        batch_size=16, lr=1e-3, max_length=128, device="cpu", seed=seed,
                        ensemble=ensemble, overwrite=True, **options)
-    return train_rm(cfg)
+    stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
+                                 flagged=cfg.exclude_flagged) if cfg.db is not None else None)
+    return train_rm(cfg, stored)
 
 
 def collect(workdir: Path, budget: int, seed: int, annotators: list[SimulatedAnnotator]

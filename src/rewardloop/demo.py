@@ -18,13 +18,21 @@ judge lets the demo say whether RLHF really helped. Steps, each a resumable stag
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rewardloop.loop import LoopConfig, run_loop, run_stage
+import yaml
+
+from rewardloop import synthetic
+from rewardloop.eval.report import build_report
+from rewardloop.loop import run_loop
+from rewardloop.loop_config import LoopConfig, run_stage
+from rewardloop.tiny import build_tiny
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +96,10 @@ FAST = DemoSizes(corpus=200, prompts=64, eval_prompts=24, hidden_size=32, num_la
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    import json
-
-    from rewardloop.train.checkpoint import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _prepare_data(out: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
-    import yaml
-
-    from rewardloop import synthetic
-    from rewardloop.train.checkpoint import atomic_write_text
-
     _write_jsonl(out / "sft.jsonl", synthetic.sft_rows(sizes.corpus, seed=seed))
     _write_jsonl(out / "prompts.jsonl", synthetic.prompt_rows(sizes.prompts, seed=seed + 1))
     _write_jsonl(out / "eval_prompts.jsonl",
@@ -111,9 +110,6 @@ def _prepare_data(out: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
 
 
 def _prepare_tiny(out: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
-    from rewardloop import synthetic
-    from rewardloop.tiny import build_tiny
-
     texts = synthetic.corpus_texts(max(sizes.corpus, 500), seed=seed)
     build_tiny(out / "model", texts=texts, vocab_size=512 if sizes is FAST else 1024,
                hidden_size=sizes.hidden_size, num_layers=sizes.num_layers, num_heads=4,
@@ -123,7 +119,7 @@ def _prepare_tiny(out: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
 
 def _prepare_sft(out: Path, data: Path, tiny: Path, sizes: DemoSizes, seed: int
                  ) -> dict[str, Any]:
-    from rewardloop.train.sft import SFTConfig, train_sft
+    from rewardloop.train.sft import SFTConfig, train_sft  # imports torch: only when it runs
 
     ckpts = out / "checkpoints"
     resume = ckpts.is_dir() and any(ckpts.iterdir())
@@ -165,11 +161,6 @@ def report_runs(workdir: Path) -> list[Path]:
 def run_demo(workdir: Path, *, fast: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run (or resume) the demo in ``workdir``; returns the summary written to summary.json,
     with ``report`` (the HTML file) and ``wall_s`` added."""
-    import json
-
-    from rewardloop.eval.report import build_report
-    from rewardloop.train.checkpoint import atomic_write_text
-
     start = time.perf_counter()
     sizes = FAST if fast else FULL
     workdir = Path(workdir)

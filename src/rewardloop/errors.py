@@ -23,11 +23,9 @@ class DataError(UserError):
             where.append(str(path))
         if line is not None:
             where.append(f"line {line}")
+        prefix = ":".join(where)
         if field is not None:
-            where.append(f"field '{field}'")
-        prefix = ":".join(where[:2]) if where else ""
-        if field is not None:
-            prefix = f"{prefix} {where[-1]}" if prefix else where[-1]
+            prefix = f"{prefix} field '{field}'" if prefix else f"field '{field}'"
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.path, self.line, self.field = path, line, field
 

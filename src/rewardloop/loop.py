@@ -1,6 +1,6 @@
 """``rewardloop loop``: rounds of generate -> tasks -> judgments -> reward model -> policy -> eval.
 
-Every round lives in ``WORKDIR/round-N/`` with one directory per stage (``STAGES``). A stage is
+Every round lives in ``WORKDIR/round-N/`` with one directory per stage (``STAGE_TABLE``). A stage is
 done only when its marker ``DONE.json`` exists; the marker is written last and atomically, and
 holds the stage's figures. An interrupted run started again with the same config resumes at the
 first unfinished stage; trainers in an unfinished stage continue from their own checkpoints.
@@ -14,163 +14,47 @@ points at that policy.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewardloop.errors import UserError
-from rewardloop.tracking import check_report_to
+import yaml
+
+from rewardloop.config import config_to_dict
+from rewardloop.eval.alarms import AlarmSettings, best_index, check_alarms
+from rewardloop.loop_config import LoopConfig, round_dir, run_stage
+from rewardloop.loop_stages import (
+    RoundContext,
+    stage_eval,
+    stage_feedback,
+    stage_generate,
+    stage_policy,
+    stage_rm,
+    stage_tasks,
+)
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "tasks", "feedback", "rm", "policy", "eval")
-ALGORITHMS = ("grpo", "rloo", "ppo", "dpo")
-SELECTIONS = ("random",)
-MARKER = "DONE.json"
 SUMMARY = "summary.json"
 BEST = "best.json"
 
 StageHook = Callable[[int, str], None]
+StageFn = Callable[[RoundContext, Path], Mapping[str, Any]]
 
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Options of ``rewardloop loop`` (a YAML file; see examples/loop.yaml and docs/loop.md)."""
-
-    policy: str
-    """The starting policy (e.g. an SFT run's model/); round N+1 starts from round N's."""
-    prompts: Path
-    """Prompt pool (JSONL): each round draws its prompts from it, and RL trains on it."""
-    workdir: Path = Path("loop-run")
-    """Directory of the run: round-N/<stage>/, summary.json, best.json."""
-    rounds: int = 2
-    """Number of rounds."""
-    prompts_per_round: int = 32
-    """Prompts drawn per round to collect feedback on."""
-    responses_per_prompt: int = 2
-    """Answers sampled per prompt; every pair of distinct answers becomes a task."""
-    selection: str = "random"
-    """How prompts are picked for feedback: random."""
-    overlap: int = 1
-    """Annotators per task."""
-    db: str | None = None
-    """Store URL; None = sqlite:///WORKDIR/loop.db."""
-    pool: Path | None = None
-    """Simulated annotator pool YAML (docs/quality.md); None waits for people instead."""
-    gold: str | None = None
-    """Hidden gold judge package.module:function (floats): evaluation and RL monitoring."""
-    pool_gold: str | None = None
-    """What the pool judges by (floats or dicts of named components); None = gold."""
-    min_judgments: int | None = None
-    """Judgments to wait for per round; None = tasks x overlap."""
-    wait_timeout_s: float = 3600.0
-    """Longest wait for people's judgments in one round before stopping with a message."""
-    poll_s: float = 10.0
-    """Seconds between looks at the store while waiting."""
-    exclude_flagged: bool = True
-    """Leave out judgments of annotators the quality checks flag (spam, bias)."""
-    algorithm: str = "grpo"
-    """Policy optimisation: grpo, rloo, ppo (against the reward model) or dpo (online DPO on
-    pairs of the round's answers labelled by the reward model)."""
-    rm_options: Mapping[str, Any] = field(default_factory=dict)
-    """Extra keys of the reward-model trainer's config (train rm), e.g. {max_steps: 50}."""
-    policy_options: Mapping[str, Any] = field(default_factory=dict)
-    """Extra keys of the policy trainer's config (train grpo/ppo/dpo), e.g. {lr: 1e-5}."""
-    eval_prompts: Path | None = None
-    """Held-out prompts for evaluation; None = the prompt pool."""
-    eval_n: int = 64
-    """Prompts evaluated per round."""
-    arena: bool = False
-    """Also run a human arena each round (round's policy vs the starting one), judged by the
-    simulated pool."""
-    max_new_tokens: int = 48
-    """Longest answer in tokens (generation, RL and evaluation)."""
-    temperature: float = 1.0
-    """Sampling temperature (generation, RL and evaluation)."""
-    max_kl: float | None = None
-    """Alarm when the KL per sequence to the reference exceeds this; None = off."""
-    max_length_ratio: float | None = 2.0
-    """Alarm when mean answer length exceeds this times the start's; None = off."""
-    alarm_window: int = 5
-    """Steps averaged on each side when comparing proxy and gold reward trends (each change
-    must also exceed two standard errors of the step noise)."""
-    seed: int = 0
-    """Seed of prompt selection, sampling, simulation and training."""
-    report_to: tuple[str, ...] = ()
-    """Experiment trackers every trainer of the loop also reports to: tensorboard, wandb,
-    mlflow, trackio (one tracker run per trainer run)."""
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.prompts_per_round < 1 or self.overlap < 1:
-            raise ValueError("rounds, prompts_per_round and overlap must be at least 1")
-        if self.responses_per_prompt < 2:
-            raise ValueError("responses_per_prompt must be at least 2 (tasks compare answers)")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {list(SELECTIONS)}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}")
-        if self.pool is not None and not (self.pool_gold or self.gold):
-            raise ValueError("a simulated pool needs gold (or pool_gold) to judge by")
-        if self.arena and self.pool is None:
-            raise ValueError("arena: true needs a simulated pool (people judge arenas through "
-                             "`rewardloop eval --judge human`)")
-        if self.min_judgments is not None and self.min_judgments < 1:
-            raise ValueError("min_judgments must be at least 1")
-        if self.wait_timeout_s <= 0 or self.poll_s <= 0 or self.eval_n < 1:
-            raise ValueError("wait_timeout_s, poll_s and eval_n must be > 0")
-        if self.max_new_tokens < 1 or self.temperature <= 0:
-            raise ValueError("max_new_tokens must be >= 1 and temperature > 0")
-        for name in ("rm_options", "policy_options"):
-            if not isinstance(getattr(self, name), Mapping):
-                raise ValueError(f"{name} must be a mapping of config keys")
-        check_report_to(self.report_to)  # before a round runs, not at its first trainer
-
-    @property
-    def db_url(self) -> str:
-        return self.db or f"sqlite:///{self.workdir / 'loop.db'}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages and their markers
-# ---------------------------------------------------------------------------------------------
-
-
-def round_dir(workdir: Path, n: int) -> Path:
-    return Path(workdir) / f"round-{n}"
-
-
-def read_marker(stage_dir: Path) -> dict[str, Any] | None:
-    """The figures of a finished stage, or None when it has not finished."""
-    path = stage_dir / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # cannot happen with atomic writes; treat as unfinished
-
-
-def run_stage(stage_dir: Path, name: str, fn: Callable[[Path], Mapping[str, Any]]
-              ) -> dict[str, Any]:
-    """Run ``fn(stage_dir)`` unless the stage's marker exists; write the marker last."""
-    from rewardloop.train.checkpoint import atomic_write_text
-
-    done = read_marker(stage_dir)
-    if done is not None:
-        log.info("%s: done already, skipped", stage_dir)
-        return dict(done.get("figures", {}))
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    log.info("%s: running %s", stage_dir, name)
-    figures = dict(fn(stage_dir))
-    marker = {"stage": name, "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-              "figures": figures}
-    atomic_write_text(stage_dir / MARKER, json.dumps(marker, indent=2) + "\n")
-    return figures
+STAGE_TABLE: tuple[tuple[str, StageFn], ...] = (
+    ("generate", stage_generate),
+    ("tasks", stage_tasks),
+    ("feedback", stage_feedback),
+    ("rm", stage_rm),
+    ("policy", stage_policy),
+    ("eval", stage_eval),
+)
+"""The stages of a round, in the order they run; each writes ``round-N/<name>/``. Their names
+are ``loop_config.STAGES``, which ``rewardloop loop status`` reads without importing them."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +73,6 @@ def _round_record(n: int, figures: Mapping[str, Mapping[str, Any]]) -> dict[str,
 
 
 def _write_best(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from rewardloop.eval.alarms import best_index
-    from rewardloop.train.checkpoint import atomic_write_text
-
     index = best_index(records, ("gold", "human", "proxy"))
     if index is None:
         return None
@@ -204,9 +85,6 @@ def _write_best(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any
 
 def summarize(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     """``WORKDIR/summary.json``: the last round's headline figures, every round, alarms, best."""
-    from rewardloop.eval.alarms import AlarmSettings, check_alarms
-    from rewardloop.train.checkpoint import atomic_write_text
-
     alarms = [f"round {r['round']} RL run: {a}" for r in records
               for a in r.get("policy/alarms", [])]
     alarms += check_alarms(records, AlarmSettings(
@@ -237,18 +115,13 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
     ``after_stage(round, stage)`` is called after each stage finishes (and its marker is
     written); tests raise from it to interrupt a run.
     """
-    from rewardloop import loop_stages
-    from rewardloop.config import config_to_dict
-    from rewardloop.train.checkpoint import atomic_write_text
-
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.workdir / "config.yaml", _yaml(config_to_dict(cfg)))
     records = []
     for n in range(1, cfg.rounds + 1):
-        ctx = loop_stages.RoundContext(cfg, n)
+        ctx = RoundContext(cfg, n)
         figures: dict[str, dict[str, Any]] = {}
-        for stage in STAGES:
-            fn = getattr(loop_stages, f"stage_{stage}")
+        for stage, fn in STAGE_TABLE:
             figures[stage] = run_stage(ctx.dir / stage, stage, functools.partial(fn, ctx))
             if after_stage is not None:
                 after_stage(n, stage)
@@ -257,28 +130,4 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
 
 
 def _yaml(data: Mapping[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(dict(data), sort_keys=False)
-
-
-def loop_status(workdir: Path) -> list[dict[str, Any]]:
-    """Each round's stages: ``{"round": N, "stages": {stage: state}, "figures": {...}}`` where a
-    state is done, partial (started, no marker) or pending."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: no such directory")
-    rounds = sorted((int(p.name.split("-", 1)[1]), p) for p in workdir.glob("round-*")
-                    if p.name.split("-", 1)[1].isdigit())
-    out = []
-    for n, path in rounds:
-        states, figures = {}, {}
-        for stage in STAGES:
-            marker = read_marker(path / stage)
-            if marker is not None:
-                states[stage] = "done"
-                figures[stage] = marker.get("figures", {})
-            else:
-                states[stage] = "partial" if (path / stage).exists() else "pending"
-        out.append({"round": n, "stages": states, "figures": figures})
-    return out

@@ -1,9 +1,12 @@
-"""The stages of one loop round (``loop.STAGES``), each a function of the round and its directory.
+"""The stages of one loop round (``loop.STAGE_TABLE``), each a function of the round and its
+directory.
 
-Each returns the figures its ``DONE.json`` marker records. They call the library's own pieces
-(rollout, the task service, the simulator, the trainers, ``eval.evaluate``) -- no CLI -- and are
-safe to run again after an interruption: task creation checks its batch first, the simulator
-only judges open tasks, trainers resume from their checkpoints.
+Each returns the figures its ``DONE.json`` marker records (``loop_config.run_stage`` writes it
+last). They
+call the library's own pieces (rollout, the task service, the simulator, the trainers,
+``eval.evaluate``) -- no CLI -- and are safe to run again after an interruption: task creation
+checks its batch first, the simulator only judges open tasks, trainers resume from their
+checkpoints.
 """
 
 from __future__ import annotations
@@ -16,8 +19,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rewardloop.config import load_config
+from rewardloop.data.formats import read_as, write_records
+from rewardloop.data.load import load_pairs
+from rewardloop.data.records import CandidatesRecord, PairRecord, PromptRecord
+from rewardloop.data.schema import Batch
+from rewardloop.data.store import Store
 from rewardloop.errors import UserError
-from rewardloop.loop import LoopConfig, read_marker, round_dir
+from rewardloop.eval.alarms import AlarmSettings, check_alarms
+from rewardloop.eval.evaluate import (
+    HUMAN,
+    EvalConfig,
+    evaluate,
+    load_for_generation,
+    sample_answers,
+    store_arena,
+    write_eval,
+)
+from rewardloop.eval.report import read_metrics
+from rewardloop.feedback import tasks as T
+from rewardloop.feedback.quality import annotators_from_db, quality_report
+from rewardloop.feedback.simulate import load_pool, simulate
+from rewardloop.loop_config import LoopConfig, read_marker, round_dir
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +76,7 @@ class RoundContext:
     def rm(self) -> Path:
         return self.dir / "rm"
 
-    def store(self) -> Any:
-        from rewardloop.data.store import Store
-
+    def store(self) -> Store:
         return Store(self.cfg.db_url)
 
 
@@ -69,8 +91,6 @@ def _trainer_flags(stage_dir: Path, report_to: tuple[str, ...]) -> dict[str, Any
 
 def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
     """``cls(**fixed, **options)`` (options win), with config mistakes as UserErrors."""
-    from rewardloop.config import load_config
-
     unknown = sorted(set(options) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
     if unknown:
         raise UserError(f"{cls.__name__}: unknown keys {unknown} in the loop config's options")
@@ -83,12 +103,8 @@ def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
 def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Sample ``responses_per_prompt`` answers from the current policy for the round's prompts
     (``candidates.jsonl``); rows with fewer than two distinct answers are dropped."""
-    from rewardloop.data.formats import read_records, write_records
-    from rewardloop.data.records import CandidatesRecord
-    from rewardloop.eval.evaluate import load_for_generation, sample_answers
-
     cfg = ctx.cfg
-    _, records = read_records(cfg.prompts, "prompts")
+    records = read_as(cfg.prompts, "prompts", PromptRecord)
     rng = random.Random(f"{cfg.seed}:{ctx.n}")
     chosen = rng.sample(records, min(cfg.prompts_per_round, len(records)))
     model, tokenizer = load_for_generation(ctx.policy)
@@ -116,9 +132,6 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
 def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Comparison tasks for every pair of a row's answers, in batch ``round-N``. A batch that
     already has tasks (a creation that committed before an interruption) is kept as is."""
-    from rewardloop.data.schema import Batch
-    from rewardloop.feedback import tasks as T
-
     candidates = ctx.dir / "generate" / "candidates.jsonl"
     rows = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()]
     store = ctx.store()
@@ -138,10 +151,7 @@ def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
     return {"batch": ctx.batch, "tasks": count, "overlap": ctx.cfg.overlap}
 
 
-def _progress(store: Any, batch: str) -> dict[str, Any]:
-    from rewardloop.data.schema import Batch
-    from rewardloop.feedback import tasks as T
-
+def _progress(store: Store, batch: str) -> dict[str, Any]:
     with store.read() as session:
         row = session.query(Batch).filter(Batch.name == batch).one()
         return T.batch_progress(session, row)
@@ -150,8 +160,6 @@ def _progress(store: Any, batch: str) -> dict[str, Any]:
 def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Judgments for the round's batch: from the simulated pool, or from people (poll the store
     until ``min_judgments`` arrive or ``wait_timeout_s`` passes)."""
-    from rewardloop.feedback.simulate import load_pool, simulate
-
     cfg = ctx.cfg
     tasks = read_marker(ctx.dir / "tasks") or {}
     needed = cfg.min_judgments or int(tasks.get("figures", {}).get("tasks", 0)) * cfg.overlap
@@ -184,9 +192,6 @@ def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
     """Every round's judged pairs so far, split by prompt into train and held-out files."""
-    from rewardloop.data.formats import write_records
-    from rewardloop.data.load import load_pairs
-
     store = ctx.store()
     try:
         pairs = [p for n in range(1, ctx.n + 1)
@@ -211,8 +216,7 @@ def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
 def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Export judgments and a quality report, then train the reward model (warm start from the
     previous round's), without the judgments of flagged annotators."""
-    from rewardloop.feedback.quality import quality_report
-    from rewardloop.train.checkpoint import atomic_write_text
+    # The trainers import torch (seconds): loaded when a stage runs, not for `loop status`.
     from rewardloop.train.reward import RewardConfig, train_rm
 
     data = ctx.dir / "data"
@@ -230,7 +234,9 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
                  exclude_flagged=ctx.cfg.exclude_flagged, db=ctx.cfg.db_url,
                  max_length=512, seed=ctx.cfg.seed + ctx.n,
                  **_trainer_flags(out, ctx.cfg.report_to))
-    summary = train_rm(cfg)
+    summary = train_rm(cfg, annotators_from_db(ctx.cfg.db_url,
+                                               weights=cfg.weighting == "reliability",
+                                               flagged=cfg.exclude_flagged))
     return {"train_pairs": n_train, "eval_pairs": n_eval, "flagged": flagged,
             "krippendorff_alpha": report.get("krippendorff_alpha"),
             **{k: summary[k] for k in ("eval_accuracy", "eval_ece", "length_correlation",
@@ -241,9 +247,6 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 
 def _rl_alarms(ctx: RoundContext, run_dir: Path) -> list[str]:
-    from rewardloop.eval.alarms import AlarmSettings, check_alarms
-    from rewardloop.eval.report import read_metrics
-
     return check_alarms(read_metrics(run_dir / "metrics.jsonl"), AlarmSettings(
         proxy_key="reward/mean", held_out_keys=("gold/mean",), kl_key="kl_seq_k1",
         length_key="completion_length_mean", window=ctx.cfg.alarm_window,
@@ -252,11 +255,9 @@ def _rl_alarms(ctx: RoundContext, run_dir: Path) -> list[str]:
 
 def _dpo_pairs(ctx: RoundContext) -> Path:
     """The round's candidate answers, best and worst by the reward model, as DPO pairs."""
-    from rewardloop.data.formats import read_records, write_records
-    from rewardloop.data.records import PairRecord
-    from rewardloop.rewards import Rewards, RewardSpec
+    from rewardloop.rewards import Rewards, RewardSpec  # imports torch: only when it runs
 
-    _, rows = read_records(ctx.dir / "generate" / "candidates.jsonl", "candidates")
+    rows = read_as(ctx.dir / "generate" / "candidates.jsonl", "candidates", CandidatesRecord)
     rm = Rewards([RewardSpec(str(ctx.rm))])
     pairs = []
     for row in rows:
@@ -277,6 +278,7 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Optimise the policy against the round's reward model (or by online DPO on its labels)."""
     cfg = ctx.cfg
     flags = _trainer_flags(out, cfg.report_to)
+    # Each trainer imports torch: only the chosen one is loaded, and only when the stage runs.
     if cfg.algorithm == "dpo":
         from rewardloop.train.dpo import DPOConfig, train_dpo
 
@@ -284,20 +286,22 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
                                    data=_dpo_pairs(ctx), out=out, seed=cfg.seed + ctx.n,
                                    **flags))
     else:
+        fixed = {"policy": ctx.policy, "prompts": cfg.prompts, "out": out,
+                 "rewards": (str(ctx.rm),), "gold": cfg.gold,
+                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                 "seed": cfg.seed + ctx.n, **flags}
         if cfg.algorithm == "ppo":
-            from rewardloop.train.ppo import PPOConfig as RLConfig
-            from rewardloop.train.ppo import train
-            fixed: dict[str, Any] = {}
+            from rewardloop.train.ppo import PPOConfig
+            from rewardloop.train.ppo import train as train_ppo
+
+            summary = train_ppo(_build(PPOConfig, cfg.policy_options, **fixed))
         else:
-            from rewardloop.train.grpo import GRPOConfig as RLConfig
-            from rewardloop.train.grpo import train
-            fixed = {"advantage": cfg.algorithm}
-        summary = train(_build(RLConfig, cfg.policy_options, policy=ctx.policy,
-                               prompts=cfg.prompts, out=out, rewards=(str(ctx.rm),),
-                               gold=cfg.gold, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, seed=cfg.seed + ctx.n,
-                               **fixed, **flags))
-    figures = {k: v for k, v in summary.items()
+            from rewardloop.train.grpo import GRPOConfig
+            from rewardloop.train.grpo import train as train_grpo
+
+            summary = train_grpo(_build(GRPOConfig, cfg.policy_options,
+                                        advantage=cfg.algorithm, **fixed))
+    figures: dict[str, Any] = {k: v for k, v in summary.items()
                if isinstance(v, int | float) and not k.startswith("peak")}
     figures["alarms"] = _rl_alarms(ctx, out) if cfg.algorithm != "dpo" else []
     return figures
@@ -308,10 +312,8 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, Any]:
     """The simulated pool judges the arena tasks ``evaluate`` created; returns its figures."""
-    from rewardloop.eval.evaluate import store_arena, write_eval
-    from rewardloop.feedback.simulate import load_pool, simulate
-
     cfg = ctx.cfg
+    assert cfg.pool is not None  # LoopConfig refuses arena without a simulated pool
     batch = f"arena-round-{ctx.n}"
     store = ctx.store()
     try:
@@ -333,8 +335,6 @@ def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, An
 def stage_eval(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """The round's policy against the starting one: gold judge (if any), the round's reward
     model, and the simulated-people arena when ``arena`` is on."""
-    from rewardloop.eval.evaluate import HUMAN, EvalConfig, evaluate
-
     cfg = ctx.cfg
     judges = tuple(j for j in (cfg.gold, str(ctx.rm), HUMAN if cfg.arena else None) if j)
     result = evaluate(EvalConfig(

@@ -5,6 +5,10 @@ repository's own Python code runs only with ``trust_remote_code=True``. A local 
 checked before transformers sees it, so a user mistake is one clear ``UserError``; a string that
 is not a local path is passed to transformers as a hub id (which downloads unless
 ``HF_HUB_OFFLINE=1``).
+
+torch, transformers, peft, safetensors and huggingface_hub are imported inside the functions
+that use them ("heavy" below): together they take seconds, and modules that only sometimes load a
+model (``eval.evaluate``, and through it the loop's ``status``) import this one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from rewardloop.errors import UserError
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+HFModel = Any
+"""A transformers ``PreTrainedModel`` or a peft model wrapping one, where its own methods
+(``config``, ``save_pretrained``, ``disable_adapter``) are used: peft ships no type information
+and ``nn.Module`` does not have them, so this type stays open."""
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,7 @@ class LoraSettings:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a UserError."""
-    import torch
+    import torch  # heavy
 
     if device not in DEVICES and not device.startswith("cuda:"):
         raise UserError(f"unknown device {device!r}; use one of {list(DEVICES)}")
@@ -73,7 +82,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
     """``auto`` → bfloat16 on a GPU that supports it, else float32 (CPU half precision is slow)."""
-    import torch
+    import torch  # heavy
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
@@ -129,14 +138,14 @@ def check_model_dir(path: str | Path) -> str:
 
 
 def _in_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # heavy
 
     return any(isinstance(try_to_load_from_cache(repo_id, name), str)
                for name in ("config.json", "adapter_config.json"))
 
 
 def _check_safetensors(file: Path) -> None:
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy
 
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -181,7 +190,7 @@ def load_tokenizer(
     ``chat_template`` is a Jinja chat-template file that replaces the tokenizer's own (or gives
     one to a tokenizer that has none); it is saved with the trained model.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy
 
     source = check_model_dir(path)
     with _hub_errors(source):
@@ -228,7 +237,7 @@ def read_chat_template(path: str | Path) -> str:
     return text
 
 
-def match_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+def match_tokenizer(model: HFModel, tokenizer: Any) -> None:
     """Grow the embeddings to the tokenizer (after ``add_pad_token``) and record its pad id."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -269,7 +278,7 @@ def load_policy(
     With ``lora``, fresh adapters are added (only they train). An adapter directory written by
     ``save_model`` loads its base and the adapters (trainable unless ``trainable=False``).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy
 
     source = check_model_dir(path)
     adapter = _is_adapter_dir(source)
@@ -294,7 +303,7 @@ def _is_adapter_dir(source: str) -> bool:
 
 def _load_adapter(auto_cls: Any, source: str, *, dtype: str, device: str,
                   trust_remote_code: bool, trainable: bool, **kwargs: Any) -> nn.Module:
-    from peft import PeftModel
+    from peft import PeftModel  # heavy
 
     base_path = json.loads((Path(source) / "adapter_config.json").read_text()).get(
         "base_model_name_or_path")
@@ -321,9 +330,10 @@ def load_reward_model(
     (``score``). ``config.pad_token_id`` is set (from ``pad_token_id`` or the model's config), so
     transformers pools the score at the last non-pad token.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification  # heavy
 
     source = check_model_dir(path)
+    model: HFModel
     if _is_adapter_dir(source):
         model = _load_adapter(AutoModelForSequenceClassification, source, dtype=dtype,
                               device=device, trust_remote_code=trust_remote_code,
@@ -356,7 +366,7 @@ def load_value_model(path: str | Path, **kwargs: Any) -> nn.Module:
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Wrap ``model`` in peft LoRA adapters; for a classifier its head trains fully too."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy
 
     is_classifier = any(name.endswith("ForSequenceClassification")
                         for name in (getattr(model.config, "architectures", None) or [])) or \
@@ -374,13 +384,13 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
 
 def is_peft(model: nn.Module) -> bool:
-    from peft import PeftModel
+    from peft import PeftModel  # heavy
 
     return isinstance(model, PeftModel)
 
 
 @contextlib.contextmanager
-def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+def disable_adapter(model: HFModel) -> Iterator[nn.Module]:
     """Run the LoRA model as its frozen base (the reference policy) inside the block."""
     if not is_peft(model):
         raise TypeError("disable_adapter needs a LoRA (peft) model; load a separate reference "
@@ -391,7 +401,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0 (RL needs the same log-probs in rollout and update)."""
-    from torch import nn
+    from torch import nn  # heavy
 
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -407,7 +417,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *,
+def save_model(model: HFModel, tokenizer: Any, out_dir: str | Path, *,
                merge_lora: bool = False, state_dict: dict[str, Any] | None = None
                ) -> nn.Module:
     """Write a transformers-loadable directory: full weights, or for LoRA the adapter, and a

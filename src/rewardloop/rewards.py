@@ -32,6 +32,7 @@ import torch
 
 from rewardloop.data.records import Text, is_chat
 from rewardloop.errors import TrainingError, UserError
+from rewardloop.score import RewardScorer, resolve_rm_dir
 
 RewardFn = Callable[..., Sequence[Any]]
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -84,8 +85,6 @@ class ModelReward:
 
     def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
                  max_length: int | None = None) -> None:
-        from rewardloop.score import RewardScorer, resolve_rm_dir
-
         model_dir = resolve_rm_dir(Path(spec).expanduser())
         self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
         self.scorer = RewardScorer(model_dir, device=device, batch_size=batch_size,

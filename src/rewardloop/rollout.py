@@ -25,6 +25,10 @@ from typing import Any, Protocol
 import torch
 
 from rewardloop import ops
+from rewardloop.data.records import CandidatesRecord, Text
+from rewardloop.models import load_policy, load_tokenizer
+from rewardloop.tokenize import encode, pad
+from rewardloop.util.seed import seed_everything
 
 
 @dataclass(frozen=True)
@@ -226,8 +230,6 @@ class HFGenerator:
             raise ValueError("n must be at least 1")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        from rewardloop.train.tokenize import pad
-
         device = next(self.model.parameters()).device
         prompt_ids = pad(prompts, self.pad_id, side="left").to(device).repeat_interleave(n, 0)
         prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
@@ -305,8 +307,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], max_prompt_length: in
                    ) -> list[list[int]]:
     """Token ids of each prompt (chat prompts through the chat template), cut from the left to
     ``max_prompt_length`` tokens (the end of a conversation matters most)."""
-    from rewardloop.train.tokenize import encode
-
     return [encode(tokenizer, p, None, max_length=max(max_prompt_length, 2),
                    max_prompt_length=max_prompt_length).input_ids for p in prompts]
 
@@ -359,3 +359,31 @@ def truncate_samples(path: Path, after_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     path.write_text("".join(kept), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate answers for people to compare
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int,
+                      settings: SamplingSettings, *, seed: int = 0, batch_size: int = 8,
+                      max_prompt_length: int = 512, device: str = "auto", dtype: str = "auto",
+                      model_label: str | None = None, chat_template: Path | None = None
+                      ) -> list[CandidatesRecord]:
+    """``n`` sampled answers per prompt from ``policy`` (loaded here), ``batch_size`` prompts at
+    a time. Repeated answers to one prompt are kept once (a task compares distinct texts);
+    ``models`` is ``model_label``. ``chat_template``: a template file for chat prompts."""
+    seed_everything(seed)
+    tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template)
+    model = load_policy(policy, dtype=dtype, device=device, trainable=False)
+    generator = HFGenerator(model, tokenizer)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        rollout = generator.generate(encode_prompts(tokenizer, chunk, max_prompt_length), n,
+                                     settings)
+        for i, prompt in enumerate(chunk):
+            answers = list(dict.fromkeys(rollout.texts[i * n:(i + 1) * n]))
+            rows.append(CandidatesRecord(prompt, answers, [model_label] * len(answers)))
+    return rows

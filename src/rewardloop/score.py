@@ -15,17 +15,31 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
+from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import Text
 from rewardloop.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from rewardloop.models import (
+    HFModel,
+    check_model_dir,
+    is_peft,
+    load_reward_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from rewardloop.ops import last_token_index
+from rewardloop.tokenize import collate, encode
+from rewardloop.util.files import atomic_write_text
+from rewardloop.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +47,38 @@ STATS_FILE = "reward_stats.json"
 ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
 
 
-def rewards_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def trunk_states(model: nn.Module, classifier: HFModel, **inputs: Any) -> torch.Tensor:
+    """The trunk's last hidden state (N, T, H) of a sequence-classification model, taken by a
+    hook during the model's OWN forward: DDP syncs gradients and FSDP2 gathers weights and
+    reduces gradients only around the root forward, never around a submodule called alone.
+    ``model`` is what to call (possibly DDP/FSDP-wrapped), ``classifier`` the HF model in it."""
+    trunk = getattr(classifier, classifier.base_model_prefix)
+    seen: list[torch.Tensor] = []
+    handle = trunk.register_forward_hook(
+        lambda _module, _args, output: seen.append(output.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def rewards_of(model: HFModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards of a right- or left-padded batch: (N, T) ids and mask -> (N, K) heads.
 
-    Runs the trunk, takes the hidden state at ``ops.last_token_index(attention_mask)`` and
-    applies the head there only (LoRA layers and peft's trainable head copy act in place, so a
-    peft model works the same). Models without a ``score`` head fall back to their own pooling.
+    Takes the trunk's hidden state at ``ops.last_token_index(attention_mask)`` and applies the
+    head there (LoRA layers and peft's trainable head copy act in place, so a peft model works
+    the same). Models without a ``score`` head use their own pooling.
     """
-    import torch
-
-    from rewardloop.models import is_peft
-    from rewardloop.ops import last_token_index
-
-    classifier = model.get_base_model() if is_peft(model) else model
-    trunk = getattr(classifier, getattr(classifier, "base_model_prefix", ""), None)
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    classifier = inner.get_base_model() if is_peft(inner) else inner
     head = getattr(classifier, "score", None)
-    if trunk is None or head is None:
+    if getattr(classifier, getattr(classifier, "base_model_prefix", ""), None) is None \
+            or head is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).last_hidden_state  # (N, T, H)
+    hidden = trunk_states(model, classifier, input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"])  # (N, T, H)
     last = last_token_index(batch["attention_mask"])  # (N,)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return head(hidden[rows, last])  # (N, K)
@@ -94,8 +120,6 @@ def ensemble_size(model_dir: Path) -> int:
 def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto",
                        trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """(reward model in eval mode, tokenizer) from a reward-model directory."""
-    from rewardloop.models import load_reward_model, load_tokenizer
-
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code,
                                padding_side="right")
     heads = ensemble_size(model_dir)
@@ -113,9 +137,7 @@ def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "a
 def _load_ensemble(model_dir: Path, heads: int, *, device: str, dtype: str,
                    trust_remote_code: bool) -> nn.Module:
     """A K-head classifier (``models.load_reward_model`` only loads one head)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from rewardloop.models import check_model_dir, resolve_device, resolve_dtype
+    from transformers import AutoModelForSequenceClassification  # ~1 s: only when loading
 
     source = check_model_dir(model_dir)
     dev = resolve_device(device)
@@ -182,10 +204,6 @@ class RewardScorer:
     def score_heads(self, prompts: Sequence[Text], completions: Sequence[Text], *,
                     progress: Any = None) -> Any:
         """(N, K) rewards of every head in the input order (normalised when ``normalize``)."""
-        import torch
-
-        from rewardloop.train.tokenize import collate, encode
-
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         encoded = [encode(self.tokenizer, p, c, max_length=self.max_length,
@@ -252,8 +270,10 @@ def _rows_of(fmt: str, path: Path, records: Sequence[Any]) -> list[dict[str, Any
                                    ("rejected", r.rejected), ("margin", r.margin),
                                    ("annotator", r.annotator), ("id", r.id)) if v is not None}
                 for r in records]
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
+    from rewardloop.data.sources import open_source
+    from rewardloop.data.sources import rows as source_rows
+
+    rows = [obj for _, obj in source_rows(open_source(path))]
     if len(rows) != len(records):
         raise UserError(f"{path}: {len(rows)} rows gave {len(records)} records; cannot align")
     return rows
@@ -268,12 +288,8 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
     output is written atomically. Returns the number of rows written.
     """
-    from rewardloop.data.formats import read_records
-    from rewardloop.train.checkpoint import atomic_write_text
-    from rewardloop.train.run import progress_bar
-
     data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
-    fmt, records = read_records(data, data_format)
+    fmt, records = read_training_records(data, data_format)
     if fmt not in PAIR_FORMATS + LIST_FORMATS + SINGLE_FORMATS:
         raise UserError(f"{data}: {fmt} rows hold no answers to score; give pairwise, "
                         "candidates, ranking or prompt/completion rows (generate answers for "
@@ -296,3 +312,19 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     atomic_write_text(out, text)
     return len(rows)
+
+
+def heads_of(rm_dir: str | Path, *, device: str = "auto", batch_size: int = 32
+             ) -> Callable[[Sequence[Text], Sequence[str]], np.ndarray]:
+    """A function giving the (N, K) scores of every head of the ensemble reward model in
+    ``rm_dir`` (``RewardScorer.score_heads``: directory checks, training ``max_length``,
+    batching), as ``feedback.select.uncertainty_scores`` wants it."""
+    scorer = RewardScorer(rm_dir, device=device, batch_size=batch_size)
+    if scorer.heads < 2:
+        raise UserError(f"{rm_dir} is a single reward model; uncertainty selection needs an "
+                        "ensemble (train rm --ensemble K, K >= 2)")
+
+    def score(prompts: Sequence[Text], completions: Sequence[str]) -> np.ndarray:
+        return np.asarray(scorer.score_heads(prompts, completions).numpy(), dtype=np.float64)
+
+    return score

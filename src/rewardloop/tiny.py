@@ -167,6 +167,7 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 1024):  # -> PreTrai
     No special token is added automatically: the chat template writes BOS, and callers append
     EOS to completions explicitly, so a prompt + completion never gets a stray BOS in the middle.
     """
+    # tokenizers/transformers/torch take seconds to import: only when something is built.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -214,7 +215,7 @@ def build_tiny(
     ``texts`` is a list of strings, a path to a JSONL/plain-text file, or None for the built-in
     corpus. The same arguments give byte-identical weights and the same tokenizer.
     """
-    import torch
+    import torch  # heavy: see build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = TinyConfig(out=Path(out_dir), vocab_size=vocab_size, hidden_size=hidden_size,

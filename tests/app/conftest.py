@@ -24,6 +24,7 @@ class Server:
     tokens: dict[str, str]
     task_ids: list[int]
     xss: str = XSS
+    password: str = PASSWORD  # every user's
 
     def client(self, user: str | None = None) -> TestClient:
         c = TestClient(self.app)
@@ -64,7 +65,7 @@ def any_server(store) -> Server:
     return populate(store)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_server():
     """``populate`` itself, for tests that need other users or task counts."""
     return populate

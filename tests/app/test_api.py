@@ -25,10 +25,11 @@ ROUTES = [
 ADMIN_ROUTES = [r for r in ROUTES if "/admin/" in r[1]]
 
 
-def _judge(client, lease, key=None, ranking=None):
+def _judge(client, lease, key=None, ranking=None, **fields):
     ids = [r["id"] for r in lease["responses"]]
     body = {"task_id": lease["task_id"], "ranking": ranking or [[ids[0]], [ids[1]]],
-            "idempotency_key": key or uuid.uuid4().hex, "strength": "clear", "time_ms": 1500}
+            "idempotency_key": key or uuid.uuid4().hex, "strength": "clear", "time_ms": 1500,
+            **fields}
     return client.post("/api/judgments", json=body)
 
 
@@ -74,23 +75,35 @@ def test_next_submit_replay_and_conflicts(any_server) -> None:
     ids = [r["id"] for r in lease["responses"]]
     r3 = _judge(ann, lease, key="key-1", ranking=[[ids[1]], [ids[0]]])
     assert r3.status_code == 409 and "different judgment" in r3.json()["detail"]
-    assert _judge(bob, lease, key="key-1").status_code == 409  # someone else's key
+    # Every field is compared: a replay must not silently drop a new strength or rationale.
+    for other in ({"strength": "strong"}, {"rationale": "second thoughts"}, {"time_ms": 9},
+                  {"strength": None}):
+        r = _judge(ann, lease, key="key-1", **other)
+        assert r.status_code == 409, other
+        assert next(iter(other)) in r.json()["detail"]
     assert _judge(ann, lease).status_code == 409  # already judged, new key
+    # Keys are per annotator: ann's key does not block bob's judgment of the same task.
+    bob_lease = bob.get("/api/tasks/next").json()
+    assert bob_lease["task_id"] == lease["task_id"]
+    assert _judge(bob, bob_lease, key="key-1").status_code == 201
     with any_server.store.read() as s:
-        assert s.scalar(select(func.count()).select_from(S.Judgment)) == 1
-        j = s.scalars(select(S.Judgment)).one()
+        assert s.scalar(select(func.count()).select_from(S.Judgment)) == 2
+        j = s.scalars(select(S.Judgment).where(S.Judgment.id == r1.json()["id"])).one()
         assert j.shown_order == ids and j.time_ms == 1500 and j.strength == "clear"
-        assert j.guideline_version is not None
+        assert j.guideline_version is not None and j.rationale is None
 
 
 def test_task_errors(server) -> None:
     ann = server.client("ann")
+    # Without a lease the answer says nothing about the task: not whether it exists, nor
+    # (through a ranking error) which response ids it has.
     unknown = {"task_id": 10**6, "ranking": [[1], [2]], "idempotency_key": "u"}
-    assert ann.post("/api/judgments", json=unknown).status_code == 404
+    r = ann.post("/api/judgments", json=unknown)
+    assert r.status_code == 403 and "not leased" in r.json()["detail"]
     other = server.task_ids[-1]
     r = ann.post("/api/judgments", json={"task_id": other, "ranking": [[1], [2]],
                                          "idempotency_key": "n"})
-    assert r.status_code in (403, 422)
+    assert r.status_code == 403 and "not leased" in r.json()["detail"]
     lease = ann.get("/api/tasks/next").json()
     bad = {"task_id": lease["task_id"], "ranking": [[999999], [888888]], "idempotency_key": "b"}
     r = ann.post("/api/judgments", json=bad)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from rewardloop.app.writer import GroupWriter
 from rewardloop.data import schema as S
@@ -26,6 +26,10 @@ def _add(name: str, fail: bool = False):
 def test_group_is_committed_once_and_a_failing_op_is_rolled_back_alone(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'w.db'}")
     writer = GroupWriter(store)
+    commits: list[int] = []
+    rollbacks: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    event.listen(store.engine, "rollback", lambda _conn: rollbacks.append(1))
     gate, started = threading.Event(), threading.Event()
 
     def hold(_session):  # keeps the writer busy while the next group queues up
@@ -42,6 +46,9 @@ def test_group_is_committed_once_and_a_failing_op_is_rolled_back_alone(tmp_path)
     with pytest.raises(ValueError, match="refused bad"):
         futures[1].result(10)
     writer.close()
+    # One commit for the holding operation, one for the group of three; the group's first
+    # attempt (no savepoints) was rolled back once when "bad" raised.
+    assert (len(commits), len(rollbacks)) == (2, 1)
     with store.read() as s:
         assert sorted(s.scalars(select(S.Annotator.name))) == ["a", "b"]
     store.dispose()
@@ -85,4 +92,7 @@ def test_refused_api_requests_do_not_make_the_group_run_again(server, monkeypatc
     again = {**body, "idempotency_key": "k2"}
     assert ann.post("/api/judgments", json=again).status_code == 409  # already judged
     assert ann.get("/api/tasks/next", params={"batch": "missing"}).status_code == 404
+    assert ann.post("/api/tasks/999/skip").status_code == 404  # not leased to ann
+    page, _ = server.login("bob")
+    assert page.get("/annotate", params={"batch": "missing"}).status_code == 404
     assert isolated == []

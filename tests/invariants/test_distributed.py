@@ -21,13 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 from rewardloop.cli._launch import free_port
-from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
+from rewardloop.synthetic import corpus_texts, preference_rows, prompt_rows, sft_rows
 from rewardloop.tiny import build_tiny
 
 pytestmark = pytest.mark.xdist_group("distributed")  # two processes each: keep them apart
 
 TOL = 1e-5
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+       "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     build_tiny(root / "tiny", corpus_texts(100), vocab_size=300, hidden_size=16, num_layers=2,
                seed=0)
-    for name, rows in (("sft", sft_rows(24, seed=1)), ("pairs", preference_rows(24, seed=2))):
+    for name, rows in (("sft", sft_rows(24, seed=1)), ("pairs", preference_rows(24, seed=2)),
+                       ("prompts", prompt_rows(8, seed=3))):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -56,16 +59,18 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_norm"),
+                    models: tuple[str, ...] = ("model",)) -> None:
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     for x, y in zip(ma, mb, strict=True):
         for key in keys:
             assert x[key] == pytest.approx(y[key], rel=TOL, abs=TOL), (key, x["step"])
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=TOL, msg=name)
+    for sub in models:
+        wa, wb = (load_file(str(run / sub / "model.safetensors")) for run in (a, b))
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=TOL, msg=name)
 
 
 def command(kind: str, work: Path, out: Path) -> list[str]:
@@ -89,6 +94,31 @@ def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
     key = "model.layers.0.self_attn.q_proj.weight"  # it did train
     assert not torch.equal(load_file(str(work / "tiny" / "model.safetensors"))[key],
                            weights(one)[key])
+
+
+RL_KEYS = {"grpo": ("loss", "grad_norm", "reward/mean", "kl_k1"),
+           "ppo": ("loss", "vf_loss", "grad_norm_policy", "grad_norm_value", "kl_k1")}
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_online_rl_on_two_processes_equals_one(work: Path, tmp_path: Path, kind: str) -> None:
+    """Each process generates for half the prompts. Greedy decoding (top-k 1) makes the
+    samples the same at any world size, so the updates must be too: REINFORCE++ and PPO both
+    whiten over the whole batch (all-reduced statistics) and divide by global token counts."""
+    args = ["train", kind, "--policy", str(work / "tiny"), "--prompts",
+            str(work / "prompts.jsonl"), "--reward", "_rl_rewards:by_prompt", "--batch-size",
+            "4", "--max-steps", "2", "--lr", "1e-3", "--top-k", "1", "--max-new-tokens", "8",
+            "--kl-coef", "0.1"]
+    if kind == "grpo":
+        args += ["--advantage", "reinforce++", "--num-generations", "1"]
+    models = ("model", "value_model") if kind == "ppo" else ("model",)
+    one = tmp_path / "one"
+    rewardloop(*args, "--out", str(one))
+    assert metrics(one)[0]["grad_norm" if kind == "grpo" else "grad_norm_policy"] > 0
+    for strategy in ("ddp", "fsdp"):
+        two = tmp_path / strategy
+        rewardloop(*args, "--out", str(two), "--nproc", "2", "--strategy", strategy)
+        assert_same_run(one, two, RL_KEYS[kind], models)
 
 
 def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Path,

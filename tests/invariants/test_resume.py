@@ -18,7 +18,8 @@ import torch
 
 from rewardloop.tiny import build_tiny, generate_corpus
 from rewardloop.train.data import EpochSampler, count_tokens, microbatches
-from rewardloop.train.run import RunDir, check_finite, save_checkpoint, seed_everything
+from rewardloop.train.run import RunDir, save_checkpoint
+from rewardloop.util.seed import seed_everything
 
 N_EXAMPLES, BATCH, MICRO, TOTAL_STEPS = 16, 4, 2, 7
 
@@ -72,7 +73,6 @@ def train(tiny_dir: Path, out: Path, *, resume: bool, save_every: int, crash_aft
             loss = _loss_sum(model, ids, mask) / n_tokens
             loss.backward()
             total += loss.detach()
-        check_finite(total, step + 1, run=run)
         opt.step()
         sched.step()
         step += 1

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
+
+from rewardloop.synthetic import gold_score
 
 
 def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
@@ -17,9 +20,22 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "report:" in result.output and "rewardloop serve" in result.output
     summary = json.loads((workdir / "summary.json").read_text())
+    # The headline figures are the ones recomputed from the round's own artefacts: the gold
+    # judge re-scores the evaluation samples (ties half), the RM's accuracy is its own k / n.
+    samples = [json.loads(line) for line in
+               (workdir / "round-1" / "eval" / "samples.jsonl").read_text().splitlines()]
+    prompts = [s["prompt"] for s in samples]
+    policy = gold_score(prompts, [s["policy"] for s in samples])
+    baseline = gold_score(prompts, [s["baseline"] for s in samples])
+    expected = sum(1.0 if p > b else 0.5 if p == b else 0.0
+                   for p, b in zip(policy, baseline, strict=True)) / len(samples)
+    assert summary["gold_win_rate"] == pytest.approx(expected)
     low, high = summary["gold_win_rate_ci"]
-    assert 0.0 <= low <= summary["gold_win_rate"] <= high <= 1.0
-    assert 0.0 <= summary["rm_accuracy"] <= 1.0
+    assert low <= summary["gold_win_rate"] <= high
+    rm = json.loads((workdir / "round-1" / "rm" / "summary.json").read_text())
+    assert summary["rm_accuracy"] == rm["eval_accuracy"]
+    correct = rm["eval_accuracy"] * rm["eval_comparisons"]
+    assert rm["eval_comparisons"] > 0 and correct == pytest.approx(round(correct))
     assert summary["kl"] is not None and isinstance(summary["alarms"], list)
     html = (workdir / "report.html").read_text()
     for section in ("Headlines", "Win rates", "Annotators", 'alt="calibration"',

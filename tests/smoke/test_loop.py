@@ -10,7 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from rewardloop.loop import STAGES, LoopConfig, loop_status, run_loop
+from rewardloop.loop import STAGE_TABLE, run_loop
+from rewardloop.loop_config import STAGES, LoopConfig, loop_status
 
 GOLD = "rewardloop.synthetic:gold_score"
 
@@ -78,6 +79,9 @@ def test_interrupted_loop_resumes_where_it_stopped(setup: dict[str, Path],
     # finished stages were not redone: their markers are untouched
     assert all(after[k] == v for k, v in before.items())
     assert len(after) == 2 * len(STAGES)
+    # the stages ran in the table's order, whose names are the ones `loop status` reads
+    assert [name for name, _ in STAGE_TABLE] == list(STAGES)
+    assert ran == [(n, s) for n in (1, 2) for s in STAGES]
     assert _figures(resumed) == _figures(straight)
     assert resumed["best"]["round"] in (1, 2)
     assert json.loads((workdir / "best.json").read_text())["round"] == resumed["best"]["round"]

@@ -6,8 +6,8 @@ import pytest
 
 from rewardloop.data import schema as S
 from rewardloop.eval.arena import arena_battles, create_arena_tasks
-from rewardloop.eval.metrics import bradley_terry_ratings
 from rewardloop.feedback import queue as Q
+from rewardloop.metrics import bradley_terry_ratings
 
 
 def _judge_all(store, prefer: str, tie_prompt: str | None = None) -> int:

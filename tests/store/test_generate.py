@@ -17,6 +17,7 @@ from rewardloop.data.schema import Annotator, ComparisonTask, Response, TaskItem
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import select as S
 from rewardloop.feedback import tasks as T
+from rewardloop.score import heads_of
 from rewardloop.synthetic import corpus_texts, preference_rows, prompt_rows
 from rewardloop.tiny import build_tiny
 
@@ -139,7 +140,7 @@ def test_uncertainty_selects_the_pairs_the_ensemble_disagrees_on(
     rows = [CandidatesRecord(r["prompt"], r["responses"])
             for r in map(json.loads, out.read_text().splitlines())]
     cand = S.candidate_pairs(rows)
-    scores = S.uncertainty_scores(rows, cand, S.heads_of(tmp_path / "rm", device="cpu"), "std")
+    scores = S.uncertainty_scores(rows, cand, heads_of(tmp_path / "rm", device="cpu"), "std")
     top = [cand[i] for i in np.argsort(-scores, kind="stable")[:4]]
     want = [{rows[r].responses[a], rows[r].responses[b]} for r, a, b in top]
     from rewardloop.data.store import Store

@@ -15,7 +15,12 @@ from rewardloop.cli import app
 from rewardloop.data import schema as S
 from rewardloop.data.store import Store
 from rewardloop.feedback import tasks
-from rewardloop.feedback.quality import annotator_weights, flagged_annotators, quality_report
+from rewardloop.feedback.quality import (
+    annotator_weights,
+    annotators_from_db,
+    flagged_annotators,
+    quality_report,
+)
 from rewardloop.feedback.simulate import parse_pool, simulate
 
 UNIT_TESTS = Path(__file__).parents[1] / "unit"
@@ -86,6 +91,11 @@ def test_simulate_then_quality(store: Store) -> None:
     assert flagged_annotators(store) == {"clicker"}
     with store.read() as s:  # an open session works as well as a store
         assert flagged_annotators(s, flags=["gold_fail"]) == set()
+    # What reward-model training gets from the store, as plain data.
+    groups = {"clicker": ["bots"], "honest-1": ["crowd"], "honest-2": ["crowd"]}
+    assert annotators_from_db(store.url, weights=True, flagged=True) == (
+        annotator_weights(store), {"clicker"}, groups)
+    assert annotators_from_db(store.url, weights=False, flagged=False) == (None, set(), groups)
 
 
 def test_simulation_is_deterministic_and_respects_the_limit(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 
 
-def _task_with_two_responses(session) -> S.ComparisonTask:
-    p = S.Prompt(text="hi", content_hash=S.content_hash("hi"))
+def _task_with_two_responses(session, prompt: str = "hi") -> S.ComparisonTask:
+    p = S.Prompt(text=prompt, content_hash=S.content_hash(prompt))
     r1 = S.Response(prompt=p, text="a", content_hash=S.content_hash("a"))
     r2 = S.Response(prompt=p, text="b", content_hash=S.content_hash("b"))
     t = S.ComparisonTask(prompt=p, kind="pairwise", overlap=2)
@@ -50,14 +50,24 @@ def test_one_judgment_per_task_and_annotator(store: Store) -> None:
                              idempotency_key="k2"))
 
 
-def test_idempotency_key_unique(store: Store) -> None:
+def test_idempotency_key_unique_per_annotator(store: Store) -> None:
+    """One annotator's keys never collide with another's (migration 0004): a user cannot take
+    someone else's predictable keys first and block their judgments."""
     with store.write() as s:
         t = _task_with_two_responses(s)
-        s.add(S.Judgment(task=t, ranking=[[1], [2]], idempotency_key="same"))
-        task_id = t.id
-    with pytest.raises(IntegrityError):
-        with store.write() as s:
-            s.add(S.Judgment(task_id=task_id, ranking=[[2], [1]], idempotency_key="same"))
+        t.overlap = 3
+        a, b = S.Annotator(name="a"), S.Annotator(name="b")
+        s.add_all([a, b])
+        s.flush()
+        s.add(S.Judgment(task=t, annotator_id=a.id, ranking=[[1], [2]], idempotency_key="same"))
+        task_id, a_id, b_id = t.id, a.id, b.id
+    with store.write() as s:  # the same key from another annotator is theirs to use
+        s.add(S.Judgment(task_id=task_id, annotator_id=b_id, ranking=[[2], [1]],
+                         idempotency_key="same"))
+    with pytest.raises(IntegrityError), store.write() as s:
+        t2 = _task_with_two_responses(s, prompt="another prompt")
+        s.add(S.Judgment(task=t2, annotator_id=a_id, ranking=[[2], [1]],
+                         idempotency_key="same"))
 
 
 def test_database_audits_judgments_and_keeps_the_log_append_only(store: Store) -> None:
@@ -145,3 +155,35 @@ def test_migrations_match_the_models(store: Store) -> None:
     diff = [d for d in diff if not (d[0] in ("add_index", "remove_index")
                                     and d[1].name == "ix_tasks_next")]
     assert diff == []
+
+
+def test_migration_0004_keeps_judgments_and_the_audit_trigger(tmp_path) -> None:
+    """Upgrading a store that has judgments (SQLite rebuilds the table) keeps every row, the
+    indexes and the audit trigger, and makes keys per annotator."""
+    from alembic import command
+    from sqlalchemy import text
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}", migrate=False)
+    cfg = store._alembic_config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO annotators (id, name, role, active, groups, attributes, "
+                          "kind, created_at) VALUES (1, 'a', 'annotator', 1, '[]', '{}', "
+                          "'human', '2026-01-01'), (2, 'b', 'annotator', 1, '[]', '{}', "
+                          "'human', '2026-01-01')"))
+    task_id, _, _ = _one_judgment(store, "shared-key")
+    store.migrate()
+    assert store.revision() == "0004"
+    with store.write() as s:
+        s.add(S.Judgment(task_id=task_id, annotator_id=2, ranking=[[2], [1]],
+                         idempotency_key="shared-key"))
+    with store.read() as s:
+        assert s.scalar(select(func.count()).select_from(S.Judgment)) == 2
+        actions = s.scalars(select(S.AuditEvent.action)).all()
+        assert actions == ["judgment.create", "judgment.create"]  # the trigger still fires
+        indexes = {row[0] for row in s.execute(text(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'judgments'"))}
+        assert {"ix_judgments_task_id", "ix_judgments_annotator_id"} <= indexes
+    store.dispose()

@@ -130,12 +130,15 @@ def test_submit_errors_and_replay(store) -> None:
     (tid,) = _make_tasks(store, 1, overlap=2)
     a, b = _annotators(store, ["a", "b"])
     with store.write() as s:
+        # No lease: 403 before the task is even looked up (an unknown task alike), so the
+        # caller learns neither that it exists nor its response ids from a ranking error.
+        for task_id in (999, tid):
+            with pytest.raises(T.TaskError, match="not leased") as err:
+                Q.submit_judgment(s, a, task_id, [[1], [2]], idempotency_key="x")
+            assert err.value.status == 403
         with pytest.raises(T.TaskError, match="does not exist") as err:
-            Q.submit_judgment(s, a, 999, [[1], [2]], idempotency_key="x")
+            Q.submit_judgment(s, a, 999, [[1], [2]], idempotency_key="x", require_lease=False)
         assert err.value.status == 404
-        with pytest.raises(T.TaskError, match="not leased") as err:
-            Q.submit_judgment(s, a, tid, [[1], [2]], idempotency_key="x")
-        assert err.value.status == 403
         lease = Q.next_task(s, a)
     r1, r2 = lease.shown_order
     with store.write() as s:
@@ -149,16 +152,24 @@ def test_submit_errors_and_replay(store) -> None:
                                        strength="clear", time_ms=1200)
         assert created
     with store.write() as s:
-        j2, created = Q.submit_judgment(s, a, tid, [r1, r2], idempotency_key="x")
+        j2, created = Q.submit_judgment(s, a, tid, [r1, r2], idempotency_key="x",
+                                        strength="clear", time_ms=1200)
         assert not created and j2.id == j.id
         with pytest.raises(T.TaskError, match="different judgment"):
             Q.submit_judgment(s, a, tid, [[r2], [r1]], idempotency_key="x")
-        with pytest.raises(T.TaskError, match="another annotator"):
-            Q.submit_judgment(s, b, tid, [[r1], [r2]], idempotency_key="x")
+        for other in ({"strength": "strong", "time_ms": 1200},
+                      {"strength": "clear", "time_ms": 1200, "rationale": "why"},
+                      {"strength": "clear"}, {"strength": "clear", "time_ms": 1200,
+                                              "source": "simulated"},
+                      {"strength": "clear", "time_ms": 1200, "margin": 0.5}):
+            with pytest.raises(T.TaskError, match="different judgment") as err:
+                Q.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="x", **other)
+            assert err.value.status == 409
         with pytest.raises(T.TaskError, match="already judged"):
             Q.submit_judgment(s, a, tid, [[r1], [r2]], idempotency_key="y")
-    with store.write() as s:  # without a lease (imports, simulators): allowed when asked
-        _, created = Q.submit_judgment(s, b, tid, [[r1, r2]], idempotency_key="z",
+    with store.write() as s:  # without a lease (imports, simulators): allowed when asked;
+        # a's key "x" is a's alone, so b may use it too
+        _, created = Q.submit_judgment(s, b, tid, [[r1, r2]], idempotency_key="x",
                                        require_lease=False, source="simulated")
         assert created
     with store.read() as s:

@@ -251,3 +251,18 @@ def test_chat_aware_accessors() -> None:
     assert SFTRecord(messages=[USER, BOT]).prompt_completion() == ([USER], [BOT])
     assert SFTRecord(text="t").prompt_completion() == ("", "t")
     assert SFTRecord(prompt="p", completion="c").prompt_completion() == ("p", "c")
+
+
+def test_ultrafeedback_pairs_carry_the_rows_annotator_and_id(tmp_path: Path) -> None:
+    row = {"prompt": "q", "annotator": "ann-1", "id": "r7", "completions": [
+        {"response": "a", "rating": 2}, {"response": "b", "rating": 1}]}
+    _, records = read_one(tmp_path, row)
+    assert [(r.annotator, r.id) for r in records] == [("ann-1", "r7")]
+
+
+def test_read_as_types_the_records_and_refuses_the_wrong_class(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "id": "1"}) + "\n")
+    assert F.read_as(path, "prompts", PromptRecord) == [PromptRecord("hi", "1")]
+    with pytest.raises(TypeError, match="PromptRecord, not PairRecord"):
+        F.read_as(path, "prompts", PairRecord)

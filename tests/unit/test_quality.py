@@ -176,10 +176,24 @@ def test_honest_annotator_with_few_judgments_is_not_flagged() -> None:
     assert "spam" not in report.annotators["random"].flags
 
 
+def _flagged(records: list[JudgmentRecord], th: Thresholds) -> dict[str, set[str]]:
+    return {n: set(q.flags) for n, q in analyze(records, th).annotators.items() if q.flags}
+
+
 def test_thresholds_change_flags() -> None:
+    # The same judgments under different thresholds: the defaults flag the planted spammers and
+    # biased annotators; raising one threshold removes exactly the flag it governs.
     records = _planted_records(_pool(), 60, 0)
-    strict = analyze(records, Thresholds(min_judgments=1000, min_compared=1000, gold_min=1000))
-    assert all(not q.flags for q in strict.annotators.values())
+    default = _flagged(records, Thresholds())
+    assert default == {"always-left": {"spam", "position_bias"}, "random": {"gold_fail"},
+                       "left-leaning": {"position_bias"}, "verbose": {"length_bias"}}
+    assert _flagged(records, Thresholds(gold_min=1000)) == {
+        n: f - {"gold_fail"} for n, f in default.items() if f - {"gold_fail"}}
+    assert _flagged(records, Thresholds(position_gap=0.6)) == {
+        "always-left": {"spam"}, "random": {"gold_fail"}, "verbose": {"length_bias"}}
+    assert _flagged(records, Thresholds(min_judgments=1000)) == {"random": {"gold_fail"}}
+    assert _flagged(records, Thresholds(min_judgments=1000, min_compared=1000,
+                                        gold_min=1000)) == {}
 
 
 def test_group_view_finds_disagreeing_groups() -> None:

@@ -81,6 +81,10 @@ def test_report_cli(tmp_path: Path, report_runs: list[Path]) -> None:
     assert (tmp_path / "x.html").is_file()
 
 
-def test_report_missing_dir_is_user_error(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
-    assert res.exit_code != 0
+def test_report_missing_dir_is_user_error(tmp_path: Path, report_runs: list[Path]) -> None:
+    run = report_runs[1]
+    res = CliRunner().invoke(app, ["report", str(run), str(tmp_path / "nope"),
+                                   "-o", str(tmp_path / "x.html")])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == f"error: not a run directory: {tmp_path / 'nope'}"
+    assert not (tmp_path / "x.html").exists()

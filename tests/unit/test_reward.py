@@ -17,11 +17,13 @@ from typer.testing import CliRunner
 from rewardloop.cli import app
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.tokenize import Encoded
 from rewardloop.train.data import rank_micro_batches
 from rewardloop.train.reward import (
     OBJECTIVES,
     Comparison,
     RewardConfig,
+    annotator_info,
     apply_annotator_policy,
     comparison_loss,
     load_model,
@@ -32,7 +34,6 @@ from rewardloop.train.reward import (
 )
 from rewardloop.train.runtime import Runtime, RuntimeOptions
 from rewardloop.train.step import accumulate
-from rewardloop.train.tokenize import Encoded
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,24 @@ def test_weighted_loss_is_the_weighted_mean_of_pair_losses(tmp_path: Path) -> No
                 torch.log(torch.tensor(2.0))]  # a tie at Δ=0: -½logσ(0) - ½logσ(0) = log 2
     want = (0.5 * per_pair[0] + 1.0 * per_pair[1] + 0.25 * per_pair[2]) / 1.75
     assert float(loss) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_annotator_info_merges_files_with_what_the_caller_read_from_the_store(
+        tmp_path: Path) -> None:
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"a0": ["north"], "a1": "south"}))
+    stored = ({"a0": 0.5, "a1": 1.0}, {"a1"}, {"a0": ["north", "east"], "a2": ["west"]})
+    cfg = _cfg(Path("m"), tmp_path / "run", tmp_path / "d.jsonl", db="sqlite:///unused.db",
+               weighting="reliability", exclude_flagged=True, annotator_groups=groups)
+    weights, flagged, by_name = annotator_info(cfg, stored)
+    assert weights == {"a0": 0.5, "a1": 1.0} and flagged == {"a1"}
+    assert by_name == {"a0": ["north", "east"], "a1": ["south"], "a2": ["west"]}
+    # The trainer does not open the store: with --db set, the caller must have read it.
+    with pytest.raises(ValueError, match="annotators_from_db"):
+        annotator_info(cfg, None)
+    plain = _cfg(Path("m"), tmp_path / "run", tmp_path / "d.jsonl", db="sqlite:///unused.db")
+    assert annotator_info(plain, stored) == (None, set(), {"a0": ["north", "east"],
+                                                           "a2": ["west"]})
 
 
 def test_annotator_policy_drops_flagged_and_weighs_the_rest() -> None:

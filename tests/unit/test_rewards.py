@@ -158,7 +158,7 @@ def rm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _raw_alone(model_dir: Path, prompt: str, completion: str, max_length: int) -> float:
     """The head applied to the hidden state of the LAST token of one unpadded sequence."""
     from rewardloop.models import load_reward_model, load_tokenizer
-    from rewardloop.train.tokenize import encode
+    from rewardloop.tokenize import encode
 
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, device="cpu", trainable=False).eval()

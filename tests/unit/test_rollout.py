@@ -203,7 +203,7 @@ def test_decoding_loop_chooses_what_hf_generate_chooses(tiny, attention) -> None
     ids = encode_prompts(tokenizer, PROMPTS, 64)
     settings = SamplingSettings(max_new_tokens=9, top_k=1)
     ours = HFGenerator(model, tokenizer).generate(ids, 2, settings)
-    from rewardloop.train.tokenize import pad
+    from rewardloop.tokenize import pad
 
     prompt_ids = pad(ids, tokenizer.pad_token_id, side="left")
     mask = pad([[1] * len(p) for p in ids], 0, side="left")

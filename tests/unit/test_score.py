@@ -14,8 +14,8 @@ from rewardloop.cli import app
 from rewardloop.score import RewardScorer, resolve_rm_dir
 from rewardloop.synthetic import candidate_rows, corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.tokenize import encode
 from rewardloop.train.reward import RewardConfig, train_rm
-from rewardloop.train.tokenize import encode
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -121,3 +121,19 @@ def test_wrong_data_kinds_and_paths_exit_2(rm_runs: dict[int, Path], tmp_path: P
                                    "-o", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 2 and "neither a reward-model directory" in res.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_parquet_rows_score_like_their_jsonl(rm_runs: dict[int, Path], tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = preference_rows(3, seed=5)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    outs = []
+    for data in (_write(tmp_path / "pairs.jsonl", rows), tmp_path / "pairs.parquet"):
+        out = tmp_path / f"{data.name}.out.jsonl"
+        res = CliRunner().invoke(app, ["score", "--rm", str(rm_runs[1]), "--data", str(data),
+                                       "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        outs.append([json.loads(x) for x in out.read_text().splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 3 and "score_chosen" in outs[0][0]

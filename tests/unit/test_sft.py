@@ -18,6 +18,7 @@ from rewardloop.cli import app
 from rewardloop.data.records import SFTRecord
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
+from rewardloop.tokenize import encode_sft
 from rewardloop.train.data import rank_micro_batches
 from rewardloop.train.runtime import Runtime, RuntimeOptions
 from rewardloop.train.sft import (
@@ -36,7 +37,6 @@ from rewardloop.train.sft import (
     train_sft,
 )
 from rewardloop.train.step import accumulate
-from rewardloop.train.tokenize import encode_sft
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from rewardloop import tokenize as T
 from rewardloop.data.records import SFTRecord
-from rewardloop.train import tokenize as T
 
 
 @pytest.fixture(scope="module")

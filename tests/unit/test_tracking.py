@@ -171,7 +171,7 @@ def test_cli_sft_reports_to_tensorboard_and_refuses_unknown(tmp_path: Path) -> N
 
 def test_loop_config_checks_its_trackers(tmp_path: Path) -> None:
     from rewardloop.config import load_config
-    from rewardloop.loop import LoopConfig
+    from rewardloop.loop_config import LoopConfig
 
     config = tmp_path / "loop.yaml"
     config.write_text("policy: p\nprompts: p.jsonl\nreport_to: [tensorboard, neptune]\n")

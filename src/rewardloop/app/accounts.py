@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import bindparam, false, select, true, update
+from sqlalchemy import bindparam, delete, false, select, true, update
 from sqlalchemy.orm import Session
 
 from rewardloop.data.prepared import Driver, Prepared
@@ -23,6 +23,7 @@ from rewardloop.data.schema import (
     ROLES,
     Annotator,
     ApiToken,
+    Assignment,
     AuditEvent,
     Setting,
     WebSession,
@@ -118,10 +119,14 @@ def add_user(session: Session, name: str, role: str, *, password: str | None = N
 
 
 def deactivate_user(session: Session, name: str) -> Annotator:
-    """Turn a user off: their sessions and tokens stop working at once."""
+    """Turn a user off: their sessions and tokens stop working at once, and the tasks they
+    hold are handed back (their unexpired leases end now, freeing the slots for others)."""
     user = get_user(session, name)
     user.active = False
     revoke_credentials(session, user.id)
+    session.execute(update(Assignment).where(
+        Assignment.annotator_id == user.id, Assignment.completed == false(),
+        Assignment.expires_at > utcnow()).values(expires_at=utcnow()))
     session.add(AuditEvent(action="user.deactivate", payload={"user": name}))
     return user
 
@@ -182,15 +187,36 @@ def check_password(session: Session, name: str, password: str) -> int | None:
     return user.id if user is not None and ok and user.active else None
 
 
-def open_session(session: Session, secret: str, user_id: int) -> tuple[str, str]:
-    """A new server-side session for ``user_id``: ``(session_id, csrf_token)``."""
+def open_session(session: Session, secret: str, user_id: int,
+                 addr: str | None = None) -> tuple[str, str]:
+    """A new server-side session for ``user_id``: ``(session_id, csrf_token)``. Sessions that
+    expired or were revoked are deleted here, so the table does not grow with every login."""
+    now = utcnow()
+    session.execute(delete(WebSession).where(
+        (WebSession.expires_at <= now) | (WebSession.revoked == true())))
     session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     session.add(WebSession(session_hash=session_hash(secret, session_id), annotator_id=user_id,
-                           csrf_token=csrf, expires_at=utcnow() + SESSION_TTL))
-    session.add(AuditEvent(actor_id=user_id, action="session.login", payload={}))
+                           csrf_token=csrf, expires_at=now + SESSION_TTL))
+    session.add(AuditEvent(actor_id=user_id, action="session.login", payload={"addr": addr}))
     return session_id, csrf
 
 
+def record_failed_login(session: Session, name: str, addr: str) -> None:
+    """Audit a failed login. The name is kept only when it is a user's (a typed name that is
+    no one's may be a password typed into the wrong field)."""
+    user_id = session.scalar(select(Annotator.id).where(Annotator.name == name))
+    session.add(AuditEvent(actor_id=user_id, action="session.login_failed",
+                           payload={"user": name if user_id is not None else None,
+                                    "addr": addr}))
+
+
 def logout(session: Session, secret: str, session_id: str) -> None:
+    """Revoke the session ``session_id`` and audit it (nothing happens for an unknown one)."""
+    user_id = session.scalar(select(WebSession.annotator_id).where(
+        WebSession.session_hash == session_hash(secret, session_id),
+        WebSession.revoked == false()))
+    if user_id is None:
+        return
     session.execute(update(WebSession).where(
         WebSession.session_hash == session_hash(secret, session_id)).values(revoked=True))
+    session.add(AuditEvent(actor_id=user_id, action="session.logout", payload={}))

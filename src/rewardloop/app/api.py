@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 import tempfile
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -29,11 +29,13 @@ from rewardloop.app.schemas import (
 )
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Annotator, Batch
+from rewardloop.data.transfer import export as export_store
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 router = APIRouter(prefix="/api")
-ERRORS = {401: {"description": "Not logged in"}, 403: {"description": "Not allowed"}}
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "Not logged in"},
+                                           403: {"description": "Not allowed"}}
 
 
 def client_addr(request: Request) -> str:
@@ -41,26 +43,52 @@ def client_addr(request: Request) -> str:
 
 
 def set_session_cookie(request: Request, response: Response, session_id: str) -> None:
+    """The session cookie; ``Secure`` when the request came over HTTPS (directly or through a
+    trusted proxy) or the configured public URL is https (``--public-url``)."""
+    public_url = request.app.state.public_url or ""
+    secure = request.url.scheme == "https" or public_url.startswith("https://")
     response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/",
+                        secure=secure, path="/",
                         max_age=int(accounts.SESSION_TTL.total_seconds()))
 
 
+def _check_password(request: Request, db: DbDep, username: str, password: str,
+                    ) -> tuple[int | None, str | None]:
+    """``(user_id, role)`` of the user if the password is theirs, else ``(None, None)``;
+    503 when every password-check slot stayed busy."""
+    limiter = request.app.state.login_limiter
+    if not limiter.check_slot():
+        raise HTTPException(503, "the server is busy checking other logins; try again",
+                            headers={"Retry-After": "1"})
+    try:
+        with db.read() as session:
+            user_id = accounts.check_password(session, username, password)
+            role = session.scalar(select(Annotator.role).where(Annotator.id == user_id))
+    finally:
+        limiter.release_slot()
+    return user_id, role
+
+
 def do_login(request: Request, db: DbDep, username: str, password: str) -> tuple[str, str, str]:
-    """Rate-limited password check: ``(session_id, csrf, role)``; 429 / 401 otherwise."""
+    """Rate-limited password check: ``(session_id, csrf, role)``; 429 / 401 / 503 otherwise.
+    Failures are audited (without the password, and without names nobody has)."""
     limiter = request.app.state.login_limiter
     addr = client_addr(request)
-    if limiter.blocked(username, addr):
-        raise HTTPException(429, "too many failed logins; wait a minute and try again")
-    with db.read() as session:
-        user_id = accounts.check_password(session, username, password)
-        role = session.scalar(select(Annotator.role).where(Annotator.id == user_id))
+    attempt = limiter.start(username, addr)
+    if attempt is None:
+        raise HTTPException(429, "too many failed logins; wait a minute and try again",
+                            headers={"Retry-After": str(int(limiter.window_s))})
+    try:
+        user_id, role = _check_password(request, db, username, password)
+    except HTTPException:
+        limiter.withdraw(attempt)  # never checked
+        raise
     if user_id is None:
-        limiter.failed(username, addr)
+        db.run(lambda s: accounts.record_failed_login(s, username, addr))
         raise HTTPException(401, "wrong user name or password")
-    limiter.succeeded(username, addr)
+    limiter.withdraw(attempt, clear_pair=True)
     secret = request.app.state.secret
-    session_id, csrf = db.run(lambda s: accounts.open_session(s, secret, user_id))
+    session_id, csrf = db.run(lambda s: accounts.open_session(s, secret, user_id, addr))
     return session_id, csrf, role or "annotator"
 
 
@@ -139,7 +167,7 @@ async def submit_judgment(body: JudgmentIn, creds: HotCreds, request: Request,
 def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
               db: DbDep) -> Response:
     """Give a leased task back without judging it; it is not offered to the caller again."""
-    db.run(lambda s: Q.skip_task(s, who.id, task_id))
+    db.run_refusable_sync(lambda s: Q.skip_task(s, who.id, task_id))
     return Response(status_code=204)
 
 
@@ -172,10 +200,10 @@ def export(who: Admin, db: DbDep,
            format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
            batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
     """All judgments (of ``batch``) as JSONL in a training format (see docs/server.md)."""
-    from rewardloop.data.transfer import export as export_store
-
     if batch is not None and format == "kto":
         raise HTTPException(422, "batch selects comparisons; kto exports ratings")
+    with db.read() as session:
+        _batch_id(session, batch)  # 404 for an unknown batch (the export would say 400)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="rewardloop-export-"))
     try:
         export_store(db.store, format, tmp / "export.jsonl", batch=batch)

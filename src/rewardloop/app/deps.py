@@ -23,7 +23,7 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from rewardloop.app.accounts import Principal, principal_for_session, principal_for_token
-from rewardloop.app.writer import GroupWriter
+from rewardloop.app.writer import GroupWriter, WriterUnavailable
 from rewardloop.data.store import Store
 from rewardloop.feedback.tasks import TaskError
 
@@ -42,41 +42,75 @@ class _Refusal:
     error: Exception
 
 
+WRITE_TIMEOUT_S = 30.0
+
+
 class Db:
     """The store as routes use it: reads directly, writes through the group-commit writer
-    (one thread, many operations per durable commit; see ``app.writer``)."""
+    (one thread, many operations per durable commit; see ``app.writer``).
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    A write the writer has not started within ``write_timeout`` seconds is withdrawn and
+    answered 503 (WriterUnavailable), so a stuck database fails requests instead of holding
+    them forever; one already started is waited for, so a 503 always means "not written".
+    """
+
+    def __init__(self, store: Store, write_timeout: float = WRITE_TIMEOUT_S) -> None:
+        self.store, self.write_timeout = store, write_timeout
         self.writer = GroupWriter(store)
 
     def run(self, fn: Callable[[Session], R]) -> R:
         """Run ``fn(session)`` in a write transaction; returns once it is committed."""
-        return self.writer.run(fn)
+        return self.writer.run(fn, timeout=self.write_timeout)
 
     async def run_async(self, fn: Callable[[Session], R]) -> R:
         """``run`` for async routes: the event loop keeps serving while ``fn`` is committed."""
-        return await asyncio.wrap_future(self.writer.submit(fn))
+        future = self.writer.submit(fn)
+        waiter = asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), self.write_timeout)
+        except TimeoutError:
+            if future.cancel():  # not started: the writer will skip it
+                raise WriterUnavailable(f"the database did not take the write within "
+                                        f"{self.write_timeout:g} s") from None
+            return await waiter
 
     async def run_refusable(self, fn: Callable[[Session], R]) -> R:
         """``run_async`` for an operation that refuses (HTTPException, TaskError) only before it
         writes anything: the refusal is handed back as a value and raised here, so it does not
         make the writer roll back and re-run the group it shared (a flood of bad tokens would
         otherwise double the work of everyone's requests)."""
+        return _raise_refusal(await self.run_async(_refusable(fn)))
 
-        def op(session: Session) -> R | _Refusal:
-            try:
-                return fn(session)
-            except (HTTPException, TaskError) as exc:
-                return _Refusal(exc)
-
-        out = await self.run_async(op)
-        if isinstance(out, _Refusal):
-            raise out.error
-        return out
+    def run_refusable_sync(self, fn: Callable[[Session], R]) -> R:
+        """``run_refusable`` for sync routes."""
+        return _raise_refusal(self.run(_refusable(fn)))
 
     def read(self) -> Any:
         return self.store.read()
+
+
+def _refusable(fn: Callable[[Session], R]) -> Callable[[Session], R | _Refusal]:
+    def op(session: Session) -> R | _Refusal:
+        try:
+            return fn(session)
+        except (HTTPException, TaskError) as exc:
+            return _Refusal(exc)
+
+    return op
+
+
+def _raise_refusal(out: R | _Refusal) -> R:
+    if isinstance(out, _Refusal):
+        raise out.error
+    return out
+
+
+def tokens_equal(given: str, expected: str) -> bool:
+    """Constant-time comparison of a token a client sent with the real one. On ``str``,
+    ``hmac.compare_digest`` raises TypeError for non-ASCII text (a 500 for any client that
+    sends some), so both are compared as UTF-8 bytes."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                               expected.encode("utf-8", "surrogatepass"))
 
 
 async def get_db(request: Request) -> Db:
@@ -108,7 +142,7 @@ class Credentials:
             raise HTTPException(401, "not logged in: log in or send a valid bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
         if who.via == "session" and self.method not in SAFE_METHODS:
-            if not who.csrf_token or not hmac.compare_digest(self.csrf_header, who.csrf_token):
+            if not who.csrf_token or not tokens_equal(self.csrf_header, who.csrf_token):
                 raise HTTPException(403, "missing or wrong X-CSRF-Token header")
         return who
 
@@ -138,7 +172,7 @@ async def hot_credentials(request: Request) -> Credentials:
 
 
 HotCreds = Annotated[Credentials, Depends(hot_credentials)]
-HOT_SECURITY = {"security": [{"HTTPBearer": []}, {"APIKeyCookie": []}]}
+HOT_SECURITY: dict[str, Any] = {"security": [{"HTTPBearer": []}, {"APIKeyCookie": []}]}
 
 
 def page_user(request: Request) -> Principal | None:

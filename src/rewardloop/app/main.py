@@ -6,22 +6,25 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from rewardloop import __version__
 from rewardloop.app import accounts
 from rewardloop.app.api import router as api_router
-from rewardloop.app.deps import Db
+from rewardloop.app.deps import WRITE_TIMEOUT_S, Db
 from rewardloop.app.pages import router as pages_router
 from rewardloop.app.schemas import Health
 from rewardloop.app.security import MAX_BODY, LoginLimiter, SecurityMiddleware
+from rewardloop.app.writer import WriterUnavailable
 from rewardloop.data.store import Store
 from rewardloop.errors import DataError, UserError
 from rewardloop.feedback.tasks import TaskError
@@ -31,24 +34,30 @@ HERE = Path(__file__).parent
 
 
 def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_BODY,
-               login_limiter: LoginLimiter | None = None) -> FastAPI:
+               login_limiter: LoginLimiter | None = None, public_url: str | None = None,
+               write_timeout: float = WRITE_TIMEOUT_S) -> FastAPI:
     """The annotation server on ``store``.
 
     The session secret is ``secret``, else ``$REWARDLOOP_SECRET``, else one generated on first
     start and kept in the store's ``settings`` table; there is no built-in default.
+    ``public_url`` is the origin browsers use (``https://host[:port]``) when a reverse proxy
+    stands in front: the login form accepts it as Origin, and https makes cookies Secure.
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         app.state.db.writer.close()  # queued writes are committed before the process ends
 
+    # No /docs or /redoc: their pages load script from a CDN, which the CSP (rightly) blocks.
     app = FastAPI(title="rewardloop annotation server", version=__version__, lifespan=lifespan,
-                  description="Collect pairwise comparisons and rankings of model answers.")
+                  description="Collect pairwise comparisons and rankings of model answers.",
+                  docs_url=None, redoc_url=None)
     with store.write() as session:
         app.state.secret = accounts.server_secret(
             session, secret or os.environ.get("REWARDLOOP_SECRET"))
-    app.state.db = Db(store)
+    app.state.db = Db(store, write_timeout=write_timeout)
     app.state.login_limiter = login_limiter or LoginLimiter()
+    app.state.public_url = public_url
     app.add_middleware(SecurityMiddleware, max_body=max_body)
     app.include_router(api_router)
     app.include_router(pages_router)
@@ -63,14 +72,44 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
         return JSONResponse({"detail": str(exc)},
                             status_code=422 if isinstance(exc, DataError) else 400)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> Health:
-        """Liveness and database reachability (no login needed, reveals nothing)."""
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+    @app.exception_handler(WriterUnavailable)
+    def _no_writer(_request: Request, exc: WriterUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc}; try again"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.get("/healthz", tags=["health"], response_model=Health,
+             responses={503: {"model": Health, "description": "The writer has stopped"}})
+    def healthz() -> Response:
+        """Liveness, database reachability and a running writer (no login needed, reveals
+        nothing); 503 when the writer has stopped, since no write could then succeed."""
         with app.state.db.read() as session:
             session.execute(text("SELECT 1"))
-        return Health(status="ok", database=store.dialect)
+        if not app.state.db.writer.alive:
+            return JSONResponse(Health(status="writer stopped", database=store.dialect)
+                                .model_dump(), status_code=503)
+        return JSONResponse(Health(status="ok", database=store.dialect).model_dump())
 
     return app
+
+
+MAX_ERRORS = 10
+
+
+def validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Which fields are wrong and why, never the values sent (FastAPI's default handler echoes
+    each offending ``input``: passwords included, and megabytes of it built on the event loop).
+    At most ``MAX_ERRORS`` entries; location parts are cut to 64 characters, since a key of
+    the body can be one."""
+    out = [{"loc": [part if isinstance(part, int) else str(part)[:64] for part in e["loc"]],
+            "msg": e["msg"], "type": e["type"]} for e in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        out.append({"loc": [], "msg": f"and {len(errors) - MAX_ERRORS} more errors",
+                    "type": "too_many_errors"})
+    return out
 
 
 def tune_gc_for_serving() -> None:

@@ -6,7 +6,6 @@ static/*.js and talks to the JSON API with the session's CSRF token.
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 from rewardloop.app import accounts
 from rewardloop.app.accounts import Principal
 from rewardloop.app.api import do_login, set_session_cookie
-from rewardloop.app.deps import SESSION_COOKIE, page_user
+from rewardloop.app.deps import SESSION_COOKIE, page_user, tokens_equal
 from rewardloop.app.render import markdown, prompt_html
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Batch, ComparisonTask, Judgment
@@ -40,8 +39,11 @@ def _to_login() -> RedirectResponse:
 
 
 def _same_origin(request: Request) -> bool:
+    """Whether a form post came from our own pages: its Origin is the server as this request
+    reached it, or the public URL a reverse proxy serves it under (``--public-url``)."""
     origin = request.headers.get("origin")
-    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+    own = {f"{request.url.scheme}://{request.url.netloc}", request.app.state.public_url}
+    return origin is None or origin in own
 
 
 @router.get("/")
@@ -74,7 +76,7 @@ def login_form(request: Request, username: Annotated[str, Form(max_length=120)],
 @router.post("/logout")
 def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=128)]) -> Response:
     who, cookie = page_user(request), request.cookies.get(SESSION_COOKIE)
-    if who is not None and cookie and hmac.compare_digest(csrf_token, who.csrf_token or ""):
+    if who is not None and cookie and tokens_equal(csrf_token, who.csrf_token or ""):
         secret = request.app.state.secret
         request.app.state.db.run(lambda s: accounts.logout(s, secret, cookie))
     response = _to_login()
@@ -109,7 +111,7 @@ def annotate(request: Request,
     who = page_user(request)
     if who is None:
         return _to_login()
-    context = request.app.state.db.run(lambda s: _lease_page(s, who, batch))
+    context = request.app.state.db.run_refusable_sync(lambda s: _lease_page(s, who, batch))
     return _render(request, "annotate.html", user=who, csrf=who.csrf_token, **context)
 
 

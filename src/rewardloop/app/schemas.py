@@ -5,10 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ResponseId = Annotated[int, Field(ge=1, le=2**62)]
+from rewardloop.data.values import IMPORT_KEY_PREFIX
+
+# Strict: an id is a JSON integer, never "7" or true (lax pydantic would take both).
+ResponseId = Annotated[int, Field(ge=1, le=2**62, strict=True)]
 Group = Annotated[list[ResponseId], Field(min_length=1, max_length=64)]
+StrictIndex = Annotated[int, Field(ge=0, le=63, strict=True)]  # a response's index in its row
 
 
 class _In(BaseModel):
@@ -45,16 +49,25 @@ class TaskOut(BaseModel):
 
 
 class JudgmentIn(_In):
-    task_id: int = Field(ge=1, le=2**62)
+    task_id: int = Field(ge=1, le=2**62, strict=True)
     ranking: list[Group] = Field(min_length=1, max_length=64,
                                  description="Groups of response ids, best first; a group of "
                                              "two or more is a tie.")
     strength: Literal["slight", "clear", "strong"] | None = None
     rationale: str | None = Field(default=None, max_length=10_000)
-    time_ms: int | None = Field(default=None, ge=0, le=7 * 24 * 3600 * 1000)
+    time_ms: int | None = Field(default=None, ge=0, le=7 * 24 * 3600 * 1000, strict=True)
     idempotency_key: str = Field(min_length=1, max_length=128,
                                  description="Unique per judgment; a replay returns the stored "
                                              "judgment instead of a second one.")
+
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _not_an_import_key(cls, key: str) -> str:
+        if key.startswith(IMPORT_KEY_PREFIX):
+            raise ValueError(f"keys starting with {IMPORT_KEY_PREFIX!r} are reserved for "
+                             "imported judgments")
+        return key
 
 
 class JudgmentOut(BaseModel):
@@ -76,10 +89,10 @@ class CandidateRow(BaseModel):
 class TasksCreateIn(_In):
     rows: list[CandidateRow] = Field(min_length=1, max_length=5000)
     kind: Literal["pairwise", "ranking"] = "pairwise"
-    overlap: int = Field(default=1, ge=1, le=100)
+    overlap: int = Field(default=1, ge=1, le=100, strict=True)
     batch: str = Field(min_length=1, max_length=255)
     guidelines: str | None = Field(default=None, max_length=100_000)
-    gold: dict[int, list[list[int]]] | None = Field(
+    gold: dict[int, list[list[StrictIndex]]] | None = Field(
         default=None, description="Row index -> known ranking in response indices.")
     pairing: Literal["all", "adjacent"] = "all"
 

@@ -21,6 +21,10 @@ import sys
 from multiprocessing.connection import wait
 from typing import Any
 
+import uvicorn
+
+from rewardloop.app.main import create_app, tune_gc_for_serving
+from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 
 
@@ -35,28 +39,26 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(url: str, host: str, port: int, options: dict[str, Any]) -> None:
-    import uvicorn
-
-    from rewardloop.app.main import create_app, tune_gc_for_serving
-    from rewardloop.data.store import Store
-
+def _worker(url: str, host: str, port: int, options: dict[str, Any],
+            app_options: dict[str, Any]) -> None:
     try:
         sock = _listen(host, port)
     except OSError as exc:
         print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         sys.exit(2)
-    app = create_app(Store(url, migrate=False))
+    app = create_app(Store(url, migrate=False), **app_options)
     tune_gc_for_serving()
     uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
 
 
-def serve_workers(url: str, host: str, port: int, workers: int, options: dict[str, Any]) -> int:
-    """Run ``workers`` processes until a signal stops them; returns the exit status."""
+def serve_workers(url: str, host: str, port: int, workers: int, options: dict[str, Any],
+                  app_options: dict[str, Any]) -> int:
+    """Run ``workers`` processes until a signal stops them; returns the exit status.
+    ``options`` go to uvicorn, ``app_options`` to ``create_app``."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise UserError("--workers needs SO_REUSEPORT (Linux, macOS, BSD); run one process")
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(url, host, port, options),
+    procs = [context.Process(target=_worker, args=(url, host, port, options, app_options),
                              name=f"rewardloop-worker-{i}") for i in range(workers)]
     asked_to_stop = False
 

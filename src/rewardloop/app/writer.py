@@ -9,6 +9,11 @@ group is rolled back and run again with each operation in its own SAVEPOINT, so 
 is rolled back alone and its error goes back to its request. An acknowledged write is therefore
 committed, and the operations run strictly one after another, so ``feedback.queue`` sees no
 concurrency. Operations may run twice, so they must not act outside the session.
+
+The thread must outlive anything an operation or its caller does: an operation whose caller
+gave up (its future cancelled, e.g. after a write timeout) is skipped, and an error anywhere in
+a round fails that round's requests and the thread carries on. If it stops anyway, ``alive``
+says so (``/healthz`` reports it) and new writes are refused at once instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -26,6 +32,11 @@ from rewardloop.data.store import Store
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+Op = tuple[Callable[[Session], Any], Future[Any]]
+
+
+class WriterUnavailable(RuntimeError):
+    """A write was not done: the writer is stopped, or it did not get to it in time."""
 
 
 class GroupWriter:
@@ -33,26 +44,45 @@ class GroupWriter:
 
     def __init__(self, store: Store, max_batch: int = 128) -> None:
         self.store, self.max_batch = store, max_batch
-        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = \
-            queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="rewardloop-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread is running (False after ``close`` or if it died)."""
+        return self._thread.is_alive() and not self._closed
+
     def submit(self, fn: Callable[[Session], R]) -> Future[R]:
-        """Queue ``fn``; the future resolves to its result once committed (or to its error)."""
+        """Queue ``fn``; the future resolves to its result once committed (or to its error).
+        Cancelling the future before the writer starts ``fn`` means ``fn`` never runs."""
+        if not self.alive:
+            raise WriterUnavailable("the database writer is stopped")
         future: Future[R] = Future()
         self._queue.put((fn, future))
         return future
 
-    def run(self, fn: Callable[[Session], R], timeout: float = 60.0) -> R:
-        """Run ``fn`` in a write transaction; returns its result once committed (or raises)."""
-        return self.submit(fn).result(timeout=timeout)
+    def run(self, fn: Callable[[Session], R], timeout: float = 30.0) -> R:
+        """Run ``fn`` in a write transaction; returns its result once committed (or raises).
+
+        WriterUnavailable if it has not started within ``timeout`` seconds (it then never
+        runs, so the caller may safely report failure); once started it is waited for."""
+        future = self.submit(fn)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            if future.cancel():
+                raise WriterUnavailable(f"the database did not take the write within "
+                                        f"{timeout:g} s") from None
+            return future.result()
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def _take(self) -> tuple[list[tuple[Callable[[Session], Any], Future[Any]]], bool]:
+    def _take(self) -> tuple[list[Op], bool]:
         first = self._queue.get()
         if first is None:
             return [], True
@@ -71,11 +101,19 @@ class GroupWriter:
         stop = False
         while not stop:
             ops, stop = self._take()
-            if ops:
+            # Claim each future; a cancelled one's caller has gone, so its op is skipped.
+            ops = [op for op in ops if op[1].set_running_or_notify_cancel()]
+            if not ops:
+                continue
+            try:
                 self._commit(ops)
+            except BaseException as exc:  # noqa: BLE001 (the thread must survive anything)
+                log.exception("writer round of %d operations failed", len(ops))
+                for _, future in ops:
+                    if not future.done():
+                        future.set_exception(exc)
 
-    def _attempt(self, ops: list[tuple[Callable[[Session], Any], Future[Any]]],
-                 isolate: bool) -> list[tuple[bool, Any]]:
+    def _attempt(self, ops: list[Op], isolate: bool) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         with self.store.write() as session:
             for fn, _ in ops:
@@ -89,7 +127,7 @@ class GroupWriter:
                     outcomes.append((False, exc))
         return outcomes
 
-    def _commit(self, ops: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+    def _commit(self, ops: list[Op]) -> None:
         try:
             try:
                 outcomes = self._attempt(ops, isolate=False)

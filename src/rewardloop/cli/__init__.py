@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import pkgutil
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
@@ -25,7 +26,8 @@ class _Root(TyperGroup):
     that cannot go on), here rather than in ``main`` so every caller (the console script,
     ``CliRunner`` in tests, ``python -m``) sees the same behaviour."""
 
-    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+    # ctx is click's Context, which recent typer versions vendor under a private name.
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except UserError as exc:

@@ -49,3 +49,15 @@ def existing_file(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     return path
+
+
+DATA_INPUTS = "a JSONL, Parquet or Arrow file, a datasets.save_to_disk dir or a Hub-style folder"
+
+
+def existing_data(path: Path) -> Path:
+    """``path`` if it names data rewardloop can read (a file, a saved dataset, a dataset
+    folder, ``DIR:SPLIT``); else the UserError saying what is missing."""
+    from rewardloop.data.sources import open_source
+
+    open_source(path)
+    return path

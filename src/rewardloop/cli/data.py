@@ -8,13 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from rewardloop.cli._common import DB, existing_file, resolve_db
+from rewardloop.cli._common import DB, resolve_db
 
 ORDER = 20
 
 _FORMATS_HELP = (
     "prompts, candidates, trl (pairwise), ranking, hh (HH-RLHF transcripts), ultrafeedback "
-    "(rated completions), kto (unpaired labels)"
+    "(rated completions), kto (unpaired labels); published data sets: arena (Chatbot Arena "
+    "conversations), oasst (OpenAssistant message trees), shp (Stanford Human Preferences), "
+    "saferlhf-better / saferlhf-safer (PKU-SafeRLHF, one label each)"
 )
 
 data_app = typer.Typer(
@@ -37,10 +39,15 @@ def _counts(counter: dict[str, int]) -> str:
 
 @data_app.command("import")
 def import_(
-    file: Annotated[Path, typer.Argument(help="JSONL file to import (one JSON object a line).")],
+    file: Annotated[Path, typer.Argument(
+        help="What to import: a JSONL, Parquet or Arrow file, a datasets.save_to_disk "
+        "directory, or a Hub-style dataset folder (data/train-*.parquet).")],
     fmt: Annotated[str | None, typer.Option(
-        "--format", help=f"File format: {_FORMATS_HELP}. Default: detected from the keys of "
-        "the first rows.")] = None,
+        "--format", help=f"Data format: {_FORMATS_HELP}. Default: detected from the keys of "
+        "the first row.")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="The split to read from a dataset folder with several (train, test, "
+        "...); also written DIR:SPLIT.")] = None,
     db: str | None = DB,
     batch: Annotated[str | None, typer.Option(
         "--batch", help="Put the imported comparison tasks in this batch (created if new).",
@@ -55,13 +62,12 @@ def import_(
     from rewardloop.data.store import Store
     from rewardloop.data.transfer import import_file
 
-    existing_file(file)
     if fmt is None:
-        fmt = detect_format(file)
+        fmt = detect_format(file, split)
         typer.echo(f"detected format: {fmt} (pass --format to override)")
     store = Store(resolve_db(db))
     try:
-        report = import_file(store, file, fmt, batch=batch)
+        report = import_file(store, file, fmt, batch=batch, split=split)
     finally:
         store.dispose()
     typer.echo(f"read {report.records} {report.format} records from {file}")
@@ -75,22 +81,35 @@ def import_(
 def export_(
     fmt: Annotated[str, typer.Option(
         "--format", help="Format to write: trl, ranking, hh, kto, prompts or candidates.")],
-    out: Annotated[Path, typer.Option(
-        "--out", "-o", help="JSONL file to write (replaced atomically if it exists).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="File to write, replaced atomically if it exists: Parquet for "
+        ".parquet, Arrow for .arrow, else JSONL.")] = None,
+    hf_dataset: Annotated[Path | None, typer.Option(
+        "--to-hf-dataset", help="Write a directory that datasets.load_from_disk loads, "
+        "instead of a file.")] = None,
     db: str | None = DB,
     batch: Annotated[str | None, typer.Option(
         "--batch", help="Export only this batch's judgments (trl, ranking, hh).")] = None,
+    dimension: Annotated[str | None, typer.Option(
+        "--dimension", help="Export only judgments on this dimension (PKU-SafeRLHF: better or "
+        "safer); needed when the store holds several.")] = None,
 ) -> None:
-    """Write the store's feedback as a training file, oldest first."""
+    """Write the store's feedback as a training file or dataset, oldest first."""
     from rewardloop.data.store import Store
     from rewardloop.data.transfer import export
+    from rewardloop.errors import UserError
 
+    if (out is None) == (hf_dataset is None):
+        raise UserError("give exactly one of -o FILE and --to-hf-dataset DIR")
+    target = out if out is not None else hf_dataset
+    assert target is not None
     store = Store(resolve_db(db))
     try:
-        report = export(store, fmt, out, batch=batch)
+        report = export(store, fmt, target, batch=batch, dimension=dimension,
+                        hf_dataset=hf_dataset is not None)
     finally:
         store.dispose()
-    typer.echo(f"wrote {report.rows} {fmt} rows to {out}")
+    typer.echo(f"wrote {report.rows} {fmt} rows to {target}")
     for reason, n in report.skipped.items():
         typer.echo(f"skipped {n} {reason}")
 

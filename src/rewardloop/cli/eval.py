@@ -56,7 +56,8 @@ def evaluate(
     baseline: str | None = typer.Option(
         None, "--baseline", help="Policy to compare against (e.g. the SFT model)."),
     prompts: Path | None = typer.Option(
-        None, "--prompts", help="Prompts JSONL (`prompt` or `messages` per line)."),
+        None, "--prompts", help="Prompts (JSONL, Parquet, Arrow or a dataset folder): "
+        "`prompt` or `messages` per row."),
     judge: list[str] | None = typer.Option(
         None, "--judge", help="Judge, repeatable: a reward-model run dir (or its model/), "
         "package.module:function (TRL reward signature), or `human` (arena tasks in --db for "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from rewardloop.cli._common import CHAT_TEMPLATE, DB, SEED, existing_file, resolve_db
+from rewardloop.cli._common import CHAT_TEMPLATE, DB, SEED, existing_data, existing_file, resolve_db
 from rewardloop.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ class GenerateConfig:
     policy: str
     """Policy to sample from: a model directory (or a train run's model/) or a hub id."""
     prompts: Path
-    """Prompts JSONL (``prompt`` text or chat, or ``messages``)."""
+    """Prompts (JSONL, Parquet, Arrow or a dataset folder): ``prompt`` or ``messages``."""
     n: int = 4
     """Answers sampled per prompt (>= 2: tasks compare answers)."""
     out: Path | None = None
@@ -103,20 +103,21 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     """Sample, write, select, create; returns the lines to print."""
     from rewardloop.data.formats import PromptRecord, read_records, write_records
     from rewardloop.feedback import select as S
-    from rewardloop.rollout import SamplingSettings
+    from rewardloop.rollout import SamplingSettings, sample_candidates
+    from rewardloop.score import heads_of
 
     gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
-    prompts = [r.prompt for r in read_records(existing_file(cfg.prompts), "prompts")[1]
+    prompts = [r.prompt for r in read_records(existing_data(cfg.prompts), "prompts")[1]
                if isinstance(r, PromptRecord)]
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     origin = S.policy_origin(cfg.policy, {
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed})
     label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
-    rows = S.sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
-                               batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
-                               device=cfg.device, dtype=cfg.dtype, model_label=label,
-                               chat_template=cfg.chat_template)
+    rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
+                             batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
+                             device=cfg.device, dtype=cfg.dtype, model_label=label,
+                             chat_template=cfg.chat_template)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:
@@ -129,7 +130,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     scores = None
     if sel.strategy == "uncertainty":
         assert cfg.rm is not None  # checked by the config
-        heads = S.heads_of(cfg.rm, device=cfg.device)
+        heads = heads_of(cfg.rm, device=cfg.device)
         scores = S.uncertainty_scores(rows, pairs, heads, sel.measure)
     planned = S.plan(sel, pairs, S.gold_pairs(gold_rows), scores)
     from rewardloop.data.store import Store
@@ -158,8 +159,8 @@ def generate(
     policy: str = typer.Option(..., "--policy", "--model",
                                help="Policy to sample from: a model directory (or a train run "
                                "directory's model/) or a hub id."),
-    prompts: Path = typer.Option(..., "--prompts", help="Prompts JSONL: prompt (text or chat) "
-                                 "or messages per line."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts (JSONL, Parquet, Arrow or a "
+                                 "dataset folder): prompt (text or chat) or messages per row."),
     n: int = typer.Option(4, "-n", help="Answers to sample per prompt (at least 2)."),
     out: Path | None = typer.Option(None, "--out", help="Candidates JSONL to write (prompt, "
                                     "responses, models = policy name@version)."),

@@ -77,7 +77,7 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    from rewardloop.loop import STAGES, loop_status
+    from rewardloop.loop_config import STAGES, loop_status
 
     rounds = loop_status(workdir)
     if not rounds:

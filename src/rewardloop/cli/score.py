@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 def score(
     rm: Path = typer.Option(..., "--rm", help="Reward model: a train rm run directory or its "
                             "model/ directory."),
-    data: Path = typer.Option(..., "--data", help="JSONL rows to score: pairwise (adds "
+    data: Path = typer.Option(..., "--data", help="Rows to score (JSONL, Parquet, Arrow or a "
+                              "dataset folder): pairwise (adds "
                               "score_chosen/score_rejected), candidates or ranking (adds "
                               "scores), prompt/completion rows (adds score)."),
     output: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (atomically)."),
@@ -29,10 +30,10 @@ def score(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Score answers with a reward model; ensembles add the std across heads (*_std)."""
-    from rewardloop.cli._common import existing_file
+    from rewardloop.cli._common import existing_data
     from rewardloop.score import score_file
 
-    existing_file(data)
+    existing_data(data)
     rows = score_file(rm, data, output, batch_size=batch_size, normalize=normalize,
                       data_format=data_format, device=device)
     typer.echo(f"wrote {rows} scored rows to {output}")

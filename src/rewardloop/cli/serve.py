@@ -12,6 +12,65 @@ from rewardloop.cli._common import DB, resolve_db
 ORDER = 10
 
 
+def check_public_url(value: str | None) -> str | None:
+    """``--public-url`` as an origin (``scheme://host[:port]``), or a UserError."""
+    from urllib.parse import urlsplit
+
+    from rewardloop.errors import UserError
+
+    if value is None:
+        return None
+    parts = urlsplit(value.rstrip("/"))
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        raise UserError(f"--public-url: {value!r} is not an origin like "
+                        "https://annotate.example.org or https://host:8443 (no path)")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def check_forwarded_allow_ips(value: str) -> str:
+    """``--forwarded-allow-ips`` checked entry by entry (addresses, networks or '*')."""
+    import ipaddress
+
+    from rewardloop.errors import UserError
+
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if not entries:
+        raise UserError("--forwarded-allow-ips: give at least one address, network or '*'")
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise UserError(f"--forwarded-allow-ips: {entry!r} is not an IP address or "
+                            "network (like 10.0.0.5 or 10.0.0.0/8)") from None
+    return ",".join(entries)
+
+
+def readable_by_others(url: str) -> str | None:
+    """A warning when the SQLite file of ``url`` may be read by other users (files made before
+    stores were created 0600 keep their old mode), else None."""
+    import stat
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0
+    if not mode & 0o077:
+        return None
+    return (f"warning: {path} (mode {mode:04o}) holds the session secret and password hashes "
+            f"but other users may read it; chmod 600 {path}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -21,8 +80,21 @@ def register(app: typer.Typer) -> None:
             "every interface (put it behind HTTPS then)."),
         port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
         proxy_headers: bool = typer.Option(
-            False, "--proxy-headers", help="Trust X-Forwarded-Proto/For from a reverse proxy on "
-            "127.0.0.1 (so cookies are marked Secure behind an HTTPS proxy)."),
+            False, "--proxy-headers", help="Trust X-Forwarded-Proto/For from the reverse proxy "
+            "(at the addresses of --forwarded-allow-ips): the client address is then the "
+            "real one (login limits) and cookies are Secure behind an HTTPS proxy."),
+        forwarded_allow_ips: str | None = typer.Option(
+            None, "--forwarded-allow-ips", help="Comma-separated addresses or networks of the "
+            "reverse proxy, e.g. 10.0.0.5,fd00::/8 ('*' trusts anyone: only when nothing else "
+            "can reach the port). Implies --proxy-headers. Default 127.0.0.1."),
+        public_url: str | None = typer.Option(
+            None, "--public-url", help="The origin browsers use, e.g. https://annotate.example"
+            ".org, when a proxy serves the app: the login form accepts it as Origin, and "
+            "https marks cookies Secure."),
+        write_timeout: float = typer.Option(
+            30.0, "--write-timeout", min=0.1, max=3600,
+            help="Seconds a request waits for the database writer to take its write before "
+            "it is answered 503 (and not written)."),
         log_level: str = typer.Option("warning", "--log-level",
                                       help="uvicorn log level: debug, info, warning, error."),
         workers: int = typer.Option(
@@ -47,21 +119,27 @@ def register(app: typer.Typer) -> None:
 
         if not 0 < port < 65536:
             raise UserError(f"--port must be 1..65535, got {port}")
+        app_options: dict[str, Any] = {"public_url": check_public_url(public_url),
+                       "write_timeout": write_timeout}
+        allowed = check_forwarded_allow_ips(forwarded_allow_ips or "127.0.0.1")
         url = resolve_db(db)
         store = Store(url)  # migrates once, before any worker starts
+        warning = readable_by_others(url)
+        if warning:
+            typer.echo(warning, err=True)
         options: dict[str, Any] = dict(
-            log_level=log_level, proxy_headers=proxy_headers, forwarded_allow_ips="127.0.0.1",
-            access_log=log_level in ("debug", "info"))
+            log_level=log_level, proxy_headers=proxy_headers or forwarded_allow_ips is not None,
+            forwarded_allow_ips=allowed, access_log=log_level in ("debug", "info"))
         typer.echo(f"serving {store.safe_url} on http://{host}:{port}"
                    + (f" with {workers} worker processes" if workers > 1 else ""), err=True)
         if workers == 1:
-            application = create_app(store)
+            application = create_app(store, **app_options)
             tune_gc_for_serving()
             uvicorn.run(application, host=host, port=port, **options)
             return
         with store.write() as session:  # made once here, so workers never race to make it
             server_secret(session, os.environ.get("REWARDLOOP_SECRET"))
         store.dispose()
-        code = serve_workers(url, host, port, workers, options)
+        code = serve_workers(url, host, port, workers, options, app_options)
         if code:
             raise typer.Exit(code)

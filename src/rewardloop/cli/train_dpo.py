@@ -31,7 +31,8 @@ def dpo(
         "Also the reference unless --ref-model is given."),
     data: Path = typer.Option(
         ..., "--data",
-        help="Training preferences (JSONL): pairwise rows (trl, hh, ultrafeedback) for "
+        help="Training preferences (JSONL, Parquet, Arrow or a dataset folder, DIR:SPLIT "
+        "for a split): pairwise rows (trl, hh, ultrafeedback) for "
         "dpo/cdpo/ipo/robust; unpaired rows (prompt, completion, label) for kto."),
     out: Path = typer.Option(
         ..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json)."),
@@ -121,13 +122,13 @@ def dpo(
     config: Path | None = CONFIG,
 ) -> None:
     """Optimise a policy directly on preferences (no reward model): DPO and its variants."""
-    from rewardloop.cli._common import existing_file
+    from rewardloop.cli._common import existing_data
     from rewardloop.config import load_config
     from rewardloop.train.dpo import DPOConfig, train_dpo
 
-    existing_file(data)
+    existing_data(data)
     if eval_data is not None:
-        existing_file(eval_data)
+        existing_data(eval_data)
     cfg = load_config(
         DPOConfig, config, model=model, data=data, out=out, loss=loss, beta=beta,
         label_smoothing=label_smoothing, length_normalize=length_normalize, nll_coef=nll_coef,

@@ -23,7 +23,8 @@ ORDER = 41
 # Options shared by every online-RL command, spelled and explained once.
 POLICY = typer.Option(None, "--policy", help="Policy to train: model dir (e.g. an SFT run's "
                       "model/), LoRA adapter dir or hub id. Required (flag or config).")
-PROMPTS = typer.Option(None, "--prompts", help="Prompts JSONL: `prompt` (text or chat) or "
+PROMPTS = typer.Option(None, "--prompts", help="Prompts (JSONL, Parquet, Arrow or a dataset "
+                       "folder, DIR:SPLIT for a split): `prompt` (text or chat) or "
                        "`messages` per line; `meta` keys are passed to reward functions.")
 REWARD = typer.Option(None, "--reward", help="Reward SPEC[@WEIGHT], repeatable: a reward-model "
                       "run dir (or its model/), normalised by its reward_stats.json, or "
@@ -110,11 +111,15 @@ def _run(kind: str, cfg_cls: Any, config: Path | None, flags: dict[str, Any]) ->
     flags["rewards"] = tuple(rewards) if rewards else None
     flags["report_to"] = trackers(flags["report_to"])
     cfg = load_config(cfg_cls, config, **flags)
+    # Each trainer imports torch: only the one asked for is loaded.
     if kind == "ppo":
-        from rewardloop.train.ppo import train
+        from rewardloop.train.ppo import train as train_ppo
+
+        summary = train_ppo(cfg)
     else:
-        from rewardloop.train.grpo import train
-    summary = train(cfg)
+        from rewardloop.train.grpo import train as train_grpo
+
+        summary = train_grpo(cfg)
     shown = ", ".join(f"{k} {summary[k]:.4g}" for k in ("reward_first", "reward_last",
                                                           "kl_k1_last", "samples_per_s")
                       if isinstance(summary.get(k), float))

@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
 
 def rm(
     model: str = MODEL,
-    data: Path = typer.Option(..., "--data", help="Training preferences (JSONL): pairwise rows "
+    data: Path = typer.Option(..., "--data", help="Training preferences (JSONL, Parquet, "
+                              "Arrow or a dataset folder, DIR:SPLIT for a split): pairwise rows "
                               "(prompt, chosen, rejected; hh and ultrafeedback are converted) "
                               "or ranking rows."),
     out: Path = OUT,
@@ -126,8 +127,9 @@ def rm(
     config: Path | None = CONFIG,
 ) -> None:
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
-    from rewardloop.cli._common import existing_file
+    from rewardloop.cli._common import existing_data, existing_file
     from rewardloop.config import load_config
+    from rewardloop.feedback.quality import annotators_from_db
     from rewardloop.train.reward import RewardConfig, train_rm
 
     cfg = load_config(
@@ -146,9 +148,14 @@ def rm(
         chat_template=chat_template, report_to=trackers(report_to),
         **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
     )
-    for path in (cfg.data, cfg.eval_data, cfg.annotator_weights, cfg.annotator_groups):
+    for path in (cfg.data, cfg.eval_data):
+        if path is not None:
+            existing_data(path)
+    for path in (cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:
             existing_file(path)
-    summary = train_rm(cfg)
+    stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
+                                 flagged=cfg.exclude_flagged) if cfg.db is not None else None)
+    summary = train_rm(cfg, stored)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
                                     "eval_ece", "length_correlation"))

@@ -83,7 +83,8 @@ def show_summary(summary: dict[str, Any], out: Path, keys: tuple[str, ...]) -> N
 
 def sft(
     model: str = MODEL,
-    data: Path = typer.Option(..., "--data", help="Training rows (JSONL, sft format): prompt + "
+    data: Path = typer.Option(..., "--data", help="Training rows (sft format; JSONL, Parquet, "
+                              "Arrow or a dataset folder, DIR:SPLIT for a split): prompt + "
                               "completion, messages (chat, last turn = the answer) or text."),
     out: Path = OUT,
     eval_data: Path | None = EVAL_DATA,
@@ -129,7 +130,7 @@ def sft(
     config: Path | None = CONFIG,
 ) -> None:
     """Supervised fine-tuning: cross-entropy on the completion tokens (or all tokens)."""
-    from rewardloop.cli._common import existing_file
+    from rewardloop.cli._common import existing_data
     from rewardloop.config import load_config
     from rewardloop.train.sft import SFTConfig, train_sft
 
@@ -149,6 +150,6 @@ def sft(
     )
     for path in (cfg.data, cfg.eval_data):
         if path is not None:
-            existing_file(path)
+            existing_data(path)
     summary = train_sft(cfg)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_loss", "eval_perplexity"))

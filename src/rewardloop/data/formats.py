@@ -1,21 +1,25 @@
-"""Preference-data files: JSONL readers and writers for every format rewardloop speaks.
+"""Preference-data files: readers and writers for every format rewardloop speaks.
 
-One JSON object a line; blank lines are allowed. Reading is strict: the first problem stops it
-with a :class:`DataError` naming the file, the 1-based line and the field. Writing is atomic
-(temp file, fsync, rename) and every format rewardloop writes reads back to equal records.
+Rows come from JSONL, Parquet or Arrow files or dataset folders (:mod:`.sources`). Reading is
+strict: the first problem stops it with a :class:`DataError` naming the file, the 1-based line
+(JSONL) or row (columnar) and the field. Writing is atomic (temp file, fsync, rename) and every
+format rewardloop writes reads back to equal records.
 
 Formats (``FORMATS``) and the record each yields:
 
 - ``prompts``: ``prompt`` (text or chat) or ``messages``; ``id``, ``meta`` -> :class:`PromptRecord`
 - ``candidates``: ``prompt``, ``responses``, ``models`` -> :class:`CandidatesRecord`
 - ``trl``: ``prompt``, ``chosen``, ``rejected`` (or chat lists without ``prompt``, the prompt then
-  being their shared leading messages); ``margin``, ``annotator``, ``tie`` -> :class:`PairRecord`
+  being their shared leading messages); ``margin``, ``annotator``, ``tie``, ``chosen_model``,
+  ``rejected_model``, ``dimension``, ``both_bad`` -> :class:`PairRecord`
 - ``ranking``: ``prompt``, ``responses``, ``ranking`` (groups of indices) -> :class:`RankingRecord`
 - ``hh``: ``chosen``/``rejected`` whole HH-RLHF transcripts -> :class:`PairRecord`
 - ``ultrafeedback``: ``prompt``/``instruction``, rated ``completions`` -> :class:`PairRecord`\\ s
   (read only: higher rating wins, margin = rating difference, equal ratings give no pair)
 - ``kto``: ``prompt``, ``completion``, ``label`` -> :class:`UnpairedRecord`
 - ``sft``: ``prompt`` + ``completion``, ``messages`` or ``text`` -> :class:`SFTRecord`
+- ``arena``, ``oasst``, ``shp``, ``saferlhf-better``, ``saferlhf-safer``: published data sets
+  in their owners' shapes (read only; see :mod:`rewardloop.data.shapes`)
 
 Records, text types and chat accessors live in :mod:`rewardloop.data.records` and are re-exported
 here. Optional fields are omitted when written empty.
@@ -24,11 +28,9 @@ here. Optional fields are omitted when written empty.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rewardloop.data import _fields as F
 from rewardloop.data.records import (
@@ -51,16 +53,29 @@ from rewardloop.data.records import (
     is_chat,
     prompt_text,
     response_text,
+    split_shared,
 )
+from rewardloop.data.shapes import (
+    parse_arena,
+    parse_saferlhf_better,
+    parse_saferlhf_safer,
+    parse_shp,
+    stream_oasst,
+)
+from rewardloop.data.sources import COLUMNAR, Location, data_error, open_source, rows
 from rewardloop.data.values import validate_ranking
 from rewardloop.errors import DataError, UserError
+from rewardloop.util.files import atomic_file
 
 __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
     "PromptRecord", "RankingRecord", "Record", "SFTRecord", "Text", "UnpairedRecord",
     "as_messages", "completion_messages", "detect_format", "hh_transcripts", "is_chat",
-    "prompt_text", "read_records", "response_text", "write_records",
+    "iter_records", "prompt_text", "read_as", "read_records", "read_training_records",
+    "response_text", "write_dataset", "write_records",
 ]
+
+R = TypeVar("R")
 
 # Completion rating keys, in order of preference (UltraFeedback's own key first).
 RATING_KEYS = ("overall_score", "rating", "score", "fine-grained_score")
@@ -97,11 +112,15 @@ def _parse_candidates(obj: dict[str, Any]) -> list[Record]:
 
 def _pair_options(obj: dict[str, Any]) -> dict[str, Any]:
     margin = obj.get("margin")
+    models = [F.ident(obj, key, F.MAX_ID_CHARS) for key in ("chosen_model", "rejected_model")]
     return {
         "margin": None if margin is None else F.number(margin, "margin"),
         "annotator": F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS),
         "id": F.ident(obj),
         "tie": F.boolean(obj, "tie", default=False),
+        "models": models if any(models) else None,
+        "dimension": F.ident(obj, "dimension", F.MAX_ANNOTATOR_CHARS),
+        "both_bad": F.boolean(obj, "both_bad", default=False),
     }
 
 
@@ -112,13 +131,9 @@ def _parse_trl(obj: dict[str, Any]) -> list[Record]:
         prompt = F.text(obj["prompt"], "prompt")
     elif isinstance(chosen, list) and isinstance(rejected, list):
         # TRL's "implicit prompt" form: the prompt is the conversation both answers share.
-        shared = 0
-        while (shared < min(len(chosen), len(rejected)) - 1
-               and chosen[shared] == rejected[shared]):
-            shared += 1
-        if shared == 0:
+        prompt, chosen, rejected = split_shared(chosen, rejected)
+        if not prompt:
             raise F.Invalid("prompt", "is missing, and chosen/rejected share no leading messages")
-        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     else:
         raise F.Invalid("prompt", "is missing (whole HH transcripts are --format hh)")
     return [PairRecord(prompt, chosen, rejected, **_pair_options(obj))]
@@ -167,7 +182,7 @@ def _parse_ultrafeedback(obj: dict[str, Any]) -> list[Record]:
     if not isinstance(completions, list):
         raise F.Invalid("completions", f"must be a list, got {F.kind_of(completions)}")
     rated = [_rated_completion(c, f"completions[{i}]") for i, c in enumerate(completions)]
-    options = {"annotator": F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS), "id": F.ident(obj)}
+    annotator, row_id = F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS), F.ident(obj)
     pairs: list[Record] = []
     for i, (text_i, score_i) in enumerate(rated):
         for text_j, score_j in rated[i + 1:]:
@@ -175,7 +190,8 @@ def _parse_ultrafeedback(obj: dict[str, Any]) -> list[Record]:
                 continue  # equal ratings (or equal texts) state no preference
             (win, win_score), (lose, lose_score) = sorted(
                 [(text_i, score_i), (text_j, score_j)], key=lambda c: -c[1])
-            pairs.append(PairRecord(prompt, win, lose, margin=win_score - lose_score, **options))
+            pairs.append(PairRecord(prompt, win, lose, margin=win_score - lose_score,
+                                    annotator=annotator, id=row_id))
     return pairs
 
 
@@ -229,52 +245,29 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], list[Record]]] = {
     "ultrafeedback": _parse_ultrafeedback,
     "kto": _parse_kto,
     "sft": _parse_sft,
+    "arena": parse_arena,
+    "shp": parse_shp,
+    "saferlhf-better": parse_saferlhf_better,
+    "saferlhf-safer": parse_saferlhf_safer,
 }
-FORMATS: tuple[str, ...] = tuple(_PARSERS)
+Rows = Iterator[tuple[Location, dict[str, Any]]]
+# Formats whose records need more than one row (a ranking of an oasst tree's siblings).
+_STREAMS: dict[str, Callable[[Rows], Iterator[Record]]] = {"oasst": stream_oasst}
+FORMATS: tuple[str, ...] = (*_PARSERS, *_STREAMS)
 
 
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _existing(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    return path
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for each non-blank line; lines may be of any length."""
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"not UTF-8 text (bad byte at column {exc.start + 1})",
-                                path=str(path), line=number) from None
-            line = line.removeprefix("\ufeff") if number == 1 else line
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line, parse_constant=_reject_constant)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}",
-                                path=str(path), line=number) from None
-            except (ValueError, RecursionError) as exc:
-                raise DataError(f"not valid JSON: {exc}", path=str(path), line=number) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"each line must be a JSON object, got {F.kind_of(obj)}",
-                                path=str(path), line=number)
-            yield number, obj
-
-
 def _guess(obj: dict[str, Any]) -> str | None:
     """The format a row's keys point to (None when they point nowhere)."""
     keys = set(obj)
+    for shape, fmt in (({"model_a", "model_b", "winner"}, "arena"),
+                       ({"message_id", "role", "text"}, "oasst"),
+                       ({"score_A", "score_B"}, "shp"),
+                       ({"better_response_id", "safer_response_id"}, "saferlhf-better")):
+        if shape <= keys:
+            return fmt
     if {"chosen", "rejected"} <= keys:
         return "hh" if "prompt" not in keys and isinstance(obj["chosen"], str) else "trl"
     for key, fmt in (("completions", "ultrafeedback"), ("ranking", "ranking"),
@@ -289,28 +282,28 @@ def _guess(obj: dict[str, Any]) -> str | None:
     return "prompts" if "prompt" in keys else None
 
 
-def _empty(path: Path) -> DataError:
-    return DataError("the file is empty: expected one JSON object per line", path=str(path))
+def _empty(name: str) -> DataError:
+    return DataError("the input is empty: expected one object per line or row", path=name)
 
 
-def detect_format(path: str | Path) -> str:
-    """The format of a JSONL file, from the keys of its first non-blank row.
+def detect_format(path: str | Path, split: str | None = None) -> str:
+    """The format of a data file or folder, from the keys of its first row.
 
     Later rows are not consulted: a row that lacks a field of the detected format is then
     reported by :func:`read_records` as that missing field, which is the useful message.
     """
-    path = _existing(path)
-    rows = _rows(path)
+    source = open_source(path, split)
+    stream = rows(source)
     try:
-        number, obj = next(rows)
+        where, obj = next(stream)
     except StopIteration:
-        raise _empty(path) from None
+        raise _empty(source.name) from None
     finally:
-        rows.close()
+        stream.close()
     guess = _guess(obj)
     if guess is None:
-        raise DataError(f"cannot tell the format from the keys {sorted(obj)}; pass --format "
-                        f"(one of {', '.join(FORMATS)})", path=str(path), line=number)
+        raise data_error(where, f"cannot tell the format from the keys {sorted(obj)}; pass "
+                         f"--format (one of {', '.join(FORMATS)})")
     return guess
 
 
@@ -322,25 +315,74 @@ def check_format(fmt: str, known: Iterable[str] = FORMATS) -> str:
     return fmt
 
 
-def read_records(path: str | Path, fmt: str | None = None) -> tuple[str, list[Record]]:
-    """Read and validate a whole file: ``(format, records)``; ``fmt=None`` detects the format.
-
-    Raises DataError (file, line, field) on the first bad row, or for a file with no rows.
-    """
-    path = _existing(path)
-    fmt = detect_format(path) if fmt is None else check_format(fmt)
-    parse = _PARSERS[fmt]
-    records: list[Record] = []
-    rows = 0
-    for number, obj in _rows(path):
-        rows += 1
+def _parsed(parse: Callable[[dict[str, Any]], list[Record]], stream: Rows) -> Iterator[Record]:
+    for where, obj in stream:
         try:
-            records.extend(parse(obj))
+            yield from parse(obj)
         except F.Invalid as exc:
-            raise DataError(str(exc), path=str(path), line=number, field=exc.field) from None
-    if rows == 0:
-        raise _empty(path)
-    return fmt, records
+            raise data_error(where, str(exc), exc.field) from None
+
+
+def _counted(stream: Rows, name: str) -> Rows:
+    """``stream``, raising the no-rows error once it ends without a row."""
+    empty = True
+    for item in stream:
+        empty = False
+        yield item
+    if empty:
+        raise _empty(name)
+
+
+def iter_records(path: str | Path, fmt: str | None = None, split: str | None = None
+                 ) -> tuple[str, Iterator[Record]]:
+    """``(format, records)`` of any input :func:`open_source` takes, streamed row by row.
+
+    ``fmt=None`` detects the format. The iterator raises DataError (file, line or row, field)
+    at the first bad row, or at the end for an input with no rows.
+    """
+    source = open_source(path, split)
+    fmt = detect_format(path, split) if fmt is None else check_format(fmt)
+    stream = _counted(rows(source), source.name)
+    if fmt in _STREAMS:
+        return fmt, _STREAMS[fmt](stream)
+    return fmt, _parsed(_PARSERS[fmt], stream)
+
+
+def read_records(path: str | Path, fmt: str | None = None, split: str | None = None
+                 ) -> tuple[str, list[Record]]:
+    """Read and validate a whole input: ``(format, records)``; see :func:`iter_records`.
+
+    The one reader trainers and commands call: a JSONL, Parquet or Arrow file, a saved
+    ``datasets`` directory or a Hub-style folder (``DIR:SPLIT`` picks a split).
+    """
+    fmt, records = iter_records(path, fmt, split)
+    return fmt, list(records)
+
+
+# What each published shape's records are, for trainers that choose a loss by record kind.
+TRAINING_KIND = {"arena": "trl", "shp": "trl", "saferlhf-better": "trl", "saferlhf-safer": "trl",
+                 "oasst": "ranking"}
+
+
+def read_training_records(path: str | Path, fmt: str | None = None, split: str | None = None
+                          ) -> tuple[str, list[Record]]:
+    """:func:`read_records` for trainers: the format comes back as the kind of its records.
+
+    A published shape (Arena, SHP, PKU-SafeRLHF pairs; oasst rankings) reads as ``trl`` or
+    ``ranking``, so a trainer that accepts those accepts it too.
+    """
+    fmt, records = read_records(path, fmt, split)
+    return TRAINING_KIND.get(fmt, fmt), records
+
+
+def read_as(path: str | Path, fmt: str, cls: type[R]) -> list[R]:
+    """The records of a file in format ``fmt``, typed as ``cls`` (the record class that format
+    reads into, e.g. ``PromptRecord`` for ``prompts``)."""
+    records = read_records(path, fmt)[1]
+    wrong = next((r for r in records if not isinstance(r, cls)), None)
+    if wrong is not None:
+        raise TypeError(f"{fmt} rows read as {type(wrong).__name__}, not {cls.__name__}")
+    return [r for r in records if isinstance(r, cls)]
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -351,8 +393,11 @@ def _compact(**fields: Any) -> dict[str, Any]:
 
 
 def _pair_extras(r: PairRecord) -> dict[str, Any]:
-    tie = True if r.tie else None
-    return {"margin": r.margin, "annotator": r.annotator, "id": r.id, "tie": tie}
+    chosen_model, rejected_model = r.models or (None, None)
+    return {"margin": r.margin, "annotator": r.annotator, "id": r.id,
+            "tie": True if r.tie else None, "chosen_model": chosen_model,
+            "rejected_model": rejected_model, "dimension": r.dimension,
+            "both_bad": True if r.both_bad else None}
 
 
 def _hh_row(r: PairRecord) -> dict[str, Any]:
@@ -383,36 +428,42 @@ _WRITERS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
 WRITABLE: tuple[str, ...] = tuple(_WRITERS)
 
 
+def _rows_of(fmt: str, records: Iterable[Record]) -> Iterator[dict[str, Any]]:
+    cls, to_row = _WRITERS[check_format(fmt, WRITABLE)]
+    for record in records:
+        if not isinstance(record, cls):
+            raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
+                            f"got {type(record).__name__}")
+        yield to_row(record)
+
+
 def write_records(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
     """Write ``records`` as ``fmt`` atomically (temp file, fsync, rename); returns the row count.
 
-    A reader never sees a half-written file, and a failure leaves any old file in place.
+    A ``.parquet`` or ``.arrow`` path is written columnar, anything else as JSONL. A reader
+    never sees a half-written file, and a failure leaves any old file in place.
     """
-    cls, to_row = _WRITERS[check_format(fmt, WRITABLE)]
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.suffix in COLUMNAR:
+        from rewardloop.data.columnar import write_table_file  # pyarrow: only when asked
+
+        table_rows = list(_rows_of(fmt, records))
+        write_table_file(path, table_rows)
+        return len(table_rows)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for record in records:
-                if not isinstance(record, cls):
-                    raise TypeError(f"{fmt} rows are written from {cls.__name__}, "
-                                    f"got {type(record).__name__}")
-                fh.write(json.dumps(to_row(record), ensure_ascii=False, allow_nan=False) + "\n")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_file(path) as fh:
+        for row in _rows_of(fmt, records):
+            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            count += 1
     return count
+
+
+def write_dataset(path: str | Path, fmt: str, records: Iterable[Record]) -> int:
+    """Write ``records`` as a directory ``datasets.load_from_disk`` loads; returns the rows."""
+    from rewardloop.data.columnar import write_saved_dataset  # pyarrow: only when asked
+
+    table_rows = list(_rows_of(fmt, records))
+    write_saved_dataset(Path(path), table_rows)
+    return len(table_rows)

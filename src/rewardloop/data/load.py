@@ -33,6 +33,7 @@ from rewardloop.data.schema import (
     ranking_pairs,
 )
 from rewardloop.data.store import Store
+from rewardloop.data.values import length_stats
 from rewardloop.errors import UserError
 
 _CHUNK = 500
@@ -68,33 +69,65 @@ def _ranked(j: Judgment) -> tuple[Text, list[Text], list[list[int]]]:
     return stored_value(j.task.prompt), [stored_value(item.response) for item in items], groups
 
 
-def load_rankings(store: Store, *, batch: str | None = None) -> list[RankingRecord]:
-    """Every judgment as a ranking of its task's answers (ties kept), oldest first."""
+def _dimension_filter(dimensions: set[str | None], dimension: str | None) -> None:
+    named = sorted(d for d in dimensions if d)
+    if dimension is None and len(named) > 1:
+        raise UserError(f"the judgments are on several dimensions ({', '.join(named)}); "
+                        "choose one with --dimension")
+    if dimension is not None and dimension not in named:
+        raise UserError(f"--dimension {dimension}: no judgments on it (the store has "
+                        f"{', '.join(named) or 'none with a dimension'})")
+
+
+def load_rankings(store: Store, *, batch: str | None = None, dimension: str | None = None
+                  ) -> list[RankingRecord]:
+    """Every judgment as a ranking of its task's answers (ties kept), oldest first;
+    ``dimension`` as in :func:`load_pairs`."""
     with store.read() as s:
-        out = []
+        out: list[RankingRecord] = []
+        dimensions: set[str | None] = set()
         for j in _judgments(s, batch):
+            dimensions.add((j.meta or {}).get("dimension"))
+            if dimension is not None and (j.meta or {}).get("dimension") != dimension:
+                continue
             prompt, answers, groups = _ranked(j)
             name = j.annotator.name if j.annotator else None
             out.append(RankingRecord(prompt, answers, groups, name, j.external_id))
+        _dimension_filter(dimensions, dimension)
         return out
 
 
-def load_pairs(store: Store, *, batch: str | None = None) -> list[PairRecord]:
-    """Every judgment as pairs (a k-way ranking gives all its pairs); ties have ``tie=True``."""
+def load_pairs(store: Store, *, batch: str | None = None, dimension: str | None = None
+               ) -> list[PairRecord]:
+    """Every judgment as pairs (a k-way ranking gives all its pairs); ties have ``tie=True``.
+
+    Judgments made on a named dimension (PKU-SafeRLHF's ``better``/``safer``) carry it; when
+    the store holds several, ``dimension`` must pick one. Model names come from the responses.
+    """
     with store.read() as s:
-        out = []
+        out: list[PairRecord] = []
+        dimensions: set[str | None] = set()
         for j in _judgments(s, batch):
+            meta = j.meta or {}
+            dimensions.add(meta.get("dimension"))
+            if dimension is not None and meta.get("dimension") != dimension:
+                continue
             prompt, answers, groups = _ranked(j)
+            models = [item.response.model for item in j.task.items]
             name = j.annotator.name if j.annotator else None
-            out.extend(PairRecord(prompt, answers[a], answers[b], j.margin, name, j.external_id,
-                                  tie) for a, b, tie in ranking_pairs(groups))
+            out.extend(PairRecord(
+                prompt, answers[a], answers[b], j.margin, name, j.external_id, tie,
+                models=[models[a], models[b]] if models[a] or models[b] else None,
+                dimension=meta.get("dimension"), both_bad=bool(meta.get("both_bad")))
+                for a, b, tie in ranking_pairs(groups))
+        _dimension_filter(dimensions, dimension)
         return out
 
 
 def load_unpaired(store: Store) -> list[UnpairedRecord]:
     """Every thumbs-up/down rating (ratings with only a score are left out), oldest first."""
     with store.read() as s:
-        names = dict(s.execute(select(Annotator.id, Annotator.name)).all())
+        names: dict[int | None, str] = dict(s.execute(select(Annotator.id, Annotator.name)).all())
         query = (select(Rating).where(Rating.label.is_not(None)).order_by(Rating.id)
                  .options(selectinload(Rating.response).selectinload(Response.prompt)))
         return [UnpairedRecord(stored_value(r.response.prompt), stored_value(r.response),
@@ -139,8 +172,6 @@ def _per_annotator(s: Session) -> dict[str, dict[str, int]]:
 
 def stats(store: Store) -> dict[str, Any]:
     """Counts, per-annotator totals, response lengths (chars/words) and the tie rate."""
-    from rewardloop.eval.metrics import length_stats
-
     tables = {"prompts": Prompt, "responses": Response, "batches": Batch,
               "tasks": ComparisonTask, "judgments": Judgment, "ratings": Rating,
               "annotators": Annotator}

@@ -14,13 +14,14 @@ so what is stored and read back is exactly what SQLAlchemy would store and read.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Executable
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class _Compiled:
     defaults: dict[str, Any]  # values written into the statement itself (LIMIT 1, SET x=1)
     binds: dict[str, Callable[[Any], Any]]
     results: list[Callable[[Any], Any] | None]
-    row: type
+    make_row: Callable[[list[Any]], tuple[Any, ...]]  # a namedtuple of the result's columns
 
 
 class Prepared:
@@ -42,19 +43,20 @@ class Prepared:
     applied (pass ``created_at`` and the like explicitly).
     """
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
         self._compiled: dict[str, _Compiled] = {}
 
     def _compile(self, dialect: Dialect) -> _Compiled:
-        compiled = self.statement.compile(dialect=dialect)
+        compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect))
         if any(b.expanding for b in compiled.binds.values()):
             raise TypeError("prepared statements cannot take expanding (IN list) parameters")
         if dialect.positional:
             names = list(compiled.positiontup or [])
         else:
             names = list(dict.fromkeys(compiled.bind_names.values()))
-        defaults, binds = {}, {}
+        defaults: dict[str, Any] = {}
+        binds: dict[str, Callable[[Any], Any]] = {}
         for name in set(names):
             bind = compiled.binds[name]
             if not bind.required:
@@ -68,24 +70,59 @@ class Prepared:
         # Unnamed columns (count(), exists()) get positional names: read them by index.
         row = namedtuple("Row", [str(c.key) for c in columns], rename=True)  # type: ignore[misc]
         return _Compiled(str(compiled), names, dialect.positional, defaults, binds, results,
-                         row)
+                         row._make)
+
+    def _for(self, dialect: Dialect) -> _Compiled:
+        c = self._compiled.get(dialect.name)
+        if c is None:
+            c = self._compiled[dialect.name] = self._compile(dialect)
+        return c
+
+    @staticmethod
+    def _args(c: _Compiled, params: Mapping[str, Any] | None,
+              fixed: Mapping[str, Any] | None = None) -> Any:
+        """Driver arguments: ``params`` through the bind processors, ``fixed`` as given
+        (already processed)."""
+        values = {**c.defaults, **(params or {})}
+        for name, proc in c.binds.items():
+            if fixed is None or name not in fixed:
+                values[name] = proc(values[name])
+        if fixed:
+            values.update(fixed)
+        return [values[n] for n in c.names] if c.positional else {n: values[n] for n in c.names}
+
+    @staticmethod
+    def _fixed(c: _Compiled, shared: Mapping[str, Any]) -> dict[str, Any]:
+        """``shared`` values (the same for every row) through their bind processors, once."""
+        return {name: c.binds[name](v) if name in c.binds else v for name, v in shared.items()}
 
     def run(self, db: Driver, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Execute on ``db``; returns the result rows (``[]`` when there are none)."""
-        c = self._compiled.get(db.dialect.name)
-        if c is None:
-            c = self._compiled[db.dialect.name] = self._compile(db.dialect)
-        values = {**c.defaults, **(params or {})}
-        for name, proc in c.binds.items():
-            values[name] = proc(values[name])
-        args: Any = [values[n] for n in c.names] if c.positional else \
-            {n: values[n] for n in c.names}
-        cursor = db.raw.execute(c.sql, args)
+        c = self._for(db.dialect)
+        cursor = db.raw.execute(c.sql, self._args(c, params))
         if cursor.description is None:
             return []
         procs = c.results
-        return [c.row._make([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
+        return [c.make_row([v if p is None else p(v) for p, v in zip(procs, raw, strict=True)])
                 for raw in cursor.fetchall()]
+
+    def run_many(self, db: Driver, rows: Sequence[Mapping[str, Any]],
+                 shared: Mapping[str, Any] | None = None) -> None:
+        """Execute once per row of ``rows`` (plus the ``shared`` values, processed once) in
+        one driver call (executemany); no results."""
+        if rows:
+            c = self._for(db.dialect)
+            fixed = self._fixed(c, shared or {})
+            db.raw.cursor().executemany(c.sql, [self._args(c, row, fixed) for row in rows])
+
+    def first_column(self, db: Driver, rows: Sequence[Mapping[str, Any]],
+                     shared: Mapping[str, Any] | None = None) -> list[Any]:
+        """Execute once per row (one statement each, so results keep the rows' order) and
+        return the raw first column of each result (an INSERT's RETURNING id)."""
+        c = self._for(db.dialect)
+        fixed = self._fixed(c, shared or {})
+        raw = db.raw
+        return [raw.execute(c.sql, self._args(c, row, fixed)).fetchone()[0] for row in rows]
 
     def first(self, db: Driver, params: Mapping[str, Any] | None = None) -> Any:
         rows = self.run(db, params)

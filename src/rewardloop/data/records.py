@@ -40,7 +40,12 @@ class CandidatesRecord:
 
 @dataclass(frozen=True)
 class PairRecord:
-    """``chosen`` was preferred to ``rejected`` (or, with ``tie``, neither was)."""
+    """``chosen`` was preferred to ``rejected`` (or, with ``tie``, neither was).
+
+    ``models`` names who wrote (chosen, rejected); ``both_bad`` marks a tie where both answers
+    were bad (Chatbot Arena's "tie (bothbad)"); ``dimension`` names what was judged when a data
+    set judges one pair on several criteria (PKU-SafeRLHF: ``better`` and ``safer``).
+    """
 
     prompt: Text
     chosen: Text
@@ -49,6 +54,9 @@ class PairRecord:
     annotator: str | None = None
     id: str | None = None
     tie: bool = False
+    models: list[str | None] | None = None
+    dimension: str | None = None
+    both_bad: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,3 +156,15 @@ def hh_transcripts(pair: PairRecord) -> tuple[str, str]:
     ]
     head = "".join(turns) + HH_ASSISTANT
     return head + " " + response_text(pair.chosen), head + " " + response_text(pair.rejected)
+
+
+def split_shared(first: Chat, second: Chat) -> tuple[Chat, Chat, Chat]:
+    """(shared leading messages, rest of ``first``, rest of ``second``).
+
+    Each rest keeps at least its last message, so two equal conversations still leave an answer
+    each. The prompt of TRL's implicit-prompt rows and of Chatbot Arena's conversation pairs.
+    """
+    shared = 0
+    while shared < min(len(first), len(second)) - 1 and first[shared] == second[shared]:
+        shared += 1
+    return first[:shared], first[shared:], second[shared:]

@@ -3,7 +3,7 @@
 One set of tables holds everything from an annotator's click to the data a reward model trains
 on. Constraints make bad states impossible rather than merely unlikely:
 
-- a judgment is unique per (task, annotator) and per idempotency key;
+- a judgment is unique per (task, annotator) and per (annotator, idempotency key);
 - a response belongs to one prompt, and a prompt/response text is stored once (content hash);
 - a task lists 2..k responses of its own prompt, each at a fixed position;
 - an assignment (lease) is unique per (task, annotator).
@@ -243,6 +243,8 @@ class Judgment(Base):
     __tablename__ = "judgments"
     __table_args__ = (
         UniqueConstraint("task_id", "annotator_id", name="uq_judgment_task_annotator"),
+        # Per annotator (migration 0004): nobody can take, and so block, another's keys.
+        UniqueConstraint("annotator_id", "idempotency_key", name="uq_judgment_annotator_key"),
         CheckConstraint(
             "strength IS NULL OR strength IN ('slight', 'clear', 'strong')", name="ck_strength"
         ),
@@ -262,7 +264,7 @@ class Judgment(Base):
     shown_order: Mapped[list[Any] | None] = mapped_column(JSON)
     time_ms: Mapped[int | None] = mapped_column(Integer)
     guideline_version: Mapped[str | None] = mapped_column(String(64))
-    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
     source: Mapped[str] = mapped_column(String(16), default="human")
     external_id: Mapped[str | None] = mapped_column(String(255))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -74,6 +75,18 @@ def _setup_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _create_private(path: Path) -> None:
+    """Create a new SQLite file readable by its owner only (0600): it holds the session secret
+    and password hashes. SQLite gives its -wal and -shm files the same mode. An existing file
+    keeps the mode its owner chose."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UserError(f"cannot create {path}: {exc.strerror}") from None
+
+
 class _WriteLock:
     """Writers of one SQLite file, across threads and processes, one at a time: a re-entrant
     thread lock, then ``flock`` on ``path`` (held by the outermost holder only)."""
@@ -87,17 +100,18 @@ class _WriteLock:
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._thread:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._fd
             if self._depth == 0:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._thread:
@@ -128,6 +142,8 @@ class Store:
             db = parsed.database
             if db and db != ":memory:" and not Path(db).parent.exists():
                 raise UserError(f"--db: directory {Path(db).parent} does not exist")
+            if db and db != ":memory:":
+                _create_private(Path(db))
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -176,7 +192,7 @@ class Store:
     # -- migrations -----------------------------------------------------------------------
 
     def _alembic_config(self) -> Any:
-        from alembic.config import Config
+        from alembic.config import Config  # alembic: only when migrating (see migrate)
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -184,6 +200,7 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (creates it on an empty database)."""
+        # Alembic takes about half a second to import; only migrations need it.
         from alembic import command
 
         cfg = self._alembic_config()
@@ -196,7 +213,7 @@ class Store:
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None for an empty database)."""
-        from alembic.runtime.migration import MigrationContext
+        from alembic.runtime.migration import MigrationContext  # see migrate
 
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
@@ -213,9 +230,8 @@ class Store:
         """Copy a SQLite database safely while it is in use (the backup API, not a file copy)."""
         if self.dialect != "sqlite":
             raise UserError("backup is for SQLite stores; use pg_dump for PostgreSQL")
-        import sqlite3
-
         dest = Path(dest)
+        _create_private(dest)  # a copy of the secrets, so as private as the original
         raw = self.engine.raw_connection()
         try:
             target = sqlite3.connect(dest)

@@ -1,4 +1,4 @@
-"""Pure helpers on stored values: content hashes and rankings.
+"""Pure helpers on stored values: content hashes, rankings and text lengths.
 
 They live apart from ``schema`` so file readers and trainers can use them without importing
 SQLAlchemy (half a second of start-up for every training run).
@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+# Imported rows' idempotency keys start with this and are predictable content hashes, and an
+# import skips a record whose key is already stored, so the annotation API refuses keys in this
+# namespace: no user can store one first and so suppress an import.
+IMPORT_KEY_PREFIX = "import:"
 
 
 def content_hash(value: Any) -> str:
@@ -57,3 +65,15 @@ def ranking_pairs(ranking: list[list[int]]) -> list[tuple[int, int, bool]]:
                 for b in lower:
                     pairs.append((a, b, False))
     return pairs
+
+
+def length_stats(texts: Sequence[str]) -> dict[str, float]:
+    """Mean/median/p95 length in characters and words."""
+    if not texts:
+        return {"n": 0}
+    chars = np.array([len(t) for t in texts], dtype=float)
+    words = np.array([len(t.split()) for t in texts], dtype=float)
+    return {"n": len(texts), "chars_mean": float(chars.mean()),
+            "chars_median": float(np.median(chars)), "chars_p95": float(np.quantile(chars, 0.95)),
+            "words_mean": float(words.mean()), "words_median": float(np.median(words)),
+            "words_p95": float(np.quantile(words, 0.95))}

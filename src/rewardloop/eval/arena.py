@@ -3,7 +3,7 @@
 ``create_arena_tasks`` turns answers of several policies to the same prompts into pairwise
 tasks (each response records the ``model`` that wrote it); people judge them in the annotation
 server (or a simulated pool does); ``arena_battles`` reads the judgments back as battles and
-``eval.metrics.arena_ratings`` rates the policies with bootstrap intervals, ties as half wins.
+``metrics.arena_ratings`` rates the policies with bootstrap intervals, ties as half wins.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from rewardloop.data.schema import Batch, ComparisonTask, Judgment, TaskItem
-from rewardloop.eval.metrics import Battle
 from rewardloop.feedback import tasks as T
+from rewardloop.metrics import Battle
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from rewardloop.data.formats import read_records
+from rewardloop.data.store import Store
+from rewardloop.data.values import length_stats
 from rewardloop.errors import UserError
-from rewardloop.eval.metrics import Battle, WinRate, bootstrap_ci, length_stats, win_rate
+from rewardloop.eval.arena import arena_battles, create_arena_tasks
+from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
+from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +126,6 @@ class Answers:
 def load_for_generation(model: str, device: str = "auto", chat_template: Path | None = None
                         ) -> tuple[Any, Any]:
     """A frozen policy in eval mode and its left-padding tokenizer."""
-    from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
-
     tokenizer = load_tokenizer(model, padding_side="left", chat_template=chat_template)
     policy = load_policy(model, device=device, trainable=False).eval()
     match_tokenizer(policy, tokenizer)
@@ -134,8 +138,10 @@ def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], *, n: int
                    max_prompt_length: int = 512, batch_size: int = 32, seed: int = 0) -> Answers:
     """``n`` sampled answers per prompt (rows of a prompt contiguous), ``batch_size`` prompts at
     a time; the same ``seed`` gives the same answers."""
+    # rollout and seeding import torch (seconds): loaded when answers are sampled, so that the
+    # loop's `status` and the arena helpers stay light.
     from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
-    from rewardloop.train.run import seed_everything
+    from rewardloop.util.seed import seed_everything
 
     seed_everything(seed)
     generator = HFGenerator(model, tokenizer)
@@ -150,7 +156,7 @@ def sequence_kl(policy: Any, baseline: Any, answers: Answers, temperature: float
                 batch_size: int) -> dict[str, float]:
     """KL(policy || baseline) estimated on the policy's own answers: ``kl`` is the mean over
     answers of the summed per-token k1 (log-ratio), ``kl_per_token`` its token mean."""
-    from rewardloop import ops
+    from rewardloop import ops  # torch: see sample_answers
     from rewardloop.rollout import batched_logps
 
     total, tokens, seqs = 0.0, 0.0, 0
@@ -177,7 +183,7 @@ def judge_name(spec: str) -> str:
 def score_answers(spec: str, prompts: Sequence[Any], answers: Answers, *,
                   batch_size: int = 32, device: str = "auto") -> list[float]:
     """Scores of ``answers`` by one judge (a reward-model dir or ``package.module:function``)."""
-    from rewardloop.rewards import Rewards, RewardSpec
+    from rewardloop.rewards import Rewards, RewardSpec  # torch: see sample_answers
 
     rewards = Rewards([RewardSpec(spec)], device=device, batch_size=batch_size)
     out = rewards(list(prompts), answers.texts, **answers.token_data())
@@ -194,8 +200,6 @@ def compare(spec: str, policy_scores: Sequence[float], baseline_scores: Sequence
 
 
 def _read_prompts(cfg: EvalConfig) -> list[Any]:
-    from rewardloop.data.formats import read_records
-
     _, records = read_records(cfg.prompts, "prompts")
     prompts = [r.prompt for r in records][: cfg.n]
     if not prompts:
@@ -205,9 +209,6 @@ def _read_prompts(cfg: EvalConfig) -> list[Any]:
 
 def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
                  baseline: Answers) -> dict[str, Any]:
-    from rewardloop.data.store import Store
-    from rewardloop.eval.arena import create_arena_tasks
-
     store = Store(cfg.db)
     try:
         with store.write() as session:
@@ -224,8 +225,6 @@ def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
 
 def write_eval(out: Path, result: Mapping[str, Any]) -> None:
     """Write ``eval.json`` atomically."""
-    from rewardloop.train.checkpoint import atomic_write_text
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2) + "\n")
 
@@ -233,14 +232,18 @@ def write_eval(out: Path, result: Mapping[str, Any]) -> None:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate, judge and measure per ``cfg``; writes and returns the ``eval.json`` object."""
     prompts = _read_prompts(cfg)
-    gen = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-           "max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.batch_size,
-           "seed": cfg.seed}
     policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device, cfg.chat_template)
     baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device,
                                                        cfg.chat_template)
-    policy = sample_answers(policy_model, policy_tok, prompts, **gen)
-    baseline = sample_answers(baseline_model, baseline_tok, prompts, **gen)
+
+    def sample(model: Any, tokenizer: Any) -> Answers:  # both sides sampled alike
+        return sample_answers(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature,
+                              max_prompt_length=cfg.max_prompt_length,
+                              batch_size=cfg.batch_size, seed=cfg.seed)
+
+    policy = sample(policy_model, policy_tok)
+    baseline = sample(baseline_model, baseline_tok)
     result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,
                               "policy_name": cfg.policy_name,
                               "baseline_name": cfg.baseline_name, "n": len(prompts)}
@@ -275,8 +278,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def _write_samples(path: Path, prompts: Sequence[Any], baseline: Sequence[str],
                    policy: Sequence[str]) -> None:
-    from rewardloop.train.checkpoint import atomic_write_text
-
     rows = [json.dumps({"prompt": p, "baseline": b, "policy": a})
             for p, b, a in zip(prompts, baseline, policy, strict=True)]
     atomic_write_text(path, "".join(r + "\n" for r in rows))
@@ -307,8 +308,6 @@ def arena_result(battles: Sequence[Battle], *, policy: str | None = None,
                  ) -> dict[str, Any]:
     """Bradley–Terry ratings (Elo scale, bootstrap intervals) of every model in ``battles``,
     and, given ``policy`` and ``baseline``, the policy's direct win rate over the baseline."""
-    from rewardloop.eval.metrics import arena_ratings
-
     if not battles:
         raise UserError("no judged arena battles yet: judge the arena tasks first "
                         "(rewardloop serve) and run this again")
@@ -323,9 +322,6 @@ def arena_result(battles: Sequence[Battle], *, policy: str | None = None,
 
 def store_arena(db: str | None, batch: str | None, **kwargs: Any) -> dict[str, Any]:
     """``arena_result`` of the battles judged in the store (optionally one batch)."""
-    from rewardloop.data.store import Store
-    from rewardloop.eval.arena import arena_battles
-
     store = Store(db)
     try:
         with store.read() as session:

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rewardloop.errors import UserError
+from rewardloop.util.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -91,7 +94,7 @@ def _read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.is_file():
         return rows
     for line in path.read_text().splitlines():
@@ -107,9 +110,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def _figure_png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -130,6 +131,8 @@ def _panel_series(panel: Panel, rows: Sequence[dict[str, Any]]
 
 
 def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend. Imported here, not at the top: it takes
+    about a second, and the loop imports this module for ``read_metrics`` alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,8 +376,6 @@ section{border-top:2px solid #ddd;margin-top:2em} .headlines{background:#f7f9fc;
 
 def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report") -> Path:
     """Write ``out`` (HTML, self-contained) for the given run directories; returns ``out``."""
-    from rewardloop.errors import UserError
-
     missing = [str(r) for r in runs if not Path(r).is_dir()]
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
@@ -387,7 +388,5 @@ def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop repor
            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, doc)
     return out

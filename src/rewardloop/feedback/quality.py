@@ -15,7 +15,10 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
+from rewardloop.data.schema import Annotator
+from rewardloop.data.store import Store
 from rewardloop.feedback import agreement as A
 from rewardloop.feedback.bias import BiasStats, bias_stats
 from rewardloop.feedback.records import JudgmentRecord, load_records, pair_values
@@ -24,7 +27,8 @@ Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id
 FLAGS = ("spam", "position_bias", "length_bias", "gold_fail")
 
 __all__ = ["FLAGS", "AnnotatorQuality", "JudgmentRecord", "QualityReport", "Thresholds",
-           "analyze", "annotator_weights", "flagged_annotators", "load_records", "quality_report"]
+           "analyze", "annotator_weights", "annotators_from_db", "flagged_annotators",
+           "load_records", "quality_report"]
 
 
 @dataclass(frozen=True)
@@ -175,9 +179,11 @@ def _flags(q: AnnotatorQuality, credit: float, gold_correct: int, th: Thresholds
         flags.append("spam")
     b = q.bias
     if (b.position_n >= th.min_judgments and b.position_p is not None
-            and b.position_p < th.position_p and abs(b.position_rate - 0.5) >= th.position_gap):
+            and b.position_rate is not None and b.position_p < th.position_p
+            and abs(b.position_rate - 0.5) >= th.position_gap):
         flags.append("position_bias")
-    if (b.length_n >= th.min_judgments and b.length_p is not None and b.length_p < th.length_p
+    if (b.length_n >= th.min_judgments and b.length_p is not None
+            and b.length_rate is not None and b.length_p < th.length_p
             and abs(b.length_rate - b.length_reference) >= th.length_gap):
         flags.append("length_bias")
     if q.gold_compared >= th.gold_min and A.binom_test(
@@ -300,3 +306,19 @@ def flagged_annotators(source: Any, batch: str | None = None,
     report = quality_report(source, batch, thresholds)
     return {n for n, q in report.annotators.items() if wanted & set(q.flags)}
 
+
+def annotators_from_db(db: str, *, weights: bool, flagged: bool
+                       ) -> tuple[dict[str, float] | None, set[str], dict[str, list[str]]]:
+    """What the store at ``db`` knows about annotators, as plain data for reward-model training
+    (``train.reward.train_rm``, which does not open the store itself): reliability weights (when
+    ``weights``, else None), the flagged names (when ``flagged``, else none) and each
+    annotator's groups."""
+    store = Store(db)
+    try:
+        with store.read() as session:
+            groups = {a.name: [str(g) for g in a.groups]
+                      for a in session.scalars(select(Annotator)) if a.groups}
+        return (annotator_weights(store) if weights else None,
+                flagged_annotators(store) if flagged else set(), groups)
+    finally:
+        store.dispose()

@@ -21,11 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Integer,
     Select,
+    Table,
     any_,
     bindparam,
     exists,
@@ -62,14 +63,15 @@ from rewardloop.feedback.tasks import TaskError
 _MAX_CLAIM_TRIES = 64
 _SYSTEM_RNG = random.SystemRandom()
 
-_A = Assignment.__table__
-_T = ComparisonTask.__table__
-_J = Judgment.__table__
-_I = TaskItem.__table__
-_B = Batch.__table__
-_P = Prompt.__table__
-_R = Response.__table__
-_AUDIT = AuditEvent.__table__
+# Declared as Table: mypy sees `__table__` as a FromClause, which update() and insert() refuse.
+_A = cast(Table, Assignment.__table__)
+_T = cast(Table, ComparisonTask.__table__)
+_J = cast(Table, Judgment.__table__)
+_I = cast(Table, TaskItem.__table__)
+_B = cast(Table, Batch.__table__)
+_P = cast(Table, Prompt.__table__)
+_R = cast(Table, Response.__table__)
+_AUDIT = cast(Table, AuditEvent.__table__)
 
 
 @dataclass(frozen=True)
@@ -162,9 +164,16 @@ _VIEW = Prepared(select(_T.c.kind, _P.c.text, _P.c.messages, _B.c.guideline_vers
                  .where(_T.c.id == bindparam("tid")))
 _TEXTS = Prepared(select(_R.c.id, _R.c.text).join(_I, _I.c.response_id == _R.c.id)
                   .where(_I.c.task_id == bindparam("tid")))
-_BY_KEY = Prepared(select(_J.c.id, _J.c.task_id, _J.c.annotator_id, _J.c.ranking, _J.c.strength,
-                          _J.c.shown_order, _J.c.guideline_version, _J.c.time_ms, _J.c.source)
-                   .where(_J.c.idempotency_key == bindparam("key")))
+# Idempotency keys are unique per annotator (migration 0004): one user's keys never block or
+# reveal another's. A judgment without an annotator (an import) has its own key space.
+_BY_KEY_QUERY = select(_J.c.id, _J.c.task_id, _J.c.annotator_id, _J.c.ranking, _J.c.strength,
+                       _J.c.shown_order, _J.c.guideline_version, _J.c.time_ms, _J.c.source,
+                       _J.c.rationale).where(_J.c.idempotency_key == bindparam("key"))
+# Only library callers give a margin; a float column has no driver-level result processor on
+# PostgreSQL without the column's type code, so it is read apart, when needed.
+_MARGIN = select(_J.c.margin).where(_J.c.id == bindparam("jid"))
+_BY_KEY = {True: Prepared(_BY_KEY_QUERY.where(_J.c.annotator_id == bindparam("aid"))),
+           False: Prepared(_BY_KEY_QUERY.where(_J.c.annotator_id.is_(None)))}
 _TASK_QUERY = (select(_T.c.id, _T.c.done, _T.c.n_judgments, _T.c.overlap, _B.c.guideline_version)
                .outerjoin(_B, _B.c.id == _T.c.batch_id).where(_T.c.id == bindparam("tid")))
 _TASK = Prepared(_TASK_QUERY)
@@ -188,6 +197,10 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 def _id(obj: Any) -> int | None:
     return obj if obj is None or isinstance(obj, int) else obj.id
+
+
+def _annotator_id(annotator: Annotator | int) -> int:
+    return annotator if isinstance(annotator, int) else annotator.id
 
 
 # -- handing out tasks ----------------------------------------------------------------------
@@ -224,7 +237,7 @@ def next_task(
     per annotator and kept with the lease. None when nothing is left.
     """
     db = Driver(session)
-    aid, batch_id, by_batch = _id(annotator), _id(batch), batch is not None
+    aid, batch_id, by_batch = _annotator_id(annotator), _id(batch), batch is not None
     now = utcnow()
     params = {"aid": aid, "now": now, "batch_id": batch_id}
     row = _CURRENT[by_batch].first(db, params)
@@ -248,7 +261,7 @@ def next_task(
 def skip_task(session: Session, annotator: Annotator | int, task_id: int) -> None:
     """Hand a leased task back unjudged: its slot frees at once and it is not offered to this
     annotator again."""
-    db, aid = Driver(session), _id(annotator)
+    db, aid = Driver(session), _annotator_id(annotator)
     own = _OWN_LEASE.first(db, {"tid": task_id, "aid": aid})
     if own is None or own.completed:
         raise TaskError(f"task {task_id!r} is not leased to you", status=404)
@@ -294,21 +307,44 @@ def _check_judgment_fields(idempotency_key: str, strength: str | None, source: s
         raise TaskError("time_ms must be a non-negative integer", status=422)
 
 
-def _replay(prior: Any, annotator_id: int | None, task_id: int, ranking: Any) -> Recorded:
-    if prior.annotator_id != annotator_id:
-        raise TaskError("this idempotency key was already used by another annotator; "
-                        "use a fresh key for each judgment")
+def _replay(session: Session, prior: Any, task_id: int, ranking: Any,
+            given: dict[str, Any]) -> Recorded:
+    """The stored judgment, if the replay asks for exactly it: every field the caller gave
+    must match (a replay that silently dropped a new strength or rationale would lose it)."""
+    stored = prior._asdict()
+    if given.get("margin") is not None:
+        stored["margin"] = session.scalar(_MARGIN, {"jid": prior.id})
+    differ = [name for name, value in given.items()
+              if value is not None or name in _ALWAYS_COMPARED if stored[name] != value]
     if prior.task_id != task_id or prior.ranking != _normalise(ranking):
-        raise TaskError("this idempotency key was already used for a different judgment; "
-                        "use a fresh key for each judgment")
-    return Recorded(**prior._asdict())
+        differ.insert(0, "task_id" if prior.task_id != task_id else "ranking")
+    if differ:
+        raise TaskError(f"this idempotency key was already used for a different judgment "
+                        f"({', '.join(differ)} differ); use a fresh key for each judgment")
+    stored.pop("margin", None)
+    return Recorded(**{k: v for k, v in stored.items() if k != "rationale"})
 
 
-def _take_slot(db: Driver, task: Any, aid: int | None, require_lease: bool) -> Any:
-    """The annotator's open lease on ``task``, after checking they may judge it now."""
+# What an API client always sends (or leaves out) itself; the rest is compared when given.
+_ALWAYS_COMPARED = frozenset({"strength", "rationale", "time_ms"})
+
+
+def _own_lease(db: Driver, task_id: Any, aid: int | None, require_lease: bool) -> Any:
+    """``aid``'s lease row on ``task_id`` (open or not), or None. When ``require_lease`` this
+    comes before anything else is looked at, and no lease is a 403: a caller without one
+    learns neither the task's responses nor that it exists."""
+    own = _OWN_LEASE.first(db, {"tid": task_id, "aid": aid}) if isinstance(task_id, int) else None
+    if own is None and require_lease:
+        raise TaskError(f"task {task_id!r} is not leased to you; ask for the next task first",
+                        status=403)
+    return own
+
+
+def _take_slot(db: Driver, task: Any, aid: int | None, lease: Any, require_lease: bool) -> Any:
+    """The annotator's open lease on ``task`` (``lease`` is their lease row, if any), after
+    checking they may judge it now."""
     if _JUDGED.scalars(db, {"tid": task.id, "aid": aid})[0]:
         raise TaskError(f"you have already judged task {task.id}")
-    lease = _OWN_LEASE.first(db, {"tid": task.id, "aid": aid})
     if lease is not None and lease.completed:
         lease = None
     if require_lease and lease is None:
@@ -341,17 +377,21 @@ def submit_judgment(
 ) -> tuple[Recorded, bool]:
     """Record ``annotator``'s ranking of task ``task_id`` (response ids, best group first).
 
-    Returns ``(judgment, created)``. Replaying an ``idempotency_key`` returns the stored
-    judgment with ``created=False``; the same key from another annotator or with other content
-    is refused. Raises TaskError (``status`` 404/403/409/422) for an unknown task, a task not
-    leased to this annotator (when ``require_lease``), one already judged by them, a full task
-    or an invalid ranking.
+    Returns ``(judgment, created)``. Replaying an annotator's ``idempotency_key`` returns the
+    stored judgment with ``created=False``; the same key with any other content is refused
+    (409). Keys are per annotator. Raises TaskError (``status`` 404/403/409/422) for a task not
+    leased to this annotator (403, checked first, when ``require_lease``), an unknown task
+    (404), one already judged by them, a full task or an invalid ranking.
     """
     _check_judgment_fields(idempotency_key, strength, source, time_ms)
     db, aid = Driver(session), _id(annotator)
-    prior = _BY_KEY.first(db, {"key": idempotency_key})
+    prior = _BY_KEY[aid is not None].first(db, {"key": idempotency_key, "aid": aid})
     if prior is not None:
-        return _replay(prior, aid, task_id, ranking), False
+        given = {"strength": strength, "rationale": rationale, "time_ms": time_ms,
+                 "margin": margin, "source": source, "shown_order": shown_order,
+                 "guideline_version": guideline_version}
+        return _replay(session, prior, task_id, ranking, given), False
+    own = _own_lease(db, task_id, aid, require_lease)
     task = None
     if isinstance(task_id, int):
         task = (_TASK_PG if db.dialect.name == "postgresql" else _TASK).first(db, {"tid": task_id})
@@ -361,7 +401,7 @@ def submit_judgment(
         groups = validate_ranking(ranking, _ITEMS.scalars(db, {"tid": task.id}))
     except ValueError as exc:
         raise TaskError(f"ranking: {exc}", status=422) from None
-    lease = _take_slot(db, task, aid, require_lease)
+    lease = _take_slot(db, task, aid, own, require_lease)
     if shown_order is None and lease is not None:
         shown_order = lease.shown_order
     if guideline_version is None:

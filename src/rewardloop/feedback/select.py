@@ -17,12 +17,15 @@ candidate comparisons (a prompt and k answers, so k(k-1)/2 pairs each) a *plan* 
    and the head), or ``std`` = std_k d_k.
 
 The planning functions are pure; :func:`create_planned_tasks` writes a plan through
-``feedback.tasks``; :func:`heads_of` scores answers with every head of a ``train rm --ensemble``
-model; task priorities make the server hand tasks out in plan order.
+``feedback.tasks``; task priorities make the server hand tasks out in plan order. What needs a
+model comes in from the caller: ``uncertainty_scores`` takes a ``HeadFn`` (``score.heads_of``),
+and candidates are sampled by ``rollout.sample_candidates``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from rewardloop.data.records import CandidatesRecord, RankingRecord, Text
+from rewardloop.data.formats import read_as
+from rewardloop.data.records import CandidatesRecord, RankingRecord, Text, response_text
+from rewardloop.feedback import tasks as T
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +129,7 @@ class Plan:
 
 def candidate_pairs(rows: Sequence[CandidatesRecord]) -> list[Pair]:
     """Every unordered pair of distinct answers of every row, in row order."""
-    out = []
+    out: list[Pair] = []
     for r, row in enumerate(rows):
         k = len(row.responses)
         out.extend((r, a, b) for a in range(k) for b in range(a + 1, k)
@@ -216,11 +221,11 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
                     cfg.gold_rate)
     order = rng.permutation(len(pairs))
     overlap_idx = [int(i) for i in order[:n.overlap]]
-    rest = order[n.overlap:]
+    rest = [int(i) for i in order[n.overlap:]]
     if cfg.strategy == "uncertainty":
         assert scores is not None  # checked above
-        rest = sorted(rest, key=lambda i: (-float(scores[i]), int(i)))
-    picked = [int(i) for i in rest[:n.select]]
+        rest = sorted(rest, key=lambda i: (-float(scores[i]), i))
+    picked = rest[:n.select]
 
     def task(role: str, i: int, over: int) -> PlannedTask:
         r, a, b = pairs[i]
@@ -238,23 +243,6 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
 # -- scoring with an ensemble reward model ----------------------------------------------------
 
 
-def heads_of(rm_dir: str | Path, *, device: str = "auto", batch_size: int = 32) -> HeadFn:
-    """A function giving the (N, K) scores of every head of the reward model in ``rm_dir``
-    (``score.RewardScorer.score_heads``: directory checks, training ``max_length``, batching)."""
-    from rewardloop.errors import UserError
-    from rewardloop.score import RewardScorer
-
-    scorer = RewardScorer(rm_dir, device=device, batch_size=batch_size)
-    if scorer.heads < 2:
-        raise UserError(f"{rm_dir} is a single reward model; uncertainty selection needs an "
-                        "ensemble (train rm --ensemble K, K >= 2)")
-
-    def score(prompts: Sequence[Text], completions: Sequence[str]) -> np.ndarray:
-        return scorer.score_heads(prompts, completions).numpy().astype(np.float64)
-
-    return score
-
-
 def uncertainty_scores(rows: Sequence[CandidatesRecord], pairs: Sequence[Pair], heads: HeadFn,
                        measure: str = "bald") -> np.ndarray:
     """Disagreement of each candidate pair, scoring each answer once with ``heads``."""
@@ -270,7 +258,7 @@ def uncertainty_scores(rows: Sequence[CandidatesRecord], pairs: Sequence[Pair], 
     return pair_disagreement(np.asarray(heads(prompts, answers)), index, pairs, measure)
 
 
-# -- sampling candidates ----------------------------------------------------------------------
+# -- where candidates come from -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -285,8 +273,6 @@ class Origin:
 def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
     """Name and version of a policy: a local directory's name (its run's name for a ``model/``
     folder) and the first 12 hex digits of the SHA-256 of its weight files; a hub id as given."""
-    import hashlib
-
     path = Path(policy)
     if not path.is_dir():
         return Origin(str(policy), None, gen_settings)
@@ -294,36 +280,9 @@ def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
     digest = hashlib.sha256()
     for file in sorted(path.glob("*.safetensors")):
         with file.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(functools.partial(fh.read, 1 << 20), b""):
                 digest.update(chunk)
     return Origin(name, digest.hexdigest()[:12], gen_settings)
-
-
-def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int, settings: Any, *,
-                      seed: int = 0, batch_size: int = 8, max_prompt_length: int = 512,
-                      device: str = "auto", dtype: str = "auto",
-                      model_label: str | None = None, chat_template: Path | None = None
-                      ) -> list[CandidatesRecord]:
-    """``n`` sampled answers per prompt (``rollout.HFGenerator``, ``settings``: a
-    ``rollout.SamplingSettings``), ``batch_size`` prompts at a time. Repeated answers to one
-    prompt are kept once (a task compares distinct texts); ``models`` is ``model_label``."""
-    from rewardloop.models import load_policy, load_tokenizer
-    from rewardloop.rollout import HFGenerator, encode_prompts
-    from rewardloop.train.run import seed_everything
-
-    seed_everything(seed)
-    tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template)
-    model = load_policy(policy, dtype=dtype, device=device, trainable=False)
-    generator = HFGenerator(model, tokenizer)
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        rollout = generator.generate(encode_prompts(tokenizer, chunk, max_prompt_length), n,
-                                     settings)
-        for i, prompt in enumerate(chunk):
-            answers = list(dict.fromkeys(rollout.texts[i * n:(i + 1) * n]))
-            rows.append(CandidatesRecord(prompt, answers, [model_label] * len(answers)))
-    return rows
 
 
 # -- writing a plan to the store ---------------------------------------------------------------
@@ -337,28 +296,15 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
 
     A candidate row's ``models[i]`` names the writer of answer i, else ``origin.model``.
     """
-    from rewardloop.feedback import tasks as T
-
     origin = origin or Origin()
     created = []
     for position, item in enumerate(planned.tasks):
-        is_gold = item.role == "gold"
-        row = gold_rows[item.row] if is_gold else rows[item.row]
+        row: CandidatesRecord | RankingRecord = (
+            gold_rows[item.row] if item.role == "gold" else rows[item.row])
         prompt = (T.get_or_create_prompt(session, messages=list(row.prompt))
                   if isinstance(row.prompt, list)
                   else T.get_or_create_prompt(session, text=row.prompt))
-        responses = []
-        for i in (item.a, item.b):
-            text = row.responses[i]
-            if is_gold:
-                responses.append(T.get_or_create_response(
-                    session, prompt, _plain(text),
-                    messages=list(text) if isinstance(text, list) else None))
-                continue
-            named = row.models[i] if row.models is not None else None
-            responses.append(T.get_or_create_response(
-                session, prompt, text, model=named or origin.model,
-                model_version=origin.model_version, gen_settings=dict(origin.gen_settings)))
+        responses = [_response(session, prompt, row, i, origin) for i in (item.a, item.b)]
         by_index = {item.a: responses[0].id, item.b: responses[1].id}
         gold = ([[by_index[i] for i in g] for g in item.gold_ranking]
                 if item.gold_ranking is not None else None)
@@ -369,14 +315,24 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
     return created
 
 
-def _plain(text: Text) -> str:
-    from rewardloop.data.records import response_text
+def _response(session: Any, prompt: Any, row: CandidatesRecord | RankingRecord, i: int,
+              origin: Origin) -> Any:
+    """Answer ``i`` of ``row`` as a stored response: a gold row's as written, a candidate's with
+    its writer (``row.models[i]``, else ``origin``) and the sampling settings."""
+    text = row.responses[i]
+    messages = list(text) if isinstance(text, list) else None
+    if isinstance(row, RankingRecord):
+        return T.get_or_create_response(session, prompt, _plain(text), messages=messages)
+    named = row.models[i] if row.models is not None else None
+    return T.get_or_create_response(
+        session, prompt, _plain(text), messages=messages, model=named or origin.model,
+        model_version=origin.model_version, gen_settings=dict(origin.gen_settings))
 
+
+def _plain(text: Text) -> str:
     return text if isinstance(text, str) else response_text(text)
 
 
 def read_gold(path: str | Path) -> list[RankingRecord]:
     """Gold rows (``ranking`` format: prompt, responses, ranking) from a JSONL file."""
-    from rewardloop.data.formats import read_records
-
-    return [r for r in read_records(path, "ranking")[1] if isinstance(r, RankingRecord)]
+    return read_as(path, "ranking", RankingRecord)

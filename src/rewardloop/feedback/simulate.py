@@ -25,8 +25,11 @@ from typing import Any
 
 import numpy as np
 import yaml
+from sqlalchemy import select
 
+from rewardloop.data.schema import Annotator, Batch
 from rewardloop.errors import UserError
+from rewardloop.feedback import queue
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +282,6 @@ class SimulationSummary:
 
 
 def _ensure_annotators(store: Any, pool: Sequence[SimulatedAnnotator]) -> dict[str, int]:
-    from sqlalchemy import select
-
-    from rewardloop.data.schema import Annotator
-
     ids: dict[str, int] = {}
     with store.write() as s:
         for sim in pool:
@@ -304,10 +303,6 @@ def _ensure_annotators(store: Any, pool: Sequence[SimulatedAnnotator]) -> dict[s
 def _batch_id(store: Any, batch: str | None) -> int | None:
     if batch is None:
         return None
-    from sqlalchemy import select
-
-    from rewardloop.data.schema import Batch
-
     with store.read() as s:
         found = s.scalar(select(Batch.id).where(Batch.name == batch))
     if found is None:
@@ -325,9 +320,6 @@ class _Judge:
 
     def step(self, store: Any, batch_id: int | None, gold: _GoldCache) -> bool:
         """Judge one task; False when nothing is left for this annotator."""
-        from rewardloop.data.schema import Annotator, Batch
-        from rewardloop.feedback import queue
-
         with store.write() as s:
             annotator = s.get(Annotator, self.annotator_id)
             batch = s.get(Batch, batch_id) if batch_id is not None else None

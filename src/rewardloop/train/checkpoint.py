@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from rewardloop.errors import UserError
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
 class Meter(Protocol):
     def state_dict(self) -> dict[str, float | int]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
@@ -62,7 +55,8 @@ class RunLike(Protocol):
 
     @property
     def checkpoints_dir(self) -> Path: ...
-    meter: Meter
+    @property
+    def meter(self) -> Meter: ...
     def truncate_metrics(self, after_step: int) -> None: ...
 
 

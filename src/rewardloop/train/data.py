@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rewardloop.errors import UserError
-from rewardloop.train.tokenize import length_grouped_batches
+from rewardloop.tokenize import length_grouped_batches
 
 
 class EpochSampler:

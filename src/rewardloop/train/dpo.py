@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from rewardloop import losses
-from rewardloop.data.formats import read_records
+from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import DataError, UserError
 from rewardloop.models import (
@@ -51,17 +50,18 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
+from rewardloop.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
 from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, rank_micro_batches, scheduler
 from rewardloop.train.run import (
     RunDir,
     adamw,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
 from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
 from rewardloop.train.step import accumulate
-from rewardloop.train.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
+from rewardloop.util.files import atomic_file
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ OBJECTIVES: dict[str, Objective] = {
 def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: Any
                   ) -> list[Example]:
     """Read ``path`` and refuse data of the wrong kind for the loss (pairs vs unpaired)."""
-    fmt, records = read_records(path, cfg.data_format)
+    fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in objective.formats:
         other = "--loss kto" if objective.kind == "pairwise" else "--loss dpo (or ipo, ...)"
         raise DataError(f"holds {fmt} rows, but --loss {cfg.loss} trains on {objective.kind} "
@@ -482,9 +482,8 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
     if cache is None:
         cache = {name: scorer(examples) for name, examples in splits.items()}
         if rt.is_main:
-            tmp = path.with_name(f".tmp-{REF_CACHE}")
-            torch.save({"fingerprint": fingerprint, **cache}, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path, binary=True) as fh:
+                torch.save({"fingerprint": fingerprint, **cache}, fh)
     return lambda split, idx: cache[split][list(idx)]
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,13 @@ from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
 from rewardloop.options import RuntimeOptions
 from rewardloop.train.runtime import Runtime
+
+if TYPE_CHECKING:
+    from rewardloop.models import HFModel
+    from rewardloop.rewards import FunctionReward, RewardOutput, Rewards
+    from rewardloop.rollout import Rollout
+    from rewardloop.train.data import EpochSampler
+    from rewardloop.train.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -287,18 +294,18 @@ class Setup:
     """Everything an RL run builds before its loop."""
 
     rt: Runtime
-    run: Any  # train.run.RunDir
+    run: RunDir
     tokenizer: Any
-    policy: Any  # the trained causal LM (peft-wrapped with LoRA), wrapped for DDP/FSDP
-    inner: Any  # the same model unwrapped: generation and adapters-off reference
-    reference: Any | None  # frozen copy; None with LoRA (adapters off) or without KL
+    policy: HFModel  # the trained causal LM (peft-wrapped with LoRA), wrapped for DDP/FSDP
+    inner: HFModel  # the same model unwrapped: generation and adapters-off reference
+    reference: HFModel | None  # frozen copy; None with LoRA (adapters off) or without KL
     prompts: list[Any]  # prompt texts / chats
     prompt_ids: list[list[int]]
     extras: dict[str, list[Any]]  # meta keys every prompt has, for reward functions
-    rewards: Any  # rewards.Rewards
-    gold: Any | None  # rewards.FunctionReward
-    sampler: Any  # train.data.EpochSampler over prompts
-    kl_ctl: Any  # ops.AdaptiveKLController | ops.FixedKLController
+    rewards: Rewards
+    gold: FunctionReward | None
+    sampler: EpochSampler  # over prompts
+    kl_ctl: ops.AdaptiveKLController | ops.FixedKLController
 
 
 def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
@@ -312,7 +319,8 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     from rewardloop.rewards import FunctionReward, Rewards, parse_reward_spec
     from rewardloop.rollout import encode_prompts
     from rewardloop.train.data import EpochSampler
-    from rewardloop.train.run import RunDir, seed_everything
+    from rewardloop.train.run import RunDir
+    from rewardloop.util.seed import seed_everything
 
     check_sizes(cfg, rt)
     rt.check_merge_lora(cfg.merge_lora)
@@ -358,7 +366,7 @@ def seed_sampling(cfg: Any, rt: Runtime) -> None:
     """After the models are built (alike on every process): each process samples its own
     completions, so each gets its own random stream."""
     if rt.distributed:
-        from rewardloop.train.run import seed_everything
+        from rewardloop.util.seed import seed_everything
 
         seed_everything(cfg.seed + 7919 * rt.rank)
 
@@ -460,8 +468,8 @@ class Experience:
     """One step's sampled batch and everything the update needs (B completions, width C)."""
 
     rows: list[int]  # prompt indices, each sampled num_generations times
-    rollout: Any  # rollout.Rollout
-    rewards: Any  # rewards.RewardOutput
+    rollout: Rollout
+    rewards: RewardOutput
     old_logps: torch.Tensor | None  # (B, C) sampling-time policy log-probs, when needed
     ref_logps: torch.Tensor | None  # (B, C) reference log-probs (None without KL)
     advantages: torch.Tensor | None  # (B,) or (B, C); None until the update computes them
@@ -571,7 +579,7 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     loss_keys = ("loss", "pg_loss", "kl_loss")
     sums: dict[str, float] = {}
     tokens, updates, grad_norms = 0.0, 0, 0.0
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # see ppo.update
     mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask)) if reuse_samples else torch.arange(len(mask))
@@ -631,7 +639,8 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
         rollout_metrics,
         truncate_samples,
     )
-    from rewardloop.train.run import progress_bar, save_checkpoint
+    from rewardloop.train.run import save_checkpoint
+    from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,10 @@ from rewardloop.train.grpo import (
     write_samples,
 )
 from rewardloop.train.runtime import Runtime
+
+if TYPE_CHECKING:
+    from rewardloop.rewards import RewardOutput
+    from rewardloop.rollout import Rollout
 
 
 @dataclass(frozen=True)
@@ -202,15 +206,13 @@ def token_values(value_model: Any, rollout: Any) -> torch.Tensor:
     completion token t (the state before it), with the model's scalar head."""
     from rewardloop.models import is_peft
     from rewardloop.rollout import position_ids
+    from rewardloop.score import trunk_states
 
     inner = Runtime.unwrap(value_model)
     classifier = inner.get_base_model() if is_peft(inner) else inner
     mask = rollout.attention_mask
-    # Through the model's own forward (DDP syncs and FSDP gathers only there); its last
-    # hidden state is the trunk's output, read at every position instead of the pooled one.
-    hidden = value_model(input_ids=rollout.input_ids, attention_mask=mask,
-                         position_ids=position_ids(mask), use_cache=False,
-                         output_hidden_states=True).hidden_states[-1]
+    hidden = trunk_states(value_model, classifier, input_ids=rollout.input_ids,
+                          attention_mask=mask, position_ids=position_ids(mask))  # (B, T, H)
     width = rollout.completion_ids.shape[1]
     return classifier.score(hidden[:, -width - 1:-1]).squeeze(-1).float()  # (B, C)
 
@@ -220,8 +222,8 @@ class PPOBatch:
     """One step's experience (B completions of width C)."""
 
     rows: list[int]
-    rollout: Any
-    rewards: Any  # rewards.RewardOutput
+    rollout: Rollout
+    rewards: RewardOutput
     old_logps: torch.Tensor  # (B, C)
     ref_logps: torch.Tensor | None  # (B, C)
     old_values: torch.Tensor  # (B, C)
@@ -305,7 +307,11 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
     sums: dict[str, float] = {}
     norms: dict[str, float] = {}
     tokens, updates = 0.0, 0
-    params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in models.items()}
+    # The optimizers' own parameter lists: FSDP2 swaps a module's registered parameters for
+    # unsharded ones while its weights are gathered (after a forward of the root), so
+    # ``model.parameters()`` is not always the sharded set the optimizer updates.
+    params = {name: [p for g in optimizers[name].param_groups for p in g["params"]]
+              for name in models}
     mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for _epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask))
@@ -360,7 +366,8 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
         rollout_metrics,
         truncate_samples,
     )
-    from rewardloop.train.run import progress_bar, save_checkpoint
+    from rewardloop.train.run import save_checkpoint
+    from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy

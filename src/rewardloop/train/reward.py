@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from rewardloop import losses
-from rewardloop.data.formats import read_records
+from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.eval.metrics import expected_calibration_error
+from rewardloop.metrics import expected_calibration_error
 from rewardloop.models import (
     LoraSettings,
     apply_lora,
@@ -48,6 +48,7 @@ from rewardloop.models import (
     match_tokenizer,
 )
 from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.data import (
     SCHEDULES,
     LengthGroupedSampler,
@@ -57,13 +58,13 @@ from rewardloop.train.data import (
 from rewardloop.train.run import (
     RunDir,
     adamw,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
 from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
 from rewardloop.train.step import MicroLoss, accumulate_and_step
-from rewardloop.train.tokenize import Encoded, collate, encode
+from rewardloop.util.files import atomic_write_text
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
 
 def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
     """(objective name, comparisons) of a preference file; other data kinds are refused."""
-    fmt, records = read_records(path, cfg.data_format)
+    fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in PAIRWISE_FORMATS + RANKING_FORMATS:
         raise UserError(f"{path}: looks like {fmt} rows, but train rm needs preferences: "
                         "pairwise rows (prompt, chosen, rejected), hh, ultrafeedback or ranking "
@@ -300,9 +301,18 @@ def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def annotator_info(cfg: RewardConfig) -> tuple[dict[str, float] | None, set[str],
-                                               dict[str, list[str]]]:
-    """(weights or None, flagged annotators, groups by annotator) from the files and the store."""
+StoredAnnotators = tuple[Mapping[str, float] | None, Set[str], Mapping[str, Sequence[str]]]
+"""(weights or None, flagged names, groups by name) as read from the store by the caller
+(``feedback.quality.annotators_from_db``): the trainer itself does not open the store."""
+
+
+def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
+                   ) -> tuple[dict[str, float] | None, set[str], dict[str, list[str]]]:
+    """(weights or None, flagged annotators, groups by annotator) from the files and ``stored``
+    (needed when ``cfg.db`` is set)."""
+    if cfg.db is not None and stored is None:
+        raise ValueError("cfg.db is set: pass what the store knows about annotators "
+                         "(feedback.quality.annotators_from_db)")
     weights: dict[str, float] | None = None
     flagged: set[str] = set()
     groups: dict[str, list[str]] = {}
@@ -315,24 +325,15 @@ def annotator_info(cfg: RewardConfig) -> tuple[dict[str, float] | None, set[str]
             weights = {str(k): float(v) for k, v in raw.items()}
         except (TypeError, ValueError):
             raise UserError(f"{cfg.annotator_weights}: every weight must be a number") from None
-    if cfg.db is not None:
-        from rewardloop.data.schema import Annotator
-        from rewardloop.data.store import Store
-        from rewardloop.feedback.quality import annotator_weights, flagged_annotators
-
-        store = Store(cfg.db)
-        try:
-            if cfg.weighting == "reliability" and weights is None:
-                weights = annotator_weights(store)
-            if cfg.exclude_flagged:
-                flagged = flagged_annotators(store)
-            with store.read() as session:
-                for a in session.query(Annotator).all():
-                    if a.groups:
-                        groups.setdefault(a.name, []).extend(
-                            str(g) for g in a.groups if str(g) not in groups.get(a.name, []))
-        finally:
-            store.dispose()
+    if stored is not None:
+        store_weights, store_flagged, store_groups = stored
+        if cfg.weighting == "reliability" and weights is None and store_weights is not None:
+            weights = dict(store_weights)
+        if cfg.exclude_flagged:
+            flagged = set(store_flagged)
+        for name, gs in store_groups.items():
+            groups.setdefault(name, []).extend(
+                str(g) for g in gs if str(g) not in groups.get(name, []))
     return weights, flagged, groups
 
 
@@ -579,18 +580,18 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
 
 
 def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
-    from rewardloop.train.checkpoint import atomic_write_text
-
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
 
 
-def train_rm(cfg: RewardConfig) -> dict[str, Any]:
-    """Train a reward model; returns the summary written to ``summary.json``."""
+def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
+    """Train a reward model; returns the summary written to ``summary.json``. ``stored``: what
+    the store knows about annotators, when ``cfg.db`` is set."""
     with runtime_for(cfg, cfg.device) as rt:
-        return _train(cfg, rt)
+        return _train(cfg, rt, stored)
 
 
-def _train(cfg: RewardConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
+def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
+           stored: StoredAnnotators | None) -> dict[str, Any]:
     # Data first: a refused file must not leave a half-made run directory behind.
     rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
@@ -602,7 +603,7 @@ def _train(cfg: RewardConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the
     if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
         raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
                         "rows train with Plackett-Luce, which has neither")
-    weights, flagged, groups = annotator_info(cfg)
+    weights, flagged, groups = annotator_info(cfg, stored)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,

@@ -14,7 +14,7 @@ A trainer stays an explicit loop; it calls these pieces where it needs them::
     with progress_bar(cfg.max_steps, "sft", start=step) as show:
         while step < cfg.max_steps:
             batch = sampler.next_batch()
-            loss = ...; check_finite(loss, step + 1, run=run); ...; step += 1
+            loss = ...; grad_norm = rt.optimizer_step(...); step += 1  (train/runtime.py)
             run.meter.step(samples=len(batch), tokens=n_tokens)
             run.log_metrics(step, {"loss": loss.item()}); show(step)
             if step % cfg.save_every == 0:
@@ -30,16 +30,13 @@ back with ``weights_only=True``, never a full pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import random
 import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,33 +46,25 @@ import yaml
 from torch import nn
 
 from rewardloop.config import config_to_dict
-from rewardloop.errors import TrainingError, UserError
+from rewardloop.errors import UserError
 from rewardloop.model_card import info_from_run, write_model_card
 from rewardloop.tracking import check_report_to, open_trackers, scalars
 from rewardloop.train.checkpoint import (
     COMPLETE,
     Checkpoint,
-    atomic_write_text,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
+from rewardloop.util.files import atomic_write_text
 
 __all__ = [
-    "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "check_finite", "latest_checkpoint",
-    "list_checkpoints", "load_checkpoint", "peak_memory_mb", "progress_bar", "save_checkpoint",
-    "seed_everything",
+    "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "latest_checkpoint",
+    "list_checkpoints", "load_checkpoint", "peak_memory_mb", "save_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 class ThroughputMeter:
@@ -286,47 +275,3 @@ def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def check_finite(value: torch.Tensor | float, step: int, *, name: str = "loss",
-                 run: RunDir | None = None) -> None:
-    """Stop with a TrainingError when ``value`` holds NaN or infinity (the HF Trainer goes on)."""
-    finite = (bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor)
-              else math.isfinite(value))
-    if finite:
-        return
-    shown = value.detach().float().cpu().flatten()[:4].tolist() \
-        if isinstance(value, torch.Tensor) else value
-    where = ""
-    if run is not None:
-        latest = latest_checkpoint(run)
-        where = (f" The last good checkpoint is {latest}; lower the learning rate and rerun "
-                 "with --resume." if latest else " No checkpoint was written yet.")
-    raise TrainingError(f"{name} is not finite ({shown}) at step {step}; stopped.{where}")
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str, *, start: int = 0) -> Iterator[
-        Callable[..., None]]:
-    """A rich progress bar on stderr (silent when stderr is not a terminal).
-
-    Yields ``show(step, info="")`` that moves the bar to ``step`` with a short status text.
-    """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task(description, total=total, completed=start, info="")
-
-        def show(step: int, info: str = "") -> None:
-            progress.update(task, completed=step, info=info)
-
-        yield show

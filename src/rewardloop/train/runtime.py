@@ -227,16 +227,6 @@ class Runtime:
                                       reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=self._mesh, mp_policy=policy)
-        # Reward and value models run their trunk and their score head one after the other
-        # (``score.rewards_of``, ``ppo.token_values``), never the root forward: each must be a
-        # unit of its own that gathers its weights when called. (Causal LMs are not split so:
-        # their tied embeddings and output layer must stay in one unit.)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = getattr(inner, "score", None)
-        trunk = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-        if isinstance(head, nn.Module) and isinstance(trunk, nn.Module):
-            fully_shard(trunk, mesh=self._mesh, mp_policy=policy)
-            fully_shard(head, mesh=self._mesh, mp_policy=policy)
         fully_shard(model, mesh=self._mesh, mp_policy=policy)
         return model
 
@@ -337,11 +327,7 @@ class Runtime:
         """
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        norm = nn.utils.clip_grad_norm_(list(params),
-                                        max_grad_norm if max_grad_norm > 0 else math.inf)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-            norm = norm.full_tensor()
-        grad_norm = float(norm)
+        grad_norm = self.clip_gradients(params, max_grad_norm)
         loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         # Row 0: this rank's loss; row 1: the grad norm (under fp16 an infinite grad norm is
         # the scaler's business: it skips the step). A NaN in one rank's loss reaches every
@@ -364,6 +350,24 @@ class Runtime:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def clip_gradients(self, params: Sequence[torch.Tensor], max_norm: float) -> float:
+        """The global L2 norm of the gradients, then scale them to ``max_norm`` if above it
+        (0: no clipping). Under FSDP2 every gradient element lives on exactly one rank, so the
+        squared norms of the local shards are summed over ranks; under DDP every rank holds
+        the whole (already averaged) gradient."""
+        grads = [p.grad for p in params if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        squares = torch.zeros((), dtype=torch.float64)
+        if local:
+            norms = torch._foreach_norm([g.detach() for g in local])
+            squares = torch.stack([n.double() for n in norms]).pow(2).sum().cpu()
+        if self.strategy == "fsdp":
+            squares = self.all_reduce(squares)
+        norm = float(squares.sqrt())
+        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+            torch._foreach_mul_(local, max_norm / (norm + 1e-6))
+        return norm
 
     def _nan_message(self, ranks: list[int], what: str, step: int, run: Any) -> str:
         from rewardloop.train.checkpoint import latest_checkpoint
@@ -393,12 +397,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    inner = getattr(model, "get_base_model", lambda: model)()
+    inner: Any = getattr(model, "get_base_model", lambda: model)()
     if not hasattr(inner, "gradient_checkpointing_enable"):
         raise UserError(f"{type(inner).__name__} does not support --gradient-checkpointing")
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):  # LoRA: frozen embeddings need this
-        model.enable_input_require_grads()
+    outer: Any = model
+    if hasattr(outer, "enable_input_require_grads"):  # LoRA: frozen embeddings need this
+        outer.enable_input_require_grads()
 
 
 @contextlib.contextmanager

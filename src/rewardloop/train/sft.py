@@ -37,6 +37,7 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
+from rewardloop.tokenize import Encoded, encode_sft, pad
 from rewardloop.train.data import (
     SCHEDULES,
     LengthGroupedSampler,
@@ -46,13 +47,12 @@ from rewardloop.train.data import (
 from rewardloop.train.run import (
     RunDir,
     adamw,
-    progress_bar,
     save_checkpoint,
-    seed_everything,
 )
 from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
 from rewardloop.train.step import MicroLoss, accumulate_and_step
-from rewardloop.train.tokenize import Encoded, encode_sft, pad
+from rewardloop.util.progress import progress_bar
+from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@
   const ids = answers.map((a) => Number(a.dataset.id));
   const status = document.getElementById("status");
   const started = performance.now();
+  let timeMs = null;
   // One key per page view: pressing twice replays the same judgment instead of adding one.
   const key = Array.from(crypto.getRandomValues(new Uint8Array(16)),
     (b) => b.toString(16).padStart(2, "0")).join("");
@@ -41,12 +42,14 @@
     busy = true;
     const chosen = task.querySelector('input[name="strength"]:checked');
     const rationale = document.getElementById("rationale").value.trim();
+    // Measured once: a retry with the same key must send the same judgment (else 409).
+    if (timeMs === null) timeMs = Math.round(performance.now() - started);
     say("Saving…");
     try {
       await post("/api/judgments", {
         task_id: taskId, ranking: ranking, idempotency_key: key,
         strength: chosen ? chosen.value : null, rationale: rationale || null,
-        time_ms: Math.round(performance.now() - started),
+        time_ms: timeMs,
       });
       say("Saved.");
       window.location.reload();

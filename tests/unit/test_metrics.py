@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rewardloop.eval import metrics as M
+from rewardloop import metrics as M
+from rewardloop.data.values import length_stats
 
 
 def test_win_rate_ties_count_half() -> None:
@@ -95,5 +96,5 @@ def test_ece_hand_worked() -> None:
 
 
 def test_length_stats() -> None:
-    s = M.length_stats(["ab", "abcd"])
+    s = length_stats(["ab", "abcd"])
     assert s["chars_mean"] == 3.0 and s["words_mean"] == 1.0 and s["n"] == 2

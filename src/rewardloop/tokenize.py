@@ -41,6 +41,7 @@ from rewardloop.data.records import (
     response_text,
 )
 from rewardloop.errors import UserError
+from rewardloop.ops import token_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,6 @@ def completion_token_logps(model: Any, batch: dict[str, torch.Tensor], temperatu
     prompt's logits are never used, and the vocabulary projection is the largest matmul of a
     small model. Earlier positions get log-prob 0 under a 0 mask.
     """
-    from rewardloop.ops import token_log_probs
-
     input_ids, completion = batch["input_ids"], batch["completion_mask"]
     width = input_ids.shape[1]
     has_completion = completion.any(dim=1)

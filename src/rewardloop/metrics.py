@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 
 ELO_SCALE = 400.0 / np.log(10.0)  # logit units -> Elo points (Chatbot Arena's convention)
 ELO_BASE = 1000.0
@@ -90,6 +89,10 @@ def _bt_fit(a_idx: np.ndarray, b_idx: np.ndarray, y: np.ndarray, n: int, l2: flo
         np.add.at(grad, b_idx, -g_d)
         return float(-ll.sum() + l2 * theta @ theta), grad + 2 * l2 * theta
 
+    # scipy.optimize takes over a second to import; only arena ratings need it, while the
+    # reward-model trainer and the loop import this module for win rates and ECE.
+    from scipy.optimize import minimize
+
     res = minimize(nll, np.zeros(n), jac=True, method="L-BFGS-B")
     theta = res.x
     return theta - theta.mean()
@@ -156,15 +159,3 @@ def expected_calibration_error(probs: Sequence[float], labels: Sequence[float], 
         rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
                      "confidence": conf, "accuracy": acc, "count": int(sel.sum())})
     return float(ece), rows
-
-
-def length_stats(texts: Sequence[str]) -> dict[str, float]:
-    """Mean/median/p95 length in characters and words."""
-    if not texts:
-        return {"n": 0}
-    chars = np.array([len(t) for t in texts], dtype=float)
-    words = np.array([len(t.split()) for t in texts], dtype=float)
-    return {"n": len(texts), "chars_mean": float(chars.mean()),
-            "chars_median": float(np.median(chars)), "chars_p95": float(np.quantile(chars, 0.95)),
-            "words_mean": float(words.mean()), "words_median": float(np.median(words)),
-            "words_p95": float(np.quantile(words, 0.95))}

@@ -1,0 +1,344 @@
+"""Writing imported records into the store a chunk at a time, with few statements per chunk.
+
+An import of 200k rows must neither hold 200k rows of ORM objects nor pay a query per row. So
+each chunk of records costs a handful of statements: one ``IN (...)`` lookup per table for what
+already exists, then one multi-row INSERT (with RETURNING where ids are needed) per table. Only
+ids and hashes of the chunk stay in memory. Everything runs inside the caller's transaction, so
+an error in a later chunk still rolls back the earlier ones. Rows written by earlier chunks are
+visible to later lookups in that transaction, which is how repeats across chunks are found.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.orm import Session
+
+from rewardloop.data.prepared import Driver, Prepared
+from rewardloop.data.records import (
+    CandidatesRecord,
+    PairRecord,
+    PromptRecord,
+    RankingRecord,
+    Record,
+    Text,
+    UnpairedRecord,
+    response_text,
+)
+from rewardloop.data.schema import (
+    Annotator,
+    ComparisonTask,
+    Judgment,
+    Prompt,
+    Rating,
+    Response,
+    TaskItem,
+    utcnow,
+)
+from rewardloop.data.values import IMPORT_KEY_PREFIX, content_hash
+
+SKIP_IDENTICAL = "pairs whose chosen and rejected answers are identical"
+
+
+@dataclass
+class ImportReport:
+    """What an import did. ``records`` counts records read (UltraFeedback rows give several)."""
+
+    path: str
+    format: str
+    records: int = 0
+    imported: int = 0
+    duplicates: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    created: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Comparison:
+    """A judgment to write: answers in task order and the ranking as groups of indices."""
+
+    prompt: Text
+    answers: list[Text]
+    groups: list[list[int]]
+    key: str
+    models: Sequence[str | None]
+    fields: dict[str, Any]
+
+
+def _key(kind: str, parts: Any) -> str:
+    return f"{IMPORT_KEY_PREFIX}{kind}:{content_hash(parts)}"
+
+
+Digest = Callable[[Text], str]
+
+
+def judgment_key(prompt: Text, answers: Sequence[Text], groups: list[list[int]],
+                 annotator: str | None, dimension: str | None = None,
+                 digest: Digest = content_hash) -> str:
+    """Content key of an imported judgment; the dimension only enters when there is one, so
+    keys of files without dimensions stay what they were."""
+    # Order inside a tie group does not change what was said, so it does not change the key.
+    hashed = [sorted(digest(answers[i]) for i in group) for group in groups]
+    parts: list[Any] = [digest(prompt), hashed, annotator]
+    return _key("judgment", parts + [dimension] if dimension else parts)
+
+
+def pair_groups(r: PairRecord) -> list[list[int]]:
+    return [[0, 1]] if r.tie else [[0], [1]]
+
+
+def record_key(r: Record, digest: Digest = content_hash) -> str | None:
+    """The idempotency key of a record that becomes a judgment or rating (else None)."""
+    if isinstance(r, PairRecord):
+        if digest(r.chosen) == digest(r.rejected):
+            return None
+        return judgment_key(r.prompt, [r.chosen, r.rejected], pair_groups(r), r.annotator,
+                            r.dimension, digest)
+    if isinstance(r, RankingRecord):
+        return judgment_key(r.prompt, r.responses, r.ranking, r.annotator, digest=digest)
+    if isinstance(r, UnpairedRecord):
+        return _key("rating", [digest(r.prompt), digest(r.completion), r.label, r.annotator])
+    return None
+
+
+def _same(rows: list[dict[str, Any]], *keys: str) -> dict[str, Any]:
+    """The ``keys`` whose value is the same in every row, taken out of the rows: a shared value
+    is encoded once, not once a row (JSON ``{}`` and ``null`` for plain-text data)."""
+    shared = {}
+    for key in keys:
+        first = rows[0][key]
+        if all(row[key] == first for row in rows):
+            shared[key] = first
+            for row in rows:
+                del row[key]
+    return shared
+
+
+def _judgment_meta(r: PairRecord) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if r.dimension:
+        meta["dimension"] = r.dimension
+    if r.both_bad:
+        meta["both_bad"] = True
+    return meta
+
+
+def _insert(table: Any, columns: str, returning: bool = False) -> Prepared:
+    statement = insert(table).values({c: bindparam(c) for c in columns.split()})
+    return Prepared(statement.returning(table.c.id) if returning else statement)
+
+
+# Every column with a Python-side default is given: prepared statements do not apply them.
+_PROMPT = _insert(Prompt.__table__, "text messages external_id meta content_hash created_at",
+                  returning=True)
+_RESPONSE = _insert(Response.__table__, "prompt_id text messages model gen_settings meta "
+                    "content_hash created_at", returning=True)
+_TASK = _insert(ComparisonTask.__table__, "prompt_id batch_id kind overlap is_gold priority "
+                "n_judgments done external_id meta created_at", returning=True)
+_ITEM = _insert(TaskItem.__table__, "task_id response_id position")
+_JUDGMENT = _insert(Judgment.__table__, "task_id annotator_id ranking margin idempotency_key "
+                    "source external_id meta created_at")
+_RATING = _insert(Rating.__table__, "response_id annotator_id label idempotency_key source "
+                  "external_id created_at")
+
+
+class Importer:
+    """Writes chunks of records through one session; ``report`` counts what it did."""
+
+    def __init__(self, session: Session, report: ImportReport, batch_id: int | None,
+                 source: str) -> None:
+        self.s, self.report, self.batch_id, self.source = session, report, batch_id, source
+        # Writes go through prepared statements on the session's own driver connection (same
+        # transaction): SQLAlchemy's per-row cost, not SQLite's, bounded an import's speed.
+        self.db = Driver(session)
+        self.annotators: dict[str, int] = {}
+        self.hashes: dict[str, str] = {}  # text -> content hash, for one chunk
+
+    def digest(self, value: Text) -> str:
+        """``content_hash`` remembered for the current chunk: a pair's texts are hashed for
+        its key, its prompt and its responses, and a prompt repeats across rows."""
+        if not isinstance(value, str):
+            return content_hash(value)
+        found = self.hashes.get(value)
+        if found is None:
+            found = self.hashes[value] = content_hash(value)
+        return found
+
+    def _new_ids(self, statement: Prepared, rows: list[dict[str, Any]],
+                 shared: dict[str, Any]) -> list[int]:
+        """Insert ``rows`` one statement each (RETURNING gives no row order for a multi-row
+        INSERT); on the driver connection each costs a few microseconds. ``shared`` values
+        are the same for every row and encoded once."""
+        return statement.first_column(self.db, rows, {**shared, "created_at": utcnow()})
+
+    # -- rows that need ids ---------------------------------------------------------------
+
+    def _prompts(self, wanted: Sequence[tuple[Text, str | None, dict[str, Any]]]
+                 ) -> tuple[dict[str, int], set[str]]:
+        """Ids of these prompts by content hash (created when new), and the hashes created."""
+        first: dict[str, tuple[Text, str | None, dict[str, Any]]] = {}
+        for item in wanted:
+            first.setdefault(self.digest(item[0]), item)
+        ids = {h: i for h, i in self.s.execute(select(Prompt.content_hash, Prompt.id)
+                                               .where(Prompt.content_hash.in_(list(first))))}
+        new: list[dict[str, Any]] = [{"text": None if isinstance(v, list) else v,
+                "messages": v if isinstance(v, list) else None, "external_id": ext,
+                "meta": dict(meta), "content_hash": digest}
+               for digest, (v, ext, meta) in first.items() if digest not in ids]
+        if new:
+            ids.update(zip([r["content_hash"] for r in new],
+                           self._new_ids(_PROMPT, new, _same(new, "messages", "meta")),
+                           strict=True))
+            self.report.created["prompts"] += len(new)
+        return ids, {row["content_hash"] for row in new}
+
+    def _responses(self, wanted: Sequence[tuple[int, Text, str | None]]
+                   ) -> tuple[dict[tuple[int, str], int], set[tuple[int, str]]]:
+        """Ids of (prompt id, answer) responses, created when new, and the ones created."""
+        first: dict[tuple[int, str], tuple[Text, str | None]] = {}
+        for prompt_id, value, model in wanted:
+            first.setdefault((prompt_id, self.digest(value)), (value, model))
+        query = select(Response.prompt_id, Response.content_hash, Response.id).where(
+            Response.prompt_id.in_({p for p, _ in first}),
+            Response.content_hash.in_({h for _, h in first}))
+        ids = {(p, h): i for p, h, i in self.s.execute(query) if (p, h) in first}
+        new: list[dict[str, Any]] = [{"prompt_id": p, "text": response_text(v),
+                "messages": v if isinstance(v, list) else None, "model": model,
+                "content_hash": h}
+               for (p, h), (v, model) in first.items() if (p, h) not in ids]
+        if new:
+            shared = {"gen_settings": {}, "meta": {}, **_same(new, "messages")}
+            ids.update(zip([(r["prompt_id"], r["content_hash"]) for r in new],
+                           self._new_ids(_RESPONSE, new, shared), strict=True))
+            self.report.created["responses"] += len(new)
+        return ids, {(row["prompt_id"], row["content_hash"]) for row in new}
+
+    def annotator(self, name: str | None) -> int | None:
+        if name is None:
+            return None
+        if name not in self.annotators:
+            found = self.s.scalar(select(Annotator.id).where(Annotator.name == name))
+            if found is None:
+                found = self.s.scalar(insert(Annotator).values(
+                    name=name, kind="import", role="annotator").returning(Annotator.id))
+                self.report.created["annotators"] += 1
+            assert found is not None  # RETURNING of a row just inserted
+            self.annotators[name] = found
+        return self.annotators[name]
+
+    # -- one chunk ------------------------------------------------------------------------
+
+    def add(self, records: Sequence[Record]) -> None:
+        """Import one chunk: prompts/candidates, comparisons and ratings, skipping repeats."""
+        self.hashes.clear()
+        keys = [record_key(r, self.digest) for r in records]
+        existing = self._existing_keys(keys)
+        comparisons: list[_Comparison] = []
+        ratings: list[tuple[UnpairedRecord, str]] = []
+        for record, key in zip(records, keys, strict=True):
+            if isinstance(record, PromptRecord | CandidatesRecord):
+                continue
+            if key is None:  # a pair whose two answers are the same text says nothing
+                skipped = self.report.skipped
+                skipped[SKIP_IDENTICAL] = skipped.get(SKIP_IDENTICAL, 0) + 1
+            elif key in existing:
+                self.report.duplicates += 1
+            else:
+                existing.add(key)
+                if isinstance(record, UnpairedRecord):
+                    ratings.append((record, key))
+                elif isinstance(record, PairRecord | RankingRecord):
+                    comparisons.append(self._comparison(record, key))
+        self._add_plain([r for r in records if isinstance(r, PromptRecord | CandidatesRecord)])
+        self._add_comparisons(comparisons)
+        self._add_ratings(ratings)
+        self.report.imported += len(comparisons) + len(ratings)
+
+    def _existing_keys(self, keys: Sequence[str | None]) -> set[str]:
+        wanted = sorted({k for k in keys if k})
+        found: set[str] = set()
+        if wanted:
+            for model in (Judgment, Rating):
+                found.update(self.s.scalars(select(model.idempotency_key)
+                                            .where(model.idempotency_key.in_(wanted))))
+        return found
+
+    def _comparison(self, r: PairRecord | RankingRecord, key: str) -> _Comparison:
+        if isinstance(r, RankingRecord):
+            return _Comparison(r.prompt, r.responses, r.ranking, key, [None] * len(r.responses),
+                               {"annotator_id": self.annotator(r.annotator), "margin": None,
+                                "external_id": r.id, "meta": {}})
+        return _Comparison(r.prompt, [r.chosen, r.rejected], pair_groups(r), key,
+                           r.models or [None, None],
+                           {"annotator_id": self.annotator(r.annotator), "margin": r.margin,
+                            "external_id": r.id, "meta": _judgment_meta(r)})
+
+    def _add_plain(self, records: Sequence[PromptRecord | CandidatesRecord]) -> None:
+        """Prompts and candidate answers; a row counts as imported when it added anything."""
+        if not records:
+            return
+        prompt_ids, new_prompts = self._prompts([(r.prompt, r.id, getattr(r, "meta", {}))
+                                                 for r in records])
+        answers = [(prompt_ids[self.digest(r.prompt)], text, model)
+                   for r in records if isinstance(r, CandidatesRecord)
+                   for text, model in zip(r.responses, r.models or [None] * len(r.responses),
+                                          strict=True)]
+        _, new_answers = self._responses(answers) if answers else ({}, set())
+        for r in records:
+            digest = self.digest(r.prompt)
+            created = digest in new_prompts
+            new_prompts.discard(digest)  # a prompt repeated later in the chunk is not new then
+            if isinstance(r, CandidatesRecord):
+                pid = prompt_ids[digest]
+                mine = {(pid, self.digest(t)) for t in r.responses} & new_answers
+                new_answers -= mine
+                created = created or bool(mine)
+            self.report.imported += created
+            self.report.duplicates += not created
+
+    def _add_comparisons(self, items: Sequence[_Comparison]) -> None:
+        """Tasks (overlap 1, already done), their items, and one judgment each."""
+        if not items:
+            return
+        prompt_ids, _ = self._prompts([(c.prompt, None, {}) for c in items])
+        pids = [prompt_ids[self.digest(c.prompt)] for c in items]
+        answer_ids, _ = self._responses([(pid, a, m) for pid, c in zip(pids, items, strict=True)
+                                         for a, m in zip(c.answers, c.models, strict=True)])
+        task_ids = self._new_ids(_TASK, [
+            {"prompt_id": pid, "kind": "pairwise" if len(c.answers) == 2 else "ranking",
+             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)],
+            {"batch_id": self.batch_id, "overlap": 1, "is_gold": False, "priority": 0.0,
+             "n_judgments": 1, "done": True, "meta": {}})
+        task_items, judgments = [], []
+        for task_id, pid, c in zip(task_ids, pids, items, strict=True):
+            ids = [answer_ids[(pid, self.digest(a))] for a in c.answers]
+            task_items += [{"task_id": task_id, "response_id": rid, "position": i}
+                           for i, rid in enumerate(ids)]
+            judgments.append({"task_id": task_id, "ranking": [[ids[i] for i in g]
+                                                              for g in c.groups],
+                              "idempotency_key": c.key, **c.fields})
+        _ITEM.run_many(self.db, task_items)
+        _JUDGMENT.run_many(self.db, judgments, {"created_at": utcnow(), "source": self.source,
+                                                **_same(judgments, "meta")})
+        self.report.created["tasks"] += len(items)
+        self.report.created["judgments"] += len(items)
+
+    def _add_ratings(self, items: Sequence[tuple[UnpairedRecord, str]]) -> None:
+        if not items:
+            return
+        prompt_ids, _ = self._prompts([(r.prompt, None, {}) for r, _ in items])
+        pids = [prompt_ids[self.digest(r.prompt)] for r, _ in items]
+        answer_ids, _ = self._responses([(pid, r.completion, None)
+                                         for pid, (r, _) in zip(pids, items, strict=True)])
+        now = utcnow()
+        _RATING.run_many(self.db, [
+            {"response_id": answer_ids[(pid, self.digest(r.completion))],
+             "annotator_id": self.annotator(r.annotator), "label": r.label,
+             "idempotency_key": key, "source": self.source, "external_id": r.id,
+             "created_at": now}
+            for pid, (r, key) in zip(pids, items, strict=True)])
+        self.report.created["ratings"] += len(items)

@@ -1,0 +1,199 @@
+"""Every input kind reads to the same records as JSONL, and bad rows in each name file, row
+and field: Parquet, Arrow (file and stream format), datasets.save_to_disk directories (one
+dataset and a DatasetDict, written by the real `datasets` package) and Hub-style folders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rewardloop.data import formats as F
+from rewardloop.data import sources
+from rewardloop.data.formats import PairRecord
+from rewardloop.errors import DataError, UserError
+
+CHAT = [{"role": "user", "content": "hi"}]
+ROWS = [
+    {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5, "annotator": "ann"},
+    {"prompt": CHAT, "chosen": [{"role": "assistant", "content": "hello", "name": "bot"}],
+     "rejected": [{"role": "assistant", "content": "go away"}], "id": "r2"},
+]
+EXPECTED = [
+    PairRecord("2+2?", "4", "5", margin=1.5, annotator="ann"),
+    PairRecord(CHAT, [{"role": "assistant", "content": "hello", "name": "bot"}],
+               [{"role": "assistant", "content": "go away"}], id="r2"),
+]
+# Arrow gives one type per column: a text prompt and a chat prompt cannot share one, so the
+# columnar inputs use rows of one kind each.
+TEXT_ROWS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+TEXT_EXPECTED = [PairRecord(f"q{i}", f"good {i}", f"bad {i}") for i in range(5)]
+
+
+def table_of(rows: list[dict[str, Any]]) -> pa.Table:
+    """All rows' keys as columns (``Table.from_pylist`` keeps only the first row's keys)."""
+    return pa.Table.from_struct_array(pa.array(rows))
+
+
+def jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def parquet(path: Path, rows: list[dict[str, Any]], row_group_size: int = 2) -> Path:
+    pq.write_table(table_of(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def arrow_file(path: Path, rows: list[dict[str, Any]]) -> Path:
+    table = table_of(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    return path
+
+
+def arrow_stream(path: Path, rows: list[dict[str, Any]]) -> Path:
+    table = table_of(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    return path
+
+
+def saved(path: Path, rows: list[dict[str, Any]]) -> Path:
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def hub_folder(path: Path, rows: list[dict[str, Any]]) -> Path:
+    (path / "data").mkdir(parents=True)
+    parquet(path / "data" / "train-00000-of-00002.parquet", rows[:3])
+    parquet(path / "data" / "train-00001-of-00002.parquet", rows[3:])
+    return path
+
+
+WRITERS: dict[str, Callable[[Path, list[dict[str, Any]]], Path]] = {
+    "x.parquet": parquet, "x.arrow": arrow_file, "stream.arrow": arrow_stream,
+    "saved": saved, "hub": hub_folder, "x.jsonl": jsonl,
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_every_input_kind_reads_the_same_records(tmp_path: Path, name: str) -> None:
+    path = WRITERS[name](tmp_path / name, TEXT_ROWS)
+    assert F.detect_format(path) == "trl"
+    assert F.read_records(path) == ("trl", TEXT_EXPECTED)
+
+
+def test_nulls_in_columns_are_absent_fields(tmp_path: Path) -> None:
+    # Arrow fills the keys one row lacks with null: they must not become values.
+    assert F.read_records(parquet(tmp_path / "x.parquet", ROWS[1:] + ROWS[1:]))[1] == [
+        EXPECTED[1], EXPECTED[1]]
+    assert F.read_records(parquet(tmp_path / "y.parquet", ROWS[:1]))[1] == EXPECTED[:1]
+
+
+def test_datasetdict_and_hub_splits(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    train, test = TEXT_ROWS[:3], TEXT_ROWS[3:]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "test": datasets.Dataset.from_list(test)}).save_to_disk(
+        str(tmp_path / "dd"))
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    parquet(hub / "data" / "train-00000-of-00001.parquet", train)
+    jsonl(hub / "data" / "test.jsonl", test)
+    for folder in (tmp_path / "dd", hub):
+        assert F.read_records(folder, split="train")[1] == TEXT_EXPECTED[:3]
+        assert F.read_records(f"{folder}:test")[1] == TEXT_EXPECTED[3:]
+        with pytest.raises(UserError, match="holds the splits test, train; choose one"):
+            F.read_records(folder)
+        with pytest.raises(UserError, match="no split 'dev' \\(it has test, train\\)"):
+            F.read_records(folder, split="dev")
+
+
+def test_split_directories_of_a_hub_folder(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    parquet(tmp_path / "train" / "part-0.parquet", TEXT_ROWS)
+    assert F.read_records(tmp_path)[1] == TEXT_EXPECTED
+    # The Hub's Parquet conversion: CONFIG/SPLIT/NNNN.parquet.
+    converted = tmp_path / "converted" / "default"
+    for split, rows in (("train", TEXT_ROWS[:2]), ("test", TEXT_ROWS[2:])):
+        (converted / split).mkdir(parents=True)
+        parquet(converted / split / "0000.parquet", rows)
+    assert F.read_records(f"{tmp_path / 'converted'}:test")[1] == TEXT_EXPECTED[2:]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p, "a directory with no Parquet, Arrow or JSONL files"),
+    (lambda p: p / "missing.parquet", "missing.parquet: no such file or directory"),
+])
+def test_inputs_that_are_not_there(tmp_path: Path, make: Callable[[Path], Path],
+                                   message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        F.read_records(make(tmp_path))
+
+
+def test_split_on_a_single_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--split applies to dataset folders"):
+        F.read_records(jsonl(tmp_path / "x.jsonl", ROWS), split="train")
+
+
+@pytest.mark.parametrize("name", ["x.parquet", "x.arrow", "stream.arrow", "saved", "hub"])
+def test_a_bad_row_names_file_row_and_field(tmp_path: Path, name: str) -> None:
+    rows = [dict(r) for r in TEXT_ROWS]
+    rows[3] = {"prompt": "q3", "chosen": "good", "rejected": None}
+    path = WRITERS[name](tmp_path / name, rows)
+    with pytest.raises(DataError) as caught:
+        F.read_records(path)
+    # Row 4 overall; in the two-file hub folder it is row 1 of the second file.
+    where = ("train-00001-of-00002.parquet:row 1" if name == "hub" else ":row 4")
+    assert where in str(caught.value) and "field 'rejected': is missing" in str(caught.value)
+
+
+def test_a_corrupt_columnar_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="x.parquet: not a readable parquet file"):
+        F.read_records(path)
+
+
+def test_columnar_rows_stream_by_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Parquet file is read one record batch at a time, never as one table."""
+    path = parquet(tmp_path / "x.parquet", TEXT_ROWS * 40, row_group_size=16)
+    monkeypatch.setattr(sources, "_BATCH_ROWS", 16)
+    seen = []
+    real = sources._batches
+
+    def spy(p: Path):  # the size of every batch the reader asks for
+        for batch in real(p):
+            seen.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(sources, "_batches", spy)
+    _, records = F.iter_records(path, "trl")
+    first = next(records)
+    assert first == TEXT_EXPECTED[0] and seen == [16]  # one batch read for the first record
+    assert sum(1 for _ in records) == 199 and max(seen) == 16 and len(seen) == 13
+
+
+def test_written_parquet_arrow_and_dataset_read_back(tmp_path: Path) -> None:
+    for name in ("out.parquet", "out.arrow", "out.jsonl"):
+        assert F.write_records(tmp_path / name, "trl", EXPECTED[1:]) == 1
+        assert F.read_records(tmp_path / name)[1] == EXPECTED[1:]
+    assert F.write_dataset(tmp_path / "ds", "trl", TEXT_EXPECTED) == 5
+    assert F.read_records(tmp_path / "ds")[1] == TEXT_EXPECTED
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_from_disk(str(tmp_path / "ds"))
+    assert loaded.num_rows == 5 and loaded[0] == {"prompt": "q0", "chosen": "good 0",
+                                                   "rejected": "bad 0"}
+
+
+def test_a_column_mixing_text_and_chat_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="column 'prompt' mixes kinds of values"):
+        F.write_records(tmp_path / "out.parquet", "trl", EXPECTED)
+    assert not list(tmp_path.iterdir())  # no temp file left behind
