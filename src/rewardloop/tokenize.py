@@ -88,7 +88,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
     """Token ids of a prompt: chat prompts through the chat template with the generation prompt."""
-    if is_chat(prompt):
+    if isinstance(prompt, list):  # a chat
         return _ids(tokenizer, render_chat(tokenizer, prompt, generation_prompt=True))
     return list(tokenizer(str(prompt))["input_ids"])
 
