@@ -13,12 +13,12 @@ from _archs import CHATML, EOT, build_arch
 from typer.testing import CliRunner
 
 from rewardloop import ops
+from rewardloop import tokenize as T
 from rewardloop.cli import app
 from rewardloop.data.records import SFTRecord
 from rewardloop.errors import UserError
 from rewardloop.models import load_policy, load_tokenizer
 from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts, stop_token_ids
-from rewardloop.train import tokenize as T
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi, my order?"}]
