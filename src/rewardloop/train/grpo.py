@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -554,6 +554,35 @@ def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.T
     return fwd.logps.detach(), metrics
 
 
+@dataclass
+class Minibatch:
+    """This process's share of one optimizer update."""
+
+    common: dict[str, Any]  # loss aggregation mode and the minibatch's GLOBAL counts
+    micro: list[torch.Tensor]  # row indices of each forward/backward pass
+
+
+def minibatches(cfg: Any, rt: Runtime, mask: torch.Tensor, order: torch.Tensor
+                ) -> Iterator[Minibatch]:
+    """The minibatches of one pass over this process's rows in ``order``; each carries the
+    token and sequence counts summed over all processes, which its losses divide by."""
+    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
+    for start in range(0, len(order), mini):
+        rows = order[start:start + mini]
+        tokens, seqs = rt.sum_floats(float(mask[rows].sum()), float(len(rows)))
+        yield Minibatch({"mode": cfg.loss_aggregation, "global_tokens": tokens,
+                         "global_seqs": seqs, "norm_length": float(cfg.max_new_tokens)},
+                        [rows[k:k + micro] for k in range(0, len(rows), micro)])
+
+
+def add_metrics(sums: dict[str, float], metrics: dict[str, torch.Tensor], tokens: float,
+                loss_keys: tuple[str, ...]) -> None:
+    """Loss parts add up as they are (each already divided by a global count); the other
+    metrics are token means, weighted by the micro-batch's ``tokens``."""
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key in loss_keys else tokens)
+
+
 def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
                   exp: Experience, reuse_samples: bool, step: int
                   ) -> tuple[dict[str, float], torch.Tensor]:
@@ -573,29 +602,19 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     sums: dict[str, float] = {}
     tokens, updates, grad_norms = 0.0, 0, 0.0
     params = [p for g in optimizer.param_groups for p in g["params"]]  # see ppo.update
-    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask)) if reuse_samples else torch.arange(len(mask))
-        for mb_start in range(0, len(mask), mini):
-            mb_rows = order[mb_start:mb_start + mini]
-            global_tokens, global_seqs = rt.sum_floats(float(mask[mb_rows].sum()),
-                                                       float(len(mb_rows)))
-            common = {"mode": cfg.loss_aggregation, "global_tokens": global_tokens,
-                      "global_seqs": global_seqs, "norm_length": float(cfg.max_new_tokens)}
-            starts = range(0, len(mb_rows), micro)
+        for mb in minibatches(cfg, rt, mask, order):
             local_loss = 0.0
-            for k, mc_start in enumerate(starts):
-                idx = mb_rows[mc_start:mc_start + micro]
-                rt.sync_gradients(policy, last=k == len(starts) - 1)
-                logps, m = micro_step(cfg, rt, policy, exp, idx, common)
+            for k, idx in enumerate(mb.micro):
+                rt.sync_gradients(policy, last=k == len(mb.micro) - 1)
+                logps, m = micro_step(cfg, rt, policy, exp, idx, mb.common)
                 if epoch == 0:
                     first_pass[idx] = logps
                 weight = float(mask[idx].sum())
                 tokens += weight
                 local_loss += float(m["loss"])
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * (
-                        1.0 if key in loss_keys else weight)
+                add_metrics(sums, m, weight, loss_keys)
             grad_norms += rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step,
                                             loss=local_loss, run=setup.run, scheduler=scheduler)
             updates += 1

@@ -26,11 +26,13 @@ from rewardloop import ops, pg_losses
 from rewardloop.options import RuntimeOptions
 from rewardloop.train.grpo import (
     Setup,
+    add_metrics,
     check_common,
     finish,
     kl_metrics,
     local_micro,
     make_optimizer,
+    minibatches,
     reference_logps,
     score_rollout,
     seed_sampling,
@@ -307,28 +309,18 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
     # ``model.parameters()`` is not always the sharded set the optimizer updates.
     params = {name: [p for g in optimizers[name].param_groups for p in g["params"]]
               for name in models}
-    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for _epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(len(mask))
-        for mb_start in range(0, len(mask), mini):
-            mb_rows = order[mb_start:mb_start + mini]
-            global_tokens, global_seqs = rt.sum_floats(float(mask[mb_rows].sum()),
-                                                       float(len(mb_rows)))
-            common = {"mode": cfg.loss_aggregation, "global_tokens": global_tokens,
-                      "global_seqs": global_seqs, "norm_length": float(cfg.max_new_tokens)}
-            starts = range(0, len(mb_rows), micro)
+        for mb in minibatches(cfg, rt, mask, torch.randperm(len(mask))):
             local_loss = 0.0
-            for k, mc_start in enumerate(starts):
-                idx = mb_rows[mc_start:mc_start + micro]
+            for k, idx in enumerate(mb.micro):
                 for model in models.values():
-                    rt.sync_gradients(model, last=k == len(starts) - 1)
-                m = micro_step(cfg, rt, models["policy"], models["value"], batch, idx, common)
+                    rt.sync_gradients(model, last=k == len(mb.micro) - 1)
+                m = micro_step(cfg, rt, models["policy"], models["value"], batch, idx,
+                               mb.common)
                 weight = float(mask[idx].sum())
                 tokens += weight
                 local_loss += float(m["loss"])
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * (
-                        1.0 if key in loss_keys else weight)
+                add_metrics(sums, m, weight, loss_keys)
             for name in models:
                 norm = rt.optimizer_step(optimizers[name], params[name], cfg.max_grad_norm,
                                          step=step, loss=local_loss, run=run,
