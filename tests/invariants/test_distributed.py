@@ -123,7 +123,8 @@ def test_online_rl_on_two_processes_equals_one(work: Path, tmp_path: Path, kind:
 
 def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Path,
                                                                        tmp_path: Path) -> None:
-    """A checkpoint written by 2 FSDP processes resumes on 2 and on 1 (DCP reshards)."""
+    """A checkpoint written by 2 FSDP processes resumes on 2 and on 1, and one written by 1
+    resumes on 2 (DCP reshards)."""
     def sft(out: Path, steps: int, *extra: str) -> None:
         rewardloop(*command("sft", work, out)[:-8], "--max-steps", str(steps), "--batch-size",
                    "4", "--lr", "1e-3", "--max-length", "64", "--schedule", "constant",
@@ -142,6 +143,12 @@ def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Pat
     sft(on_one, 4, "--resume")
     assert_same_run(full, cut)
     assert_same_run(full, on_one)
+    # And the other way: one process interrupted, resumed on two.
+    single = tmp_path / "single"
+    sft(single, 2)
+    (single / "summary.json").unlink()
+    sft(single, 4, "--nproc", "2", "--strategy", "ddp", "--resume")
+    assert_same_run(full, single)
 
 
 def test_nan_on_one_rank_stops_every_rank_with_exit_3(work: Path, tmp_path: Path) -> None:
