@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,8 +110,12 @@ def test_online_rl_on_two_processes_equals_one(work: Path, tmp_path: Path, kind:
             str(work / "prompts.jsonl"), "--reward", "_rl_rewards:by_prompt", "--batch-size",
             "4", "--max-steps", "2", "--lr", "1e-3", "--top-k", "1", "--max-new-tokens", "8",
             "--kl-coef", "0.1"]
-    if kind == "grpo":
-        args += ["--advantage", "reinforce++", "--num-generations", "1"]
+    if kind == "grpo":  # plus a reward model, which fsdp shards like the policy
+        rm = tmp_path / "rm"
+        shutil.copytree(work / "tiny", rm)
+        (rm / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+        args += ["--advantage", "reinforce++", "--num-generations", "1",
+                 "--reward", f"{rm}@0.5"]
     models = ("model", "value_model") if kind == "ppo" else ("model",)
     one = tmp_path / "one"
     rewardloop(*args, "--out", str(one))
@@ -135,8 +140,6 @@ def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Pat
     cut = tmp_path / "cut"
     sft(cut, 2, "--nproc", "2", "--strategy", "fsdp")  # the "interrupted" run: 2 of 4 steps
     (cut / "summary.json").unlink()
-    import shutil
-
     on_one = tmp_path / "on_one"
     shutil.copytree(cut, on_one)
     sft(cut, 4, "--nproc", "2", "--strategy", "fsdp", "--resume")

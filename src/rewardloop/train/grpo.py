@@ -311,7 +311,7 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     """
     from rewardloop.data.formats import read_records
     from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
-    from rewardloop.rewards import FunctionReward, Rewards, parse_reward_spec
+    from rewardloop.rewards import FunctionReward, ModelReward, Rewards, parse_reward_spec
     from rewardloop.rollout import encode_prompts
     from rewardloop.train.data import EpochSampler
     from rewardloop.train.run import RunDir
@@ -346,6 +346,12 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
                       missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
                       max_length=cfg.max_prompt_length + cfg.max_new_tokens)
+    if rt.strategy == "fsdp":
+        # Reward models are sharded like the policy. Every rank scores as many completions
+        # in as many batches, so their forward passes (collectives under FSDP) line up.
+        for _, _, source in rewards.sources:
+            if isinstance(source, ModelReward):
+                source.scorer.model = rt.prepare(source.scorer.model, trainable=False)
     gold = FunctionReward(cfg.gold) if cfg.gold else None
     sampler = EpochSampler(len(records), cfg.prompts_per_step, cfg.seed, drop_last=True)
     kl_ctl = (ops.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
