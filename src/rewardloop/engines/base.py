@@ -110,3 +110,39 @@ class Generator(Protocol):
         on resume). A generator sampling from ``model`` itself has nothing to do; an engine
         with its own copy pushes them before its next ``generate``."""
         ...
+
+
+def decode_completions(tokenizer: Any, completion_ids: torch.Tensor,
+                       completion_mask: torch.Tensor, pad_id: int) -> list[str]:
+    """The B texts of right-padded completions (B, C), special tokens removed."""
+    shown = completion_ids * completion_mask + pad_id * (1 - completion_mask)
+    texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
+    # A byte-level model can emit any byte; NUL breaks JSONL readers and PostgreSQL text.
+    return [t.replace("\x00", "") for t in texts]
+
+
+def rollout_from_tokens(prompts: Sequence[Sequence[int]], n: int,
+                        completions: Sequence[Sequence[int]],
+                        logps: Sequence[Sequence[float]] | None, tokenizer: Any) -> Rollout:
+    """A :class:`Rollout` from an engine's unpadded outputs: ``completions`` holds ``n`` token
+    lists per prompt, contiguous, each ending at its EOS or at the length limit; ``logps`` the
+    engine's log-prob of each of those tokens (None when it reports none)."""
+    from rewardloop import ops
+    from rewardloop.train.tokenize import pad
+
+    if len(completions) != len(prompts) * n:
+        raise ValueError(f"expected {len(prompts) * n} completions, got {len(completions)}")
+    pad_id, eos_id = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
+    prompt_ids = pad(prompts, pad_id, side="left").repeat_interleave(n, dim=0)
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").repeat_interleave(n, 0)
+    # Every row at least one column wide, so an empty completion still has a (padding) slot.
+    completion_ids = pad([list(c) or [pad_id] for c in completions], pad_id)
+    completion_mask, has_eos = ops.completion_mask(completion_ids, eos_id, pad_id)
+    sampler = None
+    if logps is not None:
+        rows = [list(lp) + [0.0] * (completion_ids.shape[1] - len(lp)) for lp in logps]
+        sampler = torch.tensor(rows, dtype=torch.float32) * completion_mask
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, has_eos=has_eos,
+                   texts=decode_completions(tokenizer, completion_ids, completion_mask, pad_id),
+                   sampler_logps=sampler)

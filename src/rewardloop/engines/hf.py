@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rewardloop import ops
-from rewardloop.engines.base import Rollout, SamplingSettings
+from rewardloop.engines.base import Rollout, SamplingSettings, decode_completions
 
 
 def warp_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
@@ -135,11 +135,7 @@ class HFGenerator:
         finally:
             self.model.train(was_training)
         completion_mask, has_eos = ops.completion_mask(completion_ids, self.eos_id, self.pad_id)
-        texts = self.tokenizer.batch_decode(completion_ids * completion_mask
-                                            + self.pad_id * (1 - completion_mask),
-                                            skip_special_tokens=True)
-        # A byte-level model can emit any byte; NUL breaks JSONL readers and PostgreSQL text.
-        texts = [t.replace("\x00", "") for t in texts]
+        texts = decode_completions(self.tokenizer, completion_ids, completion_mask, self.pad_id)
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                        completion_ids=completion_ids, completion_mask=completion_mask,
                        has_eos=has_eos, texts=texts)

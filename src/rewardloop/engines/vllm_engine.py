@@ -1,0 +1,147 @@
+"""vLLM inside the trainer's process ("colocate"): ``vllm.LLM`` sampling from its own copy of
+the policy, kept in sync by pushing the trainer's weights before a generation that follows an
+update.
+
+Only the stable part of vLLM's API is used (``LLM``, ``SamplingParams``, ``generate``,
+``apply_model`` + the model's ``load_weights``, ``reset_prefix_cache``, ``sleep``/``wake_up``):
+every integration that reached deeper broke with vLLM's releases (TRL #3304, OpenRLHF #1193).
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so a push hands it the
+trainer's tensors without a copy between processes. With several ranks, each rank runs its own
+engine over its own devices (``distributed_executor_backend="external_launcher"``).
+
+Log-probs. The trainer scores tokens with temperature-scaled, untruncated logits. vLLM reports
+either ``raw_logprobs`` (before temperature) or ``processed_logprobs`` (after temperature AND
+top-p/top-k, renormalised over the kept tokens, which biases an importance ratio, TRL #6789).
+So: temperature 1 -> raw (exact for any top-p/top-k); temperature != 1 without top-p/top-k ->
+processed (exact); temperature != 1 with top-p/top-k -> refused when log-probs are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import vllm
+from vllm.platforms import current_platform
+
+from rewardloop.engines.base import Rollout, SamplingSettings, rollout_from_tokens
+from rewardloop.engines.factory import EngineOptions
+from rewardloop.engines.weight_sync import WeightSync, engine_weights
+from rewardloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The vLLM releases these engines were tested with (pyproject's `vllm` extra says the same).
+TESTED = ">=0.32,<0.33"
+
+
+def logprobs_mode(settings: SamplingSettings | None) -> str:
+    """Which of vLLM's log-probs equal the trainer's for sampling with ``settings`` (None:
+    log-probs are not used). Raises UserError where neither does."""
+    if settings is None or settings.temperature == 1.0:
+        return "raw_logprobs"
+    if settings.top_p == 1.0 and settings.top_k == 0:
+        return "processed_logprobs"
+    raise UserError("with --generator vllm, temperature != 1 cannot be combined with top-p or "
+                    "top-k: vLLM reports log-probs either before temperature or after top-p/"
+                    "top-k (renormalised), and both would bias the importance-sampling ratio; "
+                    "use temperature 1 or drop top-p/top-k")
+
+
+def sampling_params(settings: SamplingSettings, n: int, pad_id: int) -> Any:
+    """vLLM's SamplingParams for ``settings``: log-prob of each sampled token, the pad token
+    never sampled (it would read as padding inside an answer), EOS kept in the output."""
+    return vllm.SamplingParams(
+        n=n, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        top_p=settings.top_p, top_k=settings.top_k if settings.top_k > 0 else -1, logprobs=0,
+        logit_bias={pad_id: -100.0}, skip_special_tokens=True)
+
+
+class VLLMGenerator:
+    """A :class:`~rewardloop.engines.base.Generator` over an in-process ``vllm.LLM``."""
+
+    def __init__(self, model_path: str | Path, tokenizer: Any, options: EngineOptions, *,
+                 seed: int = 0, world_size: int = 1, dtype: str = "auto",
+                 logprob_settings: SamplingSettings | None = None) -> None:
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
+        if options.vllm_sleep and not current_platform.is_sleep_mode_available():
+            raise UserError(f"--vllm-sleep: vLLM {vllm.__version__} has no sleep mode on this "
+                            f"platform ({current_platform.device_name}); drop --vllm-sleep")
+        self.tokenizer = tokenizer
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.sleep_between = options.vllm_sleep
+        self.sync = WeightSync()
+        self.asleep = False
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kwargs: dict[str, Any] = {
+            "model": str(model_path), "seed": seed, "dtype": dtype,
+            "tensor_parallel_size": options.vllm_tensor_parallel_size,
+            "gpu_memory_utilization": options.vllm_gpu_memory_utilization,
+            "enable_sleep_mode": options.vllm_sleep,
+            "logprobs_mode": logprobs_mode(logprob_settings),
+            # CUDA graphs pay off on GPUs; on CPU compiling them only costs start-up time.
+            "enforce_eager": not current_platform.is_cuda_alike(),
+        }
+        if options.vllm_max_model_len is not None:
+            kwargs["max_model_len"] = options.vllm_max_model_len
+        if world_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        log.info("starting vLLM %s on %s", vllm.__version__, model_path)
+        self.llm = vllm.LLM(**kwargs)
+
+    def policy_updated(self, model: Any) -> None:
+        self.sync.mark(model)
+
+    def load_weights(self, weights: Sequence[tuple[str, Any]]) -> int:
+        """Copy ``(checkpoint name, tensor)`` pairs into the engine's model (vLLM fuses q/k/v
+        and gate/up itself) and forget cached prefixes computed with the old weights."""
+        self.llm.apply_model(lambda model: model.load_weights(iter(weights)))
+        self.llm.reset_prefix_cache()
+        return len(weights)
+
+    def _prepare(self) -> None:
+        """Wake the weights, push the trainer's if they changed, then wake the KV cache (waking
+        both before the push would hold both while the push needs room, vLLM #15254)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        model = self.sync.take()
+        if model is not None:
+            with engine_weights(model) as weights:
+                self.load_weights(weights)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+    def sample(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
+               ) -> tuple[list[list[int]], list[list[float]]]:
+        """``n`` completions per prompt (contiguous) and the log-prob of each of their tokens."""
+        from vllm.inputs import TokensPrompt
+
+        self._prepare()
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+            sampling_params(settings, n, self.pad_id), use_tqdm=False)
+        if self.sleep_between:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
+            self.asleep = True
+        ids, logps = [], []
+        for request in outputs:
+            for completion in request.outputs:
+                tokens = list(completion.token_ids)
+                ids.append(tokens)
+                logps.append([float(step[tok].logprob)
+                              for step, tok in zip(completion.logprobs, tokens, strict=True)])
+        return ids, logps
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 settings: SamplingSettings) -> Rollout:
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        ids, logps = self.sample(prompts, n, settings)
+        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer)
