@@ -8,6 +8,7 @@ only judges open tasks, trainers resume from their checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -94,7 +95,8 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
     k = cfg.responses_per_prompt
     answers = sample_answers(model, tokenizer, [r.prompt for r in chosen], n=k,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             seed=cfg.seed + ctx.n)
+                             seed=cfg.seed + ctx.n, engine=cfg.engine(),
+                             model_path=str(ctx.policy))
     rows = []
     for i, record in enumerate(chosen):
         distinct = list(dict.fromkeys(t for t in answers.texts[i * k:(i + 1) * k] if t.strip()))
@@ -290,7 +292,8 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
             from rewardloop.train.grpo import GRPOConfig as RLConfig
             from rewardloop.train.grpo import train
             fixed = {"advantage": cfg.algorithm}
-        summary = train(_build(RLConfig, cfg.policy_options, policy=ctx.policy,
+        engine = dataclasses.asdict(cfg.engine())  # policy_options may still override it
+        summary = train(_build(RLConfig, {**engine, **cfg.policy_options}, policy=ctx.policy,
                                prompts=cfg.prompts, out=out, rewards=(str(ctx.rm),),
                                gold=cfg.gold, max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, seed=cfg.seed + ctx.n,
@@ -340,7 +343,8 @@ def stage_eval(ctx: RoundContext, out: Path) -> dict[str, Any]:
         prompts=cfg.eval_prompts or cfg.prompts, out=out, judges=judges, n=cfg.eval_n,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         seed=cfg.seed + 7, db=cfg.db_url, arena_batch=f"arena-round-{ctx.n}",
-        policy_name=f"round-{ctx.n}", baseline_name="start"))
+        policy_name=f"round-{ctx.n}", baseline_name="start",
+        **dataclasses.asdict(cfg.engine())))
     figures: dict[str, Any] = {"kl": result.get("kl"),
                                "policy_words_mean": result["length"]["policy"].get("words_mean"),
                                "baseline_words_mean":

@@ -104,19 +104,19 @@ def _dtype_name(model: Any) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_path: str | Path,
-                   *, seed: int = 0, world_size: int | None = None,
+def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
+                   model_path: str | Path | None, *, seed: int = 0, world_size: int | None = None,
                    logprob_settings: SamplingSettings | None = None) -> Any:
     """The generator ``options`` ask for.
 
-    ``model`` is the loaded model (the HF engine samples from it; a vLLM engine is sent its
-    weights when they differ from ``model_path``'s, e.g. a LoRA adapter merged into its base);
-    ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each rank's colocated
-    engine one of an external-launcher group (None: torch.distributed's, else 1); a colocated
-    engine computes in ``model``'s dtype, so its numbers stay close to the trainer's;
-    ``logprob_settings`` are the sampling settings whose log-probs a trainer will compare with
-    its own (None: log-probs are not used).
-    Missing vLLM is a UserError with the install line.
+    ``model`` is the loaded model (the HF engine samples from it; a vLLM engine loads
+    ``model_path`` and is sent ``model``'s weights when they differ, e.g. a LoRA adapter merged
+    into its base); ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each
+    rank's colocated engine one of an external-launcher group (None: torch.distributed's, else
+    1); a colocated engine computes in ``model``'s dtype, so its numbers stay close to the
+    trainer's; ``logprob_settings`` are the sampling settings whose log-probs a trainer will
+    compare with its own (None: log-probs are not used). Missing vLLM is a UserError with the
+    install line.
     """
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
@@ -129,6 +129,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_pat
         generator: Any = ServerGenerator(options.vllm_server, tokenizer,
                                          logprob_settings=logprob_settings)
     else:
+        if model_path is None:
+            raise ValueError("a colocated vLLM engine needs the model's directory")
         try:
             from rewardloop.engines.vllm_engine import VLLMGenerator
         except ImportError as exc:
@@ -139,6 +141,7 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any, model_pat
                                   world_size=world_size or _world_size(),
                                   dtype=_dtype_name(model),
                                   logprobs_mode=logprobs_mode(logprob_settings))
-    if engine_model_path(model_path) != str(model_path):
-        generator.policy_updated(model)  # the engine holds the base model: send the merged one
+    if options.vllm_mode == "server" or engine_model_path(str(model_path)) != str(model_path):
+        # A server may hold any model, a colocated engine an adapter's base: send ours.
+        generator.policy_updated(model)
     return generator

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.eval.metrics import Battle, WinRate, bootstrap_ci, length_stats, win_rate
 
@@ -78,8 +79,23 @@ class EvalConfig:
     """Name of the baseline in the arena and the report."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    generator: str = "hf"
+    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
+    vllm_mode: str = "colocate"
+    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm colocate: share of the GPU's memory the engine may take."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm colocate: GPUs one engine spans."""
+    vllm_sleep: bool = False
+    """vllm colocate: free the engine's memory between generations (sleep mode)."""
+    vllm_server: str | None = None
+    """vllm server: URL of ``rewardloop vllm-serve``."""
+    vllm_max_model_len: int | None = None
+    """vllm: longest prompt + completion in tokens (None: the model's)."""
 
     def __post_init__(self) -> None:
+        EngineOptions.of(self)  # validates the generator options
         if not self.judges:
             raise ValueError("give at least one judge (--judge): a reward-model dir, "
                              "package.module:function, or human")
@@ -127,14 +143,19 @@ def load_for_generation(model: str, device: str = "auto") -> tuple[Any, Any]:
 
 def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], *, n: int = 1,
                    max_new_tokens: int = 64, temperature: float = 1.0,
-                   max_prompt_length: int = 512, batch_size: int = 32, seed: int = 0) -> Answers:
+                   max_prompt_length: int = 512, batch_size: int = 32, seed: int = 0,
+                   engine: EngineOptions | None = None, model_path: str | None = None
+                   ) -> Answers:
     """``n`` sampled answers per prompt (rows of a prompt contiguous), ``batch_size`` prompts at
-    a time; the same ``seed`` gives the same answers."""
-    from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
+    a time; the same ``seed`` gives the same answers. ``engine`` picks the generator (default:
+    the built-in loop over ``model``); a vLLM engine loads ``model_path``."""
+    from rewardloop.engines.factory import make_generator
+    from rewardloop.rollout import SamplingSettings, encode_prompts
     from rewardloop.train.run import seed_everything
 
     seed_everything(seed)
-    generator = HFGenerator(model, tokenizer)
+    generator = make_generator(engine or EngineOptions(), model, tokenizer, model_path,
+                               seed=seed)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     ids = encode_prompts(tokenizer, prompts, max_prompt_length)
     rollouts = [generator.generate(ids[i:i + batch_size], n, settings)
@@ -234,8 +255,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
            "seed": cfg.seed}
     policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device)
     baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device)
-    policy = sample_answers(policy_model, policy_tok, prompts, **gen)
-    baseline = sample_answers(baseline_model, baseline_tok, prompts, **gen)
+    engine = EngineOptions.of(cfg)
+    policy = sample_answers(policy_model, policy_tok, prompts, engine=engine,
+                            model_path=cfg.policy, **gen)
+    baseline = sample_answers(baseline_model, baseline_tok, prompts, engine=engine,
+                              model_path=cfg.baseline, **gen)
     result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,
                               "policy_name": cfg.policy_name,
                               "baseline_name": cfg.baseline_name, "n": len(prompts)}

@@ -302,18 +302,21 @@ def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
 def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int, settings: Any, *,
                       seed: int = 0, batch_size: int = 8, max_prompt_length: int = 512,
                       device: str = "auto", dtype: str = "auto",
-                      model_label: str | None = None) -> list[CandidatesRecord]:
-    """``n`` sampled answers per prompt (``rollout.HFGenerator``, ``settings``: a
-    ``rollout.SamplingSettings``), ``batch_size`` prompts at a time. Repeated answers to one
-    prompt are kept once (a task compares distinct texts); ``models`` is ``model_label``."""
+                      model_label: str | None = None, engine: Any = None
+                      ) -> list[CandidatesRecord]:
+    """``n`` sampled answers per prompt (``settings``: a ``rollout.SamplingSettings``; ``engine``
+    an ``engines.EngineOptions``, default the built-in loop), ``batch_size`` prompts at a time.
+    Repeated answers to one prompt are kept once (a task compares distinct texts); ``models``
+    is ``model_label``."""
+    from rewardloop.engines.factory import EngineOptions, make_generator
     from rewardloop.models import load_policy, load_tokenizer
-    from rewardloop.rollout import HFGenerator, encode_prompts
+    from rewardloop.rollout import encode_prompts
     from rewardloop.train.run import seed_everything
 
     seed_everything(seed)
     tokenizer = load_tokenizer(policy, padding_side="left")
     model = load_policy(policy, dtype=dtype, device=device, trainable=False)
-    generator = HFGenerator(model, tokenizer)
+    generator = make_generator(engine or EngineOptions(), model, tokenizer, policy, seed=seed)
     rows = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
