@@ -3,7 +3,7 @@ the policy, kept in sync by pushing the trainer's weights before a generation th
 update.
 
 Only the stable part of vLLM's API is used (``LLM``, ``SamplingParams``, ``generate``,
-``apply_model`` + the model's ``load_weights``, ``reset_prefix_cache``, ``sleep``/``wake_up``):
+``collective_rpc("reload_weights")``, ``reset_prefix_cache``, ``sleep``/``wake_up``):
 every integration that reached deeper broke with vLLM's releases (TRL #3304, OpenRLHF #1193).
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so a push hands it the
 trainer's tensors without a copy between processes. With several ranks, each rank runs its own
@@ -34,10 +34,6 @@ from rewardloop.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# The vLLM releases these engines were tested with (pyproject's `vllm` extra says the same).
-TESTED = ">=0.32,<0.33"
-
-
 def sampling_params(settings: SamplingSettings, n: int, pad_id: int) -> Any:
     """vLLM's SamplingParams for ``settings``: log-prob of each sampled token, the pad token
     never sampled (it would read as padding inside an answer), EOS kept in the output."""
@@ -45,6 +41,20 @@ def sampling_params(settings: SamplingSettings, n: int, pad_id: int) -> Any:
         n=n, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
         top_p=settings.top_p, top_k=settings.top_k if settings.top_k > 0 else -1, logprobs=0,
         logit_bias={pad_id: -100.0}, skip_special_tokens=True)
+
+
+def _repack_tied_head(model: Any) -> None:
+    """Redo the output head's kernel preparation after a reload when it shares the embedding.
+
+    The reload only processes the layers it loads; a tied head is not loaded (its weight IS
+    the embedding's), and the CPU build computes it from a copy packed at start-up, so without
+    this it keeps the old embedding (found by tests/vllm: a push of a tied model left the
+    logits stale). On GPUs the head reads the embedding itself and this is a no-op.
+    """
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if getattr(model.config, "tie_word_embeddings", False) and method is not None:
+        method.process_weights_after_loading(head)
 
 
 class VLLMGenerator:
@@ -66,6 +76,7 @@ class VLLMGenerator:
         self.sleep_between = options.vllm_sleep
         self.sync = WeightSync()
         self.asleep = False
+        self.logprobs_mode = logprobs_mode
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs: dict[str, Any] = {
             "model": str(model_path), "seed": seed, "dtype": dtype,
@@ -87,9 +98,13 @@ class VLLMGenerator:
         self.sync.mark(model)
 
     def load_weights(self, weights: Sequence[tuple[str, Any]]) -> int:
-        """Copy ``(checkpoint name, tensor)`` pairs into the engine's model (vLLM fuses q/k/v
-        and gate/up itself) and forget cached prefixes computed with the old weights."""
-        self.llm.apply_model(lambda model: model.load_weights(iter(weights)))
+        """Copy ``(checkpoint name, tensor)`` pairs into the engine's model and forget cached
+        prefixes computed with the old weights. vLLM's in-place reload fuses q/k/v and gate/up
+        and repeats the kernel-specific processing of loading (the CPU build repacks weights,
+        so a plain ``model.load_weights`` after start-up fails)."""
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": list(weights), "is_checkpoint_format": True})
+        self.llm.apply_model(_repack_tied_head)
         self.llm.reset_prefix_cache()
         return len(weights)
 

@@ -94,17 +94,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
 
 
+def serve_engine(engine: VLLMGenerator, model: str | Path, *, host: str = "127.0.0.1",
+                 port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving: call ``serve_forever``) in front of ``engine``."""
+    handler = type("Handler", (_Handler,), {
+        "engine": engine, "lock": threading.Lock(),
+        "info": {"model": str(model), "vllm": vllm.__version__,
+                 "logprobs_mode": engine.logprobs_mode}})
+    return ThreadingHTTPServer((host, port), handler)
+
+
 def make_server(model: str | Path, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000,
                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                 max_model_len: int | None = None, dtype: str = "auto",
                 logprobs_mode: str = "raw_logprobs", seed: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) over a fresh engine on ``model``."""
+    """:func:`serve_engine` over a fresh engine on ``model``."""
     options = EngineOptions(generator="vllm", vllm_gpu_memory_utilization=gpu_memory_utilization,
                             vllm_tensor_parallel_size=tensor_parallel_size,
                             vllm_max_model_len=max_model_len)
     engine = VLLMGenerator(model, tokenizer, options, seed=seed, dtype=dtype,
                            logprobs_mode=logprobs_mode)
-    handler = type("Handler", (_Handler,), {
-        "engine": engine, "lock": threading.Lock(),
-        "info": {"model": str(model), "vllm": vllm.__version__, "logprobs_mode": logprobs_mode}})
-    return ThreadingHTTPServer((host, port), handler)
+    return serve_engine(engine, model, host=host, port=port)
