@@ -70,10 +70,15 @@ def test_sampler_log_probs_equal_the_trainers(engine: Any, policy: Any) -> None:
     from rewardloop.rollout import batched_logps
 
     model, tokenizer = policy
-    rollout = engine.generate(_ids(tokenizer), 4, SamplingSettings(max_new_tokens=12))
-    trainer = batched_logps(model, rollout, 1.0, 8) * rollout.completion_mask
+    rollout = engine.generate(_ids(tokenizer), 16, SamplingSettings(max_new_tokens=48))
+    trainer = batched_logps(model, rollout, 1.0, 16) * rollout.completion_mask
     assert rollout.sampler_logps is not None
     assert (trainer - rollout.sampler_logps).abs().max() < 1e-4
+    # Completions that stopped at EOS keep it as their last real token, like the built-in loop.
+    ended = rollout.has_eos.nonzero().flatten()
+    assert 0 < len(ended) < len(rollout)
+    last = rollout.completion_mask.sum(dim=1) - 1
+    assert all(int(rollout.completion_ids[i, last[i]]) == tokenizer.eos_token_id for i in ended)
 
 
 def test_after_a_push_greedy_outputs_follow_the_updated_model(engine: Any, policy: Any) -> None:

@@ -34,13 +34,15 @@ from rewardloop.errors import UserError
 
 log = logging.getLogger(__name__)
 
-def sampling_params(settings: SamplingSettings, n: int, pad_id: int) -> Any:
+def sampling_params(settings: SamplingSettings, n: int, pad_id: int, eos_id: int) -> Any:
     """vLLM's SamplingParams for ``settings``: log-prob of each sampled token, the pad token
-    never sampled (it would read as padding inside an answer), EOS kept in the output."""
+    never sampled (it would read as padding inside an answer), a stop at EOS (which stays in
+    the output, as in the built-in loop). The engine runs without its tokenizer (we decode),
+    so EOS is given as a stop token."""
     return vllm.SamplingParams(
         n=n, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
         top_p=settings.top_p, top_k=settings.top_k if settings.top_k > 0 else -1, logprobs=0,
-        logit_bias={pad_id: -100.0}, skip_special_tokens=True)
+        logit_bias={pad_id: -100.0}, stop_token_ids=[eos_id], detokenize=False)
 
 
 def _repack_tied_head(model: Any) -> None:
@@ -73,6 +75,7 @@ class VLLMGenerator:
                             f"platform ({current_platform.device_name}); drop --vllm-sleep")
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)
         self.sleep_between = options.vllm_sleep
         self.sync = WeightSync()
         self.asleep = False
@@ -86,6 +89,8 @@ class VLLMGenerator:
             "logprobs_mode": logprobs_mode,
             # CUDA graphs pay off on GPUs; on CPU compiling them only costs start-up time.
             "enforce_eager": not current_platform.is_cuda_alike(),
+            # Token ids in, token ids out: the trainer's tokenizer decodes, once.
+            "skip_tokenizer_init": True,
         }
         if options.vllm_max_model_len is not None:
             kwargs["max_model_len"] = options.vllm_max_model_len
@@ -129,7 +134,7 @@ class VLLMGenerator:
         self._prepare()
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            sampling_params(settings, n, self.pad_id), use_tqdm=False)
+            sampling_params(settings, n, self.pad_id, self.eos_id), use_tqdm=False)
         if self.sleep_between:
             self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
             self.asleep = True
