@@ -191,3 +191,15 @@ def test_sequence_mask_drops_mismatched_samples_from_the_update(
     before = load_file(root / "tiny" / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loop_generation_options_are_checked() -> None:
+    from rewardloop.loop import LoopConfig
+
+    base = {"policy": "p", "prompts": Path("x")}
+    with pytest.raises(ValueError, match=r"generation: unknown keys \['generatr'\]"):
+        LoopConfig(**base, generation={"generatr": "vllm"})
+    with pytest.raises(ValueError, match="needs --vllm-server"):
+        LoopConfig(**base, generation={"generator": "vllm", "vllm_mode": "server"})
+    cfg = LoopConfig(**base, generation={"generator": "vllm", "vllm_max_model_len": 512})
+    assert cfg.engine() == EngineOptions(generator="vllm", vllm_max_model_len=512)
