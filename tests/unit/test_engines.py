@@ -203,3 +203,27 @@ def test_loop_generation_options_are_checked() -> None:
         LoopConfig(**base, generation={"generator": "vllm", "vllm_mode": "server"})
     cfg = LoopConfig(**base, generation={"generator": "vllm", "vllm_max_model_len": 512})
     assert cfg.engine() == EngineOptions(generator="vllm", vllm_max_model_len=512)
+
+
+def test_an_engine_is_told_of_the_restored_weights_on_resume(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine starts from the model directory, so after --resume the trainer reports the
+    restored weights before the first generation (TRL PR #3185), then after each step."""
+    from rewardloop.engines import factory
+    from rewardloop.engines.hf import HFGenerator
+    from rewardloop.train.grpo import GRPOConfig, train
+
+    samplers: list[ShiftedSampler] = []
+
+    def make(options: Any, model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> Any:
+        samplers.append(ShiftedSampler(HFGenerator(model, tokenizer), 0.0))
+        return samplers[-1]
+
+    monkeypatch.setattr(factory, "make_generator", make)
+    common = {"policy": str(root / "tiny"), "prompts": root / "prompts.jsonl",
+              "out": root / "resumed", "rewards": ("test_engines:length_reward",),
+              "num_generations": 2, "batch_size": 4, "max_new_tokens": 4, "device": "cpu",
+              "save_every": 1}
+    train(GRPOConfig(**common, max_steps=1, overwrite=True))
+    train(GRPOConfig(**common, max_steps=2, resume=True))
+    assert [s.updates for s in samplers] == [1, 2]  # fresh: 1 step; resumed: restore + 1 step
