@@ -22,8 +22,9 @@ def vllm_serve(
                              "bind beyond localhost only on a trusted network."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs the "
                                              "engine spans."),
-    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="Share "
-                                                 "of each GPU's memory the engine may use."),
+    gpu_memory_utilization: float | None = typer.Option(
+        None, "--gpu-memory-utilization", help="Share of each GPU's memory the engine may use "
+        "(on a CPU build: of the host's memory). Default 0.9 on GPUs, 0.3 on CPU."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Longest prompt + "
                                              "completion in tokens. Default: the model's."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 "

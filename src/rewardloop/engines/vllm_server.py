@@ -105,10 +105,16 @@ def serve_engine(engine: VLLMGenerator, model: str | Path, *, host: str = "127.0
 
 
 def make_server(model: str | Path, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000,
-                tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                 max_model_len: int | None = None, dtype: str = "auto",
                 logprobs_mode: str = "raw_logprobs", seed: int = 0) -> ThreadingHTTPServer:
-    """:func:`serve_engine` over a fresh engine on ``model``."""
+    """:func:`serve_engine` over a fresh engine on ``model``. ``gpu_memory_utilization`` None:
+    0.9 on a GPU (the engine has it to itself), 0.3 on a CPU build, where the share is of the
+    host's memory (0.9 of a shared machine's RAM got the server killed for memory)."""
+    from vllm.platforms import current_platform
+
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = 0.9 if current_platform.is_cuda_alike() else 0.3
     options = EngineOptions(generator="vllm", vllm_gpu_memory_utilization=gpu_memory_utilization,
                             vllm_tensor_parallel_size=tensor_parallel_size,
                             vllm_max_model_len=max_model_len)
