@@ -42,8 +42,10 @@ def build_model(kind: str, work: Path) -> Path:
         return path
     from rewardloop.tiny import build_tiny, generate_corpus
 
-    tiny = build_tiny(work / "tiny", generate_corpus(2000), vocab_size=1024, hidden_size=256,
-                      num_layers=4, num_heads=4, max_position=1024, seed=0)
+    tiny = work / "tiny"
+    if not (tiny / "config.json").is_file():
+        build_tiny(tiny, generate_corpus(2000), vocab_size=1024, hidden_size=256, num_layers=4,
+                   num_heads=4, max_position=1024, seed=0)
     if kind == "tiny":
         return tiny
     import torch
