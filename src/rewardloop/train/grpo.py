@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rewardloop import ops, pg_losses
+from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
 from rewardloop.options import RuntimeOptions
+from rewardloop.pg_losses import IS_LEVELS
 from rewardloop.train.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -198,6 +200,25 @@ class GRPOConfig(RuntimeOptions):
     """auto, cpu or cuda."""
     trust_remote_code: bool = False
     """Run the model repository's own code (off: safe by default)."""
+    generator: str = "hf"
+    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
+    vllm_mode: str = "colocate"
+    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm colocate: share of the GPU's memory the engine may take."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm colocate: GPUs one engine spans."""
+    vllm_sleep: bool = False
+    """vllm colocate: free the engine's memory while the trainer optimises (sleep mode)."""
+    vllm_server: str | None = None
+    """vllm server: URL of ``rewardloop vllm-serve``."""
+    vllm_max_model_len: int | None = None
+    """vllm: longest prompt + completion in tokens (None: the model's)."""
+    is_level: str = "token"
+    """Correction of samples from another engine (vllm): token (truncated importance sampling),
+    sequence (drop sequences whose ratio exceeds is_cap) or off."""
+    is_cap: float = 2.0
+    """Cap C of the trainer/sampler importance ratio (per token, or per sequence)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
     save_every: int = 50
@@ -256,6 +277,9 @@ def check_common(cfg: Any) -> None:
         raise ValueError(f"mini_batch_size {cfg.mini_batch_size} must be a multiple of "
                          f"micro_batch_size {cfg.micro_batch_size}")
     _check_options(cfg)
+    EngineOptions.of(cfg)  # validates the generator options
+    if cfg.is_level not in IS_LEVELS or cfg.is_cap <= 0:
+        raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)} and is_cap > 0")
 
 
 def _check_options(cfg: Any) -> None:
@@ -478,6 +502,7 @@ class Experience:
     # sampling policy's log-probs, which the update's own forward pass gives (detached): this
     # makes them from those, saving a separate forward pass of the policy every step.
     advantages_from: Callable[[torch.Tensor], torch.Tensor] | None = None
+    is_weights: torch.Tensor | None = None  # (B, C) off-policy correction (another engine)
 
 
 def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any,
@@ -500,10 +525,16 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
     # log-probs are the detached new ones and need no extra pass. If the reward needs the KL
     # before the update, the update computes the advantages from its own forward pass when it
     # is a single micro-batch (``advantages_from``); otherwise an extra pass gives them now.
-    deferred = kl_in_reward and not reuse_samples and mb >= len(rollout)
+    # Samples from another engine (sampler_logps set) always need the trainer's own pass.
+    external = rollout.sampler_logps is not None
+    deferred = kl_in_reward and not reuse_samples and mb >= len(rollout) and not external
     with rt.autocast():
         old_logps = (batched_logps(setup.policy, rollout, cfg.temperature, mb)
-                     if reuse_samples or (kl_in_reward and not deferred) else None)
+                     if reuse_samples or external or (kl_in_reward and not deferred) else None)
+    is_weights = None
+    if external:
+        is_weights, mismatch = off_policy_correction(cfg, rollout, old_logps)
+        metrics.update(mismatch)
     ref_logps = reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None
     kl_coef = setup.kl_ctl.value
 
@@ -523,7 +554,19 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
         metrics["advantage_abs_mean"] = float(advantages.abs().mean())
     metrics["time_ref_s"] = time.perf_counter() - t2
     return Experience(rows, rollout, reward_out, old_logps, ref_logps, advantages, kl_coef,
-                      metrics, advantages_from if deferred else None)
+                      metrics, advantages_from if deferred else None, is_weights)
+
+
+def off_policy_correction(cfg: Any, rollout: Any, old_logps: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights (B, C) for samples drawn by another engine (``cfg.is_level``,
+    ``cfg.is_cap``) and the sampler/trainer mismatch metrics (docs/generation.md)."""
+    mask = rollout.completion_mask
+    weights = pg_losses.truncated_is_weights(old_logps, rollout.sampler_logps, mask,
+                                             cfg.is_cap, cfg.is_level)
+    metrics = pg_losses.sampler_mismatch(old_logps, rollout.sampler_logps, mask)
+    metrics["is_weight_mean"] = float(ops.masked_mean(weights, mask))
+    return weights, metrics
 
 
 def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.Tensor,
@@ -545,7 +588,8 @@ def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.T
         exp.metrics["advantage_abs_mean"] = float(exp.advantages.abs().mean())
     loss, metrics = pg_losses.ppo_clip_loss(
         fwd.logps, old, exp.advantages[idx], mask, cfg.clip_eps,
-        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
+        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+        is_weights=exp.is_weights[idx] if exp.is_weights is not None else None, **common)
     metrics["pg_loss"] = loss.detach()
     if exp.ref_logps is not None and cfg.kl_in == "loss":
         kl_loss, _ = pg_losses.kl_penalty_loss(fwd.logps, exp.ref_logps[idx], mask, exp.kl_coef,
@@ -651,20 +695,19 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
-    from rewardloop.rollout import (
-        HFGenerator,
-        SamplingSettings,
-        rollout_metrics,
-        truncate_samples,
-    )
+    from rewardloop.engines.factory import make_generator
+    from rewardloop.rollout import SamplingSettings, rollout_metrics, truncate_samples
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy
     optimizer, scheduler = make_optimizer(policy, cfg)
-    generator = HFGenerator(setup.inner, setup.tokenizer)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    # The built-in loop samples from the unwrapped model (under FSDP inside Runtime.gathered);
+    # an engine gets pushed the weights after every update.
+    generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
+                               seed=cfg.seed, logprob_settings=settings)
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
     seed_sampling(cfg, rt)
     step = 0
@@ -674,6 +717,7 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
         step = ckpt.step
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
+        generator.policy_updated(policy)  # an engine's copy holds the initial weights
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []
@@ -684,6 +728,7 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
             t0 = time.perf_counter()
             train_metrics, first_pass = update_policy(cfg, setup, optimizer, scheduler, exp,
                                                       reuse_samples, step + 1)
+            generator.policy_updated(policy)
             step += 1
             time_ref = exp.metrics.pop("time_ref_s")  # reference/old log-probs count as training
             local = {**exp.metrics, **rollout_metrics(exp.rollout),

@@ -93,7 +93,7 @@ class ThroughputMeter:
     def wall_s(self) -> float:
         return self._wall_before + time.perf_counter() - self._start
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | None]:
         wall = max(self.wall_s, 1e-9)
         steady = self.step_times[self.WARMUP_STEPS:]
         return {"steps": self.steps, "wall_s": round(wall, 3),
