@@ -46,17 +46,19 @@ def _dtype_name(model: Any) -> str:
 
 def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
                    model_path: str | Path | None, *, seed: int = 0, world_size: int | None = None,
-                   logprob_settings: SamplingSettings | None = None) -> Any:
+                   logprob_settings: SamplingSettings | None = None,
+                   dtype: str | None = None) -> Any:
     """The generator ``options`` ask for.
 
     ``model`` is the loaded model (the HF engine samples from it; a vLLM engine loads
     ``model_path`` and is sent ``model``'s weights when they differ, e.g. a LoRA adapter merged
     into its base); ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each
     rank's colocated engine one of an external-launcher group (None: torch.distributed's, else
-    1); a colocated engine computes in ``model``'s dtype, so its numbers stay close to the
-    trainer's; ``logprob_settings`` are the sampling settings whose log-probs a trainer will
-    compare with its own (None: log-probs are not used). Missing vLLM is a UserError with the
-    install line.
+    1); a colocated engine computes in ``dtype`` (default ``model``'s: a trainer passes its
+    compute precision, since its fp32 master weights are not what it computes in), so its
+    numbers stay close to the trainer's; ``logprob_settings`` are the sampling settings whose
+    log-probs a trainer will compare with its own (None: log-probs are not used). Missing vLLM
+    is a UserError with the install line.
     """
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
@@ -79,7 +81,7 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
                             "docs/generation.md)") from None
         generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
                                   world_size=world_size or _world_size(),
-                                  dtype=_dtype_name(model),
+                                  dtype=dtype or _dtype_name(model),
                                   logprobs_mode=logprobs_mode(logprob_settings))
     if options.vllm_mode == "server" or engine_model_path(str(model_path)) != str(model_path):
         # A server may hold any model, a colocated engine an adapter's base: send ours.

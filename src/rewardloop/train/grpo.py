@@ -707,7 +707,8 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
     # The built-in loop samples from the unwrapped model (under FSDP inside Runtime.gathered);
     # an engine gets pushed the weights after every update.
     generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
-                               seed=cfg.seed, logprob_settings=settings)
+                               seed=cfg.seed, logprob_settings=settings,
+                               dtype=rt.frozen_dtype("auto"))
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
     seed_sampling(cfg, rt)
     step = 0

@@ -388,7 +388,8 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
         value_model, replace(cfg, lr=cfg.value_lr))
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
-                               seed=cfg.seed, logprob_settings=settings)  # see grpo._train
+                               seed=cfg.seed, logprob_settings=settings,
+                               dtype=rt.frozen_dtype("auto"))  # see grpo._train
     seed_sampling(cfg, rt)
     step = 0
     ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers, runtime=rt)
