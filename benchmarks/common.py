@@ -59,3 +59,36 @@ def print_table(title: str, results: dict[str, dict], keys: Sequence[str],
         r = ratio(results.get(ours, {}).get(key), results.get(theirs, {}).get(key))
         print(f"| {key} | " + " | ".join(shown) + f" | {r} |")
     sys.stdout.flush()
+
+
+def median_after_warmup(times: Sequence[float], warmup: int = 2) -> float | None:
+    """The steady-state step time: the median of ``times`` after the first ``warmup``."""
+    steady = sorted(times[warmup:])
+    if not steady:
+        return None
+    mid = len(steady) // 2
+    return steady[mid] if len(steady) % 2 else (steady[mid - 1] + steady[mid]) / 2
+
+
+def step_timer() -> Any:
+    """A transformers TrainerCallback that records the seconds of every optimizer step
+    (``.times``), for TRL's side of ``median_step_s`` (ours is in summary.json)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._last: float | None = None
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            self._last = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            if self._last is not None:
+                self.times.append(now - self._last)
+            self._last = now
+
+    return StepTimer()

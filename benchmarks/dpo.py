@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import peak_rss_mb, print_table, run_side
+from benchmarks.common import median_after_warmup, peak_rss_mb, print_table, run_side, step_timer
 
 MODULE = "benchmarks.dpo"
 SETTINGS = {"pairs": 2048, "eval_pairs": 512, "batch_size": 16, "beta": 0.1, "lr": 1e-4,
@@ -80,7 +80,7 @@ def side_rewardloop(paths: dict[str, str], out: Path) -> dict:
     wall = time.perf_counter() - start
     return {"pairs_per_s": SETTINGS["pairs"] / wall, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
             "eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],
-            "model": str(out / "model")}
+            "median_step_s": summary["median_step_s"], "model": str(out / "model")}
 
 
 def side_trl(paths: dict[str, str], out: Path) -> dict:
@@ -101,6 +101,8 @@ def side_trl(paths: dict[str, str], out: Path) -> dict:
         disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"],
                          eval_dataset=data["eval"], processing_class=tokenizer)
+    timer = step_timer()
+    trainer.add_callback(timer)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(out / "model"))
@@ -108,7 +110,8 @@ def side_trl(paths: dict[str, str], out: Path) -> dict:
     wall = time.perf_counter() - start
     return {"pairs_per_s": SETTINGS["pairs"] / wall, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
             "eval_accuracy": metrics["eval_rewards/accuracies"],
-            "eval_loss": metrics["eval_loss"], "model": str(out / "model")}
+            "eval_loss": metrics["eval_loss"], "median_step_s": median_after_warmup(timer.times),
+            "model": str(out / "model")}
 
 
 def side_gold(model_dir: str) -> dict:
@@ -167,7 +170,8 @@ def main() -> None:
             res["gold_after"] = run_side(MODULE, "gold", ["--paths", res.pop("model")])["gold"]
         print(f"settings: {json.dumps(SETTINGS)}")
         print_table("DPO (sigmoid), 1 epoch, tiny Llama on CPU", results,
-                    ["pairs_per_s", "wall_s", "peak_rss_mb", "eval_accuracy", "eval_loss",
+                    ["pairs_per_s", "wall_s", "median_step_s", "peak_rss_mb", "eval_accuracy",
+                     "eval_loss",
                      "gold_before", "gold_after"])
 
 

@@ -8,6 +8,7 @@ without importing the stages (the store, the evaluators).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.tracking import check_report_to
 from rewardloop.util.files import atomic_write_text
@@ -72,6 +74,9 @@ class LoopConfig:
     """Extra keys of the reward-model trainer's config (train rm), e.g. {max_steps: 50}."""
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     """Extra keys of the policy trainer's config (train grpo/ppo/dpo), e.g. {lr: 1e-5}."""
+    generation: Mapping[str, Any] = field(default_factory=dict)
+    """Generation engine of every stage that samples (candidates, RL, evaluation): keys of
+    ``engines.EngineOptions``, e.g. {generator: vllm, vllm_gpu_memory_utilization: 0.4}."""
     eval_prompts: Path | None = None
     """Held-out prompts for evaluation; None = the prompt pool."""
     eval_n: int = 64
@@ -116,10 +121,19 @@ class LoopConfig:
             raise ValueError("wait_timeout_s, poll_s and eval_n must be > 0")
         if self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError("max_new_tokens must be >= 1 and temperature > 0")
-        for name in ("rm_options", "policy_options"):
+        for name in ("rm_options", "policy_options", "generation"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must be a mapping of config keys")
         check_report_to(self.report_to)  # before a round runs, not at its first trainer
+        self.engine()
+
+    def engine(self) -> EngineOptions:
+        """The generation engine options (``generation``), validated."""
+        known = {f.name for f in dataclasses.fields(EngineOptions)}
+        unknown = sorted(set(self.generation) - known)
+        if unknown:
+            raise ValueError(f"generation: unknown keys {unknown}; known: {sorted(known)}")
+        return EngineOptions(**self.generation)
 
     @property
     def db_url(self) -> str:

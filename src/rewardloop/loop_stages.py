@@ -11,6 +11,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -111,7 +112,8 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
     k = cfg.responses_per_prompt
     answers = sample_answers(model, tokenizer, [r.prompt for r in chosen], n=k,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             seed=cfg.seed + ctx.n)
+                             seed=cfg.seed + ctx.n, engine=cfg.engine(),
+                             model_path=str(ctx.policy))
     rows = []
     for i, record in enumerate(chosen):
         distinct = list(dict.fromkeys(t for t in answers.texts[i * k:(i + 1) * k] if t.strip()))
@@ -286,21 +288,23 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
                                    data=_dpo_pairs(ctx), out=out, seed=cfg.seed + ctx.n,
                                    **flags))
     else:
+        # policy_options may still override the engine options of the loop's `generation`.
         fixed = {"policy": ctx.policy, "prompts": cfg.prompts, "out": out,
                  "rewards": (str(ctx.rm),), "gold": cfg.gold,
                  "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                  "seed": cfg.seed + ctx.n, **flags}
+        options = {**dataclasses.asdict(cfg.engine()), **cfg.policy_options}
         if cfg.algorithm == "ppo":
             from rewardloop.train.ppo import PPOConfig
             from rewardloop.train.ppo import train as train_ppo
 
-            summary = train_ppo(_build(PPOConfig, cfg.policy_options, **fixed))
+            summary = train_ppo(_build(PPOConfig, options, **fixed))
         else:
             from rewardloop.train.grpo import GRPOConfig
             from rewardloop.train.grpo import train as train_grpo
 
-            summary = train_grpo(_build(GRPOConfig, cfg.policy_options,
-                                        advantage=cfg.algorithm, **fixed))
+            summary = train_grpo(_build(GRPOConfig, options, advantage=cfg.algorithm,
+                                        **fixed))
     figures: dict[str, Any] = {k: v for k, v in summary.items()
                if isinstance(v, int | float) and not k.startswith("peak")}
     figures["alarms"] = _rl_alarms(ctx, out) if cfg.algorithm != "dpo" else []
@@ -342,7 +346,8 @@ def stage_eval(ctx: RoundContext, out: Path) -> dict[str, Any]:
         prompts=cfg.eval_prompts or cfg.prompts, out=out, judges=judges, n=cfg.eval_n,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         seed=cfg.seed + 7, db=cfg.db_url, arena_batch=f"arena-round-{ctx.n}",
-        policy_name=f"round-{ctx.n}", baseline_name="start"))
+        policy_name=f"round-{ctx.n}", baseline_name="start",
+        **dataclasses.asdict(cfg.engine())))
     figures: dict[str, Any] = {"kl": result.get("kl"),
                                "policy_words_mean": result["length"]["policy"].get("words_mean"),
                                "baseline_words_mean":

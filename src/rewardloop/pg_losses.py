@@ -1,5 +1,6 @@
-"""Policy-gradient losses: PPO's clipped surrogate, the clipped value loss, the entropy bonus and
-the KL-in-loss penalty (GRPO).
+"""Policy-gradient losses: PPO's clipped surrogate, the clipped value loss, the entropy bonus,
+the KL-in-loss penalty (GRPO), and the truncated importance-sampling weights that correct for a
+sampling engine (vLLM) whose log-probs differ from the trainer's.
 
 Each returns ``(loss, metrics)`` like ``rewardloop.losses``: a scalar loss and a dict of detached
 scalar tensors (token means over the micro-batch). Inputs are per-token (B, T) with a completion
@@ -25,6 +26,7 @@ def ppo_clip_loss(
     *,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    is_weights: torch.Tensor | None = None,
     mode: str = "token-mean",
     global_tokens: float | None = None,
     global_seqs: float | None = None,
@@ -38,7 +40,9 @@ def ppo_clip_loss(
     loss_t = max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε_high)), ε_high defaulting to ε (DAPO's
     "clip-higher", Yu et al. 2025, uses a larger ε_high). ``dual_clip`` c > 1 (Ye et al. 2020,
     eq. 5) also bounds the loss of negative-advantage tokens by -c·A, so a huge ratio on a bad
-    token cannot blow up the update. Metrics: clip_frac (tokens whose clipped branch is active),
+    token cannot blow up the update. ``is_weights`` (B, T), constants from
+    :func:`truncated_is_weights`, multiply each token's loss when the samples came from another
+    engine. Metrics: clip_frac (tokens whose clipped branch is active),
     dual_clip_frac, approx_kl (k3 estimate of KL(old || new)), ratio (mean).
     """
     if advantages.dim() == 1:
@@ -56,6 +60,8 @@ def ppo_clip_loss(
         bound = -dual_clip * advantages
         dual_active = (advantages < 0) & (per_token > bound)
         per_token = torch.where(dual_active, bound, per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     loss = aggregate(per_token, mask, mode, global_tokens, global_seqs, norm_length)
     with torch.no_grad():
         # Samples come from the old policy, so k3 with r = π_new/π_old estimates KL(old || new).
@@ -155,3 +161,64 @@ def kl_penalty_loss(
             "kl_k3": masked_mean(KL_ESTIMATORS["k3"](logp, ref_logp), mask),
         }
     return loss, metrics
+
+
+IS_LEVELS = ("token", "sequence", "off")
+
+
+def truncated_is_weights(
+    trainer_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+    level: str = "token",
+) -> torch.Tensor:
+    """Importance weights (B, T) correcting samples drawn by another engine, without gradient.
+
+    trainer_logp, sampler_logp, mask (B, T): the sampled tokens' log-probs under the trainer's
+    old policy and under the engine that drew them (vLLM), whose numerics differ. The PPO
+    ratio is taken against the trainer's old policy, so the samples' own distribution enters
+    through ρ_t = π_trainer / π_sampler (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"):
+    - ``token``: w_t = min(ρ_t, cap), truncated importance sampling (bounded variance);
+    - ``sequence``: w_t = 1 for every token of a sequence whose ratio Π_t ρ_t is at most
+      ``cap``, 0 for all tokens of the others (a sequence mask: rare, badly mismatched samples
+      are dropped rather than reweighted);
+    - ``off``: all ones.
+    Padding gets weight 0.
+    """
+    if cap <= 0:
+        raise ValueError(f"the importance-sampling cap must be > 0, got {cap}")
+    with torch.no_grad():
+        log_ratio = (trainer_logp - sampler_logp) * mask
+        if level == "token":
+            weights = torch.exp(log_ratio).clamp(max=cap)
+        elif level == "sequence":
+            keep = log_ratio.sum(dim=-1, keepdim=True) <= torch.log(torch.tensor(cap))
+            weights = keep.to(trainer_logp.dtype).expand_as(trainer_logp)
+        elif level == "off":
+            weights = torch.ones_like(trainer_logp)
+        else:
+            raise ValueError(f"level must be one of {', '.join(IS_LEVELS)}, got {level!r}")
+        return weights * mask
+
+
+def sampler_mismatch(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor,
+                     mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampling engine is from the trainer on the engine's own samples (B, T).
+
+    ``sampler_kl`` estimates KL(sampler || trainer) per token by k1 (mean of log π_s - log π_t,
+    unbiased on the sampler's samples) and ``sampler_kl_k3`` by k3 (always >= 0);
+    ``is_ratio_mean`` / ``is_ratio_max`` are the token ratio π_trainer / π_sampler over real
+    tokens. Healthy bf16 engines show KL ~1e-3 and a max ratio of a few units.
+    """
+    with torch.no_grad():
+        log_ratio = trainer_logp - sampler_logp  # log(π_t / π_s)
+        ratio = torch.exp(log_ratio)
+        real = mask.bool()
+        return {
+            "sampler_kl": float(masked_mean(-log_ratio, mask)),
+            "sampler_kl_k3": float(masked_mean(ratio - 1.0 - log_ratio, mask)),
+            "is_ratio_mean": float(masked_mean(ratio, mask)),
+            "is_ratio_max": float(ratio[real].max()) if bool(real.any()) else 1.0,
+        }

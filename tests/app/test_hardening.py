@@ -324,7 +324,7 @@ def test_import_keys_are_reserved(server, tmp_path) -> None:
     path.write_text(json.dumps({"prompt": "Question 0?", "chosen": "Answer 0a",
                                 "rejected": "Answer 0b"}) + "\n")
     from rewardloop.data import formats
-    from rewardloop.data.transfer import _record_key
+    from rewardloop.data.bulk import record_key
 
     (record,) = formats.read_records(path, "trl")[1]
     ann = server.client("ann")
@@ -332,7 +332,7 @@ def test_import_keys_are_reserved(server, tmp_path) -> None:
     ids = [x["id"] for x in lease["responses"]]
     r = ann.post("/api/judgments", json={"task_id": lease["task_id"],
                                          "ranking": [ids[:1], ids[1:]],
-                                         "idempotency_key": _record_key(record)})
+                                         "idempotency_key": record_key(record)})
     assert r.status_code == 422 and "reserved" in r.text
     assert import_file(server.store, path, "trl").imported == 1
 

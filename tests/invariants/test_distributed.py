@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,8 +110,12 @@ def test_online_rl_on_two_processes_equals_one(work: Path, tmp_path: Path, kind:
             str(work / "prompts.jsonl"), "--reward", "_rl_rewards:by_prompt", "--batch-size",
             "4", "--max-steps", "2", "--lr", "1e-3", "--top-k", "1", "--max-new-tokens", "8",
             "--kl-coef", "0.1"]
-    if kind == "grpo":
-        args += ["--advantage", "reinforce++", "--num-generations", "1"]
+    if kind == "grpo":  # plus a reward model, which fsdp shards like the policy
+        rm = tmp_path / "rm"
+        shutil.copytree(work / "tiny", rm)
+        (rm / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+        args += ["--advantage", "reinforce++", "--num-generations", "1",
+                 "--reward", f"{rm}@0.5"]
     models = ("model", "value_model") if kind == "ppo" else ("model",)
     one = tmp_path / "one"
     rewardloop(*args, "--out", str(one))
@@ -123,7 +128,8 @@ def test_online_rl_on_two_processes_equals_one(work: Path, tmp_path: Path, kind:
 
 def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Path,
                                                                        tmp_path: Path) -> None:
-    """A checkpoint written by 2 FSDP processes resumes on 2 and on 1 (DCP reshards)."""
+    """A checkpoint written by 2 FSDP processes resumes on 2 and on 1, and one written by 1
+    resumes on 2 (DCP reshards)."""
     def sft(out: Path, steps: int, *extra: str) -> None:
         rewardloop(*command("sft", work, out)[:-8], "--max-steps", str(steps), "--batch-size",
                    "4", "--lr", "1e-3", "--max-length", "64", "--schedule", "constant",
@@ -134,14 +140,18 @@ def test_resume_on_two_and_on_one_process_equals_the_uninterrupted_run(work: Pat
     cut = tmp_path / "cut"
     sft(cut, 2, "--nproc", "2", "--strategy", "fsdp")  # the "interrupted" run: 2 of 4 steps
     (cut / "summary.json").unlink()
-    import shutil
-
     on_one = tmp_path / "on_one"
     shutil.copytree(cut, on_one)
     sft(cut, 4, "--nproc", "2", "--strategy", "fsdp", "--resume")
     sft(on_one, 4, "--resume")
     assert_same_run(full, cut)
     assert_same_run(full, on_one)
+    # And the other way: one process interrupted, resumed on two.
+    single = tmp_path / "single"
+    sft(single, 2)
+    (single / "summary.json").unlink()
+    sft(single, 4, "--nproc", "2", "--strategy", "ddp", "--resume")
+    assert_same_run(full, single)
 
 
 def test_nan_on_one_rank_stops_every_rank_with_exit_3(work: Path, tmp_path: Path) -> None:

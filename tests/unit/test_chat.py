@@ -16,9 +16,10 @@ from rewardloop import ops
 from rewardloop import tokenize as T
 from rewardloop.cli import app
 from rewardloop.data.records import SFTRecord
+from rewardloop.engines.hf import stop_token_ids
 from rewardloop.errors import UserError
 from rewardloop.models import load_policy, load_tokenizer
-from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts, stop_token_ids
+from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi, my order?"}]

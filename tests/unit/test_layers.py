@@ -58,5 +58,7 @@ def test_an_upward_import_breaks_a_contract(tree: Path, module: str, line: str,
     res = _lint(tree)
     assert res.returncode == 1, res.stdout + res.stderr
     verdicts = [ln for ln in res.stdout.splitlines() if ln.endswith(("KEPT", "BROKEN"))]
-    assert [ln for ln in verdicts if ln.endswith("BROKEN")] == [
-        ln for ln in verdicts if ln.startswith(broken)], verdicts
+    # The named contract breaks (an upward edge that closes a loop breaks the cycle contract
+    # too: eval, for one, imports data).
+    named = [ln for ln in verdicts if ln.startswith(broken)]
+    assert named and all(ln.endswith("BROKEN") for ln in named), verdicts

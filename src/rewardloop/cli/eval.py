@@ -9,6 +9,15 @@ from typing import Any
 import typer
 
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, DB, SEED, resolve_db
+from rewardloop.cli._engine import (
+    GENERATOR,
+    VLLM_MAX_LEN,
+    VLLM_MEMORY,
+    VLLM_MODE,
+    VLLM_SERVER,
+    VLLM_SLEEP,
+    VLLM_TP,
+)
 from rewardloop.errors import UserError
 
 ORDER = 60
@@ -75,6 +84,10 @@ def evaluate(
         None, "--arena-batch", help="Batch name of the human judge's arena tasks. "
         "Default eval-arena."),
     chat_template: Path | None = CHAT_TEMPLATE,
+    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
+    vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
+    vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
     config: Path | None = CONFIG,
 ) -> None:
     """Generate from --policy and --baseline, judge, and write eval.json + samples.jsonl."""
@@ -93,6 +106,11 @@ def evaluate(
     cfg = load_config(EvalConfig, config, policy=policy, baseline=baseline, prompts=prompts,
                       judges=judges, out=out, n=n, max_new_tokens=max_new_tokens,
                       temperature=temperature, seed=seed, db=db, arena_batch=arena_batch,
+                      generator=generator, vllm_mode=vllm_mode,
+                      vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+                      vllm_tensor_parallel_size=vllm_tensor_parallel_size,
+                      vllm_sleep=vllm_sleep, vllm_server=vllm_server,
+                      vllm_max_model_len=vllm_max_model_len,
                       chat_template=chat_template)
     result = run_eval(cfg)
     _print_comparisons(result, cfg.out)

@@ -9,7 +9,23 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from rewardloop.cli._common import CHAT_TEMPLATE, DB, SEED, existing_data, existing_file, resolve_db
+from rewardloop.cli._common import (
+    CHAT_TEMPLATE,
+    DB,
+    SEED,
+    existing_data,
+    existing_file,
+    resolve_db,
+)
+from rewardloop.cli._engine import (
+    GENERATOR,
+    VLLM_MAX_LEN,
+    VLLM_MEMORY,
+    VLLM_MODE,
+    VLLM_SERVER,
+    VLLM_SLEEP,
+    VLLM_TP,
+)
 from rewardloop.errors import UserError
 
 if TYPE_CHECKING:
@@ -68,10 +84,27 @@ class GenerateConfig:
     """auto, float32, bfloat16 or float16."""
     chat_template: Path | None = None
     """Jinja chat-template file for the policy's tokenizer (chat prompts need one)."""
+    generator: str = "hf"
+    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
+    vllm_mode: str = "colocate"
+    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm colocate: share of the GPU's memory the engine may take."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm colocate: GPUs one engine spans."""
+    vllm_sleep: bool = False
+    """vllm colocate: free the engine's memory between generations (sleep mode)."""
+    vllm_server: str | None = None
+    """vllm server: URL of ``rewardloop vllm-serve``."""
+    vllm_max_model_len: int | None = None
+    """vllm: longest prompt + completion in tokens (None: the model's)."""
+
 
     def __post_init__(self) -> None:
+        from rewardloop.engines.factory import EngineOptions
         from rewardloop.rollout import SamplingSettings
 
+        EngineOptions.of(self)  # validates the generator options
         if self.n < 2:
             raise ValueError(f"-n must be at least 2 (tasks compare answers), got {self.n}")
         if self.out is None and self.db is None:
@@ -102,6 +135,7 @@ class GenerateConfig:
 def run_generate(cfg: GenerateConfig) -> list[str]:
     """Sample, write, select, create; returns the lines to print."""
     from rewardloop.data.formats import PromptRecord, read_records, write_records
+    from rewardloop.engines.factory import EngineOptions
     from rewardloop.feedback import select as S
     from rewardloop.rollout import SamplingSettings, sample_candidates
     from rewardloop.score import heads_of
@@ -117,7 +151,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
                              batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
                              device=cfg.device, dtype=cfg.dtype, model_label=label,
-                             chat_template=cfg.chat_template)
+                             engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:
@@ -195,6 +229,10 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int | None = SEED,
     chat_template: Path | None = CHAT_TEMPLATE,
+    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
+    vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
+    vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
 ) -> None:
     """Sample answers from a policy into a candidates file and, with --db, create the tasks
     worth a label budget: overlap items, gold items, then random or most-uncertain pairs."""
@@ -206,7 +244,10 @@ def generate(
             rm=rm, measure=measure, budget=budget, batch=batch, overlap_share=overlap_share,
             overlap=overlap, gold=gold, gold_rate=gold_rate, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, max_prompt_length=max_prompt_length,
-            batch_size=batch_size, device=device, dtype=dtype, seed=seed,
+            batch_size=batch_size, device=device, dtype=dtype, seed=seed, generator=generator,
+            vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+            vllm_tensor_parallel_size=vllm_tensor_parallel_size, vllm_sleep=vllm_sleep,
+            vllm_server=vllm_server, vllm_max_model_len=vllm_max_model_len,
             chat_template=chat_template)
         lines = run_generate(cfg)
     except UserError as exc:

@@ -8,6 +8,17 @@ from typing import Any
 import typer
 
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, OUT, REPORT_TO, SEED, trackers
+from rewardloop.cli._engine import (
+    GENERATOR,
+    IS_CAP,
+    IS_LEVEL,
+    VLLM_MAX_LEN,
+    VLLM_MEMORY,
+    VLLM_MODE,
+    VLLM_SERVER,
+    VLLM_SLEEP,
+    VLLM_TP,
+)
 from rewardloop.cli._launch import (
     DIST_TIMEOUT,
     GRADIENT_CHECKPOINTING,
@@ -168,6 +179,11 @@ def _group_command(default_advantage: str) -> Any:
         strategy: str | None = STRATEGY, precision: str | None = PRECISION,
         gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
         dist_timeout: int | None = DIST_TIMEOUT, nproc: int | None = NPROC,
+        generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+        vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
+        vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
+        vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
+        is_level: str | None = IS_LEVEL, is_cap: float | None = IS_CAP,
         config: Path | None = CONFIG,
     ) -> None:
         flags = dict(locals())
@@ -230,6 +246,11 @@ def ppo(
     report_to: list[str] | None = REPORT_TO, strategy: str | None = STRATEGY,
     precision: str | None = PRECISION, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
     dist_timeout: int | None = DIST_TIMEOUT, nproc: int | None = NPROC,
+    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
+    vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
+    vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
+    is_level: str | None = IS_LEVEL, is_cap: float | None = IS_CAP,
     config: Path | None = CONFIG,
 ) -> None:
     """PPO with a critic: per-token KL (k1) in the reward, the score on the last real token,

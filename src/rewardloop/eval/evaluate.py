@@ -27,6 +27,7 @@ import numpy as np
 from rewardloop.data.formats import read_records
 from rewardloop.data.store import Store
 from rewardloop.data.values import length_stats
+from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.eval.arena import arena_battles, create_arena_tasks
 from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
@@ -87,8 +88,23 @@ class EvalConfig:
     chat_template: Path | None = None
     """Jinja chat-template file for both policies' tokenizers (for chat prompts when they have
     none)."""
+    generator: str = "hf"
+    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
+    vllm_mode: str = "colocate"
+    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm colocate: share of the GPU's memory the engine may take."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm colocate: GPUs one engine spans."""
+    vllm_sleep: bool = False
+    """vllm colocate: free the engine's memory between generations (sleep mode)."""
+    vllm_server: str | None = None
+    """vllm server: URL of ``rewardloop vllm-serve``."""
+    vllm_max_model_len: int | None = None
+    """vllm: longest prompt + completion in tokens (None: the model's)."""
 
     def __post_init__(self) -> None:
+        EngineOptions.of(self)  # validates the generator options
         if not self.judges:
             raise ValueError("give at least one judge (--judge): a reward-model dir, "
                              "package.module:function, or human")
@@ -135,16 +151,21 @@ def load_for_generation(model: str, device: str = "auto", chat_template: Path | 
 
 def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], *, n: int = 1,
                    max_new_tokens: int = 64, temperature: float = 1.0,
-                   max_prompt_length: int = 512, batch_size: int = 32, seed: int = 0) -> Answers:
+                   max_prompt_length: int = 512, batch_size: int = 32, seed: int = 0,
+                   engine: EngineOptions | None = None, model_path: str | None = None
+                   ) -> Answers:
     """``n`` sampled answers per prompt (rows of a prompt contiguous), ``batch_size`` prompts at
-    a time; the same ``seed`` gives the same answers."""
-    # rollout and seeding import torch (seconds): loaded when answers are sampled, so that the
-    # loop's `status` and the arena helpers stay light.
-    from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
+    a time; the same ``seed`` gives the same answers. ``engine`` picks the generator (default:
+    the built-in loop over ``model``); a vLLM engine loads ``model_path``."""
+    # rollout, engines and seeding import torch (seconds): loaded when answers are sampled, so
+    # that the loop's `status` and the arena helpers stay light.
+    from rewardloop.engines.factory import make_generator
+    from rewardloop.rollout import SamplingSettings, encode_prompts
     from rewardloop.util.seed import seed_everything
 
     seed_everything(seed)
-    generator = HFGenerator(model, tokenizer)
+    generator = make_generator(engine or EngineOptions(), model, tokenizer, model_path,
+                               seed=seed)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     ids = encode_prompts(tokenizer, prompts, max_prompt_length)
     rollouts = [generator.generate(ids[i:i + batch_size], n, settings)
@@ -232,18 +253,17 @@ def write_eval(out: Path, result: Mapping[str, Any]) -> None:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate, judge and measure per ``cfg``; writes and returns the ``eval.json`` object."""
     prompts = _read_prompts(cfg)
+    gen: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                           "max_prompt_length": cfg.max_prompt_length,
+                           "batch_size": cfg.batch_size, "seed": cfg.seed}  # both sides alike
     policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device, cfg.chat_template)
     baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device,
                                                        cfg.chat_template)
-
-    def sample(model: Any, tokenizer: Any) -> Answers:  # both sides sampled alike
-        return sample_answers(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature,
-                              max_prompt_length=cfg.max_prompt_length,
-                              batch_size=cfg.batch_size, seed=cfg.seed)
-
-    policy = sample(policy_model, policy_tok)
-    baseline = sample(baseline_model, baseline_tok)
+    engine = EngineOptions.of(cfg)
+    policy = sample_answers(policy_model, policy_tok, prompts, engine=engine,
+                            model_path=cfg.policy, **gen)
+    baseline = sample_answers(baseline_model, baseline_tok, prompts, engine=engine,
+                              model_path=cfg.baseline, **gen)
     result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,
                               "policy_name": cfg.policy_name,
                               "baseline_name": cfg.baseline_name, "n": len(prompts)}

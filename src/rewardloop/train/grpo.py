@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rewardloop import ops, pg_losses
+from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
 from rewardloop.options import RuntimeOptions
+from rewardloop.pg_losses import IS_LEVELS
 from rewardloop.train.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -198,6 +200,25 @@ class GRPOConfig(RuntimeOptions):
     """auto, cpu or cuda."""
     trust_remote_code: bool = False
     """Run the model repository's own code (off: safe by default)."""
+    generator: str = "hf"
+    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
+    vllm_mode: str = "colocate"
+    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm colocate: share of the GPU's memory the engine may take."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm colocate: GPUs one engine spans."""
+    vllm_sleep: bool = False
+    """vllm colocate: free the engine's memory while the trainer optimises (sleep mode)."""
+    vllm_server: str | None = None
+    """vllm server: URL of ``rewardloop vllm-serve``."""
+    vllm_max_model_len: int | None = None
+    """vllm: longest prompt + completion in tokens (None: the model's)."""
+    is_level: str = "token"
+    """Correction of samples from another engine (vllm): token (truncated importance sampling),
+    sequence (drop sequences whose ratio exceeds is_cap) or off."""
+    is_cap: float = 2.0
+    """Cap C of the trainer/sampler importance ratio (per token, or per sequence)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
     save_every: int = 50
@@ -261,6 +282,9 @@ def check_common(cfg: Any) -> None:
         raise ValueError(f"mini_batch_size {cfg.mini_batch_size} must be a multiple of "
                          f"micro_batch_size {cfg.micro_batch_size}")
     _check_options(cfg)
+    EngineOptions.of(cfg)  # validates the generator options
+    if cfg.is_level not in IS_LEVELS or cfg.is_cap <= 0:
+        raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)} and is_cap > 0")
 
 
 def _check_options(cfg: Any) -> None:
@@ -316,7 +340,7 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     """
     from rewardloop.data.formats import read_records
     from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
-    from rewardloop.rewards import FunctionReward, Rewards, parse_reward_spec
+    from rewardloop.rewards import FunctionReward, ModelReward, Rewards, parse_reward_spec
     from rewardloop.rollout import encode_prompts
     from rewardloop.train.data import EpochSampler
     from rewardloop.train.run import RunDir
@@ -353,6 +377,12 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
                       missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
                       max_length=cfg.max_prompt_length + cfg.max_new_tokens)
+    if rt.strategy == "fsdp":
+        # Reward models are sharded like the policy. Every rank scores as many completions
+        # in as many batches, so their forward passes (collectives under FSDP) line up.
+        for _, _, source in rewards.sources:
+            if isinstance(source, ModelReward):
+                source.scorer.model = rt.prepare(source.scorer.model, trainable=False)
     gold = FunctionReward(cfg.gold) if cfg.gold else None
     sampler = EpochSampler(len(records), cfg.prompts_per_step, cfg.seed, drop_last=True)
     kl_ctl = (ops.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -479,6 +509,7 @@ class Experience:
     # sampling policy's log-probs, which the update's own forward pass gives (detached): this
     # makes them from those, saving a separate forward pass of the policy every step.
     advantages_from: Callable[[torch.Tensor], torch.Tensor] | None = None
+    is_weights: torch.Tensor | None = None  # (B, C) off-policy correction (another engine)
 
 
 def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any,
@@ -501,10 +532,16 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
     # log-probs are the detached new ones and need no extra pass. If the reward needs the KL
     # before the update, the update computes the advantages from its own forward pass when it
     # is a single micro-batch (``advantages_from``); otherwise an extra pass gives them now.
-    deferred = kl_in_reward and not reuse_samples and mb >= len(rollout)
+    # Samples from another engine (sampler_logps set) always need the trainer's own pass.
+    external = rollout.sampler_logps is not None
+    deferred = kl_in_reward and not reuse_samples and mb >= len(rollout) and not external
     with rt.autocast():
         old_logps = (batched_logps(setup.policy, rollout, cfg.temperature, mb)
-                     if reuse_samples or (kl_in_reward and not deferred) else None)
+                     if reuse_samples or external or (kl_in_reward and not deferred) else None)
+    is_weights = None
+    if external:
+        is_weights, mismatch = off_policy_correction(cfg, rollout, old_logps)
+        metrics.update(mismatch)
     ref_logps = reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None
     kl_coef = setup.kl_ctl.value
 
@@ -524,7 +561,19 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
         metrics["advantage_abs_mean"] = float(advantages.abs().mean())
     metrics["time_ref_s"] = time.perf_counter() - t2
     return Experience(rows, rollout, reward_out, old_logps, ref_logps, advantages, kl_coef,
-                      metrics, advantages_from if deferred else None)
+                      metrics, advantages_from if deferred else None, is_weights)
+
+
+def off_policy_correction(cfg: Any, rollout: Any, old_logps: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights (B, C) for samples drawn by another engine (``cfg.is_level``,
+    ``cfg.is_cap``) and the sampler/trainer mismatch metrics (docs/generation.md)."""
+    mask = rollout.completion_mask
+    weights = pg_losses.truncated_is_weights(old_logps, rollout.sampler_logps, mask,
+                                             cfg.is_cap, cfg.is_level)
+    metrics = pg_losses.sampler_mismatch(old_logps, rollout.sampler_logps, mask)
+    metrics["is_weight_mean"] = float(ops.masked_mean(weights, mask))
+    return weights, metrics
 
 
 def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.Tensor,
@@ -546,7 +595,8 @@ def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.T
         exp.metrics["advantage_abs_mean"] = float(exp.advantages.abs().mean())
     loss, metrics = pg_losses.ppo_clip_loss(
         fwd.logps, old, exp.advantages[idx], mask, cfg.clip_eps,
-        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
+        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+        is_weights=exp.is_weights[idx] if exp.is_weights is not None else None, **common)
     metrics["pg_loss"] = loss.detach()
     if exp.ref_logps is not None and cfg.kl_in == "loss":
         kl_loss, _ = pg_losses.kl_penalty_loss(fwd.logps, exp.ref_logps[idx], mask, exp.kl_coef,
@@ -559,6 +609,35 @@ def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.T
     rt.backward(loss)
     metrics.update(ent, loss=loss.detach())
     return fwd.logps.detach(), metrics
+
+
+@dataclass
+class Minibatch:
+    """This process's share of one optimizer update."""
+
+    common: dict[str, Any]  # loss aggregation mode and the minibatch's GLOBAL counts
+    micro: list[torch.Tensor]  # row indices of each forward/backward pass
+
+
+def minibatches(cfg: Any, rt: Runtime, mask: torch.Tensor, order: torch.Tensor
+                ) -> Iterator[Minibatch]:
+    """The minibatches of one pass over this process's rows in ``order``; each carries the
+    token and sequence counts summed over all processes, which its losses divide by."""
+    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
+    for start in range(0, len(order), mini):
+        rows = order[start:start + mini]
+        tokens, seqs = rt.sum_floats(float(mask[rows].sum()), float(len(rows)))
+        yield Minibatch({"mode": cfg.loss_aggregation, "global_tokens": tokens,
+                         "global_seqs": seqs, "norm_length": float(cfg.max_new_tokens)},
+                        [rows[k:k + micro] for k in range(0, len(rows), micro)])
+
+
+def add_metrics(sums: dict[str, float], metrics: dict[str, torch.Tensor], tokens: float,
+                loss_keys: tuple[str, ...]) -> None:
+    """Loss parts add up as they are (each already divided by a global count); the other
+    metrics are token means, weighted by the micro-batch's ``tokens``."""
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key in loss_keys else tokens)
 
 
 def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
@@ -580,29 +659,19 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     sums: dict[str, float] = {}
     tokens, updates, grad_norms = 0.0, 0, 0.0
     params = [p for g in optimizer.param_groups for p in g["params"]]  # see ppo.update
-    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask)) if reuse_samples else torch.arange(len(mask))
-        for mb_start in range(0, len(mask), mini):
-            mb_rows = order[mb_start:mb_start + mini]
-            global_tokens, global_seqs = rt.sum_floats(float(mask[mb_rows].sum()),
-                                                       float(len(mb_rows)))
-            common = {"mode": cfg.loss_aggregation, "global_tokens": global_tokens,
-                      "global_seqs": global_seqs, "norm_length": float(cfg.max_new_tokens)}
-            starts = range(0, len(mb_rows), micro)
+        for mb in minibatches(cfg, rt, mask, order):
             local_loss = 0.0
-            for k, mc_start in enumerate(starts):
-                idx = mb_rows[mc_start:mc_start + micro]
-                rt.sync_gradients(policy, last=k == len(starts) - 1)
-                logps, m = micro_step(cfg, rt, policy, exp, idx, common)
+            for k, idx in enumerate(mb.micro):
+                rt.sync_gradients(policy, last=k == len(mb.micro) - 1)
+                logps, m = micro_step(cfg, rt, policy, exp, idx, mb.common)
                 if epoch == 0:
                     first_pass[idx] = logps
                 weight = float(mask[idx].sum())
                 tokens += weight
                 local_loss += float(m["loss"])
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * (
-                        1.0 if key in loss_keys else weight)
+                add_metrics(sums, m, weight, loss_keys)
             grad_norms += rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step,
                                             loss=local_loss, run=setup.run, scheduler=scheduler)
             updates += 1
@@ -633,20 +702,20 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
-    from rewardloop.rollout import (
-        HFGenerator,
-        SamplingSettings,
-        rollout_metrics,
-        truncate_samples,
-    )
+    from rewardloop.engines.factory import make_generator
+    from rewardloop.rollout import SamplingSettings, rollout_metrics, truncate_samples
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
 
     setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
     run, policy = setup.run, setup.policy
     optimizer, scheduler = make_optimizer(policy, cfg)
-    generator = HFGenerator(setup.inner, setup.tokenizer)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    # The built-in loop samples from the unwrapped model (under FSDP inside Runtime.gathered);
+    # an engine gets pushed the weights after every update.
+    generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
+                               seed=cfg.seed, logprob_settings=settings,
+                               dtype=rt.frozen_dtype("auto"))
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
     seed_sampling(cfg, rt)
     step = 0
@@ -656,6 +725,7 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
         step = ckpt.step
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
+        generator.policy_updated(policy)  # an engine's copy holds the initial weights
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []
@@ -666,6 +736,7 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
             t0 = time.perf_counter()
             train_metrics, first_pass = update_policy(cfg, setup, optimizer, scheduler, exp,
                                                       reuse_samples, step + 1)
+            generator.policy_updated(policy)
             step += 1
             time_ref = exp.metrics.pop("time_ref_s")  # reference/old log-probs count as training
             local = {**exp.metrics, **rollout_metrics(exp.rollout),

@@ -26,11 +26,14 @@ from rewardloop import ops, pg_losses
 from rewardloop.options import RuntimeOptions
 from rewardloop.train.grpo import (
     Setup,
+    add_metrics,
     check_common,
     finish,
     kl_metrics,
     local_micro,
     make_optimizer,
+    minibatches,
+    off_policy_correction,
     reference_logps,
     score_rollout,
     seed_sampling,
@@ -143,6 +146,25 @@ class PPOConfig(RuntimeOptions):
     """auto, cpu or cuda."""
     trust_remote_code: bool = False
     """Run the model repository's own code."""
+    generator: str = "hf"
+    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
+    vllm_mode: str = "colocate"
+    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm colocate: share of the GPU's memory the engine may take."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm colocate: GPUs one engine spans."""
+    vllm_sleep: bool = False
+    """vllm colocate: free the engine's memory while the trainer optimises (sleep mode)."""
+    vllm_server: str | None = None
+    """vllm server: URL of ``rewardloop vllm-serve``."""
+    vllm_max_model_len: int | None = None
+    """vllm: longest prompt + completion in tokens (None: the model's)."""
+    is_level: str = "token"
+    """Correction of samples from another engine (vllm): token (truncated importance sampling),
+    sequence (drop sequences whose ratio exceeds is_cap) or off."""
+    is_cap: float = 2.0
+    """Cap C of the trainer/sampler importance ratio (per token, or per sequence)."""
     seed: int = 0
     """Seed for prompt order, sampling and the value head."""
     save_every: int = 50
@@ -231,6 +253,7 @@ class PPOBatch:
     returns: torch.Tensor  # (B, C)
     kl_coef: float
     metrics: dict[str, float]
+    is_weights: torch.Tensor | None = None  # (B, C) off-policy correction (another engine)
 
 
 def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: Any,
@@ -251,6 +274,10 @@ def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: A
     mask = rollout.completion_mask
     with rt.autocast():
         old_logps = batched_logps(setup.policy, rollout, cfg.temperature, mb)
+    is_weights = None
+    if rollout.sampler_logps is not None:  # sampled by another engine
+        is_weights, mismatch = off_policy_correction(cfg, rollout, old_logps)
+        metrics.update(mismatch)
     use_kl = cfg.kl_coef > 0 or cfg.kl_target is not None
     ref_logps = (reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None)
     with torch.no_grad(), rt.autocast():
@@ -271,7 +298,7 @@ def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: A
         "returns_mean": float(ops.masked_mean(returns, mask)),
         "time_ref_s": time.perf_counter() - t2})
     return PPOBatch(rows, rollout, reward_out, old_logps, ref_logps, old_values, advantages,
-                    returns, kl_coef, metrics)
+                    returns, kl_coef, metrics, is_weights)
 
 
 def micro_step(cfg: PPOConfig, rt: Runtime, policy: Any, value_model: Any, batch: PPOBatch,
@@ -287,7 +314,8 @@ def micro_step(cfg: PPOConfig, rt: Runtime, policy: Any, value_model: Any, batch
         values = token_values(value_model, mc)
     pg_loss, metrics = pg_losses.ppo_clip_loss(
         fwd.logps, batch.old_logps[idx], batch.advantages[idx], mask, cfg.clip_eps,
-        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip, **common)
+        clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+        is_weights=batch.is_weights[idx] if batch.is_weights is not None else None, **common)
     ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
     vf_loss, vf = pg_losses.value_loss(values, batch.old_values[idx], batch.returns[idx], mask,
                                        cfg.value_clip, **common)
@@ -312,28 +340,18 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
     # ``model.parameters()`` is not always the sharded set the optimizer updates.
     params = {name: [p for g in optimizers[name].param_groups for p in g["params"]]
               for name in models}
-    mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for _epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(len(mask))
-        for mb_start in range(0, len(mask), mini):
-            mb_rows = order[mb_start:mb_start + mini]
-            global_tokens, global_seqs = rt.sum_floats(float(mask[mb_rows].sum()),
-                                                       float(len(mb_rows)))
-            common = {"mode": cfg.loss_aggregation, "global_tokens": global_tokens,
-                      "global_seqs": global_seqs, "norm_length": float(cfg.max_new_tokens)}
-            starts = range(0, len(mb_rows), micro)
+        for mb in minibatches(cfg, rt, mask, torch.randperm(len(mask))):
             local_loss = 0.0
-            for k, mc_start in enumerate(starts):
-                idx = mb_rows[mc_start:mc_start + micro]
+            for k, idx in enumerate(mb.micro):
                 for model in models.values():
-                    rt.sync_gradients(model, last=k == len(starts) - 1)
-                m = micro_step(cfg, rt, models["policy"], models["value"], batch, idx, common)
+                    rt.sync_gradients(model, last=k == len(mb.micro) - 1)
+                m = micro_step(cfg, rt, models["policy"], models["value"], batch, idx,
+                               mb.common)
                 weight = float(mask[idx].sum())
                 tokens += weight
                 local_loss += float(m["loss"])
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * (
-                        1.0 if key in loss_keys else weight)
+                add_metrics(sums, m, weight, loss_keys)
             for name in models:
                 norm = rt.optimizer_step(optimizers[name], params[name], cfg.max_grad_norm,
                                          step=step, loss=local_loss, run=run,
@@ -360,12 +378,8 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
 def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
     from dataclasses import replace
 
-    from rewardloop.rollout import (
-        HFGenerator,
-        SamplingSettings,
-        rollout_metrics,
-        truncate_samples,
-    )
+    from rewardloop.engines.factory import EngineOptions, make_generator
+    from rewardloop.rollout import SamplingSettings, rollout_metrics, truncate_samples
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
 
@@ -377,8 +391,10 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
     optimizers["policy"], schedulers["policy"] = make_optimizer(policy, cfg)
     optimizers["value"], schedulers["value"] = make_optimizer(
         value_model, replace(cfg, lr=cfg.value_lr))
-    generator = HFGenerator(setup.inner, setup.tokenizer)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
+                               seed=cfg.seed, logprob_settings=settings,
+                               dtype=rt.frozen_dtype("auto"))  # see grpo._train
     seed_sampling(cfg, rt)
     step = 0
     ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers, runtime=rt)
@@ -386,6 +402,7 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
         step = ckpt.step
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
+        generator.policy_updated(policy)  # an engine's copy holds the initial weights
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []
@@ -397,6 +414,7 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
             t0 = time.perf_counter()
             train_metrics = update(cfg, rt, models, optimizers, schedulers, batch, step + 1,
                                    run)
+            generator.policy_updated(policy)
             step += 1
             time_ref = batch.metrics.pop("time_ref_s")
             local = {**batch.metrics, **rollout_metrics(batch.rollout),

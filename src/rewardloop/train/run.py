@@ -70,15 +70,23 @@ log = logging.getLogger(__name__)
 class ThroughputMeter:
     """Counts optimizer steps, samples and tokens, and wall time across resumed segments."""
 
+    WARMUP_STEPS = 2
+    """Steps left out of the steady-state step time (start-up, first kernels, allocator)."""
+
     def __init__(self) -> None:
         self.steps = 0
         self.samples = 0
         self.tokens = 0
         self._wall_before = 0.0  # seconds spent in earlier (resumed-from) segments
         self._start = time.perf_counter()
+        self._last = self._start
+        self.step_times: list[float] = []  # this segment's seconds per step
 
     def step(self, *, samples: int, tokens: int = 0) -> None:
         """Record one optimizer step over ``samples`` sequences holding ``tokens`` tokens."""
+        now = time.perf_counter()
+        self.step_times.append(now - self._last)
+        self._last = now
         self.steps += 1
         self.samples += int(samples)
         self.tokens += int(tokens)
@@ -87,10 +95,13 @@ class ThroughputMeter:
     def wall_s(self) -> float:
         return self._wall_before + time.perf_counter() - self._start
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | None]:
         wall = max(self.wall_s, 1e-9)
+        steady = self.step_times[self.WARMUP_STEPS:]
         return {"steps": self.steps, "wall_s": round(wall, 3),
-                "samples_per_s": self.samples / wall, "tokens_per_s": self.tokens / wall}
+                "samples_per_s": self.samples / wall, "tokens_per_s": self.tokens / wall,
+                # The steady state: the median step after warm-up (None for too short a run).
+                "median_step_s": float(np.median(steady)) if steady else None}
 
     def state_dict(self) -> dict[str, float | int]:
         return {"steps": self.steps, "samples": self.samples, "tokens": self.tokens,
@@ -99,7 +110,7 @@ class ThroughputMeter:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps, self.samples = int(state["steps"]), int(state["samples"])
         self.tokens, self._wall_before = int(state["tokens"]), float(state["wall_s"])
-        self._start = time.perf_counter()
+        self._start = self._last = time.perf_counter()
 
 
 def peak_memory_mb() -> dict[str, float]:

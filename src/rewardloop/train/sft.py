@@ -1,7 +1,8 @@
 """Supervised fine-tuning: next-token cross-entropy on answers (``rewardloop train sft``).
 
 One explicit loop (``train_sft``). Data are ``sft`` rows (prompt + completion, chat ``messages``
-whose last turn is the answer, or plain ``text``), tokenised once by ``train.tokenize``. The loss
+whose last turn is the answer, or plain ``text``), tokenised once by ``rewardloop.tokenize``.
+The loss
 is the token mean of -log p(token) over the *target* tokens of the whole optimizer step: the
 completion tokens (EOS included) by default, every token with ``train_on_prompt``. Dividing by the
 step's global target-token count (not a micro-batch mean) makes gradient accumulation exact.

