@@ -124,8 +124,9 @@ class HFGenerator:
         return tokens
 
     def policy_updated(self, model: Any) -> None:
-        """Nothing to push: this loop samples from the trainer's model object itself."""
-        if model is not self.model:
+        """Nothing to push: this loop samples from the trainer's model object itself (``model``
+        may be it, or a DDP wrapper around it)."""
+        if self.model not in (model, getattr(model, "module", None)):
             raise ValueError("HFGenerator samples from the model it was built with; build a "
                              "new one for another model")
 
