@@ -450,7 +450,8 @@ def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int, rt: Runtim
         return with_model(policy)
     import copy
 
-    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+    # Frozen: kept in the compute precision, not in the policy's fp32 master weights.
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False).to(rt.compute_dtype)
     return with_model(rt.prepare(frozen, trainable=False))
 
 

@@ -365,7 +365,8 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     disable_dropout(inner)  # rollout and update must see the same log-probs
     reference = None
     if needs_reference and lora is None:
-        reference = copy.deepcopy(inner).eval()
+        # Frozen: kept in the compute precision, not in the policy's fp32 master weights.
+        reference = copy.deepcopy(inner).eval().to(rt.compute_dtype)
         reference.requires_grad_(False)
         reference = rt.prepare(reference, trainable=False)
     policy = rt.prepare(inner)
