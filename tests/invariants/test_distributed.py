@@ -65,7 +65,8 @@ def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_nor
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     for x, y in zip(ma, mb, strict=True):
-        for key in keys:
+        assert x.keys() == y.keys()
+        for key in (k for k in keys if k in x):
             assert x[key] == pytest.approx(y[key], rel=TOL, abs=TOL), (key, x["step"])
     for sub in models:
         wa, wb = (load_file(str(run / sub / "model.safetensors")) for run in (a, b))
@@ -81,16 +82,34 @@ def command(kind: str, work: Path, out: Path) -> list[str]:
     return ["train", kind, "--data", str(work / f"{data}.jsonl"), *common]
 
 
+def eval_figures(run: Path) -> dict[str, float]:
+    summary = json.loads((run / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if k.startswith("eval_") and isinstance(v, float)}
+
+
 @pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])
 def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
                                                     kind: str) -> None:
+    # Held-out evaluation too: each rank scores its share of the eval batches.
+    held_out = ["--eval-data", str(work / ("sft.jsonl" if kind == "sft" else "pairs.jsonl"))]
+    if kind == "dpo":  # five batches of evaluation (dpo scores them ref_batch_size at a time)
+        (tmp_path / "dpo.yaml").write_text("ref_batch_size: 5\n")
+        held_out += ["--config", str(tmp_path / "dpo.yaml")]
+    else:
+        held_out += ["--eval-batch-size", "5"]
     one = tmp_path / "one"
-    rewardloop(*command(kind, work, one), "--grad-accum", "2")
+    rewardloop(*command(kind, work, one), "--grad-accum", "2", *held_out)
+    assert eval_figures(one)
     for strategy in ("ddp", "fsdp"):
         two = tmp_path / strategy
-        res = rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy)
+        res = rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy,
+                         *held_out)
         assert len(res.stdout.strip().splitlines()) == 1  # rank 0 alone reports
         assert_same_run(one, two)
+        figures = eval_figures(two)
+        assert figures.keys() == eval_figures(one).keys()
+        for key, value in eval_figures(one).items():
+            assert figures[key] == pytest.approx(value, rel=TOL, abs=TOL), key
         assert json.loads((two / "summary.json").read_text())["steps"] == 3
     key = "model.layers.0.self_attn.q_proj.weight"  # it did train
     assert not torch.equal(load_file(str(work / "tiny" / "model.safetensors"))[key],

@@ -569,17 +569,22 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
 
 
 def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example],
-             ref: torch.Tensor, cfg: DPOConfig, pad_id: int) -> dict[str, float]:
-    """Eval loss, implicit-reward accuracy and the loss's metrics over all ``examples``."""
+             ref: torch.Tensor, cfg: DPOConfig, pad_id: int, rt: Runtime) -> dict[str, float]:
+    """Eval loss, implicit-reward accuracy and the loss's metrics over all ``examples``; each
+    rank scores its share of the batches (``Runtime.map_chunks``)."""
     was_training = policy.training
     policy.eval()
     with torch.no_grad():
         order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
-        chunks = [objective.forward(policy, [examples[i] for i in order[s:s + cfg.ref_batch_size]],
-                                    pad_id, cfg.length_normalize).float()
-                  for s in range(0, len(order), cfg.ref_batch_size)]
-        logps = torch.empty_like(torch.cat(chunks))  # (N, k), back in data order
-        logps[order] = torch.cat(chunks)
+        starts = list(range(0, len(order), cfg.ref_batch_size))
+
+        def chunk(k: int) -> torch.Tensor:
+            batch = [examples[i] for i in order[starts[k]:starts[k] + cfg.ref_batch_size]]
+            return objective.forward(policy, batch, pad_id, cfg.length_normalize).float().cpu()
+
+        chunks = torch.cat(rt.map_chunks(len(starts), chunk)).to(ref.device)
+        logps = torch.empty_like(chunks)  # (N, k), back in data order
+        logps[order] = chunks
         z0 = objective.reference_point(policy, examples, ref, pad_id, cfg, cfg.ref_batch_size)
         labels = _labels(examples, ref.device)
         loss, metrics = objective.loss(logps, ref, labels, z0, cfg, None)
@@ -675,6 +680,6 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
         eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device)
         with rt.autocast():
             figures.update(_finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg,
-                                            pad_id)))
+                                            pad_id, rt)))
     rt.save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     return run.write_summary(figures)

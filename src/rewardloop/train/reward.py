@@ -446,17 +446,25 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
 
 @torch.no_grad()
 def score_all(model: nn.Module, items: Sequence[Comparison], pad_id: int, device: torch.device,
-              batch_size: int) -> list[torch.Tensor]:
-    """No-grad rewards of every answer: one (K_i, H) float32 tensor per comparison."""
+              batch_size: int, rt: Runtime | None = None) -> list[torch.Tensor]:
+    """No-grad rewards of every answer: one (K_i, H) float32 tensor per comparison. With a
+    runtime, each rank scores its share of the batches and all get every score."""
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
     order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    starts = list(range(0, len(order), batch_size))
+
+    def chunk(k: int) -> list[torch.Tensor]:
+        idx = order[starts[k]:starts[k] + batch_size]
         scores, _ = score_comparisons(model, [items[i] for i in idx], pad_id, device)
-        for j, i in enumerate(idx):
-            out[i] = scores[j, :len(items[i].responses)].float().cpu()
+        return [scores[j, :len(items[i].responses)].float().cpu() for j, i in enumerate(idx)]
+
+    chunks = (rt.map_chunks(len(starts), chunk) if rt is not None
+              else [chunk(k) for k in range(len(starts))])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    for k, scored in enumerate(chunks):
+        for i, row in zip(order[starts[k]:starts[k] + batch_size], scored, strict=True):
+            out[i] = row
     model.train(was_training)
     return out
 
@@ -650,7 +658,8 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
 
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
     with rt.autocast():
-        stats_scores = score_all(model, stats_items, pad_id, rt.device, cfg.eval_batch_size)
+        stats_scores = score_all(model, stats_items, pad_id, rt.device, cfg.eval_batch_size,
+                                 rt)
     figures: dict[str, Any] = {}
     if eval_items:
         figures = evaluate(eval_name, eval_items, stats_scores, cfg, groups)

@@ -30,8 +30,8 @@ import datetime
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ from rewardloop.options import PRECISIONS, STRATEGIES, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -167,6 +168,24 @@ class Runtime:
             return dict(values)
         sums = self.sum_floats(*(float(values[k]) for k in keys))
         return {k: v / self.world_size for k, v in zip(keys, sums, strict=True)}
+
+    def map_chunks(self, n: int, fn: Callable[[int], T]) -> list[T]:
+        """``[fn(0), ..., fn(n - 1)]`` with the calls dealt over the ranks (rank r runs chunks r,
+        r + W, ...) and the results gathered in order, on every rank (evaluation: each rank
+        scores its share). Every rank makes as many calls, which FSDP's collectives need: a
+        rank short of one repeats chunk 0 and drops the result. Results must be small and on
+        the CPU (they are pickled)."""
+        if not self.distributed:
+            return [fn(k) for k in range(n)]
+        mine: dict[int, T] = {}
+        for k in range(self.rank, n + (-n % self.world_size), self.world_size):
+            result = fn(k if k < n else 0)
+            if k < n:
+                mine[k] = result
+        merged: dict[int, T] = {}
+        for part in self.gather_objects(mine):
+            merged.update(part)
+        return [merged[k] for k in range(n)]
 
     def gather_objects(self, value: Any) -> list[Any]:
         """``value`` of every rank, in rank order (small Python objects: metrics, texts)."""

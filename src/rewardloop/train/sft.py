@@ -294,26 +294,23 @@ def evaluate(model: nn.Module, examples: Sequence[Encoded], cfg: SFTConfig, pad_
              rt: Runtime) -> dict[str, float]:
     """Token-mean NLL of the eval targets (``eval_loss``) and ``eval_perplexity`` = exp of it.
 
-    Every rank scores its share of the batches (the same number of forward passes on each,
-    which FSDP needs) and the summed NLL is all-reduced.
+    Every rank scores its share of the batches (``Runtime.map_chunks``).
     """
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total = sum(sum(target_mask(e, cfg.train_on_prompt)) for e in examples)
     starts = list(range(0, len(order), cfg.eval_batch_size))
-    n_real = len(starts)
-    starts += [0] * (-n_real % rt.world_size)  # fillers, so every rank runs as many passes
-    nll = 0.0
-    for k in range(rt.rank, len(starts), rt.world_size):
+
+    def chunk_nll(k: int) -> float:
         chunk = order[starts[k]:starts[k] + cfg.eval_batch_size]
         rows = [Row((i,), len(examples[i])) for i in chunk]
         batch = collate_rows(rows, examples, pad_id, cfg.train_on_prompt, packed=False)
         with rt.autocast():
-            value = float(token_nll(model, {k: v.to(rt.device) for k, v in batch.items()},
-                                    total))
-        nll += value if k < n_real else 0.0
-    nll = rt.sum_floats(nll)[0]
+            return float(token_nll(model, {n: v.to(rt.device) for n, v in batch.items()},
+                                   total))
+
+    nll = sum(rt.map_chunks(len(starts), chunk_nll))
     model.train(was_training)
     return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 700.0))}
 
