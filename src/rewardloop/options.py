@@ -64,3 +64,15 @@ def field_docs(cls: type) -> dict[str, str]:
                     and isinstance(after.value.value, str)):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+def flag_help(cls: type, name: str) -> str:
+    """``--help`` text of field ``name`` of dataclass ``cls``: its docstring, then its default
+    (taken from the dataclass, so the two never disagree)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    doc = field_docs(cls)[name].replace("``", "`")  # reST literals read as plain quotes
+    if field.default is dataclasses.MISSING or field.default is None:
+        return doc
+    shown = ("on" if field.default else "off") if isinstance(field.default, bool) \
+        else field.default
+    return f"{doc} Default: {shown}."

@@ -20,13 +20,13 @@ import time
 
 import typer
 
-from rewardloop.options import RuntimeOptions, field_docs
+from rewardloop.options import RuntimeOptions, flag_help
 
 GRACE_S = 10.0
 
 
 def _doc(name: str) -> str:
-    return field_docs(RuntimeOptions)[name]
+    return flag_help(RuntimeOptions, name)
 
 
 STRATEGY = typer.Option(None, "--strategy", help=_doc("strategy"))

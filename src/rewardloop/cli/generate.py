@@ -26,6 +26,7 @@ from rewardloop.cli._engine import (
     VLLM_SLEEP,
     VLLM_TP,
 )
+from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ ORDER = 11
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(EngineOptions):
     """Options of ``rewardloop generate``."""
 
     policy: str
@@ -84,24 +85,8 @@ class GenerateConfig:
     """auto, float32, bfloat16 or float16."""
     chat_template: Path | None = None
     """Jinja chat-template file for the policy's tokenizer (chat prompts need one)."""
-    generator: str = "hf"
-    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
-    vllm_mode: str = "colocate"
-    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vllm colocate: share of the GPU's memory the engine may take."""
-    vllm_tensor_parallel_size: int = 1
-    """vllm colocate: GPUs one engine spans."""
-    vllm_sleep: bool = False
-    """vllm colocate: free the engine's memory between generations (sleep mode)."""
-    vllm_server: str | None = None
-    """vllm server: URL of ``rewardloop vllm-serve``."""
-    vllm_max_model_len: int | None = None
-    """vllm: longest prompt + completion in tokens (None: the model's)."""
-
 
     def __post_init__(self) -> None:
-        from rewardloop.engines.factory import EngineOptions
         from rewardloop.rollout import SamplingSettings
 
         EngineOptions.of(self)  # validates the generator options
@@ -135,7 +120,6 @@ class GenerateConfig:
 def run_generate(cfg: GenerateConfig) -> list[str]:
     """Sample, write, select, create; returns the lines to print."""
     from rewardloop.data.formats import PromptRecord, read_records, write_records
-    from rewardloop.engines.factory import EngineOptions
     from rewardloop.feedback import select as S
     from rewardloop.rollout import SamplingSettings, sample_candidates
     from rewardloop.score import heads_of

@@ -18,9 +18,14 @@ VLLM_MODES = ("colocate", "server")
 VLLM_INSTALL = "pip install 'rewardloop[vllm]'"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineOptions:
-    """How completions are generated (``--generator`` and the ``--vllm-*`` flags)."""
+    """How completions are generated (``--generator`` and the ``--vllm-*`` flags).
+
+    Also the option block of every generating command: their configs inherit it, so each field
+    is declared (and documented, for ``--help``) once. Validation runs in ``__post_init__``,
+    which a config that has its own calls through :meth:`of`.
+    """
 
     generator: str = "hf"
     """hf: the built-in KV-cached loop over the trainer's own model; vllm: a vLLM engine."""

@@ -27,7 +27,7 @@ import numpy as np
 from rewardloop.data.formats import read_records
 from rewardloop.data.store import Store
 from rewardloop.data.values import length_stats
-from rewardloop.engines.factory import EngineOptions
+from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.eval.arena import arena_battles, create_arena_tasks
 from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
@@ -42,7 +42,7 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(EngineOptions):
     """Options of ``rewardloop eval``."""
 
     policy: str
@@ -88,20 +88,6 @@ class EvalConfig:
     chat_template: Path | None = None
     """Jinja chat-template file for both policies' tokenizers (for chat prompts when they have
     none)."""
-    generator: str = "hf"
-    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
-    vllm_mode: str = "colocate"
-    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vllm colocate: share of the GPU's memory the engine may take."""
-    vllm_tensor_parallel_size: int = 1
-    """vllm colocate: GPUs one engine spans."""
-    vllm_sleep: bool = False
-    """vllm colocate: free the engine's memory between generations (sleep mode)."""
-    vllm_server: str | None = None
-    """vllm server: URL of ``rewardloop vllm-serve``."""
-    vllm_max_model_len: int | None = None
-    """vllm: longest prompt + completion in tokens (None: the model's)."""
 
     def __post_init__(self) -> None:
         EngineOptions.of(self)  # validates the generator options

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rewardloop import ops, pg_losses
-from rewardloop.engines.factory import EngineOptions
+from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
@@ -105,7 +105,7 @@ KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1"), "reinforce++": 
 
 
 @dataclass(frozen=True)
-class GRPOConfig(RuntimeOptions):
+class GRPOConfig(RuntimeOptions, EngineOptions):
     """Options of ``rewardloop train grpo`` / ``rloo`` (``rloo`` sets ``advantage="rloo"``)."""
 
     policy: str
@@ -200,20 +200,6 @@ class GRPOConfig(RuntimeOptions):
     """auto, cpu or cuda."""
     trust_remote_code: bool = False
     """Run the model repository's own code (off: safe by default)."""
-    generator: str = "hf"
-    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
-    vllm_mode: str = "colocate"
-    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vllm colocate: share of the GPU's memory the engine may take."""
-    vllm_tensor_parallel_size: int = 1
-    """vllm colocate: GPUs one engine spans."""
-    vllm_sleep: bool = False
-    """vllm colocate: free the engine's memory while the trainer optimises (sleep mode)."""
-    vllm_server: str | None = None
-    """vllm server: URL of ``rewardloop vllm-serve``."""
-    vllm_max_model_len: int | None = None
-    """vllm: longest prompt + completion in tokens (None: the model's)."""
     is_level: str = "token"
     """Correction of samples from another engine (vllm): token (truncated importance sampling),
     sequence (drop sequences whose ratio exceeds is_cap) or off."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rewardloop import ops, pg_losses
+from rewardloop.engines.options import EngineOptions
 from rewardloop.options import RuntimeOptions
 from rewardloop.train.grpo import (
     Setup,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class PPOConfig(RuntimeOptions):
+class PPOConfig(RuntimeOptions, EngineOptions):
     """Options of ``rewardloop train ppo``."""
 
     policy: str
@@ -146,20 +147,6 @@ class PPOConfig(RuntimeOptions):
     """auto, cpu or cuda."""
     trust_remote_code: bool = False
     """Run the model repository's own code."""
-    generator: str = "hf"
-    """Generation engine: hf (built-in loop over the model) or vllm (docs/generation.md)."""
-    vllm_mode: str = "colocate"
-    """vllm: colocate (engine in this process) or server (a running ``rewardloop vllm-serve``)."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """vllm colocate: share of the GPU's memory the engine may take."""
-    vllm_tensor_parallel_size: int = 1
-    """vllm colocate: GPUs one engine spans."""
-    vllm_sleep: bool = False
-    """vllm colocate: free the engine's memory while the trainer optimises (sleep mode)."""
-    vllm_server: str | None = None
-    """vllm server: URL of ``rewardloop vllm-serve``."""
-    vllm_max_model_len: int | None = None
-    """vllm: longest prompt + completion in tokens (None: the model's)."""
     is_level: str = "token"
     """Correction of samples from another engine (vllm): token (truncated importance sampling),
     sequence (drop sequences whose ratio exceeds is_cap) or off."""
@@ -378,7 +365,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
 def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
     from dataclasses import replace
 
-    from rewardloop.engines.factory import EngineOptions, make_generator
+    from rewardloop.engines.factory import make_generator
     from rewardloop.rollout import SamplingSettings, rollout_metrics, truncate_samples
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
