@@ -52,6 +52,14 @@ def rewardloop(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
     return res
 
 
+def stop(procs: list[subprocess.Popen[str]]) -> None:
+    """Kill what a failed test left running (a leftover rank could wait on its peer)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -195,7 +203,10 @@ def test_nan_on_one_rank_stops_every_rank_with_exit_3(work: Path, tmp_path: Path
                                    "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": port})
              for r in range(2)]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        stop(procs)
     assert [p.returncode for p in procs] == [3, 3]
     assert time.monotonic() - start < 60
     for err in errors:
@@ -213,13 +224,16 @@ def test_a_killed_rank_makes_the_other_exit_with_a_message(work: Path, tmp_path:
                                    "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": port})
              for r in range(2)]
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (out / "metrics.jsonl").is_file(), "training never started"
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    err = procs[0].communicate(timeout=150)[1]
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").is_file(), "training never started"
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        err = procs[0].communicate(timeout=150)[1]
+    finally:
+        stop(procs)
     assert procs[0].returncode not in (0, None)
     assert time.monotonic() - killed < 120
     assert "rank 0 of 2 lost contact with another process" in err and "Traceback" not in err

@@ -95,6 +95,13 @@ def launch(nproc: int, args: list[str]) -> int:
         # The user's own command line, run again by the same interpreter: no shell.
         command = [sys.executable, "-m", "rewardloop", *args]
         children.append(subprocess.Popen(command, env=env))  # noqa: S603
+    def terminate(signum: int, _frame: object) -> None:
+        # A launcher told to stop (a job scheduler, a test's timeout) stops its ranks first,
+        # so that none is left running.
+        _stop(children)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return _watch(children)
     except KeyboardInterrupt:
