@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rewardloop.engines.options import (  # noqa: F401 (re-exported)
+    DECODINGS,
     GENERATORS,
     VLLM_INSTALL,
     VLLM_MODES,
@@ -63,7 +64,7 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
 
-        return HFGenerator(model, tokenizer)
+        return HFGenerator(model, tokenizer, options.hf_decoding)
     if options.vllm_mode == "server":
         from rewardloop.engines.client import ServerGenerator
 

@@ -1,5 +1,6 @@
-"""The generation options every sampling command shares (``--generator``, ``--vllm-*``) and
-the log-prob mode they imply; imported by the factory and by the engines it builds."""
+"""The generation options every sampling command shares (``--generator``, ``--hf-decoding``,
+``--vllm-*``) and the log-prob mode they imply; imported by the factory and by the engines it
+builds."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
 GENERATORS = ("hf", "vllm")
 VLLM_MODES = ("colocate", "server")
+DECODINGS = ("dynamic", "static", "compiled")
 VLLM_INSTALL = "pip install 'rewardloop[vllm]'"
 
 
@@ -29,6 +31,11 @@ class EngineOptions:
 
     generator: str = "hf"
     """hf: the built-in KV-cached loop over the trainer's own model; vllm: a vLLM engine."""
+    hf_decoding: str = "dynamic"
+    """Decode step of the built-in loop (--generator hf). dynamic: a KV cache that grows every
+    step, any model; static: one pre-allocated KV cache, reused between batches; compiled:
+    static plus a torch.compile'd step (CUDA graphs on CUDA; compiling takes a while at the
+    first generation). static and compiled need a full-attention model (no sliding window)."""
     vllm_mode: str = "colocate"
     """colocate: a vLLM engine inside this process (one per rank); server: a running
     ``rewardloop vllm-serve`` at ``vllm_server``."""
@@ -49,6 +56,9 @@ class EngineOptions:
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {', '.join(GENERATORS)}, "
                              f"got {self.generator!r}")
+        if self.hf_decoding not in DECODINGS:
+            raise ValueError(f"hf_decoding must be one of {', '.join(DECODINGS)}, "
+                             f"got {self.hf_decoding!r}")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"vllm_mode must be colocate or server, got {self.vllm_mode!r}")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
