@@ -155,3 +155,33 @@ def test_the_engine_option_reaches_the_generator(models: dict[str, Any]) -> None
     assert isinstance(generator, HFGenerator) and generator.decoding == "static"
     with pytest.raises(ValueError, match="hf_decoding must be one of dynamic, static, compiled"):
         EngineOptions(hf_decoding="graphs")
+
+
+def test_generate_takes_the_flag_and_refuses_a_sliding_window_model(tmp_path: Path) -> None:
+    """``--hf-decoding static`` through the CLI: answers from a full-attention model; exit 2
+    with the reason for a sliding-window one; exit 2 for an unknown value."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    def run(model: Path, decoding: str) -> Any:
+        return CliRunner().invoke(app, [
+            "generate", "--policy", str(model), "--prompts", str(prompts), "-n", "2",
+            "--max-new-tokens", "4", "--device", "cpu", "--hf-decoding", decoding,
+            "--out", str(tmp_path / f"{model.name}-{decoding}.jsonl")])
+
+    full = build_arch(tmp_path / "qwen2", "qwen2", chat=False,
+                      config={"use_sliding_window": False})
+    result = run(full, "static")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "qwen2-static.jsonl").read_text().splitlines()) == len(PROMPTS)
+    result = run(build_arch(tmp_path / "mistral", "mistral", chat=False), "static")
+    assert result.exit_code == 2 and "sliding-window attention" in result.output
+    assert "Traceback" not in result.output
+    result = run(full, "graphs")
+    assert result.exit_code == 2 and "hf_decoding must be one of" in result.output

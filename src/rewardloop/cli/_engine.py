@@ -1,6 +1,6 @@
-"""The generation-engine flags (``--generator`` and ``--vllm-*``) of every command that
-generates (train grpo|rloo|ppo, eval, generate); their help is ``EngineOptions``' field
-docstrings and defaults."""
+"""The generation-engine flags (``--generator``, ``--hf-decoding`` and ``--vllm-*``) of every
+command that generates (train grpo|rloo|ppo, eval, generate); their help is ``EngineOptions``'
+field docstrings and defaults."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def _help(name: str) -> str:
 
 GENERATOR = typer.Option(None, "--generator", help=_help("generator") + " See "
                          "docs/generation.md.")
+HF_DECODING = typer.Option(None, "--hf-decoding", help=_help("hf_decoding"))
 VLLM_MODE = typer.Option(None, "--vllm-mode", help=_help("vllm_mode"))
 VLLM_MEMORY = typer.Option(None, "--vllm-gpu-memory-utilization",
                            help=_help("vllm_gpu_memory_utilization"))

@@ -11,6 +11,7 @@ import typer
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, DB, SEED, resolve_db
 from rewardloop.cli._engine import (
     GENERATOR,
+    HF_DECODING,
     VLLM_MAX_LEN,
     VLLM_MEMORY,
     VLLM_MODE,
@@ -84,7 +85,8 @@ def evaluate(
         None, "--arena-batch", help="Batch name of the human judge's arena tasks. "
         "Default eval-arena."),
     chat_template: Path | None = CHAT_TEMPLATE,
-    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    generator: str | None = GENERATOR, hf_decoding: str | None = HF_DECODING,
+    vllm_mode: str | None = VLLM_MODE,
     vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
     vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
     vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
@@ -106,7 +108,7 @@ def evaluate(
     cfg = load_config(EvalConfig, config, policy=policy, baseline=baseline, prompts=prompts,
                       judges=judges, out=out, n=n, max_new_tokens=max_new_tokens,
                       temperature=temperature, seed=seed, db=db, arena_batch=arena_batch,
-                      generator=generator, vllm_mode=vllm_mode,
+                      generator=generator, hf_decoding=hf_decoding, vllm_mode=vllm_mode,
                       vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
                       vllm_tensor_parallel_size=vllm_tensor_parallel_size,
                       vllm_sleep=vllm_sleep, vllm_server=vllm_server,

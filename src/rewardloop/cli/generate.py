@@ -19,6 +19,7 @@ from rewardloop.cli._common import (
 )
 from rewardloop.cli._engine import (
     GENERATOR,
+    HF_DECODING,
     VLLM_MAX_LEN,
     VLLM_MEMORY,
     VLLM_MODE,
@@ -213,7 +214,8 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int | None = SEED,
     chat_template: Path | None = CHAT_TEMPLATE,
-    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    generator: str | None = GENERATOR, hf_decoding: str | None = HF_DECODING,
+    vllm_mode: str | None = VLLM_MODE,
     vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
     vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
     vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
@@ -229,7 +231,8 @@ def generate(
             overlap=overlap, gold=gold, gold_rate=gold_rate, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, max_prompt_length=max_prompt_length,
             batch_size=batch_size, device=device, dtype=dtype, seed=seed, generator=generator,
-            vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+            hf_decoding=hf_decoding, vllm_mode=vllm_mode,
+            vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
             vllm_tensor_parallel_size=vllm_tensor_parallel_size, vllm_sleep=vllm_sleep,
             vllm_server=vllm_server, vllm_max_model_len=vllm_max_model_len,
             chat_template=chat_template)

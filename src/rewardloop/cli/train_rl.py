@@ -10,6 +10,7 @@ import typer
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, OUT, REPORT_TO, SEED, trackers
 from rewardloop.cli._engine import (
     GENERATOR,
+    HF_DECODING,
     IS_CAP,
     IS_LEVEL,
     VLLM_MAX_LEN,
@@ -179,7 +180,8 @@ def _group_command(default_advantage: str) -> Any:
         strategy: str | None = STRATEGY, precision: str | None = PRECISION,
         gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
         dist_timeout: int | None = DIST_TIMEOUT, nproc: int | None = NPROC,
-        generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+        generator: str | None = GENERATOR, hf_decoding: str | None = HF_DECODING,
+        vllm_mode: str | None = VLLM_MODE,
         vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
         vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
         vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
@@ -246,7 +248,8 @@ def ppo(
     report_to: list[str] | None = REPORT_TO, strategy: str | None = STRATEGY,
     precision: str | None = PRECISION, gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
     dist_timeout: int | None = DIST_TIMEOUT, nproc: int | None = NPROC,
-    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
+    generator: str | None = GENERATOR, hf_decoding: str | None = HF_DECODING,
+    vllm_mode: str | None = VLLM_MODE,
     vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
     vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
     vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
