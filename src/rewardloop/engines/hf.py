@@ -13,7 +13,12 @@ from typing import Any
 import torch
 
 from rewardloop import ops
-from rewardloop.engines.base import Rollout, SamplingSettings, decode_completions
+from rewardloop.engines.base import (
+    Rollout,
+    SamplingSettings,
+    decode_completions,
+    stop_token_ids,
+)
 from rewardloop.engines.options import DECODINGS
 from rewardloop.engines.static import StaticDecoder, StaticSteps, static_cache_problem
 from rewardloop.errors import UserError
@@ -50,17 +55,6 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the tokenizer's EOS and each EOS id of the model's
-    ``generation_config`` (Llama 3 and Qwen2.5 instruct models list several, e.g. end of turn
-    and end of text), except the pad id (never sampled, and it would read as padding)."""
-    ids = [tokenizer.eos_token_id]
-    config = getattr(model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    ids += extra if isinstance(extra, list | tuple) else [extra]
-    return [int(i) for i in dict.fromkeys(ids) if i is not None and i != tokenizer.pad_token_id]
-
-
 class HFGenerator:
     """Sampling from a Hugging Face causal LM (the policy being trained) with its KV cache.
 
@@ -86,7 +80,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.decoding = decoding
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_ids = stop_token_ids(model, tokenizer)
+        self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         # transformers 5.x names the KV cache argument and output ``cache``; 4.x
         # ``past_key_values``.
         params = inspect.signature(model.forward).parameters
