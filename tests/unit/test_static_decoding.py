@@ -5,6 +5,7 @@ sampled, on a tiny Llama and a Qwen2-shaped model; models it cannot serve are re
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,17 @@ def test_the_static_cache_is_reused_and_emptied_between_batches(
     assert generator.static.cache is not first
     assert generator.static.length % BUCKET == 0
     assert generator.static.length >= longer.max_new_tokens + 1
+
+
+def test_a_lora_policy_decodes_like_the_dynamic_loop(models: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainers with --lora-r sample from the peft wrapper: it passes the cache through."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models["llama"]
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    _assert_same_decoding(lora, tokenizer, "static", SETTINGS["sampled"], monkeypatch)
 
 
 @pytest.mark.slow  # compiling the step on CPU takes ~30 s on this machine
