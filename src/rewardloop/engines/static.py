@@ -62,12 +62,12 @@ class StaticDecoder:
         self.cache_name = cache_name
         self.cache: Any = None
         self.rows = self.length = 0  # the cache's shape: sequences, tokens
+        # reduce-overhead = CUDA graphs: one replay per token instead of a kernel launch per
+        # op. They exist only on CUDA; elsewhere inductor still fuses the step's kernels.
+        self.graphs = compiled and next(model.parameters()).device.type == "cuda"
         self.step = self.forward_one
         if compiled:
-            device = next(model.parameters()).device
-            # reduce-overhead = CUDA graphs: one replay per token instead of a kernel launch per
-            # op. They exist only on CUDA; elsewhere inductor still fuses the step's kernels.
-            mode = "reduce-overhead" if device.type == "cuda" else None
+            mode = "reduce-overhead" if self.graphs else None
             self.step = torch.compile(self.forward_one, mode=mode, dynamic=False)
 
     def take_cache(self, rows: int, needed: int) -> Any:
@@ -119,7 +119,7 @@ class StaticSteps:
         self.open[:, self.column] = True
         closed = (~self.open)[:, None, None, :].to(self.dtype)
         mask = closed * torch.finfo(self.dtype).min  # 0 = attend; same values as the hf loop
-        if self.decoder.step is not self.decoder.forward_one and token.is_cuda:
+        if self.decoder.graphs:  # the previous step's outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.decoder.step(token[:, None], mask, self.positions)
         self.column += 1
