@@ -203,7 +203,7 @@ def flag_help(cls: type, name: str) -> str:
     (taken from the dataclass, so the two never disagree)."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     doc = field_docs(cls)[name].replace("``", "`")  # reST literals read as plain quotes
-    if field.default is dataclasses.MISSING or field.default is None:
+    if field.default is dataclasses.MISSING or field.default in (None, ()):
         return doc
     shown = ("on" if field.default else "off") if isinstance(field.default, bool) \
         else field.default
