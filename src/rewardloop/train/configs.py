@@ -228,7 +228,7 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """Prompts (JSONL, Parquet, Arrow or a dataset folder, DIR:SPLIT for a split): ``prompt``
     (text or chat) or ``messages`` per row; ``meta`` keys are passed to reward functions."""
     rewards: tuple[str, ...] = ()
-    """Reward SPEC[@WEIGHT], repeatable (--reward): a reward-model run dir (or its model/),
+    """Rewards, SPEC[@WEIGHT] each: a reward-model run dir (or its model/),
     normalised by its reward_stats.json, or package.module:function with TRL's signature.
     Weighted rewards are summed."""
     num_generations: int = 4
