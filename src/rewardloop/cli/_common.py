@@ -21,13 +21,6 @@ DB = typer.Option(
 CONFIG = typer.Option(
     None, "--config", help="YAML file of config keys; flags given on the command line win."
 )
-OUT = typer.Option(
-    ..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json)."
-)
-SEED = typer.Option(None, "--seed", help="Random seed for data order, init and sampling.")
-CHAT_TEMPLATE = typer.Option(
-    None, "--chat-template", help="Jinja chat-template file, for a model whose tokenizer has none "
-    "(chat rows need one) or to replace its own; saved with the trained model.")
 REPORT_TO = typer.Option(
     None, "--report-to", help="Also send the metrics to an experiment tracker, repeatable: none, "
     "tensorboard, wandb (offline without an API key), mlflow or trackio. See docs/tracking.md.")
