@@ -82,8 +82,9 @@ class HFGenerator:
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         # transformers 5.x names the KV cache argument and output ``cache``; 4.x
-        # ``past_key_values``.
-        params = inspect.signature(model.forward).parameters
+        # ``past_key_values``. A peft wrapper's forward takes **kwargs: ask the model inside.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"
         config = getattr(model, "config", None)
         attention = getattr(config, "_attn_implementation", None)
