@@ -21,16 +21,6 @@ DB = typer.Option(
 CONFIG = typer.Option(
     None, "--config", help="YAML file of config keys; flags given on the command line win."
 )
-REPORT_TO = typer.Option(
-    None, "--report-to", help="Also send the metrics to an experiment tracker, repeatable: none, "
-    "tensorboard, wandb (offline without an API key), mlflow or trackio. See docs/tracking.md.")
-
-
-def trackers(values: list[str] | None) -> tuple[str, ...] | None:
-    """The repeated --report-to values as a config override (None: keep YAML/default)."""
-    return tuple(values) if values else None
-
-
 def resolve_db(db: str | None) -> str:
     """The --db flag, else $REWARDLOOP_DB, else the default SQLite file."""
     return db or default_db()
