@@ -70,7 +70,7 @@ def _sample(generator: HFGenerator, prompts: list[list[int]], settings: Sampling
 
 def _assert_same_decoding(model: Any, tokenizer: Any, decoding: str, settings: SamplingSettings,
                           monkeypatch: pytest.MonkeyPatch, generator: HFGenerator | None = None,
-                          prompts: list[str] = PROMPTS) -> None:
+                          prompts: list[str] = PROMPTS, atol: float = 1e-6) -> None:
     ids = encode_prompts(tokenizer, prompts, 64)
     assert len({len(p) for p in ids}) == len(ids)  # every row is padded differently
     reference, ref_probs = _sample(HFGenerator(model, tokenizer), ids, settings, monkeypatch)
@@ -80,13 +80,13 @@ def _assert_same_decoding(model: Any, tokenizer: Any, decoding: str, settings: S
     assert torch.equal(ours.has_eos, reference.has_eos)
     assert len(probs) == len(ref_probs)
     for step, (p, q) in enumerate(zip(probs, ref_probs, strict=True)):
-        assert torch.allclose(p, q, atol=1e-6), f"step {step}: max diff {(p - q).abs().max()}"
+        assert torch.allclose(p, q, atol=atol), f"step {step}: max diff {(p - q).abs().max()}"
     # The log-probs of the sampled tokens (what a trainer's ratio would read) agree too.
     tokens = ours.completion_ids[:, : len(probs)].T[..., None]  # (C, B, 1)
     chosen = torch.stack(probs).gather(2, tokens).log()
     expected = torch.stack(ref_probs).gather(2, tokens).log()
     real = ours.completion_mask[:, : len(probs)].T.bool()
-    assert torch.allclose(chosen[real], expected[real], atol=1e-5)
+    assert torch.allclose(chosen[real], expected[real], atol=10 * atol)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -137,6 +137,20 @@ def test_compiled_step_decodes_like_the_dynamic_loop(models: dict[str, Any],
     generator = HFGenerator(model, tokenizer, "compiled")
     for settings in SETTINGS.values():
         _assert_same_decoding(model, tokenizer, "compiled", settings, monkeypatch, generator)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_on_cuda_the_fast_steps_decode_like_the_dynamic_loop(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check of ``compiled``: CUDA graphs captured and replayed over the static cache
+    (GPU kernels round differently from one kernel choice to another: 1e-5)."""
+    model, tokenizer = models["llama"]
+    cuda = copy.deepcopy(model).to("cuda")
+    generator = HFGenerator(cuda, tokenizer, decoding)
+    for settings in SETTINGS.values():
+        _assert_same_decoding(cuda, tokenizer, decoding, settings, monkeypatch, generator,
+                              atol=1e-5)
 
 
 def test_models_the_static_cache_cannot_serve_are_refused(tmp_path: Path,
