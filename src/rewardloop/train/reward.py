@@ -27,7 +27,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
+from rewardloop.feedback.groups import primary_group
 from rewardloop.metrics import expected_calibration_error
 from rewardloop.models import (
     LoraSettings,
@@ -54,6 +55,14 @@ from rewardloop.train.data import (
     LengthGroupedSampler,
     rank_micro_batches,
     scheduler,
+)
+from rewardloop.train.group_balance import (
+    GROUP_BALANCES,
+    GroupDRO,
+    equal_weights,
+    group_metric_sums,
+    group_summary,
+    split_group_sums,
 )
 from rewardloop.train.run import (
     RunDir,
@@ -107,6 +116,11 @@ class RewardConfig(RuntimeOptions):
     annotator_groups: Path | None = None
     """JSON file {annotator: [group, ...]} for per-group eval accuracy (the store's groups are
     added when --db is given)."""
+    group_balance: str = "none"
+    """none; equal: every annotator group carries the same total weight; minmax: group DRO,
+    minimise the worst group's loss (a comparison counts for its annotator's first group)."""
+    group_step_size: float = 0.1
+    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
     seed: int = 0
     """Seed of initialisation (heads) and data order."""
     epochs: int = 1
@@ -178,6 +192,9 @@ class RewardConfig(RuntimeOptions):
         if self.weighting == "reliability" and self.db is None and self.annotator_weights is None:
             raise ValueError("weighting=reliability needs --db (the store's annotator "
                              "reliability) or --annotator-weights FILE.json")
+        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
+            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
+                             "group_step_size > 0")
         if self.exclude_flagged and self.db is None:
             raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -421,12 +438,30 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     return loss, metrics
 
 
+def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
+                    items: Sequence[Comparison], cfg: RewardConfig, group_ids: Sequence[str],
+                    groups: Sequence[str]) -> dict[str, float]:
+    """No-grad loss sum and count per group of one micro-batch (ensemble-mean reward), as the
+    metric sums ``train.group_balance`` reads; scores (B, K, H), ranks (B, K)."""
+    with torch.no_grad():
+        mean = scores.detach().mean(-1)
+        margins = torch.tensor([c.margin for c in items], device=mean.device, dtype=mean.dtype)
+        sums, counts = {}, {}
+        for g in sorted(set(group_ids)):
+            sel = torch.tensor([x == g for x in group_ids], device=mean.device)
+            loss, _ = objective(mean[sel], ranks[sel], margins[sel], cfg, 1.0)
+            sums[g], counts[g] = float(loss), int(sel.sum())
+    return group_metric_sums(sums, counts, groups)
+
+
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
-               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device
+               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device,
+               group_ids: Sequence[str] | None = None, groups: Sequence[str] = ()
                ) -> MicroLoss:
     """The loss of one micro-batch of the step ``batch``: divided by the summed weight (and
     count) of the WHOLE step's comparisons, so the accumulated gradient is the one-big-batch
-    gradient. Metrics come back as sums over the micro-batch's comparisons."""
+    gradient. Metrics come back as sums over the micro-batch's comparisons, plus the loss per
+    annotator group when ``group_ids`` (one per item) are given."""
     step_weight = max(sum(items[i].weight for i in batch), 1e-12)
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -434,7 +469,11 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
         scores, ranks = score_comparisons(model, mb, pad_id, device)
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
-        return loss, {k: float(v) * len(mb) for k, v in metrics.items()}
+        sums = {k: float(v) * len(mb) for k, v in metrics.items()}
+        if group_ids is not None:
+            sums.update(group_loss_sums(objective, scores, ranks, mb, cfg,
+                                        [group_ids[i] for i in indices], groups))
+        return loss, sums
 
     return loss_of
 
@@ -510,6 +549,20 @@ def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
     return figures
 
 
+def pair_deltas(items: Sequence[Comparison], mean: torch.Tensor
+                ) -> tuple[list[float], list[str | None]]:
+    """r_better - r_worse of every strictly ordered answer pair of ``items`` (ties are left
+    out) and who judged it; ``mean``: (B, K) ensemble-mean rewards."""
+    deltas, who = [], []
+    for b, c in enumerate(items):
+        for i in range(len(c.ranks)):
+            for j in range(len(c.ranks)):
+                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
+                    deltas.append(float(mean[b, i] - mean[b, j]))
+                    who.append(c.annotator)
+    return deltas, who
+
+
 def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[torch.Tensor],
              cfg: RewardConfig, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Held-out figures of the ensemble-mean reward.
@@ -530,13 +583,7 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     plain = RewardConfig(model=cfg.model, data=cfg.data, out=cfg.out)
     loss, _ = OBJECTIVES[objective_name](mean, ranks, torch.zeros(len(items)), plain,
                                          float(len(items)))
-    deltas, who = [], []
-    for b, c in enumerate(items):
-        for i in range(len(c.ranks)):
-            for j in range(len(c.ranks)):
-                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
-                    deltas.append(float(mean[b, i] - mean[b, j]))
-                    who.append(c.annotator)
+    deltas, who = pair_deltas(items, mean)
     figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
     if deltas:
         figures.update(pair_figures(np.asarray(deltas), who, groups))
@@ -591,6 +638,49 @@ def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
 
 
+def balance_groups(items: list[Comparison], group_ids: Sequence[str], cfg: RewardConfig
+                   ) -> tuple[list[Comparison], GroupDRO | None]:
+    """``--group-balance``: equal reweighs the comparisons once; minmax returns the group DRO
+    state that weighs every step (``train.group_balance``)."""
+    names = sorted(set(group_ids))
+    if cfg.group_balance == "none":
+        return items, None
+    if len(names) < 2:
+        raise UserError(f"--group-balance {cfg.group_balance} needs comparisons from 2 or more "
+                        f"annotator groups, got {names}: give groups with --annotator-groups "
+                        "or --db, and an annotator on every row")
+    if cfg.group_balance == "equal":
+        weights = equal_weights(group_ids, [c.weight for c in items])
+        return [replace(c, weight=w) for c, w in zip(items, weights, strict=True)], None
+    return items, GroupDRO(tuple(names), cfg.group_step_size)
+
+
+def step_items(items: list[Comparison], batch: Sequence[int], group_ids: Sequence[str],
+               dro: GroupDRO | None) -> list[Comparison]:
+    """The comparisons as this step weighs them: under group DRO, w_i q_g / W_g."""
+    if dro is None:
+        return items
+    out = list(items)
+    weights = dro.item_weights([group_ids[i] for i in batch], [items[i].weight for i in batch])
+    for i, w in zip(batch, weights, strict=True):
+        out[i] = replace(items[i], weight=w)
+    return out
+
+
+def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Sequence[str],
+                  groups: Mapping[str, Sequence[str]], dro: GroupDRO | None,
+                  eval_items: Sequence[Comparison], eval_scores: Sequence[torch.Tensor]
+                  ) -> dict[str, Any]:
+    """The summary's ``groups`` section (``train.group_balance.group_summary``)."""
+    correct, eval_groups = [], []
+    for c, s in zip(eval_items, eval_scores, strict=True):
+        deltas, who = pair_deltas([c], s.mean(-1)[None])
+        correct += [d > 0 for d in deltas]
+        eval_groups += [primary_group(a, groups) for a in who]
+    return group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
+                         [c.weight for c in items], dro, correct, eval_groups)
+
+
 def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
     """Train a reward model; returns the summary written to ``summary.json``. ``stored``: what
     the store knows about annotators, when ``cfg.db`` is set."""
@@ -614,6 +704,9 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     weights, flagged, groups = annotator_info(cfg, stored)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
+    group_ids = [primary_group(c.annotator, groups) for c in items]
+    items, dro = balance_groups(items, group_ids, cfg)
+    tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
@@ -635,25 +728,35 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+        if dro is not None:
+            dro.load_state_dict(ckpt.sampler_state["group_dro"])
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
             out = accumulate_and_step(
                 rt, model, optimizer, params,
                 rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
-                micro_loss(model, objective, items, batch, cfg, pad_id, rt.device),
+                micro_loss(model, objective, step_items(items, batch, group_ids, dro), batch, cfg,
+                           pad_id, rt.device, group_ids if tracked else None, tracked),
                 max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
+            metric_sums, group_losses = split_group_sums(out.metric_sums)
+            if dro is not None:
+                dro.update(group_losses)
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(lengths[i] for i in batch))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
                                        "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
-                                       **{k: v / len(batch)
-                                          for k, v in out.metric_sums.items()}})
+                                       **{k: v / len(batch) for k, v in metric_sums.items()},
+                                       **{f"group_loss/{g}": v for g, v in group_losses.items()},
+                                       **({f"group_weight/{g}": dro.weight_of(g)
+                                           for g in dro.groups} if dro is not None else {})})
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"reward": model},
                                 optimizers={"reward": optimizer}, schedulers={"reward": sched},
-                                sampler_state=sampler.state_dict(), runtime=rt)
+                                sampler_state={**sampler.state_dict(), **(
+                                    {"group_dro": dro.state_dict()} if dro is not None else {})},
+                                runtime=rt)
             show(step, f"loss {out.loss:.3f}")
 
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
@@ -672,4 +775,6 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     return run.write_summary({
         **figures, "objective": objective_name, "ensemble": cfg.ensemble,
         "train_comparisons": len(items), "dropped_flagged": n_read - len(items),
-        "reward_mean": stats["mean"], "reward_std": stats["std"]})
+        "reward_mean": stats["mean"], "reward_std": stats["std"],
+        **({"groups": group_figures(cfg, items, group_ids, groups, dro, eval_items,
+                                    stats_scores if eval_items else [])} if tracked else {})})

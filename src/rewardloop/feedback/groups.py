@@ -1,0 +1,182 @@
+"""Whose preferences? Measurements of annotator groups, pure numpy: no store, no model.
+
+A reward model trained on pooled feedback serves the majority: a group that is small, or whose
+taste differs, can be outvoted without anyone noticing. These functions make that visible:
+
+- ``group_alpha``: Krippendorff's alpha *within* each group (do its members agree?);
+- ``agreement_matrix``: for every two groups (and each group with itself), the chance that a
+  judgment by one and a judgment by the other, by different annotators, give the same verdict on
+  the same pair of answers; the diagonal is within-group agreement, so a row that drops off the
+  diagonal shows a group whose taste differs;
+- ``accuracy_by_group``: a reward model's held-out accuracy on each group's own judgments;
+- ``weight_shares``: the share of training weight each group received.
+
+Every rate comes with a percentile bootstrap interval over its units (pair units for agreement,
+judged answer pairs for accuracy). A comparison belongs to one group for balancing: its
+annotator's first group (``primary_group``); judgments without a group form ``UNGROUPED``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from rewardloop.feedback import agreement as A
+from rewardloop.feedback.records import JudgmentRecord, pair_values
+
+UNGROUPED = "(none)"
+"""The group of judgments whose annotator is unknown or has no group."""
+N_BOOT = 200
+"""Bootstrap resamples per interval: enough for a 95% percentile interval to +-0.01."""
+
+Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id)
+
+
+def primary_group(annotator: str | None, groups: Mapping[str, Sequence[str]]) -> str:
+    """The one group a judgment counts for when groups are balanced: its annotator's first
+    group, else ``UNGROUPED``."""
+    if annotator is None:
+        return UNGROUPED
+    listed = groups.get(annotator) or ()
+    return str(listed[0]) if listed else UNGROUPED
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0
+             ) -> list[float]:
+    """Percentile 95% bootstrap interval of Σ num / Σ den, resampling units (rows)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(num) == 0:
+        raise ValueError("ratio_ci needs at least one unit")
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
+    sums = den[idx].sum(axis=1)
+    stats = np.where(sums > 0, num[idx].sum(axis=1) / np.maximum(sums, 1e-12), np.nan)
+    stats = stats[~np.isnan(stats)]
+    return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
+
+
+def _unit_values(records: Sequence[JudgmentRecord]
+                 ) -> dict[str, dict[Unit, list[tuple[str | None, int]]]]:
+    """group -> pair unit -> [(annotator, value)] over the group's judgments."""
+    out: dict[str, dict[Unit, list[tuple[str | None, int]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for rec in records:
+        for g in rec.groups or (UNGROUPED,):
+            for (lo, hi), value in pair_values(rec.ranking).items():
+                out[g][(rec.task_id, lo, hi)].append((rec.annotator, value))
+    return out
+
+
+def group_alpha(records: Sequence[JudgmentRecord], *, n_boot: int = N_BOOT, seed: int = 0
+                ) -> dict[str, dict[str, Any]]:
+    """Per group: Krippendorff's alpha (nominal) of its members' judgments, with a bootstrap
+    interval over pair units, and the number of units two or more members judged."""
+    out = {}
+    for g, units in sorted(_unit_values(records).items()):
+        counts = A.value_counts({u: [v for _, v in vals] for u, vals in units.items()
+                                 if len(vals) >= 2})
+        alpha = A.krippendorff_alpha_counts(counts)
+        ci = None
+        if alpha is not None:
+            rng = np.random.default_rng(seed)
+            boots = [A.krippendorff_alpha_counts(counts[rng.integers(0, len(counts),
+                                                                      size=len(counts))])
+                     for _ in range(n_boot)]
+            kept = [b for b in boots if b is not None]
+            if kept:
+                ci = [float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))]
+        out[g] = {"alpha": alpha, "alpha_ci": ci, "units": len(counts)}
+    return out
+
+
+def _pair_agreement(a: Sequence[tuple[str | None, int]], b: Sequence[tuple[str | None, int]]
+                    ) -> tuple[int, int]:
+    """(agreeing, all) pairs of one judgment from ``a`` and one from ``b`` by different
+    annotators (an unnamed judgment is never paired with itself: it appears once)."""
+    agree = total = 0
+    for i, (name_a, va) in enumerate(a):
+        for j, (name_b, vb) in enumerate(b):
+            if a is b and i >= j:
+                continue
+            if name_a is not None and name_a == name_b:
+                continue
+            total += 1
+            agree += int(va == vb)
+    return agree, total
+
+
+def agreement_matrix(records: Sequence[JudgmentRecord], *, n_boot: int = N_BOOT, seed: int = 0
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+    """matrix[g1][g2]: share of agreeing verdicts over all pairs (one judgment of g1, one of g2,
+    different annotators, same pair unit), with a bootstrap interval over units and the number
+    of units. The diagonal is within-group agreement. Cells without a shared unit are left out."""
+    by_group = _unit_values(records)
+    names = sorted(by_group)
+    out: dict[str, dict[str, dict[str, Any]]] = {g: {} for g in names}
+    for x, g1 in enumerate(names):
+        for g2 in names[x:]:
+            agree, total = [], []
+            for unit in set(by_group[g1]) & set(by_group[g2]):
+                a, n = _pair_agreement(by_group[g1][unit], by_group[g2][unit])
+                if n:
+                    agree.append(a)
+                    total.append(n)
+            if not total:
+                continue
+            cell = {"agreement": float(sum(agree) / sum(total)),
+                    "agreement_ci": ratio_ci(np.array(agree), np.array(total), n_boot=n_boot,
+                                             seed=seed),
+                    "units": len(total)}
+            out[g1][g2] = cell
+            out[g2][g1] = cell
+    return out
+
+
+def group_measures(records: Sequence[JudgmentRecord], *, seed: int = 0) -> dict[str, Any]:
+    """The group measurements of ``rewardloop quality --json`` (``groups`` section): per group
+    its annotators, judgments and alpha (with interval), and the agreement matrix."""
+    annotators: dict[str, set[str]] = defaultdict(set)
+    judgments: dict[str, int] = defaultdict(int)
+    for rec in records:
+        for g in rec.groups or (UNGROUPED,):
+            judgments[g] += 1
+            if rec.annotator is not None:
+                annotators[g].add(rec.annotator)
+    alphas = group_alpha(records, seed=seed)
+    per_group = {g: {"annotators": len(annotators[g]), "judgments": judgments[g],
+                     **alphas.get(g, {"alpha": None, "alpha_ci": None, "units": 0})}
+                 for g in sorted(judgments)}
+    return {"by_group": per_group, "agreement_matrix": agreement_matrix(records, seed=seed)}
+
+
+def accuracy_by_group(correct: Sequence[bool], group_of_pair: Sequence[str], *,
+                      n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """A reward model's accuracy on each group's judged answer pairs, with a bootstrap
+    interval (``correct[i]``: the model ordered pair i as its annotator did)."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for ok, g in zip(correct, group_of_pair, strict=True):
+        by[g].append(float(ok))
+    return {g: {"accuracy": float(np.mean(v)), "accuracy_ci": ratio_ci(
+                np.array(v), np.ones(len(v)), n_boot=n_boot, seed=seed), "pairs": len(v)}
+            for g, v in sorted(by.items())}
+
+
+def weight_shares(group_ids: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
+    """Share of the summed training weight that went to each group (sums to 1)."""
+    total = float(sum(weights))
+    sums: dict[str, float] = defaultdict(float)
+    for g, w in zip(group_ids, weights, strict=True):
+        sums[g] += float(w)
+    return {g: (s / total if total > 0 else 0.0) for g, s in sorted(sums.items())}
+
+
+def worst_group(by_group: Mapping[str, Mapping[str, Any]], key: str = "accuracy"
+                ) -> tuple[str, float] | None:
+    """(group, value) with the lowest ``key`` (ties: the first name), or None when empty."""
+    scored = [(float(v[key]), g) for g, v in by_group.items() if v.get(key) is not None]
+    if not scored:
+        return None
+    value, g = min(scored)
+    return g, value
