@@ -92,6 +92,13 @@ def rm(
     annotator_groups: Path | None = typer.Option(None, "--annotator-groups", help="JSON "
                                                  "{annotator: [group, ...]} for per-group eval "
                                                  "accuracy (added to the store's groups)."),
+    group_balance: str | None = typer.Option(None, "--group-balance", help="none; equal: every "
+                                             "annotator group carries the same total weight; "
+                                             "minmax: group DRO, minimise the worst group's "
+                                             "loss. Default none."),
+    group_step_size: float | None = typer.Option(None, "--group-step-size", help="How fast "
+                                                 "--group-balance minmax moves weight to the "
+                                                 "group with the higher loss. Default 0.1."),
     seed: int | None = SEED,
     epochs: int | None = EPOCHS,
     max_steps: int | None = MAX_STEPS,
@@ -129,6 +136,7 @@ def rm(
     """Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."""
     from rewardloop.cli._common import existing_data, existing_file
     from rewardloop.config import load_config
+    from rewardloop.feedback.groups import group_table
     from rewardloop.feedback.quality import annotators_from_db
     from rewardloop.train.reward import RewardConfig, train_rm
 
@@ -137,7 +145,8 @@ def rm(
         data_format=data_format, use_margin=flag(use_margin), label_smoothing=label_smoothing,
         center_rewards_coef=center_rewards_coef, ensemble=ensemble, weighting=weighting,
         exclude_flagged=flag(exclude_flagged), db=db, annotator_weights=annotator_weights,
-        annotator_groups=annotator_groups, seed=seed, epochs=epochs, max_steps=max_steps,
+        annotator_groups=annotator_groups, group_balance=group_balance,
+        group_step_size=group_step_size, seed=seed, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
         max_length=max_length, max_prompt_length=max_prompt_length,
@@ -159,3 +168,5 @@ def rm(
     summary = train_rm(cfg, stored)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
                                     "eval_ece", "length_correlation"))
+    if "groups" in summary:
+        typer.echo(group_table(summary["groups"]))

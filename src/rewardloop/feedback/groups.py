@@ -180,3 +180,23 @@ def worst_group(by_group: Mapping[str, Mapping[str, Any]], key: str = "accuracy"
         return None
     value, g = min(scored)
     return g, value
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def group_table(section: Mapping[str, Any]) -> str:
+    """A training summary's ``groups`` section as a plain-text table, worst group last."""
+    lines = [f"{'group':<16} {'comparisons':>11} {'annotators':>10} {'weight':>7} "
+             f"{'accuracy':>8}  95% CI"]
+    for g, row in section["by_group"].items():
+        ci = row.get("accuracy_ci")
+        lines.append(f"{g:<16} {row['train_comparisons']:>11} {row['annotators']:>10} "
+                     f"{row['weight_share']:>7.3f} {_fmt(row['accuracy']):>8}  "
+                     + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"))
+    if section.get("worst_group") is not None:
+        lines.append(f"worst group: {section['worst_group']} "
+                     f"(accuracy {section['worst_group_accuracy']:.3f}; "
+                     f"balance: {section['balance']})")
+    return "\n".join(lines)
