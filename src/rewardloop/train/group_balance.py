@@ -27,7 +27,6 @@ import numpy as np
 
 from rewardloop.feedback.groups import accuracy_by_group, weight_shares, worst_group
 
-GROUP_BALANCES = ("none", "equal", "minmax")
 LOSS_KEY = "group_loss_sum/"
 COUNT_KEY = "group_count/"
 
