@@ -190,6 +190,14 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     """Held-out preferences (same kind as --data) for eval loss and implicit-reward accuracy."""
     ref_batch_size: int = 32
     """Examples per batch of the reference (and evaluation) no-grad passes."""
+    annotator_groups: Path | None = None
+    """JSON file {annotator: [group, ...]}: the groups of the rows' annotators, for
+    --group-balance and the per-group figures of the summary."""
+    group_balance: str = "none"
+    """none; equal: every annotator group weighs the same in each step; minmax: group DRO
+    (Ramesh et al. 2024), minimise the worst group's loss. Pairwise losses only."""
+    group_step_size: float = 0.1
+    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
     batch_size: int = 8
     lr: float = 1e-6
 
@@ -214,6 +222,12 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
             raise ValueError("desirable_weight and undesirable_weight must be > 0")
         if self.ref_batch_size < 1:
             raise ValueError("ref_batch_size must be at least 1")
+        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
+            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
+                             "group_step_size > 0")
+        if self.group_balance != "none" and (self.annotator_groups is None
+                                             or self.loss == "kto"):
+            raise ValueError("group_balance needs --annotator-groups and a pairwise loss")
         if self.data_format is not None and self.data_format not in (
                 PAIRWISE_FORMATS + UNPAIRED_FORMATS):
             raise ValueError(f"data_format must be one of "

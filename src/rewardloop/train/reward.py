@@ -62,6 +62,7 @@ from rewardloop.train.group_balance import (
     equal_weights,
     group_metric_sums,
     group_summary,
+    read_groups_file,
     split_group_sums,
 )
 from rewardloop.train.run import (
@@ -194,8 +195,7 @@ def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
     flagged: set[str] = set()
     groups: dict[str, list[str]] = {}
     if cfg.annotator_groups is not None:
-        for name, g in _read_json_mapping(cfg.annotator_groups, "groups").items():
-            groups[name] = [g] if isinstance(g, str) else [str(x) for x in g]
+        groups.update(read_groups_file(cfg.annotator_groups))
     if cfg.weighting == "reliability" and cfg.annotator_weights is not None:
         raw = _read_json_mapping(cfg.annotator_weights, "weights")
         try:
