@@ -7,20 +7,18 @@ import numpy as np
 import pytest
 
 from rewardloop.feedback import agreement as A
-from rewardloop.feedback.groups import (
+from rewardloop.feedback.groups import agreement_matrix, group_alpha, group_measures
+from rewardloop.feedback.quality import analyze
+from rewardloop.feedback.records import JudgmentRecord
+from rewardloop.metrics import (
     UNGROUPED,
     accuracy_by_group,
-    agreement_matrix,
-    group_alpha,
-    group_measures,
     group_table,
     primary_group,
     ratio_ci,
     weight_shares,
     worst_group,
 )
-from rewardloop.feedback.quality import analyze
-from rewardloop.feedback.records import JudgmentRecord
 
 
 def _rec(i: int, name: str | None, group: str | None, task: int, winner: int) -> JudgmentRecord:

@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
 
 def run_rm(cfg: RewardConfig) -> None:
     from rewardloop.cli._common import existing_data, existing_file
-    from rewardloop.feedback.groups import group_table
     from rewardloop.feedback.quality import annotators_from_db
+    from rewardloop.metrics import group_table
     from rewardloop.train.reward import train_rm  # imports torch: only when it runs
 
     for path in (cfg.data, cfg.eval_data):

@@ -42,7 +42,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import DataError, UserError
-from rewardloop.feedback.groups import primary_group
+from rewardloop.metrics import primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -593,7 +593,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
         if dro is not None:
-            dro.load_state_dict(ckpt.sampler_state["group_dro"])
+            dro.restore(ckpt.sampler_state)
 
     policy.train()
     with progress_bar(total_steps, f"train {cfg.loss}", start=step) as show:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rewardloop.errors import UserError
-from rewardloop.feedback.groups import accuracy_by_group, weight_shares, worst_group
+from rewardloop.metrics import accuracy_by_group, weight_shares, worst_group
 
 LOSS_KEY = "group_loss_sum/"
 COUNT_KEY = "group_count/"
@@ -132,6 +132,13 @@ class GroupDRO:
     def state_dict(self) -> dict[str, Any]:
         return {"groups": list(self.groups), "q": self.q.tolist(), "q_sum": self.q_sum.tolist(),
                 "steps": self.steps}
+
+    def restore(self, sampler_state: Mapping[str, Any] | None) -> None:
+        """Load q from a checkpoint's sampler state (where the trainers save it)."""
+        if not sampler_state or "group_dro" not in sampler_state:
+            raise UserError("the checkpoint holds no group weights (it was written without "
+                            "--group-balance minmax): resume with the settings it was made with")
+        self.load_state_dict(sampler_state["group_dro"])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["groups"]) != list(self.groups):

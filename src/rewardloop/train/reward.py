@@ -39,8 +39,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.feedback.groups import primary_group
-from rewardloop.metrics import expected_calibration_error
+from rewardloop.metrics import expected_calibration_error, primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -589,7 +588,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
         if dro is not None:
-            dro.load_state_dict(ckpt.sampler_state["group_dro"])
+            dro.restore(ckpt.sampler_state)
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
