@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from rewardloop.feedback import agreement as A
-from rewardloop.feedback.groups import agreement_matrix, group_alpha, group_measures
+from rewardloop.feedback.groups import (
+    agreement_matrix,
+    group_alpha,
+    group_counts,
+    group_measures,
+)
 from rewardloop.feedback.quality import analyze
 from rewardloop.feedback.records import JudgmentRecord
 from rewardloop.metrics import (
@@ -126,3 +131,14 @@ def test_group_table_lists_every_group_and_the_worst() -> None:
                                   "accuracy": 0.5, "accuracy_ci": None}}}
     text = group_table(section)
     assert "0.750  [0.600, 0.900]" in text and "worst group: b (accuracy 0.500" in text
+
+
+def test_group_counts_mark_the_group_behind() -> None:
+    members = {"n1": ["nurses"], "n2": ["nurses"], "d1": ["doctors"], "x": ["nurses", "admins"]}
+    counts = group_counts(members, ["n1"] * 5 + ["n2"] * 5 + ["d1"] + [None, "stranger"])
+    # 13 judgments over 4 groups: an equal share is 3.25, behind is fewer than 1.625
+    assert counts["nurses"] == {"annotators": 3, "judgments": 10, "lagging": False}
+    assert counts["doctors"] == {"annotators": 1, "judgments": 1, "lagging": True}
+    assert counts["admins"] == {"annotators": 1, "judgments": 0, "lagging": True}
+    assert counts[UNGROUPED] == {"annotators": 0, "judgments": 2, "lagging": False}
+    assert group_counts({}, []) == {}

@@ -17,7 +17,7 @@ which the trainers may import (this module reads judgments, which they may not).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,3 +122,23 @@ def group_measures(records: Sequence[JudgmentRecord], *, seed: int = 0) -> dict[
                      **alphas.get(g, {"alpha": None, "alpha_ci": None, "units": 0})}
                  for g in sorted(judgments)}
     return {"by_group": per_group, "agreement_matrix": agreement_matrix(records, seed=seed)}
+
+
+def group_counts(members: Mapping[str, Sequence[str]], judged_by: Sequence[str | None],
+                 lag_share: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Per group: registered ``annotators`` (``members``: annotator -> groups), ``judgments``
+    (one entry of ``judged_by`` per judgment: its annotator) and ``lagging``: the group has
+    fewer than ``lag_share`` of an equal share of the judgments (total / groups), so new work
+    should go to it. Judgments whose annotator has no group count under ``UNGROUPED``."""
+    annotators: dict[str, int] = defaultdict(int)
+    for groups in members.values():
+        for g in groups:
+            annotators[g] += 1
+    judgments: dict[str, int] = {g: 0 for g in annotators}
+    for name in judged_by:
+        for g in (members.get(name) or (UNGROUPED,)) if name is not None else (UNGROUPED,):
+            judgments[g] = judgments.get(g, 0) + 1
+    fair = sum(judgments.values()) / len(judgments) if judgments else 0.0
+    return {g: {"annotators": annotators.get(g, 0), "judgments": n,
+                "lagging": fair > 0 and n < lag_share * fair}
+            for g, n in sorted(judgments.items())}
