@@ -5,7 +5,8 @@ synthetic customer-support pairs (``feedback.simulate.judge_offline``, each pair
 annotator in turn). Both groups like polite replies; on length they are opposite: the majority
 prefers short replies, the minority long ones (``synthetic.style_components``, weights
 ``polite`` 1, ``brief`` +2 / -2). Reward models are trained by ``train.reward`` with the same
-tiny model, seed and steps under ``--group-balance none``, ``equal`` and ``minmax`` and scored on
+tiny model, seed and steps under ``--group-balance none``, ``equal`` and ``minmax``, and with
+``--group-heads`` (one head per group; each group's accuracy is its own head's), and scored on
 held-out pairs judged by the same pool. Printed per arm: overall held-out accuracy, each group's
 accuracy, the worst group's accuracy and the minority's share of the training weight, as the
 mean (and min-max) over seeds.
@@ -29,7 +30,7 @@ from rewardloop import synthetic
 from rewardloop.feedback.simulate import judge_offline, opposed_groups_pool
 
 TASTE = {"polite": 1.0, "brief": 2.0}
-ARMS = ("none", "equal", "minmax")
+ARMS = ("none", "equal", "minmax", "group-heads")
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -59,9 +60,11 @@ def one_seed(workdir: Path, model: Path, seed: int, n_train: int, n_eval: int, s
     groups.write_text(json.dumps({a.name: [a.group] for a in pool}))
     out: dict[str, Any] = {}
     for arm in ARMS:
+        heads = arm == "group-heads"
         summary = train_rm(RewardConfig(
             model=str(model), data=train, eval_data=held, out=workdir / f"rm-{arm}-{seed}",
-            annotator_groups=groups, group_balance=arm, group_step_size=1.0, max_length=256,
+            annotator_groups=groups, group_balance="none" if heads else arm, group_heads=heads,
+            group_step_size=1.0, max_length=256,
             batch_size=16, lr=1e-2, max_steps=steps, seed=seed, device="cpu", overwrite=True))
         g = summary["groups"]
         out[arm] = {"overall": summary["eval_accuracy"],

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STATS_FILE = "reward_stats.json"
 ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
+GROUP_HEADS_KEY = "reward_group_heads"  # config.json attribute: the group of each head, in order
 
 
 def trunk_states(model: nn.Module, classifier: HFModel, **inputs: Any) -> torch.Tensor:
@@ -115,6 +116,13 @@ def ensemble_size(model_dir: Path) -> int:
     config = Path(model_dir) / "config.json"
     from_config = json.loads(config.read_text()).get(ENSEMBLE_KEY) if config.is_file() else None
     return int(stats.get("ensemble") or from_config or 1)
+
+
+def group_heads(model_dir: Path) -> list[str]:
+    """The annotator group of each head of a ``train rm --group-heads`` model (else [])."""
+    config = Path(model_dir) / "config.json"
+    names = json.loads(config.read_text()).get(GROUP_HEADS_KEY) if config.is_file() else None
+    return [str(n) for n in names or []]
 
 
 def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto",

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rewardloop.cli import app
+from rewardloop.errors import UserError
 from rewardloop.feedback.simulate import judge_offline, opposed_groups_pool
+from rewardloop.rewards import ModelReward, RewardSpec, parse_reward_spec
+from rewardloop.score import GROUP_HEADS_KEY, RewardScorer
 from rewardloop.synthetic import candidate_rows, corpus_texts, style_components
 from rewardloop.tiny import build_tiny
 from rewardloop.train.group_balance import (
@@ -171,3 +175,45 @@ def test_group_balance_needs_two_groups_and_resumes(pool_files: dict[str, Path],
                                    "--eval-data", str(pool_files["eval"])])
     assert res.exit_code == 0, res.output
     assert "worst group:" in res.output and "balance: equal" in res.output
+
+
+# -- one head per group ------------------------------------------------------------------------
+
+
+def test_reward_spec_with_a_group_mix() -> None:
+    assert parse_reward_spec("runs/rm@warm=3,concise=1") == RewardSpec(
+        "runs/rm", 1.0, (("warm", 0.75), ("concise", 0.25)))
+    assert parse_reward_spec("runs/rm@warm=1,concise=1@2") == RewardSpec(
+        "runs/rm", 2.0, (("warm", 0.5), ("concise", 0.5)))
+    assert parse_reward_spec("runs/a@b") == RewardSpec("runs/a@b")
+    assert parse_reward_spec("runs/rm@0.5") == RewardSpec("runs/rm", 0.5)
+    for bad, message in (("rm@warm=-1", ">= 0"), ("rm@warm=x", "GROUP=WEIGHT"),
+                         ("rm@warm=1,warm=2", "once"), ("rm@warm=0", "> 0")):
+        with pytest.raises(UserError, match=message):
+            parse_reward_spec(bad)
+
+
+def test_group_heads_train_one_head_per_group_and_mix_them(pool_files: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    summary = _train(pool_files, tmp_path / "heads", "none", group_heads=True, max_steps=20)
+    assert summary["groups"]["group_heads"] == ["majority", "minority"]
+    config = json.loads((tmp_path / "heads" / "model" / "config.json").read_text())
+    assert config[GROUP_HEADS_KEY] == ["majority", "minority"] and config["reward_ensemble"] == 2
+    rows = [json.loads(line) for line in pool_files["eval"].read_text().splitlines()[:8]]
+    prompts, answers = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    heads = RewardScorer(tmp_path / "heads", normalize=True).score_heads(prompts, answers)
+    assert not torch.allclose(heads[:, 0], heads[:, 1])  # the groups' heads differ
+    mixed = ModelReward(str(tmp_path / "heads"),
+                        mix=parse_reward_spec(f"{tmp_path / 'heads'}@majority=3,minority=1").mix)
+    np.testing.assert_allclose(mixed(prompts, answers),
+                               (0.75 * heads[:, 0] + 0.25 * heads[:, 1]).tolist(), rtol=1e-5)
+    only = ModelReward(str(tmp_path / "heads"), mix=(("minority", 1.0),))
+    np.testing.assert_allclose(only(prompts, answers), heads[:, 1].tolist(), rtol=1e-5)
+    with pytest.raises(UserError, match="no head for groups"):
+        ModelReward(str(tmp_path / "heads"), mix=(("nurses", 1.0),))
+    plain = _train(pool_files, tmp_path / "plain", "none", max_steps=1)
+    assert "group_heads" not in plain["groups"]
+    with pytest.raises(UserError, match="no group heads"):
+        ModelReward(str(tmp_path / "plain"), mix=(("majority", 1.0),))
+    with pytest.raises(ValueError, match="group_heads"):
+        RewardConfig(model="m", data=Path("d"), out=Path("o"), group_heads=True, ensemble=2)

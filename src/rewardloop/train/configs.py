@@ -122,6 +122,10 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
     minimise the worst group's loss (a comparison counts for its annotator's first group)."""
     group_step_size: float = 0.1
     """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
+    group_heads: bool = False
+    """One reward head per annotator group on the shared body, each trained on its group's
+    judgments: the heads' spread shows where groups disagree; --reward RM@group=w,... mixes
+    them (unweighted, the reward is their mean)."""
     eval_batch_size: int = 32
     """Comparisons per no-grad evaluation batch."""
     lr: float = 1e-4
@@ -148,7 +152,11 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
             raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
         if self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be at least 1")
-        if self.lora_r is not None and self.ensemble > 1 and not self.merge_lora:
+        if self.group_heads and (self.ensemble > 1 or self.group_balance != "none"):
+            raise ValueError("group_heads trains one head per group: it takes no --ensemble "
+                             "and no --group-balance")
+        if self.lora_r is not None and (self.ensemble > 1 or self.group_heads) \
+                and not self.merge_lora:
             raise ValueError("an ensemble trained with LoRA must be saved merged: add "
                              "--merge-lora")
 

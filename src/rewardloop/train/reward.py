@@ -48,7 +48,7 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
 from rewardloop.train.data import (
@@ -315,17 +315,21 @@ def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
 
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
                batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device,
-               group_ids: Sequence[str] | None = None, groups: Sequence[str] = ()
-               ) -> MicroLoss:
+               group_ids: Sequence[str] | None = None, groups: Sequence[str] = (),
+               heads: Sequence[int] | None = None) -> MicroLoss:
     """The loss of one micro-batch of the step ``batch``: divided by the summed weight (and
     count) of the WHOLE step's comparisons, so the accumulated gradient is the one-big-batch
     gradient. Metrics come back as sums over the micro-batch's comparisons, plus the loss per
-    annotator group when ``group_ids`` (one per item) are given."""
+    annotator group when ``group_ids`` (one per item) are given. With ``heads`` (one head index
+    per item: --group-heads) each comparison is scored and trained by its own head only."""
     step_weight = max(sum(items[i].weight for i in batch), 1e-12)
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb = [items[i] for i in indices]
         scores, ranks = score_comparisons(model, mb, pad_id, device)
+        if heads is not None:  # (B, K, H) -> (B, K, 1): each comparison's own head
+            own = torch.tensor([heads[i] for i in indices], device=scores.device)
+            scores = scores.gather(-1, own.view(-1, 1, 1).expand(-1, scores.shape[1], 1))
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
         sums = {k: float(v) * len(mb) for k, v in metrics.items()}
@@ -471,23 +475,27 @@ def load_tokenizer_for(cfg: RewardConfig) -> Any:
                           chat_template=cfg.chat_template)
 
 
-def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
-    """The reward model in fp32 master weights: K fresh heads for an ensemble, LoRA when
-    asked."""
+def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime,
+               head_groups: Sequence[str] = ()) -> nn.Module:
+    """The reward model in fp32 master weights: K fresh heads for an ensemble (or one per
+    group of ``head_groups``, recorded in the config), LoRA when asked."""
     model: HFModel = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)
-    if cfg.ensemble > 1:
+    heads = len(head_groups) or cfg.ensemble
+    if heads > 1:
         old = model.score
-        head = nn.Linear(old.in_features, cfg.ensemble, bias=old.bias is not None,
+        head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
                          dtype=old.weight.dtype, device=old.weight.device)
         nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
         if head.bias is not None:
             nn.init.zeros_(head.bias)
         model.score = head
-        model.config.num_labels = cfg.ensemble
-        setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
+        model.config.num_labels = heads
+        setattr(model.config, ENSEMBLE_KEY, heads)
+        if head_groups:
+            setattr(model.config, GROUP_HEADS_KEY, list(head_groups))
     if cfg.lora_r:
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     return model
@@ -528,16 +536,30 @@ def step_items(items: list[Comparison], batch: Sequence[int], group_ids: Sequenc
 
 def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Sequence[str],
                   groups: Mapping[str, Sequence[str]], dro: GroupDRO | None,
-                  eval_items: Sequence[Comparison], eval_scores: Sequence[torch.Tensor]
-                  ) -> dict[str, Any]:
-    """The summary's ``groups`` section (``train.group_balance.group_summary``)."""
+                  eval_items: Sequence[Comparison], eval_scores: Sequence[torch.Tensor],
+                  head_groups: Sequence[str] = ()) -> dict[str, Any]:
+    """The summary's ``groups`` section (``train.group_balance.group_summary``): a group's
+    accuracy is that of its own head under --group-heads, else of the (mean) reward."""
     correct, eval_groups = [], []
     for c, s in zip(eval_items, eval_scores, strict=True):
-        deltas, who = pair_deltas([c], s.mean(-1)[None])
+        g = primary_group(c.annotator, groups)
+        reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
+        deltas, _ = pair_deltas([c], reward[None])
         correct += [d > 0 for d in deltas]
-        eval_groups += [primary_group(a, groups) for a in who]
-    return group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
-                         [c.weight for c in items], dro, correct, eval_groups)
+        eval_groups += [g] * len(deltas)
+    section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
+                            [c.weight for c in items], dro, correct, eval_groups)
+    return {**section, "group_heads": list(head_groups)} if head_groups else section
+
+
+def head_groups_of(cfg: RewardConfig, tracked: Sequence[str]) -> tuple[str, ...]:
+    """--group-heads: the groups that get a head, in head order (needs 2+ groups)."""
+    if not cfg.group_heads:
+        return ()
+    if len(tracked) < 2:
+        raise UserError(f"--group-heads needs comparisons from 2 or more annotator groups, got "
+                        f"{list(tracked)}: give groups with --annotator-groups or --db")
+    return tuple(tracked)
 
 
 def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
@@ -566,10 +588,12 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     group_ids = [primary_group(c.annotator, groups) for c in items]
     items, dro = balance_groups(items, group_ids, cfg)
     tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
+    head_groups = head_groups_of(cfg, tracked)
+    heads = [head_groups.index(g) for g in group_ids] if head_groups else None
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer, rt)
+    model = load_model(cfg, tokenizer, rt, head_groups)
     objective = OBJECTIVES[objective_name]
     lengths = [c.n_tokens for c in items]
     sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
@@ -596,7 +620,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
                 rt, model, optimizer, params,
                 rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
                 micro_loss(model, objective, step_items(items, batch, group_ids, dro), batch, cfg,
-                           pad_id, rt.device, group_ids if tracked else None, tracked),
+                           pad_id, rt.device, group_ids if tracked else None, tracked, heads),
                 max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
             metric_sums, group_losses = split_group_sums(out.metric_sums)
             if dro is not None:
@@ -636,4 +660,5 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         "train_comparisons": len(items), "dropped_flagged": n_read - len(items),
         "reward_mean": stats["mean"], "reward_std": stats["std"],
         **({"groups": group_figures(cfg, items, group_ids, groups, dro, eval_items,
-                                    stats_scores if eval_items else [])} if tracked else {})})
+                                    stats_scores if eval_items else [], head_groups)}
+           if tracked else {})})
