@@ -189,10 +189,13 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = GROUP_N_BOOT, se
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if len(num) == 0:
         raise ValueError("ratio_ci needs at least one unit")
-    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
-    sums = den[idx].sum(axis=1)
-    stats = np.where(sums > 0, num[idx].sum(axis=1) / np.maximum(sums, 1e-12), np.nan)
-    stats = stats[~np.isnan(stats)]
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):  # one resample at a time: memory stays O(units) on big stores
+        idx = rng.integers(0, len(num), size=len(num))
+        total = den[idx].sum()
+        if total > 0:
+            stats.append(num[idx].sum() / total)
     return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
 
 
