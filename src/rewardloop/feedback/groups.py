@@ -8,6 +8,7 @@ taste differs, can be outvoted without anyone noticing. These functions make tha
   judgment by one and a judgment by the other, by different annotators, give the same verdict on
   the same pair of answers; the diagonal is within-group agreement, so a row that drops off the
   diagonal shows a group whose taste differs;
+- ``group_counts``: annotators and judgments per group, and the group that falls behind.
 
 Every rate comes with a percentile bootstrap interval over its pair units. The per-group figures
 of trained models (accuracy, training-weight share, ``primary_group``) live in ``metrics``,
