@@ -17,6 +17,7 @@ from dataclasses import dataclass
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TIMEOUT_S = 90
+PLACEMENTS = ("split", "colocate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,64 @@ class RuntimeOptions:
                              f"got {self.precision!r}")
         if self.dist_timeout < 1:
             raise ValueError("dist_timeout must be at least 1 second")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """Online RL on Ray (``--ray``): the actors of each role and the resources they take
+    (docs/cluster.md). Ignored unless ``ray`` is set."""
+
+    ray: str | None = None
+    """Run on Ray: local (start a Ray on this machine for the run), auto (the cluster this
+    machine joined with `ray start`), HOST:PORT or ray://HOST:PORT. None: no Ray."""
+    trainers: int = 1
+    """Trainer actors: one torch.distributed process each, running the same trainer code as
+    torchrun; --batch-size stays the global batch."""
+    rollout_actors: int = 1
+    """Generation actors, each holding an engine (--generator) and a copy of the policy that
+    trainer rank 0 updates after every step."""
+    reward_actors: int = 1
+    """Reward-model actors scoring the --reward models in batches (0: the trainers score them
+    themselves). Reward functions always run in the trainers."""
+    placement: str = "split"
+    """split: every role on GPUs of its own (--trainer-gpus, --rollout-gpus, --reward-gpus);
+    colocate: generation and reward actors share the trainers' GPUs, one bundle per trainer."""
+    spread: bool = False
+    """Place the bundles on as many nodes as possible (Ray's SPREAD) instead of as few as
+    possible (PACK)."""
+    trainer_gpus: float = 0.0
+    """GPUs of each trainer actor (0: CPU). With colocate, the GPUs of each bundle, which its
+    trainer shares with the generation and reward actors placed there."""
+    rollout_gpus: float = 0.0
+    """GPUs of each generation actor (split placement)."""
+    reward_gpus: float = 0.0
+    """GPUs of each reward-model actor (split placement)."""
+    actor_cpus: float = 1.0
+    """CPUs each actor reserves."""
+    max_restarts: int = 0
+    """When an actor dies: restart the whole run from its last good checkpoint, at most this
+    many times (0: stop with a message naming the actor and the checkpoint)."""
+    actor_timeout: int = 600
+    """Seconds a trainer waits for one call to a generation or reward actor before it stops
+    with an error naming the actor (a hung actor must not hang the run)."""
+
+    def check_cluster(self) -> None:
+        """ValueError for counts, resources or a placement outside their range."""
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, "
+                             f"got {self.placement!r}")
+        if self.trainers < 1 or self.rollout_actors < 1 or self.reward_actors < 0:
+            raise ValueError("trainers and rollout_actors must be at least 1, reward_actors "
+                             "at least 0")
+        if min(self.trainer_gpus, self.rollout_gpus, self.reward_gpus) < 0 \
+                or self.actor_cpus <= 0:
+            raise ValueError("GPU counts must be >= 0 and actor_cpus > 0")
+        if self.placement == "colocate" and (self.rollout_gpus or self.reward_gpus):
+            raise ValueError("with placement colocate the generation and reward actors share "
+                             "the trainers' GPUs (--trainer-gpus); --rollout-gpus and "
+                             "--reward-gpus are for placement split")
+        if self.max_restarts < 0 or self.actor_timeout < 1:
+            raise ValueError("max_restarts must be >= 0 and actor_timeout >= 1")
 
 
 @functools.cache

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import typer
 
 from rewardloop.options import RuntimeOptions, flag_help
+from rewardloop.util.net import free_port
 
 GRACE_S = 10.0
 
@@ -50,12 +50,6 @@ def runtime_flags(strategy: str | None, precision: str | None, gradient_checkpoi
     return {"strategy": strategy, "precision": precision,
             "gradient_checkpointing": True if gradient_checkpointing else None,
             "dist_timeout": dist_timeout}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def take_nproc(argv: list[str]) -> tuple[int | None, list[str]]:

@@ -27,6 +27,21 @@ from rewardloop.cli._launch import (
     STRATEGY,
     runtime_flags,
 )
+from rewardloop.cli._ray import (
+    ACTOR_CPUS,
+    ACTOR_TIMEOUT,
+    MAX_RESTARTS,
+    PLACEMENT,
+    RAY,
+    REWARD_ACTORS,
+    REWARD_GPUS,
+    ROLLOUT_ACTORS,
+    ROLLOUT_GPUS,
+    SPREAD,
+    TRAINER_GPUS,
+    TRAINERS,
+    run_on_ray,
+)
 from rewardloop.cli._train_group import train_app
 
 ORDER = 41
@@ -123,7 +138,9 @@ def _run(kind: str, cfg_cls: Any, config: Path | None, flags: dict[str, Any]) ->
     flags["report_to"] = trackers(flags["report_to"])
     cfg = load_config(cfg_cls, config, **flags)
     # Each trainer imports torch: only the one asked for is loaded.
-    if kind == "ppo":
+    if cfg.ray:
+        summary = run_on_ray("ppo" if kind == "ppo" else "grpo", cfg)
+    elif kind == "ppo":
         from rewardloop.train.ppo import train as train_ppo
 
         summary = train_ppo(cfg)
@@ -184,6 +201,12 @@ def _group_command(default_advantage: str) -> Any:
         vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
         vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
         is_level: str | None = IS_LEVEL, is_cap: float | None = IS_CAP,
+        ray: str | None = RAY, trainers: int | None = TRAINERS,
+        rollout_actors: int | None = ROLLOUT_ACTORS, reward_actors: int | None = REWARD_ACTORS,
+        placement: str | None = PLACEMENT, spread: bool | None = SPREAD,
+        trainer_gpus: float | None = TRAINER_GPUS, rollout_gpus: float | None = ROLLOUT_GPUS,
+        reward_gpus: float | None = REWARD_GPUS, actor_cpus: float | None = ACTOR_CPUS,
+        max_restarts: int | None = MAX_RESTARTS, actor_timeout: int | None = ACTOR_TIMEOUT,
         config: Path | None = CONFIG,
     ) -> None:
         flags = dict(locals())
@@ -251,6 +274,12 @@ def ppo(
     vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
     vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
     is_level: str | None = IS_LEVEL, is_cap: float | None = IS_CAP,
+    ray: str | None = RAY, trainers: int | None = TRAINERS,
+    rollout_actors: int | None = ROLLOUT_ACTORS, reward_actors: int | None = REWARD_ACTORS,
+    placement: str | None = PLACEMENT, spread: bool | None = SPREAD,
+    trainer_gpus: float | None = TRAINER_GPUS, rollout_gpus: float | None = ROLLOUT_GPUS,
+    reward_gpus: float | None = REWARD_GPUS, actor_cpus: float | None = ACTOR_CPUS,
+    max_restarts: int | None = MAX_RESTARTS, actor_timeout: int | None = ACTOR_TIMEOUT,
     config: Path | None = CONFIG,
 ) -> None:
     """PPO with a critic: per-token KL (k1) in the reward, the score on the last real token,

@@ -36,7 +36,7 @@ from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
 from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
-from rewardloop.options import RuntimeOptions
+from rewardloop.options import ClusterOptions, RuntimeOptions
 from rewardloop.pg_losses import IS_LEVELS
 from rewardloop.train.runtime import Runtime
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from rewardloop.rewards import FunctionReward, RewardOutput, Rewards
     from rewardloop.rollout import Rollout
     from rewardloop.train.data import EpochSampler
+    from rewardloop.train.roles import RemoteRoles
     from rewardloop.train.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1"), "reinforce++": 
 
 
 @dataclass(frozen=True)
-class GRPOConfig(RuntimeOptions, EngineOptions):
+class GRPOConfig(RuntimeOptions, EngineOptions, ClusterOptions):
     """Options of ``rewardloop train grpo`` / ``rloo`` (``rloo`` sets ``advantage="rloo"``)."""
 
     policy: str
@@ -254,6 +255,7 @@ class GRPOConfig(RuntimeOptions, EngineOptions):
 def check_common(cfg: Any) -> None:
     """Checks shared by the GRPO and PPO configs (called from their ``__post_init__``)."""
     cfg.check_runtime()
+    cfg.check_cluster()
     if not cfg.rewards:
         raise ValueError("give at least one reward (--reward SPEC[@WEIGHT])")
     positive = ("batch_size", "max_steps", "ppo_epochs", "max_new_tokens", "max_prompt_length",
@@ -318,11 +320,13 @@ class Setup:
     kl_ctl: ops.AdaptiveKLController | ops.FixedKLController
 
 
-def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
+def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
+              roles: RemoteRoles | None = None) -> Setup:
     """Run dir, seeding, tokenizer, policy (+LoRA), reference, prompts, rewards, sampler.
 
     The sampler draws the step's prompts alike on every process; each takes its share
-    (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy.
+    (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy. ``roles``
+    may score the reward models elsewhere (Ray actors).
     """
     from rewardloop.data.formats import read_records
     from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
@@ -363,7 +367,8 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     rewards = Rewards([parse_reward_spec(s) for s in cfg.rewards], reward_clip=cfg.reward_clip,
                       missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
-                      max_length=cfg.max_prompt_length + cfg.max_new_tokens)
+                      max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                      model_reward=roles.reward_model if roles is not None else None)
     if rt.strategy == "fsdp":
         # Reward models are sharded like the policy. Every rank scores as many completions
         # in as many batches, so their forward passes (collectives under FSDP) line up.
@@ -680,29 +685,31 @@ def kl_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.
             "kl_seq_k1": float(ops.masked_sum(k1, mask) / mask.shape[0])}
 
 
-def train(cfg: GRPOConfig) -> dict[str, Any]:
-    """Run GRPO / RLOO / REINFORCE++ per ``cfg``; returns the summary written to summary.json."""
+def train(cfg: GRPOConfig, roles: RemoteRoles | None = None) -> dict[str, Any]:
+    """Run GRPO / RLOO / REINFORCE++ per ``cfg``; returns the summary written to summary.json.
+    ``roles``: generation and reward-model scoring in other processes (``rewardloop.cluster``)."""
     from rewardloop.train.runtime import runtime_for
 
     with runtime_for(cfg, cfg.device) as rt:
-        return _train(cfg, rt)
+        return _train(cfg, rt, roles)
 
 
-def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dict[str, Any]:
     from rewardloop.engines.factory import make_generator
     from rewardloop.rollout import SamplingSettings, rollout_metrics, truncate_samples
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
 
-    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None,
+                      roles=roles)
     run, policy = setup.run, setup.policy
     optimizer, scheduler = make_optimizer(policy, cfg)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     # The built-in loop samples from the unwrapped model (under FSDP inside Runtime.gathered);
     # an engine gets pushed the weights after every update.
-    generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
-                               seed=cfg.seed, logprob_settings=settings,
-                               dtype=rt.frozen_dtype("auto"))
+    generator = roles.generator(setup.inner, setup.tokenizer, settings) if roles else \
+        make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
+                       seed=cfg.seed, logprob_settings=settings, dtype=rt.frozen_dtype("auto"))
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
     seed_sampling(cfg, rt)
     step = 0

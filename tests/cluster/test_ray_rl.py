@@ -1,0 +1,79 @@
+"""Online RL on Ray equals the same run in one process.
+
+Greedy decoding (top-k 1) makes the samples the same wherever they are drawn, so a run whose
+trainer ranks, generation engine and reward model are separate actors must take the same
+steps as one process: same per-step rewards, same final weights (fp32 on CPU; 1e-5 leaves
+room for the summation order of the all-reduce, as in tests/invariants/test_distributed.py).
+The loop is `train grpo`'s with the REINFORCE++ estimator: under greedy decoding every sample
+of a group is the same, so group baselines (grpo, rloo) would make every advantage 0.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardloop.config import load_config
+from rewardloop.errors import TrainingError
+
+pytestmark = [pytest.mark.xdist_group("ray")]
+
+TOL = 1e-5
+KEYS = ("loss", "grad_norm", "reward/mean", "reward/by_prompt/mean", "reward/rm/mean", "kl_k1")
+
+
+def config(work: Path, out: Path, **extra: object):
+    from rewardloop.train.grpo import GRPOConfig
+
+    return load_config(
+        GRPOConfig, policy=str(work / "tiny"), prompts=work / "prompts.jsonl", out=out,
+        rewards=("_rl_rewards:by_prompt", f"{work / 'rm'}@0.5"), advantage="reinforce++",
+        num_generations=2, batch_size=8, max_steps=3, lr=1e-3, top_k=1, max_new_tokens=8,
+        kl_coef=0.1, save_every=1, actor_cpus=0.5, **extra)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3]
+    for x, y in zip(ma, mb, strict=True):
+        for key in KEYS:
+            assert x[key] == pytest.approx(y[key], rel=TOL, abs=TOL), (key, x["step"])
+    wa, wb = (load_file(str(run / "model" / "model.safetensors")) for run in (a, b))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=TOL, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one(work: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same run in this process."""
+    from rewardloop.train.grpo import train
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(config(work, out))
+    assert metrics(out)[0]["grad_norm"] > 0
+    return out
+
+
+@pytest.mark.slow
+def test_split_two_trainers_one_generator_one_reward_actor_equal_one_process(
+        ray_cluster: object, work: Path, one: Path, tmp_path: Path) -> None:
+    from rewardloop.cluster.rl import train_on_ray
+
+    out = tmp_path / "ray"
+    cfg = config(work, out, ray="local", trainers=2, rollout_actors=1, reward_actors=1,
+                 placement="split", trainer_gpus=1, rollout_gpus=1, reward_gpus=1)
+    summary = train_on_ray("grpo", cfg)
+    assert summary["steps"] == 3
+    assert_same_run(one, out)
