@@ -35,7 +35,7 @@ def config(work: Path, out: Path, **extra: object):
     return load_config(
         GRPOConfig, policy=str(work / "tiny"), prompts=work / "prompts.jsonl", out=out,
         rewards=("_rl_rewards:by_prompt", f"{work / 'rm'}@0.5"), advantage="reinforce++",
-        num_generations=2, batch_size=8, max_steps=3, lr=1e-3, top_k=1, max_new_tokens=8,
+        num_generations=2, batch_size=8, max_steps=4, lr=1e-3, top_k=1, max_new_tokens=8,
         kl_coef=0.1, save_every=1, actor_cpus=0.5, **extra)
 
 
@@ -45,7 +45,7 @@ def metrics(run: Path) -> list[dict]:
 
 def assert_same_run(a: Path, b: Path) -> None:
     ma, mb = metrics(a), metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3, 4]
     for x, y in zip(ma, mb, strict=True):
         for key in KEYS:
             assert x[key] == pytest.approx(y[key], rel=TOL, abs=TOL), (key, x["step"])
@@ -75,5 +75,58 @@ def test_split_two_trainers_one_generator_one_reward_actor_equal_one_process(
     cfg = config(work, out, ray="local", trainers=2, rollout_actors=1, reward_actors=1,
                  placement="split", trainer_gpus=1, rollout_gpus=1, reward_gpus=1)
     summary = train_on_ray("grpo", cfg)
-    assert summary["steps"] == 3
+    assert summary["steps"] == 4
     assert_same_run(one, out)
+
+
+def kill_after_first_step(ray: object, out: Path, name: str) -> threading.Thread:
+    """A thread that kills the actor called ``name`` once step 1 is logged; it records when."""
+    def run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = out / "metrics.jsonl"
+            if log.is_file() and log.read_text().strip():
+                ray.kill(ray.get_actor(name))
+                thread.killed_at = time.monotonic()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.killed_at = None
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_colocated_run_restarts_from_its_checkpoint_when_the_generation_actor_dies(
+        ray_cluster: object, work: Path, one: Path, tmp_path: Path) -> None:
+    """Generation and reward actors share the trainers' (logical) GPUs; the generation actor
+    is killed after step 1, and --max-restarts 1 resumes from the last checkpoint to the
+    same result as one uninterrupted process."""
+    from rewardloop.cluster.rl import actor_name, train_on_ray
+
+    out = tmp_path / "ray"
+    cfg = config(work, out, ray="local", trainers=2, placement="colocate", trainer_gpus=1,
+                 max_restarts=1)
+    killer = kill_after_first_step(ray_cluster, out, actor_name(out, 0, "rollout", 0))
+    summary = train_on_ray("grpo", cfg)
+    killer.join()
+    assert killer.killed_at is not None and summary["restarts"] == 1
+    assert_same_run(one, out)
+
+
+def test_a_dead_generation_actor_stops_the_run_within_60_s_naming_it(
+        ray_cluster: object, work: Path, tmp_path: Path) -> None:
+    from rewardloop.cluster.rl import actor_name, train_on_ray
+
+    out = tmp_path / "ray"
+    cfg = replace(config(work, out, ray="local", trainers=1, reward_actors=0),
+                  rewards=("_rl_rewards:by_prompt",), max_steps=1000, save_every=1)
+    killer = kill_after_first_step(ray_cluster, out, actor_name(out, 0, "rollout", 0))
+    with pytest.raises(TrainingError) as caught:
+        train_on_ray("grpo", cfg)
+    killer.join()
+    assert time.monotonic() - killer.killed_at < 60
+    message = str(caught.value)
+    assert message.startswith("the generation actor 0 died")
+    assert f"the last good checkpoint is {out / 'checkpoints'}" in message

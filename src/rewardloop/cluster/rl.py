@@ -52,13 +52,14 @@ def model_rewards(cfg: Any) -> list[str]:
 
 
 def train_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
-    """Run the online-RL trainer ``kind`` (grpo or ppo) on Ray per ``cfg``; the summary."""
+    """Run the online-RL trainer ``kind`` (grpo or ppo) on Ray per ``cfg``; the summary, with
+    the number of ``restarts`` it took."""
     started = connect(cfg.ray)
     try:
         attempt = 0
         while True:
             try:
-                return Job(kind, cfg, attempt).run()
+                return {**Job(kind, cfg, attempt).run(), "restarts": attempt}
             except ActorLost as exc:
                 last = latest_checkpoint(cfg.out)
                 where = (f"the last good checkpoint is {last}" if last is not None
