@@ -39,10 +39,12 @@ class TrainerActor:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master[0], str(master[1])
         # Only the trainer asked for is imported (each pulls in torch and transformers).
         if kind == "ppo":
-            from rewardloop.train.ppo import train
-        else:
-            from rewardloop.train.grpo import train
-        return train(cfg, roles)
+            from rewardloop.train import ppo
+
+            return ppo.train(cfg, roles)
+        from rewardloop.train import grpo
+
+        return grpo.train(cfg, roles)
 
 
 class RolloutActor:
