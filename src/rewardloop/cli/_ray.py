@@ -41,6 +41,15 @@ def with_ray_address(argv: list[str]) -> list[str]:
     return out
 
 
+BATCH_ACTORS = typer.Option(1, "--actors", help="With --ray: actors the rows are dealt over "
+                            "(each loads the model).")
+BATCH_GPUS = typer.Option(0.0, "--actor-gpus", help="With --ray: GPUs of each actor (0: CPU).")
+BATCH_CPUS = typer.Option(1.0, "--actor-cpus", help=_help("actor_cpus"))
+BATCH_TIMEOUT = typer.Option(600, "--actor-timeout", help="With --ray: seconds to wait for an "
+                             "actor's chunk before stopping (the finished chunks are saved: "
+                             "rerun to resume).")
+
+
 def run_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
     """The summary of ``cfg``'s run on Ray (exit 2 with the install line without Ray)."""
     from rewardloop.cluster import require_ray
@@ -49,3 +58,13 @@ def run_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
     from rewardloop.cluster.rl import train_on_ray
 
     return train_on_ray(kind, cfg)
+
+
+def batch_module() -> Any:
+    """``rewardloop.cluster.batch`` (exit 2 with the install line without Ray)."""
+    from rewardloop.cluster import require_ray
+
+    require_ray()
+    from rewardloop.cluster import batch
+
+    return batch

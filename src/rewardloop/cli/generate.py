@@ -26,8 +26,17 @@ from rewardloop.cli._engine import (
     VLLM_SLEEP,
     VLLM_TP,
 )
+from rewardloop.cli._ray import (
+    BATCH_ACTORS,
+    BATCH_CPUS,
+    BATCH_GPUS,
+    BATCH_TIMEOUT,
+    RAY,
+    batch_module,
+)
 from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
+from rewardloop.options import ClusterOptions
 
 if TYPE_CHECKING:
     from rewardloop.feedback.select import SelectionConfig
@@ -36,7 +45,7 @@ ORDER = 11
 
 
 @dataclass(frozen=True)
-class GenerateConfig(EngineOptions):
+class GenerateConfig(EngineOptions, ClusterOptions):
     """Options of ``rewardloop generate``."""
 
     policy: str
@@ -90,6 +99,10 @@ class GenerateConfig(EngineOptions):
         from rewardloop.rollout import SamplingSettings
 
         EngineOptions.of(self)  # validates the generator options
+        self.check_cluster()
+        if self.ray and self.out is None:
+            raise ValueError("--ray needs --out FILE (its finished batches are saved beside it, "
+                             "so that an interrupted job resumes)")
         if self.n < 2:
             raise ValueError(f"-n must be at least 2 (tasks compare answers), got {self.n}")
         if self.out is None and self.db is None:
@@ -132,10 +145,22 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed})
     label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
-    rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
-                             batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
-                             device=cfg.device, dtype=cfg.dtype, model_label=label,
-                             engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
+    if cfg.ray:
+        assert cfg.out is not None  # checked by the config
+        options = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype,
+                   "model_label": label, "engine": EngineOptions.of(cfg),
+                   "chat_template": cfg.chat_template,
+                   "max_prompt_length": cfg.max_prompt_length}
+        rows = batch_module().sample_on_ray(
+            cfg.policy, prompts, cfg.n, settings, cfg.out, address=cfg.ray,
+            actors=cfg.rollout_actors, gpus=cfg.rollout_gpus, cpus=cfg.actor_cpus,
+            batch_size=cfg.batch_size, options=options, timeout_s=cfg.actor_timeout)
+    else:
+        rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
+                                 batch_size=cfg.batch_size,
+                                 max_prompt_length=cfg.max_prompt_length, device=cfg.device,
+                                 dtype=cfg.dtype, model_label=label,
+                                 engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:
@@ -217,9 +242,12 @@ def generate(
     vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
     vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
     vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
+    ray: str | None = RAY, actors: int = BATCH_ACTORS, actor_gpus: float = BATCH_GPUS,
+    actor_cpus: float = BATCH_CPUS, actor_timeout: int = BATCH_TIMEOUT,
 ) -> None:
     """Sample answers from a policy into a candidates file and, with --db, create the tasks
-    worth a label budget: overlap items, gold items, then random or most-uncertain pairs."""
+    worth a label budget: overlap items, gold items, then random or most-uncertain pairs.
+    With --ray the batches of prompts are dealt over --actors actors (docs/cluster.md)."""
     from rewardloop.config import load_config
 
     try:
@@ -232,7 +260,8 @@ def generate(
             vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
             vllm_tensor_parallel_size=vllm_tensor_parallel_size, vllm_sleep=vllm_sleep,
             vllm_server=vllm_server, vllm_max_model_len=vllm_max_model_len,
-            chat_template=chat_template)
+            chat_template=chat_template, ray=ray, rollout_actors=actors,
+            rollout_gpus=actor_gpus, actor_cpus=actor_cpus, actor_timeout=actor_timeout)
         lines = run_generate(cfg)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
