@@ -87,6 +87,11 @@ class ClusterOptions:
     actor_timeout: int = 600
     """Seconds a trainer waits for one call to a generation or reward actor before it stops
     with an error naming the actor (a hung actor must not hang the run)."""
+    async_rollout: bool = False
+    """One-step off-policy: the generation actors sample step t+1 with the weights from
+    before step t's update while the trainers run that update. The samples' staleness (in
+    optimizer steps) is logged, and the importance weights (--is-level, --is-cap) correct
+    for it. Needs --ray; grpo/rloo only."""
 
     def check_cluster(self) -> None:
         """ValueError for counts, resources or a placement outside their range."""
@@ -103,6 +108,9 @@ class ClusterOptions:
             raise ValueError("with placement colocate the generation and reward actors share "
                              "the trainers' GPUs (--trainer-gpus); --rollout-gpus and "
                              "--reward-gpus are for placement split")
+        if self.async_rollout and not self.ray:
+            raise ValueError("async_rollout overlaps generation actors with the trainers: it "
+                             "needs --ray")
         if self.max_restarts < 0 or self.actor_timeout < 1:
             raise ValueError("max_restarts must be >= 0 and actor_timeout >= 1")
 

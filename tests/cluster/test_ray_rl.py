@@ -130,3 +130,23 @@ def test_a_dead_generation_actor_stops_the_run_within_60_s_naming_it(
     message = str(caught.value)
     assert message.startswith("the generation actor 0 died")
     assert f"the last good checkpoint is {out / 'checkpoints'}" in message
+
+
+@pytest.mark.slow
+def test_one_step_off_policy_samples_the_next_step_during_the_update(
+        ray_cluster: object, work: Path, tmp_path: Path) -> None:
+    """From step 2 on, the samples come from the weights before the previous update: one
+    step stale, which the sampler/trainer mismatch shows and the importance weights see."""
+    from rewardloop.cluster.rl import train_on_ray
+
+    out = tmp_path / "ray"
+    cfg = replace(config(work, out, ray="local", trainers=1, reward_actors=0,
+                         async_rollout=True), rewards=("_rl_rewards:by_prompt",), max_steps=3)
+    train_on_ray("grpo", cfg)
+    steps = metrics(out)
+    assert [m["staleness"] for m in steps] == [0, 1, 1]
+    assert abs(steps[0]["sampler_kl"]) < 1e-6 and steps[0]["is_weight_mean"] == \
+        pytest.approx(1.0, abs=1e-6)
+    for m in steps[1:]:
+        assert abs(m["sampler_kl"]) > 1e-6 and m["is_weight_mean"] != pytest.approx(1.0,
+                                                                                  abs=1e-7)

@@ -28,6 +28,8 @@ REWARD_GPUS = typer.Option(None, "--reward-gpus", help=_help("reward_gpus"))
 ACTOR_CPUS = typer.Option(None, "--actor-cpus", help=_help("actor_cpus"))
 MAX_RESTARTS = typer.Option(None, "--max-restarts", help=_help("max_restarts"))
 ACTOR_TIMEOUT = typer.Option(None, "--actor-timeout", help=_help("actor_timeout"))
+ASYNC_ROLLOUT = typer.Option(None, "--async-rollout/--no-async-rollout",
+                             help=_help("async_rollout"))
 
 
 def with_ray_address(argv: list[str]) -> list[str]:

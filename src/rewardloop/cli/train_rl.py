@@ -30,6 +30,7 @@ from rewardloop.cli._launch import (
 from rewardloop.cli._ray import (
     ACTOR_CPUS,
     ACTOR_TIMEOUT,
+    ASYNC_ROLLOUT,
     MAX_RESTARTS,
     PLACEMENT,
     RAY,
@@ -207,7 +208,7 @@ def _group_command(default_advantage: str) -> Any:
         trainer_gpus: float | None = TRAINER_GPUS, rollout_gpus: float | None = ROLLOUT_GPUS,
         reward_gpus: float | None = REWARD_GPUS, actor_cpus: float | None = ACTOR_CPUS,
         max_restarts: int | None = MAX_RESTARTS, actor_timeout: int | None = ACTOR_TIMEOUT,
-        config: Path | None = CONFIG,
+        async_rollout: bool | None = ASYNC_ROLLOUT, config: Path | None = CONFIG,
     ) -> None:
         flags = dict(locals())
         flags.pop("config")

@@ -100,11 +100,19 @@ class RolloutActor:
         self.generator.policy_updated(self.model)  # an engine pushes its own copy in turn
         return len(weights)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, settings: Any) -> Any:
-        """``n`` completions per prompt: a ``Rollout`` on the CPU (it travels to a trainer)."""
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, settings: Any,
+                 with_logps: bool = False) -> Any:
+        """``n`` completions per prompt: a ``Rollout`` on the CPU (it travels to a trainer).
+        ``with_logps``: with this copy's log-probs of its samples (``sampler_logps``; an
+        engine with its own weights reports them anyway), which off-policy samples need."""
         import torch
 
+        from rewardloop.rollout import batched_logps
+
         rollout = self.generator.generate(prompts, n, settings)
+        if with_logps and rollout.sampler_logps is None:
+            logps = batched_logps(self.model, rollout, settings.temperature, len(rollout))
+            rollout = dataclasses.replace(rollout, sampler_logps=logps * rollout.completion_mask)
         moved = {f.name: getattr(rollout, f.name).cpu()
                  for f in dataclasses.fields(rollout)
                  if isinstance(getattr(rollout, f.name), torch.Tensor)}

@@ -55,22 +55,33 @@ class Actor:
 
 class RayGenerator:
     """A :class:`~rewardloop.engines.base.Generator` whose completions come from ``own``, one
-    of the run's generation ``actors`` (all of which get the weights)."""
+    of the run's generation ``actors`` (all of which get the weights).
+
+    ``prefetch`` (one-step off-policy) starts a generation before the trainer's update; the
+    next ``generate`` of the same prompts returns it, with ``staleness`` the optimizer steps
+    the trainer took since those samples' weights, and the engine's log-probs of its samples
+    (``sampler_logps``) for the importance-weight correction.
+    """
 
     def __init__(self, actors: Sequence[Actor], own: Actor, tokenizer: Any, timeout_s: float,
-                 model: Any) -> None:
+                 model: Any, *, off_policy: bool = False) -> None:
         self.actors, self.own, self.timeout_s = list(actors), own, timeout_s
         self.tokenizer = tokenizer
+        self.off_policy = off_policy
         self.sync = WeightSync()
         # The actors loaded the policy from disk; the trainer's may already differ (a LoRA
         # adapter over the base, a resumed checkpoint): push before the first generation.
         self.sync.mark(model)
+        self.version = 0  # optimizer steps seen (policy_updated calls)
+        self.staleness = 0  # of the last rollout generate returned
+        self._ahead: tuple[Any, int, Any] | None = None  # (request, version, ObjectRef)
 
     def policy_updated(self, model: Any) -> None:
+        self.version += 1
         self.sync.mark(model)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int,
-                 settings: SamplingSettings) -> Rollout:
+    def _submit(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
+                ) -> tuple[Any, Any]:
         if n < 1:
             raise ValueError("n must be at least 1")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -79,7 +90,23 @@ class RayGenerator:
         if model is not None:
             with engine_weights(model) as weights:
                 push_once(self._send, weights)
-        ref = self.own.handle.generate.remote([list(p) for p in prompts], n, settings)
+        request = ([list(p) for p in prompts], n, settings)
+        return request, self.own.handle.generate.remote(*request, self.off_policy)
+
+    def prefetch(self, prompts: Sequence[Sequence[int]], n: int,
+                 settings: SamplingSettings) -> None:
+        request, ref = self._submit(prompts, n, settings)
+        self._ahead = (request, self.version, ref)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 settings: SamplingSettings) -> Rollout:
+        request = ([list(p) for p in prompts], n, settings)
+        if self._ahead is not None and self._ahead[0] == request:
+            _, version, ref = self._ahead
+        else:
+            (_, ref), version = self._submit(prompts, n, settings), self.version
+        self._ahead = None
+        self.staleness = self.version - version
         return call(self.own.label, ref, self.timeout_s)
 
     def _send(self, weights: list[tuple[str, Any]]) -> None:
@@ -112,6 +139,7 @@ class RayRoles:
     reward: list[Actor]
     reward_names: dict[str, str]  # reward-model spec -> its metric name
     timeout_s: float
+    off_policy: bool = False  # one-step off-policy: samples carry the engine's log-probs
 
     @staticmethod
     def _rank() -> int:
@@ -119,7 +147,8 @@ class RayRoles:
 
     def generator(self, model: Any, tokenizer: Any, settings: SamplingSettings) -> RayGenerator:
         own = self.rollout[self._rank() % len(self.rollout)]
-        return RayGenerator(self.rollout, own, tokenizer, self.timeout_s, model)
+        return RayGenerator(self.rollout, own, tokenizer, self.timeout_s, model,
+                            off_policy=self.off_policy)
 
     def reward_model(self, spec: str) -> RemoteModelReward | None:
         if not self.reward or spec not in self.reward_names:

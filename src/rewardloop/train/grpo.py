@@ -556,6 +556,16 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
                       metrics, advantages_from if deferred else None, is_weights)
 
 
+def prefetch_next(cfg: Any, setup: Setup, generator: Any, settings: Any) -> None:
+    """One-step off-policy (``async_rollout``): ask ``generator`` (a Ray generator) to start
+    sampling the next step's prompts now, with the weights from before this step's update;
+    the sampler itself is left where it is."""
+    state = setup.sampler.state_dict()
+    rows = setup.rt.shard(setup.sampler.next_batch())
+    setup.sampler.load_state_dict(state)
+    generator.prefetch([setup.prompt_ids[i] for i in rows], cfg.num_generations, settings)
+
+
 def off_policy_correction(cfg: Any, rollout: Any, old_logps: torch.Tensor
                           ) -> tuple[torch.Tensor, dict[str, float]]:
     """Importance weights (B, C) for samples drawn by another engine (``cfg.is_level``,
@@ -727,6 +737,9 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
     with progress_bar(cfg.max_steps, cfg.advantage, start=step) as show:
         while step < cfg.max_steps:
             exp = make_experience(cfg, setup, generator, settings, reuse_samples)
+            if cfg.async_rollout:  # the next step's samples are drawn during this update
+                exp.metrics["staleness"] = generator.staleness
+                prefetch_next(cfg, setup, generator, settings)
             t0 = time.perf_counter()
             train_metrics, first_pass = update_policy(cfg, setup, optimizer, scheduler, exp,
                                                       reuse_samples, step + 1)

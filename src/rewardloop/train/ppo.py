@@ -177,6 +177,8 @@ class PPOConfig(RuntimeOptions, EngineOptions, ClusterOptions):
                            self.micro_batch_size or self.mini_batch_size)
         object.__setattr__(self, "value_lr", self.value_lr or self.lr)
         check_common(self)
+        if self.async_rollout:
+            raise ValueError("async_rollout (one-step off-policy) is for train grpo|rloo")
         if self.kl_in != "reward":
             raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
         if self.num_generations < 1 or self.batch_size % self.num_generations:
