@@ -59,6 +59,7 @@ def test_score_on_ray_equals_one_process_and_resumes_from_saved_chunks(
     (parts / "000001.json").unlink()
     (tmp_path / "ray.jsonl").unlink()
     monkeypatch.undo()
+    ray_args[ray_args.index("--actors") + 1] = "1"  # the job's chunks, not its actors, count
     invoke(*ray_args, "--out", str(tmp_path / "ray.jsonl"))
     resumed = rows(tmp_path / "ray.jsonl")
     flat = [s for r in resumed for s in r["scores"]]

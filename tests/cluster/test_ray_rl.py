@@ -115,6 +115,7 @@ def test_colocated_run_restarts_from_its_checkpoint_when_the_generation_actor_di
     assert_same_run(one, out)
 
 
+@pytest.mark.slow
 def test_a_dead_generation_actor_stops_the_run_within_60_s_naming_it(
         ray_cluster: object, work: Path, tmp_path: Path) -> None:
     from rewardloop.cluster.rl import actor_name, train_on_ray
