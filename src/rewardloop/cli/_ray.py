@@ -1,6 +1,7 @@
-"""The ``--ray`` flags of the online-RL commands; their help is ``ClusterOptions``' field
-docstrings and defaults. ``--ray`` may come without an address (a local Ray for the run):
-``with_ray_address`` spells that out before the command line is parsed."""
+"""``--ray`` on the command line: the address a bare ``--ray`` means, the flags of ``score``
+(whose options are not a config dataclass; their help is ``RayJobOptions``'), and the lazy
+entry points into ``rewardloop.cluster`` (Ray is imported only when a command runs with
+``--ray``; without it installed that is exit 2 with the install line)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,20 @@ from typing import Any
 
 import typer
 
-from rewardloop.options import ClusterOptions, flag_help
+from rewardloop.options import RayJobOptions, flag_help
 
 
 def _help(name: str) -> str:
-    return flag_help(ClusterOptions, name)
+    return flag_help(RayJobOptions, name)
 
 
-RAY = typer.Option(None, "--ray", metavar="[ADDRESS]",
-                   help=_help("ray") + " See docs/cluster.md.")
-TRAINERS = typer.Option(None, "--trainers", help=_help("trainers"))
-ROLLOUT_ACTORS = typer.Option(None, "--rollout-actors", help=_help("rollout_actors"))
-REWARD_ACTORS = typer.Option(None, "--reward-actors", help=_help("reward_actors"))
-PLACEMENT = typer.Option(None, "--placement", help=_help("placement"))
-SPREAD = typer.Option(None, "--spread/--pack", help=_help("spread"))
-TRAINER_GPUS = typer.Option(None, "--trainer-gpus", help=_help("trainer_gpus"))
-ROLLOUT_GPUS = typer.Option(None, "--rollout-gpus", help=_help("rollout_gpus"))
-REWARD_GPUS = typer.Option(None, "--reward-gpus", help=_help("reward_gpus"))
-ACTOR_CPUS = typer.Option(None, "--actor-cpus", help=_help("actor_cpus"))
-MAX_RESTARTS = typer.Option(None, "--max-restarts", help=_help("max_restarts"))
-ACTOR_TIMEOUT = typer.Option(None, "--actor-timeout", help=_help("actor_timeout"))
-ASYNC_ROLLOUT = typer.Option(None, "--async-rollout/--no-async-rollout",
-                             help=_help("async_rollout"))
+RAY = typer.Option(None, "--ray", metavar="[ADDRESS]", help=_help("ray") + " See "
+                   "docs/cluster.md.")
+BATCH_ACTORS = typer.Option(1, "--actors", help=_help("actors"))
+BATCH_GPUS = typer.Option(0.0, "--actor-gpus", help=_help("actor_gpus"))
+BATCH_CPUS = typer.Option(1.0, "--actor-cpus", help=_help("actor_cpus"))
+BATCH_TIMEOUT = typer.Option(600, "--actor-timeout", help=_help("actor_timeout") + " The "
+                             "finished chunks are saved: rerun to resume.")
 
 
 def with_ray_address(argv: list[str]) -> list[str]:
@@ -41,15 +34,6 @@ def with_ray_address(argv: list[str]) -> list[str]:
         if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
             out.append("local")
     return out
-
-
-BATCH_ACTORS = typer.Option(1, "--actors", help="With --ray: actors the rows are dealt over "
-                            "(each loads the model).")
-BATCH_GPUS = typer.Option(0.0, "--actor-gpus", help="With --ray: GPUs of each actor (0: CPU).")
-BATCH_CPUS = typer.Option(1.0, "--actor-cpus", help=_help("actor_cpus"))
-BATCH_TIMEOUT = typer.Option(600, "--actor-timeout", help="With --ray: seconds to wait for an "
-                             "actor's chunk before stopping (the finished chunks are saved: "
-                             "rerun to resume).")
 
 
 def run_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
