@@ -30,7 +30,7 @@ KEYS = ("loss", "grad_norm", "reward/mean", "reward/by_prompt/mean", "reward/rm/
 
 
 def config(work: Path, out: Path, **extra: object):
-    from rewardloop.train.grpo import GRPOConfig
+    from rewardloop.train.configs import GRPOConfig
 
     return load_config(
         GRPOConfig, policy=str(work / "tiny"), prompts=work / "prompts.jsonl", out=out,
@@ -151,3 +151,28 @@ def test_one_step_off_policy_samples_the_next_step_during_the_update(
     for m in steps[1:]:
         assert abs(m["sampler_kl"]) > 1e-6 and m["is_weight_mean"] != pytest.approx(1.0,
                                                                                   abs=1e-7)
+
+
+@pytest.mark.slow
+def test_ppo_on_ray_equals_one_process(ray_cluster: object, work: Path, tmp_path: Path) -> None:
+    """The PPO loop takes its generator from the same roles (value model in the trainer)."""
+    from rewardloop.cluster.rl import train_on_ray
+    from rewardloop.train import ppo
+    from rewardloop.train.configs import PPOConfig
+
+    def ppo_config(out: Path, **extra: object) -> PPOConfig:
+        return load_config(
+            PPOConfig, policy=str(work / "tiny"), prompts=work / "prompts.jsonl", out=out,
+            rewards=("_rl_rewards:by_prompt",), batch_size=4, max_steps=2, lr=1e-3, top_k=1,
+            max_new_tokens=6, kl_coef=0.1, ppo_epochs=2, actor_cpus=0.5, **extra)
+
+    ppo.train(ppo_config(tmp_path / "one"))
+    train_on_ray("ppo", ppo_config(tmp_path / "ray", ray="local", reward_actors=0))
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "ray"), strict=True):
+        for key in ("loss", "vf_loss", "grad_norm_policy", "reward/mean", "kl_k1"):
+            assert a[key] == pytest.approx(b[key], rel=TOL, abs=TOL), (key, a["step"])
+    for sub in ("model", "value_model"):
+        wa, wb = (load_file(str(tmp_path / run / sub / "model.safetensors"))
+                  for run in ("one", "ray"))
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=TOL, msg=name)
