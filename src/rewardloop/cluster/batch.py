@@ -107,10 +107,11 @@ def _actors(cls: type, count: int, gpus: float, cpus: float, label: str, timeout
     return [Actor(f"{label} {i}", remote.remote(*args)) for i in range(count)]
 
 
-def _with_actors(address: str, make: Callable[[], list[Actor]], body: Callable[[list[Actor]],
-                 Any]) -> Any:
-    """``body(actors)`` on the Ray at ``address``, the actors stopped afterwards."""
-    started = connect(address)
+def _with_actors(address: str, cpus: float, make: Callable[[], list[Actor]],
+                 body: Callable[[list[Actor]], Any]) -> Any:
+    """``body(actors)`` on the Ray at ``address`` (a local one with at least ``cpus`` CPUs),
+    the actors stopped afterwards."""
+    started = connect(address, cpus=cpus)
     actors: list[Actor] = []
     try:
         actors = make()
@@ -139,7 +140,7 @@ def score_pairs_on_ray(rm: str | Path, out: Path, *, address: str, actors: int, 
             return _actors(ScoreActor, actors, gpus, cpus, "score actor", timeout_s,
                            str(rm), device, batch_size, normalize)
 
-        results = _with_actors(address, make,
+        results = _with_actors(address, actors * cpus, make,
                                lambda a: run_chunks(a, chunks, parts, timeout_s))
         mean = [v for r in results for v in r["mean"]]
         std = [v for r in results for v in r["std"]] if results and results[0]["std"] else None
@@ -165,6 +166,7 @@ def sample_on_ray(policy: str, prompts: Sequence[Text], n: int, settings: Any, o
         return _actors(SampleActor, actors, gpus, cpus, "generation actor", timeout_s,
                        policy, options)
 
-    results = _with_actors(address, make, lambda a: run_chunks(a, chunks, parts, timeout_s))
+    results = _with_actors(address, actors * cpus, make,
+                           lambda a: run_chunks(a, chunks, parts, timeout_s))
     parts.remove()
     return [CandidatesRecord(**row) for chunk in results for row in chunk]

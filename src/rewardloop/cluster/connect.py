@@ -7,6 +7,8 @@ seconds; a quick TCP probe first turns a wrong address into one line and exit 2.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -36,15 +38,17 @@ def _probe(address: str) -> None:
                         "--head` running there, and is the port open?") from None
 
 
-def connect(address: str) -> bool:
-    """Connect this process to the Ray at ``address`` (``local``: start one here); True when
-    this call started Ray (the caller shuts it down). A process already connected (a test
-    session's shared cluster) stays connected to its own."""
+def connect(address: str, *, cpus: float = 0.0) -> bool:
+    """Connect this process to the Ray at ``address`` (``local``: start one here, with at
+    least ``cpus`` logical CPUs so that the job's actors fit; Ray counts a CPU per core
+    otherwise); True when this call started Ray (the caller shuts it down). A process already
+    connected (a test session's shared cluster) stays connected to its own."""
     ray = require_ray()
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=False,
+                 logging_level=logging.WARNING)
         return True
     if address != "auto":
         _probe(address)

@@ -54,7 +54,8 @@ def model_rewards(cfg: Any) -> list[str]:
 def train_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
     """Run the online-RL trainer ``kind`` (grpo or ppo) on Ray per ``cfg``; the summary, with
     the number of ``restarts`` it took."""
-    started = connect(cfg.ray)
+    reward_actors = cfg.reward_actors if model_rewards(cfg) else 0
+    started = connect(cfg.ray, cpus=plan(cfg, reward_actors).needs()["CPU"])
     try:
         attempt = 0
         while True:
