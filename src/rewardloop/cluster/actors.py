@@ -79,7 +79,8 @@ class RolloutActor:
         self.model.eval()
         settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
         self.generator = make_generator(EngineOptions.of(cfg), self.model, tokenizer, path,
-                                        seed=cfg.seed + index, logprob_settings=settings)
+                                        seed=cfg.seed + index, logprob_settings=settings,
+                                        dtype=_compute_dtype(cfg.precision))
 
     def ready(self) -> bool:
         return True
@@ -117,6 +118,17 @@ class RolloutActor:
                  for f in dataclasses.fields(rollout)
                  if isinstance(getattr(rollout, f.name), torch.Tensor)}
         return dataclasses.replace(rollout, **moved)
+
+
+def _compute_dtype(precision: str) -> str:
+    """The dtype a vLLM engine computes in: the trainers' compute precision (``Runtime``'s
+    rule for auto: bf16 on a GPU that supports it), not the fp32 of the weights it is sent."""
+    import torch
+
+    if precision == "auto":
+        gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = "bf16" if gpu else "fp32"
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
 
 
 class RewardActor:
