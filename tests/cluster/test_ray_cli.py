@@ -44,6 +44,7 @@ def test_without_ray_installed_ray_is_exit_2_with_the_install_line(
 @pytest.mark.parametrize("address", ["127.0.0.1:PORT", "ray://127.0.0.1:PORT", "nonsense"])
 def test_unreachable_ray_is_exit_2_with_one_line(work: Path, tmp_path: Path,
                                                  address: str) -> None:
+    pytest.importorskip("ray")
     address = address.replace("PORT", str(free_port()))  # nothing listens there
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     res = subprocess.run([sys.executable, "-m", "rewardloop", *grpo_args(work, tmp_path / "r"),
