@@ -242,6 +242,12 @@ class ClusterOptions(RayOptions):
     """GPUs of each generation actor (split placement)."""
     reward_gpus: float = 0.0
     """GPUs of each reward-model actor (split placement)."""
+    reference_actors: int = 0
+    """Actors holding the KL reference model and computing its log-probs (0: a frozen copy
+    in each trainer). Not with LoRA, whose reference is the trainer's base with the adapters
+    off."""
+    reference_gpus: float = 0.0
+    """GPUs of each reference actor (split placement)."""
     max_restarts: int = 0
     """When an actor dies: restart the whole run from its last good checkpoint, at most this
     many times (0: stop with a message naming the actor and the checkpoint)."""
@@ -257,15 +263,17 @@ class ClusterOptions(RayOptions):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {list(PLACEMENTS)}, "
                              f"got {self.placement!r}")
-        if self.trainers < 1 or self.rollout_actors < 1 or self.reward_actors < 0:
+        if self.trainers < 1 or self.rollout_actors < 1 or min(self.reward_actors,
+                                                                  self.reference_actors) < 0:
             raise ValueError("trainers and rollout_actors must be at least 1, reward_actors "
-                             "at least 0")
-        if min(self.trainer_gpus, self.rollout_gpus, self.reward_gpus) < 0:
+                             "and reference_actors at least 0")
+        if min(self.trainer_gpus, self.rollout_gpus, self.reward_gpus, self.reference_gpus) < 0:
             raise ValueError("GPU counts must be >= 0")
-        if self.placement == "colocate" and (self.rollout_gpus or self.reward_gpus):
-            raise ValueError("with placement colocate the generation and reward actors share "
-                             "the trainers' GPUs (--trainer-gpus); --rollout-gpus and "
-                             "--reward-gpus are for placement split")
+        if self.placement == "colocate" and (self.rollout_gpus or self.reward_gpus
+                                             or self.reference_gpus):
+            raise ValueError("with placement colocate the generation, reward and reference "
+                             "actors share the trainers' GPUs (--trainer-gpus); --rollout-gpus, "
+                             "--reward-gpus and --reference-gpus are for placement split")
         if self.async_rollout and not self.ray:
             raise ValueError("async_rollout overlaps generation actors with the trainers: it "
                              "needs --ray")

@@ -97,6 +97,31 @@ def test_colocate_shares_each_trainers_bundle_and_spread_spreads() -> None:
         ("trainer", 0, 0, 0.25), ("rollout", 0, 0, 0.25), ("rollout", 2, 0, 0.25),
         ("reward", 0, 0, 0.25), ("trainer", 1, 1, 0.5), ("rollout", 1, 1, 0.5)]
     assert [s.index for s in layout.of("rollout")] == [0, 1, 2]
+    with_reference = plan(ClusterOptions(trainers=2, placement="colocate", trainer_gpus=1), 0,
+                          reference_actors=1)
+    assert [(s.role, s.bundle, s.gpus) for s in with_reference.slots] == [
+        ("trainer", 0, 0.3333), ("rollout", 0, 0.3333), ("reference", 0, 0.3333),
+        ("trainer", 1, 1)]
     thirds = plan(ClusterOptions(trainers=1, rollout_actors=2, placement="colocate",
                                  trainer_gpus=1), 0)
     assert sum(s.gpus for s in thirds.slots) <= 1  # shares never exceed the bundle
+
+
+def test_each_trainer_rank_gets_its_share_of_the_actors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank r samples from generation actor r % M, scores with reward actor r % K and asks
+    reference actor r % R; without reference actors the trainer keeps its own copy (None)."""
+    pytest.importorskip("ray")
+    from rewardloop.cluster.remote import Actor, RayRoles
+
+    actors = {name: Actor(name, handle=None) for name in ("g0", "g1", "w0", "r0")}
+    roles = RayRoles([actors["g0"], actors["g1"]], [actors["w0"]], {"rm": "rm-name"}, 5.0,
+                     references=[actors["r0"]])
+    monkeypatch.setenv("RANK", "3")
+    generator = roles.generator(model=object(), tokenizer=None, settings=None)
+    assert generator.own.label == "g1" and generator.sync.stale  # pushed before sampling
+    reward = roles.reward_model("rm")
+    assert reward is not None and reward.actor.label == "w0" and reward.name == "rm-name"
+    assert roles.reward_model("other/dir") is None  # not a model the reward actors hold
+    reference = roles.reference()
+    assert reference is not None and reference.actor.label == "r0"
+    assert RayRoles([actors["g0"]], [], {}, 5.0).reference() is None

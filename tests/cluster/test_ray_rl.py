@@ -36,7 +36,7 @@ def config(work: Path, out: Path, **extra: object):
         GRPOConfig, policy=str(work / "tiny"), prompts=work / "prompts.jsonl", out=out,
         rewards=("_rl_rewards:by_prompt", f"{work / 'rm'}@0.5"), advantage="reinforce++",
         num_generations=2, batch_size=8, max_steps=4, lr=1e-3, top_k=1, max_new_tokens=8,
-        kl_coef=0.1, save_every=1, actor_cpus=0.5, **extra)
+        kl_coef=0.1, save_every=1, **{"actor_cpus": 0.5, **extra})
 
 
 def metrics(run: Path) -> list[dict]:
@@ -69,11 +69,14 @@ def one(work: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_split_two_trainers_one_generator_one_reward_actor_equal_one_process(
         ray_cluster: object, work: Path, one: Path, tmp_path: Path) -> None:
+    """The KL reference is an actor of its own here (the colocated run below keeps it in the
+    trainers)."""
     from rewardloop.cluster.rl import train_on_ray
 
     out = tmp_path / "ray"
     cfg = config(work, out, ray="local", trainers=2, rollout_actors=1, reward_actors=1,
-                 placement="split", trainer_gpus=1, rollout_gpus=1, reward_gpus=1)
+                 reference_actors=1, placement="split", trainer_gpus=1, rollout_gpus=1,
+                 reward_gpus=1, actor_cpus=0.4)
     summary = train_on_ray("grpo", cfg)
     assert summary["steps"] == 4
     assert_same_run(one, out)

@@ -106,18 +106,58 @@ class RolloutActor:
         """``n`` completions per prompt: a ``Rollout`` on the CPU (it travels to a trainer).
         ``with_logps``: with this copy's log-probs of its samples (``sampler_logps``; an
         engine with its own weights reports them anyway), which off-policy samples need."""
-        import torch
-
         from rewardloop.rollout import batched_logps
 
         rollout = self.generator.generate(prompts, n, settings)
         if with_logps and rollout.sampler_logps is None:
             logps = batched_logps(self.model, rollout, settings.temperature, len(rollout))
             rollout = dataclasses.replace(rollout, sampler_logps=logps * rollout.completion_mask)
-        moved = {f.name: getattr(rollout, f.name).cpu()
-                 for f in dataclasses.fields(rollout)
-                 if isinstance(getattr(rollout, f.name), torch.Tensor)}
-        return dataclasses.replace(rollout, **moved)
+        return moved(rollout, "cpu")
+
+
+def moved(rollout: Any, device: Any) -> Any:
+    """``rollout`` with its tensors on ``device`` (rollouts travel between actors on the CPU)."""
+    import torch
+
+    tensors = {f.name: getattr(rollout, f.name).to(device) for f in dataclasses.fields(rollout)
+               if isinstance(getattr(rollout, f.name), torch.Tensor)}
+    return dataclasses.replace(rollout, **tensors)
+
+
+class ReferenceActor:
+    """The KL reference: the initial policy, frozen in the compute precision (as a trainer's
+    own copy would be), giving the log-probs of the rollouts trainers send it."""
+
+    def __init__(self, cfg: Any) -> None:
+        from rewardloop.models import (
+            disable_dropout,
+            load_policy,
+            load_tokenizer,
+            match_tokenizer,
+            resolve_device,
+        )
+
+        tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code,
+                                   add_pad_token=cfg.add_pad_token, padding_side="left",
+                                   chat_template=cfg.chat_template)
+        self.device = resolve_device(cfg.device)
+        self.model = load_policy(cfg.policy, dtype=_compute_dtype(cfg.precision),
+                                 device=str(self.device),
+                                 trust_remote_code=cfg.trust_remote_code)
+        match_tokenizer(self.model, tokenizer)
+        disable_dropout(self.model)
+        self.model.eval().requires_grad_(False)
+
+    def ready(self) -> bool:
+        return True
+
+    def logps(self, rollout: Any, temperature: float, micro_batch_size: int) -> Any:
+        """(B, C) reference log-probs of ``rollout``'s completions, on the CPU."""
+        from rewardloop.rollout import batched_logps
+
+        logps = batched_logps(self.model, moved(rollout, self.device), temperature,
+                              micro_batch_size)
+        return logps.cpu()
 
 
 def _compute_dtype(precision: str) -> str:

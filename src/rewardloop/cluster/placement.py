@@ -3,9 +3,10 @@
 - ``split``: one bundle per actor, each role with its own GPUs (``--trainer-gpus``,
   ``--rollout-gpus``, ``--reward-gpus``): generation and scoring never wait for memory the
   trainer holds, at the price of GPUs that idle while another role works.
-- ``colocate``: one bundle per trainer; generation actor j and reward actor k join bundle
-  ``j % N`` and ``k % N`` and the actors of a bundle split its GPUs evenly (Ray's fractional
-  GPUs: they share the devices, one after the other in the step).
+- ``colocate``: one bundle per trainer; generation actor j, reward actor k (and reference
+  actor l) join bundle ``j % N``, ``k % N`` (``l % N``), and the actors of a bundle split its
+  GPUs evenly (Ray's fractional GPUs: they share the devices, one after the other in the
+  step).
 
 The group is PACKed on as few nodes as possible, or SPREAD over as many (``--spread``).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from rewardloop.options import ClusterOptions
 
-ROLES = ("trainer", "rollout", "reward")
+ROLES = ("trainer", "rollout", "reward", "reference")
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,12 @@ def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
 
 
-def plan(options: ClusterOptions, reward_actors: int) -> Layout:
+def plan(options: ClusterOptions, reward_actors: int, reference_actors: int = 0) -> Layout:
     """The layout of ``options.trainers`` trainers, ``options.rollout_actors`` generation
-    actors and ``reward_actors`` reward actors (0 when no reward model is given)."""
+    actors, ``reward_actors`` reward actors (0 when no reward model is given) and
+    ``reference_actors`` reference actors (0 when the reference stays in the trainers)."""
     counts = {"trainer": options.trainers, "rollout": options.rollout_actors,
-              "reward": reward_actors}
+              "reward": reward_actors, "reference": reference_actors}
     cpus = options.actor_cpus
     strategy = "SPREAD" if options.spread else "PACK"
     if options.placement == "colocate":
@@ -74,7 +76,7 @@ def plan(options: ClusterOptions, reward_actors: int) -> Layout:
                  for b, m in enumerate(members) for role, i in m]
         return Layout(bundles, strategy, slots)
     gpus = {"trainer": options.trainer_gpus, "rollout": options.rollout_gpus,
-            "reward": options.reward_gpus}
+            "reward": options.reward_gpus, "reference": options.reference_gpus}
     slots, bundles = [], []
     for role in ROLES:
         for i in range(counts[role]):

@@ -1,5 +1,6 @@
 """The trainer's side of the actors: a ``Generator`` whose samples come from a generation
-actor, a reward source scored by a reward actor, and ``RayRoles`` handing both to a trainer.
+actor, a reward source scored by a reward actor, a KL reference held by a reference actor, and
+``RayRoles`` handing them to a trainer.
 
 Weights flow from trainer rank 0 through Ray's object store: after an optimizer step the
 generator is marked stale (``engines.weight_sync.WeightSync``), and before the next generation
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from rewardloop.cluster.actors import moved
 from rewardloop.engines.base import Rollout, SamplingSettings
 from rewardloop.engines.weight_sync import WeightSync, engine_weights, push_once
 from rewardloop.errors import TrainingError
@@ -130,16 +132,29 @@ class RemoteModelReward:
         return call(self.actor.label, ref, self.timeout_s)
 
 
+class RemoteReference:
+    """The KL reference (``train.roles.RemoteReference``) held by a reference actor."""
+
+    def __init__(self, actor: Actor, timeout_s: float) -> None:
+        self.actor, self.timeout_s = actor, timeout_s
+
+    def logps(self, rollout: Rollout, temperature: float, micro_batch_size: int) -> Any:
+        ref = self.actor.handle.logps.remote(moved(rollout, "cpu"), temperature,
+                                             micro_batch_size)
+        return call(self.actor.label, ref, self.timeout_s).to(rollout.completion_ids.device)
+
+
 @dataclass(frozen=True)
 class RayRoles:
     """``train.roles.RemoteRoles`` on Ray: trainer rank r samples from generation actor
-    ``r % M`` and scores with reward actor ``r % K``."""
+    ``r % M``, scores with reward actor ``r % K`` and asks reference actor ``r % R``."""
 
     rollout: list[Actor]
     reward: list[Actor]
     reward_names: dict[str, str]  # reward-model spec -> its metric name
     timeout_s: float
     off_policy: bool = False  # one-step off-policy: samples carry the engine's log-probs
+    references: list[Actor] = field(default_factory=list)
 
     @staticmethod
     def _rank() -> int:
@@ -149,6 +164,12 @@ class RayRoles:
         own = self.rollout[self._rank() % len(self.rollout)]
         return RayGenerator(self.rollout, own, tokenizer, self.timeout_s, model,
                             off_policy=self.off_policy)
+
+    def reference(self) -> RemoteReference | None:
+        if not self.references:
+            return None
+        actor = self.references[self._rank() % len(self.references)]
+        return RemoteReference(actor, self.timeout_s)
 
     def reward_model(self, spec: str) -> RemoteModelReward | None:
         if not self.reward or spec not in self.reward_names:

@@ -20,7 +20,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rewardloop.cluster.actors import RewardActor, RolloutActor, TrainerActor
+from rewardloop.cluster.actors import ReferenceActor, RewardActor, RolloutActor, TrainerActor
 from rewardloop.cluster.connect import connect
 from rewardloop.cluster.placement import Layout, Slot, plan
 from rewardloop.cluster.remote import Actor, ActorLost, RayRoles, call
@@ -51,11 +51,18 @@ def model_rewards(cfg: Any) -> list[str]:
     return list(dict.fromkeys(s for s in specs if Path(s).expanduser().exists()))
 
 
+def reference_actors(cfg: Any) -> int:
+    """Reference actors the run starts: none without a KL term, or with LoRA (its reference
+    is the trainer's own base with the adapters off)."""
+    needs_reference = cfg.kl_coef > 0 or cfg.kl_target is not None
+    return cfg.reference_actors if needs_reference and cfg.lora_r is None else 0
+
+
 def train_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
     """Run the online-RL trainer ``kind`` (grpo or ppo) on Ray per ``cfg``; the summary, with
     the number of ``restarts`` it took."""
-    reward_actors = cfg.reward_actors if model_rewards(cfg) else 0
-    started = connect(cfg.ray, cpus=plan(cfg, reward_actors).needs()["CPU"])
+    layout = plan(cfg, cfg.reward_actors if model_rewards(cfg) else 0, reference_actors(cfg))
+    started = connect(cfg.ray, cpus=layout.needs()["CPU"])
     try:
         attempt = 0
         while True:
@@ -83,7 +90,7 @@ class Job:
     def __init__(self, kind: str, cfg: Any, attempt: int) -> None:
         self.kind, self.cfg, self.attempt = kind, cfg, attempt
         self.specs = model_rewards(cfg)
-        self.layout = plan(cfg, cfg.reward_actors if self.specs else 0)
+        self.layout = plan(cfg, cfg.reward_actors if self.specs else 0, reference_actors(cfg))
         self.group: Any = None
         self.actors: list[Actor] = []
 
@@ -132,6 +139,8 @@ class Job:
         reward = [self._spawn(RewardActor, s, f"reward actor {s.index}", self.specs, cfg.device,
                               cfg.reward_batch_size, cfg.max_prompt_length + cfg.max_new_tokens)
                   for s in layout.of("reward")]
+        references = [self._spawn(ReferenceActor, s, f"reference actor {s.index}", cfg)
+                      for s in layout.of("reference")]
         trainers = [self._spawn(TrainerActor, s, f"trainer rank {s.index}", s.index,
                                 cfg.trainers) for s in layout.of("trainer")]
         for actor in self.actors:  # loading errors surface here, before any training
@@ -139,7 +148,7 @@ class Job:
         names = call(reward[0].label, reward[0].handle.names.remote(),
                      cfg.actor_timeout) if reward else {}
         return trainers, RayRoles(rollout, reward, names, float(cfg.actor_timeout),
-                                  off_policy=cfg.async_rollout)
+                                  off_policy=cfg.async_rollout, references=references)
 
     def _wait(self, trainers: list[Actor], futures: list[Any]) -> dict[str, Any]:
         """Rank 0's summary once every trainer is done; the first failure, with the others'

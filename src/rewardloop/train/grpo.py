@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from rewardloop.rewards import FunctionReward, RewardOutput, Rewards
     from rewardloop.rollout import Rollout
     from rewardloop.train.data import EpochSampler
-    from rewardloop.train.roles import RemoteRoles
+    from rewardloop.train.roles import RemoteReference, RemoteRoles
     from rewardloop.train.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,9 @@ class Setup:
     tokenizer: Any
     policy: HFModel  # the trained causal LM (peft-wrapped with LoRA), wrapped for DDP/FSDP
     inner: HFModel  # the same model unwrapped: generation and adapters-off reference
-    reference: HFModel | None  # frozen copy; None with LoRA (adapters off) or without KL
+    # Frozen copy, or a reference in another process (RemoteReference: Ray); None with LoRA
+    # (adapters off) or without KL.
+    reference: HFModel | RemoteReference | None
     prompts: list[Any]  # prompt texts / chats
     prompt_ids: list[list[int]]
     extras: dict[str, list[Any]]  # meta keys every prompt has, for reward functions
@@ -156,12 +158,14 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
                         lora=lora, trust_remote_code=cfg.trust_remote_code)
     match_tokenizer(inner, tokenizer)
     disable_dropout(inner)  # rollout and update must see the same log-probs
-    reference = None
+    reference: HFModel | RemoteReference | None = None
     if needs_reference and lora is None:
-        # Frozen: kept in the compute precision, not in the policy's fp32 master weights.
-        reference = copy.deepcopy(inner).eval().to(rt.compute_dtype)
-        reference.requires_grad_(False)
-        reference = rt.prepare(reference, trainable=False)
+        reference = roles.reference() if roles is not None else None
+        if reference is None:
+            # Frozen: kept in the compute precision, not in the policy's fp32 master weights.
+            frozen = copy.deepcopy(inner).eval().to(rt.compute_dtype)
+            frozen.requires_grad_(False)
+            reference = rt.prepare(frozen, trainable=False)
     policy = rt.prepare(inner)
     prompts = [r.prompt for r in records]
     metas = [r.meta for r in records]
@@ -229,6 +233,8 @@ def reference_logps(setup: Setup, rollout: Any, temperature: float, micro_batch_
     from rewardloop.models import disable_adapter
     from rewardloop.rollout import batched_logps
 
+    if setup.reference is not None and not isinstance(setup.reference, torch.nn.Module):
+        return setup.reference.logps(rollout, temperature, micro_batch_size)
     with setup.rt.autocast():
         if setup.reference is not None:
             return batched_logps(setup.reference, rollout, temperature, micro_batch_size)
