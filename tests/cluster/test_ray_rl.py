@@ -103,14 +103,15 @@ def kill_after_first_step(ray: object, out: Path, name: str) -> threading.Thread
 @pytest.mark.slow
 def test_colocated_run_restarts_from_its_checkpoint_when_the_generation_actor_dies(
         ray_cluster: object, work: Path, one: Path, tmp_path: Path) -> None:
-    """Generation and reward actors share the trainers' (logical) GPUs; the generation actor
-    is killed after step 1, and --max-restarts 1 resumes from the last checkpoint to the
-    same result as one uninterrupted process."""
+    """The generation actor shares trainer 0's (logical) GPU, and the reward model is scored
+    inside the trainers (--reward-actors 0); the generation actor is killed after step 1, and
+    --max-restarts 1 resumes from the last checkpoint to the same result as one uninterrupted
+    process."""
     from rewardloop.cluster.rl import actor_name, train_on_ray
 
     out = tmp_path / "ray"
-    cfg = config(work, out, ray="local", trainers=2, placement="colocate", trainer_gpus=1,
-                 max_restarts=1)
+    cfg = config(work, out, ray="local", trainers=2, reward_actors=0, placement="colocate",
+                 trainer_gpus=1, max_restarts=1)
     killer = kill_after_first_step(ray_cluster, out, actor_name(out, 0, "rollout", 0))
     summary = train_on_ray("grpo", cfg)
     killer.join()
