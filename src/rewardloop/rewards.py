@@ -202,7 +202,10 @@ class Rewards:
 
     def __init__(self, specs: Sequence[RewardSpec], *, reward_clip: float | None = None,
                  missing_eos_penalty: float = 0.0, device: str = "auto",
-                 batch_size: int = 16, max_length: int | None = None) -> None:
+                 batch_size: int = 16, max_length: int | None = None,
+                 model_reward: Callable[[str], Any] | None = None) -> None:
+        """``model_reward(spec)``, when given, supplies the source of a reward-model directory
+        (e.g. one scored by a Ray actor); it returns None to load the model here."""
         if not specs:
             raise UserError("give at least one --reward (a reward-model dir or "
                             "package.module:function)")
@@ -218,8 +221,11 @@ class Rewards:
                 raise UserError(f"--reward {spec.spec}: neither an existing reward-model "
                                 "directory nor package.module:function")
             else:
-                source = ModelReward(spec.spec, device=device, batch_size=batch_size,
-                                     max_length=max_length, mix=spec.mix)
+                # A group mix is scored where it is named (reward actors serve plain heads).
+                remote = (model_reward(spec.spec) if model_reward is not None and not spec.mix
+                          else None)
+                source = remote or ModelReward(spec.spec, device=device, batch_size=batch_size,
+                                               max_length=max_length, mix=spec.mix)
             name = source.name
             taken = {n for n, _, _ in self.sources}
             suffix = 2

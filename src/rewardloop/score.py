@@ -289,12 +289,15 @@ def _rows_of(fmt: str, path: Path, records: Sequence[Any]) -> list[dict[str, Any
 
 def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32,
                normalize: bool = False, data_format: str | None = None,
-               device: str = "auto") -> int:
+               device: str = "auto",
+               score_pairs: Callable[[list[tuple[Text, Text]]], Scores] | None = None) -> int:
     """Score every answer in ``data`` and write the rows with their scores to ``out``.
 
     Pairwise rows get ``score_chosen``/``score_rejected``, candidates and ranking rows
     ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
-    output is written atomically. Returns the number of rows written.
+    output is written atomically. Returns the number of rows written. ``score_pairs`` scores
+    the (prompt, answer) pairs in order elsewhere (``score --ray``) instead of loading the
+    model here.
     """
     data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
     fmt, records = read_training_records(data, data_format)
@@ -306,11 +309,14 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
         raise UserError(f"{out}: directory {out.parent} does not exist")
     answers = [_answers(fmt, r) for r in records]
     rows = _rows_of(fmt, data, records)
-    scorer = RewardScorer(rm, device, batch_size, normalize=normalize)
     flat = [pair for group in answers for pair in group]
-    with progress_bar(len(flat), "score") as show:
-        scores = scorer.score_with_std([p for p, _ in flat], [a for _, a in flat],
-                                       progress=show)
+    if score_pairs is not None:
+        scores = score_pairs(flat)
+    else:
+        scorer = RewardScorer(rm, device, batch_size, normalize=normalize)
+        with progress_bar(len(flat), "score") as show:
+            scores = scorer.score_with_std([p for p, _ in flat], [a for _, a in flat],
+                                           progress=show)
     start = 0
     for row, group in zip(rows, answers, strict=True):
         end = start + len(group)

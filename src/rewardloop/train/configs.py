@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
+    ClusterOptions,
     LoraOptions,
     ModelOptions,
     OfflineOptions,
@@ -41,7 +42,7 @@ def _check_blocks(cfg: object) -> None:
     """Run the checks of every option block ``cfg`` is made of."""
     for block, check in ((RuntimeOptions, "check_runtime"), (RunOptions, "check_run"),
                          (LoraOptions, "check_lora"), (OfflineOptions, "check_offline"),
-                         (OptimOptions, "check_optim")):
+                         (OptimOptions, "check_optim"), (ClusterOptions, "check_cluster")):
         if isinstance(cfg, block):
             getattr(cfg, check)()
 
@@ -249,7 +250,7 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
 
 @dataclass(frozen=True, kw_only=True)
 class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, OptimOptions,
-                    RunOptions):
+                    RunOptions, ClusterOptions):
     """What every online-RL command shares: the policy, its prompts and rewards, sampling, the
     KL leash, the clipped policy loss, samples written along the way."""
 
@@ -455,6 +456,8 @@ class PPOConfig(OnlineOptions):
         self.fill_default("micro_batch_size", self.mini_batch_size)
         self.fill_default("value_lr", self.lr)
         self.check_online()
+        if self.async_rollout:
+            raise ValueError("async_rollout (one-step off-policy) is for train grpo|rloo")
         if self.kl_in != "reward":
             raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
         if not 0.0 <= self.lam <= 1.0:
