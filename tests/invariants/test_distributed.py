@@ -248,3 +248,23 @@ def test_impossible_combinations_are_exit_2(work: Path, tmp_path: Path) -> None:
     res = rewardloop(*base[:-6], "--batch-size", "3", "--nproc", "2", check=False)
     assert res.returncode == 2 and "multiple of the number of processes" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["rm", "dpo"])
+def test_group_dro_on_two_processes_equals_one(work: Path, tmp_path: Path, kind: str) -> None:
+    # The group losses are summed over the ranks before q moves, so every rank keeps the same
+    # q and the run is the one-process run.
+    rows = [{**r, "annotator": f"a{i % 4}"} for i, r in enumerate(preference_rows(24, seed=2))]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "groups.json").write_text(json.dumps({"a0": "x", "a1": "x", "a2": "x",
+                                                      "a3": "y"}))
+    args = ["train", kind, "--data", str(tmp_path / "pairs.jsonl"), "--model",
+            str(work / "tiny"), "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3",
+            "--max-length", "64", "--annotator-groups", str(tmp_path / "groups.json"),
+            "--group-balance", "minmax", "--group-step-size", "5"]
+    rewardloop(*args, "--out", str(tmp_path / "one"))
+    rewardloop(*args, "--out", str(tmp_path / "two"), "--nproc", "2")
+    assert_same_run(tmp_path / "one", tmp_path / "two",
+                    keys=("loss", "grad_norm", "group_weight/x", "group_loss/y"))
+    last = metrics(tmp_path / "two")[-1]
+    assert last["group_weight/x"] != pytest.approx(0.5)  # q moved

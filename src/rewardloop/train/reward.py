@@ -27,7 +27,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.metrics import expected_calibration_error
+from rewardloop.metrics import expected_calibration_error, primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -48,13 +48,21 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
 from rewardloop.train.data import (
     LengthGroupedSampler,
     rank_micro_batches,
     scheduler,
+)
+from rewardloop.train.group_balance import (
+    GroupDRO,
+    equal_weights,
+    group_metric_sums,
+    group_summary,
+    read_groups_file,
+    split_group_sums,
 )
 from rewardloop.train.run import (
     RunDir,
@@ -186,8 +194,7 @@ def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
     flagged: set[str] = set()
     groups: dict[str, list[str]] = {}
     if cfg.annotator_groups is not None:
-        for name, g in _read_json_mapping(cfg.annotator_groups, "groups").items():
-            groups[name] = [g] if isinstance(g, str) else [str(x) for x in g]
+        groups.update(read_groups_file(cfg.annotator_groups))
     if cfg.weighting == "reliability" and cfg.annotator_weights is not None:
         raw = _read_json_mapping(cfg.annotator_weights, "weights")
         try:
@@ -290,20 +297,46 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     return loss, metrics
 
 
+def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
+                    items: Sequence[Comparison], cfg: RewardConfig, group_ids: Sequence[str],
+                    groups: Sequence[str]) -> dict[str, float]:
+    """No-grad loss sum and count per group of one micro-batch (ensemble-mean reward), as the
+    metric sums ``train.group_balance`` reads; scores (B, K, H), ranks (B, K)."""
+    with torch.no_grad():
+        mean = scores.detach().mean(-1)
+        margins = torch.tensor([c.margin for c in items], device=mean.device, dtype=mean.dtype)
+        sums, counts = {}, {}
+        for g in sorted(set(group_ids)):
+            sel = torch.tensor([x == g for x in group_ids], device=mean.device)
+            loss, _ = objective(mean[sel], ranks[sel], margins[sel], cfg, 1.0)
+            sums[g], counts[g] = float(loss), int(sel.sum())
+    return group_metric_sums(sums, counts, groups)
+
+
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
-               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device
-               ) -> MicroLoss:
+               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device,
+               group_ids: Sequence[str] | None = None, groups: Sequence[str] = (),
+               heads: Sequence[int] | None = None) -> MicroLoss:
     """The loss of one micro-batch of the step ``batch``: divided by the summed weight (and
     count) of the WHOLE step's comparisons, so the accumulated gradient is the one-big-batch
-    gradient. Metrics come back as sums over the micro-batch's comparisons."""
+    gradient. Metrics come back as sums over the micro-batch's comparisons, plus the loss per
+    annotator group when ``group_ids`` (one per item) are given. With ``heads`` (one head index
+    per item: --group-heads) each comparison is scored and trained by its own head only."""
     step_weight = max(sum(items[i].weight for i in batch), 1e-12)
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb = [items[i] for i in indices]
         scores, ranks = score_comparisons(model, mb, pad_id, device)
+        if heads is not None:  # (B, K, H) -> (B, K, 1): each comparison's own head
+            own = torch.tensor([heads[i] for i in indices], device=scores.device)
+            scores = scores.gather(-1, own.view(-1, 1, 1).expand(-1, scores.shape[1], 1))
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
-        return loss, {k: float(v) * len(mb) for k, v in metrics.items()}
+        sums = {k: float(v) * len(mb) for k, v in metrics.items()}
+        if group_ids is not None:
+            sums.update(group_loss_sums(objective, scores, ranks, mb, cfg,
+                                        [group_ids[i] for i in indices], groups))
+        return loss, sums
 
     return loss_of
 
@@ -379,6 +412,20 @@ def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
     return figures
 
 
+def pair_deltas(items: Sequence[Comparison], mean: torch.Tensor
+                ) -> tuple[list[float], list[str | None]]:
+    """r_better - r_worse of every strictly ordered answer pair of ``items`` (ties are left
+    out) and who judged it; ``mean``: (B, K) ensemble-mean rewards."""
+    deltas, who = [], []
+    for b, c in enumerate(items):
+        for i in range(len(c.ranks)):
+            for j in range(len(c.ranks)):
+                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
+                    deltas.append(float(mean[b, i] - mean[b, j]))
+                    who.append(c.annotator)
+    return deltas, who
+
+
 def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[torch.Tensor],
              cfg: RewardConfig, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Held-out figures of the ensemble-mean reward.
@@ -399,13 +446,7 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     plain = RewardConfig(model=cfg.model, data=cfg.data, out=cfg.out)
     loss, _ = OBJECTIVES[objective_name](mean, ranks, torch.zeros(len(items)), plain,
                                          float(len(items)))
-    deltas, who = [], []
-    for b, c in enumerate(items):
-        for i in range(len(c.ranks)):
-            for j in range(len(c.ranks)):
-                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
-                    deltas.append(float(mean[b, i] - mean[b, j]))
-                    who.append(c.annotator)
+    deltas, who = pair_deltas(items, mean)
     figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
     if deltas:
         figures.update(pair_figures(np.asarray(deltas), who, groups))
@@ -434,23 +475,27 @@ def load_tokenizer_for(cfg: RewardConfig) -> Any:
                           chat_template=cfg.chat_template)
 
 
-def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
-    """The reward model in fp32 master weights: K fresh heads for an ensemble, LoRA when
-    asked."""
+def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime,
+               head_groups: Sequence[str] = ()) -> nn.Module:
+    """The reward model in fp32 master weights: K fresh heads for an ensemble (or one per
+    group of ``head_groups``, recorded in the config), LoRA when asked."""
     model: HFModel = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)
-    if cfg.ensemble > 1:
+    heads = len(head_groups) or cfg.ensemble
+    if heads > 1:
         old = model.score
-        head = nn.Linear(old.in_features, cfg.ensemble, bias=old.bias is not None,
+        head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
                          dtype=old.weight.dtype, device=old.weight.device)
         nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
         if head.bias is not None:
             nn.init.zeros_(head.bias)
         model.score = head
-        model.config.num_labels = cfg.ensemble
-        setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
+        model.config.num_labels = heads
+        setattr(model.config, ENSEMBLE_KEY, heads)
+        if head_groups:
+            setattr(model.config, GROUP_HEADS_KEY, list(head_groups))
     if cfg.lora_r:
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     return model
@@ -458,6 +503,63 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
 
 def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
+
+
+def balance_groups(items: list[Comparison], group_ids: Sequence[str], cfg: RewardConfig
+                   ) -> tuple[list[Comparison], GroupDRO | None]:
+    """``--group-balance``: equal reweighs the comparisons once; minmax returns the group DRO
+    state that weighs every step (``train.group_balance``)."""
+    names = sorted(set(group_ids))
+    if cfg.group_balance == "none":
+        return items, None
+    if len(names) < 2:
+        raise UserError(f"--group-balance {cfg.group_balance} needs comparisons from 2 or more "
+                        f"annotator groups, got {names}: give groups with --annotator-groups "
+                        "or --db, and an annotator on every row")
+    if cfg.group_balance == "equal":
+        weights = equal_weights(group_ids, [c.weight for c in items])
+        return [replace(c, weight=w) for c, w in zip(items, weights, strict=True)], None
+    return items, GroupDRO(tuple(names), cfg.group_step_size)
+
+
+def step_items(items: list[Comparison], batch: Sequence[int], group_ids: Sequence[str],
+               dro: GroupDRO | None) -> list[Comparison]:
+    """The comparisons as this step weighs them: under group DRO, w_i q_g / W_g."""
+    if dro is None:
+        return items
+    out = list(items)
+    weights = dro.item_weights([group_ids[i] for i in batch], [items[i].weight for i in batch])
+    for i, w in zip(batch, weights, strict=True):
+        out[i] = replace(items[i], weight=w)
+    return out
+
+
+def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Sequence[str],
+                  groups: Mapping[str, Sequence[str]], dro: GroupDRO | None,
+                  eval_items: Sequence[Comparison], eval_scores: Sequence[torch.Tensor],
+                  head_groups: Sequence[str] = ()) -> dict[str, Any]:
+    """The summary's ``groups`` section (``train.group_balance.group_summary``): a group's
+    accuracy is that of its own head under --group-heads, else of the (mean) reward."""
+    correct, eval_groups = [], []
+    for c, s in zip(eval_items, eval_scores, strict=True):
+        g = primary_group(c.annotator, groups)
+        reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
+        deltas, _ = pair_deltas([c], reward[None])
+        correct += [d > 0 for d in deltas]
+        eval_groups += [g] * len(deltas)
+    section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
+                            [c.weight for c in items], dro, correct, eval_groups)
+    return {**section, "group_heads": list(head_groups)} if head_groups else section
+
+
+def head_groups_of(cfg: RewardConfig, tracked: Sequence[str]) -> tuple[str, ...]:
+    """--group-heads: the groups that get a head, in head order (needs 2+ groups)."""
+    if not cfg.group_heads:
+        return ()
+    if len(tracked) < 2:
+        raise UserError(f"--group-heads needs comparisons from 2 or more annotator groups, got "
+                        f"{list(tracked)}: give groups with --annotator-groups or --db")
+    return tuple(tracked)
 
 
 def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
@@ -483,10 +585,15 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     weights, flagged, groups = annotator_info(cfg, stored)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
+    group_ids = [primary_group(c.annotator, groups) for c in items]
+    items, dro = balance_groups(items, group_ids, cfg)
+    tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
+    head_groups = head_groups_of(cfg, tracked)
+    heads = [head_groups.index(g) for g in group_ids] if head_groups else None
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer, rt)
+    model = load_model(cfg, tokenizer, rt, head_groups)
     objective = OBJECTIVES[objective_name]
     lengths = [c.n_tokens for c in items]
     sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
@@ -504,25 +611,35 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+        if dro is not None:
+            dro.restore(ckpt.sampler_state)
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
             out = accumulate_and_step(
                 rt, model, optimizer, params,
                 rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
-                micro_loss(model, objective, items, batch, cfg, pad_id, rt.device),
+                micro_loss(model, objective, step_items(items, batch, group_ids, dro), batch, cfg,
+                           pad_id, rt.device, group_ids if tracked else None, tracked, heads),
                 max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
+            metric_sums, group_losses = split_group_sums(out.metric_sums)
+            if dro is not None:
+                dro.update(group_losses)
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(lengths[i] for i in batch))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
                                        "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
-                                       **{k: v / len(batch)
-                                          for k, v in out.metric_sums.items()}})
+                                       **{k: v / len(batch) for k, v in metric_sums.items()},
+                                       **{f"group_loss/{g}": v for g, v in group_losses.items()},
+                                       **({f"group_weight/{g}": dro.weight_of(g)
+                                           for g in dro.groups} if dro is not None else {})})
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"reward": model},
                                 optimizers={"reward": optimizer}, schedulers={"reward": sched},
-                                sampler_state=sampler.state_dict(), runtime=rt)
+                                sampler_state={**sampler.state_dict(), **(
+                                    {"group_dro": dro.state_dict()} if dro is not None else {})},
+                                runtime=rt)
             show(step, f"loss {out.loss:.3f}")
 
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
@@ -541,4 +658,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     return run.write_summary({
         **figures, "objective": objective_name, "ensemble": cfg.ensemble,
         "train_comparisons": len(items), "dropped_flagged": n_read - len(items),
-        "reward_mean": stats["mean"], "reward_std": stats["std"]})
+        "reward_mean": stats["mean"], "reward_std": stats["std"],
+        **({"groups": group_figures(cfg, items, group_ids, groups, dro, eval_items,
+                                    stats_scores if eval_items else [], head_groups)}
+           if tracked else {})})
