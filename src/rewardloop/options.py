@@ -251,11 +251,6 @@ class ClusterOptions(RayOptions):
     max_restarts: int = 0
     """When an actor dies: restart the whole run from its last good checkpoint, at most this
     many times (0: stop with a message naming the actor and the checkpoint)."""
-    async_rollout: bool = False
-    """One-step off-policy: the generation actors sample step t+1 with the weights from
-    before step t's update while the trainers run that update. The samples' staleness (in
-    optimizer steps) is logged, and the importance weights (--is-level, --is-cap) correct
-    for it. Needs --ray; grpo/rloo only."""
 
     def check_cluster(self) -> None:
         """ValueError for counts, resources or a placement outside their range."""
@@ -274,9 +269,6 @@ class ClusterOptions(RayOptions):
             raise ValueError("with placement colocate the generation, reward and reference "
                              "actors share the trainers' GPUs (--trainer-gpus); --rollout-gpus, "
                              "--reward-gpus and --reference-gpus are for placement split")
-        if self.async_rollout and not self.ray:
-            raise ValueError("async_rollout overlaps generation actors with the trainers: it "
-                             "needs --ray")
         if self.max_restarts < 0:
             raise ValueError("max_restarts must be >= 0")
 

@@ -148,7 +148,8 @@ class Job:
         names = call(reward[0].label, reward[0].handle.names.remote(),
                      cfg.actor_timeout) if reward else {}
         return trainers, RayRoles(rollout, reward, names, float(cfg.actor_timeout),
-                                  off_policy=cfg.async_rollout, references=references)
+                                  off_policy=getattr(cfg, "async_rollout", False),  # grpo
+                                  references=references)
 
     def _wait(self, trainers: list[Actor], futures: list[Any]) -> dict[str, Any]:
         """Rank 0's summary once every trainer is done; the first failure, with the others'

@@ -408,6 +408,11 @@ class GRPOConfig(OnlineOptions):
     reinforce++ (globally whitened returns; works with num_generations 1)."""
     scale_rewards: bool = True
     """GRPO: divide group-centred rewards by the group std (off = Dr. GRPO)."""
+    async_rollout: bool = False
+    """One-step off-policy: the generation actors sample step t+1 with the weights from
+    before step t's update while the trainers run that update. The samples' staleness (in
+    optimizer steps) is logged, and the importance weights (--is-level, --is-cap) correct
+    for it. Needs --ray."""
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGE_NAMES:
@@ -425,6 +430,9 @@ class GRPOConfig(OnlineOptions):
                              "advantage is 0")
         if self.advantage == "reinforce++" and self.kl_in == "loss" and self.kl_estimator == "k1":
             raise ValueError("k1 in the loss has zero expected gradient; use k3 or kl_in=reward")
+        if self.async_rollout and not self.ray:
+            raise ValueError("async_rollout overlaps generation actors with the trainers: it "
+                             "needs --ray")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -456,8 +464,6 @@ class PPOConfig(OnlineOptions):
         self.fill_default("micro_batch_size", self.mini_batch_size)
         self.fill_default("value_lr", self.lr)
         self.check_online()
-        if self.async_rollout:
-            raise ValueError("async_rollout (one-step off-policy) is for train grpo|rloo")
         if self.kl_in != "reward":
             raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
         if not 0.0 <= self.lam <= 1.0:
