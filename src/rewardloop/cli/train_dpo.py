@@ -6,6 +6,12 @@ from pathlib import Path
 
 import typer
 
+from rewardloop.cli._best_point import (
+    EARLY_STOPPING_PATIENCE,
+    EVAL_EVERY,
+    EVAL_FRACTION,
+    best_point_flags,
+)
 from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, REPORT_TO, SEED, trackers
 from rewardloop.cli._launch import (
     DIST_TIMEOUT,
@@ -72,6 +78,9 @@ def dpo(
         None, "--eval-data",
         help="Held-out preferences of the same kind: eval loss and implicit-reward accuracy "
         "in summary.json."),
+    eval_fraction: float | None = EVAL_FRACTION,
+    eval_every: int | None = EVAL_EVERY,
+    early_stopping_patience: int | None = EARLY_STOPPING_PATIENCE,
     epochs: int | None = typer.Option(
         None, "--epochs", help="Passes over the data (ignored with --max-steps). Default 1."),
     max_steps: int | None = typer.Option(
@@ -144,10 +153,14 @@ def dpo(
         overwrite=overwrite or None, chat_template=chat_template,
         report_to=trackers(report_to),
         **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
+        **best_point_flags(eval_fraction, eval_every, early_stopping_patience),
     )
     summary = train_dpo(cfg)
     line = f"trained {summary['steps']} steps ({cfg.loss}) in {summary['wall_s']:.1f}s"
     if "eval_accuracy" in summary:
         line += f"; eval_loss {summary['eval_loss']:.4f}, eval_accuracy " \
                 f"{summary['eval_accuracy']:.3f}"
+    if "best_step" in summary:
+        line += f"; best step {summary['best_step']} (eval_loss " \
+                f"{summary['best_eval_loss']:.4f}, saved as the model)"
     typer.echo(f"{line}; model in {cfg.out / 'model'}")

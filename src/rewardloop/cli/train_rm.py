@@ -6,6 +6,12 @@ from pathlib import Path
 
 import typer
 
+from rewardloop.cli._best_point import (
+    EARLY_STOPPING_PATIENCE,
+    EVAL_EVERY,
+    EVAL_FRACTION,
+    best_point_flags,
+)
 from rewardloop.cli._common import (
     CHAT_TEMPLATE,
     CONFIG,
@@ -67,6 +73,9 @@ def rm(
                               "or ranking rows."),
     out: Path = OUT,
     eval_data: Path | None = EVAL_DATA,
+    eval_fraction: float | None = EVAL_FRACTION,
+    eval_every: int | None = EVAL_EVERY,
+    early_stopping_patience: int | None = EARLY_STOPPING_PATIENCE,
     data_format: str | None = typer.Option(None, "--format", help="trl, hh, ultrafeedback or "
                                            "ranking. Default: detected from the rows."),
     use_margin: bool = typer.Option(False, "--use-margin", help="Bradley-Terry with the rows' "
@@ -147,6 +156,7 @@ def rm(
         add_pad_token=flag(add_pad_token), trust_remote_code=flag(trust_remote_code),
         chat_template=chat_template, report_to=trackers(report_to),
         **runtime_flags(strategy, precision, gradient_checkpointing, dist_timeout, nproc),
+        **best_point_flags(eval_fraction, eval_every, early_stopping_patience),
     )
     for path in (cfg.data, cfg.eval_data):
         if path is not None:
@@ -158,4 +168,5 @@ def rm(
                                  flagged=cfg.exclude_flagged) if cfg.db is not None else None)
     summary = train_rm(cfg, stored)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
-                                    "eval_ece", "length_correlation"))
+                                    "eval_ece", "length_correlation", "best_step",
+                                    "best_eval_accuracy", "best_eval_loss", "label_ceiling"))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from rewardloop import losses
+from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
@@ -47,20 +48,24 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
+from rewardloop.options import BestPointOptions
 from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
+from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.data import (
     SCHEDULES,
     LengthGroupedSampler,
     rank_micro_batches,
     scheduler,
 )
+from rewardloop.train.early_stop import BestPoint, evaluation_due
 from rewardloop.train.run import (
     RunDir,
     adamw,
     save_checkpoint,
 )
 from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.split import split_records
 from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.util.files import atomic_write_text
 from rewardloop.util.progress import progress_bar
@@ -75,7 +80,7 @@ LENGTH_CORRELATION_WARNING = 0.5
 
 
 @dataclass(frozen=True)
-class RewardConfig(RuntimeOptions):
+class RewardConfig(RuntimeOptions, BestPointOptions):
     """Options of ``rewardloop train rm``."""
 
     model: str
@@ -194,6 +199,7 @@ class RewardConfig(RuntimeOptions):
             raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
         if self.eval_batch_size < 1 or self.save_every < 0 or self.log_every < 1:
             raise ValueError("eval_batch_size >= 1, save_every >= 0 and log_every >= 1 required")
+        self.check_best_point(self.eval_data)
         if self.lora_r is not None:
             LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
             if self.ensemble > 1 and not self.merge_lora:
@@ -250,18 +256,45 @@ def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
     return out
 
 
-def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
-    """(objective name, comparisons) of a preference file; other data kinds are refused."""
+def read_preferences(path: Path, cfg: RewardConfig) -> tuple[str, list[Record]]:
+    """(format, records) of a preference file; other data kinds are refused."""
     fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in PAIRWISE_FORMATS + RANKING_FORMATS:
         raise UserError(f"{path}: looks like {fmt} rows, but train rm needs preferences: "
                         "pairwise rows (prompt, chosen, rejected), hh, ultrafeedback or ranking "
                         "rows")
+    return fmt, records
+
+
+def comparisons_of(path: Path, fmt: str, records: Sequence[Record], tokenizer: Any,
+                   cfg: RewardConfig) -> tuple[str, list[Comparison]]:
+    """(objective name, comparisons) of the preference records read from ``path``."""
     items = to_comparisons(records, tokenizer, cfg)
     if not items:
         raise UserError(f"{path}: no comparison to learn from (ultrafeedback rows with equal "
                         "ratings give none)")
     return ("bradley-terry" if fmt in PAIRWISE_FORMATS else "plackett-luce"), items
+
+
+def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
+    """(objective name, comparisons) of a preference file; other data kinds are refused."""
+    fmt, records = read_preferences(path, cfg)
+    return comparisons_of(path, fmt, records, tokenizer, cfg)
+
+
+def train_and_eval_records(cfg: RewardConfig, groups: Mapping[str, Sequence[str]]
+                           ) -> tuple[tuple[str, list[Record]], tuple[str, list[Record]] | None]:
+    """((format, training records), (format, held-out records) or None): --eval-data, or
+    --eval-fraction of --data split by prompt (stratified by annotator group)."""
+    fmt, records = read_preferences(cfg.data, cfg)
+    if cfg.eval_data is not None:
+        return (fmt, records), read_preferences(cfg.eval_data, cfg)
+    if cfg.eval_fraction > 0:
+        train, held = split_records(records, groups, cfg.eval_fraction, cfg.seed)
+        log.info("rm: held out %d of %d rows (%d%% of the prompts' rows, split by prompt)",
+                 len(held), len(records), round(100 * cfg.eval_fraction))
+        return (fmt, train), (fmt, held)
+    return (fmt, records), None
 
 
 def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float] | None,
@@ -605,13 +638,15 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     rt.check_merge_lora(cfg.merge_lora)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
-    objective_name, items = read_comparisons(cfg.data, tokenizer, cfg)
-    eval_name, eval_items = (read_comparisons(cfg.eval_data, tokenizer, cfg)
-                             if cfg.eval_data else (objective_name, []))
+    weights, flagged, groups = annotator_info(cfg, stored)
+    (fmt, records), held_out = train_and_eval_records(cfg, groups)
+    objective_name, items = comparisons_of(cfg.data, fmt, records, tokenizer, cfg)
+    eval_name, eval_items = (comparisons_of(cfg.eval_data or cfg.data, *held_out, tokenizer, cfg)
+                             if held_out else (objective_name, []))
+    ceiling = label_ceiling(record_votes(held_out[1])).to_json() if held_out else {}
     if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
         raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
                         "rows train with Plackett-Luce, which has neither")
-    weights, flagged, groups = annotator_info(cfg, stored)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
@@ -631,10 +666,25 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"reward": model}, optimizers={"reward": optimizer},
                        schedulers={"reward": sched}, runtime=rt)
+    best = BestPoint(cfg.early_stopping_patience)
     step = 0
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+        best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
+
+    def held_out_figures() -> tuple[dict[str, Any], list[torch.Tensor]]:
+        with rt.autocast():
+            scores = score_all(model, eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
+        return evaluate(eval_name, eval_items, scores, cfg, groups), scores
+
+    def checkpoint(at: int) -> None:
+        save_checkpoint(run, at, models={"reward": model}, optimizers={"reward": optimizer},
+                        schedulers={"reward": sched}, sampler_state=sampler.state_dict(),
+                        extra={"best": best.state_dict()}, keep={best.best_step}, runtime=rt)
+
+    figures: dict[str, Any] = {}
+    stats_scores: list[torch.Tensor] | None = None
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
@@ -650,26 +700,40 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
                                        "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
                                        **{k: v / len(batch)
                                           for k, v in out.metric_sums.items()}})
-            if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(run, step, models={"reward": model},
-                                optimizers={"reward": optimizer}, schedulers={"reward": sched},
-                                sampler_state=sampler.state_dict(), runtime=rt)
+            improved = False
+            if eval_items and evaluation_due(step, total_steps, cfg.eval_every):
+                figures, stats_scores = held_out_figures()
+                run.log_metrics(step, {k: v for k, v in figures.items() if isinstance(v, float)})
+                improved = cfg.eval_every > 0 and best.update(step, figures["eval_loss"],
+                                                              figures)
+            if improved or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint(step)
             show(step, f"loss {out.loss:.3f}")
+            if best.should_stop:
+                log.info("rm: no lower eval loss in %d evaluations; stopping at step %d (best: "
+                         "step %s)", best.evals_since_best, step, best.best_step)
+                break
 
+    if eval_items and not figures:  # resumed after the last step: evaluate what was saved
+        figures, stats_scores = held_out_figures()
+    if best.best_step is not None and best.best_step != step:
+        restore_weights(run.checkpoints_dir / f"step-{best.best_step}",
+                        models={"reward": model})
+        stats_scores = None
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
-    with rt.autocast():
-        stats_scores = score_all(model, stats_items, pad_id, rt.device, cfg.eval_batch_size,
-                                 rt)
-    figures: dict[str, Any] = {}
-    if eval_items:
-        figures = evaluate(eval_name, eval_items, stats_scores, cfg, groups)
-        run.log_metrics(step, {k: v for k, v in figures.items() if isinstance(v, float)})
+    if stats_scores is None:
+        with rt.autocast():
+            stats_scores = score_all(model, stats_items, pad_id, rt.device,
+                                     cfg.eval_batch_size, rt)
     stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
              "max_prompt_length": cfg.max_prompt_length}
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     if rt.is_main:
         _write_stats(run.model_dir, stats)
     return run.write_summary({
-        **figures, "objective": objective_name, "ensemble": cfg.ensemble,
-        "train_comparisons": len(items), "dropped_flagged": n_read - len(items),
+        **figures, **best.summary(), **ceiling, "objective": objective_name,
+        "ensemble": cfg.ensemble, "train_comparisons": len(items),
+        "eval_source": ("eval_data" if cfg.eval_data else "eval_fraction" if eval_items
+                        else None),
+        "dropped_flagged": n_read - len(items),
         "reward_mean": stats["mean"], "reward_std": stats["std"]})
