@@ -65,3 +65,21 @@ def test_records_vote_on_the_same_unit_whatever_the_order_shown() -> None:
     assert xy == [("a", 1), ("b", -1), ("c", 1)]
     assert [(u, v) for u, n, v in votes if n == "c"] == [
         (("p", "x", "y"), 1), (("p", "y", "z"), 0), (("p", "x", "z"), 1)]
+
+
+def test_quality_report_shows_the_ceiling_of_the_stored_judgments() -> None:
+    """The u1/u2 part of the hand-computed table as store judgments: u1 (task 1): a, b, c
+    prefer response 1, d prefers 2 -> credits 1, 1, 1, 0; u2 (task 2): a prefers 3, b prefers
+    4 -> 0, 0. Ceiling 3/6 = 0.5."""
+    from rewardloop.feedback.quality import JudgmentRecord, analyze
+
+    def judged(i: int, name: str, task: int, ranking: list[list[int]]) -> JudgmentRecord:
+        return JudgmentRecord(judgment_id=i, annotator=name, groups=(), task_id=task,
+                              kind="pairwise", ranking=ranking)
+
+    records = [judged(0, "a", 1, [[1], [2]]), judged(1, "b", 1, [[1], [2]]),
+               judged(2, "c", 1, [[1], [2]]), judged(3, "d", 1, [[2], [1]]),
+               judged(4, "a", 2, [[3], [4]]), judged(5, "b", 2, [[4], [3]])]
+    doc = analyze(records).to_json()
+    assert doc["label_ceiling"] == pytest.approx(0.5)
+    assert doc["label_ceiling_judgments"] == 6 and doc["label_ceiling_pairs"] == 2
