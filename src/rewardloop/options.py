@@ -1,8 +1,13 @@
 """Option blocks shared by several commands' configs, and their documentation.
 
-A command's config (one frozen dataclass) inherits the blocks it needs; each field's docstring
-is its documentation, read by ``field_docs`` for the command line's ``--help``. Nothing here
-imports torch, so the CLI can read the docs at start-up.
+A command's config (one frozen dataclass) inherits the blocks it needs: model and tokenizer
+(``ModelOptions``), optimisation (``OptimOptions``, and ``OfflineOptions`` for the trainers that
+make passes over a dataset), run and checkpoint (``RunOptions``), LoRA (``LoraOptions``),
+processes and precision (``RuntimeOptions``); generation is ``engines.options.EngineOptions``.
+Each field is declared and documented once, in its block; a command changes only a default,
+by declaring the field again without a docstring. The docstrings are the documentation:
+``field_docs`` reads them for the command line's flags and ``--help`` (cli/_flags.py). Nothing
+here imports torch, so the CLI can build its flags at start-up.
 """
 
 from __future__ import annotations
@@ -14,10 +19,137 @@ import inspect
 import math
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TIMEOUT_S = 90
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Where a run writes, how it restarts and where its metrics go."""
+
+    out: Path
+    """Run directory to write: model/, config.yaml, metrics.jsonl, summary.json, checkpoints/."""
+    seed: int = 0
+    """Seed of initialisation, data order and sampling."""
+    save_every: int = 0
+    """Write a checkpoint every this many steps (and the model at the end; 0: only the final
+    model)."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in --out."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that also get the metrics, repeatable: tensorboard, wandb (offline
+    without an API key), mlflow or trackio (docs/tracking.md)."""
+
+    def check_run(self) -> None:
+        if self.save_every < 0:
+            raise ValueError("save_every must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """How the model and its tokenizer are loaded."""
+
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32,
+    bfloat16 or float16."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    add_pad_token: bool = False
+    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
+    chat_template: Path | None = None
+    """Jinja chat-template file for a tokenizer without one (chat rows need one) or to replace
+    its own; saved with the trained model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraOptions:
+    """Low-rank adapters instead of full fine-tuning."""
+
+    lora_r: int | None = None
+    """Train LoRA adapters of this rank instead of all weights (the reference, where there is
+    one, is the base model with the adapters off)."""
+    lora_alpha: int = 32
+    """LoRA scale alpha (the update is multiplied by alpha / r)."""
+    merge_lora: bool = False
+    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
+
+    def check_lora(self) -> None:
+        if self.lora_r is not None:
+            if self.lora_r < 1 or self.lora_alpha <= 0:
+                raise ValueError("lora_r must be at least 1 and lora_alpha positive")
+        elif self.merge_lora:
+            raise ValueError("merge_lora needs lora_r")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimOptions:
+    """The optimizer (AdamW) and its learning rate."""
+
+    lr: float = 1e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warm-up from 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient to this global norm (0 turns clipping off)."""
+
+    def check_optim(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OfflineOptions(OptimOptions):
+    """Passes over a dataset: steps, batches, lengths and the schedule (sft, rm, dpo)."""
+
+    epochs: int = 1
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to take; None runs ``epochs`` passes."""
+    batch_size: int = 16
+    """Examples (rows, comparisons or pairs) per optimizer step, over all micro-batches and
+    all processes (the global batch)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step in each process; processes x grad_accum must divide
+    batch_size."""
+    schedule: str = "linear"
+    """After warm-up: linear or cosine (decay to 0 at the last step), or constant."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens; longer answers are cut (and lose their EOS)."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+
+    def check_offline(self) -> None:
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs and max_steps must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"grad_accum ({self.grad_accum})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.max_length < 2 or (self.max_prompt_length is not None
+                                   and not 1 <= self.max_prompt_length < self.max_length):
+            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
+        if self.log_every < 1:
+            raise ValueError("log_every must be at least 1")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per micro-batch over all processes."""
+        return self.batch_size // self.grad_accum
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +237,7 @@ def flag_help(cls: type, name: str) -> str:
     (taken from the dataclass, so the two never disagree)."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     doc = field_docs(cls)[name].replace("``", "`")  # reST literals read as plain quotes
-    if field.default is dataclasses.MISSING or field.default is None:
+    if field.default is dataclasses.MISSING or field.default in (None, ()):
         return doc
     shown = ("on" if field.default else "off") if isinstance(field.default, bool) \
         else field.default

@@ -18,6 +18,7 @@ from rewardloop.losses import PREFERENCE_LOSSES, nll_loss
 from rewardloop.synthetic import corpus_texts, preference_rows
 from rewardloop.tiny import build_tiny
 from rewardloop.train import dpo
+from rewardloop.train.configs import DPO_LOSSES
 from rewardloop.train.dpo import DPOConfig, Example, build_pairs, build_unpaired, score
 
 
@@ -107,7 +108,7 @@ def test_kto_partners_are_other_rows_and_fixed_by_seed(tok_model, tmp_path: Path
 
 
 def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
-    assert set(dpo.OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto"} == set(dpo.LOSSES)
+    assert set(dpo.OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto"} == set(DPO_LOSSES)
     assert dpo.OBJECTIVES["kto"].formats == ("kto",)
     assert dpo.OBJECTIVES["ipo"].formats == ("trl", "hh", "ultrafeedback")
 
@@ -120,7 +121,7 @@ def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
     ({"loss": "simpo"}, "loss must be one of"),
     ({"beta": 0.0}, "beta"),
     ({"max_length": 16, "max_prompt_length": 16}, "max_prompt_length"),
-    ({"lora_r": 0}, "LoRA r"),
+    ({"lora_r": 0}, "lora_r must be at least 1"),
 ])
 def test_config_is_validated(tmp_path: Path, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

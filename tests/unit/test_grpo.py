@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rewardloop.train.configs import ADVANTAGE_NAMES
 from rewardloop.train.grpo import ADVANTAGES, AdvantageInput, GRPOConfig
 
 
@@ -167,3 +168,8 @@ def test_cli_grpo_and_its_errors(setup_dir: Path) -> None:
     assert bad.exit_code == 2 and "has no function 'no_such'" in bad.output
     help_text = runner.invoke(app, ["train", "rloo", "--help"]).output
     assert "--advantage" in help_text and "--kl-estimator" in help_text
+
+
+def test_the_config_names_exactly_the_estimators_the_trainer_has() -> None:
+    # The config validates names without importing the trainer (the CLI reads it at start-up).
+    assert ADVANTAGE_NAMES == tuple(ADVANTAGES)

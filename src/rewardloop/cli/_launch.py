@@ -20,36 +20,21 @@ import time
 
 import typer
 
-from rewardloop.options import RuntimeOptions, flag_help
-
 GRACE_S = 10.0
 
 
-def _doc(name: str) -> str:
-    return flag_help(RuntimeOptions, name)
-
-
-STRATEGY = typer.Option(None, "--strategy", help=_doc("strategy"))
-PRECISION = typer.Option(None, "--precision", help=_doc("precision"))
-GRADIENT_CHECKPOINTING = typer.Option(False, "--gradient-checkpointing",
-                                      help=_doc("gradient_checkpointing"))
-DIST_TIMEOUT = typer.Option(None, "--dist-timeout", help=_doc("dist_timeout"))
 NPROC = typer.Option(None, "--nproc", help="Start this many processes on this machine, one per "
                      "GPU (or CPU share), with the same options (the same as torchrun "
                      "--standalone --nproc-per-node N -m rewardloop ...). --batch-size stays "
                      "the global batch. Several machines: docs/distributed.md.")
 
 
-def runtime_flags(strategy: str | None, precision: str | None, gradient_checkpointing: bool,
-                  dist_timeout: int | None, nproc: int | None) -> dict[str, object]:
-    """The runtime options as config overrides. ``--nproc`` is taken off the command line
-    before parsing (``main``); reaching a command means it was called in-process."""
+def refuse_nproc(nproc: int | None) -> None:
+    """``--nproc`` is taken off the command line before parsing (``main``); reaching a command
+    with N > 1 means it was called in-process, where it cannot start processes."""
     if nproc is not None and nproc > 1:
         raise typer.BadParameter("--nproc works from the rewardloop command (or use torchrun)",
                                  param_hint="--nproc")
-    return {"strategy": strategy, "precision": precision,
-            "gradient_checkpointing": True if gradient_checkpointing else None,
-            "dist_timeout": dist_timeout}
 
 
 def free_port() -> int:

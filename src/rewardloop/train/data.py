@@ -172,9 +172,6 @@ class LengthGroupedSampler:
         self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
 
 
-SCHEDULES = ("linear", "cosine", "constant")
-
-
 def scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
               schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the peak, then linear or cosine decay to 0 at ``total_steps``, or flat."""

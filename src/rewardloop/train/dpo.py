@@ -50,17 +50,17 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.options import BestPointOptions
 from rewardloop.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
 from rewardloop.train.checkpoint import restore_weights
-from rewardloop.train.data import SCHEDULES, LengthGroupedSampler, rank_micro_batches, scheduler
+from rewardloop.train.configs import PAIRWISE_FORMATS, UNPAIRED_FORMATS, DPOConfig
+from rewardloop.train.data import LengthGroupedSampler, rank_micro_batches, scheduler
 from rewardloop.train.early_stop import BestPoint, evaluation_due
 from rewardloop.train.run import (
     RunDir,
     adamw,
     save_checkpoint,
 )
-from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.runtime import Runtime, runtime_for
 from rewardloop.train.split import split_records
 from rewardloop.train.step import accumulate
 from rewardloop.util.files import atomic_file
@@ -69,146 +69,7 @@ from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
-PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
-UNPAIRED_FORMATS = ("kto",)
-LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto")
 REF_CACHE = "ref_logps.pt"
-
-
-@dataclass(frozen=True)
-class DPOConfig(RuntimeOptions, BestPointOptions):
-    """Options of ``rewardloop train dpo``."""
-
-    model: str
-    """Policy to start from: a local model directory or a hub id (also the default reference)."""
-    data: Path
-    """Training preferences: pairwise rows (trl, hh, ultrafeedback) or, for KTO, kto rows."""
-    out: Path
-    """Run directory (model/, config.yaml, metrics.jsonl, summary.json, checkpoints/)."""
-    loss: str = "dpo"
-    """dpo (sigmoid), cdpo (DPO with label smoothing), ipo, robust (unbiased under label flips),
-    or kto (unpaired rows)."""
-    beta: float = 0.1
-    """β: the strength of the pull toward the reference (IPO's τ). Smaller moves further."""
-    label_smoothing: float = 0.0
-    """ε, the assumed rate of flipped labels: cdpo needs 0 < ε < 0.5, robust 0 <= ε < 0.5; dpo
-    with ε > 0 is cdpo; ipo and kto take none."""
-    length_normalize: bool = False
-    """Use the mean log-prob per completion token instead of the sum (IPO authors' choice)."""
-    nll_coef: float = 0.0
-    """RPO (Pang et al. 2024): add this times the token-mean NLL of the chosen answers."""
-    desirable_weight: float = 1.0
-    """KTO λ_D: weight of desirable examples."""
-    undesirable_weight: float = 1.0
-    """KTO λ_U: weight of undesirable examples."""
-    ref_model: str | None = None
-    """Reference model; None uses the initial policy (with LoRA: the adapter disabled)."""
-    precompute_ref: bool = True
-    """Compute reference log-probs once before training and cache them (no reference model in
-    memory while training). False scores the reference every step."""
-    data_format: str | None = None
-    """Format of --data/--eval-data; None detects it from the rows."""
-    eval_data: Path | None = None
-    """Held-out preferences (same kind as --data) for eval loss and implicit-reward accuracy."""
-    seed: int = 0
-    """Seed of initialisation, data order and KTO's mismatched pairs."""
-    epochs: int = 1
-    """Passes over the data (ignored when max_steps is set)."""
-    max_steps: int | None = None
-    """Optimizer steps to take; None runs ``epochs`` passes."""
-    batch_size: int = 8
-    """Pairs (KTO: examples) per optimizer step, over all gradient-accumulation micro-batches."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; must divide batch_size."""
-    lr: float = 1e-6
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from 0 to ``lr``."""
-    schedule: str = "linear"
-    """After warm-up: "linear" decay to 0 at the last step, or "constant"."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient to this global norm (0 turns clipping off)."""
-    max_length: int = 512
-    """Longest prompt + answer in tokens; longer answers are cut (and lose their EOS)."""
-    max_prompt_length: int | None = None
-    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
-    ref_batch_size: int = 32
-    """Examples per batch of the reference (and evaluation) no-grad passes."""
-    lora_r: int | None = None
-    """Train LoRA adapters of this rank instead of all weights; the reference is then the base
-    model with the adapter disabled (unless ref_model is given)."""
-    lora_alpha: int = 32
-    """LoRA scale alpha (the update is multiplied by alpha / r)."""
-    merge_lora: bool = False
-    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
-    dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
-    save_every: int = 0
-    """Write a checkpoint every this many steps (0: only the final model)."""
-    log_every: int = 1
-    """Log metrics every this many steps."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in --out."""
-    overwrite: bool = False
-    """Delete an existing run in --out first."""
-    add_pad_token: bool = False
-    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
-    trust_remote_code: bool = False
-    """Run the model repository's own Python code (only for repositories you trust)."""
-    chat_template: Path | None = None
-    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
-    the model."""
-    report_to: tuple[str, ...] = ()
-    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
-
-    def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
-        self.check_runtime()
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
-        if self.beta <= 0:
-            raise ValueError("beta must be > 0")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5)")
-        if self.loss == "cdpo" and self.label_smoothing == 0.0:
-            raise ValueError("cdpo needs --label-smoothing in (0, 0.5), e.g. 0.1")
-        if self.loss in ("ipo", "kto") and self.label_smoothing != 0.0:
-            raise ValueError(f"{self.loss} has no label smoothing; leave it at 0")
-        if self.nll_coef < 0:
-            raise ValueError("nll_coef must be >= 0")
-        if self.loss == "kto" and self.nll_coef != 0.0:
-            raise ValueError("nll_coef (RPO) applies to chosen answers of pairwise losses, "
-                             "not kto")
-        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
-            raise ValueError("desirable_weight and undesirable_weight must be > 0")
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("epochs and max_steps must be at least 1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
-                             f"grad_accum ({self.grad_accum})")
-        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
-        if self.warmup_steps < 0 or self.schedule not in SCHEDULES:
-            raise ValueError(f"warmup_steps >= 0 and schedule in {list(SCHEDULES)} required")
-        if self.max_length < 2 or (self.max_prompt_length is not None
-                                   and not 1 <= self.max_prompt_length < self.max_length):
-            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
-        if self.ref_batch_size < 1 or self.save_every < 0 or self.log_every < 1:
-            raise ValueError("ref_batch_size >= 1, save_every >= 0 and log_every >= 1 required")
-        self.check_best_point(self.eval_data)
-        if self.lora_r is not None:
-            LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
-        if self.data_format is not None and self.data_format not in (
-                PAIRWISE_FORMATS + UNPAIRED_FORMATS):
-            raise ValueError(f"data_format must be one of "
-                             f"{list(PAIRWISE_FORMATS + UNPAIRED_FORMATS)}")
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,9 +34,8 @@ from rewardloop import ops, pg_losses
 from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.models import LoraSettings
-from rewardloop.ops import AGGREGATIONS, KL_ESTIMATORS
-from rewardloop.options import RuntimeOptions
-from rewardloop.pg_losses import IS_LEVELS
+from rewardloop.ops import KL_ESTIMATORS
+from rewardloop.train.configs import GRPOConfig
 from rewardloop.train.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -98,200 +96,6 @@ ADVANTAGES: dict[str, Callable[[AdvantageInput], torch.Tensor]] = {
     "reinforce++": _reinforce_pp,
 }
 """Estimator name -> advantages, (N,) one per sequence or (N, C) one per token."""
-
-GROUP_METHODS = ("grpo", "rloo")
-# Each method's paper default: where the KL penalty goes and how it is estimated.
-KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1"), "reinforce++": ("reward", "k1")}
-
-
-@dataclass(frozen=True)
-class GRPOConfig(RuntimeOptions, EngineOptions):
-    """Options of ``rewardloop train grpo`` / ``rloo`` (``rloo`` sets ``advantage="rloo"``)."""
-
-    policy: str
-    """Policy to train: a model directory (e.g. an SFT run's model/), a LoRA adapter dir or a
-    hub id."""
-    prompts: Path
-    """Prompts file (JSONL, ``prompt`` or ``messages`` per line, optional ``meta``)."""
-    out: Path
-    """Run directory to write."""
-    rewards: tuple[str, ...] = ()
-    """Reward specs ``SPEC[@WEIGHT]``: a reward-model dir or ``package.module:function``."""
-    advantage: str = "grpo"
-    """Advantage estimator: grpo, rloo or reinforce++."""
-    num_generations: int = 4
-    """Completions sampled per prompt (the group size; at least 2 for grpo/rloo)."""
-    batch_size: int = 16
-    """Completions per step (prompts per step x num_generations), over all processes: each
-    generates for its share of the step's prompts (a prompt's group stays on one process)."""
-    mini_batch_size: int | None = None
-    """Completions per optimizer update, over all processes (default: batch_size, one update
-    per epoch)."""
-    micro_batch_size: int | None = None
-    """Completions per forward/backward pass in each process (gradient accumulation; default:
-    the process's share of mini_batch_size)."""
-    ppo_epochs: int = 1
-    """Passes over each step's batch (TRL's num_iterations; > 1 reuses samples, clipped)."""
-    max_steps: int = 100
-    """Steps to run (each samples batch_size completions)."""
-    lr: float = 1e-6
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Optimizer updates of linear learning-rate warm-up (then constant)."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this (0 = no clipping)."""
-    max_prompt_length: int = 512
-    """Prompts longer than this (tokens) keep their last tokens."""
-    max_new_tokens: int = 64
-    """Longest completion (tokens); longer ones are cut and count as missing EOS."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs use the same one."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    kl_coef: float = 0.04
-    """KL penalty coefficient beta (0 = no reference model, no KL)."""
-    kl_estimator: str | None = None
-    """k1, k2 or k3; None = the method's default (grpo k3, rloo/reinforce++ k1)."""
-    kl_in: str | None = None
-    """Where the KL penalty goes: reward or loss; None = the method's default (grpo loss,
-    rloo/reinforce++ reward)."""
-    kl_target: float | None = None
-    """Adaptive KL: target KL per sequence (k1, summed over tokens); None = fixed kl_coef."""
-    kl_horizon: int = 10000
-    """Adaptive KL horizon in completions (Ziegler et al. 2019)."""
-    scale_rewards: bool = True
-    """GRPO: divide group-centred rewards by the group std (False = Dr. GRPO)."""
-    gamma: float = 1.0
-    """REINFORCE++ discount factor."""
-    clip_eps: float = 0.2
-    """PPO clip range epsilon (lower side)."""
-    clip_eps_high: float | None = None
-    """Upper clip range (DAPO clip-higher); None = clip_eps."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens; None = off."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient (entropy is logged either way)."""
-    loss_aggregation: str = "token-mean"
-    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
-    reward_clip: float | None = None
-    """Clip the weighted reward to [-c, c]; None = no clipping."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the reward of completions that never emit EOS."""
-    reward_batch_size: int = 16
-    """Completions per reward-model forward pass."""
-    gold: str | None = None
-    """Optional ``package.module:function`` scored on every sample but never optimised (a gold
-    judge to watch the proxy/gold gap)."""
-    lora_r: int | None = None
-    """Train LoRA adapters of this rank instead of all weights (reference = adapters off)."""
-    lora_alpha: int = 32
-    """LoRA alpha."""
-    merge_lora: bool = False
-    """Save the policy with the adapters merged into the weights."""
-    add_pad_token: bool = False
-    """Add a pad token when the tokenizer has none (or pad == EOS)."""
-    dtype: str = "auto"
-    """auto, float32, bfloat16 or float16."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    trust_remote_code: bool = False
-    """Run the model repository's own code (off: safe by default)."""
-    is_level: str = "token"
-    """Correction of samples from another engine (vllm): token (truncated importance sampling),
-    sequence (drop sequences whose ratio exceeds is_cap) or off."""
-    is_cap: float = 2.0
-    """Cap C of the trainer/sampler importance ratio (per token, or per sequence)."""
-    seed: int = 0
-    """Seed for prompt order and sampling."""
-    save_every: int = 50
-    """Write a checkpoint every this many steps (and at the end)."""
-    sample_every: int = 10
-    """Write sample completions to samples.jsonl every this many steps (0 = never)."""
-    num_samples: int = 4
-    """Completions written per sampling step."""
-    resume: bool = False
-    """Continue the run in --out from its latest checkpoint."""
-    overwrite: bool = False
-    """Delete an existing run in --out first."""
-    chat_template: Path | None = None
-    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
-    the model."""
-    report_to: tuple[str, ...] = ()
-    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
-
-    def __post_init__(self) -> None:
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {sorted(ADVANTAGES)}, "
-                             f"got {self.advantage!r}")
-        kl_in, estimator = KL_DEFAULTS[self.advantage]
-        object.__setattr__(self, "kl_in", self.kl_in or kl_in)
-        object.__setattr__(self, "kl_estimator", self.kl_estimator or estimator)
-        object.__setattr__(self, "mini_batch_size", self.mini_batch_size or self.batch_size)
-        object.__setattr__(self, "micro_batch_size",
-                           self.micro_batch_size or self.mini_batch_size)
-        check_common(self)
-        if self.advantage in GROUP_METHODS and self.num_generations < 2:
-            raise ValueError(f"{self.advantage} needs num_generations >= 2: with one completion "
-                             "per prompt the group baseline equals the reward and every "
-                             "advantage is 0")
-        if self.batch_size % self.num_generations:
-            raise ValueError(f"batch_size {self.batch_size} (completions per step) must be a "
-                             f"multiple of num_generations {self.num_generations}")
-        if self.advantage == "reinforce++" and self.kl_in == "loss" and self.kl_estimator == "k1":
-            raise ValueError("k1 in the loss has zero expected gradient; use k3 or kl_in=reward")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError("gamma must be in (0, 1]")
-
-    @property
-    def prompts_per_step(self) -> int:
-        return self.batch_size // self.num_generations
-
-
-def check_common(cfg: Any) -> None:
-    """Checks shared by the GRPO and PPO configs (called from their ``__post_init__``)."""
-    cfg.check_runtime()
-    if not cfg.rewards:
-        raise ValueError("give at least one reward (--reward SPEC[@WEIGHT])")
-    positive = ("batch_size", "max_steps", "ppo_epochs", "max_new_tokens", "max_prompt_length",
-                "save_every", "kl_horizon", "reward_batch_size")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.batch_size % cfg.mini_batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of mini_batch_size "
-                         f"{cfg.mini_batch_size}")
-    if cfg.mini_batch_size % cfg.micro_batch_size:
-        raise ValueError(f"mini_batch_size {cfg.mini_batch_size} must be a multiple of "
-                         f"micro_batch_size {cfg.micro_batch_size}")
-    _check_options(cfg)
-    EngineOptions.of(cfg)  # validates the generator options
-    if cfg.is_level not in IS_LEVELS or cfg.is_cap <= 0:
-        raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)} and is_cap > 0")
-
-
-def _check_options(cfg: Any) -> None:
-    if cfg.lr <= 0 or cfg.temperature <= 0 or cfg.kl_coef < 0 or cfg.max_grad_norm < 0:
-        raise ValueError("lr and temperature must be > 0; kl_coef and max_grad_norm >= 0")
-    if cfg.kl_in not in ("reward", "loss"):
-        raise ValueError(f"kl_in must be reward or loss, got {cfg.kl_in!r}")
-    if cfg.kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}")
-    if cfg.loss_aggregation not in AGGREGATIONS:
-        raise ValueError(f"loss_aggregation must be one of {sorted(AGGREGATIONS)}")
-    if cfg.kl_target is not None and cfg.kl_target <= 0:
-        raise ValueError("kl_target must be > 0")
-    if cfg.dual_clip is not None and cfg.dual_clip <= 1.0:
-        raise ValueError("dual_clip must be > 1")
-    if cfg.reward_clip is not None and cfg.reward_clip <= 0:
-        raise ValueError("reward_clip must be > 0")
-    if cfg.missing_eos_penalty < 0 or cfg.sample_every < 0 or cfg.warmup_steps < 0:
-        raise ValueError("missing_eos_penalty, sample_every and warmup_steps must be >= 0")
-    if cfg.lora_r is not None and cfg.lora_r < 1:
-        raise ValueError("lora_r must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------

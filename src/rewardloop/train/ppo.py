@@ -24,11 +24,10 @@ import torch
 
 from rewardloop import ops, pg_losses
 from rewardloop.engines.options import EngineOptions
-from rewardloop.options import RuntimeOptions
+from rewardloop.train.configs import PPOConfig
 from rewardloop.train.grpo import (
     Setup,
     add_metrics,
-    check_common,
     finish,
     kl_metrics,
     local_micro,
@@ -47,150 +46,6 @@ if TYPE_CHECKING:
     from rewardloop.rewards import RewardOutput
     from rewardloop.rollout import Rollout
 
-
-@dataclass(frozen=True)
-class PPOConfig(RuntimeOptions, EngineOptions):
-    """Options of ``rewardloop train ppo``."""
-
-    policy: str
-    """Policy to train: a model directory, a LoRA adapter dir or a hub id."""
-    prompts: Path
-    """Prompts file (JSONL, ``prompt`` or ``messages`` per line, optional ``meta``)."""
-    out: Path
-    """Run directory to write."""
-    rewards: tuple[str, ...] = ()
-    """Reward specs ``SPEC[@WEIGHT]``: a reward-model dir or ``package.module:function``."""
-    value_model: str | None = None
-    """Where the value model starts: a reward-model dir (recommended) or None = the policy's
-    weights with a fresh scalar head."""
-    num_generations: int = 1
-    """Completions sampled per prompt (PPO needs no groups)."""
-    batch_size: int = 16
-    """Completions per step (prompts per step x num_generations)."""
-    mini_batch_size: int | None = None
-    """Completions per optimizer update (default: batch_size)."""
-    micro_batch_size: int | None = None
-    """Completions per forward/backward pass (default: mini_batch_size)."""
-    ppo_epochs: int = 4
-    """Passes over each step's samples."""
-    max_steps: int = 100
-    """Steps to run (each samples batch_size completions)."""
-    lr: float = 1e-6
-    """Policy AdamW learning rate."""
-    value_lr: float | None = None
-    """Value model learning rate (default: lr)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Optimizer updates of linear learning-rate warm-up (then constant)."""
-    max_grad_norm: float = 1.0
-    """Clip each model's gradient norm to this (0 = off)."""
-    max_prompt_length: int = 512
-    """Prompts longer than this (tokens) keep their last tokens."""
-    max_new_tokens: int = 64
-    """Longest completion (tokens); longer ones are cut and count as missing EOS."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs use the same one."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    kl_coef: float = 0.05
-    """Per-token KL penalty coefficient in the reward (0 = no reference model)."""
-    kl_estimator: str = "k1"
-    """Estimator of the per-token KL in the reward: k1 (principled), k2 or k3."""
-    kl_in: str = "reward"
-    """PPO puts the KL in the reward (the only supported place)."""
-    kl_target: float | None = None
-    """Adaptive KL: target KL per sequence (k1, summed); None = fixed kl_coef."""
-    kl_horizon: int = 10000
-    """Adaptive KL horizon in completions."""
-    gamma: float = 1.0
-    """Discount factor of GAE."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the real tokens of the batch (masked)."""
-    clip_eps: float = 0.2
-    """PPO clip range epsilon."""
-    clip_eps_high: float | None = None
-    """Upper clip range (DAPO clip-higher); None = clip_eps."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1; None = off."""
-    value_clip: float | None = 0.2
-    """Clip the value update to +-this around the rollout-time values; None = no clipping."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient (entropy is logged either way)."""
-    loss_aggregation: str = "token-mean"
-    """Aggregation of per-token losses (see ops.AGGREGATIONS)."""
-    reward_clip: float | None = None
-    """Clip the weighted reward to [-c, c]; None = no clipping."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the reward of completions that never emit EOS."""
-    reward_batch_size: int = 16
-    """Completions per reward-model forward pass."""
-    gold: str | None = None
-    """Optional ``package.module:function`` logged as gold/mean, never optimised."""
-    lora_r: int | None = None
-    """Train LoRA adapters of this rank (policy and value model)."""
-    lora_alpha: int = 32
-    """LoRA alpha."""
-    merge_lora: bool = False
-    """Save the policy with the adapters merged."""
-    add_pad_token: bool = False
-    """Add a pad token when the tokenizer has none (or pad == EOS)."""
-    dtype: str = "auto"
-    """auto, float32, bfloat16 or float16."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    trust_remote_code: bool = False
-    """Run the model repository's own code."""
-    is_level: str = "token"
-    """Correction of samples from another engine (vllm): token (truncated importance sampling),
-    sequence (drop sequences whose ratio exceeds is_cap) or off."""
-    is_cap: float = 2.0
-    """Cap C of the trainer/sampler importance ratio (per token, or per sequence)."""
-    seed: int = 0
-    """Seed for prompt order, sampling and the value head."""
-    save_every: int = 50
-    """Checkpoint every this many steps (and at the end)."""
-    sample_every: int = 10
-    """Write sample completions to samples.jsonl every this many steps (0 = never)."""
-    num_samples: int = 4
-    """Completions written per sampling step."""
-    resume: bool = False
-    """Continue the run in --out from its latest checkpoint."""
-    overwrite: bool = False
-    """Delete an existing run in --out first."""
-    chat_template: Path | None = None
-    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
-    the model."""
-    report_to: tuple[str, ...] = ()
-    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mini_batch_size", self.mini_batch_size or self.batch_size)
-        object.__setattr__(self, "micro_batch_size",
-                           self.micro_batch_size or self.mini_batch_size)
-        object.__setattr__(self, "value_lr", self.value_lr or self.lr)
-        check_common(self)
-        if self.kl_in != "reward":
-            raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
-        if self.num_generations < 1 or self.batch_size % self.num_generations:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
-                             f"num_generations {self.num_generations}")
-        if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-            raise ValueError("gamma must be in (0, 1] and lam in [0, 1]")
-        if self.vf_coef <= 0 or self.value_lr <= 0:
-            raise ValueError("vf_coef and value_lr must be > 0")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise ValueError("value_clip must be > 0")
-
-    @property
-    def prompts_per_step(self) -> int:
-        return self.batch_size // self.num_generations
 
 
 def load_value(cfg: PPOConfig, setup: Setup) -> Any:

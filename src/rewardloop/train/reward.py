@@ -48,12 +48,11 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.options import BestPointOptions
 from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.checkpoint import restore_weights
+from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
 from rewardloop.train.data import (
-    SCHEDULES,
     LengthGroupedSampler,
     rank_micro_batches,
     scheduler,
@@ -64,7 +63,7 @@ from rewardloop.train.run import (
     adamw,
     save_checkpoint,
 )
-from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.runtime import Runtime, runtime_for
 from rewardloop.train.split import split_records
 from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.util.files import atomic_write_text
@@ -73,140 +72,7 @@ from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
-PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
-RANKING_FORMATS = ("ranking",)
-WEIGHTINGS = ("none", "reliability")
 LENGTH_CORRELATION_WARNING = 0.5
-
-
-@dataclass(frozen=True)
-class RewardConfig(RuntimeOptions, BestPointOptions):
-    """Options of ``rewardloop train rm``."""
-
-    model: str
-    """A causal LM (a fresh scalar head is added) or an existing reward model (dir or hub id)."""
-    data: Path
-    """Training preferences: pairwise rows (trl, hh, ultrafeedback) or ranking rows."""
-    out: Path
-    """Run directory (model/, config.yaml, metrics.jsonl, summary.json, checkpoints/)."""
-    eval_data: Path | None = None
-    """Held-out preferences: accuracy, loss, calibration, per-annotator accuracy, length bias."""
-    data_format: str | None = None
-    """Format of --data/--eval-data (trl, hh, ultrafeedback, ranking); None detects it."""
-    use_margin: bool = False
-    """Bradley–Terry with the rows' ``margin``: chosen must win by at least that (Llama 2)."""
-    label_smoothing: float = 0.0
-    """ε: the target probability that chosen wins is 1 - ε (pairwise data only)."""
-    center_rewards_coef: float = 0.0
-    """Weight of the auxiliary loss mean((Σ rewards of a comparison)²) keeping rewards near 0."""
-    ensemble: int = 1
-    """Number of reward heads on one shared trunk; > 1 gives a mean reward and its std."""
-    weighting: str = "none"
-    """none, or reliability: weigh each comparison by its annotator's estimated reliability."""
-    exclude_flagged: bool = False
-    """Drop the judgments of annotators the quality checks flag (needs --db)."""
-    db: str | None = None
-    """Store URL to read annotator reliability, flags and groups from."""
-    annotator_weights: Path | None = None
-    """JSON file {annotator: weight} used by weighting=reliability instead of the store."""
-    annotator_groups: Path | None = None
-    """JSON file {annotator: [group, ...]} for per-group eval accuracy (the store's groups are
-    added when --db is given)."""
-    seed: int = 0
-    """Seed of initialisation (heads) and data order."""
-    epochs: int = 1
-    """Passes over the data (ignored when max_steps is set)."""
-    max_steps: int | None = None
-    """Optimizer steps to take; None runs ``epochs`` passes."""
-    batch_size: int = 16
-    """Comparisons (pairs or rankings) per optimizer step, over all micro-batches and all
-    processes (the global batch)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step in each process; processes x grad_accum must divide
-    batch_size."""
-    lr: float = 1e-4
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from 0 to ``lr``."""
-    schedule: str = "linear"
-    """After warm-up: "linear" decay to 0, "cosine" decay to 0, or "constant"."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient to this global norm (0 turns clipping off)."""
-    max_length: int = 512
-    """Longest prompt + answer in tokens; longer answers are cut."""
-    max_prompt_length: int | None = None
-    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
-    eval_batch_size: int = 32
-    """Comparisons per no-grad evaluation batch."""
-    lora_r: int | None = None
-    """Train LoRA adapters of this rank (and the head) instead of all weights."""
-    lora_alpha: int = 32
-    """LoRA scale alpha (the update is multiplied by alpha / r)."""
-    merge_lora: bool = False
-    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
-    dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
-    save_every: int = 0
-    """Write a checkpoint every this many steps (0: only the final model)."""
-    log_every: int = 1
-    """Log metrics every this many steps."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in --out."""
-    overwrite: bool = False
-    """Delete an existing run in --out first."""
-    add_pad_token: bool = False
-    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
-    trust_remote_code: bool = False
-    """Run the model repository's own Python code (only for repositories you trust)."""
-    chat_template: Path | None = None
-    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
-    the model."""
-    report_to: tuple[str, ...] = ()
-    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
-
-    def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
-        self.check_runtime()
-        if self.data_format is not None and self.data_format not in (
-                PAIRWISE_FORMATS + RANKING_FORMATS):
-            raise ValueError(f"data_format must be one of "
-                             f"{list(PAIRWISE_FORMATS + RANKING_FORMATS)}")
-        if not 0.0 <= self.label_smoothing < 0.5 or self.center_rewards_coef < 0:
-            raise ValueError("label_smoothing must be in [0, 0.5) and center_rewards_coef >= 0")
-        if self.ensemble < 1:
-            raise ValueError("ensemble must be at least 1")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}")
-        if self.weighting == "reliability" and self.db is None and self.annotator_weights is None:
-            raise ValueError("weighting=reliability needs --db (the store's annotator "
-                             "reliability) or --annotator-weights FILE.json")
-        if self.exclude_flagged and self.db is None:
-            raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("epochs and max_steps must be at least 1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
-                             f"grad_accum ({self.grad_accum})")
-        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
-        if self.warmup_steps < 0 or self.schedule not in SCHEDULES:
-            raise ValueError(f"warmup_steps >= 0 and schedule in {list(SCHEDULES)} required")
-        if self.max_length < 2 or (self.max_prompt_length is not None
-                                   and not 1 <= self.max_prompt_length < self.max_length):
-            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
-        if self.eval_batch_size < 1 or self.save_every < 0 or self.log_every < 1:
-            raise ValueError("eval_batch_size >= 1, save_every >= 0 and log_every >= 1 required")
-        self.check_best_point(self.eval_data)
-        if self.lora_r is not None:
-            LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
-            if self.ensemble > 1 and not self.merge_lora:
-                raise ValueError("an ensemble trained with LoRA must be saved merged: add "
-                                 "--merge-lora")
-        elif self.merge_lora:
-            raise ValueError("merge_lora needs lora_r")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from rewardloop.models import (
     match_tokenizer,
 )
 from rewardloop.tokenize import Encoded, encode_sft, pad
+from rewardloop.train.configs import SFTConfig
 from rewardloop.train.data import (
-    SCHEDULES,
     LengthGroupedSampler,
     rank_micro_batches,
     scheduler,
@@ -50,116 +50,12 @@ from rewardloop.train.run import (
     adamw,
     save_checkpoint,
 )
-from rewardloop.train.runtime import Runtime, RuntimeOptions, runtime_for
+from rewardloop.train.runtime import Runtime, runtime_for
 from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.util.progress import progress_bar
 from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class SFTConfig(RuntimeOptions):
-    """Options of ``rewardloop train sft``."""
-
-    model: str
-    """Causal LM to start from: a local model directory or a hub id."""
-    data: Path
-    """Training rows in the sft format: prompt + completion, messages, or text."""
-    out: Path
-    """Run directory (model/, config.yaml, metrics.jsonl, summary.json, checkpoints/)."""
-    eval_data: Path | None = None
-    """Held-out sft rows: eval loss and perplexity on their target tokens."""
-    train_on_prompt: bool = False
-    """Also train on prompt tokens (default: only the completion and its EOS)."""
-    packing: bool = False
-    """Pack several examples into each row of max_length tokens (isolated by position_ids);
-    batch_size then counts packed rows."""
-    seed: int = 0
-    """Seed of initialisation and data order."""
-    epochs: int = 1
-    """Passes over the data (ignored when max_steps is set)."""
-    max_steps: int | None = None
-    """Optimizer steps to take; None runs ``epochs`` passes."""
-    batch_size: int = 16
-    """Examples (packed rows with packing) per optimizer step, over all micro-batches and all
-    processes (the global batch)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step in each process; processes x grad_accum must divide
-    batch_size."""
-    lr: float = 2e-5
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from 0 to ``lr``."""
-    schedule: str = "linear"
-    """After warm-up: "linear" decay to 0, "cosine" decay to 0, or "constant"."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient to this global norm (0 turns clipping off)."""
-    max_length: int = 512
-    """Longest prompt + completion (and packed row) in tokens; longer answers are cut."""
-    max_prompt_length: int | None = None
-    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
-    eval_batch_size: int = 32
-    """Examples per no-grad evaluation batch."""
-    eval_every: int = 0
-    """Evaluate on eval_data every this many steps (0: only at the end)."""
-    lora_r: int | None = None
-    """Train LoRA adapters of this rank instead of all weights."""
-    lora_alpha: int = 32
-    """LoRA scale alpha (the update is multiplied by alpha / r)."""
-    merge_lora: bool = False
-    """Save a merged plain model instead of the adapter at the end of a LoRA run."""
-    dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
-    save_every: int = 0
-    """Write a checkpoint every this many steps (0: only the final model)."""
-    log_every: int = 1
-    """Log metrics every this many steps."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in --out."""
-    overwrite: bool = False
-    """Delete an existing run in --out first."""
-    add_pad_token: bool = False
-    """Add a new pad token when the tokenizer has none (or pads with EOS)."""
-    trust_remote_code: bool = False
-    """Run the model repository's own Python code (only for repositories you trust)."""
-    chat_template: Path | None = None
-    """Jinja chat-template file for a tokenizer without one (or to replace its own); saved with
-    the model."""
-    report_to: tuple[str, ...] = ()
-    """Experiment trackers that also get the metrics: tensorboard, wandb, mlflow, trackio."""
-
-    def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
-        self.check_runtime()
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("epochs and max_steps must be at least 1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
-                             f"grad_accum ({self.grad_accum})")
-        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr must be > 0; weight_decay and max_grad_norm >= 0")
-        if self.warmup_steps < 0 or self.schedule not in SCHEDULES:
-            raise ValueError(f"warmup_steps >= 0 and schedule in {list(SCHEDULES)} required")
-        if self.max_length < 2 or (self.max_prompt_length is not None
-                                   and not 1 <= self.max_prompt_length < self.max_length):
-            raise ValueError("max_length >= 2 and 1 <= max_prompt_length < max_length required")
-        if self.eval_batch_size < 1 or self.eval_every < 0:
-            raise ValueError("eval_batch_size >= 1 and eval_every >= 0 required")
-        if self.save_every < 0 or self.log_every < 1:
-            raise ValueError("save_every >= 0 and log_every >= 1 required")
-        if self.lora_r is not None:
-            LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
-        elif self.merge_lora:
-            raise ValueError("merge_lora needs lora_r")
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +209,6 @@ def evaluate(model: nn.Module, examples: Sequence[Encoded], cfg: SFTConfig, pad_
     nll = sum(rt.map_chunks(len(starts), chunk_nll))
     model.train(was_training)
     return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 700.0))}
-
-
 
 
 # ---------------------------------------------------------------------------------------------
