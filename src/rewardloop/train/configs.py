@@ -121,6 +121,13 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
     added when --db is given)."""
     eval_batch_size: int = 32
     """Comparisons per no-grad evaluation batch."""
+    length_debias: bool = False
+    """ODIN (Chen et al. 2024): train an extra head that tracks answer length beside the reward
+    heads, keep the reward heads uncorrelated with length, and drop the length head when the
+    model is saved."""
+    length_debias_coef: float = 0.1
+    """Weight of ODIN's correlation and orthogonality terms (with --length-debias); 1.0 starved
+    the reward head in our length-bias test (docs/reward-models.md)."""
     lr: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -142,6 +149,9 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
             raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
         if self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be at least 1")
+        if self.length_debias and (self.lora_r is not None or self.length_debias_coef < 0):
+            raise ValueError("length_debias needs full fine-tuning (no --lora-r) and "
+                             "length_debias_coef >= 0")
         if self.lora_r is not None and self.ensemble > 1 and not self.merge_lora:
             raise ValueError("an ensemble trained with LoRA must be saved merged: add "
                              "--merge-lora")

@@ -58,6 +58,11 @@ from rewardloop.train.data import (
     scheduler,
 )
 from rewardloop.train.early_stop import BestPoint, evaluation_due
+from rewardloop.train.length_debias import (
+    drop_length_head,
+    odin_correlation_loss,
+    orthogonality_loss,
+)
 from rewardloop.train.run import (
     RunDir,
     adamw,
@@ -297,6 +302,10 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     step_weight / w, which gives Σ_i w_i loss_i / step_weight exactly.
     """
     device = scores.device
+    odin = None
+    if cfg.length_debias:  # rank by r_Q + r_L; ODIN's terms on the split (see length_debias)
+        odin = length_terms(scores, ranks, items) * len(items) / step_count
+        scores = scores[..., :-1] + scores[..., -1:]
     weights = torch.tensor([c.weight for c in items], device=device)
     margins = torch.tensor([c.margin for c in items], device=device, dtype=scores.dtype)
     heads = scores.shape[-1]
@@ -315,9 +324,23 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
                                                               cfg.center_rewards_coef)
                                  for h in range(heads)]).mean()
         loss = loss + centering * len(items) / step_count
+    if odin is not None:
+        loss = loss + cfg.length_debias_coef * odin
     with torch.no_grad():  # metrics of the ensemble's reward, the mean over heads (B, K)
         _, metrics = objective(scores.mean(-1), ranks, margins, cfg, float(len(items)))
     return loss, metrics
+
+
+def length_terms(scores: torch.Tensor, ranks: torch.Tensor, items: Sequence[Comparison]
+                 ) -> torch.Tensor:
+    """ODIN's correlation term over the answers of a micro-batch: scores (B, K, H + 1), the
+    last head tracking length; absent answers (rank -1) are left out."""
+    lengths = torch.tensor([[sum(e.completion_mask) for e in c.responses]
+                            + [0] * (scores.shape[1] - len(c.responses)) for c in items],
+                           device=scores.device)
+    present = ranks >= 0
+    return odin_correlation_loss(scores[..., :-1][present], scores[..., -1][present],
+                                 lengths[present])
 
 
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
@@ -333,6 +356,9 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
         scores, ranks = score_comparisons(model, mb, pad_id, device)
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
+        if cfg.length_debias:
+            head = Runtime.unwrap(model).score
+            loss = loss + cfg.length_debias_coef * orthogonality_loss(head) * len(mb) / len(batch)
         return loss, {k: float(v) * len(mb) for k, v in metrics.items()}
 
     return loss_of
@@ -409,6 +435,23 @@ def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
     return figures
 
 
+def length_correlation(items: Sequence[Comparison], scores: Sequence[torch.Tensor]
+                       ) -> float | None:
+    """Pearson r of the (ensemble-mean) reward and answer length in tokens, over all answers."""
+    rewards = [float(r) for s in scores for r in s.mean(-1)]
+    lengths = [sum(e.completion_mask) for c in items for e in c.responses]
+    return _pearson(rewards, lengths)
+
+
+def split_length_head(scores: Sequence[torch.Tensor], cfg: RewardConfig
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """(reward-head scores, r_Q + r_L or None) of (K, H [+ 1]) scores: with --length-debias the
+    last column is the length head, which the saved model will not have."""
+    if not cfg.length_debias:
+        return list(scores), None
+    return [s[:, :-1] for s in scores], [s[:, :-1] + s[:, -1:] for s in scores]
+
+
 def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[torch.Tensor],
              cfg: RewardConfig, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Held-out figures of the ensemble-mean reward.
@@ -439,9 +482,7 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
     if deltas:
         figures.update(pair_figures(np.asarray(deltas), who, groups))
-    rewards = [float(r) for c, s in zip(items, scores, strict=True) for r in s.mean(-1)]
-    lengths = [sum(e.completion_mask) for c in items for e in c.responses]
-    corr = _pearson(rewards, lengths)
+    corr = length_correlation(items, scores)
     figures["length_correlation"] = corr
     if corr is not None and abs(corr) > LENGTH_CORRELATION_WARNING:
         log.warning("reward and answer length correlate (Pearson r = %.2f): the model mostly "
@@ -471,16 +512,23 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)
-    if cfg.ensemble > 1:
+    heads = cfg.ensemble + int(cfg.length_debias)  # ODIN's length head is the last output
+    if heads > 1:
         old = model.score
-        head = nn.Linear(old.in_features, cfg.ensemble, bias=old.bias is not None,
+        head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
                          dtype=old.weight.dtype, device=old.weight.device)
         nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
         if head.bias is not None:
             nn.init.zeros_(head.bias)
+        if cfg.ensemble == 1:  # one reward head: keep the model's own (a warm start's)
+            with torch.no_grad():
+                head.weight[0].copy_(old.weight[0])
+                if head.bias is not None:
+                    head.bias[0].copy_(old.bias[0])
         model.score = head
-        model.config.num_labels = cfg.ensemble
-        setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
+        model.config.num_labels = heads
+        if cfg.ensemble > 1:
+            setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
     if cfg.lora_r:
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     return model
@@ -502,6 +550,9 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     # Data first: a refused file must not leave a half-made run directory behind.
     rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
+    if cfg.length_debias and rt.strategy == "fsdp":
+        raise UserError("--length-debias drops a head when saving, which FSDP's sharded head "
+                        "does not allow; use --strategy ddp")
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
     weights, flagged, groups = annotator_info(cfg, stored)
@@ -541,8 +592,13 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
 
     def held_out_figures() -> tuple[dict[str, Any], list[torch.Tensor]]:
         with rt.autocast():
-            scores = score_all(model, eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
-        return evaluate(eval_name, eval_items, scores, cfg, groups), scores
+            raw = score_all(model, eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
+        scores, with_length = split_length_head(raw, cfg)
+        figures = evaluate(eval_name, eval_items, scores, cfg, groups)
+        if with_length is not None:  # what the reward would be with the length head kept
+            figures["length_correlation_with_length_head"] = length_correlation(
+                eval_items, with_length)
+        return figures, scores
 
     def checkpoint(at: int) -> None:
         save_checkpoint(run, at, models={"reward": model}, optimizers={"reward": optimizer},
@@ -589,8 +645,12 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
     if stats_scores is None:
         with rt.autocast():
-            stats_scores = score_all(model, stats_items, pad_id, rt.device,
-                                     cfg.eval_batch_size, rt)
+            stats_scores, _ = split_length_head(score_all(
+                model, stats_items, pad_id, rt.device, cfg.eval_batch_size, rt), cfg)
+    if cfg.length_debias:  # model/ keeps the reward heads only
+        inner = rt.unwrap(model)
+        inner.score = drop_length_head(inner.score)
+        inner.config.num_labels = cfg.ensemble
     stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
              "max_prompt_length": cfg.max_prompt_length}
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
