@@ -81,18 +81,38 @@ def _load_function(spec: str) -> tuple[str, RewardFn]:
 
 class ModelReward:
     """A reward model (a ``train rm`` run or its ``model/``), scored by ``score.RewardScorer``
-    and normalised to mean 0 / std 1 with its ``reward_stats.json``."""
+    and normalised to mean 0 / std 1 with its ``reward_stats.json``.
+
+    An ensemble's reward is the mean over its heads minus ``uncertainty_penalty`` times their
+    standard deviation (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
+    Overoptimization", uncertainty-weighted optimisation); the last call's std is kept in
+    ``last_std`` for the metrics."""
 
     def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, uncertainty_penalty: float = 0.0) -> None:
         model_dir = resolve_rm_dir(Path(spec).expanduser())
         self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
         self.scorer = RewardScorer(model_dir, device=device, batch_size=batch_size,
                                    normalize=True, max_length=max_length)
+        if uncertainty_penalty and self.scorer.heads < 2:
+            raise UserError(f"--reward-uncertainty-penalty needs a reward-model ensemble, but "
+                            f"{model_dir} has one head; train it with `train rm --ensemble 4`")
+        self.uncertainty_penalty = uncertainty_penalty
+        self.last_std: list[float] | None = None
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:
-        return self.scorer.score(prompts, completions)
+        scores = self.scorer.score_with_std(prompts, completions)
+        self.last_std = scores.std
+        return penalised(scores.mean, scores.std, self.uncertainty_penalty)
+
+
+def penalised(mean: Sequence[float], std: Sequence[float] | None, penalty: float
+              ) -> list[float]:
+    """mean - penalty x std, element-wise (the mean itself without an ensemble's std)."""
+    if std is None or not penalty:
+        return list(mean)
+    return [m - penalty * s for m, s in zip(mean, std, strict=True)]
 
 
 class FunctionReward:
@@ -136,7 +156,8 @@ class RewardOutput:
     total: torch.Tensor
     """(N,) float32: clipped weighted sum, minus the missing-EOS penalty."""
     per_source: dict[str, torch.Tensor]
-    """Each source's raw (unweighted, normalised for models) rewards, (N,) each."""
+    """Each source's raw (unweighted, normalised for models) rewards, (N,) each; an ensemble
+    adds ``<name>/uncertainty``, the std across its heads."""
 
     def metrics(self) -> dict[str, float]:
         """``reward/<source>/mean|std`` per source plus ``reward/mean|std`` of the total."""
@@ -153,7 +174,9 @@ class Rewards:
 
     def __init__(self, specs: Sequence[RewardSpec], *, reward_clip: float | None = None,
                  missing_eos_penalty: float = 0.0, device: str = "auto",
-                 batch_size: int = 16, max_length: int | None = None) -> None:
+                 batch_size: int = 16, max_length: int | None = None,
+                 uncertainty_penalty: float = 0.0) -> None:
+        """``uncertainty_penalty``: λ of every reward-model ensemble's mean - λ x std."""
         if not specs:
             raise UserError("give at least one --reward (a reward-model dir or "
                             "package.module:function)")
@@ -167,7 +190,8 @@ class Rewards:
                                 "directory nor package.module:function")
             else:
                 source = ModelReward(spec.spec, device=device, batch_size=batch_size,
-                                     max_length=max_length)
+                                     max_length=max_length,
+                                     uncertainty_penalty=uncertainty_penalty)
             name = source.name
             taken = {n for n, _, _ in self.sources}
             suffix = 2
@@ -200,6 +224,8 @@ class Rewards:
                     f"reward {name!r} gave {values[i].item()} for completion {i} "
                     f"({completions[i][:80]!r}); rewards must be finite")
             per_source[name] = values
+            if isinstance(source, ModelReward) and source.last_std is not None:
+                per_source[f"{name}/uncertainty"] = torch.tensor(source.last_std)
             total += weight * values
         if self.reward_clip is not None:
             total = total.clamp(-self.reward_clip, self.reward_clip)

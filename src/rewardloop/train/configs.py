@@ -301,6 +301,10 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """Clip the weighted reward to [-c, c]; None = no clipping."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that never end (cut at max_new_tokens)."""
+    reward_uncertainty_penalty: float = 0.0
+    """λ: a reward-model ensemble (train rm --ensemble K) gives mean - λ x std across its heads
+    (uncertainty-weighted optimisation, Coste et al. 2023): answers the heads disagree on,
+    where the model is guessing, earn less. 0 uses the mean."""
     reward_batch_size: int = 16
     """Completions per reward-model forward pass."""
     gold: str | None = None
@@ -344,8 +348,9 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
             raise ValueError("dual_clip must be > 1")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise ValueError("reward_clip must be > 0")
-        if self.missing_eos_penalty < 0 or self.sample_every < 0:
-            raise ValueError("missing_eos_penalty and sample_every must be >= 0")
+        if min(self.missing_eos_penalty, self.sample_every, self.reward_uncertainty_penalty) < 0:
+            raise ValueError("missing_eos_penalty, sample_every and reward_uncertainty_penalty "
+                             "must be >= 0")
         if self.is_level not in IS_LEVELS or self.is_cap <= 0:
             raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)} and is_cap > 0")
         if not 0.0 < self.gamma <= 1.0:

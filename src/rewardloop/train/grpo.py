@@ -167,7 +167,8 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     rewards = Rewards([parse_reward_spec(s) for s in cfg.rewards], reward_clip=cfg.reward_clip,
                       missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
-                      max_length=cfg.max_prompt_length + cfg.max_new_tokens)
+                      max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                      uncertainty_penalty=cfg.reward_uncertainty_penalty)
     if rt.strategy == "fsdp":
         # Reward models are sharded like the policy. Every rank scores as many completions
         # in as many batches, so their forward passes (collectives under FSDP) line up.
