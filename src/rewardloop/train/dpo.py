@@ -572,9 +572,9 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
             improved = False
             if eval_ref is not None and evaluation_due(step, total_steps, cfg.eval_every):
                 held_out = held_out_figures()
-                run.log_metrics(step, held_out)
-                improved = cfg.eval_every > 0 and best.update(step, held_out["eval_loss"],
-                                                              held_out)
+                if cfg.eval_every > 0:  # a curve to read the best point from
+                    run.log_metrics(step, held_out)
+                    improved = best.update(step, held_out["eval_loss"], held_out)
             if improved or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(run, step, models={"policy": policy},
                                 optimizers={"policy": optimizer},
