@@ -174,3 +174,21 @@ def test_an_overfit_dpo_policy_is_saved_at_its_best_held_out_step(tiny_dir: Path
     saved = load_file(str(cfg.out / "model" / "model.safetensors"))
     state = model.state_dict()
     assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def test_a_resumed_run_keeps_its_best_point(tiny_dir: Path, tmp_path: Path) -> None:
+    """Stopped after step 4 and resumed to step 10: the same best step, best figures and
+    model/ as the run that never stopped (the best state travels in the checkpoint, and the
+    best checkpoint survives the pruning of older ones)."""
+    whole = train_rm(_overfit_cfg(tiny_dir, tmp_path / "whole", max_steps=10, eval_every=1))
+    cut = _overfit_cfg(tiny_dir, tmp_path / "cut", max_steps=4, eval_every=1, save_every=2)
+    train_rm(cut)
+    resumed = train_rm(_overfit_cfg(tiny_dir, tmp_path / "cut", max_steps=10, eval_every=1,
+                                    save_every=2, resume=True))
+    assert whole["best_step"] < 10
+    assert resumed["best_step"] == whole["best_step"]
+    assert resumed["best_eval_loss"] == pytest.approx(whole["best_eval_loss"], abs=1e-6)
+    a = load_file(str(tmp_path / "whole" / "run" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "run" / "model" / "model.safetensors"))
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, atol=1e-6, rtol=0)
