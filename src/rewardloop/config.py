@@ -68,6 +68,12 @@ def load_config(cls: type[T], config_file: Path | None = None, **flags: Any) -> 
             raise TypeError(f"{cls.__name__} has no field {key!r}")
         if value is not None:
             values[key] = _coerce(value, hints[key], key)
+    missing = [f"--{name.replace('_', '-')}" for name, f in fields.items()
+               if name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}: give the flag, or the key in a "
+                        "--config file")
     try:
         return cls(**values)
     except (ValueError, TypeError) as exc:

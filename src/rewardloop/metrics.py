@@ -134,7 +134,8 @@ def arena_ratings(battles: Sequence[Battle], *, n_boot: int = 200, alpha: float 
     return out
 
 
-def expected_calibration_error(probs: Sequence[float], labels: Sequence[float], n_bins: int = 10
+def expected_calibration_error(probs: Sequence[float] | np.ndarray,
+                               labels: Sequence[float] | np.ndarray, n_bins: int = 10
                                ) -> tuple[float, list[dict[str, float]]]:
     """ECE of predicted probabilities that the label is 1, with equal-width bins.
 

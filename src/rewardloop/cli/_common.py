@@ -21,23 +21,6 @@ DB = typer.Option(
 CONFIG = typer.Option(
     None, "--config", help="YAML file of config keys; flags given on the command line win."
 )
-OUT = typer.Option(
-    ..., "--out", help="Run directory to write (model/, metrics.jsonl, summary.json)."
-)
-SEED = typer.Option(None, "--seed", help="Random seed for data order, init and sampling.")
-CHAT_TEMPLATE = typer.Option(
-    None, "--chat-template", help="Jinja chat-template file, for a model whose tokenizer has none "
-    "(chat rows need one) or to replace its own; saved with the trained model.")
-REPORT_TO = typer.Option(
-    None, "--report-to", help="Also send the metrics to an experiment tracker, repeatable: none, "
-    "tensorboard, wandb (offline without an API key), mlflow or trackio. See docs/tracking.md.")
-
-
-def trackers(values: list[str] | None) -> tuple[str, ...] | None:
-    """The repeated --report-to values as a config override (None: keep YAML/default)."""
-    return tuple(values) if values else None
-
-
 def resolve_db(db: str | None) -> str:
     """The --db flag, else $REWARDLOOP_DB, else the default SQLite file."""
     return db or default_db()

@@ -38,6 +38,7 @@ from rewardloop.options import (
 BLOCK_ORDER: tuple[type, ...] = (RunOptions, OfflineOptions, OptimOptions, ModelOptions,
                                  LoraOptions, RuntimeOptions, EngineOptions)
 SCALARS = (str, int, float, Path)
+METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH"}
 
 
 def flag_name(name: str) -> str:
@@ -57,8 +58,9 @@ def _order(cls: type, name: str, index: int) -> tuple[int, int]:
     return rank, index
 
 
-def _flag_type(cls: type, name: str, hint: Any) -> tuple[Any, bool]:
-    """(the annotation typer parses the flag with, whether the field is a boolean switch)."""
+def _flag_type(cls: type, name: str, hint: Any) -> tuple[Any, str | None]:
+    """(the annotation typer parses the flag with, its metavar: None for a boolean switch,
+    "TEXT ..." for a repeatable flag)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
@@ -66,11 +68,12 @@ def _flag_type(cls: type, name: str, hint: Any) -> tuple[Any, bool]:
             raise TypeError(f"{cls.__name__}.{name}: no flag for the union {hint}")
         return _flag_type(cls, name, rest[0])
     if hint is bool:
-        return Optional[bool], True  # noqa: UP045 (typer reads typing.Optional)
+        return Optional[bool], None  # noqa: UP045 (typer reads typing.Optional)
     if origin is tuple and args and args[0] in SCALARS:
-        return Optional[list[args[0]]], False  # type: ignore[valid-type]  # noqa: UP045
+        item = args[0]
+        return Optional[list[item]], f"{METAVARS[item]} ..."  # type: ignore[valid-type]  # noqa: UP045
     if hint in SCALARS:
-        return Optional[hint], False  # noqa: UP045
+        return Optional[hint], METAVARS[hint]  # noqa: UP045
     raise TypeError(f"{cls.__name__}.{name}: no flag for type {hint}")
 
 
@@ -96,7 +99,8 @@ def config_params(cls: type, *, rename: Mapping[str, str | tuple[str, ...]] | No
         if field.name not in docs:
             raise TypeError(f"{cls.__name__}.{field.name} has no docstring: it is the flag's "
                             "help, write one under the field")
-        annotation, switch = _flag_type(cls, field.name, hints[field.name])
+        annotation, metavar = _flag_type(cls, field.name, hints[field.name])
+        switch = metavar is None
         given = rename.get(field.name, flag_name(field.name))
         decls = (given,) if isinstance(given, str) else given
         if switch and "/" not in decls[0]:
@@ -104,8 +108,10 @@ def config_params(cls: type, *, rename: Mapping[str, str | tuple[str, ...]] | No
         text = flag_help(cls, field.name)
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             text += f" Required: the flag or `{field.name}:` in --config."
+        if metavar is not None and metavar.endswith("..."):
+            text = "Repeatable. " + text
         option = typer.Option(cli_defaults.get(field.name), *decls, help=text,
-                              show_default=False)
+                              show_default=False, metavar=metavar)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                         default=option, annotation=annotation))
     return params
@@ -115,10 +121,12 @@ def config_command(cls: type, run: Callable[..., None], *, doc: str,
                    extra: Sequence[inspect.Parameter] = (),
                    rename: Mapping[str, str | tuple[str, ...]] | None = None,
                    cli_defaults: Mapping[str, Any] | None = None,
-                   skip: Sequence[str] = ()) -> Callable[..., None]:
+                   skip: Sequence[str] = (),
+                   skip_if: Callable[..., bool] | None = None) -> Callable[..., None]:
     """A typer command whose flags are ``cls``'s fields (``config_params``), then ``extra``
     parameters that are not config fields, then ``--config``. It builds the config
-    (defaults < YAML < flags) and calls ``run(cfg, **extra values)``."""
+    (defaults < YAML < flags) and calls ``run(cfg, **extra values)``; not at all when
+    ``skip_if(**extra values)`` is true (a group's callback when a subcommand was asked for)."""
     params = config_params(cls, rename=rename, cli_defaults=cli_defaults, skip=skip)
     params += [*extra, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
                                          default=CONFIG, annotation=Optional[Path])]  # noqa: UP045
@@ -129,6 +137,8 @@ def config_command(cls: type, run: Callable[..., None], *, doc: str,
 
         config = values.pop("config")
         extras = {name: values.pop(name) for name in extra_names}
+        if skip_if is not None and skip_if(**extras):
+            return
         flags = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         # An empty repeatable flag means "not given" (keep the YAML's list).
         flags = {k: (v if v != () else None) for k, v in flags.items()}

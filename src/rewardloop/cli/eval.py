@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from rewardloop.cli._common import CHAT_TEMPLATE, CONFIG, DB, SEED, resolve_db
-from rewardloop.cli._engine import (
-    GENERATOR,
-    VLLM_MAX_LEN,
-    VLLM_MEMORY,
-    VLLM_MODE,
-    VLLM_SERVER,
-    VLLM_SLEEP,
-    VLLM_TP,
-)
-from rewardloop.errors import UserError
+from rewardloop.cli._common import DB, resolve_db
+from rewardloop.cli._flags import config_command
+from rewardloop.eval.config import EvalConfig
 
 ORDER = 60
 
@@ -57,63 +50,19 @@ def _print_comparisons(result: dict[str, Any], out: Path) -> None:
     typer.echo(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
 
 
-@eval_app.callback()
-def evaluate(
-    ctx: typer.Context,
-    policy: str | None = typer.Option(
-        None, "--policy", help="Policy to evaluate: a model dir (e.g. RUN/model) or hub id."),
-    baseline: str | None = typer.Option(
-        None, "--baseline", help="Policy to compare against (e.g. the SFT model)."),
-    prompts: Path | None = typer.Option(
-        None, "--prompts", help="Prompts (JSONL, Parquet, Arrow or a dataset folder): "
-        "`prompt` or `messages` per row."),
-    judge: list[str] | None = typer.Option(
-        None, "--judge", help="Judge, repeatable: a reward-model run dir (or its model/), "
-        "package.module:function (TRL reward signature), or `human` (arena tasks in --db for "
-        "`rewardloop serve`). The first gives the headline win rate."),
-    out: Path | None = typer.Option(
-        None, "--out", help="Directory to write eval.json and samples.jsonl to."),
-    n: int | None = typer.Option(None, "-n", "--n", help="Use only the first N prompts."),
-    max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", help="Longest answer in tokens. Default 64."),
-    temperature: float | None = typer.Option(
-        None, "--temperature", help="Sampling temperature of both policies. Default 1."),
-    seed: int | None = SEED,
-    db: str | None = DB,
-    arena_batch: str | None = typer.Option(
-        None, "--arena-batch", help="Batch name of the human judge's arena tasks. "
-        "Default eval-arena."),
-    chat_template: Path | None = CHAT_TEMPLATE,
-    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
-    vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
-    vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
-    vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
-    config: Path | None = CONFIG,
-) -> None:
+def run_eval(cfg: EvalConfig, ctx: typer.Context) -> None:
     """Generate from --policy and --baseline, judge, and write eval.json + samples.jsonl."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from rewardloop.config import load_config
-    from rewardloop.eval.evaluate import EvalConfig
-    from rewardloop.eval.evaluate import evaluate as run_eval
+    from rewardloop.eval.evaluate import evaluate
 
-    judges = tuple(judge) if judge else None
-    missing = [flag for flag, value in (("--policy", policy), ("--baseline", baseline),
-                                         ("--prompts", prompts), ("--out", out))
-               if value is None and config is None]
-    if missing:
-        raise UserError(f"eval needs {', '.join(missing)} (or a --config file giving them)")
-    cfg = load_config(EvalConfig, config, policy=policy, baseline=baseline, prompts=prompts,
-                      judges=judges, out=out, n=n, max_new_tokens=max_new_tokens,
-                      temperature=temperature, seed=seed, db=db, arena_batch=arena_batch,
-                      generator=generator, vllm_mode=vllm_mode,
-                      vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
-                      vllm_tensor_parallel_size=vllm_tensor_parallel_size,
-                      vllm_sleep=vllm_sleep, vllm_server=vllm_server,
-                      vllm_max_model_len=vllm_max_model_len,
-                      chat_template=chat_template)
-    result = run_eval(cfg)
+    result = evaluate(cfg)
     _print_comparisons(result, cfg.out)
+
+
+eval_app.callback()(config_command(
+    EvalConfig, run_eval, doc=run_eval.__doc__ or "",
+    extra=[inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)],
+    rename={"judges": "--judge", "n": ("-n", "--n")},
+    skip_if=lambda ctx: ctx.invoked_subcommand is not None))
 
 
 @eval_app.command("arena")

@@ -9,25 +9,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from rewardloop.cli._common import (
-    CHAT_TEMPLATE,
-    DB,
-    SEED,
-    existing_data,
-    existing_file,
-    resolve_db,
-)
-from rewardloop.cli._engine import (
-    GENERATOR,
-    VLLM_MAX_LEN,
-    VLLM_MEMORY,
-    VLLM_MODE,
-    VLLM_SERVER,
-    VLLM_SLEEP,
-    VLLM_TP,
-)
+from rewardloop.cli._common import existing_data, existing_file, resolve_db
+from rewardloop.cli._flags import config_command
 from rewardloop.engines.options import EngineOptions
-from rewardloop.errors import UserError
 
 if TYPE_CHECKING:
     from rewardloop.feedback.select import SelectionConfig
@@ -35,36 +19,43 @@ if TYPE_CHECKING:
 ORDER = 11
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerateConfig(EngineOptions):
     """Options of ``rewardloop generate``."""
 
     policy: str
-    """Policy to sample from: a model directory (or a train run's model/) or a hub id."""
+    """Policy to sample from: a model directory (or a train run directory's model/) or a hub
+    id."""
     prompts: Path
-    """Prompts (JSONL, Parquet, Arrow or a dataset folder): ``prompt`` or ``messages``."""
+    """Prompts (JSONL, Parquet, Arrow or a dataset folder): ``prompt`` (text or chat) or
+    ``messages`` per row."""
     n: int = 4
     """Answers sampled per prompt (>= 2: tasks compare answers)."""
     out: Path | None = None
-    """Candidates JSONL to write (prompt, responses, models)."""
+    """Candidates JSONL to write (prompt, responses, models = policy name@version)."""
     db: str | None = None
-    """Store URL: create tasks there (``--select``, ``--budget``, ... apply only then)."""
+    """Store URL (sqlite:///FILE or postgresql+psycopg://...) to create the tasks in;
+    --select, --budget, --gold and --batch apply only then."""
     select: str | None = None
-    """random or uncertainty (default random when --db is given)."""
+    """With --db, which pairs become tasks: random or uncertainty (ensemble disagreement);
+    None = random."""
     rm: Path | None = None
     """Ensemble reward model (``train rm --ensemble K``) for uncertainty selection."""
     measure: str = "bald"
-    """Ensemble disagreement of a pair: bald or std."""
+    """Disagreement of the ensemble on a pair: bald (mutual information) or std (of the
+    reward gap)."""
     budget: int | None = None
-    """Labels (judgments) to spend; None: one per candidate pair."""
+    """Labels (judgments) to spend; an overlap or gold task costs --overlap labels. None:
+    one per candidate pair."""
     batch: str | None = None
-    """Batch name for the tasks (default: generate-<prompts file stem>)."""
+    """Batch name for the tasks; None = generate-<prompts file stem>."""
     overlap_share: float = 0.1
     """Share of the non-gold tasks given to --overlap annotators."""
     overlap: int = 3
     """Annotators per overlap item and per gold item."""
     gold: Path | None = None
-    """Gold rows JSONL (prompt, responses, ranking) to interleave as gold items."""
+    """Gold rows JSONL (prompt, responses, ranking best first) to interleave as known-answer
+    items."""
     gold_rate: float = 0.05
     """Share of all tasks that are gold items (when --gold is given)."""
     max_new_tokens: int = 64
@@ -169,73 +160,14 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     return lines
 
 
-def register(app: typer.Typer) -> None:
-    app.command("generate")(generate)
-
-
-def generate(
-    policy: str = typer.Option(..., "--policy", "--model",
-                               help="Policy to sample from: a model directory (or a train run "
-                               "directory's model/) or a hub id."),
-    prompts: Path = typer.Option(..., "--prompts", help="Prompts (JSONL, Parquet, Arrow or a "
-                                 "dataset folder): prompt (text or chat) or messages per row."),
-    n: int = typer.Option(4, "-n", help="Answers to sample per prompt (at least 2)."),
-    out: Path | None = typer.Option(None, "--out", help="Candidates JSONL to write (prompt, "
-                                    "responses, models = policy name@version)."),
-    db: str | None = DB,
-    select: str | None = typer.Option(None, "--select", help="With --db: which pairs become "
-                                      "tasks: random or uncertainty (ensemble disagreement). "
-                                      "Default random."),
-    rm: Path | None = typer.Option(None, "--rm", help="Ensemble reward model (train rm "
-                                   "--ensemble K) scoring the pairs for --select uncertainty."),
-    measure: str = typer.Option("bald", "--measure", help="Disagreement of the ensemble on a "
-                                "pair: bald (mutual information) or std (of the reward gap)."),
-    budget: int | None = typer.Option(None, "--budget", help="Labels (judgments) to spend; an "
-                                      "overlap or gold task costs --overlap labels. Default: one "
-                                      "per candidate pair."),
-    batch: str | None = typer.Option(None, "--batch", help="Batch name for the tasks. Default: "
-                                     "generate-<prompts file stem>."),
-    overlap_share: float = typer.Option(0.1, "--overlap-share", help="Share of the (non-gold) "
-                                        "tasks given to several annotators, for agreement."),
-    overlap: int = typer.Option(3, "--overlap", help="Annotators per overlap item and per gold "
-                                "item."),
-    gold: Path | None = typer.Option(None, "--gold", help="Gold rows JSONL (prompt, responses, "
-                                     "ranking best first) to interleave as known-answer items."),
-    gold_rate: float = typer.Option(0.05, "--gold-rate", help="Share of all tasks that are gold "
-                                    "items (with --gold)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer in tokens."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
-    max_prompt_length: int = typer.Option(512, "--max-prompt-length", help="Longest prompt in "
-                                          "tokens (cut from the left)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts sampled together."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    seed: int | None = SEED,
-    chat_template: Path | None = CHAT_TEMPLATE,
-    generator: str | None = GENERATOR, vllm_mode: str | None = VLLM_MODE,
-    vllm_gpu_memory_utilization: float | None = VLLM_MEMORY,
-    vllm_tensor_parallel_size: int | None = VLLM_TP, vllm_sleep: bool | None = VLLM_SLEEP,
-    vllm_server: str | None = VLLM_SERVER, vllm_max_model_len: int | None = VLLM_MAX_LEN,
-) -> None:
-    """Sample answers from a policy into a candidates file and, with --db, create the tasks
-    worth a label budget: overlap items, gold items, then random or most-uncertain pairs."""
-    from rewardloop.config import load_config
-
-    try:
-        cfg = load_config(
-            GenerateConfig, policy=policy, prompts=prompts, n=n, out=out, db=db, select=select,
-            rm=rm, measure=measure, budget=budget, batch=batch, overlap_share=overlap_share,
-            overlap=overlap, gold=gold, gold_rate=gold_rate, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, max_prompt_length=max_prompt_length,
-            batch_size=batch_size, device=device, dtype=dtype, seed=seed, generator=generator,
-            vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
-            vllm_tensor_parallel_size=vllm_tensor_parallel_size, vllm_sleep=vllm_sleep,
-            vllm_server=vllm_server, vllm_max_model_len=vllm_max_model_len,
-            chat_template=chat_template)
-        lines = run_generate(cfg)
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    for line in lines:
+def _print_generate(cfg: GenerateConfig) -> None:
+    for line in run_generate(cfg):
         typer.echo(line)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(config_command(
+        GenerateConfig, _print_generate, rename={"policy": ("--policy", "--model"), "n": "-n"},
+        doc="Sample answers from a policy into a candidates file and, with --db, create the "
+        "tasks worth a label budget: overlap items, gold items, then random or most-uncertain "
+        "pairs."))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from rewardloop.cli._common import REPORT_TO, trackers
+from rewardloop.cli._flags import config_command
 from rewardloop.errors import UserError
+from rewardloop.loop_config import LoopConfig
 
 ORDER = 70
 
@@ -39,24 +41,11 @@ def _cell(state: str, figures: dict[str, Any], stage: str) -> str:
     return f"done {key}={value}" if value is not None else "done"
 
 
-@loop_app.callback()
-def loop(
-    ctx: typer.Context,
-    config: Path | None = typer.Option(
-        None, "--config", help="Loop YAML (keys of docs/loop.md; see examples/loop.yaml)."),
-    workdir: Path | None = typer.Option(
-        None, "--workdir", help="Directory of the run (overrides the config's workdir)."),
-    report_to: list[str] | None = REPORT_TO,
-) -> None:
-    """Run or resume the loop described by --config."""
-    if ctx.invoked_subcommand is not None:
-        return
-    if config is None:
-        raise UserError("loop needs --config FILE.yaml (see examples/loop.yaml)")
-    from rewardloop.config import load_config
-    from rewardloop.loop import LoopConfig, run_loop
+def run_loop_command(cfg: LoopConfig, ctx: typer.Context) -> None:
+    """Run or resume the loop described by --config (a YAML file; see examples/loop.yaml) and
+    the flags, which override its keys."""
+    from rewardloop.loop import run_loop
 
-    cfg = load_config(LoopConfig, config, workdir=workdir, report_to=trackers(report_to))
     summary = run_loop(cfg)
     for key in ("gold_win_rate", "rm_win_rate", "human_win_rate", "rm_accuracy", "kl"):
         if summary.get(key) is not None:
@@ -67,6 +56,14 @@ def loop(
         typer.echo(f"best policy: round {summary['best']['round']} ({summary['best']['model']})")
     typer.echo(f"wrote {cfg.workdir / 'summary.json'}; `rewardloop loop status --workdir "
                f"{cfg.workdir}` shows every stage")
+
+
+# The trainers' and the engine's option mappings are YAML keys only (nested configs).
+loop_app.callback()(config_command(
+    LoopConfig, run_loop_command, doc=run_loop_command.__doc__ or "",
+    extra=[inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)],
+    skip=("rm_options", "policy_options", "generation"),
+    skip_if=lambda ctx: ctx.invoked_subcommand is not None))
 
 
 @loop_app.command("status")

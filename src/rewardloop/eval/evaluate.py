@@ -30,6 +30,7 @@ from rewardloop.data.values import length_stats
 from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.eval.arena import arena_battles, create_arena_tasks
+from rewardloop.eval.config import EvalConfig
 from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
 from rewardloop.util.files import atomic_write_text
@@ -39,71 +40,6 @@ log = logging.getLogger(__name__)
 HUMAN = "human"
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
-
-
-@dataclass(frozen=True)
-class EvalConfig(EngineOptions):
-    """Options of ``rewardloop eval``."""
-
-    policy: str
-    """The policy to evaluate: a model directory (e.g. a run's model/) or a hub id."""
-    baseline: str
-    """The policy to compare against (e.g. the SFT model); must share the tokenizer for KL."""
-    prompts: Path
-    """Prompts file (JSONL, ``prompt`` or ``messages`` per line)."""
-    out: Path
-    """Directory to write eval.json and samples.jsonl to."""
-    judges: tuple[str, ...] = ()
-    """Judges: reward-model dirs, ``package.module:function`` or ``human``; the first one gives
-    the headline ``win_rate``."""
-    n: int | None = None
-    """Use only the first n prompts; None = all."""
-    max_new_tokens: int = 64
-    """Longest answer in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature of both policies (and of the KL's log-probs)."""
-    max_prompt_length: int = 512
-    """Prompts longer than this (tokens) keep their last tokens."""
-    batch_size: int = 32
-    """Prompts per generation / scoring batch."""
-    seed: int = 0
-    """Seed of sampling (the same for both policies)."""
-    tie_eps: float = 0.0
-    """Judge scores closer than this count as a tie."""
-    n_boot: int = 1000
-    """Bootstrap resamples for the win-rate interval."""
-    db: str | None = None
-    """Store URL for the ``human`` judge's arena tasks (default: $REWARDLOOP_DB or
-    sqlite:///rewardloop.db)."""
-    arena_batch: str = "eval-arena"
-    """Batch name of the arena tasks (``human`` judge)."""
-    arena_overlap: int = 1
-    """Annotators per arena task."""
-    policy_name: str = "policy"
-    """Name of the policy in the arena and the report."""
-    baseline_name: str = "baseline"
-    """Name of the baseline in the arena and the report."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    chat_template: Path | None = None
-    """Jinja chat-template file for both policies' tokenizers (for chat prompts when they have
-    none)."""
-
-    def __post_init__(self) -> None:
-        EngineOptions.of(self)  # validates the generator options
-        if not self.judges:
-            raise ValueError("give at least one judge (--judge): a reward-model dir, "
-                             "package.module:function, or human")
-        if self.n is not None and self.n < 1:
-            raise ValueError("n must be at least 1")
-        if self.max_new_tokens < 1 or self.max_prompt_length < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens, max_prompt_length and batch_size must be >= 1")
-        if self.temperature <= 0 or self.tie_eps < 0 or self.n_boot < 1:
-            raise ValueError("temperature must be > 0, tie_eps >= 0 and n_boot >= 1")
-        if self.arena_overlap < 1:
-            raise ValueError("arena_overlap must be at least 1")
-        if self.policy_name == self.baseline_name:
-            raise ValueError("policy_name and baseline_name must differ")
 
 
 @dataclass

@@ -243,7 +243,7 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """Prompts (JSONL, Parquet, Arrow or a dataset folder, DIR:SPLIT for a split): ``prompt``
     (text or chat) or ``messages`` per row; ``meta`` keys are passed to reward functions."""
     rewards: tuple[str, ...] = ()
-    """Reward SPEC[@WEIGHT], repeatable (--reward): a reward-model run dir (or its model/),
+    """Rewards, SPEC[@WEIGHT] each: a reward-model run dir (or its model/),
     normalised by its reward_stats.json, or package.module:function with TRL's signature.
     Weighted rewards are summed."""
     num_generations: int = 4
@@ -251,12 +251,12 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     batch_size: int = 16
     """Completions per step (prompts per step x num_generations), over all processes: each
     generates for its share of the step's prompts (a prompt's group stays on one process)."""
-    mini_batch_size: int | None = None
-    """Completions per optimizer update, over all processes (default: batch_size, one update
-    per epoch)."""
-    micro_batch_size: int | None = None
+    mini_batch_size: int = 0
+    """Completions per optimizer update, over all processes; 0: batch_size (one update per
+    epoch)."""
+    micro_batch_size: int = 0
     """Completions per forward/backward pass in each process (gradient accumulation, same
-    result; default: the process's share of mini_batch_size)."""
+    result); 0: the process's share of mini_batch_size."""
     ppo_epochs: int = 1
     """Passes over each step's batch (TRL's num_iterations; > 1 reuses samples, clipped)."""
     max_steps: int = 100
@@ -273,11 +273,11 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """Top-k sampling (0 = off)."""
     kl_coef: float = 0.04
     """KL penalty coefficient beta (0 = no reference model, no KL)."""
-    kl_estimator: str | None = None
-    """k1 (log-ratio), k2 (squared/2) or k3 (GRPO's); None = the method's default (grpo k3;
+    kl_estimator: str = "auto"
+    """k1 (log-ratio), k2 (squared/2) or k3 (GRPO's); auto: the method's default (grpo k3;
     rloo, reinforce++ and ppo k1)."""
-    kl_in: str | None = None
-    """Where the KL penalty goes: reward or loss; None = the method's default (grpo loss; rloo
+    kl_in: str = "auto"
+    """Where the KL penalty goes: reward or loss; auto: the method's default (grpo loss; rloo
     and reinforce++ reward; ppo reward only)."""
     kl_target: float | None = None
     """Adaptive KL: target KL per sequence (k1, summed over tokens), kl_coef its starting value;
@@ -362,7 +362,9 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        mini, micro = self.mini_batch_size or 1, self.micro_batch_size or 1
+        mini, micro = self.mini_batch_size, self.micro_batch_size
+        if mini < 1 or micro < 1:
+            raise ValueError("mini_batch_size and micro_batch_size must be at least 1")
         if self.batch_size % mini:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
                              f"mini_batch_size {mini}")
@@ -374,8 +376,9 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
                              f"multiple of num_generations {self.num_generations}")
 
     def fill_default(self, name: str, value: object) -> None:
-        """Set a field left at None to the method's default (in ``__post_init__``)."""
-        if getattr(self, name) is None:
+        """Set a field left unset (auto, 0; None from a YAML ``null``) to the method's default,
+        in ``__post_init__``: a built config holds the values the run uses."""
+        if getattr(self, name) in (None, "auto", 0):
             object.__setattr__(self, name, value)
 
     @property
@@ -418,8 +421,8 @@ class PPOConfig(OnlineOptions):
     value_model: str | None = None
     """Where the critic starts: a reward-model run/model dir (recommended) or None = the
     policy's weights with a fresh scalar head."""
-    value_lr: float | None = None
-    """Value model learning rate (default: lr)."""
+    value_lr: float = 0.0
+    """Value model learning rate; 0: lr."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
@@ -444,7 +447,7 @@ class PPOConfig(OnlineOptions):
             raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError("lam in [0, 1] required (the GAE lambda)")
-        if self.vf_coef <= 0 or (self.value_lr is not None and self.value_lr <= 0):
+        if self.vf_coef <= 0 or self.value_lr <= 0:
             raise ValueError("vf_coef and value_lr must be > 0")
         if self.value_clip is not None and self.value_clip <= 0:
             raise ValueError("value_clip must be > 0")

@@ -78,14 +78,23 @@ class EpochSampler:
         return {"epoch": self.epoch, "position": self.position, "n": self.n,
                 "batch_size": self.batch_size, "seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state``'s position; refuses a state from a different data set-up."""
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue at ``state``'s position; refuses a state from a different data set-up (or
+        none: a checkpoint written without one)."""
+        state = _sampler_state(state)
         for key in ("n", "batch_size", "seed"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]} but this run has "
                                  f"{getattr(self, key)}; resume with the same data and settings")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = None
+
+
+def _sampler_state(state: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if state is None:
+        raise UserError("the checkpoint has no data-order state to resume from (it was not "
+                        "written by this trainer); start a new run or resume the right one")
+    return state
 
 
 def microbatches(batch: Sequence[int], micro_batch_size: int) -> list[list[int]]:
@@ -162,8 +171,10 @@ class LengthGroupedSampler:
         return {"epoch": self.epoch, "position": self.position, "n": len(self.lengths),
                 "batch_size": self.batch_size, "seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state``'s position; refuses a state from a different data set-up."""
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue at ``state``'s position; refuses a state from a different data set-up (or
+        none: a checkpoint written without one)."""
+        state = _sampler_state(state)
         for key, mine in (("n", len(self.lengths)), ("batch_size", self.batch_size),
                           ("seed", self.seed)):
             if int(state[key]) != mine:

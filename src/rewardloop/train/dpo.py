@@ -43,6 +43,7 @@ from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import DataError, UserError
 from rewardloop.models import (
+    HFModel,
     LoraSettings,
     disable_adapter,
     disable_dropout,
@@ -309,7 +310,7 @@ def build_examples(path: Path, records: Sequence[Record], cfg: DPOConfig, object
 Scorer = Callable[[Sequence[Example]], torch.Tensor]
 
 
-def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int, rt: Runtime) -> Scorer:
+def _reference_scorer(cfg: DPOConfig, policy: HFModel, pad_id: int, rt: Runtime) -> Scorer:
     """How to score examples under π_ref: (N, 2) no-grad log-probs.
 
     ``--ref-model`` is loaded as a frozen model. Otherwise, with LoRA, the policy with its
@@ -324,7 +325,7 @@ def _reference_scorer(cfg: DPOConfig, policy: nn.Module, pad_id: int, rt: Runtim
         return scorer
 
     if cfg.ref_model is not None:
-        ref = load_policy(cfg.ref_model, dtype=rt.frozen_dtype(cfg.dtype),
+        ref: HFModel = load_policy(cfg.ref_model, dtype=rt.frozen_dtype(cfg.dtype),
                           device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                           trainable=False)
         if ref.get_input_embeddings().num_embeddings != policy.get_input_embeddings(

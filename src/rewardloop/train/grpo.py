@@ -128,7 +128,7 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
     The sampler draws the step's prompts alike on every process; each takes its share
     (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy.
     """
-    from rewardloop.data.formats import read_records
+    from rewardloop.data.formats import PromptRecord, read_records
     from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
     from rewardloop.rewards import FunctionReward, ModelReward, Rewards, parse_reward_spec
     from rewardloop.rollout import encode_prompts
@@ -138,7 +138,7 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
 
     check_sizes(cfg, rt)
     rt.check_merge_lora(cfg.merge_lora)
-    _, records = read_records(cfg.prompts, "prompts")
+    records = [r for r in read_records(cfg.prompts, "prompts")[1] if isinstance(r, PromptRecord)]
     if len(records) < cfg.prompts_per_step:
         raise UserError(f"{cfg.prompts} has {len(records)} prompts but each step needs "
                         f"{cfg.prompts_per_step} (batch_size / num_generations)")
@@ -332,14 +332,16 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
                      if reuse_samples or external or (kl_in_reward and not deferred) else None)
     is_weights = None
     if external:
+        assert old_logps is not None  # computed above whenever the samples are external
         is_weights, mismatch = off_policy_correction(cfg, rollout, old_logps)
         metrics.update(mismatch)
     ref_logps = reference_logps(setup, rollout, cfg.temperature, mb) if use_kl else None
     kl_coef = setup.kl_ctl.value
 
     def advantages_from(sampled_logps: torch.Tensor | None) -> torch.Tensor:
-        kl_tokens = (KL_ESTIMATORS[cfg.kl_estimator](sampled_logps, ref_logps)
-                     if kl_in_reward else None)  # (B, C)
+        kl_tokens = None  # (B, C) with the KL in the reward: then both log-probs are there
+        if kl_in_reward and sampled_logps is not None and ref_logps is not None:
+            kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](sampled_logps, ref_logps)
         return ADVANTAGES[cfg.advantage](AdvantageInput(
             reward_out.total, kl_tokens, rollout.completion_mask, kl_coef, kl_in_reward, n,
             cfg.scale_rewards, cfg.gamma, rt.all_reduce if rt.distributed else None))
@@ -395,6 +397,7 @@ def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.T
                                                cfg.kl_estimator, **common)
         loss = loss + kl_loss
         metrics["kl_loss"] = kl_loss.detach()
+    assert fwd.entropy is not None  # asked for with with_entropy=True
     ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
     if cfg.entropy_coef:
         loss = loss + ent_loss

@@ -68,12 +68,12 @@ def load_value(cfg: PPOConfig, setup: Setup) -> Any:
 def token_values(value_model: Any, rollout: Any) -> torch.Tensor:
     """V(s_t) for every completion position: (B, C), read from the hidden state that predicts
     completion token t (the state before it), with the model's scalar head."""
-    from rewardloop.models import is_peft
+    from rewardloop.models import HFModel, is_peft
     from rewardloop.rollout import position_ids
     from rewardloop.score import trunk_states
 
-    inner = Runtime.unwrap(value_model)
-    classifier = inner.get_base_model() if is_peft(inner) else inner
+    inner: HFModel = Runtime.unwrap(value_model)
+    classifier: HFModel = inner.get_base_model() if is_peft(inner) else inner
     mask = rollout.attention_mask
     hidden = trunk_states(value_model, classifier, input_ids=rollout.input_ids,
                           attention_mask=mask, position_ids=position_ids(mask))  # (B, T, H)
@@ -158,6 +158,7 @@ def micro_step(cfg: PPOConfig, rt: Runtime, policy: Any, value_model: Any, batch
         fwd.logps, batch.old_logps[idx], batch.advantages[idx], mask, cfg.clip_eps,
         clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
         is_weights=batch.is_weights[idx] if batch.is_weights is not None else None, **common)
+    assert fwd.entropy is not None  # asked for with with_entropy=True
     ent_loss, ent = pg_losses.entropy_bonus(fwd.entropy, mask, cfg.entropy_coef, **common)
     vf_loss, vf = pg_losses.value_loss(values, batch.old_values[idx], batch.returns[idx], mask,
                                        cfg.value_clip, **common)

@@ -42,6 +42,7 @@ from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
 from rewardloop.metrics import expected_calibration_error
 from rewardloop.models import (
+    HFModel,
     LoraSettings,
     apply_lora,
     load_reward_model,
@@ -508,7 +509,7 @@ def load_tokenizer_for(cfg: RewardConfig) -> Any:
 def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
     """The reward model in fp32 master weights: K fresh heads for an ensemble, LoRA when
     asked."""
-    model = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
+    model: HFModel = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)

@@ -278,7 +278,7 @@ class RunDir:
         return load_checkpoint(self, latest, models=models, optimizers=optimizers,
                                schedulers=schedulers, runtime=runtime)
 
-def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``params``, as one fused kernel where torch has one for them (CPU and CUDA
     floating-point tensors): the same update rule, ~5x cheaper per step for small models
     (0.5 vs 2.6 ms for the RL benchmark's policy)."""
