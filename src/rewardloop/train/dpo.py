@@ -546,7 +546,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device) if "eval" in splits \
         else None
 
-    def held_out_figures() -> dict[str, Any]:
+    def held_out_figures(eval_ref: torch.Tensor) -> dict[str, Any]:
         with rt.autocast():
             return _finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg, pad_id,
                                     rt))
@@ -572,7 +572,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
             show(step, f"loss {float(result.loss):.4f}")
             improved = False
             if eval_ref is not None and evaluation_due(step, total_steps, cfg.eval_every):
-                held_out = held_out_figures()
+                held_out = held_out_figures(eval_ref)
                 if cfg.eval_every > 0:  # a curve to read the best point from
                     run.log_metrics(step, held_out)
                     improved = best.update(step, held_out["eval_loss"], held_out)
@@ -581,7 +581,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
                                 optimizers={"policy": optimizer},
                                 schedulers={"policy": sched},
                                 sampler_state=sampler.state_dict(),
-                                extra={"best": best.state_dict()}, keep={best.best_step},
+                                extra={"best": best.state_dict()}, keep=best.keep,
                                 runtime=rt)
             if best.should_stop:
                 log.info("%s: no lower eval loss in %d evaluations; stopping at step %d "
@@ -592,7 +592,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train),
                                "reference": "cached" if cfg.precompute_ref else "on-the-fly"}
     if eval_ref is not None:
-        figures.update(held_out if held_out else held_out_figures())
+        figures.update(held_out if held_out else held_out_figures(eval_ref))
         figures["eval_source"] = "eval_data" if cfg.eval_data else "eval_fraction"
     if best.best_step is not None and best.best_step != step:
         restore_weights(run.checkpoints_dir / f"step-{best.best_step}",

@@ -47,6 +47,11 @@ class BestPoint:
         return False
 
     @property
+    def keep(self) -> tuple[int, ...]:
+        """The checkpoint steps to protect from pruning: the best one, once there is one."""
+        return () if self.best_step is None else (self.best_step,)
+
+    @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.evals_since_best >= self.patience
 

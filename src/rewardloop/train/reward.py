@@ -344,6 +344,15 @@ def length_terms(scores: torch.Tensor, ranks: torch.Tensor, items: Sequence[Comp
                                  lengths[present])
 
 
+def score_head(model: nn.Module) -> nn.Linear:
+    """The reward head (``score``) of a plain or DDP-wrapped reward model."""
+    head = Runtime.unwrap(model).score
+    if not isinstance(head, nn.Linear):
+        raise UserError("--length-debias needs a reward model whose head (score) is one linear "
+                        f"layer, not {type(head).__name__}")
+    return head
+
+
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
                batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device
                ) -> MicroLoss:
@@ -358,8 +367,8 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
         if cfg.length_debias:
-            head = Runtime.unwrap(model).score
-            loss = loss + cfg.length_debias_coef * orthogonality_loss(head) * len(mb) / len(batch)
+            loss = loss + (cfg.length_debias_coef * orthogonality_loss(score_head(model))
+                           * len(mb) / len(batch))
         return loss, {k: float(v) * len(mb) for k, v in metrics.items()}
 
     return loss_of
@@ -604,7 +613,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     def checkpoint(at: int) -> None:
         save_checkpoint(run, at, models={"reward": model}, optimizers={"reward": optimizer},
                         schedulers={"reward": sched}, sampler_state=sampler.state_dict(),
-                        extra={"best": best.state_dict()}, keep={best.best_step}, runtime=rt)
+                        extra={"best": best.state_dict()}, keep=best.keep, runtime=rt)
 
     figures: dict[str, Any] = {}
     stats_scores: list[torch.Tensor] | None = None
@@ -650,8 +659,9 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
                 model, stats_items, pad_id, rt.device, cfg.eval_batch_size, rt), cfg)
     if cfg.length_debias:  # model/ keeps the reward heads only
         inner = rt.unwrap(model)
-        inner.score = drop_length_head(inner.score)
-        inner.config.num_labels = cfg.ensemble
+        inner.score = drop_length_head(score_head(inner))
+        model_config: Any = inner.config
+        model_config.num_labels = cfg.ensemble
     stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
              "max_prompt_length": cfg.max_prompt_length}
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
