@@ -192,3 +192,20 @@ def test_a_resumed_run_keeps_its_best_point(tiny_dir: Path, tmp_path: Path) -> N
     b = load_file(str(tmp_path / "cut" / "run" / "model" / "model.safetensors"))
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, atol=1e-6, rtol=0)
+
+
+def test_held_out_rows_leave_out_flagged_annotators(tmp_path: Path) -> None:
+    from rewardloop.train.reward import train_and_eval_records
+
+    rows = preference_rows(30, seed=5)
+    for i, row in enumerate(rows):
+        row["annotator"] = "spammer" if i % 3 == 0 else f"a{i % 2}"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RewardConfig(model="m", data=data, out=tmp_path / "o", eval_fraction=0.5)
+    (_, train), held = train_and_eval_records(cfg, {}, {"spammer"})
+    assert held is not None and held[1]
+    assert {r.annotator for r in held[1]} <= {"a0", "a1"}
+    assert any(r.annotator == "spammer" for r in train)  # training drops them later, by policy
+    everyone = train_and_eval_records(cfg, {})[1]
+    assert everyone is not None and len(everyone[1]) > len(held[1])

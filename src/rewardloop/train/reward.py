@@ -154,19 +154,28 @@ def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str
     return comparisons_of(path, fmt, records, tokenizer, cfg)
 
 
-def train_and_eval_records(cfg: RewardConfig, groups: Mapping[str, Sequence[str]]
+def train_and_eval_records(cfg: RewardConfig, groups: Mapping[str, Sequence[str]],
+                           flagged: Set[str] = frozenset()
                            ) -> tuple[tuple[str, list[Record]], tuple[str, list[Record]] | None]:
     """((format, training records), (format, held-out records) or None): --eval-data, or
-    --eval-fraction of --data split by prompt (stratified by annotator group)."""
+    --eval-fraction of --data split by prompt (stratified by annotator group). The judgments of
+    ``flagged`` annotators are left out of the held-out records too: a model should not be
+    scored against labels the user chose not to trust (nor its label ceiling)."""
     fmt, records = read_preferences(cfg.data, cfg)
     if cfg.eval_data is not None:
-        return (fmt, records), read_preferences(cfg.eval_data, cfg)
-    if cfg.eval_fraction > 0:
-        train, held = split_records(records, groups, cfg.eval_fraction, cfg.seed)
-        log.info("rm: held out %d of %d rows (%d%% of the prompts' rows, split by prompt)",
-                 len(held), len(records), round(100 * cfg.eval_fraction))
-        return (fmt, train), (fmt, held)
-    return (fmt, records), None
+        eval_fmt, held = read_preferences(cfg.eval_data, cfg)
+    elif cfg.eval_fraction > 0:
+        records, held = split_records(records, groups, cfg.eval_fraction, cfg.seed)
+        eval_fmt = fmt
+        log.info("rm: held out %d rows (%g of --data, split by prompt)", len(held),
+                 cfg.eval_fraction)
+    else:
+        return (fmt, records), None
+    trusted = [r for r in held if getattr(r, "annotator", None) not in flagged]
+    if not trusted:
+        raise UserError("every held-out judgment is by a flagged annotator; nothing to "
+                        "evaluate on")
+    return (fmt, records), (eval_fmt, trusted)
 
 
 def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float] | None,
@@ -566,7 +575,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
     weights, flagged, groups = annotator_info(cfg, stored)
-    (fmt, records), held_out = train_and_eval_records(cfg, groups)
+    (fmt, records), held_out = train_and_eval_records(cfg, groups, flagged)
     objective_name, items = comparisons_of(cfg.data, fmt, records, tokenizer, cfg)
     eval_name, eval_items = (comparisons_of(cfg.eval_data or cfg.data, *held_out, tokenizer, cfg)
                              if held_out else (objective_name, []))
