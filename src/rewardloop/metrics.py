@@ -1,11 +1,15 @@
 """Evaluation statistics: win rates with bootstrap intervals, Bradley–Terry arena ratings,
-calibration. Pure numpy/scipy, no models, so every figure here is unit-tested by hand.
+calibration, and per-annotator-group figures of a trained model (accuracy with intervals,
+training-weight shares). Pure numpy/scipy, no models, so every figure here is unit-tested by
+hand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -160,3 +164,87 @@ def expected_calibration_error(probs: Sequence[float] | np.ndarray,
         rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
                      "confidence": conf, "accuracy": acc, "count": int(sel.sum())})
     return float(ece), rows
+
+
+# -- annotator groups (trained models' figures per group; see feedback/groups.py) ----------------
+
+UNGROUPED = "(none)"
+"""The group of judgments whose annotator is unknown or has no group."""
+GROUP_N_BOOT = 200
+"""Bootstrap resamples per group interval: enough for a 95% percentile interval to +-0.01."""
+
+
+def primary_group(annotator: str | None, groups: Mapping[str, Sequence[str]]) -> str:
+    """The one group a judgment counts for when groups are balanced: its annotator's first
+    group, else ``UNGROUPED``."""
+    if annotator is None:
+        return UNGROUPED
+    listed = groups.get(annotator) or ()
+    return str(listed[0]) if listed else UNGROUPED
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = GROUP_N_BOOT, seed: int = 0
+             ) -> list[float]:
+    """Percentile 95% bootstrap interval of Σ num / Σ den, resampling units (rows)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(num) == 0:
+        raise ValueError("ratio_ci needs at least one unit")
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):  # one resample at a time: memory stays O(units) on big stores
+        idx = rng.integers(0, len(num), size=len(num))
+        total = den[idx].sum()
+        if total > 0:
+            stats.append(num[idx].sum() / total)
+    return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
+
+
+def accuracy_by_group(correct: Sequence[bool], group_of_pair: Sequence[str], *,
+                      n_boot: int = GROUP_N_BOOT, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """A reward model's accuracy on each group's judged answer pairs, with a bootstrap
+    interval (``correct[i]``: the model ordered pair i as its annotator did)."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for ok, g in zip(correct, group_of_pair, strict=True):
+        by[g].append(float(ok))
+    return {g: {"accuracy": float(np.mean(v)), "accuracy_ci": ratio_ci(
+                np.array(v), np.ones(len(v)), n_boot=n_boot, seed=seed), "pairs": len(v)}
+            for g, v in sorted(by.items())}
+
+
+def weight_shares(group_ids: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
+    """Share of the summed training weight that went to each group (sums to 1)."""
+    total = float(sum(weights))
+    sums: dict[str, float] = defaultdict(float)
+    for g, w in zip(group_ids, weights, strict=True):
+        sums[g] += float(w)
+    return {g: (s / total if total > 0 else 0.0) for g, s in sorted(sums.items())}
+
+
+def worst_group(by_group: Mapping[str, Mapping[str, Any]], key: str = "accuracy"
+                ) -> tuple[str, float] | None:
+    """(group, value) with the lowest ``key`` (ties: the first name), or None when empty."""
+    scored = [(float(v[key]), g) for g, v in by_group.items() if v.get(key) is not None]
+    if not scored:
+        return None
+    value, g = min(scored)
+    return g, value
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def group_table(section: Mapping[str, Any]) -> str:
+    """A training summary's ``groups`` section as a plain-text table, worst group last."""
+    lines = [f"{'group':<16} {'comparisons':>11} {'annotators':>10} {'weight':>7} "
+             f"{'accuracy':>8}  95% CI"]
+    for g, row in section["by_group"].items():
+        ci = row.get("accuracy_ci")
+        lines.append(f"{g:<16} {row['train_comparisons']:>11} {row['annotators']:>10} "
+                     f"{row['weight_share']:>7.3f} {_fmt(row['accuracy']):>8}  "
+                     + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"))
+    if section.get("worst_group") is not None:
+        lines.append(f"worst group: {section['worst_group']} "
+                     f"(accuracy {section['worst_group_accuracy']:.3f}; "
+                     f"balance: {section['balance']})")
+    return "\n".join(lines)

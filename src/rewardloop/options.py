@@ -25,6 +25,7 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TIMEOUT_S = 90
 SCHEDULES = ("linear", "cosine", "constant")
+PLACEMENTS = ("split", "colocate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +213,106 @@ class BestPointOptions:
         if self.early_stopping_patience is not None and (
                 self.early_stopping_patience < 1 or self.eval_every == 0):
             raise ValueError("--early-stopping-patience must be >= 1 and needs --eval-every")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayOptions:
+    """Running on Ray (``--ray``; docs/cluster.md): what every command with ``--ray`` shares.
+    Ignored unless ``ray`` is set."""
+
+    ray: str | None = None
+    """Run on Ray: local (start a Ray on this machine for the run; what --ray alone means),
+    auto (the cluster this machine joined with `ray start`), HOST:PORT or ray://HOST:PORT.
+    None: no Ray."""
+    actor_cpus: float = 1.0
+    """CPUs each Ray actor reserves."""
+    actor_timeout: int = 600
+    """Seconds to wait for one call to an actor before stopping with an error naming it (a
+    hung actor must not hang the job)."""
+
+    def check_ray(self) -> None:
+        if self.actor_cpus <= 0 or self.actor_timeout < 1:
+            raise ValueError("actor_cpus must be > 0 and actor_timeout >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayJobOptions(RayOptions):
+    """A batch job's rows dealt over Ray actors (``score --ray``, ``generate --ray``)."""
+
+    actors: int = 1
+    """With --ray: actors the rows are dealt over (each loads the model)."""
+    actor_gpus: float = 0.0
+    """With --ray: GPUs of each actor (0: CPU)."""
+
+    def check_ray_job(self) -> None:
+        self.check_ray()
+        if self.actors < 1 or self.actor_gpus < 0:
+            raise ValueError("actors must be at least 1 and actor_gpus >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions(RayOptions):
+    """Online RL on Ray (``--ray``): the actors of each role and the resources they take."""
+
+    trainers: int = 1
+    """Trainer actors: one torch.distributed process each, running the same trainer code as
+    torchrun; --batch-size stays the global batch."""
+    rollout_actors: int = 1
+    """Generation actors, each holding an engine (--generator) and a copy of the policy that
+    trainer rank 0 updates after every step."""
+    reward_actors: int = 1
+    """Reward-model actors scoring the --reward models in batches (0: the trainers score them
+    themselves). Reward functions always run in the trainers."""
+    placement: str = "split"
+    """split: every role on GPUs of its own (--trainer-gpus, --rollout-gpus, --reward-gpus);
+    colocate: generation and reward actors share the trainers' GPUs, one bundle per trainer."""
+    spread: bool = False
+    """Place the bundles on as many nodes as possible (Ray's SPREAD) instead of as few as
+    possible (PACK)."""
+    trainer_gpus: float = 0.0
+    """GPUs of each trainer actor (0: CPU). With colocate, the GPUs of each bundle, which its
+    trainer shares with the generation and reward actors placed there."""
+    rollout_gpus: float = 0.0
+    """GPUs of each generation actor (split placement)."""
+    reward_gpus: float = 0.0
+    """GPUs of each reward-model actor (split placement)."""
+    reference_actors: int = 0
+    """Actors holding the KL reference model and computing its log-probs (0: a frozen copy
+    in each trainer). Not with LoRA, whose reference is the trainer's base with the adapters
+    off."""
+    reference_gpus: float = 0.0
+    """GPUs of each reference actor (split placement)."""
+    max_restarts: int = 0
+    """When an actor dies: restart the whole run from its last good checkpoint, at most this
+    many times (0: stop with a message naming the actor and the checkpoint)."""
+    async_rollout: bool = False
+    """One-step off-policy: the generation actors sample step t+1 with the weights from
+    before step t's update while the trainers run that update. The samples' staleness (in
+    optimizer steps) is logged, and the importance weights (--is-level, --is-cap) correct
+    for it. Needs --ray; grpo/rloo only."""
+
+    def check_cluster(self) -> None:
+        """ValueError for counts, resources or a placement outside their range."""
+        self.check_ray()
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, "
+                             f"got {self.placement!r}")
+        if self.trainers < 1 or self.rollout_actors < 1 or min(self.reward_actors,
+                                                                  self.reference_actors) < 0:
+            raise ValueError("trainers and rollout_actors must be at least 1, reward_actors "
+                             "and reference_actors at least 0")
+        if min(self.trainer_gpus, self.rollout_gpus, self.reward_gpus, self.reference_gpus) < 0:
+            raise ValueError("GPU counts must be >= 0")
+        if self.placement == "colocate" and (self.rollout_gpus or self.reward_gpus
+                                             or self.reference_gpus):
+            raise ValueError("with placement colocate the generation, reward and reference "
+                             "actors share the trainers' GPUs (--trainer-gpus); --rollout-gpus, "
+                             "--reward-gpus and --reference-gpus are for placement split")
+        if self.async_rollout and not self.ray:
+            raise ValueError("async_rollout overlaps generation actors with the trainers: it "
+                             "needs --ray")
+        if self.max_restarts < 0:
+            raise ValueError("max_restarts must be >= 0")
 
 
 @functools.cache

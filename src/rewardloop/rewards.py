@@ -5,6 +5,9 @@ A reward is given as ``SPEC[@WEIGHT]`` (``--reward``, repeatable):
 - ``SPEC`` a reward-model run directory (from ``rewardloop train rm``) or its ``model/``
   directory: the completion is scored by the model and normalised with the ``reward_stats.json``
   saved with it ((r - mean) / std), so rewards of different models are on one scale;
+- ``SPEC`` = ``RM@group=w,group=w``: a ``train rm --group-heads`` model whose group heads are
+  mixed with these weights (normalised to sum 1; unlisted groups weigh 0): a policy tuned to
+  a stated mix of the groups' tastes. Without a mix such a model's reward is the heads' mean;
 - ``SPEC`` = ``package.module:function``: a function with TRL's reward signature
   ``fn(prompts, completions, **kwargs) -> list[float]``. kwargs hold ``completion_ids`` (lists of
   token ids), ``has_eos`` (list of bool: False when the answer was cut and never ended),
@@ -32,10 +35,11 @@ import torch
 
 from rewardloop.data.records import Text, is_chat
 from rewardloop.errors import TrainingError, UserError
-from rewardloop.score import RewardScorer, resolve_rm_dir
+from rewardloop.score import RewardScorer, group_heads, resolve_rm_dir
 
 RewardFn = Callable[..., Sequence[Any]]
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_MIX = re.compile(r"^[^=,@]+=[^=,@]+(,[^=,@]+=[^=,@]+)*$")
 
 
 @dataclass(frozen=True)
@@ -44,26 +48,56 @@ class RewardSpec:
 
     spec: str
     weight: float = 1.0
+    mix: tuple[tuple[str, float], ...] = ()
+    """(group, weight) of each head of a --group-heads reward model; () = the heads' mean."""
+
+
+def parse_mix(text: str, where: str) -> tuple[tuple[str, float], ...]:
+    """``"warm=0.7,concise=0.3"`` -> (("warm", 0.7), ("concise", 0.3)), weights normalised to
+    sum 1; negative, non-finite or all-zero weights and repeated groups are refused."""
+    pairs = []
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise UserError(f"--reward {where!r}: {part!r} is not GROUP=WEIGHT") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise UserError(f"--reward {where!r}: group weights must be finite and >= 0")
+        pairs.append((name.strip(), weight))
+    names = [n for n, _ in pairs]
+    if len(set(names)) < len(names) or not all(names):
+        raise UserError(f"--reward {where!r}: name each group once")
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        raise UserError(f"--reward {where!r}: at least one group weight must be > 0")
+    return tuple((n, w / total) for n, w in pairs)
 
 
 def parse_reward_spec(text: str) -> RewardSpec:
-    """``"pkg.mod:fn@0.5"`` -> RewardSpec("pkg.mod:fn", 0.5). A path may contain ``@``; only a
-    final ``@NUMBER`` is read as the weight."""
+    """``"pkg.mod:fn@0.5"`` -> RewardSpec("pkg.mod:fn", 0.5); ``"RM@warm=1,concise=1@2"`` ->
+    RewardSpec("RM", 2.0, (("warm", 0.5), ("concise", 0.5))). A path may contain ``@``; only a
+    final ``@NUMBER`` is read as the weight, and an ``@GROUP=W,...`` before it as the mix."""
     text = text.strip()
     if not text:
         raise UserError("--reward is empty; give a reward-model dir or package.module:function")
+    spec, weight = text, 1.0
     head, sep, tail = text.rpartition("@")
     if sep:
         try:
             weight = float(tail)
         except ValueError:
-            return RewardSpec(text)
-        if not math.isfinite(weight):
-            raise UserError(f"--reward {text!r}: the weight must be a finite number")
-        if not head:
-            raise UserError(f"--reward {text!r}: nothing before '@{tail}'")
-        return RewardSpec(head, weight)
-    return RewardSpec(text)
+            weight = 1.0
+        else:
+            if not math.isfinite(weight):
+                raise UserError(f"--reward {text!r}: the weight must be a finite number")
+            if not head:
+                raise UserError(f"--reward {text!r}: nothing before '@{tail}'")
+            spec = head
+    base, sep, tail = spec.rpartition("@")
+    if sep and base and _MIX.match(tail):
+        return RewardSpec(base, weight, parse_mix(tail, text))
+    return RewardSpec(spec, weight)
 
 
 def _load_function(spec: str) -> tuple[str, RewardFn]:
@@ -89,9 +123,22 @@ class ModelReward:
     ``last_std`` for the metrics."""
 
     def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
-                 max_length: int | None = None, uncertainty_penalty: float = 0.0) -> None:
+                 max_length: int | None = None, mix: Sequence[tuple[str, float]] = (),
+                 uncertainty_penalty: float = 0.0) -> None:
         model_dir = resolve_rm_dir(Path(spec).expanduser())
         self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+        self.head_weights: torch.Tensor | None = None
+        if mix:
+            heads = group_heads(model_dir)
+            if not heads:
+                raise UserError(f"--reward {spec}@...: {model_dir} has no group heads (train it "
+                                "with train rm --group-heads)")
+            unknown = sorted({g for g, _ in mix} - set(heads))
+            if unknown:
+                raise UserError(f"--reward {spec}: no head for groups {unknown}; its heads are "
+                                f"{heads}")
+            weights = dict(mix)
+            self.head_weights = torch.tensor([weights.get(g, 0.0) for g in heads])
         self.scorer = RewardScorer(model_dir, device=device, batch_size=batch_size,
                                    normalize=True, max_length=max_length)
         if uncertainty_penalty and self.scorer.heads < 2:
@@ -102,6 +149,9 @@ class ModelReward:
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:
+        if self.head_weights is not None:
+            heads = self.scorer.score_heads(prompts, completions)  # (N, groups)
+            return (heads @ self.head_weights).tolist()
         scores = self.scorer.score_with_std(prompts, completions)
         self.last_std = scores.std
         return penalised(scores.mean, scores.std, self.uncertainty_penalty)
@@ -175,8 +225,11 @@ class Rewards:
     def __init__(self, specs: Sequence[RewardSpec], *, reward_clip: float | None = None,
                  missing_eos_penalty: float = 0.0, device: str = "auto",
                  batch_size: int = 16, max_length: int | None = None,
-                 uncertainty_penalty: float = 0.0) -> None:
-        """``uncertainty_penalty``: λ of every reward-model ensemble's mean - λ x std."""
+                 uncertainty_penalty: float = 0.0,
+                 model_reward: Callable[[str], Any] | None = None) -> None:
+        """``uncertainty_penalty``: λ of every reward-model ensemble's mean - λ x std.
+        ``model_reward(spec)``, when given, supplies the source of a reward-model directory
+        (e.g. one scored by a Ray actor); it returns None to load the model here."""
         if not specs:
             raise UserError("give at least one --reward (a reward-model dir or "
                             "package.module:function)")
@@ -184,14 +237,21 @@ class Rewards:
         for spec in specs:
             source: RewardSource
             if _FUNCTION_SPEC.match(spec.spec) and not Path(spec.spec).exists():
+                if spec.mix:
+                    raise UserError(f"--reward {spec.spec}: a group mix needs a reward model "
+                                    "trained with --group-heads, not a function")
                 source = FunctionReward(spec.spec)
             elif not Path(spec.spec).expanduser().exists():
                 raise UserError(f"--reward {spec.spec}: neither an existing reward-model "
                                 "directory nor package.module:function")
             else:
-                source = ModelReward(spec.spec, device=device, batch_size=batch_size,
-                                     max_length=max_length,
-                                     uncertainty_penalty=uncertainty_penalty)
+                # A group mix (or an uncertainty penalty) is scored where it is named (reward
+                # actors serve plain heads).
+                remote = (model_reward(spec.spec) if model_reward is not None and not spec.mix
+                          and not uncertainty_penalty else None)
+                source = remote or ModelReward(spec.spec, device=device, batch_size=batch_size,
+                                               max_length=max_length, mix=spec.mix,
+                                               uncertainty_penalty=uncertainty_penalty)
             name = source.name
             taken = {n for n, _, _ in self.sources}
             suffix = 2

@@ -26,9 +26,10 @@ from rewardloop.tokenize import encode
 from rewardloop.util.seed import seed_everything
 
 __all__ = [
-    "ForwardOut", "Generator", "HFGenerator", "Rollout", "SamplingSettings", "append_samples",
-    "batched_logps", "completion_forward", "encode_prompts", "position_ids", "rollout_metrics",
-    "sample_candidates", "sample_records", "sample_tokens", "truncate_samples", "warp_logits",
+    "CandidateSampler", "ForwardOut", "Generator", "HFGenerator", "Rollout", "SamplingSettings",
+    "append_samples", "batched_logps", "completion_forward", "encode_prompts", "position_ids",
+    "rollout_metrics", "sample_candidates", "sample_records", "sample_tokens",
+    "truncate_samples", "warp_logits",
 ]
 
 
@@ -133,25 +134,50 @@ def truncate_samples(path: Path, after_step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class CandidateSampler:
+    """A policy (loaded here) and its generator, sampling candidates one batch of prompts at a
+    time. Each batch draws from its own seed (the run's seed and the batch's index), so a batch
+    comes out the same whichever process samples it and whatever ran before: the batches of a
+    file can be spread over processes (``generate --ray``) and an interrupted job resumed."""
+
+    def __init__(self, policy: str | Path, *, seed: int = 0, device: str = "auto",
+                 dtype: str = "auto", model_label: str | None = None,
+                 engine: EngineOptions | None = None, chat_template: Path | None = None,
+                 max_prompt_length: int = 512) -> None:
+        seed_everything(seed)
+        self.tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template)
+        model = load_policy(policy, dtype=dtype, device=device, trainable=False)
+        self.generator = make_generator(engine or EngineOptions(), model, self.tokenizer, policy,
+                                        seed=seed)
+        self.seed, self.label, self.max_prompt_length = seed, model_label, max_prompt_length
+
+    def sample(self, prompts: Sequence[Text], n: int, settings: SamplingSettings, index: int
+               ) -> list[CandidatesRecord]:
+        """``n`` answers to each of ``prompts``, the file's batch number ``index``; repeated
+        answers to one prompt are kept once (a task compares distinct texts)."""
+        seed_everything(self.seed * 1_000_003 + index)
+        encoded = encode_prompts(self.tokenizer, prompts, self.max_prompt_length)
+        rollout = self.generator.generate(encoded, n, settings)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            answers = list(dict.fromkeys(rollout.texts[i * n:(i + 1) * n]))
+            rows.append(CandidatesRecord(prompt, answers, [self.label] * len(answers)))
+        return rows
+
+
 def sample_candidates(policy: str | Path, prompts: Sequence[Text], n: int,
                       settings: SamplingSettings, *, seed: int = 0, batch_size: int = 8,
                       max_prompt_length: int = 512, device: str = "auto", dtype: str = "auto",
                       model_label: str | None = None, engine: EngineOptions | None = None,
                       chat_template: Path | None = None) -> list[CandidatesRecord]:
     """``n`` sampled answers per prompt from ``policy`` (loaded here), ``batch_size`` prompts at
-    a time, with the generator ``engine`` names (default: the built-in loop). Repeated answers
-    to one prompt are kept once (a task compares distinct texts); ``models`` is
-    ``model_label``. ``chat_template``: a template file for chat prompts."""
-    seed_everything(seed)
-    tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template)
-    model = load_policy(policy, dtype=dtype, device=device, trainable=False)
-    generator = make_generator(engine or EngineOptions(), model, tokenizer, policy, seed=seed)
+    a time (:class:`CandidateSampler`), with the generator ``engine`` names (default: the
+    built-in loop); ``models`` is ``model_label``. ``chat_template``: a template file for chat
+    prompts."""
+    sampler = CandidateSampler(policy, seed=seed, device=device, dtype=dtype,
+                               model_label=model_label, engine=engine,
+                               chat_template=chat_template, max_prompt_length=max_prompt_length)
     rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        rollout = generator.generate(encode_prompts(tokenizer, chunk, max_prompt_length), n,
-                                     settings)
-        for i, prompt in enumerate(chunk):
-            answers = list(dict.fromkeys(rollout.texts[i * n:(i + 1) * n]))
-            rows.append(CandidatesRecord(prompt, answers, [model_label] * len(answers)))
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        rows += sampler.sample(list(prompts[start:start + batch_size]), n, settings, index)
     return rows

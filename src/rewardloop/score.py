@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STATS_FILE = "reward_stats.json"
 ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
+GROUP_HEADS_KEY = "reward_group_heads"  # config.json attribute: the group of each head, in order
 
 
 def trunk_states(model: nn.Module, classifier: HFModel, **inputs: Any) -> torch.Tensor:
@@ -115,6 +116,13 @@ def ensemble_size(model_dir: Path) -> int:
     config = Path(model_dir) / "config.json"
     from_config = json.loads(config.read_text()).get(ENSEMBLE_KEY) if config.is_file() else None
     return int(stats.get("ensemble") or from_config or 1)
+
+
+def group_heads(model_dir: Path) -> list[str]:
+    """The annotator group of each head of a ``train rm --group-heads`` model (else [])."""
+    config = Path(model_dir) / "config.json"
+    names = json.loads(config.read_text()).get(GROUP_HEADS_KEY) if config.is_file() else None
+    return [str(n) for n in names or []]
 
 
 def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto",
@@ -281,12 +289,15 @@ def _rows_of(fmt: str, path: Path, records: Sequence[Any]) -> list[dict[str, Any
 
 def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 32,
                normalize: bool = False, data_format: str | None = None,
-               device: str = "auto") -> int:
+               device: str = "auto",
+               score_pairs: Callable[[list[tuple[Text, Text]]], Scores] | None = None) -> int:
     """Score every answer in ``data`` and write the rows with their scores to ``out``.
 
     Pairwise rows get ``score_chosen``/``score_rejected``, candidates and ranking rows
     ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
-    output is written atomically. Returns the number of rows written.
+    output is written atomically. Returns the number of rows written. ``score_pairs`` scores
+    the (prompt, answer) pairs in order elsewhere (``score --ray``) instead of loading the
+    model here.
     """
     data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
     fmt, records = read_training_records(data, data_format)
@@ -298,11 +309,14 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
         raise UserError(f"{out}: directory {out.parent} does not exist")
     answers = [_answers(fmt, r) for r in records]
     rows = _rows_of(fmt, data, records)
-    scorer = RewardScorer(rm, device, batch_size, normalize=normalize)
     flat = [pair for group in answers for pair in group]
-    with progress_bar(len(flat), "score") as show:
-        scores = scorer.score_with_std([p for p, _ in flat], [a for _, a in flat],
-                                       progress=show)
+    if score_pairs is not None:
+        scores = score_pairs(flat)
+    else:
+        scorer = RewardScorer(rm, device, batch_size, normalize=normalize)
+        with progress_bar(len(flat), "score") as show:
+            scores = scorer.score_with_std([p for p, _ in flat], [a for _, a in flat],
+                                           progress=show)
     start = 0
     for row, group in zip(rows, answers, strict=True):
         end = start + len(group)

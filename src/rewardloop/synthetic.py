@@ -264,3 +264,16 @@ def corpus_texts(n: int = 2000, seed: int = 0) -> list[str]:
         texts.append(prompt)
         texts.append(support_reply(rng, prompt, rng.random()))
     return texts
+
+
+def style_components(prompts: list[Any], completions: list[Any], **_: Any) -> list[dict]:
+    """Two surface aspects of each reply that a small reward model can read: ``polite`` (as in
+    ``gold_components``) and ``brief`` (-0.1 per word). Groups that weigh ``polite`` with
+    opposite signs but agree on ``brief`` disagree on exactly one aspect: the pool of the
+    group-balance experiments (``benchmarks/groups.py``)."""
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        comps = gold_components(str(p), str(c))
+        out.append({"polite": comps["polite"],
+                    "brief": -0.1 * len(WORD_RE.findall(str(c).lower()))})
+    return out

@@ -266,3 +266,23 @@ def test_best_point_on_two_processes_equals_one(work: Path, tmp_path: Path, kind
         other = json.loads((two / "summary.json").read_text())
         assert other["best_step"] == summary["best_step"]
         assert other["best_eval_loss"] == pytest.approx(summary["best_eval_loss"], rel=TOL)
+
+
+@pytest.mark.parametrize("kind", ["rm", "dpo"])
+def test_group_dro_on_two_processes_equals_one(work: Path, tmp_path: Path, kind: str) -> None:
+    # The group losses are summed over the ranks before q moves, so every rank keeps the same
+    # q and the run is the one-process run.
+    rows = [{**r, "annotator": f"a{i % 4}"} for i, r in enumerate(preference_rows(24, seed=2))]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "groups.json").write_text(json.dumps({"a0": "x", "a1": "x", "a2": "x",
+                                                      "a3": "y"}))
+    args = ["train", kind, "--data", str(tmp_path / "pairs.jsonl"), "--model",
+            str(work / "tiny"), "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3",
+            "--max-length", "64", "--annotator-groups", str(tmp_path / "groups.json"),
+            "--group-balance", "minmax", "--group-step-size", "5"]
+    rewardloop(*args, "--out", str(tmp_path / "one"))
+    rewardloop(*args, "--out", str(tmp_path / "two"), "--nproc", "2")
+    assert_same_run(tmp_path / "one", tmp_path / "two",
+                    keys=("loss", "grad_norm", "group_weight/x", "group_loss/y"))
+    last = metrics(tmp_path / "two")[-1]
+    assert last["group_weight/x"] != pytest.approx(0.5)  # q moved

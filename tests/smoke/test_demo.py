@@ -48,6 +48,13 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     # the spammer is flagged by the quality report and left out of reward-model training
     quality = json.loads((workdir / "round-1" / "data" / "quality.json").read_text())
     assert set(quality["annotators"]) >= {"spammer", "warm-1", "concise-1"}
+    # whose preferences: the pool's two groups are measured, and the report shows them
+    assert {"warm", "concise"} <= set(quality["groups"]["agreement_matrix"])
+    assert {"warm", "concise"} <= set(rm["groups"]["by_group"])
+    assert all(rm["groups"]["by_group"][g]["accuracy"] is not None for g in ("warm", "concise"))
+    whose = html[html.index("Whose preferences?"):]
+    assert "<td>warm</td>" in whose and "<td>concise</td>" in whose
+    assert 'alt="group agreement"' in whose
     # the stages are resumable: a second run redoes nothing and gives the same figures
     again = CliRunner().invoke(app, ["demo", "--fast", "--workdir", str(workdir)])
     assert again.exit_code == 0, again.output

@@ -152,8 +152,12 @@ def test_cli_simulate_and_quality_json(cli_db: str, tmp_path: Path) -> None:
         assert set(entry) == {"judgments", "agreement", "reliability", "gold_accuracy",
                               "position_bias_p", "length_bias_p", "flags"}
         assert set(entry["flags"]) <= {"spam", "position_bias", "length_bias", "gold_fail"}
+    assert {"bots", "crowd"} <= set(doc["groups"]["by_group"])
+    assert doc["groups"]["by_group"]["bots"]["annotators"] == 1
+    assert "agreement" in doc["groups"]["agreement_matrix"]["bots"]["crowd"]
     res = runner.invoke(app, ["quality", "--db", cli_db, "--batch", "b1"])
     assert res.exit_code == 0, res.output
+    assert "agreement within (alpha)" in res.output
     assert "Krippendorff" in res.output and "honest-1" in res.output
 
 

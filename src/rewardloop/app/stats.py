@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
+from rewardloop.feedback.groups import group_counts
 from rewardloop.feedback.tasks import batch_progress
 
 RECENT = 20
@@ -79,6 +80,8 @@ def admin_stats(session: Session) -> dict[str, Any]:
             first_wins[1] += 1
     per_agree, total_agree = _agreement(by_task)
     batches = session.scalars(select(Batch).order_by(Batch.id)).all()
+    members = {a.name: [str(g) for g in a.groups]
+               for a in session.scalars(select(Annotator)) if a.groups}
     return {
         "judgments": len(rows),
         "progress": batch_progress(session),
@@ -93,6 +96,7 @@ def admin_stats(session: Session) -> dict[str, Any]:
         "gold_accuracy": _ratio(sum(g[0] for g in gold.values()), sum(g[1] for g in gold.values())),
         "position_bias": _ratio(*first_wins),
         "position_bias_n": first_wins[1],
+        "groups": group_counts(members, [r.name for r in rows]) if members else {},
         "recent": [
             {"at": r.created_at.isoformat(), "annotator": r.name, "task_id": r.task_id,
              "time_ms": r.time_ms} for r in rows[::-1][:RECENT]],

@@ -96,11 +96,16 @@ def main() -> None:
     import sys
 
     from rewardloop.cli._launch import launch, take_nproc
+    from rewardloop.cli._ray import with_ray_address
 
-    nproc, rest = take_nproc(sys.argv[1:])
+    nproc, rest = take_nproc(with_ray_address(sys.argv[1:]))
     if nproc is not None and nproc > 1:
         if not rest or rest[0] != "train":
             typer.echo("error: --nproc applies to the train commands", err=True)
+            raise SystemExit(2)
+        if "--ray" in rest:
+            typer.echo("error: --nproc starts processes on this machine, --ray actors on a "
+                       "Ray cluster (--trainers N); give one or the other", err=True)
             raise SystemExit(2)
         raise SystemExit(launch(nproc, rest))
     sys.argv[1:] = rest

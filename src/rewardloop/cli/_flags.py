@@ -24,10 +24,13 @@ from rewardloop.cli._common import CONFIG
 from rewardloop.cli._launch import NPROC, refuse_nproc
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
+    ClusterOptions,
     LoraOptions,
     ModelOptions,
     OfflineOptions,
     OptimOptions,
+    RayJobOptions,
+    RayOptions,
     RunOptions,
     RuntimeOptions,
     field_docs,
@@ -36,7 +39,8 @@ from rewardloop.options import (
 
 # Where a block's flags appear in --help, after the command's own.
 BLOCK_ORDER: tuple[type, ...] = (RunOptions, OfflineOptions, OptimOptions, ModelOptions,
-                                 LoraOptions, RuntimeOptions, EngineOptions)
+                                 LoraOptions, RuntimeOptions, EngineOptions, RayOptions,
+                                 RayJobOptions, ClusterOptions)
 SCALARS = (str, int, float, Path)
 METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH"}
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import typer
+
+from rewardloop.util.net import free_port
 
 GRACE_S = 10.0
 
@@ -35,12 +36,6 @@ def refuse_nproc(nproc: int | None) -> None:
     if nproc is not None and nproc > 1:
         raise typer.BadParameter("--nproc works from the rewardloop command (or use torchrun)",
                                  param_hint="--nproc")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def take_nproc(argv: list[str]) -> tuple[int | None, list[str]]:

@@ -94,3 +94,9 @@ def arena(
         low, high = result["win_rate_ci"]
         typer.echo(f"{policy} vs {baseline}: win rate {result['win_rate']:.3f} "
                    f"[{low:.3f}, {high:.3f}]")
+    for group, r in (result.get("by_group") or {}).items():
+        low, high = r["win_rate_ci"]
+        typer.echo(f"  group {group}: win rate {r['win_rate']:.3f} [{low:.3f}, {high:.3f}], "
+                   f"{r['n']} battles")
+    for alarm in result.get("group_alarms") or ():
+        typer.echo(f"alarm: {alarm}")

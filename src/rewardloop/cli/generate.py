@@ -11,7 +11,9 @@ import typer
 
 from rewardloop.cli._common import existing_data, existing_file, resolve_db
 from rewardloop.cli._flags import config_command
+from rewardloop.cli._ray import batch_module
 from rewardloop.engines.options import EngineOptions
+from rewardloop.options import RayJobOptions
 
 if TYPE_CHECKING:
     from rewardloop.feedback.select import SelectionConfig
@@ -20,7 +22,7 @@ ORDER = 11
 
 
 @dataclass(frozen=True, kw_only=True)
-class GenerateConfig(EngineOptions):
+class GenerateConfig(EngineOptions, RayJobOptions):
     """Options of ``rewardloop generate``."""
 
     policy: str
@@ -81,6 +83,10 @@ class GenerateConfig(EngineOptions):
         from rewardloop.rollout import SamplingSettings
 
         EngineOptions.of(self)  # validates the generator options
+        self.check_ray_job()
+        if self.ray and self.out is None:
+            raise ValueError("--ray needs --out FILE (its finished batches are saved beside it, "
+                             "so that an interrupted job resumes)")
         if self.n < 2:
             raise ValueError(f"-n must be at least 2 (tasks compare answers), got {self.n}")
         if self.out is None and self.db is None:
@@ -123,10 +129,22 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed})
     label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
-    rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
-                             batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
-                             device=cfg.device, dtype=cfg.dtype, model_label=label,
-                             engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
+    if cfg.ray:
+        assert cfg.out is not None  # checked by the config
+        options = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype,
+                   "model_label": label, "engine": EngineOptions.of(cfg),
+                   "chat_template": cfg.chat_template,
+                   "max_prompt_length": cfg.max_prompt_length}
+        rows = batch_module().sample_on_ray(
+            cfg.policy, prompts, cfg.n, settings, cfg.out, address=cfg.ray, actors=cfg.actors,
+            gpus=cfg.actor_gpus, cpus=cfg.actor_cpus, batch_size=cfg.batch_size,
+            options=options, timeout_s=cfg.actor_timeout)
+    else:
+        rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
+                                 batch_size=cfg.batch_size,
+                                 max_prompt_length=cfg.max_prompt_length, device=cfg.device,
+                                 dtype=cfg.dtype, model_label=label,
+                                 engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:

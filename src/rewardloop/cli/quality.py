@@ -52,6 +52,9 @@ def _print_report(report: Any) -> None:
             _rate(q.bias.position_rate, q.bias.position_p),
             _rate(q.bias.length_rate, q.bias.length_p), ", ".join(q.flags) or "-")
     console.print(table)
+    by_group = report.groups.get("by_group", {})
+    if len(by_group) > 1:
+        console.print(_group_table(by_group, report.groups.get("agreement_matrix", {})))
     pairs = report.groups.get("pairs", {})
     if pairs:
         groups = Table(title="Groups")
@@ -61,6 +64,24 @@ def _print_report(report: Any) -> None:
             groups.add_row(key, str(g["units"]), _fmt(g["agreement"]),
                            _fmt(g["mean_abs_win_rate_diff"]))
         console.print(groups)
+
+
+def _group_table(by_group: dict[str, Any], matrix: dict[str, Any]) -> Any:
+    """Per group: size, alpha within it (95% CI), and verdict agreement with every group."""
+    from rich.table import Table
+
+    names = sorted(by_group)
+    table = Table(title="Groups: agreement within (alpha) and between (share of agreeing "
+                        "verdicts)")
+    for col in ("group", "annotators", "judgments", "alpha (95% CI)", *names):
+        table.add_column(col)
+    for g in names:
+        row = by_group[g]
+        ci = row.get("alpha_ci")
+        alpha = _fmt(row.get("alpha")) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        cells = [_fmt((matrix.get(g, {}).get(h) or {}).get("agreement")) for h in names]
+        table.add_row(g, str(row["annotators"]), str(row["judgments"]), alpha, *cells)
+    return table
 
 
 def quality(

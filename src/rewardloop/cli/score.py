@@ -7,6 +7,15 @@ from pathlib import Path
 
 import typer
 
+from rewardloop.cli._ray import (
+    BATCH_ACTORS,
+    BATCH_CPUS,
+    BATCH_GPUS,
+    BATCH_TIMEOUT,
+    RAY,
+    batch_module,
+)
+
 ORDER = 50
 
 
@@ -28,12 +37,20 @@ def score(
     data_format: str | None = typer.Option(None, "--format", help="Format of --data; default: "
                                            "detected from the rows."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    ray: str | None = RAY, actors: int = BATCH_ACTORS, actor_gpus: float = BATCH_GPUS,
+    actor_cpus: float = BATCH_CPUS, actor_timeout: int = BATCH_TIMEOUT,
 ) -> None:
-    """Score answers with a reward model; ensembles add the std across heads (*_std)."""
+    """Score answers with a reward model; ensembles add the std across heads (*_std). With
+    --ray the answers are dealt over --actors reward-model actors (docs/cluster.md)."""
     from rewardloop.cli._common import existing_data
     from rewardloop.score import score_file
 
     existing_data(data)
+    remote = None
+    if ray:
+        remote = batch_module().score_pairs_on_ray(
+            rm, output, address=ray, actors=actors, gpus=actor_gpus, cpus=actor_cpus,
+            batch_size=batch_size, normalize=normalize, device=device, timeout_s=actor_timeout)
     rows = score_file(rm, data, output, batch_size=batch_size, normalize=normalize,
-                      data_format=data_format, device=device)
+                      data_format=data_format, device=device, score_pairs=remote)
     typer.echo(f"wrote {rows} scored rows to {output}")

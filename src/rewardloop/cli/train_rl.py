@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from rewardloop.cli._flags import train_command
+from rewardloop.cli._ray import run_on_ray
 from rewardloop.cli._train_group import train_app
 from rewardloop.train.configs import GRPOConfig, OnlineOptions, PPOConfig
 
@@ -33,7 +34,11 @@ _PPO_HELP = (
 def run_rl(cfg: OnlineOptions) -> None:
     # Each trainer imports torch: only the one asked for is loaded, when the command runs.
     summary: dict[str, Any]
-    if isinstance(cfg, PPOConfig):
+    if cfg.ray:  # the same trainer, in Ray actors (rewardloop.cluster)
+        ppo = isinstance(cfg, PPOConfig)
+        kind = "ppo" if ppo else cfg.advantage  # type: ignore[attr-defined]
+        summary = run_on_ray("ppo" if ppo else "grpo", cfg)
+    elif isinstance(cfg, PPOConfig):
         from rewardloop.train.ppo import train as train_ppo
 
         kind, summary = "ppo", train_ppo(cfg)

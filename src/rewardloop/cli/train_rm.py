@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
 def run_rm(cfg: RewardConfig) -> None:
     from rewardloop.cli._common import existing_data, existing_file
     from rewardloop.feedback.quality import annotators_from_db
+    from rewardloop.metrics import group_table
     from rewardloop.train.reward import train_rm  # imports torch: only when it runs
 
     for path in (cfg.data, cfg.eval_data):
@@ -36,3 +37,5 @@ def run_rm(cfg: RewardConfig) -> None:
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
                                     "eval_ece", "length_correlation", "best_step",
                                     "best_eval_accuracy", "best_eval_loss", "label_ceiling"))
+    if "groups" in summary:
+        typer.echo(group_table(summary["groups"]))

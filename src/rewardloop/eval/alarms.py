@@ -93,7 +93,7 @@ def _change_noise(before: Sequence[float], after: Sequence[float]) -> float:
 
 OVEROPTIMISATION_DEFENCE = (
     "Try: a 4-head reward-model ensemble (train rm --ensemble 4) optimised with "
-    "--reward-uncertainty-penalty 0.5 (Coste et al. 2023), a larger --kl-coef, or the "
+    "--reward-uncertainty-penalty 1.0 (Coste et al. 2023), a larger --kl-coef, or the "
     "checkpoint before this point")
 """What the gold-versus-proxy alarm tells the user to do (docs/reward-models.md)."""
 
@@ -177,3 +177,13 @@ def best_index(records: Sequence[Record], keys: Sequence[str]) -> int | None:
         if scored:
             return -max(scored)[1]
     return None
+
+
+def group_win_rate_alarms(overall: float | None, by_group: Mapping[str, float]) -> list[str]:
+    """Whose win is it? A policy can beat its baseline overall while losing for a group
+    whose taste the reward model did not learn: one message per group whose win rate is
+    below 0.5 while the overall rate is above it."""
+    if overall is None or not overall > 0.5:
+        return []
+    return [f"the policy wins overall ({overall:.2f}) but loses for group {g!r} "
+            f"(win rate {rate:.2f} < 0.5)" for g, rate in sorted(by_group.items()) if rate < 0.5]

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from rewardloop.data.schema import Batch, ComparisonTask, Judgment, TaskItem
+from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment, TaskItem
 from rewardloop.feedback import tasks as T
 from rewardloop.metrics import Battle
 
@@ -71,17 +71,38 @@ def _outcome(ranking: list[list[int]], first: int) -> float:
 def arena_battles(session: Session, batch_name: str | None = None) -> list[Battle]:
     """Battles ``(model_a, model_b, outcome)`` from judged pairwise tasks whose two responses
     come from different named models (in task order)."""
+    return [battle for battle, _ in judged_battles(session, batch_name)]
+
+
+def battles_by_group(judged: Sequence[tuple[Battle, Sequence[str]]]
+                     ) -> dict[str, list[Battle]]:
+    """The arena per annotator group (``judged_battles``' output): each judgment's battle under
+    every group of its annotator (judgments by annotators without a group are left out)."""
+    out: dict[str, list[Battle]] = {}
+    for battle, groups in judged:
+        for g in groups:
+            out.setdefault(g, []).append(battle)
+    return out
+
+
+def judged_battles(session: Session, batch_name: str | None = None
+                   ) -> list[tuple[Battle, tuple[str, ...]]]:
+    """(battle, its annotator's groups) of every judged arena task (see ``arena_battles``)."""
     query = (select(Judgment).join(ComparisonTask)
              .where(ComparisonTask.kind == "pairwise")
              .options(selectinload(Judgment.task).selectinload(ComparisonTask.items)
                       .selectinload(TaskItem.response)))
     if batch_name is not None:
         query = query.where(ComparisonTask.batch.has(Batch.name == batch_name))
-    battles: list[Battle] = []
+    groups = {a.id: tuple(str(g) for g in (a.groups or []))
+              for a in session.scalars(select(Annotator))}
+    battles: list[tuple[Battle, tuple[str, ...]]] = []
     for judgment in session.scalars(query):
         items = judgment.task.items
         a, b = items[0].response, items[1].response
         if not a.model or not b.model or a.model == b.model:
             continue
-        battles.append((a.model, b.model, _outcome(judgment.ranking, a.id)))
+        battles.append(((a.model, b.model, _outcome(judgment.ranking, a.id)),
+                        groups.get(judgment.annotator_id, ())
+                        if judgment.annotator_id is not None else ()))
     return battles

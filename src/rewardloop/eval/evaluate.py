@@ -29,7 +29,8 @@ from rewardloop.data.store import Store
 from rewardloop.data.values import length_stats
 from rewardloop.engines.options import EngineOptions
 from rewardloop.errors import UserError
-from rewardloop.eval.arena import arena_battles, create_arena_tasks
+from rewardloop.eval.alarms import group_win_rate_alarms
+from rewardloop.eval.arena import battles_by_group, create_arena_tasks, judged_battles
 from rewardloop.eval.config import EvalConfig
 from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
@@ -262,12 +263,29 @@ def arena_result(battles: Sequence[Battle], *, policy: str | None = None,
     return out
 
 
+def group_arena(by_group: Mapping[str, Sequence[Battle]], overall: float | None, policy: str,
+                baseline: str) -> dict[str, Any]:
+    """The arena per annotator group: the policy's win rate over the baseline among each
+    group's judgments (bootstrap interval), and an alarm per group the policy loses for while
+    it wins overall (``alarms.group_win_rate_alarms``)."""
+    rates = {g: rate for g, battles in sorted(by_group.items())
+             if (rate := battle_win_rate(battles, policy, baseline)) is not None}
+    return {"by_group": {g: r.as_dict() for g, r in rates.items()},
+            "group_alarms": group_win_rate_alarms(overall, {g: r.rate for g, r in rates.items()})}
+
+
 def store_arena(db: str | None, batch: str | None, **kwargs: Any) -> dict[str, Any]:
-    """``arena_result`` of the battles judged in the store (optionally one batch)."""
+    """``arena_result`` of the battles judged in the store (optionally one batch), with the
+    per-group arena (``group_arena``) when annotators have groups."""
     store = Store(db)
     try:
         with store.read() as session:
-            battles = arena_battles(session, batch)
+            judged = judged_battles(session, batch)
     finally:
         store.dispose()
-    return arena_result(battles, **kwargs)
+    result = arena_result([b for b, _ in judged], **kwargs)
+    by_group = battles_by_group(judged)
+    if by_group and kwargs.get("policy") and kwargs.get("baseline"):
+        result.update(group_arena(by_group, result.get("win_rate"), kwargs["policy"],
+                                  kwargs["baseline"]))
+    return result

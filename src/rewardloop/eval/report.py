@@ -279,6 +279,107 @@ def _quality_section(q: dict[str, Any]) -> str:
             + _table(rows, ["annotator", "judgments", "agreement", "reliability", "flags"]))
 
 
+def heatmap_figure(title: str, labels: Sequence[str], matrix: Sequence[Sequence[float | None]]
+                   ) -> str:
+    """A square heatmap with the value written in each cell (blank where None)."""
+    plt = _pyplot()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * n, 1.2 + 0.8 * n))
+    grid = [[math.nan if v is None else float(v) for v in row] for row in matrix]
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), list(labels), rotation=30, ha="right")
+    ax.set_yticks(range(n), list(labels))
+    for i in range(n):
+        for j in range(n):
+            if not math.isnan(grid[i][j]):
+                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="white")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title, fontsize=10)
+    return _figure_png(fig)
+
+
+def _group_accuracy_part(runs: Sequence[RunFiles]) -> list[str]:
+    """Per-group held-out accuracy of every reward-model/DPO run that has groups, one row per
+    (run, group): runs trained with different --group-balance read as before/after."""
+    rows, labels, values, lows, highs = [], [], [], [], []
+    for run in runs:
+        section = (run.summary or {}).get("groups")
+        if not isinstance(section, dict):
+            continue
+        for g, r in (section.get("by_group") or {}).items():
+            ci = r.get("accuracy_ci") or [None, None]
+            rows.append((run.name, section.get("balance", "none"), g, r.get("accuracy"),
+                         f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "-",
+                         r.get("weight_share"), r.get("train_comparisons")))
+            if r.get("accuracy") is not None:
+                labels.append(f"{g} ({section.get('balance', 'none')}, {run.name})")
+                values.append(float(r["accuracy"]))
+                lows.append(float(ci[0] if ci[0] is not None else r["accuracy"]))
+                highs.append(float(ci[1] if ci[1] is not None else r["accuracy"]))
+    if not rows:
+        return []
+    parts = []
+    if values:
+        parts.append(_img("accuracy per group", bar_figure(
+            "Whose judgments does the model get right? Held-out accuracy per group (95% CI)",
+            labels, values, lows, highs, ref=0.5), len(values)))
+    return parts + [_table(rows, ["run", "balance", "group", "accuracy", "95% CI",
+                                  "weight share", "training comparisons"])]
+
+
+def _group_agreement_part(runs: Sequence[RunFiles]) -> list[str]:
+    """The agreement matrix of each run's quality.json as a heatmap."""
+    parts = []
+    for run in runs:
+        matrix = ((run.quality or {}).get("groups") or {}).get("agreement_matrix")
+        if not isinstance(matrix, dict) or not matrix:
+            continue
+        names = sorted(matrix)
+        grid = [[(matrix[a].get(b) or {}).get("agreement") for b in names] for a in names]
+        parts.append(_img("group agreement", heatmap_figure(
+            f"Do the groups agree? Verdict agreement within (diagonal) and between groups "
+            f"({run.name})", names, grid), sum(v is not None for row in grid for v in row)))
+    return parts
+
+
+def _group_arena_part(runs: Sequence[RunFiles]) -> list[str]:
+    """The policy's win rate per annotator group (eval.json's arena), with its alarms."""
+    parts = []
+    for run in runs:
+        ev = run.eval or {}
+        arena: dict[str, Any] = ev["arena"] if isinstance(ev.get("arena"), dict) else ev
+        by_group = arena.get("by_group")
+        if not isinstance(by_group, dict) or not by_group:
+            continue
+        names = sorted(by_group)
+        vals = [float(by_group[g]["win_rate"]) for g in names]
+        ci = [by_group[g].get("win_rate_ci") or [v, v] for g, v in zip(names, vals, strict=True)]
+        alarms = arena.get("group_alarms") or []
+        if alarms:
+            items = "".join(f"<li>{html.escape(str(a))}</li>" for a in alarms)
+            parts.append(f'<div class="alarm"><h3>A group the policy loses for '
+                         f"({html.escape(run.name)})</h3><ul>{items}</ul></div>")
+        parts.append(_img("win rate per group", bar_figure(
+            f"Does the policy win for every group? Win rate per group (95% CI; {run.name})",
+            names, vals, [c[0] for c in ci], [c[1] for c in ci], ref=0.5), len(vals)))
+        parts.append(_table([(g, v, f"[{c[0]:.3f}, {c[1]:.3f}]", by_group[g].get("n"))
+                             for g, v, c in zip(names, vals, ci, strict=True)],
+                            ["group", "win rate", "95% CI", "battles"]))
+    return parts
+
+
+def whose_preferences_section(runs: Sequence[RunFiles]) -> str:
+    """Whose preferences? Per-group reward-model accuracy (before and after balancing), the
+    group agreement heatmap and the policy's win rate per group, with the group alarm; empty
+    when no run has groups (docs/groups.md)."""
+    parts = (_group_accuracy_part(runs) + _group_agreement_part(runs)
+             + _group_arena_part(runs))
+    if not parts:
+        return ""
+    return ('<section class="groups"><h2>Whose preferences?</h2>' + "\n".join(parts)
+            + "</section>")
+
+
 def _samples_section(path: Path, limit: int = 8) -> str:
     rows = []
     for line in path.read_text().splitlines()[:limit]:
@@ -407,7 +508,8 @@ def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop repor
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
     files = [read_run(Path(r)) for r in runs]
-    body = headline_section(files) + "\n".join(run_section(r) for r in files)
+    body = (headline_section(files) + whose_preferences_section(files)
+            + "\n".join(run_section(r) for r in files))
     doc = (f"<!doctype html><html><head><meta charset='utf-8'>"
            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
            f"img-src data:; style-src 'unsafe-inline'\">"

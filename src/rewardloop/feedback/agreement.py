@@ -54,7 +54,12 @@ def krippendorff_alpha(
     alpha-reliability"). Units with fewer than two values are not pairable and are left out.
     Returns None when alpha is undefined (fewer than two pairable values, or one value only).
     """
-    counts = value_counts(units)
+    return krippendorff_alpha_counts(value_counts(units), level)
+
+
+def krippendorff_alpha_counts(counts: np.ndarray, level: str = "nominal") -> float | None:
+    """``krippendorff_alpha`` of a (n_units, 3) value-count matrix (``value_counts``), so a
+    bootstrap can resample its rows without rebuilding the units."""
     m = counts.sum(axis=1)
     counts = counts[m >= 2]
     m = m[m >= 2]

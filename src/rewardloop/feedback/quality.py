@@ -22,6 +22,7 @@ from rewardloop.data.schema import Annotator
 from rewardloop.data.store import Store
 from rewardloop.feedback import agreement as A
 from rewardloop.feedback.bias import BiasStats, bias_stats
+from rewardloop.feedback.groups import group_measures
 from rewardloop.feedback.records import JudgmentRecord, load_records, pair_values
 
 Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id)
@@ -270,7 +271,8 @@ def analyze(records: Sequence[JudgmentRecord], thresholds: Thresholds | None = N
         {u: [v for _, v in vals] for u, vals in units.items() if u[0] in pairwise}))
     return QualityReport(
         krippendorff_alpha=alpha, fleiss_kappa=kappa, judgments=len(records),
-        annotators=_annotators(records, units, th), groups=_group_view(records),
+        annotators=_annotators(records, units, th),
+        groups={**_group_view(records), **group_measures(records)},
         ceiling=label_ceiling((u, a, _VOTE[v]) for u, vals in units.items() for a, v in vals))
 
 

@@ -211,6 +211,42 @@ def load_pool(path: Path | str) -> list[SimulatedAnnotator]:
     return parse_pool(data, path)
 
 
+def opposed_groups_pool(weights: Mapping[str, float], component: str, *, majority: int = 6,
+                        minority: int = 2, temperature: float = 0.5) -> list[SimulatedAnnotator]:
+    """A ``majority`` group and a ``minority`` group that weigh the gold components alike except
+    ``component``, which the minority weighs with the opposite sign: the pool on which pooled
+    training serves the majority only (the proof of ``--group-balance``)."""
+    if component not in weights:
+        raise ValueError(f"component {component!r} is not among the weights {sorted(weights)}")
+    flipped = {**weights, component: -weights[component]}
+    return ([SimulatedAnnotator(f"major-{i}", group="majority", temperature=temperature,
+                                weights=dict(weights)) for i in range(1, majority + 1)]
+            + [SimulatedAnnotator(f"minor-{i}", group="minority", temperature=temperature,
+                                  weights=flipped) for i in range(1, minority + 1)])
+
+
+def judge_offline(pool: Sequence[SimulatedAnnotator], candidates: Sequence[Mapping[str, Any]],
+                  gold: GoldFn, seed: int = 0) -> list[dict[str, Any]]:
+    """Pairwise rows (prompt, chosen, rejected, annotator) from candidates rows with two
+    responses, each judged by the next annotator of ``pool`` in turn (so every annotator sees
+    the same mix of prompts), without a store: for experiments and tests of training methods.
+    Ties and identical answers give no row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index, row in enumerate(candidates):
+        prompt, (a, b) = row["prompt"], row["responses"]
+        if a == b:
+            continue
+        sim = pool[index % len(pool)]
+        shown = [a, b] if rng.random() < 0.5 else [b, a]
+        ranking = sim.judge(prompt, shown, list(gold([prompt, prompt], shown)), rng)
+        if len(ranking) < 2:
+            continue
+        rows.append({"prompt": prompt, "chosen": shown[ranking[0][0]],
+                     "rejected": shown[ranking[1][0]], "annotator": sim.name})
+    return rows
+
+
 # -- gold functions ----------------------------------------------------------------------------
 
 

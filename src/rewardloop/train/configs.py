@@ -16,6 +16,7 @@ from pathlib import Path
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
     BestPointOptions,
+    ClusterOptions,
     LoraOptions,
     ModelOptions,
     OfflineOptions,
@@ -28,6 +29,8 @@ PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
 RANKING_FORMATS = ("ranking",)
 UNPAIRED_FORMATS = ("kto",)
 WEIGHTINGS = ("none", "reliability")
+GROUP_BALANCES = ("none", "equal", "minmax")
+"""--group-balance of train rm and train dpo (train/group_balance.py)."""
 DPO_LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto")
 ADVANTAGE_NAMES = ("grpo", "rloo", "reinforce++")
 GROUP_METHODS = ("grpo", "rloo")
@@ -40,7 +43,7 @@ def _check_blocks(cfg: object) -> None:
     """Run the checks of every option block ``cfg`` is made of."""
     for block, check in ((RuntimeOptions, "check_runtime"), (RunOptions, "check_run"),
                          (LoraOptions, "check_lora"), (OfflineOptions, "check_offline"),
-                         (OptimOptions, "check_optim")):
+                         (OptimOptions, "check_optim"), (ClusterOptions, "check_cluster")):
         if isinstance(cfg, block):
             getattr(cfg, check)()
     if isinstance(cfg, BestPointOptions):
@@ -119,6 +122,15 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
     annotator_groups: Path | None = None
     """JSON file {annotator: [group, ...]} for per-group eval accuracy (the store's groups are
     added when --db is given)."""
+    group_balance: str = "none"
+    """none; equal: every annotator group carries the same total weight; minmax: group DRO,
+    minimise the worst group's loss (a comparison counts for its annotator's first group)."""
+    group_step_size: float = 0.1
+    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
+    group_heads: bool = False
+    """One reward head per annotator group on the shared body, each trained on its group's
+    judgments: the heads' spread shows where groups disagree; --reward RM@group=w,... mixes
+    them (unweighted, the reward is their mean)."""
     eval_batch_size: int = 32
     """Comparisons per no-grad evaluation batch."""
     length_debias: bool = False
@@ -142,6 +154,9 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
             raise ValueError("ensemble must be at least 1")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}")
+        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
+            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
+                             "group_step_size > 0")
         if self.weighting == "reliability" and self.db is None and self.annotator_weights is None:
             raise ValueError("weighting=reliability needs --db (the store's annotator "
                              "reliability) or --annotator-weights FILE.json")
@@ -149,10 +164,15 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
             raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
         if self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be at least 1")
-        if self.length_debias and (self.lora_r is not None or self.length_debias_coef < 0):
-            raise ValueError("length_debias needs full fine-tuning (no --lora-r) and "
-                             "length_debias_coef >= 0")
-        if self.lora_r is not None and self.ensemble > 1 and not self.merge_lora:
+        if self.length_debias and (self.lora_r is not None or self.length_debias_coef < 0
+                                   or self.group_heads or self.group_balance != "none"):
+            raise ValueError("length_debias needs full fine-tuning (no --lora-r), "
+                             "length_debias_coef >= 0, and no --group-heads or --group-balance")
+        if self.group_heads and (self.ensemble > 1 or self.group_balance != "none"):
+            raise ValueError("group_heads trains one head per group: it takes no --ensemble "
+                             "and no --group-balance")
+        if self.lora_r is not None and (self.ensemble > 1 or self.group_heads) \
+                and not self.merge_lora:
             raise ValueError("an ensemble trained with LoRA must be saved merged: add "
                              "--merge-lora")
 
@@ -195,6 +215,14 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     """Held-out preferences (same kind as --data) for eval loss and implicit-reward accuracy."""
     ref_batch_size: int = 32
     """Examples per batch of the reference (and evaluation) no-grad passes."""
+    annotator_groups: Path | None = None
+    """JSON file {annotator: [group, ...]}: the groups of the rows' annotators, for
+    --group-balance and the per-group figures of the summary."""
+    group_balance: str = "none"
+    """none; equal: every annotator group weighs the same in each step; minmax: group DRO
+    (Ramesh et al. 2024), minimise the worst group's loss. Pairwise losses only."""
+    group_step_size: float = 0.1
+    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
     batch_size: int = 8
     lr: float = 1e-6
 
@@ -219,6 +247,12 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
             raise ValueError("desirable_weight and undesirable_weight must be > 0")
         if self.ref_batch_size < 1:
             raise ValueError("ref_batch_size must be at least 1")
+        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
+            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
+                             "group_step_size > 0")
+        if self.group_balance != "none" and (self.annotator_groups is None
+                                             or self.loss == "kto"):
+            raise ValueError("group_balance needs --annotator-groups and a pairwise loss")
         if self.data_format is not None and self.data_format not in (
                 PAIRWISE_FORMATS + UNPAIRED_FORMATS):
             raise ValueError(f"data_format must be one of "
@@ -232,7 +266,7 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
 
 @dataclass(frozen=True, kw_only=True)
 class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, OptimOptions,
-                    RunOptions):
+                    RunOptions, ClusterOptions):
     """What every online-RL command shares: the policy, its prompts and rewards, sampling, the
     KL leash, the clipped policy loss, samples written along the way."""
 
@@ -443,6 +477,8 @@ class PPOConfig(OnlineOptions):
         self.fill_default("micro_batch_size", self.mini_batch_size)
         self.fill_default("value_lr", self.lr)
         self.check_online()
+        if self.async_rollout:
+            raise ValueError("async_rollout (one-step off-policy) is for train grpo|rloo")
         if self.kl_in != "reward":
             raise ValueError("ppo puts the KL penalty in the per-token reward (kl_in=reward)")
         if not 0.0 <= self.lam <= 1.0:

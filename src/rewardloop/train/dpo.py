@@ -42,6 +42,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import DataError, UserError
+from rewardloop.metrics import primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -56,6 +57,7 @@ from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.configs import PAIRWISE_FORMATS, UNPAIRED_FORMATS, DPOConfig
 from rewardloop.train.data import LengthGroupedSampler, rank_micro_batches, scheduler
 from rewardloop.train.early_stop import BestPoint, evaluation_due
+from rewardloop.train.group_balance import GroupDRO, group_summary, read_groups_file
 from rewardloop.train.run import (
     RunDir,
     adamw,
@@ -90,6 +92,8 @@ class Example:
     first: Encoded
     second: Encoded
     label: bool = True
+    annotator: str | None = None
+    """Who judged the pair (for --group-balance)."""
 
     @property
     def n_tokens(self) -> int:
@@ -109,7 +113,8 @@ def build_pairs(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> li
         log.warning("left out %d tied pairs (DPO needs a preferred answer)",
                     len(pairs) - len(kept))
     return [Example(_encode(tokenizer, cfg, p.prompt, p.chosen),
-                    _encode(tokenizer, cfg, p.prompt, p.rejected)) for p in kept]
+                    _encode(tokenizer, cfg, p.prompt, p.rejected), annotator=p.annotator)
+            for p in kept]
 
 
 def build_unpaired(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> list[Example]:
@@ -417,16 +422,52 @@ class StepResult:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     local_loss: float = 0.0
     """This rank's share of ``loss`` (the finite check names the rank it came from)."""
+    group_losses: dict[str, float] = field(default_factory=dict)
+    """Mean loss of each annotator group in the step (when groups are given)."""
+
+
+def weighted_loss(objective: Objective, logps: torch.Tensor, ref: torch.Tensor,
+                  labels: torch.Tensor, z0: torch.Tensor, cfg: DPOConfig, count: float,
+                  coefs: torch.Tensor) -> torch.Tensor:
+    """Σ_i c_i loss_i / ``count`` over a micro-batch, coefs (b,): the losses take one global
+    count, so rows are grouped by coefficient and a group of c divides by count / c."""
+    loss = logps.new_zeros(())
+    for c in torch.unique(coefs).tolist():
+        if c > 0:
+            sel = coefs == c
+            part, _ = objective.loss(logps[sel], ref[sel], labels[sel], z0, cfg, count / c)
+            loss = loss + part
+    return loss
+
+
+def group_coefficients(dro: GroupDRO, group_ids: Sequence[str]) -> torch.Tensor:
+    """(B,) c_i = B q_g / (n_g Σ_{g in step} q_g): the step's loss Σ_i c_i loss_i / B is then
+    the q-weighted mean of the groups' mean losses (``GroupDRO.item_weights``)."""
+    w = torch.tensor(dro.item_weights(group_ids, [1.0] * len(group_ids)), dtype=torch.float64)
+    return (w * len(group_ids) / w.sum()).float()
+
+
+def _group_losses(objective: Objective, logps: torch.Tensor, ref: torch.Tensor,
+                  labels: torch.Tensor, z0: torch.Tensor, cfg: DPOConfig,
+                  group_ids: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for g in sorted(set(group_ids)):
+        sel = torch.tensor([x == g for x in group_ids], device=logps.device)
+        loss, _ = objective.loss(logps[sel], ref[sel], labels[sel], z0, cfg, None)
+        out[g] = float(loss)
+    return out
 
 
 def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
-               examples: Sequence[Example], ref: torch.Tensor, cfg: DPOConfig, pad_id: int
+               examples: Sequence[Example], ref: torch.Tensor, cfg: DPOConfig, pad_id: int,
+               group_ids: Sequence[str] | None = None, dro: GroupDRO | None = None
                ) -> StepResult:
     """Accumulate the gradient of one optimizer step over this rank's micro-batches (no
     optimizer call); the loss and metrics returned are the whole step's, on every rank.
 
     ``ref`` (B, 2) reference log-probs of ``examples``. Each micro-batch loss is divided by the
     step's pair count (and chosen-token count), so the summed gradient equals the full batch's.
+    With ``dro`` the groups (``group_ids``, one per example) are weighed by its q.
     """
     device = ref.device
     labels = _labels(examples, device)
@@ -435,11 +476,18 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
                                        cfg.micro_batch_size)
     chosen_tokens = float(_completion_tokens(examples).sum())
     seen: dict[int, torch.Tensor] = {}
+    coefs = (group_coefficients(dro, group_ids).to(device)
+             if dro is not None and group_ids is not None else None)
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb_examples = [examples[i] for i in indices]
         logps = objective.forward(policy, mb_examples, pad_id, cfg.length_normalize)  # (b, k)
-        loss, _ = objective.loss(logps, ref[indices], labels[indices], z0, cfg, len(examples))
+        if coefs is None:
+            loss, _ = objective.loss(logps, ref[indices], labels[indices], z0, cfg,
+                                     len(examples))
+        else:
+            loss = weighted_loss(objective, logps, ref[indices], labels[indices], z0, cfg,
+                                 len(examples), coefs[indices])
         metrics = {}
         if cfg.nll_coef:
             nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, chosen_tokens)
@@ -459,7 +507,9 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
     _, metrics = objective.loss(logps, ref, labels, z0, cfg, None)
     if cfg.nll_coef:
         metrics["nll"] = torch.tensor(reduced[1])
-    return StepResult(torch.tensor(reduced[0]), metrics, local_loss=total)
+    groups = (_group_losses(objective, logps, ref, labels, z0, cfg, group_ids)
+              if group_ids is not None else {})
+    return StepResult(torch.tensor(reduced[0]), metrics, local_loss=total, group_losses=groups)
 
 
 def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example],
@@ -505,13 +555,41 @@ def load_model(cfg: DPOConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
     return disable_dropout(policy)
 
 
+def dpo_groups(cfg: DPOConfig, train: Sequence[Example]
+               ) -> tuple[dict[str, list[str]], list[str] | None, GroupDRO | None]:
+    """(groups by annotator, each training pair's group or None, the group weights): equal
+    keeps q uniform, minmax moves it (``train.group_balance.GroupDRO``)."""
+    if cfg.annotator_groups is None:
+        return {}, None, None
+    groups = read_groups_file(cfg.annotator_groups)
+    ids = [primary_group(e.annotator, groups) for e in train]
+    names = sorted(set(ids))
+    if cfg.group_balance == "none":
+        return groups, ids, None
+    if len(names) < 2:
+        raise UserError(f"--group-balance {cfg.group_balance} needs pairs from 2 or more "
+                        f"annotator groups, got {names}: every row needs an annotator listed in "
+                        f"{cfg.annotator_groups}")
+    return groups, ids, GroupDRO(tuple(names), cfg.group_step_size)
+
+
+def eval_groups(policy: nn.Module, examples: Sequence[Example], ref: torch.Tensor,
+                cfg: DPOConfig, pad_id: int, groups: dict[str, list[str]]
+                ) -> tuple[list[bool], list[str]]:
+    """Per held-out pair: does the implicit reward prefer the chosen answer, and whose pair."""
+    logps = score_all(policy, examples, pad_id, cfg.length_normalize, cfg.ref_batch_size)
+    ratios = logps - ref.float().cpu()
+    return ((ratios[:, 0] > ratios[:, 1]).tolist(),
+            [primary_group(e.annotator, groups) for e in examples])
+
+
 def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary (also written to ``cfg.out/summary.json``)."""
     with runtime_for(cfg, cfg.device) as rt:
         return _train(cfg, rt)
 
 
-def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
     objective = OBJECTIVES[cfg.loss]
     rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
@@ -527,6 +605,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     policy = load_model(cfg, tokenizer, rt)
     ref = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before any update
     train = splits["train"]
+    groups, group_ids, dro = dpo_groups(cfg, train)
 
     policy = rt.prepare(policy)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -543,6 +622,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
         best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
+        if dro is not None:
+            dro.restore(ckpt.sampler_state)
     eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device) if "eval" in splits \
         else None
 
@@ -558,7 +639,10 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
             idx = sampler.next_batch()
             batch = [train[i] for i in idx]
             result = train_step(rt, policy, objective, batch, ref("train", idx).to(rt.device),
-                                cfg, pad_id)
+                                cfg, pad_id, [group_ids[i] for i in idx] if group_ids else None,
+                                dro)
+            if dro is not None and cfg.group_balance == "minmax":
+                dro.update(result.group_losses)
             grad_norm = rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step + 1,
                                           loss=result.local_loss, run=run, scheduler=sched)
             step += 1
@@ -567,7 +651,10 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
                 metrics = {"loss": float(result.loss), "grad_norm": grad_norm,
                            "lr": sched.get_last_lr()[0],
                            "epoch": sampler.epoch + sampler.position / sampler.batches_per_epoch,
-                           **{k: float(v) for k, v in result.metrics.items()}}
+                           **{k: float(v) for k, v in result.metrics.items()},
+                           **{f"group_loss/{g}": v for g, v in result.group_losses.items()},
+                           **({f"group_weight/{g}": dro.weight_of(g) for g in dro.groups}
+                              if dro is not None else {})}
                 run.log_metrics(step, _finite(metrics))
             show(step, f"loss {float(result.loss):.4f}")
             improved = False
@@ -580,7 +667,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
                 save_checkpoint(run, step, models={"policy": policy},
                                 optimizers={"policy": optimizer},
                                 schedulers={"policy": sched},
-                                sampler_state=sampler.state_dict(),
+                                sampler_state={**sampler.state_dict(), **(
+                                    {"group_dro": dro.state_dict()} if dro is not None else {})},
                                 extra={"best": best.state_dict()}, keep=best.keep,
                                 runtime=rt)
             if best.should_stop:
@@ -597,5 +685,12 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     if best.best_step is not None and best.best_step != step:
         restore_weights(run.checkpoints_dir / f"step-{best.best_step}",
                         models={"policy": policy})
+    if group_ids is not None:  # of the saved model
+        correct, held = ([], []) if eval_ref is None else eval_groups(
+            policy, splits["eval"], eval_ref, cfg, pad_id, groups)
+        figures["groups"] = group_summary(cfg.group_balance, group_ids,
+                                          [e.annotator for e in train], [1.0] * len(train),
+                                          dro,
+                                          correct, held)
     rt.save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     return run.write_summary({**figures, **best.summary()})

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from rewardloop.rewards import FunctionReward, RewardOutput, Rewards
     from rewardloop.rollout import Rollout
     from rewardloop.train.data import EpochSampler
+    from rewardloop.train.roles import RemoteReference, RemoteRoles
     from rewardloop.train.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ class Setup:
     tokenizer: Any
     policy: HFModel  # the trained causal LM (peft-wrapped with LoRA), wrapped for DDP/FSDP
     inner: HFModel  # the same model unwrapped: generation and adapters-off reference
-    reference: HFModel | None  # frozen copy; None with LoRA (adapters off) or without KL
+    # Frozen copy, or a reference in another process (RemoteReference: Ray); None with LoRA
+    # (adapters off) or without KL.
+    reference: HFModel | RemoteReference | None
     prompts: list[Any]  # prompt texts / chats
     prompt_ids: list[list[int]]
     extras: dict[str, list[Any]]  # meta keys every prompt has, for reward functions
@@ -122,11 +125,13 @@ class Setup:
     kl_ctl: ops.AdaptiveKLController | ops.FixedKLController
 
 
-def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
+def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
+              roles: RemoteRoles | None = None) -> Setup:
     """Run dir, seeding, tokenizer, policy (+LoRA), reference, prompts, rewards, sampler.
 
     The sampler draws the step's prompts alike on every process; each takes its share
-    (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy.
+    (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy. ``roles``
+    may score the reward models elsewhere (Ray actors).
     """
     from rewardloop.data.formats import PromptRecord, read_records
     from rewardloop.models import disable_dropout, load_policy, load_tokenizer, match_tokenizer
@@ -153,12 +158,14 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
                         lora=lora, trust_remote_code=cfg.trust_remote_code)
     match_tokenizer(inner, tokenizer)
     disable_dropout(inner)  # rollout and update must see the same log-probs
-    reference = None
+    reference: HFModel | RemoteReference | None = None
     if needs_reference and lora is None:
-        # Frozen: kept in the compute precision, not in the policy's fp32 master weights.
-        reference = copy.deepcopy(inner).eval().to(rt.compute_dtype)
-        reference.requires_grad_(False)
-        reference = rt.prepare(reference, trainable=False)
+        reference = roles.reference() if roles is not None else None
+        if reference is None:
+            # Frozen: kept in the compute precision, not in the policy's fp32 master weights.
+            frozen = copy.deepcopy(inner).eval().to(rt.compute_dtype)
+            frozen.requires_grad_(False)
+            reference = rt.prepare(frozen, trainable=False)
     policy = rt.prepare(inner)
     prompts = [r.prompt for r in records]
     metas = [r.meta for r in records]
@@ -168,7 +175,8 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool) -> Setup:
                       missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
                       max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                      uncertainty_penalty=cfg.reward_uncertainty_penalty)
+                      uncertainty_penalty=cfg.reward_uncertainty_penalty,
+                      model_reward=roles.reward_model if roles is not None else None)
     if rt.strategy == "fsdp":
         # Reward models are sharded like the policy. Every rank scores as many completions
         # in as many batches, so their forward passes (collectives under FSDP) line up.
@@ -226,6 +234,8 @@ def reference_logps(setup: Setup, rollout: Any, temperature: float, micro_batch_
     from rewardloop.models import disable_adapter
     from rewardloop.rollout import batched_logps
 
+    if setup.reference is not None and not isinstance(setup.reference, torch.nn.Module):
+        return setup.reference.logps(rollout, temperature, micro_batch_size)
     with setup.rt.autocast():
         if setup.reference is not None:
             return batched_logps(setup.reference, rollout, temperature, micro_batch_size)
@@ -358,6 +368,16 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
                       metrics, advantages_from if deferred else None, is_weights)
 
 
+def prefetch_next(cfg: Any, setup: Setup, generator: Any, settings: Any) -> None:
+    """One-step off-policy (``async_rollout``): ask ``generator`` (a Ray generator) to start
+    sampling the next step's prompts now, with the weights from before this step's update;
+    the sampler itself is left where it is."""
+    state = setup.sampler.state_dict()
+    rows = setup.rt.shard(setup.sampler.next_batch())
+    setup.sampler.load_state_dict(state)
+    generator.prefetch([setup.prompt_ids[i] for i in rows], cfg.num_generations, settings)
+
+
 def off_policy_correction(cfg: Any, rollout: Any, old_logps: torch.Tensor
                           ) -> tuple[torch.Tensor, dict[str, float]]:
     """Importance weights (B, C) for samples drawn by another engine (``cfg.is_level``,
@@ -488,29 +508,31 @@ def kl_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.
             "kl_seq_k1": float(ops.masked_sum(k1, mask) / mask.shape[0])}
 
 
-def train(cfg: GRPOConfig) -> dict[str, Any]:
-    """Run GRPO / RLOO / REINFORCE++ per ``cfg``; returns the summary written to summary.json."""
+def train(cfg: GRPOConfig, roles: RemoteRoles | None = None) -> dict[str, Any]:
+    """Run GRPO / RLOO / REINFORCE++ per ``cfg``; returns the summary written to summary.json.
+    ``roles``: generation and reward-model scoring in other processes (``rewardloop.cluster``)."""
     from rewardloop.train.runtime import runtime_for
 
     with runtime_for(cfg, cfg.device) as rt:
-        return _train(cfg, rt)
+        return _train(cfg, rt, roles)
 
 
-def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dict[str, Any]:
     from rewardloop.engines.factory import make_generator
     from rewardloop.rollout import SamplingSettings, rollout_metrics, truncate_samples
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
 
-    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None,
+                      roles=roles)
     run, policy = setup.run, setup.policy
     optimizer, scheduler = make_optimizer(policy, cfg)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     # The built-in loop samples from the unwrapped model (under FSDP inside Runtime.gathered);
     # an engine gets pushed the weights after every update.
-    generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
-                               seed=cfg.seed, logprob_settings=settings,
-                               dtype=rt.frozen_dtype("auto"))
+    generator: Any = roles.generator(setup.inner, setup.tokenizer, settings) if roles else \
+        make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
+                       seed=cfg.seed, logprob_settings=settings, dtype=rt.frozen_dtype("auto"))
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
     seed_sampling(cfg, rt)
     step = 0
@@ -528,6 +550,9 @@ def _train(cfg: GRPOConfig, rt: Runtime) -> dict[str, Any]:
     with progress_bar(cfg.max_steps, cfg.advantage, start=step) as show:
         while step < cfg.max_steps:
             exp = make_experience(cfg, setup, generator, settings, reuse_samples)
+            if cfg.async_rollout:  # the next step's samples are drawn during this update
+                exp.metrics["staleness"] = generator.staleness
+                prefetch_next(cfg, setup, generator, settings)
             t0 = time.perf_counter()
             train_metrics, first_pass = update_policy(cfg, setup, optimizer, scheduler, exp,
                                                       reuse_samples, step + 1)

@@ -45,6 +45,7 @@ from rewardloop.train.runtime import Runtime
 if TYPE_CHECKING:
     from rewardloop.rewards import RewardOutput
     from rewardloop.rollout import Rollout
+    from rewardloop.train.roles import RemoteRoles
 
 
 
@@ -210,15 +211,16 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
     return metrics
 
 
-def train(cfg: PPOConfig) -> dict[str, Any]:
-    """Run PPO per ``cfg``; returns the summary written to summary.json."""
+def train(cfg: PPOConfig, roles: RemoteRoles | None = None) -> dict[str, Any]:
+    """Run PPO per ``cfg``; returns the summary written to summary.json. ``roles``: generation
+    and reward-model scoring in other processes (``rewardloop.cluster``)."""
     from rewardloop.train.runtime import runtime_for
 
     with runtime_for(cfg, cfg.device) as rt:
-        return _train(cfg, rt)
+        return _train(cfg, rt, roles)
 
 
-def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dict[str, Any]:
     from dataclasses import replace
 
     from rewardloop.engines.factory import make_generator
@@ -226,7 +228,8 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
     from rewardloop.train.run import save_checkpoint
     from rewardloop.util.progress import progress_bar
 
-    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None)
+    setup = setup_run(cfg, rt, needs_reference=cfg.kl_coef > 0 or cfg.kl_target is not None,
+                      roles=roles)
     run, policy = setup.run, setup.policy
     value_model = load_value(cfg, setup)
     models = {"policy": policy, "value": value_model}
@@ -235,9 +238,10 @@ def _train(cfg: PPOConfig, rt: Runtime) -> dict[str, Any]:
     optimizers["value"], schedulers["value"] = make_optimizer(
         value_model, replace(cfg, lr=cfg.value_lr))
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    generator = make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
-                               seed=cfg.seed, logprob_settings=settings,
-                               dtype=rt.frozen_dtype("auto"))  # see grpo._train
+    generator: Any = roles.generator(setup.inner, setup.tokenizer, settings) if roles else \
+        make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
+                       seed=cfg.seed, logprob_settings=settings,
+                       dtype=rt.frozen_dtype("auto"))  # see grpo._train
     seed_sampling(cfg, rt)
     step = 0
     ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers, runtime=rt)

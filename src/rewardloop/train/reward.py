@@ -27,7 +27,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.metrics import expected_calibration_error
+from rewardloop.metrics import expected_calibration_error, primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -49,7 +49,7 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.score import ENSEMBLE_KEY, STATS_FILE, rewards_of
+from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
@@ -59,6 +59,14 @@ from rewardloop.train.data import (
     scheduler,
 )
 from rewardloop.train.early_stop import BestPoint, evaluation_due
+from rewardloop.train.group_balance import (
+    GroupDRO,
+    equal_weights,
+    group_metric_sums,
+    group_summary,
+    read_groups_file,
+    split_group_sums,
+)
 from rewardloop.train.length_debias import (
     drop_length_head,
     odin_correlation_loss,
@@ -231,8 +239,7 @@ def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
     flagged: set[str] = set()
     groups: dict[str, list[str]] = {}
     if cfg.annotator_groups is not None:
-        for name, g in _read_json_mapping(cfg.annotator_groups, "groups").items():
-            groups[name] = [g] if isinstance(g, str) else [str(x) for x in g]
+        groups.update(read_groups_file(cfg.annotator_groups))
     if cfg.weighting == "reliability" and cfg.annotator_weights is not None:
         raw = _read_json_mapping(cfg.annotator_weights, "weights")
         try:
@@ -360,25 +367,49 @@ def score_head(model: nn.Module) -> nn.Linear:
         raise UserError("--length-debias needs a reward model whose head (score) is one linear "
                         f"layer, not {type(head).__name__}")
     return head
+def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
+                    items: Sequence[Comparison], cfg: RewardConfig, group_ids: Sequence[str],
+                    groups: Sequence[str]) -> dict[str, float]:
+    """No-grad loss sum and count per group of one micro-batch (ensemble-mean reward), as the
+    metric sums ``train.group_balance`` reads; scores (B, K, H), ranks (B, K)."""
+    with torch.no_grad():
+        mean = scores.detach().mean(-1)
+        margins = torch.tensor([c.margin for c in items], device=mean.device, dtype=mean.dtype)
+        sums, counts = {}, {}
+        for g in sorted(set(group_ids)):
+            sel = torch.tensor([x == g for x in group_ids], device=mean.device)
+            loss, _ = objective(mean[sel], ranks[sel], margins[sel], cfg, 1.0)
+            sums[g], counts[g] = float(loss), int(sel.sum())
+    return group_metric_sums(sums, counts, groups)
 
 
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
-               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device
-               ) -> MicroLoss:
+               batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device,
+               group_ids: Sequence[str] | None = None, groups: Sequence[str] = (),
+               heads: Sequence[int] | None = None) -> MicroLoss:
     """The loss of one micro-batch of the step ``batch``: divided by the summed weight (and
     count) of the WHOLE step's comparisons, so the accumulated gradient is the one-big-batch
-    gradient. Metrics come back as sums over the micro-batch's comparisons."""
+    gradient. Metrics come back as sums over the micro-batch's comparisons, plus the loss per
+    annotator group when ``group_ids`` (one per item) are given. With ``heads`` (one head index
+    per item: --group-heads) each comparison is scored and trained by its own head only."""
     step_weight = max(sum(items[i].weight for i in batch), 1e-12)
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb = [items[i] for i in indices]
         scores, ranks = score_comparisons(model, mb, pad_id, device)
+        if heads is not None:  # (B, K, H) -> (B, K, 1): each comparison's own head
+            own = torch.tensor([heads[i] for i in indices], device=scores.device)
+            scores = scores.gather(-1, own.view(-1, 1, 1).expand(-1, scores.shape[1], 1))
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
+        sums = {k: float(v) * len(mb) for k, v in metrics.items()}
+        if group_ids is not None:
+            sums.update(group_loss_sums(objective, scores, ranks, mb, cfg,
+                                        [group_ids[i] for i in indices], groups))
         if cfg.length_debias:
             loss = loss + (cfg.length_debias_coef * orthogonality_loss(score_head(model))
                            * len(mb) / len(batch))
-        return loss, {k: float(v) * len(mb) for k, v in metrics.items()}
+        return loss, sums
 
     return loss_of
 
@@ -469,6 +500,18 @@ def split_length_head(scores: Sequence[torch.Tensor], cfg: RewardConfig
     if not cfg.length_debias:
         return list(scores), None
     return [s[:, :-1] for s in scores], [s[:, :-1] + s[:, -1:] for s in scores]
+def pair_deltas(items: Sequence[Comparison], mean: torch.Tensor
+                ) -> tuple[list[float], list[str | None]]:
+    """r_better - r_worse of every strictly ordered answer pair of ``items`` (ties are left
+    out) and who judged it; ``mean``: (B, K) ensemble-mean rewards."""
+    deltas, who = [], []
+    for b, c in enumerate(items):
+        for i in range(len(c.ranks)):
+            for j in range(len(c.ranks)):
+                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
+                    deltas.append(float(mean[b, i] - mean[b, j]))
+                    who.append(c.annotator)
+    return deltas, who
 
 
 def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[torch.Tensor],
@@ -491,13 +534,7 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     plain = RewardConfig(model=cfg.model, data=cfg.data, out=cfg.out)
     loss, _ = OBJECTIVES[objective_name](mean, ranks, torch.zeros(len(items)), plain,
                                          float(len(items)))
-    deltas, who = [], []
-    for b, c in enumerate(items):
-        for i in range(len(c.ranks)):
-            for j in range(len(c.ranks)):
-                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
-                    deltas.append(float(mean[b, i] - mean[b, j]))
-                    who.append(c.annotator)
+    deltas, who = pair_deltas(items, mean)
     figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
     if deltas:
         figures.update(pair_figures(np.asarray(deltas), who, groups))
@@ -524,14 +561,17 @@ def load_tokenizer_for(cfg: RewardConfig) -> Any:
                           chat_template=cfg.chat_template)
 
 
-def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
-    """The reward model in fp32 master weights: K fresh heads for an ensemble, LoRA when
-    asked."""
+def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime,
+               head_groups: Sequence[str] = ()) -> nn.Module:
+    """The reward model in fp32 master weights: K fresh heads for an ensemble (or one per
+    group of ``head_groups``, recorded in the config), LoRA when asked."""
     model: HFModel = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)
-    heads = cfg.ensemble + int(cfg.length_debias)  # ODIN's length head is the last output
+    # --group-heads: one head per group; ODIN's length head (--length-debias) is the last output
+    reward_heads = len(head_groups) or cfg.ensemble
+    heads = reward_heads + int(cfg.length_debias)
     if heads > 1:
         old = model.score
         head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
@@ -539,15 +579,17 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
         nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
         if head.bias is not None:
             nn.init.zeros_(head.bias)
-        if cfg.ensemble == 1:  # one reward head: keep the model's own (a warm start's)
+        if reward_heads == 1:  # one reward head: keep the model's own (a warm start's)
             with torch.no_grad():
                 head.weight[0].copy_(old.weight[0])
                 if head.bias is not None:
                     head.bias[0].copy_(old.bias[0])
         model.score = head
         model.config.num_labels = heads
-        if cfg.ensemble > 1:
-            setattr(model.config, ENSEMBLE_KEY, cfg.ensemble)
+        if reward_heads > 1:
+            setattr(model.config, ENSEMBLE_KEY, reward_heads)
+        if head_groups:
+            setattr(model.config, GROUP_HEADS_KEY, list(head_groups))
     if cfg.lora_r:
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     return model
@@ -555,6 +597,63 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
 
 def _write_stats(model_dir: Path, stats: Mapping[str, Any]) -> None:
     atomic_write_text(model_dir / STATS_FILE, json.dumps(dict(stats), indent=2) + "\n")
+
+
+def balance_groups(items: list[Comparison], group_ids: Sequence[str], cfg: RewardConfig
+                   ) -> tuple[list[Comparison], GroupDRO | None]:
+    """``--group-balance``: equal reweighs the comparisons once; minmax returns the group DRO
+    state that weighs every step (``train.group_balance``)."""
+    names = sorted(set(group_ids))
+    if cfg.group_balance == "none":
+        return items, None
+    if len(names) < 2:
+        raise UserError(f"--group-balance {cfg.group_balance} needs comparisons from 2 or more "
+                        f"annotator groups, got {names}: give groups with --annotator-groups "
+                        "or --db, and an annotator on every row")
+    if cfg.group_balance == "equal":
+        weights = equal_weights(group_ids, [c.weight for c in items])
+        return [replace(c, weight=w) for c, w in zip(items, weights, strict=True)], None
+    return items, GroupDRO(tuple(names), cfg.group_step_size)
+
+
+def step_items(items: list[Comparison], batch: Sequence[int], group_ids: Sequence[str],
+               dro: GroupDRO | None) -> list[Comparison]:
+    """The comparisons as this step weighs them: under group DRO, w_i q_g / W_g."""
+    if dro is None:
+        return items
+    out = list(items)
+    weights = dro.item_weights([group_ids[i] for i in batch], [items[i].weight for i in batch])
+    for i, w in zip(batch, weights, strict=True):
+        out[i] = replace(items[i], weight=w)
+    return out
+
+
+def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Sequence[str],
+                  groups: Mapping[str, Sequence[str]], dro: GroupDRO | None,
+                  eval_items: Sequence[Comparison], eval_scores: Sequence[torch.Tensor],
+                  head_groups: Sequence[str] = ()) -> dict[str, Any]:
+    """The summary's ``groups`` section (``train.group_balance.group_summary``): a group's
+    accuracy is that of its own head under --group-heads, else of the (mean) reward."""
+    correct, eval_groups = [], []
+    for c, s in zip(eval_items, eval_scores, strict=True):
+        g = primary_group(c.annotator, groups)
+        reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
+        deltas, _ = pair_deltas([c], reward[None])
+        correct += [d > 0 for d in deltas]
+        eval_groups += [g] * len(deltas)
+    section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
+                            [c.weight for c in items], dro, correct, eval_groups)
+    return {**section, "group_heads": list(head_groups)} if head_groups else section
+
+
+def head_groups_of(cfg: RewardConfig, tracked: Sequence[str]) -> tuple[str, ...]:
+    """--group-heads: the groups that get a head, in head order (needs 2+ groups)."""
+    if not cfg.group_heads:
+        return ()
+    if len(tracked) < 2:
+        raise UserError(f"--group-heads needs comparisons from 2 or more annotator groups, got "
+                        f"{list(tracked)}: give groups with --annotator-groups or --db")
+    return tuple(tracked)
 
 
 def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
@@ -585,10 +684,15 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
                         "rows train with Plackett-Luce, which has neither")
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
+    group_ids = [primary_group(c.annotator, groups) for c in items]
+    items, dro = balance_groups(items, group_ids, cfg)
+    tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
+    head_groups = head_groups_of(cfg, tracked)
+    heads = [head_groups.index(g) for g in group_ids] if head_groups else None
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer, rt)
+    model = load_model(cfg, tokenizer, rt, head_groups)
     objective = OBJECTIVES[objective_name]
     lengths = [c.n_tokens for c in items]
     sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
@@ -608,6 +712,8 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
         best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
+        if dro is not None:
+            dro.restore(ckpt.sampler_state)
 
     def held_out_figures() -> tuple[dict[str, Any], list[torch.Tensor]]:
         with rt.autocast():
@@ -621,7 +727,8 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
 
     def checkpoint(at: int) -> None:
         save_checkpoint(run, at, models={"reward": model}, optimizers={"reward": optimizer},
-                        schedulers={"reward": sched}, sampler_state=sampler.state_dict(),
+                        schedulers={"reward": sched}, sampler_state={**sampler.state_dict(), **(
+                            {"group_dro": dro.state_dict()} if dro is not None else {})},
                         extra={"best": best.state_dict()}, keep=best.keep, runtime=rt)
 
     figures: dict[str, Any] = {}
@@ -632,15 +739,21 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
             out = accumulate_and_step(
                 rt, model, optimizer, params,
                 rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
-                micro_loss(model, objective, items, batch, cfg, pad_id, rt.device),
+                micro_loss(model, objective, step_items(items, batch, group_ids, dro), batch, cfg,
+                           pad_id, rt.device, group_ids if tracked else None, tracked, heads),
                 max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
+            metric_sums, group_losses = split_group_sums(out.metric_sums)
+            if dro is not None:
+                dro.update(group_losses)
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(lengths[i] for i in batch))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
                                        "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
-                                       **{k: v / len(batch)
-                                          for k, v in out.metric_sums.items()}})
+                                       **{k: v / len(batch) for k, v in metric_sums.items()},
+                                       **{f"group_loss/{g}": v for g, v in group_losses.items()},
+                                       **({f"group_weight/{g}": dro.weight_of(g)
+                                           for g in dro.groups} if dro is not None else {})})
             improved = False
             if eval_items and evaluation_due(step, total_steps, cfg.eval_every):
                 figures, stats_scores = held_out_figures()
@@ -682,4 +795,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         "eval_source": ("eval_data" if cfg.eval_data else "eval_fraction" if eval_items
                         else None),
         "dropped_flagged": n_read - len(items),
-        "reward_mean": stats["mean"], "reward_std": stats["std"]})
+        "reward_mean": stats["mean"], "reward_std": stats["std"],
+        **({"groups": group_figures(cfg, items, group_ids, groups, dro, eval_items,
+                                    stats_scores if eval_items else [], head_groups)}
+           if tracked else {})})

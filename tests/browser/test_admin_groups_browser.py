@@ -1,0 +1,89 @@
+"""A real browser (Debian's chromium via Playwright): the admin page shows the judgments per
+annotator group and marks the group that falls behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from rewardloop.app import accounts
+from rewardloop.app.main import create_app
+from rewardloop.feedback import queue as Q
+from rewardloop.feedback import tasks as T
+
+CHROMIUM = os.environ.get("REWARDLOOP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+PASSWORD = "browser test password"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture
+def live(sqlite_store):
+    with sqlite_store.write() as s:
+        accounts.add_user(s, "boss", "admin", password=PASSWORD)
+        for name, group in (("n1", "nurses"), ("n2", "nurses"), ("d1", "doctors")):
+            accounts.add_user(s, name, "annotator", password=PASSWORD, groups=[group])
+        batch = T.get_or_create_batch(s, "web")
+        T.create_tasks_from_candidates(s, [{"prompt": f"q{i}", "responses": ["a", "b"]}
+                                           for i in range(5)], batch=batch, overlap=3)
+    with sqlite_store.write() as s:  # the nurses judge 5 tasks each, the doctor only 1
+        for name, quota in (("n1", 5), ("n2", 5), ("d1", 1)):
+            ann = accounts.get_user(s, name)
+            for k in range(quota):
+                lease = Q.next_task(s, ann)
+                view = Q.task_view(s, lease)
+                ids = [r["id"] for r in view["responses"]]
+                Q.submit_judgment(s, ann, view["task_id"], [[ids[0]], [ids[1]]],
+                                  idempotency_key=f"{name}-{k}")
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(sqlite_store, secret="g" * 40),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _login(page, base: str, user: str) -> None:
+    page.goto(f"{base}/login")
+    page.fill('input[name="username"]', user)
+    page.fill('input[name="password"]', PASSWORD)
+    page.click('button[type="submit"]')
+
+
+def test_admin_page_shows_group_counts_and_the_group_behind(live) -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            _login(page, live, "boss")
+            page.wait_for_url(f"{live}/admin")
+            assert page.text_content("#total-judgments") == "11"
+            nurses = page.locator('#groups tr[data-group="nurses"]')
+            doctors = page.locator('#groups tr[data-group="doctors"]')
+            assert nurses.locator(".count").text_content() == "10"
+            assert doctors.locator(".count").text_content() == "1"
+            assert doctors.locator(".behind").is_visible()
+            assert nurses.locator(".behind").count() == 0
+            assert "lagging" in (doctors.get_attribute("class") or "")
+        finally:
+            browser.close()
