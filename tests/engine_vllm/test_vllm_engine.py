@@ -81,6 +81,23 @@ def test_sampler_log_probs_equal_the_trainers(engine: Any, policy: Any) -> None:
     assert all(int(rollout.completion_ids[i, last[i]]) == tokenizer.eos_token_id for i in ended)
 
 
+def test_the_engine_stops_on_every_stop_id_like_the_built_in_loop(
+        engine: Any, policy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation config with a second EOS id (an end-of-turn token, as Llama 3 / Qwen2.5
+    instruct): a token the greedy answers reach mid-way ends them in both engines."""
+    model, tokenizer = policy
+    ids = _ids(tokenizer)
+    plain = engine.generate(ids, 1, GREEDY)
+    row = int((plain.completion_mask.sum(dim=1) > 3).long().argmax())  # an answer of 4+ tokens
+    turn_end = int(plain.completion_ids[row, 2])
+    assert turn_end != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
+    monkeypatch.setattr(engine, "stop_ids", [tokenizer.eos_token_id, turn_end])
+    ours = engine.generate(ids, 1, GREEDY)
+    _same_completions(ours, HFGenerator(model, tokenizer).generate(ids, 1, GREEDY))
+    assert bool(ours.has_eos[row]) and int(ours.completion_mask[row].sum()) <= 3
+
+
 def test_after_a_push_greedy_outputs_follow_the_updated_model(engine: Any, policy: Any) -> None:
     model, tokenizer = policy
     ids = _ids(tokenizer)

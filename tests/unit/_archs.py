@@ -43,8 +43,9 @@ def _smollm(**kw: Any) -> Any:
 def _qwen2(**kw: Any) -> Any:
     from transformers import Qwen2Config
 
-    return Qwen2Config(**SIZE, num_key_value_heads=2, use_sliding_window=True,
-                       sliding_window=WINDOW, max_window_layers=1, **kw)
+    # Overridable: use_sliding_window=False gives Qwen2.5's released layout.
+    return Qwen2Config(**{**SIZE, "num_key_value_heads": 2, "use_sliding_window": True,
+                          "sliding_window": WINDOW, "max_window_layers": 1, **kw})
 
 
 def _qwen3(**kw: Any) -> Any:
@@ -97,12 +98,13 @@ ARCHS: dict[str, Callable[..., Any]] = {
 
 
 def build_arch(out: Path, arch: str, *, pad: bool = True, chat: bool = True,
-               eot: bool = False) -> Path:
+               eot: bool = False, config: dict[str, Any] | None = None) -> Path:
     """A random ``arch`` causal LM with the tiny tokenizer in ``out``.
 
     ``pad=False`` drops the pad token (as GPT-2's tokenizer); ``chat=False`` drops the chat
     template; ``eot=True`` adds the end-of-turn token, the ChatML-style template and a
-    generation config that stops on both EOS and end of turn (as Llama 3 / Qwen2.5 instruct).
+    generation config that stops on both EOS and end of turn (as Llama 3 / Qwen2.5 instruct);
+    ``config`` overrides fields of the architecture's config.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,10 +117,10 @@ def build_arch(out: Path, arch: str, *, pad: bool = True, chat: bool = True,
         tokenizer.chat_template = None
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id if pad else None}
-    config = ARCHS[arch](vocab_size=len(tokenizer), **ids)
+    model_config = ARCHS[arch](vocab_size=len(tokenizer), **ids, **(config or {}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(model_config)
     if eot:
         model.generation_config.eos_token_id = [tokenizer.eos_token_id,
                                                 tokenizer.convert_tokens_to_ids(EOT)]

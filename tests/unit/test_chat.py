@@ -16,7 +16,7 @@ from rewardloop import ops
 from rewardloop import tokenize as T
 from rewardloop.cli import app
 from rewardloop.data.records import SFTRecord
-from rewardloop.engines.hf import stop_token_ids
+from rewardloop.engines.base import stop_token_ids
 from rewardloop.errors import UserError
 from rewardloop.models import load_policy, load_tokenizer
 from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
@@ -78,7 +78,7 @@ def test_rl_prompts_use_the_template(tok) -> None:
 def test_generation_stops_on_every_eos_id_of_generation_config(instruct: Path, tok) -> None:
     model = load_policy(instruct, device="cpu")
     eot = tok.convert_tokens_to_ids(EOT)
-    assert stop_token_ids(model, tok) == [tok.eos_token_id, eot]
+    assert stop_token_ids(tok, model.generation_config) == [tok.eos_token_id, eot]
     # Stop also on a third of the vocabulary, so most rows stop early on an id the tokenizer
     # does not call EOS; each row must end exactly at its first stop token.
     stops = [tok.eos_token_id, eot, *range(10, len(tok), 3)]
@@ -101,7 +101,7 @@ def test_generation_stops_on_every_eos_id_of_generation_config(instruct: Path, t
 def test_stop_ids_leave_out_the_pad_token(instruct: Path, tok) -> None:
     model = load_policy(instruct, device="cpu")
     model.generation_config.eos_token_id = [tok.pad_token_id, tok.eos_token_id]
-    assert stop_token_ids(model, tok) == [tok.eos_token_id]
+    assert stop_token_ids(tok, model.generation_config) == [tok.eos_token_id]
 
 
 def test_no_chat_template_is_exit_2_unless_chat_template_file(tmp_path: Path) -> None:

@@ -168,3 +168,17 @@ def test_a_server_with_the_wrong_logprobs_mode_is_refused_at_start(serve) -> Non
     with pytest.raises(UserError, match="--logprobs-mode processed_logprobs"):
         ServerGenerator(url, _Tokenizer(), logprob_settings=settings)
     ServerGenerator(url, SimpleNamespace(pad_token_id=0, eos_token_id=1))  # no log-probs needed
+
+
+def test_the_client_ends_answers_at_every_stop_id(serve) -> None:
+    """Stop ids from the trainer's model (EOS 1 and end-of-turn 7): an answer ending at 7 is
+    ended (has_eos), as the built-in loop would count it."""
+    def engine(handler, body):
+        if handler.path == "/health":
+            return _json(200, {"model": "m", "vllm": "0.32.0", "logprobs_mode": "raw_logprobs"})
+        return _json(200, {"completion_ids": [[6, 7], [5, 1], [8, 9]],
+                           "logps": [[-1, -1], [-1, -1], [-1, -1]]})
+
+    generator = ServerGenerator(serve(engine), _Tokenizer(), stop_ids=[1, 7])
+    rollout = generator.generate([[3]], 3, SamplingSettings(max_new_tokens=2))
+    assert rollout.has_eos.tolist() == [True, True, False]

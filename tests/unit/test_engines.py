@@ -227,3 +227,39 @@ def test_an_engine_is_told_of_the_restored_weights_on_resume(
     train(GRPOConfig(**common, max_steps=1, overwrite=True))
     train(GRPOConfig(**common, max_steps=2, resume=True))
     assert [s.updates for s in samplers] == [1, 2]  # fresh: 1 step; resumed: restore + 1 step
+
+
+def test_vllm_stops_on_every_eos_id_of_the_models_generation_config(tmp_path: Path) -> None:
+    """An instruct model ending turns with <|eot|> (as Llama 3 / Qwen2.5): vLLM is asked to
+    stop on it as well as on the tokenizer's EOS, and a completion ending there is an ended
+    answer (has_eos), as in the built-in loop."""
+    from _archs import EOT, build_arch
+
+    from rewardloop.engines.base import rollout_from_tokens, saved_stop_ids, stop_token_ids
+    from rewardloop.engines.options import vllm_sampling_fields
+    from rewardloop.models import load_policy, load_tokenizer
+
+    instruct = build_arch(tmp_path / "instruct", "llama", eot=True)
+    tokenizer = load_tokenizer(instruct, padding_side="left")
+    eos, eot, pad = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT), \
+        tokenizer.pad_token_id
+    model = load_policy(instruct, device="cpu")
+    assert stop_token_ids(tokenizer, model.generation_config) == [eos, eot]
+    assert saved_stop_ids(instruct, tokenizer) == [eos, eot]  # what a vllm-serve engine reads
+    plain = build_arch(tmp_path / "plain", "llama")
+    assert saved_stop_ids(plain, load_tokenizer(plain)) == [eos]
+
+    fields = vllm_sampling_fields(SamplingSettings(max_new_tokens=7, temperature=0.8, top_k=0),
+                                  3, pad, [eos, eot])
+    assert fields == {"n": 3, "max_tokens": 7, "temperature": 0.8, "top_p": 1.0, "top_k": -1,
+                      "logprobs": 0, "logit_bias": {pad: -100.0}, "stop_token_ids": [eos, eot],
+                      "detokenize": False}
+    assert vllm_sampling_fields(SamplingSettings(top_k=5), 1, pad, [eos])["top_k"] == 5
+
+    # The engine's outputs end at <|eot|>, at EOS, or at the limit.
+    completions = [[10, 11, eot], [12, eos], [13, 14, 15]]
+    rollout = rollout_from_tokens([[5, 6]], 3, completions, None, tokenizer, [eos, eot])
+    assert rollout.has_eos.tolist() == [True, True, False]
+    assert rollout.completion_mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 1]]
+    tokenizer_only = rollout_from_tokens([[5, 6]], 3, completions, None, tokenizer)
+    assert tokenizer_only.has_eos.tolist() == [False, True, False]

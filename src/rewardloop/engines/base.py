@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -112,6 +113,27 @@ class Generator(Protocol):
         ...
 
 
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS and each EOS id of the model's
+    ``generation_config`` (None: none; Llama 3 and Qwen2.5 instruct models list several, e.g.
+    end of turn and end of text), except the pad id (never sampled, and it would read as
+    padding). Every engine stops on these, so they all end answers where ``generate`` would."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += extra if isinstance(extra, list | tuple) else [extra]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None and i != tokenizer.pad_token_id]
+
+
+def saved_stop_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
+    """The stop tokens of the model in ``model_path``: its tokenizer's EOS and the EOS ids of
+    its saved generation config (``generation_config.json``), when it has one."""
+    from transformers import GenerationConfig
+
+    saved = Path(model_path) / "generation_config.json"
+    config = GenerationConfig.from_pretrained(model_path) if saved.is_file() else None
+    return stop_token_ids(tokenizer, config)
+
+
 def decode_completions(tokenizer: Any, completion_ids: torch.Tensor,
                        completion_mask: torch.Tensor, pad_id: int) -> list[str]:
     """The B texts of right-padded completions (B, C), special tokens removed."""
@@ -123,21 +145,24 @@ def decode_completions(tokenizer: Any, completion_ids: torch.Tensor,
 
 def rollout_from_tokens(prompts: Sequence[Sequence[int]], n: int,
                         completions: Sequence[Sequence[int]],
-                        logps: Sequence[Sequence[float]] | None, tokenizer: Any) -> Rollout:
+                        logps: Sequence[Sequence[float]] | None, tokenizer: Any,
+                        stop_ids: Sequence[int] | None = None) -> Rollout:
     """A :class:`Rollout` from an engine's unpadded outputs: ``completions`` holds ``n`` token
-    lists per prompt, contiguous, each ending at its EOS or at the length limit; ``logps`` the
-    engine's log-prob of each of those tokens (None when it reports none)."""
+    lists per prompt, contiguous, each ending at its first stop token (``stop_ids``, default
+    the tokenizer's EOS) or at the length limit; ``logps`` the engine's log-prob of each of
+    those tokens (None when it reports none)."""
     from rewardloop import ops
     from rewardloop.tokenize import pad
 
     if len(completions) != len(prompts) * n:
         raise ValueError(f"expected {len(prompts) * n} completions, got {len(completions)}")
-    pad_id, eos_id = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
+    pad_id = int(tokenizer.pad_token_id)
+    stops = list(stop_ids) if stop_ids else [int(tokenizer.eos_token_id)]
     prompt_ids = pad(prompts, pad_id, side="left").repeat_interleave(n, dim=0)
     prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").repeat_interleave(n, 0)
     # Every row at least one column wide, so an empty completion still has a (padding) slot.
     completion_ids = pad([list(c) or [pad_id] for c in completions], pad_id)
-    completion_mask, has_eos = ops.completion_mask(completion_ids, eos_id, pad_id)
+    completion_mask, has_eos = ops.completion_mask(completion_ids, stops, pad_id)
     sampler = None
     if logps is not None:
         rows = [list(lp) + [0.0] * (completion_ids.shape[1] - len(lp)) for lp in logps]

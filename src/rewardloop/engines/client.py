@@ -99,11 +99,13 @@ class ServerGenerator:
     """A :class:`~rewardloop.engines.base.Generator` backed by a ``rewardloop vllm-serve``."""
 
     def __init__(self, url: str, tokenizer: Any, *, timeout_s: float = REQUEST_TIMEOUT_S,
-                 logprob_settings: SamplingSettings | None = None) -> None:
+                 logprob_settings: SamplingSettings | None = None,
+                 stop_ids: Sequence[int] | None = None) -> None:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
         self.client = ServerClient(url, timeout_s=timeout_s)
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids  # where answers end (the server stops on its model's)
         self.sync = WeightSync()
         info = self.client.health()
         needed = logprobs_mode(logprob_settings)
@@ -127,4 +129,4 @@ class ServerGenerator:
             with engine_weights(model) as weights:
                 push_once(self.client.load_weights, weights)
         ids, logps = self.client.generate(prompts, n, settings)
-        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer)
+        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rewardloop.engines.options import (  # noqa: F401 (re-exported)
+    DECODINGS,
     GENERATORS,
     VLLM_INSTALL,
     VLLM_MODES,
@@ -63,13 +64,17 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
 
-        return HFGenerator(model, tokenizer)
+        return HFGenerator(model, tokenizer, options.hf_decoding)
+    from rewardloop.engines.base import stop_token_ids
+
+    # The engine stops where the built-in loop would: on every EOS id of the trainer's model.
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     if options.vllm_mode == "server":
         from rewardloop.engines.client import ServerGenerator
 
         assert options.vllm_server is not None  # checked by EngineOptions
         generator: Any = ServerGenerator(options.vllm_server, tokenizer,
-                                         logprob_settings=logprob_settings)
+                                         logprob_settings=logprob_settings, stop_ids=stop_ids)
     else:
         if model_path is None:
             raise ValueError("a colocated vLLM engine needs the model's directory")
@@ -82,7 +87,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
         generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
                                   world_size=world_size or _world_size(),
                                   dtype=dtype or _dtype_name(model),
-                                  logprobs_mode=logprobs_mode(logprob_settings))
+                                  logprobs_mode=logprobs_mode(logprob_settings),
+                                  stop_ids=stop_ids)
     if options.vllm_mode == "server" or engine_model_path(str(model_path)) != str(model_path):
         # A server may hold any model, a colocated engine an adapter's base: send ours.
         generator.policy_updated(model)

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from rewardloop import ops
-from rewardloop.engines.base import Rollout, SamplingSettings, decode_completions
+from rewardloop.engines.base import (
+    Rollout,
+    SamplingSettings,
+    decode_completions,
+    stop_token_ids,
+)
+from rewardloop.engines.options import DECODINGS
+from rewardloop.engines.static import StaticDecoder, StaticSteps, static_cache_problem
+from rewardloop.errors import UserError
 
 
 def warp_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
@@ -47,17 +55,6 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the tokenizer's EOS and each EOS id of the model's
-    ``generation_config`` (Llama 3 and Qwen2.5 instruct models list several, e.g. end of turn
-    and end of text), except the pad id (never sampled, and it would read as padding)."""
-    ids = [tokenizer.eos_token_id]
-    config = getattr(model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    ids += extra if isinstance(extra, list | tuple) else [extra]
-    return [int(i) for i in dict.fromkeys(ids) if i is not None and i != tokenizer.pad_token_id]
-
-
 class HFGenerator:
     """Sampling from a Hugging Face causal LM (the policy being trained) with its KV cache.
 
@@ -71,44 +68,54 @@ class HFGenerator:
     (``eval()``), and the model's previous train/eval mode is restored afterwards.
     """
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, decoding: str = "dynamic") -> None:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+        problem = static_cache_problem(model) if decoding != "dynamic" else None
+        if problem:
+            raise UserError(f"--hf-decoding {decoding}: {problem}; use --hf-decoding dynamic")
         self.model = model
         self.tokenizer = tokenizer
+        self.decoding = decoding
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_ids = stop_token_ids(model, tokenizer)
+        self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         # transformers 5.x names the KV cache argument and output ``cache``; 4.x
-        # ``past_key_values``.
-        params = inspect.signature(model.forward).parameters
-        self._cache_name = "cache" if "cache" in params else "past_key_values"
+        # ``past_key_values``. A peft wrapper's forward takes **kwargs: ask the model inside.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
         config = getattr(model, "config", None)
         attention = getattr(config, "_attn_implementation", None)
         # A sliding-window cache (Mistral, Qwen2, Gemma 2/3) keeps only the last W keys, which a
         # ready full-width 4D mask does not fit: those models build their own mask every step.
-        self._additive_mask = (attention in ("sdpa", "eager")
-                               and not getattr(config, "sliding_window", None))
+        self.additive_mask = (attention in ("sdpa", "eager")
+                              and not getattr(config, "sliding_window", None))
+        self.static: StaticDecoder | None = None
+
+    def _steps(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               limit: int) -> DynamicSteps | StaticSteps:
+        positions = position_ids(prompt_mask)
+        if self.decoding == "dynamic":
+            return DynamicSteps(self, prompt_ids, prompt_mask, positions, limit)
+        if self.static is None:
+            self.static = StaticDecoder(self.model, self.cache_name,
+                                        compiled=self.decoding == "compiled")
+        return StaticSteps(self.static, prompt_ids, prompt_mask, positions, limit)
 
     def _decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 settings: SamplingSettings) -> torch.Tensor:
         """Sampled completion tokens (B, C), pad after each row's EOS; C <= max_new_tokens."""
-        rows, width = prompt_ids.shape
+        rows = prompt_ids.shape[0]
         limit = settings.max_new_tokens
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, limit)], dim=1)
-        if self._additive_mask:
-            # Decoding steps get the ready 4D mask (0 = attend, -inf-ish = padding), which
-            # transformers uses as is instead of rebuilding one from the 2D mask every step.
-            dtype = next(self.model.parameters()).dtype
-            mask = ((1 - mask[:, None, None, :]).to(dtype) * torch.finfo(dtype).min)
-        positions = position_ids(prompt_mask)
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         position_ids=positions, use_cache=True, logits_to_keep=1)
-        next_position = positions[:, -1:] + 1
+        steps = self._steps(prompt_ids, prompt_mask, limit)
+        logits = steps.logits
         tokens = prompt_ids.new_full((rows, limit), self.pad_id)
         stop = torch.tensor(self.eos_ids, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         for t in range(limit):
-            logits = out.logits[:, -1].float()
+            logits = logits.float()
             logits[:, self.pad_id] = -float("inf")
             token = sample_tokens(warp_logits(logits, settings).softmax(dim=-1))
             token = token.masked_fill(done, self.pad_id)
@@ -116,11 +123,7 @@ class HFGenerator:
             done |= torch.isin(token, stop)
             if t + 1 == limit or bool(done.all()):
                 return tokens[:, : t + 1]
-            cache = getattr(out, self._cache_name)
-            out = self.model(input_ids=token[:, None], attention_mask=mask[..., : width + t + 1],
-                             position_ids=next_position, use_cache=True,
-                             **{self._cache_name: cache})
-            next_position = next_position + 1
+            logits = steps.advance(token)
         return tokens
 
     def policy_updated(self, model: Any) -> None:
@@ -157,6 +160,38 @@ class HFGenerator:
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                        completion_ids=completion_ids, completion_mask=completion_mask,
                        has_eos=has_eos, texts=texts)
+
+
+class DynamicSteps:
+    """One generation's decoding with transformers' default cache, which grows by one column per
+    step (the reference the static path is tested against): the prefill, then :meth:`advance`
+    once per sampled token."""
+
+    def __init__(self, generator: HFGenerator, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor, positions: torch.Tensor, limit: int) -> None:
+        rows, width = prompt_ids.shape
+        self.model, self.cache_name, self.width = generator.model, generator.cache_name, width
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, limit)], dim=1)
+        if generator.additive_mask:
+            # Decoding steps get the ready 4D mask (0 = attend, -inf-ish = padding), which
+            # transformers uses as is instead of rebuilding one from the 2D mask every step.
+            dtype = next(self.model.parameters()).dtype
+            mask = ((1 - mask[:, None, None, :]).to(dtype) * torch.finfo(dtype).min)
+        self.mask = mask
+        self.out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                              position_ids=positions, use_cache=True, logits_to_keep=1)
+        self.logits = self.out.logits[:, -1]
+        self.positions = positions[:, -1:] + 1
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` (B,) and return the next logits (B, V)."""
+        self.width += 1
+        cache = getattr(self.out, self.cache_name)
+        self.out = self.model(input_ids=token[:, None], attention_mask=self.mask[..., :self.width],
+                              position_ids=self.positions, use_cache=True,
+                              **{self.cache_name: cache})
+        self.positions = self.positions + 1
+        return self.out.logits[:, -1]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""The generation options every sampling command shares (``--generator``, ``--vllm-*``) and
-the log-prob mode they imply; imported by the factory and by the engines it builds."""
+"""The generation options every sampling command shares (``--generator``, ``--hf-decoding``,
+``--vllm-*``) and the log-prob mode they imply; imported by the factory and by the engines it
+builds."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 
 GENERATORS = ("hf", "vllm")
 VLLM_MODES = ("colocate", "server")
+DECODINGS = ("dynamic", "static", "compiled")
 VLLM_INSTALL = "pip install 'rewardloop[vllm]'"
 
 
@@ -29,6 +32,11 @@ class EngineOptions:
 
     generator: str = "hf"
     """hf: the built-in KV-cached loop over the trainer's own model; vllm: a vLLM engine."""
+    hf_decoding: str = "dynamic"
+    """Decode step of the built-in loop (--generator hf). dynamic: a KV cache that grows every
+    step, any model; static: one pre-allocated KV cache, reused between batches; compiled:
+    static plus a torch.compile'd step (CUDA graphs on CUDA; compiling takes a while at the
+    first generation). static and compiled need a full-attention model (no sliding window)."""
     vllm_mode: str = "colocate"
     """colocate: a vLLM engine inside this process (one per rank); server: a running
     ``rewardloop vllm-serve`` at ``vllm_server``."""
@@ -49,6 +57,9 @@ class EngineOptions:
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {', '.join(GENERATORS)}, "
                              f"got {self.generator!r}")
+        if self.hf_decoding not in DECODINGS:
+            raise ValueError(f"hf_decoding must be one of {', '.join(DECODINGS)}, "
+                             f"got {self.hf_decoding!r}")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"vllm_mode must be colocate or server, got {self.vllm_mode!r}")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
@@ -69,6 +80,19 @@ class EngineOptions:
     def of(cls, config: Any) -> EngineOptions:
         """The engine options of a command's config (fields of the same names)."""
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def vllm_sampling_fields(settings: SamplingSettings, n: int, pad_id: int,
+                         stop_ids: Sequence[int]) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` fields for ``settings`` (kept free of vLLM so they are tested
+    without it): the log-prob of each sampled token, the pad token never sampled (it would read
+    as padding inside an answer), a stop at each of ``stop_ids`` (the tokenizer's EOS and the
+    model's generation-config EOS ids, as the built-in loop; the stop token stays in the
+    output). The engine runs without its tokenizer (we decode), so stops are token ids."""
+    return {"n": n, "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+            "top_p": settings.top_p, "top_k": settings.top_k if settings.top_k > 0 else -1,
+            "logprobs": 0, "logit_bias": {pad_id: -100.0}, "stop_token_ids": list(stop_ids),
+            "detokenize": False}
 
 
 def logprobs_mode(settings: SamplingSettings | None) -> str:

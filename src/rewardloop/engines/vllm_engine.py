@@ -27,22 +27,17 @@ from typing import Any
 import vllm
 from vllm.platforms import current_platform
 
-from rewardloop.engines.base import Rollout, SamplingSettings, rollout_from_tokens
-from rewardloop.engines.options import EngineOptions
+from rewardloop.engines.base import (
+    Rollout,
+    SamplingSettings,
+    rollout_from_tokens,
+    saved_stop_ids,
+)
+from rewardloop.engines.options import EngineOptions, vllm_sampling_fields
 from rewardloop.engines.weight_sync import WeightSync, engine_weights
 from rewardloop.errors import UserError
 
 log = logging.getLogger(__name__)
-
-def sampling_params(settings: SamplingSettings, n: int, pad_id: int, eos_id: int) -> Any:
-    """vLLM's SamplingParams for ``settings``: log-prob of each sampled token, the pad token
-    never sampled (it would read as padding inside an answer), a stop at EOS (which stays in
-    the output, as in the built-in loop). The engine runs without its tokenizer (we decode),
-    so EOS is given as a stop token."""
-    return vllm.SamplingParams(
-        n=n, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=settings.top_p, top_k=settings.top_k if settings.top_k > 0 else -1, logprobs=0,
-        logit_bias={pad_id: -100.0}, stop_token_ids=[eos_id], detokenize=False)
 
 
 def _repack_tied_head(model: Any) -> None:
@@ -63,11 +58,13 @@ class VLLMGenerator:
     """A :class:`~rewardloop.engines.base.Generator` over an in-process ``vllm.LLM``.
 
     ``logprobs_mode`` is vLLM's (``factory.logprobs_mode`` picks the one that matches the
-    trainer's log-probs for the run's sampling settings)."""
+    trainer's log-probs for the run's sampling settings); ``stop_ids`` end an answer (None:
+    those of the model in ``model_path``, ``base.saved_stop_ids``)."""
 
     def __init__(self, model_path: str | Path, tokenizer: Any, options: EngineOptions, *,
                  seed: int = 0, world_size: int = 1, dtype: str = "auto",
-                 logprobs_mode: str = "raw_logprobs") -> None:
+                 logprobs_mode: str = "raw_logprobs",
+                 stop_ids: Sequence[int] | None = None) -> None:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
         if options.vllm_sleep and not current_platform.is_sleep_mode_available():
@@ -75,7 +72,7 @@ class VLLMGenerator:
                             f"platform ({current_platform.device_name}); drop --vllm-sleep")
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_id = int(tokenizer.eos_token_id)
+        self.stop_ids = list(stop_ids or saved_stop_ids(model_path, tokenizer))
         self.sleep_between = options.vllm_sleep
         self.sync = WeightSync()
         self.asleep = False
@@ -134,7 +131,8 @@ class VLLMGenerator:
         self._prepare()
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            sampling_params(settings, n, self.pad_id, self.eos_id), use_tqdm=False)
+            vllm.SamplingParams(**vllm_sampling_fields(settings, n, self.pad_id, self.stop_ids)),
+            use_tqdm=False)
         if self.sleep_between:
             self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
             self.asleep = True
@@ -154,4 +152,4 @@ class VLLMGenerator:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         ids, logps = self.sample(prompts, n, settings)
-        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer)
+        return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)

@@ -1,0 +1,128 @@
+"""The built-in loop's fast decode step: a static (pre-allocated) KV cache and, optionally, a
+compiled one-token forward (CUDA graphs on CUDA).
+
+Today's loop (``engines.hf.DynamicSteps``) grows its cache by one column per step: every step
+copies the whole cache into a new tensor, and every step launches each kernel from Python, which
+on a GPU leaves it idle most of the time for a small model. Here the cache is allocated once for
+prompt + ``max_new_tokens`` (rounded up to :data:`BUCKET` so that batches of other prompt widths
+reuse it), each step writes one column in place, and the step's tensors keep their shapes and
+addresses, which is what lets ``torch.compile(mode="reduce-overhead")`` capture the step once as
+a CUDA graph and replay it.
+
+The columns not yet written hold zeros; the ready 4D mask of each step hides them, as it hides
+the left padding of the prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUCKET = 64
+"""The cache length is rounded up to a multiple of this: a compiled step is compiled once per
+cache shape, and a batch that fits the existing cache reuses it (and its compiled step)."""
+
+
+def static_cache_problem(model: Any) -> str | None:
+    """Why ``model`` cannot decode with a static KV cache (None: it can).
+
+    The step passes a full-width 4D mask over the cache, which a sliding-window layer (it keeps
+    only the last W keys, rolled) does not fit; models that transformers does not mark as
+    compilable with a static cache (``_can_compile_fullgraph``) may keep state the step does not
+    know of; other attention kernels (flash attention) take no ready 4D mask.
+    """
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5"):
+        return (f"transformers {transformers.__version__} has an older StaticCache; this path "
+                "is built for transformers 5")
+    config = model.config
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"{config.model_type} models do not support transformers' static KV cache"
+    layer_types = getattr(config, "layer_types", None) or ()
+    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
+        return f"{config.model_type} uses sliding-window attention, which the static cache does " \
+               "not cover"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        return f"attention implementation {attention!r} takes no ready mask (use sdpa or eager)"
+    return None
+
+
+class StaticDecoder:
+    """The static cache of one generator (kept between generations) and its one-token step."""
+
+    def __init__(self, model: Any, cache_name: str, *, compiled: bool) -> None:
+        self.model = model
+        self.cache_name = cache_name
+        self.cache: Any = None
+        self.rows = self.length = 0  # the cache's shape: sequences, tokens
+        # reduce-overhead = CUDA graphs: one replay per token instead of a kernel launch per
+        # op. They exist only on CUDA; elsewhere inductor still fuses the step's kernels.
+        self.graphs = compiled and next(model.parameters()).device.type == "cuda"
+        self.step = self.forward_one
+        if compiled:
+            mode = "reduce-overhead" if self.graphs else None
+            self.step = torch.compile(self.forward_one, mode=mode, dynamic=False)
+
+    def take_cache(self, rows: int, needed: int) -> Any:
+        """An empty static cache for ``rows`` sequences of up to ``needed`` tokens: the previous
+        one, emptied, when it fits (same tensors, so a compiled step is reused), else a new one
+        :data:`BUCKET`-rounded."""
+        from transformers import StaticCache
+
+        if self.cache is not None and self.rows == rows and self.length >= needed:
+            self.cache.reset()
+            return self.cache
+        self.rows, self.length = rows, -(-needed // BUCKET) * BUCKET
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+        return self.cache
+
+    def forward_one(self, token: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of the next token after ``token`` (B, 1) at ``positions`` (B, 1),
+        attending to the cache columns ``mask`` (B, 1, 1, L, additive) leaves open."""
+        out = self.model(input_ids=token, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **{self.cache_name: self.cache})
+        return out.logits[:, -1]
+
+
+class StaticSteps:
+    """One generation's decoding over a :class:`StaticDecoder`: the prefill, then
+    :meth:`advance` once per sampled token (the interface of ``engines.hf.DynamicSteps``)."""
+
+    def __init__(self, decoder: StaticDecoder, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor, positions: torch.Tensor, limit: int) -> None:
+        rows, width = prompt_ids.shape
+        cache = decoder.take_cache(rows, width + limit)
+        self.decoder = decoder
+        # Cache columns a query may attend to: the real prompt tokens now, one more per step.
+        self.open = torch.zeros(rows, decoder.length, dtype=torch.bool, device=prompt_ids.device)
+        self.open[:, :width] = prompt_mask.bool()
+        # The prefill runs eagerly (its shape changes with every batch): the model builds its
+        # causal + padding mask from the 2D mask, as wide as the cache.
+        out = decoder.model(input_ids=prompt_ids, attention_mask=self.open.long(),
+                            position_ids=positions, use_cache=True, logits_to_keep=1,
+                            **{decoder.cache_name: cache})
+        self.logits = out.logits[:, -1]
+        self.column = width
+        self.positions = positions[:, -1:] + 1
+        self.dtype = next(decoder.model.parameters()).dtype
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Write ``token`` (B,) into the cache and return the next logits (B, V)."""
+        self.open[:, self.column] = True
+        closed = (~self.open)[:, None, None, :].to(self.dtype)
+        mask = closed * torch.finfo(self.dtype).min  # 0 = attend; same values as the hf loop
+        if self.decoder.graphs:  # the previous step's outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.decoder.step(token[:, None], mask, self.positions)
+        self.column += 1
+        self.positions = self.positions + 1
+        # A CUDA graph's output is overwritten by its next replay; the loop edits its logits.
+        return logits.clone()

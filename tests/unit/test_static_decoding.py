@@ -1,0 +1,213 @@
+"""The built-in loop's static KV cache and compiled decode step (``--hf-decoding``) against
+today's loop (``dynamic``, the reference): under a fixed seed the same completions, drawn from
+the same probabilities, for left-padded batches of different prompt lengths, greedy and
+sampled, on a tiny Llama and a Qwen2-shaped model; models it cannot serve are refused clearly."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _archs import build_arch
+
+from rewardloop.engines import hf
+from rewardloop.engines.base import SamplingSettings
+from rewardloop.engines.factory import EngineOptions, make_generator
+from rewardloop.engines.hf import HFGenerator
+from rewardloop.errors import UserError
+from rewardloop.rollout import encode_prompts
+
+PROMPTS = ["Hi, my order is late.", "Refund please, it is broken and I am upset.", "Where?",
+           "My phone keeps crashing since the update, can you help me today?"]
+SETTINGS = {
+    "greedy": SamplingSettings(max_new_tokens=24, top_k=1),
+    "sampled": SamplingSettings(max_new_tokens=24),
+    "warped": SamplingSettings(max_new_tokens=24, temperature=0.7, top_p=0.9, top_k=50),
+}
+
+
+def _load(path: Path) -> tuple[Any, Any]:
+    from rewardloop.models import load_policy, load_tokenizer
+
+    return load_policy(path, device="cpu"), load_tokenizer(path, padding_side="left")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any]]:
+    """The tiny Llama of ``rewardloop tiny`` and a Qwen2-shaped model as Qwen2.5 ships it (no
+    sliding window, tied embeddings, grouped-query attention, an end-of-turn stop token)."""
+    from rewardloop.tiny import build_tiny, generate_corpus
+
+    root = tmp_path_factory.mktemp("static")
+    llama = build_tiny(root / "llama", generate_corpus(300), vocab_size=320, hidden_size=32,
+                       num_layers=2, num_heads=2, max_position=256)
+    qwen2 = build_arch(root / "qwen2", "qwen2", eot=True,
+                       config={"use_sliding_window": False, "tie_word_embeddings": True})
+    return {"llama": _load(llama), "qwen2": _load(qwen2)}
+
+
+def _sample(generator: HFGenerator, prompts: list[list[int]], settings: SamplingSettings,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[torch.Tensor]]:
+    """The rollout of 3 samples per prompt from seed 0, and the probabilities (B, V) each step
+    sampled from (read where the loop samples)."""
+    seen: list[torch.Tensor] = []
+
+    def spy(probs: torch.Tensor) -> torch.Tensor:
+        seen.append(probs.clone())
+        return hf_sample(probs)
+
+    hf_sample = hf.sample_tokens
+    monkeypatch.setattr(hf, "sample_tokens", spy)
+    torch.manual_seed(0)
+    rollout = generator.generate(prompts, 3, settings)
+    monkeypatch.setattr(hf, "sample_tokens", hf_sample)
+    return rollout, seen
+
+
+def _assert_same_decoding(model: Any, tokenizer: Any, decoding: str, settings: SamplingSettings,
+                          monkeypatch: pytest.MonkeyPatch, generator: HFGenerator | None = None,
+                          prompts: list[str] = PROMPTS, atol: float = 1e-6) -> None:
+    ids = encode_prompts(tokenizer, prompts, 64)
+    assert len({len(p) for p in ids}) == len(ids)  # every row is padded differently
+    reference, ref_probs = _sample(HFGenerator(model, tokenizer), ids, settings, monkeypatch)
+    ours, probs = _sample(generator or HFGenerator(model, tokenizer, decoding), ids, settings,
+                          monkeypatch)
+    assert torch.equal(ours.completion_ids, reference.completion_ids)
+    assert torch.equal(ours.has_eos, reference.has_eos)
+    assert len(probs) == len(ref_probs)
+    for step, (p, q) in enumerate(zip(probs, ref_probs, strict=True)):
+        assert torch.allclose(p, q, atol=atol), f"step {step}: max diff {(p - q).abs().max()}"
+    # The log-probs of the sampled tokens (what a trainer's ratio would read) agree too.
+    tokens = ours.completion_ids[:, : len(probs)].T[..., None]  # (C, B, 1)
+    chosen = torch.stack(probs).gather(2, tokens).log()
+    expected = torch.stack(ref_probs).gather(2, tokens).log()
+    real = ours.completion_mask[:, : len(probs)].T.bool()
+    assert torch.allclose(chosen[real], expected[real], atol=10 * atol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_static_cache_decodes_like_the_dynamic_loop(models: dict[str, Any], arch: str, kind: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = models[arch]
+    _assert_same_decoding(model, tokenizer, "static", SETTINGS[kind], monkeypatch)
+
+
+def test_the_static_cache_is_reused_and_emptied_between_batches(
+        models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fits the previous cache reuses its tensors (a compiled step stays valid)
+    and sees nothing of the previous batch; a wider one gets a new, bucket-rounded cache."""
+    from rewardloop.engines.static import BUCKET
+
+    model, tokenizer = models["llama"]
+    generator = HFGenerator(model, tokenizer, "static")
+    settings = SETTINGS["sampled"]
+    _assert_same_decoding(model, tokenizer, "static", settings, monkeypatch, generator)
+    first = generator.static.cache
+    assert generator.static.length % BUCKET == 0
+    short = [p[:12] for p in PROMPTS]
+    _assert_same_decoding(model, tokenizer, "static", settings, monkeypatch, generator, short)
+    assert generator.static.cache is first
+    longer = replace(settings, max_new_tokens=generator.static.length)  # cannot fit
+    _assert_same_decoding(model, tokenizer, "static", longer, monkeypatch, generator, short)
+    assert generator.static.cache is not first
+    assert generator.static.length % BUCKET == 0
+    assert generator.static.length >= longer.max_new_tokens + 1
+
+
+def test_a_lora_policy_decodes_like_the_dynamic_loop(models: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainers with --lora-r sample from the peft wrapper: it passes the cache through."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models["llama"]
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    _assert_same_decoding(lora, tokenizer, "static", SETTINGS["sampled"], monkeypatch)
+
+
+@pytest.mark.slow  # compiling the step on CPU takes ~30 s on this machine
+def test_compiled_step_decodes_like_the_dynamic_loop(models: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = models["llama"]
+    generator = HFGenerator(model, tokenizer, "compiled")
+    for settings in SETTINGS.values():
+        _assert_same_decoding(model, tokenizer, "compiled", settings, monkeypatch, generator)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_on_cuda_the_fast_steps_decode_like_the_dynamic_loop(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check of ``compiled``: CUDA graphs captured and replayed over the static cache
+    (GPU kernels round differently from one kernel choice to another: 1e-5)."""
+    model, tokenizer = models["llama"]
+    cuda = copy.deepcopy(model).to("cuda")
+    generator = HFGenerator(cuda, tokenizer, decoding)
+    for settings in SETTINGS.values():
+        _assert_same_decoding(cuda, tokenizer, decoding, settings, monkeypatch, generator,
+                              atol=1e-5)
+
+
+def test_models_the_static_cache_cannot_serve_are_refused(tmp_path: Path,
+                                                           models: dict[str, Any]) -> None:
+    sliding, tokenizer = _load(build_arch(tmp_path / "mistral", "mistral"))
+    with pytest.raises(UserError, match="mistral uses sliding-window attention.*"
+                                        "use --hf-decoding dynamic"):
+        HFGenerator(sliding, tokenizer, "static")
+    HFGenerator(sliding, tokenizer, "dynamic")  # the reference loop serves every model
+    model, tokenizer = models["llama"]
+    model.set_attn_implementation("flex_attention")
+    try:
+        with pytest.raises(UserError, match="'flex_attention' takes no ready mask"):
+            HFGenerator(model, tokenizer, "compiled")
+    finally:
+        model.set_attn_implementation("sdpa")
+    model._can_compile_fullgraph = False  # as transformers marks models without support
+    try:
+        with pytest.raises(UserError, match="llama models do not support transformers' static"):
+            HFGenerator(model, tokenizer, "static")
+    finally:
+        del model._can_compile_fullgraph
+
+
+def test_the_engine_option_reaches_the_generator(models: dict[str, Any]) -> None:
+    model, tokenizer = models["llama"]
+    generator = make_generator(EngineOptions(hf_decoding="static"), model, tokenizer, None)
+    assert isinstance(generator, HFGenerator) and generator.decoding == "static"
+    with pytest.raises(ValueError, match="hf_decoding must be one of dynamic, static, compiled"):
+        EngineOptions(hf_decoding="graphs")
+
+
+def test_generate_takes_the_flag_and_refuses_a_sliding_window_model(tmp_path: Path) -> None:
+    """``--hf-decoding static`` through the CLI: answers from a full-attention model; exit 2
+    with the reason for a sliding-window one; exit 2 for an unknown value."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    def run(model: Path, decoding: str) -> Any:
+        return CliRunner().invoke(app, [
+            "generate", "--policy", str(model), "--prompts", str(prompts), "-n", "2",
+            "--max-new-tokens", "4", "--device", "cpu", "--hf-decoding", decoding,
+            "--out", str(tmp_path / f"{model.name}-{decoding}.jsonl")])
+
+    full = build_arch(tmp_path / "qwen2", "qwen2", chat=False,
+                      config={"use_sliding_window": False})
+    result = run(full, "static")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "qwen2-static.jsonl").read_text().splitlines()) == len(PROMPTS)
+    result = run(build_arch(tmp_path / "mistral", "mistral", chat=False), "static")
+    assert result.exit_code == 2 and "sliding-window attention" in result.output
+    assert "Traceback" not in result.output
+    result = run(full, "graphs")
+    assert result.exit_code == 2 and "hf_decoding must be one of" in result.output
