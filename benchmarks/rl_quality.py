@@ -2,6 +2,12 @@
 TRL's GRPOTrainer, same reward model, prompts, steps, batch and learning rate, several seeds.
 
     python -m benchmarks.rl_quality [--steps 100] [--seeds 0,1,2] [--workdir DIR]
+    python -m benchmarks.rl_quality --beta 0.04 --sides ours-grpo,ours-grpo-uwo
+
+The second line is the over-optimisation setting: at beta 0.04 the plain reward model is gamed
+(gold falls while its reward climbs); ``ours-grpo-uwo`` optimises a 4-head ensemble trained on
+the same preferences with ``--reward-uncertainty-penalty`` (mean - lambda x std, Coste et al.
+2023; ``--penalty``).
 
 The set-up is RLHF's: the SFT policy of ``benchmarks.grpo`` samples two answers to each of 2000
 fresh prompts, the hidden gold judge (``rewardloop.synthetic:gold_score``) prefers one (pairs
@@ -18,6 +24,7 @@ speed; ``benchmarks.grpo`` measures speed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -40,16 +47,33 @@ EVAL_SAMPLES = 16  # per held-out prompt: 1024 answers, s.e. of the mean gold ~0
 RM_PROMPTS, RM_MIN_GAP = 2000, 0.2
 
 
-def build_reward_model(work: Path) -> Path:
-    """Preferences of the gold judge between two SFT samples per prompt -> ``work/rm``."""
+ENSEMBLE, PENALTY = 4, 1.0
+
+
+def build_reward_model(work: Path, ensemble: int = 1) -> Path:
+    """Preferences of the gold judge between two SFT samples per prompt -> ``work/rm`` (an
+    ``ensemble``-head model on the same data: ``work/rm-ensN``)."""
+    from rewardloop.train.reward import RewardConfig, train_rm
+
+    rm = work / ("rm" if ensemble == 1 else f"rm-ens{ensemble}")
+    if (rm / "summary.json").is_file():
+        return rm
+    if not (work / "rm_train.jsonl").is_file():
+        _preferences(work)
+    train_rm(RewardConfig(model=str(work / "sft" / "model"), data=work / "rm_train.jsonl",
+                          eval_data=work / "rm_eval.jsonl", out=rm, epochs=2, batch_size=32,
+                          lr=1e-3, max_length=128, device="cpu", overwrite=True,
+                          ensemble=ensemble))
+    return rm
+
+
+def _preferences(work: Path) -> None:
+    """``rm_train.jsonl`` / ``rm_eval.jsonl``: the gold judge's preferences between SFT
+    samples."""
     from rewardloop import synthetic
     from rewardloop.models import load_policy, load_tokenizer
     from rewardloop.rollout import HFGenerator, SamplingSettings, encode_prompts
-    from rewardloop.train.reward import RewardConfig, train_rm
 
-    rm = work / "rm"
-    if (rm / "summary.json").is_file():
-        return rm
     policy = str(work / "sft" / "model")
     tokenizer = load_tokenizer(policy, padding_side="left")
     generator = HFGenerator(load_policy(policy, device="cpu"), tokenizer)
@@ -70,10 +94,6 @@ def build_reward_model(work: Path) -> Path:
     cut = len(rows) // 5
     for name, part in (("rm_eval.jsonl", rows[:cut]), ("rm_train.jsonl", rows[cut:])):
         (work / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-    train_rm(RewardConfig(model=policy, data=work / "rm_train.jsonl",
-                          eval_data=work / "rm_eval.jsonl", out=rm, epochs=2, batch_size=32,
-                          lr=1e-3, max_length=128, device="cpu", overwrite=True))
-    return rm
 
 
 def _gold(model_dir: str, work: Path) -> tuple[float, float]:
@@ -88,19 +108,28 @@ def _curves(out: Path, reward_key: str, kl_key: str) -> tuple[list[float], list[
     return [r[reward_key] for r in rows], [r.get(kl_key, 0.0) for r in rows]
 
 
-def side_ours_grpo(work: Path, rm: Path, steps: int, seed: int, lr: float, beta: float
-                   ) -> dict[str, Any]:
+def side_ours_grpo(work: Path, rm: Path, steps: int, seed: int, lr: float, beta: float,
+                   penalty: float = 0.0, name: str = "ours-grpo") -> dict[str, Any]:
     from rewardloop.train.grpo import GRPOConfig, train
 
-    out = work / f"ours-grpo-{seed}"
+    out = work / f"{name}-{seed}"
     train(GRPOConfig(
         policy=str(work / "sft" / "model"), prompts=work / "prompts.jsonl", out=out,
         rewards=(str(rm),), advantage="grpo", num_generations=GENERATIONS,
         batch_size=GENERATIONS * PROMPTS_PER_STEP, max_steps=steps, lr=lr,
         max_new_tokens=MAX_NEW_TOKENS, kl_coef=beta, seed=seed, device="cpu",
-        loss_aggregation="token-mean", sample_every=0, save_every=10_000, overwrite=True))
+        loss_aggregation="token-mean", sample_every=0, save_every=10_000, overwrite=True,
+        reward_uncertainty_penalty=penalty))
     rewards, kl = _curves(out, "reward/mean", "kl_k3")
     return {"model": str(out / "model"), "reward_curve": rewards, "kl_curve": kl}
+
+
+def side_ours_grpo_uwo(work: Path, rm: Path, steps: int, seed: int, lr: float, beta: float,
+                       penalty: float = PENALTY) -> dict[str, Any]:
+    """GRPO against the ENSEMBLE reward model, mean - penalty x std (``rm`` is not used: the
+    ensemble is trained on the same preferences)."""
+    return side_ours_grpo(work, build_reward_model(work, ENSEMBLE), steps, seed, lr, beta,
+                          penalty=penalty, name="ours-grpo-uwo")
 
 
 def side_ours_ppo(work: Path, rm: Path, steps: int, seed: int, lr: float, beta: float
@@ -154,7 +183,8 @@ def side_trl_grpo(work: Path, rm: Path, steps: int, seed: int, lr: float, beta: 
             "kl_curve": [h.get("kl", 0.0) for h in logs]}
 
 
-SIDES = {"ours-grpo": side_ours_grpo, "trl-grpo": side_trl_grpo, "ours-ppo": side_ours_ppo}
+SIDES = {"ours-grpo": side_ours_grpo, "trl-grpo": side_trl_grpo, "ours-ppo": side_ours_ppo,
+         "ours-grpo-uwo": side_ours_grpo_uwo}
 
 
 def _every(values: list[float], n: int) -> str:
@@ -171,7 +201,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LR, help="GRPO learning rate (PPO: half)")
     parser.add_argument("--beta", type=float, default=BETA, help="KL coefficient of every side")
     parser.add_argument("--workdir", type=Path, default=None, help="where models and runs go")
+    parser.add_argument("--penalty", type=float, default=PENALTY,
+                        help="lambda of ours-grpo-uwo's ensemble reward mean - lambda x std")
     args = parser.parse_args()
+    sides = {**SIDES, "ours-grpo-uwo": functools.partial(side_ours_grpo_uwo,
+                                                         penalty=args.penalty)}
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.gettempdir()) / "rewardloop-bench-grpo"
     prepare(work)
@@ -193,7 +227,7 @@ def main() -> None:
     for name in args.sides.split(","):
         for seed in seeds:
             t0 = time.perf_counter()
-            result = SIDES[name](work, rm, args.steps, seed, args.lr, args.beta)
+            result = sides[name](work, rm, args.steps, seed, args.lr, args.beta)
             wall = time.perf_counter() - t0
             after, se = _gold(result["model"], work)
             gains.setdefault(name, []).append(after - before)

@@ -46,7 +46,8 @@ from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLIT = 0.15  # share of the round's prompts whose judgments are held out for the RM
+# The reward model's held-out share (of the rows, by prompt) and best point; rm_options win.
+RM_BEST_POINT = {"eval_fraction": 0.15, "eval_every": 10, "early_stopping_patience": 5}
 
 
 class RoundContext:
@@ -192,38 +193,32 @@ def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
 # -- reward model -------------------------------------------------------------------------------
 
 
-def _export_pairs(ctx: RoundContext, out: Path) -> tuple[int, int]:
-    """Every round's judged pairs so far, split by prompt into train and held-out files."""
+def _export_pairs(ctx: RoundContext, out: Path) -> int:
+    """Every round's judged pairs so far, in one file: the reward-model trainer holds part of it
+    out (``--eval-fraction``, by prompt and stratified by annotator group)."""
     store = ctx.store()
     try:
         pairs = [p for n in range(1, ctx.n + 1)
                  for p in load_pairs(store, batch=f"round-{n}") if not p.tie]
     finally:
         store.dispose()
-    held = {json.dumps(p.prompt) for p in pairs}
-    rng = random.Random(f"{ctx.cfg.seed}:split")
-    prompts = sorted(held)
-    rng.shuffle(prompts)
-    held = set(prompts[:max(1, round(EVAL_SPLIT * len(prompts)))])
-    train = [p for p in pairs if json.dumps(p.prompt) not in held]
-    heldout = [p for p in pairs if json.dumps(p.prompt) in held]
-    if not train or not heldout:
+    if len({json.dumps(p.prompt) for p in pairs}) < 2:
         raise UserError(f"round {ctx.n}: too few judged pairs ({len(pairs)}) to train and "
                         "evaluate a reward model; raise prompts_per_round")
-    write_records(out / "pairs.jsonl", "trl", train)
-    write_records(out / "eval_pairs.jsonl", "trl", heldout)
-    return len(train), len(heldout)
+    write_records(out / "pairs.jsonl", "trl", pairs)
+    return len(pairs)
 
 
 def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     """Export judgments and a quality report, then train the reward model (warm start from the
-    previous round's), without the judgments of flagged annotators."""
+    previous round's), without the judgments of flagged annotators, evaluated on held-out
+    prompts every few steps and saved at its best step."""
     # The trainers import torch (seconds): loaded when a stage runs, not for `loop status`.
     from rewardloop.train.reward import RewardConfig, train_rm
 
     data = ctx.dir / "data"
     data.mkdir(exist_ok=True)
-    n_train, n_eval = _export_pairs(ctx, data)
+    n_pairs = _export_pairs(ctx, data)
     store = ctx.store()
     try:
         report = quality_report(store).to_json()
@@ -231,18 +226,24 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
         store.dispose()
     atomic_write_text(data / "quality.json", json.dumps(report, indent=2) + "\n")
     flagged = sorted(n for n, a in report["annotators"].items() if a["flags"])
-    cfg = _build(RewardConfig, ctx.cfg.rm_options, model=ctx.previous_rm or ctx.policy,
-                 data=data / "pairs.jsonl", eval_data=data / "eval_pairs.jsonl", out=out,
+    cfg = _build(RewardConfig, {**RM_BEST_POINT, **ctx.cfg.rm_options}, model=ctx.previous_rm
+                 or ctx.policy, data=data / "pairs.jsonl", out=out,
                  exclude_flagged=ctx.cfg.exclude_flagged, db=ctx.cfg.db_url,
                  max_length=512, seed=ctx.cfg.seed + ctx.n,
                  **_trainer_flags(out, ctx.cfg.report_to))
     summary = train_rm(cfg, annotators_from_db(ctx.cfg.db_url,
                                                weights=cfg.weighting == "reliability",
                                                flagged=cfg.exclude_flagged))
-    return {"train_pairs": n_train, "eval_pairs": n_eval, "flagged": flagged,
+    # The saved model is the best step's: its figures are the round's.
+    best = {k: summary[f"best_{k}"] for k in ("eval_accuracy", "eval_ece")
+            if f"best_{k}" in summary}
+    return {"pairs": n_pairs, "train_pairs": summary["train_comparisons"],
+            "eval_pairs": summary.get("eval_comparisons"), "flagged": flagged,
             "krippendorff_alpha": report.get("krippendorff_alpha"),
             **{k: summary[k] for k in ("eval_accuracy", "eval_ece", "length_correlation",
-                                       "dropped_flagged") if k in summary}}
+                                       "dropped_flagged", "best_step", "label_ceiling",
+                                       "label_ceiling_upper") if k in summary},
+            "final_eval_accuracy": summary.get("eval_accuracy"), **best}
 
 
 # -- policy -------------------------------------------------------------------------------------

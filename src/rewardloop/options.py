@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,39 @@ class RuntimeOptions:
                              f"got {self.precision!r}")
         if self.dist_timeout < 1:
             raise ValueError("dist_timeout must be at least 1 second")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BestPointOptions:
+    """Held-out data and the best point: the options of the offline preference trainers (rm,
+    dpo) that evaluate while training, keep the best checkpoint and stop early."""
+
+    eval_fraction: float = 0.0
+    """Without --eval-data: hold out this share of --data, split by prompt (and stratified by
+    annotator group when groups are known); 0 holds out nothing."""
+    eval_every: int = 0
+    """Evaluate every this many steps, keep the checkpoint with the lowest eval loss and save
+    it as model/ (0: evaluate once, at the end)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without a lower eval loss (needs
+    --eval-every)."""
+
+    def check_best_point(self, eval_data: object) -> None:
+        """ValueError for inconsistent options (called by each config's __post_init__ with its
+        --eval-data, which excludes --eval-fraction)."""
+        if math.isnan(self.eval_fraction) or not (
+                self.eval_fraction == 0.0 or 0.0 < self.eval_fraction < 1.0):
+            raise ValueError("eval_fraction must be 0 (off) or in (0, 1)")
+        if eval_data is not None and self.eval_fraction > 0:
+            raise ValueError("give --eval-data or --eval-fraction, not both")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if self.eval_every > 0 and eval_data is None and self.eval_fraction == 0:
+            raise ValueError("--eval-every needs held-out data: --eval-data FILE or "
+                             "--eval-fraction 0.1")
+        if self.early_stopping_patience is not None and (
+                self.early_stopping_patience < 1 or self.eval_every == 0):
+            raise ValueError("--early-stopping-patience must be >= 1 and needs --eval-every")
 
 
 @dataclass(frozen=True, kw_only=True)

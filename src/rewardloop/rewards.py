@@ -115,10 +115,16 @@ def _load_function(spec: str) -> tuple[str, RewardFn]:
 
 class ModelReward:
     """A reward model (a ``train rm`` run or its ``model/``), scored by ``score.RewardScorer``
-    and normalised to mean 0 / std 1 with its ``reward_stats.json``."""
+    and normalised to mean 0 / std 1 with its ``reward_stats.json``.
+
+    An ensemble's reward is the mean over its heads minus ``uncertainty_penalty`` times their
+    standard deviation (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
+    Overoptimization", uncertainty-weighted optimisation); the last call's std is kept in
+    ``last_std`` for the metrics."""
 
     def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
-                 max_length: int | None = None, mix: Sequence[tuple[str, float]] = ()) -> None:
+                 max_length: int | None = None, mix: Sequence[tuple[str, float]] = (),
+                 uncertainty_penalty: float = 0.0) -> None:
         model_dir = resolve_rm_dir(Path(spec).expanduser())
         self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
         self.head_weights: torch.Tensor | None = None
@@ -135,13 +141,28 @@ class ModelReward:
             self.head_weights = torch.tensor([weights.get(g, 0.0) for g in heads])
         self.scorer = RewardScorer(model_dir, device=device, batch_size=batch_size,
                                    normalize=True, max_length=max_length)
+        if uncertainty_penalty and self.scorer.heads < 2:
+            raise UserError(f"--reward-uncertainty-penalty needs a reward-model ensemble, but "
+                            f"{model_dir} has one head; train it with `train rm --ensemble 4`")
+        self.uncertainty_penalty = uncertainty_penalty
+        self.last_std: list[float] | None = None
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:
-        if self.head_weights is None:
-            return self.scorer.score(prompts, completions)
-        heads = self.scorer.score_heads(prompts, completions)  # (N, groups)
-        return (heads @ self.head_weights).tolist()
+        if self.head_weights is not None:
+            heads = self.scorer.score_heads(prompts, completions)  # (N, groups)
+            return (heads @ self.head_weights).tolist()
+        scores = self.scorer.score_with_std(prompts, completions)
+        self.last_std = scores.std
+        return penalised(scores.mean, scores.std, self.uncertainty_penalty)
+
+
+def penalised(mean: Sequence[float], std: Sequence[float] | None, penalty: float
+              ) -> list[float]:
+    """mean - penalty x std, element-wise (the mean itself without an ensemble's std)."""
+    if std is None or not penalty:
+        return list(mean)
+    return [m - penalty * s for m, s in zip(mean, std, strict=True)]
 
 
 class FunctionReward:
@@ -185,7 +206,8 @@ class RewardOutput:
     total: torch.Tensor
     """(N,) float32: clipped weighted sum, minus the missing-EOS penalty."""
     per_source: dict[str, torch.Tensor]
-    """Each source's raw (unweighted, normalised for models) rewards, (N,) each."""
+    """Each source's raw (unweighted, normalised for models) rewards, (N,) each; an ensemble
+    adds ``<name>/uncertainty``, the std across its heads."""
 
     def metrics(self) -> dict[str, float]:
         """``reward/<source>/mean|std`` per source plus ``reward/mean|std`` of the total."""
@@ -203,8 +225,10 @@ class Rewards:
     def __init__(self, specs: Sequence[RewardSpec], *, reward_clip: float | None = None,
                  missing_eos_penalty: float = 0.0, device: str = "auto",
                  batch_size: int = 16, max_length: int | None = None,
+                 uncertainty_penalty: float = 0.0,
                  model_reward: Callable[[str], Any] | None = None) -> None:
-        """``model_reward(spec)``, when given, supplies the source of a reward-model directory
+        """``uncertainty_penalty``: λ of every reward-model ensemble's mean - λ x std.
+        ``model_reward(spec)``, when given, supplies the source of a reward-model directory
         (e.g. one scored by a Ray actor); it returns None to load the model here."""
         if not specs:
             raise UserError("give at least one --reward (a reward-model dir or "
@@ -221,11 +245,13 @@ class Rewards:
                 raise UserError(f"--reward {spec.spec}: neither an existing reward-model "
                                 "directory nor package.module:function")
             else:
-                # A group mix is scored where it is named (reward actors serve plain heads).
+                # A group mix (or an uncertainty penalty) is scored where it is named (reward
+                # actors serve plain heads).
                 remote = (model_reward(spec.spec) if model_reward is not None and not spec.mix
-                          else None)
+                          and not uncertainty_penalty else None)
                 source = remote or ModelReward(spec.spec, device=device, batch_size=batch_size,
-                                               max_length=max_length, mix=spec.mix)
+                                               max_length=max_length, mix=spec.mix,
+                                               uncertainty_penalty=uncertainty_penalty)
             name = source.name
             taken = {n for n, _, _ in self.sources}
             suffix = 2
@@ -258,6 +284,8 @@ class Rewards:
                     f"reward {name!r} gave {values[i].item()} for completion {i} "
                     f"({completions[i][:80]!r}); rewards must be finite")
             per_source[name] = values
+            if isinstance(source, ModelReward) and source.last_std is not None:
+                per_source[f"{name}/uncertainty"] = torch.tensor(source.last_std)
             total += weight * values
         if self.reward_clip is not None:
             total = total.clamp(-self.reward_clip, self.reward_clip)

@@ -251,6 +251,24 @@ def test_impossible_combinations_are_exit_2(work: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["rm", "dpo"])
+def test_best_point_on_two_processes_equals_one(work: Path, tmp_path: Path, kind: str) -> None:
+    """--eval-fraction, --eval-every and the restored best checkpoint: two ranks pick the same
+    best step and save the same model/ as one process (FSDP restores its shards)."""
+    best = ["--eval-fraction", "0.25", "--eval-every", "1", "--lr", "3e-2"]
+    one = tmp_path / "one"
+    rewardloop(*command(kind, work, one), *best)
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["best_step"] < summary["steps"]  # model/ is a restored checkpoint
+    for strategy in ("ddp", "fsdp"):
+        two = tmp_path / strategy
+        rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy, *best)
+        assert_same_run(one, two, keys=("loss", "grad_norm", "eval_loss"))
+        other = json.loads((two / "summary.json").read_text())
+        assert other["best_step"] == summary["best_step"]
+        assert other["best_eval_loss"] == pytest.approx(summary["best_eval_loss"], rel=TOL)
+
+
+@pytest.mark.parametrize("kind", ["rm", "dpo"])
 def test_group_dro_on_two_processes_equals_one(work: Path, tmp_path: Path, kind: str) -> None:
     # The group losses are summed over the ranks before q moves, so every rank keeps the same
     # q and the run is the one-process run.

@@ -33,8 +33,9 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     low, high = summary["gold_win_rate_ci"]
     assert low <= summary["gold_win_rate"] <= high
     rm = json.loads((workdir / "round-1" / "rm" / "summary.json").read_text())
-    assert summary["rm_accuracy"] == rm["eval_accuracy"]
-    correct = rm["eval_accuracy"] * rm["eval_comparisons"]
+    saved = rm.get("best_eval_accuracy", rm["eval_accuracy"])  # model/ is the best step's
+    assert summary["rm_accuracy"] == saved
+    correct = saved * rm["eval_comparisons"]
     assert rm["eval_comparisons"] > 0 and correct == pytest.approx(round(correct))
     assert summary["kl"] is not None and isinstance(summary["alarms"], list)
     html = (workdir / "report.html").read_text()

@@ -145,8 +145,11 @@ def test_cli_simulate_and_quality_json(cli_db: str, tmp_path: Path) -> None:
     res = runner.invoke(app, ["quality", "--db", cli_db, "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
-    assert set(doc) == {"krippendorff_alpha", "fleiss_kappa", "judgments", "annotators", "groups"}
+    assert set(doc) == {"krippendorff_alpha", "fleiss_kappa", "judgments", "annotators", "groups",
+                        "label_ceiling", "label_ceiling_upper", "label_ceiling_judgments",
+                        "label_ceiling_pairs"}
     assert doc["judgments"] == 20
+    assert doc["label_ceiling_judgments"] > 0  # overlap 2: every strict judgment has another
     assert set(doc["annotators"]) == {"honest-1", "honest-2", "clicker"}
     for entry in doc["annotators"].values():
         assert set(entry) == {"judgments", "agreement", "reliability", "gold_accuracy",

@@ -26,6 +26,7 @@ def test_divergence_fires_when_proxy_rises_and_gold_falls() -> None:
     assert message is not None
     assert message.startswith("step 4:")
     assert "0.15 -> 0.35" in message and "1 -> 0.75" in message
+    assert "--reward-uncertainty-penalty" in message and "--ensemble 4" in message  # the defence
 
 
 def test_divergence_quiet_when_both_rise_or_too_short() -> None:

@@ -213,7 +213,9 @@ def test_group_view_finds_disagreeing_groups() -> None:
 
 def test_json_shape() -> None:
     doc = analyze(_planted_records(_pool()[:3], 10, 0)).to_json()
-    assert set(doc) == {"krippendorff_alpha", "fleiss_kappa", "judgments", "annotators", "groups"}
+    assert set(doc) == {"krippendorff_alpha", "fleiss_kappa", "judgments", "annotators", "groups",
+                        "label_ceiling", "label_ceiling_upper", "label_ceiling_judgments",
+                        "label_ceiling_pairs"}
     assert set(doc["annotators"]["honest-0"]) == {
         "judgments", "agreement", "reliability", "gold_accuracy", "position_bias_p",
         "length_bias_p", "flags"}

@@ -88,3 +88,23 @@ def test_report_missing_dir_is_user_error(tmp_path: Path, report_runs: list[Path
     assert res.exit_code == 2, res.output
     assert res.output.strip() == f"error: not a run directory: {tmp_path / 'nope'}"
     assert not (tmp_path / "x.html").exists()
+
+
+def test_report_puts_reward_model_accuracy_beside_its_label_ceiling(tmp_path: Path) -> None:
+    from rewardloop.eval.report import ceiling_line
+
+    summary = {"objective": "bradley-terry", "eval_accuracy": 0.55, "best_eval_accuracy": 0.591,
+               "label_ceiling": 0.702, "label_ceiling_upper": 0.75,
+               "label_ceiling_judgments": 120, "best_step": 40, "steps": 70}
+    line = ceiling_line(summary)
+    assert line is not None and line.startswith(
+        "Reward model: held-out accuracy 0.59 of a ceiling of 0.70 (up to 0.75), estimated "
+        "from 120 held-out judgments")
+    assert "step 40 of 70" in line
+    assert "no label ceiling" in (ceiling_line({"objective": "x", "eval_accuracy": 0.6}) or "")
+    assert ceiling_line({"loss_name": "dpo", "eval_accuracy": 0.6}) is None
+    run = tmp_path / "rm"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(summary))
+    html_text = build_report([run], tmp_path / "r.html").read_text()
+    assert "0.59 of a ceiling of 0.70" in html_text

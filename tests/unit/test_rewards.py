@@ -191,3 +191,30 @@ def test_reward_model_dir_without_stats_is_refused(rm_run: Path, tmp_path: Path)
     (bare / "reward_stats.json").unlink()
     with pytest.raises(UserError, match="reward_stats.json"):
         Rewards([RewardSpec(str(bare))])
+
+
+def test_uncertainty_penalty_is_the_ensemble_mean_minus_lambda_std(
+        rm_run: Path, tmp_path: Path) -> None:
+    """A 3-head ensemble: the reward is mean - 0.5 x std over the normalised heads (Coste et
+    al. 2023), the std is logged per source; a single-head model refuses the penalty."""
+    from rewardloop.score import RewardScorer
+    from rewardloop.synthetic import preference_rows
+    from rewardloop.train.reward import RewardConfig, train_rm
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(8, seed=1)))
+    train_rm(RewardConfig(model=str(rm_run / "model"), data=data, out=tmp_path / "ens",
+                          ensemble=3, max_steps=2, batch_size=4, max_length=64, device="cpu"))
+    prompts, completions = ["Hi, my order is late."] * 2, ["Sorry!", "It ships today."]
+    heads = RewardScorer(tmp_path / "ens" / "model", device="cpu", normalize=True).score_heads(
+        prompts, completions)  # (2, 3), normalised
+    assert heads.shape == (2, 3)
+    out = score(Rewards([RewardSpec(str(tmp_path / "ens"))], uncertainty_penalty=0.5),
+                prompts, completions)
+    std = heads.std(dim=1, unbiased=False)
+    assert torch.allclose(out.total, heads.mean(dim=1) - 0.5 * std, atol=1e-5)
+    assert torch.allclose(out.per_source["ens/uncertainty"], std, atol=1e-5)
+    plain = score(Rewards([RewardSpec(str(tmp_path / "ens"))]), prompts, completions)
+    assert torch.allclose(plain.total, heads.mean(dim=1), atol=1e-5)
+    with pytest.raises(UserError, match="needs a reward-model ensemble"):
+        Rewards([RewardSpec(str(rm_run))], uncertainty_penalty=0.5)

@@ -35,6 +35,11 @@ def _print_report(report: Any) -> None:
     console.print(f"judgments: {report.judgments}  "
                   f"Krippendorff's alpha: {_fmt(report.krippendorff_alpha)}  "
                   f"Fleiss' kappa: {_fmt(report.fleiss_kappa)}")
+    c = report.ceiling
+    if c.value is not None:
+        console.print(f"label ceiling: {_fmt(c.value)} (up to {_fmt(c.upper)}), from "
+                      f"{c.judgments} judgments of {c.units} pairs with overlap: the accuracy "
+                      "the best possible reward model could reach")
     table = Table(title="Annotators")
     table.add_column("annotator", no_wrap=True)
     for col in ("group", "n", "agree", "chance", "reliab.", "gold", "first wins (p)",

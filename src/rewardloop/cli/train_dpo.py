@@ -32,4 +32,7 @@ def run_dpo(cfg: DPOConfig) -> None:
     if "eval_accuracy" in summary:
         line += f"; eval_loss {summary['eval_loss']:.4f}, eval_accuracy " \
                 f"{summary['eval_accuracy']:.3f}"
+    if "best_step" in summary:
+        line += f"; best step {summary['best_step']} (eval_loss " \
+                f"{summary['best_eval_loss']:.4f}, saved as the model)"
     typer.echo(f"{line}; model in {cfg.out / 'model'}")

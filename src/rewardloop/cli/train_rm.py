@@ -35,6 +35,7 @@ def run_rm(cfg: RewardConfig) -> None:
                                  flagged=cfg.exclude_flagged) if cfg.db is not None else None)
     summary = train_rm(cfg, stored)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
-                                    "eval_ece", "length_correlation"))
+                                    "eval_ece", "length_correlation", "best_step",
+                                    "best_eval_accuracy", "best_eval_loss", "label_ceiling"))
     if "groups" in summary:
         typer.echo(group_table(summary["groups"]))

@@ -91,6 +91,13 @@ def _change_noise(before: Sequence[float], after: Sequence[float]) -> float:
     return math.sqrt(var(before) / len(before) + var(after) / len(after))
 
 
+OVEROPTIMISATION_DEFENCE = (
+    "Try: a 4-head reward-model ensemble (train rm --ensemble 4) optimised with "
+    "--reward-uncertainty-penalty 1.0 (Coste et al. 2023), a larger --kl-coef, or the "
+    "checkpoint before this point")
+"""What the gold-versus-proxy alarm tells the user to do (docs/reward-models.md)."""
+
+
 def divergence_alarm(records: Sequence[Record], proxy_key: str, held_out_key: str, *,
                      window: int = 3, min_change: float = 0.0, step_key: str = "step",
                      z: float = 2.0) -> str | None:
@@ -113,7 +120,7 @@ def divergence_alarm(records: Sequence[Record], proxy_key: str, held_out_key: st
             return (f"{where}: proxy reward {proxy_key} rose {proxy_0:.4g} -> {proxy_1:.4g} "
                     f"while held-out {held_out_key} fell {held_0:.4g} -> {held_1:.4g} "
                     f"(means over windows of {window}, beyond {z:g} standard errors): the "
-                    "policy may be gaming the reward model")
+                    f"policy may be gaming the reward model. {OVEROPTIMISATION_DEFENCE}")
     return None
 
 

@@ -425,6 +425,30 @@ def _detail_charts(run: RunFiles) -> list[str]:
             if not chart.headline and (drawn := chart_figure(chart, run.metrics))]
 
 
+def ceiling_line(summary: dict[str, Any]) -> str | None:
+    """A reward model's held-out accuracy beside its label ceiling ("0.59 of a ceiling of
+    0.70"): the accuracy of model/ (its best step when it has one), so a reader can tell a weak
+    model from noisy labels. None for other runs."""
+    acc = summary.get("best_eval_accuracy", summary.get("eval_accuracy"))
+    if "objective" not in summary or not isinstance(acc, int | float):
+        return None
+    text = f"Reward model: held-out accuracy {acc:.2f}"
+    ceiling, upper = summary.get("label_ceiling"), summary.get("label_ceiling_upper")
+    if isinstance(ceiling, int | float):
+        text += f" of a ceiling of {ceiling:.2f}"
+        if isinstance(upper, int | float) and upper > ceiling:
+            text += f" (up to {upper:.2f})"
+        text += (f", estimated from {summary.get('label_ceiling_judgments')} held-out judgments "
+                 "of pairs that several annotators judged: no model can agree with people "
+                 "more than they agree with each other")
+    else:
+        text += " (no label ceiling: no held-out pair was judged by two annotators)"
+    if summary.get("best_step") is not None:
+        text += (f". The saved model is step {summary['best_step']} of {summary.get('steps')}, "
+                 "the one with the lowest held-out loss")
+    return text + "."
+
+
 def headline_section(runs: Sequence[RunFiles]) -> str:
     """The top of the report: alarms, win rates, rounds, reward and reward-model accuracy."""
     parts = []
@@ -434,6 +458,9 @@ def headline_section(runs: Sequence[RunFiles]) -> str:
             items = "".join(f"<li>{html.escape(str(a))}</li>" for a in alarms)
             parts.append(f'<div class="alarm"><h3>Over-optimisation alarms '
                          f"({html.escape(run.name)})</h3><ul>{items}</ul></div>")
+    for run in runs:
+        if line := ceiling_line(run.summary or {}):
+            parts.append(f"<p class='ceiling'>{html.escape(line)}</p>")
     for run in runs:
         per_round = (run.summary or {}).get("per_round")
         if isinstance(per_round, list) and (drawn := rounds_figure(per_round)):

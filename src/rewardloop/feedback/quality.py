@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from rewardloop.ceiling import Ceiling, label_ceiling
 from rewardloop.data.schema import Annotator
 from rewardloop.data.store import Store
 from rewardloop.feedback import agreement as A
@@ -25,6 +26,7 @@ from rewardloop.feedback.groups import group_measures
 from rewardloop.feedback.records import JudgmentRecord, load_records, pair_values
 
 Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id)
+_VOTE = {A.LO: 1, A.HI: -1, A.TIE: 0}  # pair value -> the ceiling's vote on (lo, hi)
 FLAGS = ("spam", "position_bias", "length_bias", "gold_fail")
 
 __all__ = ["FLAGS", "AnnotatorQuality", "JudgmentRecord", "QualityReport", "Thresholds",
@@ -86,6 +88,9 @@ class QualityReport:
     judgments: int
     annotators: dict[str, AnnotatorQuality]
     groups: dict[str, Any]
+    ceiling: Ceiling = field(default_factory=lambda: Ceiling(None, 0, 0))
+    """The label ceiling: the accuracy the best possible reward model could reach on these
+    judgments (``rewardloop.ceiling``)."""
 
     def to_json(self) -> dict[str, Any]:
         """The ``rewardloop quality --json`` object."""
@@ -99,6 +104,7 @@ class QualityReport:
                 "position_bias_p": q.bias.position_p, "length_bias_p": q.bias.length_p,
                 "flags": list(q.flags)} for name, q in sorted(self.annotators.items())},
             "groups": self.groups,
+            **self.ceiling.to_json(),
         }
 
 
@@ -266,7 +272,8 @@ def analyze(records: Sequence[JudgmentRecord], thresholds: Thresholds | None = N
     return QualityReport(
         krippendorff_alpha=alpha, fleiss_kappa=kappa, judgments=len(records),
         annotators=_annotators(records, units, th),
-        groups={**_group_view(records), **group_measures(records)})
+        groups={**_group_view(records), **group_measures(records)},
+        ceiling=label_ceiling((u, a, _VOTE[v]) for u, vals in units.items() for a, v in vals))
 
 
 def _records_from(source: Any, batch: str | None) -> list[JudgmentRecord]:

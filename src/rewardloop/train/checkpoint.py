@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,9 +158,11 @@ def save_checkpoint(
     sampler_state: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     keep_last: int = 2,
+    keep: Collection[int] = (),
     runtime: Any = None,
 ) -> Path:
-    """Atomically write ``checkpoints/step-{step}/`` and keep the newest ``keep_last``.
+    """Atomically write ``checkpoints/step-{step}/`` and keep the newest ``keep_last`` (and
+    those of the steps in ``keep``, e.g. the best one so far).
 
     Every rank calls it (``runtime`` is the run's ``train.runtime.Runtime``; None in one plain
     process). The models' trainable parameters and the optimizer states go through
@@ -206,7 +208,7 @@ def save_checkpoint(
         os.rename(tmp, final)
         atomic_write_text(final / COMPLETE, json.dumps({"step": int(step), "time": time.time()}))
         _fsync_path(root)
-        _prune(root, keep_last, newest=final)
+        _prune(root, keep_last, newest=final, keep=keep)
         log.info("saved checkpoint %s", final)
     _barrier(runtime)
     return final
@@ -225,11 +227,13 @@ def _barrier(runtime: Any) -> None:
         runtime.barrier()
 
 
-def _prune(root: Path, keep_last: int, *, newest: Path) -> None:
-    """Delete complete checkpoints beyond the newest ``keep_last`` and older incomplete ones."""
+def _prune(root: Path, keep_last: int, *, newest: Path, keep: Collection[int] = ()) -> None:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (but not the steps in
+    ``keep``) and older incomplete ones."""
     complete = list_checkpoints(root.parent)
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if _step_of(old) not in keep:
+            shutil.rmtree(old, ignore_errors=True)
     newest_step = _step_of(newest) or 0
     for path in root.iterdir():
         step = _step_of(path)
@@ -314,3 +318,13 @@ def load_checkpoint(
     log.info("resumed from %s (step %d)", path, state["step"])
     return Checkpoint(step=int(state["step"]), path=path, sampler_state=state["sampler"],
                       extra=state["extra"])
+
+
+def restore_weights(path: Path, *, models: Mapping[str, nn.Module]) -> None:
+    """Load only the model weights of the complete checkpoint ``path`` (optimizers, schedulers,
+    RNGs, the meter and metrics.jsonl are left alone): how a trainer puts its best step back
+    before saving ``model/``. Every rank calls it."""
+    if not (path / COMPLETE).is_file():
+        raise UserError(f"no complete checkpoint at {path}")
+    _load_models(path, models, {})
+    log.info("restored the weights of %s", path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
+    BestPointOptions,
     ClusterOptions,
     LoraOptions,
     ModelOptions,
@@ -45,6 +46,8 @@ def _check_blocks(cfg: object) -> None:
                          (OptimOptions, "check_optim"), (ClusterOptions, "check_cluster")):
         if isinstance(cfg, block):
             getattr(cfg, check)()
+    if isinstance(cfg, BestPointOptions):
+        cfg.check_best_point(getattr(cfg, "eval_data", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +85,8 @@ class SFTConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
 
 
 @dataclass(frozen=True, kw_only=True)
-class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions):
+class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions,
+                   BestPointOptions):
     """Options of ``rewardloop train rm``."""
 
     model: str
@@ -129,6 +133,13 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
     them (unweighted, the reward is their mean)."""
     eval_batch_size: int = 32
     """Comparisons per no-grad evaluation batch."""
+    length_debias: bool = False
+    """ODIN (Chen et al. 2024): train an extra head that tracks answer length beside the reward
+    heads, keep the reward heads uncorrelated with length, and drop the length head when the
+    model is saved."""
+    length_debias_coef: float = 0.1
+    """Weight of ODIN's correlation and orthogonality terms (with --length-debias); 1.0 starved
+    the reward head in our length-bias test (docs/reward-models.md)."""
     lr: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -153,6 +164,10 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
             raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
         if self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be at least 1")
+        if self.length_debias and (self.lora_r is not None or self.length_debias_coef < 0
+                                   or self.group_heads or self.group_balance != "none"):
+            raise ValueError("length_debias needs full fine-tuning (no --lora-r), "
+                             "length_debias_coef >= 0, and no --group-heads or --group-balance")
         if self.group_heads and (self.ensemble > 1 or self.group_balance != "none"):
             raise ValueError("group_heads trains one head per group: it takes no --ensemble "
                              "and no --group-balance")
@@ -163,7 +178,8 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
 
 
 @dataclass(frozen=True, kw_only=True)
-class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions):
+class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions,
+                BestPointOptions):
     """Options of ``rewardloop train dpo``."""
 
     model: str
@@ -319,6 +335,10 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """Clip the weighted reward to [-c, c]; None = no clipping."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that never end (cut at max_new_tokens)."""
+    reward_uncertainty_penalty: float = 0.0
+    """λ: a reward-model ensemble (train rm --ensemble K) gives mean - λ x std across its heads
+    (uncertainty-weighted optimisation, Coste et al. 2023): answers the heads disagree on,
+    where the model is guessing, earn less. 0 uses the mean."""
     reward_batch_size: int = 16
     """Completions per reward-model forward pass."""
     gold: str | None = None
@@ -362,8 +382,9 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
             raise ValueError("dual_clip must be > 1")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise ValueError("reward_clip must be > 0")
-        if self.missing_eos_penalty < 0 or self.sample_every < 0:
-            raise ValueError("missing_eos_penalty and sample_every must be >= 0")
+        if min(self.missing_eos_penalty, self.sample_every, self.reward_uncertainty_penalty) < 0:
+            raise ValueError("missing_eos_penalty, sample_every and reward_uncertainty_penalty "
+                             "must be >= 0")
         if self.is_level not in IS_LEVELS or self.is_cap <= 0:
             raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)} and is_cap > 0")
         if not 0.0 < self.gamma <= 1.0:

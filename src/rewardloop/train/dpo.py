@@ -53,8 +53,10 @@ from rewardloop.models import (
     match_tokenizer,
 )
 from rewardloop.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
+from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.configs import PAIRWISE_FORMATS, UNPAIRED_FORMATS, DPOConfig
 from rewardloop.train.data import LengthGroupedSampler, rank_micro_batches, scheduler
+from rewardloop.train.early_stop import BestPoint, evaluation_due
 from rewardloop.train.group_balance import GroupDRO, group_summary, read_groups_file
 from rewardloop.train.run import (
     RunDir,
@@ -62,6 +64,7 @@ from rewardloop.train.run import (
     save_checkpoint,
 )
 from rewardloop.train.runtime import Runtime, runtime_for
+from rewardloop.train.split import split_records
 from rewardloop.train.step import accumulate
 from rewardloop.util.files import atomic_file
 from rewardloop.util.progress import progress_bar
@@ -264,8 +267,7 @@ OBJECTIVES: dict[str, Objective] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: Any
-                  ) -> list[Example]:
+def read_rows(path: Path, cfg: DPOConfig, objective: Objective) -> list[Record]:
     """Read ``path`` and refuse data of the wrong kind for the loss (pairs vs unpaired)."""
     fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in objective.formats:
@@ -273,6 +275,33 @@ def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: A
         raise DataError(f"holds {fmt} rows, but --loss {cfg.loss} trains on {objective.kind} "
                         f"rows ({', '.join(objective.formats)}); convert the data or use "
                         f"{other}", path=str(path))
+    return records
+
+
+def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: Any
+                  ) -> list[Example]:
+    """The examples of ``path`` (refused when of the wrong kind for the loss)."""
+    return build_examples(path, read_rows(path, cfg, objective), cfg, objective, tokenizer)
+
+
+def load_splits(cfg: DPOConfig, objective: Objective, tokenizer: Any
+                ) -> dict[str, list[Example]]:
+    """``{"train": ..., "eval": ...}``: --eval-data, or --eval-fraction of --data split by
+    prompt (``train.split``); no "eval" without either."""
+    records = read_rows(cfg.data, cfg, objective)
+    if cfg.eval_data is not None:
+        return {"train": build_examples(cfg.data, records, cfg, objective, tokenizer),
+                "eval": load_examples(cfg.eval_data, cfg, objective, tokenizer)}
+    if cfg.eval_fraction > 0:
+        train, held = split_records(records, {}, cfg.eval_fraction, cfg.seed)
+        return {"train": build_examples(cfg.data, train, cfg, objective, tokenizer),
+                "eval": build_examples(cfg.data, held, cfg, objective, tokenizer)}
+    return {"train": build_examples(cfg.data, records, cfg, objective, tokenizer)}
+
+
+def build_examples(path: Path, records: Sequence[Record], cfg: DPOConfig, objective: Objective,
+                   tokenizer: Any) -> list[Example]:
+    """The loss's examples of ``records`` (read from ``path``); none at all is refused."""
     examples = objective.build(records, tokenizer, cfg)
     if not examples:
         raise DataError("has no usable examples (every pair is a tie)", path=str(path))
@@ -325,7 +354,8 @@ def _reference_scorer(cfg: DPOConfig, policy: HFModel, pad_id: int, rt: Runtime)
 
 
 def _fingerprint(cfg: DPOConfig) -> str:
-    keys = ("model", "ref_model", "lora_r", "data", "eval_data", "data_format", "loss",
+    keys = ("model", "ref_model", "lora_r", "data", "eval_data", "eval_fraction", "data_format",
+            "loss",
             "max_length", "max_prompt_length", "length_normalize", "seed", "dtype")
     return json.dumps({k: str(getattr(cfg, k)) for k in keys}, sort_keys=True)
 
@@ -559,7 +589,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         return _train(cfg, rt)
 
 
-def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
     objective = OBJECTIVES[cfg.loss]
     rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
@@ -568,9 +598,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
                                add_pad_token=cfg.add_pad_token, padding_side="right",
                                chat_template=cfg.chat_template)
     pad_id = tokenizer.pad_token_id
-    splits = {"train": load_examples(cfg.data, cfg, objective, tokenizer)}
-    if cfg.eval_data is not None:
-        splits["eval"] = load_examples(cfg.eval_data, cfg, objective, tokenizer)
+    splits = load_splits(cfg, objective, tokenizer)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
@@ -589,13 +617,23 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
     step = 0
     ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
                        schedulers={"policy": sched}, runtime=rt)
+    best = BestPoint(cfg.early_stopping_patience)
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+        best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
         if dro is not None:
             dro.restore(ckpt.sampler_state)
+    eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device) if "eval" in splits \
+        else None
+
+    def held_out_figures(eval_ref: torch.Tensor) -> dict[str, Any]:
+        with rt.autocast():
+            return _finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg, pad_id,
+                                    rt))
 
     policy.train()
+    held_out: dict[str, Any] = {}
     with progress_bar(total_steps, f"train {cfg.loss}", start=step) as show:
         while step < total_steps:
             idx = sampler.next_batch()
@@ -619,27 +657,40 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:
                               if dro is not None else {})}
                 run.log_metrics(step, _finite(metrics))
             show(step, f"loss {float(result.loss):.4f}")
-            if cfg.save_every and step % cfg.save_every == 0:
+            improved = False
+            if eval_ref is not None and evaluation_due(step, total_steps, cfg.eval_every):
+                held_out = held_out_figures(eval_ref)
+                if cfg.eval_every > 0:  # a curve to read the best point from
+                    run.log_metrics(step, held_out)
+                    improved = best.update(step, held_out["eval_loss"], held_out)
+            if improved or (cfg.save_every and step % cfg.save_every == 0):
                 save_checkpoint(run, step, models={"policy": policy},
                                 optimizers={"policy": optimizer},
                                 schedulers={"policy": sched},
                                 sampler_state={**sampler.state_dict(), **(
                                     {"group_dro": dro.state_dict()} if dro is not None else {})},
+                                extra={"best": best.state_dict()}, keep=best.keep,
                                 runtime=rt)
+            if best.should_stop:
+                log.info("%s: no lower eval loss in %d evaluations; stopping at step %d "
+                         "(best: step %s)", cfg.loss, best.evals_since_best, step,
+                         best.best_step)
+                break
 
     figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train),
                                "reference": "cached" if cfg.precompute_ref else "on-the-fly"}
-    if "eval" in splits:
-        eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device)
-        with rt.autocast():
-            figures.update(_finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg,
-                                            pad_id, rt)))
-    if group_ids is not None:
-        correct, held = ([], []) if "eval" not in splits else eval_groups(
+    if eval_ref is not None:
+        figures.update(held_out if held_out else held_out_figures(eval_ref))
+        figures["eval_source"] = "eval_data" if cfg.eval_data else "eval_fraction"
+    if best.best_step is not None and best.best_step != step:
+        restore_weights(run.checkpoints_dir / f"step-{best.best_step}",
+                        models={"policy": policy})
+    if group_ids is not None:  # of the saved model
+        correct, held = ([], []) if eval_ref is None else eval_groups(
             policy, splits["eval"], eval_ref, cfg, pad_id, groups)
         figures["groups"] = group_summary(cfg.group_balance, group_ids,
                                           [e.annotator for e in train], [1.0] * len(train),
                                           dro,
                                           correct, held)
     rt.save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
-    return run.write_summary(figures)
+    return run.write_summary({**figures, **best.summary()})

@@ -175,6 +175,7 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
                       missing_eos_penalty=cfg.missing_eos_penalty, device=str(rt.device),
                       batch_size=cfg.reward_batch_size,
                       max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                      uncertainty_penalty=cfg.reward_uncertainty_penalty,
                       model_reward=roles.reward_model if roles is not None else None)
     if rt.strategy == "fsdp":
         # Reward models are sharded like the policy. Every rank scores as many completions

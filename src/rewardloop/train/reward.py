@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from rewardloop import losses
+from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
@@ -50,12 +51,14 @@ from rewardloop.models import (
 )
 from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
+from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
 from rewardloop.train.data import (
     LengthGroupedSampler,
     rank_micro_batches,
     scheduler,
 )
+from rewardloop.train.early_stop import BestPoint, evaluation_due
 from rewardloop.train.group_balance import (
     GroupDRO,
     equal_weights,
@@ -64,12 +67,18 @@ from rewardloop.train.group_balance import (
     read_groups_file,
     split_group_sums,
 )
+from rewardloop.train.length_debias import (
+    drop_length_head,
+    odin_correlation_loss,
+    orthogonality_loss,
+)
 from rewardloop.train.run import (
     RunDir,
     adamw,
     save_checkpoint,
 )
 from rewardloop.train.runtime import Runtime, runtime_for
+from rewardloop.train.split import split_records
 from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.util.files import atomic_write_text
 from rewardloop.util.progress import progress_bar
@@ -127,18 +136,54 @@ def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
     return out
 
 
-def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
-    """(objective name, comparisons) of a preference file; other data kinds are refused."""
+def read_preferences(path: Path, cfg: RewardConfig) -> tuple[str, list[Record]]:
+    """(format, records) of a preference file; other data kinds are refused."""
     fmt, records = read_training_records(path, cfg.data_format)
     if fmt not in PAIRWISE_FORMATS + RANKING_FORMATS:
         raise UserError(f"{path}: looks like {fmt} rows, but train rm needs preferences: "
                         "pairwise rows (prompt, chosen, rejected), hh, ultrafeedback or ranking "
                         "rows")
+    return fmt, records
+
+
+def comparisons_of(path: Path, fmt: str, records: Sequence[Record], tokenizer: Any,
+                   cfg: RewardConfig) -> tuple[str, list[Comparison]]:
+    """(objective name, comparisons) of the preference records read from ``path``."""
     items = to_comparisons(records, tokenizer, cfg)
     if not items:
         raise UserError(f"{path}: no comparison to learn from (ultrafeedback rows with equal "
                         "ratings give none)")
     return ("bradley-terry" if fmt in PAIRWISE_FORMATS else "plackett-luce"), items
+
+
+def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
+    """(objective name, comparisons) of a preference file; other data kinds are refused."""
+    fmt, records = read_preferences(path, cfg)
+    return comparisons_of(path, fmt, records, tokenizer, cfg)
+
+
+def train_and_eval_records(cfg: RewardConfig, groups: Mapping[str, Sequence[str]],
+                           flagged: Set[str] = frozenset()
+                           ) -> tuple[tuple[str, list[Record]], tuple[str, list[Record]] | None]:
+    """((format, training records), (format, held-out records) or None): --eval-data, or
+    --eval-fraction of --data split by prompt (stratified by annotator group). The judgments of
+    ``flagged`` annotators are left out of the held-out records too: a model should not be
+    scored against labels the user chose not to trust (nor its label ceiling)."""
+    fmt, records = read_preferences(cfg.data, cfg)
+    if cfg.eval_data is not None:
+        eval_fmt, held = read_preferences(cfg.eval_data, cfg)
+    elif cfg.eval_fraction > 0:
+        records, held = split_records(records, groups, cfg.eval_fraction, cfg.seed)
+        eval_fmt = fmt
+        log.info("rm: held out %d rows (%g of --data, split by prompt)", len(held),
+                 cfg.eval_fraction)
+    else:
+        return (fmt, records), None
+    trusted = [r for r in held if getattr(r, "annotator", None) not in flagged]
+    if not trusted:
+        raise UserError("every held-out judgment is by a flagged annotator; nothing to "
+                        "evaluate on")
+    return (fmt, records), (eval_fmt, trusted)
 
 
 def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float] | None,
@@ -274,6 +319,10 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     step_weight / w, which gives Σ_i w_i loss_i / step_weight exactly.
     """
     device = scores.device
+    odin = None
+    if cfg.length_debias:  # rank by r_Q + r_L; ODIN's terms on the split (see length_debias)
+        odin = length_terms(scores, ranks, items) * len(items) / step_count
+        scores = scores[..., :-1] + scores[..., -1:]
     weights = torch.tensor([c.weight for c in items], device=device)
     margins = torch.tensor([c.margin for c in items], device=device, dtype=scores.dtype)
     heads = scores.shape[-1]
@@ -292,11 +341,32 @@ def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
                                                               cfg.center_rewards_coef)
                                  for h in range(heads)]).mean()
         loss = loss + centering * len(items) / step_count
+    if odin is not None:
+        loss = loss + cfg.length_debias_coef * odin
     with torch.no_grad():  # metrics of the ensemble's reward, the mean over heads (B, K)
         _, metrics = objective(scores.mean(-1), ranks, margins, cfg, float(len(items)))
     return loss, metrics
 
 
+def length_terms(scores: torch.Tensor, ranks: torch.Tensor, items: Sequence[Comparison]
+                 ) -> torch.Tensor:
+    """ODIN's correlation term over the answers of a micro-batch: scores (B, K, H + 1), the
+    last head tracking length; absent answers (rank -1) are left out."""
+    lengths = torch.tensor([[sum(e.completion_mask) for e in c.responses]
+                            + [0] * (scores.shape[1] - len(c.responses)) for c in items],
+                           device=scores.device)
+    present = ranks >= 0
+    return odin_correlation_loss(scores[..., :-1][present], scores[..., -1][present],
+                                 lengths[present])
+
+
+def score_head(model: nn.Module) -> nn.Linear:
+    """The reward head (``score``) of a plain or DDP-wrapped reward model."""
+    head = Runtime.unwrap(model).score
+    if not isinstance(head, nn.Linear):
+        raise UserError("--length-debias needs a reward model whose head (score) is one linear "
+                        f"layer, not {type(head).__name__}")
+    return head
 def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
                     items: Sequence[Comparison], cfg: RewardConfig, group_ids: Sequence[str],
                     groups: Sequence[str]) -> dict[str, float]:
@@ -336,6 +406,9 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
         if group_ids is not None:
             sums.update(group_loss_sums(objective, scores, ranks, mb, cfg,
                                         [group_ids[i] for i in indices], groups))
+        if cfg.length_debias:
+            loss = loss + (cfg.length_debias_coef * orthogonality_loss(score_head(model))
+                           * len(mb) / len(batch))
         return loss, sums
 
     return loss_of
@@ -412,6 +485,21 @@ def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
     return figures
 
 
+def length_correlation(items: Sequence[Comparison], scores: Sequence[torch.Tensor]
+                       ) -> float | None:
+    """Pearson r of the (ensemble-mean) reward and answer length in tokens, over all answers."""
+    rewards = [float(r) for s in scores for r in s.mean(-1)]
+    lengths = [sum(e.completion_mask) for c in items for e in c.responses]
+    return _pearson(rewards, lengths)
+
+
+def split_length_head(scores: Sequence[torch.Tensor], cfg: RewardConfig
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """(reward-head scores, r_Q + r_L or None) of (K, H [+ 1]) scores: with --length-debias the
+    last column is the length head, which the saved model will not have."""
+    if not cfg.length_debias:
+        return list(scores), None
+    return [s[:, :-1] for s in scores], [s[:, :-1] + s[:, -1:] for s in scores]
 def pair_deltas(items: Sequence[Comparison], mean: torch.Tensor
                 ) -> tuple[list[float], list[str | None]]:
     """r_better - r_worse of every strictly ordered answer pair of ``items`` (ties are left
@@ -450,9 +538,7 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
     if deltas:
         figures.update(pair_figures(np.asarray(deltas), who, groups))
-    rewards = [float(r) for c, s in zip(items, scores, strict=True) for r in s.mean(-1)]
-    lengths = [sum(e.completion_mask) for c in items for e in c.responses]
-    corr = _pearson(rewards, lengths)
+    corr = length_correlation(items, scores)
     figures["length_correlation"] = corr
     if corr is not None and abs(corr) > LENGTH_CORRELATION_WARNING:
         log.warning("reward and answer length correlate (Pearson r = %.2f): the model mostly "
@@ -483,7 +569,9 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime,
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     match_tokenizer(model, tokenizer)
-    heads = len(head_groups) or cfg.ensemble
+    # --group-heads: one head per group; ODIN's length head (--length-debias) is the last output
+    reward_heads = len(head_groups) or cfg.ensemble
+    heads = reward_heads + int(cfg.length_debias)
     if heads > 1:
         old = model.score
         head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
@@ -491,9 +579,15 @@ def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime,
         nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
         if head.bias is not None:
             nn.init.zeros_(head.bias)
+        if reward_heads == 1:  # one reward head: keep the model's own (a warm start's)
+            with torch.no_grad():
+                head.weight[0].copy_(old.weight[0])
+                if head.bias is not None:
+                    head.bias[0].copy_(old.bias[0])
         model.score = head
         model.config.num_labels = heads
-        setattr(model.config, ENSEMBLE_KEY, heads)
+        if reward_heads > 1:
+            setattr(model.config, ENSEMBLE_KEY, reward_heads)
         if head_groups:
             setattr(model.config, GROUP_HEADS_KEY, list(head_groups))
     if cfg.lora_r:
@@ -574,15 +668,20 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     # Data first: a refused file must not leave a half-made run directory behind.
     rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
+    if cfg.length_debias and rt.strategy == "fsdp":
+        raise UserError("--length-debias drops a head when saving, which FSDP's sharded head "
+                        "does not allow; use --strategy ddp")
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
-    objective_name, items = read_comparisons(cfg.data, tokenizer, cfg)
-    eval_name, eval_items = (read_comparisons(cfg.eval_data, tokenizer, cfg)
-                             if cfg.eval_data else (objective_name, []))
+    weights, flagged, groups = annotator_info(cfg, stored)
+    (fmt, records), held_out = train_and_eval_records(cfg, groups, flagged)
+    objective_name, items = comparisons_of(cfg.data, fmt, records, tokenizer, cfg)
+    eval_name, eval_items = (comparisons_of(cfg.eval_data or cfg.data, *held_out, tokenizer, cfg)
+                             if held_out else (objective_name, []))
+    ceiling = label_ceiling(record_votes(held_out[1])).to_json() if held_out else {}
     if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
         raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
                         "rows train with Plackett-Luce, which has neither")
-    weights, flagged, groups = annotator_info(cfg, stored)
     n_read = len(items)
     items = apply_annotator_policy(items, weights, flagged)
     group_ids = [primary_group(c.annotator, groups) for c in items]
@@ -607,12 +706,33 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     ckpt = run.restore(models={"reward": model}, optimizers={"reward": optimizer},
                        schedulers={"reward": sched}, runtime=rt)
+    best = BestPoint(cfg.early_stopping_patience)
     step = 0
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+        best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
         if dro is not None:
             dro.restore(ckpt.sampler_state)
+
+    def held_out_figures() -> tuple[dict[str, Any], list[torch.Tensor]]:
+        with rt.autocast():
+            raw = score_all(model, eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
+        scores, with_length = split_length_head(raw, cfg)
+        figures = evaluate(eval_name, eval_items, scores, cfg, groups)
+        if with_length is not None:  # what the reward would be with the length head kept
+            figures["length_correlation_with_length_head"] = length_correlation(
+                eval_items, with_length)
+        return figures, scores
+
+    def checkpoint(at: int) -> None:
+        save_checkpoint(run, at, models={"reward": model}, optimizers={"reward": optimizer},
+                        schedulers={"reward": sched}, sampler_state={**sampler.state_dict(), **(
+                            {"group_dro": dro.state_dict()} if dro is not None else {})},
+                        extra={"best": best.state_dict()}, keep=best.keep, runtime=rt)
+
+    figures: dict[str, Any] = {}
+    stats_scores: list[torch.Tensor] | None = None
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
@@ -634,30 +754,47 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
                                        **{f"group_loss/{g}": v for g, v in group_losses.items()},
                                        **({f"group_weight/{g}": dro.weight_of(g)
                                            for g in dro.groups} if dro is not None else {})})
-            if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(run, step, models={"reward": model},
-                                optimizers={"reward": optimizer}, schedulers={"reward": sched},
-                                sampler_state={**sampler.state_dict(), **(
-                                    {"group_dro": dro.state_dict()} if dro is not None else {})},
-                                runtime=rt)
+            improved = False
+            if eval_items and evaluation_due(step, total_steps, cfg.eval_every):
+                figures, stats_scores = held_out_figures()
+                run.log_metrics(step, {k: v for k, v in figures.items() if isinstance(v, float)})
+                improved = cfg.eval_every > 0 and best.update(step, figures["eval_loss"],
+                                                              figures)
+            if improved or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint(step)
             show(step, f"loss {out.loss:.3f}")
+            if best.should_stop:
+                log.info("rm: no lower eval loss in %d evaluations; stopping at step %d (best: "
+                         "step %s)", best.evals_since_best, step, best.best_step)
+                break
 
+    if eval_items and not figures:  # resumed after the last step: evaluate what was saved
+        figures, stats_scores = held_out_figures()
+    if best.best_step is not None and best.best_step != step:
+        restore_weights(run.checkpoints_dir / f"step-{best.best_step}",
+                        models={"reward": model})
+        stats_scores = None
     stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
-    with rt.autocast():
-        stats_scores = score_all(model, stats_items, pad_id, rt.device, cfg.eval_batch_size,
-                                 rt)
-    figures: dict[str, Any] = {}
-    if eval_items:
-        figures = evaluate(eval_name, eval_items, stats_scores, cfg, groups)
-        run.log_metrics(step, {k: v for k, v in figures.items() if isinstance(v, float)})
+    if stats_scores is None:
+        with rt.autocast():
+            stats_scores, _ = split_length_head(score_all(
+                model, stats_items, pad_id, rt.device, cfg.eval_batch_size, rt), cfg)
+    if cfg.length_debias:  # model/ keeps the reward heads only
+        inner = rt.unwrap(model)
+        inner.score = drop_length_head(score_head(inner))
+        model_config: Any = inner.config
+        model_config.num_labels = cfg.ensemble
     stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
              "max_prompt_length": cfg.max_prompt_length}
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     if rt.is_main:
         _write_stats(run.model_dir, stats)
     return run.write_summary({
-        **figures, "objective": objective_name, "ensemble": cfg.ensemble,
-        "train_comparisons": len(items), "dropped_flagged": n_read - len(items),
+        **figures, **best.summary(), **ceiling, "objective": objective_name,
+        "ensemble": cfg.ensemble, "train_comparisons": len(items),
+        "eval_source": ("eval_data" if cfg.eval_data else "eval_fraction" if eval_items
+                        else None),
+        "dropped_flagged": n_read - len(items),
         "reward_mean": stats["mean"], "reward_std": stats["std"],
         **({"groups": group_figures(cfg, items, group_ids, groups, dro, eval_items,
                                     stats_scores if eval_items else [], head_groups)}
