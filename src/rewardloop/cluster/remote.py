@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from rewardloop.cluster.actors import moved
-from rewardloop.engines.base import Rollout, SamplingSettings
+from rewardloop.engines.base import Rollout, SamplingSettings, check_request
 from rewardloop.engines.weight_sync import WeightSync, engine_weights, push_once
 from rewardloop.errors import TrainingError
 
@@ -84,10 +84,7 @@ class RayGenerator:
 
     def _submit(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
                 ) -> tuple[Any, Any]:
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_request(prompts, n)
         model = self.sync.take()
         if model is not None:
             with engine_weights(model) as weights:

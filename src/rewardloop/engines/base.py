@@ -134,6 +134,15 @@ def saved_stop_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
     return stop_token_ids(tokenizer, config)
 
 
+def check_request(prompts: Sequence[Sequence[int]], n: int) -> None:
+    """The checks every engine makes of a request: ValueError for no prompt, an empty one, or
+    ``n`` < 1."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+
+
 def decode_completions(tokenizer: Any, completion_ids: torch.Tensor,
                        completion_mask: torch.Tensor, pad_id: int) -> list[str]:
     """The B texts of right-padded completions (B, C), special tokens removed."""

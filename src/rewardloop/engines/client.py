@@ -16,7 +16,12 @@ from typing import Any
 
 import httpx
 
-from rewardloop.engines.base import Rollout, SamplingSettings, rollout_from_tokens
+from rewardloop.engines.base import (
+    Rollout,
+    SamplingSettings,
+    check_request,
+    rollout_from_tokens,
+)
 from rewardloop.engines.options import logprobs_mode
 from rewardloop.engines.weight_sync import WeightSync, engine_weights, push_once
 from rewardloop.errors import UserError
@@ -119,10 +124,7 @@ class ServerGenerator:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  settings: SamplingSettings) -> Rollout:
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_request(prompts, n)
         model = self.sync.take()
         if model is not None:
             # Every rank gathers inside engine_weights; only then does rank 0 send.

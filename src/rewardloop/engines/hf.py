@@ -16,6 +16,7 @@ from rewardloop import ops
 from rewardloop.engines.base import (
     Rollout,
     SamplingSettings,
+    check_request,
     decode_completions,
     stop_token_ids,
 )
@@ -135,10 +136,7 @@ class HFGenerator:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  settings: SamplingSettings) -> Rollout:
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_request(prompts, n)
         from rewardloop.tokenize import pad
 
         device = next(self.model.parameters()).device

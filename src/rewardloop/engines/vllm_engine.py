@@ -30,6 +30,7 @@ from vllm.platforms import current_platform
 from rewardloop.engines.base import (
     Rollout,
     SamplingSettings,
+    check_request,
     rollout_from_tokens,
     saved_stop_ids,
 )
@@ -147,9 +148,6 @@ class VLLMGenerator:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  settings: SamplingSettings) -> Rollout:
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_request(prompts, n)
         ids, logps = self.sample(prompts, n, settings)
         return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)

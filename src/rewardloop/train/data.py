@@ -10,9 +10,11 @@ one would. ``LengthGroupedSampler`` does the same for batches of similar-length 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,6 +90,20 @@ class EpochSampler:
                                  f"{getattr(self, key)}; resume with the same data and settings")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = None
+
+
+def read_json_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file holding one object ``{annotator: what}`` (annotator weights, groups); a
+    UserError for a missing file, bad JSON or another shape."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object mapping annotator names to {what}")
+    return data
 
 
 def _sampler_state(state: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -17,7 +17,6 @@ A comparison belongs to one group (``feedback.groups.primary_group``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 
 from rewardloop.errors import UserError
 from rewardloop.metrics import accuracy_by_group, weight_shares, worst_group
+from rewardloop.train.data import read_json_mapping
 
 LOSS_KEY = "group_loss_sum/"
 COUNT_KEY = "group_count/"
@@ -36,14 +36,7 @@ COUNT_KEY = "group_count/"
 
 def read_groups_file(path: Path) -> dict[str, list[str]]:
     """--annotator-groups: JSON {annotator: [group, ...]} (a single string is one group)."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object mapping annotator names to groups")
+    data = read_json_mapping(path, "groups")
     return {str(name): [g] if isinstance(g, str) else [str(x) for x in g]
             for name, g in data.items()}
 

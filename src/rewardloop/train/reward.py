@@ -56,6 +56,7 @@ from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardCo
 from rewardloop.train.data import (
     LengthGroupedSampler,
     rank_micro_batches,
+    read_json_mapping,
     scheduler,
 )
 from rewardloop.train.early_stop import BestPoint, evaluation_due
@@ -211,18 +212,6 @@ def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float]
     return out
 
 
-def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object mapping annotator names to {what}")
-    return data
-
-
 StoredAnnotators = tuple[Mapping[str, float] | None, Set[str], Mapping[str, Sequence[str]]]
 """(weights or None, flagged names, groups by name) as read from the store by the caller
 (``feedback.quality.annotators_from_db``): the trainer itself does not open the store."""
@@ -241,7 +230,7 @@ def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
     if cfg.annotator_groups is not None:
         groups.update(read_groups_file(cfg.annotator_groups))
     if cfg.weighting == "reliability" and cfg.annotator_weights is not None:
-        raw = _read_json_mapping(cfg.annotator_weights, "weights")
+        raw = read_json_mapping(cfg.annotator_weights, "weights")
         try:
             weights = {str(k): float(v) for k, v in raw.items()}
         except (TypeError, ValueError):
