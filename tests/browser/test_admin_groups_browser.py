@@ -4,22 +4,13 @@ annotator group and marks the group that falls behind."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import threading
-import time
 
 import pytest
+from _live import CHROMIUM, FLAGS, PASSWORD, live_server, login
 
 from rewardloop.app import accounts
-from rewardloop.app.main import create_app
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
-
-CHROMIUM = os.environ.get("REWARDLOOP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
-PASSWORD = "browser test password"
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -42,29 +33,8 @@ def live(sqlite_store):
                 ids = [r["id"] for r in view["responses"]]
                 Q.submit_judgment(s, ann, view["task_id"], [[ids[0]], [ids[1]]],
                                   idempotency_key=f"{name}-{k}")
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(sqlite_store, secret="g" * 40),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def _login(page, base: str, user: str) -> None:
-    page.goto(f"{base}/login")
-    page.fill('input[name="username"]', user)
-    page.fill('input[name="password"]', PASSWORD)
-    page.click('button[type="submit"]')
+    with live_server(sqlite_store, "g" * 40) as base:
+        yield base
 
 
 def test_admin_page_shows_group_counts_and_the_group_behind(live) -> None:
@@ -75,7 +45,7 @@ def test_admin_page_shows_group_counts_and_the_group_behind(live) -> None:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         try:
             page = browser.new_page()
-            _login(page, live, "boss")
+            login(page, live, "boss")
             page.wait_for_url(f"{live}/admin")
             assert page.text_content("#total-judgments") == "11"
             nurses = page.locator('#groups tr[data-group="nurses"]')

@@ -5,31 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import threading
-import time
 
 import pytest
+from _live import CHROMIUM, FLAGS, PASSWORD, live_server, login
 from sqlalchemy import select
 
 from rewardloop.app import accounts
-from rewardloop.app.main import create_app
 from rewardloop.data import schema as S
 from rewardloop.feedback import tasks as T
-
-CHROMIUM = os.environ.get("REWARDLOOP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
-PASSWORD = "browser test password"
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture
 def live(sqlite_store):
-    import uvicorn
-
     with sqlite_store.write() as s:
         for name, role in (("ann", "annotator"), ("boss", "admin")):
             accounts.add_user(s, name, role, password=PASSWORD)
@@ -37,27 +26,8 @@ def live(sqlite_store):
         rows = [{"prompt": f"What is {i} + {i}?", "responses": [str(2 * i), str(2 * i + 1)]}
                 for i in range(3)]
         T.create_tasks_from_candidates(s, rows, batch=batch)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(sqlite_store, secret="b" * 40),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def _login(page, base: str, user: str) -> None:
-    page.goto(f"{base}/login")
-    page.fill('input[name="username"]', user)
-    page.fill('input[name="password"]', PASSWORD)
-    page.click('button[type="submit"]')
+    with live_server(sqlite_store, "b" * 40) as base:
+        yield base
 
 
 def test_judge_with_keyboard_and_export(live, sqlite_store, tmp_path) -> None:
@@ -71,7 +41,7 @@ def test_judge_with_keyboard_and_export(live, sqlite_store, tmp_path) -> None:
             page = browser.new_page(viewport={"width": 390, "height": 844})  # phone width
             page.on("console", lambda m: csp_errors.append(m.text)
                     if "Content Security Policy" in m.text else None)
-            _login(page, live, "ann")
+            login(page, live, "ann")
             page.wait_for_url(f"{live}/annotate")
             for key in ("1", "t"):
                 first = page.get_attribute("#task", "data-task-id")
@@ -81,7 +51,7 @@ def test_judge_with_keyboard_and_export(live, sqlite_store, tmp_path) -> None:
                     "document.getElementById('task').dataset.taskId !== id", arg=first)
             assert "judged 2 tasks" in page.text_content("#progress")
             admin = browser.new_page()
-            _login(admin, live, "boss")
+            login(admin, live, "boss")
             admin.wait_for_url(f"{live}/admin")
             assert admin.text_content("#total-judgments") == "2"
             with admin.expect_download() as info:

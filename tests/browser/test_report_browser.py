@@ -5,16 +5,12 @@ axes."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from _live import CHROMIUM, FLAGS
 
 from rewardloop.eval.report import build_report
-
-CHROMIUM = os.environ.get("REWARDLOOP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [pytest.mark.browser]
 
