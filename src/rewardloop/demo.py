@@ -76,7 +76,9 @@ class DemoSizes:
     overlap: int
     """Annotators per task."""
     rm_steps: int
-    """Reward-model optimizer steps (batch 32)."""
+    """Most reward-model optimizer steps (it keeps its best held-out step, and stops early)."""
+    rm_batch: int
+    """Comparisons per reward-model step."""
     rl_steps: int
     """GRPO steps."""
     rl_batch: int
@@ -85,14 +87,17 @@ class DemoSizes:
     """Longest answer in tokens."""
 
 
-# Sized for about 3-4 minutes on 2 CPU cores: enough judgments (~220 per annotator) for the
-# quality report to catch the spammer, and enough RL steps for a clear gold win over SFT.
-FULL = DemoSizes(corpus=3000, prompts=640, eval_prompts=200, hidden_size=96, num_layers=2,
-                 sft_steps=300, prompts_per_round=512, overlap=3, rm_steps=200, rl_steps=80,
-                 rl_batch=32, max_new_tokens=48)
+# Sized for a few minutes on 2 CPU cores: enough judgments (~880 per annotator) for the quality
+# report to catch the spammer and for the reward model to learn whether a reply answers the
+# customer's topic (with a quarter of them it learns only politeness and "names some topic", and
+# stays ~0.08 below its label ceiling: docs/reward-models.md), and enough RL steps for a clear
+# gold win over SFT.
+FULL = DemoSizes(corpus=3000, prompts=2560, eval_prompts=200, hidden_size=96, num_layers=2,
+                 sft_steps=300, prompts_per_round=2048, overlap=3, rm_steps=400, rm_batch=64,
+                 rl_steps=80, rl_batch=32, max_new_tokens=48)
 FAST = DemoSizes(corpus=200, prompts=64, eval_prompts=24, hidden_size=32, num_layers=1,
-                 sft_steps=8, prompts_per_round=24, overlap=2, rm_steps=4, rl_steps=2,
-                 rl_batch=8, max_new_tokens=16)
+                 sft_steps=8, prompts_per_round=24, overlap=2, rm_steps=4, rm_batch=32,
+                 rl_steps=2, rl_batch=8, max_new_tokens=16)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -141,8 +146,11 @@ def loop_config(workdir: Path, data: Path, policy: Path, sizes: DemoSizes, seed:
         algorithm="grpo", eval_prompts=data / "eval_prompts.jsonl", eval_n=sizes.eval_prompts,
         arena=True, max_new_tokens=sizes.max_new_tokens, temperature=1.0,
         max_kl=20.0, max_length_ratio=2.0, seed=seed,
-        rm_options={"max_steps": sizes.rm_steps, "batch_size": 32, "lr": 3e-4,
-                    "warmup_steps": 5, "schedule": "cosine", "length_debias": True},
+        # No --length-debias: the pool has no length bias, and its taste correlates with length
+        # (polite replies are longer), so ODIN's length-free reward would drop real signal.
+        rm_options={"max_steps": sizes.rm_steps, "batch_size": sizes.rm_batch, "lr": 1e-3,
+                    "warmup_steps": 10, "schedule": "cosine", "eval_every": 20,
+                    "early_stopping_patience": 5},
         policy_options={"max_steps": sizes.rl_steps, "batch_size": sizes.rl_batch,
                         "num_generations": 4, "lr": 2e-4, "kl_coef": 0.04,
                         "missing_eos_penalty": 1.0, "sample_every": 5, "num_samples": 4,

@@ -100,6 +100,7 @@ def summarize(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
         "human_win_rate": last.get("eval/human_win_rate"),
         "human_win_rate_ci": last.get("eval/human_win_rate_ci"),
         "rm_accuracy": last.get("rm/eval_accuracy"),
+        "rm_label_ceiling": last.get("rm/label_ceiling"),
         "kl": last.get("eval/kl"),
         "alarms": alarms,
         "best": _write_best(cfg, records),

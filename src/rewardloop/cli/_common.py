@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -44,3 +45,19 @@ def existing_data(path: Path) -> Path:
 
     open_source(path)
     return path
+
+
+def headline_lines(summary: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``key: value`` lines of a loop summary's figures; the reward model's accuracy is shown
+    beside its label ceiling, so a reader can tell a weak model from noisy labels."""
+    lines = []
+    for key in keys:
+        value = summary.get(key)
+        if value is None:
+            continue
+        line = f"{key}: {value:.3f}"
+        ceiling = summary.get("rm_label_ceiling") if key == "rm_accuracy" else None
+        if ceiling is not None:
+            line += f" of a label ceiling of {ceiling:.3f}"
+        lines.append(line)
+    return lines

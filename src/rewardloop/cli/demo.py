@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from rewardloop.cli._common import headline_lines
+
 ORDER = 1
 
 
@@ -32,9 +34,8 @@ def demo(
     if rate is not None and ci:
         typer.echo(f"RLHF vs SFT, judged by the hidden gold judge: win rate {rate:.3f} "
                    f"[{ci[0]:.3f}, {ci[1]:.3f}]")
-    for key in ("human_win_rate", "rm_win_rate", "rm_accuracy", "kl"):
-        if summary.get(key) is not None:
-            typer.echo(f"{key}: {summary[key]:.3f}")
+    for line in headline_lines(summary, ("human_win_rate", "rm_win_rate", "rm_accuracy", "kl")):
+        typer.echo(line)
     for alarm in summary["alarms"]:
         typer.echo(f"alarm: {alarm}")
     typer.echo(f"report: {summary['report']}")

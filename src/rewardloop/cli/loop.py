@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from rewardloop.cli._common import headline_lines
 from rewardloop.cli._flags import config_command
 from rewardloop.errors import UserError
 from rewardloop.loop_config import LoopConfig
@@ -47,9 +48,9 @@ def run_loop_command(cfg: LoopConfig, ctx: typer.Context) -> None:
     from rewardloop.loop import run_loop
 
     summary = run_loop(cfg)
-    for key in ("gold_win_rate", "rm_win_rate", "human_win_rate", "rm_accuracy", "kl"):
-        if summary.get(key) is not None:
-            typer.echo(f"{key}: {summary[key]:.3f}")
+    for line in headline_lines(summary, ("gold_win_rate", "rm_win_rate", "human_win_rate",
+                                         "rm_accuracy", "kl")):
+        typer.echo(line)
     for alarm in summary["alarms"]:
         typer.echo(f"alarm: {alarm}")
     if summary.get("best"):
