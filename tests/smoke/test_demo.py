@@ -38,7 +38,12 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     correct = saved * rm["eval_comparisons"]
     assert rm["eval_comparisons"] > 0 and correct == pytest.approx(round(correct))
     assert summary["kl"] is not None and isinstance(summary["alarms"], list)
+    # the reward model's accuracy is shown beside its label ceiling, in the output and report
+    ceiling = rm["label_ceiling"]
+    assert ceiling is not None and summary["rm_label_ceiling"] == ceiling
+    assert f"rm_accuracy: {saved:.3f} of a label ceiling of {ceiling:.3f}" in result.output
     html = (workdir / "report.html").read_text()
+    assert f"held-out accuracy {saved:.2f} of a ceiling of {ceiling:.2f}" in html
     for section in ("Headlines", "Win rates", "Annotators", 'alt="calibration"',
                     "moved from the reference (KL)", "does the hidden gold judge agree",
                     "Sample answers"):
