@@ -187,6 +187,10 @@ def test_a_half_precision_trainer_decodes_in_its_compute_dtype(
     """A trainer under --precision bf16 keeps fp32 master weights; its generator decodes under
     autocast to bf16 like its forward passes (not in fp32), and both decoding loops still agree
     with each other there. Weights already in bf16, or an fp32 trainer, get no autocast."""
+    from rewardloop.engines.static import _cache_keeps_value_dtype
+
+    if decoding == "static" and not _cache_keeps_value_dtype():
+        pytest.skip("this transformers' static cache cannot hold autocast values (refused)")
     model, tokenizer = models["qwen2"]
     half = copy.deepcopy(model)
     seen = _linear_dtypes(half)
