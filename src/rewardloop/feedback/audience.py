@@ -103,6 +103,15 @@ def within_agreement(records: Sequence[JudgmentRecord]) -> tuple[dict[str, float
     return own, float(cell["agreement"]) if cell is not None else None
 
 
+def open_aimed_labels(session: Session) -> dict[str, int]:
+    """Per group: the labels still wanted by open tasks aimed at it (work waiting for it)."""
+    return {str(g): int(n) for g, n in session.execute(
+        select(ComparisonTask.audience,
+               func.sum(ComparisonTask.overlap - ComparisonTask.n_judgments))
+        .where(ComparisonTask.done.is_(False), ComparisonTask.audience.is_not(None))
+        .group_by(ComparisonTask.audience))}
+
+
 def needs_from_store(session: Session, aim: str) -> list[GroupNeed]:
     """``group_needs`` of the store's annotators, judgments and open aimed tasks; refused (one
     line) when fewer than two groups have an active annotator, or when ``uncertain`` finds no
@@ -114,11 +123,7 @@ def needs_from_store(session: Session, aim: str) -> list[GroupNeed]:
     active = set(session.scalars(select(Annotator.name).where(Annotator.active == true())))
     judged_by = list(session.scalars(
         select(Annotator.name).join(Judgment, Judgment.annotator_id == Annotator.id)))
-    open_labels = {str(g): int(n) for g, n in session.execute(
-        select(ComparisonTask.audience,
-               func.sum(ComparisonTask.overlap - ComparisonTask.n_judgments))
-        .where(ComparisonTask.done.is_(False), ComparisonTask.audience.is_not(None))
-        .group_by(ComparisonTask.audience))}
+    open_labels = open_aimed_labels(session)
     agreement, pooled = None, None
     if aim == "uncertain":
         agreement, pooled = within_agreement(load_records(session))
