@@ -152,7 +152,7 @@ def _ours(task: str, work: Path, args: argparse.Namespace) -> dict:
                             rewards=("benchmarks.gpu:length_reward",),
                             num_generations=args.generations, max_new_tokens=args.new_tokens,
                             max_prompt_length=args.prompt_len, save_every=args.steps,
-                            sample_every=0, **common))
+                            sample_every=0, hf_decoding=args.hf_decoding, **common))
 
 
 def _trl(task: str, work: Path, args: argparse.Namespace) -> dict:
@@ -220,6 +220,18 @@ def run_one(task: str, side: str, work: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def _side(task: str, side: str, work: Path, passthrough: list[str]) -> dict:
+    """One side's figures, printed as soon as they exist (a run cut short keeps them); a side
+    that fails is reported and the others still run."""
+    try:
+        result = run_side("benchmarks.gpu", f"{task}:{side}", ["--work", str(work), *passthrough])
+    except RuntimeError as exc:
+        print(f"{task}:{side} failed: {exc}", file=sys.stderr, flush=True)
+        return {"failed": str(exc).splitlines()[0]}
+    print(json.dumps({"task": task, "side": side, **result}), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", help="internal: run one side (TASK:SIDE) and print JSON")
@@ -235,6 +247,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64, help="grpo prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="grpo completion tokens")
     parser.add_argument("--generations", type=int, default=4, help="grpo group size")
+    parser.add_argument("--hf-decoding", default="dynamic", choices=("dynamic", "static",
+                                                                     "compiled"),
+                        help="our grpo's built-in decoding loop (TRL's side: HF generate)")
     args = parser.parse_args()
     if args.side:
         task, side = args.side.split(":")
@@ -245,8 +260,7 @@ def main() -> None:
         work = Path(tmp)
         prepare(work, args)
         for task in args.tasks.split(","):
-            results = {side: run_side("benchmarks.gpu", f"{task}:{side}",
-                                      ["--work", str(work), *passthrough])
+            results = {side: _side(task, side, work, passthrough)
                        for side in args.sides.split(",")}
             print_table(f"{task}: {args.shape}, batch {args.batch_size}, {args.steps} steps, "
                         f"{args.precision} on {next(iter(results.values())).get('card')}",

@@ -151,6 +151,45 @@ def test_on_cuda_the_fast_steps_decode_like_the_dynamic_loop(
     for settings in SETTINGS.values():
         _assert_same_decoding(cuda, tokenizer, decoding, settings, monkeypatch, generator,
                               atol=1e-5)
+    # Under a bf16 trainer's autocast the step is captured in bf16 and still greedy-decodes
+    # like the dynamic loop under the same autocast.
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    fast = HFGenerator(cuda, tokenizer, decoding, compute_dtype="bfloat16")
+    ref = HFGenerator(cuda, tokenizer, "dynamic", compute_dtype="bfloat16")
+    got, _ = _sample(fast, ids, SETTINGS["greedy"], monkeypatch)
+    want, _ = _sample(ref, ids, SETTINGS["greedy"], monkeypatch)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+
+
+def _linear_dtypes(model: Any) -> list[torch.dtype]:
+    """Records the output dtype of the model's first linear layer on every call."""
+    seen: list[torch.dtype] = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_a_half_precision_trainer_decodes_in_its_compute_dtype(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer under --precision bf16 keeps fp32 master weights; its generator decodes under
+    autocast to bf16 like its forward passes (not in fp32), and both decoding loops still agree
+    with each other there. Weights already in bf16, or an fp32 trainer, get no autocast."""
+    model, tokenizer = models["qwen2"]
+    half = copy.deepcopy(model)
+    seen = _linear_dtypes(half)
+    generator = HFGenerator(half, tokenizer, decoding, compute_dtype="bfloat16")
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    rollout, probs = _sample(generator, ids, SETTINGS["greedy"], monkeypatch)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert next(half.parameters()).dtype == torch.float32  # the weights are left as they were
+    reference, ref_probs = _sample(HFGenerator(half, tokenizer, "dynamic",
+                                               compute_dtype="bfloat16"), ids,
+                                   SETTINGS["greedy"], monkeypatch)
+    assert torch.equal(rollout.completion_ids, reference.completion_ids)
+    assert HFGenerator(half, tokenizer, compute_dtype="float32").autocast_dtype is None
+    assert HFGenerator(half.to(torch.bfloat16), tokenizer,
+                       compute_dtype="bfloat16").autocast_dtype is None
 
 
 def test_models_the_static_cache_cannot_serve_are_refused(tmp_path: Path,
