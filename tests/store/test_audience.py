@@ -187,3 +187,29 @@ def test_refused_in_one_line_before_sampling(tmp_path: Path) -> None:
     _one_line_refusal(["--out", str(tmp_path / "c.jsonl"), "--for-groups", "fewest"], tmp_path,
                       "--for-groups create tasks and need --db URL")
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_tasks_create_for_a_group(store: Store, tmp_path: Path) -> None:
+    """tasks create --audience: the file's tasks are for the group (gold ones for everyone);
+    more overlap than the group has active annotators is refused in one line."""
+    with store.write() as s:
+        s.add_all([Annotator(name="n1", groups=["nurses"]), Annotator(name="n2", groups=["nurses"]),
+                   Annotator(name="n3", groups=["nurses"], active=False)])
+    cand = tmp_path / "cand.jsonl"
+    cand.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "p1", "responses": ["a", "b", "c"]}, {"prompt": "p2", "responses": ["d", "e"]})))
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(json.dumps({"prompt": "g", "responses": ["x", "y"], "ranking": [[0], [1]]})
+                    + "\n")
+    base = ["tasks", "create", str(cand), "--db", store.url, "--audience", "nurses"]
+    res = CliRunner().invoke(app, [*base, "--overlap", "3"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "2 active annotator(s) in that group, fewer than the 3" in res.output
+    res = CliRunner().invoke(app, [*base, "--overlap", "2", "--gold", str(gold)])
+    assert res.exit_code == 0, res.output
+    assert "created 5 pairwise tasks (1 gold) in batch cand, overlap 2, for group nurses" \
+        in res.output
+    with store.read() as s:
+        made = s.scalars(select(ComparisonTask)).all()
+        assert sorted((t.is_gold, t.audience) for t in made) == [(False, "nurses")] * 4 + [
+            (True, None)]

@@ -103,6 +103,17 @@ def within_agreement(records: Sequence[JudgmentRecord]) -> tuple[dict[str, float
     return own, float(cell["agreement"]) if cell is not None else None
 
 
+def check_audience(session: Session, group: str, overlap: int) -> None:
+    """Refuse (one line) tasks for ``group`` that could never be completed: fewer active
+    annotators in it than the ``overlap`` each task wants."""
+    members = sum(group in (a.groups or ()) for a in session.scalars(
+        select(Annotator).where(Annotator.active == true())))
+    if members < overlap:
+        raise UserError(f"--audience {group}: the store has {members} active annotator(s) in "
+                        f"that group, fewer than the {overlap} each task wants (--overlap), so "
+                        f"its tasks could never be completed")
+
+
 def open_aimed_labels(session: Session) -> dict[str, int]:
     """Per group: the labels still wanted by open tasks aimed at it (work waiting for it)."""
     return {str(g): int(n) for g, n in session.execute(

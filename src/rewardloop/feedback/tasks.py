@@ -229,8 +229,10 @@ def create_tasks_from_candidates(
     pairing: str = "all",
     path: str | None = None,
     line_numbers: Sequence[int] | None = None,
+    audience: str | None = None,
 ) -> list[ComparisonTask]:
-    """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?).
+    """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?),
+    for everyone or, with ``audience``, for the annotators of that group only.
 
     ``kind="ranking"`` makes one task per row with all its responses. ``kind="pairwise"`` makes
     one task per pair of a row's responses: every pair (``pairing="all"``, k(k-1)/2 tasks) or
@@ -270,7 +272,8 @@ def create_tasks_from_candidates(
                 ranking = [g for g in ranking if g]
             try:
                 created.append(create_task(session, prompt, chosen, kind=kind, overlap=overlap,
-                                           batch=batch, gold_ranking=ranking))
+                                           batch=batch, gold_ranking=ranking,
+                                           audience=audience))
             except TaskError as exc:
                 raise err(str(exc), None) from None
     return created
