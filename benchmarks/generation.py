@@ -250,8 +250,10 @@ def main() -> None:
         results.update({side: _launch(vllm_python, side, argv) for side in sides
                         if side not in together})
     else:
-        results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
-                   for side in sides}
+        results = {}
+        for side in sides:  # each side's figures as soon as they exist: a cut run keeps them
+            results[side] = _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
+            print(json.dumps({"side": side, **results[side]}), flush=True)
     print_table(f"generation: {args.model}, {args.prompts} prompts x {args.new_tokens} new "
                 f"tokens, temperature 1, {args.device}, {args.threads} threads", results,
                 ["completion_tokens_per_s", "generate_s", "completion_tokens", "startup_s",

@@ -13,7 +13,9 @@ ours with ``--precision bf16`` (fp32 weights, autocast), TRL with ``bf16=True`` 
 - grpo: ``--batch-size`` completions of ``--new-tokens`` tokens (the built-in HF loop on both
   sides), a length reward, ``--generations`` per prompt.
 
-Each (task, side) runs in its own process, so peak memory is per side. Printed per side: the
+Both sides recompute activations in the backward pass (``--gradient-checkpointing``, TRL's
+default) unless ``--no-gradient-checkpointing``. Each (task, side) runs in its own process, so
+peak memory is per side. Printed per side: the
 whole-job time, the steady-state step time (median after 2 warm-up steps), tokens/s at that
 step time (tokens of the step's sequences: sft rows, dpo chosen + rejected, grpo prompt +
 completion), the model FLOPs utilisation for sft and dpo (6 x matmul parameters + attention,
@@ -133,7 +135,8 @@ def tokens_per_step(task: str, args: argparse.Namespace) -> int:
 def _ours(task: str, work: Path, args: argparse.Namespace) -> dict:
     common: dict[str, Any] = {"out": work / f"ours-{task}", "batch_size": args.batch_size,
                               "max_steps": args.steps, "lr": 1e-5, "device": args.device,
-                              "overwrite": True, "dtype": "float32", "precision": args.precision}
+                              "overwrite": True, "dtype": "float32", "precision": args.precision,
+                              "gradient_checkpointing": args.gradient_checkpointing}
     if task == "sft":
         from rewardloop.train.sft import SFTConfig, train_sft
 
@@ -169,7 +172,7 @@ def _trl(task: str, work: Path, args: argparse.Namespace) -> dict:
         "max_steps": args.steps, "learning_rate": 1e-5, "report_to": "none",
         "save_strategy": "no", "logging_steps": 10, "disable_tqdm": True,
         "bf16": args.precision == "bf16", "use_cpu": not args.device.startswith("cuda"),
-        "dataloader_num_workers": 0}
+        "dataloader_num_workers": 0, "gradient_checkpointing": args.gradient_checkpointing}
     if task == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -247,6 +250,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64, help="grpo prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="grpo completion tokens")
     parser.add_argument("--generations", type=int, default=4, help="grpo group size")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=True, help="both sides alike (TRL's trainers default to it on)")
     parser.add_argument("--hf-decoding", default="dynamic", choices=("dynamic", "static",
                                                                      "compiled"),
                         help="our grpo's built-in decoding loop (TRL's side: HF generate)")

@@ -151,8 +151,20 @@ def test_on_cuda_the_fast_steps_decode_like_the_dynamic_loop(
     for settings in SETTINGS.values():
         _assert_same_decoding(cuda, tokenizer, decoding, settings, monkeypatch, generator,
                               atol=1e-5)
-    # Under a bf16 trainer's autocast the step is captured in bf16 and still greedy-decodes
-    # like the dynamic loop under the same autocast.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_on_cuda_the_fast_steps_decode_under_a_bf16_trainers_autocast(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a bf16 trainer's autocast the step is captured in bf16 and still greedy-decodes
+    like the dynamic loop under the same autocast."""
+    from rewardloop.engines.static import _cache_keeps_value_dtype
+
+    if not _cache_keeps_value_dtype():
+        pytest.skip("this transformers' static cache cannot hold autocast values (refused)")
+    model, tokenizer = models["llama"]
+    cuda = copy.deepcopy(model).to("cuda")
     ids = encode_prompts(tokenizer, PROMPTS, 64)
     fast = HFGenerator(cuda, tokenizer, decoding, compute_dtype="bfloat16")
     ref = HFGenerator(cuda, tokenizer, "dynamic", compute_dtype="bfloat16")
@@ -190,6 +202,21 @@ def test_a_half_precision_trainer_decodes_in_its_compute_dtype(
     assert HFGenerator(half, tokenizer, compute_dtype="float32").autocast_dtype is None
     assert HFGenerator(half.to(torch.bfloat16), tokenizer,
                        compute_dtype="bfloat16").autocast_dtype is None
+
+
+def test_a_cache_that_cannot_hold_autocast_values_is_refused_under_half_precision(
+        models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.17's static cache allocates values in the keys' dtype: under a bf16
+    trainer's autocast (fp32 keys out of the rotary embedding, bf16 values) its first write
+    fails. Such a version is refused up front, with what to do; fp32 decoding still uses it."""
+    from rewardloop.engines import static
+
+    model, tokenizer = models["qwen2"]
+    monkeypatch.setattr(static, "_cache_keeps_value_dtype", lambda: False)
+    with pytest.raises(UserError, match="stores values in the keys' dtype.*--precision fp32"):
+        HFGenerator(model, tokenizer, "static", compute_dtype="bfloat16")
+    HFGenerator(model, tokenizer, "static", compute_dtype="float32")
+    HFGenerator(model, tokenizer, "dynamic", compute_dtype="bfloat16")
 
 
 def test_models_the_static_cache_cannot_serve_are_refused(tmp_path: Path,

@@ -81,7 +81,11 @@ class HFGenerator:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
-        problem = static_cache_problem(model) if decoding != "dynamic" else None
+        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(compute_dtype or "")
+        weights = next(model.parameters()).dtype
+        self.autocast_dtype = half if half is not None and weights == torch.float32 else None
+        problem = (static_cache_problem(model, self.autocast_dtype) if decoding != "dynamic"
+                   else None)
         if problem:
             raise UserError(f"--hf-decoding {decoding}: {problem}; use --hf-decoding dynamic")
         self.model = model
@@ -101,9 +105,6 @@ class HFGenerator:
         self.additive_mask = (attention in ("sdpa", "eager")
                               and not getattr(config, "sliding_window", None))
         self.static: StaticDecoder | None = None
-        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(compute_dtype or "")
-        weights = next(model.parameters()).dtype
-        self.autocast_dtype = half if half is not None and weights == torch.float32 else None
 
     def _steps(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                limit: int) -> DynamicSteps | StaticSteps:
