@@ -97,6 +97,35 @@ def test_static_cache_decodes_like_the_dynamic_loop(models: dict[str, Any], arch
     _assert_same_decoding(model, tokenizer, "static", SETTINGS[kind], monkeypatch)
 
 
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_checking_for_the_end_every_few_tokens_keeps_the_same_completions(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the loop reads "every row finished" once per 16 tokens (a read stalls the
+    device queue) and cuts the padding columns it ran past: the same completions as a check
+    every token, including the width, when every row stops early."""
+    model, tokenizer = models["llama"]
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    settings = SamplingSettings(max_new_tokens=200)
+
+    def generator() -> HFGenerator:
+        made = HFGenerator(model, tokenizer, decoding)
+        # The random model rarely says EOS: one token in 16 stops a row, so rows end early,
+        # each at another step.
+        made.eos_ids = [i for i in range(len(tokenizer)) if i % 16 == 5 and i != made.pad_id]
+        return made
+
+    torch.manual_seed(0)
+    every_token = generator().generate(ids, 3, settings)
+    assert bool(every_token.has_eos.all())  # all stopped early: the cut is exercised
+    assert every_token.completion_ids.shape[1] < settings.max_new_tokens
+    monkeypatch.setattr(hf, "done_check_interval", lambda _device: 7)
+    torch.manual_seed(0)
+    sparse = generator().generate(ids, 3, settings)
+    assert torch.equal(sparse.completion_ids, every_token.completion_ids)
+    assert torch.equal(sparse.completion_mask, every_token.completion_mask)
+    assert sparse.texts == every_token.texts
+
+
 def test_the_static_cache_is_reused_and_emptied_between_batches(
         models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch that fits the previous cache reuses its tensors (a compiled step stays valid)

@@ -57,6 +57,16 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+DONE_CHECK_EVERY = 16
+"""On a GPU the loop reads whether every row has finished once per this many tokens."""
+
+
+def done_check_interval(device: torch.device) -> int:
+    """Tokens between two reads of "has every row finished": 1 where the read is free (CPU),
+    :data:`DONE_CHECK_EVERY` where it stalls the device queue (CUDA)."""
+    return DONE_CHECK_EVERY if device.type == "cuda" else 1
+
+
 class HFGenerator:
     """Sampling from a Hugging Face causal LM (the policy being trained) with its KV cache.
 
@@ -126,6 +136,11 @@ class HFGenerator:
         tokens = prompt_ids.new_full((rows, limit), self.pad_id)
         stop = torch.tensor(self.eos_ids, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+        # Reading ``done`` on the host waits for the device: on a GPU that stall every token
+        # would keep the CPU from queueing the next steps, so there it is read every
+        # DONE_CHECK_EVERY tokens and the columns past the last real token are cut afterwards
+        # (finished rows only add padding; the tokens kept are the ones a per-token check keeps).
+        every = done_check_interval(prompt_ids.device)
         for t in range(limit):
             logits = logits.float()
             logits[:, self.pad_id] = -float("inf")
@@ -133,8 +148,8 @@ class HFGenerator:
             token = token.masked_fill(done, self.pad_id)
             tokens[:, t] = token
             done |= torch.isin(token, stop)
-            if t + 1 == limit or bool(done.all()):
-                return tokens[:, : t + 1]
+            if t + 1 == limit or ((t + 1) % every == 0 and bool(done.all())):
+                return _trim_padding(tokens[:, : t + 1], self.pad_id)
             logits = steps.advance(token)
         return tokens
 
@@ -171,6 +186,13 @@ class HFGenerator:
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                        completion_ids=completion_ids, completion_mask=completion_mask,
                        has_eos=has_eos, texts=texts)
+
+
+def _trim_padding(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``tokens`` (B, C) without its trailing all-padding columns (the loop never samples the
+    pad token, so such a column comes after every row has finished); at least one column."""
+    real = (tokens != pad_id).any(dim=0).nonzero()
+    return tokens[:, : int(real[-1]) + 1] if len(real) else tokens[:, :1]
 
 
 class DynamicSteps:
