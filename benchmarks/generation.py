@@ -3,12 +3,14 @@ decode step dynamic, static or compiled: ``--hf-decoding``) and vLLM (colocated,
 process), same model, prompts and sampling settings.
 
     python -m benchmarks.generation [--model tiny|qwen2-0.5b] [--prompts 64] [--new-tokens 256]
-        [--sides hf,hf-static,hf-compiled,vllm] [--vllm-python PATH] [--device cpu|cuda]
+        [--sides hf,hf-static,hf-compiled,generate,vllm] [--vllm-python PATH] [--device cpu|cuda]
         [--repeats 3]
 
 Sides: ``hf`` is today's loop (a KV cache that grows every step); ``hf-static`` the same loop
 over one pre-allocated cache; ``hf-compiled`` that with a ``torch.compile``'d decode step (CUDA
-graphs on CUDA; its compile time is in the warm-up and shows in ``wall_s``, not in the rate).
+graphs on CUDA; its compile time is in the warm-up and shows in ``wall_s``, not in the rate);
+``generate`` is transformers' ``model.generate`` (what TRL's trainers run without vLLM), asked
+for by name (``--sides hf,hf-compiled,generate``).
 ``--interleave`` runs the hf sides in one process, timed in turns (round r: each side once from
 seed r), for a fair comparison on a machine whose load changes during the run.
 
@@ -36,13 +38,58 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from benchmarks.common import peak_rss_mb, print_table
 
 MODELS = ("tiny", "qwen2-0.5b")
-SIDES = ("hf", "hf-static", "hf-compiled", "vllm")
+SIDES = ("hf", "hf-static", "hf-compiled", "generate", "vllm")
 HF_SIDES = SIDES[:3]
+IN_PROCESS = SIDES[:4]  # the sides --interleave runs together
+
+
+class GenerateBaseline:
+    """transformers' own ``model.generate`` (sampling, its default dynamic cache), the loop TRL's
+    trainers call without vLLM: the reference the built-in loop is compared with."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompts: list[list[int]], n: int, settings: Any) -> Any:
+        import torch
+
+        from rewardloop import ops
+        from rewardloop.engines.base import stop_token_ids
+        from rewardloop.tokenize import pad
+
+        pad_id = int(self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        ids = pad(prompts, pad_id, side="left").to(device).repeat_interleave(n, 0)
+        mask = (pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
+                .repeat_interleave(n, 0))
+        eos = stop_token_ids(self.tokenizer, self.model.generation_config)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                      temperature=1.0, top_k=0, top_p=1.0,
+                                      max_new_tokens=settings.max_new_tokens,
+                                      eos_token_id=eos, pad_token_id=pad_id)
+        completion = out[:, ids.shape[1]:]
+        completion_mask, _ = ops.completion_mask(completion, eos, pad_id)
+        return SimpleNamespace(completion_mask=completion_mask)  # what the timing reads
+
+
+def _engine(side: str, model: Any, tokenizer: Any, model_dir: Path, **options: Any) -> Any:
+    """The generator a side names: ``generate``, or ``hf[-DECODING]`` / ``vllm`` through the
+    factory the trainers use."""
+    from rewardloop.engines.factory import EngineOptions, make_generator
+
+    if side == "generate":
+        return GenerateBaseline(model, tokenizer)
+    generator_name, _, decoding = side.partition("-")
+    return make_generator(EngineOptions(generator=generator_name,
+                                        hf_decoding=decoding or "dynamic", **options),
+                          model, tokenizer, model_dir, seed=0)
 
 
 def build_model(kind: str, work: Path) -> Path:
@@ -84,17 +131,13 @@ def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats:
     import torch
 
     from rewardloop.engines.base import SamplingSettings
-    from rewardloop.engines.factory import EngineOptions, make_generator
     from rewardloop.models import load_policy, load_tokenizer
 
     started = time.perf_counter()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_policy(model_dir, device=device, trainable=False)
-    generator_name, _, decoding = side.partition("-")
-    options = EngineOptions(generator=generator_name, hf_decoding=decoding or "dynamic",
-                            vllm_gpu_memory_utilization=0.5)
-    generator = make_generator(options, model, tokenizer, model_dir, seed=0)
+    generator = _engine(side, model, tokenizer, model_dir, vllm_gpu_memory_utilization=0.5)
     startup = time.perf_counter() - started
     ids = _prompts(tokenizer, prompts)
     settings = SamplingSettings(max_new_tokens=new_tokens)
@@ -124,7 +167,6 @@ def run_interleaved(sides: list[str], model_dir: Path, prompts: int, new_tokens:
     import torch
 
     from rewardloop.engines.base import SamplingSettings
-    from rewardloop.engines.factory import EngineOptions, make_generator
     from rewardloop.models import load_policy, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, padding_side="left")
@@ -133,8 +175,7 @@ def run_interleaved(sides: list[str], model_dir: Path, prompts: int, new_tokens:
     settings = SamplingSettings(max_new_tokens=new_tokens)
     generators, results = {}, {}
     for side in sides:
-        options = EngineOptions(hf_decoding=side.partition("-")[2] or "dynamic")
-        generators[side] = make_generator(options, model, tokenizer, model_dir)
+        generators[side] = _engine(side, model, tokenizer, model_dir)
         warm = time.perf_counter()
         generators[side].generate(ids, 1, settings)  # allocations, compiling
         results[side] = {"warmup_s": time.perf_counter() - warm, "rounds": []}
@@ -204,18 +245,21 @@ def main() -> None:
             str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
             "--workdir", str(work)]
     if args.interleave:
-        together = [side for side in sides if side in HF_SIDES]
+        together = [side for side in sides if side in IN_PROCESS]
         results = _launch(sys.executable, ",".join(together), argv)
         results.update({side: _launch(vllm_python, side, argv) for side in sides
                         if side not in together})
     else:
-        results = {side: _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
-                   for side in sides}
+        results = {}
+        for side in sides:  # each side's figures as soon as they exist: a cut run keeps them
+            results[side] = _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
+            print(json.dumps({"side": side, **results[side]}), flush=True)
     print_table(f"generation: {args.model}, {args.prompts} prompts x {args.new_tokens} new "
                 f"tokens, temperature 1, {args.device}, {args.threads} threads", results,
                 ["completion_tokens_per_s", "generate_s", "completion_tokens", "startup_s",
                  "warmup_s", "wall_s", "peak_rss_mb"],
-                ours="vllm" if "vllm" in results else sides[-1], theirs="hf")
+                ours="vllm" if "vllm" in results else [s for s in sides if s != "generate"][-1],
+                theirs="generate" if "generate" in results else "hf")
 
 
 if __name__ == "__main__":

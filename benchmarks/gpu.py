@@ -13,7 +13,9 @@ ours with ``--precision bf16`` (fp32 weights, autocast), TRL with ``bf16=True`` 
 - grpo: ``--batch-size`` completions of ``--new-tokens`` tokens (the built-in HF loop on both
   sides), a length reward, ``--generations`` per prompt.
 
-Each (task, side) runs in its own process, so peak memory is per side. Printed per side: the
+Both sides recompute activations in the backward pass (``--gradient-checkpointing``, TRL's
+default) unless ``--no-gradient-checkpointing``. Each (task, side) runs in its own process, so
+peak memory is per side. Printed per side: the
 whole-job time, the steady-state step time (median after 2 warm-up steps), tokens/s at that
 step time (tokens of the step's sequences: sft rows, dpo chosen + rejected, grpo prompt +
 completion), the model FLOPs utilisation for sft and dpo (6 x matmul parameters + attention,
@@ -133,7 +135,8 @@ def tokens_per_step(task: str, args: argparse.Namespace) -> int:
 def _ours(task: str, work: Path, args: argparse.Namespace) -> dict:
     common: dict[str, Any] = {"out": work / f"ours-{task}", "batch_size": args.batch_size,
                               "max_steps": args.steps, "lr": 1e-5, "device": args.device,
-                              "overwrite": True, "dtype": "float32", "precision": args.precision}
+                              "overwrite": True, "dtype": "float32", "precision": args.precision,
+                              "gradient_checkpointing": args.gradient_checkpointing}
     if task == "sft":
         from rewardloop.train.sft import SFTConfig, train_sft
 
@@ -152,7 +155,7 @@ def _ours(task: str, work: Path, args: argparse.Namespace) -> dict:
                             rewards=("benchmarks.gpu:length_reward",),
                             num_generations=args.generations, max_new_tokens=args.new_tokens,
                             max_prompt_length=args.prompt_len, save_every=args.steps,
-                            sample_every=0, **common))
+                            sample_every=0, hf_decoding=args.hf_decoding, **common))
 
 
 def _trl(task: str, work: Path, args: argparse.Namespace) -> dict:
@@ -169,7 +172,7 @@ def _trl(task: str, work: Path, args: argparse.Namespace) -> dict:
         "max_steps": args.steps, "learning_rate": 1e-5, "report_to": "none",
         "save_strategy": "no", "logging_steps": 10, "disable_tqdm": True,
         "bf16": args.precision == "bf16", "use_cpu": not args.device.startswith("cuda"),
-        "dataloader_num_workers": 0}
+        "dataloader_num_workers": 0, "gradient_checkpointing": args.gradient_checkpointing}
     if task == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -220,6 +223,18 @@ def run_one(task: str, side: str, work: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def _side(task: str, side: str, work: Path, passthrough: list[str]) -> dict:
+    """One side's figures, printed as soon as they exist (a run cut short keeps them); a side
+    that fails is reported and the others still run."""
+    try:
+        result = run_side("benchmarks.gpu", f"{task}:{side}", ["--work", str(work), *passthrough])
+    except RuntimeError as exc:
+        print(f"{task}:{side} failed: {exc}", file=sys.stderr, flush=True)
+        return {"failed": str(exc).splitlines()[0]}
+    print(json.dumps({"task": task, "side": side, **result}), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", help="internal: run one side (TASK:SIDE) and print JSON")
@@ -235,6 +250,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64, help="grpo prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="grpo completion tokens")
     parser.add_argument("--generations", type=int, default=4, help="grpo group size")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=True, help="both sides alike (TRL's trainers default to it on)")
+    parser.add_argument("--hf-decoding", default="dynamic", choices=("dynamic", "static",
+                                                                     "compiled"),
+                        help="our grpo's built-in decoding loop (TRL's side: HF generate)")
     args = parser.parse_args()
     if args.side:
         task, side = args.side.split(":")
@@ -245,8 +265,7 @@ def main() -> None:
         work = Path(tmp)
         prepare(work, args)
         for task in args.tasks.split(","):
-            results = {side: run_side("benchmarks.gpu", f"{task}:{side}",
-                                      ["--work", str(work), *passthrough])
+            results = {side: _side(task, side, work, passthrough)
                        for side in args.sides.split(",")}
             print_table(f"{task}: {args.shape}, batch {args.batch_size}, {args.steps} steps, "
                         f"{args.precision} on {next(iter(results.values())).get('card')}",

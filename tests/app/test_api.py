@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from rewardloop.app import accounts
 from rewardloop.data import schema as S
+from rewardloop.feedback import tasks as T
 
 ROUTES = [
     ("GET", "/api/tasks/next", None),
@@ -279,3 +280,30 @@ def test_admin_create_stats_export(server) -> None:
     assert len([json.loads(x) for x in admin.get("/api/admin/export?format=ranking")
                 .text.splitlines()]) == n
     assert admin.get("/api/admin/export?format=csv").status_code == 422
+
+
+def test_a_task_aimed_at_a_group_is_served_only_to_its_annotators(server) -> None:
+    """ann is in group "night"; a task aimed at it (highest priority) is what ann is served
+    next, bob (no group) is served everything else and never it; the admin stats count the
+    labels still wanted from the group."""
+    with server.store.write() as s:
+        s.scalar(select(S.Annotator).where(S.Annotator.name == "ann")).groups = ["night"]
+        p = T.get_or_create_prompt(s, "Night shift?")
+        aimed = T.create_task(s, p, [T.get_or_create_response(s, p, t) for t in ("yes", "no")],
+                              overlap=2, priority=9.0, audience="night").id
+    bob = server.client("bob")
+    seen = []
+    while (resp := bob.get("/api/tasks/next")).status_code == 200:
+        lease = resp.json()
+        seen.append(lease["task_id"])
+        assert _judge(bob, lease, ranking=[[x["id"]] for x in lease["responses"]]).status_code \
+            == 201
+    assert sorted(seen) == sorted(server.task_ids)
+    stats = server.client("admin").get("/api/admin/stats").json()
+    assert stats["groups"]["night"]["aimed_open"] == 2
+    ann = server.client("ann")
+    lease = ann.get("/api/tasks/next").json()
+    assert lease["task_id"] == aimed
+    assert _judge(ann, lease, ranking=[[x["id"]] for x in lease["responses"]]).status_code == 201
+    stats = server.client("admin").get("/api/admin/stats").json()
+    assert stats["groups"]["night"]["aimed_open"] == 1

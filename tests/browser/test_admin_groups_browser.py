@@ -1,5 +1,5 @@
 """A real browser (Debian's chromium via Playwright): the admin page shows the judgments per
-annotator group and marks the group that falls behind."""
+annotator group, the work aimed at each, and marks the group that falls behind."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def live(sqlite_store):
                 ids = [r["id"] for r in view["responses"]]
                 Q.submit_judgment(s, ann, view["task_id"], [[ids[0]], [ids[1]]],
                                   idempotency_key=f"{name}-{k}")
+    with sqlite_store.write() as s:  # work aimed at the doctors (generate --for-groups)
+        p = T.get_or_create_prompt(s, "for doctors")
+        T.create_task(s, p, [T.get_or_create_response(s, p, t) for t in "xy"], overlap=2,
+                      batch=batch, audience="doctors")
     with live_server(sqlite_store, "g" * 40) as base:
         yield base
 
@@ -52,6 +56,8 @@ def test_admin_page_shows_group_counts_and_the_group_behind(live) -> None:
             doctors = page.locator('#groups tr[data-group="doctors"]')
             assert nurses.locator(".count").text_content() == "10"
             assert doctors.locator(".count").text_content() == "1"
+            assert doctors.locator(".aimed").text_content() == "2"
+            assert nurses.locator(".aimed").text_content() == "0"
             assert doctors.locator(".behind").is_visible()
             assert nurses.locator(".behind").count() == 0
             assert "lagging" in (doctors.get_attribute("class") or "")

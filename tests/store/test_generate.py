@@ -184,5 +184,6 @@ def test_cli_help_explains_every_flag() -> None:
     assert res.exit_code == 0
     for flag in ("--policy", "--prompts", "-n", "--out", "--select", "--rm", "--budget", "--db",
                  "--batch", "--overlap-share", "--overlap", "--gold", "--gold-rate",
-                 "--max-new-tokens", "--temperature", "--top-p", "--seed", "--measure"):
+                 "--max-new-tokens", "--temperature", "--top-p", "--seed", "--measure",
+                 "--for-groups"):
         assert flag in res.output

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from rewardloop.data import schema as S
@@ -157,27 +157,62 @@ def test_migrations_match_the_models(store: Store) -> None:
     assert diff == []
 
 
+def _at_revision(store: Store, revision: str) -> None:
+    """Migrate ``store`` (made with ``migrate=False``) up or down to ``revision``."""
+    from alembic import command
+
+    cfg = store._alembic_config()
+    current = store.revision()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        if current is not None and current > revision:
+            command.downgrade(cfg, revision)
+        else:
+            command.upgrade(cfg, revision)
+
+
+def _legacy_judgment(store: Store, key: str) -> tuple[int, list[int], dict[str, int]]:
+    """(task id, its two response ids, annotator ids by name): annotators ``a`` (group ``g``)
+    and ``b`` (none), and a task of overlap 2 judged once by ``a`` with ``key``, written through
+    the tables as the database has them (reflected), not the current models: for a store at an
+    old revision."""
+    import datetime as dt
+
+    from sqlalchemy import MetaData, insert
+
+    meta = MetaData()
+    meta.reflect(store.engine)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with store.engine.begin() as conn:
+        def add(table: str, **values) -> int:
+            t = meta.tables[table]
+            return conn.execute(insert(t).values(**values).returning(t.c.id)).scalar_one()
+
+        who = {name: add("annotators", name=name, role="annotator", active=True, groups=groups,
+                         attributes={}, kind="human", created_at=now)
+               for name, groups in (("a", ["g"]), ("b", []))}
+        prompt = add("prompts", text="hi", meta={}, content_hash="hi", created_at=now)
+        rids = [add("responses", prompt_id=prompt, text=t, gen_settings={}, meta={},
+                    content_hash=t, created_at=now) for t in "ab"]
+        task = add("tasks", prompt_id=prompt, kind="pairwise", overlap=2, is_gold=False,
+                   priority=0.0, n_judgments=1, done=False, meta={}, created_at=now)
+        for i, rid in enumerate(rids):
+            add("task_items", task_id=task, response_id=rid, position=i)
+        add("judgments", task_id=task, annotator_id=who["a"], ranking=[[rids[0]], [rids[1]]],
+            idempotency_key=key, source="human", meta={}, created_at=now)
+    return task, rids, who
+
+
 def test_migration_0004_keeps_judgments_and_the_audit_trigger(tmp_path) -> None:
     """Upgrading a store that has judgments (SQLite rebuilds the table) keeps every row, the
     indexes and the audit trigger, and makes keys per annotator."""
-    from alembic import command
-    from sqlalchemy import text
-
     store = Store(f"sqlite:///{tmp_path / 'old.db'}", migrate=False)
-    cfg = store._alembic_config()
-    with store.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
-    with store.engine.begin() as conn:
-        conn.execute(text("INSERT INTO annotators (id, name, role, active, groups, attributes, "
-                          "kind, created_at) VALUES (1, 'a', 'annotator', 1, '[]', '{}', "
-                          "'human', '2026-01-01'), (2, 'b', 'annotator', 1, '[]', '{}', "
-                          "'human', '2026-01-01')"))
-    task_id, _, _ = _one_judgment(store, "shared-key")
-    store.migrate()
+    _at_revision(store, "0003")
+    task_id, rids, who = _legacy_judgment(store, "shared-key")
+    _at_revision(store, "0004")
     assert store.revision() == "0004"
     with store.write() as s:
-        s.add(S.Judgment(task_id=task_id, annotator_id=2, ranking=[[2], [1]],
+        s.add(S.Judgment(task_id=task_id, annotator_id=who["b"], ranking=[[rids[1]], [rids[0]]],
                          idempotency_key="shared-key"))
     with store.read() as s:
         assert s.scalar(select(func.count()).select_from(S.Judgment)) == 2
@@ -186,4 +221,34 @@ def test_migration_0004_keeps_judgments_and_the_audit_trigger(tmp_path) -> None:
         indexes = {row[0] for row in s.execute(text(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'judgments'"))}
         assert {"ix_judgments_task_id", "ix_judgments_annotator_id"} <= indexes
+    store.dispose()
+
+
+def test_migration_0005_adds_task_audience_to_an_existing_store(db_url: str) -> None:
+    """A store made at 0004 with a half-judged task upgrades to 0005: the task keeps its rows
+    and is for everyone (audience NULL), so the queue hands it to an annotator of no group; the
+    judgment audit trigger still fires; the downgrade removes the column again."""
+    from sqlalchemy import inspect
+
+    from rewardloop.feedback import queue as Q
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(store.engine).get_columns("tasks")}
+
+    store = Store(db_url, migrate=False)
+    _at_revision(store, "0004")
+    assert "audience" not in columns()
+    task_id, rids, who = _legacy_judgment(store, "k")
+    store.migrate()
+    assert store.revision() == "0005" and "audience" in columns()
+    with store.write() as s:
+        assert s.get(S.ComparisonTask, task_id).audience is None
+        lease = Q.next_task(s, who["b"])
+        assert lease is not None and lease.task_id == task_id
+        Q.submit_judgment(s, who["b"], task_id, [[rids[1]], [rids[0]]], idempotency_key="k")
+    with store.read() as s:
+        assert s.get(S.ComparisonTask, task_id).done
+        assert s.scalars(select(S.AuditEvent.action)).all() == ["judgment.create"] * 2
+    _at_revision(store, "0004")
+    assert "audience" not in columns()
     store.dispose()

@@ -126,6 +126,50 @@ def test_overlap_and_expired_leases(store) -> None:
         assert T.batch_progress(s)["annotators"] == {"a": 1, "c": 1}
 
 
+def _drain(store, annotator) -> list[int]:
+    """Every task the queue hands ``annotator``, judged one after another, in order."""
+    got = []
+    while True:
+        with store.write() as s:
+            lease = Q.next_task(s, annotator)
+            if lease is None:
+                return got
+            Q.submit_judgment(s, annotator, lease.task_id, [[i] for i in lease.shown_order],
+                              idempotency_key=f"{annotator.name}-{lease.task_id}")
+            got.append(lease.task_id)
+
+
+def test_audience_tasks_go_only_to_their_group(store) -> None:
+    """A task aimed at a group (``audience``) is handed to that group's annotators only, before
+    lower-priority tasks for everyone; annotators of other groups, or of none, never see it."""
+    with store.write() as s:
+        s.add_all([S.Annotator(name="minor", groups=["minority"]),
+                   S.Annotator(name="major", groups=["majority"]),
+                   S.Annotator(name="both", groups=["majority", "minority"]),
+                   S.Annotator(name="nobody")])
+        p = T.get_or_create_prompt(s, "p")
+        rs = [T.get_or_create_response(s, p, t) for t in "abcdef"]
+        aimed = T.create_task(s, p, rs[:2], overlap=2, priority=2.0, audience="minority").id
+        common = T.create_task(s, p, rs[2:4], overlap=4, priority=1.0).id
+        other = T.create_task(s, p, rs[4:], overlap=4, priority=3.0, audience="elsewhere").id
+        by_name = {a.name: a for a in s.scalars(select(S.Annotator))}
+        with pytest.raises(T.TaskError, match="audience") as err:
+            T.create_task(s, p, rs[:2], audience="")
+        assert err.value.status == 422
+        with pytest.raises(T.TaskError, match="audience"):
+            T.create_task(s, p, rs[:2], audience="g" * (S.AUDIENCE_MAX + 1))
+    assert _drain(store, by_name["major"]) == [common]
+    assert _drain(store, by_name["nobody"]) == [common]
+    assert _drain(store, by_name["minor"]) == [aimed, common]
+    assert _drain(store, by_name["both"]) == [aimed, common]
+    with store.read() as s:
+        assert s.get(S.ComparisonTask, aimed).done
+        assert s.get(S.ComparisonTask, other).n_judgments == 0
+        created = [e.payload for e in s.scalars(select(S.AuditEvent).where(
+            S.AuditEvent.action == "task.create"))]
+        assert [e["audience"] for e in created] == ["minority", None, "elsewhere"]
+
+
 def test_submit_errors_and_replay(store) -> None:
     (tid,) = _make_tasks(store, 1, overlap=2)
     a, b = _annotators(store, ["a", "b"])

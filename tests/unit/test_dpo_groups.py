@@ -18,6 +18,7 @@ from rewardloop.tiny import build_tiny
 from rewardloop.train import dpo
 from rewardloop.train.dpo import DPOConfig, group_coefficients, weighted_loss
 from rewardloop.train.group_balance import GroupDRO
+from rewardloop.train.split import split_by_prompt
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,29 @@ def test_minmax_moves_weight_and_reports_groups(files: dict[str, Path], tmp_path
     shares = whole["groups"]["by_group"]
     assert resumed["groups"]["by_group"]["minority"]["weight_share"] == pytest.approx(
         shares["minority"]["weight_share"], abs=1e-6)
+
+
+def test_eval_fraction_holds_out_pairs_of_every_group(files: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """--eval-fraction without --eval-data: the minority judged only 3 prompts of ~75, which a
+    plain split by prompt (seed 0) leaves all in training; DPO's split is stratified by group
+    (``train.split``, as train rm's), so the minority's accuracy is measured on held-out pairs."""
+    rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    minor = [r for r in rows if r["annotator"].startswith("minor")][:3]
+    rows = [r for r in rows if r["annotator"].startswith("major")] + minor
+    data = tmp_path / "few-minority.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, names = [r["prompt"] for r in rows], [r["annotator"] for r in rows]
+    _, plain = split_by_prompt(prompts, names, {}, 0.1, 0)
+    assert not {names[i] for i in plain} & {r["annotator"] for r in minor}  # the precondition
+    summary = dpo.train_dpo(DPOConfig(
+        model=str(files["tiny"]), data=data, eval_fraction=0.1, out=tmp_path / "run",
+        annotator_groups=files["groups"], max_length=256, batch_size=8, max_steps=1,
+        device="cpu"))
+    by_group = summary["groups"]["by_group"]
+    assert by_group["minority"]["eval_pairs"] >= 1
+    assert by_group["minority"]["train_comparisons"] == 3 - by_group["minority"]["eval_pairs"]
+    assert by_group["majority"]["eval_pairs"] >= 1
 
 
 def test_refusals(files: dict[str, Path], tmp_path: Path) -> None:

@@ -97,6 +97,35 @@ def test_static_cache_decodes_like_the_dynamic_loop(models: dict[str, Any], arch
     _assert_same_decoding(model, tokenizer, "static", SETTINGS[kind], monkeypatch)
 
 
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_checking_for_the_end_every_few_tokens_keeps_the_same_completions(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the loop reads "every row finished" once per 16 tokens (a read stalls the
+    device queue) and cuts the padding columns it ran past: the same completions as a check
+    every token, including the width, when every row stops early."""
+    model, tokenizer = models["llama"]
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    settings = SamplingSettings(max_new_tokens=200)
+
+    def generator() -> HFGenerator:
+        made = HFGenerator(model, tokenizer, decoding)
+        # The random model rarely says EOS: one token in 16 stops a row, so rows end early,
+        # each at another step.
+        made.eos_ids = [i for i in range(len(tokenizer)) if i % 16 == 5 and i != made.pad_id]
+        return made
+
+    torch.manual_seed(0)
+    every_token = generator().generate(ids, 3, settings)
+    assert bool(every_token.has_eos.all())  # all stopped early: the cut is exercised
+    assert every_token.completion_ids.shape[1] < settings.max_new_tokens
+    monkeypatch.setattr(hf, "done_check_interval", lambda _device: 7)
+    torch.manual_seed(0)
+    sparse = generator().generate(ids, 3, settings)
+    assert torch.equal(sparse.completion_ids, every_token.completion_ids)
+    assert torch.equal(sparse.completion_mask, every_token.completion_mask)
+    assert sparse.texts == every_token.texts
+
+
 def test_the_static_cache_is_reused_and_emptied_between_batches(
         models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch that fits the previous cache reuses its tensors (a compiled step stays valid)
@@ -151,6 +180,76 @@ def test_on_cuda_the_fast_steps_decode_like_the_dynamic_loop(
     for settings in SETTINGS.values():
         _assert_same_decoding(cuda, tokenizer, decoding, settings, monkeypatch, generator,
                               atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_on_cuda_the_fast_steps_decode_under_a_bf16_trainers_autocast(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a bf16 trainer's autocast the step is captured in bf16 and still greedy-decodes
+    like the dynamic loop under the same autocast."""
+    from rewardloop.engines.static import _cache_keeps_value_dtype
+
+    if not _cache_keeps_value_dtype():
+        pytest.skip("this transformers' static cache cannot hold autocast values (refused)")
+    model, tokenizer = models["llama"]
+    cuda = copy.deepcopy(model).to("cuda")
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    fast = HFGenerator(cuda, tokenizer, decoding, compute_dtype="bfloat16")
+    ref = HFGenerator(cuda, tokenizer, "dynamic", compute_dtype="bfloat16")
+    got, _ = _sample(fast, ids, SETTINGS["greedy"], monkeypatch)
+    want, _ = _sample(ref, ids, SETTINGS["greedy"], monkeypatch)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+
+
+def _linear_dtypes(model: Any) -> list[torch.dtype]:
+    """Records the output dtype of the model's first linear layer on every call."""
+    seen: list[torch.dtype] = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_a_half_precision_trainer_decodes_in_its_compute_dtype(
+        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer under --precision bf16 keeps fp32 master weights; its generator decodes under
+    autocast to bf16 like its forward passes (not in fp32), and both decoding loops still agree
+    with each other there. Weights already in bf16, or an fp32 trainer, get no autocast."""
+    from rewardloop.engines.static import _cache_keeps_value_dtype
+
+    if decoding == "static" and not _cache_keeps_value_dtype():
+        pytest.skip("this transformers' static cache cannot hold autocast values (refused)")
+    model, tokenizer = models["qwen2"]
+    half = copy.deepcopy(model)
+    seen = _linear_dtypes(half)
+    generator = HFGenerator(half, tokenizer, decoding, compute_dtype="bfloat16")
+    ids = encode_prompts(tokenizer, PROMPTS, 64)
+    rollout, probs = _sample(generator, ids, SETTINGS["greedy"], monkeypatch)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert next(half.parameters()).dtype == torch.float32  # the weights are left as they were
+    reference, ref_probs = _sample(HFGenerator(half, tokenizer, "dynamic",
+                                               compute_dtype="bfloat16"), ids,
+                                   SETTINGS["greedy"], monkeypatch)
+    assert torch.equal(rollout.completion_ids, reference.completion_ids)
+    assert HFGenerator(half, tokenizer, compute_dtype="float32").autocast_dtype is None
+    assert HFGenerator(half.to(torch.bfloat16), tokenizer,
+                       compute_dtype="bfloat16").autocast_dtype is None
+
+
+def test_a_cache_that_cannot_hold_autocast_values_is_refused_under_half_precision(
+        models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.17's static cache allocates values in the keys' dtype: under a bf16
+    trainer's autocast (fp32 keys out of the rotary embedding, bf16 values) its first write
+    fails. Such a version is refused up front, with what to do; fp32 decoding still uses it."""
+    from rewardloop.engines import static
+
+    model, tokenizer = models["qwen2"]
+    monkeypatch.setattr(static, "_cache_keeps_value_dtype", lambda: False)
+    with pytest.raises(UserError, match="stores values in the keys' dtype.*--precision fp32"):
+        HFGenerator(model, tokenizer, "static", compute_dtype="bfloat16")
+    HFGenerator(model, tokenizer, "static", compute_dtype="float32")
+    HFGenerator(model, tokenizer, "dynamic", compute_dtype="bfloat16")
 
 
 def test_models_the_static_cache_cannot_serve_are_refused(tmp_path: Path,

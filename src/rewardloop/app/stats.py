@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
+from rewardloop.feedback.audience import open_aimed_labels
 from rewardloop.feedback.groups import group_counts
 from rewardloop.feedback.tasks import batch_progress
 
@@ -51,6 +52,17 @@ def _agreement(by_task: Votes) -> tuple[dict[str, list[int]], list[int]]:
                 total[0] += same
                 total[1] += 1
     return per, total
+
+
+def _groups(session: Session, members: dict[str, list[str]], judged_by: list[str | None]
+            ) -> dict[str, dict[str, Any]]:
+    """The Groups card: ``group_counts`` plus ``aimed_open``, the labels still wanted by open
+    tasks aimed at the group (``generate --for-groups``), i.e. work only it can do."""
+    if not members:
+        return {}
+    aimed = open_aimed_labels(session)
+    return {g: {**c, "aimed_open": aimed.get(g, 0)}
+            for g, c in group_counts(members, judged_by).items()}
 
 
 def admin_stats(session: Session) -> dict[str, Any]:
@@ -96,7 +108,7 @@ def admin_stats(session: Session) -> dict[str, Any]:
         "gold_accuracy": _ratio(sum(g[0] for g in gold.values()), sum(g[1] for g in gold.values())),
         "position_bias": _ratio(*first_wins),
         "position_bias_n": first_wins[1],
-        "groups": group_counts(members, [r.name for r in rows]) if members else {},
+        "groups": _groups(session, members, [r.name for r in rows]),
         "recent": [
             {"at": r.created_at.isoformat(), "annotator": r.name, "task_id": r.task_id,
              "time_ms": r.time_ms} for r in rows[::-1][:RECENT]],

@@ -1,11 +1,12 @@
 """``rewardloop generate``: sample K answers per prompt, write candidates, and (with --db) create
-the comparison tasks a label budget buys, chosen at random or by reward-model uncertainty."""
+the comparison tasks a label budget buys, chosen at random or by reward-model uncertainty, and
+with --for-groups aimed at the annotator groups that fall behind (``feedback.audience``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -16,7 +17,10 @@ from rewardloop.engines.options import EngineOptions
 from rewardloop.options import RayJobOptions
 
 if TYPE_CHECKING:
-    from rewardloop.feedback.select import SelectionConfig
+    from sqlalchemy.orm import Session
+
+    from rewardloop.data.records import CandidatesRecord, RankingRecord
+    from rewardloop.feedback.select import Origin, Plan, SelectionConfig
 
 ORDER = 11
 
@@ -43,6 +47,11 @@ class GenerateConfig(EngineOptions, RayJobOptions):
     None = random."""
     rm: Path | None = None
     """Ensemble reward model (``train rm --ensemble K``) for uncertainty selection."""
+    for_groups: str | None = None
+    """With --db, aim the selected tasks at the annotator groups that fall behind in the store
+    (they are handed only to that group's annotators): fewest (judgments, with open aimed
+    tasks) or uncertain (judgments weighed by the group's own agreement, 2a - 1); overlap and
+    gold tasks stay for everyone. None = every task for everyone. See docs/groups.md."""
     measure: str = "bald"
     """Disagreement of the ensemble on a pair: bald (mutual information) or std (of the
     reward gap)."""
@@ -80,6 +89,7 @@ class GenerateConfig(EngineOptions, RayJobOptions):
     """Jinja chat-template file for the policy's tokenizer (chat prompts need one)."""
 
     def __post_init__(self) -> None:
+        from rewardloop.feedback.audience import AIMS
         from rewardloop.rollout import SamplingSettings
 
         EngineOptions.of(self)  # validates the generator options
@@ -94,13 +104,17 @@ class GenerateConfig(EngineOptions, RayJobOptions):
         if self.db is None:
             given = [f for f, v in (("--select", self.select), ("--rm", self.rm),
                                     ("--budget", self.budget), ("--gold", self.gold),
-                                    ("--batch", self.batch)) if v is not None]
+                                    ("--batch", self.batch), ("--for-groups", self.for_groups))
+                     if v is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} create tasks and need --db URL")
         if self.select == "uncertainty" and self.rm is None:
             raise ValueError("--select uncertainty needs --rm DIR (an ensemble reward model)")
         if self.rm is not None and self.select != "uncertainty":
             raise ValueError("--rm is used only by --select uncertainty")
+        if self.for_groups is not None and self.for_groups not in AIMS:
+            raise ValueError(f"--for-groups must be one of {list(AIMS)}, got "
+                             f"{self.for_groups!r}")
         if self.batch_size < 1 or self.max_prompt_length < 1:
             raise ValueError("batch_size and max_prompt_length must be at least 1")
         self.selection()
@@ -118,33 +132,18 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     """Sample, write, select, create; returns the lines to print."""
     from rewardloop.data.formats import PromptRecord, read_records, write_records
     from rewardloop.feedback import select as S
-    from rewardloop.rollout import SamplingSettings, sample_candidates
     from rewardloop.score import heads_of
 
     gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
     prompts = [r.prompt for r in read_records(existing_data(cfg.prompts), "prompts")[1]
                if isinstance(r, PromptRecord)]
-    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    if cfg.for_groups is not None:  # refused before minutes of sampling, not after
+        _aim(cfg, S.Plan())
     origin = S.policy_origin(cfg.policy, {
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed})
     label = f"{origin.model}@{origin.model_version}" if origin.model_version else origin.model
-    if cfg.ray:
-        assert cfg.out is not None  # checked by the config
-        options = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype,
-                   "model_label": label, "engine": EngineOptions.of(cfg),
-                   "chat_template": cfg.chat_template,
-                   "max_prompt_length": cfg.max_prompt_length}
-        rows = batch_module().sample_on_ray(
-            cfg.policy, prompts, cfg.n, settings, cfg.out, address=cfg.ray, actors=cfg.actors,
-            gpus=cfg.actor_gpus, cpus=cfg.actor_cpus, batch_size=cfg.batch_size,
-            options=options, timeout_s=cfg.actor_timeout)
-    else:
-        rows = sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
-                                 batch_size=cfg.batch_size,
-                                 max_prompt_length=cfg.max_prompt_length, device=cfg.device,
-                                 dtype=cfg.dtype, model_label=label,
-                                 engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
+    rows = _sample(cfg, prompts, label)
     lines = [f"sampled {sum(len(r.responses) for r in rows)} distinct answers to "
              f"{len(rows)} prompts from {label}"]
     if cfg.out is not None:
@@ -160,22 +159,77 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         heads = heads_of(cfg.rm, device=cfg.device)
         scores = S.uncertainty_scores(rows, pairs, heads, sel.measure)
     planned = S.plan(sel, pairs, S.gold_pairs(gold_rows), scores)
+    # The responses get name, version and settings from the origin, not the file's label.
+    planned, name, aimed = _create(cfg, planned, [replace(r, models=None) for r in rows],
+                                   gold_rows, origin)
+    lines.append(f"created {planned.describe()} in batch {name} ({sel.strategy} selection)")
+    return lines if aimed is None else [*lines, aimed]
+
+
+def _sample(cfg: GenerateConfig, prompts: list[Any], label: str | None
+            ) -> list[CandidatesRecord]:
+    """``cfg.n`` answers to each prompt, in this process or on Ray (``--ray``)."""
+    from rewardloop.rollout import SamplingSettings, sample_candidates
+
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    if cfg.ray:
+        assert cfg.out is not None  # checked by the config
+        options = {"seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype,
+                   "model_label": label, "engine": EngineOptions.of(cfg),
+                   "chat_template": cfg.chat_template,
+                   "max_prompt_length": cfg.max_prompt_length}
+        return batch_module().sample_on_ray(
+            cfg.policy, prompts, cfg.n, settings, cfg.out, address=cfg.ray, actors=cfg.actors,
+            gpus=cfg.actor_gpus, cpus=cfg.actor_cpus, batch_size=cfg.batch_size,
+            options=options, timeout_s=cfg.actor_timeout)
+    return sample_candidates(cfg.policy, prompts, cfg.n, settings, seed=cfg.seed,
+                             batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
+                             device=cfg.device, dtype=cfg.dtype, model_label=label,
+                             engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
+
+
+def _aim(cfg: GenerateConfig, planned: Plan, session: Session | None = None
+         ) -> tuple[Plan, str]:
+    """--for-groups: ``planned`` aimed at the groups behind, and the line saying how, counted in
+    ``session`` (the transaction that creates the tasks), else in a read of the store."""
     from rewardloop.data.store import Store
+    from rewardloop.feedback import audience as A
+
+    assert cfg.db is not None and cfg.for_groups is not None  # checked by the caller
+    if session is None:
+        store = Store(resolve_db(cfg.db))
+        try:
+            with store.read() as read:
+                return _aim(cfg, planned, read)
+        finally:
+            store.dispose()
+    needs = A.needs_from_store(session, cfg.for_groups)
+    aimed = A.aim(needs, planned)
+    return aimed, A.describe(needs, aimed, cfg.for_groups)
+
+
+def _create(cfg: GenerateConfig, planned: Plan, rows: list[CandidatesRecord],
+            gold_rows: list[RankingRecord], origin: Origin) -> tuple[Plan, str, str | None]:
+    """Create the plan's tasks in the store (aimed first with --for-groups, in the same
+    transaction); returns the plan as created, the batch name and the aiming line."""
+    from rewardloop.data.store import Store
+    from rewardloop.feedback import select as S
     from rewardloop.feedback import tasks as T
 
+    assert cfg.db is not None  # checked by the caller
     store = Store(resolve_db(cfg.db))
+    aimed = None
     try:
         with store.write() as session:
+            if cfg.for_groups is not None:
+                planned, aimed = _aim(cfg, planned, session)
             batch = T.get_or_create_batch(session, cfg.batch or f"generate-{cfg.prompts.stem}")
-            # The responses get name, version and settings from the origin, not the file's label.
-            unlabelled = [replace(r, models=None) for r in rows]
-            S.create_planned_tasks(session, planned, unlabelled, gold_rows, batch=batch,
+            S.create_planned_tasks(session, planned, rows, gold_rows, batch=batch,
                                    origin=origin)
             name = batch.name
     finally:
         store.dispose()
-    lines.append(f"created {planned.describe()} in batch {name} ({sel.strategy} selection)")
-    return lines
+    return planned, name, aimed
 
 
 def _print_generate(cfg: GenerateConfig) -> None:
@@ -188,4 +242,4 @@ def register(app: typer.Typer) -> None:
         GenerateConfig, _print_generate, rename={"policy": ("--policy", "--model"), "n": "-n"},
         doc="Sample answers from a policy into a candidates file and, with --db, create the "
         "tasks worth a label budget: overlap items, gold items, then random or most-uncertain "
-        "pairs."))
+        "pairs, optionally aimed at the annotator groups that fall behind (--for-groups)."))

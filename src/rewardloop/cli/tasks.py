@@ -56,12 +56,16 @@ def register(app: typer.Typer) -> None:
             None, "--guidelines", help="Markdown file shown to annotators with the batch."),
         batch: str | None = typer.Option(None, "--batch",
                                          help="Batch name (default: the file's stem)."),
+        audience: str | None = typer.Option(
+            None, "--audience", help="An annotator group: the tasks (not the gold ones) are "
+            "handed only to its annotators (default: to everyone). See docs/groups.md."),
         db: str | None = DB,
     ) -> None:
         """Turn a candidates file into comparison tasks, all in one transaction."""
         from rewardloop.data.store import Store
         from rewardloop.errors import DataError
         from rewardloop.feedback import tasks as T
+        from rewardloop.feedback.audience import check_audience
 
         rows, lines = read_jsonl(file)
         gold_rows, gold_lines = read_jsonl(gold) if gold is not None else ([], [])
@@ -74,10 +78,12 @@ def register(app: typer.Typer) -> None:
         text = existing_file(guidelines).read_text(encoding="utf-8") if guidelines else None
         store = Store(resolve_db(db))
         with store.write() as session:
+            if audience is not None:
+                check_audience(session, audience, overlap)
             b = T.get_or_create_batch(session, batch or file.stem, guidelines=text)
             made = T.create_tasks_from_candidates(
                 session, rows, kind=kind, overlap=overlap, batch=b, pairing=pairing,
-                path=str(file), line_numbers=lines)
+                path=str(file), line_numbers=lines, audience=audience)
             if gold_rows:
                 made += T.create_tasks_from_candidates(
                     session, gold_rows, kind=kind, overlap=overlap, batch=b, gold=rankings,
@@ -85,7 +91,7 @@ def register(app: typer.Typer) -> None:
             name = b.name
         n_gold = sum(t.is_gold for t in made)
         typer.echo(f"created {len(made)} {kind} tasks ({n_gold} gold) in batch {name}, "
-                   f"overlap {overlap}")
+                   f"overlap {overlap}" + (f", for group {audience}" if audience else ""))
 
     @tasks.command("progress")
     def progress(batch: str | None = typer.Option(None, "--batch", help="Only this batch."),

@@ -39,6 +39,8 @@ ROLES = ("admin", "annotator")
 TASK_KINDS = ("pairwise", "ranking")
 STRENGTHS = ("slight", "clear", "strong")
 SOURCES = ("human", "simulated", "import", "model")
+AUDIENCE_MAX = 255
+"""Longest group name a task can be aimed at (``ComparisonTask.audience``)."""
 
 __all__ = ["content_hash", "ranking_pairs", "validate_ranking"]  # re-exported for callers
 
@@ -165,7 +167,10 @@ class Batch(Base):
 class ComparisonTask(Base):
     """Compare or rank 2..k responses to one prompt, wanted from `overlap` distinct annotators.
 
-    A gold task carries its known answer (``gold_ranking``) to check annotators against.
+    A gold task carries its known answer (``gold_ranking``) to check annotators against. A task
+    with an ``audience`` (an annotator group) is handed only to annotators of that group, so new
+    judgments can be aimed at a group that falls behind (``feedback.audience``); without one it
+    goes to everyone.
     """
 
     __tablename__ = "tasks"
@@ -186,6 +191,8 @@ class ComparisonTask(Base):
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     gold_ranking: Mapped[list[Any] | None] = mapped_column(JSON)
     priority: Mapped[float] = mapped_column(Float, default=0.0)
+    # The annotator group the task is for (migration 0005); NULL: anyone.
+    audience: Mapped[str | None] = mapped_column(String(AUDIENCE_MAX))
     # Judgments received; `done` once it reaches `overlap` (kept in step by feedback.tasks).
     n_judgments: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[bool] = mapped_column(Boolean, default=False)

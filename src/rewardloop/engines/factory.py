@@ -55,16 +55,17 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
     ``model_path`` and is sent ``model``'s weights when they differ, e.g. a LoRA adapter merged
     into its base); ``tokenizer`` gives the pad and EOS ids; ``world_size`` > 1 makes each
     rank's colocated engine one of an external-launcher group (None: torch.distributed's, else
-    1); a colocated engine computes in ``dtype`` (default ``model``'s: a trainer passes its
-    compute precision, since its fp32 master weights are not what it computes in), so its
-    numbers stay close to the trainer's; ``logprob_settings`` are the sampling settings whose
-    log-probs a trainer will compare with its own (None: log-probs are not used). Missing vLLM
-    is a UserError with the install line.
+    1); the built-in loop (under autocast, over fp32 weights) and a colocated engine compute in
+    ``dtype`` (default ``model``'s: a trainer passes its compute precision, since its fp32
+    master weights are not what it computes in), so their numbers stay close to the
+    trainer's; ``logprob_settings`` are the sampling settings whose log-probs a trainer will
+    compare with its own (None: log-probs are not used). Missing vLLM is a UserError with the
+    install line.
     """
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
 
-        return HFGenerator(model, tokenizer, options.hf_decoding)
+        return HFGenerator(model, tokenizer, options.hf_decoding, compute_dtype=dtype)
     from rewardloop.engines.base import stop_token_ids
 
     # The engine stops where the built-in loop would: on every EOS id of the trainer's model.

@@ -6,6 +6,7 @@ no weight copy to keep in sync (``Rollout.sampler_logps`` stays None).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,16 @@ def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+DONE_CHECK_EVERY = 16
+"""On a GPU the loop reads whether every row has finished once per this many tokens."""
+
+
+def done_check_interval(device: torch.device) -> int:
+    """Tokens between two reads of "has every row finished": 1 where the read is free (CPU),
+    :data:`DONE_CHECK_EVERY` where it stalls the device queue (CUDA)."""
+    return DONE_CHECK_EVERY if device.type == "cuda" else 1
+
+
 class HFGenerator:
     """Sampling from a Hugging Face causal LM (the policy being trained) with its KV cache.
 
@@ -67,14 +78,24 @@ class HFGenerator:
     The pad token is never sampled (it would read as padding inside an answer). A row stops at
     the first of the model's stop tokens (:func:`stop_token_ids`). Dropout is off while sampling
     (``eval()``), and the model's previous train/eval mode is restored afterwards.
+
+    ``compute_dtype`` (a torch dtype name) is the precision a trainer computes in: when it is a
+    half precision and the weights are fp32 master weights, decoding runs under autocast to it,
+    as the trainer's forward passes do. Sampling in fp32 there would cost twice the memory
+    traffic of every decoding step and draw from slightly other numbers than the trainer scores.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, decoding: str = "dynamic") -> None:
+    def __init__(self, model: Any, tokenizer: Any, decoding: str = "dynamic",
+                 compute_dtype: str | None = None) -> None:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
-        problem = static_cache_problem(model) if decoding != "dynamic" else None
+        half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(compute_dtype or "")
+        weights = next(model.parameters()).dtype
+        self.autocast_dtype = half if half is not None and weights == torch.float32 else None
+        problem = (static_cache_problem(model, self.autocast_dtype) if decoding != "dynamic"
+                   else None)
         if problem:
             raise UserError(f"--hf-decoding {decoding}: {problem}; use --hf-decoding dynamic")
         self.model = model
@@ -115,6 +136,11 @@ class HFGenerator:
         tokens = prompt_ids.new_full((rows, limit), self.pad_id)
         stop = torch.tensor(self.eos_ids, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+        # Reading ``done`` on the host waits for the device: on a GPU that stall every token
+        # would keep the CPU from queueing the next steps, so there it is read every
+        # DONE_CHECK_EVERY tokens and the columns past the last real token are cut afterwards
+        # (finished rows only add padding; the tokens kept are the ones a per-token check keeps).
+        every = done_check_interval(prompt_ids.device)
         for t in range(limit):
             logits = logits.float()
             logits[:, self.pad_id] = -float("inf")
@@ -122,8 +148,8 @@ class HFGenerator:
             token = token.masked_fill(done, self.pad_id)
             tokens[:, t] = token
             done |= torch.isin(token, stop)
-            if t + 1 == limit or bool(done.all()):
-                return tokens[:, : t + 1]
+            if t + 1 == limit or ((t + 1) % every == 0 and bool(done.all())):
+                return _trim_padding(tokens[:, : t + 1], self.pad_id)
             logits = steps.advance(token)
         return tokens
 
@@ -148,7 +174,9 @@ class HFGenerator:
         try:
             # inference_mode skips autograd's bookkeeping (a quarter of a small model's
             # decoding time); the result is cloned out of it so training can use it.
-            with torch.inference_mode():
+            amp: Any = (torch.autocast(device.type, dtype=self.autocast_dtype)
+                        if self.autocast_dtype is not None else contextlib.nullcontext())
+            with torch.inference_mode(), amp:
                 completion_ids = self._decode(prompt_ids, prompt_mask, settings)
             completion_ids = completion_ids.clone()
         finally:
@@ -158,6 +186,13 @@ class HFGenerator:
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                        completion_ids=completion_ids, completion_mask=completion_mask,
                        has_eos=has_eos, texts=texts)
+
+
+def _trim_padding(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``tokens`` (B, C) without its trailing all-padding columns (the loop never samples the
+    pad token, so such a column comes after every row has finished); at least one column."""
+    real = (tokens != pad_id).any(dim=0).nonzero()
+    return tokens[:, : int(real[-1]) + 1] if len(real) else tokens[:, :1]
 
 
 class DynamicSteps:

@@ -27,8 +27,26 @@ BUCKET = 64
 cache shape, and a batch that fits the existing cache reuses it (and its compiled step)."""
 
 
-def static_cache_problem(model: Any) -> str | None:
-    """Why ``model`` cannot decode with a static KV cache (None: it can).
+def _cache_keeps_value_dtype() -> bool:
+    """Whether the installed transformers' static cache allocates its values in the values'
+    own dtype. Under autocast a decoder's keys come out of the rotary embedding in fp32 while
+    its values stay bf16; a cache that allocates both in the keys' dtype (transformers 5.17,
+    seen on a GPU) then fails its first in-place write. Probed, since no changelog names the
+    version that fixed it."""
+    try:
+        from transformers.cache_utils import StaticLayer
+
+        layer = StaticLayer(max_cache_len=1)
+        layer.lazy_initialization(torch.zeros(1, 1, 1, 1),
+                                  torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16))
+    except (ImportError, TypeError, AttributeError):
+        return False
+    return bool(layer.values.dtype == torch.bfloat16)
+
+
+def static_cache_problem(model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
+    """Why ``model`` cannot decode with a static KV cache (None: it can), when decoding under
+    autocast to ``autocast_dtype`` if that is given.
 
     The step passes a full-width 4D mask over the cache, which a sliding-window layer (it keeps
     only the last W keys, rolled) does not fit; models that transformers does not mark as
@@ -51,6 +69,10 @@ def static_cache_problem(model: Any) -> str | None:
     attention = getattr(config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention implementation {attention!r} takes no ready mask (use sdpa or eager)"
+    if autocast_dtype is not None and not _cache_keeps_value_dtype():
+        return (f"transformers {transformers.__version__}'s static cache stores values in the "
+                "keys' dtype, which decoding under a half --precision over fp32 weights "
+                "breaks (upgrade transformers, or use --precision fp32)")
     return None
 
 

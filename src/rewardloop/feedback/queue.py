@@ -72,6 +72,7 @@ _B = cast(Table, Batch.__table__)
 _P = cast(Table, Prompt.__table__)
 _R = cast(Table, Response.__table__)
 _AUDIT = cast(Table, AuditEvent.__table__)
+_AN = cast(Table, Annotator.__table__)
 
 
 @dataclass(frozen=True)
@@ -124,16 +125,30 @@ def _current_lease(by_batch: bool) -> Select[Any]:
     return _with_batch(query, by_batch)
 
 
-def _open_task(by_batch: bool) -> Select[Any]:
-    """The first task with room that this annotator has neither judged nor skipped, with the
-    annotator's own expired lease on it if there is one (``own_id``)."""
+def _own_groups(postgresql: bool) -> Select[Any]:
+    """The annotator's group names, read from their row's JSON list inside the statement (one
+    statement per claim, as before): ``json_array_elements_text`` on PostgreSQL, the
+    table-valued ``json_each`` on SQLite."""
+    if postgresql:
+        return select(func.json_array_elements_text(_AN.c.groups)).where(
+            _AN.c.id == bindparam("aid"))
+    each = func.json_each(_AN.c.groups).table_valued("value")
+    return select(each.c.value).select_from(_AN.join(each, true())).where(
+        _AN.c.id == bindparam("aid"))
+
+
+def _open_task(by_batch: bool, postgresql: bool = False) -> Select[Any]:
+    """The first task with room that this annotator has neither judged nor skipped and that is
+    for everyone or for one of the annotator's groups (its ``audience``), with the annotator's
+    own expired lease on it if there is one (``own_id``)."""
     own = _A.alias("own")
     judged = exists().where(_J.c.task_id == _T.c.id, _J.c.annotator_id == bindparam("aid"))
     active = _active_leases(_T.c.id).scalar_subquery()
+    for_them = _T.c.audience.is_(None) | _T.c.audience.in_(_own_groups(postgresql))
     query = (select(_T.c.id, _T.c.n_judgments, _T.c.overlap, own.c.id.label("own_id"),
                     own.c.shown_order)
              .outerjoin(own, (own.c.task_id == _T.c.id) & (own.c.annotator_id == bindparam("aid")))
-             .where(_T.c.done == false(), ~judged, own.c.completed.is_not(true()),
+             .where(_T.c.done == false(), ~judged, own.c.completed.is_not(true()), for_them,
                     _T.c.n_judgments + active < _T.c.overlap)
              .order_by(_T.c.priority.desc(), _T.c.id).limit(1))
     return _with_batch(query, by_batch)
@@ -147,7 +162,7 @@ def _insert(table: Any, *columns: str) -> Prepared:
 _CURRENT = {b: Prepared(_current_lease(b)) for b in (False, True)}
 _OPEN = {b: Prepared(_open_task(b)) for b in (False, True)}
 # PostgreSQL: skip rows other transactions hold, and the ones found full once locked.
-_OPEN_PG = {b: Prepared(_open_task(b).where(~(_T.c.id == any_(bindparam(
+_OPEN_PG = {b: Prepared(_open_task(b, postgresql=True).where(~(_T.c.id == any_(bindparam(
     "tried", type_=postgresql.ARRAY(Integer))))).with_for_update(skip_locked=True, of=_T))
     for b in (False, True)}
 _ACTIVE = Prepared(_active_leases(bindparam("tid")))
@@ -233,7 +248,8 @@ def next_task(
     """Lease the next task to ``annotator`` (or return the lease it already holds).
 
     Open tasks this annotator has not judged and that still have room under ``overlap`` come
-    highest ``priority`` first, then oldest. The display order of the responses is shuffled
+    highest ``priority`` first, then oldest; a task with an ``audience`` only to annotators
+    of that group. The display order of the responses is shuffled
     per annotator and kept with the lease. None when nothing is left.
     """
     db = Driver(session)

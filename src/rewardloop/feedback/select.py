@@ -94,6 +94,8 @@ class PlannedTask:
     """The pair's disagreement under ``uncertainty`` selection."""
     gold_ranking: list[list[int]] | None = None
     """Known answer of a gold item, in answer indices of its row, best first."""
+    audience: str | None = None
+    """The annotator group the task is for (``feedback.audience.aim``); None: anyone."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,8 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
                 if item.gold_ranking is not None else None)
         created.append(T.create_task(session, prompt, responses, kind="pairwise",
                                      overlap=item.overlap, batch=batch, gold_ranking=gold,
-                                     priority=float(len(planned.tasks) - position)))
+                                     priority=float(len(planned.tasks) - position),
+                                     audience=item.audience))
     log.info("created %d tasks (%d labels)", len(created), planned.labels())
     return created
 

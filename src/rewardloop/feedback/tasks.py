@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rewardloop.data.schema import (
+    AUDIENCE_MAX,
     TASK_KINDS,
     Annotator,
     AuditEvent,
@@ -148,13 +149,19 @@ def create_task(
     batch: Batch | None = None,
     gold_ranking: list[list[int]] | None = None,
     priority: float = 0.0,
+    audience: str | None = None,
 ) -> ComparisonTask:
     """A task comparing ``responses`` (2..k of ``prompt``'s; exactly 2 for pairwise).
 
     ``gold_ranking`` (response ids, best group first) makes it a gold task with a known answer.
+    ``audience`` (an annotator group) makes the queue hand it only to that group's annotators.
     """
     if kind not in TASK_KINDS:
         raise TaskError(f"task kind must be one of {list(TASK_KINDS)}, got {kind!r}", status=422)
+    if audience is not None and not (isinstance(audience, str)
+                                     and 1 <= len(audience) <= AUDIENCE_MAX):
+        raise TaskError(f"audience must be a group name of 1 to {AUDIENCE_MAX} characters, got "
+                        f"{audience!r}", status=422)
     if not isinstance(overlap, int) or overlap < 1:
         raise TaskError(f"overlap must be an integer >= 1, got {overlap!r}", status=422)
     if len(responses) < 2 or (kind == "pairwise" and len(responses) != 2):
@@ -175,14 +182,15 @@ def create_task(
             raise TaskError(f"gold ranking: {exc}", status=422) from None
     task = ComparisonTask(
         prompt_id=prompt.id, kind=kind, overlap=overlap, batch_id=batch.id if batch else None,
-        is_gold=gold is not None, gold_ranking=gold, priority=float(priority),
+        is_gold=gold is not None, gold_ranking=gold, priority=float(priority), audience=audience,
         items=[TaskItem(response_id=rid, position=i) for i, rid in enumerate(ids)],
     )
     session.add(task)
     session.flush()
     session.add(AuditEvent(action="task.create", payload={
         "task_id": task.id, "responses": ids, "kind": kind, "overlap": overlap,
-        "batch": batch.name if batch else None, "gold": gold is not None}))
+        "batch": batch.name if batch else None, "gold": gold is not None,
+        "audience": audience}))
     return task
 
 
@@ -221,8 +229,10 @@ def create_tasks_from_candidates(
     pairing: str = "all",
     path: str | None = None,
     line_numbers: Sequence[int] | None = None,
+    audience: str | None = None,
 ) -> list[ComparisonTask]:
-    """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?).
+    """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?),
+    for everyone or, with ``audience``, for the annotators of that group only.
 
     ``kind="ranking"`` makes one task per row with all its responses. ``kind="pairwise"`` makes
     one task per pair of a row's responses: every pair (``pairing="all"``, k(k-1)/2 tasks) or
@@ -262,7 +272,8 @@ def create_tasks_from_candidates(
                 ranking = [g for g in ranking if g]
             try:
                 created.append(create_task(session, prompt, chosen, kind=kind, overlap=overlap,
-                                           batch=batch, gold_ranking=ranking))
+                                           batch=batch, gold_ranking=ranking,
+                                           audience=audience))
             except TaskError as exc:
                 raise err(str(exc), None) from None
     return created

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,16 +284,17 @@ def load_examples(path: Path, cfg: DPOConfig, objective: Objective, tokenizer: A
     return build_examples(path, read_rows(path, cfg, objective), cfg, objective, tokenizer)
 
 
-def load_splits(cfg: DPOConfig, objective: Objective, tokenizer: Any
-                ) -> dict[str, list[Example]]:
+def load_splits(cfg: DPOConfig, objective: Objective, tokenizer: Any,
+                groups: Mapping[str, Sequence[str]]) -> dict[str, list[Example]]:
     """``{"train": ..., "eval": ...}``: --eval-data, or --eval-fraction of --data split by
-    prompt (``train.split``); no "eval" without either."""
+    prompt and stratified by annotator group (``groups``: annotator -> groups), the split
+    ``train rm`` makes, so every group has held-out pairs; no "eval" without either."""
     records = read_rows(cfg.data, cfg, objective)
     if cfg.eval_data is not None:
         return {"train": build_examples(cfg.data, records, cfg, objective, tokenizer),
                 "eval": load_examples(cfg.eval_data, cfg, objective, tokenizer)}
     if cfg.eval_fraction > 0:
-        train, held = split_records(records, {}, cfg.eval_fraction, cfg.seed)
+        train, held = split_records(records, groups, cfg.eval_fraction, cfg.seed)
         return {"train": build_examples(cfg.data, train, cfg, objective, tokenizer),
                 "eval": build_examples(cfg.data, held, cfg, objective, tokenizer)}
     return {"train": build_examples(cfg.data, records, cfg, objective, tokenizer)}
@@ -555,22 +556,22 @@ def load_model(cfg: DPOConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
     return disable_dropout(policy)
 
 
-def dpo_groups(cfg: DPOConfig, train: Sequence[Example]
-               ) -> tuple[dict[str, list[str]], list[str] | None, GroupDRO | None]:
-    """(groups by annotator, each training pair's group or None, the group weights): equal
-    keeps q uniform, minmax moves it (``train.group_balance.GroupDRO``)."""
+def dpo_groups(cfg: DPOConfig, train: Sequence[Example], groups: Mapping[str, Sequence[str]]
+               ) -> tuple[list[str] | None, GroupDRO | None]:
+    """(each training pair's group or None, the group weights) for ``groups`` (annotator ->
+    groups, from --annotator-groups): equal keeps q uniform, minmax moves it
+    (``train.group_balance.GroupDRO``)."""
     if cfg.annotator_groups is None:
-        return {}, None, None
-    groups = read_groups_file(cfg.annotator_groups)
+        return None, None
     ids = [primary_group(e.annotator, groups) for e in train]
     names = sorted(set(ids))
     if cfg.group_balance == "none":
-        return groups, ids, None
+        return ids, None
     if len(names) < 2:
         raise UserError(f"--group-balance {cfg.group_balance} needs pairs from 2 or more "
                         f"annotator groups, got {names}: every row needs an annotator listed in "
                         f"{cfg.annotator_groups}")
-    return groups, ids, GroupDRO(tuple(names), cfg.group_step_size)
+    return ids, GroupDRO(tuple(names), cfg.group_step_size)
 
 
 def eval_groups(policy: nn.Module, examples: Sequence[Example], ref: torch.Tensor,
@@ -598,14 +599,15 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                                add_pad_token=cfg.add_pad_token, padding_side="right",
                                chat_template=cfg.chat_template)
     pad_id = tokenizer.pad_token_id
-    splits = load_splits(cfg, objective, tokenizer)
+    groups = read_groups_file(cfg.annotator_groups) if cfg.annotator_groups is not None else {}
+    splits = load_splits(cfg, objective, tokenizer, groups)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to)
     seed_everything(cfg.seed)
     policy = load_model(cfg, tokenizer, rt)
     ref = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before any update
     train = splits["train"]
-    groups, group_ids, dro = dpo_groups(cfg, train)
+    group_ids, dro = dpo_groups(cfg, train, groups)
 
     policy = rt.prepare(policy)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -22,6 +22,7 @@ normalised by the minibatch's global token/sequence counts, so the split does no
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -244,8 +245,10 @@ def reference_logps(setup: Setup, rollout: Any, temperature: float, micro_batch_
 
 
 def score_rollout(setup: Setup, rows: list[int], rollout: Any, n: int) -> tuple[Any, dict]:
-    """Rewards of a rollout whose prompts are ``rows`` (each repeated ``n`` times); metrics
-    include the gold judge's mean when one is configured."""
+    """Rewards of a rollout whose prompts are ``rows`` (each repeated ``n`` times), their total
+    on the rollout's device (reward functions and models answer on the CPU; the advantages are
+    computed beside the log-probs); metrics include the gold judge's mean when one is
+    configured."""
     prompts = [setup.prompts[i] for i in rows for _ in range(n)]
     mask = rollout.completion_mask.bool()
     extra = {k: [v[i] for i in rows for _ in range(n)] for k, v in setup.extras.items()}
@@ -254,6 +257,7 @@ def score_rollout(setup: Setup, rows: list[int], rollout: Any, n: int) -> tuple[
     out = setup.rewards(prompts, rollout.texts, has_eos=rollout.has_eos.tolist(),
                         completion_ids=ids, prompt_ids=prompt_ids, **extra)
     metrics = out.metrics()
+    out = dataclasses.replace(out, total=out.total.to(rollout.completion_ids.device))
     if setup.gold is not None:
         gold = setup.gold(prompts, rollout.texts, completion_ids=ids,
                           has_eos=rollout.has_eos.tolist(), **extra)

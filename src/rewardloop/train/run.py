@@ -154,6 +154,7 @@ class RunDir:
         self.out = Path(out)
         self.resume = resume
         self.main = runtime is None or runtime.is_main
+        self.runtime_facts: dict[str, Any] = runtime.describe() if runtime is not None else {}
         delete = self._check(overwrite)  # on every rank: all refuse alike, none waits
         if runtime is not None:
             runtime.barrier()
@@ -241,12 +242,14 @@ class RunDir:
                       and ((d / "config.json").is_file() or (d / "adapter_config.json").is_file()))
 
     def write_summary(self, figures: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``summary.json`` atomically (throughput, peak memory and ``figures``), complete
+        """Write ``summary.json`` atomically (throughput, peak memory, what the run ran on and
+        ``figures``), complete
         the model cards of the saved models with them, and end the trackers' runs.
 
         Every rank gets the summary back; only rank 0 writes it.
         """
-        summary: dict[str, Any] = {**self.meter.summary(), **peak_memory_mb()}
+        summary: dict[str, Any] = {**self.meter.summary(), **peak_memory_mb(),
+                                   **self.runtime_facts}
         summary.update({k: _plain(v) for k, v in (figures or {}).items()})
         if not self.main:
             return summary

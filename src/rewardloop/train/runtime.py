@@ -119,6 +119,11 @@ class Runtime:
         """Rank 0 alone writes metrics, samples, summaries and the final model."""
         return self.rank == 0
 
+    def describe(self) -> dict[str, Any]:
+        """What the run ran on, for its summary: device, precision, strategy, world size."""
+        return {"device": self.device.type, "precision": self.precision,
+                "strategy": self.strategy, "world_size": self.world_size}
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return _COMPUTE_DTYPES[self.precision]
