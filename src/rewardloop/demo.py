@@ -87,7 +87,7 @@ class DemoSizes:
     """Longest answer in tokens."""
 
 
-# Sized for a few minutes on 2 CPU cores: enough judgments (~880 per annotator) for the quality
+# Sized for about 3.5 minutes on 2 quiet CPU cores: enough judgments (~880 per annotator) for the quality
 # report to catch the spammer and for the reward model to learn whether a reply answers the
 # customer's topic (with a quarter of them it learns only politeness and "names some topic", and
 # stays ~0.08 below its label ceiling: docs/reward-models.md), and enough RL steps for a clear
