@@ -87,11 +87,11 @@ class DemoSizes:
     """Longest answer in tokens."""
 
 
-# Sized for about 3.5 minutes on 2 quiet CPU cores: enough judgments (~880 per annotator) for the quality
-# report to catch the spammer and for the reward model to learn whether a reply answers the
-# customer's topic (with a quarter of them it learns only politeness and "names some topic", and
-# stays ~0.08 below its label ceiling: docs/reward-models.md), and enough RL steps for a clear
-# gold win over SFT.
+# Sized for about 3.5 minutes on 2 quiet CPU cores: enough judgments (~880 per annotator) for
+# the quality report to catch the spammer and for the reward model to learn whether a reply
+# answers the customer's topic (with a quarter of them it stayed ~0.08 below its label ceiling,
+# scoring like a reward that knows only politeness and "names some topic": see
+# docs/reward-models.md), and enough RL steps for a clear gold win over SFT.
 FULL = DemoSizes(corpus=3000, prompts=2560, eval_prompts=200, hidden_size=96, num_layers=2,
                  sft_steps=300, prompts_per_round=2048, overlap=3, rm_steps=400, rm_batch=64,
                  rl_steps=80, rl_batch=32, max_new_tokens=48)
