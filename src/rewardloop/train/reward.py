@@ -530,8 +530,10 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     corr = length_correlation(items, scores)
     figures["length_correlation"] = corr
     if corr is not None and abs(corr) > LENGTH_CORRELATION_WARNING:
-        log.warning("reward and answer length correlate (Pearson r = %.2f): the model mostly "
-                    "rewards length", corr)
+        log.warning("reward and answer length correlate on the held-out answers (Pearson r = "
+                    "%.2f): unless what your annotators prefer is itself longer, the model may "
+                    "be rewarding length; compare with --length-debias "
+                    "(docs/reward-models.md)", corr)
     if scores and scores[0].shape[-1] > 1:
         figures["eval_uncertainty_mean"] = float(torch.cat(list(scores)).std(
             -1, unbiased=False).mean())
