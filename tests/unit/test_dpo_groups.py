@@ -21,19 +21,24 @@ from rewardloop.train.group_balance import GroupDRO
 from rewardloop.train.split import split_by_prompt
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("dpo-groups")
-    tiny = build_tiny(d / "model", corpus_texts(100), vocab_size=300, hidden_size=16,
+def _pool_files(d: Path, corpus: int, n_train: int, n_eval: int) -> dict[str, Path]:
+    """A tiny model, the groups file and train/eval pairs judged by the opposed-groups pool of
+    tests/unit/test_group_balance.py (6 majority, 2 minority annotators)."""
+    tiny = build_tiny(d / "model", corpus_texts(corpus), vocab_size=300, hidden_size=16,
                       num_layers=1, num_heads=2, max_position=256)
     pool = opposed_groups_pool({"polite": 1.0, "brief": 2.0}, "brief")
     out = {"tiny": tiny, "groups": d / "groups.json"}
     out["groups"].write_text(json.dumps({a.name: [a.group] for a in pool}))
-    for name, n, seed in (("train", 96, 0), ("eval", 48, 1000)):
+    for name, n, seed in (("train", n_train, 0), ("eval", n_eval, 1000)):
         rows = judge_offline(pool, candidate_rows(n, seed=seed), style_components, seed)
         out[name] = d / f"{name}.jsonl"
         out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _pool_files(tmp_path_factory.mktemp("dpo-groups"), 100, 96, 48)
 
 
 def test_weighted_loss_is_the_coefficient_weighted_sum_of_pair_losses() -> None:
@@ -137,15 +142,7 @@ def test_refusals(files: dict[str, Path], tmp_path: Path) -> None:
 def test_dpo_minmax_raises_the_worst_groups_accuracy(tmp_path: Path) -> None:
     """The group-balance proof for DPO: the pool of tests/unit/test_group_balance.py (6 majority
     and 2 minority annotators with the opposite taste for length), 1000 training pairs."""
-    tiny = build_tiny(tmp_path / "model", corpus_texts(200), vocab_size=300, hidden_size=16,
-                      num_layers=1, num_heads=2, max_position=256)
-    pool = opposed_groups_pool({"polite": 1.0, "brief": 2.0}, "brief")
-    paths = {"tiny": tiny, "groups": tmp_path / "groups.json"}
-    paths["groups"].write_text(json.dumps({a.name: [a.group] for a in pool}))
-    for name, n, seed in (("train", 1000, 0), ("eval", 500, 1000)):
-        rows = judge_offline(pool, candidate_rows(n, seed=seed), style_components, seed)
-        paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = _pool_files(tmp_path, 200, 1000, 500)
     opts = {"batch_size": 16, "max_steps": 150, "beta": 0.1, "group_step_size": 1.0}
     none = _train(paths, tmp_path / "none", **opts)["groups"]
     minmax = _train(paths, tmp_path / "minmax", group_balance="minmax", **opts)["groups"]

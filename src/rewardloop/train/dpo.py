@@ -57,7 +57,12 @@ from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.configs import PAIRWISE_FORMATS, UNPAIRED_FORMATS, DPOConfig
 from rewardloop.train.data import LengthGroupedSampler, rank_micro_batches, scheduler
 from rewardloop.train.early_stop import BestPoint, evaluation_due
-from rewardloop.train.group_balance import GroupDRO, group_summary, read_groups_file
+from rewardloop.train.group_balance import (
+    GroupDRO,
+    balanced_group_names,
+    group_summary,
+    read_groups_file,
+)
 from rewardloop.train.run import (
     RunDir,
     adamw,
@@ -564,14 +569,11 @@ def dpo_groups(cfg: DPOConfig, train: Sequence[Example], groups: Mapping[str, Se
     if cfg.annotator_groups is None:
         return None, None
     ids = [primary_group(e.annotator, groups) for e in train]
-    names = sorted(set(ids))
+    names = balanced_group_names(ids, cfg.group_balance, "pairs", "every row needs an "
+                                 f"annotator listed in {cfg.annotator_groups}")
     if cfg.group_balance == "none":
         return ids, None
-    if len(names) < 2:
-        raise UserError(f"--group-balance {cfg.group_balance} needs pairs from 2 or more "
-                        f"annotator groups, got {names}: every row needs an annotator listed in "
-                        f"{cfg.annotator_groups}")
-    return ids, GroupDRO(tuple(names), cfg.group_step_size)
+    return ids, GroupDRO(names, cfg.group_step_size)
 
 
 def eval_groups(policy: nn.Module, examples: Sequence[Example], ref: torch.Tensor,

@@ -41,6 +41,18 @@ def read_groups_file(path: Path) -> dict[str, list[str]]:
             for name, g in data.items()}
 
 
+def balanced_group_names(group_ids: Sequence[str], balance: str, what: str, hint: str
+                         ) -> tuple[str, ...]:
+    """The sorted group names of ``group_ids``; balancing (``balance`` other than none) needs
+    two or more of them, else a UserError naming the ``what`` (pairs, comparisons) and how to
+    give groups (``hint``)."""
+    names = tuple(sorted(set(group_ids)))
+    if balance != "none" and len(names) < 2:
+        raise UserError(f"--group-balance {balance} needs {what} from 2 or more annotator "
+                        f"groups, got {list(names)}: {hint}")
+    return names
+
+
 def equal_weights(group_ids: Sequence[str], weights: Sequence[float]) -> list[float]:
     """Weights rescaled so each group with weight carries total / G of it (G: such groups)."""
     totals: dict[str, float] = defaultdict(float)

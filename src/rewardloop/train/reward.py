@@ -62,6 +62,7 @@ from rewardloop.train.data import (
 from rewardloop.train.early_stop import BestPoint, evaluation_due
 from rewardloop.train.group_balance import (
     GroupDRO,
+    balanced_group_names,
     equal_weights,
     group_metric_sums,
     group_summary,
@@ -594,17 +595,14 @@ def balance_groups(items: list[Comparison], group_ids: Sequence[str], cfg: Rewar
                    ) -> tuple[list[Comparison], GroupDRO | None]:
     """``--group-balance``: equal reweighs the comparisons once; minmax returns the group DRO
     state that weighs every step (``train.group_balance``)."""
-    names = sorted(set(group_ids))
+    names = balanced_group_names(group_ids, cfg.group_balance, "comparisons", "give groups "
+                                 "with --annotator-groups or --db, and an annotator on every row")
     if cfg.group_balance == "none":
         return items, None
-    if len(names) < 2:
-        raise UserError(f"--group-balance {cfg.group_balance} needs comparisons from 2 or more "
-                        f"annotator groups, got {names}: give groups with --annotator-groups "
-                        "or --db, and an annotator on every row")
     if cfg.group_balance == "equal":
         weights = equal_weights(group_ids, [c.weight for c in items])
         return [replace(c, weight=w) for c, w in zip(items, weights, strict=True)], None
-    return items, GroupDRO(tuple(names), cfg.group_step_size)
+    return items, GroupDRO(names, cfg.group_step_size)
 
 
 def step_items(items: list[Comparison], batch: Sequence[int], group_ids: Sequence[str],
