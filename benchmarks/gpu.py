@@ -24,6 +24,10 @@ per token, over the card's dense bf16 peak) and the peak GPU memory.
 The script needs a CUDA build of torch, transformers and this package (and trl for TRL's side,
 which is skipped with a note when trl is missing). ``--shape tiny --device cpu`` is a quick run
 of the same code on a CPU, for checking the script itself (its figures mean nothing).
+``--sides rewardloop,rewardloop-full,trl`` adds ours with the logits materialised
+(``--no-chunked-lm-head``). On a CPU the memory columns are the side process's peak resident
+memory and its growth over the job; ``--shape wide-vocab --device cpu --precision fp32`` (Qwen2's
+vocabulary on a 2-layer body) is the CPU-sized check of the output head's memory.
 
     python -m benchmarks.gpu [--tasks sft,dpo,grpo] [--steps 20] [--batch-size 8]
 """
@@ -41,12 +45,19 @@ from typing import Any
 from benchmarks.common import median_after_warmup, print_table, run_side, step_timer
 
 SIDES = ("rewardloop", "trl")
+# Also runnable: ours with the logits materialised (--no-chunked-lm-head), to show what the
+# chunked output head saves: --sides rewardloop,rewardloop-full,trl.
+OUR_SIDES = ("rewardloop", "rewardloop-full")
 # Dense bf16 peak FLOP/s by card name (tensor cores, no sparsity), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "A100": 312e12,
              "L40S": 362e12, "A10G": 70e12}
 SHAPES = {
     "qwen2-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
                    "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936},
+    # Qwen2's vocabulary on a small body: the output head dominates, as it does for small
+    # models on long batches; CPU-sized (memory of the head's logits vs the chunked head).
+    "wide-vocab": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024},
 }
@@ -132,11 +143,13 @@ def tokens_per_step(task: str, args: argparse.Namespace) -> int:
     return args.batch_size * (args.prompt_len + args.new_tokens)
 
 
-def _ours(task: str, work: Path, args: argparse.Namespace) -> dict:
+def _ours(task: str, work: Path, args: argparse.Namespace, chunked_lm_head: bool = True
+          ) -> dict:
     common: dict[str, Any] = {"out": work / f"ours-{task}", "batch_size": args.batch_size,
                               "max_steps": args.steps, "lr": 1e-5, "device": args.device,
                               "overwrite": True, "dtype": "float32", "precision": args.precision,
-                              "gradient_checkpointing": args.gradient_checkpointing}
+                              "gradient_checkpointing": args.gradient_checkpointing,
+                              "chunked_lm_head": chunked_lm_head}
     if task == "sft":
         from rewardloop.train.sft import SFTConfig, train_sft
 
@@ -208,8 +221,12 @@ def run_one(task: str, side: str, work: Path, args: argparse.Namespace) -> dict:
             return {"skipped": "trl is not installed here"}
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    rss_start = _rss_gib()
     start = time.perf_counter()
-    summary = (_ours if side == "rewardloop" else _trl)(task, work, args)
+    if side in OUR_SIDES:
+        summary = _ours(task, work, args, chunked_lm_head=side == "rewardloop")
+    else:
+        summary = _trl(task, work, args)
     wall = time.perf_counter() - start
     step = summary.get("median_step_s")
     tokens_s = tokens_per_step(task, args) / step if step else None
@@ -220,7 +237,24 @@ def run_one(task: str, side: str, work: Path, args: argparse.Namespace) -> dict:
         out["mfu"] = tokens_s * flops_per_token(work / "model", args.seq_len) / peak
     if args.device.startswith("cuda"):
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the process's peak resident memory, above what it held when the job started
+        out["peak_rss_gib"] = _peak_rss_gib()
+        out["peak_rss_growth_gib"] = out["peak_rss_gib"] - rss_start
     return out
+
+
+def _rss_gib() -> float:
+    """Resident memory of this process now (Linux /proc), GiB."""
+    import os
+
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _side(task: str, side: str, work: Path, passthrough: list[str]) -> dict:
@@ -270,7 +304,7 @@ def main() -> None:
             print_table(f"{task}: {args.shape}, batch {args.batch_size}, {args.steps} steps, "
                         f"{args.precision} on {next(iter(results.values())).get('card')}",
                         results, ["wall_s", "median_step_s", "tokens_per_s", "mfu",
-                                  "peak_mem_gib"])
+                                  "peak_mem_gib", "peak_rss_gib", "peak_rss_growth_gib"])
             # For step time a ratio under 1 means ours is faster; for the others above 1.
 
 

@@ -167,6 +167,11 @@ class RuntimeOptions:
     a GPU that supports it, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory for ~30% more compute."""
+    chunked_lm_head: bool = True
+    """Compute token log-probs from the last hidden states a chunk of positions at a time,
+    never holding the whole (tokens x vocabulary) logits, and project each chunk again in the
+    backward pass (docs/distributed.md, "Memory"). Same numbers; --no-chunked-lm-head
+    materialises the logits instead."""
     dist_timeout: int = DEFAULT_TIMEOUT_S
     """Seconds a process waits for the others in a collective before it stops with an error
     (a dead or hung rank must not hang the run)."""

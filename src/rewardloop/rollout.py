@@ -21,6 +21,7 @@ from rewardloop.data.records import CandidatesRecord, Text
 from rewardloop.engines.base import Generator, Rollout, SamplingSettings
 from rewardloop.engines.factory import EngineOptions, make_generator
 from rewardloop.engines.hf import HFGenerator, position_ids, sample_tokens, warp_logits
+from rewardloop.lm_head import label_logps
 from rewardloop.models import load_policy, load_tokenizer
 from rewardloop.tokenize import encode
 from rewardloop.util.seed import seed_everything
@@ -47,22 +48,27 @@ def completion_forward(model: Any, rollout: Rollout, temperature: float, *,
                        with_entropy: bool = False, entropy_grad: bool = False) -> ForwardOut:
     """Log-probs (and entropy) of the rollout's completion tokens under ``model``.
 
-    Only the logits that predict completion tokens are computed (``logits_to_keep``), so the
-    (B, T, V) tensor of the prompt part never exists. The entropy is a monitor computed without
-    gradient unless ``entropy_grad`` (an entropy bonus in the loss).
+    Only the positions that predict completion tokens are projected (``logits_to_keep``), and
+    those a chunk at a time (``lm_head.label_logps``): no (B, C, V) logits are kept. The entropy
+    is a monitor computed without gradient unless ``entropy_grad`` (an entropy bonus in the
+    loss; that one path materialises the logits).
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     width = rollout.completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask), use_cache=False,
-                   logits_to_keep=width + 1).logits  # (B, C + 1, V)
-    logits = logits[:, :-1]  # position t predicts completion token t: (B, C, V)
-    logps = ops.token_log_probs(logits, rollout.completion_ids, temperature)
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            scaled = logits / temperature if temperature != 1.0 else logits
-            entropy = ops.entropy_from_logits(scaled if entropy_grad else scaled.detach())
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids(attention_mask), "use_cache": False,
+              "logits_to_keep": width + 1}  # position t predicts completion token t
+    if with_entropy and entropy_grad and torch.is_grad_enabled():
+        # An entropy bonus needs the entropy's gradient: materialise the logits.
+        logits = model(**inputs).logits[:, :-1]  # (B, C, V)
+        logps = ops.token_log_probs(logits, rollout.completion_ids, temperature)
+        scaled = logits / temperature if temperature != 1.0 else logits
+        return ForwardOut(logps=logps, entropy=ops.entropy_from_logits(scaled))
+    # The last kept position predicts past the end: give it any valid id, then drop it.
+    labels = torch.cat([rollout.completion_ids, rollout.completion_ids[:, -1:]], dim=1)
+    out = label_logps(model, inputs, labels, temperature, with_entropy=with_entropy)
+    logps = out.logps[:, :-1]
+    entropy = out.entropy[:, :-1] if out.entropy is not None else None
     return ForwardOut(logps=logps, entropy=entropy)
 
 

@@ -41,7 +41,7 @@ from rewardloop.data.records import (
     response_text,
 )
 from rewardloop.errors import UserError
-from rewardloop.ops import token_log_probs
+from rewardloop.lm_head import label_logps
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,11 @@ def completion_token_logps(model: Any, batch: dict[str, torch.Tensor], temperatu
     first = int(completion.float().argmax(dim=1)[has_completion].min()) \
         if bool(has_completion.any()) else width
     start = max(0, first - 1)  # the logit at `start` predicts the first completion token
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"],
-                   logits_to_keep=width - start).logits  # (B, width - start, V)
-    part = token_log_probs(logits[:, :-1], input_ids[:, start + 1:], temperature)
+    # The last kept position predicts past the end: give it any valid id, then drop it.
+    labels = torch.cat([input_ids[:, start + 1:], input_ids[:, -1:]], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"],
+              "logits_to_keep": width - start}
+    part = label_logps(model, inputs, labels, temperature).logps[:, :-1]  # (B, width-start-1)
     logps = part.new_zeros((input_ids.shape[0], width - 1))
     logps[:, start:] = part
     return logps, completion[:, 1:].to(logps.dtype)

@@ -124,5 +124,6 @@ def test_impossible_options_are_refused() -> None:
 
 def test_every_runtime_option_is_documented() -> None:
     docs = field_docs(RuntimeOptions)
-    assert set(docs) == {"strategy", "precision", "gradient_checkpointing", "dist_timeout"}
+    assert set(docs) == {"strategy", "precision", "gradient_checkpointing", "chunked_lm_head",
+                         "dist_timeout"}
     assert all(len(text) > 30 for text in docs.values())

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rewardloop.errors import TrainingError, UserError
+from rewardloop.lm_head import FULL_LOGITS_ATTR
 from rewardloop.options import PRECISIONS, STRATEGIES, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Runtime:
         self.strategy = self._strategy(options.strategy)
         self.precision = self._precision(options.precision)
         self.gradient_checkpointing = options.gradient_checkpointing
+        self.chunked_lm_head = options.chunked_lm_head
         self.timeout_s = options.dist_timeout
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self._mesh: Any = None
@@ -233,12 +235,14 @@ class Runtime:
         if trainable and self.gradient_checkpointing:
             _enable_checkpointing(model)
         if self.strategy == "fsdp":
-            return self._fully_shard(model)
-        if self.strategy == "ddp" and trainable:
+            model = self._fully_shard(model)
+        elif self.strategy == "ddp" and trainable:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids)
+            model = DistributedDataParallel(model, device_ids=ids)
+        if not self.chunked_lm_head:
+            setattr(model, FULL_LOGITS_ATTR, True)
         return model
 
     def _fully_shard(self, model: nn.Module) -> nn.Module:

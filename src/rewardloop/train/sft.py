@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewardloop import losses, ops
+from rewardloop import losses
 from rewardloop.data.formats import read_records
 from rewardloop.data.records import SFTRecord
 from rewardloop.errors import UserError
+from rewardloop.lm_head import label_logps
 from rewardloop.models import (
     LoraSettings,
     load_policy,
@@ -159,9 +160,12 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], global_tokens: f
 
     Logits at position t predict token t+1, so targets are shifted by one.
     """
-    inputs = {k: v for k, v in batch.items() if k != "targets"}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    token_logps = ops.token_log_probs(logits[:, :-1], batch["input_ids"][:, 1:])  # (B, T-1)
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "targets"}
+    inputs["use_cache"] = False
+    ids = batch["input_ids"]
+    # The last position predicts past the end: give it any valid id, then drop it.
+    labels = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    token_logps = label_logps(model, inputs, labels).logps[:, :-1]  # (B, T-1)
     loss, _ = losses.nll_loss(token_logps, batch["targets"][:, 1:], global_tokens=global_tokens)
     return loss
 

@@ -1,0 +1,224 @@
+"""Token log-probs straight from the final hidden states, a chunk of positions at a time.
+
+The vocabulary projection of a causal LM makes a (tokens x vocabulary) tensor: 8 x 1024 tokens
+of a 151,936-word vocabulary is 2.5 GiB in bf16, and the float32 log-softmax kept for the
+backward pass doubles it. Every trainer only needs one number per position, the log-prob of the
+token that follows. ``label_logps`` runs the model with its output head swapped, for the one
+call, for a head that projects ``_CHUNK_ELEMENTS`` logits at a time, keeps the log-prob of the
+label and the log-normaliser, and throws the logits away; the backward pass projects each chunk
+again (one extra matmul of the head, ~1/3 of the head's cost) to form the gradient. Peak memory
+for the head goes from O(tokens x V) to O(chunk x V), whatever the batch.
+
+The swap happens inside the model's own forward, so DDP's and FSDP2's hooks run as always (the
+head's weight is read while FSDP2 holds it gathered). The numbers equal the materialised path's:
+the same projection in the same compute dtype (autocast's, or the weights' own), then a float32
+log-softmax. A model whose forward transforms the head's output (logit soft-capping, scaling)
+is seen doing so (the output it returns is not the head's) and is run the ordinary way from
+then on, with a warning. ``--no-chunked-lm-head`` (``RuntimeOptions``) turns it off for a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewardloop import ops
+
+log = logging.getLogger(__name__)
+
+# Logits one chunk may hold (float32): 32M = 128 MiB; the backward pass holds ~3 such at once.
+_CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+FULL_LOGITS_ATTR = "rewardloop_full_logits"
+"""Set (True) on a model (or its wrapper) to make ``label_logps`` materialise the logits."""
+_UNFIT_ATTR = "_rewardloop_head_unfit"
+
+
+@dataclass(frozen=True)
+class LabelLogps:
+    """What ``label_logps`` gives: per-position log-probs and, if asked, entropies."""
+
+    logps: torch.Tensor
+    """(B, K) log-prob of each position's label under softmax(logits / temperature), float32
+    (or the logits' dtype when that is wider)."""
+    entropy: torch.Tensor | None
+    """(B, K) entropy of softmax(logits / temperature) at each position, without gradient."""
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer would compute in here: autocast's when it is on."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, vocab))
+
+
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """log softmax(h W^T / T)[label] over rows of h, ``rows`` at a time, and its gradient.
+
+    Saves h, W, the labels and one log-normaliser per row (not the logits). With p the softmax,
+    d logp / d z = onehot(label) - p, and z = h W^T / T, so per chunk
+    dh = g (onehot - p) W / T and dW = ((onehot - p) g)^T h / T.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                temperature: float, rows: int, dtype: torch.dtype, with_entropy: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        logps = torch.empty(n, dtype=out_dtype, device=hidden.device)
+        lse = torch.empty(n, dtype=out_dtype, device=hidden.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=out_dtype, device=hidden.device)
+        w = weight.to(dtype)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            z = (hidden[start:stop].to(dtype) @ w.T).to(out_dtype)
+            if temperature != 1.0:
+                z = z / temperature
+            norm = torch.logsumexp(z, dim=-1)
+            logps[start:stop] = z.gather(-1, labels[start:stop, None]).squeeze(-1) - norm
+            lse[start:stop] = norm
+            if with_entropy:
+                p = torch.exp(z - norm[:, None])
+                entropy[start:stop] = norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: torch.Tensor, _grad_entropy: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, labels, lse = ctx.saved_tensors
+        temperature, rows, dtype = ctx.temperature, ctx.rows, ctx.dtype
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+                       if want_weight else None)
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], rows):
+            stop = min(hidden.shape[0], start + rows)
+            h = hidden[start:stop].to(dtype)
+            z = (h @ w.T).to(lse.dtype)
+            if temperature != 1.0:
+                z = z / temperature
+            g = grad_logps[start:stop, None].to(lse.dtype)
+            dz = torch.exp(z - lse[start:stop, None]).mul_(-g)
+            dz.scatter_add_(-1, labels[start:stop, None], g)
+            if temperature != 1.0:
+                dz = dz / temperature
+            dz_c = dz.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = (dz_c @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (dz_c.T @ h).to(lse.dtype)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None, None, None, None, None)
+
+
+def chunked_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        temperature: float = 1.0, *, with_entropy: bool = False,
+                        rows: int | None = None) -> LabelLogps:
+    """Log-probs of ``labels`` under softmax(hidden @ weight.T / temperature), chunked.
+
+    hidden (..., H), weight (V, H), labels (...) -> (...) each; the projection runs in the
+    compute dtype (autocast's when on), the softmax in float32. ``rows``: positions per chunk
+    (default: 32M logits' worth).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = labels.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    logps, entropy = _ChunkedLabelLogps.apply(
+        flat_hidden, weight, labels.reshape(-1), float(temperature),
+        rows or _rows_per_chunk(weight.shape[0]), _compute_dtype(flat_hidden), with_entropy)
+    return LabelLogps(logps=logps.view(shape),
+                      entropy=entropy.view(shape) if with_entropy else None)
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's vocabulary projection when ``label_logps`` can stand in for it: a plain
+    linear layer without bias (through DDP and PEFT wrappers); None otherwise."""
+    inner: Any = model.module if isinstance(
+        model, torch.nn.parallel.DistributedDataParallel) else model
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear and not (  # FSDP2 subclasses the module's class
+            isinstance(head, nn.Linear) and type(head).__name__.startswith("FSDP")):
+        return None
+    if head.bias is not None or getattr(head, _UNFIT_ATTR, False):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _head_replaced(head: nn.Linear, labels: torch.Tensor, temperature: float,
+                   with_entropy: bool, made: list[LabelLogps]) -> Iterator[None]:
+    """``head`` returns the chunked log-probs (as (B, K, 1)) instead of logits, for a while."""
+    saved = head.__dict__.get("forward")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"label_logps: the head saw positions {tuple(hidden.shape[:-1])}, "
+                             f"labels are {tuple(labels.shape)} (logits_to_keep must match)")
+        result = chunked_label_logps(hidden, head.weight, labels, temperature,
+                                     with_entropy=with_entropy)
+        made.append(result)
+        return result.logps.unsqueeze(-1)
+
+    head.forward = forward  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved  # type: ignore[method-assign]
+
+
+def label_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor,
+                temperature: float = 1.0, *, with_entropy: bool = False) -> LabelLogps:
+    """Run ``model(**inputs)`` and give, at each position whose logits it would return, the
+    log-prob of ``labels`` there (B, K) — chunked when the model allows, else from the logits.
+
+    ``labels`` has the shape of the returned logits without the vocabulary (so with
+    ``logits_to_keep=K`` it is (B, K)); every entry must be a valid token id (positions the
+    caller will mask may hold any). The entropy (``with_entropy``) carries no gradient.
+    """
+    head = None if getattr(model, FULL_LOGITS_ATTR, False) else output_head(model)
+    if head is not None:
+        made: list[LabelLogps] = []
+        with _head_replaced(head, labels, temperature, with_entropy, made):
+            out = model(**inputs)
+        if len(made) == 1 and out.logits is not None and \
+                out.logits.data_ptr() == made[0].logps.data_ptr():
+            # From the model's output, not the head's: FSDP2 hooks the output's gradient to
+            # gather the parameters again before the head's backward runs.
+            return LabelLogps(logps=out.logits[..., 0], entropy=made[0].entropy)
+        setattr(head, _UNFIT_ATTR, True)
+        log.warning("%s changes its output head's logits (soft-capping or scaling?): token "
+                    "log-probs are computed from the whole logits for it",
+                    type(model).__name__)
+    return _from_logits(model(**inputs).logits, labels, temperature, with_entropy)
+
+
+def _from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                 with_entropy: bool) -> LabelLogps:
+    logps = ops.token_log_probs(logits, labels, temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            scaled = logits / temperature if temperature != 1.0 else logits
+            entropy = ops.entropy_from_logits(scaled)
+    return LabelLogps(logps=logps, entropy=entropy)
