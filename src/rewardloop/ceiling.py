@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rewardloop.data.records import PairRecord, RankingRecord
+from rewardloop.metrics import pair_credit
 
 Vote = tuple[Hashable, str | None, int]
 
@@ -62,9 +63,9 @@ def text_key(text: Any) -> str:
 
 
 def majority_credit(value: int, others: Sequence[int]) -> float:
-    """Credit of a strict ``value`` (+1/-1) against the ``others``' votes (ties count 0)."""
-    balance = sum(o * value for o in others)
-    return 1.0 if balance > 0 else 0.5 if balance == 0 else 0.0
+    """Credit of a strict ``value`` (+1/-1) against the ``others``' votes (ties count 0): the
+    ``metrics.pair_credit`` of their balance, the rule a reward model's accuracy follows."""
+    return float(pair_credit(sum(o * value for o in others)))
 
 
 def label_ceiling(votes: Iterable[Vote]) -> Ceiling:

@@ -28,6 +28,7 @@ from rewardloop.eval.alarms import AlarmSettings, best_index, check_alarms
 from rewardloop.loop_config import LoopConfig, round_dir, run_stage
 from rewardloop.loop_stages import (
     RoundContext,
+    check_for_groups,
     stage_eval,
     stage_feedback,
     stage_generate,
@@ -118,6 +119,8 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
     """
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.workdir / "config.yaml", _yaml(config_to_dict(cfg)))
+    if cfg.for_groups is not None:
+        check_for_groups(cfg)  # refused now, not after a round's sampling
     records = []
     for n in range(1, cfg.rounds + 1):
         ctx = RoundContext(cfg, n)

@@ -51,6 +51,12 @@ class LoopConfig:
     """How prompts are picked for feedback: random."""
     overlap: int = 1
     """Annotators per task."""
+    for_groups: str | None = None
+    """Aim each round's new tasks at the annotator groups that fall behind in the store (such a
+    task is handed only to its group's annotators), as ``generate --for-groups``: fewest
+    (judgments, with open aimed tasks) or uncertain (judgments weighed by the group's own
+    agreement; needs overlap >= 2). Until the store holds a judgment nobody is behind, so a new
+    loop's first round is for everyone. None = every task for everyone. See docs/groups.md."""
     db: str | None = None
     """Store URL; None = sqlite:///WORKDIR/loop.db."""
     pool: Path | None = None
@@ -110,6 +116,7 @@ class LoopConfig:
             raise ValueError(f"selection must be one of {list(SELECTIONS)}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}")
+        self._check_for_groups()
         if self.pool is not None and not (self.pool_gold or self.gold):
             raise ValueError("a simulated pool needs gold (or pool_gold) to judge by")
         if self.arena and self.pool is None:
@@ -126,6 +133,18 @@ class LoopConfig:
                 raise ValueError(f"{name} must be a mapping of config keys")
         check_report_to(self.report_to)  # before a round runs, not at its first trainer
         self.engine()
+
+    def _check_for_groups(self) -> None:
+        if self.for_groups is None:
+            return
+        from rewardloop.feedback.audience import AIMS  # the store's modules: not at start-up
+
+        if self.for_groups not in AIMS:
+            raise ValueError(f"for_groups must be one of {list(AIMS)}, got {self.for_groups!r}")
+        if self.for_groups == "uncertain" and self.overlap < 2:
+            raise ValueError("for_groups: uncertain weighs judgments by each group's agreement "
+                             "with itself, measured on tasks two annotators judged: it needs "
+                             "overlap >= 2")
 
     def engine(self) -> EngineOptions:
         """The generation engine options (``generation``), validated."""

@@ -20,11 +20,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from rewardloop.config import load_config
 from rewardloop.data.formats import read_as, write_records
 from rewardloop.data.load import load_pairs
 from rewardloop.data.records import CandidatesRecord, PairRecord, PromptRecord
-from rewardloop.data.schema import Batch
+from rewardloop.data.schema import Batch, ComparisonTask, Judgment
 from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 from rewardloop.eval.alarms import AlarmSettings, check_alarms
@@ -38,9 +41,11 @@ from rewardloop.eval.evaluate import (
     write_eval,
 )
 from rewardloop.eval.report import read_metrics
+from rewardloop.feedback import audience as A
+from rewardloop.feedback import select as S
 from rewardloop.feedback import tasks as T
 from rewardloop.feedback.quality import annotators_from_db, quality_report
-from rewardloop.feedback.simulate import load_pool, simulate
+from rewardloop.feedback.simulate import ensure_annotators, load_pool, simulate
 from rewardloop.loop_config import LoopConfig, read_marker, round_dir
 from rewardloop.util.files import atomic_write_text
 
@@ -133,25 +138,69 @@ def stage_generate(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 
 def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
-    """Comparison tasks for every pair of a row's answers, in batch ``round-N``. A batch that
-    already has tasks (a creation that committed before an interruption) is kept as is."""
-    candidates = ctx.dir / "generate" / "candidates.jsonl"
-    rows = [json.loads(line) for line in candidates.read_text().splitlines() if line.strip()]
+    """Comparison tasks for every pair of a row's answers, in batch ``round-N``; with
+    ``for_groups`` aimed at the annotator groups behind. A batch that already has tasks (a
+    creation that committed before an interruption) is kept as is."""
+    rows = read_as(ctx.dir / "generate" / "candidates.jsonl", "candidates", CandidatesRecord)
     store = ctx.store()
+    figures: dict[str, Any] = {"batch": ctx.batch, "overlap": ctx.cfg.overlap}
     try:
         with store.write() as session:
-            existing = session.query(Batch).filter(Batch.name == ctx.batch).one_or_none()
-            progress = T.batch_progress(session, existing) if existing is not None else None
-            if progress is None or progress["tasks"] == 0:
-                batch = T.get_or_create_batch(session, ctx.batch)
-                made = T.create_tasks_from_candidates(session, rows, overlap=ctx.cfg.overlap,
-                                                      batch=batch, path=str(candidates))
-                count = len(made)
-            else:
-                count = progress["tasks"]
+            batch = T.get_or_create_batch(session, ctx.batch)
+            count = T.batch_progress(session, batch)["tasks"]
+            if count == 0:
+                planned = S.Plan([S.PlannedTask("select", r, a, b, ctx.cfg.overlap)
+                                  for r, a, b in S.candidate_pairs(rows)])
+                if ctx.cfg.for_groups is not None:
+                    planned, figures["aiming"] = aim_tasks(ctx.cfg, session, planned)
+                    log.info("round %d: %s", ctx.n, figures["aiming"])
+                count = len(S.create_planned_tasks(session, planned, rows, batch=batch))
+            figures.update(tasks=count, aimed=_audiences(session, batch))
     finally:
         store.dispose()
-    return {"batch": ctx.batch, "tasks": count, "overlap": ctx.cfg.overlap}
+    return figures
+
+
+def _audiences(session: Session, batch: Batch) -> dict[str, int]:
+    """Tasks of ``batch`` per audience (group); tasks for everyone are not counted."""
+    return {str(g): int(n) for g, n in session.execute(
+        select(ComparisonTask.audience, func.count())
+        .where(ComparisonTask.batch_id == batch.id, ComparisonTask.audience.is_not(None))
+        .group_by(ComparisonTask.audience).order_by(ComparisonTask.audience))}
+
+
+def aim_tasks(cfg: LoopConfig, session: Session, planned: S.Plan) -> tuple[S.Plan, str]:
+    """``for_groups``: ``planned`` aimed at the groups behind (``feedback.audience``) and the
+    line saying how. Until the store holds a judgment nobody is behind, and ``uncertain`` has no
+    agreement to weigh by: the levels are then the open aimed labels alone (``fewest``).
+    Refused in one line when a group has fewer active annotators than ``overlap``: the tasks
+    aimed at it could never be completed, and the feedback stage would wait for them."""
+    assert cfg.for_groups is not None  # the caller's condition
+    judged = session.scalar(select(func.count()).select_from(Judgment))
+    how = cfg.for_groups if judged else "fewest"
+    needs = A.needs_from_store(session, how)
+    short = [n for n in needs if n.members < cfg.overlap]
+    if short:
+        raise UserError(
+            f"for_groups: group {short[0].group!r} has {short[0].members} active annotator(s), "
+            f"fewer than the {cfg.overlap} each task wants (overlap), so tasks aimed at it "
+            "could never be completed; lower overlap or add annotators to the group")
+    aimed = A.aim(needs, planned)
+    return aimed, A.describe(needs, aimed, how)
+
+
+def check_for_groups(cfg: LoopConfig) -> None:
+    """Refuse (one line) a ``for_groups`` the store cannot serve before any sampling: what the
+    tasks stage would find now. A simulated pool's annotators are registered first (the
+    feedback stage would register them anyway), so that their groups count."""
+    store = Store(cfg.db_url)
+    try:
+        if cfg.pool is not None:
+            ensure_annotators(store, load_pool(cfg.pool))
+        with store.read() as session:
+            aim_tasks(cfg, session, S.Plan())
+    finally:
+        store.dispose()
 
 
 def _progress(store: Store, batch: str) -> dict[str, Any]:

@@ -43,14 +43,21 @@ def _soft_bce(logits: torch.Tensor, target: torch.Tensor | float) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 
+def _pair_credit(margin: torch.Tensor) -> torch.Tensor:
+    """1 / 0.5 / 0 for a positive / exactly zero / negative margin (``metrics.pair_credit`` on
+    tensors, which stay on their device)."""
+    return (torch.sign(margin) + 1.0) / 2.0
+
+
 def preference_accuracy(
     r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Fraction of non-tie pairs with r_chosen > r_rejected (an exact tie of scores counts 0).
+    """Fraction of non-tie pairs with r_chosen > r_rejected, an exact tie of the two scores
+    counting half (``metrics.pair_credit``'s rule, that of the label ceiling).
 
     (B,), (B,), optional tie mask (B,) -> scalar. NaN if every pair is a tie.
     """
-    correct = (r_chosen > r_rejected).float()
+    correct = _pair_credit(r_chosen - r_rejected)
     if tie is None:
         return correct.mean()
     strict = ~tie.bool()
@@ -120,15 +127,16 @@ def plackett_luce_loss(
 
 
 def ranking_accuracy(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """Fraction of strictly ordered pairs (i better than j) with score_i > score_j.
+    """Fraction of strictly ordered pairs (i better than j) with score_i > score_j, an exact
+    tie of the two scores counting half (as ``preference_accuracy``).
 
     scores, ranks: (B, K) as in ``plackett_luce_loss`` -> scalar (NaN if no ordered pair).
     """
     present = ranks >= 0
     both = present.unsqueeze(2) & present.unsqueeze(1)
     better = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & both  # [b, i, j]: i ranked above j
-    correct = (scores.unsqueeze(2) > scores.unsqueeze(1)) & better
-    return correct.sum() / better.sum()
+    credit = _pair_credit(scores.unsqueeze(2) - scores.unsqueeze(1))  # (B, K, K)
+    return torch.where(better, credit, 0.0).sum() / better.sum()
 
 
 def reward_centering_loss(rewards: torch.Tensor, coef: float) -> torch.Tensor:

@@ -199,10 +199,21 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = GROUP_N_BOOT, se
     return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
 
 
-def accuracy_by_group(correct: Sequence[bool], group_of_pair: Sequence[str], *,
+def pair_credit(margins: Any) -> np.ndarray:
+    """Credit for ordering each pair by its signed margin (the judged better side's score minus
+    the worse side's): 1 when > 0, 0.5 when exactly 0 (no side taken: a coin flip), 0 when < 0.
+
+    The one rule of a reward model's pairwise accuracy and of the label ceiling (whose margin is
+    the other annotators' balance), so that "accuracy X of a ceiling of Y" compares like with
+    like (docs/sft-rm.md).
+    """
+    return (np.sign(np.asarray(margins, dtype=float)) + 1.0) / 2.0
+
+
+def accuracy_by_group(correct: Sequence[float], group_of_pair: Sequence[str], *,
                       n_boot: int = GROUP_N_BOOT, seed: int = 0) -> dict[str, dict[str, Any]]:
     """A reward model's accuracy on each group's judged answer pairs, with a bootstrap
-    interval (``correct[i]``: the model ordered pair i as its annotator did)."""
+    interval (``correct[i]``: the credit of pair i, ``pair_credit``; True/False count 1/0)."""
     by: dict[str, list[float]] = defaultdict(list)
     for ok, g in zip(correct, group_of_pair, strict=True):
         by[g].append(float(ok))

@@ -3,15 +3,20 @@ in the same state as an uninterrupted run; ``loop status`` and the CLI read it b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy import select
 from typer.testing import CliRunner
 
+from rewardloop.data.schema import Annotator, ComparisonTask
+from rewardloop.data.store import Store
 from rewardloop.loop import STAGE_TABLE, run_loop
 from rewardloop.loop_config import STAGES, LoopConfig, loop_status
+from rewardloop.loop_stages import check_for_groups
 
 GOLD = "rewardloop.synthetic:gold_score"
 
@@ -120,3 +125,113 @@ def test_loop_config_errors(setup: dict[str, Path], tmp_path: Path) -> None:
     assert "algorithm must be one of" in result.output
     with pytest.raises(ValueError, match="arena"):
         LoopConfig(policy="x", prompts=Path("p"), arena=True)
+
+
+# -- for_groups: the round's tasks aimed at the annotator groups behind ----------------------------
+
+
+def _group_pool(path: Path, groups: dict[str, int]) -> Path:
+    path.write_text(yaml.safe_dump({"annotators": [
+        {"name": f"{g}-{{i}}", "count": n, "group": g, "temperature": 0.5}
+        for g, n in groups.items()]}))
+    return path
+
+
+def _seeded_store(url: str, pool: Path) -> None:
+    """8 tasks for everyone judged in turn by 3 majority and 1 minority annotators: 2 judgments
+    each, so the majority holds 6 and the minority 2."""
+    from rewardloop.feedback import tasks as T
+    from rewardloop.feedback.simulate import load_pool, simulate
+    from rewardloop.synthetic import candidate_rows
+
+    rows = [r for r in candidate_rows(16, seed=0) if len(set(r["responses"])) == 2][:8]
+    store = Store(url)
+    try:
+        with store.write() as s:
+            T.create_tasks_from_candidates(s, rows, batch=T.get_or_create_batch(s, "before"))
+        assert simulate(store, load_pool(pool), GOLD, batch="before").total == 8
+    finally:
+        store.dispose()
+
+
+def _round1_tasks(url: str) -> list[tuple[str | None, list[str]]]:
+    """Round 1's tasks in hand-out order: (audience, names of who judged it)."""
+    store = Store(url)
+    try:
+        with store.read() as s:
+            tasks = s.scalars(select(ComparisonTask).where(ComparisonTask.batch.has(
+                name="round-1")).order_by(ComparisonTask.priority.desc()))
+            return [(t.audience, sorted(j.annotator.name for j in t.judgments)) for t in tasks]
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("for_groups", [None, "fewest"])
+def test_for_groups_aims_the_rounds_tasks_at_the_group_behind(
+        setup: dict[str, Path], tmp_path: Path, for_groups: str | None) -> None:
+    """The minority holds 2 judgments against the majority's 6: with ``for_groups: fewest`` the
+    round's first 4 tasks (one label each) are for the minority, which then stands level, and
+    the pool's feedback stage gets them judged by minority annotators only; without it every
+    task is for everyone."""
+    pool = _group_pool(tmp_path / "groups.yaml", {"majority": 3, "minority": 1})
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    _seeded_store(url, pool)
+    cfg = dataclasses.replace(_config(setup, tmp_path / "run"), db=url, pool=pool, rounds=1,
+                              for_groups=for_groups)
+
+    def stop_after_feedback(n: int, stage: str) -> None:
+        if stage == "feedback":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_loop(cfg, after_stage=stop_after_feedback)
+    tasks = _round1_tasks(url)
+    assert len(tasks) >= 5
+    figures = json.loads((tmp_path / "run" / "round-1" / "tasks" / "DONE.json").read_text())
+    if for_groups is None:
+        assert [audience for audience, _ in tasks] == [None] * len(tasks)
+        assert figures["figures"]["aimed"] == {} and "aiming" not in figures["figures"]
+        return
+    assert [audience for audience, _ in tasks] == ["minority"] * 4 + [None] * (len(tasks) - 4)
+    assert [who for _, who in tasks[:4]] == [["minority-1"]] * 4
+    assert figures["figures"]["aimed"] == {"minority": 4}
+    assert figures["figures"]["aiming"] == (
+        f"aimed 4 of {len(tasks)} tasks at groups (fewest): minority 4; judgments (+ open aimed "
+        "labels): majority 6, minority 2")
+
+
+def test_for_groups_refused_before_sampling(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A pool of one group, an unknown rule, uncertain without overlap, a group smaller than
+    the overlap: one line, exit 2, before round 1 samples anything. A fresh store with a pool
+    of two groups is fine, even for uncertain: the pool is registered, nobody is behind yet."""
+    from rewardloop.cli import app
+
+    def refused(message: str, **keys: object) -> None:
+        config = tmp_path / "loop.yaml"
+        config.write_text(yaml.safe_dump({
+            "policy": str(setup["model"]), "prompts": str(setup["prompts"]),
+            "workdir": str(tmp_path / "run"), "gold": GOLD, **keys}))
+        result = CliRunner().invoke(app, ["loop", "--config", str(config)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "run" / "round-1").exists()
+
+    one = str(_group_pool(tmp_path / "one.yaml", {"majority": 2}))
+    refused("needs active annotators of 2 or more groups in the store", pool=one,
+            for_groups="fewest")
+    refused("for_groups must be one of ['fewest', 'uncertain'], got 'most'", for_groups="most")
+    refused("it needs overlap >= 2", for_groups="uncertain")
+    two = str(_group_pool(tmp_path / "two.yaml", {"majority": 3, "minority": 1}))
+    refused("group 'minority' has 1 active annotator(s), fewer than the 2 each task wants",
+            pool=two, for_groups="fewest", overlap=2, db=f"sqlite:///{tmp_path / 'a.db'}")
+    even = _group_pool(tmp_path / "even.yaml", {"majority": 2, "minority": 2})
+    fresh = dataclasses.replace(_config(setup, tmp_path / "fresh"), pool=even, overlap=2,
+                                for_groups="uncertain", db=f"sqlite:///{tmp_path / 'fresh.db'}")
+    check_for_groups(fresh)  # no judgment yet: nobody is behind, no agreement is needed
+    store = Store(fresh.db_url)
+    try:
+        with store.read() as s:
+            assert sorted(s.scalars(select(Annotator.name))) == [
+                "majority-1", "majority-2", "minority-1", "minority-2"]
+    finally:
+        store.dispose()

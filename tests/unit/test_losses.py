@@ -118,6 +118,10 @@ def test_plackett_luce_mixed_lengths_in_one_batch() -> None:
 def test_ranking_accuracy_with_ties() -> None:
     close(L.ranking_accuracy(S3, torch.tensor([[1, 0, 0]])), 1.0)   # pairs (1,0), (2,0)
     close(L.ranking_accuracy(S3, torch.tensor([[0, 0, 1]])), 0.0)   # pairs (0,2), (1,2)
+    # Equal scores of a strictly ordered pair earn half: (0,1) tied 0.5, (0,2) and (1,2) right;
+    # the absent fourth answer (-1) makes no pair.
+    scores = torch.tensor([[1.0, 1.0, 0.0, 5.0]], dtype=torch.float64)
+    close(L.ranking_accuracy(scores, torch.tensor([[0, 1, 2, -1]])), 2.5 / 3)
 
 
 def test_reward_centering_loss() -> None:
@@ -127,7 +131,8 @@ def test_reward_centering_loss() -> None:
 
 
 def test_preference_accuracy() -> None:
-    close(L.preference_accuracy(t(1.0, 2.0, 3.0), t(0.0, 2.0, 4.0)), 1 / 3)
+    # right (1 > 0), equal scores (2 = 2: half credit, as the label ceiling's even split), wrong
+    close(L.preference_accuracy(t(1.0, 2.0, 3.0), t(0.0, 2.0, 4.0)), (1 + 0.5 + 0) / 3)
     close(L.preference_accuracy(t(1.0, 2.0, 3.0), t(0.0, 2.0, 4.0),
                                 tie=torch.tensor([False, True, True])), 1.0)
 

@@ -87,6 +87,12 @@ def test_arena_ratings_intervals_contain_point() -> None:
         M.bradley_terry_ratings([("A", "B", 0.3)])
 
 
+def test_pair_credit_gives_an_exact_tie_half() -> None:
+    np.testing.assert_array_equal(M.pair_credit([2.0, 0.0, -0.5, -0.0, 1e-12]),
+                                  [1.0, 0.5, 0.0, 0.5, 1.0])
+    assert float(M.pair_credit(0)) == 0.5
+
+
 def test_ece_hand_worked() -> None:
     # bin [0.8, 0.9]: confidences 0.85, 0.85 with labels 1, 0 -> |0.5 - 0.85| = 0.35, weight 0.5
     # bin [0.1, 0.2]: confidences 0.15, 0.15 with labels 0, 0 -> |0 - 0.15| = 0.15, weight 0.5

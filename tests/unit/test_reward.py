@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -26,9 +27,12 @@ from rewardloop.train.reward import (
     annotator_info,
     apply_annotator_policy,
     comparison_loss,
+    group_figures,
     load_model,
     load_tokenizer_for,
     micro_loss,
+    pair_deltas,
+    pair_figures,
     read_comparisons,
     train_rm,
 )
@@ -194,3 +198,40 @@ def test_cli_refuses_wrong_kinds_and_impossible_options(tiny_dir: Path, tmp_path
                  "--weighting", "--exclude-flagged", "--annotator-weights", "--annotator-groups",
                  "--db", "--lora-r", "--resume"):
         assert flag in res.output
+
+
+def _answer(*ids: int) -> Encoded:
+    return Encoded([7, *ids], [0] + [1] * len(ids), 1, True)
+
+
+def test_held_out_pairs_leave_out_what_the_label_ceiling_leaves_out() -> None:
+    """r_better - r_worse of every strictly ordered pair, but not of a judged tie nor of a pair
+    of one answer twice (no model can order it; the ceiling skips it too)."""
+    a, b, c = _answer(1), _answer(2), _answer(3, 4)
+    items = [Comparison((a, b, c), (0, 1, 2), annotator="x"),    # 0 > 1, 0 > 2, 1 > 2
+             Comparison((a, b), (0, 0), annotator="y"),           # judged tie
+             Comparison((a, _answer(1)), (0, 1), annotator="y"),  # the same answer twice
+             Comparison((c, b), (1, 0))]                          # 1 > 0
+    mean = torch.tensor([[2.0, 1.0, 1.0], [1.0, 3.0, 0.0], [4.0, 4.0, 0.0], [5.0, 5.0, 0.0]])
+    assert pair_deltas(items, mean) == ([1.0, 1.0, 0.0, 0.0], ["x", "x", "x", None])
+
+
+def test_held_out_accuracy_gives_a_tie_of_rewards_half_credit(tmp_path: Path) -> None:
+    """Hand count: right, equal rewards, wrong, equal rewards: (1 + 0.5 + 0 + 0.5) / 4 = 0.5,
+    as the label ceiling credits an even split of the other annotators (counting a tie of
+    rewards wrong gave 0.25); the same rule per annotator, per group and in the groups
+    section."""
+    figures = pair_figures(np.array([1.0, 0.0, -1.0, 0.0]), ["x", "x", "x", None],
+                           {"x": ["north"]})
+    assert figures["eval_accuracy"] == pytest.approx(0.5)
+    assert figures["accuracy_by_annotator"] == {"x": {"accuracy": pytest.approx(0.5),
+                                                      "pairs": 3}}
+    assert figures["accuracy_by_group"] == {"north": {"accuracy": pytest.approx(0.5),
+                                                      "pairs": 3}}
+    cfg = RewardConfig(model="m", data=tmp_path / "d", out=tmp_path / "o")
+    held = [Comparison((_answer(1), _answer(2)), (0, 1), annotator="x"),
+            Comparison((_answer(1), _answer(3)), (0, 1), annotator="x")]
+    scores = [torch.tensor([[1.0], [1.0]]), torch.tensor([[2.0], [1.0]])]  # tie, right
+    section = group_figures(cfg, held, ["north", "north"], {"x": ["north"]}, None, held,
+                            scores)
+    assert section["by_group"]["north"]["accuracy"] == pytest.approx(0.75)

@@ -296,16 +296,17 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
     """Create the plan's pairwise tasks through ``feedback.tasks`` in the caller's transaction
     (run inside ``Store.write()``); priorities decrease along the plan so the queue follows it.
 
-    A candidate row's ``models[i]`` names the writer of answer i, else ``origin.model``.
+    A candidate row's ``models[i]`` names the writer of answer i, else ``origin.model``; its
+    ``id`` becomes a new prompt's external id.
     """
     origin = origin or Origin()
     created = []
     for position, item in enumerate(planned.tasks):
         row: CandidatesRecord | RankingRecord = (
             gold_rows[item.row] if item.role == "gold" else rows[item.row])
-        prompt = (T.get_or_create_prompt(session, messages=list(row.prompt))
+        prompt = (T.get_or_create_prompt(session, messages=list(row.prompt), external_id=row.id)
                   if isinstance(row.prompt, list)
-                  else T.get_or_create_prompt(session, text=row.prompt))
+                  else T.get_or_create_prompt(session, text=row.prompt, external_id=row.id))
         responses = [_response(session, prompt, row, i, origin) for i in (item.a, item.b)]
         by_index = {item.a: responses[0].id, item.b: responses[1].id}
         gold = ([[by_index[i] for i in g] for g in item.gold_ranking]

@@ -317,7 +317,10 @@ class SimulationSummary:
         return sum(self.judgments.values())
 
 
-def _ensure_annotators(store: Any, pool: Sequence[SimulatedAnnotator]) -> dict[str, int]:
+def ensure_annotators(store: Any, pool: Sequence[SimulatedAnnotator]) -> dict[str, int]:
+    """The store ids of the pool's annotators, get-or-created by name as ``kind="simulated"``
+    with ``groups=[group]`` (``simulate`` does it first; the loop too, before it aims tasks at
+    their groups)."""
     ids: dict[str, int] = {}
     with store.write() as s:
         for sim in pool:
@@ -408,7 +411,7 @@ def simulate(store: Any, pool: Sequence[SimulatedAnnotator], gold: GoldFn | str,
     if max_judgments is not None and max_judgments < 0:
         raise UserError("--max-judgments must be >= 0")
     batch_id = _batch_id(store, batch)
-    ids = _ensure_annotators(store, pool)
+    ids = ensure_annotators(store, pool)
     judges = [_Judge(sim, ids[sim.name], i, seed) for i, sim in enumerate(pool)]
     cache = _GoldCache(fn, spec)
     summary = SimulationSummary({sim.name: 0 for sim in pool})

@@ -156,11 +156,12 @@ class GroupDRO:
 
 def group_summary(balance: str, group_ids: Sequence[str], annotators: Sequence[str | None],
                   weights: Sequence[float], dro: GroupDRO | None,
-                  eval_correct: Sequence[bool], eval_groups: Sequence[str]) -> dict[str, Any]:
+                  eval_correct: Sequence[float], eval_groups: Sequence[str]) -> dict[str, Any]:
     """The ``groups`` section of a training summary: per group its training comparisons and
     annotators, the share of training weight it received (mean q under minmax), and the
     model's held-out accuracy on its judged pairs with a bootstrap interval; plus the worst
-    group. ``eval_*``: one entry per held-out ordered answer pair (empty without eval data)."""
+    group. ``eval_*``: one entry per held-out ordered answer pair (empty without eval data):
+    its credit (``metrics.pair_credit``) and group."""
     shares = dro.shares() if dro is not None else weight_shares(group_ids, weights)
     members: dict[str, set[str]] = defaultdict(set)
     comparisons: dict[str, int] = defaultdict(int)

@@ -40,7 +40,7 @@ from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.metrics import expected_calibration_error, primary_group
+from rewardloop.metrics import expected_calibration_error, pair_credit, primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -452,17 +452,18 @@ def reward_stats(scores: Sequence[torch.Tensor]) -> dict[str, Any]:
 
 def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
                  groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """Accuracy, calibration and per-annotator/group accuracy of r_better - r_worse (P,)."""
-    correct = deltas > 0
+    """Accuracy, calibration and per-annotator/group accuracy of r_better - r_worse (P,); an
+    exact tie of the two rewards earns half credit (``metrics.pair_credit``)."""
+    credit = pair_credit(deltas)
     probs = 1.0 / (1.0 + np.exp(-deltas))
     ece, bins = expected_calibration_error(np.concatenate([probs, 1 - probs]),
                                            np.concatenate([np.ones_like(probs),
                                                            np.zeros_like(probs)]))
-    figures: dict[str, Any] = {"eval_accuracy": float(correct.mean()), "eval_ece": ece,
+    figures: dict[str, Any] = {"eval_accuracy": float(credit.mean()), "eval_ece": ece,
                                "calibration_bins": bins}
-    by_name: dict[str, list[bool]] = defaultdict(list)
-    by_group: dict[str, list[bool]] = defaultdict(list)
-    for ok, name in zip(correct.tolist(), who, strict=True):
+    by_name: dict[str, list[float]] = defaultdict(list)
+    by_group: dict[str, list[float]] = defaultdict(list)
+    for ok, name in zip(credit.tolist(), who, strict=True):
         if name is None:
             continue
         by_name[name].append(ok)
@@ -492,13 +493,15 @@ def split_length_head(scores: Sequence[torch.Tensor], cfg: RewardConfig
     return [s[:, :-1] for s in scores], [s[:, :-1] + s[:, -1:] for s in scores]
 def pair_deltas(items: Sequence[Comparison], mean: torch.Tensor
                 ) -> tuple[list[float], list[str | None]]:
-    """r_better - r_worse of every strictly ordered answer pair of ``items`` (ties are left
-    out) and who judged it; ``mean``: (B, K) ensemble-mean rewards."""
+    """r_better - r_worse of every strictly ordered answer pair of ``items`` and who judged it;
+    ``mean``: (B, K) ensemble-mean rewards. Left out, as the label ceiling leaves them out:
+    judged ties, and pairs of one answer twice (the same tokens), which no model can order."""
     deltas, who = [], []
     for b, c in enumerate(items):
         for i in range(len(c.ranks)):
             for j in range(len(c.ranks)):
-                if c.ranks[i] < c.ranks[j]:  # i was preferred to j
+                preferred = c.ranks[i] < c.ranks[j]  # i was preferred to j
+                if preferred and c.responses[i].input_ids != c.responses[j].input_ids:
                     deltas.append(float(mean[b, i] - mean[b, j]))
                     who.append(c.annotator)
     return deltas, who
@@ -509,8 +512,9 @@ def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[
     """Held-out figures of the ensemble-mean reward.
 
     - ``eval_loss``: the objective's NLL (no margin, no smoothing: the data's log-likelihood);
-    - ``eval_accuracy``: share of strictly ordered answer pairs the reward orders right (ties
-      are left out); per annotator and per annotator group as well;
+    - ``eval_accuracy``: share of strictly ordered answer pairs the reward orders right, an
+      exact tie of rewards counting half (judged ties and pairs of identical answers are left
+      out, as in the label ceiling); per annotator and per annotator group as well;
     - ``eval_ece`` and ``calibration_bins``: calibration of σ(r_better - r_worse), counted in
       both orientations so the reliability diagram is symmetric;
     - ``length_correlation``: Pearson r of reward and answer length in tokens.
@@ -628,7 +632,7 @@ def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Seq
         g = primary_group(c.annotator, groups)
         reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
         deltas, _ = pair_deltas([c], reward[None])
-        correct += [d > 0 for d in deltas]
+        correct += pair_credit(deltas).tolist()
         eval_groups += [g] * len(deltas)
     section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
                             [c.weight for c in items], dro, correct, eval_groups)
