@@ -134,22 +134,49 @@ def chunked_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
 
     hidden (..., H), weight (V, H), labels (...) -> (...) each; the projection runs in the
     compute dtype (autocast's when on), the softmax in float32. ``rows``: positions per chunk
-    (default: 32M logits' worth).
+    (default: 32M logits' worth); a batch of at most one chunk goes through plain autograd.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    logps, entropy = _ChunkedLabelLogps.apply(
-        flat_hidden, weight, labels.reshape(-1), float(temperature),
-        rows or _rows_per_chunk(weight.shape[0]), _compute_dtype(flat_hidden), with_entropy)
+    rows = rows or _rows_per_chunk(weight.shape[0])
+    dtype = _compute_dtype(flat_hidden)
+    if flat_hidden.shape[0] <= rows:
+        # One chunk: keeping its logits for the backward pass costs at most one chunk, and
+        # saves projecting them again (small vocabularies and batches are faster this way).
+        logps, entropy = _one_chunk(flat_hidden, weight, labels.reshape(-1), temperature,
+                                    dtype, with_entropy)
+    else:
+        logps, entropy = _ChunkedLabelLogps.apply(
+            flat_hidden, weight, labels.reshape(-1), float(temperature), rows, dtype,
+            with_entropy)
     return LabelLogps(logps=logps.view(shape),
                       entropy=entropy.view(shape) if with_entropy else None)
 
 
+def _one_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+               temperature: float, dtype: torch.dtype, with_entropy: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_ChunkedLabelLogps.forward``'s numbers for one chunk, through autograd."""
+    out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    z = (hidden.to(dtype) @ weight.to(dtype).T).to(out_dtype)
+    if temperature != 1.0:
+        z = z / temperature
+    norm = torch.logsumexp(z, dim=-1)
+    logps = z.gather(-1, labels[:, None]).squeeze(-1) - norm
+    entropy = torch.empty(0, dtype=out_dtype, device=hidden.device)
+    if with_entropy:
+        with torch.no_grad():
+            p = torch.exp(z - norm[:, None])
+            entropy = norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+    return logps, entropy
+
+
 def output_head(model: nn.Module) -> nn.Linear | None:
     """The model's vocabulary projection when ``label_logps`` can stand in for it: a plain
-    linear layer without bias (through DDP and PEFT wrappers); None otherwise."""
+    linear layer without bias whose forward is its class's (through DDP and PEFT wrappers);
+    None otherwise."""
     inner: Any = model.module if isinstance(
         model, torch.nn.parallel.DistributedDataParallel) else model
     get = getattr(inner, "get_output_embeddings", None)
@@ -157,7 +184,8 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     if type(head) is not nn.Linear and not (  # FSDP2 subclasses the module's class
             isinstance(head, nn.Linear) and type(head).__name__.startswith("FSDP")):
         return None
-    if head.bias is not None or getattr(head, _UNFIT_ATTR, False):
+    # A forward already replaced on the instance (accelerate's device hooks) is left alone.
+    if head.bias is not None or getattr(head, _UNFIT_ATTR, False) or "forward" in vars(head):
         return None
     return head
 
@@ -166,7 +194,6 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 def _head_replaced(head: nn.Linear, labels: torch.Tensor, temperature: float,
                    with_entropy: bool, made: list[LabelLogps]) -> Iterator[None]:
     """``head`` returns the chunked log-probs (as (B, K, 1)) instead of logits, for a while."""
-    saved = head.__dict__.get("forward")
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:-1] != labels.shape:
@@ -181,10 +208,7 @@ def _head_replaced(head: nn.Linear, labels: torch.Tensor, temperature: float,
     try:
         yield
     finally:
-        if saved is None:
-            del head.forward
-        else:
-            head.forward = saved  # type: ignore[method-assign]
+        del head.forward
 
 
 def label_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rewardloop import ops
+from rewardloop import lm_head, ops
 from rewardloop.lm_head import FULL_LOGITS_ATTR, chunked_label_logps, label_logps, output_head
 from rewardloop.options import RuntimeOptions
 from rewardloop.rollout import completion_forward
@@ -52,6 +52,20 @@ def test_chunked_logps_entropy_and_gradients_equal_the_materialised_ones(tempera
     assert not got.entropy.requires_grad
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_a_batch_of_one_chunk_goes_through_autograd_with_the_same_numbers() -> None:
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(6, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (6,), generator=gen)
+    results = []
+    for rows in (6, 2):  # one chunk (autograd), three chunks (recomputed in backward)
+        out = chunked_label_logps(hidden, weight, labels, 0.8, with_entropy=True, rows=rows)
+        results.append((out.logps, out.entropy,
+                        *torch.autograd.grad(out.logps.sum(), [hidden, weight])))
+    for one, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(one, chunked, rtol=1e-12, atol=1e-12)
 
 
 def test_chunked_gradients_pass_torch_gradcheck() -> None:
@@ -116,7 +130,8 @@ def _saved_for_backward(fn: Any) -> tuple[Any, int]:
 
 
 def test_a_model_scored_chunked_equals_its_logits_and_keeps_no_vocabulary_wide_tensor(
-        llama: LlamaForCausalLM) -> None:
+        llama: LlamaForCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm_head, "_CHUNK_ELEMENTS", 5 * VOCAB)  # 5 positions a chunk
     batch = _batch(torch.Generator().manual_seed(3))
     params = [p for p in llama.parameters() if p.requires_grad]
 
@@ -207,3 +222,11 @@ def test_labels_that_do_not_match_the_kept_positions_are_refused(llama: LlamaFor
     with pytest.raises(ValueError, match="logits_to_keep must match"):
         label_logps(llama, {"input_ids": ids, "logits_to_keep": 3}, ids)
     assert "forward" not in llama.lm_head.__dict__
+
+
+def test_a_head_whose_forward_was_already_replaced_is_left_alone() -> None:
+    """accelerate's device hooks replace a module's forward on the instance: not ours to swap."""
+    model = _SoftCapped()
+    assert output_head(model) is model.head
+    model.head.forward = lambda x: nn.Linear.forward(model.head, x)  # type: ignore[method-assign,assignment]
+    assert output_head(model) is None

@@ -107,3 +107,30 @@ def test_dpo_scores_its_reference_in_bf16(work: Path, tmp_path: Path) -> None:
     assert summary["precision"] == "bf16"
     losses = [m["loss"] for m in _metrics(tmp_path / "dpo") if "loss" in m]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_the_chunked_head_matches_the_materialised_logits_under_bf16(work: Path) -> None:
+    """On the GPU, under bf16 autocast over fp32 weights: the chunked output head gives the
+    materialised logits' log-probs and gradients (bf16 products, float32 softmax)."""
+    from rewardloop.lm_head import FULL_LOGITS_ATTR
+    from rewardloop.models import load_policy
+    from rewardloop.tokenize import completion_token_logps
+
+    model = load_policy(str(work / "tiny"), dtype="float32").cuda()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 300, (4, 40), generator=gen).cuda()
+    completion = torch.zeros_like(ids)
+    completion[:, 10:] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "completion_mask": completion}
+    results = []
+    for full in (False, True):
+        setattr(model, FULL_LOGITS_ATTR, full)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps, mask = completion_token_logps(model, batch)
+        (logps * mask).sum().backward()
+        results.append((logps.detach(), model.lm_head.weight.grad.clone()))
+    (chunked, chunked_grad), (full_logps, full_grad) = results
+    torch.testing.assert_close(chunked, full_logps, rtol=0, atol=1e-4)
+    torch.testing.assert_close(chunked_grad, full_grad, rtol=2e-2, atol=2e-2)
