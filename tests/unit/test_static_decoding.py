@@ -166,6 +166,15 @@ def test_compiled_step_decodes_like_the_dynamic_loop(models: dict[str, Any],
     generator = HFGenerator(model, tokenizer, "compiled")
     for settings in SETTINGS.values():
         _assert_same_decoding(model, tokenizer, "compiled", settings, monkeypatch, generator)
+    # A second model of the same shapes whose MLPs use another activation module (a different
+    # function traced into the graph, no tensor differs): the step skips guards on module
+    # attributes, so it must not be handed the first model's graph.
+    other = copy.deepcopy(model)
+    for module in other.modules():
+        if hasattr(module, "act_fn"):
+            module.act_fn = torch.nn.ReLU()
+    _assert_same_decoding(other, tokenizer, "compiled", SETTINGS["sampled"], monkeypatch,
+                          HFGenerator(other, tokenizer, "compiled"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
