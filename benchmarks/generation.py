@@ -311,7 +311,8 @@ def main() -> None:
                 f"tokens, temperature 1, {args.device}, {args.threads} threads", results,
                 ["completion_tokens_per_s", "generate_s", "completion_tokens", "startup_s",
                  "warmup_s", "wall_s", "peak_rss_mb"],
-                ours="vllm" if "vllm" in results else [s for s in sides if s != "generate"][-1],
+                ours="vllm" if "vllm" in results else
+                ([s for s in sides if s not in ("generate", "hf")] or sides)[-1],
                 theirs="generate" if "generate" in results else "hf")
 
 
