@@ -195,6 +195,14 @@ def profile_generation(generator: Any, ids: list[list[int]], new_tokens: int, de
         figures["device_busy_frac"] = busy_us / 1e6 / wall
         head.append(f"device busy {busy_us / 1e3:.1f} ms of {1e3 * wall:.1f} ms wall "
                     f"({figures['device_busy_frac']:.0%})")
+        # Whether the step replays a CUDA graph (one graph launch a step) or launches its
+        # kernels one by one (hundreds a step: the graph was skipped; see stderr-SIDE.txt).
+        calls = {e.key: e.count for e in events}
+        figures["graph_launches_per_step"] = calls.get("cudaGraphLaunch", 0) / steps
+        figures["kernel_launches_per_step"] = sum(
+            n for key, n in calls.items() if "LaunchKernel" in key) / steps
+        head.append(f"per step: {figures['graph_launches_per_step']:.2f} CUDA graph launches, "
+                    f"{figures['kernel_launches_per_step']:.1f} kernel launches")
     table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                          row_limit=30)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,10 +247,16 @@ def run_interleaved(sides: list[str], model_dir: Path, prompts: int, new_tokens:
     return results
 
 
-def _launch(python: str, side: str, argv: list[str]) -> dict[str, Any]:
+def _launch(python: str, side: str, argv: list[str], log_dir: Path | None = None
+            ) -> dict[str, Any]:
+    """Run one side in its own process; its stderr (compile logs: ``TORCH_LOGS=perf_hints``
+    names why CUDA graphs were skipped) goes to ``log_dir/stderr-SIDE.txt`` when given."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([python, "-m", "benchmarks.generation", "--side", side, *argv],
                           capture_output=True, text=True, timeout=3600, env=env, check=False)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"stderr-{side.replace(',', '+')}.txt").write_text(proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"side {side} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -299,13 +313,14 @@ def main() -> None:
         argv += ["--profile-dir", str(args.profile_dir.resolve())]
     if args.interleave:
         together = [side for side in sides if side in IN_PROCESS]
-        results = _launch(sys.executable, ",".join(together), argv)
-        results.update({side: _launch(vllm_python, side, argv) for side in sides
+        results = _launch(sys.executable, ",".join(together), argv, args.profile_dir)
+        results.update({side: _launch(vllm_python, side, argv, args.profile_dir) for side in sides
                         if side not in together})
     else:
         results = {}
         for side in sides:  # each side's figures as soon as they exist: a cut run keeps them
-            results[side] = _launch(vllm_python if side == "vllm" else sys.executable, side, argv)
+            results[side] = _launch(vllm_python if side == "vllm" else sys.executable, side, argv,
+                                    args.profile_dir)
             print(json.dumps({"side": side, **results[side]}), flush=True)
     print_table(f"generation: {args.model}, {args.prompts} prompts x {args.new_tokens} new "
                 f"tokens, temperature 1, {args.device}, {args.threads} threads", results,

@@ -3,7 +3,8 @@
 # $OUT (default ./gpu-results) as it finishes, so a run cut short keeps what it measured:
 #   1. the CUDA tests (tests/unit/test_on_cuda.py, the CUDA decoding checks);
 #   2. generation: the built-in loop compiled / dynamic vs transformers' generate, then one
-#      profiled generation per side ($OUT/profile-SIDE.txt: device-busy share, top kernels);
+#      profiled generation per side ($OUT/profile-SIDE.txt: device-busy share, CUDA graph and
+#      kernel launches a step, top kernels; $OUT/stderr-SIDE.txt: why graphs were skipped);
 #   3. SFT and DPO vs TRL, activations checkpointed on both sides, ours also with the logits
 #      materialised (--no-chunked-lm-head);
 #   4. GRPO vs TRL, 64 completions x 256 tokens a step.
@@ -36,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...
     | tee "$OUT/env.log"
 step tests 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_on_cuda.py \
     tests/unit/test_static_decoding.py -k "cuda or half_precision"
-step generation 240 $PY -m benchmarks.generation --model qwen2-0.5b --device cuda \
+step generation 240 env TORCH_LOGS=perf_hints $PY -m benchmarks.generation --model qwen2-0.5b --device cuda \
     --sides hf-compiled,generate,hf --repeats 2 --profile 64 --profile-dir "$OUT"
 step train 300 $PY -m benchmarks.gpu --tasks sft,dpo --steps 10 \
     --sides rewardloop,rewardloop-full,trl
