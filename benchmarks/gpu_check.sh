@@ -10,8 +10,11 @@
 #   4. GRPO vs TRL, 64 completions x 256 tokens a step.
 # Offline machines: put wheels of what is missing (trl, datasets, dill, multiprocess and this
 # package's server dependencies: docs/distributed.md) in .whl/ first; this package runs from
-# the checkout. Limits: GPU_CHECK_SCALE=2 doubles every step's time limit.
-#   bash benchmarks/gpu_check.sh
+# the checkout. Limits: GPU_CHECK_SCALE=2 doubles every step's time limit. One device call may
+# run 600 s, less than all four steps' limits together: STEPS picks steps, e.g.
+#   STEPS="tests generation" bash benchmarks/gpu_check.sh    (limits 90 + 210 s)
+#   STEPS="train grpo" bash benchmarks/gpu_check.sh          (limits 240 + 240 s)
+# (default: all four, for a machine without that limit).
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
@@ -26,8 +29,10 @@ else
     export PYTHONPATH=$PWD/src:$PWD
 fi
 START=$(date +%s)
-step() {  # step NAME SECONDS COMMAND...
+STEPS=${STEPS:-tests generation train grpo}
+step() {  # step NAME SECONDS COMMAND...  (skipped unless NAME is in $STEPS)
     local name=$1 limit=$(( $2 * SCALE )); shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "=== $name (limit ${limit}s) at +$(( $(date +%s) - START ))s"
     timeout "$limit" "$@" 2>&1 | grep -v "Writing model\|Loading weights" | tee "$OUT/$name.log" \
         | tail -40
@@ -35,11 +40,12 @@ step() {  # step NAME SECONDS COMMAND...
 { nvidia-smi -L; $PY -c "import torch, transformers; print('torch', torch.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } 2>&1 \
     | tee "$OUT/env.log"
-step tests 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_on_cuda.py \
+step tests 90 $PY -m pytest -q -p no:cacheprovider tests/unit/test_on_cuda.py \
     tests/unit/test_static_decoding.py -k "cuda or half_precision"
-step generation 240 env TORCH_LOGS=perf_hints $PY -m benchmarks.generation --model qwen2-0.5b --device cuda \
+step generation 210 env TORCH_LOGS=perf_hints $PY -m benchmarks.generation --model qwen2-0.5b \
+    --device cuda \
     --sides hf-compiled,generate,hf --repeats 2 --profile 64 --profile-dir "$OUT"
-step train 300 $PY -m benchmarks.gpu --tasks sft,dpo --steps 10 \
+step train 240 $PY -m benchmarks.gpu --tasks sft,dpo --steps 10 \
     --sides rewardloop,rewardloop-full,trl
-step grpo 300 $PY -m benchmarks.gpu --tasks grpo --steps 4 --batch-size 64 --generations 4
+step grpo 240 $PY -m benchmarks.gpu --tasks grpo --steps 4 --batch-size 64 --generations 4
 echo "=== done at +$(( $(date +%s) - START ))s; logs in $OUT"
