@@ -64,17 +64,19 @@ def _rows_per_chunk(vocab: int) -> int:
 
 
 class _ChunkedLabelLogps(torch.autograd.Function):
-    """log softmax(h W^T / T)[label] over rows of h, ``rows`` at a time, and its gradient.
+    """log softmax(h W^T / T)[label] over rows of h, ``rows`` at a time, and its gradient;
+    optionally the entropy H of softmax(h W^T / T), with its gradient when ``entropy_grad``.
 
-    Saves h, W, the labels and one log-normaliser per row (not the logits). With p the softmax,
-    d logp / d z = onehot(label) - p, and z = h W^T / T, so per chunk
-    dh = g (onehot - p) W / T and dW = ((onehot - p) g)^T h / T.
+    Saves h, W, the labels, one log-normaliser per row and the entropies (not the logits).
+    With z = h W^T / T, p = softmax(z) and s = sum_k p_k z_k (= lse - H):
+    d logp / d z = onehot(label) - p and dH / dz = -p (z - s); per chunk the upstream
+    gradients make dz, and dh = dz W / T, dW = dz^T h / T.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                temperature: float, rows: int, dtype: torch.dtype, with_entropy: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                temperature: float, rows: int, dtype: torch.dtype, with_entropy: bool,
+                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
         out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         logps = torch.empty(n, dtype=out_dtype, device=hidden.device)
@@ -92,15 +94,17 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             if with_entropy:
                 p = torch.exp(z - norm[:, None])
                 entropy[start:stop] = norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
-        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
-        ctx.mark_non_differentiable(entropy)
+        ctx.entropy_grad = with_entropy and entropy_grad
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_logps: torch.Tensor, _grad_entropy: torch.Tensor | None
+    def backward(ctx: Any, grad_logps: torch.Tensor, grad_entropy: torch.Tensor
                  ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
         temperature, rows, dtype = ctx.temperature, ctx.rows, ctx.dtype
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -114,7 +118,13 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             if temperature != 1.0:
                 z = z / temperature
             g = grad_logps[start:stop, None].to(lse.dtype)
-            dz = torch.exp(z - lse[start:stop, None]).mul_(-g)
+            p = torch.exp(z - lse[start:stop, None])
+            if ctx.entropy_grad:
+                g_h = grad_entropy[start:stop, None].to(lse.dtype)
+                mean_z = (lse[start:stop] - entropy[start:stop])[:, None]
+                dz = p * (-g - g_h * (torch.nan_to_num(z, neginf=0.0) - mean_z))
+            else:
+                dz = p.mul_(-g)
             dz.scatter_add_(-1, labels[start:stop, None], g)
             if temperature != 1.0:
                 dz = dz / temperature
@@ -124,17 +134,19 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += (dz_c.T @ h).to(lse.dtype)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def chunked_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         temperature: float = 1.0, *, with_entropy: bool = False,
-                        rows: int | None = None) -> LabelLogps:
+                        entropy_grad: bool = False, rows: int | None = None) -> LabelLogps:
     """Log-probs of ``labels`` under softmax(hidden @ weight.T / temperature), chunked.
 
     hidden (..., H), weight (V, H), labels (...) -> (...) each; the projection runs in the
-    compute dtype (autocast's when on), the softmax in float32. ``rows``: positions per chunk
-    (default: 32M logits' worth); a batch of at most one chunk goes through plain autograd.
+    compute dtype (autocast's when on), the softmax in float32. The entropy (``with_entropy``)
+    carries a gradient only with ``entropy_grad`` (an entropy bonus in the loss). ``rows``:
+    positions per chunk (default: 32M logits' worth); a batch of at most one chunk goes through
+    plain autograd.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -146,17 +158,17 @@ def chunked_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         # One chunk: keeping its logits for the backward pass costs at most one chunk, and
         # saves projecting them again (small vocabularies and batches are faster this way).
         logps, entropy = _one_chunk(flat_hidden, weight, labels.reshape(-1), temperature,
-                                    dtype, with_entropy)
+                                    dtype, with_entropy, entropy_grad)
     else:
         logps, entropy = _ChunkedLabelLogps.apply(
             flat_hidden, weight, labels.reshape(-1), float(temperature), rows, dtype,
-            with_entropy)
+            with_entropy, entropy_grad)
     return LabelLogps(logps=logps.view(shape),
                       entropy=entropy.view(shape) if with_entropy else None)
 
 
 def _one_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-               temperature: float, dtype: torch.dtype, with_entropy: bool
+               temperature: float, dtype: torch.dtype, with_entropy: bool, entropy_grad: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``_ChunkedLabelLogps.forward``'s numbers for one chunk, through autograd."""
     out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -167,7 +179,7 @@ def _one_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     logps = z.gather(-1, labels[:, None]).squeeze(-1) - norm
     entropy = torch.empty(0, dtype=out_dtype, device=hidden.device)
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             p = torch.exp(z - norm[:, None])
             entropy = norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
     return logps, entropy
@@ -192,17 +204,20 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 
 @contextlib.contextmanager
 def _head_replaced(head: nn.Linear, labels: torch.Tensor, temperature: float,
-                   with_entropy: bool, made: list[LabelLogps]) -> Iterator[None]:
-    """``head`` returns the chunked log-probs (as (B, K, 1)) instead of logits, for a while."""
+                   with_entropy: bool, entropy_grad: bool, made: list[torch.Tensor]
+                   ) -> Iterator[None]:
+    """``head`` returns, instead of logits, the chunked log-probs (B, K, 1), or log-probs and
+    entropies (B, K, 2), for a while; what it returned is appended to ``made``."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:-1] != labels.shape:
             raise ValueError(f"label_logps: the head saw positions {tuple(hidden.shape[:-1])}, "
                              f"labels are {tuple(labels.shape)} (logits_to_keep must match)")
         result = chunked_label_logps(hidden, head.weight, labels, temperature,
-                                     with_entropy=with_entropy)
-        made.append(result)
-        return result.logps.unsqueeze(-1)
+                                     with_entropy=with_entropy, entropy_grad=entropy_grad)
+        parts = [result.logps] if result.entropy is None else [result.logps, result.entropy]
+        made.append(torch.stack(parts, dim=-1))
+        return made[-1]
 
     head.forward = forward  # type: ignore[method-assign,assignment]
     try:
@@ -212,37 +227,44 @@ def _head_replaced(head: nn.Linear, labels: torch.Tensor, temperature: float,
 
 
 def label_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor,
-                temperature: float = 1.0, *, with_entropy: bool = False) -> LabelLogps:
+                temperature: float = 1.0, *, with_entropy: bool = False,
+                entropy_grad: bool = False) -> LabelLogps:
     """Run ``model(**inputs)`` and give, at each position whose logits it would return, the
     log-prob of ``labels`` there (B, K) — chunked when the model allows, else from the logits.
 
     ``labels`` has the shape of the returned logits without the vocabulary (so with
     ``logits_to_keep=K`` it is (B, K)); every entry must be a valid token id (positions the
-    caller will mask may hold any). The entropy (``with_entropy``) carries no gradient.
+    caller will mask may hold any). The entropy (``with_entropy``) carries a gradient only
+    with ``entropy_grad``.
     """
     head = None if getattr(model, FULL_LOGITS_ATTR, False) else output_head(model)
     if head is not None:
-        made: list[LabelLogps] = []
-        with _head_replaced(head, labels, temperature, with_entropy, made):
+        made: list[torch.Tensor] = []
+        with _head_replaced(head, labels, temperature, with_entropy, entropy_grad, made):
             out = model(**inputs)
-        if len(made) == 1 and out.logits is not None and \
-                out.logits.data_ptr() == made[0].logps.data_ptr():
-            # From the model's output, not the head's: FSDP2 hooks the output's gradient to
-            # gather the parameters again before the head's backward runs.
-            return LabelLogps(logps=out.logits[..., 0], entropy=made[0].entropy)
+        got = out.logits
+        if len(made) == 1 and got is not None and got.shape == made[0].shape and \
+                got.data_ptr() == made[0].data_ptr():
+            # Read from the model's output, not the head's: FSDP2 hooks the output's gradient
+            # to gather the parameters again before the head's backward runs.
+            entropy = None
+            if with_entropy:
+                entropy = got[..., 1] if entropy_grad else got[..., 1].detach()
+            return LabelLogps(logps=got[..., 0], entropy=entropy)
         setattr(head, _UNFIT_ATTR, True)
         log.warning("%s changes its output head's logits (soft-capping or scaling?): token "
                     "log-probs are computed from the whole logits for it",
                     type(model).__name__)
-    return _from_logits(model(**inputs).logits, labels, temperature, with_entropy)
+    return _from_logits(model(**inputs).logits, labels, temperature, with_entropy,
+                        entropy_grad)
 
 
 def _from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                 with_entropy: bool) -> LabelLogps:
+                 with_entropy: bool, entropy_grad: bool) -> LabelLogps:
     logps = ops.token_log_probs(logits, labels, temperature)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             scaled = logits / temperature if temperature != 1.0 else logits
             entropy = ops.entropy_from_logits(scaled)
     return LabelLogps(logps=logps, entropy=entropy)

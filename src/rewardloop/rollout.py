@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from rewardloop import ops
 from rewardloop.data.records import CandidatesRecord, Text
 from rewardloop.engines.base import Generator, Rollout, SamplingSettings
 from rewardloop.engines.factory import EngineOptions, make_generator
@@ -51,22 +50,17 @@ def completion_forward(model: Any, rollout: Rollout, temperature: float, *,
     Only the positions that predict completion tokens are projected (``logits_to_keep``), and
     those a chunk at a time (``lm_head.label_logps``): no (B, C, V) logits are kept. The entropy
     is a monitor computed without gradient unless ``entropy_grad`` (an entropy bonus in the
-    loss; that one path materialises the logits).
+    loss).
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     width = rollout.completion_ids.shape[1]
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": position_ids(attention_mask), "use_cache": False,
               "logits_to_keep": width + 1}  # position t predicts completion token t
-    if with_entropy and entropy_grad and torch.is_grad_enabled():
-        # An entropy bonus needs the entropy's gradient: materialise the logits.
-        logits = model(**inputs).logits[:, :-1]  # (B, C, V)
-        logps = ops.token_log_probs(logits, rollout.completion_ids, temperature)
-        scaled = logits / temperature if temperature != 1.0 else logits
-        return ForwardOut(logps=logps, entropy=ops.entropy_from_logits(scaled))
     # The last kept position predicts past the end: give it any valid id, then drop it.
     labels = torch.cat([rollout.completion_ids, rollout.completion_ids[:, -1:]], dim=1)
-    out = label_logps(model, inputs, labels, temperature, with_entropy=with_entropy)
+    out = label_logps(model, inputs, labels, temperature, with_entropy=with_entropy,
+                      entropy_grad=entropy_grad)
     logps = out.logps[:, :-1]
     entropy = out.entropy[:, :-1] if out.entropy is not None else None
     return ForwardOut(logps=logps, entropy=entropy)

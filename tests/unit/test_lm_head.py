@@ -76,6 +76,31 @@ def test_chunked_gradients_pass_torch_gradcheck() -> None:
     assert torch.autograd.gradcheck(
         lambda h, w: chunked_label_logps(h, w, labels, 0.9, rows=3).logps, (hidden, weight))
 
+    def both(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = chunked_label_logps(h, w, labels, 0.9, with_entropy=True, entropy_grad=True,
+                                  rows=3)
+        assert out.entropy is not None
+        return out.logps, out.entropy
+
+    assert torch.autograd.gradcheck(both, (hidden, weight))
+
+
+def test_an_entropy_bonus_gets_the_materialised_entropy_gradient() -> None:
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 7), generator=gen)
+    logits = (hidden @ weight.T) / 0.7
+    want = (ops.token_log_probs(logits, labels).sum()
+            + 0.3 * ops.entropy_from_logits(logits).sum())
+    out = chunked_label_logps(hidden, weight, labels, 0.7, with_entropy=True, entropy_grad=True,
+                              rows=4)
+    assert out.entropy is not None
+    got = out.logps.sum() + 0.3 * out.entropy.sum()
+    for g, w in zip(torch.autograd.grad(got, [hidden, weight]),
+                    torch.autograd.grad(want, [hidden, weight]), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
 
 def test_under_bf16_autocast_the_projection_runs_in_bf16_like_a_linear_layer() -> None:
     gen = torch.Generator().manual_seed(2)
@@ -156,20 +181,29 @@ def test_a_model_scored_chunked_equals_its_logits_and_keeps_no_vocabulary_wide_t
     assert "forward" not in llama.lm_head.__dict__
 
 
-def test_rollout_logps_and_entropy_match_and_an_entropy_bonus_still_gets_its_gradient(
-        llama: LlamaForCausalLM) -> None:
+def test_rollout_logps_entropy_and_an_entropy_bonus_gradient_match_the_logits(
+        llama: LlamaForCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm_head, "_CHUNK_ELEMENTS", 5 * VOCAB)  # 5 positions a chunk
     gen = torch.Generator().manual_seed(4)
     completion_ids = torch.randint(1, VOCAB, (2, 6), generator=gen)
     input_ids = torch.cat([torch.randint(1, VOCAB, (2, 4), generator=gen), completion_ids], 1)
-    rollout = SimpleNamespace(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                              completion_ids=completion_ids)
-    monitor = completion_forward(llama, rollout, 0.9, with_entropy=True)  # type: ignore[arg-type]
-    bonus = completion_forward(llama, rollout, 0.9, with_entropy=True,  # type: ignore[arg-type]
-                               entropy_grad=True)
-    assert monitor.entropy is not None and bonus.entropy is not None
-    torch.testing.assert_close(monitor.logps, bonus.logps, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(monitor.entropy, bonus.entropy, rtol=1e-10, atol=1e-10)
-    assert not monitor.entropy.requires_grad and bonus.entropy.requires_grad
+    rollout: Any = SimpleNamespace(input_ids=input_ids, completion_ids=completion_ids,
+                                   attention_mask=torch.ones_like(input_ids))
+    params = [p for p in llama.parameters() if p.requires_grad]
+    monitor = completion_forward(llama, rollout, 0.9, with_entropy=True)
+    assert monitor.entropy is not None and not monitor.entropy.requires_grad
+    results = []
+    for full in (False, True):
+        setattr(llama, FULL_LOGITS_ATTR, full)
+        bonus = completion_forward(llama, rollout, 0.9, with_entropy=True, entropy_grad=True)
+        assert bonus.entropy is not None and bonus.entropy.requires_grad
+        loss = bonus.logps.sum() + 0.1 * bonus.entropy.sum()
+        results.append((bonus.logps, bonus.entropy, *torch.autograd.grad(loss, params)))
+    delattr(llama, FULL_LOGITS_ATTR)
+    torch.testing.assert_close(monitor.logps, results[0][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(monitor.entropy, results[0][1], rtol=1e-10, atol=1e-10)
+    for chunked, full in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, full, rtol=1e-9, atol=1e-10)
 
 
 class _SoftCapped(nn.Module):
