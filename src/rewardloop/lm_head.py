@@ -185,6 +185,13 @@ def _one_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     return logps, entropy
 
 
+def with_end_label(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` (B, K - 1), the tokens that positions 0..K-2 of a forward predict, plus a K-th
+    column for the last position, which predicts past the end: ``label_logps`` needs a label at
+    every position it scores; the caller drops that last log-prob. Any valid id does there."""
+    return torch.cat([labels, labels[:, -1:]], dim=1)
+
+
 def output_head(model: nn.Module) -> nn.Linear | None:
     """The model's vocabulary projection when ``label_logps`` can stand in for it: a plain
     linear layer without bias whose forward is its class's (through DDP and PEFT wrappers);

@@ -20,7 +20,7 @@ from rewardloop.data.records import CandidatesRecord, Text
 from rewardloop.engines.base import Generator, Rollout, SamplingSettings
 from rewardloop.engines.factory import EngineOptions, make_generator
 from rewardloop.engines.hf import HFGenerator, position_ids, sample_tokens, warp_logits
-from rewardloop.lm_head import label_logps
+from rewardloop.lm_head import label_logps, with_end_label
 from rewardloop.models import load_policy, load_tokenizer
 from rewardloop.tokenize import encode
 from rewardloop.util.seed import seed_everything
@@ -57,10 +57,8 @@ def completion_forward(model: Any, rollout: Rollout, temperature: float, *,
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": position_ids(attention_mask), "use_cache": False,
               "logits_to_keep": width + 1}  # position t predicts completion token t
-    # The last kept position predicts past the end: give it any valid id, then drop it.
-    labels = torch.cat([rollout.completion_ids, rollout.completion_ids[:, -1:]], dim=1)
-    out = label_logps(model, inputs, labels, temperature, with_entropy=with_entropy,
-                      entropy_grad=entropy_grad)
+    out = label_logps(model, inputs, with_end_label(rollout.completion_ids), temperature,
+                      with_entropy=with_entropy, entropy_grad=entropy_grad)
     logps = out.logps[:, :-1]
     entropy = out.entropy[:, :-1] if out.entropy is not None else None
     return ForwardOut(logps=logps, entropy=entropy)

@@ -41,7 +41,7 @@ from rewardloop.data.records import (
     response_text,
 )
 from rewardloop.errors import UserError
-from rewardloop.lm_head import label_logps
+from rewardloop.lm_head import label_logps, with_end_label
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +229,9 @@ def completion_token_logps(model: Any, batch: dict[str, torch.Tensor], temperatu
     first = int(completion.float().argmax(dim=1)[has_completion].min()) \
         if bool(has_completion.any()) else width
     start = max(0, first - 1)  # the logit at `start` predicts the first completion token
-    # The last kept position predicts past the end: give it any valid id, then drop it.
-    labels = torch.cat([input_ids[:, start + 1:], input_ids[:, -1:]], dim=1)
     inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"],
               "logits_to_keep": width - start}
+    labels = with_end_label(input_ids[:, start + 1:])
     part = label_logps(model, inputs, labels, temperature).logps[:, :-1]  # (B, width-start-1)
     logps = part.new_zeros((input_ids.shape[0], width - 1))
     logps[:, start:] = part

@@ -32,7 +32,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_records
 from rewardloop.data.records import SFTRecord
 from rewardloop.errors import UserError
-from rewardloop.lm_head import label_logps
+from rewardloop.lm_head import label_logps, with_end_label
 from rewardloop.models import (
     LoraSettings,
     load_policy,
@@ -162,9 +162,7 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], global_tokens: f
     """
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "targets"}
     inputs["use_cache"] = False
-    ids = batch["input_ids"]
-    # The last position predicts past the end: give it any valid id, then drop it.
-    labels = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    labels = with_end_label(batch["input_ids"][:, 1:])
     token_logps = label_logps(model, inputs, labels).logps[:, :-1]  # (B, T-1)
     loss, _ = losses.nll_loss(token_logps, batch["targets"][:, 1:], global_tokens=global_tokens)
     return loss
