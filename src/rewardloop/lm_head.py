@@ -63,6 +63,31 @@ def _rows_per_chunk(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, vocab))
 
 
+def _softmax_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 for the softmax, float64 when the weights are (exact checks)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _scaled_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """z = h W^T / T for one chunk, ``h`` and ``w`` already in the compute dtype, z in
+    ``dtype`` (the softmax's)."""
+    z = (h @ w.T).to(dtype)
+    return z / temperature if temperature != 1.0 else z
+
+
+def _label_logps(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(z)[label] and the log-normaliser of each row of ``z``."""
+    norm = torch.logsumexp(z, dim=-1)
+    return z.gather(-1, labels[:, None]).squeeze(-1) - norm, norm
+
+
+def _entropy(z: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) per row, from its log-normaliser (0 log 0 = 0 for -inf logits)."""
+    p = torch.exp(z - norm[:, None])
+    return norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+
+
 class _ChunkedLabelLogps(torch.autograd.Function):
     """log softmax(h W^T / T)[label] over rows of h, ``rows`` at a time, and its gradient;
     optionally the entropy H of softmax(h W^T / T), with its gradient when ``entropy_grad``.
@@ -78,22 +103,17 @@ class _ChunkedLabelLogps(torch.autograd.Function):
                 temperature: float, rows: int, dtype: torch.dtype, with_entropy: bool,
                 entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        out_dtype = _softmax_dtype(weight)
         logps = torch.empty(n, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(n, dtype=out_dtype, device=hidden.device)
         entropy = torch.empty(n if with_entropy else 0, dtype=out_dtype, device=hidden.device)
         w = weight.to(dtype)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            z = (hidden[start:stop].to(dtype) @ w.T).to(out_dtype)
-            if temperature != 1.0:
-                z = z / temperature
-            norm = torch.logsumexp(z, dim=-1)
-            logps[start:stop] = z.gather(-1, labels[start:stop, None]).squeeze(-1) - norm
-            lse[start:stop] = norm
+            z = _scaled_logits(hidden[start:stop].to(dtype), w, temperature, out_dtype)
+            logps[start:stop], lse[start:stop] = _label_logps(z, labels[start:stop])
             if with_entropy:
-                p = torch.exp(z - norm[:, None])
-                entropy[start:stop] = norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+                entropy[start:stop] = _entropy(z, lse[start:stop])
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
         ctx.entropy_grad = with_entropy and entropy_grad
@@ -114,9 +134,7 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             stop = min(hidden.shape[0], start + rows)
             h = hidden[start:stop].to(dtype)
-            z = (h @ w.T).to(lse.dtype)
-            if temperature != 1.0:
-                z = z / temperature
+            z = _scaled_logits(h, w, temperature, lse.dtype)
             g = grad_logps[start:stop, None].to(lse.dtype)
             p = torch.exp(z - lse[start:stop, None])
             if ctx.entropy_grad:
@@ -171,17 +189,12 @@ def _one_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                temperature: float, dtype: torch.dtype, with_entropy: bool, entropy_grad: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``_ChunkedLabelLogps.forward``'s numbers for one chunk, through autograd."""
-    out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    z = (hidden.to(dtype) @ weight.to(dtype).T).to(out_dtype)
-    if temperature != 1.0:
-        z = z / temperature
-    norm = torch.logsumexp(z, dim=-1)
-    logps = z.gather(-1, labels[:, None]).squeeze(-1) - norm
-    entropy = torch.empty(0, dtype=out_dtype, device=hidden.device)
+    z = _scaled_logits(hidden.to(dtype), weight.to(dtype), temperature, _softmax_dtype(weight))
+    logps, norm = _label_logps(z, labels)
+    entropy = z.new_empty(0)
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            p = torch.exp(z - norm[:, None])
-            entropy = norm - (p * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+            entropy = _entropy(z, norm)
     return logps, entropy
 
 
