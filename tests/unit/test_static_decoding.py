@@ -175,6 +175,68 @@ def test_compiled_step_decodes_like_the_dynamic_loop(models: dict[str, Any],
             module.act_fn = torch.nn.ReLU()
     _assert_same_decoding(other, tokenizer, "compiled", SETTINGS["sampled"], monkeypatch,
                           HFGenerator(other, tokenizer, "compiled"))
+    # Grouped-query attention: the compiled step attends through the packed step attention
+    # (transformers' own copies the key/value heads under torch.compile).
+    qwen2, qwen2_tokenizer = models["qwen2"]
+    _assert_same_decoding(qwen2, qwen2_tokenizer, "compiled", SETTINGS["sampled"], monkeypatch)
+
+
+def test_the_packed_step_attention_equals_attention_over_repeated_heads() -> None:
+    """One query position: the query heads that share a key/value head attend as positions of
+    that head, the numbers of sdpa/eager attention over copied heads, for each base; more
+    positions go to the base implementation."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from rewardloop.engines.static import _packed_step_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 3
+    keys, values = torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8)
+    mask = torch.zeros(4, 1, 1, 10)
+    mask[0, ..., :3] = torch.finfo(mask.dtype).min  # left padding
+    mask[2, ..., 7:] = torch.finfo(mask.dtype).min  # columns not written yet
+
+    def reference(query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, repeat_kv(keys, 3), repeat_kv(values, 3), attn_mask=mask,
+            scale=0.3).transpose(1, 2)
+
+    query = torch.randn(4, 6, 1, 8)
+    for base in ("sdpa", "eager"):
+        out, weights = _packed_step_attention(base)(module, query, keys, values, mask,
+                                                    scaling=0.3)
+        assert out.shape == (4, 1, 6, 8) and weights is None
+        assert torch.allclose(out, reference(query, mask), atol=1e-6), base
+    prompt = torch.randn(4, 6, 5, 8)
+    prompt_mask = torch.zeros(4, 1, 5, 10)
+    out, _ = _packed_step_attention("sdpa")(module, prompt, keys, values, prompt_mask,
+                                            scaling=0.3)
+    assert torch.allclose(out, reference(prompt, prompt_mask), atol=1e-6)
+
+
+def test_the_step_reads_each_key_value_head_once(models: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grouped-query model's decode step does not copy its key/value heads (eager attention
+    copies them in every call it gets): only the prefill does, and the completions are the
+    dynamic loop's."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    model, tokenizer = models["qwen2"]
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    generator = HFGenerator(eager, tokenizer, "static")
+    _assert_same_decoding(eager, tokenizer, "static", SETTINGS["sampled"], monkeypatch,
+                          generator)
+    copies: list[int] = []
+    repeat_kv = modeling_qwen2.repeat_kv
+    monkeypatch.setattr(modeling_qwen2, "repeat_kv",
+                        lambda states, n: copies.append(n) or repeat_kv(states, n))
+    settings = replace(SETTINGS["sampled"], max_new_tokens=8)
+    rollout = generator.generate(encode_prompts(tokenizer, PROMPTS, 64), 1, settings)
+    assert rollout.completion_ids.shape[1] > 1  # steps ran
+    assert len(copies) == 2 * eager.config.num_hidden_layers  # keys and values, prefill only
+    assert eager.config._attn_implementation == "eager"  # the step's attention is put back
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
