@@ -30,7 +30,9 @@ Models are built locally, never downloaded: ``tiny`` is a small Llama (4 layers,
 head size 64, vocabulary 1024) with a BPE tokenizer trained here; ``qwen2-0.5b`` has
 Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, vocabulary 151,936, tied
 embeddings) with random weights, for GPU figures (its completions decode through the tiny
-tokenizer; ids beyond it are skipped, which does not change the work measured).
+tokenizer; ids beyond it are skipped, which does not change the work measured);
+``qwen2-4layer`` has Qwen2-0.5B's attention (hidden 896, 14 heads / 2 KV heads) in 4 fp32 layers
+over the tiny vocabulary: grouped-query decoding at a size a CPU measures in minutes.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any
 
 from benchmarks.common import peak_rss_mb, print_table
 
-MODELS = ("tiny", "qwen2-0.5b")
+MODELS = ("tiny", "qwen2-0.5b", "qwen2-4layer")
 SIDES = ("hf", "hf-static", "hf-compiled", "generate", "vllm")
 HF_SIDES = SIDES[:3]
 IN_PROCESS = SIDES[:4]  # the sides --interleave runs together
@@ -114,13 +116,18 @@ def build_model(kind: str, work: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
     torch.manual_seed(0)
+    shape: dict[str, Any] = {"vocab_size": 151936, "intermediate_size": 4864,
+                             "num_hidden_layers": 24, "torch_dtype": "bfloat16"}
+    if kind == "qwen2-4layer":
+        shape = {"vocab_size": len(tokenizer), "intermediate_size": 1024, "num_hidden_layers": 4,
+                 "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, tie_word_embeddings=True, torch_dtype="bfloat16"))
-    model.to(torch.bfloat16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
+        hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+        max_position_embeddings=32768, rope_theta=1_000_000.0, tie_word_embeddings=True, **shape))
+    model.to(getattr(torch, shape.get("torch_dtype", "float32"))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
