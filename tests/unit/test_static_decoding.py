@@ -185,13 +185,16 @@ def test_the_packed_step_attention_equals_attention_over_repeated_heads() -> Non
     """One query position: the query heads that share a key/value head attend as positions of
     that head, the numbers of sdpa/eager attention over copied heads, for each base; more
     positions go to the base implementation."""
+    from transformers import Qwen2Config
     from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
     from rewardloop.engines.static import _packed_step_attention
 
     torch.manual_seed(0)
-    module = torch.nn.Module().eval()
-    module.num_key_value_groups = 3
+    module = Qwen2Attention(Qwen2Config(hidden_size=48, num_attention_heads=6,
+                                        num_key_value_heads=2), layer_idx=0).eval()
+    assert module.num_key_value_groups == 3
     keys, values = torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8)
     mask = torch.zeros(4, 1, 1, 10)
     mask[0, ..., :3] = torch.finfo(mask.dtype).min  # left padding
@@ -210,9 +213,11 @@ def test_the_packed_step_attention_equals_attention_over_repeated_heads() -> Non
         assert torch.allclose(out, reference(query, mask), atol=1e-6), base
     prompt = torch.randn(4, 6, 5, 8)
     prompt_mask = torch.zeros(4, 1, 5, 10)
-    out, _ = _packed_step_attention("sdpa")(module, prompt, keys, values, prompt_mask,
-                                            scaling=0.3)
-    assert torch.allclose(out, reference(prompt, prompt_mask), atol=1e-6)
+    prompt_mask[1, ..., :4] = torch.finfo(mask.dtype).min
+    for base in ("sdpa", "eager"):  # eager: the model's own eager_attention_forward
+        out, _ = _packed_step_attention(base)(module, prompt, keys, values, prompt_mask,
+                                              scaling=0.3)
+        assert torch.allclose(out, reference(prompt, prompt_mask), atol=1e-6), base
 
 
 def test_the_step_reads_each_key_value_head_once(models: dict[str, Any],

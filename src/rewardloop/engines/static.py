@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +80,11 @@ def static_cache_problem(model: Any, autocast_dtype: torch.dtype | None = None) 
     return None
 
 
+_ATTENTION_TERMS = ("softcap", "s_aux", "sinks", "position_bias")
+"""Attention arguments some models add (logit soft-capping, attention sinks, a position bias):
+a call with any of them goes to the model's own implementation."""
+
+
 def _packed_step_attention(base: str) -> Callable[..., Any]:
     """Attention for the one-token step of a grouped-query model (fewer key/value heads than
     query heads: Qwen2, Llama 3, Mistral) that reads each cached key and value once.
@@ -91,20 +97,29 @@ def _packed_step_attention(base: str) -> Callable[..., Any]:
     the ``groups`` query heads that share a key/value head can instead be the query *positions*
     of that head: (B, H, 1, D) -> (B, H_kv, groups, D), attended with the head's own keys under
     the same (B, 1, 1, L) mask, the same numbers without the copy. Anything else (a prompt, a
-    mask per head, no groups) goes to the ``base`` implementation unchanged."""
+    mask per head, no groups, an extra term of :data:`_ATTENTION_TERMS`) goes to the
+    implementation the model would run unchanged."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def own(module: Any) -> Callable[..., Any]:
+        """The implementation the model would run: sdpa, or its modeling file's eager one."""
+        if base == "sdpa":
+            return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"{type(module).__name__}'s module has no eager_attention_forward")
+        return eager
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, scaling: float | None = None,
-                  dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                  dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         groups = getattr(module, "num_key_value_groups", 1)
         rows, heads, positions, size = query.shape
         shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-        if positions != 1 or groups == 1 or not shared_mask or dropout:
-            if base == "sdpa":
-                return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask,
-                                                       scaling=scaling, dropout=dropout, **kwargs)
-            raise ValueError("the packed step attention takes one query position per row")
+        extra = any(kwargs.get(name) is not None for name in _ATTENTION_TERMS)
+        if positions != 1 or groups == 1 or not shared_mask or dropout or extra:
+            return own(module)(module, query, key, value, attention_mask, scaling=scaling,
+                               dropout=dropout, **kwargs)
         packed = query.reshape(rows, heads // groups, groups, size)
         scale = scaling if scaling is not None else size ** -0.5  # sdpa's default
         if base == "sdpa":
