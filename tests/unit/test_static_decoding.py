@@ -245,12 +245,15 @@ def test_the_step_reads_each_key_value_head_once(models: dict[str, Any],
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("decoding", ["static", "compiled"])
 def test_on_cuda_the_fast_steps_decode_like_the_dynamic_loop(
-        models: dict[str, Any], decoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        models: dict[str, Any], decoding: str, arch: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU check of ``compiled``: CUDA graphs captured and replayed over the static cache
-    (GPU kernels round differently from one kernel choice to another: 1e-5)."""
-    model, tokenizer = models["llama"]
+    (GPU kernels round differently from one kernel choice to another: 1e-5); on the
+    Qwen2-shaped model through the packed step attention."""
+    model, tokenizer = models[arch]
     cuda = copy.deepcopy(model).to("cuda")
     generator = HFGenerator(cuda, tokenizer, decoding)
     for settings in SETTINGS.values():
