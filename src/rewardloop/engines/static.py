@@ -117,10 +117,12 @@ def _packed_step_attention(base: str) -> Callable[..., Any]:
         rows, heads, positions, size = query.shape
         shared_mask = attention_mask is None or attention_mask.shape[1] == 1
         extra = any(kwargs.get(name) is not None for name in _ATTENTION_TERMS)
-        if positions != 1 or groups == 1 or not shared_mask or dropout or extra:
+        grouped = groups > 1 and heads == key.shape[1] * groups
+        if positions != 1 or not grouped or not shared_mask or dropout or extra:
             return own(module)(module, query, key, value, attention_mask, scaling=scaling,
                                dropout=dropout, **kwargs)
-        packed = query.reshape(rows, heads // groups, groups, size)
+        # Query head h reads key/value head h // groups (repeat_kv's order).
+        packed = query.reshape(rows, key.shape[1], groups, size)
         scale = scaling if scaling is not None else size ** -0.5  # sdpa's default
         if base == "sdpa":
             out = torch.nn.functional.scaled_dot_product_attention(
