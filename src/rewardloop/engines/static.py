@@ -271,5 +271,6 @@ class StaticSteps:
         logits = self.decoder.run_step(token[:, None], mask, self.positions)
         self.column += 1
         self.positions = self.positions + 1
-        # A CUDA graph's output is overwritten by its next replay; the loop edits its logits.
-        return logits.clone()
+        # A CUDA graph's output is overwritten by its next replay, and the loop edits the logits:
+        # it gets a copy, in float32 (half logits are copied by the cast the loop makes anyway).
+        return logits.float() if logits.dtype != torch.float32 else logits.clone()
