@@ -193,8 +193,10 @@ class StaticDecoder:
         self.cache_name = cache_name
         self.cache: Any = None
         self.rows = self.length = 0  # the cache's shape: sequences, tokens
+        self.token = self.positions = self.mask = torch.empty(0)  # the step's inputs (take_cache)
         # reduce-overhead = CUDA graphs: one replay per token instead of a kernel launch per
         # op. They exist only on CUDA; elsewhere inductor still fuses the step's kernels.
+        self.compiled = compiled
         self.graphs = compiled and next(model.parameters()).device.type == "cuda"
         # The packed attention runs for the one-token step only (the prefill keeps the model's
         # own): the config names it around each step.
@@ -215,6 +217,16 @@ class StaticDecoder:
             return self.cache
         self.rows, self.length = rows, -(-needed // BUCKET) * BUCKET
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+        # The step's inputs live beside the cache at fixed addresses too, written in place by
+        # StaticSteps: a CUDA graph then reads them where they are instead of copying each into
+        # its own buffer every replay, and no step builds its mask anew.
+        weight = next(self.model.parameters())
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=weight.device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=weight.device)
+        self.mask = torch.zeros(rows, 1, 1, self.length, dtype=weight.dtype, device=weight.device)
+        if self.compiled:
+            for tensor in (self.token, self.positions, self.mask):
+                torch._dynamo.mark_static_address(tensor)
         return self.cache
 
     def run_step(self, token: torch.Tensor, mask: torch.Tensor,
@@ -249,28 +261,31 @@ class StaticSteps:
         cache = decoder.take_cache(rows, width + limit)
         self.decoder = decoder
         # Cache columns a query may attend to: the real prompt tokens now, one more per step.
-        self.open = torch.zeros(rows, decoder.length, dtype=torch.bool, device=prompt_ids.device)
-        self.open[:, :width] = prompt_mask.bool()
+        open_ = torch.zeros(rows, decoder.length, dtype=torch.bool, device=prompt_ids.device)
+        open_[:, :width] = prompt_mask.bool()
         # The prefill runs eagerly (its shape changes with every batch): the model builds its
         # causal + padding mask from the 2D mask, as wide as the cache.
-        out = decoder.model(input_ids=prompt_ids, attention_mask=self.open.long(),
+        out = decoder.model(input_ids=prompt_ids, attention_mask=open_.long(),
                             position_ids=positions, use_cache=True, logits_to_keep=1,
                             **{decoder.cache_name: cache})
         self.logits = out.logits[:, -1]
         self.column = width
-        self.positions = positions[:, -1:] + 1
-        self.dtype = next(decoder.model.parameters()).dtype
+        # The steps' additive mask (0 = attend, the dtype's min = hidden: the hf loop's values)
+        # and positions, in the decoder's buffers; each step opens one column, moves one on.
+        hidden = (~open_)[:, None, None, :].to(decoder.mask.dtype)
+        decoder.mask.copy_(hidden * torch.finfo(decoder.mask.dtype).min)
+        decoder.positions.copy_(positions[:, -1:] + 1)
 
     def advance(self, token: torch.Tensor) -> torch.Tensor:
         """Write ``token`` (B,) into the cache and return the next logits (B, V)."""
-        self.open[:, self.column] = True
-        closed = (~self.open)[:, None, None, :].to(self.dtype)
-        mask = closed * torch.finfo(self.dtype).min  # 0 = attend; same values as the hf loop
-        if self.decoder.graphs:  # the previous step's outputs may be overwritten from here on
+        decoder = self.decoder
+        decoder.mask[:, :, :, self.column] = 0
+        decoder.token.copy_(token[:, None])
+        if decoder.graphs:  # the previous step's outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self.decoder.run_step(token[:, None], mask, self.positions)
+        logits = decoder.run_step(decoder.token, decoder.mask, decoder.positions)
+        decoder.positions.add_(1)
         self.column += 1
-        self.positions = self.positions + 1
         # A CUDA graph's output is overwritten by its next replay, and the loop edits the logits:
         # it gets a copy, in float32 (half logits are copied by the cast the loop makes anyway).
         return logits.float() if logits.dtype != torch.float32 else logits.clone()
