@@ -196,7 +196,6 @@ class StaticDecoder:
         self.token = self.positions = self.mask = torch.empty(0)  # the step's inputs (take_cache)
         # reduce-overhead = CUDA graphs: one replay per token instead of a kernel launch per
         # op. They exist only on CUDA; elsewhere inductor still fuses the step's kernels.
-        self.compiled = compiled
         self.graphs = compiled and next(model.parameters()).device.type == "cuda"
         # The packed attention runs for the one-token step only (the prefill keeps the model's
         # own): the config names it around each step.
@@ -224,9 +223,8 @@ class StaticDecoder:
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=weight.device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=weight.device)
         self.mask = torch.zeros(rows, 1, 1, self.length, dtype=weight.dtype, device=weight.device)
-        if self.compiled:
-            for tensor in (self.token, self.positions, self.mask):
-                torch._dynamo.mark_static_address(tensor)
+        for tensor in (self.token, self.positions, self.mask):  # read only by a compiled step
+            torch._dynamo.mark_static_address(tensor)
         return self.cache
 
     def run_step(self, token: torch.Tensor, mask: torch.Tensor,
