@@ -95,6 +95,34 @@ def eval_figures(run: Path) -> dict[str, float]:
     return {k: v for k, v in summary.items() if k.startswith("eval_") and isinstance(v, float)}
 
 
+def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None:
+    """Two ranks run tests/invariants/_two_ranks.py: a ``*_max`` metric is the largest of any
+    rank (not the mean of the ranks' maxima) and the others are means; the two ranks of one
+    tensor-parallel engine submit the same prompts, in rank order, and each keeps its own
+    rows; under FSDP every weight reaches the sender whole and equal to the unsharded model,
+    and only rank 0 sends."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_two_ranks.py")], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    try:
+        outs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        stop(procs)
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for seen in ranks:
+        assert seen["figures"] == {"loss": 1.5, "is_ratio_max": 5.0,
+                                   "completion_length_max": 9.0}
+        assert seen["everyone"] == [[1], [11], [12, 7]]
+    assert [seen["mine"] for seen in ranks] == [[0, 1], [1, 3]]
+    assert ranks[1]["sends"] == []
+    assert ranks[0]["sends"] == [{"names": ranks[0]["names"], "plain": True, "equal": True}]
+
+
 @pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])
 def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
                                                     kind: str) -> None:

@@ -90,6 +90,29 @@ def test_nothing_listening_is_a_clear_error(serve) -> None:
         ServerClient(url, timeout_s=2).health()
 
 
+def test_a_connection_that_is_never_accepted_times_out_with_the_connect_limit() -> None:
+    """A listener whose queue is full drops new connections (as a firewall would): the client
+    gives up after its connect limit and says so, not the 600 s limit of a request."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]
+        for sock in queued:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        time.sleep(0.2)
+        started = time.perf_counter()
+        with pytest.raises(ServerError) as err:
+            ServerClient(f"http://127.0.0.1:{port}", connect_timeout_s=0.5).health()
+        for sock in queued:
+            sock.close()
+    assert time.perf_counter() - started < 3
+    message = str(err.value)
+    assert "could not connect" in message and "within 0.5 s" in message
+    assert "600" not in message
+
+
 def test_a_failing_server_passes_its_error_on(serve) -> None:
     url = serve(lambda h, b: _json(500, {"error": "RuntimeError: CUDA out of memory"}))
     with pytest.raises(ServerError, match=r"refused POST /generate \(HTTP 500\): RuntimeError: "
@@ -165,9 +188,22 @@ def test_generation_and_weight_push_through_the_protocol(serve) -> None:
 def test_a_server_with_the_wrong_logprobs_mode_is_refused_at_start(serve) -> None:
     url = serve(lambda h, b: _json(200, {"logprobs_mode": "raw_logprobs"}))
     settings = SamplingSettings(temperature=0.7)
-    with pytest.raises(UserError, match="--logprobs-mode processed_logprobs"):
+    with pytest.raises(UserError, match=r"--logprobs-mode processed`"):
         ServerGenerator(url, _Tokenizer(), logprob_settings=settings)
     ServerGenerator(url, SimpleNamespace(pad_token_id=0, eos_token_id=1))  # no log-probs needed
+    # eval and generate need no log-probs: a processed server serves them at any settings.
+    processed = serve(lambda h, b: _json(200, {"logprobs_mode": "processed_logprobs"}))
+    ServerGenerator(processed, _Tokenizer())
+    with pytest.raises(UserError, match=r"--logprobs-mode raw`"):
+        ServerGenerator(processed, _Tokenizer(), logprob_settings=SamplingSettings())
+
+
+def test_the_suggested_logprobs_mode_is_one_vllm_serve_accepts() -> None:
+    from rewardloop.cli.vllm_serve import LOGPROBS_MODES
+    from rewardloop.engines.options import logprobs_mode
+
+    for settings in (SamplingSettings(), SamplingSettings(temperature=0.7)):
+        assert logprobs_mode(settings).removesuffix("_logprobs") in LOGPROBS_MODES
 
 
 def test_the_client_ends_answers_at_every_stop_id(serve) -> None:

@@ -180,3 +180,40 @@ def rollout_from_tokens(prompts: Sequence[Sequence[int]], n: int,
                    completion_mask=completion_mask, has_eos=has_eos,
                    texts=decode_completions(tokenizer, completion_ids, completion_mask, pad_id),
                    sampler_logps=sampler)
+
+
+class TensorParallelShare:
+    """The ranks that drive one tensor-parallel engine together.
+
+    A colocated vLLM engine under ``distributed_executor_backend="external_launcher"`` spans
+    ``size`` consecutive ranks (vLLM's own grouping: ranks 0..size-1, size..2*size-1, ...), and
+    every rank of such a group must submit the same requests, or the ranks' schedulers diverge
+    and the engine hangs or mixes their batches. Each rank of a trainer holds its own share of
+    the prompts; :meth:`gather` hands every rank of the group all of the group's prompts, in
+    rank order, and says which rows of the result are this rank's. Build it on every rank at
+    the same point (creating the groups is a collective), before the engine.
+    """
+
+    def __init__(self, size: int) -> None:
+        import torch.distributed as dist
+
+        from rewardloop.errors import UserError
+
+        world = dist.get_world_size()
+        if size < 1 or world % size:
+            raise UserError(f"--vllm-tensor-parallel-size {size} must divide the number of "
+                            f"processes ({world}): each engine spans that many consecutive "
+                            "ranks")
+        self.size = size
+        self.group, _ = dist.new_subgroups(group_size=size)
+        self.index = dist.get_rank(self.group)
+
+    def gather(self, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], slice]:
+        """All the group's prompts (every rank gets the same list, in rank order) and the slice
+        of it that holds this rank's ``prompts``."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.size
+        dist.all_gather_object(parts, [list(p) for p in prompts], group=self.group)
+        start = sum(len(part) for part in parts[:self.index])
+        return [p for part in parts for p in part], slice(start, start + len(prompts))

@@ -44,6 +44,7 @@ class ServerClient:
         self.url = url.rstrip("/")
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
 
     def close(self) -> None:
         self._http.close()
@@ -56,6 +57,10 @@ class ServerClient:
             raise ServerError(f"cannot reach the vLLM server at {self.url} ({what}: {exc}); "
                               "check that `rewardloop vllm-serve` runs there and that host "
                               "and port are right") from None
+        except httpx.ConnectTimeout:
+            raise ServerError(f"could not connect to the vLLM server at {self.url} ({what}) "
+                              f"within {self.connect_timeout_s:g} s; check that the host is up "
+                              "and that no firewall drops the port") from None
         except httpx.TimeoutException:
             raise ServerError(f"the vLLM server at {self.url} did not answer {what} within "
                               f"{self.timeout_s:g} s; check the server's log (stuck, "
@@ -113,11 +118,14 @@ class ServerGenerator:
         self.stop_ids = stop_ids  # where answers end (the server stops on its model's)
         self.sync = WeightSync()
         info = self.client.health()
-        needed = logprobs_mode(logprob_settings)
-        if info.get("logprobs_mode") != needed:
+        # Only a trainer compares the engine's log-probs with its own; eval and generate take
+        # the completions from a server in either mode.
+        needed = logprobs_mode(logprob_settings) if logprob_settings is not None else None
+        if needed is not None and info.get("logprobs_mode") != needed:
+            flag = needed.removesuffix("_logprobs")  # vllm-serve's --logprobs-mode value
             raise UserError(f"the vLLM server at {url} reports {info.get('logprobs_mode')} "
-                            f"log-probs but this sampling needs {needed}: restart it with "
-                            f"`rewardloop vllm-serve ... --logprobs-mode {needed}`")
+                            f"but this sampling needs {needed}: restart it with "
+                            f"`rewardloop vllm-serve ... --logprobs-mode {flag}`")
 
     def policy_updated(self, model: Any) -> None:
         self.sync.mark(model)

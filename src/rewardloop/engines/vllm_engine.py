@@ -7,7 +7,9 @@ Only the stable part of vLLM's API is used (``LLM``, ``SamplingParams``, ``gener
 every integration that reached deeper broke with vLLM's releases (TRL #3304, OpenRLHF #1193).
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so a push hands it the
 trainer's tensors without a copy between processes. With several ranks, each rank runs its own
-engine over its own devices (``distributed_executor_backend="external_launcher"``).
+engine over its own devices (``distributed_executor_backend="external_launcher"``); an engine
+that spans several ranks (``--vllm-tensor-parallel-size``) gets the same prompts from each of
+them (``base.TensorParallelShare``) and every rank the same seed.
 
 Log-probs. The trainer scores tokens with temperature-scaled, untruncated logits. vLLM reports
 either ``raw_logprobs`` (before temperature) or ``processed_logprobs`` (after temperature AND
@@ -30,6 +32,7 @@ from vllm.platforms import current_platform
 from rewardloop.engines.base import (
     Rollout,
     SamplingSettings,
+    TensorParallelShare,
     check_request,
     rollout_from_tokens,
     saved_stop_ids,
@@ -92,8 +95,18 @@ class VLLMGenerator:
         }
         if options.vllm_max_model_len is not None:
             kwargs["max_model_len"] = options.vllm_max_model_len
+        # With several ranks each runs an engine of its own devices; one that spans several
+        # ranks (tensor parallel) is fed the same prompts by each of them and must draw the
+        # same numbers on each, while two engines draw differently (the built-in loop's
+        # per-rank seeds, train.grpo.seed_sampling).
+        self.share: TensorParallelShare | None = None
         if world_size > 1:
+            import torch.distributed as dist
+
             kwargs["distributed_executor_backend"] = "external_launcher"
+            if options.vllm_tensor_parallel_size > 1:
+                self.share = TensorParallelShare(options.vllm_tensor_parallel_size)
+            kwargs["seed"] = seed + 7919 * (dist.get_rank() // options.vllm_tensor_parallel_size)
         log.info("starting vLLM %s on %s", vllm.__version__, model_path)
         self.llm = vllm.LLM(**kwargs)
 
@@ -149,5 +162,11 @@ class VLLMGenerator:
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  settings: SamplingSettings) -> Rollout:
         check_request(prompts, n)
-        ids, logps = self.sample(prompts, n, settings)
+        if self.share is None:
+            ids, logps = self.sample(prompts, n, settings)
+        else:  # the group's prompts, on every rank of it; this rank keeps its own rows
+            everyone, mine = self.share.gather(prompts)
+            ids, logps = self.sample(everyone, n, settings)
+            rows = slice(mine.start * n, mine.stop * n)
+            ids, logps = ids[rows], logps[rows]
         return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)

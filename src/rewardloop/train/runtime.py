@@ -167,14 +167,21 @@ class Runtime:
         tensor = torch.tensor(values, dtype=torch.float64)
         return self.all_reduce(tensor).tolist()
 
-    def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
-        """Each number averaged over ranks (per-process means of equal-sized shares: the
-        whole batch's mean). Every rank must pass the same keys."""
-        keys = sorted(values)
+    def reduce_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """The whole batch's figures from each rank's: a ``*_max`` key is the largest of any
+        rank, every other number the mean over ranks (per-process means of equal-sized shares:
+        the whole batch's mean). Every rank must pass the same keys."""
         if not self.distributed:
             return dict(values)
-        sums = self.sum_floats(*(float(values[k]) for k in keys))
-        return {k: v / self.world_size for k, v in zip(keys, sums, strict=True)}
+        means = sorted(k for k in values if not k.endswith("_max"))
+        maxima = sorted(k for k in values if k.endswith("_max"))
+        sums = self.sum_floats(*(float(values[k]) for k in means))
+        out = {k: v / self.world_size for k, v in zip(means, sums, strict=True)}
+        if maxima:
+            top = self.all_reduce(torch.tensor([float(values[k]) for k in maxima],
+                                               dtype=torch.float64), op="max")
+            out.update(zip(maxima, top.tolist(), strict=True))
+        return out
 
     def map_chunks(self, n: int, fn: Callable[[int], T]) -> list[T]:
         """``[fn(0), ..., fn(n - 1)]`` with the calls dealt over the ranks (rank r runs chunks r,

@@ -1,0 +1,49 @@
+"""One rank of the collectives check in test_distributed.py (run as two processes): metrics
+reduced over ranks, prompts shared by the ranks of one tensor-parallel engine, and an FSDP
+model's weights gathered whole before rank 0 alone sends them. Prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rewardloop.engines.base import TensorParallelShare
+from rewardloop.engines.weight_sync import engine_weights, push_once
+from rewardloop.options import RuntimeOptions
+from rewardloop.train.runtime import Runtime
+
+
+def main() -> None:
+    rt = Runtime(RuntimeOptions(strategy="fsdp"), device="cpu")
+    rank = rt.rank
+    figures = rt.reduce_metrics({"loss": float(rank + 1), "is_ratio_max": [3.0, 5.0][rank],
+                                 "completion_length_max": [9.0, 4.0][rank]})
+    # Unequal shares: rank 0 holds one prompt, rank 1 two.
+    prompts = [[10 * rank + 1], [10 * rank + 2, 7]][: rank + 1]
+    everyone, mine = TensorParallelShare(2).gather(prompts)
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1))
+    whole = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sharded = rt.prepare(model)
+    sends: list[dict[str, object]] = []
+
+    def send(weights: list[tuple[str, torch.Tensor]]) -> None:
+        sends.append({
+            "names": sorted(name for name, _ in weights),
+            "plain": all(type(t) is torch.Tensor for _, t in weights),
+            "equal": all(torch.equal(t, whole[name]) for name, t in weights)})
+
+    with engine_weights(sharded) as weights:
+        push_once(send, weights)
+    print(json.dumps({"rank": rank, "figures": figures, "everyone": everyone,
+                      "mine": [mine.start, mine.stop], "sends": sends,
+                      "names": sorted(whole)}))
+
+
+if __name__ == "__main__":
+    main()
