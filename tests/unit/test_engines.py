@@ -98,6 +98,24 @@ def test_factory_builds_the_built_in_loop(root: Path) -> None:
         generator.policy_updated(object())
 
 
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_a_policy_grown_by_a_pad_token_is_refused_for_vllm(root: Path, mode: str) -> None:
+    """--add-pad-token grows the trainer's embeddings by one row; an engine loading the original
+    directory could neither sample with that pad id nor take the pushed weights: refused
+    before any engine starts, with what to do (vLLM installed or not)."""
+    from rewardloop.models import load_policy, load_tokenizer
+
+    model = load_policy(root / "tiny", device="cpu")
+    tokenizer = load_tokenizer(root / "tiny", padding_side="left")
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows + 1)
+    server = {"vllm_server": "http://127.0.0.1:9"} if mode == "server" else {}
+    options = EngineOptions(generator="vllm", vllm_mode=mode, **server)
+    with pytest.raises(UserError, match=rf"has {rows + 1} tokens .*--add-pad-token.* has "
+                                        rf"{rows}.*--generator hf"):
+        make_generator(options, model, tokenizer, root / "tiny")
+
+
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is not installed")
 def test_missing_vllm_is_exit_2_with_the_install_line(root: Path) -> None:
     from rewardloop.cli import app
@@ -169,23 +187,32 @@ def test_trainers_correct_samples_from_another_engine(root: Path, trainer: str,
     assert samplers[0].updates == 2  # told after each of the two steps
 
 
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
 def test_sequence_mask_drops_mismatched_samples_from_the_update(
-        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        root: Path, trainer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampler log-probs 0.1 BELOW the trainer's: every sequence's ratio e^(0.1 L) exceeds cap
     1, so the sequence mask drops every sample and (without KL) the policy does not move."""
     from safetensors.torch import load_file
 
     from rewardloop.engines import factory
     from rewardloop.engines.hf import HFGenerator
-    from rewardloop.train.grpo import GRPOConfig, train
 
     monkeypatch.setattr(factory, "make_generator", lambda options, model, tokenizer, *a, **k:
                         ShiftedSampler(HFGenerator(model, tokenizer), -0.1))
-    out = root / "off-masked"
-    train(GRPOConfig(policy=str(root / "tiny"), prompts=root / "prompts.jsonl", out=out,
-                     rewards=("test_engines:length_reward",), num_generations=2, batch_size=4,
-                     max_steps=1, lr=1e-2, max_new_tokens=5, device="cpu", overwrite=True,
-                     kl_coef=0.0, is_level="sequence", is_cap=1.0))
+    out = root / f"off-masked-{trainer}"
+    common = {"policy": str(root / "tiny"), "prompts": root / "prompts.jsonl", "out": out,
+              "rewards": ("test_engines:length_reward",), "batch_size": 4, "max_steps": 1,
+              "lr": 1e-2, "max_new_tokens": 5, "device": "cpu", "overwrite": True,
+              "kl_coef": 0.0, "is_level": "sequence", "is_cap": 1.0}
+    if trainer == "grpo":
+        from rewardloop.train.grpo import GRPOConfig, train
+
+        train(GRPOConfig(**common, num_generations=2))
+    else:
+        from rewardloop.train.ppo import PPOConfig
+        from rewardloop.train.ppo import train as train_ppo
+
+        train_ppo(PPOConfig(**common))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["is_weight_mean"] == 0.0
     before = load_file(root / "tiny" / "model.safetensors")

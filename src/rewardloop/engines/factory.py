@@ -34,6 +34,22 @@ def engine_model_path(model_path: str | Path) -> str:
     return str(model_path)
 
 
+def check_engine_vocabulary(model: Any, model_path: str | Path) -> None:
+    """UserError when ``model``'s embeddings outgrew the checkpoint an engine loads: a pad token
+    added by ``--add-pad-token`` grows the trainer's vocabulary by one, which a vLLM engine
+    started from the original directory can neither sample (the pad id is outside its
+    vocabulary) nor receive in a weight push (the tensors' shapes differ)."""
+    config = Path(engine_model_path(model_path)) / "config.json"
+    saved = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    rows = model.get_input_embeddings().num_embeddings
+    if isinstance(saved, int) and rows != saved:
+        raise UserError(
+            f"--generator vllm: the policy's vocabulary has {rows} tokens (a pad token added "
+            f"by --add-pad-token?) but {config.parent} has {saved}, which the engine loads. "
+            "Save the policy with its pad token once and start from that directory (`rewardloop "
+            "train sft --add-pad-token` writes one), or use --generator hf")
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
@@ -68,6 +84,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
         return HFGenerator(model, tokenizer, options.hf_decoding, compute_dtype=dtype)
     from rewardloop.engines.base import stop_token_ids
 
+    if model_path is not None:
+        check_engine_vocabulary(model, model_path)
     # The engine stops where the built-in loop would: on every EOS id of the trainer's model.
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     if options.vllm_mode == "server":
