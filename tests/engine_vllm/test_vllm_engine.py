@@ -81,6 +81,34 @@ def test_sampler_log_probs_equal_the_trainers(engine: Any, policy: Any) -> None:
     assert all(int(rollout.completion_ids[i, last[i]]) == tokenizer.eos_token_id for i in ended)
 
 
+def test_with_top_p_and_top_k_the_log_probs_are_the_untruncated_ones(engine: Any,
+                                                                     policy: Any) -> None:
+    """Sampling under top-p and top-k at temperature 1: the engine's log-probs are the trainer's
+    over the whole vocabulary (raw), not the renormalised ones of the kept tokens (TRL #6789),
+    although the truncation removed a real share of the probability at some steps."""
+    from rewardloop.engines.hf import position_ids, warp_logits
+    from rewardloop.rollout import batched_logps
+
+    model, tokenizer = policy
+    settings = SamplingSettings(max_new_tokens=24, top_p=0.8, top_k=5)
+    rollout = engine.generate(_ids(tokenizer), 8, settings)
+    real = rollout.completion_mask.bool()
+    trainer = batched_logps(model, rollout, 1.0, 8) * rollout.completion_mask
+    assert rollout.sampler_logps is not None
+    assert (trainer - rollout.sampler_logps).abs().max() < 1e-4
+    mask = rollout.attention_mask
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids, attention_mask=mask,
+                       position_ids=position_ids(mask)).logits
+    width, columns = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    steps = logits[:, width - 1:width - 1 + columns].float()
+    kept = torch.isfinite(warp_logits(steps.reshape(-1, steps.shape[-1]).clone(), settings))
+    share = (steps.softmax(dim=-1) * kept.reshape(steps.shape)).sum(dim=-1)
+    assert float(share[real].min()) < 0.9  # renormalised log-probs would differ by > 0.1
+    sampled_kept = kept.reshape(steps.shape).gather(2, rollout.completion_ids[..., None])[..., 0]
+    assert bool(sampled_kept[real].all())  # and the engine did sample inside the truncation
+
+
 def test_the_engine_stops_on_every_stop_id_like_the_built_in_loop(
         engine: Any, policy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A generation config with a second EOS id (an end-of-turn token, as Llama 3 / Qwen2.5
@@ -154,6 +182,17 @@ def test_sleep_then_wake_keeps_outputs(tiny_dir: Path, policy: Any) -> None:
     first = sleeper.generate(ids, 1, GREEDY)  # sleeps after generating
     assert sleeper.asleep
     _same_completions(sleeper.generate(ids, 1, GREEDY), first)
+    # An update while the engine sleeps reaches it: the push waits for the weights to wake
+    # (weights pushed into a sleeping engine were lost, TRL #5312).
+    updated = copy.deepcopy(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in updated.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert sleeper.asleep
+    sleeper.policy_updated(updated)
+    _same_completions(sleeper.generate(ids, 1, GREEDY),
+                      HFGenerator(updated, tokenizer).generate(ids, 1, GREEDY))
 
 
 def _grpo_rewards(root: Path, name: str, tiny_dir: Path, generator: Any,
