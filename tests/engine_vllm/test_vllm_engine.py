@@ -102,7 +102,9 @@ def test_with_top_p_and_top_k_the_log_probs_are_the_untruncated_ones(engine: Any
                        position_ids=position_ids(mask)).logits
     width, columns = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     steps = logits[:, width - 1:width - 1 + columns].float()
-    kept = torch.isfinite(warp_logits(steps.reshape(-1, steps.shape[-1]).clone(), settings))
+    candidates = steps.reshape(-1, steps.shape[-1]).clone()
+    candidates[:, tokenizer.pad_token_id] = -float("inf")  # never sampled, by either engine
+    kept = torch.isfinite(warp_logits(candidates, settings))
     share = (steps.softmax(dim=-1) * kept.reshape(steps.shape)).sum(dim=-1)
     assert float(share[real].min()) < 0.9  # renormalised log-probs would differ by > 0.1
     sampled_kept = kept.reshape(steps.shape).gather(2, rollout.completion_ids[..., None])[..., 0]
