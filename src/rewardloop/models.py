@@ -120,6 +120,9 @@ def check_model_dir(path: str | Path) -> str:
     if not p.is_dir():
         raise UserError(f"{p} is a file; give the model directory (with config.json)")
     if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        if (p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json"
+                                                       ).is_file():
+            raise UserError(f"{p} is a run directory; its model is {p / 'model'}")
         raise UserError(f"{p} has no config.json: not a Hugging Face model directory "
                         "(save it with save_pretrained, or build one with `rewardloop tiny`)")
     weights = sorted(p.glob("*.safetensors"))
@@ -282,6 +285,10 @@ def load_policy(
 
     source = check_model_dir(path)
     adapter = _is_adapter_dir(source)
+    if not adapter and _is_classifier(source):
+        raise UserError(f"{source} is a reward model (a sequence classifier), not a language "
+                        "model: give a policy's directory (e.g. the model/ of a `train sft` "
+                        "run)")
     if adapter:
         model = _load_adapter(AutoModelForCausalLM, source, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code, trainable=trainable)
@@ -294,6 +301,12 @@ def load_policy(
                             "training them, or merge them first")
         model = apply_lora(model, lora)
     return model
+
+
+def _is_classifier(source: str) -> bool:
+    """Whether the saved config of ``source`` names a sequence classifier (a reward model)."""
+    archs = _read_config(source).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
 def _is_adapter_dir(source: str) -> bool:
@@ -327,7 +340,8 @@ def load_reward_model(
     """A scalar-output sequence classifier (``num_labels=1``).
 
     From a saved reward model it loads as is; from a causal LM it gets a fresh linear head
-    (``score``). ``config.pad_token_id`` is set (from ``pad_token_id`` or the model's config), so
+    (``score``) when it is to be trained (``trainable``); a frozen one, which would score with
+    that random head, is refused. ``config.pad_token_id`` is set (from ``pad_token_id`` or the model's config), so
     transformers pools the score at the last non-pad token.
     """
     from transformers import AutoModelForSequenceClassification  # heavy
@@ -339,12 +353,14 @@ def load_reward_model(
                               device=device, trust_remote_code=trust_remote_code,
                               trainable=trainable, num_labels=1)
     else:
-        archs = _read_config(source).get("architectures") or []
-        is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+        is_classifier = _is_classifier(source)
         labels = _read_config(source).get("id2label")
         if is_classifier and labels is not None and len(labels) != 1:
             raise UserError(f"{source} is a classifier with {len(labels)} labels; a reward model "
                             "has exactly one (a scalar score)")
+        if not is_classifier and not trainable:
+            raise UserError(f"{source} is not a reward model (no trained score head: a "
+                            "language model?); train one with `rewardloop train rm`")
         model = _from_pretrained(AutoModelForSequenceClassification, source, dtype=dtype,
                                  device=device, trust_remote_code=trust_remote_code, num_labels=1)
         if not is_classifier:

@@ -166,8 +166,13 @@ def test_online_rl_on_two_processes_equals_one(work: Path, tmp_path: Path, kind:
             "4", "--max-steps", "2", "--lr", "1e-3", "--top-k", "1", "--max-new-tokens", "8",
             "--kl-coef", "0.1"]
     if kind == "grpo":  # plus a reward model, which fsdp shards like the policy
-        rm = tmp_path / "rm"
-        shutil.copytree(work / "tiny", rm)
+        from rewardloop.models import load_reward_model, load_tokenizer
+
+        rm = tmp_path / "rm"  # a scalar head on the tiny model (untrained: scores are scores)
+        tokenizer = load_tokenizer(work / "tiny")
+        load_reward_model(work / "tiny", device="cpu", pad_token_id=tokenizer.pad_token_id
+                          ).save_pretrained(rm, safe_serialization=True)
+        tokenizer.save_pretrained(rm)
         (rm / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
         args += ["--advantage", "reinforce++", "--num-generations", "1",
                  "--reward", f"{rm}@0.5"]

@@ -56,6 +56,23 @@ def test_missing_dir_and_dir_without_config(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "empty")
 
 
+def test_a_model_of_the_other_kind_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    """A reward model where a policy is expected, a language model where a trained reward
+    model is expected (it would score with a random head), and a run directory where its model
+    is expected: each refused, saying what to give."""
+    tokenizer = load_tokenizer(tiny_dir)
+    rm = tmp_path / "run" / "model"
+    load_reward_model(tiny_dir, device="cpu", pad_token_id=tokenizer.pad_token_id
+                      ).save_pretrained(rm, safe_serialization=True)
+    with pytest.raises(UserError, match="is a reward model .*not a language model"):
+        load_policy(rm)
+    with pytest.raises(UserError, match="is not a reward model .*train rm"):
+        load_reward_model(tiny_dir, trainable=False, pad_token_id=tokenizer.pad_token_id)
+    load_reward_model(rm, trainable=False)  # a trained head: fine
+    with pytest.raises(UserError, match=f"is a run directory; its model is {rm}"):
+        load_policy(tmp_path / "run")
+
+
 def test_corrupt_safetensors_is_refused(copy_dir: Path) -> None:
     weights = copy_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

@@ -103,7 +103,7 @@ def export_(
         raise UserError("give exactly one of -o FILE and --to-hf-dataset DIR")
     target = out if out is not None else hf_dataset
     assert target is not None
-    store = Store(resolve_db(db))
+    store = Store(resolve_db(db), existing=True)
     try:
         report = export(store, fmt, target, batch=batch, dimension=dimension,
                         hf_dataset=hf_dataset is not None)
@@ -143,7 +143,7 @@ def stats_(
     from rewardloop.data.store import Store
     from rewardloop.data.transfer import stats
 
-    store = Store(resolve_db(db))
+    store = Store(resolve_db(db), existing=True)
     try:
         result = stats(store)
     finally:

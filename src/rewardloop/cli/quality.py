@@ -99,7 +99,7 @@ def quality(
     from rewardloop.feedback.quality import quality_report
 
     try:
-        store = Store(resolve_db(db))
+        store = Store(resolve_db(db), existing=True)
         try:
             report = quality_report(store, batch)
         finally:

@@ -81,17 +81,21 @@ def register(app: typer.Typer) -> None:
             if audience is not None:
                 check_audience(session, audience, overlap)
             b = T.get_or_create_batch(session, batch or file.stem, guidelines=text)
+            held: list[Any] = []  # tasks the batch already has (the same file given again)
             made = T.create_tasks_from_candidates(
                 session, rows, kind=kind, overlap=overlap, batch=b, pairing=pairing,
-                path=str(file), line_numbers=lines, audience=audience)
+                path=str(file), line_numbers=lines, audience=audience, skipped=held)
             if gold_rows:
                 made += T.create_tasks_from_candidates(
                     session, gold_rows, kind=kind, overlap=overlap, batch=b, gold=rankings,
-                    pairing=pairing, path=str(gold), line_numbers=gold_lines)
+                    pairing=pairing, path=str(gold), line_numbers=gold_lines, skipped=held)
             name = b.name
         n_gold = sum(t.is_gold for t in made)
         typer.echo(f"created {len(made)} {kind} tasks ({n_gold} gold) in batch {name}, "
                    f"overlap {overlap}" + (f", for group {audience}" if audience else ""))
+        if held:
+            typer.echo(f"skipped {len(held)} tasks batch {name} already has (to ask for "
+                       "them again as a new round, give --batch NAME)")
 
     @tasks.command("progress")
     def progress(batch: str | None = typer.Option(None, "--batch", help="Only this batch."),
@@ -104,7 +108,7 @@ def register(app: typer.Typer) -> None:
         from rewardloop.errors import UserError
         from rewardloop.feedback import tasks as T
 
-        with Store(resolve_db(db)).read() as session:
+        with Store(resolve_db(db), existing=True).read() as session:
             b = None
             if batch is not None:
                 b = session.scalar(select(Batch).where(Batch.name == batch))

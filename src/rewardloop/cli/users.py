@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         from rewardloop.data.schema import Annotator
         from rewardloop.data.store import Store
 
-        with Store(resolve_db(db)).read() as session:
+        with Store(resolve_db(db), existing=True).read() as session:
             rows = session.scalars(select(Annotator).order_by(Annotator.name)).all()
             for u in rows:
                 state = "active" if u.active else "inactive"
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         from rewardloop.app import accounts
         from rewardloop.data.store import Store
 
-        with Store(resolve_db(db)).write() as session:
+        with Store(resolve_db(db), existing=True).write() as session:
             accounts.deactivate_user(session, name)
         typer.echo(f"deactivated {name}")
 
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         from rewardloop.data.store import Store
         from rewardloop.errors import UserError
 
-        with Store(resolve_db(db)).write() as session:
+        with Store(resolve_db(db), existing=True).write() as session:
             user = accounts.get_user(session, name)
             if not user.active:
                 raise UserError(f"{name} is deactivated")

@@ -123,7 +123,11 @@ class _WriteLock:
 class Store:
     """One database: engine, sessions, migrations."""
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True, echo: bool = False) -> None:
+    def __init__(self, url: str | None = None, *, migrate: bool = True, echo: bool = False,
+                 existing: bool = False) -> None:
+        """``existing``: the database must be there already (commands that only read it, or
+        change what it holds): a mistyped SQLite path is then an error, not a new empty
+        database that reads as "nothing collected yet"."""
         self.url = url or default_url()
         try:
             parsed = make_url(self.url)
@@ -142,6 +146,10 @@ class Store:
             db = parsed.database
             if db and db != ":memory:" and not Path(db).parent.exists():
                 raise UserError(f"--db: directory {Path(db).parent} does not exist")
+            if existing and db and db != ":memory:" and not Path(db).is_file():
+                raise UserError(f"--db: no database at {db} (check the path or $REWARDLOOP_DB; "
+                                "`rewardloop data import`, `tasks create` or `users add` "
+                                "create one)")
             if db and db != ":memory:":
                 _create_private(Path(db))
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}

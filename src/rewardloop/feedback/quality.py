@@ -322,7 +322,7 @@ def annotators_from_db(db: str, *, weights: bool, flagged: bool
     (``train.reward.train_rm``, which does not open the store itself): reliability weights (when
     ``weights``, else None), the flagged names (when ``flagged``, else none) and each
     annotator's groups."""
-    store = Store(db)
+    store = Store(db, existing=True)
     try:
         with store.read() as session:
             groups = {a.name: [str(g) for g in a.groups]

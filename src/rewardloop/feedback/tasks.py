@@ -230,6 +230,7 @@ def create_tasks_from_candidates(
     path: str | None = None,
     line_numbers: Sequence[int] | None = None,
     audience: str | None = None,
+    skipped: list[ComparisonTask] | None = None,
 ) -> list[ComparisonTask]:
     """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?),
     for everyone or, with ``audience``, for the annotators of that group only.
@@ -240,10 +241,13 @@ def create_tasks_from_candidates(
     ``gold`` maps a row's index to its known ranking in response *indices* (best group first);
     those rows become gold tasks (a pair's gold answer is the ranking restricted to the pair).
     Errors name ``path``, the row's line (``line_numbers[i]``, else i+1) and the field.
+    With ``skipped`` given, a task that ``batch`` already holds (same kind, responses, gold or
+    not, audience: the same file given twice) is not made again but appended there.
     """
     if pairing not in PAIRINGS:
         raise TaskError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}", status=422)
     gold = gold or {}
+    held = _batch_tasks(session, batch) if skipped is not None and batch is not None else {}
     created: list[ComparisonTask] = []
     for i, row in enumerate(rows):
         line = line_numbers[i] if line_numbers is not None else i + 1
@@ -270,13 +274,29 @@ def create_tasks_from_candidates(
             if gold_idx is not None:
                 ranking = [[responses[j].id for j in g if j in idx] for g in gold_idx]
                 ranking = [g for g in ranking if g]
+            if any(r.id is None for r in chosen):
+                session.flush()
+            key = (kind, tuple(sorted(r.id for r in chosen)), ranking is not None, audience)
+            if key in held:
+                assert skipped is not None  # held is empty otherwise
+                skipped.append(held[key])
+                continue
             try:
-                created.append(create_task(session, prompt, chosen, kind=kind, overlap=overlap,
-                                           batch=batch, gold_ranking=ranking,
-                                           audience=audience))
+                task = create_task(session, prompt, chosen, kind=kind, overlap=overlap,
+                                   batch=batch, gold_ranking=ranking, audience=audience)
             except TaskError as exc:
                 raise err(str(exc), None) from None
+            created.append(task)
     return created
+
+
+def _batch_tasks(session: Session, batch: Batch) -> dict[tuple[Any, ...], ComparisonTask]:
+    """The tasks ``batch`` holds, by (kind, sorted response ids, gold or not, audience)."""
+    if batch.id is None:
+        session.flush()
+    tasks = session.scalars(select(ComparisonTask).where(ComparisonTask.batch_id == batch.id))
+    return {(t.kind, tuple(sorted(i.response_id for i in t.items)), t.is_gold, t.audience): t
+            for t in tasks}
 
 
 def _row_prompt(session: Session, row: Mapping[str, Any], err: Any) -> Prompt:
