@@ -285,7 +285,7 @@ def load_policy(
 
     source = check_model_dir(path)
     adapter = _is_adapter_dir(source)
-    if not adapter and _is_classifier(source):
+    if not adapter and is_classifier(source):
         raise UserError(f"{source} is a reward model (a sequence classifier), not a language "
                         "model: give a policy's directory (e.g. the model/ of a `train sft` "
                         "run)")
@@ -303,7 +303,7 @@ def load_policy(
     return model
 
 
-def _is_classifier(source: str) -> bool:
+def is_classifier(source: str) -> bool:
     """Whether the saved config of ``source`` names a sequence classifier (a reward model)."""
     archs = _read_config(source).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
@@ -341,8 +341,8 @@ def load_reward_model(
 
     From a saved reward model it loads as is; from a causal LM it gets a fresh linear head
     (``score``) when it is to be trained (``trainable``); a frozen one, which would score with
-    that random head, is refused. ``config.pad_token_id`` is set (from ``pad_token_id`` or the model's config), so
-    transformers pools the score at the last non-pad token.
+    that random head, is refused. ``config.pad_token_id`` is set (from ``pad_token_id`` or the
+    model's config), so transformers pools the score at the last non-pad token.
     """
     from transformers import AutoModelForSequenceClassification  # heavy
 
@@ -353,17 +353,17 @@ def load_reward_model(
                               device=device, trust_remote_code=trust_remote_code,
                               trainable=trainable, num_labels=1)
     else:
-        is_classifier = _is_classifier(source)
+        classifier = is_classifier(source)
         labels = _read_config(source).get("id2label")
-        if is_classifier and labels is not None and len(labels) != 1:
+        if classifier and labels is not None and len(labels) != 1:
             raise UserError(f"{source} is a classifier with {len(labels)} labels; a reward model "
                             "has exactly one (a scalar score)")
-        if not is_classifier and not trainable:
+        if not classifier and not trainable:
             raise UserError(f"{source} is not a reward model (no trained score head: a "
                             "language model?); train one with `rewardloop train rm`")
         model = _from_pretrained(AutoModelForSequenceClassification, source, dtype=dtype,
                                  device=device, trust_remote_code=trust_remote_code, num_labels=1)
-        if not is_classifier:
+        if not classifier:
             log.info("%s is not a reward model yet: added a fresh scalar head", source)
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     if pad is None:

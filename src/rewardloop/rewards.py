@@ -100,16 +100,16 @@ def parse_reward_spec(text: str) -> RewardSpec:
     return RewardSpec(spec, weight)
 
 
-def _load_function(spec: str) -> tuple[str, RewardFn]:
+def _load_function(spec: str, flag: str = "--reward") -> tuple[str, RewardFn]:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"--reward {spec}: cannot import module {module_name!r} ({exc}); is it "
+        raise UserError(f"{flag} {spec}: cannot import module {module_name!r} ({exc}); is it "
                         "installed or on PYTHONPATH?") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise UserError(f"--reward {spec}: module {module_name!r} has no function {attr!r}")
+        raise UserError(f"{flag} {spec}: module {module_name!r} has no function {attr!r}")
     return attr, fn
 
 
@@ -124,18 +124,23 @@ class ModelReward:
 
     def __init__(self, spec: str, *, device: str = "auto", batch_size: int = 16,
                  max_length: int | None = None, mix: Sequence[tuple[str, float]] = (),
-                 uncertainty_penalty: float = 0.0) -> None:
+                 uncertainty_penalty: float = 0.0, flag: str = "--reward") -> None:
+        from rewardloop.models import is_classifier
+
         model_dir = resolve_rm_dir(Path(spec).expanduser())
+        if (model_dir / "config.json").is_file() and not is_classifier(str(model_dir)):
+            raise UserError(f"{flag} {spec}: {model_dir} is not a reward model (a language "
+                            "model?); train one with `rewardloop train rm`")
         self.name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
         self.head_weights: torch.Tensor | None = None
         if mix:
             heads = group_heads(model_dir)
             if not heads:
-                raise UserError(f"--reward {spec}@...: {model_dir} has no group heads (train it "
+                raise UserError(f"{flag} {spec}@...: {model_dir} has no group heads (train it "
                                 "with train rm --group-heads)")
             unknown = sorted({g for g, _ in mix} - set(heads))
             if unknown:
-                raise UserError(f"--reward {spec}: no head for groups {unknown}; its heads are "
+                raise UserError(f"{flag} {spec}: no head for groups {unknown}; its heads are "
                                 f"{heads}")
             weights = dict(mix)
             self.head_weights = torch.tensor([weights.get(g, 0.0) for g in heads])
@@ -168,9 +173,10 @@ def penalised(mean: Sequence[float], std: Sequence[float] | None, penalty: float
 class FunctionReward:
     """A Python reward function with TRL's signature, checked on every call."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, flag: str = "--reward") -> None:
+        """``flag``: the option that named ``spec`` (for messages)."""
         self.spec = spec
-        self.name, self.fn = _load_function(spec)
+        self.name, self.fn = _load_function(spec, flag)
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **kwargs: Any
                  ) -> list[float]:
@@ -226,23 +232,25 @@ class Rewards:
                  missing_eos_penalty: float = 0.0, device: str = "auto",
                  batch_size: int = 16, max_length: int | None = None,
                  uncertainty_penalty: float = 0.0,
-                 model_reward: Callable[[str], Any] | None = None) -> None:
+                 model_reward: Callable[[str], Any] | None = None,
+                 flag: str = "--reward") -> None:
         """``uncertainty_penalty``: λ of every reward-model ensemble's mean - λ x std.
+        ``flag`` is the option that named the sources (--reward, --judge, --gold), for messages.
         ``model_reward(spec)``, when given, supplies the source of a reward-model directory
         (e.g. one scored by a Ray actor); it returns None to load the model here."""
         if not specs:
-            raise UserError("give at least one --reward (a reward-model dir or "
+            raise UserError(f"give at least one {flag} (a reward-model dir or "
                             "package.module:function)")
         self.sources: list[tuple[str, float, RewardSource]] = []
         for spec in specs:
             source: RewardSource
             if _FUNCTION_SPEC.match(spec.spec) and not Path(spec.spec).exists():
                 if spec.mix:
-                    raise UserError(f"--reward {spec.spec}: a group mix needs a reward model "
+                    raise UserError(f"{flag} {spec.spec}: a group mix needs a reward model "
                                     "trained with --group-heads, not a function")
-                source = FunctionReward(spec.spec)
+                source = FunctionReward(spec.spec, flag)
             elif not Path(spec.spec).expanduser().exists():
-                raise UserError(f"--reward {spec.spec}: neither an existing reward-model "
+                raise UserError(f"{flag} {spec.spec}: neither an existing reward-model "
                                 "directory nor package.module:function")
             else:
                 # A group mix (or an uncertainty penalty) is scored where it is named (reward
@@ -251,7 +259,8 @@ class Rewards:
                           and not uncertainty_penalty else None)
                 source = remote or ModelReward(spec.spec, device=device, batch_size=batch_size,
                                                max_length=max_length, mix=spec.mix,
-                                               uncertainty_penalty=uncertainty_penalty)
+                                               uncertainty_penalty=uncertainty_penalty,
+                                               flag=flag)
             name = source.name
             taken = {n for n, _, _ in self.sources}
             suffix = 2

@@ -218,3 +218,16 @@ def test_uncertainty_penalty_is_the_ensemble_mean_minus_lambda_std(
     assert torch.allclose(plain.total, heads.mean(dim=1), atol=1e-5)
     with pytest.raises(UserError, match="needs a reward-model ensemble"):
         Rewards([RewardSpec(str(rm_run))], uncertainty_penalty=0.5)
+
+
+def test_a_language_model_given_as_a_reward_model_is_refused_by_name(tmp_path: Path) -> None:
+    """A policy where a reward model belongs (its fresh head would score at random): the
+    message names the flag that gave it and says what to do."""
+    from rewardloop.tiny import build_tiny, generate_corpus
+
+    base = build_tiny(tmp_path / "policy", generate_corpus(100), vocab_size=300, hidden_size=16,
+                      num_layers=1, num_heads=2, max_position=32)
+    with pytest.raises(UserError, match=r"--judge .*is not a reward model .*train rm"):
+        Rewards([RewardSpec(str(base))], device="cpu", flag="--judge")
+    with pytest.raises(UserError, match=r"--gold nosuch_mod_x:fn: cannot import"):
+        Rewards([RewardSpec("nosuch_mod_x:fn")], flag="--gold")
