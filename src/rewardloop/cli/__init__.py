@@ -36,6 +36,12 @@ class _Root(TyperGroup):
         except TrainingError as exc:
             typer.echo(f"training stopped: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            hint = ("; a run that saved checkpoints (--save-every N) continues from its last "
+                    "complete one with the same command and --resume"
+                    if ctx.invoked_subcommand == "train" else "")
+            typer.echo(f"interrupted{hint}", err=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
