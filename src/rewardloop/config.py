@@ -1,14 +1,21 @@
 """Resolve a command's frozen config dataclass from defaults, a YAML file and CLI flags.
 
 Precedence: dataclass defaults < ``--config FILE.yaml`` < flags given on the command line.
-Unknown keys in the YAML are an error (a typo must not silently fall back to a default).
+Unknown keys in the YAML are an error (a typo must not silently fall back to a default), and so
+is a value of the wrong type (``overwrite: "false"`` is a string, and a non-empty string is
+true): every value is checked against its field's annotation (``check_value``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,32 +25,156 @@ from rewardloop.errors import UserError
 
 T = TypeVar("T")
 
+# PyYAML reads YAML 1.1, where a number needs a dot to be a float: `lr: 1e-4` arrives as the
+# string "1e-4" (and `max_steps: 1e3` as "1e3"). A float field takes a numeric string as the
+# number it spells; an int field only that exponent form (a quoted "4" is refused).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), str: ("a string", "strings"),
+          Path: ("a path (a string)", "paths")}
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          list: "a list", dict: "a mapping"}
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn YAML scalars into the field's type where YAML is ambiguous (paths, tuples)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if value is None:
-        return None
+
+def _type_name(annotation: Any, plural: bool = False) -> str:
+    """How ``annotation`` reads in an error message."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key) if len(non_none) == 1 else value
-    if annotation is Path:
+        rest = [_type_name(a, plural) for a in args if a is not type(None)]
+        return " or ".join(rest) + (" or null" if type(None) in args else "")
+    if origin in (tuple, list):
+        return "a list of " + (_type_name(args[0], plural=True) if args else "values")
+    if origin in (dict, Mapping):
+        return "a mapping" + (f" of {_type_name(args[1], plural=True)}"
+                              if len(args) == 2 and args[1] is not Any else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if annotation in _NAMES:
+        return _NAMES[annotation][plural]
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _wrong(key: str, value: Any, annotation: Any, hint: str = "") -> UserError:
+    if value is None:
+        shown = "null"
+    elif isinstance(value, float) and math.isnan(value):
+        shown = "nan"
+    else:
+        shown = f"{value!r} ({_KINDS.get(type(value), type(value).__name__)})"
+    return UserError(f"{key}: expected {_type_name(annotation)}, got {shown}{hint}")
+
+
+def _check_number(value: Any, annotation: type, key: str) -> int | float:
+    """An int or float setting; a bool is not a number here, nor is NaN."""
+    number = value
+    if isinstance(value, str) and (_EXPONENT if annotation is int else _NUMBER).fullmatch(value):
+        number = float(value)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        hint = "; a quoted number is a string: remove the quotes" if isinstance(
+            value, str) and _NUMBER.fullmatch(value) else ""
+        raise _wrong(key, value, annotation, hint)
+    if math.isnan(number):
+        raise _wrong(key, value, annotation)
+    if annotation is float:
+        return float(number)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise _wrong(key, value, annotation, "; it has a fractional part")
+        return int(number)
+    return number
+
+
+def _check_items(value: Any, annotation: Any, key: str) -> Any:
+    """A tuple, list or mapping setting, item by item."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _wrong(key, value, annotation)
+        k_type, v_type = args or (Any, Any)
+        return {check_value(k, k_type, f"{key} key"): check_value(v, v_type, f"{key}.{k}")
+                for k, v in value.items()}
+    if not isinstance(value, list | tuple):
+        raise _wrong(key, value, annotation)
+    if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+        items = [check_value(v, args[0] if args else Any, f"{key}[{i}]")
+                 for i, v in enumerate(value)]
+    else:
+        if len(value) != len(args):
+            raise UserError(f"{key}: expected {len(args)} items, got {list(value)!r}")
+        items = [check_value(v, a, f"{key}[{i}]")
+                 for i, (v, a) in enumerate(zip(value, args, strict=True))]
+    return tuple(items) if origin is tuple else items
+
+
+def check_value(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as a setting of type ``annotation`` (a field's resolved type hint): bool,
+    int, float, str, Path, Optional, Literal, tuple/list of X, mapping of X to Y.
+
+    Converts only where the value is unambiguous: a YAML int to float, an integral float to
+    int, a YAML 1.1 exponent string ("1e-4") to its number, a string to a Path. Raises a
+    UserError naming ``key``, the value and the type expected for anything else.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return check_value(value, rest[0], key)
+        for option in rest:
+            with contextlib.suppress(UserError):
+                return check_value(value, option, key)
+        raise _wrong(key, value, annotation)
+    if value is None:
+        raise _wrong(key, value, annotation, "; leave the key out for the default")
+    if origin is typing.Literal:
+        if value not in args:
+            raise _wrong(key, value, annotation)
+        return value
+    if origin is not None:
+        return _check_items(value, annotation, key)
+    return _check_scalar(value, annotation, key)
+
+
+def _check_scalar(value: Any, annotation: Any, key: str) -> Any:
+    """A bool, int, float, str, Path or other class setting (not None)."""
+    if annotation in (int, float):
+        return _check_number(value, annotation, key)
+    if annotation is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if annotation is Path and isinstance(value, str | os.PathLike):
         return Path(value)
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise UserError(f"config key '{key}' must be a list, got {value!r}")
-        return tuple(value)
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise _wrong(key, value, annotation)
     return value
+
+
+def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (field name -> value) checked against dataclass ``cls``: unknown keys and
+    values of the wrong type are a UserError beginning with ``where``."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known, key=str)
+    if unknown:
+        raise UserError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = check_value(value, hints[key], key)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    return out
 
 
 def load_config(cls: type[T], config_file: Path | None = None, **flags: Any) -> T:
     """Build ``cls`` from its defaults, an optional YAML file and the non-None ``flags``.
 
-    Raises UserError for a missing/invalid YAML file, unknown keys or values the dataclass's
-    ``__post_init__`` rejects (it raises ValueError, turned into a UserError here).
+    Raises UserError for a missing/invalid YAML file, unknown keys, values of the wrong type
+    (``check_value``) or values the dataclass's ``__post_init__`` rejects (it raises ValueError,
+    turned into a UserError here).
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
@@ -59,15 +190,12 @@ def load_config(cls: type[T], config_file: Path | None = None, **flags: Any) -> 
         if not isinstance(loaded, dict):
             kind = type(loaded).__name__
             raise UserError(f"{path}: expected a mapping of config keys, got {kind}")
-        unknown = sorted(set(loaded) - set(fields))
-        if unknown:
-            raise UserError(f"{path}: unknown config keys {unknown}; known: {sorted(fields)}")
-        values.update({k: _coerce(v, hints[k], k) for k, v in loaded.items()})
+        values.update(check_fields(cls, loaded, str(path)))
     for key, value in flags.items():
         if key not in fields:
             raise TypeError(f"{cls.__name__} has no field {key!r}")
         if value is not None:
-            values[key] = _coerce(value, hints[key], key)
+            values[key] = check_value(value, hints[key], key)
     missing = [f"--{name.replace('_', '-')}" for name, f in fields.items()
                if name not in values and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewardloop.config import check_fields
 from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
+from rewardloop.options import check_finite
 from rewardloop.tracking import check_report_to
 from rewardloop.util.files import atomic_write_text
 
@@ -29,6 +31,8 @@ STAGES = ("generate", "tasks", "feedback", "rm", "policy", "eval")
 ALGORITHMS = ("grpo", "rloo", "ppo", "dpo")
 SELECTIONS = ("random",)
 MARKER = "DONE.json"
+RM_BEST_POINT = {"eval_fraction": 0.15, "eval_every": 10, "early_stopping_patience": 5}
+"""The reward model's held-out share (of the rows, by prompt) and best point; rm_options win."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class LoopConfig:
     mlflow, trackio (one tracker run per trainer run)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.rounds < 1 or self.prompts_per_round < 1 or self.overlap < 1:
             raise ValueError("rounds, prompts_per_round and overlap must be at least 1")
         if self.responses_per_prompt < 2:
@@ -128,11 +133,70 @@ class LoopConfig:
             raise ValueError("wait_timeout_s, poll_s and eval_n must be > 0")
         if self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError("max_new_tokens must be >= 1 and temperature > 0")
+        if any(x is not None and x <= 0 for x in (self.max_kl, self.max_length_ratio)) \
+                or self.alarm_window < 1:
+            raise ValueError("max_kl and max_length_ratio must be > 0 (or null: off) and "
+                             "alarm_window at least 1")
+        check_report_to(self.report_to)  # before a round runs, not at its first trainer
+        try:
+            self._check_trainers()
+        except UserError as exc:  # a ValueError, as every check here
+            raise ValueError(str(exc)) from None
+
+    def _check_trainers(self) -> None:
+        """Check ``generation``, ``rm_options`` and ``policy_options`` now, by building the
+        round's trainer configs with stand-in paths: a mistake there must stop the loop before
+        its first round, not at the rm stage after an hour of waiting for judgments. The
+        checked options (numbers as numbers) replace the given ones."""
         for name in ("rm_options", "policy_options", "generation"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must be a mapping of config keys")
-        check_report_to(self.report_to)  # before a round runs, not at its first trainer
+        # Not at import: the online trainers' checks load torch.
+        from rewardloop.train.configs import RewardConfig
+
+        for name, cls in (("generation", EngineOptions), ("rm_options", RewardConfig),
+                          ("policy_options", self.policy_class())):
+            object.__setattr__(self, name, check_fields(cls, getattr(self, name), name))
         self.engine()
+        stand_in = round_dir(self.workdir, 1)
+        self.rm_config(model=self.policy, data=stand_in / "rm" / "data" / "pairs.jsonl",
+                       out=stand_in / "rm")
+        if self.algorithm == "dpo":
+            self.policy_config(model=self.policy, data=stand_in / "dpo_pairs.jsonl",
+                               out=stand_in / "policy")
+        else:
+            self.policy_config(policy=self.policy, rewards=(str(stand_in / "rm"),),
+                               out=stand_in / "policy")
+
+    def policy_class(self) -> type:
+        """The config class of the policy trainer of ``algorithm``."""
+        from rewardloop.train.configs import DPOConfig, GRPOConfig, PPOConfig
+
+        return {"dpo": DPOConfig, "ppo": PPOConfig}.get(self.algorithm, GRPOConfig)
+
+    def rm_config(self, **fixed: Any) -> Any:
+        """A round's reward-model trainer config: ``fixed`` (model, data, out, seed, ...), the
+        loop's store and held-out share, then ``rm_options``, which win (UserError)."""
+        from rewardloop.train.configs import RewardConfig
+
+        loop = {"exclude_flagged": self.exclude_flagged, "db": self.db_url, "max_length": 512,
+                "report_to": self.report_to, "seed": self.seed}
+        return _built(RewardConfig, {**loop, **RM_BEST_POINT, **fixed, **self.rm_options},
+                      "rm_options")
+
+    def policy_config(self, **fixed: Any) -> Any:
+        """A round's policy trainer config (``algorithm``): ``fixed`` (model or policy and
+        rewards, data, out, seed, ...), the loop's sampling settings and ``generation``, then
+        ``policy_options``, which win (UserError)."""
+        loop: dict[str, Any] = {"report_to": self.report_to, "seed": self.seed}
+        if self.algorithm != "dpo":
+            loop |= {"prompts": self.prompts, "gold": self.gold,
+                     "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                     **dataclasses.asdict(self.engine())}
+        if self.algorithm in ("grpo", "rloo"):
+            loop["advantage"] = self.algorithm
+        return _built(self.policy_class(), {**loop, **fixed, **self.policy_options},
+                      "policy_options")
 
     def _check_for_groups(self) -> None:
         if self.for_groups is None:
@@ -147,16 +211,22 @@ class LoopConfig:
                              "overlap >= 2")
 
     def engine(self) -> EngineOptions:
-        """The generation engine options (``generation``), validated."""
-        known = {f.name for f in dataclasses.fields(EngineOptions)}
-        unknown = sorted(set(self.generation) - known)
-        if unknown:
-            raise ValueError(f"generation: unknown keys {unknown}; known: {sorted(known)}")
-        return EngineOptions(**self.generation)
+        """The generation engine options (``generation``), validated (UserError)."""
+        return _built(EngineOptions, self.generation, "generation")
 
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.workdir / 'loop.db'}"
+
+
+def _built(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """``cls(**values)``, its mistakes (unknown keys, wrong types, values out of range) a
+    UserError naming ``where`` and the key."""
+    checked = check_fields(cls, values, where)
+    try:
+        return cls(**checked)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def round_dir(workdir: Path, n: int) -> Path:

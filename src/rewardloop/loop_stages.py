@@ -16,14 +16,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from rewardloop.config import load_config
 from rewardloop.data.formats import read_as, write_records
 from rewardloop.data.load import load_pairs
 from rewardloop.data.records import CandidatesRecord, PairRecord, PromptRecord
@@ -50,10 +48,6 @@ from rewardloop.loop_config import LoopConfig, read_marker, round_dir
 from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-# The reward model's held-out share (of the rows, by prompt) and best point; rm_options win.
-RM_BEST_POINT = {"eval_fraction": 0.15, "eval_every": 10, "early_stopping_patience": 5}
-
 
 class RoundContext:
     """Where round ``n`` reads from and writes to."""
@@ -94,14 +88,6 @@ def _trainer_flags(stage_dir: Path, report_to: tuple[str, ...]) -> dict[str, Any
     if ckpts.is_dir() and any(ckpts.iterdir()):
         return {"resume": True, "report_to": report_to}
     return {"overwrite": True, "report_to": report_to}
-
-
-def _build(cls: type, options: Mapping[str, Any], **fixed: Any) -> Any:
-    """``cls(**fixed, **options)`` (options win), with config mistakes as UserErrors."""
-    unknown = sorted(set(options) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
-    if unknown:
-        raise UserError(f"{cls.__name__}: unknown keys {unknown} in the loop config's options")
-    return load_config(cls, None, **{**fixed, **dict(options)})
 
 
 # -- generate -------------------------------------------------------------------------------
@@ -263,7 +249,7 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
     previous round's), without the judgments of flagged annotators, evaluated on held-out
     prompts every few steps and saved at its best step."""
     # The trainers import torch (seconds): loaded when a stage runs, not for `loop status`.
-    from rewardloop.train.reward import RewardConfig, train_rm
+    from rewardloop.train.reward import train_rm
 
     data = ctx.dir / "data"
     data.mkdir(exist_ok=True)
@@ -275,11 +261,9 @@ def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
         store.dispose()
     atomic_write_text(data / "quality.json", json.dumps(report, indent=2) + "\n")
     flagged = sorted(n for n, a in report["annotators"].items() if a["flags"])
-    cfg = _build(RewardConfig, {**RM_BEST_POINT, **ctx.cfg.rm_options}, model=ctx.previous_rm
-                 or ctx.policy, data=data / "pairs.jsonl", out=out,
-                 exclude_flagged=ctx.cfg.exclude_flagged, db=ctx.cfg.db_url,
-                 max_length=512, seed=ctx.cfg.seed + ctx.n,
-                 **_trainer_flags(out, ctx.cfg.report_to))
+    cfg = ctx.cfg.rm_config(model=ctx.previous_rm or ctx.policy, data=data / "pairs.jsonl",
+                            out=out, seed=ctx.cfg.seed + ctx.n,
+                            **_trainer_flags(out, ctx.cfg.report_to))
     summary = train_rm(cfg, annotators_from_db(ctx.cfg.db_url,
                                                weights=cfg.weighting == "reliability",
                                                flagged=cfg.exclude_flagged))
@@ -331,30 +315,23 @@ def stage_policy(ctx: RoundContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     flags = _trainer_flags(out, cfg.report_to)
     # Each trainer imports torch: only the chosen one is loaded, and only when the stage runs.
+    # The trainer's config as LoopConfig checked it at start-up (policy_options win).
     if cfg.algorithm == "dpo":
-        from rewardloop.train.dpo import DPOConfig, train_dpo
+        from rewardloop.train.dpo import train_dpo
 
-        summary = train_dpo(_build(DPOConfig, cfg.policy_options, model=ctx.policy,
-                                   data=_dpo_pairs(ctx), out=out, seed=cfg.seed + ctx.n,
-                                   **flags))
+        summary = train_dpo(cfg.policy_config(model=ctx.policy, data=_dpo_pairs(ctx), out=out,
+                                              seed=cfg.seed + ctx.n, **flags))
     else:
-        # policy_options may still override the engine options of the loop's `generation`.
-        fixed = {"policy": ctx.policy, "prompts": cfg.prompts, "out": out,
-                 "rewards": (str(ctx.rm),), "gold": cfg.gold,
-                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                 "seed": cfg.seed + ctx.n, **flags}
-        options = {**dataclasses.asdict(cfg.engine()), **cfg.policy_options}
+        policy = cfg.policy_config(policy=ctx.policy, rewards=(str(ctx.rm),), out=out,
+                                   seed=cfg.seed + ctx.n, **flags)
         if cfg.algorithm == "ppo":
-            from rewardloop.train.ppo import PPOConfig
             from rewardloop.train.ppo import train as train_ppo
 
-            summary = train_ppo(_build(PPOConfig, options, **fixed))
+            summary = train_ppo(policy)
         else:
-            from rewardloop.train.grpo import GRPOConfig
             from rewardloop.train.grpo import train as train_grpo
 
-            summary = train_grpo(_build(GRPOConfig, options, advantage=cfg.algorithm,
-                                        **fixed))
+            summary = train_grpo(policy)
     figures: dict[str, Any] = {k: v for k, v in summary.items()
                if isinstance(v, int | float) and not k.startswith("peak")}
     figures["alarms"] = _rl_alarms(ctx, out) if cfg.algorithm != "dpo" else []

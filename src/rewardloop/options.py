@@ -28,6 +28,15 @@ SCHEDULES = ("linear", "cosine", "constant")
 PLACEMENTS = ("split", "colocate")
 
 
+def check_finite(config: object) -> None:
+    """ValueError naming the first number of dataclass ``config`` that is NaN or infinite: no
+    setting means anything there, and a range check such as ``lr <= 0`` is False for NaN."""
+    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field.name} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """Where a run writes, how it restarts and where its metrics go."""
@@ -236,6 +245,7 @@ class RayOptions:
     hung actor must not hang the job)."""
 
     def check_ray(self) -> None:
+        check_finite(self)
         if self.actor_cpus <= 0 or self.actor_timeout < 1:
             raise ValueError("actor_cpus must be > 0 and actor_timeout >= 1")
 

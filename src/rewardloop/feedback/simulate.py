@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from sqlalchemy import select
 
+from rewardloop.config import check_fields
 from rewardloop.data.schema import Annotator, Batch
 from rewardloop.errors import UserError
 from rewardloop.feedback import queue
@@ -154,6 +155,7 @@ def _expand_entry(entry: Any, where: str, group_weights: Mapping[str, Any]
     name = settings.get("name")
     if not isinstance(name, str) or not name:
         raise UserError(f"{where}: every annotator needs a name")
+    settings = check_fields(SimulatedAnnotator, settings, where)
     if settings.get("weights") is None and settings.get("group") in group_weights:
         settings["weights"] = group_weights[settings["group"]]
     out = []
@@ -175,7 +177,8 @@ def _group_weights(raw: Any, path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not all(
             isinstance(v, dict) and set(v) <= {"weights"} for v in raw.values()):
         raise UserError(f"{path}: 'groups' must map each group name to {{weights: {{...}}}}")
-    return {g: v.get("weights") for g, v in raw.items()}
+    return {g: check_fields(SimulatedAnnotator, {"weights": v.get("weights")},
+                            f"{path}: groups.{g}")["weights"] for g, v in raw.items()}
 
 
 def parse_pool(data: Any, path: Path | str = "<pool>") -> list[SimulatedAnnotator]:

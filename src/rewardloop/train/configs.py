@@ -23,6 +23,7 @@ from rewardloop.options import (
     OptimOptions,
     RunOptions,
     RuntimeOptions,
+    check_finite,
 )
 
 PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
@@ -40,7 +41,9 @@ KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1"), "reinforce++": 
 
 
 def _check_blocks(cfg: object) -> None:
-    """Run the checks of every option block ``cfg`` is made of."""
+    """Run the checks of every option block ``cfg`` is made of, after refusing NaN and
+    infinity in any of its numbers."""
+    check_finite(cfg)
     for block, check in ((RuntimeOptions, "check_runtime"), (RunOptions, "check_run"),
                          (LoraOptions, "check_lora"), (OfflineOptions, "check_offline"),
                          (OptimOptions, "check_optim"), (ClusterOptions, "check_cluster")):
@@ -368,27 +371,44 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
         _check_blocks(self)
         EngineOptions.of(self)  # validates the generator options
         self._check_sizes()
-        if self.temperature <= 0 or self.kl_coef < 0:
-            raise ValueError("temperature must be > 0 and kl_coef >= 0")
+        self._check_sampling()
+        self._check_coefs()
         if self.kl_in not in ("reward", "loss"):
             raise ValueError(f"kl_in must be reward or loss, got {self.kl_in!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}")
         if self.loss_aggregation not in AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {sorted(AGGREGATIONS)}")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise ValueError("kl_target must be > 0")
+        if self.is_level not in IS_LEVELS:
+            raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)}")
+
+    def _check_coefs(self) -> None:
+        """The ranges of the KL leash, the clipped loss and the reward's shaping."""
+        positive = [("clip_eps", self.clip_eps), ("clip_eps_high", self.clip_eps_high),
+                    ("kl_target", self.kl_target), ("reward_clip", self.reward_clip),
+                    ("is_cap", self.is_cap)]
+        for name, value in positive:
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        non_negative = ("kl_coef", "missing_eos_penalty", "sample_every", "num_samples",
+                        "reward_uncertainty_penalty", "entropy_coef")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError("dual_clip must be > 1")
-        if self.reward_clip is not None and self.reward_clip <= 0:
-            raise ValueError("reward_clip must be > 0")
-        if min(self.missing_eos_penalty, self.sample_every, self.reward_uncertainty_penalty) < 0:
-            raise ValueError("missing_eos_penalty, sample_every and reward_uncertainty_penalty "
-                             "must be >= 0")
-        if self.is_level not in IS_LEVELS or self.is_cap <= 0:
-            raise ValueError(f"is_level must be one of {', '.join(IS_LEVELS)} and is_cap > 0")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError("gamma must be in (0, 1]")
+
+    def _check_sampling(self) -> None:
+        """The ranges ``engines.SamplingSettings`` accepts, checked here so that a wrong flag
+        stops the command before a model loads."""
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
     def _check_sizes(self) -> None:
         positive = ("batch_size", "max_steps", "ppo_epochs", "max_new_tokens",
@@ -410,7 +430,7 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
                              f"multiple of num_generations {self.num_generations}")
 
     def fill_default(self, name: str, value: object) -> None:
-        """Set a field left unset (auto, 0; None from a YAML ``null``) to the method's default,
+        """Set a field left unset (auto, 0 or None) to the method's default,
         in ``__post_init__``: a built config holds the values the run uses."""
         if getattr(self, name) in (None, "auto", 0):
             object.__setattr__(self, name, value)
