@@ -38,7 +38,7 @@ from rewardloop.models import (
 )
 from rewardloop.ops import last_token_index
 from rewardloop.tokenize import collate, encode
-from rewardloop.util.files import atomic_write_text
+from rewardloop.util.files import atomic_write_text, check_output_file
 from rewardloop.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -295,18 +295,18 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
 
     Pairwise rows get ``score_chosen``/``score_rejected``, candidates and ranking rows
     ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
-    output is written atomically. Returns the number of rows written. ``score_pairs`` scores
+    output is written atomically; an ``out`` that is a directory or one of the inputs is refused
+    before anything is read. Returns the number of rows written. ``score_pairs`` scores
     the (prompt, answer) pairs in order elsewhere (``score --ray``) instead of loading the
     model here.
     """
-    data, out, rm = Path(data), Path(out), resolve_rm_dir(rm)
+    data, rm = Path(data), resolve_rm_dir(rm)
+    out = check_output_file(out, flag="--out", inputs=(data, rm))
     fmt, records = read_training_records(data, data_format)
     if fmt not in PAIR_FORMATS + LIST_FORMATS + SINGLE_FORMATS:
         raise UserError(f"{data}: {fmt} rows hold no answers to score; give pairwise, "
                         "candidates, ranking or prompt/completion rows (generate answers for "
                         "prompts first)")
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: directory {out.parent} does not exist")
     answers = [_answers(fmt, r) for r in records]
     rows = _rows_of(fmt, data, records)
     flat = [pair for group in answers for pair in group]

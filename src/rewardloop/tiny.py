@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rewardloop.errors import DataError, UserError
+from rewardloop.util.files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,11 @@ def read_texts(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8",
+                        path=str(path)) from None
     first = next((ln for ln in lines if ln.strip()), "")
     is_jsonl = path.suffix == ".jsonl" or first.lstrip().startswith("{")
     texts: list[str] = []
@@ -187,15 +192,14 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 1024):  # -> PreTrai
     return tokenizer
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory")
+def _check_out(out: Path, overwrite: bool) -> None:
+    """UserError unless ``out`` is absent, empty, or (with ``overwrite``) a model directory."""
+    check_output_dir(out, flag="--out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} is not empty; choose a new --out or pass --overwrite")
         if not (out / "config.json").is_file():
             raise UserError(f"{out} is not a model directory (no config.json); not overwriting it")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def build_tiny(
@@ -221,6 +225,7 @@ def build_tiny(
     cfg = TinyConfig(out=Path(out_dir), vocab_size=vocab_size, hidden_size=hidden_size,
                      num_layers=num_layers, num_heads=num_heads, max_position=max_position,
                      seed=seed, overwrite=overwrite)
+    _check_out(cfg.out, cfg.overwrite)  # before the tokenizer is trained, not after
     if texts is None:
         corpus = generate_corpus(2000, seed)
     elif isinstance(texts, str | Path):
@@ -241,7 +246,7 @@ def build_tiny(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
-    _prepare_out(cfg.out, cfg.overwrite)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(cfg.out, safe_serialization=True)
     tokenizer.save_pretrained(cfg.out)
     n_params = sum(p.numel() for p in model.parameters())

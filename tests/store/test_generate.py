@@ -154,9 +154,20 @@ def test_uncertainty_selects_the_pairs_the_ensemble_disagrees_on(
         st.dispose()
     assert got == want
     # A single reward model has no disagreement to measure.
+    from rewardloop.models import load_reward_model, load_tokenizer
+
+    single = tmp_path / "single"
+    tokenizer = load_tokenizer(tiny_dir)
+    load_reward_model(tiny_dir, device="cpu", pad_token_id=tokenizer.pad_token_id
+                      ).save_pretrained(single, safe_serialization=True)
+    tokenizer.save_pretrained(single)
+    res = _generate(tiny_dir, prompts_file, "--db", db, "--select", "uncertainty", "--rm",
+                    str(single), "--budget", "4")
+    assert res.exit_code == 2 and "needs an ensemble" in res.output
+    # A language model is no reward model at all.
     res = _generate(tiny_dir, prompts_file, "--db", db, "--select", "uncertainty", "--rm",
                     str(tiny_dir), "--budget", "4")
-    assert res.exit_code == 2 and "needs an ensemble" in res.output
+    assert res.exit_code == 2 and "not a reward model" in res.output
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -95,14 +95,21 @@ def export_(
         "safer); needed when the store holds several.")] = None,
 ) -> None:
     """Write the store's feedback as a training file or dataset, oldest first."""
+    from rewardloop.data.columnar import check_saved_dataset_target
     from rewardloop.data.store import Store
     from rewardloop.data.transfer import export
     from rewardloop.errors import UserError
+    from rewardloop.util.files import check_output_file
 
     if (out is None) == (hf_dataset is None):
         raise UserError("give exactly one of -o FILE and --to-hf-dataset DIR")
     target = out if out is not None else hf_dataset
     assert target is not None
+    # Where it will write, checked before the store is read.
+    if out is not None:
+        check_output_file(out, flag="-o")
+    else:
+        check_saved_dataset_target(target)
     store = Store(resolve_db(db), existing=True)
     try:
         report = export(store, fmt, target, batch=batch, dimension=dimension,

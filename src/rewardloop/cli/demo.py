@@ -27,7 +27,9 @@ def demo(
     """SFT a tiny model, collect simulated preferences, train a reward model, optimise with GRPO,
     and evaluate against SFT with a hidden gold judge; writes WORKDIR/report.html."""
     from rewardloop.demo import run_demo
+    from rewardloop.util.files import check_output_dir
 
+    check_output_dir(workdir, flag="--workdir")
     summary = run_demo(workdir, fast=fast, seed=seed)
     typer.echo(f"demo finished in {summary['wall_s']:.0f}s")
     rate, ci = summary.get("gold_win_rate"), summary.get("gold_win_rate_ci")

@@ -50,19 +50,29 @@ def _print_comparisons(result: dict[str, Any], out: Path) -> None:
     typer.echo(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
 
 
-def run_eval(cfg: EvalConfig, ctx: typer.Context) -> None:
-    """Generate from --policy and --baseline, judge, and write eval.json + samples.jsonl."""
-    from rewardloop.eval.evaluate import evaluate
+def run_eval(cfg: EvalConfig, ctx: typer.Context, overwrite: bool) -> None:
+    """Generate from --policy and --baseline, judge, and write eval.json + samples.jsonl to a new
+    or empty --out (or, with --overwrite, over an earlier eval's)."""
+    from rewardloop.eval.evaluate import check_eval_out, evaluate
 
+    check_eval_out(cfg.out, overwrite)  # before minutes of generation, not after
     result = evaluate(cfg)
     _print_comparisons(result, cfg.out)
 
 
+# --overwrite is a flag of the command, not a field of EvalConfig: the loop, which also builds
+# an EvalConfig, writes its own stage directories.
+OVERWRITE = typer.Option(
+    False, "--overwrite", help="Replace the eval.json and samples.jsonl of an earlier eval in "
+    "--out (nothing else in it is touched).")
+
 eval_app.callback()(config_command(
     EvalConfig, run_eval, doc=run_eval.__doc__ or "",
-    extra=[inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)],
+    extra=[inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+           inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=OVERWRITE,
+                             annotation=bool)],
     rename={"judges": "--judge", "n": ("-n", "--n")},
-    skip_if=lambda ctx: ctx.invoked_subcommand is not None))
+    skip_if=lambda ctx, overwrite: ctx.invoked_subcommand is not None))
 
 
 @eval_app.command("arena")

@@ -15,6 +15,7 @@ from rewardloop.cli._flags import config_command
 from rewardloop.cli._ray import batch_module
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import RayJobOptions
+from rewardloop.util.files import check_output_file
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -134,6 +135,9 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     from rewardloop.feedback import select as S
     from rewardloop.score import heads_of
 
+    if cfg.out is not None:  # refused before minutes of sampling, not after
+        check_output_file(cfg.out, flag="--out", inputs=(
+            cfg.prompts, cfg.gold, cfg.chat_template, cfg.rm, cfg.policy))
     gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
     prompts = [r.prompt for r in read_records(existing_data(cfg.prompts), "prompts")[1]
                if isinstance(r, PromptRecord)]

@@ -46,7 +46,9 @@ def run_loop_command(cfg: LoopConfig, ctx: typer.Context) -> None:
     """Run or resume the loop described by --config (a YAML file; see examples/loop.yaml) and
     the flags, which override its keys."""
     from rewardloop.loop import run_loop
+    from rewardloop.util.files import check_output_dir
 
+    check_output_dir(cfg.workdir, flag="--workdir")
     summary = run_loop(cfg)
     for line in headline_lines(summary, ("gold_win_rate", "rm_win_rate", "human_win_rate",
                                          "rm_accuracy", "kl")):

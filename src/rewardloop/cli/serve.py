@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from typing import Any
 
 import typer
@@ -52,6 +54,51 @@ def check_forwarded_allow_ips(value: str) -> str:
     return ",".join(entries)
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+"""uvicorn's log levels."""
+
+
+def check_log_level(value: str) -> str:
+    """``--log-level`` as uvicorn spells it, or a UserError naming the choices."""
+    from rewardloop.errors import UserError
+
+    if value.lower() not in LOG_LEVELS:
+        raise UserError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds one, or a UserError when the address is
+    taken or cannot be had: said before the server claims to serve, not after."""
+    from rewardloop.errors import UserError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_one(application: Any, sock: socket.socket, host: str, port: int,
+              options: dict[str, Any]) -> None:
+    """Serve ``application`` on the bound ``sock`` until Ctrl-C or SIGTERM; exit status 3 when
+    it failed to start, as ``uvicorn.run``."""
+    import uvicorn
+
+    from rewardloop.app.main import tune_gc_for_serving
+
+    tune_gc_for_serving()
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, **options))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)
+
+
 def readable_by_others(url: str) -> str | None:
     """A warning when the SQLite file of ``url`` may be read by other users (files made before
     stores were created 0600 keep their old mode), else None."""
@@ -95,8 +142,9 @@ def register(app: typer.Typer) -> None:
             30.0, "--write-timeout", min=0.1, max=3600,
             help="Seconds a request waits for the database writer to take its write before "
             "it is answered 503 (and not written)."),
-        log_level: str = typer.Option("warning", "--log-level",
-                                      help="uvicorn log level: debug, info, warning, error."),
+        log_level: str = typer.Option(
+            "warning", "--log-level",
+            help="uvicorn log level: critical, error, warning, info, debug or trace."),
         workers: int = typer.Option(
             1, "--workers", min=1, max=64,
             help="Server processes sharing the port (SO_REUSEPORT spreads connections over "
@@ -109,19 +157,21 @@ def register(app: typer.Typer) -> None:
         The session secret comes from $REWARDLOOP_SECRET, else one is generated on first start
         and kept in the database.
         """
-        import uvicorn
-
         from rewardloop.app.accounts import server_secret
-        from rewardloop.app.main import create_app, tune_gc_for_serving
+        from rewardloop.app.main import create_app
         from rewardloop.app.workers import serve_workers
         from rewardloop.data.store import Store
         from rewardloop.errors import UserError
 
         if not 0 < port < 65536:
             raise UserError(f"--port must be 1..65535, got {port}")
+        log_level = check_log_level(log_level)
         app_options: dict[str, Any] = {"public_url": check_public_url(public_url),
                        "write_timeout": write_timeout}
         allowed = check_forwarded_allow_ips(forwarded_allow_ips or "127.0.0.1")
+        # One process binds here, before the store is touched or "serving" is said; with
+        # --workers each worker binds the port itself and reports its own failure (app.workers).
+        sock = listen_socket(host, port) if workers == 1 else None
         url = resolve_db(db)
         store = Store(url)  # migrates once, before any worker starts
         warning = readable_by_others(url)
@@ -132,10 +182,8 @@ def register(app: typer.Typer) -> None:
             forwarded_allow_ips=allowed, access_log=log_level in ("debug", "info"))
         typer.echo(f"serving {store.safe_url} on http://{host}:{port}"
                    + (f" with {workers} worker processes" if workers > 1 else ""), err=True)
-        if workers == 1:
-            application = create_app(store, **app_options)
-            tune_gc_for_serving()
-            uvicorn.run(application, host=host, port=port, **options)
+        if sock is not None:
+            serve_one(create_app(store, **app_options), sock, host, port, options)
             return
         with store.write() as session:  # made once here, so workers never race to make it
             server_secret(session, os.environ.get("REWARDLOOP_SECRET"))

@@ -19,8 +19,16 @@ from typing import Any
 
 from rewardloop.data.sources import COLUMNAR, pyarrow_module
 from rewardloop.errors import UserError
+from rewardloop.util.files import check_output_dir, check_output_file, fsync_dir
 
 SHARD = "data-00000-of-00001.arrow"
+INFO = "dataset_info.json"
+STATE = "state.json"
+EXPORT_MARK = "written by rewardloop data export"
+"""The description in an export's dataset_info.json: marks a directory it may replace."""
+EXPORT_ENTRIES = frozenset({SHARD, INFO, STATE})
+"""Everything an export writes; an earlier export holding anything else (except the cache
+files ``datasets`` adds beside it, ``cache-*.arrow``) is not replaced."""
 
 
 def _table(rows: Sequence[dict[str, Any]], what: str) -> Any:
@@ -39,18 +47,10 @@ def _table(rows: Sequence[dict[str, Any]], what: str) -> Any:
     return pa.table(columns) if columns else pa.table({})
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_table_file(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``rows`` as a Parquet or Arrow (IPC file) file atomically: temp file, rename."""
     pa = pyarrow_module()
+    check_output_file(path)
     table = _table(rows, str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -65,37 +65,60 @@ def write_table_file(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _check_target(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--to-hf-dataset {path}: a file is in the way")
-    if path.is_dir() and any(path.iterdir()) and not (path / "state.json").is_file():
-        raise UserError(f"--to-hf-dataset {path}: the directory holds other files; give a new "
-                        "or empty directory (or an earlier export, which is replaced)")
+def _is_export(path: Path) -> bool:
+    """Whether directory ``path`` is an earlier ``write_saved_dataset``: its
+    dataset_info.json carries ``EXPORT_MARK``."""
+    try:
+        info = json.loads((path / INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("description") == EXPORT_MARK
+
+
+def check_saved_dataset_target(path: Path) -> None:
+    """UserError unless ``path`` is new, empty, or an earlier export holding only what the
+    export writes: anything else in the directory is the user's, and the replacement (a
+    rename of the whole directory) would delete it. Cheap: callers may check before the
+    rows are read."""
+    flag = "--to-hf-dataset"
+    check_output_dir(path, flag=flag)
     if not path.parent.is_dir():
-        raise UserError(f"--to-hf-dataset {path}: directory {path.parent} does not exist")
+        raise UserError(f"{flag} {path}: directory {path.parent} does not exist")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not _is_export(path):
+        raise UserError(f"{flag} {path}: the directory holds other files and is not an "
+                        "earlier rewardloop export; give a new or empty directory")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_ENTRIES
+                     and not (p.name.startswith("cache-") and p.name.endswith(".arrow")))
+    if foreign:
+        raise UserError(f"{flag} {path}: the earlier export also holds {', '.join(foreign)}, "
+                        "which replacing it would delete; move them away or give another "
+                        "directory")
 
 
 def write_saved_dataset(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``rows`` as a ``save_to_disk`` directory: one Arrow stream shard + JSON metadata.
 
     Built in a sibling temp directory and renamed into place, so a reader never sees half of
-    it; an earlier export at ``path`` is replaced.
+    it; an earlier export at ``path`` is replaced, and any other non-empty directory refused
+    (``check_saved_dataset_target``).
     """
     pa = pyarrow_module()
-    _check_target(path)
+    check_saved_dataset_target(path)
     table = _table(rows, str(path))
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         with pa.OSFile(str(tmp / SHARD), "wb") as sink, \
                 pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-        (tmp / "dataset_info.json").write_text(json.dumps(
-            {"citation": "", "description": "written by rewardloop data export", "features":
+        (tmp / INFO).write_text(json.dumps(
+            {"citation": "", "description": EXPORT_MARK, "features":
              None, "homepage": "", "license": ""}, indent=2))
-        (tmp / "state.json").write_text(json.dumps({
+        (tmp / STATE).write_text(json.dumps({
             "_data_files": [{"filename": SHARD}], "_fingerprint": secrets.token_hex(8),
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
             "_output_all_columns": False, "_split": None}, indent=2))
@@ -110,4 +133,4 @@ def write_saved_dataset(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)

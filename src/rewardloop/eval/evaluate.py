@@ -11,6 +11,8 @@ Also reported: the KL of the policy to the baseline on the policy's own answers 
 answers of the summed per-token ``log p_policy - log p_baseline``, i.e. k1 summed per sequence,
 at the sampling temperature) and the length statistics of both. Outputs in ``--out``:
 ``eval.json`` (read by ``eval.report``) and ``samples.jsonl`` (prompt, baseline, policy).
+``check_eval_out`` refuses, before any work, an ``--out`` that holds anything else, and replaces
+an earlier eval's two files only when asked to.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ from rewardloop.eval.arena import battles_by_group, create_arena_tasks, judged_b
 from rewardloop.eval.config import EvalConfig
 from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
-from rewardloop.util.files import atomic_write_text
+from rewardloop.util.files import atomic_write_text, check_output_dir
 
 log = logging.getLogger(__name__)
 
 HUMAN = "human"
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
+"""A training run's files: a directory holding one is a run, never an eval's output (a GRPO
+run writes its own samples.jsonl)."""
 
 
 @dataclass
@@ -129,7 +134,7 @@ def score_answers(spec: str, prompts: Sequence[Any], answers: Answers, *,
     """Scores of ``answers`` by one judge (a reward-model dir or ``package.module:function``)."""
     from rewardloop.rewards import Rewards, RewardSpec  # torch: see sample_answers
 
-    rewards = Rewards([RewardSpec(spec)], device=device, batch_size=batch_size)
+    rewards = Rewards([RewardSpec(spec)], device=device, batch_size=batch_size, flag="--judge")
     out = rewards(list(prompts), answers.texts, **answers.token_data())
     return [float(x) for x in out.total]
 
@@ -165,6 +170,23 @@ def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
     return {"name": HUMAN, "judge": HUMAN, "status": "pending", "db": store.safe_url,
             "arena_batch": cfg.arena_batch, "tasks": made.tasks,
             "identical_pairs_skipped": made.identical_pairs_skipped}
+
+
+def check_eval_out(out: Path, overwrite: bool = False) -> None:
+    """UserError unless eval may write ``out``: a new or empty directory, or with ``overwrite``
+    an earlier eval's output (it holds eval.json and is no training run), of which only
+    eval.json and samples.jsonl are replaced; a file, or a directory holding anything else, is
+    refused. Called before prompts are read or models loaded."""
+    check_output_dir(out, flag="--out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    earlier = (out / EVAL_FILE).is_file() and not any((out / f).exists() for f in RUN_FILES)
+    if not earlier:
+        raise UserError(f"--out {out} is not empty and holds no earlier eval (eval.json); give "
+                        "a new or empty directory")
+    if not overwrite:
+        raise UserError(f"--out {out} holds an earlier eval; pass --overwrite to replace its "
+                        f"{EVAL_FILE} and {SAMPLES_FILE}, or give another directory")
 
 
 def write_eval(out: Path, result: Mapping[str, Any]) -> None:
@@ -277,7 +299,7 @@ def group_arena(by_group: Mapping[str, Sequence[Battle]], overall: float | None,
 def store_arena(db: str | None, batch: str | None, **kwargs: Any) -> dict[str, Any]:
     """``arena_result`` of the battles judged in the store (optionally one batch), with the
     per-group arena (``group_arena``) when annotators have groups."""
-    store = Store(db)
+    store = Store(db, existing=True)
     try:
         with store.read() as session:
             judged = judged_battles(session, batch)

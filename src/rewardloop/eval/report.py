@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from rewardloop.errors import UserError
-from rewardloop.util.files import atomic_write_text
+from rewardloop.util.files import atomic_write_text, check_output_file
 
 log = logging.getLogger(__name__)
 
+RUN_FILES = ("summary.json", "metrics.jsonl", "eval.json", "quality.json", "samples.jsonl")
+"""What the report reads from a run directory: a directory holding none of them is no run."""
 
 
 @dataclass(frozen=True)
@@ -502,18 +504,53 @@ section{border-top:2px solid #ddd;margin-top:2em} .headlines{background:#f7f9fc;
 """
 
 
-def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report") -> Path:
-    """Write ``out`` (HTML, self-contained) for the given run directories; returns ``out``."""
+HEAD = ("<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+        "img-src data:; style-src 'unsafe-inline'\">")
+"""How every report starts: an existing file that starts so is an earlier report."""
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(HEAD)) == HEAD.encode()
+    except OSError:
+        return False
+
+
+def check_report_paths(runs: Sequence[Path], out: Path) -> None:
+    """UserError, before any work, unless every run is a run directory and ``out`` is a file
+    that replaces nothing of theirs: inside a run, only a new .html file or an earlier
+    report."""
     missing = [str(r) for r in runs if not Path(r).is_dir()]
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
+    empty = [str(r) for r in runs if not any((Path(r) / f).exists() for f in RUN_FILES)]
+    if empty:
+        raise UserError(f"not a run directory: {', '.join(empty)} (a run directory holds "
+                        f"{', '.join(RUN_FILES[:-1])} or {RUN_FILES[-1]})")
+    out = check_output_file(out, flag="--out", parents=True)
+    target = out.resolve()
+    for run in runs:
+        if not target.is_relative_to(Path(run).resolve()):
+            continue
+        if out.exists() and not _is_report(out):
+            raise UserError(f"--out {out} is a file of run {run} and no earlier report; write "
+                            "the report to a new file")
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise UserError(f"--out {out} is inside run {run}: give it an .html name, so it "
+                            "cannot take the place of a run's own file")
+
+
+def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report") -> Path:
+    """Write ``out`` (HTML, self-contained) for the given run directories; returns ``out``.
+    Refuses (``check_report_paths``) a directory that is no run and an ``out`` that would
+    replace a run's own file."""
+    check_report_paths(runs, out)
     files = [read_run(Path(r)) for r in runs]
     body = (headline_section(files) + whose_preferences_section(files)
             + "\n".join(run_section(r) for r in files))
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'>"
-           f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-           f"img-src data:; style-src 'unsafe-inline'\">"
-           f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+    doc = (f"{HEAD}<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

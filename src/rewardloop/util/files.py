@@ -3,6 +3,10 @@
 The data goes to a temporary file beside the target, is flushed and fsynced, renamed over the
 target, and the directory is fsynced so the rename itself survives a crash. On an error the
 temporary file is removed and the old file is left as it was.
+
+The ``check_*`` functions refuse, with a ``UserError`` and before any work, an output path that
+cannot be written or would overwrite what the user gave us: a directory where a file goes, a
+file where a directory goes, an output that is one of the command's inputs.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from rewardloop.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 """Temporary files start with this, so a crash leaves only names readers can skip."""
@@ -30,11 +36,80 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _named(path: Path, flag: str | None) -> str:
+    return f"{flag} {path}" if flag else str(path)
+
+
+def _file_ancestor(path: Path) -> Path | None:
+    """The closest existing ancestor of ``path`` when it is not a directory (a file in the way
+    of ``mkdir -p``), else None."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _existing(spec: str | Path) -> Path | None:
+    """An input as an existing path: ``DIR:SPLIT`` names DIR; a hub id or URL is None."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    head, sep, _ = str(spec).rpartition(":")
+    return Path(head) if sep and head and Path(head).is_dir() else None
+
+
+def _overwrites(out: Path, source: Path) -> bool:
+    """Whether writing ``out`` replaces input ``source``: the same file (also through a link),
+    or a file inside the input directory."""
+    if not out.exists():
+        return False
+    if os.path.samefile(out, source):
+        return True
+    return source.is_dir() and out.resolve().is_relative_to(source.resolve())
+
+
+def check_output_file(path: str | Path, *, flag: str | None = None,
+                      inputs: Iterable[str | Path | None] = (), parents: bool = False) -> Path:
+    """``path`` as a file rewardloop may write, else a UserError: not a directory, its
+    directory present (or, with ``parents``, creatable), and not one of ``inputs`` nor a file
+    inside an input directory. ``flag`` names the option in the message; inputs that are not
+    paths (hub ids, None) are skipped."""
+    path = Path(path)
+    name = _named(path, flag)
+    if path.is_dir():
+        raise UserError(f"{name} is a directory; give the path of a file to write")
+    blocker = _file_ancestor(path)
+    if blocker is not None:
+        raise UserError(f"{name}: {blocker} is a file, not a directory")
+    if not parents and not path.parent.is_dir():
+        raise UserError(f"{name}: directory {path.parent} does not exist")
+    for spec in inputs:
+        source = _existing(spec) if spec is not None else None
+        if source is not None and _overwrites(path, source):
+            raise UserError(f"{name} would overwrite the input {source}; write the output "
+                            "to another file")
+    return path
+
+
+def check_output_dir(path: str | Path, *, flag: str | None = None) -> Path:
+    """``path`` as a directory rewardloop may create or write into, else a UserError: neither
+    it nor any ancestor is a file."""
+    path = Path(path)
+    name = _named(path, flag)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name} is a file, not a directory; give a directory")
+    blocker = _file_ancestor(path)
+    if blocker is not None:
+        raise UserError(f"{name}: {blocker} is a file, not a directory")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     """Yield a file open for writing whose content replaces ``path`` atomically when the block
-    ends without an error (text: UTF-8 with ``\\n`` line ends)."""
-    path = Path(path)
+    ends without an error (text: UTF-8 with ``\\n`` line ends). A directory at ``path`` or a
+    missing parent directory is a UserError (``check_output_file``)."""
+    path = check_output_file(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     try:
         fh: IO[Any]
