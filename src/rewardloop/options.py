@@ -51,7 +51,8 @@ class RunOptions:
     resume: bool = False
     """Continue from the latest complete checkpoint in --out."""
     overwrite: bool = False
-    """Delete an existing run in --out first."""
+    """Replace the rewardloop run in --out (only a run's own files; never other files, never
+    an input of this run), once everything has loaded."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers that also get the metrics, repeatable: tensorboard, wandb (offline
     without an API key), mlflow or trackio (docs/tracking.md)."""

@@ -368,29 +368,34 @@ def _fingerprint(cfg: DPOConfig) -> str:
 
 def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
                     splits: dict[str, list[Example]], run_dir: Path, rt: Runtime
-                    ) -> Callable[[str, Sequence[int]], torch.Tensor]:
-    """``ref(split, indices) -> (b, 2)`` reference log-probs, cached unless precompute_ref=False.
+                    ) -> tuple[Callable[[str, Sequence[int]], torch.Tensor],
+                               dict[str, Any] | None]:
+    """``ref(split, indices) -> (b, 2)`` reference log-probs, cached unless precompute_ref=False,
+    and the cache still to be written to ``run_dir/ref_logps.pt`` (``write_reference_cache``,
+    once the run has started; None when there is nothing new to write).
 
-    The cache is written to ``run_dir/ref_logps.pt`` and read back on resume (the initial policy
-    no longer exists then). Call before any optimizer step.
+    A resumed run reads the cache back (the initial policy no longer exists then). Call before
+    any optimizer step.
     """
     scorer = _reference_scorer(cfg, policy, pad_id, rt)
     if not cfg.precompute_ref:
-        return lambda split, idx: scorer([splits[split][i] for i in idx])
+        return (lambda split, idx: scorer([splits[split][i] for i in idx])), None
     path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg)
-    cache: dict[str, torch.Tensor] | None = None
-    if path.is_file():
+    if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fingerprint and all(
                 saved.get(k) is not None and len(saved[k]) == len(v) for k, v in splits.items()):
-            cache = {k: saved[k] for k in splits}
             log.info("read cached reference log-probs from %s", path)
-    if cache is None:
-        cache = {name: scorer(examples) for name, examples in splits.items()}
-        if rt.is_main:
-            with atomic_file(path, binary=True) as fh:
-                torch.save({"fingerprint": fingerprint, **cache}, fh)
-    return lambda split, idx: cache[split][list(idx)]
+            return (lambda split, idx: saved[split][list(idx)]), None
+    cache = {name: scorer(examples) for name, examples in splits.items()}
+    return (lambda split, idx: cache[split][list(idx)]), {"fingerprint": fingerprint, **cache}
+
+
+def write_reference_cache(run_dir: Path, cache: dict[str, Any] | None, rt: Runtime) -> None:
+    """Save the cache ``reference_logps`` computed (rank 0), for a resume to read back."""
+    if cache is not None and rt.is_main:
+        with atomic_file(run_dir / REF_CACHE, binary=True) as fh:
+            torch.save(cache, fh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,10 +609,10 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
     groups = read_groups_file(cfg.annotator_groups) if cfg.annotator_groups is not None else {}
     splits = load_splits(cfg, objective, tokenizer, groups)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
-                 report_to=cfg.report_to)
+                 report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
     policy = load_model(cfg, tokenizer, rt)
-    ref = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before any update
+    ref, ref_cache = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before updates
     train = splits["train"]
     group_ids, dro = dpo_groups(cfg, train, groups)
 
@@ -628,6 +633,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
         best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
         if dro is not None:
             dro.restore(ckpt.sampler_state)
+    run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
+    write_reference_cache(run.out, ref_cache, rt)
     eval_ref = ref("eval", range(len(splits["eval"]))).to(rt.device) if "eval" in splits \
         else None
 

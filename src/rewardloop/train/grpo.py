@@ -128,7 +128,8 @@ class Setup:
 
 def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
               roles: RemoteRoles | None = None) -> Setup:
-    """Run dir, seeding, tokenizer, policy (+LoRA), reference, prompts, rewards, sampler.
+    """Run dir (checked; the trainer starts it after its restore), seeding, tokenizer, policy
+    (+LoRA), reference, prompts, rewards, sampler.
 
     The sampler draws the step's prompts alike on every process; each takes its share
     (``Runtime.shard``). The policy comes back wrapped for the runtime's strategy. ``roles``
@@ -148,8 +149,9 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
     if len(records) < cfg.prompts_per_step:
         raise UserError(f"{cfg.prompts} has {len(records)} prompts but each step needs "
                         f"{cfg.prompts_per_step} (batch_size / num_generations)")
+    # Checked now, started by the trainer once everything has loaded (RunDir.start).
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
-                 report_to=cfg.report_to)
+                 report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code,
                                add_pad_token=cfg.add_pad_token, padding_side="left",
@@ -184,7 +186,7 @@ def setup_run(cfg: Any, rt: Runtime, *, needs_reference: bool,
         for _, _, source in rewards.sources:
             if isinstance(source, ModelReward):
                 source.scorer.model = rt.prepare(source.scorer.model, trainable=False)
-    gold = FunctionReward(cfg.gold) if cfg.gold else None
+    gold = FunctionReward(cfg.gold, "--gold") if cfg.gold else None
     sampler = EpochSampler(len(records), cfg.prompts_per_step, cfg.seed, drop_last=True)
     kl_ctl = (ops.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target is not None else ops.FixedKLController(cfg.kl_coef))
@@ -547,6 +549,7 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
         generator.policy_updated(policy)  # an engine's copy holds the initial weights
+    run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []

@@ -250,6 +250,7 @@ def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dic
         setup.sampler.load_state_dict(ckpt.sampler_state)
         setup.kl_ctl.load_state_dict(ckpt.extra["kl_ctl"])
         generator.policy_updated(policy)  # an engine's copy holds the initial weights
+    run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
     history: list[dict[str, float]] = []

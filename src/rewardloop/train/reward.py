@@ -683,7 +683,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     head_groups = head_groups_of(cfg, tracked)
     heads = [head_groups.index(g) for g in group_ids] if head_groups else None
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
-                 report_to=cfg.report_to)
+                 report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
     model = load_model(cfg, tokenizer, rt, head_groups)
     objective = OBJECTIVES[objective_name]
@@ -707,6 +707,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         best.load_state_dict(ckpt.extra.get("best", best.state_dict()))
         if dro is not None:
             dro.restore(ckpt.sampler_state)
+    run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
 
     def held_out_figures() -> tuple[dict[str, Any], list[torch.Tensor]]:
         with rt.autocast():

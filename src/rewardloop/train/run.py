@@ -2,7 +2,7 @@
 
 A trainer stays an explicit loop; it calls these pieces where it needs them::
 
-    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite)
+    run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, start=False)
     seed_everything(cfg.seed)
     ... build model, optimizer, scheduler, sampler ...
     ckpt = run.restore(models={"policy": model}, optimizers={"policy": opt},
@@ -11,6 +11,7 @@ A trainer stays an explicit loop; it calls these pieces where it needs them::
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+    run.start()  # all loaded and checked: only now is the directory created or changed
     with progress_bar(cfg.max_steps, "sft", start=step) as show:
         while step < cfg.max_steps:
             batch = sampler.next_batch()
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import resource
 import shutil
 import sys
@@ -57,7 +60,7 @@ from rewardloop.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rewardloop.util.files import atomic_write_text
+from rewardloop.util.files import TMP_PREFIX, atomic_write_text
 
 __all__ = [
     "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "latest_checkpoint",
@@ -133,68 +136,182 @@ def _plain(value: Any) -> Any:
     return value
 
 
+RUN_ENTRIES = frozenset({
+    "config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model",
+    "value_model",  # PPO's critic (train/ppo.py)
+    "samples.jsonl",  # online RL's sampled completions (train/grpo.py)
+    "ref_logps.pt",  # DPO's cached reference log-probs (train/dpo.py REF_CACHE)
+    "tensorboard", "wandb",  # experiment trackers (rewardloop.tracking)
+})
+"""What a run writes at the top of its directory (besides ``.tmp-*`` leftovers of atomic
+writes). A directory holding anything else is not a run, and --overwrite never deletes it."""
+
+RECORDS = ("metrics.jsonl", "samples.jsonl", "summary.json", "model", "value_model")
+"""What a run has made once it trained; without them (and without a complete checkpoint) it
+holds nothing to lose, and a new run may take its place without --overwrite."""
+
+
+def _is_run_entry(path: Path) -> bool:
+    return path.name in RUN_ENTRIES or path.name.startswith(TMP_PREFIX)
+
+
+def _foreign(out: Path) -> list[str]:
+    """Entries of ``out`` that no run writes (``checkpoints/`` holds only ``step-N``)."""
+    names = [p.name for p in out.iterdir() if not _is_run_entry(p)]
+    if (out / "checkpoints").is_dir():
+        names += [f"checkpoints/{p.name}" for p in (out / "checkpoints").iterdir()
+                  if not re.fullmatch(r"(\.tmp-)?step-\d+", p.name)]
+    return sorted(names)
+
+
+def _is_run(out: Path) -> bool:
+    """Whether ``out`` holds what RunDir writes first: ``config.yaml`` and ``checkpoints/``."""
+    return (out / "config.yaml").is_file() and (out / "checkpoints").is_dir()
+
+
+def _trained(out: Path) -> bool:
+    return bool(list_checkpoints(out)) or any(
+        (out / name).is_dir() or (out / name).is_file() and (out / name).stat().st_size > 0
+        for name in RECORDS)
+
+
+def _paths_in(value: Any) -> list[str]:
+    """The strings of a config value that may name files (a reward spec without ``@WEIGHT``)."""
+    items = value if isinstance(value, list) else [value]
+    return [s for x in items if isinstance(x, str) for s in {x, x.rsplit("@", 1)[0]}]
+
+
+def _inside(path: str, out: Path) -> bool:
+    """Whether ``path`` exists and lies in ``out`` (or is it), by its name or through links."""
+    try:
+        if not Path(path).exists():
+            return False
+        mine = {Path(os.path.abspath(path)), Path(path).resolve()}
+        roots = {Path(os.path.abspath(out)), out.resolve()}
+    except (OSError, ValueError):  # not a file name at all (an inline chat template, ...)
+        return False
+    return any(r == q or r in q.parents for q in mine for r in roots)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _clear(out: Path) -> None:
+    """Delete the entries of the run in ``out`` that are a run's own: the summary first,
+    ``config.yaml`` and ``checkpoints/`` (what marks a run) last and only emptied, so that a
+    crash part-way leaves a run that --overwrite still recognises."""
+    entries = sorted((p for p in out.iterdir() if _is_run_entry(p)),
+                     key=lambda p: p.name != "summary.json")
+    for path in entries:
+        if path.name not in ("config.yaml", "checkpoints"):
+            _remove(path)
+    for path in (out / "checkpoints").iterdir():
+        _remove(path)
+
+
 class RunDir:
     """The ``--out`` directory of one training run (layout in DESIGN.md, "Run directory").
 
-    Refuses to reuse a directory that holds a run unless ``resume`` (continue from its latest
-    complete checkpoint) or ``overwrite`` (delete it first) is given. Metrics also go to the
-    experiment trackers named in ``report_to`` (``rewardloop.tracking``), which end with the
-    summary.
+    Nothing on disk changes until ``start()``: a trainer builds ``RunDir(..., start=False)``
+    first (the directory checks fail fast), loads and validates everything, restores a
+    checkpoint, and only then starts the run, so a refused command leaves the directory as it
+    was. ``start()`` creates the directory, or replaces the run in it (``overwrite``, or one
+    that never trained: ``RECORDS``), or continues it (``resume``). It refuses a directory that
+    holds a trained run unless ``resume`` or ``overwrite`` is given, one that holds anything a
+    run does not write (``RUN_ENTRIES``), a resume where there is no run, and a replacement that
+    would delete one of the run's own inputs. Metrics also go
+    to the experiment trackers named in ``report_to`` (``rewardloop.tracking``), which end with
+    the summary.
     """
 
     def __init__(self, out: Path | str, config: Any, *, resume: bool = False,
                  overwrite: bool = False, runtime: Any = None,
-                 report_to: Sequence[str] = ()) -> None:
+                 report_to: Sequence[str] = (), start: bool = True) -> None:
         """``runtime`` (a ``train.runtime.Runtime``): every rank checks the directory, rank 0
         alone changes it, and the others wait for that; only rank 0 writes metrics and reports
-        them to the trackers named in ``report_to``."""
+        them to the trackers named in ``report_to``. ``start``: start the run at once (False:
+        the trainer calls ``start()`` when everything has loaded)."""
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         check_report_to(report_to)  # a missing package must not leave a half-made run behind
         self.out = Path(out)
-        self.resume = resume
+        self.resume, self.overwrite, self.report_to = resume, overwrite, tuple(report_to)
+        self.runtime = runtime
         self.main = runtime is None or runtime.is_main
         self.runtime_facts: dict[str, Any] = runtime.describe() if runtime is not None else {}
-        delete = self._check(overwrite)  # on every rank: all refuse alike, none waits
-        if runtime is not None:
-            runtime.barrier()
-        resolved = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
-        self.config = resolved
+        self.config = config_to_dict(config) if not isinstance(config, Mapping) else dict(config)
         self.config_type = "" if isinstance(config, Mapping) else type(config).__name__
+        self.started = False
+        self._truncate_at: int | None = None  # a resume's metrics cut, made by start()
+        self.meter = ThroughputMeter()
+        self.trackers: list[Any] = []
+        self._check()  # on every rank: all refuse alike, none waits
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Create the run directory, replacing the run in it when allowed, or continue the run
+        in it (``resume``: drop its summary, and the metrics after the restored checkpoint);
+        write ``config.yaml`` and open the trackers. Every rank calls it, once."""
+        if self.started:
+            return
+        replace = self._check()  # again: the directory may have changed while models loaded
+        if self.runtime is not None:
+            self.runtime.barrier()
         if self.main:
-            if delete:
-                shutil.rmtree(self.out)
+            if replace:
+                _clear(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(exist_ok=True)
-            if resume:
+            if self.resume:
                 # A resumed run is unfinished until it writes a new summary.
                 (self.out / "summary.json").unlink(missing_ok=True)
             atomic_write_text(self.out / "config.yaml",
-                              yaml.safe_dump(resolved, sort_keys=False))
-        if runtime is not None:
-            runtime.barrier()
-        self.meter = ThroughputMeter()
-        self.trackers = open_trackers(report_to, self.out, resolved) if self.main else []
+                              yaml.safe_dump(self.config, sort_keys=False))
+        self.started = True
+        if self._truncate_at is not None:
+            self.truncate_metrics(self._truncate_at)
+        if self.runtime is not None:
+            self.runtime.barrier()
+        self.trackers = open_trackers(self.report_to, self.out, self.config) if self.main else []
 
-    def _check(self, overwrite: bool) -> bool:
-        """UserError when ``out`` may not be used; True when it must be deleted first."""
+    def _check(self) -> bool:
+        """UserError when ``out`` may not be used; True when the run in it is to be replaced."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a directory")
-        if not out.is_dir() or not any(out.iterdir()) or self.resume:
+        if not out.is_dir() or not any(out.iterdir()):
             return False
-        is_run = any((out / name).exists()
-                     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints"))
-        if overwrite:
-            if not is_run:
-                raise UserError(f"--out {out} is not empty and is not a rewardloop run "
-                                "directory; refusing to delete it, choose another --out")
-            return True
-        if (out / "summary.json").exists():
-            raise UserError(f"--out {out} holds a finished run; pass --overwrite to replace it "
-                            "or choose another directory")
-        raise UserError(f"--out {out} is not empty; pass --resume to continue the run in it or "
-                        "--overwrite to start again")
+        if self.resume:
+            if not _is_run(out):
+                raise UserError(f"--out {out} is not empty and holds no rewardloop run "
+                                "(config.yaml and checkpoints/) to resume; choose another --out")
+            return False
+        foreign = _foreign(out)
+        if foreign or not _is_run(out):
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            holds = f" (it holds {shown})" if foreign else ""
+            raise UserError(f"--out {out} is not empty and is not a rewardloop run "
+                            f"directory{holds}; refusing to "
+                            f"{'delete' if self.overwrite else 'write into'} it, choose another "
+                            "--out")
+        if _trained(out) and not self.overwrite:
+            if (out / "summary.json").exists():
+                raise UserError(f"--out {out} holds a finished run; pass --overwrite to replace "
+                                "it or choose another directory")
+            raise UserError(f"--out {out} is not empty; pass --resume to continue the run in it "
+                            "or --overwrite to start again")
+        for key, value in self.config.items():
+            inputs = [] if key == "out" else [p for p in _paths_in(value) if _inside(p, out)]
+            if inputs:
+                raise UserError(f"--out {out} holds an input of this run ({key}: {inputs[0]}), "
+                                "which replacing the run there would delete; move it out or "
+                                "choose another --out")
+        return True
 
     @property
     def model_dir(self) -> Path:
@@ -223,8 +340,13 @@ class RunDir:
             tracker.log(int(step), numbers)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric lines logged after ``after_step`` (and a torn last line) before resuming."""
-        if not self.metrics_path.exists():
+        """Drop metric lines logged after ``after_step`` (and a torn last line) before resuming.
+
+        Before ``start()`` it only notes the step, so a refused resume keeps its record."""
+        if not self.started:
+            self._truncate_at = after_step
+            return
+        if not self.main or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
@@ -275,8 +397,7 @@ class RunDir:
         latest = latest_checkpoint(self)
         if latest is None:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", self.out)
-            if self.main:
-                self.truncate_metrics(0)
+            self.truncate_metrics(0)
             return None
         return load_checkpoint(self, latest, models=models, optimizers=optimizers,
                                schedulers=schedulers, runtime=runtime)

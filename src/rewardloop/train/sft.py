@@ -250,7 +250,7 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
     examples = read_sft(cfg.data, tokenizer, cfg)
     eval_examples = read_sft(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else []
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
-                 report_to=cfg.report_to)
+                 report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
     model = load_model(cfg, tokenizer, rt)
     rows = make_rows(examples, cfg)
@@ -270,6 +270,7 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
     if ckpt is not None:
         step = ckpt.step
         sampler.load_state_dict(ckpt.sampler_state)
+    run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
     figures: dict[str, float] = {}
     with progress_bar(total_steps, "sft", start=step) as show:
         while step < total_steps:
