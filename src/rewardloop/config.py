@@ -152,9 +152,17 @@ def _check_scalar(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _takes_null(annotation: Any) -> bool:
+    """Whether None is a value of ``annotation`` (Optional, or Any)."""
+    args = typing.get_args(annotation)
+    return annotation is Any or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                 and type(None) in args)
+
+
 def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``values`` (field name -> value) checked against dataclass ``cls``: unknown keys and
-    values of the wrong type are a UserError beginning with ``where``."""
+    values of the wrong type are a UserError beginning with ``where``. A ``null`` for a setting
+    that cannot be null leaves it at its default (as leaving the key out does)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known, key=str)
@@ -162,6 +170,8 @@ def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, 
         raise UserError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
     out = {}
     for key, value in values.items():
+        if value is None and not _takes_null(hints[key]):
+            continue  # a YAML `null` on a setting that has no null value: its default
         try:
             out[key] = check_value(value, hints[key], key)
         except UserError as exc:

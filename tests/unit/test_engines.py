@@ -113,7 +113,24 @@ def test_a_policy_grown_by_a_pad_token_is_refused_for_vllm(root: Path, mode: str
     options = EngineOptions(generator="vllm", vllm_mode=mode, **server)
     with pytest.raises(UserError, match=rf"has {rows + 1} tokens .*--add-pad-token.* has "
                                         rf"{rows}.*--generator hf"):
-        make_generator(options, model, tokenizer, root / "tiny")
+        make_generator(options, model, tokenizer, root / "tiny",
+                       logprob_settings=SamplingSettings())  # a trainer: it pushes weights
+
+
+def test_an_engine_that_gets_no_weights_only_needs_the_pad_id(root: Path) -> None:
+    """eval/generate from a colocated engine send no weights: a longer vocabulary matters only
+    when the pad id lies outside the checkpoint's."""
+    from rewardloop.engines.factory import check_engine_vocabulary
+    from rewardloop.models import load_policy
+
+    model = load_policy(root / "tiny", device="cpu")
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows + 1)
+    check_engine_vocabulary(model, root / "tiny", rows - 1, pushes=False)
+    with pytest.raises(UserError, match="--add-pad-token"):
+        check_engine_vocabulary(model, root / "tiny", rows, pushes=False)  # the new pad
+    with pytest.raises(UserError, match="--add-pad-token"):
+        check_engine_vocabulary(model, root / "tiny", rows - 1, pushes=True)
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is not installed")

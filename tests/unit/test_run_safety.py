@@ -193,3 +193,17 @@ def test_grpo_refused_reward_leaves_no_run_behind(files: Path, tmp_path: Path) -
     code, output = _cli(*base, "--reward", "rewardloop.synthetic:gold_score")
     assert code == 0, output
     assert (out / "model").is_dir()
+
+
+def test_a_finished_run_without_its_checkpoints_is_still_a_run(tmp_path: Path) -> None:
+    """Checkpoints deleted after training to save space: the directory still holds a run
+    (config.yaml, metrics, model, summary), which --overwrite replaces."""
+    import shutil
+
+    out = tmp_path / "run"
+    _finished_run(out)
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(UserError, match="holds a finished run"):
+        RunDir(out, {"lr": 0.5})
+    RunDir(out, {"lr": 0.5}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]

@@ -165,8 +165,10 @@ def _foreign(out: Path) -> list[str]:
 
 
 def _is_run(out: Path) -> bool:
-    """Whether ``out`` holds what RunDir writes first: ``config.yaml`` and ``checkpoints/``."""
-    return (out / "config.yaml").is_file() and (out / "checkpoints").is_dir()
+    """Whether ``out`` holds a run: its ``config.yaml`` (written first) and ``checkpoints/``
+    or a record of training (a finished run whose checkpoints were deleted to save space)."""
+    return (out / "config.yaml").is_file() and (
+        (out / "checkpoints").is_dir() or any((out / name).exists() for name in RECORDS))
 
 
 def _trained(out: Path) -> bool:
@@ -209,8 +211,9 @@ def _clear(out: Path) -> None:
     for path in entries:
         if path.name not in ("config.yaml", "checkpoints"):
             _remove(path)
-    for path in (out / "checkpoints").iterdir():
-        _remove(path)
+    if (out / "checkpoints").is_dir():
+        for path in (out / "checkpoints").iterdir():
+            _remove(path)
 
 
 class RunDir:
