@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -60,7 +57,15 @@ from rewardloop.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rewardloop.util.files import TMP_PREFIX, atomic_write_text
+from rewardloop.train.run_entries import (
+    clear_run,
+    foreign_entries,
+    has_trained,
+    inside,
+    is_run,
+    paths_in,
+)
+from rewardloop.util.files import atomic_write_text
 
 __all__ = [
     "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "latest_checkpoint",
@@ -136,86 +141,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-RUN_ENTRIES = frozenset({
-    "config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model",
-    "value_model",  # PPO's critic (train/ppo.py)
-    "samples.jsonl",  # online RL's sampled completions (train/grpo.py)
-    "ref_logps.pt",  # DPO's cached reference log-probs (train/dpo.py REF_CACHE)
-    "tensorboard", "wandb",  # experiment trackers (rewardloop.tracking)
-})
-"""What a run writes at the top of its directory (besides ``.tmp-*`` leftovers of atomic
-writes). A directory holding anything else is not a run, and --overwrite never deletes it."""
-
-RECORDS = ("metrics.jsonl", "samples.jsonl", "summary.json", "model", "value_model")
-"""What a run has made once it trained; without them (and without a complete checkpoint) it
-holds nothing to lose, and a new run may take its place without --overwrite."""
-
-
-def _is_run_entry(path: Path) -> bool:
-    return path.name in RUN_ENTRIES or path.name.startswith(TMP_PREFIX)
-
-
-def _foreign(out: Path) -> list[str]:
-    """Entries of ``out`` that no run writes (``checkpoints/`` holds only ``step-N``)."""
-    names = [p.name for p in out.iterdir() if not _is_run_entry(p)]
-    if (out / "checkpoints").is_dir():
-        names += [f"checkpoints/{p.name}" for p in (out / "checkpoints").iterdir()
-                  if not re.fullmatch(r"(\.tmp-)?step-\d+", p.name)]
-    return sorted(names)
-
-
-def _is_run(out: Path) -> bool:
-    """Whether ``out`` holds a run: its ``config.yaml`` (written first) and ``checkpoints/``
-    or a record of training (a finished run whose checkpoints were deleted to save space)."""
-    return (out / "config.yaml").is_file() and (
-        (out / "checkpoints").is_dir() or any((out / name).exists() for name in RECORDS))
-
-
-def _trained(out: Path) -> bool:
-    return bool(list_checkpoints(out)) or any(
-        (out / name).is_dir() or (out / name).is_file() and (out / name).stat().st_size > 0
-        for name in RECORDS)
-
-
-def _paths_in(value: Any) -> list[str]:
-    """The strings of a config value that may name files (a reward spec without ``@WEIGHT``)."""
-    items = value if isinstance(value, list) else [value]
-    return [s for x in items if isinstance(x, str) for s in {x, x.rsplit("@", 1)[0]}]
-
-
-def _inside(path: str, out: Path) -> bool:
-    """Whether ``path`` exists and lies in ``out`` (or is it), by its name or through links."""
-    try:
-        if not Path(path).exists():
-            return False
-        mine = {Path(os.path.abspath(path)), Path(path).resolve()}
-        roots = {Path(os.path.abspath(out)), out.resolve()}
-    except (OSError, ValueError):  # not a file name at all (an inline chat template, ...)
-        return False
-    return any(r == q or r in q.parents for q in mine for r in roots)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _clear(out: Path) -> None:
-    """Delete the entries of the run in ``out`` that are a run's own: the summary first,
-    ``config.yaml`` and ``checkpoints/`` (what marks a run) last and only emptied, so that a
-    crash part-way leaves a run that --overwrite still recognises."""
-    entries = sorted((p for p in out.iterdir() if _is_run_entry(p)),
-                     key=lambda p: p.name != "summary.json")
-    for path in entries:
-        if path.name not in ("config.yaml", "checkpoints"):
-            _remove(path)
-    if (out / "checkpoints").is_dir():
-        for path in (out / "checkpoints").iterdir():
-            _remove(path)
-
-
 class RunDir:
     """The ``--out`` directory of one training run (layout in DESIGN.md, "Run directory").
 
@@ -223,10 +148,10 @@ class RunDir:
     first (the directory checks fail fast), loads and validates everything, restores a
     checkpoint, and only then starts the run, so a refused command leaves the directory as it
     was. ``start()`` creates the directory, or replaces the run in it (``overwrite``, or one
-    that never trained: ``RECORDS``), or continues it (``resume``). It refuses a directory that
-    holds a trained run unless ``resume`` or ``overwrite`` is given, one that holds anything a
-    run does not write (``RUN_ENTRIES``), a resume where there is no run, and a replacement that
-    would delete one of the run's own inputs. Metrics also go
+    that never trained: ``run_entries.RECORDS``), or continues it (``resume``). It refuses a
+    directory that holds a trained run unless ``resume`` or ``overwrite`` is given, one that
+    holds anything a run does not write (``run_entries.RUN_ENTRIES``), a resume where there is
+    no run, and a replacement that would delete one of the run's own inputs. Metrics also go
     to the experiment trackers named in ``report_to`` (``rewardloop.tracking``), which end with
     the summary.
     """
@@ -267,7 +192,7 @@ class RunDir:
             self.runtime.barrier()
         if self.main:
             if replace:
-                _clear(self.out)
+                clear_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(exist_ok=True)
             if self.resume:
@@ -290,26 +215,26 @@ class RunDir:
         if not out.is_dir() or not any(out.iterdir()):
             return False
         if self.resume:
-            if not _is_run(out):
+            if not is_run(out):
                 raise UserError(f"--out {out} is not empty and holds no rewardloop run "
                                 "(config.yaml and checkpoints/) to resume; choose another --out")
             return False
-        foreign = _foreign(out)
-        if foreign or not _is_run(out):
+        foreign = foreign_entries(out)
+        if foreign or not is_run(out):
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             holds = f" (it holds {shown})" if foreign else ""
             raise UserError(f"--out {out} is not empty and is not a rewardloop run "
                             f"directory{holds}; refusing to "
                             f"{'delete' if self.overwrite else 'write into'} it, choose another "
                             "--out")
-        if _trained(out) and not self.overwrite:
+        if has_trained(out) and not self.overwrite:
             if (out / "summary.json").exists():
                 raise UserError(f"--out {out} holds a finished run; pass --overwrite to replace "
                                 "it or choose another directory")
             raise UserError(f"--out {out} is not empty; pass --resume to continue the run in it "
                             "or --overwrite to start again")
         for key, value in self.config.items():
-            inputs = [] if key == "out" else [p for p in _paths_in(value) if _inside(p, out)]
+            inputs = [] if key == "out" else [p for p in paths_in(value) if inside(p, out)]
             if inputs:
                 raise UserError(f"--out {out} holds an input of this run ({key}: {inputs[0]}), "
                                 "which replacing the run there would delete; move it out or "
