@@ -268,3 +268,37 @@ def test_the_http_server_generates_and_takes_weight_pushes(engine: Any, policy: 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_two_ranks_each_with_a_colocated_engine_train_and_exit_cleanly(tiny_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """`train grpo --nproc 2 --generator vllm`: each rank runs its own engine
+    (external_launcher) on its share of the prompts and receives its weight pushes; the run
+    ends with exit 0 and no engine teardown after the process group is gone (it printed
+    "Invalid process group specified" tracebacks at exit before engines shut down first)."""
+    import os
+    import subprocess
+    import sys
+
+    from rewardloop.synthetic import prompt_rows
+
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in prompt_rows(8, seed=3)))
+    (tmp_path / "rw.py").write_text("def length(prompts, completions, **kw):\n"
+                                    "    return [min(len(c), 40) / 40.0 for c in completions]\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo"}
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "rewardloop", "train", "grpo", "--policy", str(tiny_dir),
+         "--prompts", str(tmp_path / "prompts.jsonl"), "--reward", "rw:length", "--out",
+         str(out), "--nproc", "2", "--generator", "vllm", "--max-steps", "2", "--batch-size",
+         "8", "--num-generations", "2", "--max-new-tokens", "8", "--device", "cpu"],
+        env=env, text=True, capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Invalid process group" not in res.stderr
+    assert "]: Traceback" not in res.stderr  # a rank's traceback ("[rank1]: Traceback ...")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:  # the engines sample what the trainer's weights give, after each push
+        assert row["sampler_kl"] < 1e-3 and row["is_ratio_max"] < 1.01

@@ -113,6 +113,17 @@ class VLLMGenerator:
     def policy_updated(self, model: Any) -> None:
         self.sync.mark(model)
 
+    def close(self) -> None:
+        """Shut the engine down now. vLLM otherwise does it at interpreter exit, and with
+        several ranks that is after the trainer left the process group the engine's groups
+        were made in: their teardown then fails with a traceback after a run that succeeded.
+        (The engine's shutdown sits below ``LLM``; where a version moves it, this does
+        nothing and vLLM's own exit-time shutdown remains.)"""
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(client, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
     def load_weights(self, weights: Sequence[tuple[str, Any]]) -> int:
         """Copy ``(checkpoint name, tensor)`` pairs into the engine's model and forget cached
         prefixes computed with the old weights. vLLM's in-place reload fuses q/k/v and gate/up

@@ -539,6 +539,8 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
     generator: Any = roles.generator(setup.inner, setup.tokenizer, settings) if roles else \
         make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
                        seed=cfg.seed, logprob_settings=settings, dtype=rt.frozen_dtype("auto"))
+    if rt.distributed:  # a colocated engine of several ranks lives on their process group
+        rt.before_leaving(getattr(generator, "close", None))
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size
     seed_sampling(cfg, rt)
     step = 0

@@ -242,6 +242,8 @@ def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dic
         make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
                        seed=cfg.seed, logprob_settings=settings,
                        dtype=rt.frozen_dtype("auto"))  # see grpo._train
+    if rt.distributed:  # see grpo._train
+        rt.before_leaving(getattr(generator, "close", None))
     seed_sampling(cfg, rt)
     step = 0
     ckpt = run.restore(models=models, optimizers=optimizers, schedulers=schedulers, runtime=rt)

@@ -67,6 +67,7 @@ class Runtime:
         self.timeout_s = options.dist_timeout
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self._mesh: Any = None
+        self._before_leaving: list[Callable[[], None]] = []
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
@@ -415,10 +416,28 @@ class Runtime:
                         "rerun with --resume." if latest else " No checkpoint was written yet.")
         return message
 
+    def before_leaving(self, fn: Callable[[], None] | None) -> None:
+        """Run ``fn`` when the run ends, before this process leaves the process group: an
+        engine built on the group (a colocated vLLM engine of several ranks) shuts down while
+        the group still exists."""
+        if fn is not None:
+            self._before_leaving.append(fn)
+
+    def leave_hooks(self) -> None:
+        """The ``before_leaving`` functions, last first; a failure is logged, not raised."""
+        while self._before_leaving:
+            fn = self._before_leaving.pop()
+            try:
+                fn()
+            except Exception as exc:  # shutting down: the run's own outcome matters more
+                log.warning("shutting down %s failed: %s", fn, exc)
+
     def close(self) -> None:
         """Leave the process group (waits for the others first, so none is left hanging)."""
         if self.distributed and dist.is_initialized():
             dist.barrier()
+        self.leave_hooks()
+        if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -449,6 +468,7 @@ def runtime_for(options: RuntimeOptions, device: str = "auto") -> Iterator[Runti
         yield runtime
     except BaseException as exc:
         # Another rank may be waiting in a collective: do not wait for it in close().
+        runtime.leave_hooks()
         if runtime.distributed and dist.is_initialized():
             dist.destroy_process_group()
         if runtime.distributed and _lost_peer(exc):
