@@ -61,11 +61,10 @@ from rewardloop.train.run_entries import (
     clear_run,
     foreign_entries,
     has_trained,
-    inside,
     is_run,
     paths_in,
 )
-from rewardloop.util.files import atomic_write_text
+from rewardloop.util.files import atomic_write_text, lies_in
 
 __all__ = [
     "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "latest_checkpoint",
@@ -234,7 +233,7 @@ class RunDir:
             raise UserError(f"--out {out} is not empty; pass --resume to continue the run in it "
                             "or --overwrite to start again")
         for key, value in self.config.items():
-            inputs = [] if key == "out" else [p for p in paths_in(value) if inside(p, out)]
+            inputs = [] if key == "out" else [p for p in paths_in(value) if lies_in(p, out)]
             if inputs:
                 raise UserError(f"--out {out} holds an input of this run ({key}: {inputs[0]}), "
                                 "which replacing the run there would delete; move it out or "

@@ -4,7 +4,6 @@ else, never an input of the run. Used by ``train.run.RunDir``."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -58,18 +57,6 @@ def paths_in(value: Any) -> list[str]:
     """The strings of a config value that may name files (a reward spec without ``@WEIGHT``)."""
     items = value if isinstance(value, list) else [value]
     return [s for x in items if isinstance(x, str) for s in {x, x.rsplit("@", 1)[0]}]
-
-
-def inside(path: str, out: Path) -> bool:
-    """Whether ``path`` exists and lies in ``out`` (or is it), by its name or through links."""
-    try:
-        if not Path(path).exists():
-            return False
-        mine = {Path(os.path.abspath(path)), Path(path).resolve()}
-        roots = {Path(os.path.abspath(out)), out.resolve()}
-    except (OSError, ValueError):  # not a file name at all (an inline chat template, ...)
-        return False
-    return any(r == q or r in q.parents for q in mine for r in roots)
 
 
 def _remove(path: Path) -> None:

@@ -58,14 +58,25 @@ def _existing(spec: str | Path) -> Path | None:
     return Path(head) if sep and head and Path(head).is_dir() else None
 
 
+def lies_in(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path`` exists and is ``root`` or lies inside it, by its name (``root/x``) or
+    through links (both resolved); False for a string that names no file."""
+    try:
+        if not Path(path).exists():
+            return False
+        names = {Path(os.path.abspath(path)), Path(path).resolve()}
+        roots = {Path(os.path.abspath(root)), Path(root).resolve()}
+    except (OSError, ValueError):  # not a file name at all (an inline chat template, ...)
+        return False
+    return any(r == q or r in q.parents for q in names for r in roots)
+
+
 def _overwrites(out: Path, source: Path) -> bool:
     """Whether writing ``out`` replaces input ``source``: the same file (also through a link),
     or a file inside the input directory."""
     if not out.exists():
         return False
-    if os.path.samefile(out, source):
-        return True
-    return source.is_dir() and out.resolve().is_relative_to(source.resolve())
+    return os.path.samefile(out, source) or (source.is_dir() and lies_in(out, source))
 
 
 def check_output_file(path: str | Path, *, flag: str | None = None,
