@@ -126,6 +126,15 @@ def plackett_luce_loss(
     return loss, {"accuracy": ranking_accuracy(scores, ranks).detach()}
 
 
+def ordered_pairs(ranks: torch.Tensor) -> torch.Tensor:
+    """The number of strictly ordered answer pairs (i ranked above j, both present) in (B, K)
+    ranks: the denominator of ``preference_accuracy`` (non-tie pairs, K = 2) and of
+    ``ranking_accuracy``, so that accuracies of several batches combine as credit / pairs."""
+    present = ranks >= 0
+    both = present.unsqueeze(2) & present.unsqueeze(1)
+    return ((ranks.unsqueeze(2) < ranks.unsqueeze(1)) & both).sum()
+
+
 def ranking_accuracy(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """Fraction of strictly ordered pairs (i better than j) with score_i > score_j, an exact
     tie of the two scores counting half (as ``preference_accuracy``).

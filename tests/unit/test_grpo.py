@@ -56,6 +56,9 @@ def test_method_defaults_for_kl() -> None:
     assert (rloo.kl_in, rloo.kl_estimator) == ("reward", "k1")
     pp = GRPOConfig(**base, advantage="reinforce++", num_generations=1, batch_size=3)
     assert (pp.kl_in, pp.mini_batch_size, pp.micro_batch_size) == ("reward", 3, 3)
+    # k1 asked for without --kl-in goes where its gradient is not zero on average
+    assert GRPOConfig(**base, kl_estimator="k1").kl_in == "reward"
+    assert GRPOConfig(**base, kl_estimator="k2").kl_in == "loss"
 
 
 @pytest.mark.parametrize(("overrides", "words"), [
@@ -65,6 +68,9 @@ def test_method_defaults_for_kl() -> None:
     ({"mini_batch_size": 3}, "multiple of mini_batch_size"),
     ({"advantage": "ppo"}, "advantage must be one of"),
     ({"kl_in": "logits"}, "kl_in must be reward or loss"),
+    ({"kl_in": "loss", "kl_estimator": "k1"}, "zero expected gradient"),
+    ({"advantage": "rloo", "kl_in": "loss", "kl_estimator": "k1"}, "zero expected gradient"),
+    ({"kl_target": 6.0, "kl_coef": 0.0}, "--kl-coef > 0"),
     ({"loss_aggregation": "mean"}, "loss_aggregation"),
     ({"rewards": ()}, "at least one reward"),
 ])

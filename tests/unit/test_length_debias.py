@@ -21,7 +21,7 @@ from rewardloop.train.length_debias import (
     orthogonality_loss,
     pearson,
 )
-from rewardloop.train.reward import RewardConfig, train_rm
+from rewardloop.train.reward import RewardConfig, train_rm, warn_small_debias_batches
 
 
 def test_pearson_and_the_correlation_term_by_hand() -> None:
@@ -102,3 +102,17 @@ def test_length_debias_halves_the_length_correlation_at_the_same_gold_accuracy(
     assert saved["score.weight"].shape == (1, 16)
     config = json.loads((tmp_path / "run-True" / "model" / "config.json").read_text())
     assert len(config["id2label"]) == 1
+
+
+def test_small_micro_batches_under_length_debias_are_warned_about(caplog) -> None:
+    def cfg(**kw):
+        return RewardConfig(model="m", data=Path("d.jsonl"), out=Path("o"), length_debias=True,
+                            **kw)
+
+    with caplog.at_level("WARNING"):
+        assert warn_small_debias_batches(cfg(batch_size=16, grad_accum=4), world_size=1)
+    assert "4 comparisons" in caplog.text and "--grad-accum" in caplog.text
+    assert not warn_small_debias_batches(cfg(batch_size=16), world_size=2)  # 8 a micro-batch
+    assert warn_small_debias_batches(cfg(batch_size=16), world_size=4)
+    plain = RewardConfig(model="m", data=Path("d.jsonl"), out=Path("o"), batch_size=2)
+    assert not warn_small_debias_batches(plain, world_size=1)

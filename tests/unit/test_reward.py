@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rewardloop.cli import app
+from rewardloop.losses import preference_accuracy
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
 from rewardloop.tokenize import Encoded
@@ -34,6 +35,8 @@ from rewardloop.train.reward import (
     pair_deltas,
     pair_figures,
     read_comparisons,
+    score_comparisons,
+    step_metrics,
     train_rm,
 )
 from rewardloop.train.runtime import Runtime, RuntimeOptions
@@ -147,6 +150,41 @@ def test_grad_accumulation_gives_the_one_batch_gradient(tiny_dir: Path, tmp_path
     assert grads[1].keys() == grads[8].keys() and "score.weight" in grads[1]
     for key, value in grads[1].items():
         torch.testing.assert_close(grads[8][key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_the_step_accuracy_does_not_depend_on_the_micro_batches(tiny_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Accuracy is a share of the step's non-tie pairs however the step is split: a
+    micro-batch of ties only holds no pairs (it once made the step's accuracy NaN), and
+    micro-batches with different numbers of pairs weigh by their pairs."""
+    rows = preference_rows(8, seed=4)
+    for i in (0, 1, 2):  # with accumulation 4, micro-batches of 2 -> one holds only ties
+        rows[i]["tie"] = True
+    data = _write(tmp_path / "pairs.jsonl", rows)
+    cfg = _cfg(tiny_dir, tmp_path / "run", data, batch_size=8)
+    tokenizer = load_tokenizer_for(cfg)
+    rt = Runtime(RuntimeOptions())
+    model = load_model(cfg, tokenizer, rt)
+    name, items = read_comparisons(data, tokenizer, cfg)
+    batch = list(range(8))
+    logged = {}
+    for accum in (1, 2, 4, 8):
+        micro = rank_micro_batches(batch, [c.n_tokens for c in items], accum, 0, 1)
+        _, sums = accumulate(rt, model, micro, micro_loss(
+            model, OBJECTIVES[name], items, batch, cfg, tokenizer.pad_token_id, rt.device))
+        model.zero_grad(set_to_none=True)
+        logged[accum] = step_metrics(sums, len(batch))
+    with torch.no_grad():
+        scores, ranks = score_comparisons(model, items, tokenizer.pad_token_id, rt.device)
+    assert int((ranks[:, 0] == ranks[:, 1]).sum()) == 3
+    mean = scores.mean(-1)
+    expected = float(preference_accuracy(mean[:, 0], mean[:, 1], ranks[:, 0] == ranks[:, 1]))
+    for accum, figures in logged.items():
+        assert figures["accuracy"] == pytest.approx(expected, abs=1e-6), accum
+        assert figures["margin"] == pytest.approx(logged[1]["margin"], abs=1e-5), accum
+    only_ties = micro_loss(model, OBJECTIVES[name], items, batch, cfg, tokenizer.pad_token_id,
+                           rt.device)([0, 1])[1]
+    assert "accuracy" not in step_metrics(only_ties, 2)
 
 
 def test_rankings_train_with_plackett_luce_and_report_annotators(tiny_dir: Path,

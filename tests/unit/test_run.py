@@ -75,6 +75,29 @@ def test_run_dir_writes_config_metrics_and_summary(tmp_path: Path) -> None:
     assert not [p for p in run.out.iterdir() if p.name.startswith(".tmp-")]
 
 
+def _strict(text: str) -> object:
+    def refuse(word: str) -> None:
+        raise ValueError(f"not strict JSON: {word}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_and_summary_stay_strict_json_when_a_figure_is_not_finite(tmp_path: Path
+                                                                         ) -> None:
+    run = RunDir(tmp_path / "run", _Cfg())
+    run.log_metrics(1, {"loss": 0.5, "rewards/chosen": float("nan"),
+                        "acc": torch.tensor(float("inf")), "m": np.float64("-inf")})
+    run.log_metrics(2, {"loss": 0.25})
+    assert [_strict(x) for x in run.metrics_path.read_text().splitlines()] == [
+        {"step": 1, "loss": 0.5, "rewards/chosen": None, "acc": None, "m": None},
+        {"step": 2, "loss": 0.25}]
+    assert [r["step"] for r in run.logged_metrics()] == [1, 2]
+    run.write_summary({"by_group": {"a": {"accuracy": float("nan"), "pairs": 0}},
+                       "curve": [1.0, float("nan")]})
+    on_disk = _strict((run.out / "summary.json").read_text())
+    assert on_disk["by_group"] == {"a": {"accuracy": None, "pairs": 0}}  # type: ignore[index]
+    assert on_disk["curve"] == [1.0, None]  # type: ignore[index]
+
+
 def test_run_dir_refuses_to_reuse_a_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     RunDir(out, {"a": 1}).log_metrics(1, {"loss": 1.0})

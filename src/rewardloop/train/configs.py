@@ -314,11 +314,11 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """k1 (log-ratio), k2 (squared/2) or k3 (GRPO's); auto: the method's default (grpo k3;
     rloo, reinforce++ and ppo k1)."""
     kl_in: str = "auto"
-    """Where the KL penalty goes: reward or loss; auto: the method's default (grpo loss; rloo
-    and reinforce++ reward; ppo reward only)."""
+    """Where the KL penalty goes: reward or loss; auto: the method's default (grpo loss, or
+    reward with kl_estimator k1; rloo and reinforce++ reward; ppo reward only)."""
     kl_target: float | None = None
-    """Adaptive KL: target KL per sequence (k1, summed over tokens), kl_coef its starting value;
-    None = fixed kl_coef."""
+    """Adaptive KL: target KL per sequence (k1, summed over tokens), kl_coef its starting value
+    (> 0: the controller scales it); None = fixed kl_coef."""
     kl_horizon: int = 10000
     """Adaptive KL horizon in completions (Ziegler et al. 2019)."""
     gamma: float = 1.0
@@ -395,6 +395,9 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("kl_target adapts kl_coef multiplicatively from its starting "
+                             "value, which is 0: give the starting coefficient (--kl-coef > 0)")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError("dual_clip must be > 1")
         if not 0.0 < self.gamma <= 1.0:
@@ -460,6 +463,8 @@ class GRPOConfig(OnlineOptions):
             raise ValueError(f"advantage must be one of {list(ADVANTAGE_NAMES)}, "
                              f"got {self.advantage!r}")
         kl_in, estimator = KL_DEFAULTS[self.advantage]
+        if self.kl_in == "auto" and self.kl_estimator == "k1":
+            kl_in = "reward"  # k1's principled place; in the loss its gradient averages to 0
         self.fill_default("kl_in", kl_in)
         self.fill_default("kl_estimator", estimator)
         self.fill_default("mini_batch_size", self.batch_size)
@@ -469,8 +474,10 @@ class GRPOConfig(OnlineOptions):
             raise ValueError(f"{self.advantage} needs num_generations >= 2: with one completion "
                              "per prompt the group baseline equals the reward and every "
                              "advantage is 0")
-        if self.advantage == "reinforce++" and self.kl_in == "loss" and self.kl_estimator == "k1":
-            raise ValueError("k1 in the loss has zero expected gradient; use k3 or kl_in=reward")
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError("k1 in the loss has zero expected gradient (the KL leash would do "
+                             "nothing on average): put it in the reward (--kl-in reward) or use "
+                             "--kl-estimator k2 or k3 in the loss")
         if self.async_rollout and not self.ray:
             raise ValueError("async_rollout overlaps generation actors with the trainers: it "
                              "needs --ray")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -550,12 +549,6 @@ def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example
     return out
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
-    """NaN metrics (e.g. KTO's rewards/chosen in a step without desirable rows) as null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metrics.items()}
-
-
 def load_model(cfg: DPOConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
     """The policy in fp32 master weights (with fresh LoRA adapters when lora_r is set),
     dropout off, sized to the tokenizer."""
@@ -640,8 +633,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
 
     def held_out_figures(eval_ref: torch.Tensor) -> dict[str, Any]:
         with rt.autocast():
-            return _finite(evaluate(policy, objective, splits["eval"], eval_ref, cfg, pad_id,
-                                    rt))
+            return evaluate(policy, objective, splits["eval"], eval_ref, cfg, pad_id, rt)
 
     policy.train()
     held_out: dict[str, Any] = {}
@@ -654,19 +646,20 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                                 dro)
             if dro is not None and cfg.group_balance == "minmax":
                 dro.update(result.group_losses)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it after)
             grad_norm = rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step + 1,
                                           loss=result.local_loss, run=run, scheduler=sched)
             step += 1
             run.meter.step(samples=len(batch), tokens=sum(e.n_tokens for e in batch))
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics = {"loss": float(result.loss), "grad_norm": grad_norm,
-                           "lr": sched.get_last_lr()[0],
+                           "lr": lr,
                            "epoch": sampler.epoch + sampler.position / sampler.batches_per_epoch,
                            **{k: float(v) for k, v in result.metrics.items()},
                            **{f"group_loss/{g}": v for g, v in result.group_losses.items()},
                            **({f"group_weight/{g}": dro.weight_of(g) for g in dro.groups}
                               if dro is not None else {})}
-                run.log_metrics(step, _finite(metrics))
+                run.log_metrics(step, metrics)
             show(step, f"loss {float(result.loss):.4f}")
             improved = False
             if eval_ref is not None and evaluation_due(step, total_steps, cfg.eval_every):

@@ -25,7 +25,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -278,7 +278,7 @@ def write_samples(setup: Setup, cfg: Any, step: int, rows: list[int], rollout: A
                        sample_records(step, prompts, rollout, rewards, cfg.num_samples))
 
 
-def finish(setup: Setup, cfg: Any, history: list[dict[str, float]], **extra_models: Any
+def finish(setup: Setup, cfg: Any, history: Sequence[Mapping[str, Any]], **extra_models: Any
            ) -> dict[str, Any]:
     """Save the model(s) and summary.json (throughput, memory, reward/gold first vs last)."""
     setup.rt.save_model(setup.policy, setup.tokenizer, setup.run.model_dir,
@@ -493,6 +493,7 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
                 tokens += weight
                 local_loss += float(m["loss"])
                 add_metrics(sums, m, weight, loss_keys)
+            lr = optimizer.param_groups[0]["lr"]  # the last update's (the scheduler moves it)
             grad_norms += rt.optimizer_step(optimizer, params, cfg.max_grad_norm, step=step,
                                             loss=local_loss, run=setup.run, scheduler=scheduler)
             updates += 1
@@ -501,7 +502,7 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     metrics = {k: v / (updates if k in loss_keys else tokens)
                for k, v in zip(keys, totals, strict=True)}
     metrics["grad_norm"] = grad_norms / updates
-    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics["lr"] = lr
     return metrics, first_pass
 
 
@@ -554,7 +555,7 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
     run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
-    history: list[dict[str, float]] = []
+    history = run.logged_metrics()  # a resumed run's summary covers the steps before it too
     policy.train()
     with progress_bar(cfg.max_steps, cfg.advantage, start=step) as show:
         while step < cfg.max_steps:

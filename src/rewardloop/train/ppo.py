@@ -196,6 +196,7 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
                 tokens += weight
                 local_loss += float(m["loss"])
                 add_metrics(sums, m, weight, loss_keys)
+            lr = optimizers["policy"].param_groups[0]["lr"]  # the last update's
             for name in models:
                 norm = rt.optimizer_step(optimizers[name], params[name], cfg.max_grad_norm,
                                          step=step, loss=local_loss, run=run,
@@ -207,7 +208,7 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
     metrics = {k: v / (updates if k in loss_keys else tokens)
                for k, v in zip(keys, totals, strict=True)}
     metrics.update({k: v / updates for k, v in norms.items()})
-    metrics["lr"] = schedulers["policy"].get_last_lr()[0]
+    metrics["lr"] = lr
     return metrics
 
 
@@ -255,7 +256,7 @@ def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dic
     run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
     if rt.is_main:
         truncate_samples(run.out / "samples.jsonl", step)
-    history: list[dict[str, float]] = []
+    history = run.logged_metrics()  # a resumed run's summary covers the steps before it too
     policy.train()
     value_model.train()
     with progress_bar(cfg.max_steps, "ppo", start=step) as show:

@@ -11,9 +11,12 @@ the last real token (``score.rewards_of``).
 
 Losses are normalised by the summed weight of all comparisons in the optimizer step (the number
 of comparisons unless annotators are weighted by reliability), so gradient accumulation does not
-change the update. ``ensemble`` K > 1 puts K heads on one shared trunk (one forward pass, K
-rewards); each head is trained on the same loss from its own random start, the reward is their
-mean and their standard deviation is the model's uncertainty.
+change the update (except ``--length-debias``: ODIN's correlation term is a Pearson correlation
+over the answers of each micro-batch, so it changes with --grad-accum and the number of
+processes; the run warns when micro-batches are small). ``ensemble`` K > 1 puts K heads on one
+shared trunk (one forward pass, K rewards); each head is trained on the same loss from its own
+random start, the reward is their mean and their standard deviation is the model's
+uncertainty.
 
 After training the model is evaluated (accuracy, loss, calibration, per-annotator and per-group
 accuracy, correlation of reward with answer length) and ``reward_stats.json`` (mean/std of the
@@ -350,6 +353,24 @@ def length_terms(scores: torch.Tensor, ranks: torch.Tensor, items: Sequence[Comp
                                  lengths[present])
 
 
+ODIN_MIN_COMPARISONS = 8
+"""Comparisons per micro-batch below which ODIN's correlation term is noisy (a pair gives two
+answers, whose correlation with length is +-1)."""
+
+
+def warn_small_debias_batches(cfg: RewardConfig, world_size: int) -> bool:
+    """Warn (and return True) when --length-debias correlates over micro-batches of fewer than
+    ``ODIN_MIN_COMPARISONS`` comparisons."""
+    per_micro = cfg.batch_size // max(cfg.grad_accum, 1) // max(world_size, 1)
+    if not cfg.length_debias or per_micro >= ODIN_MIN_COMPARISONS:
+        return False
+    log.warning("--length-debias computes its length correlation over each micro-batch, here "
+                "%d comparisons (--batch-size / --grad-accum / processes): a noisy term, and "
+                "one that changes with --grad-accum and the number of processes. Give it at "
+                "least %d a micro-batch.", per_micro, ODIN_MIN_COMPARISONS)
+    return True
+
+
 def score_head(model: nn.Module) -> nn.Linear:
     """The reward head (``score``) of a plain or DDP-wrapped reward model."""
     head = Runtime.unwrap(model).score
@@ -373,6 +394,21 @@ def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
     return group_metric_sums(sums, counts, groups)
 
 
+PAIRS_KEY = "_ordered_pairs"
+"""The micro-batch metric sum holding the ordered pairs that accuracy is a share of."""
+
+
+def step_metrics(sums: Mapping[str, float], count: int) -> dict[str, float]:
+    """A step's logged figures from its summed metrics (``micro_loss``) over ``count``
+    comparisons: means per comparison, and accuracy per ordered pair (left out of a step whose
+    comparisons are all ties)."""
+    pairs = sums.get(PAIRS_KEY, 0.0)
+    out = {k: v / count for k, v in sums.items() if k not in ("accuracy", PAIRS_KEY)}
+    if "accuracy" in sums and pairs > 0:
+        out["accuracy"] = sums["accuracy"] / pairs
+    return out
+
+
 def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Comparison],
                batch: Sequence[int], cfg: RewardConfig, pad_id: int, device: torch.device,
                group_ids: Sequence[str] | None = None, groups: Sequence[str] = (),
@@ -392,7 +428,12 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
             scores = scores.gather(-1, own.view(-1, 1, 1).expand(-1, scores.shape[1], 1))
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
-        sums = {k: float(v) * len(mb) for k, v in metrics.items()}
+        # Accuracy is a share of the ordered pairs, which micro-batches hold in different
+        # numbers (ties have none): summed as credit and pairs, divided once per step.
+        pairs = float(losses.ordered_pairs(ranks))
+        sums = {k: float(v) * len(mb) for k, v in metrics.items() if k != "accuracy"}
+        sums["accuracy"] = float(metrics["accuracy"]) * pairs if pairs else 0.0
+        sums[PAIRS_KEY] = pairs
         if group_ids is not None:
             sums.update(group_loss_sums(objective, scores, ranks, mb, cfg,
                                         [group_ids[i] for i in indices], groups))
@@ -664,6 +705,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     if cfg.length_debias and rt.strategy == "fsdp":
         raise UserError("--length-debias drops a head when saving, which FSDP's sharded head "
                         "does not allow; use --strategy ddp")
+    warn_small_debias_batches(cfg, rt.world_size)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
     weights, flagged, groups = annotator_info(cfg, stored)
@@ -730,6 +772,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     with progress_bar(total_steps, "rm", start=step) as show:
         while step < total_steps:
             batch = sampler.next_batch()
+            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it after)
             out = accumulate_and_step(
                 rt, model, optimizer, params,
                 rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
@@ -743,8 +786,8 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
             run.meter.step(samples=len(batch), tokens=sum(lengths[i] for i in batch))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
-                                       "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
-                                       **{k: v / len(batch) for k, v in metric_sums.items()},
+                                       "lr": lr, "epoch": sampler.epoch,
+                                       **step_metrics(metric_sums, len(batch)),
                                        **{f"group_loss/{g}": v for g, v in group_losses.items()},
                                        **({f"group_weight/{g}": dro.weight_of(g)
                                            for g in dro.groups} if dro is not None else {})})

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -130,13 +131,21 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able form of a metric value (tensors and NumPy scalars to Python numbers)."""
+    """JSON-able form of a metric value (tensors and NumPy scalars to Python numbers; a NaN or
+    infinite number, e.g. KTO's rewards/chosen in a step without desirable rows, to null, so
+    that metrics.jsonl and summary.json stay strict JSON)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
+        return _plain(value.item()) if value.numel() == 1 else value.tolist()
     if isinstance(value, np.generic):
-        return value.item()
+        return _plain(value.item())
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -284,6 +293,21 @@ class RunDir:
             if isinstance(record, dict) and int(record.get("step", 0)) <= after_step:
                 kept.append(line + "\n")
         atomic_write_text(self.metrics_path, "".join(kept))
+
+    def logged_metrics(self) -> list[dict[str, Any]]:
+        """The metric records of metrics.jsonl, in order (after ``start()`` on a resume: those
+        up to the restored checkpoint); rank 0 alone keeps the file, other ranks get []."""
+        if not self.main or not self.metrics_path.exists():
+            return []
+        records = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def saved_models(self) -> list[Path]:
         """The model directories saved in the run (model/, and e.g. PPO's value_model/)."""

@@ -276,6 +276,7 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
         while step < total_steps:
             batch_rows = sampler.next_batch()
             n_targets = max(step_targets(batch_rows, rows, examples, cfg.train_on_prompt), 1)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it after)
             out = accumulate_and_step(
                 rt, model, optimizer, params,
                 rank_micro_batches(batch_rows, row_lengths, cfg.grad_accum, rt.rank,
@@ -287,7 +288,7 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                            tokens=sum(row_lengths[i] for i in batch_rows))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log_metrics(step, {"loss": out.loss, "grad_norm": out.grad_norm,
-                                       "lr": sched.get_last_lr()[0], "target_tokens": n_targets,
+                                       "lr": lr, "target_tokens": n_targets,
                                        "epoch": sampler.epoch})
             if eval_examples and cfg.eval_every and step % cfg.eval_every == 0:
                 figures = evaluate(model, eval_examples, cfg, pad_id, rt)
