@@ -49,6 +49,33 @@ def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float], *, n_b
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
 
 
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(rate: float, n: float, *, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion ``rate`` over ``n`` units (ties as half a
+    success). Unlike a percentile bootstrap it does not shrink to a point when every unit
+    agrees: 8 wins of 8 give [0.68, 1], not [1, 1]."""
+    if n <= 0:
+        return 0.0, 1.0
+    rate = min(max(rate, 0.0), 1.0)
+    centre = rate + z * z / (2 * n)
+    spread = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    scale = 1 + z * z / n
+    return float(max(0.0, (centre - spread) / scale)), float(min(1.0, (centre + spread) / scale))
+
+
+def rate_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 1000, alpha: float = 0.05,
+            seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of per-unit outcomes in [0, 1] (1 win, 0.5 tie, 0 loss): the
+    percentile bootstrap over units, never narrower than Wilson's interval at as many units
+    (the bootstrap alone collapses to a point when all units agree, or there is one)."""
+    values = np.asarray(values, dtype=float)
+    low, high = bootstrap_ci(values, np.mean, n_boot=n_boot, alpha=alpha, seed=seed)
+    w_low, w_high = wilson_interval(float(values.mean()), len(values))
+    return min(low, w_low), max(high, w_high)
+
+
 def outcomes(scores_a: Sequence[float], scores_b: Sequence[float], tie_eps: float = 0.0
              ) -> np.ndarray:
     """Per-item outcome for A: 1 win, 0.5 tie (|a - b| <= tie_eps), 0 loss."""
@@ -61,11 +88,12 @@ def outcomes(scores_a: Sequence[float], scores_b: Sequence[float], tie_eps: floa
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, tie_eps: float = 0.0,
              n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> WinRate:
-    """Win rate of A over B on paired items (same prompt), with a bootstrap interval over items."""
+    """Win rate of A over B on paired items (same prompt), with a 95% interval over items
+    (``rate_ci``: bootstrap, at least Wilson's)."""
     out = outcomes(scores_a, scores_b, tie_eps)
     if len(out) == 0:
         raise ValueError("win_rate needs at least one paired item")
-    low, high = bootstrap_ci(out, np.mean, n_boot=n_boot, alpha=alpha, seed=seed)
+    low, high = rate_ci(out, n_boot=n_boot, alpha=alpha, seed=seed)
     return WinRate(rate=float(out.mean()), ci_low=low, ci_high=high,
                    wins=int((out == 1).sum()), ties=int((out == 0.5).sum()),
                    losses=int((out == 0).sum()))
@@ -74,20 +102,22 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, tie_eps: f
 Battle = tuple[str, str, float]  # (model_a, model_b, outcome for a: 1 win, 0.5 tie, 0 loss)
 
 
-def _bt_fit(a_idx: np.ndarray, b_idx: np.ndarray, y: np.ndarray, n: int, l2: float) -> np.ndarray:
+def _bt_fit(a_idx: np.ndarray, b_idx: np.ndarray, y: np.ndarray, n: int, l2: float,
+            weight: np.ndarray | None = None) -> np.ndarray:
     """Maximum-likelihood Bradley–Terry strengths θ (logit units), mean-zero.
 
     P(a beats b) = σ(θ_a − θ_b); a tie contributes half a win each way (y = 0.5), which is the
-    same as a fractional label in the logistic likelihood. ``l2`` is a tiny ridge that keeps the
-    estimate finite when a model won (or lost) every battle.
+    same as a fractional label in the logistic likelihood; ``weight`` weighs each battle (1).
+    ``l2`` is a tiny ridge that fixes the scale of models no battle connects.
     """
+    w = np.ones(len(y)) if weight is None else weight
 
     def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
         d = theta[a_idx] - theta[b_idx]
         # log σ(d) = -logaddexp(0, -d); stable for large |d|
-        ll = y * -np.logaddexp(0, -d) + (1 - y) * -np.logaddexp(0, d)
+        ll = w * (y * -np.logaddexp(0, -d) + (1 - y) * -np.logaddexp(0, d))
         p = 1.0 / (1.0 + np.exp(-d))
-        g_d = -(y - p)
+        g_d = -w * (y - p)
         grad = np.zeros(n)
         np.add.at(grad, a_idx, g_d)
         np.add.at(grad, b_idx, -g_d)
@@ -102,33 +132,53 @@ def _bt_fit(a_idx: np.ndarray, b_idx: np.ndarray, y: np.ndarray, n: int, l2: flo
     return theta - theta.mean()
 
 
-def bradley_terry_ratings(battles: Sequence[Battle], *, l2: float = 1e-6) -> dict[str, float]:
-    """Elo-scaled Bradley–Terry ratings (mean 1000) from pairwise battles, by maximum likelihood."""
+PRIOR_TIES = 1.0
+"""Virtual tied battles added between every two models that met (a prior that the two are
+even): without it a model that won every battle has no maximum-likelihood rating, and its
+rating (and interval) would be set by the ridge's size, not by the data. One tie moves a 38-2
+record's gap from ln 19 to ln(38.5 / 2.5) logits; 10-0 becomes ln 21 (529 Elo) instead of
+infinite."""
+
+
+def bradley_terry_ratings(battles: Sequence[Battle], *, prior_ties: float = PRIOR_TIES,
+                          l2: float = 1e-6) -> dict[str, float]:
+    """Elo-scaled Bradley–Terry ratings (mean 1000) from pairwise battles, by maximum likelihood
+    with ``prior_ties`` virtual ties between every two models that met (``PRIOR_TIES``)."""
     names = sorted({m for a, b, _ in battles for m in (a, b)})
     if len(names) < 2:
         raise ValueError("arena ratings need battles between at least two models")
-    index = {m: i for i, m in enumerate(names)}
-    a_idx = np.array([index[a] for a, _, _ in battles])
-    b_idx = np.array([index[b] for _, b, _ in battles])
     y = np.array([float(o) for _, _, o in battles])
     if not np.all(np.isin(y, (0.0, 0.5, 1.0))):
         raise ValueError("battle outcomes must be 1 (a wins), 0.5 (tie) or 0 (b wins)")
-    theta = _bt_fit(a_idx, b_idx, y, len(names), l2)
+    met = sorted({tuple(sorted((a, b))) for a, b, _ in battles if a != b})
+    index = {m: i for i, m in enumerate(names)}
+    a_idx = np.array([index[a] for a, _, _ in battles] + [index[a] for a, _ in met])
+    b_idx = np.array([index[b] for _, b, _ in battles] + [index[b] for _, b in met])
+    y = np.concatenate([y, np.full(len(met), 0.5)])
+    weight = np.concatenate([np.ones(len(battles)), np.full(len(met), prior_ties)])
+    theta = _bt_fit(a_idx, b_idx, y, len(names), l2, weight)
     return {m: float(ELO_BASE + ELO_SCALE * theta[i]) for m, i in index.items()}
 
 
 def arena_ratings(battles: Sequence[Battle], *, n_boot: int = 200, alpha: float = 0.05,
                   seed: int = 0) -> dict[str, dict[str, float]]:
-    """Ratings with percentile bootstrap intervals (battles resampled with replacement)."""
+    """Ratings with percentile bootstrap intervals (battles resampled with replacement).
+
+    Only rating differences are identified, so each resample is aligned with the point
+    estimate on the models it holds (the same mean over those): a resample that happens to
+    miss a rarely seen model does not move every other model's rating."""
     point = bradley_terry_ratings(battles)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {m: [] for m in point}
     for _ in range(n_boot):
         pick = rng.integers(0, len(battles), size=len(battles))
-        boot = bradley_terry_ratings([battles[i] for i in pick])
-        for m in point:
-            if m in boot:
-                samples[m].append(boot[m])
+        resampled = [battles[i] for i in pick]
+        if len({m for a, b, _ in resampled for m in (a, b)}) < 2:
+            continue
+        boot = bradley_terry_ratings(resampled)
+        shift = float(np.mean([point[m] for m in boot]) - np.mean(list(boot.values())))
+        for m, r in boot.items():
+            samples[m].append(r + shift)
     out = {}
     for m, r in point.items():
         s = np.array(samples[m]) if samples[m] else np.array([r])
@@ -183,9 +233,19 @@ def primary_group(annotator: str | None, groups: Mapping[str, Sequence[str]]) ->
     return str(listed[0]) if listed else UNGROUPED
 
 
+def annotator_groups(annotator: str | None, groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every group a judgment counts for when a model is measured per group: all of its
+    annotator's groups (a judgment of someone in two groups speaks for both), else
+    ``UNGROUPED``."""
+    listed = (groups.get(annotator) or ()) if annotator is not None else ()
+    return [str(g) for g in listed] or [UNGROUPED]
+
+
 def ratio_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = GROUP_N_BOOT, seed: int = 0
              ) -> list[float]:
-    """Percentile 95% bootstrap interval of Σ num / Σ den, resampling units (rows)."""
+    """95% interval of a proportion Σ num / Σ den (num <= den), resampling units (rows; a
+    unit is what was judged independently: a judgment with all its answer pairs): the
+    percentile bootstrap, never narrower than Wilson's interval at as many units."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if len(num) == 0:
         raise ValueError("ratio_ci needs at least one unit")
@@ -196,7 +256,13 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = GROUP_N_BOOT, se
         total = den[idx].sum()
         if total > 0:
             stats.append(num[idx].sum() / total)
-    return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
+    whole = den.sum()
+    w_low, w_high = wilson_interval(float(num.sum() / whole) if whole > 0 else 0.5,
+                                    int((den > 0).sum()))
+    if not stats:
+        return [w_low, w_high]
+    return [min(float(np.quantile(stats, 0.025)), w_low),
+            max(float(np.quantile(stats, 0.975)), w_high)]
 
 
 def pair_credit(margins: Any) -> np.ndarray:
@@ -211,15 +277,24 @@ def pair_credit(margins: Any) -> np.ndarray:
 
 
 def accuracy_by_group(correct: Sequence[float], group_of_pair: Sequence[str], *,
+                      judgment_of_pair: Sequence[Any] | None = None,
                       n_boot: int = GROUP_N_BOOT, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """A reward model's accuracy on each group's judged answer pairs, with a bootstrap
-    interval (``correct[i]``: the credit of pair i, ``pair_credit``; True/False count 1/0)."""
-    by: dict[str, list[float]] = defaultdict(list)
-    for ok, g in zip(correct, group_of_pair, strict=True):
-        by[g].append(float(ok))
-    return {g: {"accuracy": float(np.mean(v)), "accuracy_ci": ratio_ci(
-                np.array(v), np.ones(len(v)), n_boot=n_boot, seed=seed), "pairs": len(v)}
-            for g, v in sorted(by.items())}
+    """A reward model's accuracy on each group's judged answer pairs, with a 95% interval
+    (``correct[i]``: the credit of pair i, ``pair_credit``; True/False count 1/0). The interval
+    resamples judgments (``judgment_of_pair[i]``: which judgment pair i came from; a k-way
+    ranking gives k(k-1)/2 pairs that stand or fall together), or pairs when not given."""
+    units = judgment_of_pair if judgment_of_pair is not None else range(len(correct))
+    by: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for ok, g, unit in zip(correct, group_of_pair, units, strict=True):
+        by[g][unit].append(float(ok))
+    out = {}
+    for g, per_unit in sorted(by.items()):
+        num = np.array([sum(v) for v in per_unit.values()])
+        den = np.array([len(v) for v in per_unit.values()], dtype=float)
+        out[g] = {"accuracy": float(num.sum() / den.sum()),
+                  "accuracy_ci": ratio_ci(num, den, n_boot=n_boot, seed=seed),
+                  "pairs": int(den.sum())}
+    return out
 
 
 def weight_shares(group_ids: Sequence[str], weights: Sequence[float]) -> dict[str, float]:

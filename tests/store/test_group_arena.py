@@ -51,8 +51,11 @@ def test_group_arena_and_alarm(store) -> None:
 
 
 def test_group_alarm_only_when_the_policy_wins_overall() -> None:
-    assert group_win_rate_alarms(0.6, {"a": 0.7, "b": 0.4}) == [
-        "the policy wins overall (0.60) but loses for group 'b' (win rate 0.40 < 0.5)"]
-    assert group_win_rate_alarms(0.45, {"a": 0.7, "b": 0.2}) == []
-    assert group_win_rate_alarms(None, {"b": 0.2}) == []
-    assert group_win_rate_alarms(0.6, {"a": 0.5}) == []
+    assert group_win_rate_alarms(0.6, {"a": (0.7, 0.9), "b": (0.3, 0.45)}) == [
+        "the policy wins overall (0.60) but loses for group 'b' (win rate 0.30, 95% interval "
+        "up to 0.45 < 0.5)"]
+    assert group_win_rate_alarms(0.45, {"a": (0.7, 0.9), "b": (0.2, 0.3)}) == []
+    assert group_win_rate_alarms(None, {"b": (0.2, 0.3)}) == []
+    assert group_win_rate_alarms(0.6, {"a": (0.5, 0.7)}) == []
+    # losing one battle is not a finding: its interval reaches far above 0.5
+    assert group_win_rate_alarms(0.6, {"tiny": (0.0, 0.79)}) == []

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rewardloop.feedback import agreement as A
+from rewardloop.feedback import quality as Q
 from rewardloop.feedback.quality import JudgmentRecord, Thresholds, analyze
 from rewardloop.feedback.records import pair_values
 from rewardloop.feedback.simulate import SimulatedAnnotator
@@ -112,6 +113,35 @@ def test_dawid_skene_recovers_planted_accuracies() -> None:
     clamped = A.dawid_skene(np.array(ann), np.array(unit), np.array(value), n_annotators=5,
                             n_units=400, clamp={0: int(1 - truth[0])})
     assert clamped.posterior[0, 1 - truth[0]] == 1.0
+
+
+def test_checking_an_annotator_never_costs_weight_unless_they_disagree() -> None:
+    """a and b agree on 3 shared pairs; loner shares none; spam disagrees with both on 6."""
+    records = []
+
+    def judge(name: str, task: int, first_wins: bool) -> None:
+        ids = [2 * task + 1, 2 * task + 2]
+        records.append(JudgmentRecord(judgment_id=len(records), annotator=name, groups=(),
+                                      task_id=task, kind="pairwise",
+                                      ranking=[[ids[0]], [ids[1]]] if first_wins
+                                      else [[ids[1]], [ids[0]]]))
+
+    for t in range(3):
+        judge("a", t, True)
+        judge("b", t, True)
+    for t in range(3, 9):
+        judge("c", t, True)
+        judge("d", t, True)
+        judge("spam", t, False)
+    judge("loner", 20, True)
+    report = analyze(records)
+    weights = Q.report_weights(report)
+    assert report.annotators["loner"].reliability is None
+    prior = Q.reliability_weight(Q.PRIOR_ACCURACY)
+    assert weights["loner"] == pytest.approx(prior) == pytest.approx(0.5)
+    assert weights["a"] == weights["b"] > prior  # three checks passed: above the prior
+    assert weights["c"] > weights["a"]  # more evidence, more weight
+    assert weights["spam"] < 0.2
 
 
 # -- planted pools -----------------------------------------------------------------------------
@@ -220,3 +250,22 @@ def test_json_shape() -> None:
         "judgments", "agreement", "reliability", "gold_accuracy", "position_bias_p",
         "length_bias_p", "flags"}
     assert doc["judgments"] == 30
+
+
+def test_the_length_reference_leaves_out_the_annotators_own_judgments() -> None:
+    """verbose picks the longer answer 30 times of 30, two others 5 of 10 each: verbose's
+    reference is the others' 10 of 20, theirs include verbose's 30."""
+    from rewardloop.feedback.bias import bias_stats
+
+    def rec(name: str, k: int, longer_wins: bool) -> JudgmentRecord:
+        ranking = [[2], [1]] if longer_wins else [[1], [2]]
+        return JudgmentRecord(judgment_id=k, annotator=name, groups=(), task_id=k,
+                              kind="pairwise", ranking=ranking, lengths={1: 10, 2: 50})
+
+    by_name = {"verbose": [rec("verbose", k, True) for k in range(30)],
+               "x": [rec("x", 100 + k, k < 5) for k in range(10)],
+               "y": [rec("y", 200 + k, k < 5) for k in range(10)]}
+    stats = bias_stats(by_name, min_reference=5)
+    assert stats["verbose"].length_rate == 1.0
+    assert stats["verbose"].length_reference == pytest.approx(10 / 20)
+    assert stats["x"].length_reference == pytest.approx(35 / 40)

@@ -41,7 +41,7 @@ def test_whose_preferences_section(tmp_path: Path) -> None:
     ev = tmp_path / "eval"
     ev.mkdir()
     battles = {"warm": [("rlhf", "sft", 1.0)] * 9 + [("rlhf", "sft", 0.0)],
-               "concise": [("rlhf", "sft", 0.0)] * 4 + [("rlhf", "sft", 1.0)]}
+               "concise": [("rlhf", "sft", 0.0)] * 12 + [("rlhf", "sft", 1.0)]}
     arena = {"win_rate": 0.67, **group_arena(battles, 0.67, "rlhf", "sft")}
     (ev / "eval.json").write_text(json.dumps({"win_rate": 0.67, "win_rate_ci": [0.5, 0.8],
                                               "n": 15, "arena": arena}))

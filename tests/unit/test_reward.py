@@ -187,6 +187,30 @@ def test_the_step_accuracy_does_not_depend_on_the_micro_batches(tiny_dir: Path,
     assert "accuracy" not in step_metrics(only_ties, 2)
 
 
+def test_group_accuracy_counts_a_judgment_for_every_group_of_its_annotator() -> None:
+    """x is in north and south: x's judgments speak for both groups, in the groups section as
+    in accuracy_by_group (once only the first group, north, got them: south looked 0.0)."""
+    def answer(*ids: int) -> Encoded:
+        return Encoded([7, *ids], [0] + [1] * len(ids), 1, True)
+
+    groups = {"x": ["north", "south"], "y": ["south"], "z": ["north"]}
+    held = [Comparison((answer(1), answer(2)), (0, 1), annotator="x"),  # the model is right
+            Comparison((answer(3), answer(4)), (0, 1), annotator="x"),  # right
+            Comparison((answer(5), answer(6)), (0, 1), annotator="y"),  # wrong
+            Comparison((answer(8), answer(9)), (0, 1), annotator="z")]  # wrong
+    scores = [torch.tensor([[2.0], [1.0]])] * 2 + [torch.tensor([[0.0], [1.0]])] * 2
+    deltas, who = pair_deltas(held, torch.stack([s.mean(-1) for s in scores]))
+    flat = pair_figures(np.asarray(deltas), who, groups)["accuracy_by_group"]
+    cfg = RewardConfig(model="m", data=Path("d.jsonl"), out=Path("o"))
+    section = group_figures(cfg, held, ["north", "north", "south", "north"], groups, None, held,
+                            scores)["by_group"]
+    for g in ("north", "south"):
+        assert section[g]["accuracy"] == pytest.approx(2 / 3) == flat[g]["accuracy"]
+        assert section[g]["eval_pairs"] == 3 == flat[g]["pairs"]
+    # balancing keeps one group per comparison: x's comparisons train as north's
+    assert (section["north"]["train_comparisons"], section["south"]["train_comparisons"]) == (3, 1)
+
+
 def test_rankings_train_with_plackett_luce_and_report_annotators(tiny_dir: Path,
                                                                  tmp_path: Path) -> None:
     prompts = sft_rows(6, seed=5)

@@ -179,11 +179,14 @@ def best_index(records: Sequence[Record], keys: Sequence[str]) -> int | None:
     return None
 
 
-def group_win_rate_alarms(overall: float | None, by_group: Mapping[str, float]) -> list[str]:
+def group_win_rate_alarms(overall: float | None,
+                          by_group: Mapping[str, tuple[float, float]]) -> list[str]:
     """Whose win is it? A policy can beat its baseline overall while losing for a group
-    whose taste the reward model did not learn: one message per group whose win rate is
-    below 0.5 while the overall rate is above it."""
+    whose taste the reward model did not learn: one message per group that loses clearly
+    (``by_group``: win rate and the upper end of its 95% interval, which must be below 0.5:
+    one lost battle is not a finding) while the overall rate is above 0.5."""
     if overall is None or not overall > 0.5:
         return []
     return [f"the policy wins overall ({overall:.2f}) but loses for group {g!r} "
-            f"(win rate {rate:.2f} < 0.5)" for g, rate in sorted(by_group.items()) if rate < 0.5]
+            f"(win rate {rate:.2f}, 95% interval up to {high:.2f} < 0.5)"
+            for g, (rate, high) in sorted(by_group.items()) if high < 0.5]

@@ -34,7 +34,7 @@ from rewardloop.errors import UserError
 from rewardloop.eval.alarms import group_win_rate_alarms
 from rewardloop.eval.arena import battles_by_group, create_arena_tasks, judged_battles
 from rewardloop.eval.config import EvalConfig
-from rewardloop.metrics import Battle, WinRate, arena_ratings, bootstrap_ci, win_rate
+from rewardloop.metrics import Battle, WinRate, arena_ratings, rate_ci, win_rate
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
 from rewardloop.util.files import atomic_write_text, check_output_dir
 
@@ -256,13 +256,13 @@ def _write_samples(path: Path, prompts: Sequence[Any], baseline: Sequence[str],
 def battle_win_rate(battles: Sequence[Battle], policy: str, baseline: str, *,
                     n_boot: int = 1000, seed: int = 0) -> WinRate | None:
     """Win rate of ``policy`` over ``baseline`` from their direct battles (ties half), with a
-    bootstrap interval over battles; None when they never met."""
+    95% interval over battles (``metrics.rate_ci``); None when they never met."""
     outcomes = [o if a == policy else 1.0 - o for a, b, o in battles
                 if {a, b} == {policy, baseline}]
     if not outcomes:
         return None
     values = np.asarray(outcomes, dtype=float)
-    low, high = bootstrap_ci(values, np.mean, n_boot=n_boot, seed=seed)
+    low, high = rate_ci(values, n_boot=n_boot, seed=seed)
     return WinRate(rate=float(values.mean()), ci_low=low, ci_high=high,
                    wins=int((values == 1).sum()), ties=int((values == 0.5).sum()),
                    losses=int((values == 0).sum()))
@@ -288,12 +288,13 @@ def arena_result(battles: Sequence[Battle], *, policy: str | None = None,
 def group_arena(by_group: Mapping[str, Sequence[Battle]], overall: float | None, policy: str,
                 baseline: str) -> dict[str, Any]:
     """The arena per annotator group: the policy's win rate over the baseline among each
-    group's judgments (bootstrap interval), and an alarm per group the policy loses for while
-    it wins overall (``alarms.group_win_rate_alarms``)."""
+    group's judgments (with its 95% interval), and an alarm per group the policy loses for
+    while it wins overall (``alarms.group_win_rate_alarms``)."""
     rates = {g: rate for g, battles in sorted(by_group.items())
              if (rate := battle_win_rate(battles, policy, baseline)) is not None}
     return {"by_group": {g: r.as_dict() for g, r in rates.items()},
-            "group_alarms": group_win_rate_alarms(overall, {g: r.rate for g, r in rates.items()})}
+            "group_alarms": group_win_rate_alarms(
+                overall, {g: (r.rate, r.ci_high) for g, r in rates.items()})}
 
 
 def store_arena(db: str | None, batch: str | None, **kwargs: Any) -> dict[str, Any]:

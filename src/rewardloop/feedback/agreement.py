@@ -173,6 +173,7 @@ def dawid_skene(
     n_units: int,
     clamp: Mapping[int, int] | None = None,
     smoothing: float = 1.0,
+    prior_accuracy: float | None = None,
     max_iter: int = 200,
     tol: float = 1e-7,
 ) -> DawidSkeneResult:
@@ -182,7 +183,11 @@ def dawid_skene(
     is arbitrary, confusion matrices are constrained to be symmetric under swapping LO and HI
     (counts are pooled with their mirror image before normalising); this halves the parameters
     and keeps annotators with few judgments stable. ``smoothing`` is a Dirichlet pseudo-count
-    per confusion cell. ``clamp`` fixes the truth of some units (gold tasks: unit -> value).
+    per confusion cell; with ``prior_accuracy`` p the same total pseudo-count per row is spread
+    so that its mean accuracy is p (p on the diagonal, the rest evenly off it) instead of
+    chance, so that a few units of perfect agreement raise an annotator above the prior rather
+    than leave them near chance. ``clamp`` fixes the truth of some units (gold tasks: unit ->
+    value).
     Initialisation is the per-unit vote share (soft majority).
     """
     classes = tuple(sorted({int(v) for v in value}))
@@ -190,6 +195,10 @@ def dawid_skene(
     v = np.array([idx[int(x)] for x in value], dtype=int)
     n_k = len(classes)
     swap = _swap_permutation(classes)
+    pseudo = np.full((n_k, n_k), float(smoothing))
+    if prior_accuracy is not None and n_k > 1:
+        pseudo = np.full((n_k, n_k), smoothing * n_k * (1 - prior_accuracy) / (n_k - 1))
+        np.fill_diagonal(pseudo, smoothing * n_k * prior_accuracy)
     clamp_units = np.array(list((clamp or {}).keys()), dtype=int)
     clamp_rows = np.zeros((len(clamp_units), n_k))
     for row, u in enumerate(clamp_units):
@@ -206,7 +215,7 @@ def dawid_skene(
     while iterations < max_iter:
         iterations += 1
         prior = (posterior.sum(axis=0) + 1e-3) / (n_units + n_k * 1e-3)
-        counts = np.full((n_annotators, n_k, n_k), smoothing)
+        counts = np.repeat(pseudo[None], n_annotators, axis=0)
         for k in range(n_k):
             np.add.at(counts[:, k, :], (annotator, v), posterior[unit, k])
         counts = 0.5 * (counts + counts[:, swap][:, :, swap])

@@ -41,7 +41,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import DataError, UserError
-from rewardloop.metrics import primary_group
+from rewardloop.metrics import annotator_groups, primary_group
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -576,12 +576,16 @@ def dpo_groups(cfg: DPOConfig, train: Sequence[Example], groups: Mapping[str, Se
 
 def eval_groups(policy: nn.Module, examples: Sequence[Example], ref: torch.Tensor,
                 cfg: DPOConfig, pad_id: int, groups: dict[str, list[str]]
-                ) -> tuple[list[bool], list[str]]:
-    """Per held-out pair: does the implicit reward prefer the chosen answer, and whose pair."""
+                ) -> tuple[list[bool], list[str], list[int]]:
+    """Per held-out pair and group of its annotator (one entry per group: a pair judged by
+    someone in two groups counts for both): does the implicit reward prefer the chosen answer,
+    the group, and the pair's index."""
     logps = score_all(policy, examples, pad_id, cfg.length_normalize, cfg.ref_batch_size)
     ratios = logps - ref.float().cpu()
-    return ((ratios[:, 0] > ratios[:, 1]).tolist(),
-            [primary_group(e.annotator, groups) for e in examples])
+    right = (ratios[:, 0] > ratios[:, 1]).tolist()
+    rows = [(right[k], g, k) for k, e in enumerate(examples)
+            for g in annotator_groups(e.annotator, groups)]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
@@ -690,11 +694,10 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
         restore_weights(run.checkpoints_dir / f"step-{best.best_step}",
                         models={"policy": policy})
     if group_ids is not None:  # of the saved model
-        correct, held = ([], []) if eval_ref is None else eval_groups(
+        correct, held, units = ([], [], []) if eval_ref is None else eval_groups(
             policy, splits["eval"], eval_ref, cfg, pad_id, groups)
         figures["groups"] = group_summary(cfg.group_balance, group_ids,
                                           [e.annotator for e in train], [1.0] * len(train),
-                                          dro,
-                                          correct, held)
+                                          dro, correct, held, units)
     rt.save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     return run.write_summary({**figures, **best.summary()})

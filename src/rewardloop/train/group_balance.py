@@ -156,12 +156,15 @@ class GroupDRO:
 
 def group_summary(balance: str, group_ids: Sequence[str], annotators: Sequence[str | None],
                   weights: Sequence[float], dro: GroupDRO | None,
-                  eval_correct: Sequence[float], eval_groups: Sequence[str]) -> dict[str, Any]:
+                  eval_correct: Sequence[float], eval_groups: Sequence[str],
+                  eval_units: Sequence[int] | None = None) -> dict[str, Any]:
     """The ``groups`` section of a training summary: per group its training comparisons and
-    annotators, the share of training weight it received (mean q under minmax), and the
-    model's held-out accuracy on its judged pairs with a bootstrap interval; plus the worst
-    group. ``eval_*``: one entry per held-out ordered answer pair (empty without eval data):
-    its credit (``metrics.pair_credit``) and group."""
+    annotators (by each comparison's one balancing group, ``primary_group``), the share of
+    training weight it received (mean q under minmax), and the model's held-out accuracy on
+    its members' judged pairs with a 95% interval over judgments; plus the worst group.
+    ``eval_*``: one entry per held-out ordered answer pair and group of its annotator (a pair
+    judged by someone in two groups counts for both; empty without eval data): its credit
+    (``metrics.pair_credit``), that group, and the judgment it came from."""
     shares = dro.shares() if dro is not None else weight_shares(group_ids, weights)
     members: dict[str, set[str]] = defaultdict(set)
     comparisons: dict[str, int] = defaultdict(int)
@@ -169,7 +172,8 @@ def group_summary(balance: str, group_ids: Sequence[str], annotators: Sequence[s
         comparisons[g] += 1
         if name is not None:
             members[g].add(name)
-    accuracy = accuracy_by_group(eval_correct, eval_groups) if eval_correct else {}
+    accuracy = accuracy_by_group(eval_correct, eval_groups,
+                                 judgment_of_pair=eval_units) if eval_correct else {}
     by_group = {}
     for g in sorted(set(group_ids) | set(accuracy)):
         held = accuracy.get(g, {})

@@ -43,7 +43,12 @@ from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
-from rewardloop.metrics import expected_calibration_error, pair_credit, primary_group
+from rewardloop.metrics import (
+    annotator_groups,
+    expected_calibration_error,
+    pair_credit,
+    primary_group,
+)
 from rewardloop.models import (
     HFModel,
     LoraSettings,
@@ -195,7 +200,8 @@ def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float]
                            flagged: set[str]) -> list[Comparison]:
     """Drop comparisons judged by ``flagged`` annotators; weigh the rest by ``weights``.
 
-    Unknown annotators (and rows without one) weigh 1, as ``feedback.quality`` advises.
+    Annotators ``weights`` does not name (and rows without one: imported data) weigh 1;
+    ``feedback.quality.annotator_weights`` names every annotator of the store.
     """
     kept = [c for c in items if c.annotator not in flagged] if flagged else list(items)
     if len(kept) < len(items):
@@ -668,15 +674,18 @@ def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Seq
                   head_groups: Sequence[str] = ()) -> dict[str, Any]:
     """The summary's ``groups`` section (``train.group_balance.group_summary``): a group's
     accuracy is that of its own head under --group-heads, else of the (mean) reward."""
-    correct, eval_groups = [], []
-    for c, s in zip(eval_items, eval_scores, strict=True):
-        g = primary_group(c.annotator, groups)
-        reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
-        deltas, _ = pair_deltas([c], reward[None])
-        correct += pair_credit(deltas).tolist()
-        eval_groups += [g] * len(deltas)
+    correct: list[float] = []
+    eval_groups: list[str] = []
+    units: list[int] = []
+    for k, (c, s) in enumerate(zip(eval_items, eval_scores, strict=True)):
+        for g in annotator_groups(c.annotator, groups):
+            reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
+            deltas, _ = pair_deltas([c], reward[None])
+            correct += pair_credit(deltas).tolist()
+            eval_groups += [g] * len(deltas)
+            units += [k] * len(deltas)
     section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
-                            [c.weight for c in items], dro, correct, eval_groups)
+                            [c.weight for c in items], dro, correct, eval_groups, units)
     return {**section, "group_heads": list(head_groups)} if head_groups else section
 
 
