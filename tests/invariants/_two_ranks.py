@@ -20,6 +20,10 @@ def main() -> None:
     rank = rt.rank
     figures = rt.reduce_metrics({"loss": float(rank + 1), "is_ratio_max": [3.0, 5.0][rank],
                                  "completion_length_max": [9.0, 4.0][rank]})
+    # Rewards 1, 2, 3 on rank 0 and 5, 7, 9 on rank 1: the batch's std is not the ranks' mean.
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 7.0, 9.0]][rank])
+    figures.update(rt.reduce_metrics({"reward/mean": float(rewards.mean()),
+                                      "reward/std": float(rewards.std())}, count=3))
     # Unequal shares: rank 0 holds one prompt, rank 1 two.
     prompts = [[10 * rank + 1], [10 * rank + 2, 7]][: rank + 1]
     everyone, mine = TensorParallelShare(2).gather(prompts)

@@ -114,9 +114,11 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
     for proc, (_, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, err[-3000:]
     ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    whole = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 9.0])
     for seen in ranks:
-        assert seen["figures"] == {"loss": 1.5, "is_ratio_max": 5.0,
-                                   "completion_length_max": 9.0}
+        assert seen["figures"] == pytest.approx({
+            "loss": 1.5, "is_ratio_max": 5.0, "completion_length_max": 9.0,
+            "reward/mean": float(whole.mean()), "reward/std": float(whole.std())})
         assert seen["everyone"] == [[1], [11], [12, 7]]
     assert [seen["mine"] for seen in ranks] == [[0, 1], [1, 3]]
     assert ranks[1]["sends"] == []

@@ -574,7 +574,7 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
             if exp.ref_logps is not None:
                 sampled = exp.old_logps if exp.old_logps is not None else first_pass
                 local.update(kl_metrics(sampled, exp.ref_logps, exp.rollout.completion_mask))
-            metrics = {**rt.reduce_metrics(local), **train_metrics}
+            metrics = {**rt.reduce_metrics(local, count=len(exp.rollout)), **train_metrics}
             if exp.ref_logps is not None:
                 metrics["kl_coef"] = exp.kl_coef
                 setup.kl_ctl.update(metrics["kl_seq_k1"], len(exp.rollout) * rt.world_size)

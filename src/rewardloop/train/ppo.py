@@ -273,7 +273,7 @@ def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dic
             if batch.ref_logps is not None:
                 local.update(kl_metrics(batch.old_logps, batch.ref_logps,
                                         batch.rollout.completion_mask))
-            metrics = {**rt.reduce_metrics(local), **train_metrics}
+            metrics = {**rt.reduce_metrics(local, count=len(batch.rollout)), **train_metrics}
             if batch.ref_logps is not None:
                 metrics["kl_coef"] = batch.kl_coef
                 setup.kl_ctl.update(metrics["kl_seq_k1"], len(batch.rollout) * rt.world_size)

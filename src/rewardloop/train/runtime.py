@@ -168,16 +168,27 @@ class Runtime:
         tensor = torch.tensor(values, dtype=torch.float64)
         return self.all_reduce(tensor).tolist()
 
-    def reduce_metrics(self, values: dict[str, float]) -> dict[str, float]:
+    def reduce_metrics(self, values: dict[str, float], count: int = 0) -> dict[str, float]:
         """The whole batch's figures from each rank's: a ``*_max`` key is the largest of any
         rank, every other number the mean over ranks (per-process means of equal-sized shares:
-        the whole batch's mean). Every rank must pass the same keys."""
+        the whole batch's mean). With ``count`` (the items of each rank's equal share), a
+        ``<x>/std`` key next to ``<x>/mean`` is the whole batch's sample standard deviation,
+        not the mean of the ranks' ones. Every rank must pass the same keys."""
         if not self.distributed:
             return dict(values)
-        means = sorted(k for k in values if not k.endswith("_max"))
+        stds = sorted(k for k in values if count > 1 and k.endswith("/std")
+                      and f"{k[:-4]}/mean" in values)
+        means = sorted(k for k in values if not k.endswith("_max") and k not in stds)
         maxima = sorted(k for k in values if k.endswith("_max"))
-        sums = self.sum_floats(*(float(values[k]) for k in means))
-        out = {k: v / self.world_size for k, v in zip(means, sums, strict=True)}
+        # Σ over ranks of each share's sum of squares about 0: (n - 1) s² + n m²
+        squares = [(count - 1) * float(values[k]) ** 2
+                   + count * float(values[f"{k[:-4]}/mean"]) ** 2 for k in stds]
+        sums = self.sum_floats(*(float(values[k]) for k in means), *squares)
+        out = {k: v / self.world_size for k, v in zip(means, sums, strict=False)}
+        total = count * self.world_size
+        for k, square in zip(stds, sums[len(means):], strict=True):
+            mean = out[f"{k[:-4]}/mean"]
+            out[k] = math.sqrt(max(0.0, (square - total * mean * mean) / (total - 1)))
         if maxima:
             top = self.all_reduce(torch.tensor([float(values[k]) for k in maxima],
                                                dtype=torch.float64), op="max")
