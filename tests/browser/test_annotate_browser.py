@@ -68,3 +68,55 @@ def test_judge_with_keyboard_and_export(live, sqlite_store, tmp_path) -> None:
         assert len(judgments) == 2
         assert len(judgments[1].ranking) == 1  # "t" recorded a tie
         assert all(j.time_ms is not None and j.shown_order for j in judgments)
+
+
+@pytest.fixture
+def live_ranking(sqlite_store):
+    """A 12-answer ranking task (two-digit keys) and then a 3-answer one, for ``ann``."""
+    with sqlite_store.write() as s:
+        accounts.add_user(s, "ann", "annotator", password=PASSWORD)
+        batch = T.get_or_create_batch(s, "rank")
+        rows = [{"prompt": "Twelve?", "responses": [f"answer {i}" for i in range(12)]},
+                {"prompt": "Three?", "responses": ["x", "y", "z"]}]
+        T.create_tasks_from_candidates(s, rows, kind="ranking", batch=batch)
+    with live_server(sqlite_store, "c" * 40) as base:
+        yield base
+
+
+def _rank_list(page) -> list[str]:
+    return [li.text_content() for li in page.query_selector_all("#rank-list li")]
+
+
+def test_rank_twelve_answers_by_keys_and_drag_keeps_ties(live_ranking, sqlite_store) -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            login(page, live_ranking, "ann")
+            page.wait_for_url(f"{live_ranking}/annotate")
+            assert page.text_content("#task kbd") == "01"
+            first = page.get_attribute("#task", "data-task-id")
+            for n in [12, *range(1, 12)]:  # answer 12 first, then 1 to 11
+                for digit in f"{n:02d}":
+                    page.keyboard.press(digit)
+            labels = [f"Answer {c}" for c in "LABCDEFGHIJK"]
+            assert _rank_list(page) == labels
+            shown = [int(a.get_attribute("data-id"))
+                     for a in page.query_selector_all("#task .answer")]
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "id => document.getElementById('task').dataset.taskId !== id", arg=first)
+            # The 3-answer task: A and B tie, then C is dragged onto A: C first, A = B kept.
+            for key in ("1", "t", "2"):
+                page.keyboard.press(key)
+            assert _rank_list(page) == ["Answer A = Answer B"]
+            page.drag_and_drop("#task .answer[data-label='C']", "#task .answer[data-label='A']")
+            assert _rank_list(page) == ["Answer C", "Answer A = Answer B"]
+        finally:
+            browser.close()
+    with sqlite_store.read() as s:
+        (judgment,) = s.scalars(select(S.Judgment)).all()
+    assert judgment.ranking == [[shown[11]], *[[i] for i in shown[:11]]]

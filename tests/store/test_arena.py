@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from rewardloop.data import schema as S
 from rewardloop.eval.arena import arena_battles, create_arena_tasks
@@ -52,3 +53,28 @@ def test_arena_needs_two_policies_and_matching_lengths(store) -> None:
         create_arena_tasks(s, ["p"], {"only": ["a"]}, batch_name="x")
     with store.write() as s, pytest.raises(ValueError):
         create_arena_tasks(s, ["p", "q"], {"a": ["x"], "b": ["y", "z"]}, batch_name="x")
+
+
+def test_a_repeated_answer_is_credited_to_the_round_that_gave_it(store) -> None:
+    """Round 2 repeats an answer round 1 gave (one stored response, model round-1): round 2's
+    arena still credits every battle to round 2."""
+    prompts = ["p1", "p2"]
+    with store.write() as s:
+        create_arena_tasks(s, prompts, {"start": ["s1", "s2"], "round-1": ["x", "y"]},
+                           batch_name="arena-1")
+        create_arena_tasks(s, prompts, {"start": ["s1", "s2"], "round-2": ["x", "z"]},
+                           batch_name="arena-2")
+    with store.write() as s:
+        ann = S.Annotator(name="ann")
+        s.add(ann)
+        s.flush()
+        batch = s.scalar(select(S.Batch).where(S.Batch.name == "arena-2"))
+        while (lease := Q.next_task(s, ann, batch=batch)) is not None:
+            task = s.get(S.ComparisonTask, lease.task_id)
+            start = next(i.response_id for i in task.items if i.response.text.startswith("s"))
+            other = next(i.response_id for i in task.items if i.response_id != start)
+            Q.submit_judgment(s, ann, task.id, [[other], [start]], idempotency_key=str(task.id))
+    with store.read() as s:
+        battles = arena_battles(s, "arena-2")
+    wins = sorted((a, b, o) if a != "start" else (b, a, 1 - o) for a, b, o in battles)
+    assert wins == [("round-2", "start", 1.0), ("round-2", "start", 1.0)]

@@ -56,7 +56,7 @@ def test_the_same_candidates_file_twice_makes_its_tasks_once(tmp_path: Path) -> 
     assert first.exit_code == 0 and "created 5 pairwise tasks (1 gold)" in first.output
     again = CliRunner().invoke(app, ["tasks", "create", str(cands), "--gold", str(gold), *db])
     assert again.exit_code == 0, again.output
-    assert "created 0 pairwise tasks" in again.output and "skipped 5 tasks" in again.output
+    assert "created 0 pairwise tasks" in again.output and "skipped 5 comparisons" in again.output
     ranking = CliRunner().invoke(app, ["tasks", "create", str(cands), "--kind", "ranking", *db])
     assert "created 2 ranking tasks" in ranking.output  # another kind: other tasks
     other = CliRunner().invoke(app, ["tasks", "create", str(cands), "--batch", "round2", *db])

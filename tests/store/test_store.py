@@ -239,8 +239,9 @@ def test_migration_0005_adds_task_audience_to_an_existing_store(db_url: str) -> 
     _at_revision(store, "0004")
     assert "audience" not in columns()
     task_id, rids, who = _legacy_judgment(store, "k")
-    store.migrate()
-    assert store.revision() == "0005" and "audience" in columns()
+    _at_revision(store, "0005")
+    assert "audience" in columns()
+    store.migrate()  # the queue below uses the current models
     with store.write() as s:
         assert s.get(S.ComparisonTask, task_id).audience is None
         lease = Q.next_task(s, who["b"])
@@ -251,4 +252,46 @@ def test_migration_0005_adds_task_audience_to_an_existing_store(db_url: str) -> 
         assert s.scalars(select(S.AuditEvent.action)).all() == ["judgment.create"] * 2
     _at_revision(store, "0004")
     assert "audience" not in columns()
+    store.dispose()
+
+
+def test_migration_0006_keeps_the_guideline_version_of_open_leases(db_url: str) -> None:
+    """A store made at 0005 with an open lease on a task of a batch with guidelines upgrades to
+    0006: the open lease gets the version it was shown (the batch's), and the judgment records
+    it even when the guidelines change before the submit; the downgrade drops the column."""
+    import datetime as dt
+
+    from sqlalchemy import MetaData, insert, inspect, update
+
+    from rewardloop.feedback import queue as Q
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(store.engine).get_columns("assignments")}
+
+    store = Store(db_url, migrate=False)
+    _at_revision(store, "0005")
+    task_id, rids, who = _legacy_judgment(store, "k")
+    meta = MetaData()
+    meta.reflect(store.engine)
+    now = dt.datetime.now(dt.UTC)
+    with store.engine.begin() as conn:
+        batch = conn.execute(insert(meta.tables["batches"]).values(
+            name="b", guidelines="old", guideline_version="v1", meta={}, created_at=now)
+            .returning(meta.tables["batches"].c.id)).scalar_one()
+        conn.execute(update(meta.tables["tasks"]).values(batch_id=batch))
+        conn.execute(insert(meta.tables["assignments"]).values(
+            task_id=task_id, annotator_id=who["b"], shown_order=rids, leased_at=now,
+            expires_at=now + dt.timedelta(minutes=10), completed=False))
+    _at_revision(store, "0006")
+    assert "guideline_version" in columns()
+    store.migrate()  # the queue below uses the current models
+    with store.write() as s:
+        assert s.scalar(select(S.Assignment.guideline_version)) == "v1"
+        s.get(S.Batch, batch).guideline_version = "v2"
+    with store.write() as s:
+        got, _ = Q.submit_judgment(s, who["b"], task_id, [[rids[1]], [rids[0]]],
+                                   idempotency_key="k")
+    assert got.guideline_version == "v1"
+    _at_revision(store, "0005")
+    assert "guideline_version" not in columns()
     store.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 import tempfile
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
@@ -29,6 +30,7 @@ from rewardloop.app.schemas import (
 )
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Annotator, Batch
+from rewardloop.data.transfer import SKIP_TIES
 from rewardloop.data.transfer import export as export_store
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
@@ -171,20 +173,72 @@ def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
     return Response(status_code=204)
 
 
-@router.post("/admin/tasks", status_code=201, responses=ERRORS)
+# One upload's work is bounded (the body limit bounds bytes, not tasks: one row of 64 short
+# answers makes 2016 pairs), and it is written in chunks of about CHUNK_TASKS tasks, each its
+# own write, so the annotators' writes go in between. Larger batches: `rewardloop tasks create`.
+MAX_UPLOAD_TASKS = 10_000
+MAX_ROW_PAIRS = 496  # C(32, 2): pairing=all over at most 32 answers a row
+CHUNK_TASKS = 500
+
+
+def _check_upload_work(per_row: list[int], pairing: str, kind: str) -> None:
+    """422 for a row with too many pairs, 413 for an upload of too many tasks."""
+    if kind == "pairwise" and pairing == "all":
+        for i, n in enumerate(per_row):
+            if n > MAX_ROW_PAIRS:
+                raise HTTPException(422, f"rows:line {i + 1}: pairing=all makes {n} pairs of this "
+                                    f"row's answers, more than {MAX_ROW_PAIRS} (32 answers); "
+                                    "use pairing=adjacent or kind=ranking")
+    total = sum(per_row)
+    if total > MAX_UPLOAD_TASKS:
+        raise HTTPException(413, f"these rows make {total} tasks, more than {MAX_UPLOAD_TASKS} "
+                            "per request; send them in several requests (to the same batch), "
+                            "or use `rewardloop tasks create`")
+
+
+def _chunks(per_row: list[int], size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about ``size`` tasks each (a row is never split)."""
+    out, start, held = [], 0, 0
+    for i, n in enumerate(per_row):
+        if held and held + n > size:
+            out.append((start, i))
+            start, held = i, 0
+        held += n
+    out.append((start, len(per_row)))
+    return out
+
+
+@router.post("/admin/tasks", status_code=201, responses={
+    413: {"description": "The rows make too many tasks"}, 422: {"description": "Bad rows"},
+    **ERRORS})
 def create_tasks(body: TasksCreateIn, who: Admin, db: DbDep) -> TasksCreateOut:
-    """Turn candidates rows (prompt, responses, models?) into tasks of a batch."""
+    """Turn candidates rows (prompt, responses, models?) into tasks of a batch. Comparisons
+    the batch already holds are not made again: their task ids come back in
+    ``skipped_task_ids``, so the same request sent twice does not double the work."""
+    rows = [r.model_dump(exclude_none=True) for r in body.rows]
+    gold = body.gold or {}
+    per_row = T.check_candidates(rows, kind=body.kind, pairing=body.pairing, gold=gold,
+                                 path="rows")
+    _check_upload_work(per_row, body.pairing, body.kind)
 
-    def create(session: Session) -> list[int]:
+    def create(session: Session, start: int, stop: int) -> tuple[list[int], list[int]]:
         batch = T.get_or_create_batch(session, body.batch, guidelines=body.guidelines)
+        skipped: list[int] = []
         made = T.create_tasks_from_candidates(
-            session, [r.model_dump(exclude_none=True) for r in body.rows], kind=body.kind,
-            overlap=body.overlap, batch=batch, gold=body.gold, pairing=body.pairing,
-            path="rows")
-        return [t.id for t in made]
+            session, rows[start:stop], kind=body.kind, overlap=body.overlap, batch=batch,
+            gold={i - start: g for i, g in gold.items() if start <= i < stop},
+            pairing=body.pairing, path="rows", line_numbers=range(start + 1, stop + 1),
+            skipped=skipped)
+        return [t.id for t in made], skipped
 
-    ids = db.run(create)
-    return TasksCreateOut(batch=body.batch, created=len(ids), task_ids=ids)
+    ids: list[int] = []
+    skipped: dict[int, None] = {}  # in order, once each
+    for start, stop in _chunks(per_row, CHUNK_TASKS):
+        made, held = db.run(partial(create, start=start, stop=stop))
+        ids += made
+        skipped.update(dict.fromkeys(held))
+    return TasksCreateOut(batch=body.batch, created=len(ids), task_ids=ids,
+                          skipped_task_ids=list(skipped))
 
 
 @router.get("/admin/stats", responses=ERRORS)
@@ -194,8 +248,14 @@ def stats(who: Admin, db: DbDep) -> dict[str, object]:
         return admin_stats(session)
 
 
-@router.get("/admin/export", response_class=FileResponse,
-            responses={200: {"content": {"application/x-ndjson": {}}}, **ERRORS})
+_COUNT_HEADER = {"schema": {"type": "integer"}}
+
+
+@router.get("/admin/export", response_class=FileResponse, responses={200: {
+    "content": {"application/x-ndjson": {}}, "headers": {
+        "X-Rewardloop-Skipped": {**_COUNT_HEADER, "description": "Rows left out (see below)"},
+        "X-Rewardloop-Skipped-Ties": {**_COUNT_HEADER, "description": "Tied pairs left out "
+                                      "(trl and hh cannot express a tie)"}}}, **ERRORS})
 def export(who: Admin, db: DbDep,
            format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
            batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
@@ -206,10 +266,13 @@ def export(who: Admin, db: DbDep,
         _batch_id(session, batch)  # 404 for an unknown batch (the export would say 400)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="rewardloop-export-"))
     try:
-        export_store(db.store, format, tmp / "export.jsonl", batch=batch)
+        report = export_store(db.store, format, tmp / "export.jsonl", batch=batch)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # What the format could not express (tied pairs in trl and hh) is said, not dropped quietly.
+    headers = {"X-Rewardloop-Skipped": str(sum(report.skipped.values())),
+               "X-Rewardloop-Skipped-Ties": str(report.skipped.get(SKIP_TIES, 0))}
     return FileResponse(tmp / "export.jsonl", media_type="application/x-ndjson",
-                        filename=f"judgments-{format}.jsonl",
+                        filename=f"judgments-{format}.jsonl", headers=headers,
                         background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))

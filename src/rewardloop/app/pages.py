@@ -27,7 +27,17 @@ from rewardloop.feedback import tasks as T
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
-LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def answer_label(i: int) -> str:
+    """The ``i``-th answer's label (from 0), as spreadsheet columns: A..Z, AA, AB, .., ZZ, AAA."""
+    label = ""
+    i += 1
+    while i:
+        i, rest = divmod(i - 1, 26)
+        label = LETTERS[rest] + label
+    return label
 
 
 def _render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -97,7 +107,8 @@ def _lease_page(session: Session, who: Principal, batch_name: str | None) -> dic
     view = Q.task_view(session, lease)
     task_batch = session.scalar(select(Batch).join(ComparisonTask).where(
         ComparisonTask.id == lease.task_id))
-    responses = [{"label": LABELS[i % 26], "key": i + 1, "id": r["id"],
+    width = len(str(len(view["responses"])))  # 01, 02, ... with 10 answers or more
+    responses = [{"label": answer_label(i), "key": f"{i + 1:0{width}d}", "id": r["id"],
                   "html": markdown(r["text"])} for i, r in enumerate(view["responses"])]
     guidelines = task_batch.guidelines if task_batch is not None else None
     return {"task": {**view, "prompt_html": prompt_html(view["prompt"]), "items": responses},

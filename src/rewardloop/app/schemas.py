@@ -100,7 +100,10 @@ class TasksCreateIn(_In):
 class TasksCreateOut(BaseModel):
     batch: str
     created: int
-    task_ids: list[int]
+    task_ids: list[int] = Field(description="The tasks made by this request.")
+    skipped_task_ids: list[int] = Field(
+        default_factory=list, description="Tasks the batch already held for comparisons of "
+        "these rows (or that an earlier row made): not made again.")
 
 
 class Health(BaseModel):

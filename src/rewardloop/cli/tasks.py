@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
             if audience is not None:
                 check_audience(session, audience, overlap)
             b = T.get_or_create_batch(session, batch or file.stem, guidelines=text)
-            held: list[Any] = []  # tasks the batch already has (the same file given again)
+            held: list[int] = []  # comparisons the batch already has, or the file repeats
             made = T.create_tasks_from_candidates(
                 session, rows, kind=kind, overlap=overlap, batch=b, pairing=pairing,
                 path=str(file), line_numbers=lines, audience=audience, skipped=held)
@@ -94,8 +94,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"created {len(made)} {kind} tasks ({n_gold} gold) in batch {name}, "
                    f"overlap {overlap}" + (f", for group {audience}" if audience else ""))
         if held:
-            typer.echo(f"skipped {len(held)} tasks batch {name} already has (to ask for "
-                       "them again as a new round, give --batch NAME)")
+            typer.echo(f"skipped {len(held)} comparisons that batch {name} already has or the "
+                       "file repeats (to ask for them again as a new round, give --batch NAME)")
 
     @tasks.command("progress")
     def progress(batch: str | None = typer.Option(None, "--batch", help="Only this batch."),

@@ -209,7 +209,10 @@ class ComparisonTask(Base):
 
 
 class TaskItem(Base):
-    """Response ``response_id`` is the ``position``-th candidate of a task (canonical order)."""
+    """Response ``response_id`` is the ``position``-th candidate of a task (canonical order),
+    written by ``model`` for this task. A response is stored once per prompt and text and keeps
+    the model that first wrote it; the same text from another policy (an arena of a later
+    round) is attributed here."""
 
     __tablename__ = "task_items"
     __table_args__ = (
@@ -221,13 +224,17 @@ class TaskItem(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
+    # Migration 0007; NULL: the response's own model.
+    model: Mapped[str | None] = mapped_column(String(255))
 
     task: Mapped[ComparisonTask] = relationship(back_populates="items")
     response: Mapped[Response] = relationship()
 
 
 class Assignment(Base):
-    """A lease: the task was handed to this annotator until ``expires_at``, in ``shown_order``."""
+    """A lease: the task was handed to this annotator until ``expires_at``, in ``shown_order``,
+    under the batch's guidelines of ``guideline_version`` (the judgment records that one, even
+    if the guidelines change before it is submitted)."""
 
     __tablename__ = "assignments"
     __table_args__ = (
@@ -242,6 +249,7 @@ class Assignment(Base):
     leased_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     completed: Mapped[bool] = mapped_column(Boolean, default=False)
+    guideline_version: Mapped[str | None] = mapped_column(String(64))
 
 
 class Judgment(Base):

@@ -1,9 +1,11 @@
 """The human arena: policies' answers judged side by side by people, rated by Bradley–Terry.
 
 ``create_arena_tasks`` turns answers of several policies to the same prompts into pairwise
-tasks (each response records the ``model`` that wrote it); people judge them in the annotation
-server (or a simulated pool does); ``arena_battles`` reads the judgments back as battles and
-``metrics.arena_ratings`` rates the policies with bootstrap intervals, ties as half wins.
+tasks; people judge them in the annotation server (or a simulated pool does); ``arena_battles``
+reads the judgments back as battles and ``metrics.arena_ratings`` rates the policies with
+bootstrap intervals, ties as half wins. Each task item records the ``model`` that wrote its
+answer in this arena: a response is stored once per prompt and text and keeps the model that
+wrote it first, so an answer a later round repeats must not be credited to the earlier one.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def create_arena_tasks(session: Session, prompts: Sequence[Any],
                 continue
             ra = T.get_or_create_response(session, p, outputs[a][i], model=a)
             rb = T.get_or_create_response(session, p, outputs[b][i], model=b)
-            T.create_task(session, p, [ra, rb], kind="pairwise", overlap=overlap, batch=batch)
+            T.create_task(session, p, [ra, rb], kind="pairwise", overlap=overlap, batch=batch,
+                          models=[a, b])
             made += 1
     return ArenaTasks(tasks=made, identical_pairs_skipped=skipped)
 
@@ -70,7 +73,8 @@ def _outcome(ranking: list[list[int]], first: int) -> float:
 
 def arena_battles(session: Session, batch_name: str | None = None) -> list[Battle]:
     """Battles ``(model_a, model_b, outcome)`` from judged pairwise tasks whose two responses
-    come from different named models (in task order)."""
+    come from different named models (in task order): the model a task's item names, else its
+    response's."""
     return [battle for battle, _ in judged_battles(session, batch_name)]
 
 
@@ -98,11 +102,11 @@ def judged_battles(session: Session, batch_name: str | None = None
               for a in session.scalars(select(Annotator))}
     battles: list[tuple[Battle, tuple[str, ...]]] = []
     for judgment in session.scalars(query):
-        items = judgment.task.items
-        a, b = items[0].response, items[1].response
-        if not a.model or not b.model or a.model == b.model:
+        first, second = judgment.task.items[:2]
+        a, b = (item.model or item.response.model for item in (first, second))
+        if not a or not b or a == b:
             continue
-        battles.append(((a.model, b.model, _outcome(judgment.ranking, a.id)),
+        battles.append(((a, b, _outcome(judgment.ranking, first.response_id)),
                         groups.get(judgment.annotator_id, ())
                         if judgment.annotator_id is not None else ()))
     return battles

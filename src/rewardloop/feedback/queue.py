@@ -78,7 +78,8 @@ _AN = cast(Table, Annotator.__table__)
 @dataclass(frozen=True)
 class Lease:
     """Task ``task_id`` is reserved for ``annotator_id`` until ``expires_at``; its responses
-    are shown in ``shown_order`` (response ids)."""
+    are shown in ``shown_order`` (response ids), under the batch's guidelines of
+    ``guideline_version`` (kept with the lease: the judgment records it)."""
 
     id: int
     task_id: int
@@ -86,6 +87,7 @@ class Lease:
     shown_order: list[int]
     leased_at: dt.datetime
     expires_at: dt.datetime
+    guideline_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,16 @@ def _active_leases(task_id: Any) -> Select[Any]:
         _A.c.task_id == task_id, _A.c.completed == false(), _A.c.expires_at > bindparam("now"))
 
 
+def _batch_version(task_id: Any) -> Any:
+    """The guideline version of the batch of task ``task_id`` (NULL without one)."""
+    return (select(_B.c.guideline_version).join(_T, _T.c.batch_id == _B.c.id)
+            .where(_T.c.id == task_id).scalar_subquery())
+
+
 def _current_lease(by_batch: bool) -> Select[Any]:
-    query = (select(_A.c.id, _A.c.task_id, _A.c.shown_order, _A.c.leased_at, _A.c.expires_at)
-             .join(_T, _T.c.id == _A.c.task_id)
+    query = (select(_A.c.id, _A.c.task_id, _A.c.shown_order, _A.c.leased_at, _A.c.expires_at,
+                    _A.c.guideline_version, _B.c.guideline_version.label("batch_version"))
+             .join(_T, _T.c.id == _A.c.task_id).outerjoin(_B, _B.c.id == _T.c.batch_id)
              .where(_A.c.annotator_id == bindparam("aid"), _A.c.completed == false(),
                     _A.c.expires_at > bindparam("now"), _T.c.done == false())
              .order_by(_A.c.leased_at).limit(1))
@@ -166,17 +175,25 @@ _OPEN_PG = {b: Prepared(_open_task(b, postgresql=True).where(~(_T.c.id == any_(b
     "tried", type_=postgresql.ARRAY(Integer))))).with_for_update(skip_locked=True, of=_T))
     for b in (False, True)}
 _ACTIVE = Prepared(_active_leases(bindparam("tid")))
-_OWN_LEASE = Prepared(select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.expires_at).where(
+_OWN_LEASE = Prepared(select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.expires_at,
+                             _A.c.guideline_version).where(
     _A.c.task_id == bindparam("tid"), _A.c.annotator_id == bindparam("aid")))
 _ITEMS = Prepared(select(_I.c.response_id).where(_I.c.task_id == bindparam("tid"))
                   .order_by(_I.c.position))
-_NEW_LEASE = _insert(_A, "task_id", "annotator_id", "shown_order", "leased_at", "expires_at",
-                     "completed")
+# A lease stores the guideline version it is shown with, read by the same statement.
+_NEW_LEASE = Prepared(insert(_A).values(
+    {**{c: bindparam(c) for c in ("task_id", "annotator_id", "shown_order", "leased_at",
+                                  "expires_at", "completed")},
+     "guideline_version": _batch_version(bindparam("task_id"))}).returning(
+        _A.c.id, _A.c.guideline_version))
 _RENEW = Prepared(update(_A).where(_A.c.id == bindparam("lease_id")).values(
-    leased_at=bindparam("now"), expires_at=bindparam("expires")))
-_VIEW = Prepared(select(_T.c.kind, _P.c.text, _P.c.messages, _B.c.guideline_version)
-                 .join(_P, _P.c.id == _T.c.prompt_id).outerjoin(_B, _B.c.id == _T.c.batch_id)
-                 .where(_T.c.id == bindparam("tid")))
+    leased_at=bindparam("now"), expires_at=bindparam("expires"),
+    guideline_version=_batch_version(_A.c.task_id)).returning(_A.c.guideline_version))
+# A held lease shown again after the guidelines changed is shown the new ones (rare).
+_SHOWN_VERSION = Prepared(update(_A).where(_A.c.id == bindparam("lease_id")).values(
+    guideline_version=bindparam("version")))
+_VIEW = Prepared(select(_T.c.kind, _P.c.text, _P.c.messages)
+                 .join(_P, _P.c.id == _T.c.prompt_id).where(_T.c.id == bindparam("tid")))
 _TEXTS = Prepared(select(_R.c.id, _R.c.text).join(_I, _I.c.response_id == _R.c.id)
                   .where(_I.c.task_id == bindparam("tid")))
 # Idempotency keys are unique per annotator (migration 0004): one user's keys never block or
@@ -258,20 +275,23 @@ def next_task(
     params = {"aid": aid, "now": now, "batch_id": batch_id}
     row = _CURRENT[by_batch].first(db, params)
     if row is not None:
+        if row.guideline_version != row.batch_version:
+            _SHOWN_VERSION.run(db, {"lease_id": row.id, "version": row.batch_version})
         return Lease(row.id, row.task_id, aid, row.shown_order, _aware(row.leased_at),
-                     _aware(row.expires_at))
+                     _aware(row.expires_at), row.batch_version)
     task = _claim(db, params, by_batch)
     if task is None:
         return None
     expires = now + dt.timedelta(seconds=lease_s)
     if task.own_id is not None:  # this annotator's own lease ran out earlier: renew it
-        _RENEW.run(db, {"lease_id": task.own_id, "now": now, "expires": expires})
-        return Lease(task.own_id, task.id, aid, task.shown_order, now, expires)
+        (renewed,) = _RENEW.run(db, {"lease_id": task.own_id, "now": now, "expires": expires})
+        return Lease(task.own_id, task.id, aid, task.shown_order, now, expires,
+                     renewed.guideline_version)
     order = _ITEMS.scalars(db, {"tid": task.id})
     (rng or _SYSTEM_RNG).shuffle(order)
     (new,) = _NEW_LEASE.run(db, {"task_id": task.id, "annotator_id": aid, "shown_order": order,
                                  "leased_at": now, "expires_at": expires, "completed": False})
-    return Lease(new.id, task.id, aid, order, now, expires)
+    return Lease(new.id, task.id, aid, order, now, expires, new.guideline_version)
 
 
 def skip_task(session: Session, annotator: Annotator | int, task_id: int) -> None:
@@ -297,7 +317,7 @@ def task_view(session: Session, lease: Lease) -> dict[str, Any]:
         "prompt": row.text if row.text is not None else row.messages,
         "responses": [{"id": rid, "text": texts[rid]} for rid in lease.shown_order],
         "kind": row.kind,
-        "guideline_version": row.guideline_version,
+        "guideline_version": lease.guideline_version,
     }
 
 
@@ -356,11 +376,14 @@ def _own_lease(db: Driver, task_id: Any, aid: int | None, require_lease: bool) -
     return own
 
 
-def _take_slot(db: Driver, task: Any, aid: int | None, lease: Any, require_lease: bool) -> Any:
+def _by_key(db: Driver, key: str, aid: int | None) -> Any:
+    """The judgment ``aid`` stored under idempotency ``key``, or None."""
+    return _BY_KEY[aid is not None].first(db, {"key": key, "aid": aid})
+
+
+def _take_slot(db: Driver, task: Any, lease: Any, require_lease: bool) -> Any:
     """The annotator's open lease on ``task`` (``lease`` is their lease row, if any), after
-    checking they may judge it now."""
-    if _JUDGED.scalars(db, {"tid": task.id, "aid": aid})[0]:
-        raise TaskError(f"you have already judged task {task.id}")
+    checking they may judge it now (they have not judged it yet)."""
     if lease is not None and lease.completed:
         lease = None
     if require_lease and lease is None:
@@ -401,11 +424,10 @@ def submit_judgment(
     """
     _check_judgment_fields(idempotency_key, strength, source, time_ms)
     db, aid = Driver(session), _id(annotator)
-    prior = _BY_KEY[aid is not None].first(db, {"key": idempotency_key, "aid": aid})
+    given = {"strength": strength, "rationale": rationale, "time_ms": time_ms, "margin": margin,
+             "source": source, "shown_order": shown_order, "guideline_version": guideline_version}
+    prior = _by_key(db, idempotency_key, aid)
     if prior is not None:
-        given = {"strength": strength, "rationale": rationale, "time_ms": time_ms,
-                 "margin": margin, "source": source, "shown_order": shown_order,
-                 "guideline_version": guideline_version}
         return _replay(session, prior, task_id, ranking, given), False
     own = _own_lease(db, task_id, aid, require_lease)
     task = None
@@ -417,11 +439,20 @@ def submit_judgment(
         groups = validate_ranking(ranking, _ITEMS.scalars(db, {"tid": task.id}))
     except ValueError as exc:
         raise TaskError(f"ranking: {exc}", status=422) from None
-    lease = _take_slot(db, task, aid, own, require_lease)
+    if _JUDGED.scalars(db, {"tid": task.id, "aid": aid})[0]:
+        # On PostgreSQL the same key can come in twice at once (a retry that another worker
+        # process took): both miss the lookup above, the second waits for the task's row lock
+        # and, once the first commits, sees its judgment. Read the key again: it is a replay.
+        prior = _by_key(db, idempotency_key, aid)
+        if prior is not None:
+            return _replay(session, prior, task_id, ranking, given), False
+        raise TaskError(f"you have already judged task {task.id}")
+    lease = _take_slot(db, task, own, require_lease)
     if shown_order is None and lease is not None:
         shown_order = lease.shown_order
-    if guideline_version is None:
-        guideline_version = task.guideline_version
+    if guideline_version is None:  # what the lease was shown with, else the batch's now
+        guideline_version = (lease.guideline_version if lease is not None
+                             else task.guideline_version)
     (new,) = _NEW_JUDGMENT.run(db, {
         "task_id": task.id, "annotator_id": aid, "ranking": groups, "strength": strength,
         "margin": margin, "rationale": rationale, "shown_order": shown_order,

@@ -10,6 +10,7 @@ never commits: run the writing ones (``create_*``, ``get_or_create_*``) inside
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
@@ -150,11 +151,14 @@ def create_task(
     gold_ranking: list[list[int]] | None = None,
     priority: float = 0.0,
     audience: str | None = None,
+    models: Sequence[str | None] | None = None,
 ) -> ComparisonTask:
     """A task comparing ``responses`` (2..k of ``prompt``'s; exactly 2 for pairwise).
 
     ``gold_ranking`` (response ids, best group first) makes it a gold task with a known answer.
     ``audience`` (an annotator group) makes the queue hand it only to that group's annotators.
+    ``models`` names who wrote each response for this task (``TaskItem.model``): a response
+    stored earlier keeps the model that first wrote it.
     """
     if kind not in TASK_KINDS:
         raise TaskError(f"task kind must be one of {list(TASK_KINDS)}, got {kind!r}", status=422)
@@ -174,6 +178,9 @@ def create_task(
         raise TaskError("a task lists each response once; got a duplicate", status=422)
     if any(r.prompt_id != prompt.id for r in responses):
         raise TaskError("every response of a task must answer the task's prompt", status=422)
+    if models is not None and len(models) != len(ids):
+        raise TaskError("give one model name per response", status=422)
+    names = list(models) if models is not None else [None] * len(ids)
     gold = None
     if gold_ranking is not None:
         try:
@@ -183,7 +190,8 @@ def create_task(
     task = ComparisonTask(
         prompt_id=prompt.id, kind=kind, overlap=overlap, batch_id=batch.id if batch else None,
         is_gold=gold is not None, gold_ranking=gold, priority=float(priority), audience=audience,
-        items=[TaskItem(response_id=rid, position=i) for i, rid in enumerate(ids)],
+        items=[TaskItem(response_id=rid, position=i, model=m)
+               for i, (rid, m) in enumerate(zip(ids, names, strict=True))],
     )
     session.add(task)
     session.flush()
@@ -198,6 +206,13 @@ def _pairs(k: int, pairing: str) -> list[tuple[int, int]]:
     if pairing == "adjacent":
         return [(i, i + 1) for i in range(k - 1)]
     return list(combinations(range(k), 2))
+
+
+def tasks_per_row(n_responses: int, kind: str, pairing: str) -> int:
+    """How many tasks ``create_tasks_from_candidates`` makes of a row of ``n_responses``."""
+    if kind == "ranking":
+        return 1
+    return n_responses - 1 if pairing == "adjacent" else n_responses * (n_responses - 1) // 2
 
 
 def _row_responses(row: Mapping[str, Any], err: Any) -> tuple[list[str], list[str | None]]:
@@ -218,6 +233,68 @@ def _row_responses(row: Mapping[str, Any], err: Any) -> tuple[list[str], list[st
     return responses, models
 
 
+@dataclass(frozen=True)
+class _Row:
+    texts: list[str]
+    models: list[str | None]
+    gold: list[list[int]] | None  # known ranking in response indices
+
+
+def _check_row(row: Any, gold: list[list[int]] | None, err: Any) -> _Row:
+    """Everything about a candidates row that can be checked without the database."""
+    if not isinstance(row, Mapping):
+        raise err("expected a JSON object", None)
+    texts, models = _row_responses(row, err)
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        try:
+            _check_messages(prompt)
+        except DataError as exc:
+            raise err(str(exc), "prompt") from None
+    elif not isinstance(prompt, str):
+        raise err("needs a prompt: a string or a list of chat messages", "prompt")
+    if gold is not None:
+        try:
+            gold = validate_ranking(gold, list(range(len(texts))))
+        except ValueError as exc:
+            raise err(str(exc), "ranking") from None
+    return _Row(texts, models, gold)
+
+
+def _errors(path: str | None, line_numbers: Sequence[int] | None, i: int) -> Any:
+    """The DataError maker for row ``i``: it names ``path``, the row's line and the field."""
+    line = line_numbers[i] if line_numbers is not None else i + 1
+
+    def err(msg: str, field: str | None) -> DataError:
+        return DataError(msg, path=path, line=line, field=field)
+
+    return err
+
+
+def check_candidates(
+    rows: Sequence[Any], *, kind: str = "pairwise", pairing: str = "all",
+    gold: Mapping[int, list[list[int]]] | None = None, path: str | None = None,
+    line_numbers: Sequence[int] | None = None,
+) -> list[int]:
+    """Check candidates rows as ``create_tasks_from_candidates`` does, without the database;
+    the number of tasks each row makes (before skipping any the batch already holds)."""
+    return [tasks_per_row(len(r.texts), kind, pairing)
+            for r in _check_rows(rows, pairing, gold, path, line_numbers)]
+
+
+def _check_rows(rows: Sequence[Any], pairing: str, gold: Mapping[int, list[list[int]]] | None,
+                path: str | None, line_numbers: Sequence[int] | None) -> list[_Row]:
+    if pairing not in PAIRINGS:
+        raise TaskError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}", status=422)
+    gold = gold or {}
+    return [_check_row(row, gold.get(i), _errors(path, line_numbers, i))
+            for i, row in enumerate(rows)]
+
+
+# A comparison, as a batch holds it once: (kind, sorted response ids, gold or not, audience).
+_Key = tuple[str, tuple[int, ...], bool, str | None]
+
+
 def create_tasks_from_candidates(
     session: Session,
     rows: Sequence[Mapping[str, Any]],
@@ -225,12 +302,12 @@ def create_tasks_from_candidates(
     kind: str = "pairwise",
     overlap: int = 1,
     batch: Batch | None = None,
-    gold: dict[int, list[list[int]]] | None = None,
+    gold: Mapping[int, list[list[int]]] | None = None,
     pairing: str = "all",
     path: str | None = None,
     line_numbers: Sequence[int] | None = None,
     audience: str | None = None,
-    skipped: list[ComparisonTask] | None = None,
+    skipped: list[int] | None = None,
 ) -> list[ComparisonTask]:
     """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?),
     for everyone or, with ``audience``, for the annotators of that group only.
@@ -241,62 +318,65 @@ def create_tasks_from_candidates(
     ``gold`` maps a row's index to its known ranking in response *indices* (best group first);
     those rows become gold tasks (a pair's gold answer is the ranking restricted to the pair).
     Errors name ``path``, the row's line (``line_numbers[i]``, else i+1) and the field.
-    With ``skipped`` given, a task that ``batch`` already holds (same kind, responses, gold or
-    not, audience: the same file given twice) is not made again but appended there.
+    A comparison is made once: one that ``batch`` already holds, or that an earlier row made
+    (same kind, set of responses in any order, gold or not, audience), is not made again; its
+    task's id is appended to ``skipped`` when given. So the same rows given twice do not double
+    the work.
     """
-    if pairing not in PAIRINGS:
-        raise TaskError(f"pairing must be one of {list(PAIRINGS)}, got {pairing!r}", status=422)
-    gold = gold or {}
-    held = _batch_tasks(session, batch) if skipped is not None and batch is not None else {}
+    checked = _check_rows(rows, pairing, gold, path, line_numbers)  # all, before any write
+    held: dict[int, dict[_Key, int]] = {}  # by prompt id
     created: list[ComparisonTask] = []
-    for i, row in enumerate(rows):
-        line = line_numbers[i] if line_numbers is not None else i + 1
-
-        def err(msg: str, field: str | None, _line: int = line) -> DataError:
-            return DataError(msg, path=path, line=_line, field=field)
-
-        if not isinstance(row, Mapping):
-            raise err("expected a JSON object", None)
-        texts, models = _row_responses(row, err)
+    for i, (row, checked_row) in enumerate(zip(rows, checked, strict=True)):
+        err = _errors(path, line_numbers, i)
         prompt = _row_prompt(session, row, err)
         responses = [get_or_create_response(session, prompt, t, model=m)
-                     for t, m in zip(texts, models, strict=True)]
-        gold_idx = None
-        if i in gold:
-            try:
-                gold_idx = validate_ranking(gold[i], list(range(len(texts))))
-            except ValueError as exc:
-                raise err(str(exc), "ranking") from None
-        groups = [list(range(len(texts)))] if kind == "ranking" else _pairs(len(texts), pairing)
+                     for t, m in zip(checked_row.texts, checked_row.models, strict=True)]
+        if any(r.id is None for r in responses):
+            session.flush()
+        if prompt.id not in held:
+            held[prompt.id] = _held_tasks(session, batch, prompt.id)
+        groups = ([list(range(len(responses)))] if kind == "ranking"
+                  else _pairs(len(responses), pairing))
         for idx in groups:
             chosen = [responses[j] for j in idx]
             ranking = None
-            if gold_idx is not None:
-                ranking = [[responses[j].id for j in g if j in idx] for g in gold_idx]
+            if checked_row.gold is not None:
+                ranking = [[responses[j].id for j in g if j in idx] for g in checked_row.gold]
                 ranking = [g for g in ranking if g]
-            if any(r.id is None for r in chosen):
-                session.flush()
             key = (kind, tuple(sorted(r.id for r in chosen)), ranking is not None, audience)
-            if key in held:
-                assert skipped is not None  # held is empty otherwise
-                skipped.append(held[key])
+            if key in held[prompt.id]:
+                if skipped is not None:
+                    skipped.append(held[prompt.id][key])
                 continue
             try:
                 task = create_task(session, prompt, chosen, kind=kind, overlap=overlap,
-                                   batch=batch, gold_ranking=ranking, audience=audience)
+                                   batch=batch, gold_ranking=ranking, audience=audience,
+                                   models=[checked_row.models[j] for j in idx])
             except TaskError as exc:
                 raise err(str(exc), None) from None
+            held[prompt.id][key] = task.id
             created.append(task)
     return created
 
 
-def _batch_tasks(session: Session, batch: Batch) -> dict[tuple[Any, ...], ComparisonTask]:
-    """The tasks ``batch`` holds, by (kind, sorted response ids, gold or not, audience)."""
+def _held_tasks(session: Session, batch: Batch | None, prompt_id: int) -> dict[_Key, int]:
+    """The tasks ``batch`` holds for one prompt, by comparison (none without a batch)."""
+    if batch is None:
+        return {}
     if batch.id is None:
         session.flush()
-    tasks = session.scalars(select(ComparisonTask).where(ComparisonTask.batch_id == batch.id))
-    return {(t.kind, tuple(sorted(i.response_id for i in t.items)), t.is_gold, t.audience): t
-            for t in tasks}
+    rows = session.execute(
+        select(ComparisonTask.id, ComparisonTask.kind, ComparisonTask.is_gold,
+               ComparisonTask.audience, TaskItem.response_id)
+        .join(TaskItem, TaskItem.task_id == ComparisonTask.id)
+        .where(ComparisonTask.batch_id == batch.id, ComparisonTask.prompt_id == prompt_id))
+    items: dict[int, list[int]] = {}
+    about: dict[int, tuple[str, bool, str | None]] = {}
+    for task_id, kind, is_gold, audience, response_id in rows:
+        items.setdefault(task_id, []).append(response_id)
+        about[task_id] = (kind, is_gold, audience)
+    return {(about[t][0], tuple(sorted(ids)), about[t][1], about[t][2]): t
+            for t, ids in items.items()}
 
 
 def _row_prompt(session: Session, row: Mapping[str, Any], err: Any) -> Prompt:

@@ -82,7 +82,7 @@
     const list = document.getElementById("rank-list");
     list.textContent = "";
     const label = new Map(answers.map((a) => [Number(a.dataset.id),
-      "Answer " + a.querySelector("h3").textContent.trim().split(/\s+/)[2]]));
+      "Answer " + a.dataset.label]));
     answers.forEach((a) => { a.querySelector(".rank-badge").textContent = ""; });
     groups.forEach((group, i) => {
       const li = document.createElement("li");
@@ -104,7 +104,21 @@
     showRanking();
   }
 
+  // With 10 or more answers every answer's key has two digits (01, 02, ... as the page shows),
+  // so a number never waits to see whether another digit follows.
+  const width = String(ids.length).length;
+  let digits = "";
+
+  function typeDigit(d) {
+    digits += d;
+    if (digits.length < width) { say("Answer " + digits + "…"); return; }
+    pick(Number(digits));
+    digits = "";
+    say("");
+  }
+
   function ranking(choice) {
+    digits = "";
     if (choice === "submit") {
       const placed = groups.flat().length;
       if (placed < ids.length - 1) { say("Rank all answers first.", true); return; }
@@ -126,8 +140,9 @@
       if (["1", "2", "t", "s"].includes(k)) { ev.preventDefault(); pairwise(k); }
       return;
     }
-    if (/^[1-9]$/.test(k)) pick(Number(k));
-    else if (k === "t") tieNext = true;
+    if (/^[0-9]$/.test(k)) { typeDigit(k); ev.preventDefault(); return; }
+    if (k === "t") tieNext = true;
+    else if (k === "backspace" && digits) { digits = ""; say(""); }
     else if (k === "backspace") { groups.pop(); showRanking(); }
     else if (k === "enter") ranking("submit");
     else if (k === "s") skip();
@@ -135,7 +150,8 @@
     ev.preventDefault();
   });
 
-  // Drag an answer onto another to place it just before that one in the ranking.
+  // Drag an answer onto another to place it on its own just before that one's group; every
+  // other group (a tie included) stays as it was.
   let dragged = null;
   answers.forEach((a) => {
     a.addEventListener("dragstart", () => { dragged = Number(a.dataset.id); });
@@ -144,11 +160,14 @@
       ev.preventDefault();
       if (kind === "pairwise" || dragged === null) return;
       const target = Number(a.dataset.id);
-      const order = groups.flat().length ? groups.flat() : ids.slice();
-      ids.forEach((id) => { if (!order.includes(id)) order.push(id); });
-      order.splice(order.indexOf(dragged), 1);
-      order.splice(order.indexOf(target), 0, dragged);
-      groups = order.map((id) => [id]);
+      if (target === dragged) return;
+      const placed = groups.flat();
+      const all = groups.map((g) => g.slice())
+        .concat(ids.filter((id) => !placed.includes(id)).map((id) => [id]));
+      const rest = all.map((g) => g.filter((id) => id !== dragged)).filter((g) => g.length);
+      const at = rest.findIndex((g) => g.includes(target));
+      rest.splice(at, 0, [dragged]);
+      groups = rest;
       showRanking();
     });
   });
