@@ -3,8 +3,8 @@
 The one implementation every trainer uses (SFT, reward models, DPO/KTO, RL rollouts), so that
 "which tokens belong to the answer" is decided in exactly one place:
 
-- a string prompt is tokenised as is (plus BOS when the tokenizer adds one) and the completion
-  follows it, then EOS;
+- a string prompt is tokenised as is (plus BOS when the tokenizer adds one and the text does not
+  already start with it) and the completion follows it, then EOS;
 - a conversation (a chat prompt or a chat completion, lists of ``{"role", "content"}``) goes
   through the tokenizer's chat template: the prompt is the template's rendering of the prompt
   messages with the generation prompt, and the completion is what the template adds for the
@@ -12,9 +12,13 @@ The one implementation every trainer uses (SFT, reward models, DPO/KTO, RL rollo
   ``<end_of_turn>``...), not a bare EOS appended after it. Whitespace the template puts after
   the end-of-turn token is left out: generation stops at that token and never samples it. A
   tokenizer without a chat template is refused for conversations (``--chat-template FILE``
-  gives one, ``models.load_tokenizer``);
+  gives one, ``models.load_tokenizer``). A text prompt whose answer is a conversation is one
+  user turn (UltraFeedback-binarized rows); the ``prompts`` reader gives such a row's prompt
+  as that user turn too, so generation and reward scoring from the same file see the prompt
+  exactly as training did;
 - prompts are cut from the left (the end of a conversation matters most) to
-  ``max_prompt_length``; completions are cut from the right to fit ``max_length``, and a cut
+  ``max_prompt_length``, keeping a leading BOS (the system turn and role header of a long chat
+  prompt are still lost); completions are cut from the right to fit ``max_length``, and a cut
   completion gets no EOS (``has_eos=False``) so RL can penalise answers that never end.
 
 The prompt and completion are tokenised separately and concatenated, so the boundary is exact
@@ -87,10 +91,25 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
-    """Token ids of a prompt: chat prompts through the chat template with the generation prompt."""
+    """Token ids of a prompt: chat prompts through the chat template with the generation prompt.
+
+    A text prompt that already starts with the BOS token (data shipped with the template
+    applied) gets no second one, as in TRL."""
     if isinstance(prompt, list):  # a chat
         return _ids(tokenizer, render_chat(tokenizer, prompt, generation_prompt=True))
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and str(prompt).startswith(bos):
+        return _ids(tokenizer, str(prompt))
     return list(tokenizer(str(prompt))["input_ids"])
+
+
+def _cut_left(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+    """The last ``limit`` ids, keeping a leading BOS: models are trained with one first."""
+    if len(ids) <= limit:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id and limit > 1:
+        return [bos_id, *ids[len(ids) - limit + 1:]]
+    return ids[len(ids) - limit:]
 
 
 def completion_ids(tokenizer: Any, completion: Text) -> list[int]:
@@ -134,7 +153,8 @@ def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_
     if max_prompt_length is not None:
         limit = min(limit, max_prompt_length)
     if len(p_ids) > limit:
-        p_ids = p_ids[len(p_ids) - limit:]
+        log.debug("prompt cut from %d to %d tokens (from the left)", len(p_ids), limit)
+        p_ids = _cut_left(p_ids, limit, getattr(tokenizer, "bos_token_id", None))
     if completion is None:
         return Encoded(p_ids, [0] * len(p_ids), len(p_ids), has_eos=False)
     if chat:

@@ -215,11 +215,44 @@ def test_write_reads_back_equal(tmp_path: Path, fmt: str, records: list) -> None
 
 
 def test_hh_writer_renders_other_prompts_as_transcripts(tmp_path: Path) -> None:
-    pair = PairRecord([{"role": "system", "content": "be kind"}, USER, BOT, USER], "yes", [RUDE])
+    pair = PairRecord([USER, BOT, USER], "yes", [RUDE])
     chosen, rejected = F.hh_transcripts(pair)
-    assert chosen == ("\n\nHuman: be kind\n\nHuman: hi\n\nAssistant: hello\n\nHuman: hi"
-                      "\n\nAssistant: yes")
+    assert chosen == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: hi\n\nAssistant: yes"
     assert rejected.endswith("\n\nAssistant: go away")
+
+
+def test_hh_writer_renders_every_turn_of_an_answer() -> None:
+    """Answers that differ only in their last turn keep their earlier turns (they read back
+    as a longer shared prompt); answers that differ earlier cannot be HH (audit finding 2)."""
+    more = {"role": "user", "content": "More?"}
+    shared = PairRecord("Hi", [BOT, more, {"role": "assistant", "content": "B2"}],
+                        [BOT, more, {"role": "assistant", "content": "A2"}])
+    assert F.hh_transcripts(shared) == (
+        "\n\nHuman: Hi\n\nAssistant: hello\n\nHuman: More?\n\nAssistant: B2",
+        "\n\nHuman: Hi\n\nAssistant: hello\n\nHuman: More?\n\nAssistant: A2")
+    arena = PairRecord("Hi", [{"role": "assistant", "content": "B1"}, more,
+                              {"role": "assistant", "content": "B2"}],
+                       [{"role": "assistant", "content": "A1"}, more,
+                        {"role": "assistant", "content": "A2"}])
+    assert F.hh_unwritable(arena) is not None and "differ before their last turn" in (
+        F.hh_unwritable(arena) or "")
+    with pytest.raises(ValueError, match="differ before their last turn"):
+        F.hh_transcripts(arena)
+
+
+def test_hh_writer_refuses_system_messages_and_multi_turn_answers(tmp_path: Path) -> None:
+    system = PairRecord([{"role": "system", "content": "be kind"}, USER], "yes", "no")
+    assert "system, developer or tool" in (F.hh_unwritable(system) or "")
+    with pytest.raises(UserError, match="cannot write as hh: .*system, developer or tool"):
+        F.write_records(tmp_path / "hh.jsonl", "hh", [system])
+    assert not list(tmp_path.iterdir())
+
+
+def test_hh_answer_that_starts_with_a_space_keeps_it() -> None:
+    """trl -> hh -> trl keeps a completion-style answer (audit finding 13)."""
+    chosen, rejected = F.hh_transcripts(PairRecord("The sky is", " blue.", "green"))
+    assert chosen == "\n\nHuman: The sky is\n\nAssistant: blue."
+    assert rejected == "\n\nHuman: The sky is\n\nAssistant: green"
 
 
 def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:

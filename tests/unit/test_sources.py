@@ -197,3 +197,94 @@ def test_a_column_mixing_text_and_chat_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="column 'prompt' mixes kinds of values"):
         F.write_records(tmp_path / "out.parquet", "trl", EXPECTED)
     assert not list(tmp_path.iterdir())  # no temp file left behind
+
+
+# -- the published layouts of Hub folders (audit finding 1) ---------------------------------
+
+
+def pair_row(prompt: str) -> dict[str, Any]:
+    return {"prompt": prompt, "chosen": "a", "rejected": "b"}
+
+
+def prompts_of(spec: str | Path, split: str | None = None) -> list[Any]:
+    return [r.prompt for r in F.read_records(spec, split=split)[1]]
+
+
+def test_split_names_with_underscores_are_whole_splits(tmp_path: Path) -> None:
+    """UltraFeedback-binarized: data/train_prefs-…, train_sft-…, test_prefs-… are 3 splits,
+    not one 'train' holding prefs and SFT rows together."""
+    (tmp_path / "data").mkdir()
+    for split in ("train_prefs", "train_sft", "test_prefs"):
+        parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet", [pair_row(split)])
+    assert prompts_of(tmp_path, "train_prefs") == ["train_prefs"]
+    assert prompts_of(f"{tmp_path}:test_prefs") == ["test_prefs"]
+    with pytest.raises(UserError, match="no split 'train' \\(it has test_prefs, train_prefs, "
+                                        "train_sft\\)"):
+        F.read_records(tmp_path, split="train")
+
+
+def test_split_names_with_underscores_in_a_saved_datasetdict(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([pair_row("p")]),
+                          "test_prefs": datasets.Dataset.from_list([pair_row("t")])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    assert prompts_of(f"{tmp_path / 'dd'}:train_prefs") == ["p"]
+
+
+def hh_row(text: str) -> dict[str, Any]:
+    return {"chosen": f"\n\nHuman: {text}\n\nAssistant: x",
+            "rejected": f"\n\nHuman: {text}\n\nAssistant: y"}
+
+
+def test_subset_directories_hold_splits_named_by_their_files(tmp_path: Path) -> None:
+    """HH-RLHF: {subset}/{split}.jsonl.gz. A split is read from every subset (as
+    datasets.load_dataset does) and never mixed with another split."""
+    import gzip
+
+    for subset in ("harmless-base", "helpful-base"):
+        (tmp_path / subset).mkdir()
+        for split in ("train", "test"):
+            with gzip.open(tmp_path / subset / f"{split}.jsonl.gz", "wt") as fh:
+                fh.write(json.dumps(hh_row(f"{subset} {split}")) + "\n")
+    assert prompts_of(tmp_path, "train") == ["\n\nHuman: harmless-base train\n\nAssistant:",
+                                             "\n\nHuman: helpful-base train\n\nAssistant:"]
+    assert prompts_of(tmp_path / "harmless-base", "test") == [
+        "\n\nHuman: harmless-base test\n\nAssistant:"]
+    with pytest.raises(UserError, match="'harmless-base' is a subset, not a split .*"
+                                        "harmless-base --split NAME"):
+        F.read_records(tmp_path, split="harmless-base")
+
+
+def test_parquet_shards_below_a_subset_directory(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / "cfg" / "data").mkdir(parents=True, exist_ok=True)
+        parquet(tmp_path / "cfg" / "data" / f"{split}-00000-of-00001.parquet", [pair_row(split)])
+    assert prompts_of(f"{tmp_path}:train") == ["train"]
+
+
+def test_shp_json_lines_files_per_subreddit(tmp_path: Path) -> None:
+    """SHP: {subreddit}/{split}.json, JSON Lines despite the name; folder metadata is no data."""
+    row = {"history": "h", "human_ref_A": "a", "human_ref_B": "b", "score_A": 2, "score_B": 1,
+           "labels": 1}
+    for subreddit in ("askacademia", "askbaking"):
+        (tmp_path / subreddit).mkdir()
+        for split in ("train", "validation", "test"):
+            jsonl(tmp_path / subreddit / f"{split}.json", [{**row, "history": f"{subreddit} "
+                                                                             f"{split}"}])
+    (tmp_path / "dataset_info.json").write_text('{"description": "not a row"}')
+    assert F.detect_format(tmp_path, "train") == "shp"
+    assert prompts_of(tmp_path, "train") == ["askacademia train", "askbaking train"]
+
+
+def test_a_json_array_file_is_told_apart(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([pair_row("q")]))
+    with pytest.raises(DataError, match="a JSON array file\\? rewardloop reads JSON Lines"):
+        F.read_records(path)
+
+
+def test_a_damaged_gzip_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl.gz"
+    path.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match="x.jsonl.gz: cannot be read"):
+        F.read_records(path, "trl")

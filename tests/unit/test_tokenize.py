@@ -122,3 +122,58 @@ def test_completion_logps_equal_a_full_forward(tok, tmp_path) -> None:
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = token_log_probs(full[:, :-1], batch["input_ids"][:, 1:])
     assert torch.allclose(logps * mask, expected * mask, atol=1e-5)
+
+
+def test_a_text_prompt_with_chat_answers_is_one_prompt_everywhere(tok, tmp_path) -> None:
+    """UltraFeedback-binarized rows (text prompt, chat answers): DPO/RM training, RL generation
+    from the same file as --prompts, and RM scoring of a generated answer all see the prompt
+    through the chat template (audit finding 3)."""
+    import json
+
+    from rewardloop.data.formats import read_records
+    from rewardloop.rollout import encode_prompts
+
+    user = {"role": "user", "content": "Write a haiku"}
+    row = {"prompt": "Write a haiku", "chosen": [user, {"role": "assistant", "content": "Leaves"}],
+           "rejected": [user, {"role": "assistant", "content": "No"}]}
+    path = tmp_path / "ufb.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (pair,) = read_records(path, "trl")[1]
+    trained = T.encode(tok, pair.prompt, pair.chosen, max_length=128)
+    templated = trained.input_ids[: trained.prompt_len]
+    (prompt,) = [r.prompt for r in read_records(path, "prompts")[1]]
+    assert encode_prompts(tok, [prompt], 128) == [templated]
+    scored = T.encode(tok, prompt, "Leaves", max_length=128)  # a generated answer is text
+    assert scored.input_ids == trained.input_ids
+
+
+@pytest.fixture
+def llama_tok(tok):
+    """The tiny tokenizer made Llama-like: it adds BOS to every text it encodes."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tok = copy.deepcopy(tok)
+    bos_tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)])
+    return bos_tok
+
+
+def test_a_pre_templated_prompt_gets_one_bos(llama_tok) -> None:
+    """Audit finding 10: text that already starts with BOS got a second one."""
+    bos = llama_tok.bos_token_id
+    rendered = llama_tok.apply_chat_template([{"role": "user", "content": "Write a haiku"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith(llama_tok.bos_token)
+    e = T.encode(llama_tok, rendered, "Leaves", max_length=128)
+    assert e.input_ids[0] == bos and e.input_ids[1] != bos
+    assert T.encode(llama_tok, "plain", "x", max_length=16).input_ids[:2] == [
+        bos, *llama_tok("plain", add_special_tokens=False)["input_ids"][:1]]
+
+
+def test_a_prompt_cut_from_the_left_keeps_bos(llama_tok) -> None:
+    bos = llama_tok.bos_token_id
+    full = llama_tok("word " * 50)["input_ids"]
+    e = T.encode(llama_tok, "word " * 50, "ok", max_length=64, max_prompt_length=8)
+    assert e.prompt_len == 8 and e.input_ids[:8] == [bos, *full[-7:]]

@@ -44,7 +44,7 @@ def import_(
         "directory, or a Hub-style dataset folder (data/train-*.parquet).")],
     fmt: Annotated[str | None, typer.Option(
         "--format", help=f"Data format: {_FORMATS_HELP}. Default: detected from the keys of "
-        "the first row.")] = None,
+        "the first rows.")] = None,
     split: Annotated[str | None, typer.Option(
         "--split", help="The split to read from a dataset folder with several (train, test, "
         "...); also written DIR:SPLIT.")] = None,
@@ -93,10 +93,14 @@ def export_(
     dimension: Annotated[str | None, typer.Option(
         "--dimension", help="Export only judgments on this dimension (PKU-SafeRLHF: better or "
         "safer); needed when the store holds several.")] = None,
+    ties: Annotated[bool, typer.Option(
+        "--ties", help="trl only: write tied pairs too, marked tie: true (rewardloop's train rm "
+        "uses them, train dpo drops them; TRL itself would read them as preferences, so they "
+        "are left out by default).")] = False,
 ) -> None:
     """Write the store's feedback as a training file or dataset, oldest first."""
     from rewardloop.data.columnar import check_saved_dataset_target
-    from rewardloop.data.store import Store
+    from rewardloop.data.store import Store, store_files
     from rewardloop.data.transfer import export
     from rewardloop.errors import UserError
     from rewardloop.util.files import check_output_file
@@ -105,15 +109,16 @@ def export_(
         raise UserError("give exactly one of -o FILE and --to-hf-dataset DIR")
     target = out if out is not None else hf_dataset
     assert target is not None
-    # Where it will write, checked before the store is read.
+    # Where it will write, checked before the store is read: never over the store itself.
+    url = resolve_db(db)
     if out is not None:
-        check_output_file(out, flag="-o")
+        check_output_file(out, flag="-o", inputs=store_files(url))
     else:
         check_saved_dataset_target(target)
-    store = Store(resolve_db(db), existing=True)
+    store = Store(url, existing=True)
     try:
         report = export(store, fmt, target, batch=batch, dimension=dimension,
-                        hf_dataset=hf_dataset is not None)
+                        hf_dataset=hf_dataset is not None, ties=ties)
     finally:
         store.dispose()
     typer.echo(f"wrote {report.rows} {fmt} rows to {target}")

@@ -11,6 +11,7 @@ from rewardloop.data.values import content_hash
 # Column widths in the store (schema.py): longer values would fail on PostgreSQL.
 MAX_ID_CHARS = 255
 MAX_ANNOTATOR_CHARS = 120
+MAX_GUIDELINE_CHARS = 64
 
 
 class Invalid(Exception):
@@ -39,7 +40,8 @@ def check_str(value: str, name: str) -> str:
 
 
 def check_json(value: Any, name: str) -> Any:
-    """Check every string inside a free-form JSON value (meta, extra message keys)."""
+    """Check a free-form JSON value (meta, extra message keys): only JSON's own types (a
+    Parquet timestamp, bytes or decimal is not one), finite numbers, storable strings."""
     if isinstance(value, str):
         check_str(value, name)
     elif isinstance(value, list):
@@ -47,8 +49,15 @@ def check_json(value: Any, name: str) -> Any:
             check_json(item, f"{name}[{i}]")
     elif isinstance(value, dict):
         for key, item in value.items():
+            if not isinstance(key, str):
+                raise Invalid(name, f"has the key {key!r}; JSON object keys are strings")
             check_str(key, name)
             check_json(item, f"{name}.{key}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise Invalid(name, f"is {value!r}; JSON has no NaN or Infinity")
+    elif value is not None and not isinstance(value, bool | int | float):
+        raise Invalid(name, f"is {kind_of(value)} ({value!r:.60}), which JSON cannot hold; "
+                      "store it as a string or a number")
     return value
 
 
@@ -111,9 +120,30 @@ def ident(obj: dict[str, Any], key: str = "id", limit: int = MAX_ID_CHARS) -> st
 
 
 def boolean(obj: dict[str, Any], key: str, default: bool | None = None) -> bool:
-    value = obj.get(key, default) if default is not None else required(obj, key)
+    """``obj[key]`` as a bool; with a ``default``, an absent key or a null gives it (pandas and
+    ``Dataset.to_json`` write null for an empty optional column)."""
+    value = required(obj, key) if default is None else obj.get(key)
+    if value is None:
+        value = default
     if not isinstance(value, bool):
         raise Invalid(key, f"must be true or false, got {kind_of(value)} {value!r}")
+    return value
+
+
+def whole(value: Any, name: str) -> int:
+    """A non-negative whole number; ``3.0`` counts (pandas writes a nullable int column as
+    floats)."""
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value != int(value) or value < 0):
+        raise Invalid(name, f"must be a whole number >= 0, got {kind_of(value)} {value!r}")
+    return int(value)
+
+
+def choice(obj: dict[str, Any], key: str, choices: tuple[str, ...]) -> str | None:
+    """``obj[key]``, one of ``choices``, or None when absent."""
+    value = obj.get(key)
+    if value is not None and value not in choices:
+        raise Invalid(key, f"must be one of {list(choices)}, got {value!r}")
     return value
 
 

@@ -67,6 +67,7 @@ class _Comparison:
     key: str
     models: Sequence[str | None]
     fields: dict[str, Any]
+    shown_order: list[int] | None = None  # indices into ``answers``
 
 
 def _key(kind: str, parts: Any) -> str:
@@ -99,7 +100,7 @@ def record_key(r: Record, digest: Digest = content_hash) -> str | None:
         return judgment_key(r.prompt, [r.chosen, r.rejected], pair_groups(r), r.annotator,
                             r.dimension, digest)
     if isinstance(r, RankingRecord):
-        return judgment_key(r.prompt, r.responses, r.ranking, r.annotator, digest=digest)
+        return judgment_key(r.prompt, r.responses, r.ranking, r.annotator, r.dimension, digest)
     if isinstance(r, UnpairedRecord):
         return _key("rating", [digest(r.prompt), digest(r.completion), r.label, r.annotator])
     return None
@@ -118,7 +119,7 @@ def _same(rows: list[dict[str, Any]], *keys: str) -> dict[str, Any]:
     return shared
 
 
-def _judgment_meta(r: PairRecord) -> dict[str, Any]:
+def _judgment_meta(r: PairRecord | RankingRecord) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if r.dimension:
         meta["dimension"] = r.dimension
@@ -141,7 +142,8 @@ _TASK = _insert(ComparisonTask.__table__, "prompt_id batch_id kind overlap is_go
                 "n_judgments done external_id meta created_at", returning=True)
 _ITEM = _insert(TaskItem.__table__, "task_id response_id position")
 _JUDGMENT = _insert(Judgment.__table__, "task_id annotator_id ranking margin idempotency_key "
-                    "source external_id meta created_at")
+                    "source external_id meta created_at strength rationale time_ms "
+                    "guideline_version shown_order")
 _RATING = _insert(Rating.__table__, "response_id annotator_id label idempotency_key source "
                   "external_id created_at")
 
@@ -268,14 +270,15 @@ class Importer:
         return found
 
     def _comparison(self, r: PairRecord | RankingRecord, key: str) -> _Comparison:
+        fields = {"annotator_id": self.annotator(r.annotator), "margin": r.margin,
+                  "external_id": r.id, "meta": _judgment_meta(r), "strength": r.strength,
+                  "rationale": r.rationale, "time_ms": r.time_ms,
+                  "guideline_version": r.guideline_version}
         if isinstance(r, RankingRecord):
-            return _Comparison(r.prompt, r.responses, r.ranking, key, [None] * len(r.responses),
-                               {"annotator_id": self.annotator(r.annotator), "margin": None,
-                                "external_id": r.id, "meta": {}})
+            return _Comparison(r.prompt, r.responses, r.ranking, key,
+                               r.models or [None] * len(r.responses), fields, r.shown_order)
         return _Comparison(r.prompt, [r.chosen, r.rejected], pair_groups(r), key,
-                           r.models or [None, None],
-                           {"annotator_id": self.annotator(r.annotator), "margin": r.margin,
-                            "external_id": r.id, "meta": _judgment_meta(r)})
+                           r.models or [None, None], fields)
 
     def _add_plain(self, records: Sequence[PromptRecord | CandidatesRecord]) -> None:
         """Prompts and candidate answers; a row counts as imported when it added anything."""
@@ -320,6 +323,8 @@ class Importer:
                            for i, rid in enumerate(ids)]
             judgments.append({"task_id": task_id, "ranking": [[ids[i] for i in g]
                                                               for g in c.groups],
+                              "shown_order": None if c.shown_order is None
+                              else [ids[i] for i in c.shown_order],
                               "idempotency_key": c.key, **c.fields})
         _ITEM.run_many(self.db, task_items)
         _JUDGMENT.run_many(self.db, judgments, {"created_at": utcnow(), "source": self.source,

@@ -47,8 +47,19 @@ def _table(rows: Sequence[dict[str, Any]], what: str) -> Any:
     return pa.table(columns) if columns else pa.table({})
 
 
+def _fsync_file(path: Path | str) -> None:
+    """Make a written file's data durable before it is renamed into place: otherwise a power
+    loss can leave the new name on an empty or partial file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_table_file(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` as a Parquet or Arrow (IPC file) file atomically: temp file, rename."""
+    """Write ``rows`` as a Parquet or Arrow (IPC file) file atomically: temp file, fsync,
+    rename."""
     pa = pyarrow_module()
     check_output_file(path)
     table = _table(rows, str(path))
@@ -60,6 +71,7 @@ def write_table_file(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         else:
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
+        _fsync_file(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -122,11 +134,18 @@ def write_saved_dataset(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             "_data_files": [{"filename": SHARD}], "_fingerprint": secrets.token_hex(8),
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
             "_output_all_columns": False, "_split": None}, indent=2))
+        for name in (SHARD, INFO, STATE):
+            _fsync_file(tmp / name)
+        fsync_dir(tmp)
         tmp.chmod(0o755)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # put the earlier export back
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(path)

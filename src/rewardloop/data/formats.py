@@ -11,8 +11,12 @@ Formats (``FORMATS``) and the record each yields:
 - ``candidates``: ``prompt``, ``responses``, ``models`` -> :class:`CandidatesRecord`
 - ``trl``: ``prompt``, ``chosen``, ``rejected`` (or chat lists without ``prompt``, the prompt then
   being their shared leading messages); ``margin``, ``annotator``, ``tie``, ``chosen_model``,
-  ``rejected_model``, ``dimension``, ``both_bad`` -> :class:`PairRecord`
-- ``ranking``: ``prompt``, ``responses``, ``ranking`` (groups of indices) -> :class:`RankingRecord`
+  ``rejected_model`` and the judgment fields -> :class:`PairRecord`
+- ``ranking``: ``prompt``, ``responses``, ``ranking`` (groups of indices); ``models``,
+  ``margin``, ``shown_order`` and the judgment fields -> :class:`RankingRecord`
+
+  (judgment fields: ``dimension``, ``both_bad``, ``strength``, ``rationale``, ``time_ms``,
+  ``guideline_version``)
 - ``hh``: ``chosen``/``rejected`` whole HH-RLHF transcripts -> :class:`PairRecord`
 - ``ultrafeedback``: ``prompt``/``instruction``, rated ``completions`` -> :class:`PairRecord`\\ s
   (read only: higher rating wins, margin = rating difference, equal ratings give no pair)
@@ -22,11 +26,14 @@ Formats (``FORMATS``) and the record each yields:
   in their owners' shapes (read only; see :mod:`rewardloop.data.shapes`)
 
 Records, text types and chat accessors live in :mod:`rewardloop.data.records` and are re-exported
-here. Optional fields are omitted when written empty.
+here. Optional fields are omitted when written empty; a null optional field reads as absent.
+The ``prompts`` reader gives a text prompt whose row has chat answers as one user turn, as the
+trainers tokenise it (see :mod:`rewardloop.tokenize`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -50,6 +57,7 @@ from rewardloop.data.records import (
     as_messages,
     completion_messages,
     hh_transcripts,
+    hh_unwritable,
     is_chat,
     prompt_text,
     response_text,
@@ -63,14 +71,15 @@ from rewardloop.data.shapes import (
     stream_oasst,
 )
 from rewardloop.data.sources import COLUMNAR, Location, data_error, open_source, rows
-from rewardloop.data.values import validate_ranking
+from rewardloop.data.values import STRENGTHS, validate_ranking
 from rewardloop.errors import DataError, UserError
 from rewardloop.util.files import atomic_file
 
 __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
     "PromptRecord", "RankingRecord", "Record", "SFTRecord", "Text", "UnpairedRecord",
-    "as_messages", "completion_messages", "detect_format", "hh_transcripts", "is_chat",
+    "as_messages", "completion_messages", "detect_format", "hh_transcripts", "hh_unwritable",
+    "is_chat",
     "iter_records", "prompt_text", "read_as", "read_records", "read_training_records",
     "response_text", "write_dataset", "write_records",
 ]
@@ -84,10 +93,22 @@ RATING_KEYS = ("overall_score", "rating", "score", "fine-grained_score")
 # -- row parsers: one JSON object -> records ---------------------------------------------------
 
 
+def _chat_answers(obj: dict[str, Any]) -> bool:
+    """Whether a row's answers are conversations (UltraFeedback-binarized ``chosen``)."""
+    responses = obj.get("responses")
+    answers = [obj.get("chosen"), obj.get("rejected"), obj.get("completion"),
+               *(responses if isinstance(responses, list) else [])]
+    return any(isinstance(a, list) and a for a in answers)
+
+
 def _parse_prompts(obj: dict[str, Any]) -> list[Record]:
     key = "prompt" if obj.get("prompt") is not None else "messages"
     raw = F.required(obj, key)
     prompt = F.text(raw, key) if key == "prompt" else F.chat(raw, key)
+    if isinstance(prompt, str) and _chat_answers(obj):
+        # The trainers render a text prompt with chat answers through the chat template (one
+        # user turn): generation and scoring from the same row must see that prompt too.
+        prompt = as_messages(prompt)
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise F.Invalid("meta", f"must be an object, got {F.kind_of(meta)}")
@@ -110,18 +131,44 @@ def _parse_candidates(obj: dict[str, Any]) -> list[Record]:
     return [CandidatesRecord(prompt, responses, models, F.ident(obj))]
 
 
-def _pair_options(obj: dict[str, Any]) -> dict[str, Any]:
-    margin = obj.get("margin")
-    models = [F.ident(obj, key, F.MAX_ID_CHARS) for key in ("chosen_model", "rejected_model")]
+def _judgment_options(obj: dict[str, Any]) -> dict[str, Any]:
+    """The optional fields ``trl`` and ``ranking`` rows share: who judged, and how."""
+    margin, time_ms, rationale = obj.get("margin"), obj.get("time_ms"), obj.get("rationale")
     return {
         "margin": None if margin is None else F.number(margin, "margin"),
         "annotator": F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS),
         "id": F.ident(obj),
-        "tie": F.boolean(obj, "tie", default=False),
-        "models": models if any(models) else None,
         "dimension": F.ident(obj, "dimension", F.MAX_ANNOTATOR_CHARS),
         "both_bad": F.boolean(obj, "both_bad", default=False),
+        "strength": F.choice(obj, "strength", STRENGTHS),
+        "rationale": None if rationale is None else F.string(rationale, "rationale"),
+        "time_ms": None if time_ms is None else F.whole(time_ms, "time_ms"),
+        "guideline_version": F.ident(obj, "guideline_version", F.MAX_GUIDELINE_CHARS),
     }
+
+
+def _pair_options(obj: dict[str, Any]) -> dict[str, Any]:
+    models = [F.ident(obj, key, F.MAX_ID_CHARS) for key in ("chosen_model", "rejected_model")]
+    return {**_judgment_options(obj), "tie": F.boolean(obj, "tie", default=False),
+            "models": models if any(models) else None}
+
+
+def _ranking_options(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    models, shown = obj.get("models"), obj.get("shown_order")
+    if models is not None:
+        if not isinstance(models, list) or len(models) != n:
+            raise F.Invalid("models", f"must be a list of {n} model names (or null), one per "
+                           "response")
+        models = [None if m is None else F.ident({f"models[{i}]": m}, f"models[{i}]")
+                  for i, m in enumerate(models)]
+    if shown is not None:
+        if not isinstance(shown, list) or sorted(
+                F.whole(v, f"shown_order[{i}]") for i, v in enumerate(shown)) != list(range(n)):
+            raise F.Invalid("shown_order", f"must list the indices 0..{n - 1} of 'responses', "
+                           "each once, in the order they were shown")
+        shown = [int(v) for v in shown]
+    return {**_judgment_options(obj), "models": models if models and any(models) else None,
+            "shown_order": shown}
 
 
 def _parse_trl(obj: dict[str, Any]) -> list[Record]:
@@ -134,6 +181,9 @@ def _parse_trl(obj: dict[str, Any]) -> list[Record]:
         prompt, chosen, rejected = split_shared(chosen, rejected)
         if not prompt:
             raise F.Invalid("prompt", "is missing, and chosen/rejected share no leading messages")
+    elif isinstance(chosen, str) and HH_HUMAN not in chosen:
+        raise F.Invalid("prompt", "is missing; string chosen/rejected without a prompt are "
+                       "TRL implicit-prompt rows, which are not supported: add a 'prompt'")
     else:
         raise F.Invalid("prompt", "is missing (whole HH transcripts are --format hh)")
     return [PairRecord(prompt, chosen, rejected, **_pair_options(obj))]
@@ -141,6 +191,10 @@ def _parse_trl(obj: dict[str, Any]) -> list[Record]:
 
 def _split_hh(transcript: str, name: str) -> tuple[str, str]:
     cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0 and HH_HUMAN not in transcript:
+        raise F.Invalid(name, 'has no "\\n\\nAssistant:" turn: not an HH transcript (TRL '
+                        "implicit-prompt rows, plain answers without a prompt, are not "
+                        "supported: add a 'prompt' field and use --format trl)")
     if cut < 0:
         raise F.Invalid(name, 'has no "\\n\\nAssistant:" turn')
     prompt, answer = transcript[: cut + len(HH_ASSISTANT)], transcript[cut + len(HH_ASSISTANT):]
@@ -161,6 +215,9 @@ def _parse_hh(obj: dict[str, Any]) -> list[Record]:
 
 
 def _rated_completion(item: Any, name: str) -> tuple[str, float]:
+    if isinstance(item, str):
+        raise F.Invalid(name, "is a string, not an object with a text and a rating (TRL "
+                       "stepwise-supervision rows, completions with labels, are not supported)")
     if not isinstance(item, dict):
         raise F.Invalid(name, f"must be an object with a text and a rating, got {F.kind_of(item)}")
     for key in ("response", "text"):
@@ -207,8 +264,7 @@ def _parse_ranking(obj: dict[str, Any]) -> list[Record]:
     except ValueError as exc:
         raise F.Invalid("ranking", f"must order the indices 0..{len(responses) - 1} of "
                        f"'responses', each once, best group first: {exc}") from None
-    return [RankingRecord(prompt, responses, ranking,
-                          F.ident(obj, "annotator", F.MAX_ANNOTATOR_CHARS), F.ident(obj))]
+    return [RankingRecord(prompt, responses, ranking, **_ranking_options(obj, len(responses)))]
 
 
 def _parse_kto(obj: dict[str, Any]) -> list[Record]:
@@ -221,11 +277,22 @@ def _parse_kto(obj: dict[str, Any]) -> list[Record]:
     )]
 
 
+def _first_user(messages: Any) -> Any:
+    if isinstance(messages, list):
+        return next((m.get("content") for m in messages
+                     if isinstance(m, dict) and m.get("role") == "user"), None)
+    return None
+
+
 def _parse_sft(obj: dict[str, Any]) -> list[Record]:
     forms = [k for k in ("messages", "text", "prompt") if obj.get(k) is not None]
+    if (forms == ["messages", "prompt"] and obj.get("completion") is None
+            and obj["prompt"] == _first_user(obj["messages"])):
+        forms = ["messages"]  # ultrachat / UltraFeedback train_sft: the prompt is a copy
     if len(forms) != 1:
         raise F.Invalid(forms[-1] if forms else "completion",
-                       "give exactly one of 'messages', 'text', or 'prompt' + 'completion'")
+                       "give exactly one of 'messages', 'text', or 'prompt' + 'completion' "
+                       "(a 'prompt' beside 'messages' may only repeat the first user turn)")
     if forms == ["messages"]:
         return [SFTRecord(messages=F.chat(obj["messages"], "messages", answer=True),
                           id=F.ident(obj))]
@@ -259,6 +326,15 @@ FORMATS: tuple[str, ...] = (*_PARSERS, *_STREAMS)
 # -- reading -----------------------------------------------------------------------------------
 
 
+# A preference-format key makes a row a comparison even when another of its keys is missing:
+# the row is then reported as missing that key, never read as a bare prompt.
+_ROW_KEYS = (("completions", "ultrafeedback"), ("ranking", "ranking"),
+             ("responses", "candidates"), ("label", "kto"), ("completion", "sft"),
+             ("text", "sft"))
+DETECT_ROWS = 100
+"""Rows :func:`detect_format` reads: all of them must point to one format."""
+
+
 def _guess(obj: dict[str, Any]) -> str | None:
     """The format a row's keys point to (None when they point nowhere)."""
     keys = set(obj)
@@ -268,11 +344,10 @@ def _guess(obj: dict[str, Any]) -> str | None:
                        ({"better_response_id", "safer_response_id"}, "saferlhf-better")):
         if shape <= keys:
             return fmt
-    if {"chosen", "rejected"} <= keys:
-        return "hh" if "prompt" not in keys and isinstance(obj["chosen"], str) else "trl"
-    for key, fmt in (("completions", "ultrafeedback"), ("ranking", "ranking"),
-                     ("responses", "candidates"), ("label", "kto"), ("completion", "sft"),
-                     ("text", "sft")):
+    if keys & {"chosen", "rejected"}:
+        answer = obj.get("chosen", obj.get("rejected"))
+        return "hh" if "prompt" not in keys and isinstance(answer, str) else "trl"
+    for key, fmt in _ROW_KEYS:
         if key in keys:
             return fmt
     messages = obj.get("messages")
@@ -286,25 +361,37 @@ def _empty(name: str) -> DataError:
     return DataError("the input is empty: expected one object per line or row", path=name)
 
 
-def detect_format(path: str | Path, split: str | None = None) -> str:
-    """The format of a data file or folder, from the keys of its first row.
+def _unit(where: Location) -> str:
+    return f"{where.unit} {where.number}"
 
-    Later rows are not consulted: a row that lacks a field of the detected format is then
-    reported by :func:`read_records` as that missing field, which is the useful message.
+
+def detect_format(path: str | Path, split: str | None = None) -> str:
+    """The format of a data file or folder, from the keys of its first ``DETECT_ROWS`` rows.
+
+    They must all point to one format (a ``trl`` row without ``rejected`` still points to
+    ``trl`` and is then reported as missing it); rows that point to different formats are a
+    DataError naming both, so a broken file is never read as some other format.
     """
     source = open_source(path, split)
     stream = rows(source)
+    first: tuple[Location, str] | None = None
     try:
-        where, obj = next(stream)
-    except StopIteration:
-        raise _empty(source.name) from None
+        for where, obj in itertools.islice(stream, DETECT_ROWS):
+            guess = _guess(obj)
+            if first is None:
+                if guess is None:
+                    raise data_error(where, f"cannot tell the format from the keys "
+                                     f"{sorted(obj)}; pass --format (one of {', '.join(FORMATS)})")
+                first = (where, guess)
+            elif guess is not None and guess != first[1]:
+                raise data_error(where, f"looks like {guess} (keys {sorted(obj)}) but "
+                                 f"{_unit(first[0])} like {first[1]}; the rows must be of one "
+                                 f"format: fix the file or pass --format")
     finally:
         stream.close()
-    guess = _guess(obj)
-    if guess is None:
-        raise data_error(where, f"cannot tell the format from the keys {sorted(obj)}; pass "
-                         f"--format (one of {', '.join(FORMATS)})")
-    return guess
+    if first is None:
+        raise _empty(source.name)
+    return first[1]
 
 
 def check_format(fmt: str, known: Iterable[str] = FORMATS) -> str:
@@ -392,20 +479,34 @@ def _compact(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def _judgment_extras(r: PairRecord | RankingRecord) -> dict[str, Any]:
+    return {"margin": r.margin, "annotator": r.annotator, "id": r.id,
+            "dimension": r.dimension, "both_bad": True if r.both_bad else None,
+            "strength": r.strength, "rationale": r.rationale, "time_ms": r.time_ms,
+            "guideline_version": r.guideline_version}
+
+
 def _pair_extras(r: PairRecord) -> dict[str, Any]:
     chosen_model, rejected_model = r.models or (None, None)
-    return {"margin": r.margin, "annotator": r.annotator, "id": r.id,
-            "tie": True if r.tie else None, "chosen_model": chosen_model,
-            "rejected_model": rejected_model, "dimension": r.dimension,
-            "both_bad": True if r.both_bad else None}
+    return {**_judgment_extras(r), "tie": True if r.tie else None,
+            "chosen_model": chosen_model, "rejected_model": rejected_model}
+
+
+def _ranking_row(r: RankingRecord) -> dict[str, Any]:
+    return _compact(prompt=r.prompt, responses=r.responses, ranking=r.ranking,
+                    **_judgment_extras(r), models=r.models, shown_order=r.shown_order)
 
 
 def _hh_row(r: PairRecord) -> dict[str, Any]:
     for answer in (r.chosen, r.rejected):
-        text = response_text(answer)
-        if HH_HUMAN in text or HH_ASSISTANT in text:
-            raise UserError(f"cannot write as hh: the answer {text[:60]!r}... contains an HH turn "
-                            "marker, so it would not read back; use --format trl")
+        for message in completion_messages(r.prompt, answer):
+            text = str(message["content"])
+            if HH_HUMAN in text or HH_ASSISTANT in text:
+                raise UserError(f"cannot write as hh: the answer {text[:60]!r}... contains an HH "
+                                "turn marker, so it would not read back; use --format trl")
+    problem = hh_unwritable(r)
+    if problem is not None:
+        raise UserError(f"cannot write as hh: one of the {problem}")
     chosen, rejected = hh_transcripts(r)
     return _compact(chosen=chosen, rejected=rejected, **_pair_extras(r))
 
@@ -416,9 +517,7 @@ _WRITERS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
         prompt=r.prompt, responses=r.responses, models=r.models, id=r.id)),
     "trl": (PairRecord, lambda r: _compact(
         prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, **_pair_extras(r))),
-    "ranking": (RankingRecord, lambda r: _compact(
-        prompt=r.prompt, responses=r.responses, ranking=r.ranking, annotator=r.annotator,
-        id=r.id)),
+    "ranking": (RankingRecord, _ranking_row),
     "hh": (PairRecord, _hh_row),
     "kto": (UnpairedRecord, lambda r: _compact(
         prompt=r.prompt, completion=r.completion, label=r.label, annotator=r.annotator, id=r.id)),

@@ -79,9 +79,29 @@ def _dimension_filter(dimensions: set[str | None], dimension: str | None) -> Non
                         f"{', '.join(named) or 'none with a dimension'})")
 
 
+def _how(j: Judgment) -> dict[str, Any]:
+    """What a judgment says besides its ranking, as record fields."""
+    meta = j.meta or {}
+    return {"annotator": j.annotator.name if j.annotator else None, "id": j.external_id,
+            "margin": j.margin, "dimension": meta.get("dimension"),
+            "both_bad": bool(meta.get("both_bad")), "strength": j.strength,
+            "rationale": j.rationale, "time_ms": j.time_ms,
+            "guideline_version": j.guideline_version}
+
+
+def _shown(j: Judgment) -> list[int] | None:
+    """The order the answers were shown in, as indices into the task's answers."""
+    index = {item.response_id: i for i, item in enumerate(j.task.items)}
+    shown = j.shown_order or []
+    if sorted(index.get(rid, -1) for rid in shown) != list(range(len(index))):
+        return None  # not recorded (imported), or not a whole order of these answers
+    return [index[rid] for rid in shown]
+
+
 def load_rankings(store: Store, *, batch: str | None = None, dimension: str | None = None
                   ) -> list[RankingRecord]:
-    """Every judgment as a ranking of its task's answers (ties kept), oldest first;
+    """Every judgment as a ranking of its task's answers (ties kept), oldest first, with all
+    it holds (models, margin, dimension, strength, rationale, time, shown order, guidelines);
     ``dimension`` as in :func:`load_pairs`."""
     with store.read() as s:
         out: list[RankingRecord] = []
@@ -91,8 +111,10 @@ def load_rankings(store: Store, *, batch: str | None = None, dimension: str | No
             if dimension is not None and (j.meta or {}).get("dimension") != dimension:
                 continue
             prompt, answers, groups = _ranked(j)
-            name = j.annotator.name if j.annotator else None
-            out.append(RankingRecord(prompt, answers, groups, name, j.external_id))
+            models = [item.model or item.response.model for item in j.task.items]
+            out.append(RankingRecord(prompt, answers, groups, **_how(j),
+                                     models=models if any(models) else None,
+                                     shown_order=_shown(j)))
         _dimension_filter(dimensions, dimension)
         return out
 
@@ -102,7 +124,8 @@ def load_pairs(store: Store, *, batch: str | None = None, dimension: str | None 
     """Every judgment as pairs (a k-way ranking gives all its pairs); ties have ``tie=True``.
 
     Judgments made on a named dimension (PKU-SafeRLHF's ``better``/``safer``) carry it; when
-    the store holds several, ``dimension`` must pick one. Model names come from the responses.
+    the store holds several, ``dimension`` must pick one. Model names come from the responses;
+    each pair carries its judgment's margin, strength, rationale, time and guideline version.
     """
     with store.read() as s:
         out: list[PairRecord] = []
@@ -113,12 +136,11 @@ def load_pairs(store: Store, *, batch: str | None = None, dimension: str | None 
             if dimension is not None and meta.get("dimension") != dimension:
                 continue
             prompt, answers, groups = _ranked(j)
-            models = [item.response.model for item in j.task.items]
-            name = j.annotator.name if j.annotator else None
+            models = [item.model or item.response.model for item in j.task.items]
+            how = _how(j)
             out.extend(PairRecord(
-                prompt, answers[a], answers[b], j.margin, name, j.external_id, tie,
-                models=[models[a], models[b]] if models[a] or models[b] else None,
-                dimension=meta.get("dimension"), both_bad=bool(meta.get("both_bad")))
+                prompt, answers[a], answers[b], tie=tie, **how,
+                models=[models[a], models[b]] if models[a] or models[b] else None)
                 for a, b, tie in ranking_pairs(groups))
         _dimension_filter(dimensions, dimension)
         return out

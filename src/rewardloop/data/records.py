@@ -44,7 +44,10 @@ class PairRecord:
 
     ``models`` names who wrote (chosen, rejected); ``both_bad`` marks a tie where both answers
     were bad (Chatbot Arena's "tie (bothbad)"); ``dimension`` names what was judged when a data
-    set judges one pair on several criteria (PKU-SafeRLHF: ``better`` and ``safer``).
+    set judges one pair on several criteria (PKU-SafeRLHF: ``better`` and ``safer``). The last
+    four say how a person gave the judgment (the annotation server records them):
+    ``strength`` (``slight``, ``clear``, ``strong``), ``rationale``, ``time_ms`` spent and the
+    ``guideline_version`` shown; a pair from a k-way ranking carries its judgment's.
     """
 
     prompt: Text
@@ -57,17 +60,35 @@ class PairRecord:
     models: list[str | None] | None = None
     dimension: str | None = None
     both_bad: bool = False
+    strength: str | None = None
+    rationale: str | None = None
+    time_ms: int | None = None
+    guideline_version: str | None = None
 
 
 @dataclass(frozen=True)
 class RankingRecord:
-    """``ranking`` orders ``responses`` by index, best group first; a group of 2+ is a tie."""
+    """``ranking`` orders ``responses`` by index, best group first; a group of 2+ is a tie.
+
+    Everything a judgment holds comes with it: ``models[i]`` wrote ``responses[i]``;
+    ``margin``, ``dimension`` and ``both_bad`` as in :class:`PairRecord`; ``shown_order`` is the
+    order (indices) the annotator saw the answers in; the rest as in :class:`PairRecord`.
+    """
 
     prompt: Text
     responses: list[Text]
     ranking: list[list[int]]
     annotator: str | None = None
     id: str | None = None
+    models: list[str | None] | None = None
+    margin: float | None = None
+    dimension: str | None = None
+    both_bad: bool = False
+    strength: str | None = None
+    rationale: str | None = None
+    time_ms: int | None = None
+    shown_order: list[int] | None = None
+    guideline_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,21 +162,58 @@ def completion_messages(prompt: Text, response: Text) -> Chat:
     return response[len(head):] if response[: len(head)] == head else list(response)
 
 
+HH_NOT_HUMAN = ("pairs with system, developer or tool messages (HH transcripts have only "
+                "Human and Assistant turns)")
+HH_TURNS = ("pairs whose answers differ before their last turn (HH takes only the last turn "
+            "as the answer; multi-turn answers need --format trl)")
+
+
+def _hh_turn(message: Message) -> str:
+    marker = HH_ASSISTANT if message["role"] == "assistant" else HH_HUMAN
+    content = str(message["content"])
+    # HH puts one space after the marker; an answer that starts with one already keeps its own
+    # (TRL completion-style " blue."), so the text reads back as it was.
+    return marker + ("" if content[:1].isspace() else " ") + content
+
+
+def _hh_conversation(prompt: Text, answer: Text) -> str:
+    if (isinstance(prompt, str) and isinstance(answer, str) and prompt.startswith(HH_HUMAN)
+            and prompt.endswith(HH_ASSISTANT)):
+        return prompt + answer  # read from an HH file: verbatim, so the file round-trips
+    turns = as_messages(prompt) + completion_messages(prompt, answer)
+    return "".join(_hh_turn(m) for m in turns)
+
+
+def _hh_conversations(pair: PairRecord) -> tuple[str, str]:
+    return (_hh_conversation(pair.prompt, pair.chosen),
+            _hh_conversation(pair.prompt, pair.rejected))
+
+
+def hh_unwritable(pair: PairRecord) -> str | None:
+    """Why ``pair`` cannot be written as HH transcripts that read back as the same pair (one
+    of ``HH_NOT_HUMAN``, ``HH_TURNS``), or None when it can."""
+    messages = [*as_messages(pair.prompt), *(m for answer in (pair.chosen, pair.rejected)
+                                             for m in completion_messages(pair.prompt, answer))]
+    if any(m["role"] not in ("user", "assistant") for m in messages):
+        return HH_NOT_HUMAN
+    chosen, rejected = _hh_conversations(pair)
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut != rejected.rfind(HH_ASSISTANT) or chosen[:cut] != rejected[:cut]:
+        return HH_TURNS
+    return None
+
+
 def hh_transcripts(pair: PairRecord) -> tuple[str, str]:
-    """(chosen, rejected) as whole HH-RLHF transcripts.
+    """(chosen, rejected) as whole HH-RLHF transcripts, every turn of prompt and answers.
 
     A prompt read from an HH file (ending in ``"\\n\\nAssistant:"``) is joined verbatim with the
-    answers, so HH files round-trip exactly; other prompts are rendered turn by turn.
+    answers, so HH files round-trip exactly; other prompts are rendered turn by turn. Raises
+    ValueError for a pair :func:`hh_unwritable` refuses.
     """
-    prompt = pair.prompt
-    if isinstance(prompt, str) and prompt.startswith(HH_HUMAN) and prompt.endswith(HH_ASSISTANT):
-        return prompt + response_text(pair.chosen), prompt + response_text(pair.rejected)
-    turns = [
-        f"{HH_ASSISTANT if m['role'] == 'assistant' else HH_HUMAN} {m['content']}"
-        for m in as_messages(prompt)
-    ]
-    head = "".join(turns) + HH_ASSISTANT
-    return head + " " + response_text(pair.chosen), head + " " + response_text(pair.rejected)
+    problem = hh_unwritable(pair)
+    if problem is not None:
+        raise ValueError(f"cannot write as HH: {problem}")
+    return _hh_conversations(pair)
 
 
 def split_shared(first: Chat, second: Chat) -> tuple[Chat, Chat, Chat]:

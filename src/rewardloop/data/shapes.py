@@ -87,8 +87,10 @@ def _saferlhf(obj: dict[str, Any], dimension: str) -> list[Record]:
                for i in (0, 1)]
     key = f"{dimension}_response_id"
     best = F.required(obj, key)
-    if best not in (0, 1) or isinstance(best, bool):
+    # 1.0 counts: pandas writes an int column with nulls as floats.
+    if isinstance(best, bool) or not isinstance(best, int | float) or best not in (0, 1):
         raise F.Invalid(key, f"must be 0 or 1, got {best!r}")
+    best = int(best)
     sources = [obj.get(f"response_{i}_source") for i in (0, 1)]
     models = None
     if any(sources):

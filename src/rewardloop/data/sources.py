@@ -3,14 +3,20 @@
 Every reader of rewardloop data goes through :func:`open_source`, so each ``--data``,
 ``--prompts`` and ``data import`` accepts the same inputs:
 
-- a ``.jsonl`` file (anything that is not Parquet or Arrow is read as JSONL);
+- a ``.jsonl`` file (anything that is not Parquet or Arrow is read as JSONL, so ``.json`` files
+  holding one object a line are too); a ``.gz`` name is read through gzip;
 - a Parquet file (``.parquet``), read one record batch at a time;
 - an Arrow IPC file or stream (``.arrow``, ``.feather``), memory-mapped, batch by batch;
 - a ``datasets.save_to_disk`` directory: one dataset (``state.json`` + Arrow shards) or a
   DatasetDict (``dataset_dict.json`` + one directory per split);
-- a Hub-style dataset folder: Parquet, Arrow or JSONL files anywhere below it, the split taken
-  from the file name (``data/train-00000-of-00002.parquet``) or its directory
-  (``default/train/0000.parquet``).
+- a Hub-style dataset folder: Parquet, Arrow, JSONL or JSON Lines ``.json`` files (optionally
+  ``.gz``) anywhere below it. A file's split comes from its name when the name says it, as
+  the Hub reads them: a shard ``{split}-00000-of-00002`` (any split name, ``train_prefs`` too)
+  or a split word (``train``, ``test``, ``validation``, ...). Otherwise its directory is the
+  split (``default/train/0000.parquet``), and at the top or in ``data/`` its name is.
+  Directories above the split are subsets (``harmless-base/train.jsonl.gz``,
+  ``askacademia/train.json``): a split is read from every subset, as ``datasets.load_dataset``
+  reads such a folder; to read one subset, name its directory (``hh/harmless-base``).
 
 A folder with several splits needs one chosen: ``--split NAME`` where a command has it, or
 ``DIR:NAME`` anywhere a path is taken. The ``datasets`` package is not needed: its saved
@@ -23,7 +29,9 @@ nulls are dropped from objects before the rows reach the parsers.
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -33,10 +41,20 @@ from typing import Any
 from rewardloop.data._fields import kind_of
 from rewardloop.errors import DataError, UserError
 
+log = logging.getLogger(__name__)
+
 COLUMNAR = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow"}
-_FOLDER_SUFFIXES = (".parquet", ".arrow", ".jsonl")
+_FOLDER_SUFFIXES = (".parquet", ".arrow", ".feather", ".jsonl", ".json", ".jsonl.gz",
+                    ".json.gz")
+# JSON files a dataset folder holds about itself, not rows.
+_METADATA = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json",
+                       "state.json"})
 _BATCH_ROWS = 1024
-_SPLIT_NAME = re.compile(r"[A-Za-z0-9]+")
+# Split names as ``datasets`` allows them (train_prefs, test.clean), and the Hub's file names.
+_SPLIT_NAME = re.compile(r"\w+(?:\.\w+)*")
+_SHARD = re.compile(r"(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}(?:[-_.].*)?")
+_SPLIT_WORDS = frozenset({"train", "training", "test", "testing", "validation", "valid", "val",
+                          "dev", "eval", "evaluation"})
 
 __all__ = ["Location", "Source", "data_error", "open_source", "rows"]
 
@@ -119,25 +137,58 @@ def _saved_dict(path: Path, split: str | None) -> tuple[Path, ...]:
     return _saved_dataset(chosen)
 
 
-def _file_split(relative: Path) -> str:
-    """A Hub file's split: the leading word of its name when it sits at the top or in a
-    ``data/`` directory (``data/train-00000-of-00001.parquet``, ``test.jsonl``), else the name
-    of its directory (``train/part-0.parquet``, ``default/train/0000.parquet``)."""
-    parent = relative.parent.name
-    if parent not in ("", "data"):
-        return parent
-    match = _SPLIT_NAME.match(relative.name)
-    return match.group(0) if match else relative.stem
+def _base_name(name: str) -> str:
+    """A data file's name without its data suffixes (``train.jsonl.gz`` -> ``train``)."""
+    for suffix in sorted(_FOLDER_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _file_split(relative: Path) -> tuple[str, str]:
+    """(subset, split) of a Hub folder's file, from the path below the folder.
+
+    The name says the split when it is a shard (``train_prefs-00000-of-00001.parquet``) or a
+    split word (``test.jsonl``, ``harmless-base/train.jsonl.gz``); otherwise the directory is
+    the split (``default/train/0000.parquet``), or at the top or in ``data/`` the name's
+    leading word is. The directories above the split (``data/`` aside) name the subset.
+    """
+    base = _base_name(relative.name)
+    dirs = list(relative.parent.parts)
+    shard = _SHARD.fullmatch(base)
+    if shard:
+        split = shard["split"]
+    elif base.lower() in _SPLIT_WORDS:
+        split = base
+    elif dirs and dirs[-1] != "data":
+        split = dirs.pop()
+    else:
+        word = _SPLIT_NAME.match(base)
+        split = word.group(0) if word else base
+    return "/".join(d for d in dirs if d != "data"), split
 
 
 def _hub_folder(path: Path, split: str | None) -> tuple[Path, ...]:
     splits: dict[str, list[Path]] = {}
+    subsets: dict[str, set[str]] = {}
     for file in sorted(path.rglob("*")):
         relative = file.relative_to(path)
-        if (file.suffix in _FOLDER_SUFFIXES and file.is_file()
-                and not any(p.startswith(".") for p in relative.parts)):
-            splits.setdefault(_file_split(relative), []).append(file)
-    return _pick(path, splits, split)
+        if (file.name.endswith(_FOLDER_SUFFIXES) and file.name not in _METADATA
+                and file.is_file() and not any(p.startswith(".") for p in relative.parts)):
+            subset, name = _file_split(relative)
+            splits.setdefault(name, []).append(file)
+            subsets.setdefault(name, set()).add(subset)
+    known = {part for names in subsets.values() for s in names for part in s.split("/")}
+    if split is not None and split not in splits and split in known:
+        raise UserError(f"{path}: {split!r} is a subset, not a split (the splits are "
+                        f"{', '.join(sorted(splits))}); to read only that subset, name its "
+                        f"directory: {path / split} --split NAME")
+    files = _pick(path, splits, split)
+    chosen = sorted(subsets[split if split is not None else next(iter(splits))])
+    if len(chosen) > 1:
+        log.info("%s: reading the split from %d subsets (%s); name one subset's directory to "
+                 "read only it", path, len(chosen), ", ".join(chosen))
+    return files
 
 
 def open_source(spec: str | Path, split: str | None = None) -> Source:
@@ -172,8 +223,15 @@ def _reject_constant(name: str) -> Any:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Location, dict[str, Any]]]:
-    """Each non-blank line as an object; lines may be of any length."""
-    with path.open("rb") as fh:
+    """Each non-blank line as an object; lines may be of any length; ``.gz`` is decompressed."""
+    try:
+        yield from _json_lines(path)
+    except (OSError, EOFError) as exc:  # a damaged or truncated gzip file, a read error
+        raise DataError(f"cannot be read: {exc}", path=str(path)) from None
+
+
+def _json_lines(path: Path) -> Iterator[tuple[Location, dict[str, Any]]]:
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as fh:
         for number, raw in enumerate(fh, 1):
             where = Location(str(path), number)
             try:
@@ -192,7 +250,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Location, dict[str, Any]]]:
             except (ValueError, RecursionError) as exc:
                 raise data_error(where, f"not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
-                raise data_error(where, f"each line must be a JSON object, got {kind_of(obj)}")
+                hint = (" (a JSON array file? rewardloop reads JSON Lines: one object a line)"
+                        if number == 1 and isinstance(obj, list) else "")
+                raise data_error(where, f"each line must be a JSON object, got {kind_of(obj)}"
+                                 + hint)
             yield where, obj
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rewardloop.errors import UserError
@@ -85,6 +85,19 @@ def _create_private(path: Path) -> None:
         pass
     except OSError as exc:
         raise UserError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def store_files(url: str) -> list[Path]:
+    """The files a SQLite store at ``url`` consists of (database, WAL, shared memory, write
+    lock): what no output may overwrite. Empty for other databases and in-memory SQLite."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return []
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:":
+        return []
+    return [Path(db + suffix) for suffix in ("", "-wal", "-shm", ".writelock")]
 
 
 class _WriteLock:
@@ -216,7 +229,7 @@ class Store:
             with self.engine.begin() as conn:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
-        except OperationalError as exc:
+        except DatabaseError as exc:  # OperationalError too; "file is not a database"
             raise UserError(f"--db: cannot open {self.safe_url}: {exc.orig}") from None
 
     def revision(self) -> str | None:

@@ -48,7 +48,8 @@ COMPARISON_FORMATS = ("trl", "ranking", "hh", "ultrafeedback", "arena", "oasst",
                       "saferlhf-better", "saferlhf-safer")
 IMPORTABLE = (*COMPARISON_FORMATS, "kto", "prompts", "candidates")
 EXPORTABLE = ("trl", "ranking", "hh", "kto", "prompts", "candidates")
-SKIP_TIES = "tied pairs (the format cannot express a tie)"
+SKIP_TIES = ("tied pairs (TRL and HH readers take every row as a preference; --format ranking "
+             "keeps ties, as does trl with --ties)")
 _CHUNK = 500  # records per chunk: a few statements each (bulk.py)
 
 
@@ -135,12 +136,19 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None, *,
 
 
 def _export_records(store: Store, fmt: str, report: ExportReport, batch: str | None,
-                    dimension: str | None) -> list[Any]:
+                    dimension: str | None, ties: bool) -> list[Any]:
     if fmt in ("trl", "hh"):
         pairs = load_pairs(store, batch=batch, dimension=dimension)
-        records = [p for p in pairs if not p.tie]
-        if len(records) < len(pairs):
-            report.skipped[SKIP_TIES] = len(pairs) - len(records)
+        records = []
+        for pair in pairs:
+            if fmt == "trl":
+                problem = SKIP_TIES if pair.tie and not ties else None
+            else:
+                problem = SKIP_TIES if pair.tie else formats.hh_unwritable(pair)
+            if problem is None:
+                records.append(pair)
+            else:
+                report.skipped[problem] = report.skipped.get(problem, 0) + 1
         return records
     if fmt == "ranking":
         return load_rankings(store, batch=batch, dimension=dimension)
@@ -150,20 +158,27 @@ def _export_records(store: Store, fmt: str, report: ExportReport, batch: str | N
 
 
 def export(store: Store, fmt: str, path: str | Path, *, batch: str | None = None,
-           dimension: str | None = None, hf_dataset: bool = False) -> ExportReport:
+           dimension: str | None = None, hf_dataset: bool = False, ties: bool = False
+           ) -> ExportReport:
     """Write the store's data as ``fmt`` (one of ``EXPORTABLE``), atomically.
 
     ``path`` is a JSONL, Parquet (``.parquet``) or Arrow (``.arrow``) file, or with
-    ``hf_dataset`` a directory ``datasets.load_from_disk`` loads. ``trl`` and ``hh`` cannot
-    express ties: tied pairs are left out and counted in ``skipped``. ``batch`` limits
-    comparison formats to one batch's judgments, ``dimension`` to one judged dimension.
+    ``hf_dataset`` a directory ``datasets.load_from_disk`` loads. ``ranking`` keeps everything
+    a judgment says. TRL's trainers and HH readers take every row as a preference, so tied
+    pairs are left out of ``trl`` (unless ``ties``: then they are written with ``tie: true``)
+    and ``hh``, and pairs HH transcripts cannot hold are left out of ``hh``; both are counted
+    in ``skipped``. ``batch`` limits comparison formats to one batch's judgments,
+    ``dimension`` to one judged dimension.
     """
     formats.check_format(fmt, EXPORTABLE)
     for name, value in (("--batch", batch), ("--dimension", dimension)):
         if value is not None and fmt not in ("trl", "ranking", "hh"):
             raise UserError(f"{name} selects comparisons; it does not apply to {fmt} exports")
+    if ties and fmt != "trl":
+        raise UserError(f"--ties applies to trl exports ({fmt} rows "
+                        f"{'keep ties anyway' if fmt == 'ranking' else 'cannot say tie'})")
     report = ExportReport(str(path), fmt)
-    records = _export_records(store, fmt, report, batch, dimension)
+    records = _export_records(store, fmt, report, batch, dimension, ties)
     write = formats.write_dataset if hf_dataset else formats.write_records
     report.rows = write(path, fmt, records)
     log.info("exported %d %s rows to %s", report.rows, fmt, path)

@@ -17,6 +17,8 @@ import numpy as np
 # import skips a record whose key is already stored, so the annotation API refuses keys in this
 # namespace: no user can store one first and so suppress an import.
 IMPORT_KEY_PREFIX = "import:"
+# How strongly an annotator preferred the winner (``Judgment.strength``).
+STRENGTHS = ("slight", "clear", "strong")
 
 
 def content_hash(value: Any) -> str:
