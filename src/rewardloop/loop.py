@@ -68,6 +68,8 @@ def _round_record(n: int, figures: Mapping[str, Mapping[str, Any]]) -> dict[str,
     ev = figures.get("eval", {})
     return {"round": n, "proxy": ev.get("rm_win_rate"), "gold": ev.get("gold_win_rate"),
             "human": ev.get("human_win_rate"), "kl": ev.get("kl"),
+            "proxy_ci": ev.get("rm_win_rate_ci"), "gold_ci": ev.get("gold_win_rate_ci"),
+            "human_ci": ev.get("human_win_rate_ci"),
             "length": ev.get("policy_words_mean"),
             **{f"{stage}/{k}": v for stage, f in figures.items() for k, v in f.items()
                if isinstance(v, int | float | str | list)}}
@@ -89,7 +91,7 @@ def summarize(cfg: LoopConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     alarms = [f"round {r['round']} RL run: {a}" for r in records
               for a in r.get("policy/alarms", [])]
     alarms += check_alarms(records, AlarmSettings(
-        step_key="round", window=1, max_kl=cfg.max_kl, max_length_ratio=None))
+        step_key="round", window=1, max_kl=cfg.max_kl, max_length_ratio=None, ci_suffix="_ci"))
     for message in alarms:
         log.warning("alarm: %s", message)
     last = records[-1]

@@ -63,6 +63,10 @@ class LoopConfig:
     loop's first round is for everyone. None = every task for everyone. See docs/groups.md."""
     db: str | None = None
     """Store URL; None = sqlite:///WORKDIR/loop.db."""
+    batch_prefix: str = ""
+    """Put before the loop's batch names (round-N, arena-round-N) in the store: loops that share
+    one ``db`` need one each (e.g. "exp-a/"); a loop refuses a round-N batch holding another
+    loop's tasks."""
     pool: Path | None = None
     """Simulated annotator pool YAML (docs/quality.md); None waits for people instead."""
     gold: str | None = None
@@ -129,19 +133,24 @@ class LoopConfig:
                              "`rewardloop eval --judge human`)")
         if self.min_judgments is not None and self.min_judgments < 1:
             raise ValueError("min_judgments must be at least 1")
-        if self.wait_timeout_s <= 0 or self.poll_s <= 0 or self.eval_n < 1:
-            raise ValueError("wait_timeout_s, poll_s and eval_n must be > 0")
-        if self.max_new_tokens < 1 or self.temperature <= 0:
-            raise ValueError("max_new_tokens must be >= 1 and temperature > 0")
-        if any(x is not None and x <= 0 for x in (self.max_kl, self.max_length_ratio)) \
-                or self.alarm_window < 1:
-            raise ValueError("max_kl and max_length_ratio must be > 0 (or null: off) and "
-                             "alarm_window at least 1")
+        self._check_ranges()
         check_report_to(self.report_to)  # before a round runs, not at its first trainer
         try:
             self._check_trainers()
         except UserError as exc:  # a ValueError, as every check here
             raise ValueError(str(exc)) from None
+
+    def _check_ranges(self) -> None:
+        """The ranges of the waiting, sampling and alarm settings."""
+        if self.wait_timeout_s <= 0 or self.poll_s <= 0 or self.eval_n < 1:
+            raise ValueError("wait_timeout_s, poll_s and eval_n must be > 0")
+        if self.max_new_tokens < 1 or self.temperature <= 0:
+            raise ValueError("max_new_tokens must be >= 1 and temperature > 0")
+        if (self.max_kl is not None and self.max_kl <= 0) or self.alarm_window < 1:
+            raise ValueError("max_kl must be > 0 (or null: off) and alarm_window at least 1")
+        if self.max_length_ratio is not None and self.max_length_ratio <= 1:
+            raise ValueError("max_length_ratio must be > 1 (a multiple of the first step's "
+                             "length; or null: off)")
 
     def _check_trainers(self) -> None:
         """Check ``generation``, ``rm_options`` and ``policy_options`` now, by building the

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -47,6 +47,9 @@ from rewardloop.feedback.simulate import ensure_annotators, load_pool, simulate
 from rewardloop.loop_config import LoopConfig, read_marker, round_dir
 from rewardloop.util.files import atomic_write_text
 
+if TYPE_CHECKING:
+    from rewardloop.train.reward import StoredAnnotators
+
 log = logging.getLogger(__name__)
 
 class RoundContext:
@@ -58,7 +61,11 @@ class RoundContext:
 
     @property
     def batch(self) -> str:
-        return f"round-{self.n}"
+        return f"{self.cfg.batch_prefix}round-{self.n}"
+
+    @property
+    def arena_batch(self) -> str:
+        return f"{self.cfg.batch_prefix}arena-round-{self.n}"
 
     @property
     def policy(self) -> str:
@@ -134,7 +141,9 @@ def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
         with store.write() as session:
             batch = T.get_or_create_batch(session, ctx.batch)
             count = T.batch_progress(session, batch)["tasks"]
-            if count == 0:
+            if count:
+                _check_own_batch(ctx, session, batch, rows)
+            else:
                 planned = S.Plan([S.PlannedTask("select", r, a, b, ctx.cfg.overlap)
                                   for r, a, b in S.candidate_pairs(rows)])
                 if ctx.cfg.for_groups is not None:
@@ -145,6 +154,27 @@ def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
     finally:
         store.dispose()
     return figures
+
+
+def _check_own_batch(ctx: RoundContext, session: Session, batch: Batch,
+                     rows: list[CandidatesRecord]) -> None:
+    """UserError when ``batch`` holds tasks on prompts this round never drew: another loop's
+    round of the same name in a shared store, whose judgments this loop would train on."""
+    ours = set()
+    for row in rows:
+        prompt = (T.get_or_create_prompt(session, messages=row.prompt)
+                  if isinstance(row.prompt, list)
+                  else T.get_or_create_prompt(session, text=str(row.prompt)))
+        ours.add(prompt)
+    session.flush()
+    ids = {p.id for p in ours}
+    theirs = set(session.scalars(select(ComparisonTask.prompt_id)
+                                 .where(ComparisonTask.batch_id == batch.id)))
+    if not theirs <= ids:
+        raise UserError(f"batch {ctx.batch!r} of the store (db) holds tasks on prompts this "
+                        f"loop's round {ctx.n} did not draw: another loop's round of that "
+                        "name. Give each loop sharing a db its own batch_prefix (e.g. "
+                        "batch_prefix: exp-b/), or its own db")
 
 
 def _audiences(session: Session, batch: Batch) -> dict[str, int]:
@@ -234,7 +264,8 @@ def _export_pairs(ctx: RoundContext, out: Path) -> int:
     store = ctx.store()
     try:
         pairs = [p for n in range(1, ctx.n + 1)
-                 for p in load_pairs(store, batch=f"round-{n}") if not p.tie]
+                 for p in load_pairs(store, batch=RoundContext(ctx.cfg, n).batch)
+                 if not p.tie]
     finally:
         store.dispose()
     if len({json.dumps(p.prompt) for p in pairs}) < 2:
@@ -244,29 +275,51 @@ def _export_pairs(ctx: RoundContext, out: Path) -> int:
     return len(pairs)
 
 
-def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
-    """Export judgments and a quality report, then train the reward model (warm start from the
-    previous round's), without the judgments of flagged annotators, evaluated on held-out
-    prompts every few steps and saved at its best step."""
-    # The trainers import torch (seconds): loaded when a stage runs, not for `loop status`.
-    from rewardloop.train.reward import train_rm
+FROZEN = ("pairs.jsonl", "quality.json", "annotators.json")
+"""What the rm stage exports before training: a resumed trainer must see the same data (people
+may have judged more since), so once its first checkpoint exists they are read, not redone."""
 
-    data = ctx.dir / "data"
-    data.mkdir(exist_ok=True)
+
+def _rm_inputs(ctx: RoundContext, data: Path, cfg: Any
+               ) -> tuple[int, dict[str, Any], StoredAnnotators]:
+    """(pairs, quality report, what the store knows of the annotators) of the round: exported
+    from the store, or, when the trainer ``cfg`` resumes from a checkpoint, the files it started
+    from."""
+    if cfg.resume and all((data / name).is_file() for name in FROZEN):
+        pairs = sum(1 for line in (data / "pairs.jsonl").open(encoding="utf-8") if line.strip())
+        frozen = json.loads((data / "annotators.json").read_text(encoding="utf-8"))
+        stored = (frozen["weights"], set(frozen["flagged"]), frozen["groups"])
+        return pairs, json.loads((data / "quality.json").read_text(encoding="utf-8")), stored
     n_pairs = _export_pairs(ctx, data)
     store = ctx.store()
     try:
         report = quality_report(store).to_json()
     finally:
         store.dispose()
+    weights, flagged, groups = annotators_from_db(
+        ctx.cfg.db_url, weights=cfg.weighting == "reliability", flagged=cfg.exclude_flagged)
     atomic_write_text(data / "quality.json", json.dumps(report, indent=2) + "\n")
-    flagged = sorted(n for n, a in report["annotators"].items() if a["flags"])
+    atomic_write_text(data / "annotators.json", json.dumps(
+        {"weights": weights, "flagged": sorted(flagged), "groups": groups}, indent=2) + "\n")
+    return n_pairs, report, (weights, flagged, groups)
+
+
+def stage_rm(ctx: RoundContext, out: Path) -> dict[str, Any]:
+    """Export judgments and a quality report, then train the reward model (warm start from the
+    previous round's), without the judgments of flagged annotators, evaluated on held-out
+    prompts every few steps and saved at its best step. A trainer resumed from its checkpoint
+    trains on the exports it started with (``FROZEN``)."""
+    # The trainers import torch (seconds): loaded when a stage runs, not for `loop status`.
+    from rewardloop.train.reward import train_rm
+
+    data = ctx.dir / "data"
+    data.mkdir(exist_ok=True)
     cfg = ctx.cfg.rm_config(model=ctx.previous_rm or ctx.policy, data=data / "pairs.jsonl",
                             out=out, seed=ctx.cfg.seed + ctx.n,
                             **_trainer_flags(out, ctx.cfg.report_to))
-    summary = train_rm(cfg, annotators_from_db(ctx.cfg.db_url,
-                                               weights=cfg.weighting == "reliability",
-                                               flagged=cfg.exclude_flagged))
+    n_pairs, report, stored = _rm_inputs(ctx, data, cfg)
+    flagged = sorted(n for n, a in report["annotators"].items() if a["flags"])
+    summary = train_rm(cfg, stored)
     # The saved model is the best step's: its figures are the round's.
     best = {k: summary[f"best_{k}"] for k in ("eval_accuracy", "eval_ece")
             if f"best_{k}" in summary}
@@ -345,7 +398,17 @@ def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, An
     """The simulated pool judges the arena tasks ``evaluate`` created; returns its figures."""
     cfg = ctx.cfg
     assert cfg.pool is not None  # LoopConfig refuses arena without a simulated pool
-    batch = f"arena-round-{ctx.n}"
+    batch = ctx.arena_batch
+    made: dict[str, Any] = next((c for c in result["comparisons"] if c["judge"] == HUMAN), {})
+    if not made.get("tasks") and not made.get("existing_tasks"):
+        # The round's policy answered every prompt as the start did: nothing to judge, and
+        # no evidence either way (not an error to send people to the server for).
+        arena = {"battles": 0, "identical_pairs_skipped": made.get("identical_pairs_skipped"),
+                 "note": "the policy's answers equal the baseline's on every prompt: no battle"}
+        result["comparisons"] = [c for c in result["comparisons"] if c["judge"] != HUMAN]
+        result["arena"] = arena
+        write_eval(out, result)
+        return arena
     store = ctx.store()
     try:
         simulate(store, load_pool(cfg.pool), cfg.pool_gold or cfg.gold or "", batch=batch,
@@ -354,7 +417,7 @@ def _arena(ctx: RoundContext, out: Path, result: dict[str, Any]) -> dict[str, An
         store.dispose()
     arena = store_arena(cfg.db_url, batch, policy=result["policy_name"],
                         baseline=result["baseline_name"], seed=cfg.seed)
-    result["comparisons"] = [c for c in result["comparisons"] if c["judge"] != "human"]
+    result["comparisons"] = [c for c in result["comparisons"] if c["judge"] != HUMAN]
     if "win_rate" in arena:
         result["comparisons"].append({k: arena[k] for k in (
             "name", "judge", "win_rate", "win_rate_ci", "wins", "ties", "losses", "n")})
@@ -372,7 +435,7 @@ def stage_eval(ctx: RoundContext, out: Path) -> dict[str, Any]:
         policy=str(ctx.dir / "policy" / "model"), baseline=cfg.policy,
         prompts=cfg.eval_prompts or cfg.prompts, out=out, judges=judges, n=cfg.eval_n,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        seed=cfg.seed + 7, db=cfg.db_url, arena_batch=f"arena-round-{ctx.n}",
+        seed=cfg.seed + 7, db=cfg.db_url, arena_batch=ctx.arena_batch,
         policy_name=f"round-{ctx.n}", baseline_name="start",
         **dataclasses.asdict(cfg.engine())))
     figures: dict[str, Any] = {"kl": result.get("kl"),

@@ -46,6 +46,18 @@ def test_arena_round_trip(store) -> None:
     assert outcomes == [("rlhf", "sft", 0.5), ("rlhf", "sft", 1.0)]
     ratings = bradley_terry_ratings(battles)
     assert ratings["rlhf"] > ratings["sft"]
+    # made again (a resumed loop's eval stage): nothing doubles, nothing is judged twice
+    with store.write() as s:
+        again = create_arena_tasks(s, prompts, outputs, batch_name="arena-1")
+    assert (again.tasks, again.existing, again.identical_pairs_skipped) == (0, 2, 1)
+    # another policy's battles on the same prompts are new ones
+    with store.write() as s:
+        more = create_arena_tasks(s, prompts, {"sft": outputs["sft"], "round-2": ["c1", "b2",
+                                                                                 "x"]},
+                                  batch_name="arena-1")
+    assert (more.tasks, more.existing) == (3, 0)
+    with store.read() as s:
+        assert len(arena_battles(s, "arena-1")) == 2
 
 
 def test_arena_needs_two_policies_and_matching_lengths(store) -> None:

@@ -109,3 +109,37 @@ def test_change_noise_hand_worked() -> None:
     # var([0, 2]) = 2 and var([1, 3]) = 2 -> sqrt(2/2 + 2/2) = sqrt(2)
     assert abs(_change_noise([0, 2], [1, 3]) - 2 ** 0.5) < 1e-12
     assert _change_noise([1], [2]) == 0.0
+
+
+def test_single_rounds_are_judged_against_their_stated_intervals() -> None:
+    """The loop compares rounds one to one: their win-rate intervals are the noise."""
+    def rounds(proxy: list[float], gold: list[float], half: float) -> list[dict]:
+        pairs = enumerate(zip(proxy, gold, strict=True))
+        return [{"round": i + 1, "proxy": p, "gold": g, "proxy_ci": [p - half, p + half],
+                 "gold_ci": [g - half, g + half]} for i, (p, g) in pairs]
+
+    # one prompt in 64 either way, intervals +-0.12: noise, no alarm
+    wiggle = rounds([0.70, 0.7156], [0.62, 0.6044], 0.12)
+    assert divergence_alarm(wiggle, "proxy", "gold", window=1, step_key="round",
+                            ci_suffix="_ci") is None
+    # without the intervals that wiggle fires, and the message says there was no noise estimate
+    message = divergence_alarm(wiggle, "proxy", "gold", window=1, step_key="round")
+    assert message is not None and "no noise estimate for either side" in message
+    # a real divergence, each change beyond 2 standard errors (0.12 / 1.96 each side)
+    big = rounds([0.55, 0.85], [0.70, 0.40], 0.12)
+    message = divergence_alarm(big, "proxy", "gold", window=1, step_key="round", ci_suffix="_ci")
+    assert message is not None and message.startswith("round 2:")
+    assert "beyond 2 standard errors" in message
+    # the held-out side's own noise counts too: the proxy rose clearly, gold fell within noise
+    mixed = rounds([0.55, 0.85], [0.70, 0.62], 0.12)
+    assert divergence_alarm(mixed, "proxy", "gold", window=1, step_key="round",
+                            ci_suffix="_ci") is None
+
+
+def test_a_held_out_fall_inside_its_window_noise_is_not_a_divergence() -> None:
+    # proxy rises steadily (little spread); gold's windows overlap widely: its fall is noise
+    rows = _rows([0.10, 0.11, 0.12, 0.50, 0.51, 0.52], [0.9, 0.3, 0.6, 0.8, 0.2, 0.5])
+    assert divergence_alarm(rows, "proxy", "gold", window=3) is None
+    # the same fall with a steady gold is one
+    steady = _rows([0.10, 0.11, 0.12, 0.50, 0.51, 0.52], [0.61, 0.60, 0.60, 0.50, 0.51, 0.50])
+    assert divergence_alarm(steady, "proxy", "gold", window=3) is not None

@@ -173,7 +173,9 @@ def test_the_online_defaults_pass_their_range_checks() -> None:
 @pytest.mark.parametrize(("keys", "words"), [
     ({"max_kl": math.nan}, "max_kl must be a finite number"),
     ({"wait_timeout_s": math.inf}, "wait_timeout_s must be a finite number"),
-    ({"max_length_ratio": 0.0}, "max_kl and max_length_ratio must be > 0"),
+    ({"max_length_ratio": 0.0}, "max_length_ratio must be > 1"),
+    ({"max_length_ratio": 0.8}, "max_length_ratio must be > 1"),  # once only the alarm said so
+    ({"max_kl": 0.0}, "max_kl must be > 0"),
     ({"alarm_window": 0}, "alarm_window at least 1"),
 ])
 def test_loop_numbers_out_of_range_are_refused(keys: dict[str, Any], words: str) -> None:

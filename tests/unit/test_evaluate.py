@@ -99,6 +99,42 @@ def test_policy_against_itself_ties_with_zero_kl(tiny_pair: tuple[Path, Path, Pa
     assert set(saved["length"]) == {"policy", "baseline"}
 
 
+def test_the_kl_is_policy_over_baseline_on_the_policys_answers(
+        tiny_pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """KL(policy || baseline) at the sampling temperature, by hand from the two models' logits
+    on the policy's own sampled answers (the direction, the answers and the temperature each
+    change the figure)."""
+    import torch
+
+    from rewardloop.eval.evaluate import load_for_generation, sample_answers
+
+    a, b, prompts = tiny_pair
+    temperature = 0.7
+    out = evaluate(EvalConfig(policy=str(a), baseline=str(b), prompts=prompts, out=tmp_path,
+                              judges=(GOLD,), max_new_tokens=8, n_boot=20,
+                              temperature=temperature))
+    model_a, tok = load_for_generation(str(a))
+    model_b, _ = load_for_generation(str(b))
+    rows = [json.loads(x) for x in prompts.read_text().splitlines()]
+    answers = sample_answers(model_a, tok, [r["prompt"] for r in rows], max_new_tokens=8,
+                             temperature=temperature, seed=0)
+    total = 0.0
+    with torch.no_grad():
+        for r in answers.rollouts:
+            ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+            mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
+            start = r.prompt_ids.shape[1]
+            sides = []
+            for model in (model_a, model_b):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, start - 1:-1]
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+                sides.append(logp.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1))
+            total += float(((sides[0] - sides[1]) * r.completion_mask).sum())
+    expected = total / len(rows)
+    assert out["kl"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert abs(expected) > 0.05  # two different models: the test can tell the cases apart
+
+
 def test_human_judge_creates_arena_tasks(tiny_pair: tuple[Path, Path, Path],
                                          tmp_path: Path) -> None:
     from rewardloop.data.store import Store

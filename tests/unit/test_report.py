@@ -108,3 +108,11 @@ def test_report_puts_reward_model_accuracy_beside_its_label_ceiling(tmp_path: Pa
     (run / "summary.json").write_text(json.dumps(summary))
     html_text = build_report([run], tmp_path / "r.html").read_text()
     assert "0.59 of a ceiling of 0.70" in html_text
+
+
+def test_names_with_dollar_signs_are_drawn_as_text(tmp_path: Path) -> None:
+    """Annotator names may hold "$": matplotlib must not read them as mathtext (it failed)."""
+    from rewardloop.eval.report import bar_figure
+
+    uri = bar_figure(r"agreement of bob$\frac$", [r"bob$\frac$", "$x$"], [0.5, 0.7])
+    assert uri.startswith("data:image/png;base64,")

@@ -48,6 +48,10 @@ class AlarmSettings:
     """Alarm when the KL exceeds this; None = no KL alarm."""
     max_length_ratio: float | None = None
     """Alarm when the mean length exceeds this times the first record's; None = off."""
+    ci_suffix: str | None = None
+    """Records that carry a 95% interval of a watched figure under ``<key><ci_suffix>``
+    (``[low, high]``; e.g. the loop's per-round win rates, ``_ci``): its standard error joins
+    the noise a change must exceed, which windows of one record cannot estimate."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -98,28 +102,64 @@ OVEROPTIMISATION_DEFENCE = (
 """What the gold-versus-proxy alarm tells the user to do (docs/reward-models.md)."""
 
 
+Z_95 = 1.959963984540054
+
+
+def _stated_error(record: Record, key: str, ci_suffix: str | None) -> float | None:
+    """The standard error a record states for ``key`` through its 95% interval, if any."""
+    if ci_suffix is None:
+        return None
+    ci = record.get(f"{key}{ci_suffix}")
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return None
+    low, high = _number(ci[0]), _number(ci[1])
+    return None if low is None or high is None else (high - low) / (2 * Z_95)
+
+
+def _stated_noise(before: Sequence[float | None], after: Sequence[float | None]) -> float:
+    """Standard error of the difference of two window means from the records' own stated
+    errors (0 unless every record states one)."""
+    if any(e is None for e in (*before, *after)):
+        return 0.0
+    return math.sqrt(sum(e * e for e in before if e is not None) / len(before) ** 2
+                     + sum(e * e for e in after if e is not None) / len(after) ** 2)
+
+
 def divergence_alarm(records: Sequence[Record], proxy_key: str, held_out_key: str, *,
                      window: int = 3, min_change: float = 0.0, step_key: str = "step",
-                     z: float = 2.0) -> str | None:
+                     z: float = 2.0, ci_suffix: str | None = None) -> str | None:
     """The first point where the proxy's mean over the last ``window`` records (that have both
     keys) rose over the ``window`` before, while the held-out mean fell; None when that never
     happens. Each change must exceed ``min_change`` and ``z`` standard errors of the change
-    (computed from the spread inside the windows), so noise alone rarely raises it."""
+    (from the spread inside the windows, or from the records' own 95% intervals under
+    ``<key><ci_suffix>``, whichever is larger), so noise alone rarely raises it. Windows of one
+    record without stated intervals have no noise estimate: any change counts, and the
+    message says so."""
     paired = [(i, p, h) for i, r in enumerate(records)
               if (p := _number(r.get(proxy_key))) is not None
               and (h := _number(r.get(held_out_key))) is not None]
+    errors = {i: (_stated_error(records[i], proxy_key, ci_suffix),
+                  _stated_error(records[i], held_out_key, ci_suffix)) for i, _, _ in paired}
     for end in range(2 * window, len(paired) + 1):
         before, after = paired[end - 2 * window:end - window], paired[end - window:end]
         p0, p1 = [p for _, p, _ in before], [p for _, p, _ in after]
         h0, h1 = [h for _, _, h in before], [h for _, _, h in after]
         proxy_0, proxy_1, held_0, held_1 = _mean(p0), _mean(p1), _mean(h0), _mean(h1)
-        proxy_bar = max(min_change, z * _change_noise(p0, p1))
-        held_bar = max(min_change, z * _change_noise(h0, h1))
+        proxy_noise = max(_change_noise(p0, p1), _stated_noise(
+            [errors[i][0] for i, _, _ in before], [errors[i][0] for i, _, _ in after]))
+        held_noise = max(_change_noise(h0, h1), _stated_noise(
+            [errors[i][1] for i, _, _ in before], [errors[i][1] for i, _, _ in after]))
+        proxy_bar = max(min_change, z * proxy_noise)
+        held_bar = max(min_change, z * held_noise)
         if proxy_1 - proxy_0 > proxy_bar and held_0 - held_1 > held_bar:
             where = _name(records, after[-1][0], step_key)
+            beyond = (f"beyond {z:g} standard errors" if proxy_noise > 0 and held_noise > 0
+                      else "single records, no noise estimate for "
+                      + ("either side" if proxy_noise == held_noise == 0 else
+                         "the proxy" if proxy_noise == 0 else "the held-out side"))
             return (f"{where}: proxy reward {proxy_key} rose {proxy_0:.4g} -> {proxy_1:.4g} "
                     f"while held-out {held_out_key} fell {held_0:.4g} -> {held_1:.4g} "
-                    f"(means over windows of {window}, beyond {z:g} standard errors): the "
+                    f"(means over windows of {window}, {beyond}): the "
                     f"policy may be gaming the reward model. {OVEROPTIMISATION_DEFENCE}")
     return None
 
@@ -159,7 +199,8 @@ def check_alarms(records: Sequence[Record], settings: AlarmSettings | None = Non
     length); an empty list when all is well."""
     s = settings or AlarmSettings()
     found = [divergence_alarm(records, s.proxy_key, key, window=s.window,
-                              min_change=s.min_change, step_key=s.step_key)
+                              min_change=s.min_change, step_key=s.step_key,
+                              ci_suffix=s.ci_suffix)
              for key in s.held_out_keys]
     if s.max_kl is not None:
         found.append(kl_alarm(records, s.kl_key, s.max_kl, step_key=s.step_key))

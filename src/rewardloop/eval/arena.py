@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment, TaskItem
+from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment, Response, TaskItem
 from rewardloop.feedback import tasks as T
 from rewardloop.metrics import Battle
 
@@ -28,6 +28,26 @@ from rewardloop.metrics import Battle
 class ArenaTasks:
     tasks: int
     identical_pairs_skipped: int
+    existing: int = 0
+    """Battles the batch already held (the same prompt, answers and models): an arena created
+    again (a resumed loop's eval stage, eval run twice) is not doubled."""
+
+
+def _held_battles(session: Session, batch: Batch) -> set[tuple[int, frozenset[tuple[int, str]]]]:
+    """(prompt id, {(response id, model)}) of every task ``batch`` holds."""
+    if batch.id is None:
+        session.flush()
+    rows = session.execute(
+        select(ComparisonTask.id, ComparisonTask.prompt_id, TaskItem.response_id,
+               TaskItem.model, Response.model)
+        .join(TaskItem, TaskItem.task_id == ComparisonTask.id)
+        .join(Response, Response.id == TaskItem.response_id)
+        .where(ComparisonTask.batch_id == batch.id))
+    items: dict[int, tuple[int, set[tuple[int, str]]]] = {}
+    for task_id, prompt_id, response_id, item_model, response_model in rows:
+        items.setdefault(task_id, (prompt_id, set()))[1].add(
+            (response_id, item_model or response_model or ""))
+    return {(prompt_id, frozenset(pairs)) for prompt_id, pairs in items.values()}
 
 
 def create_arena_tasks(session: Session, prompts: Sequence[Any],
@@ -46,7 +66,8 @@ def create_arena_tasks(session: Session, prompts: Sequence[Any],
                              f"{len(prompts)} prompts")
     rng = random.Random(seed)
     batch = T.get_or_create_batch(session, batch_name)
-    made = skipped = 0
+    held = _held_battles(session, batch)
+    made = skipped = existing = 0
     for i, prompt in enumerate(prompts):
         p = (T.get_or_create_prompt(session, messages=prompt) if isinstance(prompt, list)
              else T.get_or_create_prompt(session, text=str(prompt)))
@@ -58,10 +79,17 @@ def create_arena_tasks(session: Session, prompts: Sequence[Any],
                 continue
             ra = T.get_or_create_response(session, p, outputs[a][i], model=a)
             rb = T.get_or_create_response(session, p, outputs[b][i], model=b)
+            if ra.id is None or rb.id is None or p.id is None:
+                session.flush()
+            key = (p.id, frozenset({(ra.id, a), (rb.id, b)}))
+            if key in held:
+                existing += 1
+                continue
+            held.add(key)
             T.create_task(session, p, [ra, rb], kind="pairwise", overlap=overlap, batch=batch,
                           models=[a, b])
             made += 1
-    return ArenaTasks(tasks=made, identical_pairs_skipped=skipped)
+    return ArenaTasks(tasks=made, identical_pairs_skipped=skipped, existing=existing)
 
 
 def _outcome(ranking: list[list[int]], first: int) -> float:

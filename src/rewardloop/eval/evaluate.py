@@ -169,7 +169,8 @@ def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
         store.dispose()
     return {"name": HUMAN, "judge": HUMAN, "status": "pending", "db": store.safe_url,
             "arena_batch": cfg.arena_batch, "tasks": made.tasks,
-            "identical_pairs_skipped": made.identical_pairs_skipped}
+            "identical_pairs_skipped": made.identical_pairs_skipped,
+            "existing_tasks": made.existing}
 
 
 def check_eval_out(out: Path, overwrite: bool = False) -> None:

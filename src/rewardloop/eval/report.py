@@ -138,6 +138,9 @@ def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    # Names in figures are users' (annotators, groups, runs): "$" must be a dollar sign, not
+    # the start of mathtext that fails to parse ("bob$\frac$" stopped the report).
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
