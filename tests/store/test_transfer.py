@@ -187,3 +187,26 @@ def test_stats(store: Store, tmp_path: Path) -> None:
     assert lengths["n"] == 5 and lengths["chars_median"] == 5
     assert lengths["words_mean"] == pytest.approx((2 + 1 + 3 + 1 + 1) / 5)
     assert T.stats(Store(f"sqlite:///{tmp_path / 'empty.db'}"))["tie_rate"] is None
+
+
+def test_a_later_file_fills_what_an_earlier_one_left_unknown(store: Store, tmp_path: Path
+                                                             ) -> None:
+    """Judgments first (no prompt id, no models), then the prompts file and the candidates:
+    the id, meta and models are taken, not counted as duplicates and dropped; known ones stay."""
+    T.import_file(store, jsonl(tmp_path / "pairs.jsonl",
+                               [{"prompt": "q1", "chosen": "a", "rejected": "b"}]))
+    report = T.import_file(store, jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "q1", "id": "item-7", "meta": {"topic": "billing"}}]), fmt="prompts")
+    assert report.created["prompt ids or meta filled"] == 1
+    report = T.import_file(store, jsonl(tmp_path / "cands.jsonl", [
+        {"prompt": "q1", "responses": ["a", "b"], "models": ["sft", "rlhf"]}]),
+        fmt="candidates")
+    assert report.created["response models filled"] == 2
+    again = T.import_file(store, jsonl(tmp_path / "prompts2.jsonl", [
+        {"prompt": "q1", "id": "other", "meta": {"topic": "x"}}]), fmt="prompts")
+    assert again.created["prompt ids or meta filled"] == 0
+    with store.read() as s:
+        prompt = s.scalar(select(S.Prompt).where(S.Prompt.text == "q1"))
+        assert (prompt.external_id, prompt.meta) == ("item-7", {"topic": "billing"})
+        models = sorted(r.model for r in s.scalars(select(S.Response)))
+        assert models == ["rlhf", "sft"]

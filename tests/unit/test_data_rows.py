@@ -168,3 +168,21 @@ def test_prompts_rows_unchanged(tmp_path: Path) -> None:
     assert F.read_records(path)[1] == [PromptRecord("p", None, {"k": [1, 2.5, None, True]})]
     with pytest.raises(UserError):
         F.read_records(tmp_path / "missing.jsonl")
+
+
+def test_ultrafeedback_binarized_scores_give_the_margin_and_ties(tmp_path: Path) -> None:
+    chat = [{"role": "user", "content": "q"}]
+    rows = [{"prompt": "q", "chosen": [*chat, {"role": "assistant", "content": "good"}],
+             "rejected": [*chat, {"role": "assistant", "content": "bad"}],
+             "score_chosen": 8.5, "score_rejected": 3.0},
+            {"prompt": "q", "chosen": [*chat, {"role": "assistant", "content": "x"}],
+             "rejected": [*chat, {"role": "assistant", "content": "y"}],
+             "score_chosen": 6, "score_rejected": 6},
+            {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0,
+             "score_chosen": 9, "score_rejected": 2}]
+    pairs = F.read_records(jsonl(tmp_path / "ufb.jsonl", rows))[1]
+    assert [(p.margin, p.tie) for p in pairs] == [(5.5, False), (0.0, True), (1.0, False)]
+    bad = [{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 2,
+            "score_rejected": 9}]
+    with pytest.raises(DataError, match="score_rejected.*higher than score_chosen"):
+        F.read_records(jsonl(tmp_path / "bad.jsonl", bad))

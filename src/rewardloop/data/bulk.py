@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from rewardloop.data.prepared import Driver, Prepared
@@ -185,8 +185,12 @@ class Importer:
         first: dict[str, tuple[Text, str | None, dict[str, Any]]] = {}
         for item in wanted:
             first.setdefault(self.digest(item[0]), item)
-        ids = {h: i for h, i in self.s.execute(select(Prompt.content_hash, Prompt.id)
-                                               .where(Prompt.content_hash.in_(list(first))))}
+        ids: dict[str, int] = {}
+        for h, i, ext, meta in self.s.execute(
+                select(Prompt.content_hash, Prompt.id, Prompt.external_id, Prompt.meta)
+                .where(Prompt.content_hash.in_(list(first)))):
+            ids[h] = i
+            self._fill_prompt(i, ext, meta, first[h][1], first[h][2])
         new: list[dict[str, Any]] = [{"text": None if isinstance(v, list) else v,
                 "messages": v if isinstance(v, list) else None, "external_id": ext,
                 "meta": dict(meta), "content_hash": digest}
@@ -198,16 +202,38 @@ class Importer:
             self.report.created["prompts"] += len(new)
         return ids, {row["content_hash"] for row in new}
 
+    def _fill_prompt(self, prompt_id: int, ext: str | None, meta: dict[str, Any] | None,
+                     given_ext: str | None, given_meta: dict[str, Any]) -> None:
+        """A prompt already stored without an id or meta takes the ones this file gives (a
+        prompts file imported after the judgments on its prompts); what it has is kept."""
+        values: dict[str, Any] = {}
+        if ext is None and given_ext is not None:
+            values["external_id"] = given_ext
+        if not meta and given_meta:
+            values["meta"] = dict(given_meta)
+        if values:
+            self.s.execute(update(Prompt).where(Prompt.id == prompt_id).values(**values))
+            self.report.created["prompt ids or meta filled"] += 1
+
     def _responses(self, wanted: Sequence[tuple[int, Text, str | None]]
                    ) -> tuple[dict[tuple[int, str], int], set[tuple[int, str]]]:
         """Ids of (prompt id, answer) responses, created when new, and the ones created."""
         first: dict[tuple[int, str], tuple[Text, str | None]] = {}
         for prompt_id, value, model in wanted:
             first.setdefault((prompt_id, self.digest(value)), (value, model))
-        query = select(Response.prompt_id, Response.content_hash, Response.id).where(
+        query = select(Response.prompt_id, Response.content_hash, Response.id,
+                       Response.model).where(
             Response.prompt_id.in_({p for p, _ in first}),
             Response.content_hash.in_({h for _, h in first}))
-        ids = {(p, h): i for p, h, i in self.s.execute(query) if (p, h) in first}
+        ids: dict[tuple[int, str], int] = {}
+        for p, h, i, stored_model in self.s.execute(query):
+            if (p, h) not in first:
+                continue
+            ids[(p, h)] = i
+            given = first[(p, h)][1]
+            if stored_model is None and given is not None:  # the model that wrote it, now known
+                self.s.execute(update(Response).where(Response.id == i).values(model=given))
+                self.report.created["response models filled"] += 1
         new: list[dict[str, Any]] = [{"prompt_id": p, "text": response_text(v),
                 "messages": v if isinstance(v, list) else None, "model": model,
                 "content_hash": h}

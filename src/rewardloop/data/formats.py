@@ -186,7 +186,25 @@ def _parse_trl(obj: dict[str, Any]) -> list[Record]:
                        "TRL implicit-prompt rows, which are not supported: add a 'prompt'")
     else:
         raise F.Invalid("prompt", "is missing (whole HH transcripts are --format hh)")
-    return [PairRecord(prompt, chosen, rejected, **_pair_options(obj))]
+    return [PairRecord(prompt, chosen, rejected, **_scored_pair(obj, _pair_options(obj)))]
+
+
+def _scored_pair(obj: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """UltraFeedback-binarized rows rate both answers (``score_chosen``/``score_rejected``):
+    their difference is the pair's margin unless one is given, and equal ratings are a tie
+    (they state no preference; as the raw ``ultrafeedback`` reader, which skips them)."""
+    if obj.get("score_chosen") is None or obj.get("score_rejected") is None:
+        return options
+    chosen = F.number(obj["score_chosen"], "score_chosen")
+    rejected = F.number(obj["score_rejected"], "score_rejected")
+    if chosen < rejected:
+        raise F.Invalid("score_rejected", f"is higher than score_chosen ({rejected} > {chosen}): "
+                        "the chosen answer must be the better-rated one")
+    if options["margin"] is None:
+        options = {**options, "margin": chosen - rejected}
+    if chosen == rejected:
+        options = {**options, "tie": True}
+    return options
 
 
 def _split_hh(transcript: str, name: str) -> tuple[str, str]:

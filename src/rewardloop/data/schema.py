@@ -37,7 +37,6 @@ from rewardloop.data.values import content_hash, ranking_pairs, validate_ranking
 
 ROLES = ("admin", "annotator")
 TASK_KINDS = ("pairwise", "ranking")
-STRENGTHS = ("slight", "clear", "strong")
 SOURCES = ("human", "simulated", "import", "model")
 AUDIENCE_MAX = 255
 """Longest group name a task can be aimed at (``ComparisonTask.audience``)."""

@@ -43,7 +43,6 @@ from sqlalchemy.orm import Session
 from rewardloop.data.prepared import Driver, Prepared
 from rewardloop.data.schema import (
     SOURCES,
-    STRENGTHS,
     Annotator,
     Assignment,
     AuditEvent,
@@ -56,6 +55,7 @@ from rewardloop.data.schema import (
     utcnow,
     validate_ranking,
 )
+from rewardloop.data.values import STRENGTHS
 from rewardloop.feedback.tasks import TaskError
 
 # On PostgreSQL a candidate can look open in a stale snapshot and turn out full once locked;
