@@ -136,9 +136,13 @@ def test_group_table_lists_every_group_and_the_worst() -> None:
 def test_group_counts_mark_the_group_behind() -> None:
     members = {"n1": ["nurses"], "n2": ["nurses"], "d1": ["doctors"], "x": ["nurses", "admins"]}
     counts = group_counts(members, ["n1"] * 5 + ["n2"] * 5 + ["d1"] + [None, "stranger"])
-    # 13 judgments over 4 groups: an equal share is 3.25, behind is fewer than 1.625
+    # 11 judgments of people in 3 groups: an equal share is 3.67, behind is fewer than 1.83
     assert counts["nurses"] == {"annotators": 3, "judgments": 10, "lagging": False}
     assert counts["doctors"] == {"annotators": 1, "judgments": 1, "lagging": True}
     assert counts["admins"] == {"annotators": 1, "judgments": 0, "lagging": True}
     assert counts[UNGROUPED] == {"annotators": 0, "judgments": 2, "lagging": False}
     assert group_counts({}, []) == {}
+    # many judgments without a group (imported) do not put two even groups behind
+    even = group_counts({"d": ["doctors"], "n": ["nurses"]}, ["d"] * 10 + ["n"] * 10
+                        + [None] * 60)
+    assert not even["doctors"]["lagging"] and not even["nurses"]["lagging"]

@@ -130,7 +130,9 @@ def group_counts(members: Mapping[str, Sequence[str]], judged_by: Sequence[str |
     """Per group: registered ``annotators`` (``members``: annotator -> groups), ``judgments``
     (one entry of ``judged_by`` per judgment: its annotator) and ``lagging``: the group has
     fewer than ``lag_share`` of an equal share of the judgments (total / groups), so new work
-    should go to it. Judgments whose annotator has no group count under ``UNGROUPED``."""
+    should go to it. Judgments whose annotator has no group count under ``UNGROUPED``, which
+    is no group of people: it takes no part in the equal share (60 imported judgments must not
+    mark every real group behind) and is never lagging."""
     annotators: dict[str, int] = defaultdict(int)
     for groups in members.values():
         for g in groups:
@@ -139,7 +141,8 @@ def group_counts(members: Mapping[str, Sequence[str]], judged_by: Sequence[str |
     for name in judged_by:
         for g in (members.get(name) or (UNGROUPED,)) if name is not None else (UNGROUPED,):
             judgments[g] = judgments.get(g, 0) + 1
-    fair = sum(judgments.values()) / len(judgments) if judgments else 0.0
+    real = {g: n for g, n in judgments.items() if g != UNGROUPED}
+    fair = sum(real.values()) / len(real) if real else 0.0
     return {g: {"annotators": annotators.get(g, 0), "judgments": n,
-                "lagging": fair > 0 and n < lag_share * fair}
+                "lagging": g != UNGROUPED and fair > 0 and n < lag_share * fair}
             for g, n in sorted(judgments.items())}
