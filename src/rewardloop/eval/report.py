@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardloop.errors import UserError
-from rewardloop.util.files import atomic_write_text, check_output_file
+from rewardloop.util.files import atomic_write_text, check_output_file, json_objects
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,7 @@ def _read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+    return [row for _, row in json_objects(path) if "step" in row]
 
 
 def _figure_png(fig: Any) -> str:
@@ -386,14 +376,7 @@ def whose_preferences_section(runs: Sequence[RunFiles]) -> str:
 
 
 def _samples_section(path: Path, limit: int = 8) -> str:
-    rows = []
-    for line in path.read_text().splitlines()[:limit]:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
+    rows = [row for _, row in json_objects(path, limit)]
     if not rows:
         return ""
     header = list(dict.fromkeys(k for r in rows for k in r))

@@ -65,7 +65,7 @@ from rewardloop.train.run_entries import (
     is_run,
     paths_in,
 )
-from rewardloop.util.files import atomic_write_text, lies_in
+from rewardloop.util.files import atomic_write_text, json_objects, lies_in
 
 __all__ = [
     "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "latest_checkpoint",
@@ -284,30 +284,16 @@ class RunDir:
             return
         if not self.main or not self.metrics_path.exists():
             return
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= after_step:
-                kept.append(line + "\n")
+        kept = [line + "\n" for line, record in json_objects(self.metrics_path)
+                if int(record.get("step", 0)) <= after_step]
         atomic_write_text(self.metrics_path, "".join(kept))
 
     def logged_metrics(self) -> list[dict[str, Any]]:
         """The metric records of metrics.jsonl, in order (after ``start()`` on a resume: those
         up to the restored checkpoint); rank 0 alone keeps the file, other ranks get []."""
-        if not self.main or not self.metrics_path.exists():
+        if not self.main:
             return []
-        records = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        return [record for _, record in json_objects(self.metrics_path)]
 
     def saved_models(self) -> list[Path]:
         """The model directories saved in the run (model/, and e.g. PPO's value_model/)."""

@@ -12,6 +12,7 @@ file where a directory goes, an output that is one of the command's inputs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -144,3 +145,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically."""
     with atomic_file(path) as fh:
         fh.write(text)
+
+
+def json_objects(path: str | Path, limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(line, object) of each JSON object line of a JSON Lines file we wrote (metrics, samples),
+    the first ``limit`` lines at most; a line that is not one (a torn last line of a run killed
+    mid-write) is skipped. A missing file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines()[:limit]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
