@@ -200,15 +200,22 @@ def masked_whiten(
     return whitened * mask.to(x.dtype)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
-                       ) -> torch.Tensor:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       reduce_sum: ReduceSum | None = None) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over masked tokens: (B, T) x3 -> scalar.
 
     1 is a perfect critic, 0 is no better than predicting the mean, < 0 is worse than that.
-    NaN when the returns have no variance.
+    NaN when the returns have no variance. ``reduce_sum``: with the batch split over
+    processes, the variances are those of the whole batch (not a mean of the processes').
     """
-    var_returns = masked_var(returns, mask)
-    return 1.0 - masked_var(returns - values, mask) / var_returns
+    if reduce_sum is None:
+        return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
+    m = mask.to(returns.dtype)
+    errors = returns - values
+    sums = reduce_sum(torch.stack([m.sum(), (returns * m).sum(), (returns**2 * m).sum(),
+                                   (errors * m).sum(), (errors**2 * m).sum()]))
+    count, r1, r2, e1, e2 = sums.unbind()
+    return 1.0 - (e2 - e1 * e1 / count) / (r2 - r1 * r1 / count)
 
 
 # ---------------------------------------------------------------------------------------------

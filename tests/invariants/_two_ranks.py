@@ -9,6 +9,7 @@ import json
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rewardloop import ops
 from rewardloop.engines.base import TensorParallelShare
 from rewardloop.engines.weight_sync import engine_weights, push_once
 from rewardloop.options import RuntimeOptions
@@ -24,6 +25,14 @@ def main() -> None:
     rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 7.0, 9.0]][rank])
     figures.update(rt.reduce_metrics({"reward/mean": float(rewards.mean()),
                                       "reward/std": float(rewards.std())}, count=3))
+    # The critic's explained variance of the whole batch, from each rank's half.
+    torch.manual_seed(1)
+    returns, values = torch.randn(4, 5), torch.randn(4, 5)
+    mask = (torch.rand(4, 5) > 0.3).float()
+    half = slice(2 * rank, 2 * rank + 2)
+    figures["explained_variance"] = float(ops.explained_variance(
+        values[half], returns[half], mask[half], reduce_sum=rt.all_reduce))
+    figures["explained_variance_whole"] = float(ops.explained_variance(values, returns, mask))
     # Unequal shares: rank 0 holds one prompt, rank 1 two.
     prompts = [[10 * rank + 1], [10 * rank + 2, 7]][: rank + 1]
     everyone, mine = TensorParallelShare(2).gather(prompts)

@@ -116,6 +116,9 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
     ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     whole = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 9.0])
     for seen in ranks:
+        # the critic's explained variance of the whole batch, not a mean of the ranks'
+        assert seen["figures"].pop("explained_variance") == pytest.approx(
+            seen["figures"].pop("explained_variance_whole"), rel=1e-5)
         assert seen["figures"] == pytest.approx({
             "loss": 1.5, "is_ratio_max": 5.0, "completion_length_max": 9.0,
             "reward/mean": float(whole.mean()), "reward/std": float(whole.std())})

@@ -136,8 +136,9 @@ def make_experience(cfg: PPOConfig, setup: Setup, value_model: Any, generator: A
                                        reduce_sum=rt.all_reduce if rt.distributed else None)
     metrics.update({
         "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
-        "value_explained_variance": float(ops.explained_variance(old_values, returns, mask))
-        if int(mask.sum()) > 1 else 0.0,
+        "value_explained_variance": float(ops.explained_variance(
+            old_values, returns, mask, reduce_sum=rt.all_reduce if rt.distributed else None))
+        if rt.sum_floats(float(mask.sum()))[0] > 1 else 0.0,
         "returns_mean": float(ops.masked_mean(returns, mask)),
         "time_ref_s": time.perf_counter() - t2})
     return PPOBatch(rows, rollout, reward_out, old_logps, ref_logps, old_values, advantages,
