@@ -39,6 +39,11 @@ def _ratio(hits: float, n: float) -> float | None:
 Votes = dict[int, list[tuple[str, dict[tuple[int, int], int]]]]
 
 
+UNKNOWN = "(unknown)"
+"""Where the admin page counts judgments without an annotator (imported, or of a deleted
+account): counted, but several of them are not one person, so they have no agreement."""
+
+
 def _agreement(by_task: Votes) -> tuple[dict[str, list[int]], list[int]]:
     per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     total = [0, 0]
@@ -47,8 +52,9 @@ def _agreement(by_task: Votes) -> tuple[dict[str, list[int]], list[int]]:
             for unit in va.keys() & vb.keys():
                 same = int(va[unit] == vb[unit])
                 for name in (name_a, name_b):
-                    per[name][0] += same
-                    per[name][1] += 1
+                    if name != UNKNOWN:  # judgments of nobody known: no one's agreement
+                        per[name][0] += same
+                        per[name][1] += 1
                 total[0] += same
                 total[1] += 1
     return per, total
@@ -78,7 +84,7 @@ def admin_stats(session: Session) -> dict[str, Any]:
     gold: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     first_wins = [0, 0]
     for r in rows:
-        name = r.name or "(unknown)"
+        name = r.name or UNKNOWN
         values = pair_values(r.ranking)
         counts[name] += 1
         by_task[r.task_id].append((name, values))
