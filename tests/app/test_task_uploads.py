@@ -113,3 +113,20 @@ def test_the_export_says_how_many_tied_pairs_it_left_out(server, fmt, ties) -> N
     assert r.headers["X-Rewardloop-Skipped-Ties"] == str(ties)
     assert r.headers["X-Rewardloop-Skipped"] == str(ties)
     assert len(r.text.splitlines()) == 1 - ties
+
+
+@pytest.mark.parametrize(("bad", "field"), [
+    ({"prompt": "p9", "responses": ["a\x00", "b"]}, "responses[0]"),
+    ({"prompt": "p9", "responses": ["a", "b"], "models": ["m" * 300, None]}, "models[0]"),
+    ({"prompt": "p9", "responses": ["a", "b"], "id": "i" * 300}, "id"),
+])
+def test_a_row_the_database_would_refuse_is_found_before_any_chunk_is_written(
+        server, monkeypatch, bad: dict, field: str) -> None:
+    """Uploads are written in chunks: a bad fifth row must not leave four rows' tasks."""
+    monkeypatch.setattr(api, "CHUNK_TASKS", 1)
+    rows = [{"prompt": f"p{i}", "responses": ["a", "b"]} for i in range(4)] + [bad]
+    before = _tasks(server)
+    r = server.client("admin").post("/api/admin/tasks", json={"rows": rows, "batch": "c"})
+    assert r.status_code == 422, r.text
+    assert "line 5" in r.text and field in r.text
+    assert _tasks(server) == before

@@ -172,17 +172,26 @@ def test_prompts_rows_unchanged(tmp_path: Path) -> None:
 
 def test_ultrafeedback_binarized_scores_give_the_margin_and_ties(tmp_path: Path) -> None:
     chat = [{"role": "user", "content": "q"}]
-    rows = [{"prompt": "q", "chosen": [*chat, {"role": "assistant", "content": "good"}],
-             "rejected": [*chat, {"role": "assistant", "content": "bad"}],
-             "score_chosen": 8.5, "score_rejected": 3.0},
-            {"prompt": "q", "chosen": [*chat, {"role": "assistant", "content": "x"}],
-             "rejected": [*chat, {"role": "assistant", "content": "y"}],
-             "score_chosen": 6, "score_rejected": 6},
-            {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0,
-             "score_chosen": 9, "score_rejected": 2}]
+
+    def ufb(good: str, bad: str, score_chosen: float, score_rejected: float, **more: Any
+            ) -> dict[str, Any]:
+        chosen = [*chat, {"role": "assistant", "content": good}]
+        return {"prompt": "q", "prompt_id": "p1", "messages": chosen, "chosen": chosen,
+                "rejected": [*chat, {"role": "assistant", "content": bad}],
+                "score_chosen": score_chosen, "score_rejected": score_rejected, **more}
+
+    rows = [ufb("good", "bad", 8.5, 3.0), ufb("x", "y", 6, 6), ufb("a", "b", 9, 2, margin=1.0),
+            ufb("c", "d", 2, 9)]
     pairs = F.read_records(jsonl(tmp_path / "ufb.jsonl", rows))[1]
-    assert [(p.margin, p.tie) for p in pairs] == [(5.5, False), (0.0, True), (1.0, False)]
-    bad = [{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 2,
-            "score_rejected": 9}]
-    with pytest.raises(DataError, match="score_rejected.*higher than score_chosen"):
-        F.read_records(jsonl(tmp_path / "bad.jsonl", bad))
+    assert [(p.margin, p.tie) for p in pairs] == [(5.5, False), (0.0, True), (1.0, False),
+                                                  (None, False)]
+
+
+def test_a_file_scored_by_rewardloop_score_reads_back_as_plain_trl(tmp_path: Path) -> None:
+    """`score` writes its reward model's scores as score_chosen/score_rejected: not ratings."""
+    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b", "score_chosen": 0.7,
+             "score_rejected": 0.1},
+            {"prompt": "q2", "chosen": "c", "rejected": "d", "score_chosen": -0.2,
+             "score_rejected": 0.4, "score_chosen_std": 0.1, "score_rejected_std": 0.2}]
+    fmt, pairs = F.read_records(jsonl(tmp_path / "scored.jsonl", rows))
+    assert fmt == "trl" and [(p.margin, p.tie) for p in pairs] == [(None, False), (None, False)]

@@ -223,6 +223,21 @@ def test_split_names_with_underscores_are_whole_splits(tmp_path: Path) -> None:
         F.read_records(tmp_path, split="train")
 
 
+def test_numbered_shards_of_a_split_word_are_that_split(tmp_path: Path) -> None:
+    """train_0, train.1, test-2: split words with a shard number, as datasets reads them."""
+    (tmp_path / "data").mkdir()
+    for name in ("train_0", "train.1", "test-2"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text(json.dumps(pair_row(name)) + "\n")
+    assert sorted(prompts_of(tmp_path, "train")) == ["train.1", "train_0"]
+    assert prompts_of(tmp_path, "test") == ["test-2"]
+
+
+def test_a_json_file_is_data_only_when_its_name_says_a_split(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text(json.dumps(pair_row("q")) + "\n")
+    (tmp_path / "stats.json").write_text('{\n  "rows": 1\n}\n')  # notes, pretty-printed
+    assert prompts_of(tmp_path) == ["q"]
+
+
 def test_split_names_with_underscores_in_a_saved_datasetdict(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([pair_row("p")]),

@@ -189,17 +189,24 @@ def _parse_trl(obj: dict[str, Any]) -> list[Record]:
     return [PairRecord(prompt, chosen, rejected, **_scored_pair(obj, _pair_options(obj)))]
 
 
+UFB_KEYS = ("prompt_id", "messages", "score_chosen", "score_rejected")
+"""The columns of UltraFeedback-binarized rows (``HuggingFaceH4/ultrafeedback_binarized``),
+whose scores are the annotators' ratings. ``rewardloop score`` writes its reward model's
+scores under the same two names into plain trl rows: those are not ratings, and are ignored."""
+
+
 def _scored_pair(obj: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """UltraFeedback-binarized rows rate both answers (``score_chosen``/``score_rejected``):
-    their difference is the pair's margin unless one is given, and equal ratings are a tie
-    (they state no preference; as the raw ``ultrafeedback`` reader, which skips them)."""
-    if obj.get("score_chosen") is None or obj.get("score_rejected") is None:
+    """UltraFeedback-binarized rows rate both answers: the rating difference is the pair's
+    margin unless one is given (as the raw ``ultrafeedback`` reader's), and equal ratings make
+    the pair a tie (the publisher kept the row as a pair; a tie keeps that it states no
+    preference, where the raw reader, which makes the pairs itself, makes none). A row whose
+    rejected answer is rated higher keeps no margin."""
+    if any(obj.get(key) is None for key in UFB_KEYS):
         return options
     chosen = F.number(obj["score_chosen"], "score_chosen")
     rejected = F.number(obj["score_rejected"], "score_rejected")
     if chosen < rejected:
-        raise F.Invalid("score_rejected", f"is higher than score_chosen ({rejected} > {chosen}): "
-                        "the chosen answer must be the better-rated one")
+        return options
     if options["margin"] is None:
         options = {**options, "margin": chosen - rejected}
     if chosen == rejected:

@@ -55,6 +55,9 @@ _SPLIT_NAME = re.compile(r"\w+(?:\.\w+)*")
 _SHARD = re.compile(r"(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}(?:[-_.].*)?")
 _SPLIT_WORDS = frozenset({"train", "training", "test", "testing", "validation", "valid", "val",
                           "dev", "eval", "evaluation"})
+# A split word and a shard number (train_0, test.1, validation-00002), as datasets reads them.
+_NUMBERED = re.compile(r"(?P<split>" + "|".join(sorted(_SPLIT_WORDS, key=len, reverse=True))
+                       + r")[-._ ]?\d+", re.IGNORECASE)
 
 __all__ = ["Location", "Source", "data_error", "open_source", "rows"]
 
@@ -145,27 +148,32 @@ def _base_name(name: str) -> str:
     return name
 
 
-def _file_split(relative: Path) -> tuple[str, str]:
-    """(subset, split) of a Hub folder's file, from the path below the folder.
+def _file_split(relative: Path) -> tuple[str, str, bool]:
+    """(subset, split, whether the file's own name said the split) of a Hub folder's file,
+    from the path below the folder.
 
-    The name says the split when it is a shard (``train_prefs-00000-of-00001.parquet``) or a
-    split word (``test.jsonl``, ``harmless-base/train.jsonl.gz``); otherwise the directory is
-    the split (``default/train/0000.parquet``), or at the top or in ``data/`` the name's
-    leading word is. The directories above the split (``data/`` aside) name the subset.
+    The name says the split when it is a shard (``train_prefs-00000-of-00001.parquet``), a
+    split word (``test.jsonl``, ``harmless-base/train.jsonl.gz``) or a numbered one
+    (``train_0.jsonl``, ``test.1.parquet``); otherwise the directory is the split
+    (``default/train/0000.parquet``), or at the top or in ``data/`` the name's leading word
+    is. The directories above the split (``data/`` aside) name the subset.
     """
     base = _base_name(relative.name)
     dirs = list(relative.parent.parts)
-    shard = _SHARD.fullmatch(base)
+    shard, numbered = _SHARD.fullmatch(base), _NUMBERED.fullmatch(base)
+    named = True
     if shard:
         split = shard["split"]
     elif base.lower() in _SPLIT_WORDS:
         split = base
+    elif numbered:
+        split = numbered["split"]
     elif dirs and dirs[-1] != "data":
-        split = dirs.pop()
+        split, named = dirs.pop(), False
     else:
         word = _SPLIT_NAME.match(base)
-        split = word.group(0) if word else base
-    return "/".join(d for d in dirs if d != "data"), split
+        split, named = (word.group(0) if word else base), False
+    return "/".join(d for d in dirs if d != "data"), split, named
 
 
 def _hub_folder(path: Path, split: str | None) -> tuple[Path, ...]:
@@ -175,7 +183,10 @@ def _hub_folder(path: Path, split: str | None) -> tuple[Path, ...]:
         relative = file.relative_to(path)
         if (file.name.endswith(_FOLDER_SUFFIXES) and file.name not in _METADATA
                 and file.is_file() and not any(p.startswith(".") for p in relative.parts)):
-            subset, name = _file_split(relative)
+            subset, name, named = _file_split(relative)
+            if file.name.endswith((".json", ".json.gz")) and not named:
+                continue  # a .json is data when its name says a split (SHP's train.json), not
+                # a folder's notes about itself (stats.json)
             splits.setdefault(name, []).append(file)
             subsets.setdefault(name, set()).add(subset)
     known = {part for names in subsets.values() for s in names for part in s.split("/")}

@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from rewardloop.data import _fields as F
 from rewardloop.data.schema import (
     AUDIENCE_MAX,
     TASK_KINDS,
@@ -253,12 +254,29 @@ def _check_row(row: Any, gold: list[list[int]] | None, err: Any) -> _Row:
             raise err(str(exc), "prompt") from None
     elif not isinstance(prompt, str):
         raise err("needs a prompt: a string or a list of chat messages", "prompt")
+    _check_storable(row, prompt, texts, models, err)
     if gold is not None:
         try:
             gold = validate_ranking(gold, list(range(len(texts))))
         except ValueError as exc:
             raise err(str(exc), "ranking") from None
     return _Row(texts, models, gold)
+
+
+def _check_storable(row: Mapping[str, Any], prompt: Any, texts: list[str],
+                    models: list[str | None], err: Any) -> None:
+    """What the database would refuse part way through (a NUL, an id or model name over 255
+    characters): found before anything is written, as the importer finds it."""
+    try:
+        if isinstance(prompt, str):
+            F.check_str(prompt, "prompt")
+        for i, text in enumerate(texts):
+            F.check_str(text, f"responses[{i}]")
+        for i, model in enumerate(models):
+            F.ident({f"models[{i}]": model}, f"models[{i}]")
+        F.ident(dict(row), "id")
+    except F.Invalid as exc:
+        raise err(str(exc), exc.field) from None
 
 
 def _errors(path: str | None, line_numbers: Sequence[int] | None, i: int) -> Any:

@@ -288,7 +288,7 @@ def finish(setup: Setup, cfg: Any, history: Sequence[Mapping[str, Any]], **extra
     figures: dict[str, Any] = {}
     tail = max(1, len(history) // 10)  # the last 10% of steps (at least one)
     for key in ("reward/mean", "gold/mean", "kl_k1", "completion_length_mean"):
-        values = [h[key] for h in history if key in h]
+        values = [h[key] for h in history if isinstance(h.get(key), int | float)]
         if values:
             short = key.replace("/mean", "").replace("/", "_")
             figures[f"{short}_first"] = values[0]
