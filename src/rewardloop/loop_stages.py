@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from rewardloop.data.formats import read_as, write_records
 from rewardloop.data.load import load_pairs
 from rewardloop.data.records import CandidatesRecord, PairRecord, PromptRecord
-from rewardloop.data.schema import Batch, ComparisonTask, Judgment
+from rewardloop.data.schema import Batch, ComparisonTask, Judgment, TaskItem
 from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 from rewardloop.eval.alarms import AlarmSettings, check_alarms
@@ -158,21 +158,23 @@ def stage_tasks(ctx: RoundContext, out: Path) -> dict[str, Any]:
 
 def _check_own_batch(ctx: RoundContext, session: Session, batch: Batch,
                      rows: list[CandidatesRecord]) -> None:
-    """UserError when ``batch`` holds tasks on prompts this round never drew: another loop's
-    round of the same name in a shared store, whose judgments this loop would train on."""
-    ours = set()
+    """UserError when ``batch`` holds tasks on answers this round never sampled: another
+    loop's round of the same name in a shared store (the same prompts file and seed draw the
+    same prompts, so answers tell them apart), whose judgments this loop would train on."""
+    ours = []
     for row in rows:
         prompt = (T.get_or_create_prompt(session, messages=row.prompt)
                   if isinstance(row.prompt, list)
                   else T.get_or_create_prompt(session, text=str(row.prompt)))
-        ours.add(prompt)
+        ours += [T.get_or_create_response(session, prompt, text) for text in row.responses]
     session.flush()
-    ids = {p.id for p in ours}
-    theirs = set(session.scalars(select(ComparisonTask.prompt_id)
+    ids = {r.id for r in ours}
+    theirs = set(session.scalars(select(TaskItem.response_id)
+                                 .join(ComparisonTask, ComparisonTask.id == TaskItem.task_id)
                                  .where(ComparisonTask.batch_id == batch.id)))
     if not theirs <= ids:
-        raise UserError(f"batch {ctx.batch!r} of the store (db) holds tasks on prompts this "
-                        f"loop's round {ctx.n} did not draw: another loop's round of that "
+        raise UserError(f"batch {ctx.batch!r} of the store (db) holds tasks on answers this "
+                        f"loop's round {ctx.n} did not sample: another loop's round of that "
                         "name. Give each loop sharing a db its own batch_prefix (e.g. "
                         "batch_prefix: exp-b/), or its own db")
 

@@ -204,12 +204,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
                        reduce_sum: ReduceSum | None = None) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over masked tokens: (B, T) x3 -> scalar.
 
-    1 is a perfect critic, 0 is no better than predicting the mean, < 0 is worse than that.
-    NaN when the returns have no variance. ``reduce_sum``: with the batch split over
-    processes, the variances are those of the whole batch (not a mean of the processes').
+    1 is a perfect critic, 0 is no better than predicting the mean, < 0 is worse than that;
+    not finite when the returns have no variance. ``reduce_sum``: with the batch split over
+    processes, the variances are those of the whole batch (not a mean of the processes'),
+    from sums in float64 (one pass over sums of squares loses float32's digits).
     """
     if reduce_sum is None:
         return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
+    returns, values = returns.double(), values.double()
     m = mask.to(returns.dtype)
     errors = returns - values
     sums = reduce_sum(torch.stack([m.sum(), (returns * m).sum(), (returns**2 * m).sum(),

@@ -68,22 +68,23 @@ def test_a_resumed_rm_stage_trains_on_the_export_it_started_with(sqlite_store,
     assert n == 3
 
 
-def _candidates(ctx: RoundContext, prompts: list[str]) -> None:
+def _candidates(ctx: RoundContext, prompts: list[str], policy: str = "A") -> None:
     out = ctx.dir / "generate"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     write_records(out / "candidates.jsonl", "candidates",
-                  [CandidatesRecord(p, [f"{p}-a", f"{p}-b"], ["start", "start"], None)
-                   for p in prompts])
+                  [CandidatesRecord(p, [f"{policy}: {p} 1", f"{policy}: {p} 2"],
+                                    ["start", "start"], None) for p in prompts])
 
 
 def test_a_round_batch_of_another_loop_is_refused_and_a_prefix_separates_them(
         sqlite_store, tmp_path: Path) -> None:
+    # the same prompts file and seed draw the same prompts: the answers tell the loops apart
     first = RoundContext(_config(tmp_path / "a", sqlite_store), 1)
-    _candidates(first, ["loop A's prompt"])
+    _candidates(first, ["the prompt"], policy="A")
     assert stage_tasks(first, first.dir / "tasks")["tasks"] == 1
     assert stage_tasks(first, first.dir / "tasks")["tasks"] == 1  # its own rerun: kept
     other = RoundContext(_config(tmp_path / "b", sqlite_store), 1)
-    _candidates(other, ["loop B's prompt"])
+    _candidates(other, ["the prompt"], policy="B")
     with pytest.raises(UserError, match="batch_prefix"):
         stage_tasks(other, other.dir / "tasks")
     prefixed = RoundContext(_config(tmp_path / "b", sqlite_store, batch_prefix="b/"), 1)

@@ -170,7 +170,7 @@ def test_prompts_rows_unchanged(tmp_path: Path) -> None:
         F.read_records(tmp_path / "missing.jsonl")
 
 
-def test_ultrafeedback_binarized_scores_give_the_margin_and_ties(tmp_path: Path) -> None:
+def test_ultrafeedback_binarized_equal_scores_are_ties(tmp_path: Path) -> None:
     chat = [{"role": "user", "content": "q"}]
 
     def ufb(good: str, bad: str, score_chosen: float, score_rejected: float, **more: Any
@@ -183,7 +183,8 @@ def test_ultrafeedback_binarized_scores_give_the_margin_and_ties(tmp_path: Path)
     rows = [ufb("good", "bad", 8.5, 3.0), ufb("x", "y", 6, 6), ufb("a", "b", 9, 2, margin=1.0),
             ufb("c", "d", 2, 9)]
     pairs = F.read_records(jsonl(tmp_path / "ufb.jsonl", rows))[1]
-    assert [(p.margin, p.tie) for p in pairs] == [(5.5, False), (0.0, True), (1.0, False),
+    # equal ratings: a tie; ratings give no margin (score writes its scores under these names)
+    assert [(p.margin, p.tie) for p in pairs] == [(None, False), (None, True), (1.0, False),
                                                   (None, False)]
 
 

@@ -200,4 +200,4 @@ def test_hh_and_ultrafeedback_raw_and_binarized_from_parquet(tmp_path: Path) -> 
                  "messages": [user("Add 2+2."), bot("4")]}
     assert F.read_records(write(tmp_path / "ufb.parquet", [binarized])) == (
         "trl", [PairRecord("Add 2+2.", [user("Add 2+2."), bot("4")],
-                           [user("Add 2+2."), bot("5")], margin=5.5)])  # as the raw rows
+                           [user("Add 2+2."), bot("5")])])

@@ -232,10 +232,14 @@ def test_numbered_shards_of_a_split_word_are_that_split(tmp_path: Path) -> None:
     assert prompts_of(tmp_path, "test") == ["test-2"]
 
 
-def test_a_json_file_is_data_only_when_its_name_says_a_split(tmp_path: Path) -> None:
+def test_a_json_file_of_rows_is_data_and_a_folders_notes_are_not(tmp_path: Path) -> None:
     (tmp_path / "train.jsonl").write_text(json.dumps(pair_row("q")) + "\n")
     (tmp_path / "stats.json").write_text('{\n  "rows": 1\n}\n')  # notes, pretty-printed
     assert prompts_of(tmp_path) == ["q"]
+    rows = tmp_path / "rows"  # JSON Lines under a name that says no split: read as before
+    (rows / "train").mkdir(parents=True)
+    (rows / "train" / "part-0.json").write_text(json.dumps(pair_row("r")) + "\n")
+    assert prompts_of(rows, "train") == ["r"]
 
 
 def test_split_names_with_underscores_in_a_saved_datasetdict(tmp_path: Path) -> None:

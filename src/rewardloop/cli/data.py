@@ -73,6 +73,9 @@ def import_(
     typer.echo(f"read {report.records} {report.format} records from {file}")
     typer.echo(f"imported {report.imported}: {_counts(report.created)}")
     typer.echo(f"duplicates skipped: {report.duplicates}")
+    for what in ("prompt ids or meta filled", "response models filled"):
+        if report.created.get(what):  # stored without them before, given by this file
+            typer.echo(f"{what}: {report.created[what]}")
     for reason, n in report.skipped.items():
         typer.echo(f"skipped {n} {reason}")
 

@@ -196,21 +196,16 @@ scores under the same two names into plain trl rows: those are not ratings, and 
 
 
 def _scored_pair(obj: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """UltraFeedback-binarized rows rate both answers: the rating difference is the pair's
-    margin unless one is given (as the raw ``ultrafeedback`` reader's), and equal ratings make
-    the pair a tie (the publisher kept the row as a pair; a tie keeps that it states no
-    preference, where the raw reader, which makes the pairs itself, makes none). A row whose
-    rejected answer is rated higher keeps no margin."""
+    """UltraFeedback-binarized rows rate both answers: equal ratings state no preference, so
+    the pair is a tie (the publisher kept the row as a pair; the raw ``ultrafeedback`` reader,
+    which makes the pairs itself, makes none). The ratings give no margin: ``score`` writes a
+    reward model's scores under the same names, also into such rows, and those are no
+    ratings (two exactly equal float scores are vanishingly rare)."""
     if any(obj.get(key) is None for key in UFB_KEYS):
         return options
-    chosen = F.number(obj["score_chosen"], "score_chosen")
-    rejected = F.number(obj["score_rejected"], "score_rejected")
-    if chosen < rejected:
-        return options
-    if options["margin"] is None:
-        options = {**options, "margin": chosen - rejected}
-    if chosen == rejected:
-        options = {**options, "tie": True}
+    if F.number(obj["score_chosen"], "score_chosen") == F.number(obj["score_rejected"],
+                                                                  "score_rejected"):
+        return {**options, "tie": True}
     return options
 
 

@@ -176,6 +176,20 @@ def _file_split(relative: Path) -> tuple[str, str, bool]:
     return "/".join(d for d in dirs if d != "data"), split, named
 
 
+def _rows_file(path: Path) -> bool:
+    """Whether a ``.json`` file holds JSON Lines rows: its first non-blank line is one object
+    (a pretty-printed notes file starts with a lone ``{``)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    return isinstance(json.loads(line), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return False
+
+
 def _hub_folder(path: Path, split: str | None) -> tuple[Path, ...]:
     splits: dict[str, list[Path]] = {}
     subsets: dict[str, set[str]] = {}
@@ -184,9 +198,8 @@ def _hub_folder(path: Path, split: str | None) -> tuple[Path, ...]:
         if (file.name.endswith(_FOLDER_SUFFIXES) and file.name not in _METADATA
                 and file.is_file() and not any(p.startswith(".") for p in relative.parts)):
             subset, name, named = _file_split(relative)
-            if file.name.endswith((".json", ".json.gz")) and not named:
-                continue  # a .json is data when its name says a split (SHP's train.json), not
-                # a folder's notes about itself (stats.json)
+            if file.name.endswith((".json", ".json.gz")) and not named and not _rows_file(file):
+                continue  # a folder's notes about itself (a pretty-printed stats.json)
             splits.setdefault(name, []).append(file)
             subsets.setdefault(name, set()).add(subset)
     known = {part for names in subsets.values() for s in names for part in s.split("/")}
