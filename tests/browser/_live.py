@@ -44,6 +44,23 @@ def live_server(store: Any, secret: str) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless chromium (Playwright) for one test, closed when the block ends, also when
+    the test fails; the test is skipped where chromium or Playwright is missing."""
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 def login(page: Any, base: str, user: str) -> None:
     page.goto(f"{base}/login")
     page.fill('input[name="username"]', user)

@@ -3,10 +3,8 @@ annotator group, the work aimed at each, and marks the group that falls behind."
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from _live import CHROMIUM, FLAGS, PASSWORD, live_server, login
+from _live import PASSWORD, chromium, live_server, login
 
 from rewardloop.app import accounts
 from rewardloop.feedback import queue as Q
@@ -42,24 +40,17 @@ def live(sqlite_store):
 
 
 def test_admin_page_shows_group_counts_and_the_group_behind(live) -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            page = browser.new_page()
-            login(page, live, "boss")
-            page.wait_for_url(f"{live}/admin")
-            assert page.text_content("#total-judgments") == "11"
-            nurses = page.locator('#groups tr[data-group="nurses"]')
-            doctors = page.locator('#groups tr[data-group="doctors"]')
-            assert nurses.locator(".count").text_content() == "10"
-            assert doctors.locator(".count").text_content() == "1"
-            assert doctors.locator(".aimed").text_content() == "2"
-            assert nurses.locator(".aimed").text_content() == "0"
-            assert doctors.locator(".behind").is_visible()
-            assert nurses.locator(".behind").count() == 0
-            assert "lagging" in (doctors.get_attribute("class") or "")
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page()
+        login(page, live, "boss")
+        page.wait_for_url(f"{live}/admin")
+        assert page.text_content("#total-judgments") == "11"
+        nurses = page.locator('#groups tr[data-group="nurses"]')
+        doctors = page.locator('#groups tr[data-group="doctors"]')
+        assert nurses.locator(".count").text_content() == "10"
+        assert doctors.locator(".count").text_content() == "1"
+        assert doctors.locator(".aimed").text_content() == "2"
+        assert nurses.locator(".aimed").text_content() == "0"
+        assert doctors.locator(".behind").is_visible()
+        assert nurses.locator(".behind").count() == 0
+        assert "lagging" in (doctors.get_attribute("class") or "")

@@ -4,10 +4,9 @@ log in as admin and download an export."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from _live import CHROMIUM, FLAGS, PASSWORD, live_server, login
+from _live import PASSWORD, chromium, live_server, login
 from sqlalchemy import select
 
 from rewardloop.app import accounts
@@ -31,35 +30,28 @@ def live(sqlite_store):
 
 
 def test_judge_with_keyboard_and_export(live, sqlite_store, tmp_path) -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
-    sync_api = pytest.importorskip("playwright.sync_api")
     csp_errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 390, "height": 844})  # phone width
-            page.on("console", lambda m: csp_errors.append(m.text)
-                    if "Content Security Policy" in m.text else None)
-            login(page, live, "ann")
-            page.wait_for_url(f"{live}/annotate")
-            for key in ("1", "t"):
-                first = page.get_attribute("#task", "data-task-id")
-                page.keyboard.press(key)
-                page.wait_for_function(
-                    "id => !document.getElementById('task') || "
-                    "document.getElementById('task').dataset.taskId !== id", arg=first)
-            assert "judged 2 tasks" in page.text_content("#progress")
-            admin = browser.new_page()
-            login(admin, live, "boss")
-            admin.wait_for_url(f"{live}/admin")
-            assert admin.text_content("#total-judgments") == "2"
-            with admin.expect_download() as info:
-                admin.click("#export-ranking")
-            path = tmp_path / "export.jsonl"
-            info.value.save_as(path)
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # phone width
+        page.on("console", lambda m: csp_errors.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        login(page, live, "ann")
+        page.wait_for_url(f"{live}/annotate")
+        for key in ("1", "t"):
+            first = page.get_attribute("#task", "data-task-id")
+            page.keyboard.press(key)
+            page.wait_for_function(
+                "id => !document.getElementById('task') || "
+                "document.getElementById('task').dataset.taskId !== id", arg=first)
+        assert "judged 2 tasks" in page.text_content("#progress")
+        admin = browser.new_page()
+        login(admin, live, "boss")
+        admin.wait_for_url(f"{live}/admin")
+        assert admin.text_content("#total-judgments") == "2"
+        with admin.expect_download() as info:
+            admin.click("#export-ranking")
+        path = tmp_path / "export.jsonl"
+        info.value.save_as(path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 2 and all("ranking" in r for r in rows)
     assert not csp_errors, csp_errors
@@ -88,35 +80,28 @@ def _rank_list(page) -> list[str]:
 
 
 def test_rank_twelve_answers_by_keys_and_drag_keeps_ties(live_ranking, sqlite_store) -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            page = browser.new_page()
-            login(page, live_ranking, "ann")
-            page.wait_for_url(f"{live_ranking}/annotate")
-            assert page.text_content("#task kbd") == "01"
-            first = page.get_attribute("#task", "data-task-id")
-            for n in [12, *range(1, 12)]:  # answer 12 first, then 1 to 11
-                for digit in f"{n:02d}":
-                    page.keyboard.press(digit)
-            labels = [f"Answer {c}" for c in "LABCDEFGHIJK"]
-            assert _rank_list(page) == labels
-            shown = [int(a.get_attribute("data-id"))
-                     for a in page.query_selector_all("#task .answer")]
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "id => document.getElementById('task').dataset.taskId !== id", arg=first)
-            # The 3-answer task: A and B tie, then C is dragged onto A: C first, A = B kept.
-            for key in ("1", "t", "2"):
-                page.keyboard.press(key)
-            assert _rank_list(page) == ["Answer A = Answer B"]
-            page.drag_and_drop("#task .answer[data-label='C']", "#task .answer[data-label='A']")
-            assert _rank_list(page) == ["Answer C", "Answer A = Answer B"]
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page()
+        login(page, live_ranking, "ann")
+        page.wait_for_url(f"{live_ranking}/annotate")
+        assert page.text_content("#task kbd") == "01"
+        first = page.get_attribute("#task", "data-task-id")
+        for n in [12, *range(1, 12)]:  # answer 12 first, then 1 to 11
+            for digit in f"{n:02d}":
+                page.keyboard.press(digit)
+        labels = [f"Answer {c}" for c in "LABCDEFGHIJK"]
+        assert _rank_list(page) == labels
+        shown = [int(a.get_attribute("data-id"))
+                 for a in page.query_selector_all("#task .answer")]
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "id => document.getElementById('task').dataset.taskId !== id", arg=first)
+        # The 3-answer task: A and B tie, then C is dragged onto A: C first, A = B kept.
+        for key in ("1", "t", "2"):
+            page.keyboard.press(key)
+        assert _rank_list(page) == ["Answer A = Answer B"]
+        page.drag_and_drop("#task .answer[data-label='C']", "#task .answer[data-label='A']")
+        assert _rank_list(page) == ["Answer C", "Answer A = Answer B"]
     with sqlite_store.read() as s:
         (judgment,) = s.scalars(select(S.Judgment)).all()
     assert judgment.ranking == [[shown[11]], *[[i] for i in shown[:11]]]

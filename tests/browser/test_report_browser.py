@@ -4,11 +4,10 @@ axes."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from _live import CHROMIUM, FLAGS
+from _live import chromium
 
 from rewardloop.eval.report import build_report
 
@@ -36,24 +35,17 @@ MEASURE = """
 
 
 def test_every_figure_of_a_report_is_drawn(tmp_path: Path, report_runs: list[Path]) -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no chromium at {CHROMIUM}; set REWARDLOOP_CHROMIUM")
-    sync_api = pytest.importorskip("playwright.sync_api")
     report = build_report(report_runs, tmp_path / "report.html")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(report.as_uri())
-            page.wait_for_load_state("load")
-            found = page.evaluate(MEASURE)
-            headline_top = page.evaluate(
-                "() => document.querySelector('.headlines').getBoundingClientRect().top")
-            first_run_top = page.evaluate(
-                "() => document.querySelector('section:not(.headlines)')"
-                ".getBoundingClientRect().top")
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(report.as_uri())
+        page.wait_for_load_state("load")
+        found = page.evaluate(MEASURE)
+        headline_top = page.evaluate(
+            "() => document.querySelector('.headlines').getBoundingClientRect().top")
+        first_run_top = page.evaluate(
+            "() => document.querySelector('section:not(.headlines)')"
+            ".getBoundingClientRect().top")
     assert len(found) >= 10
     for fig in found:
         assert fig["complete"] and fig["width"] > 100, fig
