@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _crash import crash_after_checkpoint
 from safetensors.torch import load_file
 
 from rewardloop.synthetic import corpus_texts, preference_rows
@@ -99,28 +100,13 @@ def test_gradient_accumulation_gives_the_same_gradient_and_step(setup, tmp_path:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_resume_equals_uninterrupted_across_an_epoch_boundary(setup, tmp_path: Path,
                                                               monkeypatch) -> None:
     # 8 pairs, batch 4: 2 steps per epoch; the crash comes right after step 2, the boundary.
     straight = _cfg(setup, tmp_path / "straight", max_steps=5, save_every=1, lr=3e-3)
     train_dpo(straight)
-    real_save = dpo.save_checkpoint
-
-    def save_then_crash(run, step, **kw):
-        path = real_save(run, step, **kw)
-        if step == 2:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(dpo, "save_checkpoint", save_then_crash)
     crashed = replace(straight, out=tmp_path / "resumed")
-    with pytest.raises(Crash):
-        train_dpo(crashed)
-    monkeypatch.setattr(dpo, "save_checkpoint", real_save)
+    crash_after_checkpoint(monkeypatch, dpo, 2, lambda: train_dpo(crashed))
     calls = []
     monkeypatch.setattr(dpo, "score_all", lambda *a, **k: calls.append(1) or None)
     train_dpo(replace(crashed, resume=True))

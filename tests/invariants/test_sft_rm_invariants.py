@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _crash import crash_after_checkpoint
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -40,10 +41,6 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
-class Crash(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("kind", ["sft", "rm"])
 def test_resume_equals_uninterrupted_across_an_epoch_boundary(tiny_dir: Path, tmp_path: Path,
                                                               kind: str, monkeypatch) -> None:
@@ -64,18 +61,7 @@ def test_resume_equals_uninterrupted_across_an_epoch_boundary(tiny_dir: Path, tm
                    max_length=64, device="cpu", **kw)
 
     train(cfg(tmp_path / "whole"))
-    real_save = module.save_checkpoint
-
-    def save_then_crash(run, step, **kw):
-        path = real_save(run, step, **kw)
-        if step == 2:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train(cfg(tmp_path / "split"))
-    monkeypatch.setattr(module, "save_checkpoint", real_save)
+    crash_after_checkpoint(monkeypatch, module, 2, lambda: train(cfg(tmp_path / "split")))
     summary = train(cfg(tmp_path / "split", resume=True))
     assert summary["steps"] == 4
     whole = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
