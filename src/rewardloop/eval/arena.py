@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment, Response, TaskItem
+from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment, TaskItem
 from rewardloop.feedback import tasks as T
 from rewardloop.metrics import Battle
 
@@ -35,19 +35,8 @@ class ArenaTasks:
 
 def _held_battles(session: Session, batch: Batch) -> set[tuple[int, frozenset[tuple[int, str]]]]:
     """(prompt id, {(response id, model)}) of every task ``batch`` holds."""
-    if batch.id is None:
-        session.flush()
-    rows = session.execute(
-        select(ComparisonTask.id, ComparisonTask.prompt_id, TaskItem.response_id,
-               TaskItem.model, Response.model)
-        .join(TaskItem, TaskItem.task_id == ComparisonTask.id)
-        .join(Response, Response.id == TaskItem.response_id)
-        .where(ComparisonTask.batch_id == batch.id))
-    items: dict[int, tuple[int, set[tuple[int, str]]]] = {}
-    for task_id, prompt_id, response_id, item_model, response_model in rows:
-        items.setdefault(task_id, (prompt_id, set()))[1].add(
-            (response_id, item_model or response_model or ""))
-    return {(prompt_id, frozenset(pairs)) for prompt_id, pairs in items.values()}
+    return {(t.prompt_id, frozenset((r, m or "") for r, m in t.items))
+            for t in T.held_tasks(session, batch)}
 
 
 def create_arena_tasks(session: Session, prompts: Sequence[Any],

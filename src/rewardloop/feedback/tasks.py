@@ -377,24 +377,49 @@ def create_tasks_from_candidates(
     return created
 
 
+@dataclass(frozen=True)
+class HeldTask:
+    """A task a batch holds, with its answers: (response id, the model that wrote it for this
+    task: the item's, else the response's)."""
+
+    id: int
+    prompt_id: int
+    kind: str
+    is_gold: bool
+    audience: str | None
+    items: tuple[tuple[int, str | None], ...]
+
+
+def held_tasks(session: Session, batch: Batch, prompt_id: int | None = None
+               ) -> list[HeldTask]:
+    """The tasks ``batch`` holds (for one prompt, given ``prompt_id``): what a creation that
+    must not make a comparison twice checks against (``create_tasks_from_candidates``, the
+    arena)."""
+    if batch.id is None:
+        session.flush()
+    query = (select(ComparisonTask.id, ComparisonTask.prompt_id, ComparisonTask.kind,
+                    ComparisonTask.is_gold, ComparisonTask.audience, TaskItem.response_id,
+                    TaskItem.model, Response.model)
+             .join(TaskItem, TaskItem.task_id == ComparisonTask.id)
+             .join(Response, Response.id == TaskItem.response_id)
+             .where(ComparisonTask.batch_id == batch.id))
+    if prompt_id is not None:
+        query = query.where(ComparisonTask.prompt_id == prompt_id)
+    about: dict[int, tuple[int, str, bool, str | None]] = {}
+    items: dict[int, list[tuple[int, str | None]]] = {}
+    for task_id, prompt, kind, is_gold, audience, response_id, item_model, model in (
+            session.execute(query)):
+        about[task_id] = (prompt, kind, is_gold, audience)
+        items.setdefault(task_id, []).append((response_id, item_model or model))
+    return [HeldTask(t, *about[t], tuple(items[t])) for t in about]
+
+
 def _held_tasks(session: Session, batch: Batch | None, prompt_id: int) -> dict[_Key, int]:
     """The tasks ``batch`` holds for one prompt, by comparison (none without a batch)."""
     if batch is None:
         return {}
-    if batch.id is None:
-        session.flush()
-    rows = session.execute(
-        select(ComparisonTask.id, ComparisonTask.kind, ComparisonTask.is_gold,
-               ComparisonTask.audience, TaskItem.response_id)
-        .join(TaskItem, TaskItem.task_id == ComparisonTask.id)
-        .where(ComparisonTask.batch_id == batch.id, ComparisonTask.prompt_id == prompt_id))
-    items: dict[int, list[int]] = {}
-    about: dict[int, tuple[str, bool, str | None]] = {}
-    for task_id, kind, is_gold, audience, response_id in rows:
-        items.setdefault(task_id, []).append(response_id)
-        about[task_id] = (kind, is_gold, audience)
-    return {(about[t][0], tuple(sorted(ids)), about[t][1], about[t][2]): t
-            for t, ids in items.items()}
+    return {(t.kind, tuple(sorted(r for r, _ in t.items)), t.is_gold, t.audience): t.id
+            for t in held_tasks(session, batch, prompt_id)}
 
 
 def _row_prompt(session: Session, row: Mapping[str, Any], err: Any) -> Prompt:
