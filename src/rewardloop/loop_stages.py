@@ -48,7 +48,7 @@ from rewardloop.loop_config import LoopConfig, read_marker, round_dir
 from rewardloop.util.files import atomic_write_text
 
 if TYPE_CHECKING:
-    from rewardloop.train.reward import StoredAnnotators
+    from rewardloop.train.comparisons import StoredAnnotators
 
 log = logging.getLogger(__name__)
 

@@ -195,7 +195,7 @@ def test_a_resumed_run_keeps_its_best_point(tiny_dir: Path, tmp_path: Path) -> N
 
 
 def test_held_out_rows_leave_out_flagged_annotators(tmp_path: Path) -> None:
-    from rewardloop.train.reward import train_and_eval_records
+    from rewardloop.train.comparisons import train_and_eval_records
 
     rows = preference_rows(30, seed=5)
     for i, row in enumerate(rows):

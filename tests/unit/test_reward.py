@@ -20,25 +20,26 @@ from rewardloop.losses import preference_accuracy
 from rewardloop.synthetic import corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
 from rewardloop.tokenize import Encoded
-from rewardloop.train.data import rank_micro_batches
-from rewardloop.train.reward import (
+from rewardloop.train.comparisons import (
     OBJECTIVES,
     Comparison,
-    RewardConfig,
     annotator_info,
     apply_annotator_policy,
+    read_comparisons,
+    score_comparisons,
+)
+from rewardloop.train.data import rank_micro_batches
+from rewardloop.train.reward import (
+    RewardConfig,
     comparison_loss,
     group_figures,
     load_model,
     load_tokenizer_for,
     micro_loss,
-    pair_deltas,
-    pair_figures,
-    read_comparisons,
-    score_comparisons,
     step_metrics,
     train_rm,
 )
+from rewardloop.train.reward_eval import pair_deltas, pair_figures
 from rewardloop.train.runtime import Runtime, RuntimeOptions
 from rewardloop.train.step import accumulate
 

@@ -18,8 +18,9 @@ shared trunk (one forward pass, K rewards); each head is trained on the same los
 random start, the reward is their mean and their standard deviation is the model's
 uncertainty.
 
-After training the model is evaluated (accuracy, loss, calibration, per-annotator and per-group
-accuracy, correlation of reward with answer length) and ``reward_stats.json`` (mean/std of the
+Comparisons are read and scored in ``train.comparisons``. After training the model is evaluated
+(``train.reward_eval``: accuracy, loss, calibration, per-annotator and per-group accuracy,
+correlation of reward with answer length) and ``reward_stats.json`` (mean/std of the
 rewards, ensemble size, tokenisation limits) is saved next to the weights for ``score`` and RL.
 """
 
@@ -27,25 +28,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from rewardloop import losses
 from rewardloop.ceiling import label_ceiling, record_votes
-from rewardloop.data.formats import read_training_records
-from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
 from rewardloop.metrics import (
     annotator_groups,
-    expected_calibration_error,
     pair_credit,
     primary_group,
 )
@@ -57,14 +52,23 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, rewards_of
-from rewardloop.tokenize import Encoded, collate, encode
+from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE
 from rewardloop.train.checkpoint import restore_weights
-from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
+from rewardloop.train.comparisons import (
+    OBJECTIVES,
+    Comparison,
+    Objective,
+    StoredAnnotators,
+    annotator_info,
+    apply_annotator_policy,
+    comparisons_of,
+    score_comparisons,
+    train_and_eval_records,
+)
+from rewardloop.train.configs import RewardConfig
 from rewardloop.train.data import (
     LengthGroupedSampler,
     rank_micro_batches,
-    read_json_mapping,
     scheduler,
 )
 from rewardloop.train.early_stop import BestPoint, evaluation_due
@@ -74,7 +78,6 @@ from rewardloop.train.group_balance import (
     equal_weights,
     group_metric_sums,
     group_summary,
-    read_groups_file,
     split_group_sums,
 )
 from rewardloop.train.length_debias import (
@@ -82,229 +85,26 @@ from rewardloop.train.length_debias import (
     odin_correlation_loss,
     orthogonality_loss,
 )
+from rewardloop.train.reward_eval import (
+    evaluate,
+    length_correlation,
+    pair_deltas,
+    reward_stats,
+    score_all,
+    split_length_head,
+)
 from rewardloop.train.run import (
     RunDir,
     adamw,
     save_checkpoint,
 )
 from rewardloop.train.runtime import Runtime, runtime_for
-from rewardloop.train.split import split_records
 from rewardloop.train.step import MicroLoss, accumulate_and_step
 from rewardloop.util.files import atomic_write_text
 from rewardloop.util.progress import progress_bar
 from rewardloop.util.seed import seed_everything
 
 log = logging.getLogger(__name__)
-
-LENGTH_CORRELATION_WARNING = 0.5
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparisons
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """K tokenised answers to one prompt and their ranks (0 best; equal ranks are a tie)."""
-
-    responses: tuple[Encoded, ...]
-    ranks: tuple[int, ...]
-    margin: float = 0.0
-    annotator: str | None = None
-    weight: float = 1.0
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(e) for e in self.responses)
-
-
-def _ranks(ranking: Sequence[Sequence[int]], k: int) -> tuple[int, ...]:
-    ranks = [0] * k
-    for place, group in enumerate(ranking):
-        for i in group:
-            ranks[i] = place
-    return tuple(ranks)
-
-
-def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
-                   ) -> list[Comparison]:
-    """Pairs and rankings as comparisons (a tied pair keeps both answers at rank 0)."""
-    def enc(prompt: Any, answer: Any) -> Encoded:
-        return encode(tokenizer, prompt, answer, max_length=cfg.max_length,
-                      max_prompt_length=cfg.max_prompt_length)
-
-    out = []
-    for r in records:
-        if isinstance(r, PairRecord):
-            out.append(Comparison((enc(r.prompt, r.chosen), enc(r.prompt, r.rejected)),
-                                  (0, 0) if r.tie else (0, 1), float(r.margin or 0.0),
-                                  r.annotator))
-        elif isinstance(r, RankingRecord):
-            out.append(Comparison(tuple(enc(r.prompt, a) for a in r.responses),
-                                  _ranks(r.ranking, len(r.responses)), 0.0, r.annotator))
-    return out
-
-
-def read_preferences(path: Path, cfg: RewardConfig) -> tuple[str, list[Record]]:
-    """(format, records) of a preference file; other data kinds are refused."""
-    fmt, records = read_training_records(path, cfg.data_format)
-    if fmt not in PAIRWISE_FORMATS + RANKING_FORMATS:
-        raise UserError(f"{path}: looks like {fmt} rows, but train rm needs preferences: "
-                        "pairwise rows (prompt, chosen, rejected), hh, ultrafeedback or ranking "
-                        "rows")
-    return fmt, records
-
-
-def comparisons_of(path: Path, fmt: str, records: Sequence[Record], tokenizer: Any,
-                   cfg: RewardConfig) -> tuple[str, list[Comparison]]:
-    """(objective name, comparisons) of the preference records read from ``path``."""
-    items = to_comparisons(records, tokenizer, cfg)
-    if not items:
-        raise UserError(f"{path}: no comparison to learn from (ultrafeedback rows with equal "
-                        "ratings give none)")
-    return ("bradley-terry" if fmt in PAIRWISE_FORMATS else "plackett-luce"), items
-
-
-def read_comparisons(path: Path, tokenizer: Any, cfg: RewardConfig) -> tuple[str, list[Comparison]]:
-    """(objective name, comparisons) of a preference file; other data kinds are refused."""
-    fmt, records = read_preferences(path, cfg)
-    return comparisons_of(path, fmt, records, tokenizer, cfg)
-
-
-def train_and_eval_records(cfg: RewardConfig, groups: Mapping[str, Sequence[str]],
-                           flagged: Set[str] = frozenset()
-                           ) -> tuple[tuple[str, list[Record]], tuple[str, list[Record]] | None]:
-    """((format, training records), (format, held-out records) or None): --eval-data, or
-    --eval-fraction of --data split by prompt (stratified by annotator group). The judgments of
-    ``flagged`` annotators are left out of the held-out records too: a model should not be
-    scored against labels the user chose not to trust (nor its label ceiling)."""
-    fmt, records = read_preferences(cfg.data, cfg)
-    if cfg.eval_data is not None:
-        eval_fmt, held = read_preferences(cfg.eval_data, cfg)
-    elif cfg.eval_fraction > 0:
-        records, held = split_records(records, groups, cfg.eval_fraction, cfg.seed)
-        eval_fmt = fmt
-        log.info("rm: held out %d rows (%g of --data, split by prompt)", len(held),
-                 cfg.eval_fraction)
-    else:
-        return (fmt, records), None
-    trusted = [r for r in held if getattr(r, "annotator", None) not in flagged]
-    if not trusted:
-        raise UserError("every held-out judgment is by a flagged annotator; nothing to "
-                        "evaluate on")
-    return (fmt, records), (eval_fmt, trusted)
-
-
-def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float] | None,
-                           flagged: set[str]) -> list[Comparison]:
-    """Drop comparisons judged by ``flagged`` annotators; weigh the rest by ``weights``.
-
-    Annotators ``weights`` does not name (and rows without one: imported data) weigh 1;
-    ``feedback.quality.annotator_weights`` names every annotator of the store.
-    """
-    kept = [c for c in items if c.annotator not in flagged] if flagged else list(items)
-    if len(kept) < len(items):
-        log.warning("left out %d comparisons by %d flagged annotators",
-                    len(items) - len(kept), len(flagged))
-    if not kept:
-        raise UserError("every comparison was judged by a flagged annotator; nothing to train on")
-    if weights is None:
-        return kept
-    out = []
-    for c in kept:
-        w = float(weights.get(c.annotator, 1.0)) if c.annotator is not None else 1.0
-        if not w >= 0 or math.isinf(w):
-            raise UserError(f"annotator {c.annotator!r} has weight {w}; weights must be >= 0")
-        out.append(Comparison(c.responses, c.ranks, c.margin, c.annotator, w))
-    if sum(c.weight for c in out) <= 0:
-        raise UserError("every comparison has weight 0; nothing to train on")
-    return out
-
-
-StoredAnnotators = tuple[Mapping[str, float] | None, Set[str], Mapping[str, Sequence[str]]]
-"""(weights or None, flagged names, groups by name) as read from the store by the caller
-(``feedback.quality.annotators_from_db``): the trainer itself does not open the store."""
-
-
-def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
-                   ) -> tuple[dict[str, float] | None, set[str], dict[str, list[str]]]:
-    """(weights or None, flagged annotators, groups by annotator) from the files and ``stored``
-    (needed when ``cfg.db`` is set)."""
-    if cfg.db is not None and stored is None:
-        raise ValueError("cfg.db is set: pass what the store knows about annotators "
-                         "(feedback.quality.annotators_from_db)")
-    weights: dict[str, float] | None = None
-    flagged: set[str] = set()
-    groups: dict[str, list[str]] = {}
-    if cfg.annotator_groups is not None:
-        groups.update(read_groups_file(cfg.annotator_groups))
-    if cfg.weighting == "reliability" and cfg.annotator_weights is not None:
-        raw = read_json_mapping(cfg.annotator_weights, "weights")
-        try:
-            weights = {str(k): float(v) for k, v in raw.items()}
-        except (TypeError, ValueError):
-            raise UserError(f"{cfg.annotator_weights}: every weight must be a number") from None
-    if stored is not None:
-        store_weights, store_flagged, store_groups = stored
-        if cfg.weighting == "reliability" and weights is None and store_weights is not None:
-            weights = dict(store_weights)
-        if cfg.exclude_flagged:
-            flagged = set(store_flagged)
-        for name, gs in store_groups.items():
-            groups.setdefault(name, []).extend(
-                str(g) for g in gs if str(g) not in groups.get(name, []))
-    return weights, flagged, groups
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring and objectives
-# ---------------------------------------------------------------------------------------------
-
-
-def score_comparisons(model: nn.Module, items: Sequence[Comparison], pad_id: int,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All answers of ``items`` in ONE forward pass -> (scores (B, K, H), ranks (B, K)).
-
-    Rows are laid out answer-position-major (every first answer, then every second, ...), so a
-    pair batch is exactly ``collate_pairs``'s chosen-then-rejected layout. Absent answers of
-    shorter rankings have rank -1 and score 0.
-    """
-    k_max = max(len(c.responses) for c in items)
-    where = [(b, k) for k in range(k_max) for b, c in enumerate(items) if k < len(c.responses)]
-    batch = collate([items[b].responses[k] for b, k in where], pad_id)
-    rewards = rewards_of(model, {k: v.to(device) for k, v in batch.items()})  # (N, H)
-    b_idx = torch.tensor([b for b, _ in where], device=device)
-    k_idx = torch.tensor([k for _, k in where], device=device)
-    scores = rewards.new_zeros(len(items), k_max, rewards.shape[1])
-    scores = scores.index_put((b_idx, k_idx), rewards)
-    ranks = torch.full((len(items), k_max), -1, dtype=torch.long, device=device)
-    for b, c in enumerate(items):
-        ranks[b, :len(c.ranks)] = torch.tensor(c.ranks)
-    return scores, ranks
-
-
-def _bradley_terry(scores: torch.Tensor, ranks: torch.Tensor, margins: torch.Tensor,
-                   cfg: RewardConfig, global_count: float) -> losses.LossOutput:
-    """BT on (B, 2) scores of one head; ties are half wins, margins only with use_margin."""
-    return losses.bradley_terry_loss(
-        scores[:, 0], scores[:, 1], margin=margins if cfg.use_margin else None,
-        label_smoothing=cfg.label_smoothing, tie=ranks[:, 0] == ranks[:, 1],
-        global_count=global_count)
-
-
-def _plackett_luce(scores: torch.Tensor, ranks: torch.Tensor, margins: torch.Tensor,
-                   cfg: RewardConfig, global_count: float) -> losses.LossOutput:
-    """Plackett–Luce on (B, K) scores of one head (margins and smoothing do not apply)."""
-    return losses.plackett_luce_loss(scores, ranks, global_count=global_count)
-
-
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RewardConfig, float],
-                     losses.LossOutput]
-OBJECTIVES: dict[str, Objective] = {
-    "bradley-terry": _bradley_terry,
-    "plackett-luce": _plackett_luce,
-}
 
 
 def comparison_loss(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
@@ -384,6 +184,8 @@ def score_head(model: nn.Module) -> nn.Linear:
         raise UserError("--length-debias needs a reward model whose head (score) is one linear "
                         f"layer, not {type(head).__name__}")
     return head
+
+
 def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Tensor,
                     items: Sequence[Comparison], cfg: RewardConfig, group_ids: Sequence[str],
                     groups: Sequence[str]) -> dict[str, float]:
@@ -449,147 +251,6 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
         return loss, sums
 
     return loss_of
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def score_all(model: nn.Module, items: Sequence[Comparison], pad_id: int, device: torch.device,
-              batch_size: int, rt: Runtime | None = None) -> list[torch.Tensor]:
-    """No-grad rewards of every answer: one (K_i, H) float32 tensor per comparison. With a
-    runtime, each rank scores its share of the batches and all get every score."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
-    starts = list(range(0, len(order), batch_size))
-
-    def chunk(k: int) -> list[torch.Tensor]:
-        idx = order[starts[k]:starts[k] + batch_size]
-        scores, _ = score_comparisons(model, [items[i] for i in idx], pad_id, device)
-        return [scores[j, :len(items[i].responses)].float().cpu() for j, i in enumerate(idx)]
-
-    chunks = (rt.map_chunks(len(starts), chunk) if rt is not None
-              else [chunk(k) for k in range(len(starts))])
-    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
-    for k, scored in enumerate(chunks):
-        for i, row in zip(order[starts[k]:starts[k] + batch_size], scored, strict=True):
-            out[i] = row
-    model.train(was_training)
-    return out
-
-
-def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def reward_stats(scores: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Mean/std of the (ensemble-mean) rewards of all answers, and of each head."""
-    flat = torch.cat(list(scores))  # (N, H)
-    mean = flat.mean(-1)
-    return {"mean": float(mean.mean()), "std": float(mean.std(unbiased=False)),
-            "n": int(flat.shape[0]), "ensemble": int(flat.shape[1]),
-            "head_mean": flat.mean(0).tolist(), "head_std": flat.std(0, unbiased=False).tolist()}
-
-
-def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
-                 groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """Accuracy, calibration and per-annotator/group accuracy of r_better - r_worse (P,); an
-    exact tie of the two rewards earns half credit (``metrics.pair_credit``)."""
-    credit = pair_credit(deltas)
-    probs = 1.0 / (1.0 + np.exp(-deltas))
-    ece, bins = expected_calibration_error(np.concatenate([probs, 1 - probs]),
-                                           np.concatenate([np.ones_like(probs),
-                                                           np.zeros_like(probs)]))
-    figures: dict[str, Any] = {"eval_accuracy": float(credit.mean()), "eval_ece": ece,
-                               "calibration_bins": bins}
-    by_name: dict[str, list[float]] = defaultdict(list)
-    by_group: dict[str, list[float]] = defaultdict(list)
-    for ok, name in zip(credit.tolist(), who, strict=True):
-        if name is None:
-            continue
-        by_name[name].append(ok)
-        for g in groups.get(name, ()):
-            by_group[g].append(ok)
-    for key, table in (("accuracy_by_annotator", by_name), ("accuracy_by_group", by_group)):
-        if table:
-            figures[key] = {n: {"accuracy": float(np.mean(v)), "pairs": len(v)}
-                            for n, v in sorted(table.items())}
-    return figures
-
-
-def length_correlation(items: Sequence[Comparison], scores: Sequence[torch.Tensor]
-                       ) -> float | None:
-    """Pearson r of the (ensemble-mean) reward and answer length in tokens, over all answers."""
-    rewards = [float(r) for s in scores for r in s.mean(-1)]
-    lengths = [sum(e.completion_mask) for c in items for e in c.responses]
-    return _pearson(rewards, lengths)
-
-
-def split_length_head(scores: Sequence[torch.Tensor], cfg: RewardConfig
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """(reward-head scores, r_Q + r_L or None) of (K, H [+ 1]) scores: with --length-debias the
-    last column is the length head, which the saved model will not have."""
-    if not cfg.length_debias:
-        return list(scores), None
-    return [s[:, :-1] for s in scores], [s[:, :-1] + s[:, -1:] for s in scores]
-def pair_deltas(items: Sequence[Comparison], mean: torch.Tensor
-                ) -> tuple[list[float], list[str | None]]:
-    """r_better - r_worse of every strictly ordered answer pair of ``items`` and who judged it;
-    ``mean``: (B, K) ensemble-mean rewards. Left out, as the label ceiling leaves them out:
-    judged ties, and pairs of one answer twice (the same tokens), which no model can order."""
-    deltas, who = [], []
-    for b, c in enumerate(items):
-        for i in range(len(c.ranks)):
-            for j in range(len(c.ranks)):
-                preferred = c.ranks[i] < c.ranks[j]  # i was preferred to j
-                if preferred and c.responses[i].input_ids != c.responses[j].input_ids:
-                    deltas.append(float(mean[b, i] - mean[b, j]))
-                    who.append(c.annotator)
-    return deltas, who
-
-
-def evaluate(objective_name: str, items: Sequence[Comparison], scores: Sequence[torch.Tensor],
-             cfg: RewardConfig, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """Held-out figures of the ensemble-mean reward.
-
-    - ``eval_loss``: the objective's NLL (no margin, no smoothing: the data's log-likelihood);
-    - ``eval_accuracy``: share of strictly ordered answer pairs the reward orders right, an
-      exact tie of rewards counting half (judged ties and pairs of identical answers are left
-      out, as in the label ceiling); per annotator and per annotator group as well;
-    - ``eval_ece`` and ``calibration_bins``: calibration of σ(r_better - r_worse), counted in
-      both orientations so the reliability diagram is symmetric;
-    - ``length_correlation``: Pearson r of reward and answer length in tokens.
-    """
-    k_max = max(len(c.responses) for c in items)
-    mean = torch.zeros(len(items), k_max)
-    ranks = torch.full((len(items), k_max), -1, dtype=torch.long)
-    for b, (c, s) in enumerate(zip(items, scores, strict=True)):
-        mean[b, :len(c.responses)] = s.mean(-1)
-        ranks[b, :len(c.ranks)] = torch.tensor(c.ranks)
-    plain = RewardConfig(model=cfg.model, data=cfg.data, out=cfg.out)
-    loss, _ = OBJECTIVES[objective_name](mean, ranks, torch.zeros(len(items)), plain,
-                                         float(len(items)))
-    deltas, who = pair_deltas(items, mean)
-    figures: dict[str, Any] = {"eval_loss": float(loss), "eval_comparisons": len(items)}
-    if deltas:
-        figures.update(pair_figures(np.asarray(deltas), who, groups))
-    corr = length_correlation(items, scores)
-    figures["length_correlation"] = corr
-    if corr is not None and abs(corr) > LENGTH_CORRELATION_WARNING:
-        log.warning("reward and answer length correlate on the held-out answers (Pearson r = "
-                    "%.2f): unless what your annotators prefer is itself longer, the model may "
-                    "be rewarding length; compare with --length-debias "
-                    "(docs/reward-models.md)", corr)
-    if scores and scores[0].shape[-1] > 1:
-        figures["eval_uncertainty_mean"] = float(torch.cat(list(scores)).std(
-            -1, unbiased=False).mean())
-    return figures
 
 
 # ---------------------------------------------------------------------------------------------
