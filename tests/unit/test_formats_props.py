@@ -20,6 +20,7 @@ from rewardloop.data.formats import (
     SFTRecord,
     UnpairedRecord,
 )
+from rewardloop.data.records import HH_ASSISTANT, HH_HUMAN
 from rewardloop.data.schema import Base
 from rewardloop.data.store import Store
 
@@ -71,8 +72,8 @@ def rankings(draw: st.DrawFn, annotators: st.SearchStrategy[str | None] = annota
     return RankingRecord(draw(prompt), responses, groups, draw(annotators), draw(maybe_id))
 
 
-hh_answer = text.filter(lambda t: F.HH_HUMAN not in t and F.HH_ASSISTANT not in t)
-hh_prompt = st.builds(lambda turns: "".join(f"{F.HH_HUMAN} {t}" for t in turns) + F.HH_ASSISTANT,
+hh_answer = text.filter(lambda t: HH_HUMAN not in t and HH_ASSISTANT not in t)
+hh_prompt = st.builds(lambda turns: "".join(f"{HH_HUMAN} {t}" for t in turns) + HH_ASSISTANT,
                       st.lists(text, min_size=1, max_size=2))
 pairs = st.builds(PairRecord, prompt, answer, answer, margin, annotator, maybe_id, st.booleans())
 records_by_format: dict[str, st.SearchStrategy[Any]] = {
