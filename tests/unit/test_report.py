@@ -112,7 +112,7 @@ def test_report_puts_reward_model_accuracy_beside_its_label_ceiling(tmp_path: Pa
 
 def test_names_with_dollar_signs_are_drawn_as_text(tmp_path: Path) -> None:
     """Annotator names may hold "$": matplotlib must not read them as mathtext (it failed)."""
-    from rewardloop.eval.report import bar_figure
+    from rewardloop.eval.charts import bar_figure
 
     uri = bar_figure(r"agreement of bob$\frac$", [r"bob$\frac$", "$x$"], [0.5, 0.7])
     assert uri.startswith("data:image/png;base64,")
