@@ -1,5 +1,6 @@
 """Preference losses: reward models (Bradley–Terry, Plackett–Luce, centering) and direct
-preference optimisation (DPO, cDPO, IPO, robust DPO, KTO, the RPO NLL term).
+preference optimisation (DPO, cDPO, IPO, robust DPO, KTO, the RPO NLL term; and without a
+reference model, SimPO and ORPO's odds-ratio term).
 
 Every loss returns ``(loss, metrics)``: ``loss`` a scalar tensor to backpropagate, ``metrics`` a
 dict of detached scalar tensors (batch means) for logging. Policy-gradient losses (PPO, value,
@@ -259,6 +260,53 @@ def robust_dpo_loss(
     clean, flipped = -F.logsigmoid(beta * h), -F.logsigmoid(-beta * h)
     per_pair = ((1 - eps) * clean - eps * flipped) / (1 - 2 * eps)
     return _batch_mean(per_pair, global_count), metrics
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+    beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0,
+    global_count: float | None = None,
+) -> LossOutput:
+    """SimPO (Meng et al. 2024, eq. 6): -log σ(β (ȳ_c - ȳ_r) - γ), no reference model.
+
+    Inputs (B,) are MEAN log-probs per completion token (``average=True``): the implicit reward
+    β ȳ is length-normalised, and γ is the target reward margin. ``label_smoothing`` ε > 0 gives
+    the conservative form -(1-ε) log σ(z) - ε log σ(-z), as cDPO (and TRL's CPO trainer).
+    Metrics as DPO's, the rewards being β ȳ.
+    """
+    metrics = _dpo_metrics(policy_chosen_logps, policy_rejected_logps, beta,
+                           policy_chosen_logps, policy_rejected_logps)
+    z = beta * (policy_chosen_logps - policy_rejected_logps) - gamma
+    return _batch_mean(_soft_bce(z, 1.0 - label_smoothing), global_count), metrics
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0 without cancellation (Mächler 2012): log(-expm1 x) near 0,
+    log1p(-e^x) below -log 2. x is clamped just below 0, where 1 - e^x underflows to 0 (a
+    certain answer, log-prob 0, has infinite odds)."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)),
+                       torch.log(-torch.expm1(x)))
+
+
+def orpo_odds_ratio_loss(
+    policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+    beta: float = 0.1, global_count: float | None = None,
+) -> LossOutput:
+    """ORPO's odds-ratio term (Hong et al. 2024, eqs. 4-7): -λ log σ(log odds_c - log odds_r).
+
+    Inputs (B,) are MEAN log-probs per completion token ȳ, so P(y|x) = e^ȳ and
+    log odds = ȳ - log(1 - e^ȳ); λ = ``beta``. ORPO's full loss adds the token-mean NLL of the
+    chosen answers (its SFT term): the caller adds it, normalised by the step's chosen tokens.
+    No reference model. Metrics as DPO's with rewards β ȳ (as TRL logs them), plus
+    ``log_odds_ratio`` (mean log odds_c - log odds_r).
+    """
+    log_odds = ((policy_chosen_logps - policy_rejected_logps)
+                - (log1mexp(policy_chosen_logps) - log1mexp(policy_rejected_logps)))  # (B,)
+    metrics = _dpo_metrics(policy_chosen_logps, policy_rejected_logps, beta,
+                           policy_chosen_logps, policy_rejected_logps)
+    metrics["log_odds_ratio"] = log_odds.detach().mean()
+    return _batch_mean(-beta * F.logsigmoid(log_odds), global_count), metrics
 
 
 PairwiseLoss = Callable[..., LossOutput]

@@ -56,6 +56,7 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.parametrize("loss, extra", [
     ("dpo", {}), ("cdpo", {"label_smoothing": 0.1}), ("ipo", {"length_normalize": True}),
     ("robust", {"label_smoothing": 0.1}), ("kto", {}), ("dpo", {"nll_coef": 1.0}),
+    ("simpo", {"beta": 2.0}), ("orpo", {}),
 ])
 def test_every_trainable_parameter_changes(setup, tmp_path: Path, loss: str, extra: dict
                                            ) -> None:
@@ -66,13 +67,18 @@ def test_every_trainable_parameter_changes(setup, tmp_path: Path, loss: str, ext
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"{loss}: parameters that did not move: {unchanged}"
     first = _metrics(tmp_path / "run")[0]
-    # Before the update the policy IS the reference: every implicit reward is exactly 0.
-    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    if dpo.OBJECTIVES[loss].reference:
+        # Before the update the policy IS the reference: every implicit reward is exactly 0.
+        assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    else:  # β x the mean log-prob per token: below 0, and logged as such
+        assert first["rewards/chosen"] == pytest.approx(cfg.beta * first["logps/chosen"])
+        assert first["rewards/chosen"] < 0
     assert first["loss"] > 0
 
 
 @pytest.mark.parametrize("loss, extra", [("dpo", {"nll_coef": 0.5}), ("kto", {}),
-                                         ("ipo", {"length_normalize": True})])
+                                         ("ipo", {"length_normalize": True}), ("orpo", {}),
+                                         ("simpo", {"beta": 2.0})])
 def test_gradient_accumulation_gives_the_same_gradient_and_step(setup, tmp_path: Path,
                                                                 loss: str, extra: dict) -> None:
     full = _cfg(setup, tmp_path / "full", loss=loss, batch_size=8, lr=1e-4, **extra)
@@ -115,6 +121,41 @@ def test_resume_equals_uninterrupted_across_an_epoch_boundary(setup, tmp_path: P
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_load_and_score_no_reference(setup, tmp_path: Path, monkeypatch,
+                                                           loss: str) -> None:
+    def no_reference(*args, **kwargs):
+        raise AssertionError(f"{loss} must not build a reference scorer")
+
+    monkeypatch.setattr(dpo, "_reference_scorer", no_reference)
+    cfg = _cfg(setup, tmp_path / "run", loss=loss, max_steps=2, eval_data=setup["pairs"])
+    summary = train_dpo(cfg)
+    assert summary["reference"] == "none"
+    assert not (tmp_path / "run" / dpo.REF_CACHE).exists()
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+def test_orpo_is_the_odds_ratio_term_plus_the_chosen_nll(setup, tmp_path: Path) -> None:
+    cfg = _cfg(setup, tmp_path / "run", loss="orpo", beta=0.3)
+    tokenizer = dpo.load_tokenizer(cfg.model)
+    pad = tokenizer.pad_token_id
+    examples = dpo.load_examples(cfg.data, cfg, dpo.OBJECTIVES["orpo"], tokenizer)
+    model = dpo.load_model(cfg, tokenizer, Runtime(RuntimeOptions()))
+    ref = torch.zeros(len(examples), 2)
+    result = dpo.train_step(Runtime(RuntimeOptions()), model, dpo.OBJECTIVES["orpo"], examples,
+                            ref, cfg, pad)
+    with torch.no_grad():
+        mean = dpo.score(model, examples, pad, average=True)  # (B, 2) mean log-probs
+        total = dpo.score(model, examples, pad, average=False)[:, 0]  # summed, chosen
+    tokens = sum(sum(e.first.completion_mask) for e in examples)
+    odds = (mean[:, 0] - mean[:, 1]) - (torch.log1p(-mean[:, 0].exp())
+                                         - torch.log1p(-mean[:, 1].exp()))
+    expected = -0.3 * torch.nn.functional.logsigmoid(odds).mean() - total.sum() / tokens
+    torch.testing.assert_close(result.loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.metrics["nll"], -total.sum() / tokens, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_cached_reference_equals_on_the_fly(setup, tmp_path: Path) -> None:

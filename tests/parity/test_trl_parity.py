@@ -311,3 +311,37 @@ def test_trl_default_kl_bias_correction_changes_only_the_kl_gradient() -> None:
         + beta * log_ratio / tokens
     torch.testing.assert_close(trl_grad, expected, **TOL)
     assert not torch.allclose(grad, trl_grad, atol=1e-4)
+
+
+def _mean_logps(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) mean log-probs per completion token, (n,) each."""
+    chosen, rejected = ops.sequence_logps(batch["policy"], batch["mask"], average=True).chunk(2)
+    return chosen, rejected
+
+
+@pytest.mark.parametrize(("beta", "gamma", "eps"), [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0),
+                                                    (0.1, 0.5, 0.2)])
+def test_simpo_matches_trl_cpo_simpo_loss(beta: float, gamma: float, eps: float) -> None:
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    chosen, rejected = _mean_logps(_pairs())
+    ours, metrics = L.simpo_loss(chosen, rejected, beta=beta, gamma=gamma, label_smoothing=eps)
+    trainer = _trainer(CPOTrainer, loss_type="simpo", beta=beta, simpo_gamma=gamma,
+                       label_smoothing=eps, alpha=0.0)
+    theirs, chosen_rewards, rejected_rewards = trainer.cpo_loss(chosen, rejected)
+    torch.testing.assert_close(ours, theirs.mean(), **TOL)
+    torch.testing.assert_close(metrics["rewards/chosen"], chosen_rewards.mean(), **TOL)
+    torch.testing.assert_close(metrics["rewards/rejected"], rejected_rewards.mean(), **TOL)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.25])
+def test_orpo_odds_ratio_matches_trl(beta: float) -> None:
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    chosen, rejected = _mean_logps(_pairs())
+    ours, metrics = L.orpo_odds_ratio_loss(chosen, rejected, beta=beta)
+    trainer = _trainer(ORPOTrainer, beta=beta)
+    # TRL returns β log σ(log odds) per pair and subtracts its mean from the NLL.
+    theirs, _, _, _, log_odds = trainer.odds_ratio_loss(chosen, rejected)
+    torch.testing.assert_close(ours, -theirs.mean().double(), **TOL)
+    torch.testing.assert_close(metrics["log_odds_ratio"], log_odds.double(), **TOL)

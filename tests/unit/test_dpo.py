@@ -108,7 +108,10 @@ def test_kto_partners_are_other_rows_and_fixed_by_seed(tok_model, tmp_path: Path
 
 
 def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
-    assert set(dpo.OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto"} == set(DPO_LOSSES)
+    assert set(dpo.OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto", "simpo", "orpo"} \
+        == set(DPO_LOSSES)
+    assert [n for n, o in dpo.OBJECTIVES.items() if not o.reference] == ["simpo", "orpo"]
+    assert {n: o.sft_weight for n, o in dpo.OBJECTIVES.items() if o.sft_weight} == {"orpo": 1.0}
     assert dpo.OBJECTIVES["kto"].formats == ("kto",)
     assert dpo.OBJECTIVES["ipo"].formats == ("trl", "hh", "ultrafeedback")
 
@@ -118,7 +121,12 @@ def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
     ({"loss": "ipo", "label_smoothing": 0.1}, "no label smoothing"),
     ({"loss": "kto", "nll_coef": 1.0}, "pairwise"),
     ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"),
-    ({"loss": "simpo"}, "loss must be one of"),
+    ({"loss": "sppo"}, "loss must be one of"),
+    ({"loss": "orpo", "nll_coef": 1.0}, "already adds the chosen answers' NLL"),
+    ({"loss": "orpo", "label_smoothing": 0.1}, "no label smoothing"),
+    ({"loss": "simpo", "ref_model": "ref"}, "uses no reference model"),
+    ({"loss": "orpo", "precompute_ref": False}, "uses no reference model"),
+    ({"loss": "simpo", "simpo_gamma": -1.0}, "simpo_gamma"),
     ({"beta": 0.0}, "beta"),
     ({"max_length": 16, "max_prompt_length": 16}, "max_prompt_length"),
     ({"lora_r": 0}, "lora_r must be at least 1"),
@@ -126,6 +134,12 @@ def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
 def test_config_is_validated(tmp_path: Path, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _cfg(tmp_path, **kw)
+
+
+def test_simpo_and_orpo_always_use_mean_log_probs(tmp_path: Path) -> None:
+    assert _cfg(tmp_path, loss="simpo").length_normalize
+    assert _cfg(tmp_path, loss="orpo").length_normalize
+    assert not _cfg(tmp_path, loss="dpo").length_normalize
 
 
 def test_rpo_term_is_the_token_mean_nll_of_the_chosen(tok_model, tmp_path: Path) -> None:

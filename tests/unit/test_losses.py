@@ -185,6 +185,47 @@ def test_robust_dpo_hand_value_and_unbiasedness() -> None:
         L.robust_dpo_loss(*PAIR, label_smoothing=0.5)
 
 
+def test_simpo_hand_values() -> None:
+    # Mean log-probs: pair 1 (-1, -2), pair 2 (-1.5, -1); β = 2, γ = 0.5 -> z = 1.5 and -1.5.
+    chosen, rejected = t(-1.0, -1.5), t(-2.0, -1.0)
+    loss, m = L.simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)
+    close(loss, (softplus(-1.5) + softplus(1.5)) / 2)  # -log σ(z) = softplus(-z)
+    close(m["rewards/chosen"], 2.0 * -1.25)  # β ȳ, no reference
+    close(m["rewards/margins"], 2.0 * (1.0 - 0.5) / 2)
+    close(m["rewards/accuracies"], 0.5)
+    # Label smoothing ε: -(1-ε) log σ(z) - ε log σ(-z), on pair 1 alone.
+    smoothed, _ = L.simpo_loss(chosen[:1], rejected[:1], beta=2.0, gamma=0.5,
+                               label_smoothing=0.1)
+    close(smoothed, 0.9 * softplus(-1.5) + 0.1 * softplus(1.5))
+    # γ is a margin: at β(ȳ_c - ȳ_r) = γ it still pushes with half the full force.
+    c = t(-1.0).requires_grad_(True)
+    L.simpo_loss(c, t(-1.25), beta=2.0, gamma=0.5)[0].backward()  # z = 0: d/dȳ_c = -β σ(-z)
+    close(c.grad, [-1.0])
+
+
+def test_orpo_odds_ratio_hand_value() -> None:
+    # ȳ_c = -0.5, ȳ_r = -1: log odds = ȳ - log(1 - e^ȳ), written out with math.
+    def log_odds(y: float) -> float:
+        return y - math.log(1.0 - math.exp(y))
+
+    d = log_odds(-0.5) - log_odds(-1.0)
+    loss, m = L.orpo_odds_ratio_loss(t(-0.5), t(-1.0), beta=0.25)
+    close(loss, 0.25 * softplus(-d))  # -λ log σ(d)
+    close(m["log_odds_ratio"], d)
+    close(m["rewards/chosen"], 0.25 * -0.5)
+
+
+def test_log1mexp_is_stable_at_both_ends() -> None:
+    x = torch.tensor([-1e-12, -1e-6, -0.1, -0.69, -0.7, -5.0, -50.0], dtype=torch.float64,
+                     requires_grad=True)
+    y = L.log1mexp(x)
+    expected = [math.log(-math.expm1(min(v, -1e-6))) for v in x.tolist()]
+    close(y, expected, tol=1e-9)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()  # a certain answer (ȳ = 0) must not give NaN gradients
+    assert torch.isfinite(L.orpo_odds_ratio_loss(t(0.0), t(-1.0))[0])
+
+
 def test_preference_loss_registry() -> None:
     assert L.PREFERENCE_LOSSES == {"dpo": L.dpo_loss, "cdpo": L.cdpo_loss, "ipo": L.ipo_loss,
                                    "robust": L.robust_dpo_loss}

@@ -32,7 +32,8 @@ UNPAIRED_FORMATS = ("kto",)
 WEIGHTINGS = ("none", "reliability")
 GROUP_BALANCES = ("none", "equal", "minmax")
 """--group-balance of train rm and train dpo (train/group_balance.py)."""
-DPO_LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto")
+DPO_LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 ADVANTAGE_NAMES = ("grpo", "rloo", "reinforce++")
 GROUP_METHODS = ("grpo", "rloo")
 # Each method's paper default: where the KL penalty goes and how it is estimated.
@@ -192,14 +193,19 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     pairwise rows (trl, hh, ultrafeedback) or, for KTO, kto rows."""
     loss: str = "dpo"
     """dpo (sigmoid), cdpo (DPO with label smoothing), ipo, robust (unbiased under label flips),
-    or kto (unpaired rows)."""
+    kto (unpaired rows); or, with no reference model, simpo (length-normalised margin) or orpo
+    (odds ratio + the chosen answers' NLL)."""
     beta: float = 0.1
-    """β: the strength of the pull toward the reference (IPO's τ). Smaller moves further."""
+    """β: the strength of the pull toward the reference (IPO's τ); smaller moves further. simpo:
+    the reward scale (its paper uses 2 to 2.5); orpo: λ, the weight of the odds-ratio term."""
+    simpo_gamma: float = 0.5
+    """simpo's γ: the target margin between the chosen and rejected rewards β·(mean log-prob)."""
     label_smoothing: float = 0.0
     """ε, the assumed rate of flipped labels: cdpo needs 0 < ε < 0.5, robust 0 <= ε < 0.5; dpo
     with ε > 0 is cdpo; ipo and kto take none."""
     length_normalize: bool = False
-    """Use the mean log-prob per completion token instead of the sum (IPO authors' choice)."""
+    """Use the mean log-prob per completion token instead of the sum (IPO authors' choice);
+    simpo and orpo always do (they are defined on it)."""
     nll_coef: float = 0.0
     """RPO (Pang et al. 2024): add this times the token-mean NLL of the chosen answers."""
     desirable_weight: float = 1.0
@@ -239,8 +245,19 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
             raise ValueError("label_smoothing must be in [0, 0.5)")
         if self.loss == "cdpo" and self.label_smoothing == 0.0:
             raise ValueError("cdpo needs --label-smoothing in (0, 0.5), e.g. 0.1")
-        if self.loss in ("ipo", "kto") and self.label_smoothing != 0.0:
+        if self.loss in ("ipo", "kto", "orpo") and self.label_smoothing != 0.0:
             raise ValueError(f"{self.loss} has no label smoothing; leave it at 0")
+        if self.loss == "orpo" and self.nll_coef != 0.0:
+            raise ValueError("orpo already adds the chosen answers' NLL (its SFT term, weight "
+                             "1); leave nll_coef at 0")
+        if self.loss in REFERENCE_FREE_LOSSES:
+            if self.ref_model is not None or not self.precompute_ref:
+                raise ValueError(f"{self.loss} uses no reference model: drop --ref-model and "
+                                 "--ref-on-the-fly")
+            # Both are defined on mean per-token log-probs (SimPO eq. 4, ORPO eq. 2).
+            object.__setattr__(self, "length_normalize", True)
+        if self.simpo_gamma < 0:
+            raise ValueError("simpo_gamma must be >= 0")
         if self.nll_coef < 0:
             raise ValueError("nll_coef must be >= 0")
         if self.loss == "kto" and self.nll_coef != 0.0:

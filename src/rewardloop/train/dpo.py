@@ -1,4 +1,5 @@
-"""Direct preference optimisation from a preference file: DPO, cDPO, IPO, robust DPO, KTO.
+"""Direct preference optimisation from a preference file: DPO, cDPO, IPO, robust DPO, KTO,
+and the reference-free SimPO and ORPO.
 
 One explicit loop (``train_dpo``). What differs between the losses is chosen ONCE, by name, in
 ``OBJECTIVES``: which data kind a loss reads (pairs, or unpaired thumbs up/down for KTO), how a
@@ -18,7 +19,8 @@ Reference log-probs log π_ref(y|x) are computed once, before training, in batch
 passes, cached (N, 2) and saved in the run directory (a resumed run reads them back). The
 reference is ``--ref-model``, else the initial policy, else (with LoRA) the base model with the
 adapter disabled, so no second copy of the model is kept. ``precompute_ref=False`` scores the
-reference on the fly every step instead (same numbers; used to test the cache).
+reference on the fly every step instead (same numbers; used to test the cache). SimPO and ORPO
+compare with no reference: none is loaded or scored (their ``ref`` is zeros).
 
 Losses are normalised by the number of pairs (and, for the RPO NLL term, chosen tokens) in the
 whole optimizer step, so gradient accumulation does not change the update.
@@ -205,6 +207,12 @@ class Objective:
     """(policy model, examples, ref (B, 2), pad_id, cfg, chunk) -> detached scalar z0."""
     accuracy: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     """(policy (B, k), ref (B, 2), labels (B,), z0) -> implicit-reward accuracy."""
+    reference: bool = True
+    """Whether the loss compares with a reference model; without one (SimPO, ORPO) none is
+    loaded or scored, and ``ref`` is all zeros."""
+    sft_weight: float = 0.0
+    """Weight of the chosen answers' token-mean NLL that the loss itself includes (ORPO's SFT
+    term), added to --nll-coef's."""
 
 
 def _pairwise_loss(name: str) -> Callable[..., losses.LossOutput]:
@@ -223,6 +231,18 @@ def _kto_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, z0:
     return losses.kto_loss(policy[:, 0], ref[:, 0], labels, z0, beta=cfg.beta,
                            desirable_weight=cfg.desirable_weight,
                            undesirable_weight=cfg.undesirable_weight, global_count=global_count)
+
+
+def _simpo_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, z0: torch.Tensor,
+                cfg: DPOConfig, global_count: float | None) -> losses.LossOutput:
+    return losses.simpo_loss(policy[:, 0], policy[:, 1], beta=cfg.beta, gamma=cfg.simpo_gamma,
+                             label_smoothing=cfg.label_smoothing, global_count=global_count)
+
+
+def _orpo_loss(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, z0: torch.Tensor,
+               cfg: DPOConfig, global_count: float | None) -> losses.LossOutput:
+    return losses.orpo_odds_ratio_loss(policy[:, 0], policy[:, 1], beta=cfg.beta,
+                                       global_count=global_count)
 
 
 def _no_reference_point(model: nn.Module, examples: Sequence[Example], ref: torch.Tensor,
@@ -254,13 +274,15 @@ def _kto_accuracy(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor,
     return (above == labels.bool()).float().mean()
 
 
-def _pairwise(name: str) -> Objective:
-    return Objective("pairwise", PAIRWISE_FORMATS, build_pairs, score, _pairwise_loss(name),
-                     _no_reference_point, _pairwise_accuracy)
+def _pairwise(loss: Callable[..., losses.LossOutput], **kw: Any) -> Objective:
+    return Objective("pairwise", PAIRWISE_FORMATS, build_pairs, score, loss,
+                     _no_reference_point, _pairwise_accuracy, **kw)
 
 
 OBJECTIVES: dict[str, Objective] = {
-    **{name: _pairwise(name) for name in losses.PREFERENCE_LOSSES},
+    **{name: _pairwise(_pairwise_loss(name)) for name in losses.PREFERENCE_LOSSES},
+    "simpo": _pairwise(_simpo_loss, reference=False),
+    "orpo": _pairwise(_orpo_loss, reference=False, sft_weight=1.0),
     "kto": Objective("unpaired", UNPAIRED_FORMATS, build_unpaired, score_first, _kto_loss,
                      _kto_reference_point, _kto_accuracy),
 }
@@ -366,7 +388,8 @@ def _fingerprint(cfg: DPOConfig) -> str:
 
 
 def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
-                    splits: dict[str, list[Example]], run_dir: Path, rt: Runtime
+                    splits: dict[str, list[Example]], run_dir: Path, rt: Runtime,
+                    objective: Objective
                     ) -> tuple[Callable[[str, Sequence[int]], torch.Tensor],
                                dict[str, Any] | None]:
     """``ref(split, indices) -> (b, 2)`` reference log-probs, cached unless precompute_ref=False,
@@ -374,8 +397,10 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
     once the run has started; None when there is nothing new to write).
 
     A resumed run reads the cache back (the initial policy no longer exists then). Call before
-    any optimizer step.
+    any optimizer step. A loss without a reference (``objective.reference`` False) gets zeros.
     """
+    if not objective.reference:
+        return (lambda split, idx: torch.zeros(len(idx), 2)), None
     scorer = _reference_scorer(cfg, policy, pad_id, rt)
     if not cfg.precompute_ref:
         return (lambda split, idx: scorer([splits[split][i] for i in idx])), None
@@ -485,6 +510,7 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
         z0 = objective.reference_point(policy, examples, ref, pad_id, cfg,
                                        cfg.micro_batch_size)
     chosen_tokens = float(_completion_tokens(examples).sum())
+    nll_coef = cfg.nll_coef + objective.sft_weight
     seen: dict[int, torch.Tensor] = {}
     coefs = (group_coefficients(dro, group_ids).to(device)
              if dro is not None and group_ids is not None else None)
@@ -499,10 +525,10 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
             loss = weighted_loss(objective, logps, ref[indices], labels[indices], z0, cfg,
                                  len(examples), coefs[indices])
         metrics = {}
-        if cfg.nll_coef:
+        if nll_coef:
             nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, chosen_tokens)
-            loss = loss + cfg.nll_coef * nll
-            metrics["nll"] = float(nll)
+            loss = loss + nll_coef * nll
+            metrics["nll"] = float(nll.detach())
         seen.update(zip(indices, logps.detach().float().cpu(), strict=True))
         return loss, metrics
 
@@ -515,7 +541,7 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
         seen.update(part)
     logps = torch.stack([seen[i] for i in range(len(examples))]).to(device)
     _, metrics = objective.loss(logps, ref, labels, z0, cfg, None)
-    if cfg.nll_coef:
+    if nll_coef:
         metrics["nll"] = torch.tensor(reduced[1])
     groups = (_group_losses(objective, logps, ref, labels, z0, cfg, group_ids)
               if group_ids is not None else {})
@@ -609,7 +635,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                  report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
     policy = load_model(cfg, tokenizer, rt)
-    ref, ref_cache = reference_logps(cfg, policy, pad_id, splits, run.out, rt)  # before updates
+    ref, ref_cache = reference_logps(cfg, policy, pad_id, splits, run.out, rt,  # before updates
+                                     objective)
     train = splits["train"]
     group_ids, dro = dpo_groups(cfg, train, groups)
 
@@ -685,8 +712,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                          best.best_step)
                 break
 
-    figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train),
-                               "reference": "cached" if cfg.precompute_ref else "on-the-fly"}
+    figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train), "reference": (
+        "none" if not objective.reference else "cached" if cfg.precompute_ref else "on-the-fly")}
     if eval_ref is not None:
         figures.update(held_out if held_out else held_out_figures(eval_ref))
         figures["eval_source"] = "eval_data" if cfg.eval_data else "eval_fraction"
