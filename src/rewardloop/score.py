@@ -183,6 +183,7 @@ class RewardScorer:
         self.batch_size = batch_size
         self.stats = read_stats(self.model_dir) or {}
         self.heads = ensemble_size(self.model_dir)
+        self.group_heads = group_heads(self.model_dir)
         self.max_length = int(max_length or self.stats.get("max_length") or 1024)
         self.max_prompt_length = self.stats.get("max_prompt_length")
         self.normalize = normalize
@@ -205,13 +206,33 @@ class RewardScorer:
 
         ``progress``: an optional callable ``progress(done)`` told how many answers are scored.
         """
-        heads = self.score_heads(prompts, completions, progress=progress)
+        heads = self._raw_heads(prompts, completions, progress=progress)
+        if self.normalize:  # the mean over heads is what the stats describe
+            heads = (heads - float(self.stats["mean"])) / self._shared_std()
         std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
         return Scores(heads.mean(dim=1).tolist(), std)
 
     def score_heads(self, prompts: Sequence[Text], completions: Sequence[Text], *,
                     progress: Any = None) -> Any:
-        """(N, K) rewards of every head in the input order (normalised when ``normalize``)."""
+        """(N, K) rewards of every head in the input order. With ``normalize``: an ensemble's
+        heads all by the stats of their mean (their spread stays the model's uncertainty); a
+        --group-heads model's each by its own (``head_mean``/``head_std``), so one group's
+        reward has mean 0 / std 1 however much the groups disagree."""
+        heads = self._raw_heads(prompts, completions, progress=progress)
+        if not self.normalize:
+            return heads
+        if self.group_heads and {"head_mean", "head_std"} <= set(self.stats):
+            mean = torch.tensor(self.stats["head_mean"], dtype=heads.dtype)
+            std = torch.tensor(self.stats["head_std"], dtype=heads.dtype).clamp(min=1e-8)
+            return (heads - mean) / std
+        return (heads - float(self.stats["mean"])) / self._shared_std()
+
+    def _shared_std(self) -> float:
+        return max(float(self.stats["std"]), 1e-8)
+
+    def _raw_heads(self, prompts: Sequence[Text], completions: Sequence[Text], *,
+                   progress: Any = None) -> torch.Tensor:
+        """(N, K) unnormalised rewards of every head, in the input order."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         encoded = [encode(self.tokenizer, p, c, max_length=self.max_length,
@@ -227,8 +248,6 @@ class RewardScorer:
                 heads[idx] = rewards_of(self.model, batch).float().cpu()
                 if progress is not None:
                     progress(start + len(idx))
-        if self.normalize:
-            heads = (heads - float(self.stats["mean"])) / max(float(self.stats["std"]), 1e-8)
         return heads
 
 

@@ -206,6 +206,15 @@ def test_group_heads_train_one_head_per_group_and_mix_them(pool_files: dict[str,
     prompts, answers = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
     heads = RewardScorer(tmp_path / "heads", normalize=True).score_heads(prompts, answers)
     assert not torch.allclose(heads[:, 0], heads[:, 1])  # the groups' heads differ
+    # Each head is normalised by its own stats: over the held-out answers the stats come from,
+    # every group's reward has mean 0 and std 1 (by the heads' mean, the one that disagrees
+    # more would come out several times wider).
+    held = [json.loads(line) for line in pool_files["eval"].read_text().splitlines()]
+    every = RewardScorer(tmp_path / "heads", normalize=True).score_heads(
+        [r["prompt"] for r in held for _ in (0, 1)],
+        [r[k] for r in held for k in ("chosen", "rejected")])
+    torch.testing.assert_close(every.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(every.std(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
     mixed = ModelReward(str(tmp_path / "heads"),
                         mix=parse_reward_spec(f"{tmp_path / 'heads'}@majority=3,minority=1").mix)
     np.testing.assert_allclose(mixed(prompts, answers),
