@@ -40,6 +40,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NEW_PAD_TOKEN = "<|pad|>"  # noqa: S105 (a vocabulary entry, not a secret)
 
 
@@ -100,10 +101,14 @@ def _is_local(path: str | Path) -> bool:
 
 
 def check_model_dir(path: str | Path) -> str:
-    """Validate a local model directory (or pass a hub id through); return what to load.
+    """Validate a local model directory (or pass a hub id through); return what to load: the
+    directory's absolute path, so a config or adapter saved from the model names its base
+    wherever it is read (a relative one would be read against another working directory, or
+    taken for a hub id).
 
     Refuses: a missing directory; one without ``config.json`` (or ``adapter_config.json``); one
-    whose weights are only pickles; a corrupt safetensors file.
+    whose weights are only pickles (a LoRA adapter's must be ``adapter_model.safetensors``); a
+    corrupt safetensors file.
     """
     text = str(path)
     if not _is_local(text):
@@ -126,6 +131,11 @@ def check_model_dir(path: str | Path) -> str:
         raise UserError(f"{p} has no config.json: not a Hugging Face model directory "
                         "(save it with save_pretrained, or build one with `rewardloop tiny`)")
     weights = sorted(p.glob("*.safetensors"))
+    if _is_adapter_dir(str(p)) and not (p / ADAPTER_WEIGHTS).is_file():
+        # peft would read adapter_model.bin (a pickle) when the safetensors file is missing.
+        raise UserError(f"{p} is a LoRA adapter without {ADAPTER_WEIGHTS}; rewardloop reads "
+                        "safetensors only (re-save it with save_pretrained(dir, "
+                        "safe_serialization=True))")
     if not weights:
         pickles = sorted(f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES)
         if pickles:
@@ -137,7 +147,7 @@ def check_model_dir(path: str | Path) -> str:
         raise UserError(f"{p} has no *.safetensors weights file")
     for file in weights:
         _check_safetensors(file)
-    return str(p)
+    return str(p.resolve())
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -318,13 +328,47 @@ def _load_adapter(auto_cls: Any, source: str, *, dtype: str, device: str,
                   trust_remote_code: bool, trainable: bool, **kwargs: Any) -> nn.Module:
     from peft import PeftModel  # heavy
 
-    base_path = json.loads((Path(source) / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path")
-    if not base_path:
-        raise UserError(f"{source}/adapter_config.json names no base_model_name_or_path")
-    base = _from_pretrained(auto_cls, check_model_dir(base_path), dtype=dtype, device=device,
-                            trust_remote_code=trust_remote_code, **kwargs)
+    base: HFModel = _from_pretrained(auto_cls, _adapter_base(source), dtype=dtype,
+                                     device=device, trust_remote_code=trust_remote_code, **kwargs)
+    saved = _saved_tokenizer(source, trust_remote_code)
+    if saved is not None:
+        # A run with --add-pad-token grew the embeddings: the adapter holds the grown matrix,
+        # so the base must have as many rows before the adapter's weights go in.
+        if len(saved) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(saved))
+        if saved.pad_token_id is not None:
+            base.config.pad_token_id = saved.pad_token_id
     return PeftModel.from_pretrained(base, source, is_trainable=trainable)
+
+
+def _adapter_base(source: str) -> str:
+    """The base model a LoRA adapter names, checked. A relative path (adapters saved before
+    bases were recorded absolute) is looked up in the working directory, then beside the
+    adapter, before it is taken for a hub id."""
+    base = json.loads((Path(source) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    if not base:
+        raise UserError(f"{source}/adapter_config.json names no base_model_name_or_path")
+    if not Path(base).is_absolute() and not Path(base).is_dir():
+        beside = Path(source) / base
+        if beside.is_dir():
+            base = str(beside)
+    try:
+        return check_model_dir(base)
+    except UserError as exc:
+        raise UserError(f"the LoRA adapter {source} names its base model {base!r}: {exc}. "
+                        "Run from the directory it was trained in, or set "
+                        "base_model_name_or_path in its adapter_config.json") from None
+
+
+def _saved_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    """The tokenizer saved beside an adapter (None when it has none)."""
+    if not any((Path(source) / name).is_file()
+               for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer  # heavy
+
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def load_reward_model(

@@ -250,3 +250,74 @@ def test_disable_dropout_makes_train_mode_deterministic(tiny_dir: Path) -> None:
     disable_dropout(model)
     assert model.config.attention_dropout == 0.0
     assert torch.equal(model(**batch).logits, model(**batch).logits)
+
+
+def _perturb(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def test_an_adapter_loads_from_any_working_directory(tiny_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(tiny_dir, tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    tokenizer = load_tokenizer("base")
+    model = _perturb(load_policy("base", lora=LORA))  # --model given as a relative path
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_model(model, tokenizer, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert Path(config["base_model_name_or_path"]).is_absolute()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_policy(tmp_path / "adapter", trainable=False).eval()(**batch).logits, expected)
+    # An adapter saved with a relative base (before bases were recorded absolute) finds it
+    # beside itself; one whose base is nowhere says which adapter and what to do.
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "../work/base"}))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_policy(tmp_path / "adapter", trainable=False).eval()(**batch).logits, expected)
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "./gone"}))
+    with pytest.raises(UserError, match="names its base model './gone'.*adapter_config.json"):
+        load_policy(tmp_path / "adapter")
+
+
+def test_an_adapter_trained_with_an_added_pad_token_loads_back(copy_dir: Path,
+                                                              tmp_path: Path) -> None:
+    config = json.loads((copy_dir / "tokenizer_config.json").read_text())
+    (copy_dir / "tokenizer_config.json").write_text(
+        json.dumps({**config, "pad_token": config["eos_token"]}))
+    tokenizer = load_tokenizer(copy_dir, add_pad_token=True)  # the embeddings grow by one row
+    batch = _batch(tokenizer)
+    policy = load_policy(copy_dir, lora=LORA)  # as train sft/dpo/grpo build it
+    match_tokenizer(policy, tokenizer)
+    reward = load_reward_model(copy_dir, pad_token_id=tokenizer.pad_token_id)  # as train rm
+    match_tokenizer(reward, tokenizer)
+    reward = apply_lora(reward, LORA)
+    for name, model, load in (("policy", policy, load_policy), ("rm", reward, load_reward_model)):
+        model = _perturb(model)
+        with torch.no_grad():
+            expected = model(**batch).logits
+        save_model(model, tokenizer, tmp_path / name)
+        reloaded = load(tmp_path / name, trainable=False).eval()
+        assert reloaded.get_input_embeddings().num_embeddings == len(tokenizer)
+        assert reloaded.config.pad_token_id == tokenizer.pad_token_id
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**batch).logits, expected, msg=name)
+
+
+def test_an_adapter_with_pickled_weights_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(tiny_dir)
+    save_model(_perturb(load_policy(tiny_dir, lora=LORA)), tokenizer, tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "adapter_model.bin")
+    shutil.copy(tiny_dir / "model.safetensors", tmp_path / "a" / "decoy.safetensors")
+    with pytest.raises(UserError, match="without adapter_model.safetensors"):
+        load_policy(tmp_path / "a")
