@@ -139,7 +139,8 @@ class OfflineOptions(OptimOptions):
     max_length: int = 512
     """Longest prompt + answer in tokens; longer answers are cut (and lose their EOS)."""
     max_prompt_length: int | None = None
-    """Longest prompt in tokens, cut from the left; None allows up to max_length - 1."""
+    """Longest prompt in tokens, cut from the left; None: the prompt gives way to the answer,
+    which keeps all of itself or, when longer, half of max_length."""
     log_every: int = 1
     """Log metrics every this many steps."""
 

@@ -18,8 +18,11 @@ The one implementation every trainer uses (SFT, reward models, DPO/KTO, RL rollo
   exactly as training did;
 - prompts are cut from the left (the end of a conversation matters most) to
   ``max_prompt_length``, keeping a leading BOS (the system turn and role header of a long chat
-  prompt are still lost); completions are cut from the right to fit ``max_length``, and a cut
-  completion gets no EOS (``has_eos=False``) so RL can penalise answers that never end.
+  prompt are still lost). Without ``max_prompt_length`` the prompt gives way to the answer: it
+  is cut so that the answer keeps all of itself, or half of ``max_length`` when it is longer
+  (a long prompt must not squeeze the answer to a token, which would make two answers to it
+  identical). Completions are cut from the right to fit ``max_length``, and a cut completion
+  gets no EOS (``has_eos=False``) so RL can penalise answers that never end.
 
 The prompt and completion are tokenised separately and concatenated, so the boundary is exact
 (tokenising the joined string could merge tokens across it).
@@ -136,6 +139,19 @@ def chat_completion_ids(tokenizer: Any, prompt: Chat, completion: Text) -> list[
     return _ids(tokenizer, full[len(head):].rstrip())
 
 
+def prompt_limit(answer_tokens: int | None, max_length: int, max_prompt_length: int | None
+                 ) -> int:
+    """The most prompt tokens an example keeps: ``max_prompt_length`` when given (at most
+    max_length - 1 beside an answer); else all of max_length without an answer, and beside
+    one, what the answer leaves: it keeps all of its ``answer_tokens``, or half of max_length
+    when it is longer."""
+    if answer_tokens is None:
+        return max_length if max_prompt_length is None else min(max_length, max_prompt_length)
+    if max_prompt_length is not None:
+        return min(max_length - 1, max_prompt_length)
+    return max_length - max(min(answer_tokens, max_length // 2), 1)
+
+
 def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_length: int,
            max_prompt_length: int | None = None, add_eos: bool = True) -> Encoded:
     """Tokenise one example; see the module docstring for the rules. ``add_eos`` does not apply
@@ -149,20 +165,21 @@ def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_
         p_ids = _ids(tokenizer, render_chat(tokenizer, messages, generation_prompt=True))
     else:
         p_ids = prompt_ids(tokenizer, prompt) if prompt is not None else []
-    limit = max_length - 1 if completion is not None else max_length
-    if max_prompt_length is not None:
-        limit = min(limit, max_prompt_length)
+    c_ids: list[int] = []
+    ends = False
+    if completion is not None and chat:
+        c_ids, ends = chat_completion_ids(tokenizer, messages, completion), True
+    elif completion is not None:
+        c_ids, ends = completion_ids(tokenizer, completion), add_eos
+        if add_eos:
+            c_ids = c_ids + [tokenizer.eos_token_id]
+    limit = prompt_limit(len(c_ids) if completion is not None else None, max_length,
+                         max_prompt_length)
     if len(p_ids) > limit:
         log.debug("prompt cut from %d to %d tokens (from the left)", len(p_ids), limit)
         p_ids = _cut_left(p_ids, limit, getattr(tokenizer, "bos_token_id", None))
     if completion is None:
         return Encoded(p_ids, [0] * len(p_ids), len(p_ids), has_eos=False)
-    if chat:
-        c_ids, ends = chat_completion_ids(tokenizer, messages, completion), True
-    else:
-        c_ids, ends = completion_ids(tokenizer, completion), add_eos
-        if add_eos:
-            c_ids = c_ids + [tokenizer.eos_token_id]
     room = max_length - len(p_ids)
     has_eos = ends and len(c_ids) <= room
     c_ids = c_ids[:room]

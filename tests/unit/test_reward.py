@@ -6,6 +6,7 @@ tests/invariants/test_sft_rm_invariants.py."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,17 @@ def test_held_out_accuracy_gives_a_tie_of_rewards_half_credit(tmp_path: Path) ->
     section = group_figures(cfg, held, ["north", "north"], {"x": ["north"]}, None, held,
                             scores)
     assert section["by_group"]["north"]["accuracy"] == pytest.approx(0.75)
+
+
+def test_answers_cut_at_max_length_are_counted_in_a_warning(tiny_dir: Path, tmp_path: Path,
+                                                            caplog) -> None:
+    data = _write(tmp_path / "pairs.jsonl", preference_rows(4, seed=4))
+    roomy = _cfg(tiny_dir, tmp_path / "run", data, max_length=256)
+    tokenizer = load_tokenizer_for(roomy)
+    with caplog.at_level("WARNING"):
+        read_comparisons(data, tokenizer, roomy)
+    assert "were cut" not in caplog.text
+    with caplog.at_level("WARNING"):
+        _, items = read_comparisons(data, tokenizer, replace(roomy, max_length=8))
+    cut = sum(not e.has_eos for c in items for e in c.responses)
+    assert cut > 0 and f"{cut} of 8 answers were cut at max_length=8" in caplog.text

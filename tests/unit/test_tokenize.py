@@ -45,6 +45,25 @@ def test_prompt_cut_from_the_left(tok) -> None:
     assert e.input_ids[:3] == full[-3:] and e.prompt_len == 3
 
 
+def test_a_long_prompt_gives_way_to_the_answer(tok) -> None:
+    prompt = " ".join(["word"] * 200)  # far longer than max_length
+    chosen, rejected = "Please send me the order number.", "Please stop writing to us."
+    a = T.encode(tok, prompt, chosen, max_length=32)
+    b = T.encode(tok, prompt, rejected, max_length=32)
+    for e, text in ((a, chosen), (b, rejected)):  # a short answer keeps all of itself and EOS
+        assert len(e) == 32 and e.has_eos
+        answer = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert e.input_ids[e.prompt_len:] == answer
+    assert a.input_ids != b.input_ids
+    # A long answer keeps half of max_length; the prompt the other half.
+    long = T.encode(tok, prompt, " ".join(["answer"] * 100), max_length=32)
+    assert long.prompt_len == 16 and sum(long.completion_mask) == 16 and not long.has_eos
+    # A stated --max-prompt-length still rules: the answer gets what it leaves.
+    fixed = T.encode(tok, prompt, chosen, max_length=32, max_prompt_length=30)
+    assert fixed.prompt_len == 30 and sum(fixed.completion_mask) == 2
+    assert T.prompt_limit(None, 32, None) == 32 and T.prompt_limit(0, 32, None) == 31
+
+
 def test_empty_completion_is_just_eos(tok) -> None:
     e = T.encode(tok, "Hi", "", max_length=16)
     assert e.completion_mask[-1] == 1 and sum(e.completion_mask) == 1 and e.has_eos

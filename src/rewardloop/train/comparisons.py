@@ -89,6 +89,12 @@ def comparisons_of(path: Path, fmt: str, records: Sequence[Record], tokenizer: A
                    cfg: RewardConfig) -> tuple[str, list[Comparison]]:
     """(objective name, comparisons) of the preference records read from ``path``."""
     items = to_comparisons(records, tokenizer, cfg)
+    answers = [e for c in items for e in c.responses]
+    cut = sum(not e.has_eos for e in answers)
+    if cut:
+        log.warning("%s: %d of %d answers were cut at max_length=%d (no EOS): the reward is "
+                    "read at the cut; raise --max-length", path, cut, len(answers),
+                    cfg.max_length)
     if not items:
         raise UserError(f"{path}: no comparison to learn from (ultrafeedback rows with equal "
                         "ratings give none)")
