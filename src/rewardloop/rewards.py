@@ -185,9 +185,13 @@ class FunctionReward:
         except Exception as exc:  # user code: any failure becomes one clear line
             raise UserError(f"reward function {self.spec} raised {type(exc).__name__}: "
                             f"{exc}".replace("\n", " ")) from exc
-        if values is None or isinstance(values, str | bytes) or not hasattr(values, "__len__"):
-            raise UserError(f"reward function {self.spec} must return a list of floats, got "
-                            f"{type(values).__name__}")
+        # A sequence in order, one value each: a dict or set would be read through its keys.
+        flat = getattr(values, "ndim", 1) == 1  # numpy arrays and tensors: 1-D only
+        if not isinstance(values, list | tuple) and not (hasattr(values, "ndim") and flat) \
+                or not flat:
+            raise UserError(f"reward function {self.spec} must return a list of floats (one "
+                            f"per completion), got {type(values).__name__}"
+                            + ("" if flat else f" of {values.ndim} dimensions"))
         if len(values) != len(completions):
             raise UserError(f"reward function {self.spec} returned {len(values)} values for "
                             f"{len(completions)} completions; return one float per completion")

@@ -37,6 +37,18 @@ def not_a_number(prompts: list[Any], completions: list[Any], **kwargs: Any) -> l
     return ["good"] * len(completions)
 
 
+def a_dict(prompts: list[Any], completions: list[Any], **kwargs: Any) -> dict[int, float]:
+    return {i: 5.0 for i in range(len(completions))}  # iterating it would give the keys
+
+
+def a_matrix(prompts: list[Any], completions: list[Any], **kwargs: Any) -> Any:
+    return torch.ones(len(completions), 1)
+
+
+def an_array(prompts: list[Any], completions: list[Any], **kwargs: Any) -> Any:
+    return torch.tensor([1.5] * len(completions))
+
+
 def nan_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
     return [1.0, math.nan][: len(completions)]
 
@@ -80,6 +92,11 @@ def test_weighted_sum_clip_and_missing_eos_penalty() -> None:
     assert "reward/gold_score/std" in metrics
 
 
+def test_a_1d_array_or_tensor_is_a_list_of_floats() -> None:
+    assert score(Rewards([RewardSpec("test_rewards:an_array")]), ["p", "q"],
+                 ["a", "b"]).total.tolist() == [1.5, 1.5]
+
+
 def test_same_function_twice_gets_distinct_names() -> None:
     rewards = Rewards([RewardSpec("test_rewards:length_reward"),
                        RewardSpec("test_rewards:length_reward", 2.0)])
@@ -105,6 +122,8 @@ def test_function_gets_trl_kwargs_and_chat_completions() -> None:
     ("too_short", UserError, ["test_rewards:too_short", "returned 1 values for 2"]),
     ("not_a_number", UserError, ["test_rewards:not_a_number", "'good'"]),
     ("nan_reward", TrainingError, ["nan_reward", "completion 1", "finite"]),
+    ("a_dict", UserError, ["test_rewards:a_dict", "must return a list of floats", "got dict"]),
+    ("a_matrix", UserError, ["test_rewards:a_matrix", "of 2 dimensions"]),
 ])
 def test_bad_reward_function_names_itself(fn: str, error: type, words: list[str]) -> None:
     rewards = Rewards([RewardSpec(f"test_rewards:{fn}")])
