@@ -186,12 +186,11 @@ class FunctionReward:
             raise UserError(f"reward function {self.spec} raised {type(exc).__name__}: "
                             f"{exc}".replace("\n", " ")) from exc
         # A sequence in order, one value each: a dict or set would be read through its keys.
-        flat = getattr(values, "ndim", 1) == 1  # numpy arrays and tensors: 1-D only
-        if not isinstance(values, list | tuple) and not (hasattr(values, "ndim") and flat) \
-                or not flat:
+        ndim = getattr(values, "ndim", None)  # numpy arrays and tensors: 1-D only
+        if not (isinstance(values, list | tuple) or ndim == 1):
             raise UserError(f"reward function {self.spec} must return a list of floats (one "
                             f"per completion), got {type(values).__name__}"
-                            + ("" if flat else f" of {values.ndim} dimensions"))
+                            + ("" if ndim is None else f" of {ndim} dimensions"))
         if len(values) != len(completions):
             raise UserError(f"reward function {self.spec} returned {len(values)} values for "
                             f"{len(completions)} completions; return one float per completion")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rewardloop.data.formats import read_training_records
-from rewardloop.data.records import Text
+from rewardloop.data.records import Text, is_chat
 from rewardloop.errors import UserError
 from rewardloop.models import (
     HFModel,
@@ -97,6 +97,16 @@ def resolve_rm_dir(path: str | Path) -> Path:
         raise UserError(f"{path} is neither a reward-model directory nor a train rm run "
                         "directory (no config.json or model/)")
     return p
+
+
+def text_form(rows: Iterable[tuple[Text | None, Text | None]]) -> str | None:
+    """How (prompt, answer) rows are rendered: "chat" when every row is a conversation (its
+    prompt or answer a chat list: the chat template renders it), "text" when none is, "mixed"
+    otherwise; None for no rows. A reward model saves the form it was trained on
+    (``reward_stats.json``), so scoring the other form can be flagged."""
+    forms = {"chat" if (p is not None and is_chat(p)) or (a is not None and is_chat(a))
+             else "text" for p, a in rows}
+    return None if not forms else forms.pop() if len(forms) == 1 else "mixed"
 
 
 def read_stats(model_dir: Path) -> dict[str, Any] | None:
@@ -187,6 +197,7 @@ class RewardScorer:
         self.max_length = int(max_length or self.stats.get("max_length") or 1024)
         self.max_prompt_length = self.stats.get("max_prompt_length")
         self.normalize = normalize
+        self._form_warned = False
         if normalize and not {"mean", "std"} <= set(self.stats):
             raise UserError(f"{self.model_dir} has no {STATS_FILE} with mean/std; score "
                             "without normalisation or retrain with train rm")
@@ -227,6 +238,18 @@ class RewardScorer:
             return (heads - mean) / std
         return (heads - float(self.stats["mean"])) / self._shared_std()
 
+    def _check_form(self, prompts: Sequence[Text], completions: Sequence[Text]) -> None:
+        """Warn once when asked to score text in another form than the model was trained on:
+        the chat template's markup changes the scores and their normalisation."""
+        trained = self.stats.get("text_form")
+        given = text_form(zip(prompts, completions, strict=True))
+        if self._form_warned or trained not in ("chat", "text") or given in (None, trained):
+            return
+        self._form_warned = True
+        log.warning("%s was trained on %s rows but is scoring %s rows: its rewards (and their "
+                    "normalisation) are for %s; give it rows in the form it was trained on",
+                    self.model_dir, trained, given, trained)
+
     def _shared_std(self) -> float:
         return max(float(self.stats["std"]), 1e-8)
 
@@ -235,6 +258,7 @@ class RewardScorer:
         """(N, K) unnormalised rewards of every head, in the input order."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        self._check_form(prompts, completions)
         encoded = [encode(self.tokenizer, p, c, max_length=self.max_length,
                           max_prompt_length=self.max_prompt_length)
                    for p, c in zip(prompts, completions, strict=True)]

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from rewardloop.cli import app
-from rewardloop.score import RewardScorer, resolve_rm_dir
+from rewardloop.score import RewardScorer, resolve_rm_dir, text_form
 from rewardloop.synthetic import candidate_rows, corpus_texts, preference_rows, sft_rows
 from rewardloop.tiny import build_tiny
 from rewardloop.tokenize import encode
@@ -137,3 +137,21 @@ def test_parquet_rows_score_like_their_jsonl(rm_runs: dict[int, Path], tmp_path:
         assert res.exit_code == 0, res.output
         outs.append([json.loads(x) for x in out.read_text().splitlines()])
     assert outs[0] == outs[1] and len(outs[0]) == 3 and "score_chosen" in outs[0][0]
+
+
+def test_the_form_trained_on_is_saved_and_scoring_another_is_flagged_once(
+        rm_runs: dict[int, Path], caplog: pytest.LogCaptureFixture) -> None:
+    chat = [{"role": "user", "content": "hi"}]
+    assert text_form([("a", "b"), ("c", "d")]) == "text"
+    assert text_form([(chat, "b"), ("a", [{"role": "assistant", "content": "x"}])]) == "chat"
+    assert text_form([(chat, "b"), ("a", "b")]) == "mixed" and text_form([]) is None
+    stats = json.loads((rm_runs[1] / "model" / "reward_stats.json").read_text())
+    assert stats["text_form"] == "text"  # preference_rows are text
+    scorer = RewardScorer(rm_runs[1], device="cpu")
+    with caplog.at_level("WARNING"):
+        scorer.score(["hi"], ["hello"])
+    assert "trained on text rows" not in caplog.text
+    with caplog.at_level("WARNING"):
+        scorer.score([chat, chat], ["hello", "x"])
+        scorer.score([chat], ["again"])
+    assert caplog.text.count("trained on text rows but is scoring chat rows") == 1

@@ -38,6 +38,7 @@ from torch import nn
 
 from rewardloop import losses
 from rewardloop.ceiling import label_ceiling, record_votes
+from rewardloop.data.records import PairRecord, RankingRecord
 from rewardloop.errors import UserError
 from rewardloop.metrics import (
     annotator_groups,
@@ -52,7 +53,7 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE
+from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, text_form
 from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.comparisons import (
     OBJECTIVES,
@@ -492,7 +493,9 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         model_config: Any = inner.config
         model_config.num_labels = cfg.ensemble
     stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
-             "max_prompt_length": cfg.max_prompt_length}
+             "max_prompt_length": cfg.max_prompt_length, "text_form": text_form(
+                 (r.prompt, r.chosen if isinstance(r, PairRecord) else r.responses[0])
+                 for r in records if isinstance(r, PairRecord | RankingRecord))}
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     if rt.is_main:
         _write_stats(run.model_dir, stats)
