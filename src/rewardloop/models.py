@@ -380,8 +380,10 @@ def load_reward_model(
     lora: LoraSettings | None = None,
     pad_token_id: int | None = None,
     trainable: bool = True,
+    heads: int = 1,
 ) -> nn.Module:
-    """A scalar-output sequence classifier (``num_labels=1``).
+    """A scalar-output sequence classifier (``num_labels=1``; ``heads`` K for a saved ensemble or
+    --group-heads model, one reward per head).
 
     From a saved reward model it loads as is; from a causal LM it gets a fresh linear head
     (``score``) when it is to be trained (``trainable``); a frozen one, which would score with
@@ -395,18 +397,21 @@ def load_reward_model(
     if _is_adapter_dir(source):
         model = _load_adapter(AutoModelForSequenceClassification, source, dtype=dtype,
                               device=device, trust_remote_code=trust_remote_code,
-                              trainable=trainable, num_labels=1)
+                              trainable=trainable, num_labels=heads)
     else:
         classifier = is_classifier(source)
         labels = _read_config(source).get("id2label")
-        if classifier and labels is not None and len(labels) != 1:
+        if classifier and labels is not None and len(labels) != heads:
             raise UserError(f"{source} is a classifier with {len(labels)} labels; a reward model "
-                            "has exactly one (a scalar score)")
+                            "has exactly one (a scalar score)" if heads == 1 else
+                            f"{source} has {len(labels)} outputs, but its reward_stats.json "
+                            f"and config name {heads} heads")
         if not classifier and not trainable:
             raise UserError(f"{source} is not a reward model (no trained score head: a "
                             "language model?); train one with `rewardloop train rm`")
         model = _from_pretrained(AutoModelForSequenceClassification, source, dtype=dtype,
-                                 device=device, trust_remote_code=trust_remote_code, num_labels=1)
+                                 device=device, trust_remote_code=trust_remote_code,
+                                 num_labels=heads)
         if not classifier:
             log.info("%s is not a reward model yet: added a fresh scalar head", source)
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id

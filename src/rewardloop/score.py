@@ -29,12 +29,9 @@ from rewardloop.data.records import Text, is_chat
 from rewardloop.errors import UserError
 from rewardloop.models import (
     HFModel,
-    check_model_dir,
     is_peft,
     load_reward_model,
     load_tokenizer,
-    resolve_device,
-    resolve_dtype,
 )
 from rewardloop.ops import last_token_index
 from rewardloop.tokenize import collate, encode
@@ -140,29 +137,12 @@ def load_scoring_model(model_dir: Path, *, device: str = "auto", dtype: str = "a
     """(reward model in eval mode, tokenizer) from a reward-model directory."""
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code,
                                padding_side="right")
-    heads = ensemble_size(model_dir)
-    if heads == 1:
-        model = load_reward_model(model_dir, dtype=dtype, device=device, trainable=False,
-                                  trust_remote_code=trust_remote_code,
-                                  pad_token_id=tokenizer.pad_token_id)
-    else:
-        model = _load_ensemble(model_dir, heads, device=device, dtype=dtype,
-                               trust_remote_code=trust_remote_code)
+    model = load_reward_model(model_dir, dtype=dtype, device=device, trainable=False,
+                              trust_remote_code=trust_remote_code,
+                              pad_token_id=tokenizer.pad_token_id,
+                              heads=ensemble_size(model_dir))
     model.eval()
     return model, tokenizer
-
-
-def _load_ensemble(model_dir: Path, heads: int, *, device: str, dtype: str,
-                   trust_remote_code: bool) -> nn.Module:
-    """A K-head classifier (``models.load_reward_model`` only loads one head)."""
-    from transformers import AutoModelForSequenceClassification  # ~1 s: only when loading
-
-    source = check_model_dir(model_dir)
-    dev = resolve_device(device)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, dtype=resolve_dtype(dtype, dev), use_safetensors=True,
-        trust_remote_code=trust_remote_code, num_labels=heads)
-    return model.to(dev)
 
 
 @dataclass(frozen=True)
