@@ -184,8 +184,9 @@ class RuntimeOptions:
     backward pass (docs/distributed.md, "Memory"). Same numbers; --no-chunked-lm-head
     materialises the logits instead."""
     dist_timeout: int = DEFAULT_TIMEOUT_S
-    """Seconds a process waits for the others in a collective before it stops with an error
-    (a dead or hung rank must not hang the run)."""
+    """Seconds a process waits for the others in a training collective (and at start-up, for
+    all to join) before it stops with an error: a dead or hung rank must not hang the run.
+    Waits for rank 0's saves have their own, 30-minute limit."""
 
     def check_runtime(self) -> None:
         """ValueError for a name outside the choices (called by each config's __post_init__)."""

@@ -128,6 +128,37 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
     assert ranks[0]["sends"] == [{"names": ranks[0]["names"], "plain": True, "equal": True}]
 
 
+def test_a_barrier_outlasts_the_collective_timeout_while_rank_0_saves() -> None:
+    """--dist-timeout bounds the training collectives; a barrier waits for rank 0's solo I/O
+    (saving a large model) for up to IO_TIMEOUT_S instead of calling it a lost peer."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_slow_barrier.py")], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    try:
+        outs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        stop(procs)
+    for proc, (out, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["total"] == 3.0
+
+
+def test_a_process_that_never_joins_is_a_clear_exit_3(work: Path, tmp_path: Path) -> None:
+    """Rank 0 of two, with rank 1 never started (its input missing on its machine): one line
+    saying who did not join and what to check, not a rendezvous traceback."""
+    res = subprocess.run(
+        [sys.executable, "-m", "rewardloop", *command("sft", work, tmp_path / "run")[:-8],
+         "--max-steps", "1", "--dist-timeout", "3"], text=True, capture_output=True,
+        timeout=120, env={**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "did not all join within --dist-timeout 3 s" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 @pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])
 def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
                                                     kind: str) -> None:

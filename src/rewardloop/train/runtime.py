@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IO_TIMEOUT_S = 1800
+"""How long the ranks wait at a barrier (``Runtime.barrier``) for one of them to finish its I/O:
+rank 0 alone writes the final model and fsyncs every checkpoint file, which for a 7B model in
+fp32 (27 GB) on network storage takes minutes, far past --dist-timeout, the hang detector of
+the training collectives. Every barrier is such a wait."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -73,6 +78,10 @@ class Runtime:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
+        # Barriers wait on a group of their own, with a timeout long enough for rank 0's saves.
+        self._io_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=max(self.timeout_s, IO_TIMEOUT_S))) if self.distributed else None
+        if self.distributed:
             log.info("rank %d of %d on %s (%s, %s)", self.rank, self.world_size, self.device,
                      self.strategy, self.precision)
 
@@ -151,8 +160,9 @@ class Runtime:
     # -- collectives ---------------------------------------------------------------------------
 
     def barrier(self) -> None:
+        """Wait for every rank, for up to ``IO_TIMEOUT_S`` (one may be saving alone)."""
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self._io_group)
 
     def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or max/min) of ``value`` over ranks, returned on the value's own device."""
@@ -446,7 +456,7 @@ class Runtime:
     def close(self) -> None:
         """Leave the process group (waits for the others first, so none is left hanging)."""
         if self.distributed and dist.is_initialized():
-            dist.barrier()
+            self.barrier()
         self.leave_hooks()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -474,7 +484,15 @@ def _enable_checkpointing(model: nn.Module) -> None:
 @contextlib.contextmanager
 def runtime_for(options: RuntimeOptions, device: str = "auto") -> Iterator[Runtime]:
     """A Runtime that leaves the process group when the run ends, however it ends."""
-    runtime = Runtime(options, device)
+    try:
+        runtime = Runtime(options, device)
+    except dist.DistError as exc:  # the rendezvous: not every process of the run joined
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(
+            f"rank {_env_int('RANK', 0)} of {_env_int('WORLD_SIZE', 1)}: the processes of the "
+            f"run did not all join within --dist-timeout {options.dist_timeout} s; check that "
+            "every process started (see its own output: a missing input file stops one before "
+            f"it joins) and that MASTER_ADDR/MASTER_PORT reach rank 0: {first[:300]}") from None
     try:
         yield runtime
     except BaseException as exc:
