@@ -308,6 +308,48 @@ def test_a_killed_rank_makes_the_other_exit_with_a_message(work: Path, tmp_path:
     assert "rank 0 of 2 lost contact with another process" in err and "Traceback" not in err
 
 
+def _ranks_of(out: Path) -> list[int]:
+    """PIDs of the rank processes training into ``out`` (their command line names it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmd and b"RANK=" in env and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
+def test_the_ranks_stop_when_the_launcher_dies(work: Path, tmp_path: Path, signum: int) -> None:
+    """A launcher killed outright (or hung up) must not leave its ranks training under init."""
+    out = tmp_path / "run"
+    args = [*command("sft", work, out)[:-8], "--max-steps", "100000", "--batch-size", "4",
+            "--max-length", "64", "--nproc", "2"]
+    launcher = subprocess.Popen([sys.executable, "-m", "rewardloop", *args], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").is_file(), "training never started"
+        assert len(_ranks_of(out)) == 2
+        launcher.send_signal(signum)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _ranks_of(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _ranks_of(out), "ranks still running after their launcher died"
+    finally:
+        for pid in _ranks_of(out):
+            os.kill(pid, signal.SIGKILL)
+        stop([launcher])
+
+
 def test_impossible_combinations_are_exit_2(work: Path, tmp_path: Path) -> None:
     base = command("sft", work, tmp_path / "run")
     res = rewardloop(*base, "--strategy", "fsdp", check=False)

@@ -6,7 +6,9 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free po
 the same under both. The launcher watches the children: when one exits with an error the others
 are stopped (after a short grace period, so that an error every rank agreed on is reported by
 each), and the launcher exits with that child's status naming its rank (3 for a NaN, 2 for a
-user error). Several machines use torchrun's rendezvous flags instead (docs/distributed.md).
+user error). A launcher stopped by SIGTERM, SIGHUP, SIGQUIT or Ctrl-C stops its ranks; one
+killed outright (SIGKILL) takes them with it (Linux: PR_SET_PDEATHSIG). Several machines use
+torchrun's rendezvous flags instead (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -74,19 +76,36 @@ def launch(nproc: int, args: list[str]) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         # The user's own command line, run again by the same interpreter: no shell.
         command = [sys.executable, "-m", "rewardloop", *args]
-        children.append(subprocess.Popen(command, env=env))  # noqa: S603
+        children.append(subprocess.Popen(  # noqa: S603
+            command, env=env, preexec_fn=_die_with_parent))
+
     def terminate(signum: int, _frame: object) -> None:
-        # A launcher told to stop (a job scheduler, a test's timeout) stops its ranks first,
-        # so that none is left running.
+        # A launcher told to stop (a job scheduler, a closed terminal, a test's timeout) stops
+        # its ranks first, so that none is left running; as torchrun does.
         _stop(children)
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, terminate)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, terminate)
     try:
         return _watch(children)
     except KeyboardInterrupt:
         _stop(children)
         return 130
+
+
+def _die_with_parent() -> None:
+    """In each child before it runs (Linux): ask the kernel for SIGTERM when the launcher dies,
+    however it dies (SIGKILL, the OOM killer), so that no rank trains on under init, writing
+    to --out. A launcher already gone by then means the same: stop."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # only here: the launcher's children on Linux
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _watch(children: list[subprocess.Popen[bytes]]) -> int:
