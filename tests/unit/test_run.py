@@ -182,8 +182,11 @@ def test_sampler_resume_continues_exactly(n: int, batch: int, split: int, drop_l
 
 def test_sampler_refuses_state_of_other_data() -> None:
     state = EpochSampler(10, 2, seed=0).state_dict()
-    with pytest.raises(ValueError, match="n=10"):
+    # A user's mistake (other prompts, batch or seed on --resume): a UserError, exit 2.
+    with pytest.raises(UserError, match=r"items in the data .* = 10, this run has 12"):
         EpochSampler(12, 2, seed=0).load_state_dict(state)
+    with pytest.raises(UserError, match="--seed = 0, this run has 1"):
+        EpochSampler(10, 2, seed=1).load_state_dict(state)
 
 
 def test_microbatches_and_global_token_count() -> None:

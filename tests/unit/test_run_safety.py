@@ -106,7 +106,7 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path: Path) -> N
     run = RunDir(out, {"lr": 0.2}, resume=True, start=False)
     ckpt = run.restore(models={"m": model})
     assert ckpt is not None and ckpt.step == 2
-    with pytest.raises(UserError, match="batch_size=4"):  # another --batch-size
+    with pytest.raises(UserError, match="--batch-size = 4"):  # another --batch-size
         LengthGroupedSampler([1] * 8, 2, seed=0).load_state_dict(ckpt.sampler_state)
     assert _files(out) == before  # summary, config and every metric line kept
     run.start()  # accepted: only now does the run become unfinished again
@@ -174,7 +174,7 @@ def test_sft_refused_settings_leave_no_run_and_a_refused_resume_keeps_the_old(
     assert _sft(files, out, "--save-every", "2")[0] == 0
     before = _files(out)
     code, output = _sft(files, out, "--resume", "--batch-size", "2")
-    assert code == 2 and "batch_size=4" in output
+    assert code == 2 and "--batch-size = 4" in output
     assert _files(out) == before
     code, output = _sft(files, out, "--overwrite", "--model", out / "model")
     assert code == 2 and "holds an input of this run (model:" in output

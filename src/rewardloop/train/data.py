@@ -84,12 +84,23 @@ class EpochSampler:
         """Continue at ``state``'s position; refuses a state from a different data set-up (or
         none: a checkpoint written without one)."""
         state = _sampler_state(state)
-        for key in ("n", "batch_size", "seed"):
-            if int(state[key]) != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]} but this run has "
-                                 f"{getattr(self, key)}; resume with the same data and settings")
+        _check_same_setup(state, {"n": self.n, "batch_size": self.batch_size, "seed": self.seed})
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = None
+
+
+_SETUP_NAMES = {"n": "items in the data (rows of --data, prompts of --prompts)",
+                "batch_size": "--batch-size", "seed": "--seed"}
+
+
+def _check_same_setup(state: Mapping[str, Any], mine: Mapping[str, int]) -> None:
+    """A UserError naming what differs when a checkpoint's sampler comes from another data
+    set-up: the position it holds means nothing in this one."""
+    for key, value in mine.items():
+        if int(state[key]) != value:
+            raise UserError(f"the checkpoint was written with {_SETUP_NAMES[key]} = {state[key]}"
+                            f", this run has {value}; resume with the same data and settings "
+                            "(or start a new run)")
 
 
 def read_json_mapping(path: Path, what: str) -> dict[str, Any]:
@@ -191,11 +202,8 @@ class LengthGroupedSampler:
         """Continue at ``state``'s position; refuses a state from a different data set-up (or
         none: a checkpoint written without one)."""
         state = _sampler_state(state)
-        for key, mine in (("n", len(self.lengths)), ("batch_size", self.batch_size),
-                          ("seed", self.seed)):
-            if int(state[key]) != mine:
-                raise UserError(f"checkpoint sampler has {key}={state[key]} but this run has "
-                                f"{mine}; resume with the same data and settings")
+        _check_same_setup(state, {"n": len(self.lengths), "batch_size": self.batch_size,
+                                  "seed": self.seed})
         self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
 
 
