@@ -100,7 +100,7 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
     rank (not the mean of the ranks' maxima) and the others are means; the two ranks of one
     tensor-parallel engine submit the same prompts, in rank order, and each keeps its own
     rows; under FSDP every weight reaches the sender whole and equal to the unsharded model,
-    and only rank 0 sends."""
+    and only rank 0 sends. A token mean is weighed by each rank's tokens."""
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(HERE / "_two_ranks.py")], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -121,6 +121,7 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
             seen["figures"].pop("explained_variance_whole"), rel=1e-5)
         assert seen["figures"] == pytest.approx({
             "loss": 1.5, "is_ratio_max": 5.0, "completion_length_max": 9.0,
+            "kl_k1": (10 * 1.0 + 2 * 4.0) / 12,
             "reward/mean": float(whole.mean()), "reward/std": float(whole.std())})
         assert seen["everyone"] == [[1], [11], [12, 7]]
     assert [seen["mine"] for seen in ranks] == [[0, 1], [1, 3]]

@@ -506,6 +506,18 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     return metrics, first_pass
 
 
+TOKEN_MEANS = ("kl_k1", "kl_k3", "sampler_kl", "sampler_kl_k3", "is_ratio_mean",
+               "is_weight_mean", "returns_mean")
+"""Logged means over completion tokens, which ranks hold in different numbers: reduced over
+ranks weighed by each one's tokens (``Runtime.reduce_metrics``), not as a mean of means."""
+
+
+def token_weights(local: Mapping[str, float], mask: torch.Tensor) -> dict[str, float]:
+    """``reduce_metrics``'s weights for the token means of ``local``: this rank's tokens."""
+    tokens = float(mask.sum())
+    return {k: tokens for k in TOKEN_MEANS if k in local}
+
+
 def kl_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
                ) -> dict[str, float]:
     """Both estimators of KL(policy || reference), per token, and k1 summed per sequence."""
@@ -574,7 +586,8 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
             if exp.ref_logps is not None:
                 sampled = exp.old_logps if exp.old_logps is not None else first_pass
                 local.update(kl_metrics(sampled, exp.ref_logps, exp.rollout.completion_mask))
-            metrics = {**rt.reduce_metrics(local, count=len(exp.rollout)), **train_metrics}
+            metrics = {**rt.reduce_metrics(local, count=len(exp.rollout), weights=token_weights(
+                local, exp.rollout.completion_mask)), **train_metrics}
             if exp.ref_logps is not None:
                 metrics["kl_coef"] = exp.kl_coef
                 setup.kl_ctl.update(metrics["kl_seq_k1"], len(exp.rollout) * rt.world_size)

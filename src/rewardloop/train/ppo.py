@@ -38,6 +38,7 @@ from rewardloop.train.grpo import (
     score_rollout,
     seed_sampling,
     setup_run,
+    token_weights,
     write_samples,
 )
 from rewardloop.train.runtime import Runtime
@@ -274,7 +275,8 @@ def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dic
             if batch.ref_logps is not None:
                 local.update(kl_metrics(batch.old_logps, batch.ref_logps,
                                         batch.rollout.completion_mask))
-            metrics = {**rt.reduce_metrics(local, count=len(batch.rollout)), **train_metrics}
+            metrics = {**rt.reduce_metrics(local, count=len(batch.rollout), weights=token_weights(
+                local, batch.rollout.completion_mask)), **train_metrics}
             if batch.ref_logps is not None:
                 metrics["kl_coef"] = batch.kl_coef
                 setup.kl_ctl.update(metrics["kl_seq_k1"], len(batch.rollout) * rt.world_size)

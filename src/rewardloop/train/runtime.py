@@ -30,7 +30,7 @@ import datetime
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -178,25 +178,36 @@ class Runtime:
         tensor = torch.tensor(values, dtype=torch.float64)
         return self.all_reduce(tensor).tolist()
 
-    def reduce_metrics(self, values: dict[str, float], count: int = 0) -> dict[str, float]:
+    def reduce_metrics(self, values: dict[str, float], count: int = 0,
+                       weights: Mapping[str, float] | None = None) -> dict[str, float]:
         """The whole batch's figures from each rank's: a ``*_max`` key is the largest of any
         rank, every other number the mean over ranks (per-process means of equal-sized shares:
         the whole batch's mean). With ``count`` (the items of each rank's equal share), a
         ``<x>/std`` key next to ``<x>/mean`` is the whole batch's sample standard deviation,
-        not the mean of the ranks' ones. Every rank must pass the same keys."""
+        not the mean of the ranks' ones. A key of ``weights`` is a mean over units whose number
+        differs between ranks (completion tokens): weighed by this rank's number of them.
+        Every rank must pass the same keys."""
         if not self.distributed:
             return dict(values)
+        weights = weights or {}
         stds = sorted(k for k in values if count > 1 and k.endswith("/std")
                       and f"{k[:-4]}/mean" in values)
-        means = sorted(k for k in values if not k.endswith("_max") and k not in stds)
+        weighted = sorted(k for k in values if k in weights and k not in stds)
+        means = sorted(k for k in values if not k.endswith("_max") and k not in stds
+                       and k not in weighted)
         maxima = sorted(k for k in values if k.endswith("_max"))
         # Σ over ranks of each share's sum of squares about 0: (n - 1) s² + n m²
         squares = [(count - 1) * float(values[k]) ** 2
                    + count * float(values[f"{k[:-4]}/mean"]) ** 2 for k in stds]
-        sums = self.sum_floats(*(float(values[k]) for k in means), *squares)
+        sums = self.sum_floats(*(float(values[k]) for k in means), *squares,
+                               *(float(values[k]) * weights[k] for k in weighted),
+                               *(float(weights[k]) for k in weighted))
         out = {k: v / self.world_size for k, v in zip(means, sums, strict=False)}
+        tail = sums[len(means) + len(squares):]
+        for k, total_vw, total_w in zip(weighted, tail, tail[len(weighted):], strict=False):
+            out[k] = total_vw / total_w if total_w > 0 else 0.0
         total = count * self.world_size
-        for k, square in zip(stds, sums[len(means):], strict=True):
+        for k, square in zip(stds, sums[len(means):len(means) + len(squares)], strict=True):
             mean = out[f"{k[:-4]}/mean"]
             out[k] = math.sqrt(max(0.0, (square - total * mean * mean) / (total - 1)))
         if maxima:
