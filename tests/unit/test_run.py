@@ -353,3 +353,15 @@ def test_progress_bar_is_silent_without_a_terminal(capsys: pytest.CaptureFixture
             show(step, f"loss {step}")
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_progress_bar_is_drawn_by_rank_0_only(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: stderr is a terminal
+    drawn = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with progress_bar(2, "train") as show:
+            show(2, "loss 1")
+        drawn[rank] = capsys.readouterr().err
+    assert "train" in drawn["0"] and drawn["1"] == ""
