@@ -288,8 +288,9 @@ class ClusterOptions(RayOptions):
     """Place the bundles on as many nodes as possible (Ray's SPREAD) instead of as few as
     possible (PACK)."""
     trainer_gpus: float = 0.0
-    """GPUs of each trainer actor (0: CPU). With colocate, the GPUs of each bundle, which its
-    trainer shares with the generation and reward actors placed there."""
+    """GPUs of each trainer actor, at most 1: a rank drives one GPU (0: CPU). With colocate,
+    the GPUs of each bundle, which its trainer shares with the generation and reward actors
+    placed there. An actor given no GPU sees none (its device is the CPU)."""
     rollout_gpus: float = 0.0
     """GPUs of each generation actor (split placement)."""
     reward_gpus: float = 0.0
@@ -316,6 +317,9 @@ class ClusterOptions(RayOptions):
                              "and reference_actors at least 0")
         if min(self.trainer_gpus, self.rollout_gpus, self.reward_gpus, self.reference_gpus) < 0:
             raise ValueError("GPU counts must be >= 0")
+        if self.trainer_gpus > 1:
+            raise ValueError("each trainer rank drives one GPU: trainer_gpus must be at most 1 "
+                             "(more GPUs: more --trainers)")
         if self.placement == "colocate" and (self.rollout_gpus or self.reward_gpus
                                              or self.reference_gpus):
             raise ValueError("with placement colocate the generation, reward and reference "

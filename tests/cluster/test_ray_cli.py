@@ -69,9 +69,11 @@ def test_impossible_placements_are_exit_2(ray_cluster: object, work: Path,
     base = [*grpo_args(work, tmp_path / "run"), "--ray", "local", "--actor-cpus", "0.5"]
     res = CliRunner().invoke(app, [*base, "--placement", "colocate", "--rollout-gpus", "1"])
     assert res.exit_code == 2 and "share the trainers' GPUs" in res.output
-    res = CliRunner().invoke(app, [*base, "--trainers", "2", "--trainer-gpus", "4"])
+    res = CliRunner().invoke(app, [*base, "--trainers", "8", "--trainer-gpus", "1"])
     assert res.exit_code == 2
-    assert "the run needs 8 GPUs (the cluster has 4)" in res.output
+    assert "8 GPUs (the cluster has 4)" in res.output
+    res = CliRunner().invoke(app, [*base, "--trainer-gpus", "2"])
+    assert res.exit_code == 2 and "trainer_gpus must be at most 1" in res.output
     assert not (tmp_path / "run").exists()
 
 
@@ -85,6 +87,11 @@ def test_split_gives_every_actor_a_bundle_of_its_role() -> None:
         ("trainer", 0, 0, 1), ("trainer", 1, 1, 1), ("rollout", 0, 2, 0.5),
         ("rollout", 1, 3, 0.5), ("reward", 0, 4, 0)]
     assert layout.needs() == {"CPU": 10, "GPU": 3}
+    # An actor given no GPU must not see the node's GPUs (it would take GPU 0, another's).
+    assert [s.runtime_env() for s in layout.slots] == [{}] * 4 + [
+        {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}]
+    with pytest.raises(ValueError, match="trainer_gpus must be at most 1"):
+        ClusterOptions(trainer_gpus=2).check_cluster()
 
 
 def test_colocate_shares_each_trainers_bundle_and_spread_spreads() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from rewardloop.options import ClusterOptions
 
@@ -30,6 +31,12 @@ class Slot:
     bundle: int
     cpus: float
     gpus: float
+
+    def runtime_env(self) -> dict[str, Any]:
+        """The actor's environment: one given no GPU sees none. Ray leaves CUDA_VISIBLE_DEVICES
+        alone for it, so its ``auto`` device would be the node's GPU 0, which Ray gave to
+        another actor (out of memory, or two NCCL ranks on one device)."""
+        return {} if self.gpus else {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 
 
 @dataclass(frozen=True)

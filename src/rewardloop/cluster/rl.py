@@ -125,6 +125,7 @@ class Job:
 
     def _spawn(self, cls: type, slot: Slot, label: str, *args: Any) -> Actor:
         options = {"num_cpus": slot.cpus, "num_gpus": slot.gpus,
+                   "runtime_env": slot.runtime_env(),
                    "name": actor_name(self.cfg.out, self.attempt, slot.role, slot.index),
                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
                        self.group, placement_group_bundle_index=slot.bundle)}
