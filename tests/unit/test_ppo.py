@@ -111,3 +111,30 @@ def test_ppo_updates_policy_and_value_model(root: Path) -> None:
     assert metrics["grad_norm_value"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and "peak_rss_mb" in summary
+
+
+def test_a_critic_with_an_infinite_gradient_leaves_the_policy_unchanged(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both models are checked before either steps: the policy's optimizer never steps when
+    the value model's gradient is not finite, and the run stops with exit 3."""
+    from rewardloop.cli import app
+    from rewardloop.train import ppo
+
+    original = ppo.micro_step
+
+    def poisoned(cfg, rt, policy, value_model, *args, **kwargs):
+        metrics = original(cfg, rt, policy, value_model, *args, **kwargs)
+        next(p for p in value_model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        return metrics
+
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(ppo, "micro_step", poisoned)
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: steps.append(self) or real_step(self, *a, **k))
+    result = CliRunner().invoke(app, [
+        "train", "ppo", "--policy", str(root / "tiny"), "--prompts", str(root / "prompts.jsonl"),
+        "--reward", "test_ppo:length_reward", "--out", str(root / "poisoned"),
+        "--batch-size", "4", "--max-steps", "1", "--max-new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert "not finite" in result.output and steps == []

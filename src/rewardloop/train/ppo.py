@@ -199,11 +199,13 @@ def update(cfg: PPOConfig, rt: Runtime, models: dict[str, Any], optimizers: dict
                 local_loss += float(m["loss"])
                 add_metrics(sums, m, weight, loss_keys)
             lr = optimizers["policy"].param_groups[0]["lr"]  # the last update's
+            # Both models checked before either steps: a critic with an infinite gradient
+            # must not leave the policy updated.
             for name in models:
-                norm = rt.optimizer_step(optimizers[name], params[name], cfg.max_grad_norm,
-                                         step=step, loss=local_loss, run=run,
-                                         scheduler=schedulers[name])
+                norm = rt.checked_grad_norm(optimizers[name], params[name], cfg.max_grad_norm,
+                                            step=step, loss=local_loss, run=run)
                 norms[f"grad_norm_{name}"] = norms.get(f"grad_norm_{name}", 0.0) + norm
+            rt.apply_steps([(optimizers[name], schedulers[name]) for name in models])
             updates += 1
     keys = sorted(sums)
     *totals, tokens = rt.sum_floats(*(sums[k] for k in keys), tokens)

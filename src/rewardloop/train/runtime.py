@@ -392,7 +392,18 @@ class Runtime:
 
         A NaN or infinite loss or grad norm on ANY rank stops every rank with the same
         TrainingError (exit 3) before the weights change; the last checkpoint stays good.
+        Several models updated together (PPO's policy and critic): ``checked_grad_norm`` for
+        each, then ``apply_steps`` of all, so that none changes when one is not finite.
         """
+        grad_norm = self.checked_grad_norm(optimizer, params, max_grad_norm, step=step,
+                                           loss=loss, run=run)
+        self.apply_steps([(optimizer, scheduler)])
+        return grad_norm
+
+    def checked_grad_norm(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                          max_grad_norm: float, *, step: int, loss: torch.Tensor | float,
+                          run: Any = None) -> float:
+        """The first half of ``optimizer_step``: unscale, clip and check on every rank."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         grad_norm = self.clip_gradients(params, max_grad_norm)
@@ -409,15 +420,21 @@ class Runtime:
             ranks = [r for r in range(self.world_size) if row[r] > 0]
             what = f"loss {loss_value}, grad norm {grad_norm}"
             raise TrainingError(self._nan_message(ranks, what, step, run))
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def apply_steps(self, steps: Sequence[tuple[torch.optim.Optimizer, Any]]) -> None:
+        """The second half of ``optimizer_step`` for (optimizer, scheduler or None) pairs:
+        step, schedule and zero the gradients (fp16: the loss scale moves once, after all)."""
+        for optimizer, scheduler in steps:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
 
     def clip_gradients(self, params: Sequence[torch.Tensor], max_norm: float) -> float:
         """The global L2 norm of the gradients, then scale them to ``max_norm`` if above it
