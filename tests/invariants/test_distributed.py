@@ -309,6 +309,28 @@ def test_a_killed_rank_makes_the_other_exit_with_a_message(work: Path, tmp_path:
     assert "rank 0 of 2 lost contact with another process" in err and "Traceback" not in err
 
 
+def test_an_out_directory_the_machines_do_not_share_is_refused(work: Path,
+                                                                tmp_path: Path) -> None:
+    """Two "machines" whose --out are different directories (each its own disk): every rank
+    refuses with one line and exit 2, before any checkpoint could be marked complete."""
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "rewardloop",
+         *command("sft", work, tmp_path / f"machine{r}" / "run")[:-8], "--max-steps", "1"],
+        text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        env={**ENV, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    try:
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        stop(procs)
+    for proc, err in zip(procs, errors, strict=True):
+        assert proc.returncode == 2, err[-3000:]
+        assert "1 of 2 processes do not see the files rank 0 writes" in err
+        assert "Traceback" not in err
+    assert not list((tmp_path / "machine0").glob(".rewardloop-shared-*"))
+
+
 def _ranks_of(out: Path) -> list[int]:
     """PIDs of the rank processes training into ``out`` (their command line names it)."""
     pids = []

@@ -37,6 +37,7 @@ import math
 import resource
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,8 @@ class RunDir:
         if self.started:
             return
         replace = self._check()  # again: the directory may have changed while models loaded
+        if self.runtime is not None and self.runtime.distributed:
+            self._check_shared()
         if self.runtime is not None:
             self.runtime.barrier()
         if self.main:
@@ -214,6 +217,27 @@ class RunDir:
         if self.runtime is not None:
             self.runtime.barrier()
         self.trackers = open_trackers(self.report_to, self.out, self.config) if self.main else []
+
+    def _check_shared(self) -> None:
+        """Every process must see what rank 0 writes beside --out: on several machines, --out
+        must be one directory they all share, or a checkpoint would be marked complete while
+        other machines' shards lie in their own copies. Checked with a file rank 0 writes in
+        --out's parent (and removes); a UserError on every rank alike."""
+        rt = self.runtime
+        token = rt.broadcast_object(uuid.uuid4().hex if self.main else None)
+        marker = self.out.parent / f".rewardloop-shared-{token}"
+        if self.main:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token)
+        rt.barrier()
+        blind = int(rt.sum_floats(0.0 if marker.is_file() else 1.0)[0])
+        rt.barrier()  # every rank has looked
+        if self.main:
+            marker.unlink(missing_ok=True)
+        if blind:
+            raise UserError(f"{blind} of {rt.world_size} processes do not see the files rank 0 "
+                            f"writes beside --out {self.out}: on several machines --out must be "
+                            "one directory they all share (NFS or a cluster file system)")
 
     def _check(self) -> bool:
         """UserError when ``out`` may not be used; True when the run in it is to be replaced."""
