@@ -69,7 +69,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_norm"),
-                    models: tuple[str, ...] = ("model",)) -> None:
+                    models: tuple[str, ...] = ("model",), weight_atol: float = TOL) -> None:
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     for x, y in zip(ma, mb, strict=True):
@@ -80,7 +80,7 @@ def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_nor
         wa, wb = (load_file(str(run / sub / "model.safetensors")) for run in (a, b))
         assert wa.keys() == wb.keys()
         for name in wa:
-            torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=TOL, msg=name)
+            torch.testing.assert_close(wa[name], wb[name], rtol=TOL, atol=weight_atol, msg=name)
 
 
 def command(kind: str, work: Path, out: Path) -> list[str]:
@@ -396,7 +396,10 @@ def test_best_point_on_two_processes_equals_one(work: Path, tmp_path: Path, kind
     for strategy in ("ddp", "fsdp"):
         two = tmp_path / strategy
         rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy, *best)
-        assert_same_run(one, two, keys=("loss", "grad_norm", "eval_loss"))
+        # At lr 3e-2 Adam moves an element whose gradient is near 0 by lr x g / (|g| + eps):
+        # the all-reduce's summation order shifts such a g by ~1e-7 and the weight by up to
+        # ~1e-3. A wrong checkpoint would differ by ~lr on most elements.
+        assert_same_run(one, two, keys=("loss", "grad_norm", "eval_loss"), weight_atol=2e-3)
         other = json.loads((two / "summary.json").read_text())
         assert other["best_step"] == summary["best_step"]
         assert other["best_eval_loss"] == pytest.approx(summary["best_eval_loss"], rel=TOL)
