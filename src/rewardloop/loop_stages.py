@@ -45,6 +45,7 @@ from rewardloop.feedback import tasks as T
 from rewardloop.feedback.quality import annotators_from_db, quality_report
 from rewardloop.feedback.simulate import ensure_annotators, load_pool, simulate
 from rewardloop.loop_config import LoopConfig, read_marker, round_dir
+from rewardloop.train.checkpoint import list_checkpoints
 from rewardloop.util.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -91,8 +92,7 @@ class RoundContext:
 def _trainer_flags(stage_dir: Path, report_to: tuple[str, ...]) -> dict[str, Any]:
     """Resume a trainer that left checkpoints, otherwise start it afresh in ``stage_dir``;
     either way reporting to the loop's trackers."""
-    ckpts = stage_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
+    if list_checkpoints(stage_dir):  # complete ones: a half-written one is no place to resume
         return {"resume": True, "report_to": report_to}
     return {"overwrite": True, "report_to": report_to}
 

@@ -119,13 +119,15 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path: Path) -> None:
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_resume_without_checkpoint_starts_over(tmp_path: Path) -> None:
+def test_resume_without_checkpoint_is_refused_once_the_run_trained(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "r", {})
-    run.log_metrics(1, {"loss": 1.0})
+    run.log_metrics(1, {"loss": 1.0})  # it trained (and stopped before any checkpoint)
+    with pytest.raises(UserError, match="no complete checkpoint to resume from"):
+        RunDir(tmp_path / "r", {}, resume=True)
+    assert run.metrics_path.read_text().count("\n") == 1  # kept
     model, opt, sched = _setup()
-    resumed = RunDir(tmp_path / "r", {}, resume=True)
+    resumed = RunDir(tmp_path / "r", {}, overwrite=True)
     assert resumed.restore(models={"m": model}, optimizers={"m": opt}) is None
-    assert resumed.metrics_path.read_text() == ""
 
 
 def test_truncate_metrics_drops_later_steps_and_torn_lines(tmp_path: Path) -> None:

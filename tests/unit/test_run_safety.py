@@ -207,3 +207,19 @@ def test_a_finished_run_without_its_checkpoints_is_still_a_run(tmp_path: Path) -
         RunDir(out, {"lr": 0.5})
     RunDir(out, {"lr": 0.5}, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+def test_resume_refuses_a_trained_run_with_no_checkpoint_to_resume_from(tmp_path: Path) -> None:
+    """train sft/rm/dpo save no checkpoint by default: --resume on such a finished run would
+    train again from step 0 and replace its model. Refused; the run is kept as it was."""
+    out = tmp_path / "run"
+    _finished_run(out, steps=2, saved_at=0)  # no checkpoint at all
+    before = _files(out)
+    with pytest.raises(UserError, match="finished run with no complete checkpoint.*--overwrite"):
+        RunDir(out, {"lr": 0.1}, resume=True)
+    assert _files(out) == before
+    # A run that never trained (it stopped while loading) still starts over under --resume.
+    fresh = tmp_path / "fresh"
+    RunDir(fresh, {"lr": 0.1})
+    run = RunDir(fresh, {"lr": 0.1}, resume=True)
+    assert run.restore(models={"m": torch.nn.Linear(2, 1)}) is None

@@ -250,6 +250,14 @@ class RunDir:
             if not is_run(out):
                 raise UserError(f"--out {out} is not empty and holds no rewardloop run "
                                 "(config.yaml and checkpoints/) to resume; choose another --out")
+            if not list_checkpoints(out) and has_trained(out):
+                # Nothing to continue from: "resuming" would train again from step 0 and
+                # replace the trained model (sft, rm and dpo save no checkpoint by default).
+                what = "finished run" if (out / "summary.json").exists() else "run"
+                raise UserError(f"--out {out} holds a {what} with no complete checkpoint to "
+                                "resume from (checkpoints come with --save-every N); pass "
+                                "--overwrite to train it again from step 0, or choose another "
+                                "--out")
             return False
         foreign = foreign_entries(out)
         if foreign or not is_run(out):
@@ -351,7 +359,8 @@ class RunDir:
                 ) -> Checkpoint | None:
         """With ``resume``, load the latest complete checkpoint into the given objects.
 
-        Returns None for a fresh run (or a resumed one without checkpoints: it starts over).
+        Returns None for a fresh run (or a resumed one that never trained: it starts over; one
+        that trained without a checkpoint was refused by ``_check``).
         """
         if not self.resume:
             return None
