@@ -30,7 +30,7 @@ import yaml
 from rewardloop import synthetic
 from rewardloop.eval.report import build_report
 from rewardloop.loop import run_loop
-from rewardloop.loop_config import LoopConfig, run_stage
+from rewardloop.loop_config import LoopConfig, claim_workdir, run_stage
 from rewardloop.tiny import build_tiny
 from rewardloop.util.files import atomic_write_text
 
@@ -172,6 +172,7 @@ def run_demo(workdir: Path, *, fast: bool = False, seed: int = 0) -> dict[str, A
     start = time.perf_counter()
     sizes = FAST if fast else FULL
     workdir = Path(workdir)
+    claim_workdir(workdir, "demo")
     prep = workdir / "prepare"
     data, tiny, sft = prep / "data", prep / "tiny", prep / "sft"
     run_stage(data, "data", lambda d: _prepare_data(d, sizes, seed))

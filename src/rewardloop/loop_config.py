@@ -238,6 +238,39 @@ def _built(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise UserError(f"{where}: {exc}") from None
 
 
+WORKDIR_MARKER = ".rewardloop-workdir"
+"""Written into a work directory the loop (or the demo) created: only such a directory, a new
+or an empty one is written into, so a ``--workdir`` typed at a project folder does not replace
+the files there (its config.yaml, summary.json, report.html)."""
+
+
+def claim_workdir(workdir: Path, kind: str) -> None:
+    """Make ``workdir`` the work directory of a ``kind`` run ("loop", "demo"): create it, or
+    continue in one that a loop or the demo made; a UserError for any other non-empty one.
+    (Work directories of earlier versions, without the marker, are known by their
+    ``round-1/`` and their config.yaml naming a policy.)"""
+    marker = workdir / WORKDIR_MARKER
+    if workdir.is_dir() and any(workdir.iterdir()) and not marker.is_file() \
+            and not _made_by_a_loop(workdir):
+        entries = sorted(p.name for p in workdir.iterdir())
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"--workdir {workdir} is not empty and is not a rewardloop work "
+                        f"directory (it holds {shown}); choose a new or empty directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        atomic_write_text(marker, json.dumps({"kind": kind}) + "\n")
+
+
+def _made_by_a_loop(workdir: Path) -> bool:
+    import yaml  # only for directories of earlier versions
+
+    try:
+        config = yaml.safe_load((workdir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return (workdir / "round-1").is_dir() and isinstance(config, dict) and "policy" in config
+
+
 def round_dir(workdir: Path, n: int) -> Path:
     return Path(workdir) / f"round-{n}"
 

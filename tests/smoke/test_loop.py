@@ -235,3 +235,29 @@ def test_for_groups_refused_before_sampling(setup: dict[str, Path], tmp_path: Pa
                 "majority-1", "majority-2", "minority-1", "minority-2"]
     finally:
         store.dispose()
+
+
+def test_a_workdir_that_is_not_a_loops_is_refused_and_kept(tmp_path: Path) -> None:
+    """--workdir at a project folder must not replace its config.yaml or summary.json (the loop
+    and the demo wrote theirs over them); a new, empty or loop-made directory is fine."""
+    from rewardloop.demo import run_demo
+    from rewardloop.errors import UserError
+    from rewardloop.loop_config import WORKDIR_MARKER, claim_workdir
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "config.yaml").write_text("database: prod\n")
+    (proj / "summary.json").write_text('{"mine": 1}\n')
+    for claim in (lambda: claim_workdir(proj, "loop"), lambda: run_demo(proj, fast=True)):
+        with pytest.raises(UserError, match="not a rewardloop work directory.*config.yaml"):
+            claim()
+    assert (proj / "config.yaml").read_text() == "database: prod\n"
+    assert sorted(p.name for p in proj.iterdir()) == ["config.yaml", "summary.json"]
+    claim_workdir(tmp_path / "new", "loop")  # new: created and marked
+    assert (tmp_path / "new" / WORKDIR_MARKER).is_file()
+    (tmp_path / "new" / "summary.json").write_text("{}")
+    claim_workdir(tmp_path / "new", "loop")  # its own: continued
+    old = tmp_path / "old"  # a loop's work directory from before the marker
+    (old / "round-1").mkdir(parents=True)
+    (old / "config.yaml").write_text("policy: p\nprompts: q.jsonl\n")
+    claim_workdir(old, "loop")
