@@ -19,6 +19,9 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--fast", "--workdir", str(workdir)])
     assert result.exit_code == 0, result.output
     assert "report:" in result.output and "rewardloop serve" in result.output
+    # The hint is a command that works as printed: users add needs --role, and the demo's store.
+    db = f"--db sqlite:///{workdir / 'loop.db'}"
+    assert f"`rewardloop users add NAME --role annotator {db}`" in result.output
     summary = json.loads((workdir / "summary.json").read_text())
     # The headline figures are the ones recomputed from the round's own artefacts: the gold
     # judge re-scores the evaluation samples (ties half), the RM's accuracy is its own k / n.

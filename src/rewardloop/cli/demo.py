@@ -42,6 +42,7 @@ def demo(
         typer.echo(f"alarm: {alarm}")
     typer.echo(f"report: {summary['report']}")
     typer.echo(f"summary: {workdir / 'summary.json'}")
-    typer.echo("next: be an annotator yourself -- `rewardloop users add NAME` and `rewardloop "
-               f"serve --db sqlite:///{workdir / 'loop.db'}`; run your own rounds with "
+    db = f"sqlite:///{workdir / 'loop.db'}"
+    typer.echo(f"next: be an annotator yourself -- `rewardloop users add NAME --role annotator "
+               f"--db {db}` and `rewardloop serve --db {db}`; run your own rounds with "
                "`rewardloop loop --config examples/loop.yaml`.")
