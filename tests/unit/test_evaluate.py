@@ -94,6 +94,9 @@ def test_policy_against_itself_ties_with_zero_kl(tiny_pair: tuple[Path, Path, Pa
     assert out["kl"] == pytest.approx(0.0, abs=1e-6)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["comparisons"][0]["judge"] == GOLD and saved["n"] == 6
+    # what it takes to run it again: the prompts and the sampling settings
+    assert saved["config"]["prompts"] == str(prompts) and saved["config"]["max_new_tokens"] == 8
+    assert {"seed", "temperature", "max_prompt_length"} <= set(saved["config"])
     rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["policy"] == r["baseline"] for r in rows)
     assert set(saved["length"]) == {"policy", "baseline"}

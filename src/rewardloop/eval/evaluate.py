@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from rewardloop.config import config_to_dict
 from rewardloop.data.formats import read_records
 from rewardloop.data.store import Store
 from rewardloop.data.values import length_stats
@@ -212,7 +213,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               model_path=cfg.baseline, **gen)
     result: dict[str, Any] = {"policy": cfg.policy, "baseline": cfg.baseline,
                               "policy_name": cfg.policy_name,
-                              "baseline_name": cfg.baseline_name, "n": len(prompts)}
+                              "baseline_name": cfg.baseline_name, "n": len(prompts),
+                              # the resolved options (prompts, seed, sampling): reproducible
+                              "config": config_to_dict(cfg)}
     if policy_tok.get_vocab() == baseline_tok.get_vocab():
         result.update(sequence_kl(policy_model, baseline_model, policy, cfg.temperature,
                                   cfg.batch_size))
