@@ -118,6 +118,12 @@ def check_model_dir(path: str | Path) -> str:
             raise UserError(f"{text!r} is not a local directory, and HF_HUB_OFFLINE is set but "
                             "it is not in the Hugging Face cache; download it first or give a "
                             "local directory")
+        if "/" not in text and not _offline():
+            # Said first: a mistyped directory name (hub ids are mostly org/name) would wait on
+            # the network's retries before its error.
+            log.warning("%r is not a local directory: trying it as a Hugging Face Hub id "
+                        "(offline, this retries for about a minute; HF_HUB_OFFLINE=1 makes it "
+                        "fail at once)", text)
         return text
     p = Path(text).expanduser()
     if not p.exists():

@@ -95,6 +95,20 @@ def test_hub_id_offline_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None
         load_policy("no-such-org/no-such-model")
 
 
+def test_a_name_without_a_slash_says_it_is_tried_on_the_hub_first(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from rewardloop.models import check_model_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with caplog.at_level("WARNING"):
+        assert check_model_dir("modle") == "modle"  # no network call here: only the check
+    assert "'modle' is not a local directory: trying it as a Hugging Face Hub id" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_model_dir("Qwen/Qwen2-0.5B")  # an org/name id: the usual case, no warning
+    assert caplog.text == ""
+
+
 def test_pad_equal_to_eos_is_refused_and_can_be_fixed(copy_dir: Path) -> None:
     config = json.loads((copy_dir / "tokenizer_config.json").read_text())
     config["pad_token"] = config["eos_token"]
