@@ -179,3 +179,25 @@ def test_item5_a_stuck_writer_times_out_and_recovers(running) -> None:
                                            "ranking": [[ids[0]], [ids[1]]],
                                            "idempotency_key": uuid.uuid4().hex})
         assert r.status_code == 201, r.text
+
+
+def test_a_store_without_users_is_served_with_a_warning(tmp_path, running) -> None:
+    """A mistyped --db is a new, empty store: say nobody can log in, and how to add users."""
+    assert "has no users yet" not in running.log_path.read_text()  # a store with users
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from rewardloop.cli import main; main()", "serve", "--db",
+         f"sqlite:///{tmp_path / 'typo.db'}", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("serving"):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = "".join(lines)
+    assert "has no users yet, so nobody can log in" in text
+    assert "rewardloop users add NAME --role annotator --db sqlite:///" in text

@@ -83,6 +83,15 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _has_users(store: Any) -> bool:
+    from sqlalchemy import select
+
+    from rewardloop.data.schema import Annotator
+
+    with store.read() as session:
+        return session.execute(select(Annotator.id).limit(1)).first() is not None
+
+
 def serve_one(application: Any, sock: socket.socket, host: str, port: int,
               options: dict[str, Any]) -> None:
     """Serve ``application`` on the bound ``sock`` until Ctrl-C or SIGTERM; exit status 3 when
@@ -177,6 +186,10 @@ def register(app: typer.Typer) -> None:
         warning = readable_by_others(url)
         if warning:
             typer.echo(warning, err=True)
+        if not _has_users(store):  # a mistyped --db is a new, empty store nobody can log in to
+            typer.echo(f"warning: {store.safe_url} has no users yet, so nobody can log in; add "
+                       f"them with `rewardloop users add NAME --role annotator --db {db or url}`"
+                       " (or check --db)", err=True)
         options: dict[str, Any] = dict(
             log_level=log_level, proxy_headers=proxy_headers or forwarded_allow_ips is not None,
             forwarded_allow_ips=allowed, access_log=log_level in ("debug", "info"))
