@@ -112,19 +112,7 @@ def check_model_dir(path: str | Path) -> str:
     """
     text = str(path)
     if not _is_local(text):
-        if not _HUB_ID.match(text):
-            raise UserError(f"{text!r} is neither a local directory nor a hub id (org/name)")
-        if _offline() and not _in_hub_cache(text):
-            raise UserError(f"{text!r} is not a local directory, and HF_HUB_OFFLINE is set but "
-                            "it is not in the Hugging Face cache; download it first or give a "
-                            "local directory")
-        if "/" not in text and not _offline():
-            # Said first: a mistyped directory name (hub ids are mostly org/name) would wait on
-            # the network's retries before its error.
-            log.warning("%r is not a local directory: trying it as a Hugging Face Hub id "
-                        "(offline, this retries for about a minute; HF_HUB_OFFLINE=1 makes it "
-                        "fail at once)", text)
-        return text
+        return _check_hub_id(text)
     p = Path(text).expanduser()
     if not p.exists():
         raise UserError(f"model directory {p} does not exist")
@@ -154,6 +142,23 @@ def check_model_dir(path: str | Path) -> str:
     for file in weights:
         _check_safetensors(file)
     return str(p.resolve())
+
+
+def _check_hub_id(text: str) -> str:
+    """A name that is no local path, as a hub id to load (refused when it cannot be one)."""
+    if not _HUB_ID.match(text):
+        raise UserError(f"{text!r} is neither a local directory nor a hub id (org/name)")
+    if _offline() and not _in_hub_cache(text):
+        raise UserError(f"{text!r} is not a local directory, and HF_HUB_OFFLINE is set but "
+                        "it is not in the Hugging Face cache; download it first or give a "
+                        "local directory")
+    if "/" not in text and not _offline():
+        # Said first: a mistyped directory name (hub ids are mostly org/name) would wait on
+        # the network's retries before its error.
+        log.warning("%r is not a local directory: trying it as a Hugging Face Hub id "
+                    "(offline, this retries for about a minute; HF_HUB_OFFLINE=1 makes it "
+                    "fail at once)", text)
+    return text
 
 
 def _in_hub_cache(repo_id: str) -> bool:
