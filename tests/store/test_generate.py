@@ -190,6 +190,30 @@ def test_cli_user_errors_exit_2(tmp_path: Path, flags: list[str], message: str,
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+@pytest.mark.parametrize("db, message", [
+    ("sqlite:///{tmp}/nodir/x.db", "directory {tmp}/nodir does not exist"),
+    ("mysql://a/b", "unsupported database 'mysql'"),
+    ("sqlite://bad.db", "did you mean sqlite:///bad.db?"),
+])
+def test_a_wrong_db_is_refused_before_sampling(tmp_path: Path, db: str, message: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling takes minutes to hours; without --out its answers would be lost to a --db
+    typo found only afterwards."""
+    import rewardloop.cli.generate as G
+
+    def sample(*_: object) -> None:
+        raise AssertionError("sampled before --db was checked")
+
+    monkeypatch.setattr(G, "_sample", sample)
+    monkeypatch.chdir(tmp_path)
+    prompts = _write(tmp_path / "p.jsonl", prompt_rows(2, seed=1))
+    res = CliRunner().invoke(app, ["generate", "--policy", "nowhere", "--prompts", str(prompts),
+                                   "--out", "c.jsonl", "--db", db.format(tmp=tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert message.format(tmp=tmp_path) in res.output
+    assert list(tmp_path.iterdir()) == [prompts]
+
+
 def test_cli_help_explains_every_flag() -> None:
     res = CliRunner().invoke(app, ["generate", "--help"])
     assert res.exit_code == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -132,6 +134,36 @@ def test_bad_urls_are_user_errors(tmp_path) -> None:
         Store("mysql://u@h/db")
     with pytest.raises(UserError, match="does not exist"):
         Store(f"sqlite:///{tmp_path}/missing/dir/x.db")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("sqlite://rewardloop.db", "not a database URL (after sqlite:// comes a host name); "
+                               "did you mean sqlite:///rewardloop.db?"),
+    ("sqlite://runs/x.db", "did you mean sqlite:///runs/x.db?"),
+    ("postgresql+psycopg://u:p@h:notaport/db", "is not a database URL; use sqlite:///FILE"),
+    ("sqlite:///x.db?timeout=soon", "is not a database URL; use sqlite:///FILE"),
+    ("sqlite://", "is an in-memory database, gone when the command ends"),
+    ("sqlite:///:memory:", "is an in-memory database, gone when the command ends"),
+    ("sqlite:///file:x?mode=memory&uri=true", "is an in-memory database"),
+])
+def test_malformed_and_in_memory_urls_are_one_line_and_exit_2(
+        url: str, message: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo'd URL is one line, not SQLAlchemy's traceback; a store that vanishes with the
+    command (it reported success, and the data was gone) is refused. From --db and from
+    $REWARDLOOP_DB alike, and nothing is created."""
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)):
+        Store(url)
+    add = ["users", "add", "zed", "--role", "annotator", "--token"]
+    for argv, env in ((["--db", url], {}), ([], {"REWARDLOOP_DB": url})):
+        result = CliRunner().invoke(app, add + argv, env=env)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_ranking_helpers() -> None:

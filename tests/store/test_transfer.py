@@ -210,3 +210,49 @@ def test_a_later_file_fills_what_an_earlier_one_left_unknown(store: Store, tmp_p
         assert (prompt.external_id, prompt.meta) == ("item-7", {"topic": "billing"})
         models = sorted(r.model for r in s.scalars(select(S.Response)))
         assert models == ["rlhf", "sft"]
+
+
+def test_an_export_imported_back_doubles_nothing(store: Store, tmp_path: Path) -> None:
+    """Judgments made through the queue (the server's path: the client's keys, source human)
+    are found by what they say when their export comes back: the same annotator's ranking of
+    the same answers is a duplicate, whoever wrote the file. Another annotator's judgment, or
+    another ranking, of the same answers is new."""
+    from rewardloop.feedback import queue as Q
+    from rewardloop.feedback import tasks as TK
+
+    with store.write() as s:
+        bob, amy = S.Annotator(name="bob"), S.Annotator(name="amy")
+        s.add_all([bob, amy])
+        p, q, r = (TK.get_or_create_prompt(s, text) for text in "pqr")
+        a, b = (TK.get_or_create_response(s, p, t) for t in "ab")
+        x, y = (TK.get_or_create_response(s, q, t) for t in "xy")
+        u, v, w = (TK.get_or_create_response(s, r, t) for t in "uvw")
+        pair = TK.create_task(s, p, [a, b], overlap=2)
+        tied = TK.create_task(s, q, [x, y])
+        ranked = TK.create_task(s, r, [u, v, w], kind="ranking")
+        for ann, task, ranking in ((bob, pair, [[a.id], [b.id]]), (amy, pair, [[b.id], [a.id]]),
+                                   (bob, tied, [[y.id, x.id]]),
+                                   (bob, ranked, [[w.id], [v.id, u.id]])):
+            Q.submit_judgment(s, ann, task.id, ranking, idempotency_key=f"client-{task.id}",
+                              require_lease=False)
+    report = T.import_file(store, T.export(store, "ranking", tmp_path / "r.jsonl").path)
+    assert (report.imported, report.duplicates) == (0, 4)
+    report = T.import_file(store, T.export(store, "trl", tmp_path / "t.jsonl", ties=True).path)
+    # The ranking's three pairs are not what bob said of the three answers as a whole: they
+    # become pairwise tasks of their own (docs/data.md).
+    assert (report.imported, report.duplicates) == (3, 3)
+    assert count(store, S.Judgment) == 4 + 3 and count(store, S.ComparisonTask) == 3 + 3
+    others = jsonl(tmp_path / "others.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "amy"},  # amy said b > a
+        {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "carl"},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "bob", "tie": True},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "bob",
+         "dimension": "safer"},
+        {"prompt": "q", "chosen": "x", "rejected": "y", "tie": True},  # bob's, but unnamed
+        {"prompt": "q", "chosen": "x", "rejected": "y", "annotator": "bob", "tie": True},
+    ])
+    report = T.import_file(store, others)
+    assert (report.imported, report.duplicates) == (5, 1)
+    again = T.import_file(store, others)
+    assert (again.imported, again.duplicates) == (0, 6)
+    assert count(store, S.Judgment) == 7 + 5

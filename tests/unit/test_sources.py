@@ -116,6 +116,22 @@ def test_datasetdict_and_hub_splits(tmp_path: Path) -> None:
             F.read_records(folder, split="dev")
 
 
+def test_split_hints_hold_for_commands_without_split(tmp_path: Path) -> None:
+    """Only `data import` has --split; `--data`, `--prompts` and the rest take DIR:NAME, so the
+    hints name that form first and --split only as data import's."""
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        jsonl(hub / "data" / f"{split}.jsonl", TEXT_ROWS)
+    with pytest.raises(UserError) as err:
+        F.read_records(hub)
+    assert str(err.value).endswith(f"choose one with {hub}:NAME (data import: or --split NAME)")
+    F.write_dataset(tmp_path / "saved", "trl", [PairRecord("p", "a", "b")])
+    with pytest.raises(UserError, match="a saved dataset with one split; name no split "
+                                        "\\(got 'train'\\)"):
+        F.read_records(f"{tmp_path / 'saved'}:train")
+
+
 def test_split_directories_of_a_hub_folder(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     parquet(tmp_path / "train" / "part-0.parquet", TEXT_ROWS)
@@ -270,7 +286,7 @@ def test_subset_directories_hold_splits_named_by_their_files(tmp_path: Path) -> 
     assert prompts_of(tmp_path / "harmless-base", "test") == [
         "\n\nHuman: harmless-base test\n\nAssistant:"]
     with pytest.raises(UserError, match="'harmless-base' is a subset, not a split .*"
-                                        "harmless-base --split NAME"):
+                                        "harmless-base:NAME"):
         F.read_records(tmp_path, split="harmless-base")
 
 

@@ -56,7 +56,7 @@ def import_(
     """Import a file in one transaction: all of it or, on any bad row, none of it.
 
     Rows already in the store, or repeated in the file, are skipped and counted, so importing
-    the same file twice adds nothing.
+    the same file twice, or an export of the same store, adds nothing.
     """
     from rewardloop.data.formats import detect_format
     from rewardloop.data.store import Store

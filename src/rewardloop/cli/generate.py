@@ -141,8 +141,8 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
     prompts = [r.prompt for r in read_records(existing_data(cfg.prompts), "prompts")[1]
                if isinstance(r, PromptRecord)]
-    if cfg.for_groups is not None:  # refused before minutes of sampling, not after
-        _aim(cfg, S.Plan())
+    if cfg.db is not None:  # a wrong --db refused before minutes of sampling, not after
+        _check_store(cfg)
     origin = S.policy_origin(cfg.policy, {
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed})
@@ -192,21 +192,28 @@ def _sample(cfg: GenerateConfig, prompts: list[Any], label: str | None
                              engine=EngineOptions.of(cfg), chat_template=cfg.chat_template)
 
 
-def _aim(cfg: GenerateConfig, planned: Plan, session: Session | None = None
-         ) -> tuple[Plan, str]:
-    """--for-groups: ``planned`` aimed at the groups behind, and the line saying how, counted in
-    ``session`` (the transaction that creates the tasks), else in a read of the store."""
+def _check_store(cfg: GenerateConfig) -> None:
+    """Open the --db store (URL, path, server, schema) and, with --for-groups, aim an empty
+    plan in it: what would fail after sampling fails now."""
     from rewardloop.data.store import Store
+    from rewardloop.feedback import select as S
+
+    assert cfg.db is not None  # checked by the caller
+    store = Store(resolve_db(cfg.db))
+    try:
+        if cfg.for_groups is not None:
+            with store.read() as session:
+                _aim(cfg, S.Plan(), session)
+    finally:
+        store.dispose()
+
+
+def _aim(cfg: GenerateConfig, planned: Plan, session: Session) -> tuple[Plan, str]:
+    """--for-groups: ``planned`` aimed at the groups behind in ``session``'s store, and the line
+    saying how."""
     from rewardloop.feedback import audience as A
 
-    assert cfg.db is not None and cfg.for_groups is not None  # checked by the caller
-    if session is None:
-        store = Store(resolve_db(cfg.db))
-        try:
-            with store.read() as read:
-                return _aim(cfg, planned, read)
-        finally:
-            store.dispose()
+    assert cfg.for_groups is not None  # checked by the caller
     needs = A.needs_from_store(session, cfg.for_groups)
     aimed = A.aim(needs, planned)
     return aimed, A.describe(needs, aimed, cfg.for_groups)

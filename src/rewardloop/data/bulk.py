@@ -6,6 +6,12 @@ already exists, then one multi-row INSERT (with RETURNING where ids are needed) 
 ids and hashes of the chunk stay in memory. Everything runs inside the caller's transaction, so
 an error in a later chunk still rolls back the earlier ones. Rows written by earlier chunks are
 visible to later lookups in that transaction, which is how repeats across chunks are found.
+
+A comparison is a repeat when its content key is stored (an earlier import), and also when a
+judgment in the store already says it: the same annotator's ranking of the same answers on the
+same dimension, whatever its source (judgments made through the server carry the client's key,
+so an export imported back is found only this way). That costs one more lookup per chunk, for
+the chunk's prompts that were in the store before it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from rewardloop.data.prepared import Driver, Prepared
@@ -68,6 +74,18 @@ class _Comparison:
     models: Sequence[str | None]
     fields: dict[str, Any]
     shown_order: list[int] | None = None  # indices into ``answers``
+
+
+# What a judgment says: (annotator id, ranking as groups of response ids, dimension). Response
+# ids are per prompt and text, and a ranking names each of its task's answers, so this also
+# fixes the prompt and the answers.
+Said = tuple[int | None, tuple[frozenset[int], ...], str | None]
+
+
+def _said(annotator_id: int | None, ranking: Sequence[Sequence[int]],
+          meta: dict[str, Any] | None) -> Said:
+    # Order inside a tie group says nothing, as in judgment_key.
+    return annotator_id, tuple(frozenset(g) for g in ranking), (meta or {}).get("dimension")
 
 
 def _key(kind: str, parts: Any) -> str:
@@ -282,9 +300,9 @@ class Importer:
                 elif isinstance(record, PairRecord | RankingRecord):
                     comparisons.append(self._comparison(record, key))
         self._add_plain([r for r in records if isinstance(r, PromptRecord | CandidatesRecord)])
-        self._add_comparisons(comparisons)
+        added = self._add_comparisons(comparisons)
         self._add_ratings(ratings)
-        self.report.imported += len(comparisons) + len(ratings)
+        self.report.imported += added + len(ratings)
 
     def _existing_keys(self, keys: Sequence[str | None]) -> set[str]:
         wanted = sorted({k for k in keys if k})
@@ -329,22 +347,56 @@ class Importer:
             self.report.imported += created
             self.report.duplicates += not created
 
-    def _add_comparisons(self, items: Sequence[_Comparison]) -> None:
-        """Tasks (overlap 1, already done), their items, and one judgment each."""
+    def _judged(self, prompt_ids: set[int], annotator_ids: set[int | None]) -> set[Said]:
+        """What the store's judgments by these annotators on these prompts say, whatever their
+        source."""
+        if not prompt_ids:
+            return set()
+        who = [Judgment.annotator_id.in_({a for a in annotator_ids if a is not None})]
+        if None in annotator_ids:
+            who.append(Judgment.annotator_id.is_(None))
+        rows = self.s.execute(
+            select(Judgment.annotator_id, Judgment.ranking, Judgment.meta)
+            .join(ComparisonTask, ComparisonTask.id == Judgment.task_id)
+            .where(ComparisonTask.prompt_id.in_(prompt_ids), or_(*who)))
+        return {_said(*row) for row in rows}
+
+    def _add_comparisons(self, items: Sequence[_Comparison]) -> int:
+        """Tasks (overlap 1, already done), their items, and one judgment each; a comparison
+        that a judgment in the store already says (the same annotator's ranking of the same
+        answers on the same dimension) is counted as a duplicate. Returns how many were added.
+        """
         if not items:
-            return
-        prompt_ids, _ = self._prompts([(c.prompt, None, {}) for c in items])
+            return 0
+        prompt_ids, new_prompts = self._prompts([(c.prompt, None, {}) for c in items])
         pids = [prompt_ids[self.digest(c.prompt)] for c in items]
         answer_ids, _ = self._responses([(pid, a, m) for pid, c in zip(pids, items, strict=True)
                                          for a, m in zip(c.answers, c.models, strict=True)])
+        said = self._judged({i for h, i in prompt_ids.items() if h not in new_prompts},
+                            {c.fields["annotator_id"] for c in items})
+        fresh: list[tuple[int, list[int], _Comparison]] = []
+        for pid, c in zip(pids, items, strict=True):
+            ids = [answer_ids[(pid, self.digest(a))] for a in c.answers]
+            says = _said(c.fields["annotator_id"], [[ids[i] for i in g] for g in c.groups],
+                         c.fields["meta"])
+            if says in said:
+                self.report.duplicates += 1
+            else:
+                said.add(says)
+                fresh.append((pid, ids, c))
+        if fresh:
+            self._write_comparisons(fresh)
+        return len(fresh)
+
+    def _write_comparisons(self, items: Sequence[tuple[int, list[int], _Comparison]]) -> None:
+        """(prompt id, answer ids, comparison) each as a done task and its judgment."""
         task_ids = self._new_ids(_TASK, [
             {"prompt_id": pid, "kind": "pairwise" if len(c.answers) == 2 else "ranking",
-             "external_id": c.fields["external_id"]} for pid, c in zip(pids, items, strict=True)],
+             "external_id": c.fields["external_id"]} for pid, _, c in items],
             {"batch_id": self.batch_id, "overlap": 1, "is_gold": False, "priority": 0.0,
              "n_judgments": 1, "done": True, "meta": {}})
         task_items, judgments = [], []
-        for task_id, pid, c in zip(task_ids, pids, items, strict=True):
-            ids = [answer_ids[(pid, self.digest(a))] for a in c.answers]
+        for task_id, (_, ids, c) in zip(task_ids, items, strict=True):
             task_items += [{"task_id": task_id, "response_id": rid, "position": i}
                            for i, rid in enumerate(ids)]
             judgments.append({"task_id": task_id, "ranking": [[ids[i] for i in g]

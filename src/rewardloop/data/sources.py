@@ -109,8 +109,9 @@ def _pick(path: Path, splits: dict[str, list[Path]], split: str | None) -> tuple
                         "(expected a datasets.save_to_disk or Hub-style dataset folder)")
     if split is None:
         if len(splits) > 1:
-            raise UserError(f"{path}: holds the splits {names}; choose one with --split NAME "
-                            f"or {path}:NAME")
+            # DIR:NAME first: every command takes it, only `data import` has --split.
+            raise UserError(f"{path}: holds the splits {names}; choose one with {path}:NAME "
+                            "(data import: or --split NAME)")
         split = next(iter(splits))
     if split not in splits:
         raise UserError(f"{path}: no split {split!r} (it has {names})")
@@ -206,7 +207,7 @@ def _hub_folder(path: Path, split: str | None) -> tuple[Path, ...]:
     if split is not None and split not in splits and split in known:
         raise UserError(f"{path}: {split!r} is a subset, not a split (the splits are "
                         f"{', '.join(sorted(splits))}); to read only that subset, name its "
-                        f"directory: {path / split} --split NAME")
+                        f"directory: {path / split}:NAME")
     files = _pick(path, splits, split)
     chosen = sorted(subsets[split if split is not None else next(iter(splits))])
     if len(chosen) > 1:
@@ -232,7 +233,8 @@ def open_source(spec: str | Path, split: str | None = None) -> Source:
         files = _saved_dict(path, split)
     elif (path / "state.json").is_file():
         if split is not None:
-            raise UserError(f"{path}: a saved dataset with one split; drop --split {split}")
+            raise UserError(f"{path}: a saved dataset with one split; name no split "
+                            f"(got {split!r})")
         files = _saved_dataset(path)
     else:
         files = _hub_folder(path, split)

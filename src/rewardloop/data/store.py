@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,17 +56,16 @@ def _setup_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
-        if engine.url.database not in (None, "", ":memory:"):
-            cur.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL is durable against process crashes (a server killed with
-            # kill -9 keeps every committed transaction); only an OS crash or power loss can
-            # lose the last few. FULL would fsync on every commit, which cost ~100 ms per
-            # judgment on a loaded machine. Set REWARDLOOP_SQLITE_SYNCHRONOUS=FULL to trade
-            # that speed for power-loss durability.
-            sync = os.environ.get("REWARDLOOP_SQLITE_SYNCHRONOUS", "NORMAL").upper()
-            if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-                sync = "NORMAL"
-            cur.execute(f"PRAGMA synchronous={sync}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL is durable against process crashes (a server killed with kill -9
+        # keeps every committed transaction); only an OS crash or power loss can lose the last
+        # few. FULL would fsync on every commit, which cost ~100 ms per judgment on a loaded
+        # machine. Set REWARDLOOP_SQLITE_SYNCHRONOUS=FULL to trade that speed for power-loss
+        # durability.
+        sync = os.environ.get("REWARDLOOP_SQLITE_SYNCHRONOUS", "NORMAL").upper()
+        if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            sync = "NORMAL"
+        cur.execute(f"PRAGMA synchronous={sync}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -87,15 +86,52 @@ def _create_private(path: Path) -> None:
         raise UserError(f"cannot create {path}: {exc.strerror}") from None
 
 
-def store_files(url: str) -> list[Path]:
-    """The files a SQLite store at ``url`` consists of (database, WAL, shared memory, write
-    lock): what no output may overwrite. Empty for other databases and in-memory SQLite."""
+def _not_a_url(url: str) -> UserError:
+    return UserError(f"--db: {url!r} is not a database URL; use sqlite:///FILE or "
+                     "postgresql+psycopg://USER:PASS@HOST/DB")
+
+
+def _in_memory(parsed: URL) -> bool:
+    """A SQLite URL whose database lives in the process only (``sqlite://``, ``:memory:``,
+    a ``mode=memory`` URI)."""
+    db = parsed.database or ""
+    return (db in ("", ":memory:") or db.startswith("file::memory:")
+            or parsed.query.get("mode") == "memory")
+
+
+def parse_url(url: str) -> URL:
+    """``url`` parsed, if rewardloop can keep a store there: SQLite in a file, or PostgreSQL.
+
+    Raises UserError for text that is no URL (a non-numeric port, ``sqlite://FILE`` with two
+    slashes, which would name a host), another database, and in-memory SQLite, which would
+    drop everything a command stores the moment it ends.
+    """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
+        raise _not_a_url(url) from None
+    dialect = parsed.get_backend_name()
+    if dialect not in ("sqlite", "postgresql"):
+        raise UserError(f"--db: unsupported database {dialect!r}; use sqlite or postgresql")
+    if dialect == "sqlite" and parsed.host:
+        path = "/".join(p for p in (parsed.host, parsed.database) if p)
+        raise UserError(f"--db: {url!r} is not a database URL (after sqlite:// comes a host "
+                        f"name); did you mean sqlite:///{path}?")
+    if dialect == "sqlite" and _in_memory(parsed):
+        raise UserError(f"--db: {url!r} is an in-memory database, gone when the command ends; "
+                        "give a file: sqlite:///FILE")
+    return parsed
+
+
+def store_files(url: str) -> list[Path]:
+    """The files a SQLite store at ``url`` consists of (database, WAL, shared memory, write
+    lock): what no output may overwrite. Empty for other databases and unusable URLs."""
+    try:
+        parsed = parse_url(url)
+    except UserError:
         return []
     db = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:":
+    if parsed.get_backend_name() != "sqlite" or not db:
         return []
     return [Path(db + suffix) for suffix in ("", "-wal", "-shm", ".writelock")]
 
@@ -142,29 +178,19 @@ class Store:
         change what it holds): a mistyped SQLite path is then an error, not a new empty
         database that reads as "nothing collected yet"."""
         self.url = url or default_url()
-        try:
-            parsed = make_url(self.url)
-        except ArgumentError:
-            raise UserError(
-                f"--db: {self.url!r} is not a database URL; use sqlite:///FILE or "
-                "postgresql+psycopg://USER:PASS@HOST/DB"
-            ) from None
+        parsed = parse_url(self.url)
         self.dialect = parsed.get_backend_name()
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise UserError(
-                f"--db: unsupported database {self.dialect!r}; use sqlite or postgresql"
-            )
         kwargs: dict[str, Any] = {"echo": echo}
+        file: Path | None = None  # the SQLite database
         if self.dialect == "sqlite":
-            db = parsed.database
-            if db and db != ":memory:" and not Path(db).parent.exists():
-                raise UserError(f"--db: directory {Path(db).parent} does not exist")
-            if existing and db and db != ":memory:" and not Path(db).is_file():
-                raise UserError(f"--db: no database at {db} (check the path or $REWARDLOOP_DB; "
+            assert parsed.database  # an in-memory database is refused by parse_url
+            file = Path(parsed.database)
+            if not file.parent.exists():
+                raise UserError(f"--db: directory {file.parent} does not exist")
+            if existing and not file.is_file():
+                raise UserError(f"--db: no database at {file} (check the path or $REWARDLOOP_DB; "
                                 "`rewardloop data import`, `tasks create` or `users add` "
                                 "create one)")
-            if db and db != ":memory:":
-                _create_private(Path(db))
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -175,12 +201,14 @@ class Store:
                 f"--db: the driver for {self.dialect} is not installed ({exc.name}); "
                 "pip install 'rewardloop[postgres]'"
             ) from None
+        except (ArgumentError, ValueError, TypeError):  # a query argument the driver refuses
+            raise _not_a_url(self.url) from None
         self._write_lock: _WriteLock | None = None
-        if self.dialect == "sqlite":
+        if file is not None:
+            _create_private(file)  # before the first connection creates it
             _setup_sqlite(self.engine)
-            db = parsed.database
-            if db and db != ":memory:" and fcntl is not None:
-                self._write_lock = _WriteLock(Path(f"{db}.writelock"))
+            if fcntl is not None:
+                self._write_lock = _WriteLock(Path(f"{file}.writelock"))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if migrate:
             self.migrate()

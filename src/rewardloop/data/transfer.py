@@ -4,7 +4,9 @@ An import is one write transaction, streamed a chunk of records at a time (:mod:
 row anywhere rolls the whole transaction back, so it leaves the store untouched. Content already
 in the store, or repeated in the file, is counted and skipped; every imported judgment and
 rating carries an idempotency key derived from its content (prompt, answers, order, annotator,
-dimension), so importing a file twice is a no-op. Comparisons become a Prompt, its Responses, a
+dimension), so importing a file twice is a no-op, and a comparison that a judgment in the store
+already says (the same annotator's ranking of the same answers, made through the server too)
+is skipped, so an export imported back adds nothing. Comparisons become a Prompt, its Responses, a
 ComparisonTask (overlap 1, done) and one Judgment with ``source="import"``; KTO rows become
 Ratings; prompts/candidates rows become prompts and responses, ready for ``tasks create``.
 
