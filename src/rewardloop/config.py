@@ -191,12 +191,16 @@ def load_config(cls: type[T], config_file: Path | None = None, **flags: Any) -> 
     values: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; give a YAML file")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
         if not isinstance(loaded, dict):
             kind = type(loaded).__name__
             raise UserError(f"{path}: expected a mapping of config keys, got {kind}")

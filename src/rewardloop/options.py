@@ -54,8 +54,8 @@ class RunOptions:
     """Replace the rewardloop run in --out (only a run's own files; never other files, never
     an input of this run), once everything has loaded."""
     report_to: tuple[str, ...] = ()
-    """Experiment trackers that also get the metrics, repeatable: tensorboard, wandb (offline
-    without an API key), mlflow or trackio (docs/tracking.md)."""
+    """Experiment trackers that also get the metrics: tensorboard, wandb (offline without an
+    API key), mlflow or trackio (docs/tracking.md)."""
 
     def check_run(self) -> None:
         if self.save_every < 0:
@@ -347,13 +347,18 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def flag_help(cls: type, name: str) -> str:
+def flag_help(cls: type, name: str, default: object = dataclasses.MISSING) -> str:
     """``--help`` text of field ``name`` of dataclass ``cls``: its docstring, then its default
-    (taken from the dataclass, so the two never disagree)."""
+    (taken from the dataclass, so the two never disagree; ``default`` is a command's own,
+    when it gives the flag another, as ``train rloo`` gives ``advantage``)."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     doc = field_docs(cls)[name].replace("``", "`")  # reST literals read as plain quotes
-    if field.default is dataclasses.MISSING or field.default in (None, ()):
+    if default is dataclasses.MISSING:
+        default = field.default
+    if default is dataclasses.MISSING or default in (None, ()):
         return doc
-    shown = ("on" if field.default else "off") if isinstance(field.default, bool) \
-        else field.default
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:  # an empty string would read as no default at all ("Default: .")
+        shown = '""' if default == "" else str(default)
     return f"{doc} Default: {shown}."

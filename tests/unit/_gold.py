@@ -23,3 +23,7 @@ def wrong_length(prompts: list[Any], completions: list[str], **kwargs: Any) -> l
 
 def wrong_type(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[Any]:
     return ["high" for _ in completions]
+
+
+def boom(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
+    raise RuntimeError("kaboom\nat the second line")

@@ -109,6 +109,17 @@ def test_a_yaml_value_of_the_wrong_type_is_refused_by_key(tmp_path: Path, text: 
     assert str(info.value).startswith(str(tmp_path / "config.yaml"))
 
 
+def test_a_config_that_is_a_directory_is_called_one(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=f"config file {tmp_path} is a directory"):
+        load_config(SFTConfig, tmp_path, **SFT)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "missing.yaml", **SFT)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("lr: 0.1  # réglé\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_config(SFTConfig, latin, **SFT)
+
+
 def test_yaml_numbers_are_read_as_their_fields_type(tmp_path: Path) -> None:
     cfg = load_config(SFTConfig, _text(tmp_path, "lr: 1e-4\nmax_steps: 2.0\nwarmup_steps: 1e1\n"
                                                  "weight_decay: 0\neval_data: null\n"), **SFT)

@@ -31,6 +31,8 @@ COMMANDS = {("train", "sft"): SFTConfig, ("train", "rm"): RewardConfig,
             ("train", "rloo"): GRPOConfig, ("train", "ppo"): PPOConfig,
             ("generate",): GenerateConfig, ("eval",): EvalConfig, ("tiny",): TinyConfig,
             ("loop",): LoopConfig}
+# Defaults a command gives a field in place of the config's (``cli_defaults``).
+COMMAND_DEFAULTS = {("train", "rloo"): {"advantage": "rloo"}}
 # Nested option mappings: YAML keys only.
 YAML_ONLY = {"rm_options", "policy_options", "generation"}
 # Flags spelled otherwise than the field, for the names users already know.
@@ -65,9 +67,10 @@ def test_every_field_is_a_documented_flag(path: tuple[str, ...]) -> None:
         assert RENAMED.get(field.name, "--" + field.name.replace("_", "-")) in param.opts
         help_text = param.help or ""
         assert field_docs(cls)[field.name].split()[0] in help_text
-        if field.default not in (dataclasses.MISSING, None, ()) and not isinstance(
-                field.default, bool):
-            assert f"Default: {field.default}." in help_text, field.name
+        default = COMMAND_DEFAULTS.get(path, {}).get(field.name, field.default)
+        if default not in (dataclasses.MISSING, None, ()) and not isinstance(default, bool):
+            shown = '""' if default == "" else default
+            assert f"Default: {shown}." in help_text, field.name
     assert "config" in params
     assert ("nproc" in params) == (path[0] == "train")
 
@@ -76,6 +79,30 @@ def test_the_help_shows_each_command_default_not_the_block_one() -> None:
     lr = {p.name: p for p in _command(("train", "dpo")).params}["lr"]
     assert "Default: 1e-06." in (lr.help or "")
     assert OptimOptions.lr != DPOConfig.lr
+
+
+def test_the_help_shows_the_default_the_command_runs_with() -> None:
+    def help_of(path: tuple[str, ...], name: str) -> str:
+        return {p.name: p for p in _command(path).params}[name].help or ""
+
+    assert "Default: rloo." in help_of(("train", "rloo"), "advantage")
+    assert "Default: grpo." in help_of(("train", "grpo"), "advantage")
+    # An empty default is shown as one, not as "Default: ."
+    assert help_of(("loop",), "batch_prefix").endswith('Default: "".')
+
+
+def test_repeatable_flags_say_so_once() -> None:
+    for path in COMMANDS:
+        for param in _command(path).params:
+            assert (param.help or "").lower().count("repeatable") <= 1, (path, param.name)
+
+
+def test_a_default_is_said_once() -> None:
+    """A help text that says "Default: x." gets no second "[default: x]" from typer."""
+    for path in (*COMMANDS, ("score",), ("generate",)):
+        for param in _command(path).params:
+            if "Default:" in (param.help or ""):
+                assert not getattr(param, "show_default", False), (path, param.name)
 
 
 def test_a_field_without_a_docstring_is_refused() -> None:

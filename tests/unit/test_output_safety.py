@@ -136,6 +136,32 @@ def test_report_may_write_and_rewrite_its_own_file_inside_a_run(tmp_path: Path) 
     assert (run / "mine.html").read_text() == "<html>my notes</html>"
 
 
+def test_report_replaces_a_file_outside_a_run_only_if_it_is_a_report_or_with_overwrite(
+        tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"steps": 1}\n')
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    mine = tmp_path / "mine.html"
+    mine.write_text("<html>my notes</html>")
+    for out in (data, mine):
+        refused(["report", str(run), "-o", str(out)], str(out), "not a report", "--overwrite")
+    assert data.read_text() == '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+    assert mine.read_text() == "<html>my notes</html>"
+    report = tmp_path / "report.html"
+    for args in ([], [], ["--overwrite"]):  # new, then over its own report, then forced
+        res = CliRunner().invoke(app, ["report", str(run), "-o", str(report), *args])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["report", str(run), "-o", str(mine), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert mine.read_text().startswith("<!doctype html>")
+    # Inside a run, --overwrite still never replaces the run's own files.
+    refused(["report", str(run), "-o", str(run / "summary.json"), "--overwrite"],
+            "no earlier report")
+    assert (run / "summary.json").read_text() == '{"steps": 1}\n'
+
+
 # -- eval: --out is checked before generation; --overwrite replaces only eval's files -----------
 
 
@@ -250,3 +276,50 @@ def test_serve_on_a_taken_port_says_so_without_claiming_to_serve(tmp_path: Path,
     out = refused(["serve", "--db", f"sqlite:///{tmp_path / 's.db'}", "--port",
                    str(taken_port)], f"cannot listen on 127.0.0.1:{taken_port}")
     assert "serving" not in out
+
+
+# -- input files that are not UTF-8 text, or are directories ------------------------------------
+
+
+def test_tasks_create_and_users_add_name_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    db_file = tmp_path / "s.db"
+    db = f"sqlite:///{db_file}"
+    good = tmp_path / "cands.jsonl"
+    good.write_text(json.dumps({"prompt": "q", "responses": ["a", "b"]}) + "\n")
+    bad = tmp_path / "utf16.jsonl"
+    bad.write_bytes(json.dumps({"prompt": "q", "responses": ["a", "b"]}).encode("utf-16"))
+    latin = tmp_path / "guide.md"
+    latin.write_bytes("# Guide\nPr\u00e9f\u00e9rez la r\u00e9ponse\n".encode("latin-1"))
+    refused(["tasks", "create", str(bad), "--db", db],
+            f"{bad}:line 1: not UTF-8 text (bad byte at column 1)")
+    refused(["tasks", "create", str(good), "--gold", str(bad), "--db", db],
+            f"{bad}:line 1: not UTF-8 text")
+    refused(["tasks", "create", str(good), "--guidelines", str(latin), "--db", db],
+            f"--guidelines {latin}:line 2: not UTF-8 text (bad byte at column 3)")
+    refused(["users", "add", "frank", "--role", "annotator", "--password-file", str(latin),
+             "--db", db], "--password-file", "not UTF-8 text")
+    assert not db_file.exists()  # refused before the store was opened
+
+
+def test_tasks_create_and_users_add_name_a_directory_given_for_a_file(tmp_path: Path) -> None:
+    db_file = tmp_path / "s.db"
+    db = f"sqlite:///{db_file}"
+    good = tmp_path / "cands.jsonl"
+    good.write_text(json.dumps({"prompt": "q", "responses": ["a", "b"]}) + "\n")
+    refused(["tasks", "create", str(tmp_path), "--db", db], "is a directory")
+    refused(["tasks", "create", str(good), "--gold", str(tmp_path), "--db", db],
+            f"--gold {tmp_path} is a directory")
+    refused(["tasks", "create", str(good), "--guidelines", str(tmp_path), "--db", db],
+            f"--guidelines {tmp_path} is a directory")
+    refused(["users", "add", "frank", "--role", "annotator", "--password-file", str(tmp_path),
+             "--db", db], f"--password-file {tmp_path} is a directory")
+    assert not db_file.exists()
+
+
+def test_a_utf8_password_file_and_guidelines_with_a_bom_are_read_without_it(
+        tmp_path: Path) -> None:
+    from rewardloop.cli.tasks import read_text_file
+
+    path = tmp_path / "pw.txt"
+    path.write_bytes("\ufeffs\u00e9cret-pass\n".encode())
+    assert read_text_file(path, "--password-file") == "s\u00e9cret-pass\n"

@@ -3,10 +3,15 @@ flags on planted annotator pools."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import krippendorff
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from rewardloop.cli import app
 from rewardloop.feedback import agreement as A
 from rewardloop.feedback import quality as Q
 from rewardloop.feedback.quality import JudgmentRecord, Thresholds, analyze
@@ -269,3 +274,47 @@ def test_the_length_reference_leaves_out_the_annotators_own_judgments() -> None:
     assert stats["verbose"].length_rate == 1.0
     assert stats["verbose"].length_reference == pytest.approx(10 / 20)
     assert stats["x"].length_reference == pytest.approx(35 / 40)
+
+
+# -- the tables off a terminal (a pipe, a file, CI) ---------------------------------------------
+
+
+def test_quality_table_prints_every_figure_in_full_when_piped(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text("".join(json.dumps({"prompt": f"p{i}", "responses": [
+        f"a q={i % 3}", f"b q={i * 7 % 5}", "c q=1.5"]}) + "\n" for i in range(8)))
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("annotators:\n  - name: annotator-with-a-long-name-{i}\n    count: 3\n"
+                    "    group: crowd-of-simulated-people\n")
+    runner = CliRunner()
+    for args in (["tasks", "create", str(cands), "--overlap", "3"],
+                 ["simulate", "--pool", str(pool), "--gold", "_gold:quality_gold"]):
+        assert runner.invoke(app, [*args, "--db", db]).exit_code == 0
+    figures = json.loads(runner.invoke(app, ["quality", "--db", db, "--json"]).output)
+    res = runner.invoke(app, ["quality", "--db", db])
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output
+    assert "first wins (p)" in res.output and "longer wins (p)" in res.output
+    for name, q in figures["annotators"].items():
+        (line,) = [ln for ln in res.output.splitlines() if name in ln]
+        assert "crowd-of-simulated-people" in line
+        assert f"{q['agreement']:.3f}" in line and f"{q['reliability']:.3f}" in line
+
+
+def test_loop_status_table_prints_every_figure_in_full_when_piped(tmp_path: Path) -> None:
+    from rewardloop.loop_config import MARKER
+
+    figures = {"generate": {"rows": 320}, "tasks": {"tasks": 320},
+               "feedback": {"judgments": 960}, "rm": {"eval_accuracy": 0.8125},
+               "policy": {"reward_last": -0.125}, "eval": {"gold_win_rate": 0.625}}
+    for stage, figure in figures.items():
+        (tmp_path / "round-1" / stage).mkdir(parents=True)
+        (tmp_path / "round-1" / stage / MARKER).write_text(json.dumps({"figures": figure}))
+    res = CliRunner().invoke(app, ["loop", "status", "--workdir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output
+    for cell in ("done rows=320", "done tasks=320", "done judgments=960",
+                 "done eval_accuracy=0.812", "done reward_last=-0.125",
+                 "done gold_win_rate=0.625"):
+        assert cell in res.output

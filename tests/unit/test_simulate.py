@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from rewardloop.cli import app
 from rewardloop.errors import UserError
 from rewardloop.feedback.simulate import (
     SimulatedAnnotator,
@@ -171,6 +174,25 @@ def test_load_and_check_gold() -> None:
         score_gold(load_gold("_gold:wrong_type"), ["p"], ["a"])
     with pytest.raises(UserError, match="expected a list"):
         score_gold(lambda prompts, completions: 3.0, ["p"], ["a"])
+
+
+def test_a_gold_function_that_raises_is_one_line_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="gold function _gold:boom raised RuntimeError: "
+                                        "kaboom at the second line"):
+        score_gold(load_gold("_gold:boom"), ["p"], ["a"], "_gold:boom")
+    # On the command line: exit 2 and one line, no traceback.
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text(json.dumps({"prompt": "q", "responses": ["a q=1", "b q=2"]}) + "\n")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("annotators:\n  - name: sim\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["tasks", "create", str(cands), "--db", db]).exit_code == 0
+    res = runner.invoke(app, ["simulate", "--pool", str(pool), "--gold", "_gold:boom",
+                              "--db", db])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        "error: gold function _gold:boom raised RuntimeError: kaboom at the second line"]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -27,6 +27,33 @@ def resolve_db(db: str | None) -> str:
     return db or default_db()
 
 
+def input_file(path: Path, flag: str | None) -> Path:
+    """``path`` if it is a file, else the UserError naming ``flag`` (a directory, no file)."""
+    from rewardloop.errors import UserError
+
+    name = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise UserError(f"{name} is a directory; give a file")
+    if not path.is_file():
+        raise UserError(f"{name}: no such file")
+    return path
+
+
+def read_text_file(path: Path, flag: str) -> str:
+    """The text of the UTF-8 file ``path`` given to ``flag`` (a leading BOM dropped); a
+    UserError naming the flag for a directory, a missing file or bytes that are not UTF-8."""
+    from rewardloop.errors import UserError
+
+    data = input_file(path, flag).read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise UserError(f"{flag} {path}:line {line}: not UTF-8 text (bad byte at column "
+                        f"{column}); save it as UTF-8") from None
+
+
 def existing_file(path: Path) -> Path:
     from rewardloop.errors import UserError
 
@@ -61,3 +88,17 @@ def headline_lines(summary: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
             line += f" of a label ceiling of {ceiling:.3f}"
         lines.append(line)
     return lines
+
+
+# Off a terminal rich assumes 80 columns and cuts what does not fit to "…"; a pipe or a file has
+# no width, so tables there are as wide as their widest cells.
+UNCUT_WIDTH = 10_000
+
+
+def table_console() -> Any:
+    """A rich Console for tables: the terminal's width on a terminal; elsewhere (a pipe, a
+    file, CI) wide enough that every figure is printed in full."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=UNCUT_WIDTH)

@@ -109,7 +109,7 @@ def config_params(cls: type, *, rename: Mapping[str, str | tuple[str, ...]] | No
         decls = (given,) if isinstance(given, str) else given
         if switch and "/" not in decls[0]:
             decls = (f"{decls[0]}/--no-{decls[0].removeprefix('--')}",)
-        text = flag_help(cls, field.name)
+        text = flag_help(cls, field.name, cli_defaults.get(field.name, dataclasses.MISSING))
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             text += f" Required: the flag or `{field.name}:` in --config."
         if metavar is not None and metavar.endswith("..."):

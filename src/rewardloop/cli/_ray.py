@@ -18,11 +18,12 @@ def _help(name: str) -> str:
 
 RAY = typer.Option(None, "--ray", metavar="[ADDRESS]", help=_help("ray") + " See "
                    "docs/cluster.md.")
-BATCH_ACTORS = typer.Option(1, "--actors", help=_help("actors"))
-BATCH_GPUS = typer.Option(0.0, "--actor-gpus", help=_help("actor_gpus"))
-BATCH_CPUS = typer.Option(1.0, "--actor-cpus", help=_help("actor_cpus"))
+# The help says the default already (flag_help): typer's own "[default: ...]" would repeat it.
+BATCH_ACTORS = typer.Option(1, "--actors", help=_help("actors"), show_default=False)
+BATCH_GPUS = typer.Option(0.0, "--actor-gpus", help=_help("actor_gpus"), show_default=False)
+BATCH_CPUS = typer.Option(1.0, "--actor-cpus", help=_help("actor_cpus"), show_default=False)
 BATCH_TIMEOUT = typer.Option(600, "--actor-timeout", help=_help("actor_timeout") + " The "
-                             "finished chunks are saved: rerun to resume.")
+                             "finished chunks are saved: rerun to resume.", show_default=False)
 
 
 def with_ray_address(argv: list[str]) -> list[str]:

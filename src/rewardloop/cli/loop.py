@@ -74,9 +74,9 @@ def status(
     workdir: Path = typer.Option(..., "--workdir", help="Directory of a loop run."),
 ) -> None:
     """A table of rounds x stages: done (with a key figure), partial (interrupted) or pending."""
-    from rich.console import Console
     from rich.table import Table
 
+    from rewardloop.cli._common import table_console
     from rewardloop.loop_config import STAGES, loop_status
 
     rounds = loop_status(workdir)
@@ -89,4 +89,4 @@ def status(
     for r in rounds:
         table.add_row(str(r["round"]), *[_cell(r["stages"][s], r["figures"].get(s, {}), s)
                                           for s in STAGES])
-    Console().print(table)
+    table_console().print(table)

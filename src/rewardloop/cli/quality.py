@@ -28,10 +28,11 @@ def _rate(rate: float | None, p: float | None) -> str:
 
 
 def _print_report(report: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from rewardloop.cli._common import table_console
+
+    console = table_console()
     console.print(f"judgments: {report.judgments}  "
                   f"Krippendorff's alpha: {_fmt(report.krippendorff_alpha)}  "
                   f"Fleiss' kappa: {_fmt(report.fleiss_kappa)}")

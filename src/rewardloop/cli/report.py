@@ -20,9 +20,14 @@ def register(app: typer.Typer) -> None:
             Path("report.html"), "--out", "-o", help="HTML file to write (self-contained)."
         ),
         title: str = typer.Option("rewardloop report", "--title", help="Report title."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace an existing --out that is not an earlier "
+            "report (never a file inside a run directory)."
+        ),
     ) -> None:
-        """Build a self-contained HTML report (figures embedded, readable offline)."""
+        """Build a self-contained HTML report (figures embedded, readable offline). An earlier
+        report at --out is replaced; any other file only with --overwrite."""
         from rewardloop.eval.report import build_report
 
-        path = build_report(runs, out, title=title)
+        path = build_report(runs, out, title=title, overwrite=overwrite)
         typer.echo(f"wrote {path}")

@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from rewardloop.cli._common import DB, existing_file, resolve_db
+from rewardloop.cli._common import DB, input_file, read_text_file, resolve_db
 
 ORDER = 12
 
 
-def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """JSON objects of a JSONL file and their 1-based line numbers (blank lines skipped)."""
+def read_jsonl(path: Path, flag: str | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+    """JSON objects of a JSONL file and their 1-based line numbers, read by the shared strict
+    reader (``data.sources``: blank lines skipped; file:line errors for bytes that are not
+    UTF-8, bad JSON or a line that is not an object)."""
+    from rewardloop.data.sources import Source, rows
     from rewardloop.errors import DataError
 
-    rows, lines = [], []
-    with existing_file(path).open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON: {exc.msg}", path=str(path), line=number) \
-                    from None
-            if not isinstance(obj, dict):
-                raise DataError("expected a JSON object", path=str(path), line=number)
-            rows.append(obj)
-            lines.append(number)
-    if not rows:
+    found = list(rows(Source(str(path), (input_file(path, flag),))))
+    if not found:
         raise DataError("no rows", path=str(path))
-    return rows, lines
+    return [obj for _, obj in found], [where.number for where, _ in found]
 
 
 def register(app: typer.Typer) -> None:
@@ -68,14 +57,14 @@ def register(app: typer.Typer) -> None:
         from rewardloop.feedback.audience import check_audience
 
         rows, lines = read_jsonl(file)
-        gold_rows, gold_lines = read_jsonl(gold) if gold is not None else ([], [])
+        gold_rows, gold_lines = read_jsonl(gold, "--gold") if gold is not None else ([], [])
         rankings = {}
         for i, (row, line) in enumerate(zip(gold_rows, gold_lines, strict=True)):
             if "ranking" not in row:
                 raise DataError("gold rows need a ranking", path=str(gold), line=line,
                                 field="ranking")
             rankings[i] = row["ranking"]
-        text = existing_file(guidelines).read_text(encoding="utf-8") if guidelines else None
+        text = read_text_file(guidelines, "--guidelines") if guidelines else None
         store = Store(resolve_db(db))
         with store.write() as session:
             if audience is not None:

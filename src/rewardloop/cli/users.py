@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from rewardloop.cli._common import DB, resolve_db
+from rewardloop.cli._common import DB, read_text_file, resolve_db
 
 ORDER = 11
 
@@ -16,9 +16,7 @@ def _read_password(password_file: Path | None, token: bool) -> str | None:
     from rewardloop.errors import UserError
 
     if password_file is not None:
-        if not password_file.is_file():
-            raise UserError(f"--password-file: {password_file}: no such file")
-        lines = password_file.read_text(encoding="utf-8").splitlines()
+        lines = read_text_file(password_file, "--password-file").splitlines()
         if not lines or not lines[0]:
             raise UserError(f"--password-file: {password_file} is empty")
         return lines[0]

@@ -314,10 +314,11 @@ def _is_report(path: Path) -> bool:
         return False
 
 
-def check_report_paths(runs: Sequence[Path], out: Path) -> None:
+def check_report_paths(runs: Sequence[Path], out: Path, *, overwrite: bool = False) -> None:
     """UserError, before any work, unless every run is a run directory and ``out`` is a file
-    that replaces nothing of theirs: inside a run, only a new .html file or an earlier
-    report."""
+    that replaces nothing of the user's: a new file or an earlier report; with ``overwrite``,
+    any other file outside the runs too. Inside a run, only a new .html file or an earlier
+    report, whatever ``overwrite`` says."""
     missing = [str(r) for r in runs if not Path(r).is_dir()]
     if missing:
         raise UserError(f"not a run directory: {', '.join(missing)}")
@@ -336,13 +337,18 @@ def check_report_paths(runs: Sequence[Path], out: Path) -> None:
         if out.suffix.lower() not in (".html", ".htm"):
             raise UserError(f"--out {out} is inside run {run}: give it an .html name, so it "
                             "cannot take the place of a run's own file")
+    if out.exists() and not overwrite and not _is_report(out):
+        raise UserError(f"--out {out} exists and is not a report rewardloop wrote; pass "
+                        "--overwrite to replace it or write the report to a new file")
 
 
-def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report") -> Path:
+def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop report", *,
+                 overwrite: bool = False) -> Path:
     """Write ``out`` (HTML, self-contained) for the given run directories; returns ``out``.
-    Refuses (``check_report_paths``) a directory that is no run and an ``out`` that would
-    replace a run's own file."""
-    check_report_paths(runs, out)
+    Refuses (``check_report_paths``) a directory that is no run, an ``out`` that would replace
+    a run's own file, and one that would replace another file that is no earlier report
+    (unless ``overwrite``)."""
+    check_report_paths(runs, out, overwrite=overwrite)
     files = [read_run(Path(r)) for r in runs]
     body = (headline_section(files) + whose_preferences_section(files)
             + "\n".join(run_section(r) for r in files))

@@ -294,7 +294,11 @@ def _check_score(value: Any, index: int, spec: str) -> GoldScore:
 def score_gold(fn: GoldFn, prompts: list[Any], completions: list[str],
                spec: str = "gold") -> list[GoldScore]:
     """Call a TRL-style reward function and check it returns one score per completion."""
-    result = fn(prompts=prompts, completions=completions)
+    try:
+        result = fn(prompts=prompts, completions=completions)
+    except Exception as exc:  # user code: any failure becomes one clear line, as for --reward
+        raise UserError(f"gold function {spec} raised {type(exc).__name__}: "
+                        f"{exc}".replace("\n", " ")) from exc
     if isinstance(result, np.ndarray):
         result = result.tolist()
     if not isinstance(result, Sequence) or isinstance(result, str | bytes):
