@@ -51,8 +51,12 @@ def test_answer_ends_with_the_end_of_turn_token_not_a_bare_eos(tok) -> None:
     turns = [*CHAT, {"role": "assistant", "content": ANSWER}]
     sft = T.encode_sft(tok, SFTRecord(messages=turns), max_length=128)
     assert sft == e
-    cut = T.encode(tok, CHAT, ANSWER, max_length=e.prompt_len + 2)
+    cut = T.encode(tok, CHAT, ANSWER, max_length=e.prompt_len + 2,
+                   max_prompt_length=e.prompt_len)
     assert not cut.has_eos and eot not in cut.input_ids[cut.prompt_len:]
+    # Without --max-prompt-length the prompt gives way: the whole turn, end-of-turn included.
+    kept = T.encode(tok, CHAT, ANSWER, max_length=e.prompt_len + 2)
+    assert kept.has_eos and kept.input_ids[kept.prompt_len:] == answer
 
 
 def test_a_template_refusing_a_conversation_is_a_user_error(tok) -> None:
