@@ -60,6 +60,24 @@ def stop(procs: list[subprocess.Popen[str]]) -> None:
             proc.wait()
 
 
+def two_ranks(script: str) -> list[dict]:
+    """Run tests/invariants/``script`` as ranks 0 and 1 of one process group; the JSON object
+    each prints last, in rank order (each must exit 0)."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(HERE / script)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    try:
+        outs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        stop(procs)
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -101,19 +119,7 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
     tensor-parallel engine submit the same prompts, in rank order, and each keeps its own
     rows; under FSDP every weight reaches the sender whole and equal to the unsharded model,
     and only rank 0 sends. A token mean is weighed by each rank's tokens."""
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(HERE / "_two_ranks.py")], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
-    try:
-        outs = [proc.communicate(timeout=120) for proc in procs]
-    finally:
-        stop(procs)
-    for proc, (_, err) in zip(procs, outs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    ranks = two_ranks("_two_ranks.py")
     whole = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 9.0])
     for seen in ranks:
         # the critic's explained variance of the whole batch, not a mean of the ranks'
@@ -132,19 +138,7 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
 def test_a_barrier_outlasts_the_collective_timeout_while_rank_0_saves() -> None:
     """--dist-timeout bounds the training collectives; a barrier waits for rank 0's solo I/O
     (saving a large model) for up to IO_TIMEOUT_S instead of calling it a lost peer."""
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(HERE / "_slow_barrier.py")], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
-    try:
-        outs = [proc.communicate(timeout=120) for proc in procs]
-    finally:
-        stop(procs)
-    for proc, (out, err) in zip(procs, outs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1])["total"] == 3.0
+    assert [seen["total"] for seen in two_ranks("_slow_barrier.py")] == [3.0, 3.0]
 
 
 def test_a_process_that_never_joins_is_a_clear_exit_3(work: Path, tmp_path: Path) -> None:
