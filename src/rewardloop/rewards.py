@@ -97,6 +97,9 @@ def parse_reward_spec(text: str) -> RewardSpec:
     base, sep, tail = spec.rpartition("@")
     if sep and base and _MIX.match(tail):
         return RewardSpec(base, weight, parse_mix(tail, text))
+    if sep and base and ":" in base and "/" not in tail and ":" not in tail:
+        # pkg.mod:fn@abc: a function spec names no file, so what follows @ was meant as a weight
+        raise UserError(f"--reward {text!r}: the weight {tail!r} after '@' is not a number")
     return RewardSpec(spec, weight)
 
 

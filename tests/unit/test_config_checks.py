@@ -312,3 +312,9 @@ def test_cli_loop_refuses_bad_trainer_options_before_round_1(tmp_path: Path) -> 
     assert "rm_options: lr: expected a number, got 'fast'" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_sft_eval_every_without_held_out_rows_is_refused() -> None:
+    with pytest.raises(ValueError, match="--eval-every needs held-out rows"):
+        SFTConfig(**SFT, eval_every=5)
+    assert SFTConfig(**SFT, eval_every=5, eval_data=Path("held.jsonl")).eval_every == 5

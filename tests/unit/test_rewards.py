@@ -78,6 +78,12 @@ def test_parse_reward_spec_refuses(text: str) -> None:
         parse_reward_spec(text)
 
 
+def test_a_function_spec_with_a_weight_that_is_no_number_says_so() -> None:
+    with pytest.raises(UserError, match="the weight 'abc' after '@' is not a number"):
+        parse_reward_spec("myrew:good@abc")
+    assert parse_reward_spec("runs/rm@v2").spec == "runs/rm@v2"  # a path may hold '@'
+
+
 def test_weighted_sum_clip_and_missing_eos_penalty() -> None:
     rewards = Rewards([RewardSpec("test_rewards:length_reward", 0.5),
                        RewardSpec("rewardloop.synthetic:gold_score", 0.0)],

@@ -84,8 +84,12 @@ class SFTConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
 
     def __post_init__(self) -> None:
         _check_blocks(self)
-        if self.eval_batch_size < 1 or self.eval_every < 0:
-            raise ValueError("eval_batch_size >= 1 and eval_every >= 0 required")
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be at least 1")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if self.eval_every > 0 and self.eval_data is None:
+            raise ValueError("--eval-every needs held-out rows: --eval-data FILE")
 
 
 @dataclass(frozen=True, kw_only=True)
