@@ -57,12 +57,16 @@ def test_judge_name(tmp_path: Path) -> None:
     assert judge_name(GOLD) == "gold_score" and judge_name("human") == "human"
 
 
-@pytest.mark.parametrize("bad", [{"judges": ()}, {"n": 0}, {"temperature": 0.0},
-                                 {"policy_name": "baseline"}])
-def test_config_validation(bad: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bad", "words"), [
+    ({"judges": ()}, ""), ({"n": 0}, ""), ({"policy_name": "baseline"}, ""),
+    ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+    ({"n_boot": 0}, "n_boot must be at least 1, got 0"),
+    ({"tie_eps": -1.0}, "tie_eps must be >= 0, got -1.0")])
+def test_config_validation(bad: dict, words: str, tmp_path: Path) -> None:
+    """A refusal names the value that is wrong, not every check at once."""
     base = {"policy": "a", "baseline": "b", "prompts": tmp_path / "p.jsonl", "out": tmp_path,
             "judges": (GOLD,)}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=words):
         EvalConfig(**{**base, **bad})
 
 

@@ -65,10 +65,13 @@ class EvalConfig(EngineOptions):
                              "package.module:function, or human")
         if self.n is not None and self.n < 1:
             raise ValueError("n must be at least 1")
-        if self.max_new_tokens < 1 or self.max_prompt_length < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens, max_prompt_length and batch_size must be >= 1")
-        if self.temperature <= 0 or self.tie_eps < 0 or self.n_boot < 1:
-            raise ValueError("temperature must be > 0, tie_eps >= 0 and n_boot >= 1")
+        for name in ("max_new_tokens", "max_prompt_length", "batch_size", "n_boot"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.tie_eps < 0:
+            raise ValueError(f"tie_eps must be >= 0, got {self.tie_eps}")
         if self.arena_overlap < 1:
             raise ValueError("arena_overlap must be at least 1")
         if self.policy_name == self.baseline_name:
