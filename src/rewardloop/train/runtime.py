@@ -78,8 +78,9 @@ class Runtime:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
-        # Barriers wait on a group of their own, with a timeout long enough for rank 0's saves.
-        self._io_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+        # Barriers wait on a group of their own (the same ranks and backend), with a timeout
+        # long enough for rank 0's saves.
+        self._io_group = dist.new_group(timeout=datetime.timedelta(
             seconds=max(self.timeout_s, IO_TIMEOUT_S))) if self.distributed else None
         if self.distributed:
             log.info("rank %d of %d on %s (%s, %s)", self.rank, self.world_size, self.device,
