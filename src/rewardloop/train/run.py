@@ -66,7 +66,7 @@ from rewardloop.train.run_entries import (
     is_run,
     paths_in,
 )
-from rewardloop.util.files import atomic_write_text, json_objects, lies_in
+from rewardloop.util.files import TMP_PREFIX, atomic_write_text, json_objects, lies_in
 
 __all__ = [
     "COMPLETE", "Checkpoint", "RunDir", "ThroughputMeter", "latest_checkpoint",
@@ -222,12 +222,13 @@ class RunDir:
         """Every process must see what rank 0 writes beside --out: on several machines, --out
         must be one directory they all share, or a checkpoint would be marked complete while
         other machines' shards lie in their own copies. Checked with a file rank 0 writes in
-        --out's parent (and removes); a UserError on every rank alike."""
+        --out (a ``.tmp-`` name, as the leftovers of atomic writes) and removes; a UserError on
+        every rank alike."""
         rt = self.runtime
         token = rt.broadcast_object(uuid.uuid4().hex if self.main else None)
-        marker = self.out.parent / f".rewardloop-shared-{token}"
+        marker = self.out / f"{TMP_PREFIX}shared-{token}"
         if self.main:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
             marker.write_text(token)
         rt.barrier()
         blind = int(rt.sum_floats(0.0 if marker.is_file() else 1.0)[0])
@@ -236,7 +237,7 @@ class RunDir:
             marker.unlink(missing_ok=True)
         if blind:
             raise UserError(f"{blind} of {rt.world_size} processes do not see the files rank 0 "
-                            f"writes beside --out {self.out}: on several machines --out must be "
+                            f"writes in --out {self.out}: on several machines --out must be "
                             "one directory they all share (NFS or a cluster file system)")
 
     def _check(self) -> bool:
