@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +190,9 @@ def test_a_store_without_users_is_served_with_a_warning(tmp_path, running) -> No
         [sys.executable, "-c", "from rewardloop.cli import main; main()", "serve", "--db",
          f"sqlite:///{tmp_path / 'typo.db'}", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A server that never says "serving" is killed after 60 s, which ends the read below.
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
     try:
         lines = []
         for line in proc.stderr:
@@ -196,6 +200,7 @@ def test_a_store_without_users_is_served_with_a_warning(tmp_path, running) -> No
             if line.startswith("serving"):
                 break
     finally:
+        watchdog.cancel()
         proc.terminate()
         proc.wait(timeout=30)
     text = "".join(lines)

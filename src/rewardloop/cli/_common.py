@@ -27,7 +27,7 @@ def resolve_db(db: str | None) -> str:
     return db or default_db()
 
 
-def input_file(path: Path, flag: str | None) -> Path:
+def input_file(path: Path, flag: str | None = None) -> Path:
     """``path`` if it is a file, else the UserError naming ``flag`` (a directory, no file)."""
     from rewardloop.errors import UserError
 
@@ -52,14 +52,6 @@ def read_text_file(path: Path, flag: str) -> str:
         column = exc.start - data.rfind(b"\n", 0, exc.start)
         raise UserError(f"{flag} {path}:line {line}: not UTF-8 text (bad byte at column "
                         f"{column}); save it as UTF-8") from None
-
-
-def existing_file(path: Path) -> Path:
-    from rewardloop.errors import UserError
-
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    return path
 
 
 DATA_INPUTS = "a JSONL, Parquet or Arrow file, a datasets.save_to_disk dir or a Hub-style folder"

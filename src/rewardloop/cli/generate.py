@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from rewardloop.cli._common import existing_data, existing_file, resolve_db
+from rewardloop.cli._common import existing_data, input_file, resolve_db
 from rewardloop.cli._flags import config_command
 from rewardloop.cli._ray import batch_module
 from rewardloop.engines.options import EngineOptions
@@ -138,7 +138,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     if cfg.out is not None:  # refused before minutes of sampling, not after
         check_output_file(cfg.out, flag="--out", inputs=(
             cfg.prompts, cfg.gold, cfg.chat_template, cfg.rm, cfg.policy))
-    gold_rows = S.read_gold(existing_file(cfg.gold)) if cfg.gold is not None else []
+    gold_rows = S.read_gold(input_file(cfg.gold)) if cfg.gold is not None else []
     prompts = [r.prompt for r in read_records(existing_data(cfg.prompts), "prompts")[1]
                if isinstance(r, PromptRecord)]
     if cfg.db is not None:  # a wrong --db refused before minutes of sampling, not after

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 
 def run_rm(cfg: RewardConfig) -> None:
-    from rewardloop.cli._common import existing_data, existing_file
+    from rewardloop.cli._common import existing_data, input_file
     from rewardloop.feedback.quality import annotators_from_db
     from rewardloop.metrics import group_table
     from rewardloop.train.reward import train_rm  # imports torch: only when it runs
@@ -30,7 +30,7 @@ def run_rm(cfg: RewardConfig) -> None:
             existing_data(path)
     for path in (cfg.annotator_weights, cfg.annotator_groups):
         if path is not None:
-            existing_file(path)
+            input_file(path)
     stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
                                  flagged=cfg.exclude_flagged) if cfg.db is not None else None)
     summary = train_rm(cfg, stored)
