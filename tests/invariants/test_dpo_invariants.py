@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from rewardloop.synthetic import corpus_texts, preference_rows
 from rewardloop.tiny import build_tiny
-from rewardloop.train import dpo
+from rewardloop.train import dpo, dpo_objectives
 from rewardloop.train.dpo import DPOConfig, train_dpo
 from rewardloop.train.runtime import Runtime, RuntimeOptions
 
@@ -67,7 +67,7 @@ def test_every_trainable_parameter_changes(setup, tmp_path: Path, loss: str, ext
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"{loss}: parameters that did not move: {unchanged}"
     first = _metrics(tmp_path / "run")[0]
-    if dpo.OBJECTIVES[loss].reference:
+    if dpo_objectives.OBJECTIVES[loss].reference:
         # Before the update the policy IS the reference: every implicit reward is exactly 0.
         assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
     else:  # β x the mean log-prob per token: below 0, and logged as such
@@ -85,13 +85,14 @@ def test_gradient_accumulation_gives_the_same_gradient_and_step(setup, tmp_path:
     micro = replace(full, out=tmp_path / "micro", grad_accum=8)
     # The accumulated gradient of 8 micro-batches of 1 == the gradient of one batch of 8.
     tokenizer = dpo.load_tokenizer(full.model)
-    objective = dpo.OBJECTIVES[loss]
+    objective = dpo_objectives.OBJECTIVES[loss]
     examples = dpo.load_examples(full.data, full, objective, tokenizer)
     grads = []
     rt = Runtime(RuntimeOptions())
     for cfg in (full, micro):
         model = dpo.load_model(cfg, tokenizer, rt)
-        ref = dpo.score_all(model, examples, tokenizer.pad_token_id, cfg.length_normalize, 8)
+        ref = dpo_objectives.score_all(model, examples, tokenizer.pad_token_id,
+                                       cfg.length_normalize, 8)
         result = dpo.train_step(rt, model, objective, examples, ref, cfg,
                                 tokenizer.pad_token_id)
         grads.append((result.loss, {n: p.grad for n, p in model.named_parameters()}))
@@ -141,14 +142,14 @@ def test_orpo_is_the_odds_ratio_term_plus_the_chosen_nll(setup, tmp_path: Path) 
     cfg = _cfg(setup, tmp_path / "run", loss="orpo", beta=0.3)
     tokenizer = dpo.load_tokenizer(cfg.model)
     pad = tokenizer.pad_token_id
-    examples = dpo.load_examples(cfg.data, cfg, dpo.OBJECTIVES["orpo"], tokenizer)
+    examples = dpo.load_examples(cfg.data, cfg, dpo_objectives.OBJECTIVES["orpo"], tokenizer)
     model = dpo.load_model(cfg, tokenizer, Runtime(RuntimeOptions()))
     ref = torch.zeros(len(examples), 2)
-    result = dpo.train_step(Runtime(RuntimeOptions()), model, dpo.OBJECTIVES["orpo"], examples,
-                            ref, cfg, pad)
+    result = dpo.train_step(Runtime(RuntimeOptions()), model, dpo_objectives.OBJECTIVES["orpo"],
+                            examples, ref, cfg, pad)
     with torch.no_grad():
-        mean = dpo.score(model, examples, pad, average=True)  # (B, 2) mean log-probs
-        total = dpo.score(model, examples, pad, average=False)[:, 0]  # summed, chosen
+        mean = dpo_objectives.score(model, examples, pad, average=True)  # (B, 2) mean log-probs
+        total = dpo_objectives.score(model, examples, pad, average=False)[:, 0]  # summed, chosen
     tokens = sum(sum(e.first.completion_mask) for e in examples)
     odds = (mean[:, 0] - mean[:, 1]) - (torch.log1p(-mean[:, 0].exp())
                                          - torch.log1p(-mean[:, 1].exp()))
@@ -172,8 +173,8 @@ def test_cached_reference_equals_on_the_fly(setup, tmp_path: Path) -> None:
     # The cache holds exactly the reference model's scores of (chosen, rejected).
     tokenizer = dpo.load_tokenizer(cached.model)
     model = dpo.load_model(cached, tokenizer, Runtime(RuntimeOptions()))
-    examples = dpo.load_examples(cached.data, cached, dpo.OBJECTIVES["dpo"], tokenizer)
-    want = dpo.score_all(model, examples, tokenizer.pad_token_id, False, 3)
+    examples = dpo.load_examples(cached.data, cached, dpo_objectives.OBJECTIVES["dpo"], tokenizer)
+    want = dpo_objectives.score_all(model, examples, tokenizer.pad_token_id, False, 3)
     saved = torch.load(tmp_path / "cached" / dpo.REF_CACHE, weights_only=True)
     torch.testing.assert_close(saved["train"], want, rtol=1e-5, atol=1e-5)
 
@@ -196,7 +197,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_disabled(setup, tmp_p
     tokenizer = dpo.load_tokenizer(cached.model)
     base = dpo.load_model(replace(cached, lora_r=None), tokenizer,
                           Runtime(RuntimeOptions()))
-    examples = dpo.load_examples(cached.data, cached, dpo.OBJECTIVES["dpo"], tokenizer)
-    want = dpo.score_all(base, examples, tokenizer.pad_token_id, False, 8)
+    examples = dpo.load_examples(cached.data, cached, dpo_objectives.OBJECTIVES["dpo"], tokenizer)
+    want = dpo_objectives.score_all(base, examples, tokenizer.pad_token_id, False, 8)
     saved = torch.load(tmp_path / "cached" / dpo.REF_CACHE, weights_only=True)
     torch.testing.assert_close(saved["train"], want, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,8 @@ from rewardloop.synthetic import corpus_texts, preference_rows
 from rewardloop.tiny import build_tiny
 from rewardloop.train import dpo
 from rewardloop.train.configs import DPO_LOSSES
-from rewardloop.train.dpo import DPOConfig, Example, build_pairs, build_unpaired, score
+from rewardloop.train.dpo import DPOConfig
+from rewardloop.train.dpo_objectives import OBJECTIVES, Example, build_pairs, build_unpaired, score
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +109,12 @@ def test_kto_partners_are_other_rows_and_fixed_by_seed(tok_model, tmp_path: Path
 
 
 def test_every_loss_has_an_objective_and_the_loop_picks_it_by_name() -> None:
-    assert set(dpo.OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto", "simpo", "orpo"} \
+    assert set(OBJECTIVES) == set(PREFERENCE_LOSSES) | {"kto", "simpo", "orpo"} \
         == set(DPO_LOSSES)
-    assert [n for n, o in dpo.OBJECTIVES.items() if not o.reference] == ["simpo", "orpo"]
-    assert {n: o.sft_weight for n, o in dpo.OBJECTIVES.items() if o.sft_weight} == {"orpo": 1.0}
-    assert dpo.OBJECTIVES["kto"].formats == ("kto",)
-    assert dpo.OBJECTIVES["ipo"].formats == ("trl", "hh", "ultrafeedback")
+    assert [n for n, o in OBJECTIVES.items() if not o.reference] == ["simpo", "orpo"]
+    assert {n: o.sft_weight for n, o in OBJECTIVES.items() if o.sft_weight} == {"orpo": 1.0}
+    assert OBJECTIVES["kto"].formats == ("kto",)
+    assert OBJECTIVES["ipo"].formats == ("trl", "hh", "ultrafeedback")
 
 
 @pytest.mark.parametrize("kw, match", [

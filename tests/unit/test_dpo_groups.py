@@ -15,7 +15,7 @@ from rewardloop.cli import app
 from rewardloop.feedback.simulate import judge_offline, opposed_groups_pool
 from rewardloop.synthetic import candidate_rows, corpus_texts, style_components
 from rewardloop.tiny import build_tiny
-from rewardloop.train import dpo
+from rewardloop.train import dpo, dpo_objectives
 from rewardloop.train.dpo import DPOConfig, group_coefficients, weighted_loss
 from rewardloop.train.group_balance import GroupDRO
 from rewardloop.train.split import split_by_prompt
@@ -46,7 +46,7 @@ def test_weighted_loss_is_the_coefficient_weighted_sum_of_pair_losses() -> None:
     policy, ref = torch.randn(5, 2), torch.randn(5, 2)
     labels, z0 = torch.ones(5), torch.zeros(())
     cfg = DPOConfig(model="m", data=Path("d"), out=Path("o"), beta=0.5)
-    objective = dpo.OBJECTIVES["dpo"]
+    objective = dpo_objectives.OBJECTIVES["dpo"]
     coefs = torch.tensor([0.5, 0.5, 2.0, 2.0, 0.0])
     per_pair = [float(objective.loss(policy[i:i + 1], ref[i:i + 1], labels[i:i + 1], z0, cfg,
                                      1.0)[0]) for i in range(5)]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +368,99 @@ def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[
         return _train(cfg, rt, stored)
 
 
+@dataclass
+class RmData:
+    """What a run reads before it starts: the comparisons it trains and evaluates on, and the
+    annotator groups they come from."""
+    records: list[Any]  # the training file's records (their text form goes to reward_stats)
+    objective_name: str
+    items: list[Comparison]  # weighed by the annotator policy and --group-balance equal
+    eval_name: str
+    eval_items: list[Comparison]
+    ceiling: dict[str, Any]  # the held-out labels' own agreement (``ceiling.label_ceiling``)
+    n_read: int  # comparisons before flagged annotators were dropped
+    groups: Mapping[str, Sequence[str]]
+    group_ids: list[str]  # each training comparison's primary group
+    dro: GroupDRO | None
+    tracked: list[str]  # the groups reported apart (none with a single group)
+    head_groups: tuple[str, ...]
+
+    @property
+    def heads(self) -> list[int] | None:
+        """Each training comparison's head under --group-heads."""
+        return [self.head_groups.index(g) for g in self.group_ids] if self.head_groups else None
+
+
+def read_data(cfg: RewardConfig, stored: StoredAnnotators | None, tokenizer: Any) -> RmData:
+    """Read, tokenise and weigh the comparisons; every refusal comes before --out is touched."""
+    weights, flagged, groups = annotator_info(cfg, stored)
+    (fmt, records), held_out = train_and_eval_records(cfg, groups, flagged)
+    objective_name, items = comparisons_of(cfg.data, fmt, records, tokenizer, cfg)
+    eval_name, eval_items = (comparisons_of(cfg.eval_data or cfg.data, *held_out, tokenizer, cfg)
+                             if held_out else (objective_name, []))
+    if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
+        raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
+                        "rows train with Plackett-Luce, which has neither")
+    kept = apply_annotator_policy(items, weights, flagged)
+    group_ids = [primary_group(c.annotator, groups) for c in kept]
+    kept, dro = balance_groups(kept, group_ids, cfg)
+    tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
+    return RmData(records, objective_name, kept, eval_name, eval_items,
+                  label_ceiling(record_votes(held_out[1])).to_json() if held_out else {},
+                  len(items), groups, group_ids, dro, tracked, head_groups_of(cfg, tracked))
+
+
+def evaluate_model(model: nn.Module, data: RmData, cfg: RewardConfig, rt: Runtime, pad_id: int
+                   ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The held-out figures (``reward_eval.evaluate``) and the reward heads' scores."""
+    with rt.autocast():
+        raw = score_all(model, data.eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
+    scores, with_length = split_length_head(raw, cfg)
+    figures = evaluate(data.eval_name, data.eval_items, scores, cfg, data.groups)
+    if with_length is not None:  # what the reward would be with the length head kept
+        figures["length_correlation_with_length_head"] = length_correlation(
+            data.eval_items, with_length)
+    return figures, scores
+
+
+def finish(cfg: RewardConfig, rt: Runtime, run: RunDir, model: nn.Module, tokenizer: Any,
+           data: RmData, stats_scores: list[torch.Tensor] | None, figures: dict[str, Any]
+           ) -> dict[str, Any]:
+    """Save model/ with its reward_stats.json (from the held-out answers, else the training
+    ones; ``stats_scores`` when the final weights' held-out scores are at hand) and write the
+    summary."""
+    stats_items, source = (data.eval_items, "eval") if data.eval_items else (data.items, "train")
+    if stats_scores is None:
+        with rt.autocast():
+            stats_scores, _ = split_length_head(score_all(
+                model, stats_items, tokenizer.pad_token_id, rt.device, cfg.eval_batch_size, rt),
+                cfg)
+    if cfg.length_debias:  # model/ keeps the reward heads only
+        inner = rt.unwrap(model)
+        inner.score = drop_length_head(score_head(inner))
+        model_config: Any = inner.config
+        model_config.num_labels = cfg.ensemble
+    stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
+             "max_prompt_length": cfg.max_prompt_length, "text_form": text_form(
+                 (r.prompt, r.chosen if isinstance(r, PairRecord) else r.responses[0])
+                 for r in data.records if isinstance(r, PairRecord | RankingRecord))}
+    rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
+    if rt.is_main:
+        _write_stats(run.model_dir, stats)
+    items = data.items
+    return run.write_summary({
+        **figures, **data.ceiling, "objective": data.objective_name,
+        "ensemble": cfg.ensemble, "train_comparisons": len(items),
+        "eval_source": ("eval_data" if cfg.eval_data else "eval_fraction" if data.eval_items
+                        else None),
+        "dropped_flagged": data.n_read - len(items),
+        "reward_mean": stats["mean"], "reward_std": stats["std"],
+        **({"groups": group_figures(cfg, items, data.group_ids, data.groups, data.dro,
+                                    data.eval_items, stats_scores if data.eval_items else [],
+                                    data.head_groups)}
+           if data.tracked else {})})
+
+
 def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
            stored: StoredAnnotators | None) -> dict[str, Any]:
     # Data first: a refused file must not leave a half-made run directory behind.
@@ -379,31 +472,18 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     warn_small_debias_batches(cfg, rt.world_size)
     tokenizer = load_tokenizer_for(cfg)
     pad_id = tokenizer.pad_token_id
-    weights, flagged, groups = annotator_info(cfg, stored)
-    (fmt, records), held_out = train_and_eval_records(cfg, groups, flagged)
-    objective_name, items = comparisons_of(cfg.data, fmt, records, tokenizer, cfg)
-    eval_name, eval_items = (comparisons_of(cfg.eval_data or cfg.data, *held_out, tokenizer, cfg)
-                             if held_out else (objective_name, []))
-    ceiling = label_ceiling(record_votes(held_out[1])).to_json() if held_out else {}
-    if objective_name == "plackett-luce" and (cfg.use_margin or cfg.label_smoothing):
-        raise UserError("--use-margin and --label-smoothing apply to pairwise data; ranking "
-                        "rows train with Plackett-Luce, which has neither")
-    n_read = len(items)
-    items = apply_annotator_policy(items, weights, flagged)
-    group_ids = [primary_group(c.annotator, groups) for c in items]
-    items, dro = balance_groups(items, group_ids, cfg)
-    tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
-    head_groups = head_groups_of(cfg, tracked)
-    heads = [head_groups.index(g) for g in group_ids] if head_groups else None
+    data = read_data(cfg, stored, tokenizer)
+    items, eval_items, dro = data.items, data.eval_items, data.dro
+    group_ids, heads = data.group_ids, data.heads
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer, rt, head_groups)
-    objective = OBJECTIVES[objective_name]
+    model = load_model(cfg, tokenizer, rt, data.head_groups)
+    objective = OBJECTIVES[data.objective_name]
     lengths = [c.n_tokens for c in items]
     sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
-    log.info("rm: %d comparisons (%s), %d steps", len(items), objective_name, total_steps)
+    log.info("rm: %d comparisons (%s), %d steps", len(items), data.objective_name, total_steps)
 
     model.train()
     model = rt.prepare(model)  # FSDP2 replaces the parameters: collect them after
@@ -423,14 +503,7 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
     run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
 
     def held_out_figures() -> tuple[dict[str, Any], list[torch.Tensor]]:
-        with rt.autocast():
-            raw = score_all(model, eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
-        scores, with_length = split_length_head(raw, cfg)
-        figures = evaluate(eval_name, eval_items, scores, cfg, groups)
-        if with_length is not None:  # what the reward would be with the length head kept
-            figures["length_correlation_with_length_head"] = length_correlation(
-                eval_items, with_length)
-        return figures, scores
+        return evaluate_model(model, data, cfg, rt, pad_id)
 
     def checkpoint(at: int) -> None:
         save_checkpoint(run, at, models={"reward": model}, optimizers={"reward": optimizer},
@@ -448,7 +521,8 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
                 rt, model, optimizer, params,
                 rank_micro_batches(batch, lengths, cfg.grad_accum, rt.rank, rt.world_size),
                 micro_loss(model, objective, step_items(items, batch, group_ids, dro), batch, cfg,
-                           pad_id, rt.device, group_ids if tracked else None, tracked, heads),
+                           pad_id, rt.device, group_ids if data.tracked else None, data.tracked,
+                           heads),
                 max_grad_norm=cfg.max_grad_norm, step=step + 1, run=run, scheduler=sched)
             metric_sums, group_losses = split_group_sums(out.metric_sums)
             if dro is not None:
@@ -482,30 +556,5 @@ def _train(cfg: RewardConfig, rt: Runtime,  # noqa: C901 (the loop)
         restore_weights(run.checkpoints_dir / f"step-{best.best_step}",
                         models={"reward": model})
         stats_scores = None
-    stats_items, source = (eval_items, "eval") if eval_items else (items, "train")
-    if stats_scores is None:
-        with rt.autocast():
-            stats_scores, _ = split_length_head(score_all(
-                model, stats_items, pad_id, rt.device, cfg.eval_batch_size, rt), cfg)
-    if cfg.length_debias:  # model/ keeps the reward heads only
-        inner = rt.unwrap(model)
-        inner.score = drop_length_head(score_head(inner))
-        model_config: Any = inner.config
-        model_config.num_labels = cfg.ensemble
-    stats = {**reward_stats(stats_scores), "source": source, "max_length": cfg.max_length,
-             "max_prompt_length": cfg.max_prompt_length, "text_form": text_form(
-                 (r.prompt, r.chosen if isinstance(r, PairRecord) else r.responses[0])
-                 for r in records if isinstance(r, PairRecord | RankingRecord))}
-    rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
-    if rt.is_main:
-        _write_stats(run.model_dir, stats)
-    return run.write_summary({
-        **figures, **best.summary(), **ceiling, "objective": objective_name,
-        "ensemble": cfg.ensemble, "train_comparisons": len(items),
-        "eval_source": ("eval_data" if cfg.eval_data else "eval_fraction" if eval_items
-                        else None),
-        "dropped_flagged": n_read - len(items),
-        "reward_mean": stats["mean"], "reward_std": stats["std"],
-        **({"groups": group_figures(cfg, items, group_ids, groups, dro, eval_items,
-                                    stats_scores if eval_items else [], head_groups)}
-           if tracked else {})})
+    return finish(cfg, rt, run, model, tokenizer, data, stats_scores,
+                  {**figures, **best.summary()})
