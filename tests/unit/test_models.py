@@ -97,7 +97,7 @@ def test_hub_id_offline_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_a_name_without_a_slash_says_it_is_tried_on_the_hub_first(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from rewardloop.models import check_model_dir
+    from rewardloop.model_files import check_model_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with caplog.at_level("WARNING"):
