@@ -82,6 +82,15 @@ def test_generate_candidates_and_tasks(store, tiny_dir: Path, prompts_file: Path
             r.model == "policy" and label.endswith(r.model_version)
             and r.gen_settings == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0,
                                    "seed": 5} for r in generated)
+    # The same command again (a retry): the same plan, which the batch already holds.
+    res = _generate(tiny_dir, prompts_file, "--out", str(tmp_path / "again.jsonl"), "--db",
+                    store.url, "--budget", "12", "--overlap-share", "0.2", "--overlap", "2",
+                    "--gold", str(gold), "--gold-rate", "0.2", "--batch", "round1", "--seed", "5")
+    assert res.exit_code == 0, res.output
+    assert "the batch already held 9 of these comparisons (an earlier run), so 0 tasks were " \
+        "created" in res.output
+    with store.read() as s:
+        assert len(s.scalars(select(ComparisonTask)).all()) == 9
 
 
 def test_planned_tasks_are_handed_out_in_plan_order(store) -> None:
@@ -222,3 +231,27 @@ def test_cli_help_explains_every_flag() -> None:
                  "--max-new-tokens", "--temperature", "--top-p", "--seed", "--measure",
                  "--for-groups"):
         assert flag in res.output
+
+
+def test_a_second_run_of_a_plan_adds_only_new_comparisons(store) -> None:
+    """generate --db run twice into one batch (a retry, or a top-up with the same seed): the
+    comparisons the batch holds are not made again."""
+    rows = [CandidatesRecord(f"p{i}", ["a", "b", "c"]) for i in range(4)]
+    pairs = S.candidate_pairs(rows)
+    small = S.plan(S.SelectionConfig(budget=5, overlap_share=0.0, seed=3), pairs)
+    larger = S.plan(S.SelectionConfig(budget=9, overlap_share=0.0, seed=3), pairs)
+    with store.write() as s:
+        batch = T.get_or_create_batch(s, "twice")
+        first = S.create_planned_tasks(s, small, rows, batch=batch)
+        skipped: list[int] = []
+        again = S.create_planned_tasks(s, small, rows, batch=batch, skipped=skipped)
+        assert len(first) == 5 and again == [] and sorted(skipped) == sorted(t.id for t in first)
+        skipped.clear()
+        topped = S.create_planned_tasks(s, larger, rows, batch=batch, skipped=skipped)
+        held = {(t.row, t.a, t.b) for t in small.tasks}
+        assert len(skipped) == len([t for t in larger.tasks if (t.row, t.a, t.b) in held])
+        assert len(topped) == 9 - len(skipped)
+        tasks = s.scalars(select(ComparisonTask).where(ComparisonTask.batch_id == batch.id)).all()
+        keys = [frozenset(i.response_id for i in t.items) for t in tasks]
+        assert len(keys) == len(set(keys)) == len({(t.row, t.a, t.b) for t in
+                                                   [*small.tasks, *larger.tasks]})

@@ -53,8 +53,10 @@ def test_pair_disagreement_uses_the_answer_index() -> None:
 
 
 def test_candidate_and_gold_pairs() -> None:
-    rows = [CandidatesRecord("p", ["a", "b", "a"]), CandidatesRecord("q", ["x", "y"])]
-    assert S.candidate_pairs(rows) == [(0, 0, 1), (0, 1, 2), (1, 0, 1)]
+    rows = [CandidatesRecord("p", ["a", "b", "a"]), CandidatesRecord("q", ["x", "y"]),
+            CandidatesRecord("r", ["u", "v", "w"])]
+    # Row p holds "a" twice: "a vs b" once, at the first "a" (not again as (0, 1, 2)).
+    assert S.candidate_pairs(rows) == [(0, 0, 1), (1, 0, 1), (2, 0, 1), (2, 0, 2), (2, 1, 2)]
     gold = [RankingRecord("p", ["a", "b", "c"], [[2], [0, 1]])]
     # (0, 1) tie: skipped; c beats a and b.
     assert S.gold_pairs(gold) == [((0, 0, 2), [[2], [0]]), ((0, 1, 2), [[2], [1]])]
@@ -141,3 +143,27 @@ def test_uncertainty_scores_score_each_answer_once() -> None:
     assert calls == [["a", "bbb", "cc", "d", "eeee"]]
     # d = (len a - len b) * [1, -1]: std = |len a - len b|
     np.testing.assert_allclose(got, [2.0, 1.0, 2.0, 3.0])
+
+
+def test_pairs_without_a_finite_score_are_asked_last(caplog: pytest.LogCaptureFixture) -> None:
+    scores = np.linspace(1.0, 0.0, 300)
+    scores[3], scores[7] = np.nan, np.inf  # a head that overflowed
+    cfg = S.SelectionConfig(strategy="uncertainty", budget=10, overlap_share=0.0, gold_rate=0.0)
+    with caplog.at_level("WARNING"):
+        planned = S.plan(cfg, _pairs(300), scores=scores)
+    want = [i for i in range(12) if i not in (3, 7)]  # the ten highest finite scores, in order
+    assert [t.row for t in planned.tasks] == want
+    assert "2 of 300 pairs have no finite disagreement score" in caplog.text
+    assert S.by_score([3, 0, 7, 1], scores) == [0, 1, 3, 7]
+
+
+def test_tied_scores_are_drawn_by_the_seed() -> None:
+    """An untrained ensemble scores every pair 0: the seed, not the file's order, picks."""
+    pairs = [(r, 0, 1) for r in range(50)]
+    scores = np.zeros(50)
+    picked = [[t.row for t in S.plan(S.SelectionConfig(
+        strategy="uncertainty", budget=10, overlap_share=0.0, gold_rate=0.0, seed=seed),
+        pairs, scores=scores).tasks] for seed in (0, 1, 0)]
+    assert picked[0] == picked[2]  # reproducible
+    assert picked[0] != picked[1]
+    assert picked[0] != list(range(10)) and max(picked[0]) >= 20  # not the file's first rows

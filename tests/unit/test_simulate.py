@@ -14,6 +14,7 @@ from rewardloop.cli import app
 from rewardloop.errors import UserError
 from rewardloop.feedback.simulate import (
     SimulatedAnnotator,
+    judge_offline,
     load_gold,
     load_pool,
     parse_pool,
@@ -204,3 +205,31 @@ def test_a_gold_function_that_raises_is_one_line_naming_it(tmp_path: Path) -> No
 def test_bad_gold_specs(spec: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         load_gold(spec)
+
+
+def test_ties_do_not_chain_across_larger_gaps() -> None:
+    """Gold 0, .2, .4, .6 with tie_threshold .25: a tie may hold neighbours .2 apart, never
+    answers .4 or more apart."""
+    sim = SimulatedAnnotator("t", tie_threshold=0.25, tie_prob=1.0, temperature=0.01)
+    gold = [0.0, 0.2, 0.4, 0.6]
+    for seed in range(20):
+        groups = sim.judge("p", ["a", "b", "c", "d"], gold, np.random.default_rng(seed))
+        assert sorted(i for g in groups for i in g) == [0, 1, 2, 3]
+        for group in groups:
+            assert max(gold[i] for i in group) - min(gold[i] for i in group) < 0.25, groups
+    assert sim.judge("p", ["a", "b", "c", "d"], gold, np.random.default_rng(0)) == [
+        [3, 2], [1, 0]]
+
+
+def test_judge_offline_calls_gold_like_simulate() -> None:
+    """TRL's keyword signature works, and a non-finite gold score is refused, as in simulate."""
+    pool = [SimulatedAnnotator("a", temperature=0.01)]
+    rows = [{"prompt": "p", "responses": ["x", "yy"]}]
+
+    def by_length(*, prompts: list, completions: list, **kwargs: object) -> list[float]:
+        return [float(len(c)) for c in completions]
+
+    assert judge_offline(pool, rows, by_length) == [
+        {"prompt": "p", "chosen": "yy", "rejected": "x", "annotator": "a"}]
+    with pytest.raises(UserError, match="nan"):
+        judge_offline(pool, rows, lambda prompts, completions: [float("nan"), 1.0])

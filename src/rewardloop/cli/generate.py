@@ -164,9 +164,13 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         scores = S.uncertainty_scores(rows, pairs, heads, sel.measure)
     planned = S.plan(sel, pairs, S.gold_pairs(gold_rows), scores)
     # The responses get name, version and settings from the origin, not the file's label.
+    skipped: list[int] = []
     planned, name, aimed = _create(cfg, planned, [replace(r, models=None) for r in rows],
-                                   gold_rows, origin)
-    lines.append(f"created {planned.describe()} in batch {name} ({sel.strategy} selection)")
+                                   gold_rows, origin, skipped)
+    line = f"{planned.describe()} in batch {name} ({sel.strategy} selection)"
+    lines.append(f"created {line}" if not skipped else (
+        f"planned {line}; the batch already held {len(skipped)} of these comparisons (an "
+        f"earlier run), so {len(planned.tasks) - len(skipped)} tasks were created"))
     return lines if aimed is None else [*lines, aimed]
 
 
@@ -220,9 +224,11 @@ def _aim(cfg: GenerateConfig, planned: Plan, session: Session) -> tuple[Plan, st
 
 
 def _create(cfg: GenerateConfig, planned: Plan, rows: list[CandidatesRecord],
-            gold_rows: list[RankingRecord], origin: Origin) -> tuple[Plan, str, str | None]:
+            gold_rows: list[RankingRecord], origin: Origin, skipped: list[int]
+            ) -> tuple[Plan, str, str | None]:
     """Create the plan's tasks in the store (aimed first with --for-groups, in the same
-    transaction); returns the plan as created, the batch name and the aiming line."""
+    transaction); returns the plan as created, the batch name and the aiming line. The ids of
+    tasks the batch already held for planned comparisons go to ``skipped``."""
     from rewardloop.data.store import Store
     from rewardloop.feedback import select as S
     from rewardloop.feedback import tasks as T
@@ -236,7 +242,7 @@ def _create(cfg: GenerateConfig, planned: Plan, rows: list[CandidatesRecord],
                 planned, aimed = _aim(cfg, planned, session)
             batch = T.get_or_create_batch(session, cfg.batch or f"generate-{cfg.prompts.stem}")
             S.create_planned_tasks(session, planned, rows, gold_rows, batch=batch,
-                                   origin=origin)
+                                   origin=origin, skipped=skipped)
             name = batch.name
     finally:
         store.dispose()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,12 +131,15 @@ class Plan:
 
 
 def candidate_pairs(rows: Sequence[CandidatesRecord]) -> list[Pair]:
-    """Every unordered pair of distinct answers of every row, in row order."""
+    """Every unordered pair of distinct answers of every row, in row order; a row that holds
+    the same answer twice gives each comparison once (at its first answers)."""
     out: list[Pair] = []
     for r, row in enumerate(rows):
-        k = len(row.responses)
-        out.extend((r, a, b) for a in range(k) for b in range(a + 1, k)
-                   if row.responses[a] != row.responses[b])
+        first: dict[str, int] = {}  # each distinct answer's first index
+        for i, text in enumerate(row.responses):
+            first.setdefault(text if isinstance(text, str) else json.dumps(text), i)
+        kept = sorted(first.values())
+        out.extend((r, a, b) for n, a in enumerate(kept) for b in kept[n + 1:])
     return out
 
 
@@ -226,7 +230,7 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
     rest = [int(i) for i in order[n.overlap:]]
     if cfg.strategy == "uncertainty":
         assert scores is not None  # checked above
-        rest = sorted(rest, key=lambda i: (-float(scores[i]), i))
+        rest = by_score(rest, scores)
     picked = rest[:n.select]
 
     def task(role: str, i: int, over: int) -> PlannedTask:
@@ -240,6 +244,20 @@ def plan(cfg: SelectionConfig, pairs: Sequence[Pair],
     extra = [PlannedTask("gold", gold_used[g][0][0], gold_used[g][0][1], gold_used[g][0][2],
                          cfg.overlap, gold_ranking=gold_used[g][1]) for g in gold_order]
     return Plan(interleave(main, extra))
+
+
+def by_score(indices: Sequence[int], scores: np.ndarray) -> list[int]:
+    """``indices`` highest score first. The sort is stable, so tied pairs keep their (seeded,
+    random) order; pairs with no finite score (a head that overflowed) come last, with a
+    warning, rather than scrambling the order (NaN compares false with everything)."""
+    values = np.asarray(scores, dtype=np.float64)
+    bad = [i for i in indices if not np.isfinite(values[i])]
+    if bad:
+        log.warning("%d of %d pairs have no finite disagreement score (NaN or infinite head "
+                    "scores: check the reward model, e.g. for half-precision overflow); they "
+                    "are asked last", len(bad), len(indices))
+    good = [i for i in indices if np.isfinite(values[i])]
+    return sorted(good, key=lambda i: -float(values[i])) + bad
 
 
 # -- scoring with an ensemble reward model ----------------------------------------------------
@@ -292,15 +310,19 @@ def policy_origin(policy: str | Path, gen_settings: dict[str, Any]) -> Origin:
 
 def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesRecord],
                          gold_rows: Sequence[RankingRecord] = (), *, batch: Any = None,
-                         origin: Origin | None = None) -> list[Any]:
+                         origin: Origin | None = None, skipped: list[int] | None = None
+                         ) -> list[Any]:
     """Create the plan's pairwise tasks through ``feedback.tasks`` in the caller's transaction
     (run inside ``Store.write()``); priorities decrease along the plan so the queue follows it.
 
     A candidate row's ``models[i]`` names the writer of answer i, else ``origin.model``; its
-    ``id`` becomes a new prompt's external id.
+    ``id`` becomes a new prompt's external id. A comparison ``batch`` already holds (same
+    answers, gold or not, audience: a second run of the same plan) is not made again; its
+    task's id goes to ``skipped`` when given.
     """
     origin = origin or Origin()
     created = []
+    held: dict[int, dict[Any, int]] = {}  # the batch's comparisons, by prompt id
     for position, item in enumerate(planned.tasks):
         row: CandidatesRecord | RankingRecord = (
             gold_rows[item.row] if item.role == "gold" else rows[item.row])
@@ -311,10 +333,22 @@ def create_planned_tasks(session: Any, planned: Plan, rows: Sequence[CandidatesR
         by_index = {item.a: responses[0].id, item.b: responses[1].id}
         gold = ([[by_index[i] for i in g] for g in item.gold_ranking]
                 if item.gold_ranking is not None else None)
-        created.append(T.create_task(session, prompt, responses, kind="pairwise",
-                                     overlap=item.overlap, batch=batch, gold_ranking=gold,
-                                     priority=float(len(planned.tasks) - position),
-                                     audience=item.audience))
+        if any(r.id is None for r in responses):
+            session.flush()
+        if prompt.id not in held:
+            held[prompt.id] = T.held_comparisons(session, batch, prompt.id)
+        key = T.comparison_key("pairwise", [r.id for r in responses], gold is not None,
+                               item.audience)
+        if key in held[prompt.id]:
+            if skipped is not None:
+                skipped.append(held[prompt.id][key])
+            continue
+        task = T.create_task(session, prompt, responses, kind="pairwise", overlap=item.overlap,
+                             batch=batch, gold_ranking=gold,
+                             priority=float(len(planned.tasks) - position),
+                             audience=item.audience)
+        held[prompt.id][key] = task.id
+        created.append(task)
     log.info("created %d tasks (%d labels)", len(created), planned.labels())
     return created
 

@@ -123,8 +123,10 @@ class SimulatedAnnotator:
         if self.flip and rng.random() < self.flip:
             order.reverse()
         groups: list[list[int]] = [[int(order[0])]]
-        for prev, cur in zip(order, order[1:], strict=False):
-            close = abs(gold[prev] - gold[cur]) < self.tie_threshold
+        for cur in order[1:]:
+            # A tie holds answers within tie_threshold of EVERY other member: compared with the
+            # previous answer only, ties would chain across any gap (0, .2, .4, .6 at .25).
+            close = all(abs(gold[m] - gold[cur]) < self.tie_threshold for m in groups[-1])
             if close and rng.random() < self.tie_prob:
                 groups[-1].append(int(cur))
             else:
@@ -242,7 +244,7 @@ def judge_offline(pool: Sequence[SimulatedAnnotator], candidates: Sequence[Mappi
             continue
         sim = pool[index % len(pool)]
         shown = [a, b] if rng.random() < 0.5 else [b, a]
-        ranking = sim.judge(prompt, shown, list(gold([prompt, prompt], shown)), rng)
+        ranking = sim.judge(prompt, shown, score_gold(gold, [prompt, prompt], shown), rng)
         if len(ranking) < 2:
             continue
         rows.append({"prompt": prompt, "chosen": shown[ranking[0][0]],

@@ -352,7 +352,7 @@ def create_tasks_from_candidates(
         if any(r.id is None for r in responses):
             session.flush()
         if prompt.id not in held:
-            held[prompt.id] = _held_tasks(session, batch, prompt.id)
+            held[prompt.id] = held_comparisons(session, batch, prompt.id)
         groups = ([list(range(len(responses)))] if kind == "ranking"
                   else _pairs(len(responses), pairing))
         for idx in groups:
@@ -361,7 +361,7 @@ def create_tasks_from_candidates(
             if checked_row.gold is not None:
                 ranking = [[responses[j].id for j in g if j in idx] for g in checked_row.gold]
                 ranking = [g for g in ranking if g]
-            key = (kind, tuple(sorted(r.id for r in chosen)), ranking is not None, audience)
+            key = comparison_key(kind, [r.id for r in chosen], ranking is not None, audience)
             if key in held[prompt.id]:
                 if skipped is not None:
                     skipped.append(held[prompt.id][key])
@@ -414,11 +414,19 @@ def held_tasks(session: Session, batch: Batch, prompt_id: int | None = None
     return [HeldTask(t, *about[t], tuple(items[t])) for t in about]
 
 
-def _held_tasks(session: Session, batch: Batch | None, prompt_id: int) -> dict[_Key, int]:
-    """The tasks ``batch`` holds for one prompt, by comparison (none without a batch)."""
+def comparison_key(kind: str, response_ids: Sequence[int], is_gold: bool,
+                   audience: str | None) -> _Key:
+    """What makes two tasks the same comparison: kind, the set of answers in any order, gold
+    or not, audience."""
+    return (kind, tuple(sorted(response_ids)), is_gold, audience)
+
+
+def held_comparisons(session: Session, batch: Batch | None, prompt_id: int) -> dict[_Key, int]:
+    """The tasks ``batch`` holds for one prompt, by ``comparison_key`` (none without a
+    batch)."""
     if batch is None:
         return {}
-    return {(t.kind, tuple(sorted(r for r, _ in t.items)), t.is_gold, t.audience): t.id
+    return {comparison_key(t.kind, [r for r, _ in t.items], t.is_gold, t.audience): t.id
             for t in held_tasks(session, batch, prompt_id)}
 
 
