@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rewardloop.errors import UserError
 from rewardloop.eval.evaluate import (
@@ -104,6 +105,14 @@ def test_policy_against_itself_ties_with_zero_kl(tiny_pair: tuple[Path, Path, Pa
     rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["policy"] == r["baseline"] for r in rows)
     assert set(saved["length"]) == {"policy", "baseline"}
+    # Like every run directory (DESIGN.md): the resolved config and a summary.
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == saved["config"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2  # one generation batch of 6 prompts per side
+    assert summary["win_rate"] == 0.5 and summary["n"] == 6 and summary["peak_rss_mb"] > 0
+    # 12 answers of 1 to 8 completion tokens each (wall_s is rounded to the millisecond)
+    assert summary["samples_per_s"] * summary["wall_s"] == pytest.approx(12, rel=0.01)
+    assert 12 * 0.99 <= summary["tokens_per_s"] * summary["wall_s"] <= 12 * 8 * 1.01
 
 
 def test_the_kl_is_policy_over_baseline_on_the_policys_answers(

@@ -195,7 +195,11 @@ def test_eval_replaces_an_earlier_eval_only_with_overwrite_and_only_its_files(
     assert res.exit_code == 0, res.output
     assert "earlier" not in json.loads((out / "eval.json").read_text())
     assert (out / "notes.md").read_text() == "mine\n"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "notes.md", "samples.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "eval.json", "notes.md",
+                                                      "samples.jsonl", "summary.json"]
+    # An eval interrupted before eval.json (its last file) is an earlier eval too.
+    (out / "eval.json").unlink()
+    refused(eval_args(root, out), "holds an earlier eval", "--overwrite")
 
 
 # -- data export --to-hf-dataset replaces only its own export --------------------------------

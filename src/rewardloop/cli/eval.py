@@ -47,12 +47,13 @@ def _print_comparisons(result: dict[str, Any], out: Path) -> None:
     lengths = result["length"]
     typer.echo(f"words per answer: policy {lengths['policy'].get('words_mean', 0):.1f}, "
                f"baseline {lengths['baseline'].get('words_mean', 0):.1f}")
-    typer.echo(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
+    typer.echo(f"wrote {out / 'eval.json'}, samples.jsonl, config.yaml and summary.json")
 
 
 def run_eval(cfg: EvalConfig, ctx: typer.Context, overwrite: bool) -> None:
-    """Generate from --policy and --baseline, judge, and write eval.json + samples.jsonl to a new
-    or empty --out (or, with --overwrite, over an earlier eval's)."""
+    """Generate from --policy and --baseline, judge, and write eval.json, samples.jsonl,
+    config.yaml and summary.json to a new or empty --out (or, with --overwrite, over an earlier
+    eval's)."""
     from rewardloop.eval.evaluate import check_eval_out, evaluate
 
     check_eval_out(cfg.out, overwrite)  # before minutes of generation, not after
@@ -63,8 +64,8 @@ def run_eval(cfg: EvalConfig, ctx: typer.Context, overwrite: bool) -> None:
 # --overwrite is a flag of the command, not a field of EvalConfig: the loop, which also builds
 # an EvalConfig, writes its own stage directories.
 OVERWRITE = typer.Option(
-    False, "--overwrite", help="Replace the eval.json and samples.jsonl of an earlier eval in "
-    "--out (nothing else in it is touched).")
+    False, "--overwrite", help="Replace the files of an earlier eval in --out (eval.json, "
+    "samples.jsonl, config.yaml, summary.json; nothing else in it is touched).")
 
 eval_app.callback()(config_command(
     EvalConfig, run_eval, doc=run_eval.__doc__ or "",

@@ -10,21 +10,25 @@ simulated pool) to judge, and ``arena_result`` rates the policies from their jud
 Also reported: the KL of the policy to the baseline on the policy's own answers (mean over
 answers of the summed per-token ``log p_policy - log p_baseline``, i.e. k1 summed per sequence,
 at the sampling temperature) and the length statistics of both. Outputs in ``--out``:
-``eval.json`` (read by ``eval.report``) and ``samples.jsonl`` (prompt, baseline, policy).
-``check_eval_out`` refuses, before any work, an ``--out`` that holds anything else, and replaces
-an earlier eval's two files only when asked to.
+``eval.json`` (read by ``eval.report``), ``samples.jsonl`` (prompt, baseline, policy), and, as
+every run directory (DESIGN.md), ``config.yaml`` (the resolved options) and ``summary.json``
+(throughput, peak memory and the headline win rate); eval.json is written last, so it marks a
+finished eval. ``check_eval_out`` refuses, before any work, an ``--out`` that holds anything
+else, and replaces an earlier eval's files only when asked to.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from rewardloop.config import config_to_dict
 from rewardloop.data.formats import read_records
@@ -44,9 +48,11 @@ log = logging.getLogger(__name__)
 HUMAN = "human"
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
-"""A training run's files: a directory holding one is a run, never an eval's output (a GRPO
-run writes its own samples.jsonl)."""
+OUTPUT_FILES = (EVAL_FILE, SAMPLES_FILE, "config.yaml", "summary.json")
+"""What an eval writes in --out (an interrupted one may have written some, not eval.json)."""
+TRAINING_FILES = ("metrics.jsonl", "checkpoints", "model")
+"""What only a training run writes: a directory holding one is never an eval's output (a GRPO
+run writes samples.jsonl, config.yaml and summary.json too)."""
 
 
 @dataclass
@@ -176,19 +182,20 @@ def _human_tasks(cfg: EvalConfig, prompts: Sequence[Any], policy: Answers,
 
 def check_eval_out(out: Path, overwrite: bool = False) -> None:
     """UserError unless eval may write ``out``: a new or empty directory, or with ``overwrite``
-    an earlier eval's output (it holds eval.json and is no training run), of which only
-    eval.json and samples.jsonl are replaced; a file, or a directory holding anything else, is
+    an earlier eval's output (it holds files of :data:`OUTPUT_FILES` and is no training run),
+    of which only those files are replaced; a file, or a directory holding anything else, is
     refused. Called before prompts are read or models loaded."""
     check_output_dir(out, flag="--out")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    earlier = (out / EVAL_FILE).is_file() and not any((out / f).exists() for f in RUN_FILES)
+    earlier = (any((out / f).is_file() for f in OUTPUT_FILES)
+               and not any((out / f).exists() for f in TRAINING_FILES))
     if not earlier:
         raise UserError(f"--out {out} is not empty and holds no earlier eval (eval.json); give "
                         "a new or empty directory")
     if not overwrite:
         raise UserError(f"--out {out} holds an earlier eval; pass --overwrite to replace its "
-                        f"{EVAL_FILE} and {SAMPLES_FILE}, or give another directory")
+                        f"files ({', '.join(OUTPUT_FILES)}), or give another directory")
 
 
 def write_eval(out: Path, result: Mapping[str, Any]) -> None:
@@ -199,6 +206,7 @@ def write_eval(out: Path, result: Mapping[str, Any]) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Generate, judge and measure per ``cfg``; writes and returns the ``eval.json`` object."""
+    started = time.perf_counter()
     prompts = _read_prompts(cfg)
     gen: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "max_prompt_length": cfg.max_prompt_length,
@@ -240,9 +248,29 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     headline = comparisons[0]
     result.update({k: headline[k] for k in ("judge", "win_rate", "win_rate_ci", "wins", "ties",
                                             "losses") if k in headline})
-    write_eval(cfg.out, result)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.out / "config.yaml",
+                      yaml.safe_dump(result["config"], sort_keys=False))
     _write_samples(cfg.out / SAMPLES_FILE, prompts, baseline.texts, policy.texts)
+    summary: dict[str, Any] = {
+        **run_figures(time.perf_counter() - started, [policy, baseline], cfg.batch_size),
+        **{k: result[k] for k in ("n", "judge", "win_rate", "win_rate_ci", "kl") if k in result}}
+    atomic_write_text(cfg.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_eval(cfg.out, result)  # last: a finished eval
     return result
+
+
+def run_figures(wall_s: float, sides: Sequence[Answers], batch_size: int) -> dict[str, Any]:
+    """What summary.json says of every run: a step is one generation batch (of either side),
+    a sample one answer, tokens the answers' completion tokens."""
+    from rewardloop.train.run import peak_memory_mb  # imports torch: only once models ran
+
+    answers = sum(len(side.texts) for side in sides)
+    tokens = sum(len(ids) for side in sides for ids in side.token_data()["completion_ids"])
+    wall = max(wall_s, 1e-9)
+    return {"steps": sum(-(-len(side.texts) // batch_size) for side in sides),
+            "wall_s": round(wall, 3), "samples_per_s": answers / wall,
+            "tokens_per_s": tokens / wall, **peak_memory_mb()}
 
 
 def _write_samples(path: Path, prompts: Sequence[Any], baseline: Sequence[str],
