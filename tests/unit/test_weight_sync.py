@@ -128,6 +128,24 @@ def test_lora_is_unmerged_when_the_push_fails() -> None:
     assert not any(getattr(m, "merged", False) for m in lora.modules())
 
 
+def test_a_half_precision_base_is_unchanged_by_pushes() -> None:
+    """bf16: W + dW - dW is not W. After many pushes the frozen base (the KL reference) is
+    still bit for bit the one loaded, and every push sends the adapter merged in."""
+    lora = _lora(_llama().to(torch.bfloat16))
+    base = {n: p.detach().clone() for n, p in lora.named_parameters() if "lora_" not in n}
+    merged = None
+    for _ in range(30):
+        with engine_weights(lora) as weights:
+            sent = {n: t.clone() for n, t in weights}
+        assert merged is None or all(torch.equal(sent[n], merged[n]) for n in sent)
+        merged = sent
+    for name, p in lora.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name]), name
+    q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base[q])
+
+
 def test_dtype_cast_for_the_transfer() -> None:
     with engine_weights(_llama(), dtype=torch.bfloat16) as weights:
         assert {t.dtype for _, t in weights} == {torch.bfloat16}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import typer
@@ -38,26 +39,26 @@ def vllm_serve(
     """Serve one vLLM engine over HTTP (GET /health, POST /generate, POST /weights) for
     trainers run with --generator vllm --vllm-mode server --vllm-server http://HOST:PORT.
     See docs/generation.md."""
-    if logprobs_mode not in LOGPROBS_MODES:
-        raise UserError(f"--logprobs-mode must be raw or processed, got {logprobs_mode!r}")
-    if not (model / "config.json").is_file():
-        raise UserError(f"--model {model}: no config.json there (give a model directory)")
+    _check_options(model, port, tensor_parallel_size, gpu_memory_utilization, max_model_len,
+                   dtype, logprobs_mode)
     from rewardloop.engines.factory import VLLM_INSTALL
     from rewardloop.models import load_tokenizer
 
-    try:
-        from rewardloop.engines.vllm_server import make_server
-    except ImportError as exc:
-        raise UserError(f"vllm-serve needs vLLM ({exc}); install it with {VLLM_INSTALL}") from None
     tokenizer = load_tokenizer(str(model), padding_side="left")
+    # Listen first: a busy port is said at once, not after minutes of loading the engine.
+    server = _listen(host, port)
     try:
-        server = make_server(model, tokenizer, host=host, port=port,
-                             tensor_parallel_size=tensor_parallel_size,
-                             gpu_memory_utilization=gpu_memory_utilization,
-                             max_model_len=max_model_len, dtype=dtype,
-                             logprobs_mode=LOGPROBS_MODES[logprobs_mode], seed=seed)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc}") from None
+        try:
+            from rewardloop.engines.vllm_server import make_server
+        except ImportError as exc:
+            raise UserError(f"vllm-serve needs vLLM ({exc}); install it with "
+                            f"{VLLM_INSTALL}") from None
+        make_server(model, tokenizer, server=server, tensor_parallel_size=tensor_parallel_size,
+                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                    dtype=dtype, logprobs_mode=LOGPROBS_MODES[logprobs_mode], seed=seed)
+    except BaseException:
+        server.server_close()
+        raise
     typer.echo(f"vllm-serve: {model} on http://{host}:{server.server_port} (Ctrl-C stops)")
     try:
         server.serve_forever()
@@ -65,6 +66,44 @@ def vllm_serve(
         pass
     finally:
         server.server_close()
+
+
+def _check_options(model: Path, port: int, tensor_parallel_size: int,
+                   gpu_memory_utilization: float | None, max_model_len: int | None, dtype: str,
+                   logprobs_mode: str) -> None:
+    """Every flag checked before vLLM is imported or a model loaded (UserError: exit 2)."""
+    from rewardloop.engines.options import EngineOptions
+    from rewardloop.models import DTYPES
+
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise UserError(f"--logprobs-mode must be raw or processed, got {logprobs_mode!r}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0 to 65535 (0: any free port), got {port}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    flags = {"vllm_tensor_parallel_size": "--tensor-parallel-size",
+             "vllm_gpu_memory_utilization": "--gpu-memory-utilization",
+             "vllm_max_model_len": "--max-model-len"}
+    try:
+        EngineOptions(generator="vllm", vllm_tensor_parallel_size=tensor_parallel_size,
+                      vllm_max_model_len=max_model_len,
+                      vllm_gpu_memory_utilization=(0.5 if gpu_memory_utilization is None
+                                                   else gpu_memory_utilization))
+    except ValueError as exc:
+        text = str(exc)
+        for field, flag in flags.items():
+            text = text.replace(field, flag)
+        raise UserError(text) from None
+    if not (model / "config.json").is_file():
+        raise UserError(f"--model {model}: no config.json there (give a model directory)")
+
+
+def _listen(host: str, port: int) -> ThreadingHTTPServer:
+    """The server's socket, bound and listening; its handler is set once the engine runs."""
+    try:
+        return ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except (OSError, OverflowError) as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -95,22 +95,29 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve_engine(engine: VLLMGenerator, model: str | Path, *, host: str = "127.0.0.1",
-                 port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving: call ``serve_forever``) in front of ``engine``."""
+                 port: int = 8000, server: ThreadingHTTPServer | None = None
+                 ) -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving: call ``serve_forever``) in front of ``engine``: a new
+    one on ``host:port``, or ``server`` (already listening) given the engine's handler."""
     handler = type("Handler", (_Handler,), {
         "engine": engine, "lock": threading.Lock(),
         "info": {"model": str(model), "vllm": vllm.__version__,
                  "logprobs_mode": engine.logprobs_mode}})
-    return ThreadingHTTPServer((host, port), handler)
+    if server is None:
+        return ThreadingHTTPServer((host, port), handler)
+    server.RequestHandlerClass = handler
+    return server
 
 
 def make_server(model: str | Path, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000,
-                tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
-                max_model_len: int | None = None, dtype: str = "auto",
-                logprobs_mode: str = "raw_logprobs", seed: int = 0) -> ThreadingHTTPServer:
-    """:func:`serve_engine` over a fresh engine on ``model``. ``gpu_memory_utilization`` None:
-    0.9 on a GPU (the engine has it to itself), 0.3 on a CPU build, where the share is of the
-    host's memory (0.9 of a shared machine's RAM got the server killed for memory)."""
+                server: ThreadingHTTPServer | None = None, tensor_parallel_size: int = 1,
+                gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                dtype: str = "auto", logprobs_mode: str = "raw_logprobs", seed: int = 0
+                ) -> ThreadingHTTPServer:
+    """:func:`serve_engine` over a fresh engine on ``model`` (on ``server`` when given, which
+    the command binds before the engine loads). ``gpu_memory_utilization`` None: 0.9 on a GPU
+    (the engine has it to itself), 0.3 on a CPU build, where the share is of the host's memory
+    (0.9 of a shared machine's RAM got the server killed for memory)."""
     from vllm.platforms import current_platform
 
     if gpu_memory_utilization is None:
@@ -120,4 +127,4 @@ def make_server(model: str | Path, tokenizer: Any, *, host: str = "127.0.0.1", p
                             vllm_max_model_len=max_model_len)
     engine = VLLMGenerator(model, tokenizer, options, seed=seed, dtype=dtype,
                            logprobs_mode=logprobs_mode)
-    return serve_engine(engine, model, host=host, port=port)
+    return serve_engine(engine, model, host=host, port=port, server=server)

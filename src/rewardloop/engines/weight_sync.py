@@ -11,7 +11,10 @@ engine silently keeps stale.
 
 LoRA. The engine runs the plain architecture: the adapters are merged into the base weights
 for the send and unmerged after (:func:`engine_weights`), so the trainer keeps training the
-adapters (TRL #2698, #2856 were merge/unmerge bugs: tested here).
+adapters (TRL #2698, #2856 were merge/unmerge bugs: tested here). In half precision
+``W + ΔW - ΔW`` is not W: each push would move the frozen base (and the KL reference, which is
+that base with the adapters off) by a rounding step, a random walk over a run. So a half-precision
+base weight is copied before the merge and written back after the unmerge, bit for bit.
 
 FSDP. Every rank gathers every full tensor before anything is sent (TRL #7103: rank 0 sending
 while others still gather hangs NCCL).
@@ -119,6 +122,7 @@ def engine_weights(model: Any, dtype: torch.dtype | None = None
     """
     inner = getattr(model, "module", model)
     merge = getattr(inner, "merge_adapter", None)
+    kept = _half_base_weights(inner) if callable(merge) else []
     if callable(merge):
         merge()
     try:
@@ -133,6 +137,23 @@ def engine_weights(model: Any, dtype: torch.dtype | None = None
     finally:
         if callable(merge):
             inner.unmerge_adapter()
+            with torch.no_grad():
+                for live, saved in kept:
+                    live.copy_(saved)
+
+
+def _half_base_weights(model: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(live weight, copy) of the half-precision base weight of every LoRA layer of ``model``:
+    what the unmerge cannot restore exactly. fp32 bases (the default) need no copy (the round
+    trip moves them by about 1e-8 of their size)."""
+    kept = []
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        weight = getattr(base, "weight", None)
+        if hasattr(module, "lora_A") and isinstance(weight, torch.Tensor) and \
+                weight.dtype in (torch.float16, torch.bfloat16):
+            kept.append((weight, weight.detach().clone()))
+    return kept
 
 
 def push_once(send: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
