@@ -100,7 +100,8 @@ def test_rank_twelve_answers_by_keys_and_drag_keeps_ties(live_ranking, sqlite_st
         for key in ("1", "t", "2"):
             page.keyboard.press(key)
         assert _rank_list(page) == ["Answer A = Answer B"]
-        page.drag_and_drop("#task .answer[data-label='C']", "#task .answer[data-label='A']")
+        page.drag_and_drop("#task .answer[data-label='C'] .handle",
+                           "#task .answer[data-label='A']")
         assert _rank_list(page) == ["Answer C", "Answer A = Answer B"]
     with sqlite_store.read() as s:
         (judgment,) = s.scalars(select(S.Judgment)).all()

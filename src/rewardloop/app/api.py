@@ -3,6 +3,7 @@ accounts / stats)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import pathlib
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from rewardloop.app.deps import HOT_SECURITY, SESSION_COOKIE, Admin, DbDep, HotC
 from rewardloop.app.schemas import (
     JudgmentIn,
     JudgmentOut,
+    LeaseOut,
     LoginIn,
     LoginOut,
     TaskOut,
@@ -171,6 +173,18 @@ def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
     """Give a leased task back without judging it; it is not offered to the caller again."""
     db.run_refusable_sync(lambda s: Q.skip_task(s, who.id, task_id))
     return Response(status_code=204)
+
+
+@router.post("/tasks/{task_id}/renew", responses={
+    404: {"description": "Not leased to you (judged, skipped or never held)"},
+    409: {"description": "The lease ran out and someone else took the task"}, **ERRORS})
+def renew_lease(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
+                db: DbDep) -> LeaseOut:
+    """Extend the caller's lease on a task to 10 minutes from now (the annotate page does this
+    while its reader is active)."""
+    expires = db.run_refusable_sync(lambda s: Q.renew_lease(s, who.id, task_id))
+    left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
+    return LeaseOut(task_id=task_id, lease_expires_at=expires, seconds_left=max(0, int(left)))
 
 
 # One upload's work is bounded (the body limit bounds bytes, not tasks: one row of 64 short

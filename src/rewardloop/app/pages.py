@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -19,9 +20,9 @@ from rewardloop.app import accounts
 from rewardloop.app.accounts import Principal
 from rewardloop.app.api import do_login, set_session_cookie
 from rewardloop.app.deps import SESSION_COOKIE, page_user, tokens_equal
-from rewardloop.app.render import markdown, prompt_html
+from rewardloop.app.render import markdown, prompt_html, prompt_text
 from rewardloop.app.stats import admin_stats
-from rewardloop.data.schema import Batch, ComparisonTask, Judgment
+from rewardloop.data.schema import Batch, ComparisonTask, Judgment, utcnow
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
@@ -44,8 +45,21 @@ def _render(request: Request, name: str, status: int = 200, **context: Any) -> H
     return templates.TemplateResponse(request, name, context, status_code=status)
 
 
-def _to_login() -> RedirectResponse:
-    return RedirectResponse("/login", status_code=303)
+def _to_login(request: Request | None = None) -> RedirectResponse:
+    """To /login; from a page, with ``next`` set to it (query included, e.g. ``?batch=``)."""
+    if request is None:
+        return RedirectResponse("/login", status_code=303)
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
+
+
+def _local_path(target: str | None) -> str | None:
+    """``target`` if it is a path on this server (``/annotate?batch=x``), else None: a login
+    must never send the browser to another site (``//evil.example``, ``/\\evil``)."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return None
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else None
 
 
 def _same_origin(request: Request) -> bool:
@@ -65,20 +79,27 @@ def index(request: Request) -> Response:
 
 
 @router.get("/login")
-def login_page(request: Request) -> Response:
-    return _render(request, "login.html", error=None)
+def login_page(request: Request,
+               next: Annotated[str | None, Query(max_length=2000)] = None) -> Response:  # noqa: A002
+    return _render(request, "login.html", error=None, next=_local_path(next), username="")
 
 
 @router.post("/login")
 def login_form(request: Request, username: Annotated[str, Form(max_length=120)],
-               password: Annotated[str, Form(max_length=1024)]) -> Response:
+               password: Annotated[str, Form(max_length=1024)],
+               next: Annotated[str | None, Form(max_length=2000)] = None,  # noqa: A002
+               ) -> Response:
+    target = _local_path(next)
     if not _same_origin(request):
-        return _render(request, "login.html", 403, error="cross-site login refused")
+        return _render(request, "login.html", 403, error="cross-site login refused",
+                       next=target, username=username)
     try:
         session_id, _csrf, role = do_login(request, request.app.state.db, username, password)
     except HTTPException as exc:
-        return _render(request, "login.html", exc.status_code, error=exc.detail)
-    response = RedirectResponse("/admin" if role == "admin" else "/annotate", status_code=303)
+        return _render(request, "login.html", exc.status_code, error=exc.detail, next=target,
+                       username=username)
+    home = "/admin" if role == "admin" else "/annotate"
+    response = RedirectResponse(target or home, status_code=303)
     set_session_cookie(request, response, session_id)
     return response
 
@@ -109,9 +130,13 @@ def _lease_page(session: Session, who: Principal, batch_name: str | None) -> dic
         ComparisonTask.id == lease.task_id))
     width = len(str(len(view["responses"])))  # 01, 02, ... with 10 answers or more
     responses = [{"label": answer_label(i), "key": f"{i + 1:0{width}d}", "id": r["id"],
-                  "html": markdown(r["text"])} for i, r in enumerate(view["responses"])]
+                  "html": markdown(r["text"]), "text": r["text"]}
+                 for i, r in enumerate(view["responses"])]
     guidelines = task_batch.guidelines if task_batch is not None else None
-    return {"task": {**view, "prompt_html": prompt_html(view["prompt"]), "items": responses},
+    seconds_left = max(0, int((lease.expires_at - utcnow()).total_seconds()))
+    return {"task": {**view, "prompt_html": prompt_html(view["prompt"]),
+                     "prompt_text": prompt_text(view["prompt"]), "items": responses,
+                     "lease_seconds": seconds_left},
             "guidelines": markdown(guidelines) if guidelines else None,
             "mine": mine, "progress": T.batch_progress(session, task_batch)}
 
@@ -121,8 +146,15 @@ def annotate(request: Request,
              batch: Annotated[str | None, Query(max_length=255)] = None) -> Response:
     who = page_user(request)
     if who is None:
-        return _to_login()
-    context = request.app.state.db.run_refusable_sync(lambda s: _lease_page(s, who, batch))
+        return _to_login(request)
+    try:
+        context = request.app.state.db.run_refusable_sync(lambda s: _lease_page(s, who, batch))
+    except HTTPException as exc:
+        if exc.status_code != 404:
+            raise
+        return _render(request, "error.html", 404, user=who, csrf=who.csrf_token,
+                       message=f"There is no batch named \u201c{batch}\u201d. Check the link "
+                       "you were given, or annotate any batch.", back="/annotate")
     return _render(request, "annotate.html", user=who, csrf=who.csrf_token, **context)
 
 
@@ -130,7 +162,7 @@ def annotate(request: Request,
 def admin(request: Request) -> Response:
     who = page_user(request)
     if who is None:
-        return _to_login()
+        return _to_login(request)
     if not who.is_admin:
         return _render(request, "error.html", 403, user=who, csrf=who.csrf_token,
                        message="This page is for admins.")

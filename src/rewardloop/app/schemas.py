@@ -48,6 +48,13 @@ class TaskOut(BaseModel):
     lease_expires_at: dt.datetime
 
 
+class LeaseOut(BaseModel):
+    task_id: int
+    lease_expires_at: dt.datetime
+    seconds_left: int = Field(description="Seconds from now until the lease runs out (free of "
+                              "any difference between the server's and the client's clocks).")
+
+
 class JudgmentIn(_In):
     task_id: int = Field(ge=1, le=2**62, strict=True)
     ranking: list[Group] = Field(min_length=1, max_length=64,

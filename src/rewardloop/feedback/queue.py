@@ -307,6 +307,32 @@ def skip_task(session: Session, annotator: Annotator | int, task_id: int) -> Non
                           "payload": {"task_id": task_id}})
 
 
+_EXTEND = Prepared(update(_A).where(_A.c.id == bindparam("lease_id")).values(
+    expires_at=bindparam("expires")))
+
+
+def renew_lease(session: Session, annotator: Annotator | int, task_id: int, *,
+                lease_s: float = 600) -> dt.datetime:
+    """Extend ``annotator``'s lease on ``task_id`` to ``lease_s`` from now (the annotate page
+    calls this while its reader is active, so a long read does not lose the task); the new
+    expiry. A lease that ran out is renewed only while the task still has room: 409 once
+    someone else took the slot; 404 without an open lease (judged, skipped or never held)."""
+    db, aid = Driver(session), _annotator_id(annotator)
+    own = _OWN_LEASE.first(db, {"tid": task_id, "aid": aid})
+    if own is None or own.completed:
+        raise TaskError(f"task {task_id!r} is not leased to you", status=404)
+    now = utcnow()
+    if _aware(own.expires_at) <= now:
+        task = (_TASK_PG if db.dialect.name == "postgresql" else _TASK).first(
+            db, {"tid": task_id})
+        held = _ACTIVE.scalars(db, {"tid": task_id, "now": now})[0]
+        if task.done or task.n_judgments + held >= task.overlap:
+            raise TaskError(f"the time for task {task_id} ran out and someone else took it")
+    expires = now + dt.timedelta(seconds=lease_s)
+    _EXTEND.run(db, {"lease_id": own.id, "expires": expires})
+    return expires
+
+
 def task_view(session: Session, lease: Lease) -> dict[str, Any]:
     """What an annotator is shown: the prompt and the responses in the leased display order."""
     db = Driver(session)
