@@ -23,7 +23,6 @@ returns the wrong number of values is a ``UserError`` naming it; a non-finite va
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ import torch
 from rewardloop.data.records import Text, is_chat
 from rewardloop.errors import TrainingError, UserError
 from rewardloop.score import RewardScorer, group_heads, resolve_rm_dir
+from rewardloop.util.imports import import_function
 
 RewardFn = Callable[..., Sequence[Any]]
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -104,16 +104,7 @@ def parse_reward_spec(text: str) -> RewardSpec:
 
 
 def _load_function(spec: str, flag: str = "--reward") -> tuple[str, RewardFn]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"{flag} {spec}: cannot import module {module_name!r} ({exc}); is it "
-                        "installed or on PYTHONPATH?") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise UserError(f"{flag} {spec}: module {module_name!r} has no function {attr!r}")
-    return attr, fn
+    return spec.partition(":")[2], import_function(spec, flag)
 
 
 class ModelReward:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,24 @@ def test_bad_reward_spec(spec: str, words: list[str]) -> None:
         Rewards([RewardSpec(spec)])
     for word in words:
         assert word in str(info.value)
+
+
+def test_a_function_in_the_working_directory_is_found(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--reward, --gold, --judge and simulate --gold import alike (util.imports): a local
+    module works without PYTHONPATH."""
+    from rewardloop.feedback.simulate import load_gold
+
+    (tmp_path / "local_reward_s11.py").write_text(
+        "def by_length(prompts, completions, **kw):\n"
+        "    return [float(len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "local_reward_s11", raising=False)
+    rewards = Rewards([RewardSpec("local_reward_s11:by_length")])
+    out = score(rewards, ["p", "p"], ["a", "abc"], has_eos=[True, True])
+    assert out.total.tolist() == [1.0, 3.0]
+    assert load_gold("local_reward_s11:by_length")(prompts=["p"], completions=["ab"]) == [2.0]
+    assert str(tmp_path) not in sys.path  # searched for the import, not left behind
 
 
 def test_no_reward_is_refused() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from rewardloop.cli import app
@@ -133,6 +134,30 @@ def test_every_parameter_changes_and_eval_figures_are_written(tiny_dir: Path,
     assert summary["eval_perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines][:3] == [1, 2, 3]
+
+
+def test_eval_every_logs_each_step_once(tiny_dir: Path, tmp_path: Path) -> None:
+    data = _write(tmp_path / "train.jsonl", sft_rows(12, seed=1))
+    held = _write(tmp_path / "eval.jsonl", sft_rows(6, seed=2))
+    train_sft(_cfg(tiny_dir, tmp_path, data, eval_data=held, max_steps=2, eval_every=1))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2]  # the last step not twice
+
+
+def test_answers_cut_at_max_length_are_counted(tiny_dir: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from rewardloop.train.sft import read_sft
+
+    rows = [{"prompt": "Say", "completion": "hi"}, {"prompt": "Tell", "completion": "a " * 80}]
+    data = _write(tmp_path / "train.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    with caplog.at_level("WARNING"):
+        read_sft(data, tokenizer, _cfg(tiny_dir, tmp_path, data, max_length=32))
+    assert "1 of 2 answers were cut at max_length=32 (no EOS)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_sft(data, tokenizer, _cfg(tiny_dir, tmp_path, data, max_length=512))
+    assert "were cut" not in caplog.text
 
 
 def test_lora_changes_only_the_adapters(tiny_dir: Path, tmp_path: Path) -> None:

@@ -12,12 +12,9 @@ submit), exactly like people on the server.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import math
-import os
 import random
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ from rewardloop.config import check_fields
 from rewardloop.data.schema import Annotator, Batch
 from rewardloop.errors import UserError
 from rewardloop.feedback import queue
+from rewardloop.util.imports import import_function
 
 log = logging.getLogger(__name__)
 
@@ -257,26 +255,8 @@ def judge_offline(pool: Sequence[SimulatedAnnotator], candidates: Sequence[Mappi
 
 def load_gold(spec: str) -> GoldFn:
     """Import a gold function given as ``package.module:function`` (the working directory is
-    searched too)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"--gold: {spec!r} is not of the form package.module:function")
-    # Like `python -m`, look in the working directory too, so a local gold.py just works.
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"--gold: cannot import module {module_name!r}: {exc}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"--gold: module {module_name!r} has no function {attr!r}")
-    return fn
+    searched too: ``util.imports``)."""
+    return import_function(spec, "--gold")
 
 
 def _check_score(value: Any, index: int, spec: str) -> GoldScore:

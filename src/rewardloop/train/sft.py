@@ -77,6 +77,11 @@ def read_sft(path: Path, tokenizer: Any, cfg: SFTConfig) -> list[Encoded]:
     if not any(sum(target_mask(e, cfg.train_on_prompt)) for e in examples):
         raise UserError(f"{path}: no example has a token to train on (are the completions "
                         "cut away by --max-length?)")
+    cut = sum(not e.has_eos for e in examples)
+    if cut:  # a model trained on answers without their end does not learn to stop
+        log.warning("%s: %d of %d answers were cut at max_length=%d (no EOS): the model does "
+                    "not learn where they end; raise --max-length", path, cut, len(examples),
+                    cfg.max_length)
     return examples
 
 
@@ -272,6 +277,7 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
         sampler.load_state_dict(ckpt.sampler_state)
     run.start()  # everything loaded and the checkpoint accepted: only now is --out changed
     figures: dict[str, float] = {}
+    evaluated: int | None = None  # the step last evaluated
     with progress_bar(total_steps, "sft", start=step) as show:
         while step < total_steps:
             batch_rows = sampler.next_batch()
@@ -293,12 +299,13 @@ def _train(cfg: SFTConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
             if eval_examples and cfg.eval_every and step % cfg.eval_every == 0:
                 figures = evaluate(model, eval_examples, cfg, pad_id, rt)
                 run.log_metrics(step, figures)
+                evaluated = step
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(run, step, models={"policy": model},
                                 optimizers={"policy": optimizer}, schedulers={"policy": sched},
                                 sampler_state=sampler.state_dict(), runtime=rt)
             show(step, f"loss {out.loss:.3f}")
-    if eval_examples:
+    if eval_examples and evaluated != step:  # the last step's figures, once
         figures = evaluate(model, eval_examples, cfg, pad_id, rt)
         run.log_metrics(step, figures)
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
