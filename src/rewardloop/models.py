@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 NEW_PAD_TOKEN = "<|pad|>"  # noqa: S105 (a vocabulary entry, not a secret)
+ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
+GROUP_HEADS_KEY = "reward_group_heads"  # config.json attribute: the group of each head, in order
 
 
 @dataclass(frozen=True)
@@ -265,10 +267,11 @@ def load_reward_model(
     lora: LoraSettings | None = None,
     pad_token_id: int | None = None,
     trainable: bool = True,
-    heads: int = 1,
+    heads: int | None = 1,
 ) -> nn.Module:
     """A scalar-output sequence classifier (``num_labels=1``; ``heads`` K for a saved ensemble or
-    --group-heads model, one reward per head).
+    --group-heads model, one reward per head; None: as many as the saved model has, for a
+    model that is a starting point, reshaped by its caller).
 
     From a saved reward model it loads as is; from a causal LM it gets a fresh linear head
     (``score``) when it is to be trained (``trainable``); a frozen one, which would score with
@@ -282,14 +285,16 @@ def load_reward_model(
     if is_adapter_dir(source):
         model = _load_adapter(AutoModelForSequenceClassification, source, dtype=dtype,
                               device=device, trust_remote_code=trust_remote_code,
-                              trainable=trainable, num_labels=heads)
+                              trainable=trainable, num_labels=heads or 1)
     else:
         classifier = is_classifier(source)
-        labels = _read_config(source).get("id2label")
-        if classifier and labels is not None and len(labels) != heads:
-            raise UserError(f"{source} is a classifier with {len(labels)} labels; a reward model "
+        saved = saved_outputs(source) if classifier else 1
+        if heads is None:
+            heads = saved
+        if saved != heads:
+            raise UserError(f"{source} is a classifier with {saved} labels; a reward model "
                             "has exactly one (a scalar score)" if heads == 1 else
-                            f"{source} has {len(labels)} outputs, but its reward_stats.json "
+                            f"{source} has {saved} outputs, but its reward_stats.json "
                             f"and config name {heads} heads")
         if not classifier and not trainable:
             raise UserError(f"{source} is not a reward model (no trained score head: a "
@@ -309,9 +314,74 @@ def load_reward_model(
     return model
 
 
+def saved_outputs(source: str) -> int:
+    """Outputs of the saved sequence classifier in ``source`` (its heads)."""
+    config = _read_config(source)
+    labels = config.get("id2label")
+    # transformers leaves its default of 2 labels out of config.json
+    return len(labels) if labels else int(config.get("num_labels") or 2)
+
+
+def new_score_head(model: HFModel, heads: int, keep: int = 0) -> None:
+    """Give the classifier ``model`` a fresh ``score`` head of ``heads`` outputs, the first
+    ``keep`` copied from its current head (a warm start's)."""
+    import torch  # heavy
+    from torch import nn
+
+    old = model.score
+    head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
+                     dtype=old.weight.dtype, device=old.weight.device)
+    nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        head.weight[:keep].copy_(old.weight[:keep])
+        if head.bias is not None:
+            head.bias[:keep].copy_(old.bias[:keep])
+    model.score = head
+    model.config.num_labels = heads
+
+
+def mean_score_head(model: HFModel) -> None:
+    """One scalar head from a K-head reward model's: the mean of its heads, which scores every
+    answer with the ensemble's mean reward (the heads are linear). The config no longer names
+    an ensemble or groups."""
+    import torch  # heavy
+    from torch import nn
+
+    old = model.score
+    if old.out_features > 1:
+        head = nn.Linear(old.in_features, 1, bias=old.bias is not None,
+                         dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():
+            head.weight.copy_(old.weight.mean(0, keepdim=True))
+            if head.bias is not None:
+                head.bias.copy_(old.bias.mean(0, keepdim=True))
+        model.score = head
+        model.config.num_labels = 1
+    set_head_names(model.config, 1, ())
+
+
+def set_head_names(config: Any, reward_heads: int, groups: Sequence[str]) -> None:
+    """Record in ``config`` what the reward heads are: an ensemble of ``reward_heads`` (> 1),
+    one per group of ``groups``; a scalar model records neither."""
+    for key, value in ((ENSEMBLE_KEY, reward_heads if reward_heads > 1 else None),
+                       (GROUP_HEADS_KEY, list(groups) or None)):
+        if value is not None:
+            setattr(config, key, value)
+        elif hasattr(config, key):
+            delattr(config, key)
+
+
 def load_value_model(path: str | Path, **kwargs: Any) -> nn.Module:
-    """A PPO value model: the same scalar-head model as a reward model (often started from one)."""
-    return load_reward_model(path, **kwargs)
+    """A PPO value model: the same scalar-head model as a reward model (often started from one;
+    a K-head reward model starts it from the mean of its heads, ``mean_score_head``). LoRA, if
+    asked for, goes on after the head is made."""
+    lora = kwargs.pop("lora", None)
+    model: HFModel = load_reward_model(path, heads=None, **kwargs)
+    if model.config.num_labels > 1 or hasattr(model.config, ENSEMBLE_KEY):
+        mean_score_head(model)
+    return apply_lora(model, lora) if lora is not None else model
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

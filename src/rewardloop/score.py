@@ -28,6 +28,8 @@ from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import Text, is_chat
 from rewardloop.errors import UserError
 from rewardloop.models import (
+    ENSEMBLE_KEY,
+    GROUP_HEADS_KEY,
     HFModel,
     is_peft,
     load_reward_model,
@@ -41,8 +43,6 @@ from rewardloop.util.progress import progress_bar
 log = logging.getLogger(__name__)
 
 STATS_FILE = "reward_stats.json"
-ENSEMBLE_KEY = "reward_ensemble"  # config.json attribute: number of heads of an ensemble
-GROUP_HEADS_KEY = "reward_group_heads"  # config.json attribute: the group of each head, in order
 
 
 def trunk_states(model: nn.Module, classifier: HFModel, **inputs: Any) -> torch.Tensor:

@@ -46,14 +46,18 @@ from rewardloop.metrics import (
     primary_group,
 )
 from rewardloop.models import (
+    GROUP_HEADS_KEY,
     HFModel,
     LoraSettings,
     apply_lora,
     load_reward_model,
     load_tokenizer,
     match_tokenizer,
+    mean_score_head,
+    new_score_head,
+    set_head_names,
 )
-from rewardloop.score import ENSEMBLE_KEY, GROUP_HEADS_KEY, STATS_FILE, text_form
+from rewardloop.score import STATS_FILE, text_form
 from rewardloop.train.checkpoint import restore_weights
 from rewardloop.train.comparisons import (
     OBJECTIVES,
@@ -268,33 +272,27 @@ def load_tokenizer_for(cfg: RewardConfig) -> Any:
 
 def load_model(cfg: RewardConfig, tokenizer: Any, rt: Runtime,
                head_groups: Sequence[str] = ()) -> nn.Module:
-    """The reward model in fp32 master weights: K fresh heads for an ensemble (or one per
-    group of ``head_groups``, recorded in the config), LoRA when asked."""
+    """The reward model in fp32 master weights, LoRA when asked: K fresh heads for an ensemble
+    (or one per group of ``head_groups``, recorded in the config), and ODIN's length head last.
+
+    A reward model as --model is a warm start: its heads are kept when they are the ones asked
+    for (as many, the same groups); a K-head model warm-starts one scalar head from their mean
+    (its mean reward); otherwise the heads are new and only the trunk is kept."""
     model: HFModel = load_reward_model(cfg.model, dtype=rt.weights_dtype(cfg.dtype),
                               device=str(rt.device), trust_remote_code=cfg.trust_remote_code,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, heads=None)
     match_tokenizer(model, tokenizer)
-    # --group-heads: one head per group; ODIN's length head (--length-debias) is the last output
     reward_heads = len(head_groups) or cfg.ensemble
-    heads = reward_heads + int(cfg.length_debias)
-    if heads > 1:
-        old = model.score
-        head = nn.Linear(old.in_features, heads, bias=old.bias is not None,
-                         dtype=old.weight.dtype, device=old.weight.device)
-        nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
-        if head.bias is not None:
-            nn.init.zeros_(head.bias)
-        if reward_heads == 1:  # one reward head: keep the model's own (a warm start's)
-            with torch.no_grad():
-                head.weight[0].copy_(old.weight[0])
-                if head.bias is not None:
-                    head.bias[0].copy_(old.bias[0])
-        model.score = head
-        model.config.num_labels = heads
-        if reward_heads > 1:
-            setattr(model.config, ENSEMBLE_KEY, reward_heads)
-        if head_groups:
-            setattr(model.config, GROUP_HEADS_KEY, list(head_groups))
+    saved = model.config.num_labels
+    same = saved == reward_heads and list(
+        getattr(model.config, GROUP_HEADS_KEY, None) or []) == list(head_groups)
+    if saved > 1 and not same and reward_heads == 1:
+        mean_score_head(model)
+        same = True
+    heads = reward_heads + int(cfg.length_debias)  # the length head is the last output
+    if heads != model.config.num_labels or not same:
+        new_score_head(model, heads, keep=reward_heads if same else 0)
+    set_head_names(model.config, reward_heads, head_groups)
     if cfg.lora_r:
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     return model
