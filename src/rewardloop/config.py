@@ -1,6 +1,8 @@
 """Resolve a command's frozen config dataclass from defaults, a YAML file and CLI flags.
 
 Precedence: dataclass defaults < ``--config FILE.yaml`` < flags given on the command line.
+A key is a field's name or, where its flag is spelled otherwise (a config's ``FLAG_NAMES``:
+``--reward`` for ``rewards``), that flag's name with ``_``; both spellings at once are an error.
 Unknown keys in the YAML are an error (a typo must not silently fall back to a default), and so
 is a value of the wrong type (``overwrite: "false"`` is a string, and a non-empty string is
 true): every value is checked against its field's annotation (``check_value``).
@@ -159,21 +161,61 @@ def _takes_null(annotation: Any) -> bool:
                                  and type(None) in args)
 
 
+def flag_names(cls: type) -> dict[str, str | tuple[str, ...]]:
+    """The flags of dataclass ``cls``'s fields that are not spelled ``--field-name``: the
+    ``FLAG_NAMES`` of ``cls`` and its bases (field -> a flag, several as a tuple, a switch as
+    ``"--on/--off"``)."""
+    names: dict[str, str | tuple[str, ...]] = {}
+    for klass in reversed(cls.__mro__):
+        names |= klass.__dict__.get("FLAG_NAMES", {})
+    return names
+
+
+def key_aliases(cls: type) -> dict[str, str]:
+    """``{key: field}``: the other config keys of ``cls``'s fields, each a long flag of
+    ``flag_names`` with ``_`` (``--reward`` -> ``reward``; of a switch its "on" name)."""
+    aliases = {}
+    for name, flags in flag_names(cls).items():
+        for flag in (flags,) if isinstance(flags, str) else flags:
+            key = flag.split("/")[0].removeprefix("--").replace("-", "_")
+            if flag.startswith("--") and key != name:
+                aliases[key] = name
+    return aliases
+
+
+def _field_keys(cls: type, values: Mapping[Any, Any], where: str) -> dict[Any, Any]:
+    """``{field name: key given}`` for the keys of ``values`` (an alias, ``key_aliases``, to its
+    field's name; any other key to itself); a UserError naming both keys when a field is given
+    under two."""
+    aliases = key_aliases(cls)
+    given: dict[Any, Any] = {}
+    for key in values:
+        name = aliases.get(key, key) if isinstance(key, str) else key
+        if name in given:
+            raise UserError(f"{where}: {given[name]!r} and {key!r} are one setting ({name}); "
+                            "give one of them")
+        given[name] = key
+    return given
+
+
 def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``values`` (field name -> value) checked against dataclass ``cls``: unknown keys and
-    values of the wrong type are a UserError beginning with ``where``. A ``null`` for a setting
-    that cannot be null leaves it at its default (as leaving the key out does)."""
+    """``values`` (field name or its flag's name, ``key_aliases`` -> value) checked against
+    dataclass ``cls`` and keyed by field name: unknown keys, a field under two names and values
+    of the wrong type are a UserError beginning with ``where``. A ``null`` for a setting that
+    cannot be null leaves it at its default (as leaving the key out does)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known, key=str)
+    given = _field_keys(cls, values, where)
+    unknown = sorted((key for name, key in given.items() if name not in known), key=str)
     if unknown:
         raise UserError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
     out = {}
-    for key, value in values.items():
-        if value is None and not _takes_null(hints[key]):
+    for name, key in given.items():
+        value = values[key]
+        if value is None and not _takes_null(hints[name]):
             continue  # a YAML `null` on a setting that has no null value: its default
         try:
-            out[key] = check_value(value, hints[key], key)
+            out[name] = check_value(value, hints[name], key)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     return out

@@ -25,7 +25,13 @@ import yaml
 
 from rewardloop.config import config_to_dict
 from rewardloop.eval.alarms import AlarmSettings, best_index, check_alarms
-from rewardloop.loop_config import LoopConfig, claim_workdir, round_dir, run_stage
+from rewardloop.loop_config import (
+    CONFIG_FILE,
+    LoopConfig,
+    claim_workdir,
+    round_dir,
+    run_stage,
+)
 from rewardloop.loop_stages import (
     RoundContext,
     check_for_groups,
@@ -120,7 +126,7 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
     written); tests raise from it to interrupt a run.
     """
     claim_workdir(cfg.workdir, "loop")  # the demo claimed its own first
-    atomic_write_text(cfg.workdir / "config.yaml", _yaml(config_to_dict(cfg)))
+    atomic_write_text(cfg.workdir / CONFIG_FILE, _yaml(config_to_dict(cfg)))
     if cfg.for_groups is not None:
         check_for_groups(cfg)  # refused now, not after a round's sampling
     records = []

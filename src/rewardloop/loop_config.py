@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ STAGES = ("generate", "tasks", "feedback", "rm", "policy", "eval")
 ALGORITHMS = ("grpo", "rloo", "ppo", "dpo")
 SELECTIONS = ("random",)
 MARKER = "DONE.json"
+CONFIG_FILE = "config.yaml"
+"""The resolved config a loop writes into its work directory when it starts: `rewardloop loop
+--config WORKDIR/config.yaml` resumes the run as it was started (flags included)."""
 RM_BEST_POINT = {"eval_fraction": 0.15, "eval_every": 10, "early_stopping_patience": 5}
 """The reward model's held-out share (of the rows, by prompt) and best point; rm_options win."""
 
@@ -265,10 +269,15 @@ def _made_by_a_loop(workdir: Path) -> bool:
     import yaml  # only for directories of earlier versions
 
     try:
-        config = yaml.safe_load((workdir / "config.yaml").read_text())
+        config = yaml.safe_load((workdir / CONFIG_FILE).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     return (workdir / "round-1").is_dir() and isinstance(config, dict) and "policy" in config
+
+
+def resume_command(workdir: Path) -> str:
+    """The command that resumes the loop in ``workdir`` (its resolved ``CONFIG_FILE``)."""
+    return f"rewardloop loop --config {shlex.quote(str(Path(workdir) / CONFIG_FILE))}"
 
 
 def round_dir(workdir: Path, n: int) -> Path:

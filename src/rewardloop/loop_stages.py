@@ -44,7 +44,7 @@ from rewardloop.feedback import select as S
 from rewardloop.feedback import tasks as T
 from rewardloop.feedback.quality import annotators_from_db, quality_report
 from rewardloop.feedback.simulate import ensure_annotators, load_pool, simulate
-from rewardloop.loop_config import LoopConfig, read_marker, round_dir
+from rewardloop.loop_config import LoopConfig, read_marker, resume_command, round_dir
 from rewardloop.train.checkpoint import list_checkpoints
 from rewardloop.util.files import atomic_write_text
 
@@ -245,8 +245,8 @@ def stage_feedback(ctx: RoundContext, out: Path) -> dict[str, Any]:
                 raise UserError(
                     f"round {ctx.n}: {progress['judgments']} of {needed} judgments arrived in "
                     f"batch {ctx.batch} within {cfg.wait_timeout_s:g}s. Judge the tasks with "
-                    f"`rewardloop serve --db {store.safe_url}`, then run `rewardloop loop` "
-                    "again: it resumes here")
+                    f"`rewardloop serve --db {store.safe_url}`, then run "
+                    f"`{resume_command(cfg.workdir)}`: it resumes here")
             log.info("round %d: %d of %d judgments; waiting", ctx.n, progress["judgments"],
                      needed)
             time.sleep(cfg.poll_s)

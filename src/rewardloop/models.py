@@ -29,6 +29,7 @@ from rewardloop.model_files import (
     hub_offline,
     is_adapter_dir,
 )
+from rewardloop.util.quiet import quiet_checkpointing_alias
 
 if TYPE_CHECKING:
     import torch
@@ -245,7 +246,8 @@ def _load_adapter(auto_cls: Any, source: str, *, dtype: str, device: str,
             base.resize_token_embeddings(len(saved))
         if saved.pad_token_id is not None:
             base.config.pad_token_id = saved.pad_token_id
-    return PeftModel.from_pretrained(base, source, is_trainable=trainable)
+    with quiet_checkpointing_alias():
+        return PeftModel.from_pretrained(base, source, is_trainable=trainable)
 
 
 def _saved_tokenizer(source: str, trust_remote_code: bool) -> Any:
@@ -398,7 +400,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with quiet_checkpointing_alias():
+            return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"cannot apply LoRA: {exc}") from None
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rewardloop.errors import DataError, UserError
 from rewardloop.util.files import check_output_dir
@@ -72,6 +73,11 @@ _AGENT = (
 @dataclass(frozen=True)
 class TinyConfig:
     """Options of ``rewardloop tiny``: the size of the random model and its tokenizer."""
+
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "hidden_size": ("--hidden-size", "--hidden"), "num_layers": ("--num-layers", "--layers"),
+        "num_heads": ("--num-heads", "--heads")}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
 
     out: Path
     """Directory to write (must be empty or absent unless ``overwrite``)."""

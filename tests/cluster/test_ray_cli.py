@@ -3,10 +3,13 @@ the placement plan puts each actor where the flags say (no actors are started he
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -132,3 +135,67 @@ def test_each_trainer_rank_gets_its_share_of_the_actors(monkeypatch: pytest.Monk
     reference = roles.reference()
     assert reference is not None and reference.actor.label == "r0"
     assert RayRoles([actors["g0"]], [], {}, 5.0).reference() is None
+
+
+def test_the_driver_merges_restarts_into_the_saved_summary(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """cluster.md: "The summary's `restarts` says how many it took": rank 0 wrote summary.json
+    without it (only the driver counts restarts), and the driver adds it, keeping the rest."""
+    pytest.importorskip("ray")
+    from rewardloop.cluster.rl import record_restarts
+
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 4, "reward_last": 0.5}))
+    summary = record_restarts(tmp_path, {"steps": 4, "reward_last": 0.5}, 2)
+    assert summary == {"steps": 4, "reward_last": 0.5, "restarts": 2}
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+    elsewhere = tmp_path / "elsewhere"  # --out the driver does not see: said, not a crash
+    assert record_restarts(elsewhere, {"steps": 4}, 0)["restarts"] == 0
+    assert "restarts=0 is not recorded" in caplog.text and not elsewhere.exists()
+
+
+def _auth_records(emit: Any) -> list[str]:
+    """The messages Ray's authentication logger passes on while ``emit()`` runs."""
+    from rewardloop.cluster.connect import AUTH_LOGGER
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(AUTH_LOGGER)
+    logger.addHandler(handler)
+    try:
+        emit()
+    finally:
+        logger.removeHandler(handler)
+    return seen
+
+
+def test_rays_token_auth_notice_is_dropped_and_its_other_warnings_kept() -> None:
+    pytest.importorskip("ray")
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from rewardloop.cluster.connect import TOKEN_AUTH_ON, quiet_token_auth_notice
+
+    def both() -> None:
+        with quiet_token_auth_notice():
+            auth._warn_token_auth_enabled()
+            auth._warn_token_auth_disabled()
+
+    inside = _auth_records(both)
+    assert len(inside) == 1 and inside[0].startswith("Token authentication is disabled")
+    # Ray's own text: an upgrade that rewords it fails here, not silently on the terminal
+    (after,) = _auth_records(auth._warn_token_auth_enabled)  # the filter is gone afterwards
+    assert after.startswith(TOKEN_AUTH_ON)
+
+
+@pytest.mark.slow
+def test_a_local_ray_starts_without_the_token_auth_notice(tmp_path: Path) -> None:
+    """The audit's noise: every `--ray` run printed Ray's "Token authentication is enabled"."""
+    pytest.importorskip("ray")
+    code = ("from rewardloop.cluster.connect import connect\nimport ray\n"
+            "assert connect('local', cpus=1)\nray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    res = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(tmp_path)},
+                         text=True, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Token authentication is enabled" not in res.stderr + res.stdout

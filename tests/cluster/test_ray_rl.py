@@ -116,6 +116,7 @@ def test_colocated_run_restarts_from_its_checkpoint_when_the_generation_actor_di
     summary = train_on_ray("grpo", cfg)
     killer.join()
     assert killer.killed_at is not None and summary["restarts"] == 1
+    assert json.loads((out / "summary.json").read_text())["restarts"] == 1  # cluster.md
     assert_same_run(one, out)
 
 
@@ -147,7 +148,9 @@ def test_one_step_off_policy_samples_the_next_step_during_the_update(
     out = tmp_path / "ray"
     cfg = replace(config(work, out, ray="local", trainers=1, reward_actors=0,
                          async_rollout=True), rewards=("_rl_rewards:by_prompt",), max_steps=3)
-    train_on_ray("grpo", cfg)
+    summary = train_on_ray("grpo", cfg)
+    saved = json.loads((out / "summary.json").read_text())  # the driver added restarts
+    assert saved["restarts"] == summary["restarts"] == 0 and saved["steps"] == 3
     steps = metrics(out)
     assert [m["staleness"] for m in steps] == [0, 1, 1]
     assert abs(steps[0]["sampler_kl"]) < 1e-6 and steps[0]["is_weight_mean"] == \

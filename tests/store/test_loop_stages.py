@@ -5,18 +5,22 @@ result, not an error."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from rewardloop.config import load_config
 from rewardloop.data import schema as S
 from rewardloop.data.formats import write_records
 from rewardloop.data.records import CandidatesRecord
 from rewardloop.errors import UserError
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
-from rewardloop.loop_config import LoopConfig
+from rewardloop.loop import run_loop
+from rewardloop.loop_config import LoopConfig, claim_workdir
 from rewardloop.loop_stages import RoundContext, _arena, _rm_inputs, stage_tasks
 
 
@@ -107,3 +111,26 @@ def test_an_arena_with_nothing_to_judge_is_recorded_not_refused(sqlite_store,
     assert arena["battles"] == 0 and "no battle" in arena["note"]
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["comparisons"] == [] and saved["arena"]["identical_pairs_skipped"] == 6
+
+
+def test_waiting_for_people_stops_with_the_command_that_resumes(sqlite_store,
+                                                               tmp_path: Path) -> None:
+    """loop.md: after wait_timeout_s the loop stops with a message saying how to resume; the
+    command it names must load the config the run started with (a bare `rewardloop loop`
+    has no --policy)."""
+    cfg = _config(tmp_path, sqlite_store, min_judgments=1, wait_timeout_s=0.01, poll_s=0.01,
+                  rm_options={"max_steps": 3})
+    ctx = RoundContext(cfg, 1)
+    claim_workdir(cfg.workdir, "loop")
+    for stage in ("generate", "tasks"):  # done already: the round goes on to wait
+        (ctx.dir / stage).mkdir(parents=True)
+        (ctx.dir / stage / "DONE.json").write_text('{"figures": {}}')
+    with sqlite_store.write() as s:
+        T.get_or_create_batch(s, ctx.batch)
+    with pytest.raises(UserError, match="0 of 1 judgments arrived") as info:
+        run_loop(cfg)
+    found = re.search(r"then run `([^`]*)`: it resumes here", str(info.value))
+    assert found is not None, str(info.value)
+    args = shlex.split(found.group(1))
+    assert args[:3] == ["rewardloop", "loop", "--config"] and len(args) == 4
+    assert load_config(LoopConfig, Path(args[3])) == cfg

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,14 +21,17 @@ from typer.testing import CliRunner
 from rewardloop.cli import app
 from rewardloop.config import check_value, load_config
 from rewardloop.errors import UserError
+from rewardloop.eval.config import EvalConfig
 from rewardloop.feedback.simulate import load_pool, parse_pool
 from rewardloop.loop_config import LoopConfig
+from rewardloop.tiny import TinyConfig
 from rewardloop.train.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 SFT = {"model": "m", "data": Path("sft.jsonl"), "out": Path("o")}
 RL = {"policy": "p", "prompts": Path("x.jsonl"), "out": Path("o"), "rewards": ("a.b:c",)}
 LOOP = {"policy": "p", "prompts": Path("x.jsonl")}
+EVAL = {"policy": "p", "baseline": "b", "prompts": Path("x.jsonl"), "out": Path("o")}
 
 
 def _yaml(tmp_path: Path, keys: dict[str, Any]) -> Path:
@@ -134,6 +138,73 @@ def test_a_yaml_null_leaves_a_setting_at_its_default(tmp_path: Path) -> None:
     cfg = load_config(SFTConfig, _text(tmp_path, "lr: null\nmax_steps: null\n"), **SFT)
     default = load_config(SFTConfig, None, **SFT)
     assert (cfg.lr, cfg.max_steps) == (default.lr, default.max_steps)
+
+
+# -- keys: the field's name, or the name of its flag --------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "base", "text", "field", "value"), [
+    (GRPOConfig, {**RL, "rewards": None}, "reward: [m.od:fn]\n", "rewards", ("m.od:fn",)),
+    (PPOConfig, {**RL, "policy": None}, "model: sft\n", "policy", "sft"),
+    (SFTConfig, {**SFT, "model": None}, "policy: sft\n", "model", "sft"),
+    (RewardConfig, SFT, "format: ranking\n", "data_format", "ranking"),
+    (DPOConfig, SFT, "format: kto\nloss: kto\n", "data_format", "kto"),
+    (DPOConfig, SFT, "ref_cached: false\n", "precompute_ref", False),
+    (EvalConfig, EVAL, "judge: [human]\nmodel: p\n", "judges", ("human",)),
+    (TinyConfig, {"out": Path("t")}, "hidden: 32\nlayers: 1\nheads: 2\n", "num_heads", 2),
+])
+def test_a_config_key_may_be_the_flags_name(tmp_path: Path, cls: type, base: dict[str, Any],
+                                            text: str, field: str, value: Any) -> None:
+    """sft-rm.md: the keys are the flag names with `_`, also where the flag is not spelled as
+    the field (`--reward` for `rewards`)."""
+    flags = {k: v for k, v in base.items() if v is not None}
+    assert getattr(load_config(cls, _text(tmp_path, text), **flags), field) == value
+
+
+def test_a_flag_overrides_the_key_of_another_spelling(tmp_path: Path) -> None:
+    cfg = load_config(GRPOConfig, _text(tmp_path, "reward: [a.b:yaml]\n"), **RL)
+    assert cfg.rewards == ("a.b:c",)
+
+
+@pytest.mark.parametrize(("cls", "base", "keys", "words"), [
+    (GRPOConfig, RL, {"reward": ["a.b:c"], "rewards": ["a.b:d"]},
+     "'reward' and 'rewards' are one setting (rewards)"),
+    (DPOConfig, SFT, {"precompute_ref": True, "ref_cached": False},
+     "'precompute_ref' and 'ref_cached' are one setting (precompute_ref)"),
+    (EvalConfig, EVAL, {"judges": ["human"], "judge": ["human"]},
+     "'judges' and 'judge' are one setting (judges)"),
+])
+def test_a_setting_under_both_names_is_refused(tmp_path: Path, cls: type, base: dict[str, Any],
+                                               keys: dict[str, Any], words: str) -> None:
+    with pytest.raises(UserError, match=re.escape(words)) as info:
+        load_config(cls, _text(tmp_path, yaml.safe_dump(keys, sort_keys=False)), **base)
+    assert str(info.value).startswith(str(tmp_path / "config.yaml"))
+
+
+def test_the_loops_trainer_options_take_the_flags_names_too() -> None:
+    cfg = LoopConfig(**LOOP, rm_options={"format": "trl", "max_steps": 2},
+                     policy_options={"reward": ["a.b:c"], "lr": 1e-5})
+    assert cfg.rm_options == {"data_format": "trl", "max_steps": 2}
+    rm = cfg.rm_config(model="p", data=Path("d.jsonl"), out=Path("o"))
+    assert rm.data_format == "trl"
+    built = cfg.policy_config(policy="p", rewards=("rm",), out=Path("o"))
+    assert built.rewards == ("a.b:c",)  # policy_options win over the loop's own
+    dpo = LoopConfig(**LOOP, algorithm="dpo", policy_options={"ref_cached": False})
+    assert dpo.policy_config(model="p", data=Path("d"), out=Path("o")).precompute_ref is False
+    with pytest.raises(ValueError, match="rm_options: 'format' and 'data_format' are one"):
+        LoopConfig(**LOOP, rm_options={"format": "trl", "data_format": "hh"})
+
+
+def test_cli_config_file_takes_the_flags_name(tmp_path: Path) -> None:
+    """The audit's reproduction: `reward:` in a grpo --config file was an unknown key."""
+    config = _yaml(tmp_path, {"reward": ["a.b:c"], "top_p": 1.5})
+    result = _invoke(["train", "grpo", "--model", "p", "--prompts", "x.jsonl", "--out", "o",
+                      "--config", str(config)])
+    assert "top_p must be in (0, 1], got 1.5" in result.output  # reward: was read
+    _yaml(tmp_path, {"reward": "a.b:c"})  # a value's mistake names the key as written
+    result = _invoke(["train", "grpo", "--model", "p", "--prompts", "x.jsonl", "--out", "o",
+                      "--config", str(config)])
+    assert "reward: expected a list of strings, got 'a.b:c'" in result.output
 
 
 def test_the_loop_yaml_is_checked_the_same_way(tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
 from rewardloop.cli import app
 from rewardloop.cli._flags import config_params
 from rewardloop.cli.generate import GenerateConfig
+from rewardloop.config import flag_names
 from rewardloop.eval.config import EvalConfig
 from rewardloop.loop_config import LoopConfig
 from rewardloop.options import OptimOptions, field_docs
@@ -35,9 +37,14 @@ COMMANDS = {("train", "sft"): SFTConfig, ("train", "rm"): RewardConfig,
 COMMAND_DEFAULTS = {("train", "rloo"): {"advantage": "rloo"}}
 # Nested option mappings: YAML keys only.
 YAML_ONLY = {"rm_options", "policy_options", "generation"}
-# Flags spelled otherwise than the field, for the names users already know.
+# Flags spelled otherwise than the field, for the names users already know (FLAG_NAMES).
 RENAMED = {"data_format": "--format", "rewards": "--reward", "precompute_ref": "--ref-cached",
-           "judges": "--judge", "n": "-n"}
+           "judges": "--judge", "n": "-n", "hidden_size": "--hidden", "num_layers": "--layers",
+           "num_heads": "--heads"}
+# The model a command trains or samples from: both spellings everywhere (as DESIGN.md says).
+MODEL_FLAGS = {("train", "sft"): "model", ("train", "rm"): "model", ("train", "dpo"): "model",
+               ("train", "grpo"): "policy", ("train", "rloo"): "policy",
+               ("train", "ppo"): "policy", ("generate",): "policy", ("eval",): "policy"}
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -65,6 +72,9 @@ def test_every_field_is_a_documented_flag(path: tuple[str, ...]) -> None:
             continue
         param = params[field.name]
         assert RENAMED.get(field.name, "--" + field.name.replace("_", "-")) in param.opts
+        named = flag_names(cls).get(field.name, ())
+        for flag in (named,) if isinstance(named, str) else named:
+            assert flag.split("/")[0] in param.opts, (field.name, flag)
         help_text = param.help or ""
         assert field_docs(cls)[field.name].split()[0] in help_text
         default = COMMAND_DEFAULTS.get(path, {}).get(field.name, field.default)
@@ -73,6 +83,15 @@ def test_every_field_is_a_documented_flag(path: tuple[str, ...]) -> None:
             assert f"Default: {shown}." in help_text, field.name
     assert "config" in params
     assert ("nproc" in params) == (path[0] == "train")
+
+
+@pytest.mark.parametrize("path", list(MODEL_FLAGS), ids=" ".join)
+def test_the_model_to_train_or_sample_is_both_model_and_policy(path: tuple[str, ...]) -> None:
+    """`train grpo --model DIR` works as `train dpo --policy DIR` does, and --help shows both."""
+    param = {p.name: p for p in _command(path).params}[MODEL_FLAGS[path]]
+    assert {"--model", "--policy"} <= set(param.opts)
+    shown = CliRunner().invoke(app, [*path, "--help"], terminal_width=200).output
+    assert "--model" in shown and "--policy" in shown
 
 
 def test_the_help_shows_each_command_default_not_the_block_one() -> None:

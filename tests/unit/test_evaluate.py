@@ -173,3 +173,23 @@ def test_human_judge_creates_arena_tasks(tiny_pair: tuple[Path, Path, Path],
     result = store_arena(db, "eval-arena", policy="A", baseline="B", n_boot=20)
     assert result["battles"] == human["tasks"]
     assert result["n"] == human["tasks"] and set(result["ratings"]) == {"A", "B"}
+
+
+def test_human_judge_with_every_pair_identical_says_there_is_nothing_to_judge(
+        tiny_pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The same model on both sides gives the same answers: no arena task is made, and the
+    command says so instead of sending the user to judge none."""
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    a, _, prompts = tiny_pair
+    db = f"sqlite:///{tmp_path / 'arena.db'}"
+    result = CliRunner().invoke(app, [
+        "eval", "--policy", str(a), "--baseline", str(a), "--prompts", str(prompts),
+        "--judge", "human", "--db", db, "--out", str(tmp_path / "ev"), "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "human: all 6 answer pairs were identical: nothing to judge" in result.output
+    assert "Judge them" not in result.output
+    human = json.loads((tmp_path / "ev" / "eval.json").read_text())["comparisons"][0]
+    assert (human["tasks"], human["identical_pairs_skipped"]) == (0, 6)

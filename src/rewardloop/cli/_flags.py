@@ -22,6 +22,7 @@ import typer
 
 from rewardloop.cli._common import CONFIG
 from rewardloop.cli._launch import NPROC, refuse_nproc
+from rewardloop.config import flag_names
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
     ClusterOptions,
@@ -81,19 +82,20 @@ def _flag_type(cls: type, name: str, hint: Any) -> tuple[Any, str | None]:
     raise TypeError(f"{cls.__name__}.{name}: no flag for type {hint}")
 
 
-def config_params(cls: type, *, rename: Mapping[str, str | tuple[str, ...]] | None = None,
-                  cli_defaults: Mapping[str, Any] | None = None,
+def config_params(cls: type, *, cli_defaults: Mapping[str, Any] | None = None,
                   skip: Sequence[str] = ()) -> list[inspect.Parameter]:
     """One typer parameter per field of config dataclass ``cls``, the command's own fields
     first, then each option block's.
 
-    ``rename`` gives a field other flag names (``{"rewards": "--reward"}``, several as a
-    tuple; for a switch both spellings, ``"--on/--off"``); ``cli_defaults`` a value used when
-    the flag is absent (it then wins over the YAML file, so keep it for what the command
-    itself means, like ``rloo``'s advantage); ``skip`` fields that are not flags (YAML
-    only). Raises TypeError for a field without a docstring or of a type no flag can carry.
+    A field's flag is ``--field-name`` unless the config's ``FLAG_NAMES`` names it otherwise
+    (``{"rewards": "--reward"}``, several as a tuple; for a switch both spellings,
+    ``"--on/--off"``; ``config.flag_names``), and those names are also its keys in --config
+    (``config.key_aliases``). ``cli_defaults`` gives a value used when the flag is absent (it
+    then wins over the YAML file, so keep it for what the command itself means, like
+    ``rloo``'s advantage); ``skip`` fields that are not flags (YAML only). Raises TypeError for
+    a field without a docstring or of a type no flag can carry.
     """
-    rename, cli_defaults = rename or {}, cli_defaults or {}
+    rename, cli_defaults = flag_names(cls), cli_defaults or {}
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
@@ -123,7 +125,6 @@ def config_params(cls: type, *, rename: Mapping[str, str | tuple[str, ...]] | No
 
 def config_command(cls: type, run: Callable[..., None], *, doc: str,
                    extra: Sequence[inspect.Parameter] = (),
-                   rename: Mapping[str, str | tuple[str, ...]] | None = None,
                    cli_defaults: Mapping[str, Any] | None = None,
                    skip: Sequence[str] = (),
                    skip_if: Callable[..., bool] | None = None) -> Callable[..., None]:
@@ -131,7 +132,7 @@ def config_command(cls: type, run: Callable[..., None], *, doc: str,
     parameters that are not config fields, then ``--config``. It builds the config
     (defaults < YAML < flags) and calls ``run(cfg, **extra values)``; not at all when
     ``skip_if(**extra values)`` is true (a group's callback when a subcommand was asked for)."""
-    params = config_params(cls, rename=rename, cli_defaults=cli_defaults, skip=skip)
+    params = config_params(cls, cli_defaults=cli_defaults, skip=skip)
     params += [*extra, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
                                          default=CONFIG, annotation=Optional[Path])]  # noqa: UP045
     extra_names = [p.name for p in extra]
@@ -156,7 +157,6 @@ def config_command(cls: type, run: Callable[..., None], *, doc: str,
 
 
 def train_command(cls: type, run: Callable[[Any], None], *, doc: str,
-                  rename: Mapping[str, str | tuple[str, ...]] | None = None,
                   cli_defaults: Mapping[str, Any] | None = None) -> Callable[..., None]:
     """``config_command`` for a trainer: also ``--nproc`` (handled by ``cli.main`` before
     parsing; refused here if the command is called in-process)."""
@@ -167,5 +167,5 @@ def train_command(cls: type, run: Callable[[Any], None], *, doc: str,
 
     nproc = inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, default=NPROC,
                               annotation=Optional[int])  # noqa: UP045
-    return config_command(cls, run_trainer, doc=doc, extra=[nproc], rename=rename,
+    return config_command(cls, run_trainer, doc=doc, extra=[nproc],
                           cli_defaults=cli_defaults)

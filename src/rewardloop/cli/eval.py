@@ -31,6 +31,19 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
 
+def _human_line(row: dict[str, Any]) -> str:
+    """What ``eval --judge human`` made: the arena tasks and how to judge and rate them, or
+    that there is nothing to judge (every policy answer the same as the baseline's)."""
+    skipped = row.get("identical_pairs_skipped", 0)
+    if row["tasks"] + row.get("existing_tasks", 0) == 0:
+        return (f"human: all {skipped} answer pairs were identical: nothing to judge (no arena "
+                f"tasks in batch {row['arena_batch']})")
+    same = f" ({skipped} identical answer pairs left out)" if skipped else ""
+    return (f"human: {row['tasks']} arena tasks in batch {row['arena_batch']} of {row['db']}"
+            f"{same}. Judge them in the browser with `rewardloop serve --db {row['db']}`, then "
+            f"rate with `rewardloop eval arena --db {row['db']} --batch {row['arena_batch']}`.")
+
+
 def _print_comparisons(result: dict[str, Any], out: Path) -> None:
     for row in result["comparisons"]:
         if "win_rate" in row:
@@ -38,10 +51,7 @@ def _print_comparisons(result: dict[str, Any], out: Path) -> None:
             typer.echo(f"{row['name']}: win rate {row['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
                        f"({row['wins']} wins, {row['ties']} ties, {row['losses']} losses)")
         else:
-            typer.echo(f"human: {row['tasks']} arena tasks in batch {row['arena_batch']} of "
-                       f"{row['db']}. Judge them in the browser with `rewardloop serve --db "
-                       f"{row['db']}`, then rate with `rewardloop eval arena --db {row['db']} "
-                       f"--batch {row['arena_batch']}`.")
+            typer.echo(_human_line(row))
     if result.get("kl") is not None:
         typer.echo(f"KL(policy || baseline) per answer: {result['kl']:.4f}")
     lengths = result["length"]
@@ -72,7 +82,6 @@ eval_app.callback()(config_command(
     extra=[inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
            inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=OVERWRITE,
                              annotation=bool)],
-    rename={"judges": "--judge", "n": ("-n", "--n")},
     skip_if=lambda ctx, overwrite: ctx.invoked_subcommand is not None))
 
 

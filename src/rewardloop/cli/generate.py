@@ -4,9 +4,10 @@ with --for-groups aimed at the annotator groups that fall behind (``feedback.aud
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import typer
 
@@ -30,6 +31,9 @@ ORDER = 11
 class GenerateConfig(EngineOptions, RayJobOptions):
     """Options of ``rewardloop generate``."""
 
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "policy": ("--policy", "--model"), "n": "-n"}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
     policy: str
     """Policy to sample from: a model directory (or a train run directory's model/) or a hub
     id."""
@@ -256,7 +260,7 @@ def _print_generate(cfg: GenerateConfig) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(config_command(
-        GenerateConfig, _print_generate, rename={"policy": ("--policy", "--model"), "n": "-n"},
+        GenerateConfig, _print_generate,
         doc="Sample answers from a policy into a candidates file and, with --db, create the "
         "tasks worth a label budget: overlap items, gold items, then random or most-uncertain "
         "pairs, optionally aimed at the annotator groups that fall behind (--for-groups)."))

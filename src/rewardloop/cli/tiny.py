@@ -25,7 +25,4 @@ def run_tiny(cfg: TinyConfig) -> None:
 def register(app: typer.Typer) -> None:
     app.command("tiny")(config_command(
         TinyConfig, run_tiny, doc="Build a tiny random Llama-style model and a byte-level BPE "
-        "tokenizer, offline.",
-        rename={"hidden_size": ("--hidden-size", "--hidden"),
-                "num_layers": ("--num-layers", "--layers"),
-                "num_heads": ("--num-heads", "--heads")}))
+        "tokenizer, offline."))

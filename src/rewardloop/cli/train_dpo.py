@@ -15,9 +15,7 @@ ORDER = 45
 def register(app: typer.Typer) -> None:
     train_app.command("dpo")(train_command(
         DPOConfig, run_dpo, doc="Optimise a policy directly on preferences (no reward model): "
-        "DPO and its variants.",
-        rename={"model": ("--model", "--policy"), "data_format": "--format",
-                "precompute_ref": "--ref-cached/--ref-on-the-fly"}))
+        "DPO and its variants."))
 
 
 def run_dpo(cfg: DPOConfig) -> None:

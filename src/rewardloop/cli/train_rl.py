@@ -14,8 +14,6 @@ from rewardloop.train.configs import GRPOConfig, OnlineOptions, PPOConfig
 
 ORDER = 41
 
-RENAME = {"rewards": "--reward"}
-
 _GRPO_HELP = (
     "Online RL without a critic: sample --num-generations completions per prompt, score them "
     "with --reward, and push up completions that beat their group. GRPO by default; "
@@ -55,8 +53,8 @@ def run_rl(cfg: OnlineOptions) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    train_app.command("grpo")(train_command(GRPOConfig, run_rl, doc=_GRPO_HELP, rename=RENAME))
+    train_app.command("grpo")(train_command(GRPOConfig, run_rl, doc=_GRPO_HELP))
     # rloo is grpo with another estimator: given here, --advantage still wins.
-    train_app.command("rloo")(train_command(GRPOConfig, run_rl, doc=_RLOO_HELP, rename=RENAME,
+    train_app.command("rloo")(train_command(GRPOConfig, run_rl, doc=_RLOO_HELP,
                                             cli_defaults={"advantage": "rloo"}))
-    train_app.command("ppo")(train_command(PPOConfig, run_rl, doc=_PPO_HELP, rename=RENAME))
+    train_app.command("ppo")(train_command(PPOConfig, run_rl, doc=_PPO_HELP))

@@ -15,7 +15,7 @@ ORDER = 42
 
 def register(app: typer.Typer) -> None:
     train_app.command("rm")(train_command(
-        RewardConfig, run_rm, rename={"data_format": "--format"},
+        RewardConfig, run_rm,
         doc="Train a reward model (Bradley-Terry on pairs, Plackett-Luce on rankings)."))
 
 

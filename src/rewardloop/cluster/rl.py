@@ -11,8 +11,10 @@ in one process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from rewardloop.cluster.remote import Actor, ActorLost, RayRoles, call
 from rewardloop.errors import TrainingError, UserError
 from rewardloop.rewards import parse_reward_spec
 from rewardloop.train.checkpoint import latest_checkpoint
+from rewardloop.util.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,29 @@ def reference_actors(cfg: Any) -> int:
     return cfg.reference_actors if needs_reference and cfg.lora_r is None else 0
 
 
+def record_restarts(out: Path, summary: Mapping[str, Any], restarts: int) -> dict[str, Any]:
+    """``summary`` with the number of ``restarts`` the run took, which is also merged into
+    ``out/summary.json`` (rank 0 wrote it without: only the driver knows), atomically."""
+    path = Path(out) / "summary.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        atomic_write_text(path, json.dumps({**saved, "restarts": restarts}, indent=2) + "\n")
+    else:
+        log.warning("%s is not on this machine (is --out on a filesystem the driver sees?): "
+                    "restarts=%d is not recorded in it", path, restarts)
+    return {**summary, "restarts": restarts}
+
+
 def train_on_ray(kind: str, cfg: Any) -> dict[str, Any]:
     """Run the online-RL trainer ``kind`` (grpo or ppo) on Ray per ``cfg``; the summary, with
-    the number of ``restarts`` it took."""
+    the number of ``restarts`` it took (also in OUT/summary.json)."""
     layout = plan(cfg, cfg.reward_actors if model_rewards(cfg) else 0, reference_actors(cfg))
     started = connect(cfg.ray, cpus=layout.needs()["CPU"])
     try:
         attempt = 0
         while True:
             try:
-                return {**Job(kind, cfg, attempt).run(), "restarts": attempt}
+                return record_restarts(cfg.out, Job(kind, cfg, attempt).run(), attempt)
             except ActorLost as exc:
                 last = latest_checkpoint(cfg.out)
                 where = (f"the last good checkpoint is {last}" if last is not None

@@ -3,8 +3,10 @@ make its flags)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rewardloop.engines.options import EngineOptions
 
@@ -13,6 +15,9 @@ from rewardloop.engines.options import EngineOptions
 class EvalConfig(EngineOptions):
     """Options of ``rewardloop eval``."""
 
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "policy": ("--policy", "--model"), "judges": "--judge", "n": ("-n", "--n")}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
     policy: str
     """The policy to evaluate: a model directory (e.g. a run's model/) or a hub id."""
     baseline: str

@@ -10,8 +10,10 @@ only when a command runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
@@ -63,6 +65,9 @@ def _check_blocks(cfg: object) -> None:
 class SFTConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions):
     """Options of ``rewardloop train sft``."""
 
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "model": ("--model", "--policy")}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
     model: str
     """Causal LM to start from: a local model directory (e.g. from `rewardloop tiny`) or a hub
     id."""
@@ -97,6 +102,9 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
                    BestPointOptions):
     """Options of ``rewardloop train rm``."""
 
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "model": ("--model", "--policy"), "data_format": "--format"}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
     model: str
     """A causal LM (a fresh scalar head is added) or an existing reward model (dir or hub id)."""
     data: Path
@@ -190,6 +198,10 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
                 BestPointOptions):
     """Options of ``rewardloop train dpo``."""
 
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "model": ("--model", "--policy"), "data_format": "--format",
+        "precompute_ref": "--ref-cached/--ref-on-the-fly"}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
     model: str
     """Policy to start from: a local model directory or a hub id (also the default reference)."""
     data: Path
@@ -294,6 +306,9 @@ class OnlineOptions(RuntimeOptions, EngineOptions, ModelOptions, LoraOptions, Op
     """What every online-RL command shares: the policy, its prompts and rewards, sampling, the
     KL leash, the clipped policy loss, samples written along the way."""
 
+    FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
+        "policy": ("--policy", "--model"), "rewards": "--reward"}
+    """Flags spelled otherwise than ``--field-name`` (also keys of --config): cli/_flags.py."""
     policy: str
     """Policy to train: a model directory (e.g. an SFT run's model/), a LoRA adapter dir or a
     hub id."""
