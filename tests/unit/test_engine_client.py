@@ -83,11 +83,39 @@ def test_a_slow_server_times_out_with_a_message_naming_it(serve) -> None:
     assert "server's log" in message and "\n" not in message
 
 
-def test_nothing_listening_is_a_clear_error(serve) -> None:
+def test_nothing_listening_is_a_clear_error(serve, caplog: pytest.LogCaptureFixture) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
-    with pytest.raises(ServerError, match="cannot reach the vLLM server at .*rewardloop "
-                                          "vllm-serve` runs there"):
-        ServerClient(url, timeout_s=2).health()
+    with caplog.at_level("WARNING"), pytest.raises(
+            ServerError, match="cannot reach the vLLM server at .*rewardloop vllm-serve` runs "
+                               "there"):
+        ServerClient(url, timeout_s=2, retry_wait_s=0.01).health()
+    assert caplog.text.count("trying again") == 2  # 3 tries, the last one raises
+
+
+def test_failures_that_pass_are_tried_again(serve) -> None:
+    """A proxy's 503 while the server restarts, or a dropped connection: tried again, and the
+    call succeeds; the server's own refusal (HTTP 400/500) is not sent twice."""
+    calls: list[str] = []
+
+    def flaky(handler, body):
+        calls.append(handler.path)
+        if len(calls) == 1:
+            return _json(503, {"error": "no upstream"})
+        if len(calls) == 2:
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)  # dropped without an answer
+            return 200, b""
+        return _json(200, {"model": "m", "logprobs_mode": "raw_logprobs"})
+
+    client = ServerClient(serve(flaky), retry_wait_s=0.01)
+    assert client.health()["model"] == "m" and calls == ["/health"] * 3
+    refused: list[str] = []
+    url = serve(lambda h, b: (refused.append(h.path), _json(400, {"error": "bad"}))[1])
+    with pytest.raises(ServerError, match="HTTP 400"):
+        ServerClient(url, retry_wait_s=0.01).generate([[1]], 1, SamplingSettings())
+    assert refused == ["/generate"]
+    with pytest.raises(ServerError, match="got HTTP 503"):
+        ServerClient(serve(lambda h, b: _json(503, {})), attempts=2, retry_wait_s=0.01).health()
 
 
 def test_a_connection_that_is_never_accepted_times_out_with_the_connect_limit() -> None:

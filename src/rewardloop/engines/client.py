@@ -3,13 +3,17 @@ HTTP to an engine running elsewhere (other GPUs, another machine).
 
 Every call has a timeout and every failure is one line that names the server, the request and
 what to check: a sync that hangs forever with no message is the most reported failure of RL
-trainers with an external engine (TRL #6796). Weights travel as one safetensors payload (no
-pickle: loading it cannot run code). This module does not import vLLM.
+trainers with an external engine (TRL #6796). A failure that may pass (the connection refused
+or dropped, a proxy's 502/503/504) is tried again, ``ATTEMPTS`` times in all, with a warning each
+time; a timeout or the server's own refusal is not. Weights travel as one safetensors payload
+(no pickle: loading it cannot run code). This module does not import vLLM.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -26,37 +30,77 @@ from rewardloop.engines.options import logprobs_mode
 from rewardloop.engines.weight_sync import WeightSync, engine_weights, push_once
 from rewardloop.errors import UserError
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to open a connection: a server that is up accepts at once."""
 REQUEST_TIMEOUT_S = 600.0
 """Seconds for one generation or weight push: long batches on a busy engine take minutes."""
+ATTEMPTS = 3
+"""Tries of a call that failed in passing: the connection refused or dropped (a server
+restarting, a network blip) or a proxy's 502/503/504. Every call may be sent again (a lost
+generation was never used; weights loaded twice are the same weights). A timeout, or the
+server's own refusal, is not tried again."""
+RETRY_WAIT_S = 2.0
+"""Seconds before the second try, doubled before each next one."""
+_PASSING = (502, 503, 504)
 
 
 class ServerError(UserError):
     """The vLLM server could not be reached, timed out or refused a request."""
 
 
+class _Passing(Exception):  # noqa: N818 (not an error to its callers: tried again)
+    """A failure that may pass (``ATTEMPTS``), with the error to raise if it does not."""
+
+    def __init__(self, error: ServerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class ServerClient:
     """Plain calls to one ``rewardloop vllm-serve``: health, generate, load weights."""
 
     def __init__(self, url: str, *, timeout_s: float = REQUEST_TIMEOUT_S,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, attempts: int = ATTEMPTS,
+                 retry_wait_s: float = RETRY_WAIT_S) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.attempts = max(1, attempts)
+        self.retry_wait_s = retry_wait_s
 
     def close(self) -> None:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """One call, tried up to ``attempts`` times while it fails in passing."""
+        wait = self.retry_wait_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._call_once(method, path, **kwargs)
+            except _Passing as failed:
+                if attempt == self.attempts:
+                    raise failed.error from None
+                log.warning("%s; trying again in %g s (%d of %d tries)", failed.error, wait,
+                            attempt + 1, self.attempts)
+                time.sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _call_once(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         what = f"{method} {path}"
         try:
             response = self._http.request(method, self.url + path, **kwargs)
         except httpx.ConnectError as exc:
-            raise ServerError(f"cannot reach the vLLM server at {self.url} ({what}: {exc}); "
-                              "check that `rewardloop vllm-serve` runs there and that host "
-                              "and port are right") from None
+            raise _Passing(ServerError(
+                f"cannot reach the vLLM server at {self.url} ({what}: {exc}); check that "
+                "`rewardloop vllm-serve` runs there and that host and port are right")) from None
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            raise _Passing(ServerError(
+                f"the connection to the vLLM server at {self.url} broke during {what} ({exc}); "
+                "check the server's log (did it restart?) and the network")) from None
         except httpx.ConnectTimeout:
             raise ServerError(f"could not connect to the vLLM server at {self.url} ({what}) "
                               f"within {self.connect_timeout_s:g} s; check that the host is up "
@@ -68,6 +112,10 @@ class ServerClient:
         except httpx.HTTPError as exc:
             raise ServerError(f"{what} to the vLLM server at {self.url} failed: {exc}; check "
                               "the network and the server's log") from None
+        if response.status_code in _PASSING:  # a proxy in front of a server that restarts
+            raise _Passing(ServerError(
+                f"{what} to the vLLM server at {self.url} got HTTP {response.status_code} "
+                "(a proxy or load balancer without a live server behind it?)"))
         try:
             body = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
