@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rewardloop.engines.base import SamplingSettings
+from rewardloop.engines.base import SamplingSettings, request_seed
 from rewardloop.engines.client import ServerClient, ServerError, ServerGenerator
 from rewardloop.errors import UserError
 
@@ -187,9 +187,12 @@ def test_generation_and_weight_push_through_the_protocol(serve) -> None:
 
     generator = ServerGenerator(serve(engine), _Tokenizer())
     settings = SamplingSettings(max_new_tokens=3, temperature=1.0, top_k=5)
+    torch.manual_seed(11)
     rollout = generator.generate([[3, 4], [2]], 2, settings)
+    torch.manual_seed(11)  # the seed sent comes from the trainer's (seeded) generator
     assert seen["generate"] == {"prompts": [[3, 4], [2]], "n": 2, "settings": {
-        "max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 5}}
+        "max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 5},
+        "seed": request_seed()}
     assert rollout.prompt_ids.tolist() == [[3, 4], [3, 4], [0, 2], [0, 2]]
     assert rollout.completion_ids.tolist() == [[5, 1, 0], [6, 7, 0], [1, 0, 0], [8, 9, 1]]
     assert rollout.completion_mask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]]
@@ -211,6 +214,39 @@ def test_generation_and_weight_push_through_the_protocol(serve) -> None:
     assert torch.equal(sent["model.norm.weight"], model.model.norm.weight)
     generator.generate([[3]], 2, settings)
     assert "weights" not in seen  # pushed once per change
+
+
+def test_a_server_says_its_context_and_dtype(serve) -> None:
+    """A server that says its context gets the trainer's lengths checked at start (exit 2, not
+    answers cut mid-run); one that says its dtype gets the weights in it (half the bytes of the
+    fp32 master weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rewardloop.engines.factory import EngineOptions, make_generator
+
+    sent: dict[str, torch.Tensor] = {}
+
+    def engine(handler, body):
+        if handler.path == "/health":
+            return _json(200, {"model": "m", "logprobs_mode": "raw_logprobs",
+                               "max_model_len": 64, "dtype": "bfloat16"})
+        if handler.path == "/weights":
+            from safetensors.torch import load
+
+            sent.update(load(body))
+            return _json(200, {"loaded": len(sent)})
+        return _json(200, {"completion_ids": [[1]], "logps": [[-1.0]]})
+
+    url = serve(engine)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    options = EngineOptions(generator="vllm", vllm_mode="server", vllm_server=url)
+    with pytest.raises(UserError, match=r"\(60 tokens\) \+ --max-new-tokens \(8\) = 68 tokens "
+                                        r"exceed the vLLM engine's context \(max_model_len 64\)"):
+        make_generator(options, model, _Tokenizer(), "m", max_lengths=(60, 8))
+    generator = make_generator(options, model, _Tokenizer(), "m", max_lengths=(56, 8))
+    generator.generate([[3]], 1, SamplingSettings(max_new_tokens=8))
+    assert sent and {t.dtype for t in sent.values()} == {torch.bfloat16}
 
 
 def test_a_server_with_the_wrong_logprobs_mode_is_refused_at_start(serve) -> None:

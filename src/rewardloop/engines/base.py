@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from rewardloop.errors import UserError
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -134,6 +136,44 @@ def saved_stop_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
     return stop_token_ids(tokenizer, config)
 
 
+def request_seed() -> int:
+    """A seed for one generation request of an engine that samples with its own generators
+    (vLLM), drawn from torch's global generator: so the request is as reproducible as the
+    built-in loop's draws, wherever a run seeds that generator (per rank by the trainers,
+    ``train.grpo.seed_sampling``; per batch by ``rollout.CandidateSampler``) or restores it (a
+    checkpoint holds every rank's RNG state, so a resumed run draws what an uninterrupted one
+    would). Below 2**62, leaving room for the per-row offsets an engine adds."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+def check_context(max_model_len: int, prompt_tokens: int, max_new_tokens: int, prompt: str
+                  ) -> None:
+    """UserError when prompts of ``prompt_tokens`` tokens (``prompt`` says which: the
+    ``--max-prompt-length`` limit or one prompt's length) plus ``max_new_tokens`` do not fit a
+    vLLM engine's context of ``max_model_len`` tokens. vLLM would cut such answers short
+    without saying so (they would read as answers that ran past ``--max-new-tokens``) or
+    refuse the prompt mid-run; the built-in loop has no such limit."""
+    if prompt_tokens + max_new_tokens > max_model_len:
+        raise UserError(
+            f"{prompt} ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) = "
+            f"{prompt_tokens + max_new_tokens} tokens exceed the vLLM engine's context "
+            f"(max_model_len {max_model_len}); lower --max-prompt-length or --max-new-tokens, "
+            "or raise --vllm-max-model-len (a server: vllm-serve --max-model-len) up to the "
+            "model's limit")
+
+
+def check_tensor_parallel(size: int, world_size: int) -> None:
+    """UserError unless ``size`` (``--vllm-tensor-parallel-size``) divides the number of
+    processes: a colocated engine spans ``size`` consecutive ranks of the trainer, so one
+    process cannot drive a larger engine (vLLM would start its own workers and a weight push
+    would be pickled to them, against colocate's in-process design)."""
+    if size < 1 or world_size % size:
+        raise UserError(f"--vllm-tensor-parallel-size {size} must divide the number of "
+                        f"processes ({world_size}): each colocated engine spans that many "
+                        f"consecutive ranks; start a multiple of {size} processes (--nproc) "
+                        "or use --vllm-tensor-parallel-size 1")
+
+
 def check_request(prompts: Sequence[Sequence[int]], n: int) -> None:
     """The checks every engine makes of a request: ValueError for no prompt, an empty one, or
     ``n`` < 1."""
@@ -197,13 +237,7 @@ class TensorParallelShare:
     def __init__(self, size: int) -> None:
         import torch.distributed as dist
 
-        from rewardloop.errors import UserError
-
-        world = dist.get_world_size()
-        if size < 1 or world % size:
-            raise UserError(f"--vllm-tensor-parallel-size {size} must divide the number of "
-                            f"processes ({world}): each engine spans that many consecutive "
-                            "ranks")
+        check_tensor_parallel(size, dist.get_world_size())
         self.size = size
         self.group, _ = dist.new_subgroups(group_size=size)
         self.index = dist.get_rank(self.group)
@@ -217,3 +251,13 @@ class TensorParallelShare:
         dist.all_gather_object(parts, [list(p) for p in prompts], group=self.group)
         start = sum(len(part) for part in parts[:self.index])
         return [p for part in parts for p in part], slice(start, start + len(prompts))
+
+    def common_seed(self, seed: int) -> int:
+        """The group's first rank's ``seed``, on every rank of the group: the ranks of one
+        engine must draw the same numbers (each rank's scheduler feeds its own sampled tokens
+        into the shared forward passes), while each rank's own generator is seeded apart."""
+        import torch.distributed as dist
+
+        box = [seed]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return int(box[0])

@@ -19,11 +19,13 @@ from dataclasses import asdict
 from typing import Any
 
 import httpx
+import torch
 
 from rewardloop.engines.base import (
     Rollout,
     SamplingSettings,
     check_request,
+    request_seed,
     rollout_from_tokens,
 )
 from rewardloop.engines.options import logprobs_mode
@@ -132,10 +134,15 @@ class ServerClient:
         """The server's model, vLLM version and log-prob mode."""
         return self._call("GET", "/health")
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
-                 ) -> tuple[list[list[int]], list[list[float]]]:
-        body = self._call("POST", "/generate", json={
-            "prompts": [list(p) for p in prompts], "n": n, "settings": asdict(settings)})
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings,
+                 seed: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """``n`` completions per prompt and their tokens' log-probs; with a ``seed`` they depend
+        on it alone (and a call tried again asks for the same answers)."""
+        request: dict[str, Any] = {"prompts": [list(p) for p in prompts], "n": n,
+                                   "settings": asdict(settings)}
+        if seed is not None:
+            request["seed"] = seed
+        body = self._call("POST", "/generate", json=request)
         ids, logps = body.get("completion_ids"), body.get("logps")
         if not isinstance(ids, list) or not isinstance(logps, list) or len(ids) != len(logps):
             raise ServerError(f"the vLLM server at {self.url} answered POST /generate without "
@@ -166,6 +173,9 @@ class ServerGenerator:
         self.stop_ids = stop_ids  # where answers end (the server stops on its model's)
         self.sync = WeightSync()
         info = self.client.health()
+        # Older servers say neither: no start check of the lengths, weights sent as they are.
+        self.max_model_len: int | None = info.get("max_model_len")
+        self.dtype = _torch_dtype(info.get("dtype"))
         # Only a trainer compares the engine's log-probs with its own; eval and generate take
         # the completions from a server in either mode.
         needed = logprobs_mode(logprob_settings) if logprob_settings is not None else None
@@ -184,7 +194,15 @@ class ServerGenerator:
         model = self.sync.take()
         if model is not None:
             # Every rank gathers inside engine_weights; only then does rank 0 send.
-            with engine_weights(model) as weights:
+            with engine_weights(model, dtype=self.dtype) as weights:
                 push_once(self.client.load_weights, weights)
-        ids, logps = self.client.generate(prompts, n, settings)
+        # A seed from the trainer's generator (seeded per rank, restored on resume): the
+        # server's answers then depend on the run, not on what else it served before.
+        ids, logps = self.client.generate(prompts, n, settings, seed=request_seed())
         return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)
+
+
+def _torch_dtype(name: Any) -> torch.dtype | None:
+    """The torch dtype a server names (``bfloat16``), None for one it does not name."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None

