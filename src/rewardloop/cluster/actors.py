@@ -80,7 +80,8 @@ class RolloutActor:
         settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
         self.generator = make_generator(EngineOptions.of(cfg), self.model, tokenizer, path,
                                         seed=cfg.seed + index, logprob_settings=settings,
-                                        dtype=_compute_dtype(cfg.precision))
+                                        dtype=_compute_dtype(cfg.precision),
+                                        max_lengths=(cfg.max_prompt_length, cfg.max_new_tokens))
 
     def ready(self) -> bool:
         return True
