@@ -291,8 +291,10 @@ def load_reward_model(
     else:
         classifier = is_classifier(source)
         saved = saved_outputs(source) if classifier else 1
-        if heads is None:
-            heads = saved
+        if heads is None:  # as saved, when it is a reward model's heads (not a classifier's)
+            config = _read_config(source)
+            ours = config.get(ENSEMBLE_KEY) or config.get(GROUP_HEADS_KEY)
+            heads = saved if ours else 1
         if saved != heads:
             raise UserError(f"{source} is a classifier with {saved} labels; a reward model "
                             "has exactly one (a scalar score)" if heads == 1 else

@@ -89,6 +89,17 @@ def test_renew_extends_own_open_lease_only(make_server, sqlite_store) -> None:
     assert ann.post(f"/api/tasks/{other['task_id']}/renew").status_code == 404
 
 
+def test_renew_refuses_a_task_that_is_complete(make_server, sqlite_store) -> None:
+    """A task closed while the lease is open (an admin, or judgments elsewhere) is not kept."""
+    server = make_server(sqlite_store, n_tasks=1, overlap=1)
+    ann = server.client("ann")
+    task = _lease(server, "ann")["task_id"]
+    with server.store.write() as s:
+        s.get(S.ComparisonTask, task).done = True
+    r = ann.post(f"/api/tasks/{task}/renew")
+    assert r.status_code == 409 and "complete" in r.json()["detail"]
+
+
 def test_renew_moves_the_expiry_in_the_store(server) -> None:
     task = _lease(server, "ann")["task_id"]
     with server.store.write() as s:

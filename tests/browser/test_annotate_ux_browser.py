@@ -316,6 +316,28 @@ def test_lease_is_renewed_while_active_and_warns_when_idle(live, sqlite_store) -
         assert "reserved for you only until" in page.text_content("#lease")
 
 
+def test_a_page_opened_late_in_its_lease_keeps_it(live, sqlite_store) -> None:
+    """A page opened (or reloaded) with a minute of its lease left renews it at once, not after
+    the 2-minute renewal period (by then the lease would have run out)."""
+    with chromium() as browser:
+        context = browser.new_context()
+        page = context.new_page()
+        page.clock.install()
+        login(page, live, "ann")
+        page.wait_for_url(f"{live}/annotate")
+        with sqlite_store.write() as s:  # the lease has 60 s left when the page is reloaded
+            lease = s.scalar(select(S.Assignment))
+            lease.expires_at = S.utcnow() + S.dt.timedelta(seconds=60)
+        with page.expect_response("**/renew") as renewed:
+            page.reload()
+        assert renewed.value.status == 200
+        assert "Reserved for you until" in page.text_content("#lease")
+        with sqlite_store.read() as s:
+            left = (s.scalar(select(S.Assignment)).expires_at.replace(tzinfo=S.dt.UTC)
+                    - S.utcnow()).total_seconds()
+        assert left > 500
+
+
 def test_ranking_says_what_happened_and_tie_is_cancellable(live) -> None:
     """U13, U15: each pick is announced with its answer; `t` says it waits for a number, and
     Backspace cancels it."""

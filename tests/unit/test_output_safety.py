@@ -202,6 +202,24 @@ def test_eval_replaces_an_earlier_eval_only_with_overwrite_and_only_its_files(
     refused(eval_args(root, out), "holds an earlier eval", "--overwrite")
 
 
+def test_eval_never_takes_a_loops_work_directory_for_an_earlier_eval(root: Path,
+                                                                      tmp_path: Path) -> None:
+    """A loop's work directory holds config.yaml (what resumes it) and summary.json, as an
+    eval's output does: --overwrite must not replace them."""
+    workdir = tmp_path / "loop"
+    (workdir / "round-1").mkdir(parents=True)
+    (workdir / "config.yaml").write_text("policy: p\n")
+    (workdir / "summary.json").write_text('{"rounds": 1}\n')
+    before = snapshot(workdir)
+    refused(eval_args(root, workdir, "--overwrite"), "holds no earlier eval")
+    (workdir / ".rewardloop-workdir").write_text("loop\n")
+    (workdir / "samples.jsonl").write_text("{}\n")
+    refused(eval_args(root, workdir, "--overwrite"), "holds no earlier eval")
+    (workdir / "samples.jsonl").unlink()
+    (workdir / ".rewardloop-workdir").unlink()
+    assert snapshot(workdir) == before
+
+
 # -- data export --to-hf-dataset replaces only its own export --------------------------------
 
 

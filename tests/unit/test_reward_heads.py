@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rewardloop.errors import UserError
 from rewardloop.models import ENSEMBLE_KEY, load_reward_model, load_tokenizer, load_value_model
 from rewardloop.synthetic import corpus_texts, preference_rows
 from rewardloop.tiny import build_tiny
@@ -86,3 +87,22 @@ def test_train_rm_and_a_value_model_start_from_an_ensemble(ensemble, tmp_path) -
     weights = load_file(str(model_dir / "model.safetensors"))["score.weight"]
     assert value.score.weight.shape == (1, weights.shape[1])
     assert torch.allclose(value.score.weight, weights.mean(0, keepdim=True))
+
+
+def test_another_classifier_with_several_labels_is_no_reward_model(ensemble, tmp_path) -> None:
+    """Only a reward model's heads (its config names an ensemble or groups) are taken as
+    heads; a sentiment classifier's labels are not averaged into a reward."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, data = ensemble
+    other = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    del other.config.reward_ensemble
+    other.config.num_labels = 3
+    other.score = torch.nn.Linear(other.score.in_features, 3, bias=False)
+    other.save_pretrained(tmp_path / "sentiment")
+    load_tokenizer(model_dir).save_pretrained(tmp_path / "sentiment")
+    with pytest.raises(UserError, match="is a classifier with 3 labels; a reward model has "
+                                        "exactly one"):
+        _start(tmp_path / "sentiment", data, tmp_path / "o")
+    with pytest.raises(UserError, match="is a classifier with 3 labels"):
+        load_value_model(tmp_path / "sentiment", device="cpu", pad_token_id=0)

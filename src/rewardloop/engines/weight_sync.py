@@ -144,15 +144,20 @@ def engine_weights(model: Any, dtype: torch.dtype | None = None
 
 def _half_base_weights(model: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(live weight, copy) of the half-precision base weight of every LoRA layer of ``model``:
-    what the unmerge cannot restore exactly. fp32 bases (the default) need no copy (the round
-    trip moves them by about 1e-8 of their size)."""
+    what the unmerge cannot restore exactly. The copies are kept in host memory: on a GPU they
+    would take as much again as the adapted weights while the engine holds its own share (a
+    7B model with LoRA on every linear layer: about 13 GB); the price is a copy to the host and
+    back per push. fp32 bases (the default) need no copy (the round trip moves them by about
+    1e-8 of their size)."""
     kept = []
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         weight = getattr(base, "weight", None)
         if hasattr(module, "lora_A") and isinstance(weight, torch.Tensor) and \
                 weight.dtype in (torch.float16, torch.bfloat16):
-            kept.append((weight, weight.detach().clone()))
+            # An FSDP2 shard (DTensor): this rank's part, a view the write-back goes into.
+            local = weight.to_local() if hasattr(weight, "to_local") else weight
+            kept.append((local, local.detach().to("cpu", copy=True)))
     return kept
 
 

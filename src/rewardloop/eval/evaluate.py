@@ -49,10 +49,12 @@ HUMAN = "human"
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
 OUTPUT_FILES = (EVAL_FILE, SAMPLES_FILE, "config.yaml", "summary.json")
-"""What an eval writes in --out (an interrupted one may have written some, not eval.json)."""
-TRAINING_FILES = ("metrics.jsonl", "checkpoints", "model")
-"""What only a training run writes: a directory holding one is never an eval's output (a GRPO
-run writes samples.jsonl, config.yaml and summary.json too)."""
+"""What an eval writes in --out, samples.jsonl first and eval.json last: a directory with either
+of those two is an eval's output (an interrupted one has samples.jsonl)."""
+NOT_EVAL = ("metrics.jsonl", "checkpoints", "model", ".rewardloop-workdir")  # loop_config's marker
+"""What a training run or a loop's work directory holds and an eval never does: a directory
+holding one is refused (a GRPO run writes samples.jsonl, config.yaml and summary.json too, and a
+loop's work directory config.yaml and summary.json)."""
 
 
 @dataclass
@@ -188,8 +190,8 @@ def check_eval_out(out: Path, overwrite: bool = False) -> None:
     check_output_dir(out, flag="--out")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    earlier = (any((out / f).is_file() for f in OUTPUT_FILES)
-               and not any((out / f).exists() for f in TRAINING_FILES))
+    earlier = (any((out / f).is_file() for f in (EVAL_FILE, SAMPLES_FILE))
+               and not any((out / f).exists() for f in NOT_EVAL))
     if not earlier:
         raise UserError(f"--out {out} is not empty and holds no earlier eval (eval.json); give "
                         "a new or empty directory")
@@ -249,9 +251,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     result.update({k: headline[k] for k in ("judge", "win_rate", "win_rate_ci", "wins", "ties",
                                             "losses") if k in headline})
     cfg.out.mkdir(parents=True, exist_ok=True)
+    _write_samples(cfg.out / SAMPLES_FILE, prompts, baseline.texts, policy.texts)  # first
     atomic_write_text(cfg.out / "config.yaml",
                       yaml.safe_dump(result["config"], sort_keys=False))
-    _write_samples(cfg.out / SAMPLES_FILE, prompts, baseline.texts, policy.texts)
     summary: dict[str, Any] = {
         **run_figures(time.perf_counter() - started, [policy, baseline], cfg.batch_size),
         **{k: result[k] for k in ("n", "judge", "win_rate", "win_rate_ci", "kl") if k in result}}

@@ -322,11 +322,12 @@ def renew_lease(session: Session, annotator: Annotator | int, task_id: int, *,
     if own is None or own.completed:
         raise TaskError(f"task {task_id!r} is not leased to you", status=404)
     now = utcnow()
+    task = (_TASK_PG if db.dialect.name == "postgresql" else _TASK).first(db, {"tid": task_id})
+    if task.done:
+        raise TaskError(f"task {task_id} is complete; it needs no more judgments")
     if _aware(own.expires_at) <= now:
-        task = (_TASK_PG if db.dialect.name == "postgresql" else _TASK).first(
-            db, {"tid": task_id})
         held = _ACTIVE.scalars(db, {"tid": task_id, "now": now})[0]
-        if task.done or task.n_judgments + held >= task.overlap:
+        if task.n_judgments + held >= task.overlap:
             raise TaskError(f"the time for task {task_id} ran out and someone else took it")
     expires = now + dt.timedelta(seconds=lease_s)
     _EXTEND.run(db, {"lease_id": own.id, "expires": expires})

@@ -399,10 +399,15 @@
       answer = { status: resp.status, detail: "" };
       try { answer.detail = (await resp.json()).detail || ""; } catch (e) { /* not JSON */ }
     } catch (e) { return; }  // offline: tried again at the next check
-    if (answer.status === 409 || answer.status === 404) {
+    if (answer.status === 409) {
       showLease("The time for this task ran out and someone else took it.");
       say("The time for this task ran out and someone else took it.", true,
         { label: "Next task", run: () => window.location.reload() });
+    } else if (answer.status === 404) {
+      showLease("This task is no longer reserved for you: it was judged or skipped, " +
+        "perhaps in another tab.");
+      say("This task is no longer reserved for you: it was judged or skipped, perhaps in " +
+        "another tab.", true, { label: "Next task", run: () => window.location.reload() });
     } else if (answer.status === 401) {
       showLease("Your session has ended, so this task is no longer kept for you.");
     }
@@ -411,7 +416,10 @@
   function checkLease() {
     if (finished || busy) return;
     const left = deadline - Date.now();
-    if (active && document.visibilityState === "visible" && Date.now() - lastRenewal >= RENEW_EVERY_MS) {
+    // Renewed every few minutes while the reader is active, and at once when the end is near
+    // (a page opened late in its lease, after a reload or a new login).
+    const due = Date.now() - lastRenewal >= RENEW_EVERY_MS || left <= WARN_BEFORE_MS;
+    if (active && document.visibilityState === "visible" && due) {
       renew();
     } else if (left <= 0) {
       showLease("The time reserved for this task ran out at " + clock(deadline) + ". Someone " +
@@ -422,6 +430,8 @@
     }
   }
   showLease();
+  // Opening the page is activity: one opened near the end of its lease keeps it at once.
+  if (deadline - Date.now() <= WARN_BEFORE_MS) renew();
   setInterval(checkLease, 20 * 1000);
 
   // -- a new task: at the top, its heading focused, the last action's outcome announced -------
