@@ -39,24 +39,34 @@ def run_side(module: str, side: str, args: Sequence[str] = (), timeout: float = 
     return json.loads(lines[-1])
 
 
-def ratio(ours: Any, theirs: Any) -> str:
+def reading(key: str, ours: Any, theirs: Any) -> str:
+    """The ratio of ``key`` in words, so its direction cannot be misread: a time (``*_s``) as
+    "1.8x faster" (theirs / ours), a rate (``*_per_s``) as "1.8x the rate", memory (``*_mb``,
+    ``*_gib``) as "0.5x the memory" (ours / theirs); anything else as ours / theirs."""
     try:
-        return f"{float(ours) / float(theirs):.2f}x"
+        a, b = float(ours), float(theirs)
+        if key.endswith("per_s"):
+            return f"{a / b:.2f}x the rate"
+        if key.endswith("_s"):
+            return f"{b / a:.2f}x faster" if a <= b else f"{a / b:.2f}x slower"
+        if key.endswith(("_mb", "_gib")):
+            return f"{a / b:.2f}x the memory"
+        return f"{a / b:.2f}x"
     except (TypeError, ValueError, ZeroDivisionError):
         return "-"
 
 
 def print_table(title: str, results: dict[str, dict], keys: Sequence[str],
                 ours: str = "rewardloop", theirs: str = "trl") -> None:
-    """Print one row per key: each side's value and ours/theirs."""
+    """Print one row per key: each side's value and how ours compares (``reading``)."""
     sides = list(results)
     print(f"\n## {title}")
-    print("| metric | " + " | ".join(sides) + f" | {ours}/{theirs} |")
+    print("| metric | " + " | ".join(sides) + f" | {ours} vs {theirs} |")
     print("|---" * (len(sides) + 2) + "|")
     for key in keys:
         vals = [results[s].get(key) for s in sides]
         shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals]
-        r = ratio(results.get(ours, {}).get(key), results.get(theirs, {}).get(key))
+        r = reading(key, results.get(ours, {}).get(key), results.get(theirs, {}).get(key))
         print(f"| {key} | " + " | ".join(shown) + f" | {r} |")
     sys.stdout.flush()
 

@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.dpo`` builds a tiny Llama, fine-tunes it briefly on ``synthetic.sft_rows``
 (``rewardloop train sft``'s loop), then runs one epoch of DPO (sigmoid loss, same batch, beta,
-learning rate, linear schedule, max length, reference log-probs precomputed once on both sides)
+learning rate, linear schedule, max length, reference log-probs precomputed once, fp32 without
+activation checkpointing on both sides: TRL 1.16 defaults to checkpointing, turned off here)
 with rewardloop and with TRL, each side in its own process. It prints pairs/s (the whole job:
 loading, tokenising, reference pass, training, evaluation, saving), peak RSS, the implicit-reward
 accuracy on held-out pairs, and the hidden gold score (``synthetic.gold_score``) of answers
@@ -98,7 +99,8 @@ def side_trl(paths: dict[str, str], out: Path) -> dict:
         per_device_train_batch_size=SETTINGS["batch_size"], per_device_eval_batch_size=32,
         num_train_epochs=1, max_length=SETTINGS["max_length"], precompute_ref_log_probs=True,
         precompute_ref_batch_size=32, save_strategy="no", eval_strategy="no", logging_steps=10,
-        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False)
+        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False,
+        gradient_checkpointing=False)  # TRL 1.16 defaults it to True; ours does not recompute
     trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"],
                          eval_dataset=data["eval"], processing_class=tokenizer)
     timer = step_timer()

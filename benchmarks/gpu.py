@@ -112,7 +112,16 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     half = text_of(args.seq_len // 2, 7)
     pairs = [{"prompt": half, "chosen": text_of(args.seq_len // 2, 11 + i),
               "rejected": text_of(args.seq_len // 2, 101 + i)} for i in range(needed)]
-    prompts = [{"prompt": text_of(args.prompt_len, 13 + i)} for i in range(needed)]
+    def prompt_of(n_tokens: int, start: int) -> str:
+        """A prompt of at most ``n_tokens`` tokens, so that ours (which cuts at
+        --max-prompt-length) and TRL (which has no prompt limit) see the same prompt."""
+        ids = tokenizer(text_of(n_tokens, start))["input_ids"][:n_tokens]
+        while len(tokenizer(text := tokenizer.decode(ids, skip_special_tokens=True))[
+                "input_ids"]) > n_tokens:
+            ids = ids[:-1]
+        return text
+
+    prompts = [{"prompt": prompt_of(args.prompt_len, 13 + i)} for i in range(needed)]
     for name, rows in (("sft", sft), ("dpo", pairs), ("grpo", prompts)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -305,7 +314,6 @@ def main() -> None:
                         f"{args.precision} on {next(iter(results.values())).get('card')}",
                         results, ["wall_s", "median_step_s", "tokens_per_s", "mfu",
                                   "peak_mem_gib", "peak_rss_gib", "peak_rss_growth_gib"])
-            # For step time a ratio under 1 means ours is faster; for the others above 1.
 
 
 if __name__ == "__main__":

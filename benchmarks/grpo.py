@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import peak_rss_mb, print_table, run_side
+from benchmarks.common import median_after_warmup, peak_rss_mb, print_table, run_side, step_timer
 
 REWARD = "rewardloop.synthetic:gold_score"
 GENERATIONS = 4
@@ -118,6 +118,9 @@ def side_ours(algo: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     kl_key = "kl_k3" if algo == "grpo" else "kl_k1"  # what TRL logs as "kl" for each
     return {
         "samples_per_s": steps * cfg.batch_size / wall, "wall_s": wall,
+        "median_step_s": summary.get("median_step_s"),
+        "completion_length_mean": sum(m["completion_length_mean"] for m in metrics)
+        / max(len(metrics), 1),
         "generate_s": sum(m["time_generate_s"] for m in metrics),
         "train_s": sum(m["time_train_s"] for m in metrics),
         "peak_rss_mb": peak_rss_mb(), "gold_before": gold_before,
@@ -170,12 +173,17 @@ def side_trl(algo: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     trainer = Trainer(model=model, reward_funcs=gold_score, args=args,
                       train_dataset=Dataset.from_list(prompts),
                       processing_class=AutoTokenizer.from_pretrained(policy, padding_side="left"))
+    timer = step_timer()
+    trainer.add_callback(timer)
     trainer.train()
     trainer.save_model(str(out / "model"))
     wall = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "reward" in h]
+    lengths = [h["completions/mean_length"] for h in logs if "completions/mean_length" in h]
     return {
         "samples_per_s": steps * GENERATIONS * PROMPTS_PER_STEP / wall, "wall_s": wall,
+        "median_step_s": median_after_warmup(timer.times),
+        "completion_length_mean": sum(lengths) / len(lengths) if lengths else None,
         "generate_s": gen_time[0], "train_s": wall - gen_time[0],
         "peak_rss_mb": peak_rss_mb(), "gold_before": gold_before,
         "gold_after": gold_of(str(out / "model"), work),
@@ -231,8 +239,9 @@ def main() -> None:
         print_table(f"{algo.upper()}: {args.steps} steps x {GENERATIONS * PROMPTS_PER_STEP} "
                     f"completions ({PROMPTS_PER_STEP} prompts x {GENERATIONS}), "
                     f"{MAX_NEW_TOKENS} new tokens, lr {LR}, beta {BETA[algo]}, CPU", results,
-                    ["samples_per_s", "wall_s", "generate_s", "train_s", "peak_rss_mb",
-                     "gold_before", "gold_after", "steps"])
+                    ["samples_per_s", "wall_s", "median_step_s", "generate_s", "train_s",
+                     "completion_length_mean", "peak_rss_mb", "gold_before", "gold_after",
+                     "steps"])
         _curves(algo, results)
     sys.stdout.flush()
 

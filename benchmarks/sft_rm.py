@@ -1,13 +1,15 @@
 """SFT and reward-model training, rewardloop vs TRL (SFTTrainer, RewardTrainer), same everything.
 
 Same tiny random Llama (``build_tiny``), same synthetic data (``synthetic.sft_rows`` /
-``preference_rows``), batch size, max length, epochs and learning rate; CPU; TRL with reporting,
-saving and in-training evaluation off. Each side runs in its own process (``run_side``), so peak
-RSS is per side. ``samples_per_s`` counts the whole training call (model loading, tokenisation,
-training and, for rewardloop's RM, its built-in evaluation); ``train_samples_per_s`` only the
-optimisation loop as each library measures it; ``median_step_s`` is the steady state, the
-median optimizer step after 2 warm-up steps (for it, a ratio under 1 means ours is faster). RM
-accuracy is on held-out pairs labelled by the gold judge.
+``preference_rows``), batch size, max length, epochs and learning rate; CPU; fp32 without
+activation checkpointing on both sides (TRL 1.16 defaults to bf16 autocast and checkpointing:
+both are turned off); TRL with reporting, saving and in-training evaluation off. Each side runs
+in its own process (``run_side``), so peak RSS is per side. ``wall_s`` and ``samples_per_s``
+time the training call after the imports (model loading, tokenisation, training; ours also
+saves the model and, for the RM, evaluates, which TRL's side does not); ``train_samples_per_s``
+only the optimisation loop as each library measures it; ``median_step_s`` is the steady state,
+the median optimizer step after 2 warm-up steps. RM accuracy is on held-out pairs labelled by
+the gold judge.
 
     python -m benchmarks.sft_rm [--train N] [--eval N] [--epochs E] [--hidden H]
 """
@@ -76,7 +78,9 @@ def trl(task: str, work: Path, args: argparse.Namespace) -> dict:
               args.batch_size, "num_train_epochs": args.epochs, "learning_rate": args.lr,
               "max_length": args.max_length, "report_to": "none", "save_strategy": "no",
               "eval_strategy": "no", "logging_steps": 50, "use_cpu": True, "seed": 0,
-              "disable_tqdm": True, "dataloader_num_workers": 0}
+              "disable_tqdm": True, "dataloader_num_workers": 0,
+              # TRL 1.16 defaults both to True; ours trains in fp32 without recomputation.
+              "bf16": False, "fp16": False, "gradient_checkpointing": False}
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(work / "tiny")
     if task == "sft":

@@ -4,11 +4,13 @@ at this size; the full demo's are in docs/loop.md)."""
 from __future__ import annotations
 
 import json
+from html import escape
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from rewardloop.eval.charts import CALIBRATION_QUESTION
 from rewardloop.synthetic import gold_score
 
 
@@ -47,7 +49,7 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     assert f"rm_accuracy: {saved:.3f} of a label ceiling of {ceiling:.3f}" in result.output
     html = (workdir / "report.html").read_text()
     assert f"held-out accuracy {saved:.2f} of a ceiling of {ceiling:.2f}" in html
-    for section in ("Headlines", "Win rates", "Annotators", 'alt="calibration"',
+    for section in ("Headlines", "Win rates", "Annotators", f'alt="{escape(CALIBRATION_QUESTION)}',
                     "moved from the reference (KL)", "does the hidden gold judge agree",
                     "Sample answers"):
         assert section in html, section
@@ -62,7 +64,7 @@ def test_fast_demo_writes_report_and_summary(tmp_path: Path) -> None:
     assert all(rm["groups"]["by_group"][g]["accuracy"] is not None for g in ("warm", "concise"))
     whose = html[html.index("Whose preferences?"):]
     assert "<td>warm</td>" in whose and "<td>concise</td>" in whose
-    assert 'alt="group agreement"' in whose
+    assert 'alt="Do the groups agree?' in whose
     # the stages are resumable: a second run redoes nothing and gives the same figures
     again = CliRunner().invoke(app, ["demo", "--fast", "--workdir", str(workdir)])
     assert again.exit_code == 0, again.output

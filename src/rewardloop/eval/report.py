@@ -17,6 +17,8 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,14 @@ from typing import Any
 
 from rewardloop.errors import UserError
 from rewardloop.eval.charts import (
+    CALIBRATION_QUESTION,
     CHARTS,
+    ROUNDS_QUESTION,
+    Drawn,
     bar_figure,
     calibration_figure,
     chart_figure,
+    finite,
     heatmap_figure,
     rounds_figure,
 )
@@ -52,84 +58,134 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in json_objects(path) if "step" in row]
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
+def _cell(v: Any) -> str:
+    """A table cell as a reader writes it: "–" where there is no figure (null, NaN) and
+    yes/no, not Python's None, nan and True."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
 
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], caption: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return (f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")
 
 
-def _img(title: str, uri: str, points: int) -> str:
-    """A figure; ``data-points`` (what it plots) lets tests check that no figure is empty."""
-    return (f'<figure data-points="{points}"><img alt="{html.escape(title)}" src="{uri}">'
-            "</figure>")
+def _img(question: str, run: str, drawn: Drawn) -> str:
+    """A figure whose alt text says what it asks, of which run, and what it shows (the
+    numbers); ``data-points`` (what it plots) lets tests check that no figure is empty."""
+    alt = html.escape(f"{question} — {run}: {drawn.summary}")
+    return f'<figure data-points="{drawn.points}"><img alt="{alt}" src="{drawn.uri}"></figure>'
+
+
+def _unique(labels: Sequence[str], longer: Sequence[str] | None = None) -> list[str]:
+    """``labels`` made distinct, so that no two bars share a row and no two table rows read
+    alike: a label that several share becomes its ``longer`` form (a judge's full spec), and
+    one still shared gets " #2", " #3"."""
+    if longer is not None:
+        labels = [long if labels.count(lbl) > 1 else lbl
+                  for lbl, long in zip(labels, longer, strict=True)]
+    seen: Counter[str] = Counter()
+    out = []
+    for lbl in labels:
+        seen[lbl] += 1
+        out.append(lbl if seen[lbl] == 1 else f"{lbl} #{seen[lbl]}")
+    return out
+
+
+def _ci(record: dict[str, Any]) -> tuple[float, float] | None:
+    ci = record.get("win_rate_ci")
+    if not (isinstance(ci, list) and len(ci) == 2):
+        return None
+    lo, hi = finite(ci[0]), finite(ci[1])
+    return (lo, hi) if lo is not None and hi is not None else None
+
+
+def _ci_text(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else "–"
+
+
+def _win_rates(question: str, run: str, labels: Sequence[str],
+               records: Sequence[dict[str, Any]], header: Sequence[str]) -> str:
+    """Bars and table of win rates (judges or groups); a record without a finite win rate (a
+    pending or battle-less comparison, null in eval.json) is left out."""
+    kept = [(lbl, v, _ci(r), r.get("n")) for lbl, r in zip(labels, records, strict=True)
+            if isinstance(r, dict) and (v := finite(r.get("win_rate"))) is not None]
+    if not kept:
+        return ""
+    cis = [ci or (v, v) for _, v, ci, _ in kept]
+    drawn = bar_figure(question, [k[0] for k in kept], [k[1] for k in kept],
+                       [c[0] for c in cis], [c[1] for c in cis], ref=0.5)
+    return _img(question, run, drawn) + _table(
+        [(lbl, v, _ci_text(ci), n) for lbl, v, ci, n in kept], header, f"{question} ({run})")
 
 
 def _win_rate_section(ev: dict[str, Any], name: str) -> str:
-    comps = ev.get("comparisons") or [ev]
-    rows = [c for c in comps if "win_rate" in c]
-    if not rows:
-        return ""
-    labels = [str(c.get("name", c.get("judge", "win rate"))) for c in rows]
-    vals = [float(c["win_rate"]) for c in rows]
-    ci = [c.get("win_rate_ci") or [v, v] for c, v in zip(rows, vals, strict=True)]
+    comps = [c for c in ev.get("comparisons") or [ev] if isinstance(c, dict)]
+    # Two reward-model judges runs/a/rm/model and runs/b/rm/model are both named "rm".
+    labels = _unique([str(c.get("name", c.get("judge", "win rate"))) for c in comps],
+                     [str(c.get("judge", c.get("name", "win rate"))) for c in comps])
     policy, baseline = ev.get("policy_name", "the policy"), ev.get("baseline_name", "the baseline")
-    fig = bar_figure(f"Did {policy} beat {baseline}? Win rate per judge (95% CI; 0.5 = even)",
-                     labels, vals,
-                     [c[0] for c in ci], [c[1] for c in ci], ref=0.5)
-    table = _table([(lbl, v, f"[{c[0]:.3f}, {c[1]:.3f}]", r.get("n", ""))
-                    for lbl, v, c, r in zip(labels, vals, ci, rows, strict=True)],
-                   ["judge", "win rate", "95% CI", "n"])
-    return f"<h3>Win rates ({html.escape(name)})</h3>" + _img("win rates", fig, len(vals)) + table
+    part = _win_rates(f"Did {policy} beat {baseline}? Win rate per judge (95% CI; 0.5 = even)",
+                      name, labels, comps, ["judge", "win rate", "95% CI", "n"])
+    return f"<h3>Win rates ({html.escape(name)})</h3>" + part if part else ""
 
 
-def _quality_section(q: dict[str, Any]) -> str:
+def _quality_section(q: dict[str, Any], run: str) -> str:
     anns = q.get("annotators") or {}
     if not anns:
         return ""
     names = sorted(anns)
-    agree = [float(anns[n].get("agreement") or 0.0) for n in names]
-    fig = bar_figure("Which annotators agree with the others? (leave-one-out majority)", names,
-                     agree)
-    rows = [(n, anns[n].get("judgments"), anns[n].get("agreement"), anns[n].get("reliability"),
-             ", ".join(anns[n].get("flags") or [])) for n in names]
+    # An annotator who shared no pair with another has no agreement (null): not 0, the worst.
+    agree = [finite(anns[n].get("agreement")) for n in names]
+    question = "Which annotators agree with the others? (leave-one-out majority)"
+    fig = bar_figure(question, names, agree)
+    rows = [(n, anns[n].get("judgments"), a, anns[n].get("reliability"),
+             ", ".join(anns[n].get("flags") or [])) for n, a in zip(names, agree, strict=True)]
     alpha = q.get("krippendorff_alpha")
     head = f"<p>Krippendorff's alpha: {alpha:.3f}</p>" if isinstance(alpha, float) else ""
-    return ("<h3>Annotators</h3>" + head + _img("agreement", fig, len(names))
-            + _table(rows, ["annotator", "judgments", "agreement", "reliability", "flags"]))
+    return ("<h3>Annotators</h3>" + head + (_img(question, run, fig) if fig.points else "")
+            + _table(rows, ["annotator", "judgments", "agreement", "reliability", "flags"],
+                     f"Annotators of {run}"))
 
 
 def _group_accuracy_part(runs: Sequence[RunFiles]) -> list[str]:
     """Per-group held-out accuracy of every reward-model/DPO run that has groups, one row per
     (run, group): runs trained with different --group-balance read as before/after."""
-    rows, labels, values, lows, highs = [], [], [], [], []
+    rows, labels, values, lows, highs, named = [], [], [], [], [], []
     for run in runs:
         section = (run.summary or {}).get("groups")
         if not isinstance(section, dict):
             continue
         for g, r in (section.get("by_group") or {}).items():
+            acc = finite(r.get("accuracy"))
             ci = r.get("accuracy_ci") or [None, None]
-            rows.append((run.name, section.get("balance", "none"), g, r.get("accuracy"),
-                         f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "-",
+            lo, hi = finite(ci[0]), finite(ci[1])
+            rows.append((run.name, section.get("balance", "none"), g, acc,
+                         _ci_text((lo, hi) if lo is not None and hi is not None else None),
                          r.get("weight_share"), r.get("train_comparisons")))
-            if r.get("accuracy") is not None:
+            if acc is not None:
                 labels.append(f"{g} ({section.get('balance', 'none')}, {run.name})")
-                values.append(float(r["accuracy"]))
-                lows.append(float(ci[0] if ci[0] is not None else r["accuracy"]))
-                highs.append(float(ci[1] if ci[1] is not None else r["accuracy"]))
+                values.append(acc)
+                lows.append(acc if lo is None else lo)
+                highs.append(acc if hi is None else hi)
+                named.append(run.name)
     if not rows:
         return []
+    question = "Whose judgments does the model get right? Held-out accuracy per group (95% CI)"
     parts = []
     if values:
-        parts.append(_img("accuracy per group", bar_figure(
-            "Whose judgments does the model get right? Held-out accuracy per group (95% CI)",
-            labels, values, lows, highs, ref=0.5), len(values)))
+        parts.append(_img(question, ", ".join(dict.fromkeys(named)), bar_figure(
+            question, labels, values, lows, highs, ref=0.5)))
     return parts + [_table(rows, ["run", "balance", "group", "accuracy", "95% CI",
-                                  "weight share", "training comparisons"])]
+                                  "weight share", "training comparisons"],
+                           "Held-out accuracy per group")]
 
 
 def _group_agreement_part(runs: Sequence[RunFiles]) -> list[str]:
@@ -140,10 +196,11 @@ def _group_agreement_part(runs: Sequence[RunFiles]) -> list[str]:
         if not isinstance(matrix, dict) or not matrix:
             continue
         names = sorted(matrix)
-        grid = [[(matrix[a].get(b) or {}).get("agreement") for b in names] for a in names]
-        parts.append(_img("group agreement", heatmap_figure(
-            f"Do the groups agree? Verdict agreement within (diagonal) and between groups "
-            f"({run.name})", names, grid), sum(v is not None for row in grid for v in row)))
+        grid = [[finite((matrix[a].get(b) or {}).get("agreement")) for b in names] for a in names]
+        question = "Do the groups agree? Verdict agreement within (diagonal) and between groups"
+        drawn = heatmap_figure(f"{question} ({run.name})", names, grid)
+        if drawn.points:
+            parts.append(_img(question, run.name, drawn))
     return parts
 
 
@@ -156,21 +213,16 @@ def _group_arena_part(runs: Sequence[RunFiles]) -> list[str]:
         by_group = arena.get("by_group")
         if not isinstance(by_group, dict) or not by_group:
             continue
-        names = sorted(by_group)
-        vals = [float(by_group[g]["win_rate"]) for g in names]
-        ci = [by_group[g].get("win_rate_ci") or [v, v] for g, v in zip(names, vals, strict=True)]
         alarms = arena.get("group_alarms") or []
         if alarms:
             items = "".join(f"<li>{html.escape(str(a))}</li>" for a in alarms)
             parts.append(f'<div class="alarm"><h3>A group the policy loses for '
                          f"({html.escape(run.name)})</h3><ul>{items}</ul></div>")
-        parts.append(_img("win rate per group", bar_figure(
-            f"Does the policy win for every group? Win rate per group (95% CI; {run.name})",
-            names, vals, [c[0] for c in ci], [c[1] for c in ci], ref=0.5), len(vals)))
-        parts.append(_table([(g, v, f"[{c[0]:.3f}, {c[1]:.3f}]", by_group[g].get("n"))
-                             for g, v, c in zip(names, vals, ci, strict=True)],
-                            ["group", "win rate", "95% CI", "battles"]))
-    return parts
+        names = sorted(by_group)
+        parts.append(_win_rates(
+            "Does the policy win for every group? Win rate per group (95% CI)", run.name,
+            names, [by_group[g] for g in names], ["group", "win rate", "95% CI", "battles"]))
+    return [p for p in parts if p]
 
 
 def whose_preferences_section(runs: Sequence[RunFiles]) -> str:
@@ -185,13 +237,13 @@ def whose_preferences_section(runs: Sequence[RunFiles]) -> str:
             + "</section>")
 
 
-def _samples_section(path: Path, limit: int = 8) -> str:
+def _samples_section(path: Path, run: str, limit: int = 8) -> str:
     rows = [row for _, row in json_objects(path, limit)]
     if not rows:
         return ""
     header = list(dict.fromkeys(k for r in rows for k in r))
     return "<h3>Sample answers</h3>" + _table([[r.get(k, "") for k in header] for r in rows],
-                                               header)
+                                               header, f"Sample answers of {run}")
 
 
 @dataclass
@@ -199,27 +251,40 @@ class RunFiles:
     """What a run directory holds that the report reads (None where absent)."""
 
     path: Path
+    name: str
+    """How the report names the run (``run_names``)."""
     summary: dict[str, Any] | None
     metrics: list[dict[str, Any]]
     eval: dict[str, Any] | None
     quality: dict[str, Any] | None
 
-    @property
-    def name(self) -> str:
-        return "/".join(self.path.resolve().parts[-2:])
+
+def run_names(runs: Sequence[Path]) -> list[str]:
+    """Each run's name: the last two parts of its path, more where two runs would share one
+    (x/exp/rm and y/exp/rm), and " #2" for a directory given twice."""
+    parts = [Path(r).resolve().parts[1:] for r in runs]
+    depth = [2] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return _unique(names)
+        for i in clash:
+            depth[i] += 1
 
 
-def read_run(run: Path) -> RunFiles:
-    def load(name: str) -> dict[str, Any] | None:
-        data = _read_json(run / name) if (run / name).is_file() else None
+def read_run(run: Path, name: str) -> RunFiles:
+    def load(file: str) -> dict[str, Any] | None:
+        data = _read_json(run / file) if (run / file).is_file() else None
         return data if isinstance(data, dict) else None
 
-    return RunFiles(run, load("summary.json"), read_metrics(run / "metrics.jsonl"),
+    return RunFiles(run, name, load("summary.json"), read_metrics(run / "metrics.jsonl"),
                     load("eval.json"), load("quality.json"))
 
 
 def _detail_charts(run: RunFiles) -> list[str]:
-    return [_img(chart.question, *drawn) for chart in CHARTS
+    return [f"<h3>{html.escape(chart.question)}</h3>" + _img(chart.question, run.name, drawn)
+            for chart in CHARTS
             if not chart.headline and (drawn := chart_figure(chart, run.metrics))]
 
 
@@ -258,17 +323,18 @@ def headline_section(runs: Sequence[RunFiles]) -> str:
                          f"({html.escape(run.name)})</h3><ul>{items}</ul></div>")
     for run in runs:
         if line := ceiling_line(run.summary or {}):
-            parts.append(f"<p class='ceiling'>{html.escape(line)}</p>")
+            parts.append(f"<p class='ceiling'>{html.escape(f'{run.name} — {line}')}</p>")
     for run in runs:
         per_round = (run.summary or {}).get("per_round")
         if isinstance(per_round, list) and (drawn := rounds_figure(per_round)):
-            parts.append(_img("rounds", *drawn))
+            parts.append(_img(ROUNDS_QUESTION, run.name, drawn))
     parts += [_win_rate_section(run.eval, run.name) for run in runs if run.eval is not None]
     for chart in (c for c in CHARTS if c.headline):
         for run in runs:
             if drawn := chart_figure(chart, run.metrics):
-                parts.append(f"<h3>{html.escape(run.name)}</h3>" + _img(chart.question, *drawn))
-    if not parts:
+                parts.append(f"<h3>{html.escape(run.name)}</h3>"
+                             + _img(chart.question, run.name, drawn))
+    if not any(parts):
         return ""
     return '<section class="headlines"><h2>Headlines</h2>' + "\n".join(parts) + "</section>"
 
@@ -278,15 +344,17 @@ def run_section(run: RunFiles) -> str:
     parts = [f"<h2>{html.escape(run.name)}</h2>"]
     if run.summary is not None:
         flat = [(k, v) for k, v in run.summary.items() if not isinstance(v, dict | list)]
-        parts.append("<h3>Summary</h3>" + _table(flat, ["figure", "value"]))
+        parts.append("<h3>Summary</h3>" + _table(flat, ["figure", "value"],
+                                                 f"Summary of {run.name}"))
         bins = run.summary.get("calibration_bins")
         if bins:
-            parts.append(_img("calibration", calibration_figure(bins), len(bins)))
+            parts.append(f"<h3>{html.escape(CALIBRATION_QUESTION)}</h3>"
+                         + _img(CALIBRATION_QUESTION, run.name, calibration_figure(bins)))
     parts += _detail_charts(run)
     if run.quality is not None:
-        parts.append(_quality_section(run.quality))
+        parts.append(_quality_section(run.quality, run.name))
     if (run.path / "samples.jsonl").is_file():
-        parts.append(_samples_section(run.path / "samples.jsonl"))
+        parts.append(_samples_section(run.path / "samples.jsonl", run.name))
     return "<section>" + "\n".join(parts) + "</section>"
 
 
@@ -300,18 +368,22 @@ section{border-top:2px solid #ddd;margin-top:2em} .headlines{background:#f7f9fc;
 """
 
 
-HEAD = ("<!doctype html><html><head><meta charset='utf-8'>"
+HEAD = ("<!doctype html><html lang=\"en\"><head><meta charset='utf-8'>"
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
         "img-src data:; style-src 'unsafe-inline'\">")
 """How every report starts: an existing file that starts so is an earlier report."""
+
+EARLIER_HEADS = (HEAD, HEAD.replace('<html lang="en">', "<html>"))
+"""HEAD, and how reports started before they named their language."""
 
 
 def _is_report(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
-            return fh.read(len(HEAD)) == HEAD.encode()
+            start = fh.read(max(map(len, EARLIER_HEADS)))
     except OSError:
         return False
+    return any(start.startswith(head.encode()) for head in EARLIER_HEADS)
 
 
 def check_report_paths(runs: Sequence[Path], out: Path, *, overwrite: bool = False) -> None:
@@ -349,7 +421,7 @@ def build_report(runs: Sequence[Path], out: Path, title: str = "rewardloop repor
     a run's own file, and one that would replace another file that is no earlier report
     (unless ``overwrite``)."""
     check_report_paths(runs, out, overwrite=overwrite)
-    files = [read_run(Path(r)) for r in runs]
+    files = [read_run(Path(r), name) for r, name in zip(runs, run_names(runs), strict=True)]
     body = (headline_section(files) + whose_preferences_section(files)
             + "\n".join(run_section(r) for r in files))
     doc = (f"{HEAD}<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
