@@ -141,6 +141,10 @@ def main() -> None:
         print_table(f"import of {args.rows} HH rows from Parquet", results,
                     ["rows", "wall_s", "cpu_s", "peak_rss_mb"], theirs="datasets")
         ours = results["rewardloop"]
+        if args.rows != 200_000:  # the goal is set for 200k rows; a smaller run checks nothing
+            print(f"goal (200,000 rows, 60 s, 1 GiB): not checked at {args.rows} rows")
+            sys.stdout.flush()
+            return
         memory = "met" if ours["peak_rss_mb"] <= 1024 else "NOT met"
         speed = "met" if ours["wall_s"] <= 60 else "NOT met"
         print(f"goal: peak RSS <= 1024 MiB {memory}; wall <= 60 s {speed} "

@@ -24,10 +24,12 @@ speed; ``benchmarks.grpo`` measures speed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -176,7 +178,8 @@ def side_trl_grpo(work: Path, rm: Path, steps: int, seed: int, lr: float, beta: 
                           train_dataset=Dataset.from_list(prompts),
                           processing_class=AutoTokenizer.from_pretrained(policy,
                                                                          padding_side="left"))
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs; the tables stay whole
+        trainer.train()
     trainer.save_model(str(out / "model"))
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {"model": str(out / "model"), "reward_curve": [h["reward"] for h in logs],
