@@ -8,6 +8,11 @@ with rewardloop and with TRL, each side in its own process. It prints pairs/s (t
 loading, tokenising, reference pass, training, evaluation, saving), peak RSS, the implicit-reward
 accuracy on held-out pairs, and the hidden gold score (``synthetic.gold_score``) of answers
 sampled from the SFT model and from each trained model (same prompts, seed and sampler).
+
+    python -m benchmarks.dpo [--pairs 2048] [--eval-pairs 512] [--sft-rows 2000]
+                             [--gold-prompts 200] [--work DIR]
+
+(A reused ``--work`` keeps the data it was prepared with; give a new one to change sizes.)
 """
 
 from __future__ import annotations
@@ -149,7 +154,15 @@ def main() -> None:
     parser.add_argument("--paths", help="JSON of model/train/eval paths (set by the parent)")
     parser.add_argument("--out", help="output directory of this side")
     parser.add_argument("--work", help="keep the tiny/SFT models here (reused when present)")
+    parser.add_argument("--settings", help="internal: the parent's sizes, as JSON")
+    for name in ("pairs", "eval_pairs", "sft_rows", "gold_prompts"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=SETTINGS[name],
+                            help=f"default {SETTINGS[name]}")
     args = parser.parse_args()
+    SETTINGS.update(json.loads(args.settings) if args.settings else
+                    {n: getattr(args, n) for n in ("pairs", "eval_pairs", "sft_rows",
+                                                   "gold_prompts")})
+    sizes = ["--settings", json.dumps(SETTINGS)]  # every side runs at the parent's sizes
     if args.side == "gold":
         print(json.dumps(side_gold(args.paths)))
         return
@@ -165,11 +178,12 @@ def main() -> None:
         results = {}
         for side in ("rewardloop", "trl"):
             results[side] = run_side(MODULE, side, ["--paths", json.dumps(paths),
-                                                    "--out", str(Path(tmp) / side)])
-        gold_sft = run_side(MODULE, "gold", ["--paths", paths["model"]])["gold"]
+                                                    "--out", str(Path(tmp) / side), *sizes])
+        gold_sft = run_side(MODULE, "gold", ["--paths", paths["model"], *sizes])["gold"]
         for res in results.values():
             res["gold_before"] = gold_sft
-            res["gold_after"] = run_side(MODULE, "gold", ["--paths", res.pop("model")])["gold"]
+            res["gold_after"] = run_side(MODULE, "gold", ["--paths", res.pop("model"),
+                                                          *sizes])["gold"]
         print(f"settings: {json.dumps(SETTINGS)}")
         print_table("DPO (sigmoid), 1 epoch, tiny Llama on CPU", results,
                     ["pairs_per_s", "wall_s", "median_step_s", "peak_rss_mb", "eval_accuracy",
