@@ -291,27 +291,39 @@ def test_an_ended_session_keeps_what_was_typed(live, sqlite_store) -> None:
     assert judgment.rationale == "A cites its source" and judgment.strength == "slight"
 
 
+def _clocked_page(browser, live: str):
+    """ann's annotate page on a fake clock (lease timers run when the test says)."""
+    page = browser.new_context().new_page()
+    page.clock.install()
+    login(page, live, "ann")
+    page.wait_for_url(f"{live}/annotate")
+    return page
+
+
+def _lease_ends_in(store, seconds: int) -> None:
+    with store.write() as s:
+        lease = s.scalar(select(S.Assignment))
+        lease.expires_at = S.utcnow() + S.dt.timedelta(seconds=seconds)
+
+
+def _lease_left_s(store) -> float:
+    with store.read() as s:
+        return (s.scalar(select(S.Assignment)).expires_at.replace(tzinfo=S.dt.UTC)
+                - S.utcnow()).total_seconds()
+
+
 def test_lease_is_renewed_while_active_and_warns_when_idle(live, sqlite_store) -> None:
     """U8: an active reader's lease is renewed; an idle one is told before it runs out."""
     with chromium() as browser:
-        context = browser.new_context()
-        page = context.new_page()
-        page.clock.install()
-        login(page, live, "ann")
-        page.wait_for_url(f"{live}/annotate")
+        page = _clocked_page(browser, live)
         assert "Reserved for you until" in page.text_content("#lease")
-        with sqlite_store.write() as s:  # as if the page had been open for 8 minutes
-            lease = s.scalar(select(S.Assignment))
-            lease.expires_at = S.utcnow() + S.dt.timedelta(seconds=120)
+        _lease_ends_in(sqlite_store, 120)  # as if the page had been open for 8 minutes
         page.mouse.move(50, 50)
         page.mouse.move(80, 90)
         with page.expect_response("**/renew") as renewed:
             page.clock.run_for(130_000)
         assert renewed.value.status == 200
-        with sqlite_store.read() as s:
-            left = (s.scalar(select(S.Assignment)).expires_at.replace(tzinfo=S.dt.UTC)
-                    - S.utcnow()).total_seconds()
-        assert left > 500
+        assert _lease_left_s(sqlite_store) > 500
         page.clock.run_for(8 * 60_000 + 30_000)  # nobody touches the page
         assert "reserved for you only until" in page.text_content("#lease")
 
@@ -320,22 +332,13 @@ def test_a_page_opened_late_in_its_lease_keeps_it(live, sqlite_store) -> None:
     """A page opened (or reloaded) with a minute of its lease left renews it at once, not after
     the 2-minute renewal period (by then the lease would have run out)."""
     with chromium() as browser:
-        context = browser.new_context()
-        page = context.new_page()
-        page.clock.install()
-        login(page, live, "ann")
-        page.wait_for_url(f"{live}/annotate")
-        with sqlite_store.write() as s:  # the lease has 60 s left when the page is reloaded
-            lease = s.scalar(select(S.Assignment))
-            lease.expires_at = S.utcnow() + S.dt.timedelta(seconds=60)
+        page = _clocked_page(browser, live)
+        _lease_ends_in(sqlite_store, 60)  # the lease has 60 s left when the page is reloaded
         with page.expect_response("**/renew") as renewed:
             page.reload()
         assert renewed.value.status == 200
         assert "Reserved for you until" in page.text_content("#lease")
-        with sqlite_store.read() as s:
-            left = (s.scalar(select(S.Assignment)).expires_at.replace(tzinfo=S.dt.UTC)
-                    - S.utcnow()).total_seconds()
-        assert left > 500
+        assert _lease_left_s(sqlite_store) > 500
 
 
 def test_ranking_says_what_happened_and_tie_is_cancellable(live) -> None:
