@@ -23,7 +23,7 @@ from rewardloop.engines.factory import EngineOptions
 from rewardloop.errors import UserError
 from rewardloop.options import check_finite
 from rewardloop.tracking import check_report_to
-from rewardloop.util.files import atomic_write_text
+from rewardloop.util.files import WORKDIR_MARKER, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,6 @@ def _built(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise UserError(f"{where}: {exc}") from None
 
 
-WORKDIR_MARKER = ".rewardloop-workdir"
 """Written into a work directory the loop (or the demo) created: only such a directory, a new
 or an empty one is written into, so a ``--workdir`` typed at a project folder does not replace
 the files there (its config.yaml, summary.json, report.html)."""

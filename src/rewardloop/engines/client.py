@@ -202,7 +202,9 @@ class ServerGenerator:
         return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)
 
 
+
 def _torch_dtype(name: Any) -> torch.dtype | None:
     """The torch dtype a server names (``bfloat16``), None for one it does not name."""
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    from rewardloop.models import DTYPES, resolve_dtype
+
+    return resolve_dtype(name) if name in DTYPES and name != "auto" else None

@@ -41,7 +41,7 @@ from rewardloop.eval.arena import battles_by_group, create_arena_tasks, judged_b
 from rewardloop.eval.config import EvalConfig
 from rewardloop.metrics import Battle, WinRate, arena_ratings, rate_ci, win_rate
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
-from rewardloop.util.files import atomic_write_text, check_output_dir
+from rewardloop.util.files import WORKDIR_MARKER, atomic_write_text, check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ SAMPLES_FILE = "samples.jsonl"
 OUTPUT_FILES = (EVAL_FILE, SAMPLES_FILE, "config.yaml", "summary.json")
 """What an eval writes in --out, samples.jsonl first and eval.json last: a directory with either
 of those two is an eval's output (an interrupted one has samples.jsonl)."""
-NOT_EVAL = ("metrics.jsonl", "checkpoints", "model", ".rewardloop-workdir")  # loop_config's marker
+NOT_EVAL = ("metrics.jsonl", "checkpoints", "model", WORKDIR_MARKER)
 """What a training run or a loop's work directory holds and an eval never does: a directory
 holding one is refused (a GRPO run writes samples.jsonl, config.yaml and summary.json too, and a
 loop's work directory config.yaml and summary.json)."""

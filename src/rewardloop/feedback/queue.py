@@ -254,12 +254,16 @@ def _claim(db: Driver, params: dict[str, Any], by_batch: bool) -> Any:
     return None
 
 
+LEASE_S = 600.0
+"""Seconds a task stays reserved for the annotator it was handed to (renewed while they work)."""
+
+
 def next_task(
     session: Session,
     annotator: Annotator | int,
     *,
     batch: Batch | int | None = None,
-    lease_s: float = 600,
+    lease_s: float = LEASE_S,
     rng: random.Random | None = None,
 ) -> Lease | None:
     """Lease the next task to ``annotator`` (or return the lease it already holds).
@@ -312,7 +316,7 @@ _EXTEND = Prepared(update(_A).where(_A.c.id == bindparam("lease_id")).values(
 
 
 def renew_lease(session: Session, annotator: Annotator | int, task_id: int, *,
-                lease_s: float = 600) -> dt.datetime:
+                lease_s: float = LEASE_S) -> dt.datetime:
     """Extend ``annotator``'s lease on ``task_id`` to ``lease_s`` from now (the annotate page
     calls this while its reader is active, so a long read does not lose the task); the new
     expiry. A lease that ran out is renewed only while the task still has room: 409 once

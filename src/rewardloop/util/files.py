@@ -163,3 +163,8 @@ def json_objects(path: str | Path, limit: int | None = None) -> list[tuple[str, 
         if isinstance(record, dict):
             out.append((line, record))
     return out
+
+
+WORKDIR_MARKER = ".rewardloop-workdir"
+"""The file a loop or demo work directory holds (``loop_config.claim_workdir``); other commands
+refuse to write over such a directory."""
