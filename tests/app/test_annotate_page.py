@@ -1,5 +1,5 @@
 """The annotate page as HTML (what annotators are shown), lease renewal, and the login
-redirects around it (audit s11: U6, U8, U9, U12, U13, U16)."""
+redirects around it, and the admin page's exports (audit s11: U6, U8, U9, U12, U13, U16)."""
 
 from __future__ import annotations
 
@@ -145,3 +145,26 @@ def test_admin_tables_scroll_on_their_own(server) -> None:
     html = c.get("/admin").text
     assert html.count('<div class="table-wrap"><table') == html.count("<table") >= 3
     assert html.count("<caption>") == html.count("<table")
+
+
+def test_admin_export_links_download_or_say_why_not(server) -> None:
+    """U16: the admin page's export links are a download, and a failure is a page that says why
+    (a link to the JSON API left only a cancelled download when the session had ended)."""
+    c, _ = server.login("admin")
+    html = c.get("/admin").text
+    links = re.findall(r'href="(/admin/export\?format=\w+)"', html)
+    assert len(links) == 4 and " download>" not in html
+    r = c.get(links[0])
+    assert r.status_code == 200 and r.headers["content-disposition"].startswith("attachment")
+    r = c.get("/admin/export", params={"format": "trl", "batch": "nope"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    assert "The export failed" in r.text and "nope" in r.text and 'href="/admin"' in r.text
+    r = c.get("/admin/export", params={"format": "kto", "batch": "b1"})
+    assert r.status_code == 422 and "kto exports ratings" in r.text
+    r = c.get("/admin/export", params={"format": "csv"})
+    assert r.status_code == 404 and "no export format" in r.text
+    annotator, _ = server.login("ann")
+    r = annotator.get(links[0])
+    assert r.status_code == 403 and "for admins" in r.text
+    r = server.client().get(links[0], follow_redirects=False)  # the session ended
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fadmin"

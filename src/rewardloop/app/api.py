@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from rewardloop.app import accounts
-from rewardloop.app.deps import HOT_SECURITY, SESSION_COOKIE, Admin, DbDep, HotCreds, User
+from rewardloop.app.deps import HOT_SECURITY, SESSION_COOKIE, Admin, Db, DbDep, HotCreds, User
 from rewardloop.app.schemas import (
     JudgmentIn,
     JudgmentOut,
@@ -274,6 +274,12 @@ def export(who: Admin, db: DbDep,
            format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
            batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
     """All judgments (of ``batch``) as JSONL in a training format (see docs/server.md)."""
+    return export_response(db, format, batch)
+
+
+def export_response(db: Db, format: str, batch: str | None) -> FileResponse:  # noqa: A002
+    """The export as a download (``Content-Disposition: attachment``), or an HTTPException that
+    says why not: the API answers it as JSON, the admin page as a page."""
     if batch is not None and format == "kto":
         raise HTTPException(422, "batch selects comparisons; kto exports ratings")
     with db.read() as session:

@@ -18,17 +18,19 @@ from sqlalchemy.orm import Session
 
 from rewardloop.app import accounts
 from rewardloop.app.accounts import Principal
-from rewardloop.app.api import do_login, set_session_cookie
+from rewardloop.app.api import do_login, export_response, set_session_cookie
 from rewardloop.app.deps import SESSION_COOKIE, page_user, tokens_equal
 from rewardloop.app.render import markdown, prompt_html, prompt_text
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Batch, ComparisonTask, Judgment, utcnow
+from rewardloop.errors import DataError, UserError
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+EXPORT_FORMATS = ("trl", "ranking", "hh", "kto")
 
 
 def answer_label(i: int) -> str:
@@ -169,4 +171,30 @@ def admin(request: Request) -> Response:
     with request.app.state.db.read() as session:
         stats = admin_stats(session)
     return _render(request, "admin.html", user=who, csrf=who.csrf_token, stats=stats,
-                   formats=["trl", "ranking", "hh", "kto"])
+                   formats=EXPORT_FORMATS)
+
+
+@router.get("/admin/export")
+def admin_export(request: Request,
+                 format: Annotated[str, Query(max_length=20)] = "trl",  # noqa: A002
+                 batch: Annotated[str | None, Query(max_length=255)] = None) -> Response:
+    """The admin page's export links: the file as a download, or a page that says why not.
+    (A link to the JSON API left a cancelled download and no word when the session had ended.)
+    A lapsed session goes to login and back to /admin, where the link is clicked again."""
+    who = page_user(request)
+    if who is None:
+        return RedirectResponse(f"/login?{urlencode({'next': '/admin'})}", status_code=303)
+    if not who.is_admin:
+        return _render(request, "error.html", 403, user=who, csrf=who.csrf_token,
+                       message="Exports are for admins.")
+    if format not in EXPORT_FORMATS:
+        return _render(request, "error.html", 404, user=who, csrf=who.csrf_token, back="/admin",
+                       message=f"There is no export format \u201c{format}\u201d; the formats "
+                       f"are {', '.join(EXPORT_FORMATS)}.")
+    try:
+        return export_response(request.app.state.db, format, batch)
+    except (HTTPException, UserError) as exc:
+        status, why = ((exc.status_code, exc.detail) if isinstance(exc, HTTPException)
+                       else (422 if isinstance(exc, DataError) else 400, str(exc)))
+        return _render(request, "error.html", status, user=who, csrf=who.csrf_token,
+                       message=f"The export failed: {why}", back="/admin")
