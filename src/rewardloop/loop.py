@@ -35,6 +35,7 @@ from rewardloop.loop_config import (
 from rewardloop.loop_stages import (
     RoundContext,
     check_for_groups,
+    check_judges,
     stage_eval,
     stage_feedback,
     stage_generate,
@@ -127,8 +128,9 @@ def run_loop(cfg: LoopConfig, after_stage: StageHook | None = None) -> dict[str,
     """
     claim_workdir(cfg.workdir, "loop")  # the demo claimed its own first
     atomic_write_text(cfg.workdir / CONFIG_FILE, _yaml(config_to_dict(cfg)))
+    check_judges(cfg)  # refused now, not after a round's sampling
     if cfg.for_groups is not None:
-        check_for_groups(cfg)  # refused now, not after a round's sampling
+        check_for_groups(cfg)
     records = []
     for n in range(1, cfg.rounds + 1):
         ctx = RoundContext(cfg, n)

@@ -43,7 +43,7 @@ from rewardloop.feedback import audience as A
 from rewardloop.feedback import select as S
 from rewardloop.feedback import tasks as T
 from rewardloop.feedback.quality import annotators_from_db, quality_report
-from rewardloop.feedback.simulate import ensure_annotators, load_pool, simulate
+from rewardloop.feedback.simulate import ensure_annotators, load_gold, load_pool, simulate
 from rewardloop.loop_config import LoopConfig, read_marker, resume_command, round_dir
 from rewardloop.train.checkpoint import list_checkpoints
 from rewardloop.util.files import atomic_write_text
@@ -219,6 +219,16 @@ def check_for_groups(cfg: LoopConfig) -> None:
             aim_tasks(cfg, session, S.Plan())
     finally:
         store.dispose()
+
+
+def check_judges(cfg: LoopConfig) -> None:
+    """Refuse (one line) a pool file or a gold function that cannot be loaded before any
+    sampling: the feedback stage, the policy stage's gold monitor and the eval stage would
+    each find it only after a round's generation."""
+    if cfg.pool is not None:
+        load_pool(cfg.pool)
+    for spec in dict.fromkeys(s for s in (cfg.pool_gold, cfg.gold) if s):
+        load_gold(spec)
 
 
 def _progress(store: Store, batch: str) -> dict[str, Any]:

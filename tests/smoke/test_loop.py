@@ -237,6 +237,28 @@ def test_for_groups_refused_before_sampling(setup: dict[str, Path], tmp_path: Pa
         store.dispose()
 
 
+def test_a_pool_or_gold_that_cannot_load_is_refused_before_sampling(
+        setup: dict[str, Path], tmp_path: Path) -> None:
+    """A missing pool file, a gold or pool_gold function that does not import: one line, exit
+    2, before round 1 samples anything (the feedback stage found them after the generation)."""
+    from rewardloop.cli import app
+
+    def refused(message: str, **keys: object) -> None:
+        config = tmp_path / "loop.yaml"
+        config.write_text(yaml.safe_dump({
+            "policy": str(setup["model"]), "prompts": str(setup["prompts"]),
+            "workdir": str(tmp_path / "run"), "gold": GOLD, "pool": str(setup["pool"]),
+            **keys}))
+        result = CliRunner().invoke(app, ["loop", "--config", str(config)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "run" / "round-1").exists()
+
+    refused("no such pool file", pool=str(tmp_path / "missing.yaml"))
+    refused("no_such_gold", gold="rewardloop.synthetic:no_such_gold")
+    refused("nowhere_module", pool_gold="nowhere_module:gold")
+
+
 def test_a_workdir_that_is_not_a_loops_is_refused_and_kept(tmp_path: Path) -> None:
     """--workdir at a project folder must not replace its config.yaml or summary.json (the loop
     and the demo wrote theirs over them); a new, empty or loop-made directory is fine."""
