@@ -308,8 +308,10 @@ def weight_shares(group_ids: Sequence[str], weights: Sequence[float]) -> dict[st
 
 def worst_group(by_group: Mapping[str, Mapping[str, Any]], key: str = "accuracy"
                 ) -> tuple[str, float] | None:
-    """(group, value) with the lowest ``key`` (ties: the first name), or None when empty."""
-    scored = [(float(v[key]), g) for g, v in by_group.items() if v.get(key) is not None]
+    """(group, value) with the lowest ``key`` (ties: the first name), or None when empty.
+    ``UNGROUPED`` is no group of people and never the worst group."""
+    scored = [(float(v[key]), g) for g, v in by_group.items()
+              if v.get(key) is not None and g != UNGROUPED]
     if not scored:
         return None
     value, g = min(scored)

@@ -7,7 +7,7 @@ A reward is given as ``SPEC[@WEIGHT]`` (``--reward``, repeatable):
   saved with it ((r - mean) / std), so rewards of different models are on one scale;
 - ``SPEC`` = ``RM@group=w,group=w``: a ``train rm --group-heads`` model whose group heads are
   mixed with these weights (normalised to sum 1; unlisted groups weigh 0): a policy tuned to
-  a stated mix of the groups' tastes. Without a mix such a model's reward is the heads' mean;
+  a stated mix of the groups' tastes. Without a mix such a model's reward is their equal mix;
 - ``SPEC`` = ``package.module:function``: a function with TRL's reward signature
   ``fn(prompts, completions, **kwargs) -> list[float]``. kwargs hold ``completion_ids`` (lists of
   token ids), ``has_eos`` (list of bool: False when the answer was cut and never ended),
@@ -49,7 +49,7 @@ class RewardSpec:
     spec: str
     weight: float = 1.0
     mix: tuple[tuple[str, float], ...] = ()
-    """(group, weight) of each head of a --group-heads reward model; () = the heads' mean."""
+    """(group, weight) of each head of a --group-heads reward model; () = the equal mix."""
 
 
 def parse_mix(text: str, where: str) -> tuple[tuple[str, float], ...]:

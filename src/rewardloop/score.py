@@ -193,13 +193,14 @@ class RewardScorer:
 
     def score_with_std(self, prompts: Sequence[Text], completions: Sequence[Text], *,
                        progress: Any = None) -> Scores:
-        """Rewards and (for an ensemble) their std across heads, in the input order.
+        """Rewards (the mean over heads) and, for an ensemble, their std across heads, in the
+        input order. A --group-heads model's heads are each normalised by its own stats first
+        (:meth:`score_heads`): its reward is the groups' equal mix, not a mean in which the
+        group whose head spreads widest counts most.
 
         ``progress``: an optional callable ``progress(done)`` told how many answers are scored.
         """
-        heads = self._raw_heads(prompts, completions, progress=progress)
-        if self.normalize:  # the mean over heads is what the stats describe
-            heads = (heads - float(self.stats["mean"])) / self._shared_std()
+        heads = self.score_heads(prompts, completions, progress=progress)
         std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
         return Scores(heads.mean(dim=1).tolist(), std)
 

@@ -20,12 +20,15 @@ from rewardloop.rewards import ModelReward, RewardSpec, parse_reward_spec
 from rewardloop.score import GROUP_HEADS_KEY, RewardScorer
 from rewardloop.synthetic import candidate_rows, corpus_texts, style_components
 from rewardloop.tiny import build_tiny
+from rewardloop.metrics import UNGROUPED, worst_group
 from rewardloop.train.group_balance import (
     GroupDRO,
+    balanced_group_names,
     equal_weights,
     group_metric_sums,
     group_summary,
     split_group_sums,
+    warn_lost_groups,
 )
 from rewardloop.train.reward import RewardConfig, train_rm
 
@@ -38,6 +41,36 @@ def test_equal_weights_give_every_group_the_same_total() -> None:
     # total 5 -> 2.5 per group; within a the 1:1:2 ratio stays
     assert w == pytest.approx([0.625, 0.625, 1.25, 2.5])
     assert equal_weights(["a", "b"], [0.0, 0.0]) == [0.0, 0.0]
+
+
+def test_annotators_of_no_group_are_not_a_group_to_balance(caplog) -> None:
+    """Audit s12 F2: "(none)" keeps its pooled share; the groups share the rest."""
+    w = equal_weights(["a", "a", "b", UNGROUPED], [1.0, 1.0, 1.0, 1.0])
+    # the groups' total 3 -> 1.5 each; the ungrouped comparison keeps its 1
+    assert w == pytest.approx([0.75, 0.75, 1.5, 1.0])
+    dro = GroupDRO(("a", "b"), step_size=1.0)
+    dro.q = np.array([0.25, 0.75])
+    w = dro.item_weights(["a", "b", UNGROUPED, UNGROUPED], [1.0, 1.0, 1.0, 1.0])
+    # the groups: q (Q = 1) over their weight 2; each ungrouped one 1 * Q / 2: half the step
+    assert w == pytest.approx([0.25, 0.75, 0.5, 0.5])
+    assert dro.item_weights([UNGROUPED], [2.0]) == [2.0]
+    assert balanced_group_names(["a", UNGROUPED, "b"], "equal", "pairs", "") == ("a", "b")
+    with pytest.raises(UserError, match=r"no group are not one\), got \['a'\]"):
+        balanced_group_names(["a", UNGROUPED], "equal", "pairs", "")
+    s = group_summary("minmax", ["a", "b", UNGROUPED, UNGROUPED], ["x", "y", "z", "z"],
+                      [1.0] * 4, GroupDRO(("a", "b"), 1.0), [0.0, 1.0], [UNGROUPED, "a"])
+    shares = {g: v["weight_share"] for g, v in s["by_group"].items()}
+    assert shares == pytest.approx({"a": 0.25, "b": 0.25, UNGROUPED: 0.5})
+    assert s["worst_group"] == "a"  # (none) scored 0 but is no group of people
+    assert worst_group({UNGROUPED: {"accuracy": 0.1}}) is None
+    with caplog.at_level("WARNING"):
+        warn_lost_groups(["a", "a", "b", "b", UNGROUPED], ["a", "a", "b", UNGROUPED],
+                         [1.0] * 4, "--exclude-flagged")
+    assert "of annotator group(s) b (b: 50%)" in caplog.text and "a:" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # weighing: a group at weight 0 is as good as gone
+        warn_lost_groups(["a", "b"], ["a", "b"], [1.0, 0.0], "the annotator weights")
+    assert "group(s) b (b: 100%)" in caplog.text
 
 
 def test_group_dro_update_by_hand() -> None:
@@ -229,3 +262,47 @@ def test_group_heads_train_one_head_per_group_and_mix_them(pool_files: dict[str,
         ModelReward(str(tmp_path / "plain"), mix=(("majority", 1.0),))
     with pytest.raises(ValueError, match="group_heads"):
         RewardConfig(model="m", data=Path("d"), out=Path("o"), group_heads=True, ensemble=2)
+
+
+def test_group_heads_leave_no_group_out_and_score_the_equal_mix(pool_files: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """Audit s12 F2-F4: annotators of no group get no head (their comparisons train the heads'
+    mean); the reward without a mix is the mean of the heads each normalised by its own stats,
+    and the summary's accuracy is that reward's; per group the own head's accuracy is labelled
+    and the reward's given beside it."""
+    groups = json.loads(pool_files["groups"].read_text())
+    loner = sorted(n for n, g in groups.items() if g == ["majority"])[0]
+    partial = tmp_path / "groups.json"
+    partial.write_text(json.dumps({n: g for n, g in groups.items() if n != loner}))
+    summary = _train({**pool_files, "groups": partial}, tmp_path / "heads", "none",
+                     group_heads=True, max_steps=10)
+    section = summary["groups"]
+    assert section["group_heads"] == ["majority", "minority"]
+    assert section["by_group"][UNGROUPED]["scored_by"] == "heads' mean"
+    assert section["by_group"]["minority"]["scored_by"] == "own head"
+    assert section["by_group"]["minority"]["reward_accuracy"] == pytest.approx(
+        summary["accuracy_by_group"]["minority"]["accuracy"])
+    held = [json.loads(line) for line in pool_files["eval"].read_text().splitlines()]
+    scorer = RewardScorer(tmp_path / "heads", normalize=True)
+    prompts = [r["prompt"] for r in held for _ in (0, 1)]
+    answers = [r[k] for r in held for k in ("chosen", "rejected")]
+    reward = torch.tensor(scorer.score(prompts, answers))
+    torch.testing.assert_close(reward, scorer.score_heads(prompts, answers).mean(1))
+    delta = reward[0::2] - reward[1::2]
+    credit = (delta > 0).double() + 0.5 * (delta == 0).double()
+    assert summary["eval_accuracy"] == pytest.approx(float(credit.mean()), abs=1e-9)
+
+
+def test_a_group_the_training_lacks_is_still_measured(pool_files: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """Audit s12 F1: training data of one group, held-out data of two: the groups section
+    stays, with the missing group's held-out accuracy."""
+    groups = json.loads(pool_files["groups"].read_text())
+    rows = [line for line in pool_files["train"].read_text().splitlines()
+            if groups[json.loads(line)["annotator"]] == ["majority"]]
+    only = tmp_path / "majority.jsonl"
+    only.write_text("\n".join(rows) + "\n")
+    summary = _train({**pool_files, "train": only}, tmp_path / "run", "none", max_steps=2)
+    minority = summary["groups"]["by_group"]["minority"]
+    assert minority["train_comparisons"] == 0 and minority["eval_pairs"] > 0
+    assert minority["accuracy"] is not None

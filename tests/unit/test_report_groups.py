@@ -62,6 +62,22 @@ def test_whose_preferences_section(tmp_path: Path) -> None:
                                                                       doc.index("Whose")))
 
 
+def test_a_group_heads_run_names_whose_head_scored_each_group(tmp_path: Path) -> None:
+    """Audit s12 F4: a --group-heads run's per-group figure is its own head's; the table says
+    so and gives the reward's accuracy beside it (a group without a head: the heads' mean)."""
+    run = _rm_run(tmp_path / "heads", "none", 7)
+    summary = json.loads((run / "summary.json").read_text())
+    section = summary["groups"]
+    section["group_heads"] = ["concise", "warm"]
+    section["by_group"]["concise"] |= {"scored_by": "own head", "reward_accuracy": 0.45}
+    section["by_group"]["warm"] |= {"scored_by": "heads' mean", "reward_accuracy": 0.8}
+    (run / "summary.json").write_text(json.dumps(summary))
+    doc = build_report([run], tmp_path / "r.html").read_text()
+    assert "<th>the reward&#x27;s accuracy</th>" in doc
+    assert "<td>group heads (own head)</td><td>concise</td><td>0.7</td>" in doc
+    assert "<td>0.45</td>" in doc and "group heads (heads&#x27; mean)" in doc
+
+
 def test_no_groups_no_section(tmp_path: Path, report_runs: list[Path]) -> None:
     doc = build_report(report_runs, tmp_path / "r.html").read_text()
     assert "Whose preferences?" not in doc

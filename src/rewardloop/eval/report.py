@@ -155,9 +155,19 @@ def _quality_section(q: dict[str, Any], run: str) -> str:
                      f"Annotators of {run}"))
 
 
+def _method(section: dict[str, Any], row: dict[str, Any]) -> str:
+    """How a group's accuracy was trained and measured: its --group-balance, or under
+    --group-heads whose head scored it (its own, or the heads' mean for a group without one)."""
+    if section.get("group_heads"):
+        return f"group heads ({row.get('scored_by') or 'own head'})"
+    return str(section.get("balance", "none"))
+
+
 def _group_accuracy_part(runs: Sequence[RunFiles]) -> list[str]:
     """Per-group held-out accuracy of every reward-model/DPO run that has groups, one row per
-    (run, group): runs trained with different --group-balance read as before/after."""
+    (run, group): runs trained with different --group-balance read as before/after. A
+    --group-heads run's rows give each group's own head, and beside it the accuracy of the
+    model's reward (the heads' equal mix), what a policy trained on it without a mix sees."""
     rows, labels, values, lows, highs, named = [], [], [], [], [], []
     for run in runs:
         section = (run.summary or {}).get("groups")
@@ -167,11 +177,13 @@ def _group_accuracy_part(runs: Sequence[RunFiles]) -> list[str]:
             acc = finite(r.get("accuracy"))
             ci = r.get("accuracy_ci") or [None, None]
             lo, hi = finite(ci[0]), finite(ci[1])
-            rows.append((run.name, section.get("balance", "none"), g, acc,
+            method = _method(section, r)
+            reward_acc = finite(r.get("reward_accuracy")) if section.get("group_heads") else acc
+            rows.append((run.name, method, g, acc,
                          _ci_text((lo, hi) if lo is not None and hi is not None else None),
-                         r.get("weight_share"), r.get("train_comparisons")))
+                         reward_acc, r.get("weight_share"), r.get("train_comparisons")))
             if acc is not None:
-                labels.append(f"{g} ({section.get('balance', 'none')}, {run.name})")
+                labels.append(f"{g} ({method}, {run.name})")
                 values.append(acc)
                 lows.append(acc if lo is None else lo)
                 highs.append(acc if hi is None else hi)
@@ -184,7 +196,8 @@ def _group_accuracy_part(runs: Sequence[RunFiles]) -> list[str]:
         parts.append(_img(question, ", ".join(dict.fromkeys(named)), bar_figure(
             question, labels, values, lows, highs, ref=0.5)))
     return parts + [_table(rows, ["run", "balance", "group", "accuracy", "95% CI",
-                                  "weight share", "training comparisons"],
+                                  "the reward's accuracy", "weight share",
+                                  "training comparisons"],
                            "Held-out accuracy per group")]
 
 

@@ -12,11 +12,15 @@ disagree. Two remedies, chosen by name:
   training on Σ_g q_g loss_g. Here the update uses the group losses the step measured in its
   own forward pass and weighs the next step with them, so it costs no second forward pass.
 
-A comparison belongs to one group (``feedback.groups.primary_group``).
+A comparison belongs to one group (``metrics.primary_group``). ``UNGROUPED`` (annotators with
+no group, or none named) is no group of people: it is neither balanced nor given a DRO weight.
+Its comparisons keep the share of the weight they have in pooled training, and the groups
+share the rest (equally under ``equal``, by q under ``minmax``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,8 +31,10 @@ from typing import Any
 import numpy as np
 
 from rewardloop.errors import UserError
-from rewardloop.metrics import accuracy_by_group, weight_shares, worst_group
+from rewardloop.metrics import UNGROUPED, accuracy_by_group, weight_shares, worst_group
 from rewardloop.train.data import read_json_mapping
+
+log = logging.getLogger(__name__)
 
 LOSS_KEY = "group_loss_sum/"
 COUNT_KEY = "group_count/"
@@ -43,26 +49,53 @@ def read_groups_file(path: Path) -> dict[str, list[str]]:
 
 def balanced_group_names(group_ids: Sequence[str], balance: str, what: str, hint: str
                          ) -> tuple[str, ...]:
-    """The sorted group names of ``group_ids``; balancing (``balance`` other than none) needs
-    two or more of them, else a UserError naming the ``what`` (pairs, comparisons) and how to
-    give groups (``hint``)."""
-    names = tuple(sorted(set(group_ids)))
+    """The sorted group names of ``group_ids``, ``UNGROUPED`` left out; balancing (``balance``
+    other than none) needs two or more of them, else a UserError naming the ``what`` (pairs,
+    comparisons) and how to give groups (``hint``)."""
+    names = tuple(sorted(set(group_ids) - {UNGROUPED}))
     if balance != "none" and len(names) < 2:
+        without = " (annotators with no group are not one)" if UNGROUPED in group_ids else ""
         raise UserError(f"--group-balance {balance} needs {what} from 2 or more annotator "
-                        f"groups, got {list(names)}: {hint}")
+                        f"groups{without}, got {list(names)}: {hint}")
     return names
 
 
+def warn_lost_groups(before: Sequence[str], after: Sequence[str], weights: Sequence[float],
+                     why: str) -> None:
+    """Warn, naming them, about the groups that lost half or more of their training weight
+    between ``before`` (each read comparison's group, all weighing 1) and ``after`` (the kept
+    ones' groups and ``weights``): dropping flagged annotators, or weighing by reliability,
+    can silence a group whose own taste looks like noise to the others."""
+    read: dict[str, int] = defaultdict(int)
+    for g in before:
+        read[g] += 1
+    kept: dict[str, float] = defaultdict(float)
+    for g, w in zip(after, weights, strict=True):
+        kept[g] += float(w)
+    mean_kept = sum(kept.values()) / max(len(after), 1)  # weights as a share of the average
+    lost = {g: 1.0 - kept.get(g, 0.0) / (n * mean_kept) if mean_kept > 0 else 1.0
+            for g, n in read.items() if g != UNGROUPED}
+    named = sorted(g for g, share in lost.items() if share >= 0.5)
+    if named and len(read) > 1:
+        log.warning("%s took half or more of the training weight of annotator group(s) %s "
+                    "(%s); a group's own taste can look like noise to the others: check "
+                    "`rewardloop quality` (groups.pairs, by_group) before leaving it out",
+                    why, ", ".join(named),
+                    ", ".join(f"{g}: {lost[g]:.0%}" for g in named))
+
+
 def equal_weights(group_ids: Sequence[str], weights: Sequence[float]) -> list[float]:
-    """Weights rescaled so each group with weight carries total / G of it (G: such groups)."""
+    """Weights rescaled so each group with weight carries T / G of the groups' total T (G: such
+    groups); ``UNGROUPED`` comparisons keep theirs."""
     totals: dict[str, float] = defaultdict(float)
     for g, w in zip(group_ids, weights, strict=True):
         totals[g] += float(w)
-    live = [g for g, t in totals.items() if t > 0]
+    live = [g for g, t in totals.items() if t > 0 and g != UNGROUPED]
     if not live:
         return [float(w) for w in weights]
     total = sum(totals[g] for g in live)
-    return [float(w) * total / (len(live) * totals[g]) if totals[g] > 0 else 0.0
+    return [float(w) if g == UNGROUPED else
+            float(w) * total / (len(live) * totals[g]) if totals[g] > 0 else 0.0
             for g, w in zip(group_ids, weights, strict=True)]
 
 
@@ -109,11 +142,17 @@ class GroupDRO:
     def item_weights(self, group_ids: Sequence[str], weights: Sequence[float]) -> list[float]:
         """Weights of one step's comparisons: w_i q_g / W_g, W_g the summed weight of group g
         in the step, so Σ_i w'_i loss_i = Σ_g q_g (weighted mean loss of g); the loss divides by
-        Σ_i w'_i = Σ_{g in step} q_g, i.e. q renormalised over the groups the step holds."""
+        Σ_i w'_i = Σ_{g in step} q_g, i.e. q renormalised over the groups the step holds.
+        ``UNGROUPED`` comparisons get w_i Q / W_grouped (Q = Σ_{g in step} q_g), which keeps
+        their pooled share of the step's weight."""
         totals: dict[str, float] = defaultdict(float)
         for g, w in zip(group_ids, weights, strict=True):
             totals[g] += float(w)
-        return [float(w) * self.weight_of(g) / totals[g] if totals[g] > 0 else 0.0
+        grouped = sum(t for g, t in totals.items() if g != UNGROUPED)
+        present = sum(self.weight_of(g) for g, t in totals.items() if g != UNGROUPED and t > 0)
+        ungrouped = present / grouped if grouped > 0 else 1.0
+        return [float(w) * ungrouped if g == UNGROUPED else
+                float(w) * self.weight_of(g) / totals[g] if totals[g] > 0 else 0.0
                 for g, w in zip(group_ids, weights, strict=True)]
 
     def update(self, mean_losses: Mapping[str, float]) -> None:
@@ -165,7 +204,11 @@ def group_summary(balance: str, group_ids: Sequence[str], annotators: Sequence[s
     ``eval_*``: one entry per held-out ordered answer pair and group of its annotator (a pair
     judged by someone in two groups counts for both; empty without eval data): its credit
     (``metrics.pair_credit``), that group, and the judgment it came from."""
-    shares = dro.shares() if dro is not None else weight_shares(group_ids, weights)
+    shares = weight_shares(group_ids, weights)
+    if dro is not None:  # the groups share what UNGROUPED's pooled share leaves, by mean q
+        rest = 1.0 - shares.get(UNGROUPED, 0.0)
+        shares = {g: q * rest for g, q in dro.shares().items()} | (
+            {UNGROUPED: shares[UNGROUPED]} if UNGROUPED in shares else {})
     members: dict[str, set[str]] = defaultdict(set)
     comparisons: dict[str, int] = defaultdict(int)
     for g, name in zip(group_ids, annotators, strict=True):

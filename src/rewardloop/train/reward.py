@@ -41,6 +41,8 @@ from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.records import PairRecord, RankingRecord
 from rewardloop.errors import UserError
 from rewardloop.metrics import (
+    UNGROUPED,
+    accuracy_by_group,
     annotator_groups,
     pair_credit,
     primary_group,
@@ -84,6 +86,7 @@ from rewardloop.train.group_balance import (
     group_metric_sums,
     group_summary,
     split_group_sums,
+    warn_lost_groups,
 )
 from rewardloop.train.length_debias import (
     drop_length_head,
@@ -97,6 +100,7 @@ from rewardloop.train.reward_eval import (
     reward_stats,
     score_all,
     split_length_head,
+    standardized,
 )
 from rewardloop.train.run import (
     RunDir,
@@ -208,6 +212,8 @@ def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
 
 
 PAIRS_KEY = "_ordered_pairs"
+MEAN_HEAD = -1
+"""The head index of a --group-heads comparison of no group: it trains the heads' mean."""
 """The micro-batch metric sum holding the ordered pairs that accuracy is a share of."""
 
 
@@ -237,8 +243,10 @@ def micro_loss(model: nn.Module, objective: Objective, items: Sequence[Compariso
         mb = [items[i] for i in indices]
         scores, ranks = score_comparisons(model, mb, pad_id, device)
         if heads is not None:  # (B, K, H) -> (B, K, 1): each comparison's own head
-            own = torch.tensor([heads[i] for i in indices], device=scores.device)
-            scores = scores.gather(-1, own.view(-1, 1, 1).expand(-1, scores.shape[1], 1))
+            with_mean = torch.cat([scores, scores.mean(-1, keepdim=True)], -1)  # MEAN_HEAD: H
+            own = torch.tensor([heads[i] if heads[i] != MEAN_HEAD else scores.shape[-1]
+                                for i in indices], device=scores.device)
+            scores = with_mean.gather(-1, own.view(-1, 1, 1).expand(-1, scores.shape[1], 1))
         loss, metrics = comparison_loss(objective, scores, ranks, mb, cfg, step_weight,
                                         len(batch))
         # Accuracy is a share of the ordered pairs, which micro-batches hold in different
@@ -333,8 +341,11 @@ def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Seq
                   eval_items: Sequence[Comparison], eval_scores: Sequence[torch.Tensor],
                   head_groups: Sequence[str] = ()) -> dict[str, Any]:
     """The summary's ``groups`` section (``train.group_balance.group_summary``): a group's
-    accuracy is that of its own head under --group-heads, else of the (mean) reward."""
+    accuracy is that of the model's reward (the heads' mean). Under --group-heads it is that of
+    the group's own head (``scored_by``: "own head", or "heads' mean" for a group without
+    one), and ``reward_accuracy`` is the reward's: what a policy trained without a mix sees."""
     correct: list[float] = []
+    mixed: list[float] = []
     eval_groups: list[str] = []
     units: list[int] = []
     for k, (c, s) in enumerate(zip(eval_items, eval_scores, strict=True)):
@@ -342,21 +353,32 @@ def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Seq
             reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
             deltas, _ = pair_deltas([c], reward[None])
             correct += pair_credit(deltas).tolist()
+            mixed += pair_credit(pair_deltas([c], s.mean(-1)[None])[0]).tolist()
             eval_groups += [g] * len(deltas)
             units += [k] * len(deltas)
     section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
                             [c.weight for c in items], dro, correct, eval_groups, units)
-    return {**section, "group_heads": list(head_groups)} if head_groups else section
+    if not head_groups:
+        return section
+    of_reward = accuracy_by_group(mixed, eval_groups, judgment_of_pair=units) if mixed else {}
+    for g, row in section["by_group"].items():
+        row["scored_by"] = "own head" if g in head_groups else "heads' mean"
+        row["reward_accuracy"] = of_reward.get(g, {}).get("accuracy")
+    return {**section, "group_heads": list(head_groups)}
 
 
-def head_groups_of(cfg: RewardConfig, tracked: Sequence[str]) -> tuple[str, ...]:
-    """--group-heads: the groups that get a head, in head order (needs 2+ groups)."""
+def head_groups_of(cfg: RewardConfig, group_ids: Sequence[str]) -> tuple[str, ...]:
+    """--group-heads: the groups that get a head, in head order (needs 2+ groups).
+    ``UNGROUPED`` gets none: its comparisons train the heads' mean (``RmData.heads``)."""
     if not cfg.group_heads:
         return ()
-    if len(tracked) < 2:
-        raise UserError(f"--group-heads needs comparisons from 2 or more annotator groups, got "
-                        f"{list(tracked)}: give groups with --annotator-groups or --db")
-    return tuple(tracked)
+    names = sorted(set(group_ids) - {UNGROUPED})
+    if len(names) < 2:
+        without = " (annotators with no group are not one)" if UNGROUPED in group_ids else ""
+        raise UserError(f"--group-heads needs comparisons from 2 or more annotator "
+                        f"groups{without}, got {names}: give groups with --annotator-groups "
+                        "or --db")
+    return tuple(names)
 
 
 def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
@@ -385,8 +407,12 @@ class RmData:
 
     @property
     def heads(self) -> list[int] | None:
-        """Each training comparison's head under --group-heads."""
-        return [self.head_groups.index(g) for g in self.group_ids] if self.head_groups else None
+        """Each training comparison's head under --group-heads; ``MEAN_HEAD`` (the heads'
+        mean) for a comparison of no group."""
+        if not self.head_groups:
+            return None
+        return [self.head_groups.index(g) if g in self.head_groups else MEAN_HEAD
+                for g in self.group_ids]
 
 
 def read_data(cfg: RewardConfig, stored: StoredAnnotators | None, tokenizer: Any) -> RmData:
@@ -401,11 +427,19 @@ def read_data(cfg: RewardConfig, stored: StoredAnnotators | None, tokenizer: Any
                         "rows train with Plackett-Luce, which has neither")
     kept = apply_annotator_policy(items, weights, flagged)
     group_ids = [primary_group(c.annotator, groups) for c in kept]
+    if flagged or weights is not None:
+        warn_lost_groups([primary_group(c.annotator, groups) for c in items], group_ids,
+                         [c.weight for c in kept], " and ".join(
+                             (["--exclude-flagged"] if flagged else [])
+                             + (["the annotator weights"] if weights is not None else [])))
     kept, dro = balance_groups(kept, group_ids, cfg)
-    tracked = sorted(set(group_ids)) if len(set(group_ids)) > 1 else []
+    # Reported apart: the groups of the training and the held-out comparisons (a group the
+    # training lost, to --exclude-flagged say, is still measured).
+    seen = set(group_ids) | {g for c in eval_items for g in annotator_groups(c.annotator, groups)}
+    tracked = sorted(seen) if len(seen) > 1 else []
     return RmData(records, objective_name, kept, eval_name, eval_items,
                   label_ceiling(record_votes(held_out[1])).to_json() if held_out else {},
-                  len(items), groups, group_ids, dro, tracked, head_groups_of(cfg, tracked))
+                  len(items), groups, group_ids, dro, tracked, head_groups_of(cfg, group_ids))
 
 
 def evaluate_model(model: nn.Module, data: RmData, cfg: RewardConfig, rt: Runtime, pad_id: int
@@ -414,7 +448,8 @@ def evaluate_model(model: nn.Module, data: RmData, cfg: RewardConfig, rt: Runtim
     with rt.autocast():
         raw = score_all(model, data.eval_items, pad_id, rt.device, cfg.eval_batch_size, rt)
     scores, with_length = split_length_head(raw, cfg)
-    figures = evaluate(data.eval_name, data.eval_items, scores, cfg, data.groups)
+    figures = evaluate(data.eval_name, data.eval_items,
+                       standardized(scores) if data.head_groups else scores, cfg, data.groups)
     if with_length is not None:  # what the reward would be with the length head kept
         figures["length_correlation_with_length_head"] = length_correlation(
             data.eval_items, with_length)
@@ -446,6 +481,9 @@ def finish(cfg: RewardConfig, rt: Runtime, run: RunDir, model: nn.Module, tokeni
     if rt.is_main:
         _write_stats(run.model_dir, stats)
     items = data.items
+    eval_scores = stats_scores if data.eval_items else []
+    if data.head_groups and eval_scores:
+        eval_scores = standardized(eval_scores)
     return run.write_summary({
         **figures, **data.ceiling, "objective": data.objective_name,
         "ensemble": cfg.ensemble, "train_comparisons": len(items),
@@ -454,8 +492,7 @@ def finish(cfg: RewardConfig, rt: Runtime, run: RunDir, model: nn.Module, tokeni
         "dropped_flagged": data.n_read - len(items),
         "reward_mean": stats["mean"], "reward_std": stats["std"],
         **({"groups": group_figures(cfg, items, data.group_ids, data.groups, data.dro,
-                                    data.eval_items, stats_scores if data.eval_items else [],
-                                    data.head_groups)}
+                                    data.eval_items, eval_scores, data.head_groups)}
            if data.tracked else {})})
 
 

@@ -64,6 +64,15 @@ def reward_stats(scores: Sequence[torch.Tensor]) -> dict[str, Any]:
             "head_mean": flat.mean(0).tolist(), "head_std": flat.std(0, unbiased=False).tolist()}
 
 
+def standardized(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each head's scores over all answers to mean 0 / std 1: a --group-heads model's reward is
+    the mean of its heads so normalised (``score.RewardScorer`` does it with the stats that
+    ``reward_stats`` saves from these scores), the groups' equal mix."""
+    flat = torch.cat(list(scores))  # (N, H)
+    mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp(min=1e-8)
+    return [(s - mean) / std for s in scores]
+
+
 def pair_figures(deltas: np.ndarray, who: Sequence[str | None],
                  groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Accuracy, calibration and per-annotator/group accuracy of r_better - r_worse (P,); an
