@@ -327,3 +327,19 @@ def test_migration_0006_keeps_the_guideline_version_of_open_leases(db_url: str) 
     _at_revision(store, "0005")
     assert "guideline_version" not in columns()
     store.dispose()
+
+
+def test_a_group_name_a_reward_mix_cannot_name_is_refused(tmp_path) -> None:
+    """Audit s12 F7: `--reward RUN@group=w,group=w` cannot name a group with , = or @ in it."""
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    base = ["users", "add", "zed", "--role", "annotator", "--token", "--db", url]
+    for bad in ("team, EU", "a=b", "x@y", " padded"):
+        result = CliRunner().invoke(app, [*base, "--group", bad])
+        assert result.exit_code == 2, result.output
+        assert "none of , = @" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*base, "--group", "R&D <ü>"])
+    assert result.exit_code == 0, result.output

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from rewardloop.cli import app
 from rewardloop.errors import UserError
 from rewardloop.feedback.simulate import judge_offline, opposed_groups_pool
+from rewardloop.metrics import UNGROUPED, worst_group
 from rewardloop.rewards import ModelReward, RewardSpec, parse_reward_spec
 from rewardloop.score import GROUP_HEADS_KEY, RewardScorer
 from rewardloop.synthetic import candidate_rows, corpus_texts, style_components
 from rewardloop.tiny import build_tiny
-from rewardloop.metrics import UNGROUPED, worst_group
 from rewardloop.train.group_balance import (
     GroupDRO,
     balanced_group_names,
@@ -41,6 +41,15 @@ def test_equal_weights_give_every_group_the_same_total() -> None:
     # total 5 -> 2.5 per group; within a the 1:1:2 ratio stays
     assert w == pytest.approx([0.625, 0.625, 1.25, 2.5])
     assert equal_weights(["a", "b"], [0.0, 0.0]) == [0.0, 0.0]
+
+
+def test_equal_weights_warn_when_few_judgments_steer_the_reward(caplog) -> None:
+    with caplog.at_level("WARNING"):
+        equal_weights(["a"] * 9 + ["b"], [1.0] * 10)  # b: 10 / (2 * 1) = 5 times
+    assert not caplog.text
+    with caplog.at_level("WARNING"):
+        equal_weights(["a"] * 19 + ["b"], [1.0] * 20)  # b: 20 / 2 = 10 times
+    assert "each comparison of b 10 times a pooled one" in caplog.text
 
 
 def test_annotators_of_no_group_are_not_a_group_to_balance(caplog) -> None:

@@ -102,7 +102,14 @@ def get_user(session: Session, name: str) -> Annotator:
 
 def add_user(session: Session, name: str, role: str, *, password: str | None = None,
              groups: list[str] | None = None) -> Annotator:
-    """Create a user; refuses a taken name, an unknown role and a short password."""
+    """Create a user; refuses a taken name, an unknown role, a short password and a group name
+    that a reward mix (``--reward RUN@group=w,...``) could not name."""
+    for group in groups or []:
+        if not group or group != group.strip() or not group.isprintable() or len(group) > 120 \
+                or any(c in group for c in ",=@"):
+            raise UserError(f"group {group!r}: a group name needs 1 to 120 printable "
+                            "characters, no outer spaces and none of , = @ (reward mixes "
+                            "name groups as RUN@group=w,group=w)")
     if role not in ROLES:
         raise UserError(f"role must be one of {list(ROLES)}, got {role!r}")
     if not name or len(name) > 120 or not name.isprintable() or name != name.strip():

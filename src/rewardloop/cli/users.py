@@ -41,7 +41,8 @@ def register(app: typer.Typer) -> None:
         role: str = typer.Option(..., "--role", help="admin or annotator."),
         group: list[str] = typer.Option(
             [], "--group", help="A group the person consented to record (repeatable); used only "
-            "for fairness analysis."),
+            "for fairness analysis. No , = or @ in a name (reward mixes name groups as "
+            "RUN@group=w,group=w)."),
         password_file: Path | None = typer.Option(
             None, "--password-file", help="File whose first line is the password (8+ chars). "
             "Without it and without --token you are asked on the terminal."),

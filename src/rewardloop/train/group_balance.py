@@ -84,6 +84,10 @@ def warn_lost_groups(before: Sequence[str], after: Sequence[str], weights: Seque
                     ", ".join(f"{g}: {lost[g]:.0%}" for g in named))
 
 
+HEAVY_FACTOR = 10.0
+"""``equal`` warns when it multiplies a group's comparisons by this much or more."""
+
+
 def equal_weights(group_ids: Sequence[str], weights: Sequence[float]) -> list[float]:
     """Weights rescaled so each group with weight carries T / G of the groups' total T (G: such
     groups); ``UNGROUPED`` comparisons keep theirs."""
@@ -94,6 +98,13 @@ def equal_weights(group_ids: Sequence[str], weights: Sequence[float]) -> list[fl
     if not live:
         return [float(w) for w in weights]
     total = sum(totals[g] for g in live)
+    factors = {g: total / (len(live) * totals[g]) for g in live}
+    heavy = sorted(g for g, f in factors.items() if f >= HEAVY_FACTOR)
+    if heavy:
+        log.warning("--group-balance equal weighs each comparison of %s %s times a pooled one: "
+                    "a few judgments then steer the reward; collect more from the group "
+                    "(generate --for-groups) or read its accuracy interval before trusting it",
+                    ", ".join(heavy), "/".join(f"{factors[g]:.0f}" for g in heavy))
     return [float(w) if g == UNGROUPED else
             float(w) * total / (len(live) * totals[g]) if totals[g] > 0 else 0.0
             for g, w in zip(group_ids, weights, strict=True)]
