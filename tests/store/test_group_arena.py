@@ -59,3 +59,35 @@ def test_group_alarm_only_when_the_policy_wins_overall() -> None:
     assert group_win_rate_alarms(0.6, {"a": (0.5, 0.7)}) == []
     # losing one battle is not a finding: its interval reaches far above 0.5
     assert group_win_rate_alarms(0.6, {"tiny": (0.0, 0.79)}) == []
+
+
+def test_eval_arena_out_is_what_the_report_shows(sqlite_store, tmp_path) -> None:
+    """Audit s12 F6: `eval arena --out DIR` writes DIR/eval.json, and `report DIR` shows the
+    win rate per group with the alarm; an eval.json of another kind is never replaced."""
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    prompts = [f"p{i}" for i in range(6)]
+    outputs = {"rlhf": [f"r{i}" for i in range(6)], "sft": [f"s{i}" for i in range(6)]}
+    with sqlite_store.write() as s:
+        create_arena_tasks(s, prompts, outputs, batch_name="arena", overlap=4)
+    for k in range(3):
+        _judge(sqlite_store, f"warm-{k}", ["warm"], prefer="rlhf")
+    _judge(sqlite_store, "concise-0", ["concise"], prefer="sft")
+    argv = ["eval", "arena", "--db", sqlite_store.url, "--batch", "arena", "--policy", "rlhf",
+            "--baseline", "sft", "--out", str(tmp_path / "arena")]
+    for _ in range(2):  # the second run replaces its own result
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "arena"), "--out",
+                                      str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    doc = (tmp_path / "r.html").read_text()
+    assert "Does the policy win for every group?" in doc and "A group the policy loses" in doc
+    other = tmp_path / "eval-run"
+    other.mkdir()
+    (other / "eval.json").write_text('{"win_rate": 0.6}')
+    result = CliRunner().invoke(app, [*argv[:-1], str(other)])
+    assert result.exit_code == 2 and "not an earlier `eval arena` result" in result.output
+    assert (other / "eval.json").read_text() == '{"win_rate": 0.6}'

@@ -85,6 +85,24 @@ eval_app.callback()(config_command(
     skip_if=lambda ctx, overwrite: ctx.invoked_subcommand is not None))
 
 
+def _arena_target(out: Path) -> Path:
+    """``out``/eval.json, checked before the store is read: no file in the way, and no eval.json
+    but an earlier arena result (``ratings``) is replaced."""
+    from rewardloop.errors import UserError
+    from rewardloop.util.files import check_output_dir
+
+    target = check_output_dir(out, flag="--out") / "eval.json"
+    if target.exists():
+        try:
+            earlier = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict) or "ratings" not in earlier:
+            raise UserError(f"--out: {target} exists and is not an earlier `eval arena` "
+                            "result; give another directory")
+    return target
+
+
 @eval_app.command("arena")
 def arena(
     db: str | None = DB,
@@ -96,12 +114,22 @@ def arena(
         None, "--baseline", help="The model --policy's direct win rate is measured against."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Also write the result to DIR/eval.json, which `rewardloop report "
+        "DIR` shows (the win rate per annotator group, its alarms). An eval.json there from "
+        "an earlier `eval arena --out` is replaced; one from `eval` is refused."),
 ) -> None:
     """Bradley–Terry ratings (Elo scale, bootstrap 95% intervals, ties as half wins) of the
     policies in judged arena tasks."""
     from rewardloop.eval.evaluate import store_arena
 
+    target = _arena_target(out) if out is not None else None
     result = store_arena(resolve_db(db), batch, policy=policy, baseline=baseline, seed=seed)
+    if target is not None:
+        from rewardloop.util.files import atomic_write_text
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, json.dumps(result, indent=2) + "\n")
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
