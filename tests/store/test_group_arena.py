@@ -10,6 +10,7 @@ from rewardloop.eval.alarms import group_win_rate_alarms
 from rewardloop.eval.arena import battles_by_group, create_arena_tasks, judged_battles
 from rewardloop.eval.evaluate import store_arena
 from rewardloop.feedback import queue as Q
+from rewardloop.metrics import UNGROUPED
 
 
 def _judge(store, name: str, groups: list[str], prefer: str) -> None:
@@ -48,6 +49,21 @@ def test_group_arena_and_alarm(store) -> None:
     assert result["by_group"]["concise"]["win_rate"] == 0.0
     assert result["by_group"]["concise"]["n"] == 6
     assert len(result["group_alarms"]) == 1 and "'concise'" in result["group_alarms"][0]
+
+
+def test_the_arena_counts_annotators_of_no_group_under_none_without_an_alarm(store) -> None:
+    """Audit s12 F5: their battles are reported under (none), as training reports them, but
+    (none) is no group of people: no alarm for it."""
+    prompts = [f"p{i}" for i in range(6)]
+    outputs = {"rlhf": [f"r{i}" for i in range(6)], "sft": [f"s{i}" for i in range(6)]}
+    with store.write() as s:
+        create_arena_tasks(s, prompts, outputs, batch_name="arena", overlap=4)
+    for k in range(3):
+        _judge(store, f"warm-{k}", ["warm"], prefer="rlhf")
+    _judge(store, "loner", [], prefer="sft")
+    result = store_arena(store.url, "arena", policy="rlhf", baseline="sft", n_boot=20)
+    assert result["by_group"][UNGROUPED]["win_rate"] == 0.0
+    assert result["by_group"][UNGROUPED]["n"] == 6 and result["group_alarms"] == []
 
 
 def test_group_alarm_only_when_the_policy_wins_overall() -> None:

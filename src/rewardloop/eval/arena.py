@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment, TaskItem
 from rewardloop.feedback import tasks as T
-from rewardloop.metrics import Battle
+from rewardloop.metrics import UNGROUPED, Battle
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,13 @@ def arena_battles(session: Session, batch_name: str | None = None) -> list[Battl
 def battles_by_group(judged: Sequence[tuple[Battle, Sequence[str]]]
                      ) -> dict[str, list[Battle]]:
     """The arena per annotator group (``judged_battles``' output): each judgment's battle under
-    every group of its annotator (judgments by annotators without a group are left out)."""
+    every group of its annotator, under ``UNGROUPED`` for an annotator of none (as training
+    and ``quality`` report it); {} when nobody has a group."""
     out: dict[str, list[Battle]] = {}
     for battle, groups in judged:
-        for g in groups:
+        for g in groups or (UNGROUPED,):
             out.setdefault(g, []).append(battle)
-    return out
+    return out if set(out) - {UNGROUPED} else {}
 
 
 def judged_battles(session: Session, batch_name: str | None = None

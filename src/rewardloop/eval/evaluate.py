@@ -39,7 +39,7 @@ from rewardloop.errors import UserError
 from rewardloop.eval.alarms import group_win_rate_alarms
 from rewardloop.eval.arena import battles_by_group, create_arena_tasks, judged_battles
 from rewardloop.eval.config import EvalConfig
-from rewardloop.metrics import Battle, WinRate, arena_ratings, rate_ci, win_rate
+from rewardloop.metrics import UNGROUPED, Battle, WinRate, arena_ratings, rate_ci, win_rate
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
 from rewardloop.util.files import WORKDIR_MARKER, atomic_write_text, check_output_dir
 
@@ -327,8 +327,8 @@ def group_arena(by_group: Mapping[str, Sequence[Battle]], overall: float | None,
     rates = {g: rate for g, battles in sorted(by_group.items())
              if (rate := battle_win_rate(battles, policy, baseline)) is not None}
     return {"by_group": {g: r.as_dict() for g, r in rates.items()},
-            "group_alarms": group_win_rate_alarms(
-                overall, {g: (r.rate, r.ci_high) for g, r in rates.items()})}
+            "group_alarms": group_win_rate_alarms(  # UNGROUPED is no group of people
+                overall, {g: (r.rate, r.ci_high) for g, r in rates.items() if g != UNGROUPED})}
 
 
 def store_arena(db: str | None, batch: str | None, **kwargs: Any) -> dict[str, Any]:

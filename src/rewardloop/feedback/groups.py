@@ -132,11 +132,15 @@ def group_counts(members: Mapping[str, Sequence[str]], judged_by: Sequence[str |
     fewer than ``lag_share`` of an equal share of the judgments (total / groups), so new work
     should go to it. Judgments whose annotator has no group count under ``UNGROUPED``, which
     is no group of people: it takes no part in the equal share (60 imported judgments must not
-    mark every real group behind) and is never lagging."""
+    mark every real group behind) and is never lagging; its ``annotators`` are the named people
+    of no group who judged (as ``quality`` counts them)."""
     annotators: dict[str, int] = defaultdict(int)
     for groups in members.values():
         for g in groups:
             annotators[g] += 1
+    ungrouped = {n for n in judged_by if n is not None and not members.get(n)}
+    if ungrouped:
+        annotators[UNGROUPED] = len(ungrouped)
     judgments: dict[str, int] = {g: 0 for g in annotators}
     for name in judged_by:
         for g in (members.get(name) or (UNGROUPED,)) if name is not None else (UNGROUPED,):
