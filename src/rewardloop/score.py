@@ -194,13 +194,17 @@ class RewardScorer:
     def score_with_std(self, prompts: Sequence[Text], completions: Sequence[Text], *,
                        progress: Any = None) -> Scores:
         """Rewards (the mean over heads) and, for an ensemble, their std across heads, in the
-        input order. A --group-heads model's heads are each normalised by its own stats first
-        (:meth:`score_heads`): its reward is the groups' equal mix, not a mean in which the
-        group whose head spreads widest counts most.
+        input order. A --group-heads model's heads are each normalised by its own stats first,
+        with ``normalize`` or without (its raw heads have no common scale): its reward is the
+        groups' equal mix, not a mean in which the group whose head spreads widest counts most.
 
         ``progress``: an optional callable ``progress(done)`` told how many answers are scored.
         """
-        heads = self.score_heads(prompts, completions, progress=progress)
+        heads = self._raw_heads(prompts, completions, progress=progress)
+        if self._own_head_stats():
+            heads = self._by_own_stats(heads)
+        elif self.normalize:  # the mean over heads is what the stats describe
+            heads = (heads - float(self.stats["mean"])) / self._shared_std()
         std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
         return Scores(heads.mean(dim=1).tolist(), std)
 
@@ -213,11 +217,18 @@ class RewardScorer:
         heads = self._raw_heads(prompts, completions, progress=progress)
         if not self.normalize:
             return heads
-        if self.group_heads and {"head_mean", "head_std"} <= set(self.stats):
-            mean = torch.tensor(self.stats["head_mean"], dtype=heads.dtype)
-            std = torch.tensor(self.stats["head_std"], dtype=heads.dtype).clamp(min=1e-8)
-            return (heads - mean) / std
+        if self._own_head_stats():
+            return self._by_own_stats(heads)
         return (heads - float(self.stats["mean"])) / self._shared_std()
+
+    def _own_head_stats(self) -> bool:
+        """Whether each head is normalised by its own stats: a --group-heads model's are."""
+        return bool(self.group_heads) and {"head_mean", "head_std"} <= set(self.stats)
+
+    def _by_own_stats(self, heads: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.stats["head_mean"], dtype=heads.dtype)
+        std = torch.tensor(self.stats["head_std"], dtype=heads.dtype).clamp(min=1e-8)
+        return (heads - mean) / std
 
     def _check_form(self, prompts: Sequence[Text], completions: Sequence[Text]) -> None:
         """Warn once when asked to score text in another form than the model was trained on:

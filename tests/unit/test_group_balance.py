@@ -297,6 +297,8 @@ def test_group_heads_leave_no_group_out_and_score_the_equal_mix(pool_files: dict
     answers = [r[k] for r in held for k in ("chosen", "rejected")]
     reward = torch.tensor(scorer.score(prompts, answers))
     torch.testing.assert_close(reward, scorer.score_heads(prompts, answers).mean(1))
+    raw = RewardScorer(tmp_path / "heads", normalize=False)  # `score` without --normalize
+    torch.testing.assert_close(torch.tensor(raw.score(prompts, answers)), reward)
     delta = reward[0::2] - reward[1::2]
     credit = (delta > 0).double() + 0.5 * (delta == 0).double()
     assert summary["eval_accuracy"] == pytest.approx(float(credit.mean()), abs=1e-9)

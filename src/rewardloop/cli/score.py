@@ -33,7 +33,9 @@ def score(
     output: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (atomically)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Answers per forward pass."),
     normalize: bool = typer.Option(False, "--normalize", help="Report (r - mean) / std with the "
-                                   "model's reward_stats.json."),
+                                   "model's reward_stats.json. A --group-heads model's reward "
+                                   "is its heads' equal mix, each head normalised by its own "
+                                   "stats, with or without this flag."),
     data_format: str | None = typer.Option(None, "--format", help="Format of --data; default: "
                                            "detected from the rows."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
