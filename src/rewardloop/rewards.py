@@ -145,12 +145,21 @@ class ModelReward:
                             f"{model_dir} has one head; train it with `train rm --ensemble 4`")
         self.uncertainty_penalty = uncertainty_penalty
         self.last_std: list[float] | None = None
+        self.last_by_group: dict[str, list[float]] = {}
+        """A --group-heads model's last rewards per group (its normalised heads), logged as
+        ``reward/<name>/<group>``: whose reward a policy earns more of, whatever the mix."""
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:
-        if self.head_weights is not None:
-            heads = self.scorer.score_heads(prompts, completions)  # (N, groups)
-            return (heads @ self.head_weights).tolist()
+        names = self.scorer.group_heads
+        if names:
+            heads = self.scorer.score_heads(prompts, completions)  # (N, groups), normalised
+            self.last_by_group = {g: heads[:, i].tolist() for i, g in enumerate(names)}
+            if self.head_weights is not None:
+                return (heads @ self.head_weights).tolist()
+            std = heads.std(dim=1, unbiased=False).tolist()
+            self.last_std = std
+            return penalised(heads.mean(dim=1).tolist(), std, self.uncertainty_penalty)
         scores = self.scorer.score_with_std(prompts, completions)
         self.last_std = scores.std
         return penalised(scores.mean, scores.std, self.uncertainty_penalty)
@@ -210,7 +219,8 @@ class RewardOutput:
     """(N,) float32: clipped weighted sum, minus the missing-EOS penalty."""
     per_source: dict[str, torch.Tensor]
     """Each source's raw (unweighted, normalised for models) rewards, (N,) each; an ensemble
-    adds ``<name>/uncertainty``, the std across its heads."""
+    adds ``<name>/uncertainty``, the std across its heads, and a --group-heads model
+    ``<name>/<group>``, each group's own (normalised) head."""
 
     def metrics(self) -> dict[str, float]:
         """``reward/<source>/mean|std`` per source plus ``reward/mean|std`` of the total."""
@@ -290,8 +300,11 @@ class Rewards:
                     f"reward {name!r} gave {values[i].item()} for completion {i} "
                     f"({completions[i][:80]!r}); rewards must be finite")
             per_source[name] = values
-            if isinstance(source, ModelReward) and source.last_std is not None:
-                per_source[f"{name}/uncertainty"] = torch.tensor(source.last_std)
+            if isinstance(source, ModelReward):
+                if source.last_std is not None:
+                    per_source[f"{name}/uncertainty"] = torch.tensor(source.last_std)
+                for group, by_group in source.last_by_group.items():
+                    per_source[f"{name}/{group}"] = torch.tensor(by_group)
             total += weight * values
         if self.reward_clip is not None:
             total = total.clamp(-self.reward_clip, self.reward_clip)

@@ -17,7 +17,7 @@ from rewardloop.cli import app
 from rewardloop.errors import UserError
 from rewardloop.feedback.simulate import judge_offline, opposed_groups_pool
 from rewardloop.metrics import UNGROUPED, worst_group
-from rewardloop.rewards import ModelReward, RewardSpec, parse_reward_spec
+from rewardloop.rewards import ModelReward, Rewards, RewardSpec, parse_reward_spec
 from rewardloop.score import GROUP_HEADS_KEY, RewardScorer
 from rewardloop.synthetic import candidate_rows, corpus_texts, style_components
 from rewardloop.tiny import build_tiny
@@ -299,6 +299,13 @@ def test_group_heads_leave_no_group_out_and_score_the_equal_mix(pool_files: dict
     torch.testing.assert_close(reward, scorer.score_heads(prompts, answers).mean(1))
     raw = RewardScorer(tmp_path / "heads", normalize=False)  # `score` without --normalize
     torch.testing.assert_close(torch.tensor(raw.score(prompts, answers)), reward)
+    # RL logs each group's own reward beside the mix it optimises
+    out = Rewards([RewardSpec(str(tmp_path / "heads"))])(
+        prompts[:6], answers[:6], has_eos=[True] * 6, completion_ids=[[1]] * 6)
+    torch.testing.assert_close(out.total, reward[:6])
+    torch.testing.assert_close((out.per_source["heads/majority"]
+                                + out.per_source["heads/minority"]) / 2, reward[:6])
+    assert {"reward/heads/minority/mean", "reward/heads/majority/std"} <= set(out.metrics())
     delta = reward[0::2] - reward[1::2]
     credit = (delta > 0).double() + 0.5 * (delta == 0).double()
     assert summary["eval_accuracy"] == pytest.approx(float(credit.mean()), abs=1e-9)
