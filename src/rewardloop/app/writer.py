@@ -39,6 +39,18 @@ class WriterUnavailable(RuntimeError):
     """A write was not done: the writer is stopped, or it did not get to it in time."""
 
 
+TRANSIENT_SQLSTATES = {"40P01": "deadlock", "40001": "serialization failure",
+                       "55P03": "lock not available"}
+"""PostgreSQL errors that say nothing about the request: the same write may succeed at once."""
+
+
+def transient(exc: BaseException) -> str | None:
+    """What made the database refuse ``exc``'s write for the moment, or None when it is an
+    answer to the request itself (a refused judgment, a broken constraint)."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return TRANSIENT_SQLSTATES.get(sqlstate) if isinstance(sqlstate, str) else None
+
+
 class GroupWriter:
     """Runs ``fn(session)`` callables on one thread, committing them in groups."""
 
@@ -137,10 +149,17 @@ class GroupWriter:
                 # operation in its own SAVEPOINT. Errors are rare (a replayed or refused
                 # judgment), so the common case pays for no savepoints at all.
                 outcomes = self._attempt(ops, isolate=True)
+            # The database gave up on an operation, not the request (PostgreSQL broke a
+            # deadlock between two workers' groups): the client is told to try again (503).
+            outcomes = [(False, WriterUnavailable(f"the database was busy ({busy}); try again"))
+                        if not ok and (busy := transient(value)) else (ok, value)
+                        for ok, value in outcomes]
         except Exception as exc:
             log.exception("group commit of %d operations failed", len(ops))
+            busy = transient(exc)
             for _, future in ops:
-                future.set_exception(exc)
+                future.set_exception(WriterUnavailable(
+                    f"the database was busy ({busy}); try again") if busy else exc)
             return
         for (_, future), (ok, value) in zip(ops, outcomes, strict=True):
             if ok:

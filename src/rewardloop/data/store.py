@@ -221,6 +221,12 @@ class Store:
         the loaded objects usable (detached, attributes kept), unlike an explicit rollback,
         which would expire them."""
         with self._sessions() as session:
+            if self.dialect == "postgresql":
+                # One snapshot for the whole read, as SQLite's read transaction has: under
+                # READ COMMITTED each statement sees its own, and the admin page's dozen counts
+                # disagree with each other while judgments arrive.
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ",
+                                                      "postgresql_readonly": True})
             yield session
 
     @contextmanager

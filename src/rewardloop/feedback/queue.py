@@ -12,8 +12,9 @@ Handing out work is safe under concurrency. On SQLite ``Store.write()`` opens th
 with ``BEGIN IMMEDIATE``, so writers run one at a time and the capacity check is exact. On
 PostgreSQL the candidate task row is locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` and its
 capacity recounted by a fresh statement once the lock is held, so two annotators never fill the
-same last slot. A task's capacity is ``overlap``: judgments received plus unexpired leases held
-by others never exceed it.
+same last slot; only when every open row is held by another transaction does the claim wait
+for them rather than answer that nothing is left. A task's capacity is ``overlap``: judgments
+received plus unexpired leases held by others never exceed it.
 """
 
 from __future__ import annotations
@@ -171,9 +172,11 @@ def _insert(table: Any, *columns: str) -> Prepared:
 _CURRENT = {b: Prepared(_current_lease(b)) for b in (False, True)}
 _OPEN = {b: Prepared(_open_task(b)) for b in (False, True)}
 # PostgreSQL: skip rows other transactions hold, and the ones found full once locked.
-_OPEN_PG = {b: Prepared(_open_task(b, postgresql=True).where(~(_T.c.id == any_(bindparam(
-    "tried", type_=postgresql.ARRAY(Integer))))).with_for_update(skip_locked=True, of=_T))
-    for b in (False, True)}
+_OPEN_PG = {(b, wait): Prepared(
+    _open_task(b, postgresql=True)
+    .where(~(_T.c.id == any_(bindparam("tried", type_=postgresql.ARRAY(Integer)))))
+    .with_for_update(skip_locked=not wait, of=_T))
+    for b in (False, True) for wait in (False, True)}
 _ACTIVE = Prepared(_active_leases(bindparam("tid")))
 _OWN_LEASE = Prepared(select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.expires_at,
                              _A.c.guideline_version).where(
@@ -242,15 +245,19 @@ def _claim(db: Driver, params: dict[str, Any], by_batch: bool) -> Any:
     if db.dialect.name != "postgresql":
         return _OPEN[by_batch].first(db, params)
     tried: list[int] = []
-    for _ in range(_MAX_CLAIM_TRIES):
-        task = _OPEN_PG[by_batch].first(db, {**params, "tried": tried})
-        if task is None:
-            return None
-        # We hold the row lock now, so this statement's snapshot sees every committed lease.
-        held = _ACTIVE.scalars(db, {"tid": task.id, "now": params["now"]})[0]
-        if task.n_judgments + held < task.overlap:
-            return task
-        tried.append(task.id)
+    # First skip the rows other transactions hold (claims race past each other); when that
+    # finds nothing, wait for them: a row is locked by a submit or a renewal too, and the other
+    # worker's group commit holds it, so "nothing left" could be said of a task with room.
+    for wait in (False, True):
+        for _ in range(_MAX_CLAIM_TRIES):
+            task = _OPEN_PG[by_batch, wait].first(db, {**params, "tried": tried})
+            if task is None:
+                break
+            # We hold the row lock now, so this statement's snapshot sees every committed lease.
+            held = _ACTIVE.scalars(db, {"tid": task.id, "now": params["now"]})[0]
+            if task.n_judgments + held < task.overlap:
+                return task
+            tried.append(task.id)
     return None
 
 

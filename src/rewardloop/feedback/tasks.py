@@ -313,6 +313,19 @@ def _check_rows(rows: Sequence[Any], pairing: str, gold: Mapping[int, list[list[
 _Key = tuple[str, tuple[int, ...], bool, str | None]
 
 
+_TASKS_LOCK = 0x72776C74  # "rwlt": the advisory-lock class of "making tasks in a batch"
+
+
+def _lock_batch_tasks(session: Session, batch: Batch | None) -> None:
+    """On PostgreSQL, hold a transaction-scoped advisory lock on making tasks in ``batch``, so
+    two requests (or two chunks of one retried upload on two server workers) cannot both find
+    a comparison missing and both make it. SQLite's writers already run one at a time."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.flush()  # a batch made in this transaction needs its id
+        session.execute(select(func.pg_advisory_xact_lock(
+            _TASKS_LOCK, batch.id if batch is not None else 0)))
+
+
 def create_tasks_from_candidates(
     session: Session,
     rows: Sequence[Mapping[str, Any]],
@@ -342,6 +355,7 @@ def create_tasks_from_candidates(
     the work.
     """
     checked = _check_rows(rows, pairing, gold, path, line_numbers)  # all, before any write
+    _lock_batch_tasks(session, batch)
     held: dict[int, dict[_Key, int]] = {}  # by prompt id
     created: list[ComparisonTask] = []
     for i, (row, checked_row) in enumerate(zip(rows, checked, strict=True)):
