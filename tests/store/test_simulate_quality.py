@@ -16,6 +16,7 @@ from rewardloop.data import schema as S
 from rewardloop.data.store import Store
 from rewardloop.feedback import tasks
 from rewardloop.feedback.quality import (
+    FLAGS,
     annotator_weights,
     annotators_from_db,
     flagged_annotators,
@@ -152,9 +153,10 @@ def test_cli_simulate_and_quality_json(cli_db: str, tmp_path: Path) -> None:
     assert doc["label_ceiling_judgments"] > 0  # overlap 2: every strict judgment has another
     assert set(doc["annotators"]) == {"honest-1", "honest-2", "clicker"}
     for entry in doc["annotators"].values():
-        assert set(entry) == {"judgments", "agreement", "reliability", "gold_accuracy",
+        assert set(entry) == {"judgments", "agreement", "peer_group", "peer_agreement",
+                              "length_peer_group", "reliability", "gold_accuracy",
                               "position_bias_p", "length_bias_p", "flags"}
-        assert set(entry["flags"]) <= {"spam", "position_bias", "length_bias", "gold_fail"}
+        assert set(entry["flags"]) <= set(FLAGS)
     assert {"bots", "crowd"} <= set(doc["groups"]["by_group"])
     assert doc["groups"]["by_group"]["bots"]["annotators"] == 1
     assert "agreement" in doc["groups"]["agreement_matrix"]["bots"]["crowd"]

@@ -252,8 +252,8 @@ def test_json_shape() -> None:
                         "label_ceiling", "label_ceiling_upper", "label_ceiling_judgments",
                         "label_ceiling_pairs"}
     assert set(doc["annotators"]["honest-0"]) == {
-        "judgments", "agreement", "reliability", "gold_accuracy", "position_bias_p",
-        "length_bias_p", "flags"}
+        "judgments", "agreement", "peer_group", "peer_agreement", "length_peer_group",
+        "reliability", "gold_accuracy", "position_bias_p", "length_bias_p", "flags"}
     assert doc["judgments"] == 30
 
 

@@ -4,12 +4,16 @@ Everything is computed on *pair units* (one unordered pair of responses in one t
 ``feedback.agreement``): a ranking of k answers gives k(k-1)/2 pair values. ``load_records``
 reads judgments from the store into plain records; ``analyze`` is a pure function of those
 records, so research code can call it on anything.
+
+Flags are group-aware: an annotator is also compared with the other members of their own group
+(``_Peers``), because a group that consistently prefers the opposite of the majority reads as
+noise or bias against everyone's pooled judgments, while it is the group's taste.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -27,7 +31,7 @@ from rewardloop.feedback.records import JudgmentRecord, load_records, pair_value
 
 Unit = tuple[int, int, int]  # (task_id, smaller response id, larger response id)
 _VOTE = {A.LO: 1, A.HI: -1, A.TIE: 0}  # pair value -> the ceiling's vote on (lo, hi)
-FLAGS = ("spam", "position_bias", "length_bias", "gold_fail")
+FLAGS = ("spam", "contrarian", "position_bias", "length_bias", "gold_fail")
 
 __all__ = ["FLAGS", "AnnotatorQuality", "JudgmentRecord", "QualityReport", "Thresholds",
            "analyze", "annotator_weights", "annotators_from_db", "flagged_annotators",
@@ -40,7 +44,8 @@ class Thresholds:
     large, significant effect, so an honest annotator with ordinary noise is not flagged."""
 
     min_judgments: int = 20
-    """Judgments needed before position/length/constant-answer flags are considered."""
+    """Judgments needed before position/length/constant-answer flags are considered (and the
+    decided length outcomes other annotators need for their longer-wins rate to count)."""
     position_p: float = 0.001
     """``position_bias``: two-sided binomial p-value against 0.5 must be below this ..."""
     position_gap: float = 0.25
@@ -50,11 +55,13 @@ class Thresholds:
     length_gap: float = 0.15
     """... and the longer-wins rate at least this far from the other annotators' rate."""
     spam_margin: float = 0.15
-    """``spam``: agreement significantly below chance + this margin ..."""
+    """``spam``: agreement confidently below chance plus this margin (``contrarian``:
+    confidently below chance minus it) ..."""
     spam_alpha: float = 0.01
-    """... at this one-sided significance level ..."""
+    """... each one-sided test at this significance level ..."""
     min_compared: int = 20
-    """... over at least this many pair units shared with other annotators."""
+    """... over at least this many pair units shared with the annotators compared with (also
+    what the other members of an annotator's group must share for the group to be used)."""
     constant_share: float = 0.95
     """``spam`` also when this share of judgments have the same answer pattern by position."""
     gold_min: int = 10
@@ -73,7 +80,15 @@ class AnnotatorQuality:
     judgments: int
     compared: int = 0
     agreement: float | None = None
+    """Agreement with everyone else's leave-one-out majority (the reported figure)."""
     chance_agreement: float | None = None
+    peer_group: str | None = None
+    """The annotator's group whose other members the agreement flags also compare with (the
+    first of their groups whose others share ``min_compared`` pair units); None: none."""
+    peer_agreement: float | None = None
+    """Agreement with the majority of ``peer_group``'s other members."""
+    length_peer_group: str | None = None
+    """The group whose other members' longer-wins rate ``length_bias`` also compares with."""
     reliability: float | None = None
     gold_compared: int = 0
     gold_accuracy: float | None = None
@@ -100,6 +115,8 @@ class QualityReport:
             "judgments": self.judgments,
             "annotators": {name: {
                 "judgments": q.judgments, "agreement": q.agreement,
+                "peer_group": q.peer_group, "peer_agreement": q.peer_agreement,
+                "length_peer_group": q.length_peer_group,
                 "reliability": q.reliability, "gold_accuracy": q.gold_accuracy,
                 "position_bias_p": q.bias.position_p, "length_bias_p": q.bias.length_p,
                 "flags": list(q.flags)} for name, q in sorted(self.annotators.items())},
@@ -116,14 +133,27 @@ def _units(records: Sequence[JudgmentRecord]) -> dict[Unit, list[tuple[str | Non
     return units
 
 
+@dataclass(frozen=True)
+class _Agreement:
+    """An annotator's agreement with the leave-one-out majority of some other annotators."""
+
+    compared: int = 0
+    """Pair units the annotator shares with them."""
+    agreement: float | None = None
+    chance: float | None = None
+    credit: float = 0.0
+    """Sum of the per-unit agreement credits (agreement x compared)."""
+
+
 def _agreement(name: str, units: Mapping[Unit, list[tuple[str | None, int]]],
-               own: Mapping[Unit, int]) -> tuple[int, float | None, float | None, float]:
-    """(units compared, leave-one-out majority agreement, chance agreement, credit sum)."""
+               own: Mapping[Unit, int], peers: Set[str] | None = None) -> _Agreement:
+    """Agreement of ``name`` with the majority of ``peers`` (None: everyone else, anonymous
+    judgments included) on the units they share."""
     credits: list[float] = []
     modes_credit: list[np.ndarray] = []
     values: list[int] = []
     for unit, value in own.items():
-        others = [v for a, v in units[unit] if a != name]
+        others = [v for a, v in units[unit] if a != name and (peers is None or a in peers)]
         if not others:
             continue
         credits.append(A.majority_credit(value, others) or 0.0)
@@ -131,11 +161,11 @@ def _agreement(name: str, units: Mapping[Unit, list[tuple[str | None, int]]],
                                       for c in range(A.N_VALUES)]))
         values.append(value)
     if not credits:
-        return 0, None, None, 0.0
+        return _Agreement()
     # Chance: the annotator's own value shares, drawn independently of the unit.
     p_self = np.bincount(values, minlength=A.N_VALUES) / len(values)
     chance = float(np.mean([p_self @ m for m in modes_credit]))
-    return len(credits), float(np.mean(credits)), chance, float(sum(credits))
+    return _Agreement(len(credits), float(np.mean(credits)), chance, float(sum(credits)))
 
 
 PRIOR_ACCURACY = 0.75
@@ -182,29 +212,95 @@ def _gold(recs: Iterable[JudgmentRecord]) -> tuple[int, int]:
     return n, correct
 
 
-def _flags(q: AnnotatorQuality, credit: float, gold_correct: int, th: Thresholds) -> list[str]:
-    flags = []
-    near_chance = False
-    if q.compared >= th.min_compared and q.chance_agreement is not None:
-        target = min(q.chance_agreement + th.spam_margin, 0.999)
-        k = min(int(round(credit)), q.compared)
-        near_chance = A.binom_test(k, q.compared, target, "less") < th.spam_alpha
-    constant = q.bias.patterns >= th.min_judgments and q.bias.top_pattern_share >= th.constant_share
-    if near_chance or constant:
-        flags.append("spam")
+@dataclass(frozen=True)
+class _Peers:
+    """Whom an annotator's flags compare them with: everyone else and, when they share enough
+    with the annotator, the other members of the annotator's own group."""
+
+    everyone: _Agreement
+    group: _Agreement | None
+    length_rates: tuple[float, ...]
+    """Everyone else's longer-wins rate, then the group's other members' (when enough)."""
+
+
+def _group_agreement(name: str, groups: Sequence[str], members: Mapping[str, Set[str]],
+                     units: Mapping[Unit, list[tuple[str | None, int]]],
+                     own: Mapping[Unit, int], th: Thresholds
+                     ) -> tuple[str | None, _Agreement | None]:
+    """The first of ``groups`` whose other members share ``min_compared`` units with ``name``,
+    and the agreement with them; (None, None) without one (no group, or a group of one)."""
+    for group in groups:
+        others = members[group] - {name}
+        found = _agreement(name, units, own, others) if others else _Agreement()
+        if found.compared >= th.min_compared:
+            return group, found
+    return None, None
+
+
+def _group_length_rate(name: str, groups: Sequence[str], members: Mapping[str, Set[str]],
+                       biases: Mapping[str, BiasStats], th: Thresholds
+                       ) -> tuple[str | None, float | None]:
+    """The first of ``groups`` whose other members have ``min_judgments`` decided length
+    outcomes, and their pooled longer-wins rate; (None, None) without one."""
+    for group in groups:
+        stats = [biases[o] for o in sorted(members[group] - {name})]
+        n = sum(b.length_n for b in stats)
+        if n >= th.min_judgments:
+            wins = sum(round(b.length_rate * b.length_n)
+                       for b in stats if b.length_rate is not None)
+            return group, wins / n
+    return None, None
+
+
+def _versus_chance(a: _Agreement, th: Thresholds) -> str | None:
+    """``below`` when the agreement is confidently below chance minus ``spam_margin``
+    (systematic disagreement), else ``near`` when it is confidently below chance plus it (no
+    better than a little above chance), None when neither is shown (or too few units).
+
+    ``below`` is tested first: the single test "below chance + margin" also passes for an
+    annotator far *below* chance, and called one who disagrees systematically noise."""
+    if a.compared < th.min_compared or a.chance is None:
+        return None
+    k = min(round(a.credit), a.compared)
+    upper = min(a.chance + th.spam_margin, 0.999)  # the binomial test needs 0 < p < 1
+    lower = max(a.chance - th.spam_margin, 0.001)
+    if A.binom_test(k, a.compared, lower, "less") < th.spam_alpha:
+        return "below"
+    if A.binom_test(k, a.compared, upper, "less") < th.spam_alpha:
+        return "near"
+    return None
+
+
+def _agreement_flags(peers: _Peers, th: Thresholds) -> tuple[bool, bool]:
+    """(near chance, contrarian).
+
+    Noise agrees with nobody, so "near chance" must hold against everyone else *and* the
+    group: near chance against the group alone says the group's other members are the noisy
+    ones. Systematic disagreement is judged against the closest reference, the group when
+    there is one: disagreeing with other groups is the group's taste, disagreeing with one's
+    own group is an inverted labeller (or a wrong group)."""
+    verdicts = [_versus_chance(a, th) for a in (peers.everyone, peers.group) if a is not None]
+    return all(v == "near" for v in verdicts), verdicts[-1] == "below"
+
+
+def _flags(q: AnnotatorQuality, peers: _Peers, gold_correct: int, th: Thresholds
+           ) -> list[str]:
     b = q.bias
-    if (b.position_n >= th.min_judgments and b.position_p is not None
-            and b.position_rate is not None and b.position_p < th.position_p
-            and abs(b.position_rate - 0.5) >= th.position_gap):
-        flags.append("position_bias")
-    if (b.length_n >= th.min_judgments and b.length_p is not None
-            and b.length_rate is not None and b.length_p < th.length_p
-            and abs(b.length_rate - b.length_reference) >= th.length_gap):
-        flags.append("length_bias")
-    if q.gold_compared >= th.gold_min and A.binom_test(
-            gold_correct, q.gold_compared, th.gold_accuracy, "less") < th.gold_alpha:
-        flags.append("gold_fail")
-    return flags
+    near_chance, contrarian = _agreement_flags(peers, th)
+    constant = b.patterns >= th.min_judgments and b.top_pattern_share >= th.constant_share
+    position = (b.position_n >= th.min_judgments and b.position_p is not None
+                and b.position_rate is not None and b.position_p < th.position_p
+                and abs(b.position_rate - 0.5) >= th.position_gap)
+    # Like "near chance", a length bias must stand out against every reference: a rate far
+    # from everyone's but close to the group's is the group's taste (e.g. for brevity).
+    length = (b.length_n >= th.min_judgments and b.length_p is not None
+              and b.length_rate is not None and b.length_p < th.length_p
+              and all(abs(b.length_rate - r) >= th.length_gap for r in peers.length_rates))
+    gold = q.gold_compared >= th.gold_min and A.binom_test(
+        gold_correct, q.gold_compared, th.gold_accuracy, "less") < th.gold_alpha
+    found = {"spam": near_chance or constant, "contrarian": contrarian,
+             "position_bias": position, "length_bias": length, "gold_fail": gold}
+    return [f for f in FLAGS if found[f]]
 
 
 def _annotators(records: Sequence[JudgmentRecord], units: Mapping[Unit, list],
@@ -213,20 +309,30 @@ def _annotators(records: Sequence[JudgmentRecord], units: Mapping[Unit, list],
     for rec in records:
         if rec.annotator is not None:
             by_name[rec.annotator].append(rec)
+    members: dict[str, set[str]] = defaultdict(set)
+    for name, recs in by_name.items():
+        for g in recs[0].groups:
+            members[g].add(name)
     reliability = _reliability(records, units)
-    biases = bias_stats(by_name)
+    biases = bias_stats(by_name, min_reference=th.min_judgments)
     out = {}
     for name, recs in sorted(by_name.items()):
         own = {(r.task_id, lo, hi): v
                for r in recs for (lo, hi), v in pair_values(r.ranking).items()}
-        compared, agree, chance, credit = _agreement(name, units, own)
+        everyone = _agreement(name, units, own)
+        peer_group, group = _group_agreement(name, recs[0].groups, members, units, own, th)
+        length_group, group_rate = _group_length_rate(name, recs[0].groups, members, biases, th)
+        peers = _Peers(everyone, group, (biases[name].length_reference,)
+                       + (() if group_rate is None else (group_rate,)))
         gold_n, gold_correct = _gold(recs)
         q = AnnotatorQuality(
-            name=name, groups=recs[0].groups, judgments=len(recs), compared=compared,
-            agreement=agree, chance_agreement=chance, reliability=reliability.get(name),
+            name=name, groups=recs[0].groups, judgments=len(recs), compared=everyone.compared,
+            agreement=everyone.agreement, chance_agreement=everyone.chance,
+            peer_group=peer_group, peer_agreement=group.agreement if group else None,
+            length_peer_group=length_group, reliability=reliability.get(name),
             gold_compared=gold_n, gold_accuracy=gold_correct / gold_n if gold_n else None,
             bias=biases[name])
-        q.flags = _flags(q, credit, gold_correct, th)
+        q.flags = _flags(q, peers, gold_correct, th)
         out[name] = q
     return out
 
