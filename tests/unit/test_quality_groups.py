@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 
+from rewardloop.feedback import flags as F
 from rewardloop.feedback import quality as Q
 from rewardloop.feedback.quality import JudgmentRecord, QualityReport
 
@@ -156,6 +157,6 @@ def test_a_noisy_group_mate_does_not_make_an_honest_annotator_spam() -> None:
     (90, None),  # 0.75: above chance + 0.15
 ])
 def test_band_test_around_chance(credit: int, expected: str | None) -> None:
-    a = Q._Agreement(compared=120, agreement=credit / 120, chance=0.5, credit=credit)
-    assert Q._versus_chance(a, Q.Thresholds()) == expected
-    assert Q._versus_chance(Q._Agreement(19, 0.5, 0.5, 9.5), Q.Thresholds()) is None
+    a = F.Agreement(compared=120, agreement=credit / 120, chance=0.5, credit=credit)
+    assert F._versus_chance(a, F.Thresholds()) == expected
+    assert F._versus_chance(F.Agreement(19, 0.5, 0.5, 9.5), F.Thresholds()) is None
