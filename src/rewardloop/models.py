@@ -14,6 +14,7 @@ model (``eval.evaluate``, and through it the loop's ``status``) import this one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -456,9 +457,17 @@ def save_model(model: HFModel, tokenizer: Any, out_dir: str | Path, *,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".tmp*"):  # a weights file of a save that was killed part-way
+        if stale.is_file():
+            stale.unlink()
     if merge_lora and is_peft(model):
         model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    try:
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    except Exception as exc:  # safetensors says "disk full" in its own exception type
+        if "No space left on device" in str(exc):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out)) from exc
+        raise
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None

@@ -23,6 +23,7 @@ from rewardloop.engines.hf import HFGenerator, position_ids, sample_tokens, warp
 from rewardloop.lm_head import label_logps, with_end_label
 from rewardloop.models import load_policy, load_tokenizer
 from rewardloop.tokenize import encode
+from rewardloop.util.files import atomic_file
 from rewardloop.util.seed import seed_everything
 
 __all__ = [
@@ -114,17 +115,17 @@ def append_samples(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def truncate_samples(path: Path, after_step: int) -> None:
-    """Drop sample rows written after ``after_step`` (a resumed run writes them again)."""
+    """Drop sample rows written after ``after_step`` (a resumed run writes them again). The
+    file is replaced atomically: a run killed here keeps every row it had."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= after_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    path.write_text("".join(kept), encoding="utf-8")
+    with path.open(encoding="utf-8") as rows, atomic_file(path) as out:
+        for line in rows:
+            try:
+                if int(json.loads(line)["step"]) <= after_step:
+                    out.write(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
 
 
 # ---------------------------------------------------------------------------------------------

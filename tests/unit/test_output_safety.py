@@ -10,6 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -200,6 +201,27 @@ def test_eval_replaces_an_earlier_eval_only_with_overwrite_and_only_its_files(
     # An eval interrupted before eval.json (its last file) is an earlier eval too.
     (out / "eval.json").unlink()
     refused(eval_args(root, out), "holds an earlier eval", "--overwrite")
+
+
+def test_an_overwrite_killed_part_way_never_reads_as_finished(
+        root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit s12 crash F2: a kill after the new samples.jsonl left the old eval.json (the mark
+    of a finished eval) describing another policy's answers. The old mark goes first."""
+    import rewardloop.eval.evaluate as E
+
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(app, eval_args(root, out))
+    assert res.exit_code == 0, res.output
+    written = E._write_samples
+
+    def killed_after_samples(*args: Any, **kwargs: Any) -> None:
+        written(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "_write_samples", killed_after_samples)
+    res = CliRunner().invoke(app, eval_args(root, out, "--overwrite"))
+    assert res.exit_code == 130, res.output
+    assert not (out / "eval.json").exists() and (out / "samples.jsonl").is_file()
 
 
 def test_eval_never_takes_a_loops_work_directory_for_an_earlier_eval(root: Path,

@@ -8,6 +8,7 @@ at import time, so ``rewardloop --help`` stays fast. Only this package prints.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -37,11 +38,24 @@ class _Root(TyperGroup):
             typer.echo(f"training stopped: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            hint = ("; a run that saved checkpoints (--save-every N) continues from its last "
-                    "complete one with the same command and --resume"
-                    if ctx.invoked_subcommand == "train" else "")
-            typer.echo(f"interrupted{hint}", err=True)
+            typer.echo(f"interrupted{_RESUME_HINTS.get(ctx.invoked_subcommand, '')}", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            typer.echo(f"error: no space left on the device{where}; what was written before "
+                       f"is kept: free some space and run the command again"
+                       f"{_RESUME_HINTS.get(ctx.invoked_subcommand, '')}", err=True)
+            raise typer.Exit(1) from None
+
+
+_RESUME_HINTS = {
+    "train": "; a run that saved checkpoints (--save-every N) continues from its last complete "
+             "one with the same command and --resume",
+    "loop": "; a loop continues where it stopped with `rewardloop loop --config "
+            "WORKDIR/config.yaml`",
+}
 
 
 app = typer.Typer(

@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +238,10 @@ class Store:
                 yield session
                 session.commit()
             except BaseException:
-                session.rollback()
+                # A Ctrl-C can land after the commit (while SQLAlchemy expires the loaded
+                # objects); the rollback then refuses, and its error must not hide the first.
+                with suppress(Exception):
+                    session.rollback()
                 raise
 
     def _writer_turn(self) -> Any:

@@ -251,6 +251,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     result.update({k: headline[k] for k in ("judge", "win_rate", "win_rate_ci", "wins", "ties",
                                             "losses") if k in headline})
     cfg.out.mkdir(parents=True, exist_ok=True)
+    # An earlier eval's marker goes before any file is replaced: an eval killed from here on
+    # leaves a directory that reads as unfinished, never new answers under the old results.
+    (cfg.out / EVAL_FILE).unlink(missing_ok=True)
     _write_samples(cfg.out / SAMPLES_FILE, prompts, baseline.texts, policy.texts)  # first
     atomic_write_text(cfg.out / "config.yaml",
                       yaml.safe_dump(result["config"], sort_keys=False))

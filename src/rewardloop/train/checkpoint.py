@@ -184,20 +184,25 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(runtime)
-    with _quiet_single_process():
-        dcp.save(_dcp_state(models, optimizers or {}), checkpoint_id=str(tmp / "dcp"))
-    rank = runtime.rank if runtime is not None else 0
-    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
-    if main:
-        state = {
-            "step": int(step),
-            "world_size": runtime.world_size if runtime is not None else 1,
-            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-            "sampler": dict(sampler_state) if sampler_state is not None else None,
-            "meter": run.meter.state_dict(),
-            "extra": dict(extra or {}),
-        }
-        torch.save(state, tmp / "state.pt")
+    try:
+        with _quiet_single_process(), unwrapped_dcp_errors():
+            dcp.save(_dcp_state(models, optimizers or {}), checkpoint_id=str(tmp / "dcp"))
+        rank = runtime.rank if runtime is not None else 0
+        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+        if main:
+            state = {
+                "step": int(step),
+                "world_size": runtime.world_size if runtime is not None else 1,
+                "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+                "sampler": dict(sampler_state) if sampler_state is not None else None,
+                "meter": run.meter.state_dict(),
+                "extra": dict(extra or {}),
+            }
+            torch.save(state, tmp / "state.pt")
+    except BaseException:
+        if main:  # a Ctrl-C or a full disk: the partial copy would only hold the space
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier(runtime)
     if main:
         for file in tmp.rglob("*"):
@@ -222,6 +227,22 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def unwrapped_dcp_errors() -> Iterator[None]:
+    """torch.distributed.checkpoint wraps whatever stops it (a Ctrl-C, a full disk) in a
+    ``CheckpointException``, a BaseException no handler expects: raise the first rank's own
+    error instead, so a Ctrl-C is an interruption and a full disk an OSError the CLI names."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = [error for error, _ in exc.failures.values()]
+        if failures:
+            raise failures[0] from None
+        raise
+
+
 def _barrier(runtime: Any) -> None:
     if runtime is not None:
         runtime.barrier()
@@ -233,6 +254,9 @@ def _prune(root: Path, keep_last: int, *, newest: Path, keep: Collection[int] = 
     complete = list_checkpoints(root.parent)
     for old in complete[:-keep_last]:
         if _step_of(old) not in keep:
+            # The marker goes first: a run killed mid-delete leaves an incomplete directory
+            # (pruned next time), never a half-deleted one that still says it is complete.
+            (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     newest_step = _step_of(newest) or 0
     for path in root.iterdir():
@@ -270,7 +294,7 @@ def _load_models(path: Path, models: Mapping[str, nn.Module],
         _check_names(path, name, saved, parts["model"])
         if "optim" in parts and not any(k.startswith(f"{name}.optim.") for k in keys):
             raise UserError(f"checkpoint {path} has no state for optimizer '{name}'")
-    with _quiet_single_process():
+    with _quiet_single_process(), unwrapped_dcp_errors():
         dcp.load(state, storage_reader=reader)
     for name, model in models.items():
         set_state_dict(model, optimizers[name] if name in optimizers else (),
