@@ -288,3 +288,47 @@ def test_concurrent_annotators_exact_counts(store) -> None:
                                 .group_by(S.Judgment.task_id)).all())
         assert counts == dict.fromkeys(ids, overlap)
         assert all(t.done and t.n_judgments == overlap for t in s.scalars(select(S.ComparisonTask)))
+
+
+def test_gold_tasks_are_spread_between_the_others(store, tmp_path) -> None:
+    """Audit s12 concurrency F5: gold tasks made after all the others were handed out last
+    (work goes oldest first), so half the annotators never met one."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    cands, gold = tmp_path / "c.jsonl", tmp_path / "g.jsonl"
+    cands.write_text("".join(json.dumps({"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}"]})
+                             + "\n" for i in range(9)))
+    gold.write_text("".join(json.dumps({"prompt": f"g{i}", "responses": ["good", "bad"],
+                                        "ranking": [[0], [1]]}) + "\n" for i in range(2)))
+    result = CliRunner().invoke(app, ["tasks", "create", str(cands), "--gold", str(gold),
+                                      "--db", store.url])
+    assert result.exit_code == 0, result.output
+    with store.read() as s:
+        order = [t.is_gold for t in s.scalars(select(S.ComparisonTask)
+                                              .order_by(S.ComparisonTask.id))]
+    assert order == [False] * 3 + [True] + [False] * 3 + [True] + [False] * 3
+
+
+def test_a_task_judged_or_skipped_is_refused_before_its_ranking_is_read(store) -> None:
+    """Audit s12 concurrency F4: a bad ranking for a task the caller had judged or skipped was
+    a 422 that listed the task's response ids, not the 409/403 of anyone else."""
+    with store.write() as s:
+        ann = S.Annotator(name="ann")
+        s.add(ann)
+        rows = [{"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(2)]
+        T.create_tasks_from_candidates(s, rows, overlap=2)
+    with store.write() as s:
+        first = Q.next_task(s, ann.id)
+        Q.submit_judgment(s, ann.id, first.task_id, [[first.shown_order[0]],
+                                                     [first.shown_order[1]]],
+                          idempotency_key="k1")
+        second = Q.next_task(s, ann.id)
+        Q.skip_task(s, ann.id, second.task_id)
+    for task_id, status in ((first.task_id, 409), (second.task_id, 403)):
+        with pytest.raises(T.TaskError) as caught, store.write() as s:
+            Q.submit_judgment(s, ann.id, task_id, [[1], [2]], idempotency_key=f"x{task_id}")
+        assert caught.value.status == status and "ranking" not in str(caught.value)

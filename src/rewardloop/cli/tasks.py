@@ -25,6 +25,12 @@ def read_jsonl(path: Path, flag: str | None = None) -> tuple[list[dict[str, Any]
     return [obj for _, obj in found], [where.number for where, _ in found]
 
 
+def _gold_places(n_rows: int, n_gold: int) -> list[int]:
+    """Where each of ``n_gold`` gold rows goes among ``n_rows`` rows (before row index i), evenly
+    spread: 10 rows and 1 gold row -> [5]; no rows -> all at 0."""
+    return [round((j + 1) * n_rows / (n_gold + 1)) for j in range(n_gold)]
+
+
 def register(app: typer.Typer) -> None:
     tasks = typer.Typer(help="Create comparison tasks and follow their progress.",
                         no_args_is_help=True)
@@ -71,13 +77,21 @@ def register(app: typer.Typer) -> None:
                 check_audience(session, audience, overlap)
             b = T.get_or_create_batch(session, batch or file.stem, guidelines=text)
             held: list[int] = []  # comparisons the batch already has, or the file repeats
-            made = T.create_tasks_from_candidates(
-                session, rows, kind=kind, overlap=overlap, batch=b, pairing=pairing,
-                path=str(file), line_numbers=lines, audience=audience, skipped=held)
-            if gold_rows:
+            made = []
+            # Gold rows go evenly between the others: work is handed out oldest first, so gold
+            # tasks made last would reach only whoever is still working at the end.
+            start = 0
+            for j, stop in enumerate(_gold_places(len(rows), len(gold_rows)) + [len(rows)]):
                 made += T.create_tasks_from_candidates(
-                    session, gold_rows, kind=kind, overlap=overlap, batch=b, gold=rankings,
-                    pairing=pairing, path=str(gold), line_numbers=gold_lines, skipped=held)
+                    session, rows[start:stop], kind=kind, overlap=overlap, batch=b,
+                    pairing=pairing, path=str(file), line_numbers=lines[start:stop],
+                    audience=audience, skipped=held)
+                start = stop
+                if j < len(gold_rows):
+                    made += T.create_tasks_from_candidates(
+                        session, gold_rows[j:j + 1], kind=kind, overlap=overlap, batch=b,
+                        gold={0: rankings[j]}, pairing=pairing, path=str(gold),
+                        line_numbers=gold_lines[j:j + 1], skipped=held)
             name = b.name
         n_gold = sum(t.is_gold for t in made)
         typer.echo(f"created {len(made)} {kind} tasks ({n_gold} gold) in batch {name}, "

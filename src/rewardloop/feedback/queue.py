@@ -473,10 +473,6 @@ def submit_judgment(
         task = (_TASK_PG if db.dialect.name == "postgresql" else _TASK).first(db, {"tid": task_id})
     if task is None:
         raise TaskError(f"task {task_id!r} does not exist", status=404)
-    try:
-        groups = validate_ranking(ranking, _ITEMS.scalars(db, {"tid": task.id}))
-    except ValueError as exc:
-        raise TaskError(f"ranking: {exc}", status=422) from None
     if _JUDGED.scalars(db, {"tid": task.id, "aid": aid})[0]:
         # On PostgreSQL the same key can come in twice at once (a retry that another worker
         # process took): both miss the lookup above, the second waits for the task's row lock
@@ -486,6 +482,12 @@ def submit_judgment(
             return _replay(session, prior, task_id, ranking, given), False
         raise TaskError(f"you have already judged task {task.id}")
     lease = _take_slot(db, task, own, require_lease)
+    # The ranking is read last: who may not judge the task now (judged, skipped, no slot) is
+    # told that, not the task's response ids.
+    try:
+        groups = validate_ranking(ranking, _ITEMS.scalars(db, {"tid": task.id}))
+    except ValueError as exc:
+        raise TaskError(f"ranking: {exc}", status=422) from None
     if shown_order is None and lease is not None:
         shown_order = lease.shown_order
     if guideline_version is None:  # what the lease was shown with, else the batch's now
