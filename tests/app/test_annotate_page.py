@@ -168,3 +168,22 @@ def test_admin_export_links_download_or_say_why_not(server) -> None:
     assert r.status_code == 403 and "for admins" in r.text
     r = server.client().get(links[0], follow_redirects=False)  # the session ended
     assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fadmin"
+
+
+def test_the_lease_length_is_the_servers_setting(make_server, sqlite_store) -> None:
+    """`serve --lease-minutes` (audit s12 concurrency: the lease length was fixed at 10
+    minutes): handing out and renewing both use it."""
+    from fastapi.testclient import TestClient
+
+    from rewardloop.app.main import create_app
+
+    server = make_server(sqlite_store)
+    app = create_app(sqlite_store, secret="s" * 40, lease_s=30 * 60)
+    client = TestClient(app)
+    client.headers["Authorization"] = f"Bearer {server.tokens['ann']}"
+    lease = client.get("/api/tasks/next").json()
+    left = (dt.datetime.fromisoformat(lease["lease_expires_at"])
+            - dt.datetime.now(dt.UTC)).total_seconds()
+    assert 29 * 60 < left <= 30 * 60
+    renewed = client.post(f"/api/tasks/{lease['task_id']}/renew").json()
+    assert 29 * 60 < renewed["seconds_left"] <= 30 * 60

@@ -134,7 +134,8 @@ async def next_task(creds: HotCreds, request: Request,
 
     def lease(session: Session) -> TaskOut | None:  # refuses only before writing
         who = creds.resolve(session)
-        got = Q.next_task(session, who.id, batch=_batch_id(session, batch))
+        got = Q.next_task(session, who.id, batch=_batch_id(session, batch),
+                          lease_s=request.app.state.lease_s)
         if got is None:
             return None
         return TaskOut(**Q.task_view(session, got), lease_expires_at=got.expires_at)
@@ -179,10 +180,13 @@ def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
     404: {"description": "Not leased to you (judged, skipped or never held)"},
     409: {"description": "The lease ran out and someone else took the task"}, **ERRORS})
 def renew_lease(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
-                db: DbDep) -> LeaseOut:
-    """Extend the caller's lease on a task to 10 minutes from now (the annotate page does this
-    while its reader is active)."""
-    expires = db.run_refusable_sync(lambda s: Q.renew_lease(s, who.id, task_id))
+                db: DbDep, request: Request) -> LeaseOut:
+    """Extend the caller's lease on a task to the lease length from now (10 minutes unless
+    `serve --lease-minutes` says otherwise; the annotate page does this while its reader is
+    active)."""
+    lease_s = request.app.state.lease_s
+    expires = db.run_refusable_sync(lambda s: Q.renew_lease(s, who.id, task_id,
+                                                            lease_s=lease_s))
     left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
     return LeaseOut(task_id=task_id, lease_expires_at=expires, seconds_left=max(0, int(left)))
 

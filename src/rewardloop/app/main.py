@@ -27,6 +27,7 @@ from rewardloop.app.security import MAX_BODY, LoginLimiter, SecurityMiddleware
 from rewardloop.app.writer import WriterUnavailable
 from rewardloop.data.store import Store
 from rewardloop.errors import DataError, UserError
+from rewardloop.feedback.queue import LEASE_S
 from rewardloop.feedback.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,14 @@ HERE = Path(__file__).parent
 
 def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_BODY,
                login_limiter: LoginLimiter | None = None, public_url: str | None = None,
-               write_timeout: float = WRITE_TIMEOUT_S) -> FastAPI:
+               write_timeout: float = WRITE_TIMEOUT_S, lease_s: float = LEASE_S) -> FastAPI:
     """The annotation server on ``store``.
 
     The session secret is ``secret``, else ``$REWARDLOOP_SECRET``, else one generated on first
     start and kept in the store's ``settings`` table; there is no built-in default.
     ``public_url`` is the origin browsers use (``https://host[:port]``) when a reverse proxy
     stands in front: the login form accepts it as Origin, and https makes cookies Secure.
+    ``lease_s``: how long a handed-out task stays reserved (and a renewal extends it).
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +60,7 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
     app.state.db = Db(store, write_timeout=write_timeout)
     app.state.login_limiter = login_limiter or LoginLimiter()
     app.state.public_url = public_url
+    app.state.lease_s = lease_s
     app.add_middleware(SecurityMiddleware, max_body=max_body)
     app.include_router(api_router)
     app.include_router(pages_router)

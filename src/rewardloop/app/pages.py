@@ -117,13 +117,14 @@ def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=128
     return response
 
 
-def _lease_page(session: Session, who: Principal, batch_name: str | None) -> dict[str, Any]:
+def _lease_page(session: Session, who: Principal, batch_name: str | None, lease_s: float
+                ) -> dict[str, Any]:
     batch = None
     if batch_name:
         batch = session.scalar(select(Batch).where(Batch.name == batch_name))
         if batch is None:
             raise HTTPException(404, f"no batch named {batch_name!r}")
-    lease = Q.next_task(session, who.id, batch=batch)
+    lease = Q.next_task(session, who.id, batch=batch, lease_s=lease_s)
     mine = session.scalar(select(func.count(Judgment.id)).where(Judgment.annotator_id == who.id))
     if lease is None:
         return {"task": None, "mine": mine, "progress": T.batch_progress(session, batch)}
@@ -150,7 +151,9 @@ def annotate(request: Request,
     if who is None:
         return _to_login(request)
     try:
-        context = request.app.state.db.run_refusable_sync(lambda s: _lease_page(s, who, batch))
+        lease_s = request.app.state.lease_s
+        context = request.app.state.db.run_refusable_sync(
+            lambda s: _lease_page(s, who, batch, lease_s))
     except HTTPException as exc:
         if exc.status_code != 404:
             raise

@@ -151,6 +151,10 @@ def register(app: typer.Typer) -> None:
             30.0, "--write-timeout", min=0.1, max=3600,
             help="Seconds a request waits for the database writer to take its write before "
             "it is answered 503 (and not written)."),
+        lease_minutes: float = typer.Option(
+            10.0, "--lease-minutes", min=5, max=24 * 60,
+            help="How long a task stays reserved for the annotator it was handed to; the "
+            "annotate page renews it while its reader is active. Raise it for long tasks."),
         log_level: str = typer.Option(
             "warning", "--log-level",
             help="uvicorn log level: critical, error, warning, info, debug or trace."),
@@ -176,7 +180,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--port must be 1..65535, got {port}")
         log_level = check_log_level(log_level)
         app_options: dict[str, Any] = {"public_url": check_public_url(public_url),
-                       "write_timeout": write_timeout}
+                       "write_timeout": write_timeout, "lease_s": lease_minutes * 60}
         allowed = check_forwarded_allow_ips(forwarded_allow_ips or "127.0.0.1")
         # One process binds here, before the store is touched or "serving" is said; with
         # --workers each worker binds the port itself and reports its own failure (app.workers).
