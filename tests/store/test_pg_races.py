@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from rewardloop.app.writer import GroupWriter, WriterUnavailable
 from rewardloop.data import schema as S
+from rewardloop.data.prepared import Driver
 from rewardloop.feedback import queue as Q
 from rewardloop.feedback import tasks as T
 
@@ -73,6 +74,31 @@ def test_the_same_upload_twice_at_once_makes_each_comparison_once(store) -> None
     assert made == 12
 
 
+def test_the_server_does_not_wait_behind_a_long_upload_into_the_batch(store) -> None:
+    """Review of F0's fix: the server's writer thread waited for a `tasks create` filling the
+    same batch, and every request queued behind it with it; the server's upload is refused
+    (503, try again) instead."""
+    with store.write() as s:
+        T.get_or_create_batch(s, "r1")
+
+    def server_upload() -> int:
+        with store.write() as s:
+            batch = s.scalar(select(S.Batch).where(S.Batch.name == "r1"))
+            return len(T.create_tasks_from_candidates(s, ROWS[2:], batch=batch,
+                                                      wait_for_batch=False))
+
+    if not _concurrent(store):
+        assert server_upload() == 6
+        return
+    with store.write() as s:  # the long `tasks create`
+        batch = s.scalar(select(S.Batch).where(S.Batch.name == "r1"))
+        T.create_tasks_from_candidates(s, ROWS[:2], batch=batch)
+        with pytest.raises(T.TaskError, match="another upload") as refused:
+            server_upload()
+        assert refused.value.status == 503
+    assert server_upload() == 6
+
+
 def test_a_task_with_room_locked_by_another_writer_is_waited_for(store) -> None:
     """F2: a submit or renewal holding the only open task's row made the claim skip it and say
     nothing is left; it now waits for that row."""
@@ -95,8 +121,19 @@ def test_a_task_with_room_locked_by_another_writer_is_waited_for(store) -> None:
         s.execute(select(S.ComparisonTask.id).where(S.ComparisonTask.id == task_id)
                   .with_for_update())  # as a submit's or a renewal's lock holds it
         second = _in_thread(lease_for_bob)
-        time.sleep(0.5)
+        time.sleep(0.1)  # the other worker's group commits within the claim's wait
     assert second() == task_id
+    # Held past the wait (CLAIM_WAIT_MS): "nothing left" after the wait, not a hang or an
+    # error, and the claim's transaction goes on (its lock timeout put back).
+    with store.write() as s:
+        s.execute(select(S.ComparisonTask.id).where(S.ComparisonTask.id == task_id)
+                  .with_for_update())
+        with store.write() as w:
+            ann = w.scalar(select(S.Annotator).where(S.Annotator.name == "ann"))
+            started = time.monotonic()
+            assert Q.next_task(w, ann) is None
+            assert Q.CLAIM_WAIT_MS / 1000 <= time.monotonic() - started < 5
+            assert w.scalar(select(func.current_setting("lock_timeout"))) == "0"
 
 
 def test_one_read_sees_one_state_of_the_store(store) -> None:
@@ -143,3 +180,45 @@ def test_a_write_the_database_gave_up_on_is_a_503_not_a_500(sqlite_store, isolat
         writer.close()
     with sqlite_store.read() as s:
         assert s.scalar(select(func.count()).select_from(S.Annotator)) == 1
+
+
+def test_a_real_deadlock_between_two_workers_is_a_503(store) -> None:
+    """F1 as it happens: the queue's row locks are taken on the driver connection, so
+    PostgreSQL's deadlock error arrives unwrapped; the group's op and its re-run both lose."""
+    if not _concurrent(store):
+        pytest.skip("SQLite runs one writer at a time: no deadlock")
+    with store.write() as s:
+        T.create_tasks_from_candidates(s, ROWS[:2], kind="ranking")
+    with store.read() as s:
+        first, second = s.scalars(select(S.ComparisonTask.id).order_by(S.ComparisonTask.id))
+    lock = "SELECT id FROM tasks WHERE id = %s FOR UPDATE"
+
+    def other_worker(ready: threading.Event, go: threading.Event) -> None:
+        with store.write() as s:
+            raw = Driver(s).raw
+            raw.execute(lock, (second,))
+            ready.set()
+            go.wait(10)
+            time.sleep(0.2)
+            raw.execute(lock, (first,))
+
+    def op(s) -> str:  # locks first then second; the other worker the other way round
+        ready, go = threading.Event(), threading.Event()
+        threading.Thread(target=other_worker, args=(ready, go)).start()
+        ready.wait(10)
+        raw = Driver(s).raw
+        raw.execute(lock, (first,))
+        go.set()
+        raw.execute(lock, (second,))
+        return "written"
+
+    writer = GroupWriter(store)
+    try:
+        outcome = writer.submit(op)
+        try:
+            got: object = outcome.result(timeout=60)
+        except Exception as exc:  # noqa: BLE001 (what the request would get)
+            got = exc
+    finally:
+        writer.close()
+    assert got == "written" or isinstance(got, WriterUnavailable), repr(got)

@@ -246,7 +246,7 @@ def create_tasks(body: TasksCreateIn, who: Admin, db: DbDep) -> TasksCreateOut:
             session, rows[start:stop], kind=body.kind, overlap=body.overlap, batch=batch,
             gold={i - start: g for i, g in gold.items() if start <= i < stop},
             pairing=body.pairing, path="rows", line_numbers=range(start + 1, stop + 1),
-            skipped=skipped)
+            skipped=skipped, wait_for_batch=False)
         return [t.id for t in made], skipped
 
     ids: list[int] = []

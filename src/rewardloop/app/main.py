@@ -68,7 +68,8 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
 
     @app.exception_handler(TaskError)
     def _task_error(_request: Request, exc: TaskError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status,
+                            headers={"Retry-After": "5"} if exc.status == 503 else None)
 
     @app.exception_handler(UserError)
     def _user_error(_request: Request, exc: UserError) -> JSONResponse:

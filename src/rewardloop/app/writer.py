@@ -47,8 +47,17 @@ TRANSIENT_SQLSTATES = {"40P01": "deadlock", "40001": "serialization failure",
 def transient(exc: BaseException) -> str | None:
     """What made the database refuse ``exc``'s write for the moment, or None when it is an
     answer to the request itself (a refused judgment, a broken constraint)."""
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    # The driver's own error (the queue's prepared statements run on the driver connection),
+    # or SQLAlchemy's wrapper around it.
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate",
+                                                         None)
     return TRANSIENT_SQLSTATES.get(sqlstate) if isinstance(sqlstate, str) else None
+
+
+def _busy(exc: BaseException) -> BaseException:
+    """``exc``, or the 503 it stands for when the database only refused for the moment."""
+    why = transient(exc)
+    return WriterUnavailable(f"the database was busy ({why}); try again") if why else exc
 
 
 class GroupWriter:
@@ -151,15 +160,11 @@ class GroupWriter:
                 outcomes = self._attempt(ops, isolate=True)
             # The database gave up on an operation, not the request (PostgreSQL broke a
             # deadlock between two workers' groups): the client is told to try again (503).
-            outcomes = [(False, WriterUnavailable(f"the database was busy ({busy}); try again"))
-                        if not ok and (busy := transient(value)) else (ok, value)
-                        for ok, value in outcomes]
+            outcomes = [(ok, value if ok else _busy(value)) for ok, value in outcomes]
         except Exception as exc:
             log.exception("group commit of %d operations failed", len(ops))
-            busy = transient(exc)
             for _, future in ops:
-                future.set_exception(WriterUnavailable(
-                    f"the database was busy ({busy}); try again") if busy else exc)
+                future.set_exception(_busy(exc))
             return
         for (_, future), (ok, value) in zip(ops, outcomes, strict=True):
             if ok:

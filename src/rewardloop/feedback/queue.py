@@ -246,11 +246,15 @@ def _claim(db: Driver, params: dict[str, Any], by_batch: bool) -> Any:
         return _OPEN[by_batch].first(db, params)
     tried: list[int] = []
     # First skip the rows other transactions hold (claims race past each other); when that
-    # finds nothing, wait for them: a row is locked by a submit or a renewal too, and the other
-    # worker's group commit holds it, so "nothing left" could be said of a task with room.
+    # finds nothing, wait a little for them: a row is locked by a submit or a renewal too, and
+    # the other worker's group commit holds it, so "nothing left" could be said of a task with
+    # room. The wait is bounded (CLAIM_WAIT_MS, below PostgreSQL's deadlock_timeout of 1 s):
+    # two workers' groups may each hold what the other's claim waits for.
     for wait in (False, True):
         for _ in range(_MAX_CLAIM_TRIES):
-            task = _OPEN_PG[by_batch, wait].first(db, {**params, "tried": tried})
+            params_tried = {**params, "tried": tried}
+            task = (_waited_claim(db, params_tried, by_batch) if wait
+                    else _OPEN_PG[by_batch, False].first(db, params_tried))
             if task is None:
                 break
             # We hold the row lock now, so this statement's snapshot sees every committed lease.
@@ -259,6 +263,28 @@ def _claim(db: Driver, params: dict[str, Any], by_batch: bool) -> Any:
                 return task
             tried.append(task.id)
     return None
+
+
+CLAIM_WAIT_MS = 250
+"""How long a claim waits for a task row another transaction holds before saying nothing is
+left (PostgreSQL)."""
+
+
+def _waited_claim(db: Driver, params: dict[str, Any], by_batch: bool) -> Any:
+    """The claim that waits for held rows, at most :data:`CLAIM_WAIT_MS`; None when the wait
+    runs out. In a savepoint, so a lock timeout undoes only this statement, and with the
+    transaction's own lock timeout put back after it."""
+    from psycopg.errors import LockNotAvailable
+
+    (before,) = db.raw.execute("SELECT current_setting('lock_timeout')").fetchone()
+    try:
+        with db.raw.transaction():
+            db.raw.execute("SELECT set_config('lock_timeout', %s, true)", (f"{CLAIM_WAIT_MS}ms",))
+            task = _OPEN_PG[by_batch, True].first(db, params)
+            db.raw.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
+            return task
+    except LockNotAvailable:
+        return None
 
 
 LEASE_S = 600.0

@@ -316,14 +316,22 @@ _Key = tuple[str, tuple[int, ...], bool, str | None]
 _TASKS_LOCK = 0x72776C74  # "rwlt": the advisory-lock class of "making tasks in a batch"
 
 
-def _lock_batch_tasks(session: Session, batch: Batch | None) -> None:
+def _lock_batch_tasks(session: Session, batch: Batch | None, wait: bool) -> None:
     """On PostgreSQL, hold a transaction-scoped advisory lock on making tasks in ``batch``, so
     two requests (or two chunks of one retried upload on two server workers) cannot both find
-    a comparison missing and both make it. SQLite's writers already run one at a time."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.flush()  # a batch made in this transaction needs its id
-        session.execute(select(func.pg_advisory_xact_lock(
-            _TASKS_LOCK, batch.id if batch is not None else 0)))
+    a comparison missing and both make it. SQLite's writers already run one at a time.
+    Without ``wait`` (the server, whose writer thread must not stall behind a long
+    ``tasks create``) a batch another transaction is filling is a TaskError 503: try again."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    session.flush()  # a batch made in this transaction needs its id
+    key = (_TASKS_LOCK, batch.id if batch is not None else 0)
+    if wait:
+        session.execute(select(func.pg_advisory_xact_lock(*key)))
+    elif not session.scalar(select(func.pg_try_advisory_xact_lock(*key))):
+        name = batch.name if batch is not None else "(no batch)"
+        raise TaskError(f"another upload is making tasks in batch {name}; send this one again "
+                        "when it is done (what was made is skipped)", status=503)
 
 
 def create_tasks_from_candidates(
@@ -339,6 +347,7 @@ def create_tasks_from_candidates(
     line_numbers: Sequence[int] | None = None,
     audience: str | None = None,
     skipped: list[int] | None = None,
+    wait_for_batch: bool = True,
 ) -> list[ComparisonTask]:
     """Tasks from candidates rows (``prompt`` string or chat list, ``responses``, ``models``?),
     for everyone or, with ``audience``, for the annotators of that group only.
@@ -352,10 +361,11 @@ def create_tasks_from_candidates(
     A comparison is made once: one that ``batch`` already holds, or that an earlier row made
     (same kind, set of responses in any order, gold or not, audience), is not made again; its
     task's id is appended to ``skipped`` when given. So the same rows given twice do not double
-    the work.
+    the work. Uploads into one batch take turns on PostgreSQL; ``wait_for_batch=False`` refuses
+    (TaskError 503) instead of waiting for another one.
     """
     checked = _check_rows(rows, pairing, gold, path, line_numbers)  # all, before any write
-    _lock_batch_tasks(session, batch)
+    _lock_batch_tasks(session, batch, wait_for_batch)
     held: dict[int, dict[_Key, int]] = {}  # by prompt id
     created: list[ComparisonTask] = []
     for i, (row, checked_row) in enumerate(zip(rows, checked, strict=True)):
