@@ -160,3 +160,18 @@ def test_band_test_around_chance(credit: int, expected: str | None) -> None:
     a = F.Agreement(compared=120, agreement=credit / 120, chance=0.5, credit=credit)
     assert F._versus_chance(a, F.Thresholds()) == expected
     assert F._versus_chance(F.Agreement(19, 0.5, 0.5, 9.5), F.Thresholds()) is None
+
+
+def test_a_group_with_little_evidence_clears_nobody() -> None:
+    """Review s12 H2: a group-mate who shares only 25 of a random clicker's units (a group
+    test without enough evidence) cleared the clicker; an inverted labeller beside an honest
+    group-mate went unflagged. The group may only clear an annotator it clearly agrees with."""
+    mate = [r for r in _annotator("mate", "pair") if r.task_id < 25]
+    report = analyze(_crowd(None) + mate + _clicker("clicker", "pair"))
+    assert report.annotators["clicker"].peer_group == "pair"
+    assert report.annotators["clicker"].flags == ["spam"]
+    report = analyze(_crowd(None) + _annotator("mate", "pair", noise=frozenset({0}))
+                     + _annotator("inverted", "pair", inverted=True, noise=frozenset({1})))
+    flags = report.annotators["inverted"].flags
+    assert report.annotators["inverted"].peer_group == "pair"
+    assert "contrarian" in flags and "spam" not in flags

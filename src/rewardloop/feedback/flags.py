@@ -134,8 +134,8 @@ def group_length_rate(name: str, groups: Sequence[str], members: Mapping[str, Se
 
 def _versus_chance(a: Agreement, th: Thresholds) -> str | None:
     """``below`` when the agreement is confidently below chance minus ``spam_margin``
-    (systematic disagreement), else ``near`` when it is confidently below chance plus it (no
-    better than a little above chance), None when neither is shown (or too few units).
+    (systematic disagreement), else ``near`` when confidently below chance plus it (no better
+    than a little above chance); None when neither is shown (or too few units).
 
     ``below`` is tested first: the single test "below chance + margin" also passes for an
     annotator far *below* chance, and called one who disagrees systematically noise."""
@@ -151,16 +151,29 @@ def _versus_chance(a: Agreement, th: Thresholds) -> str | None:
     return None
 
 
-def _agreement_flags(peers: Peers, th: Thresholds) -> tuple[bool, bool]:
-    """(near chance, contrarian).
+def _agrees(a: Agreement, th: Thresholds) -> bool:
+    """Whether the agreement is confidently above chance (over enough units)."""
+    if a.compared < th.min_compared or a.chance is None or a.chance >= 0.999:
+        return False
+    k = min(round(a.credit), a.compared)
+    return A.binom_test(k, a.compared, max(a.chance, 0.001), "greater") < th.spam_alpha
 
-    Noise agrees with nobody, so "near chance" must hold against everyone else *and* the
-    group: near chance against the group alone says the group's other members are the noisy
-    ones. Systematic disagreement is judged against the closest reference, the group when
-    there is one: disagreeing with other groups is the group's taste, disagreeing with one's
-    own group is an inverted labeller (or a wrong group)."""
-    verdicts = [_versus_chance(a, th) for a in (peers.everyone, peers.group) if a is not None]
-    return all(v == "near" for v in verdicts), verdicts[-1] == "below"
+
+def _agreement_flags(peers: Peers, th: Thresholds) -> tuple[bool, bool]:
+    """(near chance, contrarian), from the verdicts against everyone else and against the
+    annotator's own group.
+
+    Only a group that clearly agrees with the annotator (significantly above chance) clears
+    what everyone else's judgments show: an annotator near chance or far below it against
+    everyone, whose group shares their taste, has that taste. A group with too little
+    evidence abstains (a random clicker or an inverted labeller whose group-mates share few of
+    their units is still flagged), and disagreeing clearly with one's own group is
+    ``contrarian`` whatever everyone else shows (an inverted labeller, or a wrong group)."""
+    everyone = _versus_chance(peers.everyone, th)
+    cleared = peers.group is not None and _agrees(peers.group, th)
+    below_group = peers.group is not None and _versus_chance(peers.group, th) == "below"
+    return (everyone == "near" and not cleared,
+            below_group or (everyone == "below" and not cleared))
 
 
 def annotator_flags(b: BiasStats, peers: Peers, gold_compared: int, gold_correct: int,
