@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from rewardloop.errors import UserError
+
 ELO_SCALE = 400.0 / np.log(10.0)  # logit units -> Elo points (Chatbot Arena's convention)
 ELO_BASE = 1000.0
 
@@ -222,6 +224,17 @@ UNGROUPED = "(none)"
 """The group of judgments whose annotator is unknown or has no group."""
 GROUP_N_BOOT = 200
 """Bootstrap resamples per group interval: enough for a 95% percentile interval to +-0.01."""
+
+
+def check_group_name(group: str) -> str:
+    """``group`` if a reward mix (``--reward RUN@group=w,group=w``) and a metric key can name
+    it, else a UserError: 1 to 120 printable characters, no outer spaces, none of ``, = @ /``."""
+    if not group or group != group.strip() or not group.isprintable() or len(group) > 120 \
+            or any(c in group for c in ",=@/"):
+        raise UserError(f"group {group!r}: a group name needs 1 to 120 printable characters, "
+                        "no outer spaces and none of , = @ / (reward mixes name groups as "
+                        "RUN@group=w,group=w)")
+    return group
 
 
 def primary_group(annotator: str | None, groups: Mapping[str, Sequence[str]]) -> str:

@@ -147,21 +147,18 @@ class ModelReward:
         self.last_std: list[float] | None = None
         self.last_by_group: dict[str, list[float]] = {}
         """A --group-heads model's last rewards per group (its normalised heads), logged as
-        ``reward/<name>/<group>``: whose reward a policy earns more of, whatever the mix."""
+        ``reward/<name>/group/<group>``: whose reward a policy earns more of, whatever the mix."""
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:
         names = self.scorer.group_heads
-        if names:
+        if self.head_weights is not None:
             heads = self.scorer.score_heads(prompts, completions)  # (N, groups), normalised
             self.last_by_group = {g: heads[:, i].tolist() for i, g in enumerate(names)}
-            if self.head_weights is not None:
-                return (heads @ self.head_weights).tolist()
-            std = heads.std(dim=1, unbiased=False).tolist()
-            self.last_std = std
-            return penalised(heads.mean(dim=1).tolist(), std, self.uncertainty_penalty)
+            return (heads @ self.head_weights).tolist()
         scores = self.scorer.score_with_std(prompts, completions)
         self.last_std = scores.std
+        self.last_by_group = {g: scores.heads[:, i].tolist() for i, g in enumerate(names)}
         return penalised(scores.mean, scores.std, self.uncertainty_penalty)
 
 
@@ -220,7 +217,7 @@ class RewardOutput:
     per_source: dict[str, torch.Tensor]
     """Each source's raw (unweighted, normalised for models) rewards, (N,) each; an ensemble
     adds ``<name>/uncertainty``, the std across its heads, and a --group-heads model
-    ``<name>/<group>``, each group's own (normalised) head."""
+    ``<name>/group/<group>``, each group's own (normalised) head."""
 
     def metrics(self) -> dict[str, float]:
         """``reward/<source>/mean|std`` per source plus ``reward/mean|std`` of the total."""
@@ -304,7 +301,7 @@ class Rewards:
                 if source.last_std is not None:
                     per_source[f"{name}/uncertainty"] = torch.tensor(source.last_std)
                 for group, by_group in source.last_by_group.items():
-                    per_source[f"{name}/{group}"] = torch.tensor(by_group)
+                    per_source[f"{name}/group/{group}"] = torch.tensor(by_group)
             total += weight * values
         if self.reward_clip is not None:
             total = total.clamp(-self.reward_clip, self.reward_clip)

@@ -151,6 +151,8 @@ class Scores:
 
     mean: list[float]
     std: list[float] | None
+    heads: Any = None
+    """(N, K) tensor: every head's reward, as ``mean`` averages them (None: not kept)."""
 
 
 class RewardScorer:
@@ -206,7 +208,7 @@ class RewardScorer:
         elif self.normalize:  # the mean over heads is what the stats describe
             heads = (heads - float(self.stats["mean"])) / self._shared_std()
         std = heads.std(dim=1, unbiased=False).tolist() if self.heads > 1 else None
-        return Scores(heads.mean(dim=1).tolist(), std)
+        return Scores(heads.mean(dim=1).tolist(), std, heads)
 
     def score_heads(self, prompts: Sequence[Text], completions: Sequence[Text], *,
                     progress: Any = None) -> Any:

@@ -303,9 +303,10 @@ def test_group_heads_leave_no_group_out_and_score_the_equal_mix(pool_files: dict
     out = Rewards([RewardSpec(str(tmp_path / "heads"))])(
         prompts[:6], answers[:6], has_eos=[True] * 6, completion_ids=[[1]] * 6)
     torch.testing.assert_close(out.total, reward[:6])
-    torch.testing.assert_close((out.per_source["heads/majority"]
-                                + out.per_source["heads/minority"]) / 2, reward[:6])
-    assert {"reward/heads/minority/mean", "reward/heads/majority/std"} <= set(out.metrics())
+    torch.testing.assert_close((out.per_source["heads/group/majority"]
+                                + out.per_source["heads/group/minority"]) / 2, reward[:6])
+    assert {"reward/heads/group/minority/mean",
+            "reward/heads/group/majority/std"} <= set(out.metrics())
     delta = reward[0::2] - reward[1::2]
     credit = (delta > 0).double() + 0.5 * (delta == 0).double()
     assert summary["eval_accuracy"] == pytest.approx(float(credit.mean()), abs=1e-9)
@@ -324,3 +325,18 @@ def test_a_group_the_training_lacks_is_still_measured(pool_files: dict[str, Path
     minority = summary["groups"]["by_group"]["minority"]
     assert minority["train_comparisons"] == 0 and minority["eval_pairs"] > 0
     assert minority["accuracy"] is not None
+
+
+def test_group_heads_need_names_a_reward_mix_can_name() -> None:
+    """Review s12 L2: a head named "team, EU" (from a groups file or a pool) could never be
+    named in `--reward RUN@group=w`."""
+    from types import SimpleNamespace
+
+    from rewardloop.train.reward import head_groups_of
+
+    cfg = SimpleNamespace(group_heads=True)
+    assert head_groups_of(cfg, ["b", "a", UNGROUPED]) == ("a", "b")
+    with pytest.raises(UserError, match="none of , = @ /"):
+        head_groups_of(cfg, ["team, EU", "b"])
+    with pytest.raises(UserError, match="--group-heads needs comparisons from 2 or more"):
+        head_groups_of(cfg, ["b", UNGROUPED])

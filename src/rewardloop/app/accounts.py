@@ -30,6 +30,7 @@ from rewardloop.data.schema import (
     utcnow,
 )
 from rewardloop.errors import UserError
+from rewardloop.metrics import check_group_name
 
 SECRET_KEY = "session_secret"  # noqa: S105 (the settings row name, not a secret)
 SESSION_TTL = dt.timedelta(hours=12)
@@ -105,11 +106,7 @@ def add_user(session: Session, name: str, role: str, *, password: str | None = N
     """Create a user; refuses a taken name, an unknown role, a short password and a group name
     that a reward mix (``--reward RUN@group=w,...``) could not name."""
     for group in groups or []:
-        if not group or group != group.strip() or not group.isprintable() or len(group) > 120 \
-                or any(c in group for c in ",=@"):
-            raise UserError(f"group {group!r}: a group name needs 1 to 120 printable "
-                            "characters, no outer spaces and none of , = @ (reward mixes "
-                            "name groups as RUN@group=w,group=w)")
+        check_group_name(group)
     if role not in ROLES:
         raise UserError(f"role must be one of {list(ROLES)}, got {role!r}")
     if not name or len(name) > 120 or not name.isprintable() or name != name.strip():

@@ -47,16 +47,17 @@ def read_groups_file(path: Path) -> dict[str, list[str]]:
             for name, g in data.items()}
 
 
-def balanced_group_names(group_ids: Sequence[str], balance: str, what: str, hint: str
-                         ) -> tuple[str, ...]:
+def balanced_group_names(group_ids: Sequence[str], balance: str, what: str, hint: str, *,
+                         flag: str | None = None) -> tuple[str, ...]:
     """The sorted group names of ``group_ids``, ``UNGROUPED`` left out; balancing (``balance``
-    other than none) needs two or more of them, else a UserError naming the ``what`` (pairs,
-    comparisons) and how to give groups (``hint``)."""
+    other than none) needs two or more of them, else a UserError naming the option (``flag``,
+    else ``--group-balance BALANCE``), the ``what`` (pairs, comparisons) and how to give
+    groups (``hint``)."""
     names = tuple(sorted(set(group_ids) - {UNGROUPED}))
     if balance != "none" and len(names) < 2:
         without = " (annotators with no group are not one)" if UNGROUPED in group_ids else ""
-        raise UserError(f"--group-balance {balance} needs {what} from 2 or more annotator "
-                        f"groups{without}, got {list(names)}: {hint}")
+        raise UserError(f"{flag or f'--group-balance {balance}'} needs {what} from 2 or more "
+                        f"annotator groups{without}, got {list(names)}: {hint}")
     return names
 
 

@@ -41,9 +41,9 @@ from rewardloop.ceiling import label_ceiling, record_votes
 from rewardloop.data.records import PairRecord, RankingRecord
 from rewardloop.errors import UserError
 from rewardloop.metrics import (
-    UNGROUPED,
     accuracy_by_group,
     annotator_groups,
+    check_group_name,
     pair_credit,
     primary_group,
 )
@@ -212,9 +212,9 @@ def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
 
 
 PAIRS_KEY = "_ordered_pairs"
+"""The micro-batch metric sum holding the ordered pairs that accuracy is a share of."""
 MEAN_HEAD = -1
 """The head index of a --group-heads comparison of no group: it trains the heads' mean."""
-"""The micro-batch metric sum holding the ordered pairs that accuracy is a share of."""
 
 
 def step_metrics(sums: Mapping[str, float], count: int) -> dict[str, float]:
@@ -372,13 +372,11 @@ def head_groups_of(cfg: RewardConfig, group_ids: Sequence[str]) -> tuple[str, ..
     ``UNGROUPED`` gets none: its comparisons train the heads' mean (``RmData.heads``)."""
     if not cfg.group_heads:
         return ()
-    names = sorted(set(group_ids) - {UNGROUPED})
-    if len(names) < 2:
-        without = " (annotators with no group are not one)" if UNGROUPED in group_ids else ""
-        raise UserError(f"--group-heads needs comparisons from 2 or more annotator "
-                        f"groups{without}, got {names}: give groups with --annotator-groups "
-                        "or --db")
-    return tuple(names)
+    names = balanced_group_names(group_ids, "heads", "comparisons", "give groups with "
+                                 "--annotator-groups or --db", flag="--group-heads")
+    for name in names:  # a head is named in a reward mix: RUN@group=w,group=w
+        check_group_name(name)
+    return names
 
 
 def train_rm(cfg: RewardConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
