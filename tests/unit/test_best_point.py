@@ -119,6 +119,10 @@ def test_an_overfit_reward_model_is_saved_at_its_best_held_out_step(tiny_dir: Pa
     assert summary["eval_loss"] > summary["best_eval_loss"]
     assert summary["eval_source"] == "eval_fraction"
     assert summary["train_comparisons"] + summary["eval_comparisons"] == 40
+    # The held-out rows are kept, to slice the held-out figures by anything they hold.
+    assert summary["eval_split"] == "eval_split.jsonl"
+    held = [json.loads(x) for x in (cfg.out / "eval_split.jsonl").read_text().splitlines()]
+    assert len(held) == summary["eval_comparisons"] and {"prompt", "chosen"} <= set(held[0])
     # model/ holds exactly the weights of the kept best checkpoint.
     rt = Runtime(RuntimeOptions())
     model = load_model(cfg, load_tokenizer_for(cfg), rt)

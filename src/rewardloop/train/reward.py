@@ -38,6 +38,7 @@ from torch import nn
 
 from rewardloop import losses
 from rewardloop.ceiling import label_ceiling, record_votes
+from rewardloop.data.formats import write_records
 from rewardloop.data.records import PairRecord, RankingRecord
 from rewardloop.errors import UserError
 from rewardloop.metrics import (
@@ -213,6 +214,8 @@ def group_loss_sums(objective: Objective, scores: torch.Tensor, ranks: torch.Ten
 
 PAIRS_KEY = "_ordered_pairs"
 """The micro-batch metric sum holding the ordered pairs that accuracy is a share of."""
+EVAL_SPLIT = "eval_split.jsonl"
+"""The rows --eval-fraction held out, written beside summary.json (their judgments, as read)."""
 MEAN_HEAD = -1
 """The head index of a --group-heads comparison of no group: it trains the heads' mean."""
 
@@ -402,6 +405,7 @@ class RmData:
     dro: GroupDRO | None
     tracked: list[str]  # the groups reported apart (none with a single group)
     head_groups: tuple[str, ...]
+    split: tuple[str, list[Any]] | None = None  # (format, rows) held out by --eval-fraction
 
     @property
     def heads(self) -> list[int] | None:
@@ -437,7 +441,8 @@ def read_data(cfg: RewardConfig, stored: StoredAnnotators | None, tokenizer: Any
     tracked = sorted(seen) if len(seen) > 1 else []
     return RmData(records, objective_name, kept, eval_name, eval_items,
                   label_ceiling(record_votes(held_out[1])).to_json() if held_out else {},
-                  len(items), groups, group_ids, dro, tracked, head_groups_of(cfg, group_ids))
+                  len(items), groups, group_ids, dro, tracked, head_groups_of(cfg, group_ids),
+                  held_out if held_out and cfg.eval_data is None else None)
 
 
 def evaluate_model(model: nn.Module, data: RmData, cfg: RewardConfig, rt: Runtime, pad_id: int
@@ -478,6 +483,8 @@ def finish(cfg: RewardConfig, rt: Runtime, run: RunDir, model: nn.Module, tokeni
     rt.save_model(model, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     if rt.is_main:
         _write_stats(run.model_dir, stats)
+        if data.split is not None:  # to slice the held-out figures by anything the rows hold
+            write_records(run.out / EVAL_SPLIT, *data.split)
     items = data.items
     eval_scores = stats_scores if data.eval_items else []
     if data.head_groups and eval_scores:
@@ -487,6 +494,7 @@ def finish(cfg: RewardConfig, rt: Runtime, run: RunDir, model: nn.Module, tokeni
         "ensemble": cfg.ensemble, "train_comparisons": len(items),
         "eval_source": ("eval_data" if cfg.eval_data else "eval_fraction" if data.eval_items
                         else None),
+        **({"eval_split": EVAL_SPLIT} if data.split is not None else {}),
         "dropped_flagged": data.n_read - len(items),
         "reward_mean": stats["mean"], "reward_std": stats["std"],
         **({"groups": group_figures(cfg, items, data.group_ids, data.groups, data.dro,
