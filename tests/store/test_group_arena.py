@@ -30,14 +30,20 @@ def _judge(store, name: str, groups: list[str], prefer: str) -> None:
             n += 1
 
 
-def test_group_arena_and_alarm(store) -> None:
+def _arena(store, dissenter: str, groups: list[str]) -> None:
+    """Batch ``arena``: 6 prompts, rlhf against sft, overlap 4; three ``warm`` annotators prefer
+    rlhf, ``dissenter`` (of ``groups``) prefers sft."""
     prompts = [f"p{i}" for i in range(6)]
     outputs = {"rlhf": [f"r{i}" for i in range(6)], "sft": [f"s{i}" for i in range(6)]}
     with store.write() as s:
         create_arena_tasks(s, prompts, outputs, batch_name="arena", overlap=4)
     for k in range(3):
         _judge(store, f"warm-{k}", ["warm"], prefer="rlhf")
-    _judge(store, "concise-0", ["concise"], prefer="sft")
+    _judge(store, dissenter, groups, prefer="sft")
+
+
+def test_group_arena_and_alarm(store) -> None:
+    _arena(store, "concise-0", ["concise"])
     with store.read() as s:
         judged = judged_battles(s, "arena")
     assert len(judged) == 24
@@ -54,13 +60,7 @@ def test_group_arena_and_alarm(store) -> None:
 def test_the_arena_counts_annotators_of_no_group_under_none_without_an_alarm(store) -> None:
     """Audit s12 F5: their battles are reported under (none), as training reports them, but
     (none) is no group of people: no alarm for it."""
-    prompts = [f"p{i}" for i in range(6)]
-    outputs = {"rlhf": [f"r{i}" for i in range(6)], "sft": [f"s{i}" for i in range(6)]}
-    with store.write() as s:
-        create_arena_tasks(s, prompts, outputs, batch_name="arena", overlap=4)
-    for k in range(3):
-        _judge(store, f"warm-{k}", ["warm"], prefer="rlhf")
-    _judge(store, "loner", [], prefer="sft")
+    _arena(store, "loner", [])
     result = store_arena(store.url, "arena", policy="rlhf", baseline="sft", n_boot=20)
     assert result["by_group"][UNGROUPED]["win_rate"] == 0.0
     assert result["by_group"][UNGROUPED]["n"] == 6 and result["group_alarms"] == []
@@ -84,13 +84,7 @@ def test_eval_arena_out_is_what_the_report_shows(sqlite_store, tmp_path) -> None
 
     from rewardloop.cli import app
 
-    prompts = [f"p{i}" for i in range(6)]
-    outputs = {"rlhf": [f"r{i}" for i in range(6)], "sft": [f"s{i}" for i in range(6)]}
-    with sqlite_store.write() as s:
-        create_arena_tasks(s, prompts, outputs, batch_name="arena", overlap=4)
-    for k in range(3):
-        _judge(sqlite_store, f"warm-{k}", ["warm"], prefer="rlhf")
-    _judge(sqlite_store, "concise-0", ["concise"], prefer="sft")
+    _arena(sqlite_store, "concise-0", ["concise"])
     argv = ["eval", "arena", "--db", sqlite_store.url, "--batch", "arena", "--policy", "rlhf",
             "--baseline", "sft", "--out", str(tmp_path / "arena")]
     for _ in range(2):  # the second run replaces its own result
