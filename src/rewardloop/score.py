@@ -292,19 +292,24 @@ def _answers(fmt: str, record: Any) -> list[tuple[Text, Text]]:
     return [record.prompt_completion()]
 
 
-def _put(fmt: str, row: dict[str, Any], mean: list[float], std: list[float] | None) -> None:
-    if fmt in PAIR_FORMATS:
-        row["score_chosen"], row["score_rejected"] = mean
-        if std is not None:
-            row["score_chosen_std"], row["score_rejected_std"] = std
-    elif fmt in LIST_FORMATS:
-        row["scores"] = mean
-        if std is not None:
-            row["scores_std"] = std
-    else:
-        row["score"] = mean[0]
-        if std is not None:
-            row["score_std"] = std[0]
+def _put(fmt: str, row: dict[str, Any], mean: list[float], std: list[float] | None,
+         by_group: dict[str, list[float]] | None = None) -> None:
+    """Add the scores of ``row``'s answers to it; ``by_group``: a --group-heads model's reward
+    for each group (its own normalised head), per answer."""
+    columns = {"": mean, "_std": std, "_by_group": by_group}
+    for suffix, values in columns.items():
+        if values is None:
+            continue
+        if fmt in PAIR_FORMATS:
+            for i, side in enumerate(("chosen", "rejected")):
+                row[f"score_{side}{suffix}"] = (
+                    {g: v[i] for g, v in values.items()} if isinstance(values, dict)
+                    else values[i])
+        elif fmt in LIST_FORMATS:
+            row[f"scores{suffix}"] = values
+        else:
+            row[f"score{suffix}"] = ({g: v[0] for g, v in values.items()}
+                                     if isinstance(values, dict) else values[0])
 
 
 def _rows_of(fmt: str, path: Path, records: Sequence[Any]) -> list[dict[str, Any]]:
@@ -331,7 +336,8 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     """Score every answer in ``data`` and write the rows with their scores to ``out``.
 
     Pairwise rows get ``score_chosen``/``score_rejected``, candidates and ranking rows
-    ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``. The
+    ``scores``, prompt/completion (sft, kto) rows ``score``; an ensemble adds ``*_std``, a
+    --group-heads model ``*_by_group`` (each group's own reward) too. The
     output is written atomically; an ``out`` that is a directory or one of the inputs is refused
     before anything is read. Returns the number of rows written. ``score_pairs`` scores
     the (prompt, answer) pairs in order elsewhere (``score --ray``) instead of loading the
@@ -347,10 +353,12 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     answers = [_answers(fmt, r) for r in records]
     rows = _rows_of(fmt, data, records)
     flat = [pair for group in answers for pair in group]
+    groups: list[str] = []
     if score_pairs is not None:
         scores = score_pairs(flat)
     else:
         scorer = RewardScorer(rm, device, batch_size, normalize=normalize)
+        groups = scorer.group_heads
         with progress_bar(len(flat), "score") as show:
             scores = scorer.score_with_std([p for p, _ in flat], [a for _, a in flat],
                                            progress=show)
@@ -358,7 +366,9 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path, *, batch_size:
     for row, group in zip(rows, answers, strict=True):
         end = start + len(group)
         _put(fmt, row, scores.mean[start:end],
-             scores.std[start:end] if scores.std is not None else None)
+             scores.std[start:end] if scores.std is not None else None,
+             {g: scores.heads[start:end, i].tolist() for i, g in enumerate(groups)}
+             if groups and scores.heads is not None else None)
         start = end
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     atomic_write_text(out, text)

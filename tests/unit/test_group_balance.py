@@ -299,6 +299,17 @@ def test_group_heads_leave_no_group_out_and_score_the_equal_mix(pool_files: dict
     torch.testing.assert_close(reward, scorer.score_heads(prompts, answers).mean(1))
     raw = RewardScorer(tmp_path / "heads", normalize=False)  # `score` without --normalize
     torch.testing.assert_close(torch.tensor(raw.score(prompts, answers)), reward)
+    # `score` writes each group's own reward beside the mix
+    from rewardloop.score import score_file
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in held[:3]))
+    score_file(tmp_path / "heads", pairs, tmp_path / "scored.jsonl")
+    scored = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    heads = scorer.score_heads(prompts[:6], answers[:6])
+    assert scored[0]["score_chosen_by_group"] == pytest.approx(
+        {"majority": float(heads[0, 0]), "minority": float(heads[0, 1])})
+    assert scored[2]["score_rejected"] == pytest.approx(float(reward[5]))
     # RL logs each group's own reward beside the mix it optimises
     out = Rewards([RewardSpec(str(tmp_path / "heads"))])(
         prompts[:6], answers[:6], has_eos=[True] * 6, completion_ids=[[1]] * 6)
