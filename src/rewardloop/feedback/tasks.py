@@ -313,7 +313,7 @@ def _check_rows(rows: Sequence[Any], pairing: str, gold: Mapping[int, list[list[
 _Key = tuple[str, tuple[int, ...], bool, str | None]
 
 
-_TASKS_LOCK = 0x72776C74  # "rwlt": the advisory-lock class of "making tasks in a batch"
+_TASKS_LOCK = "rewardloop: making tasks in batch "  # the advisory lock's key, hashed
 
 
 def _lock_batch_tasks(session: Session, batch: Batch | None, wait: bool) -> None:
@@ -325,10 +325,13 @@ def _lock_batch_tasks(session: Session, batch: Batch | None, wait: bool) -> None
     if session.get_bind().dialect.name != "postgresql":
         return
     session.flush()  # a batch made in this transaction needs its id
-    key = (_TASKS_LOCK, batch.id if batch is not None else 0)
+    # Advisory locks are database-wide: the key names the schema too, so stores sharing one
+    # database in schemas of their own never wait for each other's batch of the same id.
+    key = func.hashtextextended(func.concat(
+        _TASKS_LOCK, func.current_schema(), ":", batch.id if batch is not None else 0), 0)
     if wait:
-        session.execute(select(func.pg_advisory_xact_lock(*key)))
-    elif not session.scalar(select(func.pg_try_advisory_xact_lock(*key))):
+        session.execute(select(func.pg_advisory_xact_lock(key)))
+    elif not session.scalar(select(func.pg_try_advisory_xact_lock(key))):
         name = batch.name if batch is not None else "(no batch)"
         raise TaskError(f"another upload is making tasks in batch {name}; send this one again "
                         "when it is done (what was made is skipped)", status=503)
