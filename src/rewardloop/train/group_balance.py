@@ -106,8 +106,7 @@ def equal_weights(group_ids: Sequence[str], weights: Sequence[float]) -> list[fl
                     "a few judgments then steer the reward; collect more from the group "
                     "(generate --for-groups) or read its accuracy interval before trusting it",
                     ", ".join(heavy), "/".join(f"{factors[g]:.0f}" for g in heavy))
-    return [float(w) if g == UNGROUPED else
-            float(w) * total / (len(live) * totals[g]) if totals[g] > 0 else 0.0
+    return [float(w) if g == UNGROUPED else float(w) * factors.get(g, 0.0)
             for g, w in zip(group_ids, weights, strict=True)]
 
 

@@ -352,13 +352,15 @@ def group_figures(cfg: RewardConfig, items: Sequence[Comparison], group_ids: Seq
     eval_groups: list[str] = []
     units: list[int] = []
     for k, (c, s) in enumerate(zip(eval_items, eval_scores, strict=True)):
+        # The reward's credit, once per comparison; a group's own head is scored apart.
+        of_mix = pair_credit(pair_deltas([c], s.mean(-1)[None])[0]).tolist()
         for g in annotator_groups(c.annotator, groups):
-            reward = s[:, head_groups.index(g)] if g in head_groups else s.mean(-1)
-            deltas, _ = pair_deltas([c], reward[None])
-            correct += pair_credit(deltas).tolist()
-            mixed += pair_credit(pair_deltas([c], s.mean(-1)[None])[0]).tolist()
-            eval_groups += [g] * len(deltas)
-            units += [k] * len(deltas)
+            own = (pair_credit(pair_deltas([c], s[None, :, head_groups.index(g)])[0]).tolist()
+                   if g in head_groups else of_mix)
+            correct += own
+            mixed += of_mix
+            eval_groups += [g] * len(own)
+            units += [k] * len(own)
     section = group_summary(cfg.group_balance, group_ids, [c.annotator for c in items],
                             [c.weight for c in items], dro, correct, eval_groups, units)
     if not head_groups:
