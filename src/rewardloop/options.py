@@ -26,6 +26,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TIMEOUT_S = 90
 SCHEDULES = ("linear", "cosine", "constant")
 PLACEMENTS = ("split", "colocate")
+WEIGHTINGS = ("none", "reliability")
+GROUP_BALANCES = ("none", "equal", "minmax")
+"""--group-balance of train rm and train dpo (train/group_balance.py)."""
 
 
 def check_finite(config: object) -> None:
@@ -230,6 +233,52 @@ class BestPointOptions:
         if self.early_stopping_patience is not None and (
                 self.early_stopping_patience < 1 or self.eval_every == 0):
             raise ValueError("--early-stopping-patience must be >= 1 and needs --eval-every")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnnotatorOptions:
+    """Who judged the preferences: reliability weights, flagged annotators and annotator groups,
+    from the store (--db) or from files (the options of the preference trainers, rm and dpo).
+    The rows' ``annotator`` field names the annotator; rows without one weigh 1 and have no
+    group."""
+
+    db: str | None = None
+    """Store URL to read annotator reliability, flags and groups from (the rows themselves come
+    from --data, e.g. `rewardloop data export`)."""
+    weighting: str = "none"
+    """none, or reliability: weigh each row by its annotator's estimated reliability (from --db
+    or --annotator-weights)."""
+    annotator_weights: Path | None = None
+    """JSON file {annotator: weight} used by weighting=reliability instead of the store."""
+    exclude_flagged: bool = False
+    """Drop the rows of annotators the quality checks flag, held-out rows included (needs
+    --db)."""
+    annotator_groups: Path | None = None
+    """JSON file {annotator: [group, ...]}: the groups of the rows' annotators, for
+    --group-balance and the per-group figures of the summary (with --db the store's groups are
+    added)."""
+    group_balance: str = "none"
+    """none; equal: every annotator group carries the same total weight; minmax: group DRO
+    (Ramesh et al. 2024), minimise the worst group's loss. A row counts for its annotator's
+    first group."""
+    group_step_size: float = 0.1
+    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
+
+    def check_annotators(self) -> None:
+        """ValueError for inconsistent options."""
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}")
+        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
+            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
+                             "group_step_size > 0")
+        if self.weighting == "reliability" and self.db is None and self.annotator_weights is None:
+            raise ValueError("weighting=reliability needs --db (the store's annotator "
+                             "reliability) or --annotator-weights FILE.json")
+        if self.exclude_flagged and self.db is None:
+            raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
+        if self.group_balance != "none" and self.db is None and self.annotator_groups is None:
+            raise ValueError("group_balance needs annotator groups: --db (the store's groups) or "
+                             "--annotator-groups FILE.json")
 
 
 @dataclass(frozen=True, kw_only=True)

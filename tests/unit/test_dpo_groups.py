@@ -16,7 +16,7 @@ from rewardloop.feedback.simulate import judge_offline, opposed_groups_pool
 from rewardloop.synthetic import candidate_rows, corpus_texts, style_components
 from rewardloop.tiny import build_tiny
 from rewardloop.train import dpo, dpo_objectives
-from rewardloop.train.dpo import DPOConfig, group_coefficients, weighted_loss
+from rewardloop.train.dpo import DPOConfig, step_coefficients, weighted_loss
 from rewardloop.train.group_balance import GroupDRO
 from rewardloop.train.split import split_by_prompt
 
@@ -55,12 +55,20 @@ def test_weighted_loss_is_the_coefficient_weighted_sum_of_pair_losses() -> None:
     assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
-def test_group_coefficients_weigh_group_means_by_q() -> None:
+def test_step_coefficients_weigh_group_means_by_q_and_pairs_by_weight() -> None:
     dro = GroupDRO(("a", "b"), 1.0)
     dro.q = torch.tensor([0.2, 0.8]).numpy()
-    c = group_coefficients(dro, ["a", "a", "a", "b"])
+    c = step_coefficients(dro, ["a", "a", "a", "b"], None)
     # loss = Σ c_i l_i / 4 = 0.2 mean(a) + 0.8 mean(b): c_a = 4 * 0.2 / 3, c_b = 4 * 0.8
-    assert c.tolist() == pytest.approx([0.8 / 3] * 3 + [3.2])
+    assert c is not None and c.tolist() == pytest.approx([0.8 / 3] * 3 + [3.2])
+    # Reliability weights alone: Σ c_i l_i / 4 = Σ w_i l_i / Σ w_i.
+    w = step_coefficients(None, None, [1.0, 0.5, 0.5, 0.0])
+    assert w is not None and w.tolist() == pytest.approx([2.0, 1.0, 1.0, 0.0])
+    # Both: group a's mean is weighted within a (0.2 (1 l1 + 0.5 l2 + 0.5 l3) / 2), b keeps 0.8.
+    both = step_coefficients(dro, ["a", "a", "a", "b"], [1.0, 0.5, 0.5, 2.0])
+    assert both is not None and both.tolist() == pytest.approx([0.4, 0.2, 0.2, 3.2])
+    assert step_coefficients(None, ["a"], None) is None
+    assert step_coefficients(None, None, [0.0, 0.0]).tolist() == [0.0, 0.0]  # type: ignore[union-attr]
 
 
 def _train(files: dict[str, Path], out: Path, **kw) -> dict:
@@ -127,7 +135,12 @@ def test_refusals(files: dict[str, Path], tmp_path: Path) -> None:
     base = ["train", "dpo", "--model", str(files["tiny"]), "--data", str(files["train"]),
             "--out", str(tmp_path / "run")]
     res = CliRunner().invoke(app, [*base, "--group-balance", "minmax"])
-    assert res.exit_code == 2 and "--annotator-groups" in res.output
+    assert res.exit_code == 2 and "--annotator-groups" in res.output and "--db" in res.output
+    res = CliRunner().invoke(app, [*base, "--exclude-flagged"])
+    assert res.exit_code == 2 and "needs --db" in res.output
+    res = CliRunner().invoke(app, [*base, "--loss", "kto", "--weighting", "reliability",
+                                   "--annotator-weights", str(files["groups"])])
+    assert res.exit_code == 2 and "pairwise loss" in res.output
     lonely = tmp_path / "one.json"
     lonely.write_text(json.dumps({f"{side}-{i}": "everyone" for side in ("major", "minor")
                                   for i in range(1, 7)}))
@@ -150,3 +163,73 @@ def test_dpo_minmax_raises_the_worst_groups_accuracy(tmp_path: Path) -> None:
     assert none["worst_group"] == "minority" and none["worst_group_accuracy"] < 0.45
     assert none["by_group"]["majority"]["accuracy"] > 0.7
     assert minmax["worst_group_accuracy"] >= none["worst_group_accuracy"] + 0.15
+
+
+def _judged_store(d: Path) -> str:
+    """A SQLite store whose 24 pairwise tasks (overlap 3) two honest 'crowd' annotators and one
+    constant clicker of group 'bots' judged: the quality checks flag the clicker."""
+    from rewardloop.data.store import Store
+    from rewardloop.feedback import tasks
+    from rewardloop.feedback.simulate import parse_pool, simulate
+
+    url = f"sqlite:///{d / 'feedback.db'}"
+    store = Store(url)
+    try:
+        with store.write() as s:
+            batch = tasks.get_or_create_batch(s, "b1")
+            for i in range(24):
+                prompt = tasks.get_or_create_prompt(s, text=f"question {i}")
+                answers = [tasks.get_or_create_response(
+                    s, prompt, f"answer {j} q={(i * 7 + j * 5) % 11}") for j in range(2)]
+                tasks.create_task(s, prompt, answers, kind="pairwise", overlap=3, batch=batch)
+        pool = parse_pool({"annotators": [
+            {"name": "honest", "count": 2, "group": "crowd", "temperature": 0.2},
+            {"name": "clicker", "group": "bots", "spam": "constant"}]})
+        simulate(store, pool, lambda prompts, completions, **_: [
+            float(c.split("q=")[1]) for c in completions], seed=0)
+    finally:
+        store.dispose()
+    return url
+
+
+def test_db_gives_groups_flags_and_reliability(tmp_path: Path) -> None:
+    """train dpo --db: the store's groups give the per-group figures; --exclude-flagged drops
+    the flagged clicker's pairs, held-out ones included; --weighting reliability weighs them
+    down (the clicker's reliability is about chance, so its weight about 0)."""
+    url = _judged_store(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "export", "--format", "trl", "-o", str(pairs), "--db", url])
+    assert res.exit_code == 0, res.output
+    tiny = build_tiny(tmp_path / "model", corpus_texts(40), vocab_size=300, hidden_size=16,
+                      num_layers=1, num_heads=2, max_position=128)
+
+    def run(name: str, *flags: str) -> dict:
+        res = runner.invoke(app, ["train", "dpo", "--model", str(tiny), "--data", str(pairs),
+                                  "--db", url, "--eval-fraction", "0.25", "--max-steps", "2",
+                                  "--lr", "0.01", "--batch-size", "4", "--device", "cpu", "--out",
+                                  str(tmp_path / name), *flags])
+        assert res.exit_code == 0, res.output
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    plain = run("plain")
+    by_group = plain["groups"]["by_group"]
+    assert set(by_group) == {"bots", "crowd"} and by_group["crowd"]["annotators"] == 2
+    assert by_group["bots"]["eval_pairs"] >= 1 and "dropped_flagged" not in plain
+    trusted = run("trusted", "--exclude-flagged")
+    assert trusted["dropped_flagged"] == by_group["bots"]["train_comparisons"] > 0
+    assert set(trusted["groups"]["by_group"]) == {"crowd"}  # held-out pairs too
+    assert trusted["pairs"] == plain["pairs"] - trusted["dropped_flagged"]
+    weighted = run("weighted", "--weighting", "reliability")
+    assert weighted["pairs"] == plain["pairs"]
+    assert weighted["groups"]["by_group"]["bots"]["weight_share"] < \
+        0.5 * by_group["bots"]["weight_share"]
+
+    def losses(name: str) -> list[float]:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+    # The same pairs in the same order: only the weights in the loss tell the runs apart (the
+    # first step's loss is log 2 for every pair, the policy being its own reference).
+    assert losses("weighted")[0] == pytest.approx(losses("plain")[0])
+    assert losses("weighted")[1] != pytest.approx(losses("plain")[1], abs=1e-4)

@@ -202,6 +202,11 @@ def test_group_balance_needs_two_groups_and_resumes(pool_files: dict[str, Path],
     base = ["train", "rm", "--model", str(pool_files["tiny"]), "--data",
             str(pool_files["train"]), "--out", str(tmp_path / "run"), "--max-length", "256"]
     res = CliRunner().invoke(app, [*base, "--group-balance", "minmax"])
+    assert res.exit_code == 2 and "--annotator-groups" in res.output and "--db" in res.output
+    lonely = tmp_path / "one.json"
+    lonely.write_text(json.dumps({"major-1": ["everyone"], "minor-1": ["everyone"]}))
+    res = CliRunner().invoke(app, [*base, "--group-balance", "minmax", "--annotator-groups",
+                                   str(lonely)])
     assert res.exit_code == 2 and "2 or more annotator groups" in res.output
     res = CliRunner().invoke(app, [*base, "--group-balance", "fair"])
     assert res.exit_code == 2 and "group_balance" in res.output

@@ -23,6 +23,7 @@ from rewardloop import losses
 from rewardloop.data.formats import read_training_records
 from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
+from rewardloop.options import AnnotatorOptions
 from rewardloop.score import rewards_of
 from rewardloop.tokenize import Encoded, collate, encode
 from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
@@ -146,15 +147,21 @@ def apply_annotator_policy(items: list[Comparison], weights: Mapping[str, float]
         raise UserError("every comparison was judged by a flagged annotator; nothing to train on")
     if weights is None:
         return kept
-    out = []
-    for c in kept:
-        w = float(weights.get(c.annotator, 1.0)) if c.annotator is not None else 1.0
-        if not w >= 0 or math.isinf(w):
-            raise UserError(f"annotator {c.annotator!r} has weight {w}; weights must be >= 0")
-        out.append(Comparison(c.responses, c.ranks, c.margin, c.annotator, w))
+    out = [Comparison(c.responses, c.ranks, c.margin, c.annotator,
+                      annotator_weight(c.annotator, weights)) for c in kept]
     if sum(c.weight for c in out) <= 0:
         raise UserError("every comparison has weight 0; nothing to train on")
     return out
+
+
+def annotator_weight(annotator: str | None, weights: Mapping[str, float]) -> float:
+    """The weight of a row judged by ``annotator``: 1 for an annotator ``weights`` does not
+    name and for a row without one (imported data); a UserError for a negative or infinite
+    weight."""
+    w = float(weights.get(annotator, 1.0)) if annotator is not None else 1.0
+    if not w >= 0 or math.isinf(w):
+        raise UserError(f"annotator {annotator!r} has weight {w}; weights must be >= 0")
+    return w
 
 
 StoredAnnotators = tuple[Mapping[str, float] | None, Set[str], Mapping[str, Sequence[str]]]
@@ -162,7 +169,7 @@ StoredAnnotators = tuple[Mapping[str, float] | None, Set[str], Mapping[str, Sequ
 (``feedback.quality.annotators_from_db``): the trainer itself does not open the store."""
 
 
-def annotator_info(cfg: RewardConfig, stored: StoredAnnotators | None
+def annotator_info(cfg: AnnotatorOptions, stored: StoredAnnotators | None
                    ) -> tuple[dict[str, float] | None, set[str], dict[str, list[str]]]:
     """(weights or None, flagged annotators, groups by annotator) from the files and ``stored``
     (needed when ``cfg.db`` is set)."""

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from rewardloop.engines.options import EngineOptions
 from rewardloop.options import (
+    AnnotatorOptions,
     BestPointOptions,
     ClusterOptions,
     LoraOptions,
@@ -31,9 +32,6 @@ from rewardloop.options import (
 PAIRWISE_FORMATS = ("trl", "hh", "ultrafeedback")
 RANKING_FORMATS = ("ranking",)
 UNPAIRED_FORMATS = ("kto",)
-WEIGHTINGS = ("none", "reliability")
-GROUP_BALANCES = ("none", "equal", "minmax")
-"""--group-balance of train rm and train dpo (train/group_balance.py)."""
 DPO_LOSSES = ("dpo", "cdpo", "ipo", "robust", "kto", "simpo", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 ADVANTAGE_NAMES = ("grpo", "rloo", "reinforce++")
@@ -54,6 +52,8 @@ def _check_blocks(cfg: object) -> None:
             getattr(cfg, check)()
     if isinstance(cfg, BestPointOptions):
         cfg.check_best_point(getattr(cfg, "eval_data", None))
+    if isinstance(cfg, AnnotatorOptions):
+        cfg.check_annotators()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class SFTConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
 
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions,
-                   BestPointOptions):
+                   BestPointOptions, AnnotatorOptions):
     """Options of ``rewardloop train rm``."""
 
     FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
@@ -126,23 +126,6 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
     ensemble: int = 1
     """Number of reward heads on one shared trunk; > 1 gives a mean reward and its std
     (uncertainty)."""
-    weighting: str = "none"
-    """none, or reliability: weigh each comparison by its annotator's estimated reliability
-    (from --db or --annotator-weights)."""
-    exclude_flagged: bool = False
-    """Drop the judgments of annotators the quality checks flag (needs --db)."""
-    db: str | None = None
-    """Store URL to read annotator reliability, flags and groups from."""
-    annotator_weights: Path | None = None
-    """JSON file {annotator: weight} used by weighting=reliability instead of the store."""
-    annotator_groups: Path | None = None
-    """JSON file {annotator: [group, ...]} for per-group eval accuracy (the store's groups are
-    added when --db is given)."""
-    group_balance: str = "none"
-    """none; equal: every annotator group carries the same total weight; minmax: group DRO,
-    minimise the worst group's loss (a comparison counts for its annotator's first group)."""
-    group_step_size: float = 0.1
-    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
     group_heads: bool = False
     """One reward head per annotator group on the shared body, each trained on its group's
     judgments: the heads' spread shows where groups disagree; --reward RM@group=w,... mixes
@@ -168,16 +151,6 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
             raise ValueError("label_smoothing must be in [0, 0.5) and center_rewards_coef >= 0")
         if self.ensemble < 1:
             raise ValueError("ensemble must be at least 1")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}")
-        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
-            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
-                             "group_step_size > 0")
-        if self.weighting == "reliability" and self.db is None and self.annotator_weights is None:
-            raise ValueError("weighting=reliability needs --db (the store's annotator "
-                             "reliability) or --annotator-weights FILE.json")
-        if self.exclude_flagged and self.db is None:
-            raise ValueError("exclude_flagged needs --db (flags come from the store's judgments)")
         if self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be at least 1")
         if self.length_debias and (self.lora_r is not None or self.length_debias_coef < 0
@@ -195,7 +168,7 @@ class RewardConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, Ru
 
 @dataclass(frozen=True, kw_only=True)
 class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOptions,
-                BestPointOptions):
+                BestPointOptions, AnnotatorOptions):
     """Options of ``rewardloop train dpo``."""
 
     FLAG_NAMES: ClassVar[Mapping[str, str | tuple[str, ...]]] = {
@@ -240,14 +213,6 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     """Held-out preferences (same kind as --data) for eval loss and implicit-reward accuracy."""
     ref_batch_size: int = 32
     """Examples per batch of the reference (and evaluation) no-grad passes."""
-    annotator_groups: Path | None = None
-    """JSON file {annotator: [group, ...]}: the groups of the rows' annotators, for
-    --group-balance and the per-group figures of the summary."""
-    group_balance: str = "none"
-    """none; equal: every annotator group weighs the same in each step; minmax: group DRO
-    (Ramesh et al. 2024), minimise the worst group's loss. Pairwise losses only."""
-    group_step_size: float = 0.1
-    """eta of --group-balance minmax: how fast weight moves to the group with the higher loss."""
     batch_size: int = 8
     lr: float = 1e-6
 
@@ -283,12 +248,10 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
             raise ValueError("desirable_weight and undesirable_weight must be > 0")
         if self.ref_batch_size < 1:
             raise ValueError("ref_batch_size must be at least 1")
-        if self.group_balance not in GROUP_BALANCES or not self.group_step_size > 0:
-            raise ValueError(f"group_balance must be one of {list(GROUP_BALANCES)} and "
-                             "group_step_size > 0")
-        if self.group_balance != "none" and (self.annotator_groups is None
-                                             or self.loss == "kto"):
-            raise ValueError("group_balance needs --annotator-groups and a pairwise loss")
+        if self.loss == "kto" and (self.group_balance != "none"
+                                   or self.weighting != "none"):
+            raise ValueError("group_balance and weighting weigh pairs: they need a pairwise "
+                             "loss, not kto")
         if self.data_format is not None and self.data_format not in (
                 PAIRWISE_FORMATS + UNPAIRED_FORMATS):
             raise ValueError(f"data_format must be one of "

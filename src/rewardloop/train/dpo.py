@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from rewardloop.models import (
     match_tokenizer,
 )
 from rewardloop.train.checkpoint import restore_weights
+from rewardloop.train.comparisons import StoredAnnotators, annotator_info, annotator_weight
 from rewardloop.train.configs import DPOConfig
 from rewardloop.train.data import LengthGroupedSampler, rank_micro_batches, scheduler
 from rewardloop.train.dpo_objectives import OBJECTIVES, Example, Objective, score_all
@@ -61,7 +62,7 @@ from rewardloop.train.group_balance import (
     GroupDRO,
     balanced_group_names,
     group_summary,
-    read_groups_file,
+    warn_lost_groups,
 )
 from rewardloop.train.run import (
     RunDir,
@@ -267,11 +268,21 @@ def weighted_loss(objective: Objective, logps: torch.Tensor, ref: torch.Tensor,
     return loss
 
 
-def group_coefficients(dro: GroupDRO, group_ids: Sequence[str]) -> torch.Tensor:
-    """(B,) c_i = B q_g / (n_g Σ_{g in step} q_g): the step's loss Σ_i c_i loss_i / B is then
-    the q-weighted mean of the groups' mean losses (``GroupDRO.item_weights``)."""
-    w = torch.tensor(dro.item_weights(group_ids, [1.0] * len(group_ids)), dtype=torch.float64)
-    return (w * len(group_ids) / w.sum()).float()
+def step_coefficients(dro: GroupDRO | None, group_ids: Sequence[str] | None,
+                      weights: Sequence[float] | None) -> torch.Tensor | None:
+    """(B,) c_i, Σ_i c_i = B, so that the step's loss Σ_i c_i loss_i / B is the
+    ``weights``-weighted mean of the pairs' losses; with ``dro`` (and ``group_ids``) the
+    q-weighted mean of the groups' weighted mean losses (``GroupDRO.item_weights``: c_i =
+    B w_i q_g / (W_g Σ_{g in step} q_g)). None when there is neither: every pair weighs 1."""
+    if dro is None and weights is None:
+        return None
+    n = len(group_ids) if group_ids is not None else len(weights or ())
+    w = list(weights) if weights is not None else [1.0] * n
+    if dro is not None and group_ids is not None:
+        w = dro.item_weights(group_ids, w)
+    t = torch.tensor(w, dtype=torch.float64)
+    total = float(t.sum())
+    return (t * len(t) / total).float() if total > 0 else torch.zeros(len(t))
 
 
 def _group_losses(objective: Objective, logps: torch.Tensor, ref: torch.Tensor,
@@ -287,14 +298,15 @@ def _group_losses(objective: Objective, logps: torch.Tensor, ref: torch.Tensor,
 
 def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
                examples: Sequence[Example], ref: torch.Tensor, cfg: DPOConfig, pad_id: int,
-               group_ids: Sequence[str] | None = None, dro: GroupDRO | None = None
-               ) -> StepResult:
+               group_ids: Sequence[str] | None = None, dro: GroupDRO | None = None,
+               weights: Sequence[float] | None = None) -> StepResult:
     """Accumulate the gradient of one optimizer step over this rank's micro-batches (no
     optimizer call); the loss and metrics returned are the whole step's, on every rank.
 
     ``ref`` (B, 2) reference log-probs of ``examples``. Each micro-batch loss is divided by the
     step's pair count (and chosen-token count), so the summed gradient equals the full batch's.
-    With ``dro`` the groups (``group_ids``, one per example) are weighed by its q.
+    With ``dro`` the groups (``group_ids``, one per example) are weighed by its q; with
+    ``weights`` (one per example: its annotator's reliability) each pair by its weight.
     """
     device = ref.device
     labels = _labels(examples, device)
@@ -304,8 +316,8 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
     chosen_tokens = float(_completion_tokens(examples).sum())
     nll_coef = cfg.nll_coef + objective.sft_weight
     seen: dict[int, torch.Tensor] = {}
-    coefs = (group_coefficients(dro, group_ids).to(device)
-             if dro is not None and group_ids is not None else None)
+    coefs = step_coefficients(dro, group_ids, weights)
+    coefs = coefs.to(device) if coefs is not None else None
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb_examples = [examples[i] for i in indices]
@@ -380,15 +392,18 @@ def load_model(cfg: DPOConfig, tokenizer: Any, rt: Runtime) -> nn.Module:
 def dpo_groups(cfg: DPOConfig, train: Sequence[Example], groups: Mapping[str, Sequence[str]]
                ) -> tuple[list[str] | None, GroupDRO | None]:
     """(each training pair's group or None, the group weights) for ``groups`` (annotator ->
-    groups, from --annotator-groups): equal keeps q uniform, minmax moves it
-    (``train.group_balance.GroupDRO``)."""
-    if cfg.annotator_groups is None:
+    groups, from --annotator-groups and --db): equal keeps q uniform, minmax moves it
+    (``train.group_balance.GroupDRO``). No groups at all when neither source was given."""
+    if cfg.annotator_groups is None and cfg.db is None:
         return None, None
     ids = [primary_group(e.annotator, groups) for e in train]
+    where = " and ".join(([str(cfg.annotator_groups)] if cfg.annotator_groups else [])
+                         + (["the store's users (`rewardloop users add --group`)"]
+                            if cfg.db else []))
     names = balanced_group_names(ids, cfg.group_balance, "pairs", "every row needs an "
-                                 f"annotator listed in {cfg.annotator_groups}")
+                                 f"annotator with a group in {where}")
     if cfg.group_balance == "none":
-        return ids, None
+        return (ids, None) if names else (None, None)
     return ids, GroupDRO(names, cfg.group_step_size)
 
 
@@ -406,13 +421,54 @@ def eval_groups(policy: nn.Module, examples: Sequence[Example], ref: torch.Tenso
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def train_dpo(cfg: DPOConfig) -> dict[str, Any]:
-    """Train with ``cfg``; returns the summary (also written to ``cfg.out/summary.json``)."""
+def keep_trusted(splits: dict[str, list[Example]], flagged: Set[str],
+                 groups: Mapping[str, Sequence[str]]) -> dict[str, list[Example]]:
+    """``splits`` without the pairs of ``flagged`` annotators, held-out ones included (a model
+    is not scored against labels the user chose not to trust); a UserError when a split is
+    left empty, a warning naming the groups that lost half or more of their pairs."""
+    if not flagged:
+        return splits
+    kept = {name: [e for e in rows if e.annotator not in flagged]
+            for name, rows in splits.items()}
+    for name, rows in kept.items():
+        if not rows:
+            raise UserError(f"every {'training' if name == 'train' else 'held-out'} pair was "
+                            f"judged by a flagged annotator; nothing to "
+                            f"{'train' if name == 'train' else 'evaluate'} on")
+    dropped = len(splits["train"]) - len(kept["train"])
+    if dropped:
+        log.warning("left out %d training pairs by %d flagged annotators", dropped,
+                    len(flagged))
+        warn_lost_groups([primary_group(e.annotator, groups) for e in splits["train"]],
+                         [primary_group(e.annotator, groups) for e in kept["train"]],
+                         [1.0] * len(kept["train"]), "--exclude-flagged")
+    return kept
+
+
+def pair_weights(train: Sequence[Example], weights: Mapping[str, float] | None,
+                 groups: Mapping[str, Sequence[str]]) -> list[float] | None:
+    """Each training pair's weight, its annotator's (``comparisons.annotator_weight``), or
+    None without ``weights``; warns about groups the weights silence."""
+    if weights is None:
+        return None
+    out = [annotator_weight(e.annotator, weights) for e in train]
+    if sum(out) <= 0:
+        raise UserError("every pair has weight 0; nothing to train on")
+    ids = [primary_group(e.annotator, groups) for e in train]
+    warn_lost_groups(ids, ids, out, "the annotator weights")
+    return out
+
+
+def train_dpo(cfg: DPOConfig, stored: StoredAnnotators | None = None) -> dict[str, Any]:
+    """Train with ``cfg``; returns the summary (also written to ``cfg.out/summary.json``).
+    ``stored``: what the store knows about annotators (``feedback.quality.annotators_from_db``),
+    needed when ``cfg.db`` is set; the trainer does not open the store itself."""
     with runtime_for(cfg, cfg.device) as rt:
-        return _train(cfg, rt)
+        return _train(cfg, rt, stored)
 
 
-def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the loop)
+def _train(cfg: DPOConfig, rt: Runtime,  # noqa: C901 (the loop)
+           stored: StoredAnnotators | None) -> dict[str, Any]:
     objective = OBJECTIVES[cfg.loss]
     rt.check_divisible(cfg.batch_size // cfg.grad_accum, "--batch-size / --grad-accum")
     rt.check_merge_lora(cfg.merge_lora)
@@ -421,8 +477,9 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                                add_pad_token=cfg.add_pad_token, padding_side="right",
                                chat_template=cfg.chat_template)
     pad_id = tokenizer.pad_token_id
-    groups = read_groups_file(cfg.annotator_groups) if cfg.annotator_groups is not None else {}
-    splits = load_splits(cfg, objective, tokenizer, groups)
+    weights, flagged, groups = annotator_info(cfg, stored)
+    read = load_splits(cfg, objective, tokenizer, groups)
+    splits = keep_trusted(read, flagged, groups)
     run = RunDir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, runtime=rt,
                  report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
@@ -431,6 +488,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                                      objective)
     train = splits["train"]
     group_ids, dro = dpo_groups(cfg, train, groups)
+    train_weights = pair_weights(train, weights, groups)
 
     policy = rt.prepare(policy)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -466,7 +524,7 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
             batch = [train[i] for i in idx]
             result = train_step(rt, policy, objective, batch, ref("train", idx).to(rt.device),
                                 cfg, pad_id, [group_ids[i] for i in idx] if group_ids else None,
-                                dro)
+                                dro, [train_weights[i] for i in idx] if train_weights else None)
             if dro is not None and cfg.group_balance == "minmax":
                 dro.update(result.group_losses)
             lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it after)
@@ -505,7 +563,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
                 break
 
     figures: dict[str, Any] = {"loss_name": cfg.loss, "pairs": len(train), "reference": (
-        "none" if not objective.reference else "cached" if cfg.precompute_ref else "on-the-fly")}
+        "none" if not objective.reference else "cached" if cfg.precompute_ref else "on-the-fly"),
+        **({"dropped_flagged": len(read["train"]) - len(train)} if cfg.exclude_flagged else {})}
     if eval_ref is not None:
         figures.update(held_out if held_out else held_out_figures(eval_ref))
         figures["eval_source"] = "eval_data" if cfg.eval_data else "eval_fraction"
@@ -516,7 +575,8 @@ def _train(cfg: DPOConfig, rt: Runtime) -> dict[str, Any]:  # noqa: C901 (the lo
         correct, held, units = ([], [], []) if eval_ref is None else eval_groups(
             policy, splits["eval"], eval_ref, cfg, pad_id, groups)
         figures["groups"] = group_summary(cfg.group_balance, group_ids,
-                                          [e.annotator for e in train], [1.0] * len(train),
+                                          [e.annotator for e in train],
+                                          train_weights or [1.0] * len(train),
                                           dro, correct, held, units)
     rt.save_model(policy, tokenizer, run.model_dir, merge_lora=cfg.merge_lora)
     return run.write_summary({**figures, **best.summary()})

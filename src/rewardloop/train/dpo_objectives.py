@@ -44,7 +44,8 @@ class Example:
     second: Encoded
     label: bool = True
     annotator: str | None = None
-    """Who judged the pair (for --group-balance)."""
+    """Who judged the pair, or labelled the KTO row (--exclude-flagged, --weighting,
+    --group-balance and the per-group figures)."""
 
     @property
     def n_tokens(self) -> int:
@@ -84,7 +85,8 @@ def build_unpaired(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) ->
         log.warning("KTO: desirable_weight * #desirable / (undesirable_weight * #undesirable) "
                     "= %.2f; the KTO paper recommends 1 to 4/3", ratio)
     return [Example(_encode(tokenizer, cfg, r.prompt, r.completion),
-                    _encode(tokenizer, cfg, r.prompt, rows[partner[i]].completion), r.label)
+                    _encode(tokenizer, cfg, r.prompt, rows[partner[i]].completion), r.label,
+                    annotator=r.annotator)
             for i, r in enumerate(rows)]
 
 
