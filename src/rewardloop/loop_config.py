@@ -171,6 +171,8 @@ class LoopConfig:
                           ("policy_options", self.policy_class())):
             object.__setattr__(self, name, check_fields(cls, getattr(self, name), name))
         self.engine()
+        if self.algorithm == "dpo":
+            self._check_online_dpo_options()
         stand_in = round_dir(self.workdir, 1)
         self.rm_config(model=self.policy, data=stand_in / "rm" / "data" / "pairs.jsonl",
                        out=stand_in / "rm")
@@ -180,6 +182,18 @@ class LoopConfig:
         else:
             self.policy_config(policy=self.policy, rewards=(str(stand_in / "rm"),),
                                out=stand_in / "policy")
+
+    def _check_online_dpo_options(self) -> None:
+        """The loop's DPO pairs are the reward model's best and worst candidates: no annotator
+        judged them, so the options about annotators belong to rm_options."""
+        from rewardloop.options import AnnotatorOptions
+
+        named = sorted(set(self.policy_options) & {f.name for f in dataclasses.fields(
+            AnnotatorOptions)})
+        if named:
+            raise ValueError(f"policy_options {named}: the loop's DPO pairs are ranked by the "
+                             "reward model, not judged by annotators; put annotator options in "
+                             "rm_options")
 
     def policy_class(self) -> type:
         """The config class of the policy trainer of ``algorithm``."""

@@ -279,6 +279,8 @@ def test_loop_numbers_out_of_range_are_refused(keys: dict[str, Any], words: str)
                                              "num_generations 4"),
     ({"policy_options": {"num_generations": 4}, "algorithm": "dpo"},
      r"policy_options: unknown keys \['num_generations'\]"),
+    ({"policy_options": {"exclude_flagged": True, "db": "sqlite:///x.db"},
+      "algorithm": "dpo"}, r"policy_options \['db', 'exclude_flagged'\]: the loop's DPO pairs"),
     ({"policy_options": {"scale_rewards": "no"}}, "policy_options: scale_rewards: expected "
                                                   "true or false"),
     ({"policy_options": {"vf_coef": 0.0}, "algorithm": "ppo"}, "vf_coef and value_lr must be"),
