@@ -5,7 +5,9 @@
 
 Each annotator (an asyncio task with its own bearer token and keep-alive connection) loops
 GET /api/tasks/next -> POST /api/judgments with no think time. Prints judgments/s sustained over
-the run, p50/p99 latency per request kind and CPU time per judgment on each side. The load
+the run, p50/p99 latency per request kind, the requests answered 503 ("busy, try again", sent
+again at once as the annotate page does; a request's latency runs until it is answered
+otherwise) and CPU time per judgment on each side. The load
 generator runs on the same machine as the server, so on a small box the two compete for the CPU.
 """
 
@@ -118,7 +120,16 @@ class Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def request(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    async def request(self, head: bytes, body: bytes = b"", busy: list[int] | None = None
+                      ) -> tuple[int, bytes]:
+        """Send one request; a 503 is counted in ``busy`` and the request sent again."""
+        while True:
+            status, payload = await self._once(head, body)
+            if status != 503 or busy is None:
+                return status, payload
+            busy[0] += 1
+
+    async def _once(self, head: bytes, body: bytes) -> tuple[int, bytes]:
         self.writer.write(head + body)
         raw = await self.reader.readuntil(b"\r\n\r\n")
         lines = raw.split(b"\r\n")
@@ -135,7 +146,7 @@ class Conn:
 
 
 async def annotator(port: int, token: str, deadline: float, lat: dict[str, list[float]],
-                    done: list[int]) -> None:
+                    done: list[int], busy: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = Conn(reader, writer)
     auth = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n".encode()
@@ -143,7 +154,7 @@ async def annotator(port: int, token: str, deadline: float, lat: dict[str, list[
     try:
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, payload = await conn.request(get_next)
+            status, payload = await conn.request(get_next, busy=busy)
             t1 = time.perf_counter()
             lat["next"].append(t1 - t0)
             if status == 204:
@@ -157,7 +168,7 @@ async def annotator(port: int, token: str, deadline: float, lat: dict[str, list[
             head = (b"POST /api/judgments HTTP/1.1\r\n" + auth
                     + b"Content-Type: application/json\r\nContent-Length: "
                     + str(len(body)).encode() + b"\r\n\r\n")
-            status, payload = await conn.request(head, body)
+            status, payload = await conn.request(head, body, busy=busy)
             lat["submit"].append(time.perf_counter() - t1)
             if status != 201:
                 raise RuntimeError(f"POST /api/judgments answered {status}: {payload[:200]!r}")
@@ -166,12 +177,14 @@ async def annotator(port: int, token: str, deadline: float, lat: dict[str, list[
         writer.close()
 
 
-async def drive(port: int, tokens: list[str], seconds: float) -> tuple[int, float, dict]:
+async def drive(port: int, tokens: list[str], seconds: float
+                ) -> tuple[int, float, dict, int]:
     lat: dict[str, list[float]] = {"next": [], "submit": []}
-    done = [0]
+    done, busy = [0], [0]
     start = time.perf_counter()
-    await asyncio.gather(*(annotator(port, t, start + seconds, lat, done) for t in tokens))
-    return done[0], time.perf_counter() - start, lat
+    await asyncio.gather(*(annotator(port, t, start + seconds, lat, done, busy)
+                           for t in tokens))
+    return done[0], time.perf_counter() - start, lat, busy[0]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -223,13 +236,14 @@ def main() -> None:
     proc = start_server(url, port, work / "server.log", args.workers)
     try:
         server0, client0 = cpu_seconds(proc.pid), time.process_time()
-        n, elapsed, lat = run(drive(port, tokens, args.seconds))
+        n, elapsed, lat, busy = run(drive(port, tokens, args.seconds))
         server_cpu, client_cpu = cpu_seconds(proc.pid) - server0, time.process_time() - client0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     print(f"db={args.db} annotators={args.annotators} seconds={elapsed:.1f} cpus={os.cpu_count()}")
-    print(f"judgments={n} judgments/s={n / elapsed:.1f} requests/s={2 * n / elapsed:.1f}")
+    print(f"judgments={n} judgments/s={n / elapsed:.1f} requests/s={2 * n / elapsed:.1f} "
+          f"busy (503, sent again)={busy}")
     per = 1000 / max(n, 1)
     print(f"cpu per judgment: server {server_cpu * per:.2f} ms, load generator "
           f"{client_cpu * per:.2f} ms (server busy {server_cpu / elapsed:.0%} of one core)")

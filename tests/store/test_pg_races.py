@@ -222,3 +222,46 @@ def test_a_real_deadlock_between_two_workers_is_a_503(store) -> None:
     finally:
         writer.close()
     assert got == "written" or isinstance(got, WriterUnavailable), repr(got)
+
+
+def test_two_workers_groups_take_turns_instead_of_deadlocking(store) -> None:
+    """Two server workers' writers whose groups lock the same two tasks in opposite orders: on
+    PostgreSQL the second group waits for the first to commit (``writer.take_turn``) instead
+    of deadlocking (which cost a second at ``deadlock_timeout`` and a 503)."""
+    if not _concurrent(store):
+        pytest.skip("SQLite runs one writer at a time: no deadlock")
+    with store.write() as s:
+        T.create_tasks_from_candidates(s, ROWS[:2], kind="ranking")
+    with store.read() as s:
+        first, second = s.scalars(select(S.ComparisonTask.id).order_by(S.ComparisonTask.id))
+    lock = "SELECT id FROM tasks WHERE id = %s FOR UPDATE"
+    a_locked, b_locked = threading.Event(), threading.Event()
+    errors: list[str] = []
+
+    def locking(ids: tuple[int, int], mine: threading.Event, theirs: threading.Event,
+                wait_first: bool):
+        def op(s) -> str:
+            raw = Driver(s).raw
+            if wait_first:
+                theirs.wait(10)
+            raw.execute(lock, (ids[0],))
+            mine.set()
+            if not wait_first:
+                theirs.wait(2)  # the other group cannot start before this one commits
+            try:
+                raw.execute(lock, (ids[1],))
+            except Exception as exc:
+                errors.append(type(exc).__name__)
+                raise
+            return "written"
+        return op
+
+    writers = [GroupWriter(store), GroupWriter(store)]
+    try:
+        a = writers[0].submit(locking((first, second), a_locked, b_locked, False))
+        b = writers[1].submit(locking((second, first), b_locked, a_locked, True))
+        assert a.result(timeout=60) == "written" and b.result(timeout=60) == "written"
+    finally:
+        for w in writers:
+            w.close()
+    assert errors == []

@@ -10,6 +10,14 @@ is rolled back alone and its error goes back to its request. An acknowledged wri
 committed, and the operations run strictly one after another, so ``feedback.queue`` sees no
 concurrency. Operations may run twice, so they must not act outside the session.
 
+Several server workers (``serve --workers N``) each have a writer. SQLite runs one write
+transaction at a time anyway; on PostgreSQL each group first waits for its turn (a
+transaction-scoped advisory lock, ``take_turn``), so the workers' groups do not run at once
+either. Two groups that lock the same rows in different orders used to deadlock, and
+PostgreSQL broke the tie only after its ``deadlock_timeout`` (1 s) by failing one of them.
+Writers outside the server (``tasks create``, the loop) do not take turns: a long upload must
+not stall the server.
+
 The thread must outlive anything an operation or its caller does: an operation whose caller
 gave up (its future cancelled, e.g. after a write timeout) is skipped, and an error anywhere in
 a round fails that round's requests and the thread carries on. If it stops anyway, ``alive``
@@ -26,6 +34,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from rewardloop.data.store import Store
@@ -52,6 +61,24 @@ def transient(exc: BaseException) -> str | None:
     sqlstate = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate",
                                                          None)
     return TRANSIENT_SQLSTATES.get(sqlstate) if isinstance(sqlstate, str) else None
+
+
+TURN_TIMEOUT_S = 10
+"""How long a group waits for the other server workers' groups on PostgreSQL before its requests
+are answered 503 (lock not available: try again)."""
+
+
+def take_turn(session: Session) -> None:
+    """On PostgreSQL, wait until no other server worker's group commit is running: a lock held
+    until this transaction ends, keyed by the schema (stores sharing one database in schemas of
+    their own do not wait for each other), waited for at most ``TURN_TIMEOUT_S``."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = func.hashtextextended(func.concat("rewardloop-writer:", func.current_schema()), 0)
+    before = session.scalar(select(func.current_setting("lock_timeout")))
+    session.execute(select(func.set_config("lock_timeout", f"{TURN_TIMEOUT_S}s", True)))
+    session.execute(select(func.pg_advisory_xact_lock(key)))
+    session.execute(select(func.set_config("lock_timeout", before, True)))
 
 
 def _busy(exc: BaseException) -> BaseException:
@@ -137,6 +164,7 @@ class GroupWriter:
     def _attempt(self, ops: list[Op], isolate: bool) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         with self.store.write() as session:
+            take_turn(session)
             for fn, _ in ops:
                 if not isolate:  # any error escapes and rolls the whole group back
                     outcomes.append((True, fn(session)))
