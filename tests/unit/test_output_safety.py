@@ -367,3 +367,37 @@ def test_a_utf8_password_file_and_guidelines_with_a_bom_are_read_without_it(
     path = tmp_path / "pw.txt"
     path.write_bytes("\ufeffs\u00e9cret-pass\n".encode())
     assert read_text_file(path, "--password-file") == "s\u00e9cret-pass\n"
+
+
+def test_an_export_replacing_an_earlier_one_never_leaves_its_name_missing(
+        db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit s12 crash F6: replacing by two renames left the data only in a hidden directory
+    when a kill landed between them. On Linux the two directories are swapped in one step: no
+    rename of the earlier export happens at all, and its name always holds an export."""
+    pytest.importorskip("pyarrow")
+    import sys
+
+    from rewardloop.util.files import exchange_paths
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the atomic swap is Linux's renameat2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("A")
+    assert exchange_paths(a, b) and (b / "x").read_text() == "A" and not (a / "x").exists()
+    export = ["data", "export", "--format", "trl", "--db", db, "--to-hf-dataset"]
+    mine = tmp_path / "mine"
+    assert CliRunner().invoke(app, [*export, str(mine)]).exit_code == 0
+    first = snapshot(mine)
+    real_rename = Path.rename
+
+    def rename(self: Path, target: str | Path) -> Path:
+        assert self != mine, "the earlier export was renamed away"
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    res = CliRunner().invoke(app, [*export, str(mine)])
+    assert res.exit_code == 0, res.output
+    assert snapshot(mine).keys() == first.keys() and snapshot(mine) != first  # a new export
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers

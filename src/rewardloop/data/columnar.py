@@ -19,7 +19,7 @@ from typing import Any
 
 from rewardloop.data.sources import COLUMNAR, pyarrow_module
 from rewardloop.errors import UserError
-from rewardloop.util.files import check_output_dir, check_output_file, fsync_dir
+from rewardloop.util.files import check_output_dir, check_output_file, exchange_paths, fsync_dir
 
 SHARD = "data-00000-of-00001.arrow"
 INFO = "dataset_info.json"
@@ -116,8 +116,9 @@ def write_saved_dataset(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``rows`` as a ``save_to_disk`` directory: one Arrow stream shard + JSON metadata.
 
     Built in a sibling temp directory and renamed into place, so a reader never sees half of
-    it; an earlier export at ``path`` is replaced, and any other non-empty directory refused
-    (``check_saved_dataset_target``).
+    it; an earlier export at ``path`` is replaced (swapped with the new one in one step where
+    the system can, ``util.files.exchange_paths``, so a kill never leaves ``path`` missing), and
+    any other non-empty directory refused (``check_saved_dataset_target``).
     """
     pa = pyarrow_module()
     check_saved_dataset_target(path)
@@ -138,7 +139,9 @@ def write_saved_dataset(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             _fsync_file(tmp / name)
         fsync_dir(tmp)
         tmp.chmod(0o755)
-        if path.exists():
+        if path.exists() and exchange_paths(tmp, path):
+            shutil.rmtree(tmp)  # now the earlier export; ``path`` was never missing
+        elif path.exists():
             old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
             path.rename(old)
             try:
