@@ -116,9 +116,23 @@ def hub_offline() -> bool:
 
 @contextlib.contextmanager
 def hub_errors(source: str) -> Iterator[None]:
-    """Turn transformers' OSError for an unreachable/unknown hub id into a UserError."""
+    """Turn transformers' OSError for an unreachable/unknown hub id into a UserError, and its
+    ValueError for a model that needs its own code or that this transformers does not know."""
     try:
         yield
+    except (ValueError, KeyError) as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise UserError(f"{source} ships its own model or tokenizer code, which is not run "
+                            "unless you trust it: pass --trust-remote-code to run it") from None
+        if "model type" in text or "architecture" in text or isinstance(exc, KeyError):
+            import transformers
+
+            first = text.strip().splitlines()[0] if text.strip() else repr(exc)
+            raise UserError(f"could not load {source}: transformers {transformers.__version__} "
+                            f"does not know its architecture ({first}); upgrade transformers, or "
+                            "pass --trust-remote-code if the model ships its own code") from None
+        raise
     except OSError as exc:
         hint = (" HF_HUB_OFFLINE is set and it is not in the local cache; download it first "
                 "or give a local directory." if hub_offline() else "")

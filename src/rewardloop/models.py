@@ -173,6 +173,20 @@ def match_tokenizer(model: HFModel, tokenizer: Any) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def add_stop_token(model: Any, token_id: int | None) -> None:
+    """List ``token_id`` among the EOS ids of ``model``'s generation config (kept first when it
+    had one), so transformers' ``generate`` and every engine reading the saved model stop there:
+    the chat template's end of turn that a base model's config may lack
+    (``tokenize.end_of_turn_id``). A model without a generation config is left alone."""
+    config = getattr(model, "generation_config", None)
+    if token_id is None or config is None:
+        return
+    have = config.eos_token_id
+    ids = list(have) if isinstance(have, list | tuple) else [] if have is None else [have]
+    if token_id not in ids:
+        config.eos_token_id = [*ids, int(token_id)]
+
+
 def _read_config(source: str) -> dict[str, Any]:
     config = Path(source) / "config.json"
     return json.loads(config.read_text()) if config.is_file() else {}

@@ -147,6 +147,16 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: (B, T) -> (B, T).
+
+    ``generate`` numbers a left-padded prompt's tokens from 0 at its first real token; a plain
+    forward pass would number them from the first (padding) column, so a trainer or a reward
+    model would score the tokens under different positions than they were sampled with.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is set; over all entries (dim=None) or along ``dim``."""
     masked = x * mask.to(x.dtype)

@@ -21,7 +21,7 @@ from rewardloop.engines.base import Generator, Rollout, SamplingSettings
 from rewardloop.engines.factory import EngineOptions, make_generator
 from rewardloop.engines.hf import HFGenerator, position_ids, sample_tokens, warp_logits
 from rewardloop.lm_head import label_logps, with_end_label
-from rewardloop.models import load_policy, load_tokenizer
+from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
 from rewardloop.tokenize import encode
 from rewardloop.util.files import atomic_file
 from rewardloop.util.seed import seed_everything
@@ -144,8 +144,12 @@ class CandidateSampler:
                  engine: EngineOptions | None = None, chat_template: Path | None = None,
                  max_prompt_length: int = 512) -> None:
         seed_everything(seed)
-        self.tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template)
+        # Sampling needs a pad only to left-pad prompts (never sampled): a model shipped
+        # without one (Llama 3, Mistral, GPT-2) gets one here, as eval's do.
+        self.tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template,
+                                        add_pad_token=True)
         model = load_policy(policy, dtype=dtype, device=device, trainable=False)
+        match_tokenizer(model, self.tokenizer)
         self.generator = make_generator(engine or EngineOptions(), model, self.tokenizer, policy,
                                         seed=seed)
         self.seed, self.label, self.max_prompt_length = seed, model_label, max_prompt_length

@@ -35,7 +35,7 @@ from rewardloop.models import (
     load_reward_model,
     load_tokenizer,
 )
-from rewardloop.ops import last_token_index
+from rewardloop.ops import last_token_index, position_ids
 from rewardloop.tokenize import collate, encode
 from rewardloop.util.files import atomic_write_text, check_output_file
 from rewardloop.util.progress import progress_bar
@@ -75,8 +75,11 @@ def rewards_of(model: HFModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             or head is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits
+    # Positions over real tokens, so a left-padded row scores as it would alone (models with
+    # absolute positions, GPT-2's, would otherwise read it shifted).
     hidden = trunk_states(model, classifier, input_ids=batch["input_ids"],
-                          attention_mask=batch["attention_mask"])  # (N, T, H)
+                          attention_mask=batch["attention_mask"],
+                          position_ids=position_ids(batch["attention_mask"]))  # (N, T, H)
     last = last_token_index(batch["attention_mask"])  # (N,)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return head(hidden[rows, last])  # (N, K)

@@ -4,13 +4,17 @@ The one implementation every trainer uses (SFT, reward models, DPO/KTO, RL rollo
 "which tokens belong to the answer" is decided in exactly one place:
 
 - a string prompt is tokenised as is (plus BOS when the tokenizer adds one and the text does not
-  already start with it) and the completion follows it, then EOS;
+  already start with it; never the EOS a tokenizer such as Llama 2's with ``add_eos_token``
+  appends) and the completion follows it, then EOS;
 - a conversation (a chat prompt or a chat completion, lists of ``{"role", "content"}``) goes
   through the tokenizer's chat template: the prompt is the template's rendering of the prompt
   messages with the generation prompt, and the completion is what the template adds for the
   answer's turn, up to and including its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``,
-  ``<end_of_turn>``...), not a bare EOS appended after it. Whitespace the template puts after
-  the end-of-turn token is left out: generation stops at that token and never samples it. A
+  ``<end_of_turn>``...: ``end_of_turn_id``), not a bare EOS appended after it. What the
+  template puts after the end-of-turn token (whitespace; Phi-3's EOS) is left out: generation
+  stops at that token and never samples it. A template that ends the turn with no special token
+  (a plain ``USER:``/``ASSISTANT:`` one, or ChatML on a vocabulary without ``<|im_end|>``)
+  cannot stop generation: its answers get the tokenizer's EOS, with a warning. A
   tokenizer without a chat template is refused for conversations (``--chat-template FILE``
   gives one, ``models.load_tokenizer``). A text prompt whose answer is a conversation is one
   user turn (UltraFeedback-binarized rows); the ``prompts`` reader gives such a row's prompt
@@ -30,6 +34,7 @@ The prompt and completion are tokenised separately and concatenated, so the boun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -93,6 +98,49 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_PROBE_ANSWER = "Fine, thanks"
+_END_OF_TURN_ATTR = "_rewardloop_end_of_turn"
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template ends an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, Phi-3's ``<|end|>``, Mistral's ``</s>``), found by
+    rendering a one-turn conversation; None without a template, or for one that ends the turn
+    with no special token. An answer trained to end with it must stop generation too: the
+    engines add it to their stop tokens (``engines.base.stop_token_ids``) and a trained model
+    saves it in its generation config (``train.runtime``), as TRL's ``eos_token`` option does.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        return None
+    cached = getattr(tokenizer, _END_OF_TURN_ATTR, None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    probe = [{"role": "user", "content": "Hi"}]
+    found: int | None = None
+    try:
+        head = render_chat(tokenizer, probe, generation_prompt=True)
+        full = render_chat(tokenizer, [*probe, {"role": "assistant", "content": _PROBE_ANSWER}],
+                           generation_prompt=False)
+    except Exception as exc:  # noqa: BLE001 (a template that refuses the probe: no known end)
+        log.debug("the chat template refused the end-of-turn probe: %s", exc)
+    else:
+        tail = full[len(head):] if full.startswith(head) else full
+        at = tail.rfind(_PROBE_ANSWER)
+        after = tail[at + len(_PROBE_ANSWER):] if at >= 0 else ""
+        special = _special_ids(tokenizer)
+        found = next((i for i in _ids(tokenizer, after) if i in special), None)
+    with contextlib.suppress(AttributeError):  # remembered: every example asks
+        setattr(tokenizer, _END_OF_TURN_ATTR, (template, found))
+    return found
+
+
 def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
     """Token ids of a prompt: chat prompts through the chat template with the generation prompt.
 
@@ -103,7 +151,11 @@ def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
     bos = getattr(tokenizer, "bos_token", None)
     if bos and str(prompt).startswith(bos):
         return _ids(tokenizer, str(prompt))
-    return list(tokenizer(str(prompt))["input_ids"])
+    ids = list(tokenizer(str(prompt))["input_ids"])
+    eos, eos_text = tokenizer.eos_token_id, getattr(tokenizer, "eos_token", None) or "\0"
+    if len(ids) > 1 and ids[-1] == eos and not str(prompt).endswith(eos_text):
+        ids.pop()  # the tokenizer's own EOS (add_eos_token): the prompt has not ended
+    return ids
 
 
 def _cut_left(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
@@ -136,7 +188,30 @@ def chat_completion_ids(tokenizer: Any, prompt: Chat, completion: Text) -> list[
         log.warning("the chat template does not extend the prompt's rendering with the answer; "
                     "ending the answer with EOS instead of the template's end of turn")
         return completion_ids(tokenizer, completion) + [tokenizer.eos_token_id]
-    return _ids(tokenizer, full[len(head):].rstrip())
+    ids = _ids(tokenizer, full[len(head):].rstrip())
+    end = end_of_turn_id(tokenizer)
+    if end is not None and end in ids:  # up to its last end of turn: no more is ever sampled
+        return ids[:len(ids) - ids[::-1].index(end)]
+    if end is None:
+        _warn_no_end_of_turn(tokenizer)
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+_WARNED_TEMPLATES: set[int] = set()
+
+
+def _warn_no_end_of_turn(tokenizer: Any) -> None:
+    key = hash(getattr(tokenizer, "chat_template", None))
+    if key in _WARNED_TEMPLATES:
+        return
+    _WARNED_TEMPLATES.add(key)
+    log.warning("the chat template ends an answer with no special token (one the tokenizer "
+                "knows as a single token, such as <|im_end|>), which could never stop "
+                "generation: answers end with the tokenizer's EOS %r instead. Add the template's "
+                "end-of-turn marker to the tokenizer as a special token to use it",
+                getattr(tokenizer, "eos_token", None))
 
 
 def prompt_limit(answer_tokens: int | None, max_length: int, max_prompt_length: int | None

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from rewardloop.errors import UserError
+from rewardloop.tokenize import end_of_turn_id
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,16 @@ class Generator(Protocol):
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
-    """Every token that ends an answer: the tokenizer's EOS and each EOS id of the model's
+    """Every token that ends an answer: the tokenizer's EOS, each EOS id of the model's
     ``generation_config`` (None: none; Llama 3 and Qwen2.5 instruct models list several, e.g.
-    end of turn and end of text), except the pad id (never sampled, and it would read as
-    padding). Every engine stops on these, so they all end answers where ``generate`` would."""
+    end of turn and end of text) and the chat template's end of turn
+    (``tokenize.end_of_turn_id``: a base model's config may not list it), except the pad id
+    (never sampled, and it would read as padding). Every engine stops on these, so they all
+    end answers where ``generate`` would."""
     ids = [tokenizer.eos_token_id]
     extra = getattr(generation_config, "eos_token_id", None)
     ids += extra if isinstance(extra, list | tuple) else [extra]
+    ids.append(end_of_turn_id(tokenizer))  # what chat answers are trained to end with
     return [int(i) for i in dict.fromkeys(ids) if i is not None and i != tokenizer.pad_token_id]
 
 

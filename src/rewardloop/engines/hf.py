@@ -24,6 +24,7 @@ from rewardloop.engines.base import (
 from rewardloop.engines.options import DECODINGS
 from rewardloop.engines.static import StaticDecoder, StaticSteps, static_cache_problem
 from rewardloop.errors import UserError
+from rewardloop.ops import position_ids
 
 
 def warp_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
@@ -227,11 +228,3 @@ class DynamicSteps:
         return self.out.logits[:, -1]
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only: (B, T) -> (B, T).
-
-    ``generate`` numbers a left-padded prompt's tokens from 0 at its first real token; a plain
-    forward pass would number them from the first (padding) column, so the trainer would score
-    the tokens under different positions than they were sampled with.
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)

@@ -78,8 +78,11 @@ class Answers:
 
 def load_for_generation(model: str, device: str = "auto", chat_template: Path | None = None
                         ) -> tuple[Any, Any]:
-    """A frozen policy in eval mode and its left-padding tokenizer."""
-    tokenizer = load_tokenizer(model, padding_side="left", chat_template=chat_template)
+    """A frozen policy in eval mode and its left-padding tokenizer (with a pad token added
+    when the model has none distinct from EOS: it only pads prompts and is never sampled, so
+    the original checkpoint of a run can be the baseline)."""
+    tokenizer = load_tokenizer(model, padding_side="left", chat_template=chat_template,
+                               add_pad_token=True)
     policy = load_policy(model, device=device, trainable=False).eval()
     match_tokenizer(policy, tokenizer)
     policy.requires_grad_(False)

@@ -329,8 +329,10 @@ class Runtime:
     def save_model(self, model: nn.Module, tokenizer: Any, out_dir: Any, *,
                    merge_lora: bool = False) -> None:
         """``models.save_model`` of the whole model by rank 0 (FSDP shards are gathered on
-        every rank first: a rank that sent while others still gathered would hang)."""
-        from rewardloop.models import save_model
+        every rank first: a rank that sent while others still gathered would hang), with the
+        chat template's end of turn among its generation config's EOS ids."""
+        from rewardloop.models import add_stop_token, save_model
+        from rewardloop.tokenize import end_of_turn_id
 
         inner = self.unwrap(model)
         state = None
@@ -350,6 +352,7 @@ class Runtime:
                     state.pop(name, None)
                 seen.setdefault(id(param), name)
         if self.is_main:
+            add_stop_token(inner, end_of_turn_id(tokenizer) if tokenizer is not None else None)
             save_model(inner, tokenizer, out_dir, merge_lora=merge_lora, state_dict=state)
         self.barrier()
 
