@@ -192,3 +192,25 @@ def test_left_padded_rewards_equal_right_padded_for_absolute_positions() -> None
             batch = {"input_ids": pad(rows, 0, side),
                      "attention_mask": pad([[1] * len(r) for r in rows], 0, side)}
             assert torch.allclose(rewards_of(model, batch), alone, atol=1e-5), side
+
+
+def test_a_chat_fine_tuned_model_saves_its_end_of_turn_as_a_stop_token(
+        tiny: Path, tmp_path: Path) -> None:
+    """train sft of a base model on ChatML conversations: the saved generation config lists
+    <|im_end|>, so transformers' generate and the engines stop where the answers were taught
+    to end (TRL's eos_token option does the same)."""
+    from transformers import AutoTokenizer
+
+    base = _variant(tiny, tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [*CHAT, *ANSWER]}) + "\n")
+    res = CliRunner().invoke(app, ["train", "sft", "--model", str(base), "--data", str(data),
+                                   "--out", str(tmp_path / "run"), "--max-steps", "1",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
