@@ -154,6 +154,35 @@ def test_every_parameter_changes(setup_dir: Path, overrides: dict[str, Any]) -> 
     assert len(samples) == 4 and json.loads(samples[0])["step"] == 1
 
 
+def test_without_truncated_leaves_cut_completions_out_of_the_loss_mask() -> None:
+    from rewardloop.rollout import Rollout
+    from rewardloop.train.grpo import without_truncated
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    rollout = Rollout(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
+                      torch.zeros(3, 3, dtype=torch.long), mask,
+                      torch.tensor([True, False, True]), ["a", "b", "c"])
+    assert without_truncated(rollout).tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0]]
+
+
+def test_mask_truncated_trains_on_no_token_of_a_cut_completion(setup_dir: Path) -> None:
+    """--mask-truncated (DAPO's overlong filtering): with answers of at most 2 tokens every
+    completion of the untrained tiny policy is cut, so nothing is left to train on: the
+    entropy bonus, the one part of the first step's loss that is not 0 by construction, is 0
+    with it and not without."""
+    from rewardloop.train.grpo import train
+
+    losses = {}
+    for masked in (False, True):
+        cfg = small(setup_dir, f"run-masked-{masked}", max_new_tokens=2, entropy_coef=0.5,
+                    kl_coef=0.0, mask_truncated=masked)
+        train(cfg)
+        first = json.loads((cfg.out / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["truncated_frac"] == 1.0  # the precondition
+        losses[masked] = first["loss"]
+    assert losses[True] == 0.0 and losses[False] < 0.0
+
+
 def test_cli_grpo_and_its_errors(setup_dir: Path) -> None:
     from rewardloop.cli import app
 

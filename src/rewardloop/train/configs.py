@@ -451,6 +451,11 @@ class GRPOConfig(OnlineOptions):
     reinforce++ (globally whitened returns; works with num_generations 1)."""
     scale_rewards: bool = True
     """GRPO: divide group-centred rewards by the group std (off = Dr. GRPO)."""
+    mask_truncated: bool = False
+    """Leave completions cut at max_new_tokens (no EOS) out of the loss (DAPO's overlong
+    filtering; TRL's mask_truncated_completions): a run-on answer is neither rewarded nor
+    punished as if it had ended. They still count for their group's baseline; see also
+    --missing-eos-penalty."""
     async_rollout: bool = False
     """One-step off-policy: the generation actors sample step t+1 with the weights from
     before step t's update while the trainers run that update. The samples' staleness (in

@@ -318,6 +318,13 @@ class Experience:
     # makes them from those, saving a separate forward pass of the policy every step.
     advantages_from: Callable[[torch.Tensor], torch.Tensor] | None = None
     is_weights: torch.Tensor | None = None  # (B, C) off-policy correction (another engine)
+    loss_mask: torch.Tensor | None = None
+    """(B, C) the tokens the update trains on when not every completion token is
+    (``--mask-truncated``: a cut completion's are none)."""
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        return self.loss_mask if self.loss_mask is not None else self.rollout.completion_mask
 
 
 def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any,
@@ -371,7 +378,15 @@ def make_experience(cfg: GRPOConfig, setup: Setup, generator: Any, settings: Any
         metrics["advantage_abs_mean"] = float(advantages.abs().mean())
     metrics["time_ref_s"] = time.perf_counter() - t2
     return Experience(rows, rollout, reward_out, old_logps, ref_logps, advantages, kl_coef,
-                      metrics, advantages_from if deferred else None, is_weights)
+                      metrics, advantages_from if deferred else None, is_weights,
+                      without_truncated(rollout) if cfg.mask_truncated else None)
+
+
+def without_truncated(rollout: Rollout) -> torch.Tensor:
+    """The completion mask (B, C) with the completions cut at max_new_tokens (no EOS) left out
+    (DAPO's overlong filtering, Yu et al. 2025; TRL's mask_truncated_completions): an answer
+    that did not end is not judged as if it had. It still counts for its group's baseline."""
+    return rollout.completion_mask * rollout.has_eos.to(rollout.completion_mask.dtype)[:, None]
 
 
 def prefetch_next(cfg: Any, setup: Setup, generator: Any, settings: Any) -> None:
@@ -403,7 +418,7 @@ def micro_step(cfg: Any, rt: Runtime, policy: Any, exp: Experience, idx: torch.T
     from rewardloop.rollout import completion_forward
 
     mc = exp.rollout.select(idx)
-    mask = mc.completion_mask
+    mask = exp.trained_mask[idx]
     with rt.autocast():
         fwd = completion_forward(policy, mc, cfg.temperature, with_entropy=True,
                                  entropy_grad=cfg.entropy_coef > 0)
@@ -448,7 +463,8 @@ def minibatches(cfg: Any, rt: Runtime, mask: torch.Tensor, order: torch.Tensor
     for start in range(0, len(order), mini):
         rows = order[start:start + mini]
         tokens, seqs = rt.sum_floats(float(mask[rows].sum()), float(len(rows)))
-        yield Minibatch({"mode": cfg.loss_aggregation, "global_tokens": tokens,
+        # (no tokens at all: every completion was cut under --mask-truncated; the sums are 0)
+        yield Minibatch({"mode": cfg.loss_aggregation, "global_tokens": max(tokens, 1.0),
                          "global_seqs": seqs, "norm_length": float(cfg.max_new_tokens)},
                         [rows[k:k + micro] for k in range(0, len(rows), micro)])
 
@@ -472,7 +488,7 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
     minibatch's token and sequence counts summed over all processes.
     """
     rt, policy = setup.rt, setup.policy
-    mask = exp.rollout.completion_mask
+    mask = exp.trained_mask
     first_pass = torch.zeros_like(mask, dtype=torch.float32)
     # Loss parts are summed over micro-batches (each already divided by the global count);
     # token statistics are token-weighted means over everything processed.
@@ -499,7 +515,7 @@ def update_policy(cfg: GRPOConfig, setup: Setup, optimizer: Any, scheduler: Any,
             updates += 1
     keys = sorted(sums)
     *totals, tokens = rt.sum_floats(*(sums[k] for k in keys), tokens)
-    metrics = {k: v / (updates if k in loss_keys else tokens)
+    metrics = {k: v / (updates if k in loss_keys else max(tokens, 1.0))
                for k, v in zip(keys, totals, strict=True)}
     metrics["grad_norm"] = grad_norms / updates
     metrics["lr"] = lr
