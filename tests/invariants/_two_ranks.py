@@ -25,6 +25,9 @@ def main() -> None:
     rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 7.0, 9.0]][rank])
     figures.update(rt.reduce_metrics({"reward/mean": float(rewards.mean()),
                                       "reward/std": float(rewards.std())}, count=3))
+    # One reward a rank (REINFORCE++ with batch = processes): the std of the pair, not 0.
+    one = rt.reduce_metrics({"reward/mean": [1.0, 5.0][rank], "reward/std": 0.0}, count=1)
+    figures["reward_of_one/std"] = one["reward/std"]
     # A token mean over 10 tokens on rank 0 and 2 on rank 1: weighed by tokens, not ranks.
     figures.update(rt.reduce_metrics({"kl_k1": [1.0, 4.0][rank]},
                                      weights={"kl_k1": [10.0, 2.0][rank]}))

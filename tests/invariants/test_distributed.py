@@ -87,13 +87,15 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(a: Path, b: Path, keys: tuple[str, ...] = ("loss", "grad_norm"),
-                    models: tuple[str, ...] = ("model",), weight_atol: float = TOL) -> None:
+                    models: tuple[str, ...] = ("model",), weight_atol: float = TOL,
+                    metric_tol: float = TOL) -> None:
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     for x, y in zip(ma, mb, strict=True):
         assert x.keys() == y.keys()
         for key in (k for k in keys if k in x):
-            assert x[key] == pytest.approx(y[key], rel=TOL, abs=TOL), (key, x["step"])
+            assert x[key] == pytest.approx(y[key], rel=metric_tol, abs=metric_tol), \
+                (key, x["step"])
     for sub in models:
         wa, wb = (load_file(str(run / sub / "model.safetensors")) for run in (a, b))
         assert wa.keys() == wb.keys()
@@ -128,7 +130,8 @@ def test_collectives_of_metrics_engines_and_weight_pushes_on_two_ranks() -> None
         assert seen["figures"] == pytest.approx({
             "loss": 1.5, "is_ratio_max": 5.0, "completion_length_max": 9.0,
             "kl_k1": (10 * 1.0 + 2 * 4.0) / 12,
-            "reward/mean": float(whole.mean()), "reward/std": float(whole.std())})
+            "reward/mean": float(whole.mean()), "reward/std": float(whole.std()),
+            "reward_of_one/std": float(torch.tensor([1.0, 5.0]).std())})
         assert seen["everyone"] == [[1], [11], [12, 7]]
     assert [seen["mine"] for seen in ranks] == [[0, 1], [1, 3]]
     assert ranks[1]["sends"] == []
@@ -181,6 +184,21 @@ def test_two_processes_equal_one_under_ddp_and_fsdp(work: Path, tmp_path: Path,
     key = "model.layers.0.self_attn.q_proj.weight"  # it did train
     assert not torch.equal(load_file(str(work / "tiny" / "model.safetensors"))[key],
                            weights(one)[key])
+
+
+def test_a_batch_shorter_than_the_processes_equals_one_process(work: Path,
+                                                               tmp_path: Path) -> None:
+    """9 comparisons in batches of 4: the epoch's short batch (length-grouped, 1 row) leaves a
+    rank only a filler micro-batch. Its metrics used to be left out, so the ranks summed lists
+    of different lengths (gloo aborted one; with 3 ranks they hung). Audit s13 dist F1."""
+    rows = (work / "pairs.jsonl").read_text().splitlines()[:9]
+    data = tmp_path / "pairs9.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    args = ["train", "rm", "--model", str(work / "tiny"), "--data", str(data), "--max-steps",
+            "3", "--batch-size", "4", "--lr", "1e-3", "--max-length", "64"]
+    rewardloop(*args, "--out", str(tmp_path / "one"))
+    rewardloop(*args, "--out", str(tmp_path / "two"), "--nproc", "2")
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys=("loss", "grad_norm", "accuracy"))
 
 
 RL_KEYS = {"grpo": ("loss", "grad_norm", "reward/mean", "kl_k1"),
@@ -392,8 +410,11 @@ def test_best_point_on_two_processes_equals_one(work: Path, tmp_path: Path, kind
         rewardloop(*command(kind, work, two), "--nproc", "2", "--strategy", strategy, *best)
         # At lr 3e-2 Adam moves an element whose gradient is near 0 by lr x g / (|g| + eps):
         # the all-reduce's summation order shifts such a g by ~1e-7 and the weight by up to
-        # ~1e-3. A wrong checkpoint would differ by ~lr on most elements.
-        assert_same_run(one, two, keys=("loss", "grad_norm", "eval_loss"), weight_atol=2e-3)
+        # ~1e-3. A wrong checkpoint would differ by ~lr on most elements. Those weights shift
+        # the later steps' figures too: dpo's grad_norm at step 3 by 1.6e-5 relative on an AMD
+        # EPYC (not on the machine this was first measured on).
+        assert_same_run(one, two, keys=("loss", "grad_norm", "eval_loss"), weight_atol=2e-3,
+                        metric_tol=1e-4)
         other = json.loads((two / "summary.json").read_text())
         assert other["best_step"] == summary["best_step"]
         assert other["best_eval_loss"] == pytest.approx(summary["best_eval_loss"], rel=TOL)

@@ -191,15 +191,19 @@ class Runtime:
         if not self.distributed:
             return dict(values)
         weights = weights or {}
-        stds = sorted(k for k in values if count > 1 and k.endswith("/std")
-                      and f"{k[:-4]}/mean" in values)
+        # One item a rank still pools into a batch std (its own is 0): what is needed is two
+        # items in all, not two on each rank.
+        stds = sorted(k for k in values if count >= 1 and count * self.world_size > 1
+                      and k.endswith("/std") and f"{k[:-4]}/mean" in values)
         weighted = sorted(k for k in values if k in weights and k not in stds)
         means = sorted(k for k in values if not k.endswith("_max") and k not in stds
                        and k not in weighted)
         maxima = sorted(k for k in values if k.endswith("_max"))
         # Σ over ranks of each share's sum of squares about 0: (n - 1) s² + n m²
-        squares = [(count - 1) * float(values[k]) ** 2
-                   + count * float(values[f"{k[:-4]}/mean"]) ** 2 for k in stds]
+        squares = [(count - 1) * float(values[k]) ** 2 if count > 1 else 0.0
+                   for k in stds]
+        squares = [sq + count * float(values[f"{k[:-4]}/mean"]) ** 2
+                   for sq, k in zip(squares, stds, strict=True)]
         sums = self.sum_floats(*(float(values[k]) for k in means), *squares,
                                *(float(values[k]) * weights[k] for k in weighted),
                                *(float(weights[k]) for k in weighted))

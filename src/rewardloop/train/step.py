@@ -52,9 +52,10 @@ def accumulate(rt: Runtime, model: nn.Module, micro_batches: Sequence[tuple[list
             loss = loss * 0.0
         rt.backward(loss)
         total += float(loss.detach())
-        if not filler:
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+        # A filler's metrics count 0 but keep their keys: a rank that holds only fillers (a
+        # batch shorter than the number of processes) must sum as many numbers as the others.
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + (0.0 if filler else float(value))
     return total, sums
 
 
