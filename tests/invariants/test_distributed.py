@@ -201,6 +201,21 @@ def test_a_batch_shorter_than_the_processes_equals_one_process(work: Path,
     assert_same_run(tmp_path / "one", tmp_path / "two", keys=("loss", "grad_norm", "accuracy"))
 
 
+@pytest.mark.parametrize("reference", ["--ref-cached", "--ref-on-the-fly"])
+def test_dpo_reference_scored_in_shares_equals_one_process(work: Path, tmp_path: Path,
+                                                           reference: str) -> None:
+    """Each rank scores its share of the reference's batches (4 pairs each here), cached before
+    training or every step, and the gathered log-probs train as one process's (audit s13 dist
+    F2: every rank scored all of them)."""
+    (tmp_path / "ref.yaml").write_text("ref_batch_size: 4\n")
+    args = [*command("dpo", work, tmp_path / "one"), reference, "--config",
+            str(tmp_path / "ref.yaml")]
+    rewardloop(*args)
+    args[args.index(str(tmp_path / "one"))] = str(tmp_path / "two")
+    rewardloop(*args, "--nproc", "2")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
 RL_KEYS = {"grpo": ("loss", "grad_norm", "reward/mean", "kl_k1"),
            "ppo": ("loss", "vf_loss", "grad_norm_policy", "grad_norm_value", "kl_k1")}
 

@@ -223,3 +223,28 @@ def test_cli_help_explains_every_flag() -> None:
                  "--desirable-weight", "--undesirable-weight", "--ref-model", "--lora-r",
                  "--grad-accum", "--max-prompt-length", "--resume", "--eval-data"):
         assert flag in res.output
+
+
+def test_shard_scores_puts_each_batchs_scores_back_in_data_order() -> None:
+    """The reference is scored in batches of similar length (dealt over the ranks): each row of
+    the result must be its own example's, whatever order the batches took."""
+    from rewardloop.options import RuntimeOptions
+    from rewardloop.tokenize import Encoded
+    from rewardloop.train.runtime import Runtime
+
+    def example(n: int) -> Example:
+        enc = Encoded(list(range(n)), [1] * n, 0, True)
+        return Example(enc, enc)
+
+    examples = [example(n) for n in (5, 2, 9, 1, 7, 3, 8)]
+    seen: list[int] = []
+
+    def scorer(batch: list[Example]) -> torch.Tensor:
+        seen.append(len(batch))
+        return torch.tensor([[float(len(e.first)), -float(len(e.second))] for e in batch])
+
+    out = dpo.shard_scores(scorer, examples, 3, Runtime(RuntimeOptions(), device="cpu"))
+    assert out[:, 0].tolist() == [5.0, 2.0, 9.0, 1.0, 7.0, 3.0, 8.0]
+    assert out[:, 1].tolist() == [-5.0, -2.0, -9.0, -1.0, -7.0, -3.0, -8.0]
+    assert seen == [3, 3, 1]
+    assert dpo.shard_scores(scorer, [], 3, Runtime(RuntimeOptions(), device="cpu")).shape == (0, 2)

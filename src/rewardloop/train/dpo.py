@@ -194,7 +194,11 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
     """
     if not objective.reference:
         return (lambda split, idx: torch.zeros(len(idx), 2)), None
-    scorer = _reference_scorer(cfg, policy, pad_id, rt)
+    whole = _reference_scorer(cfg, policy, pad_id, rt)
+
+    def scorer(examples: Sequence[Example]) -> torch.Tensor:
+        return shard_scores(whole, examples, cfg.ref_batch_size, rt)
+
     if not cfg.precompute_ref:
         return (lambda split, idx: scorer([splits[split][i] for i in idx])), None
     path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg)
@@ -206,6 +210,21 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
             return (lambda split, idx: saved[split][list(idx)]), None
     cache = {name: scorer(examples) for name, examples in splits.items()}
     return (lambda split, idx: cache[split][list(idx)]), {"fingerprint": fingerprint, **cache}
+
+
+def shard_scores(scorer: Scorer, examples: Sequence[Example], batch_size: int, rt: Runtime
+                 ) -> torch.Tensor:
+    """``scorer``'s (N, 2) log-probs of ``examples`` on every rank, each rank scoring its share
+    of the batches (``Runtime.map_chunks``): the batches ``score_all`` makes (``batch_size``
+    examples of similar length), so the figures equal one process's."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
+    starts = list(range(0, len(order), batch_size))
+    chunks = rt.map_chunks(len(starts), lambda k: scorer(
+        [examples[i] for i in order[starts[k]:starts[k] + batch_size]]).float().cpu())
+    out = torch.zeros(len(examples), 2)
+    if chunks:
+        out[order] = torch.cat(chunks)
+    return out
 
 
 def write_reference_cache(run_dir: Path, cache: dict[str, Any] | None, rt: Runtime) -> None:
