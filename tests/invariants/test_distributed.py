@@ -400,6 +400,36 @@ def test_the_ranks_stop_when_the_launcher_dies(work: Path, tmp_path: Path, signu
         stop([launcher])
 
 
+def test_ctrl_c_stops_every_rank_with_a_message_and_no_partial_checkpoint(
+        work: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C (SIGINT to the whole process group) during checkpointing runs: the
+    ranks stop as one process does, saying so, before the launcher forces anything; no
+    partial .tmp- checkpoint is left; the run resumes (audit s13 dist F4: the launcher killed
+    the ranks at once, silently, mid-save)."""
+    out = tmp_path / "run"
+    args = [*command("sft", work, out)[:-8], "--max-steps", "100000", "--batch-size", "4",
+            "--max-length", "64", "--nproc", "2", "--save-every", "1"]
+    launcher = subprocess.Popen([sys.executable, "-m", "rewardloop", *args], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,  # its own process group, as a terminal
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("checkpoints/step-*"))) < 3:
+            time.sleep(0.2)
+        assert len(list(out.glob("checkpoints/step-*"))) >= 1, "no checkpoint was saved"
+        os.killpg(launcher.pid, signal.SIGINT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        for pid in _ranks_of(out):
+            os.kill(pid, signal.SIGKILL)
+        stop([launcher])
+    assert launcher.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert not list(out.glob("checkpoints/.tmp-*"))
+    assert not _ranks_of(out)
+
+
 def test_impossible_combinations_are_exit_2(work: Path, tmp_path: Path) -> None:
     base = command("sft", work, tmp_path / "run")
     res = rewardloop(*base, "--strategy", "fsdp", check=False)

@@ -90,8 +90,33 @@ def launch(nproc: int, args: list[str]) -> int:
     try:
         return _watch(children)
     except KeyboardInterrupt:
-        _stop(children)
-        return 130
+        return _interrupted(children)
+
+
+def _interrupted(children: list[subprocess.Popen[bytes]]) -> int:
+    """Ctrl-C: a terminal's reaches every rank too, and each stops as one process does (a
+    checkpoint it was writing is removed, it says so). They get a moment for that before
+    anything is forced: a rank killed mid-save used to leave its partial checkpoint behind.
+    Ranks that did not get it (the launcher alone was interrupted) are sent it."""
+    def wait(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(c.poll() is None for c in children):
+            time.sleep(0.1)
+        return all(c.poll() is not None for c in children)
+
+    try:
+        if not wait(1.0):
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+            wait(GRACE_S)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop them now
+        pass
+    forced = any(c.poll() is None for c in children)
+    _stop(children)
+    if forced:
+        typer.echo("interrupted: the run's processes were stopped", err=True)
+    return 130
 
 
 def _die_with_parent() -> None:

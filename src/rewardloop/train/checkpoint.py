@@ -263,6 +263,10 @@ def _prune(root: Path, keep_last: int, *, newest: Path, keep: Collection[int] = 
         step = _step_of(path)
         if step is not None and step < newest_step and not (path / COMPLETE).is_file():
             shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(_TMP_PREFIX) and path.is_dir():
+            # A save killed part-way (its process stopped before it could clean up): the save
+            # just made has been renamed to step-N, so no .tmp- directory is in use now.
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_names(path: Path, name: str, saved: Mapping[str, Any],
