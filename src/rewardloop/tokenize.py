@@ -116,29 +116,58 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     engines add it to their stop tokens (``engines.base.stop_token_ids``) and a trained model
     saves it in its generation config (``train.runtime``), as TRL's ``eos_token`` option does.
     """
-    template = getattr(tokenizer, "chat_template", None)
-    if not template or not isinstance(template, str):
+    found = _end_of_turn(tokenizer)
+    return None if found is False else found
+
+
+def _end_of_turn(tokenizer: Any) -> int | None | bool:
+    """``end_of_turn_id``, or False when the template refused every probe (its end unknown),
+    remembered on the tokenizer for its template and vocabulary."""
+    template = template_text(tokenizer)
+    if template is None:
         return None
+    key = (template, len(tokenizer))  # a token added later can be the end of turn
     cached = getattr(tokenizer, _END_OF_TURN_ATTR, None)
-    if cached is not None and cached[0] == template:
+    if cached is not None and cached[0] == key:
         return cached[1]
-    probe = [{"role": "user", "content": "Hi"}]
-    found: int | None = None
-    try:
-        head = render_chat(tokenizer, probe, generation_prompt=True)
-        full = render_chat(tokenizer, [*probe, {"role": "assistant", "content": _PROBE_ANSWER}],
-                           generation_prompt=False)
-    except Exception as exc:  # noqa: BLE001 (a template that refuses the probe: no known end)
-        log.debug("the chat template refused the end-of-turn probe: %s", exc)
-    else:
+    found = _probe_end_of_turn(tokenizer)
+    with contextlib.suppress(AttributeError):  # every example asks
+        setattr(tokenizer, _END_OF_TURN_ATTR, (key, found))
+    return found
+
+
+_PROBES = ([{"role": "user", "content": "Hi"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+"""One-turn conversations to render, the second for templates that want a system turn first."""
+
+
+def _probe_end_of_turn(tokenizer: Any) -> int | None | bool:
+    """The first special token after the answer in a probe conversation's rendering; None
+    when the template puts none there, False when it refused every probe (its end unknown)."""
+    for probe in _PROBES:
+        try:
+            head = render_chat(tokenizer, probe, generation_prompt=True)
+            full = render_chat(tokenizer, [*probe, {"role": "assistant",
+                                                    "content": _PROBE_ANSWER}],
+                               generation_prompt=False)
+        except Exception as exc:  # noqa: BLE001 (this probe refused: try the next)
+            log.debug("the chat template refused an end-of-turn probe: %s", exc)
+            continue
         tail = full[len(head):] if full.startswith(head) else full
         at = tail.rfind(_PROBE_ANSWER)
         after = tail[at + len(_PROBE_ANSWER):] if at >= 0 else ""
         special = _special_ids(tokenizer)
-        found = next((i for i in _ids(tokenizer, after) if i in special), None)
-    with contextlib.suppress(AttributeError):  # remembered: every example asks
-        setattr(tokenizer, _END_OF_TURN_ATTR, (template, found))
-    return found
+        return next((i for i in _ids(tokenizer, after) if i in special), None)
+    return False
+
+
+def template_text(tokenizer: Any) -> str | None:
+    """The chat template ``apply_chat_template`` uses by default: the tokenizer's own, or the
+    "default" one of a tokenizer saved with several named templates (a dict)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template if isinstance(template, str) and template else None
 
 
 def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
@@ -189,7 +218,9 @@ def chat_completion_ids(tokenizer: Any, prompt: Chat, completion: Text) -> list[
                     "ending the answer with EOS instead of the template's end of turn")
         return completion_ids(tokenizer, completion) + [tokenizer.eos_token_id]
     ids = _ids(tokenizer, full[len(head):].rstrip())
-    end = end_of_turn_id(tokenizer)
+    end = _end_of_turn(tokenizer)
+    if end is False:  # the probes were refused: the answer as the template renders it
+        return ids
     if end is not None and end in ids:  # up to its last end of turn: no more is ever sampled
         return ids[:len(ids) - ids[::-1].index(end)]
     if end is None:
@@ -203,7 +234,7 @@ _WARNED_TEMPLATES: set[int] = set()
 
 
 def _warn_no_end_of_turn(tokenizer: Any) -> None:
-    key = hash(getattr(tokenizer, "chat_template", None))
+    key = hash(template_text(tokenizer))
     if key in _WARNED_TEMPLATES:
         return
     _WARNED_TEMPLATES.add(key)

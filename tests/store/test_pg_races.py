@@ -242,8 +242,8 @@ def test_two_workers_groups_take_turns_instead_of_deadlocking(store) -> None:
                 wait_first: bool):
         def op(s) -> str:
             raw = Driver(s).raw
-            if wait_first:
-                theirs.wait(10)
+            if wait_first:  # (bounded: this group may have got the turn first)
+                theirs.wait(2)
             raw.execute(lock, (ids[0],))
             mine.set()
             if not wait_first:
@@ -265,3 +265,34 @@ def test_two_workers_groups_take_turns_instead_of_deadlocking(store) -> None:
         for w in writers:
             w.close()
     assert errors == []
+
+
+def test_a_group_that_gets_no_turn_is_a_503_after_one_wait(store, monkeypatch) -> None:
+    """Another worker's group holding the turn past TURN_TIMEOUT_S: the group's requests get
+    503 after one wait, not after a second one in the op-by-op re-run (review s13 M3)."""
+    if not _concurrent(store):
+        pytest.skip("SQLite runs one writer at a time: no turns to take")
+    from rewardloop.app import writer as W
+
+    monkeypatch.setattr(W, "TURN_TIMEOUT_S", 1)
+    holding, release = threading.Event(), threading.Event()
+
+    def other_worker() -> None:
+        with store.write() as s:
+            W.take_turn(s)
+            holding.set()
+            release.wait(20)
+
+    done = _in_thread(other_worker)
+    holding.wait(10)
+    writer = GroupWriter(store)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WriterUnavailable, match="try again"):
+            writer.submit(lambda s: "written").result(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        release.set()
+        done()
+        writer.close()
+    assert 0.9 <= waited < 1.9, waited

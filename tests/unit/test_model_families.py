@@ -214,3 +214,23 @@ def test_a_chat_fine_tuned_model_saves_its_end_of_turn_as_a_stop_token(
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "run" / "model" / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_end_of_turn_of_named_templates_system_first_templates_and_added_tokens(
+        corpus: list[str]) -> None:
+    """Review s13 H1, M1, L3: a tokenizer saved with several named templates has a dict (the
+    "default" one is used); a template that wants a system turn first refuses the one-turn
+    probe (the second probe has one); a token added after the first question is found."""
+    named = _tokenizer(corpus, CHATML, "<|im_start|>", "<|im_end|>")
+    named.chat_template = {"default": CHATML, "tool_use": PLAIN}
+    end = named.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(named) == end
+    assert _answer(named)[0][-1] == "<|im_end|>"
+    system_first = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system "
+                    "first') }}{% endif %}" + CHATML)
+    strict = _tokenizer(corpus, system_first, "<|im_start|>", "<|im_end|>")
+    assert end_of_turn_id(strict) == strict.convert_tokens_to_ids("<|im_end|>")
+    late = _tokenizer(corpus, CHATML)
+    assert end_of_turn_id(late) is None
+    late.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert end_of_turn_id(late) == late.convert_tokens_to_ids("<|im_end|>")

@@ -77,7 +77,13 @@ def take_turn(session: Session) -> None:
     key = func.hashtextextended(func.concat("rewardloop-writer:", func.current_schema()), 0)
     before = session.scalar(select(func.current_setting("lock_timeout")))
     session.execute(select(func.set_config("lock_timeout", f"{TURN_TIMEOUT_S}s", True)))
-    session.execute(select(func.pg_advisory_xact_lock(key)))
+    try:
+        session.execute(select(func.pg_advisory_xact_lock(key)))
+    except Exception as exc:
+        if transient(exc):  # not the group's fault: no run again op by op (another wait)
+            raise WriterUnavailable(f"the other server workers' writes held the database for "
+                                    f"over {TURN_TIMEOUT_S} s; try again") from exc
+        raise
     session.execute(select(func.set_config("lock_timeout", before, True)))
 
 
@@ -180,6 +186,10 @@ class GroupWriter:
         try:
             try:
                 outcomes = self._attempt(ops, isolate=False)
+            except WriterUnavailable as exc:  # no turn: every request of the group gets 503
+                for _, future in ops:
+                    future.set_exception(exc)
+                return
             except Exception:
                 # An operation failed, and what it wrote before failing cannot be told apart
                 # from the others' writes: roll the group back and run it again with each
