@@ -233,3 +233,23 @@ def test_db_gives_groups_flags_and_reliability(tmp_path: Path) -> None:
     # first step's loss is log 2 for every pair, the policy being its own reference).
     assert losses("weighted")[0] == pytest.approx(losses("plain")[0])
     assert losses("weighted")[1] != pytest.approx(losses("plain")[1], abs=1e-4)
+
+
+def test_the_nll_term_weighs_each_pair_by_its_coefficient() -> None:
+    """RPO's NLL (and ORPO's SFT part) under --weighting/--group-balance: a pair's tokens count
+    c_i times, over the step's weighted token count (review s13 M2: it trained every pair at
+    weight 1)."""
+    from rewardloop.tokenize import Encoded
+    from rewardloop.train.dpo import _nll
+
+    def example(n: int) -> dpo_objectives.Example:
+        enc = Encoded([0] * (n + 1), [0] + [1] * n, 1, True)
+        return dpo_objectives.Example(enc, enc)
+
+    pairs = [example(2), example(4)]
+    sums = torch.tensor([-2.0, -8.0])  # 1 nat a token, then 2
+    assert float(_nll(sums, pairs, False, 6.0)) == pytest.approx(10 / 6)
+    only_first = _nll(sums, pairs, False, 1.0 * 2, torch.tensor([1.0, 0.0]))
+    assert float(only_first) == pytest.approx(1.0)
+    mixed = _nll(sums, pairs, False, 0.5 * 2 + 1.5 * 4, torch.tensor([0.5, 1.5]))
+    assert float(mixed) == pytest.approx((0.5 * 2 + 1.5 * 8) / (0.5 * 2 + 1.5 * 4))

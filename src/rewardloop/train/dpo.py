@@ -248,14 +248,18 @@ def _completion_tokens(examples: Sequence[Example]) -> torch.Tensor:
 
 
 def _nll(first_logps: torch.Tensor, examples: Sequence[Example], average: bool,
-         global_tokens: float) -> torch.Tensor:
+         global_tokens: float, coefs: torch.Tensor | None = None) -> torch.Tensor:
     """RPO's token-mean NLL of the chosen answers over the whole step, from sequence log-probs.
 
     A summed sequence log-prob is the sum of its token log-probs, so Σ_rows -sum / tokens_in_step
-    is exactly the token-mean NLL; mean log-probs are turned back into sums first.
+    is exactly the token-mean NLL; mean log-probs are turned back into sums first. With
+    ``coefs`` (the pairs' weights, ``step_coefficients``) each pair's tokens count c_i times,
+    and ``global_tokens`` is the step's weighted count Σ c_i n_i.
     """
     n = _completion_tokens(examples).to(first_logps.device)
     sums = first_logps * n if average else first_logps  # (b,)
+    if coefs is not None:
+        sums = sums * coefs
     loss, _ = losses.nll_loss(sums.unsqueeze(-1), torch.ones_like(sums).unsqueeze(-1),
                               global_tokens=global_tokens)
     return loss
@@ -332,11 +336,12 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
     with rt.autocast():
         z0 = objective.reference_point(policy, examples, ref, pad_id, cfg,
                                        cfg.micro_batch_size)
-    chosen_tokens = float(_completion_tokens(examples).sum())
     nll_coef = cfg.nll_coef + objective.sft_weight
     seen: dict[int, torch.Tensor] = {}
     coefs = step_coefficients(dro, group_ids, weights)
     coefs = coefs.to(device) if coefs is not None else None
+    tokens = _completion_tokens(examples)
+    chosen_tokens = float((tokens * coefs.cpu()).sum() if coefs is not None else tokens.sum())
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb_examples = [examples[i] for i in indices]
@@ -349,7 +354,8 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
                                  len(examples), coefs[indices])
         metrics = {}
         if nll_coef:
-            nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, chosen_tokens)
+            nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, max(chosen_tokens, 1.0),
+                       coefs[indices] if coefs is not None else None)
             loss = loss + nll_coef * nll
             metrics["nll"] = float(nll.detach())
         seen.update(zip(indices, logps.detach().float().cpu(), strict=True))
