@@ -124,14 +124,18 @@ def hub_errors(source: str) -> Iterator[None]:
         text = str(exc)
         if "trust_remote_code" in text:
             raise UserError(f"{source} ships its own model or tokenizer code, which is not run "
-                            "unless you trust it: pass --trust-remote-code to run it") from None
-        if "model type" in text or "architecture" in text or isinstance(exc, KeyError):
+                            "unless you trust it: the train commands take --trust-remote-code "
+                            "to run it") from None
+        model_type = _model_type(source)
+        unknown = ("does not recognize this architecture" in text
+                   or (isinstance(exc, KeyError) and model_type is not None
+                       and model_type in text))
+        if unknown:
             import transformers
 
-            first = text.strip().splitlines()[0] if text.strip() else repr(exc)
             raise UserError(f"could not load {source}: transformers {transformers.__version__} "
-                            f"does not know its architecture ({first}); upgrade transformers, or "
-                            "pass --trust-remote-code if the model ships its own code") from None
+                            f"does not know its architecture (model_type {model_type!r}); "
+                            "upgrade transformers") from None
         raise
     except OSError as exc:
         hint = (" HF_HUB_OFFLINE is set and it is not in the local cache; download it first "
@@ -139,6 +143,16 @@ def hub_errors(source: str) -> Iterator[None]:
         where = "" if Path(source).is_dir() else " (no such local directory; tried as a hub id)"
         raise UserError(f"could not load {source!r}{where}: {exc}.{hint}".replace("\n", " ")) \
             from None
+
+
+def _model_type(source: str) -> str | None:
+    """The ``model_type`` of a local model directory's config.json, if it says one."""
+    try:
+        value = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get(
+            "model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def is_adapter_dir(source: str) -> bool:

@@ -144,14 +144,15 @@ class CandidateSampler:
                  engine: EngineOptions | None = None, chat_template: Path | None = None,
                  max_prompt_length: int = 512) -> None:
         seed_everything(seed)
-        # Sampling needs a pad only to left-pad prompts (never sampled): a model shipped
-        # without one (Llama 3, Mistral, GPT-2) gets one here, as eval's do.
+        # The built-in loop needs a pad only to left-pad prompts (never sampled): a model
+        # shipped without one (Llama 3, Mistral, GPT-2) gets one here, as eval's do. vLLM pads
+        # nothing, and a token beyond the model's vocabulary is one it cannot load.
+        engine = engine or EngineOptions()
         self.tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template,
-                                        add_pad_token=True)
+                                        add_pad_token=engine.generator == "hf")
         model = load_policy(policy, dtype=dtype, device=device, trainable=False)
         match_tokenizer(model, self.tokenizer)
-        self.generator = make_generator(engine or EngineOptions(), model, self.tokenizer, policy,
-                                        seed=seed)
+        self.generator = make_generator(engine, model, self.tokenizer, policy, seed=seed)
         self.seed, self.label, self.max_prompt_length = seed, model_label, max_prompt_length
 
     def sample(self, prompts: Sequence[Text], n: int, settings: SamplingSettings, index: int

@@ -248,3 +248,23 @@ def test_shard_scores_puts_each_batchs_scores_back_in_data_order() -> None:
     assert out[:, 1].tolist() == [-5.0, -2.0, -9.0, -1.0, -7.0, -3.0, -8.0]
     assert seen == [3, 3, 1]
     assert dpo.shard_scores(scorer, [], 3, Runtime(RuntimeOptions(), device="cpu")).shape == (0, 2)
+
+
+def test_a_resume_reuses_the_reference_cache_only_for_the_same_pairs(
+        tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Review s13 L4: the cache was matched by the options and the splits' lengths, so a resume
+    whose --data (or --exclude-flagged) gave as many other pairs read the old pairs' values."""
+    import logging
+
+    data = _write(tmp_path / "pairs.jsonl", preference_rows(8, seed=0))
+    common = {"model": str(tiny_dir), "data": data, "out": tmp_path / "run", "max_length": 64,
+              "batch_size": 4, "device": "cpu", "save_every": 1}
+    dpo.train_dpo(DPOConfig(**common, max_steps=1))
+    with caplog.at_level(logging.INFO, logger="rewardloop.train.dpo"):
+        dpo.train_dpo(DPOConfig(**common, max_steps=2, resume=True))
+    assert "read cached reference log-probs" in caplog.text
+    caplog.clear()
+    _write(data, preference_rows(8, seed=1))  # as many pairs, other ones
+    with caplog.at_level(logging.INFO, logger="rewardloop.train.dpo"):
+        dpo.train_dpo(DPOConfig(**common, max_steps=3, resume=True))
+    assert "read cached reference log-probs" not in caplog.text

@@ -76,13 +76,13 @@ class Answers:
         return {"completion_ids": ids, "has_eos": eos}
 
 
-def load_for_generation(model: str, device: str = "auto", chat_template: Path | None = None
-                        ) -> tuple[Any, Any]:
+def load_for_generation(model: str, device: str = "auto", chat_template: Path | None = None,
+                        add_pad_token: bool = True) -> tuple[Any, Any]:
     """A frozen policy in eval mode and its left-padding tokenizer (with a pad token added
     when the model has none distinct from EOS: it only pads prompts and is never sampled, so
     the original checkpoint of a run can be the baseline)."""
     tokenizer = load_tokenizer(model, padding_side="left", chat_template=chat_template,
-                               add_pad_token=True)
+                               add_pad_token=add_pad_token)
     policy = load_policy(model, device=device, trainable=False).eval()
     match_tokenizer(policy, tokenizer)
     policy.requires_grad_(False)
@@ -216,10 +216,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     gen: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                            "max_prompt_length": cfg.max_prompt_length,
                            "batch_size": cfg.batch_size, "seed": cfg.seed}  # both sides alike
-    policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device, cfg.chat_template)
-    baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device,
-                                                       cfg.chat_template)
     engine = EngineOptions.of(cfg)
+    pads = engine.generator == "hf"  # vLLM pads nothing (and cannot load a grown vocabulary)
+    policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device, cfg.chat_template,
+                                                   pads)
+    baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device,
+                                                       cfg.chat_template, pads)
     policy = sample_answers(policy_model, policy_tok, prompts, engine=engine,
                             model_path=cfg.policy, **gen)
     baseline = sample_answers(baseline_model, baseline_tok, prompts, engine=engine,

@@ -28,6 +28,7 @@ whole optimizer step, so gradient accumulation does not change the update.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -173,11 +174,22 @@ def _reference_scorer(cfg: DPOConfig, policy: HFModel, pad_id: int, rt: Runtime)
     return with_model(rt.prepare(frozen, trainable=False))
 
 
-def _fingerprint(cfg: DPOConfig) -> str:
+def _fingerprint(cfg: DPOConfig, splits: Mapping[str, Sequence[Example]]) -> str:
+    """What the cached reference log-probs depend on: the options, and which examples each
+    split holds in which order (a resume whose --exclude-flagged left out other annotators,
+    or whose --data changed in place, must not line up the cache with other pairs)."""
     keys = ("model", "ref_model", "lora_r", "data", "eval_data", "eval_fraction", "data_format",
             "loss",
             "max_length", "max_prompt_length", "length_normalize", "seed", "dtype")
-    return json.dumps({k: str(getattr(cfg, k)) for k in keys}, sort_keys=True)
+    digests = {}
+    for name, examples in splits.items():
+        h = hashlib.sha256()
+        for e in examples:  # lengths, last tokens and annotator: cheap, and enough to tell
+            h.update(repr((len(e.first), len(e.second), e.first.input_ids[-8:],
+                           e.second.input_ids[-8:], e.annotator)).encode())
+        digests[name] = h.hexdigest()
+    return json.dumps({**{k: str(getattr(cfg, k)) for k in keys}, "examples": digests},
+                      sort_keys=True)
 
 
 def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
@@ -201,7 +213,7 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
 
     if not cfg.precompute_ref:
         return (lambda split, idx: scorer([splits[split][i] for i in idx])), None
-    path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg)
+    path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg, splits)
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fingerprint and all(
