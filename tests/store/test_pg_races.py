@@ -182,34 +182,42 @@ def test_a_write_the_database_gave_up_on_is_a_503_not_a_500(sqlite_store, isolat
         assert s.scalar(select(func.count()).select_from(S.Annotator)) == 1
 
 
-def test_a_real_deadlock_between_two_workers_is_a_503(store) -> None:
-    """F1 as it happens: the queue's row locks are taken on the driver connection, so
-    PostgreSQL's deadlock error arrives unwrapped; the group's op and its re-run both lose."""
+LOCK = "SELECT id FROM tasks WHERE id = %s FOR UPDATE"
+
+
+def _two_tasks(store) -> tuple[int, int]:
+    """Two tasks' ids, for two writers to lock in opposite orders (PostgreSQL only)."""
     if not _concurrent(store):
         pytest.skip("SQLite runs one writer at a time: no deadlock")
     with store.write() as s:
         T.create_tasks_from_candidates(s, ROWS[:2], kind="ranking")
     with store.read() as s:
         first, second = s.scalars(select(S.ComparisonTask.id).order_by(S.ComparisonTask.id))
-    lock = "SELECT id FROM tasks WHERE id = %s FOR UPDATE"
+    return first, second
+
+
+def test_a_real_deadlock_between_two_workers_is_a_503(store) -> None:
+    """F1 as it happens: the queue's row locks are taken on the driver connection, so
+    PostgreSQL's deadlock error arrives unwrapped; the group's op and its re-run both lose."""
+    first, second = _two_tasks(store)
 
     def other_worker(ready: threading.Event, go: threading.Event) -> None:
         with store.write() as s:
             raw = Driver(s).raw
-            raw.execute(lock, (second,))
+            raw.execute(LOCK, (second,))
             ready.set()
             go.wait(10)
             time.sleep(0.2)
-            raw.execute(lock, (first,))
+            raw.execute(LOCK, (first,))
 
     def op(s) -> str:  # locks first then second; the other worker the other way round
         ready, go = threading.Event(), threading.Event()
         threading.Thread(target=other_worker, args=(ready, go)).start()
         ready.wait(10)
         raw = Driver(s).raw
-        raw.execute(lock, (first,))
+        raw.execute(LOCK, (first,))
         go.set()
-        raw.execute(lock, (second,))
+        raw.execute(LOCK, (second,))
         return "written"
 
     writer = GroupWriter(store)
@@ -228,13 +236,7 @@ def test_two_workers_groups_take_turns_instead_of_deadlocking(store) -> None:
     """Two server workers' writers whose groups lock the same two tasks in opposite orders: on
     PostgreSQL the second group waits for the first to commit (``writer.take_turn``) instead
     of deadlocking (which cost a second at ``deadlock_timeout`` and a 503)."""
-    if not _concurrent(store):
-        pytest.skip("SQLite runs one writer at a time: no deadlock")
-    with store.write() as s:
-        T.create_tasks_from_candidates(s, ROWS[:2], kind="ranking")
-    with store.read() as s:
-        first, second = s.scalars(select(S.ComparisonTask.id).order_by(S.ComparisonTask.id))
-    lock = "SELECT id FROM tasks WHERE id = %s FOR UPDATE"
+    first, second = _two_tasks(store)
     a_locked, b_locked = threading.Event(), threading.Event()
     errors: list[str] = []
 
@@ -244,12 +246,12 @@ def test_two_workers_groups_take_turns_instead_of_deadlocking(store) -> None:
             raw = Driver(s).raw
             if wait_first:  # (bounded: this group may have got the turn first)
                 theirs.wait(2)
-            raw.execute(lock, (ids[0],))
+            raw.execute(LOCK, (ids[0],))
             mine.set()
             if not wait_first:
                 theirs.wait(2)  # the other group cannot start before this one commits
             try:
-                raw.execute(lock, (ids[1],))
+                raw.execute(LOCK, (ids[1],))
             except Exception as exc:
                 errors.append(type(exc).__name__)
                 raise

@@ -105,7 +105,9 @@ def test_generation_stops_on_every_eos_id_of_generation_config(instruct: Path, t
 def test_stop_ids_leave_out_the_pad_token(instruct: Path, tok) -> None:
     model = load_policy(instruct, device="cpu")
     model.generation_config.eos_token_id = [tok.pad_token_id, tok.eos_token_id]
-    assert stop_token_ids(tok, model.generation_config) == [tok.eos_token_id]
+    # (and the template's end of turn stops answers too, though the config does not list it)
+    assert stop_token_ids(tok, model.generation_config) == [tok.eos_token_id,
+                                                            tok.convert_tokens_to_ids(EOT)]
 
 
 def test_no_chat_template_is_exit_2_unless_chat_template_file(tmp_path: Path) -> None:

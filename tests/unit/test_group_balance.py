@@ -176,15 +176,17 @@ def test_opposed_pool_has_a_majority_of_six_and_a_minority_of_two() -> None:
 @pytest.mark.slow
 def test_minmax_raises_the_worst_groups_accuracy(pool_files: dict[str, Path],
                                                  tmp_path: Path) -> None:
-    none = _train(pool_files, tmp_path / "none", "none")
-    minmax = _train(pool_files, tmp_path / "minmax", "minmax")
+    # lr 3e-3: at 1e-2 the minmax run diverged on an AMD EPYC (every accuracy below chance)
+    # while it gained +0.09 elsewhere; at 3e-3 it gains +0.17 there (0.315 -> 0.484).
+    none = _train(pool_files, tmp_path / "none", "none", lr=3e-3)
+    minmax = _train(pool_files, tmp_path / "minmax", "minmax", lr=3e-3)
     g_none, g_mm = none["groups"], minmax["groups"]
     # Pooled training serves the majority: the minority's held-out accuracy is below chance.
     assert g_none["worst_group"] == "minority"
     assert g_none["by_group"]["minority"]["accuracy"] < 0.5
     assert g_none["by_group"]["majority"]["accuracy"] > 0.6
     assert g_none["by_group"]["majority"]["weight_share"] == pytest.approx(0.75, abs=0.02)
-    # Group DRO: the worst group's accuracy rises by at least 0.05 (seeded; measured +0.09),
+    # Group DRO: the worst group's accuracy rises by at least 0.05 (seeded; measured +0.17),
     # at a cost in overall accuracy that the summaries report.
     assert g_mm["worst_group_accuracy"] >= g_none["worst_group_accuracy"] + 0.05
     assert minmax["eval_accuracy"] > none["eval_accuracy"] - 0.1
@@ -192,8 +194,9 @@ def test_minmax_raises_the_worst_groups_accuracy(pool_files: dict[str, Path],
     metrics = [json.loads(line) for line in
                (tmp_path / "minmax" / "metrics.jsonl").read_text().splitlines()]
     assert {"group_loss/minority", "group_weight/minority"} <= set(metrics[-2])
-    # One head per group serves each group on its own judgments (measured 0.83 / 0.82).
-    heads = _train(pool_files, tmp_path / "heads", "none", group_heads=True)["groups"]
+    # One head per group serves each group on its own judgments.
+    heads = _train(pool_files, tmp_path / "heads", "none", group_heads=True,
+                   lr=3e-3)["groups"]
     assert heads["worst_group_accuracy"] >= g_mm["worst_group_accuracy"] + 0.15
 
 

@@ -66,6 +66,25 @@ def existing_data(path: Path) -> Path:
     return path
 
 
+def preference_inputs(cfg: Any) -> Any:
+    """Check a preference trainer's input files (``--data``, ``--eval-data``, the annotator
+    weight and group files) before anything loads, and read what the store knows about the
+    annotators when ``--db`` is given (``feedback.quality.annotators_from_db``; the trainers do
+    not open the store): train rm and train dpo."""
+    from rewardloop.feedback.quality import annotators_from_db
+
+    for path in (cfg.data, cfg.eval_data):
+        if path is not None:
+            existing_data(path)
+    for path in (cfg.annotator_weights, cfg.annotator_groups):
+        if path is not None:
+            input_file(path)
+    if cfg.db is None:
+        return None
+    return annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
+                              flagged=cfg.exclude_flagged)
+
+
 def headline_lines(summary: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     """``key: value`` lines of a loop summary's figures; the reward model's accuracy is shown
     beside its label ceiling, so a reader can tell a weak model from noisy labels."""

@@ -19,19 +19,11 @@ def register(app: typer.Typer) -> None:
 
 
 def run_dpo(cfg: DPOConfig) -> None:
-    from rewardloop.cli._common import existing_data, input_file
-    from rewardloop.feedback.quality import annotators_from_db
+    from rewardloop.cli._common import preference_inputs
     from rewardloop.metrics import group_table
     from rewardloop.train.dpo import train_dpo  # imports torch: only when it runs
 
-    for path in (cfg.data, cfg.eval_data):
-        if path is not None:
-            existing_data(path)
-    for path in (cfg.annotator_weights, cfg.annotator_groups):
-        if path is not None:
-            input_file(path)
-    stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
-                                 flagged=cfg.exclude_flagged) if cfg.db is not None else None)
+    stored = preference_inputs(cfg)
     summary = train_dpo(cfg, stored)
     line = f"trained {summary['steps']} steps ({cfg.loss}) in {summary['wall_s']:.1f}s"
     if "eval_accuracy" in summary:

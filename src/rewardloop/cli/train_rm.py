@@ -20,19 +20,11 @@ def register(app: typer.Typer) -> None:
 
 
 def run_rm(cfg: RewardConfig) -> None:
-    from rewardloop.cli._common import existing_data, input_file
-    from rewardloop.feedback.quality import annotators_from_db
+    from rewardloop.cli._common import preference_inputs
     from rewardloop.metrics import group_table
     from rewardloop.train.reward import train_rm  # imports torch: only when it runs
 
-    for path in (cfg.data, cfg.eval_data):
-        if path is not None:
-            existing_data(path)
-    for path in (cfg.annotator_weights, cfg.annotator_groups):
-        if path is not None:
-            input_file(path)
-    stored = (annotators_from_db(cfg.db, weights=cfg.weighting == "reliability",
-                                 flagged=cfg.exclude_flagged) if cfg.db is not None else None)
+    stored = preference_inputs(cfg)
     summary = train_rm(cfg, stored)
     show_summary(summary, cfg.out, ("steps", "samples_per_s", "eval_accuracy", "eval_loss",
                                     "eval_ece", "length_correlation", "best_step",
