@@ -107,12 +107,17 @@ def load_tokenizer(
     add_pad_token: bool = False,
     padding_side: str | None = None,
     chat_template: str | Path | None = None,
+    sampling_only: bool = False,
 ):  # -> transformers.PreTrainedTokenizerBase
     """Load a tokenizer whose pad token is distinct from EOS.
 
     Pad == EOS (or no pad) is refused: the real EOS would be masked as padding and the model never
     learns to stop (TRL #1623, #734). With ``add_pad_token=True`` a new ``<|pad|>`` token is
     added instead; then call ``match_tokenizer`` on the model to grow its embeddings.
+    ``sampling_only`` is for a tokenizer that only encodes prompts and decodes answers for an
+    engine that pads nothing (vLLM): a model without a distinct pad keeps its vocabulary (the
+    engine could not load a grown one) and gets ``pad_token_id`` None, so EOS is never taken
+    for padding; the engines then fill with a placeholder id under their masks.
     ``padding_side`` ("left" for generation, "right" for training) overrides the saved one.
     ``chat_template`` is a Jinja chat-template file that replaces the tokenizer's own (or gives
     one to a tokenizer that has none); it is saved with the trained model.
@@ -128,13 +133,17 @@ def load_tokenizer(
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         problem = ("has no pad token" if tokenizer.pad_token_id is None
                    else f"uses its EOS token {tokenizer.eos_token!r} as the pad token")
-        if not add_pad_token:
+        if sampling_only:
+            tokenizer.pad_token = None
+        elif not add_pad_token:
             raise UserError(
                 f"tokenizer of {source} {problem}. Pad must differ from EOS, or the EOS is masked "
                 "as padding and the model never learns to stop (TRL issue #1623). Pass "
                 "--add-pad-token to add a new pad token, or set a distinct pad_token and re-save.")
-        tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
-        log.warning("tokenizer of %s %s; added %s as pad token", source, problem, NEW_PAD_TOKEN)
+        else:
+            tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
+            log.warning("tokenizer of %s %s; added %s as pad token", source, problem,
+                        NEW_PAD_TOKEN)
     if padding_side is not None:
         if padding_side not in ("left", "right"):
             raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

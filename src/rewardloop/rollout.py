@@ -148,8 +148,9 @@ class CandidateSampler:
         # shipped without one (Llama 3, Mistral, GPT-2) gets one here, as eval's do. vLLM pads
         # nothing, and a token beyond the model's vocabulary is one it cannot load.
         engine = engine or EngineOptions()
+        built_in = engine.generator == "hf"
         self.tokenizer = load_tokenizer(policy, padding_side="left", chat_template=chat_template,
-                                        add_pad_token=engine.generator == "hf")
+                                        add_pad_token=built_in, sampling_only=not built_in)
         model = load_policy(policy, dtype=dtype, device=device, trainable=False)
         match_tokenizer(model, self.tokenizer)
         self.generator = make_generator(engine, model, self.tokenizer, policy, seed=seed)

@@ -153,6 +153,97 @@ def test_generate_and_eval_take_a_model_without_a_pad_token(tiny: Path, tmp_path
     assert res.exit_code == 0, res.output
 
 
+def _fake_vllm_serve(answer: list[int]):
+    """A local server speaking vllm-serve's protocol that takes weights and answers every
+    prompt with ``answer`` (its log-probs -1)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            return
+
+        def _reply(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            if self.path == "/health":
+                out: dict = {"model": "m", "vllm": "0.32.0", "logprobs_mode": "raw_logprobs"}
+            elif self.path == "/weights":  # a server is sent the policy's weights at start
+                out = {"loaded": 1}
+            else:
+                request = json.loads(body)
+                rows = len(request["prompts"]) * request["n"]
+                out = {"completion_ids": [answer] * rows, "logps": [[-1.0] * len(answer)] * rows}
+            data = json.dumps(out).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _reply
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_vllm_generation_takes_a_model_without_a_pad_token(tiny: Path, tmp_path: Path) -> None:
+    """vLLM pads nothing and cannot load a grown vocabulary: a model shipped without a pad (or
+    padding with EOS) is sampled as saved, its answers cut by their lengths, not by a pad id.
+    generate, eval and vllm-serve used to refuse it, naming an --add-pad-token they lack."""
+    from transformers import AutoTokenizer
+
+    from rewardloop.engines.base import SamplingSettings, rollout_from_tokens
+    from rewardloop.engines.options import vllm_sampling_fields
+    from rewardloop.models import load_tokenizer
+
+    nopad = _variant(tiny, tmp_path / "nopad", pad=None)
+    saved = len(AutoTokenizer.from_pretrained(nopad))
+    tok = load_tokenizer(nopad, padding_side="left", sampling_only=True)
+    eos = tok.eos_token_id
+    assert tok.pad_token_id is None and len(tok) == saved  # nothing added
+    eos_pad = _variant(tiny, tmp_path / "eospad", pad=None)
+    t = AutoTokenizer.from_pretrained(eos_pad)
+    t.pad_token = t.eos_token
+    t.save_pretrained(eos_pad)
+    assert load_tokenizer(eos_pad, sampling_only=True).pad_token_id is None  # EOS stays a stop
+    assert "logit_bias" not in vllm_sampling_fields(SamplingSettings(), 1, None, [eos])
+
+    word = tok.convert_tokens_to_ids(tok.tokenize("order")[0])
+    rollout = rollout_from_tokens([[7, 8], [9]], 2, [[word, eos], [word, word], [], [eos]],
+                                  [[-1.0, -2.0], [-1.0, -1.0], [], [-0.5]], tok, [eos])
+    assert rollout.completion_mask.tolist() == [[1, 1], [1, 1], [0, 0], [1, 0]]
+    assert rollout.has_eos.tolist() == [True, False, False, True]
+    assert rollout.prompt_mask.tolist() == [[1, 1], [1, 1], [0, 1], [0, 1]]
+    assert rollout.sampler_logps.tolist() == [[-1, -2], [-1, -1], [0, 0], [-0.5, 0]]
+    assert rollout.texts[0] == tok.decode([word]) and rollout.texts[2:] == ["", ""]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "Where is it?")))
+    server = _fake_vllm_serve([word, word, eos])
+    url = f"http://127.0.0.1:{server.server_port}"
+    engine = ["--generator", "vllm", "--vllm-mode", "server", "--vllm-server", url]
+    try:
+        out = tmp_path / "candidates.jsonl"
+        res = CliRunner().invoke(app, ["generate", "--policy", str(nopad), "--prompts",
+                                       str(prompts), "-n", "2", "--max-new-tokens", "4",
+                                       "--device", "cpu", "--out", str(out), *engine])
+        assert res.exit_code == 0, res.output
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["responses"] for r in rows] == [[tok.decode([word, word])]] * 2  # kept once
+        res = CliRunner().invoke(app, ["eval", "--policy", str(nopad), "--baseline",
+                                       str(eos_pad), "--prompts", str(prompts),
+                                       "--judge", "rewardloop.synthetic:gold_score",
+                                       "--max-new-tokens", "4", "--device", "cpu", "--out",
+                                       str(tmp_path / "eval"), *engine])
+        assert res.exit_code == 0, res.output
+    finally:
+        server.shutdown()
+        server.server_close()
+    res = CliRunner().invoke(app, ["vllm-serve", "--model", str(nopad), "--port", "0"])
+    assert res.exit_code == 2 and "pip install 'rewardloop[vllm]'" in res.output, res.output
+
+
 def test_a_model_needing_its_own_code_or_a_newer_transformers_is_one_line(
         tiny: Path, tmp_path: Path) -> None:
     remote = _variant(tiny, tmp_path / "remote", {

@@ -44,7 +44,7 @@ def vllm_serve(
     from rewardloop.engines.factory import VLLM_INSTALL
     from rewardloop.models import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model), padding_side="left")
+    tokenizer = load_tokenizer(str(model), padding_side="left", sampling_only=True)
     # Listen first: a busy port is said at once, not after minutes of loading the engine.
     server = _listen(host, port)
     try:

@@ -188,10 +188,12 @@ def check_request(prompts: Sequence[Sequence[int]], n: int) -> None:
 
 
 def decode_completions(tokenizer: Any, completion_ids: torch.Tensor,
-                       completion_mask: torch.Tensor, pad_id: int) -> list[str]:
-    """The B texts of right-padded completions (B, C), special tokens removed."""
-    shown = completion_ids * completion_mask + pad_id * (1 - completion_mask)
-    texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
+                       completion_mask: torch.Tensor) -> list[str]:
+    """The B texts of right-padded completions (B, C): the tokens under the mask, special
+    tokens removed (whatever fills the padding)."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask,
+                                                           strict=True)]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     # A byte-level model can emit any byte; NUL breaks JSONL readers and PostgreSQL text.
     return [t.replace("\x00", "") for t in texts]
 
@@ -209,20 +211,26 @@ def rollout_from_tokens(prompts: Sequence[Sequence[int]], n: int,
 
     if len(completions) != len(prompts) * n:
         raise ValueError(f"expected {len(prompts) * n} completions, got {len(completions)}")
-    pad_id = int(tokenizer.pad_token_id)
     stops = list(stop_ids) if stop_ids else [int(tokenizer.eos_token_id)]
+    # A tokenizer loaded for sampling only may have no pad (``load_tokenizer(sampling_only=
+    # True)``): the padding is then filled with EOS, which the masks (from the lengths) hide.
+    pad_id = int(tokenizer.eos_token_id if tokenizer.pad_token_id is None
+                 else tokenizer.pad_token_id)
     prompt_ids = pad(prompts, pad_id, side="left").repeat_interleave(n, dim=0)
     prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").repeat_interleave(n, 0)
-    # Every row at least one column wide, so an empty completion still has a (padding) slot.
-    completion_ids = pad([list(c) or [pad_id] for c in completions], pad_id)
-    completion_mask, has_eos = ops.completion_mask(completion_ids, stops, pad_id)
+    # -1 marks padding (no token, so never a stop); every row at least one column wide, so an
+    # empty completion still has a (padding) slot.
+    raw = pad([list(c) or [-1] for c in completions], -1)
+    completion_mask, has_eos = ops.completion_mask(raw, stops)
+    completion_mask = completion_mask * (raw >= 0).long()
+    completion_ids = raw.masked_fill(raw < 0, pad_id)
     sampler = None
     if logps is not None:
         rows = [list(lp) + [0.0] * (completion_ids.shape[1] - len(lp)) for lp in logps]
         sampler = torch.tensor(rows, dtype=torch.float32) * completion_mask
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, has_eos=has_eos,
-                   texts=decode_completions(tokenizer, completion_ids, completion_mask, pad_id),
+                   texts=decode_completions(tokenizer, completion_ids, completion_mask),
                    sampler_logps=sampler)
 
 

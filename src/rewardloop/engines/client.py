@@ -166,8 +166,9 @@ class ServerGenerator:
     def __init__(self, url: str, tokenizer: Any, *, timeout_s: float = REQUEST_TIMEOUT_S,
                  logprob_settings: SamplingSettings | None = None,
                  stop_ids: Sequence[int] | None = None) -> None:
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
+        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer's pad token is its EOS (TRL #1623): load it with "
+                             "load_tokenizer(sampling_only=True)")
         self.client = ServerClient(url, timeout_s=timeout_s)
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids  # where answers end (the server stops on its model's)

@@ -34,18 +34,19 @@ def engine_model_path(model_path: str | Path) -> str:
     return str(model_path)
 
 
-def check_engine_vocabulary(model: Any, model_path: str | Path, pad_id: int, *,
+def check_engine_vocabulary(model: Any, model_path: str | Path, pad_id: int | None, *,
                             pushes: bool) -> None:
     """UserError when ``model``'s embeddings outgrew the checkpoint an engine loads and that
     matters: a pad token added by ``--add-pad-token`` grows the trainer's vocabulary by one,
     and a vLLM engine started from the original directory can neither sample with that pad id
     (outside its vocabulary) nor receive the trainer's weights in a push (``pushes``: the
     tensors' shapes differ). A longer tokenizer whose pad the checkpoint knows is fine for an
-    engine that is never sent weights (eval, generate)."""
+    engine that is never sent weights (eval, generate); so is no pad at all (None)."""
     config = Path(engine_model_path(model_path)) / "config.json"
     saved = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
     rows = model.get_input_embeddings().num_embeddings
-    if isinstance(saved, int) and rows != saved and (pushes or pad_id >= saved):
+    outside = pad_id is not None and pad_id >= (saved if isinstance(saved, int) else rows)
+    if isinstance(saved, int) and rows != saved and (pushes or outside):
         raise UserError(
             f"--generator vllm: the policy's vocabulary has {rows} tokens (a pad token added "
             f"by --add-pad-token?) but {config.parent} has {saved}, which the engine loads. "
@@ -97,7 +98,7 @@ def make_generator(options: EngineOptions, model: Any, tokenizer: Any,
     pushes = (logprob_settings is not None or options.vllm_mode == "server"
               or (model_path is not None and engine_model_path(model_path) != str(model_path)))
     if model_path is not None:
-        check_engine_vocabulary(model, model_path, int(tokenizer.pad_token_id), pushes=pushes)
+        check_engine_vocabulary(model, model_path, tokenizer.pad_token_id, pushes=pushes)
     # The engine stops where the built-in loop would: on every EOS id of the trainer's model.
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     if options.vllm_mode == "server":

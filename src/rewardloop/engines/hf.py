@@ -183,7 +183,7 @@ class HFGenerator:
         finally:
             self.model.train(was_training)
         completion_mask, has_eos = ops.completion_mask(completion_ids, self.eos_ids, self.pad_id)
-        texts = decode_completions(self.tokenizer, completion_ids, completion_mask, self.pad_id)
+        texts = decode_completions(self.tokenizer, completion_ids, completion_mask)
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                        completion_ids=completion_ids, completion_mask=completion_mask,
                        has_eos=has_eos, texts=texts)

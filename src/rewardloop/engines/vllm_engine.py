@@ -104,13 +104,15 @@ class VLLMGenerator:
                  seed: int = 0, world_size: int = 1, dtype: str = "auto",
                  logprobs_mode: str = "raw_logprobs",
                  stop_ids: Sequence[int] | None = None) -> None:
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise ValueError("the tokenizer needs a pad token distinct from EOS (TRL #1623)")
+        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer's pad token is its EOS (TRL #1623): load it with "
+                             "load_tokenizer(sampling_only=True)")
         if options.vllm_sleep and not current_platform.is_sleep_mode_available():
             raise UserError(f"--vllm-sleep: vLLM {vllm.__version__} has no sleep mode on this "
                             f"platform ({current_platform.device_name}); drop --vllm-sleep")
         self.tokenizer = tokenizer
-        self.pad_id = int(tokenizer.pad_token_id)
+        # None: a model without a pad (Llama 3, GPT-2), nothing to keep from sampling.
+        self.pad_id: int | None = tokenizer.pad_token_id
         self.stop_ids = list(stop_ids or saved_stop_ids(model_path, tokenizer))
         self.sleep_between = options.vllm_sleep
         self.sync = WeightSync()

@@ -77,12 +77,15 @@ class Answers:
 
 
 def load_for_generation(model: str, device: str = "auto", chat_template: Path | None = None,
-                        add_pad_token: bool = True) -> tuple[Any, Any]:
-    """A frozen policy in eval mode and its left-padding tokenizer (with a pad token added
-    when the model has none distinct from EOS: it only pads prompts and is never sampled, so
-    the original checkpoint of a run can be the baseline)."""
+                        generator: str = "hf") -> tuple[Any, Any]:
+    """A frozen policy in eval mode and its left-padding tokenizer for ``generator``'s engine.
+    For the built-in loop a pad token is added when the model has none distinct from EOS (it
+    only pads prompts and is never sampled, so the original checkpoint of a run can be the
+    baseline); vLLM pads nothing and could not load a grown vocabulary, so its tokenizer
+    stays as saved (``load_tokenizer(sampling_only=True)``)."""
+    built_in = generator == "hf"
     tokenizer = load_tokenizer(model, padding_side="left", chat_template=chat_template,
-                               add_pad_token=add_pad_token)
+                               add_pad_token=built_in, sampling_only=not built_in)
     policy = load_policy(model, device=device, trainable=False).eval()
     match_tokenizer(policy, tokenizer)
     policy.requires_grad_(False)
@@ -217,11 +220,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                            "max_prompt_length": cfg.max_prompt_length,
                            "batch_size": cfg.batch_size, "seed": cfg.seed}  # both sides alike
     engine = EngineOptions.of(cfg)
-    pads = engine.generator == "hf"  # vLLM pads nothing (and cannot load a grown vocabulary)
     policy_model, policy_tok = load_for_generation(cfg.policy, cfg.device, cfg.chat_template,
-                                                   pads)
+                                                   engine.generator)
     baseline_model, baseline_tok = load_for_generation(cfg.baseline, cfg.device,
-                                                       cfg.chat_template, pads)
+                                                       cfg.chat_template, engine.generator)
     policy = sample_answers(policy_model, policy_tok, prompts, engine=engine,
                             model_path=cfg.policy, **gen)
     baseline = sample_answers(baseline_model, baseline_tok, prompts, engine=engine,
