@@ -448,22 +448,29 @@ def token_mean(loss: torch.Tensor, mask: torch.Tensor, global_tokens: float | No
     return masked_sum(loss, mask) / count
 
 
+def _rows_in_loss(mask: torch.Tensor) -> torch.Tensor:
+    """The number of rows with at least one real token (at least 1: an empty batch sums 0)."""
+    return (mask.sum(dim=-1) > 0).sum().clamp(min=1)
+
+
 def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor,
                         global_tokens: float | None = None, global_seqs: float | None = None,
                         norm_length: float | None = None) -> torch.Tensor:
     """Mean over sequences of each sequence's token mean (original GRPO, eq. 3).
 
-    Tokens of short answers weigh more (a length bias). Uses ``global_seqs``.
+    Tokens of short answers weigh more (a length bias). Uses ``global_seqs`` (default: the
+    rows with a real token; a row with none is not in the loss).
     """
-    count = global_seqs if global_seqs is not None else loss.shape[0]
+    count = global_seqs if global_seqs is not None else _rows_in_loss(mask)
     return masked_mean(loss, mask, dim=-1).sum() / count
 
 
 def seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor,
                        global_tokens: float | None = None, global_seqs: float | None = None,
                        norm_length: float | None = None) -> torch.Tensor:
-    """Mean over sequences of each sequence's token sum. Uses ``global_seqs``."""
-    count = global_seqs if global_seqs is not None else loss.shape[0]
+    """Mean over sequences of each sequence's token sum. Uses ``global_seqs`` (default: as
+    ``seq_mean_token_mean``)."""
+    count = global_seqs if global_seqs is not None else _rows_in_loss(mask)
     return masked_sum(loss, mask, dim=-1).sum() / count
 
 

@@ -190,7 +190,8 @@ def truncated_is_weights(
     if cap <= 0:
         raise ValueError(f"the importance-sampling cap must be > 0, got {cap}")
     with torch.no_grad():
-        log_ratio = (trainer_logp - sampler_logp) * mask
+        # where, not a product: padding that holds -inf (an engine's marker) gives 0, not NaN
+        log_ratio = torch.where(mask.bool(), trainer_logp - sampler_logp, 0.0)
         if level == "token":
             weights = torch.exp(log_ratio).clamp(max=cap)
         elif level == "sequence":
@@ -213,7 +214,8 @@ def sampler_mismatch(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor,
     tokens. Healthy bf16 engines show KL ~1e-3 and a max ratio of a few units.
     """
     with torch.no_grad():
-        log_ratio = trainer_logp - sampler_logp  # log(π_t / π_s)
+        # log(π_t / π_s); 0 on padding, whatever it holds (-inf would make NaN in the means)
+        log_ratio = torch.where(mask.bool(), trainer_logp - sampler_logp, 0.0)
         ratio = torch.exp(log_ratio)
         real = mask.bool()
         return {

@@ -141,6 +141,12 @@ def test_simpo_and_orpo_always_use_mean_log_probs(tmp_path: Path) -> None:
     assert _cfg(tmp_path, loss="simpo").length_normalize
     assert _cfg(tmp_path, loss="orpo").length_normalize
     assert not _cfg(tmp_path, loss="dpo").length_normalize
+    # IPO's target margin 1/(2β) is per token (its authors, TRL): mean log-probs by default.
+    assert _cfg(tmp_path, loss="ipo").mean_logps
+    assert not _cfg(tmp_path, loss="ipo", length_normalize=False).mean_logps
+    assert _cfg(tmp_path, loss="dpo", length_normalize=True).mean_logps
+    with pytest.raises(ValueError, match="mean per-token"):
+        _cfg(tmp_path, loss="simpo", length_normalize=False)
 
 
 def test_rpo_term_is_the_token_mean_nll_of_the_chosen(tok_model, tmp_path: Path) -> None:

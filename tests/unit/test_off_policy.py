@@ -79,3 +79,16 @@ def test_is_weights_scale_each_tokens_ppo_loss() -> None:
     assert float(plain) == pytest.approx(-1.5)
     weighted, _ = ppo_clip_loss(logp, logp, adv, mask, is_weights=torch.tensor([[0.5, 1.0]]))
     assert float(weighted) == pytest.approx(-(0.5 * 1 + 1.0 * 2) / 2)
+
+
+def test_padding_that_holds_minus_infinity_gives_finite_weights_and_metrics() -> None:
+    """Padding is left out, not multiplied by 0: an engine marking it -inf (or NaN) made the
+    token weights NaN and silently dropped the whole sequence under the sequence mask."""
+    sampler = SAMPLER.clone()
+    sampler[:, 2] = -math.inf
+    trainer = TRAINER.clone()
+    trainer[1, 2] = math.nan
+    for level in ("token", "sequence"):
+        assert torch.equal(truncated_is_weights(trainer, sampler, MASK, cap=8.5, level=level),
+                           truncated_is_weights(TRAINER, SAMPLER, MASK, cap=8.5, level=level))
+    assert sampler_mismatch(trainer, sampler, MASK) == sampler_mismatch(TRAINER, SAMPLER, MASK)

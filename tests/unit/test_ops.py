@@ -344,6 +344,31 @@ def test_aggregations_hand_values() -> None:
         ops.aggregate(X, M, "sum")
 
 
+def test_sequence_means_count_only_rows_in_the_loss() -> None:
+    """A row without a trained token (an answer cut under --mask-truncated) is no sequence of
+    the loss: counting it shrank the step with the truncation rate (audit s14, math L2)."""
+    x = torch.cat([X, torch.full((2, X.shape[1]), 9.0)])
+    m = torch.cat([M, torch.zeros(2, M.shape[1], dtype=M.dtype)])
+    for mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        close(ops.aggregate(x, m, mode), ops.aggregate(X, M, mode))
+    close(ops.aggregate(x[2:], m[2:], "seq-mean-token-mean"), 0.0)  # nothing in the loss
+
+
+def test_grpo_minibatches_count_the_sequences_in_the_loss() -> None:
+    from types import SimpleNamespace
+
+    from rewardloop.train.grpo import minibatches
+
+    cfg = SimpleNamespace(mini_batch_size=4, micro_batch_size=2,
+                          loss_aggregation="seq-mean-token-mean", max_new_tokens=3)
+    rt = SimpleNamespace(world_size=1, sum_floats=lambda *v: v)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
+    (mb,) = minibatches(cfg, rt, mask, torch.arange(4))
+    assert mb.common["global_seqs"] == 2.0 and mb.common["global_tokens"] == 3.0
+    (mb,) = minibatches(cfg, rt, torch.zeros_like(mask), torch.arange(4))
+    assert mb.common["global_seqs"] == 1.0 and mb.common["global_tokens"] == 1.0
+
+
 @pytest.mark.parametrize("mode", sorted(ops.AGGREGATIONS))
 def test_aggregation_is_gradient_accumulation_invariant(mode: str) -> None:
     """Batch of 8 == 8 micro-batches of 1 normalised by the global counts: value and gradient."""

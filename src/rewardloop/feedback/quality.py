@@ -254,8 +254,10 @@ def quality_report(source: Any, batch: str | None = None,
 def reliability_weight(accuracy: float) -> float:
     """Training weight of a judgment by an annotator of this estimated accuracy: 2p - 1,
     clipped at 0. A coin-flipper (p = 0.5) carries no information and weighs 0, a perfect
-    annotator weighs 1; under symmetric label noise with flip rate 1 - p the expected
-    Bradley–Terry gradient of a label shrinks by exactly this factor."""
+    annotator weighs 1. Under symmetric label noise with flip rate 1 - p the expected label
+    moves toward 1/2 by exactly this factor (E[y] - 1/2 = (2p - 1)(y - 1/2)), and so does the
+    Bradley–Terry gradient where the model has no opinion yet (margin 0); elsewhere the
+    factor is a heuristic, not the exact gradient ratio."""
     return max(0.0, 2.0 * accuracy - 1.0)
 
 

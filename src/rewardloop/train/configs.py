@@ -192,9 +192,10 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     label_smoothing: float = 0.0
     """ε, the assumed rate of flipped labels: cdpo needs 0 < ε < 0.5, robust 0 <= ε < 0.5; dpo
     with ε > 0 is cdpo; ipo and kto take none."""
-    length_normalize: bool = False
-    """Use the mean log-prob per completion token instead of the sum (IPO authors' choice);
-    simpo and orpo always do (they are defined on it)."""
+    length_normalize: bool | None = None
+    """Use the mean log-prob per completion token instead of the sum. None: on for ipo (its
+    authors' choice, as in TRL: the target margin 1/(2β) is per token), simpo and orpo (defined
+    on it, always on); off for the others."""
     nll_coef: float = 0.0
     """RPO (Pang et al. 2024): add this times the token-mean NLL of the chosen answers."""
     desirable_weight: float = 1.0
@@ -216,6 +217,12 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     batch_size: int = 8
     lr: float = 1e-6
 
+    @property
+    def mean_logps(self) -> bool:
+        """Whether sequences score by their mean per-token log-prob (``length_normalize``
+        resolved for the loss)."""
+        return bool(self.length_normalize)
+
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
         _check_blocks(self)
         if self.loss not in DPO_LOSSES:
@@ -236,7 +243,12 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
                 raise ValueError(f"{self.loss} uses no reference model: drop --ref-model and "
                                  "--ref-on-the-fly")
             # Both are defined on mean per-token log-probs (SimPO eq. 4, ORPO eq. 2).
-            object.__setattr__(self, "length_normalize", True)
+            if self.length_normalize is False:
+                raise ValueError(f"{self.loss} is defined on mean per-token log-probs; drop "
+                                 "--no-length-normalize")
+        if self.length_normalize is None:
+            object.__setattr__(self, "length_normalize",
+                               self.loss in ("ipo", *REFERENCE_FREE_LOSSES))
         if self.simpo_gamma < 0:
             raise ValueError("simpo_gamma must be >= 0")
         if self.nll_coef < 0:

@@ -146,7 +146,7 @@ def _reference_scorer(cfg: DPOConfig, policy: HFModel, pad_id: int, rt: Runtime)
     def with_model(model: nn.Module) -> Scorer:
         def scorer(examples: Sequence[Example]) -> torch.Tensor:
             with rt.autocast():
-                return score_all(model, examples, pad_id, cfg.length_normalize,
+                return score_all(model, examples, pad_id, cfg.mean_logps,
                                  cfg.ref_batch_size)
         return scorer
 
@@ -357,7 +357,7 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
 
     def loss_of(indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb_examples = [examples[i] for i in indices]
-        logps = objective.forward(policy, mb_examples, pad_id, cfg.length_normalize)  # (b, k)
+        logps = objective.forward(policy, mb_examples, pad_id, cfg.mean_logps)  # (b, k)
         if coefs is None:
             loss, _ = objective.loss(logps, ref[indices], labels[indices], z0, cfg,
                                      len(examples))
@@ -366,7 +366,7 @@ def train_step(rt: Runtime, policy: nn.Module, objective: Objective,
                                  len(examples), coefs[indices])
         metrics = {}
         if nll_coef:
-            nll = _nll(logps[:, 0], mb_examples, cfg.length_normalize, max(chosen_tokens, 1.0),
+            nll = _nll(logps[:, 0], mb_examples, cfg.mean_logps, max(chosen_tokens, 1.0),
                        coefs[indices] if coefs is not None else None)
             loss = loss + nll_coef * nll
             metrics["nll"] = float(nll.detach())
@@ -401,7 +401,7 @@ def evaluate(policy: nn.Module, objective: Objective, examples: Sequence[Example
 
         def chunk(k: int) -> torch.Tensor:
             batch = [examples[i] for i in order[starts[k]:starts[k] + cfg.ref_batch_size]]
-            return objective.forward(policy, batch, pad_id, cfg.length_normalize).float().cpu()
+            return objective.forward(policy, batch, pad_id, cfg.mean_logps).float().cpu()
 
         chunks = torch.cat(rt.map_chunks(len(starts), chunk)).to(ref.device)
         logps = torch.empty_like(chunks)  # (N, k), back in data order
@@ -450,7 +450,7 @@ def eval_groups(policy: nn.Module, examples: Sequence[Example], ref: torch.Tenso
     """Per held-out pair and group of its annotator (one entry per group: a pair judged by
     someone in two groups counts for both): does the implicit reward prefer the chosen answer,
     the group, and the pair's index."""
-    logps = score_all(policy, examples, pad_id, cfg.length_normalize, cfg.ref_batch_size)
+    logps = score_all(policy, examples, pad_id, cfg.mean_logps, cfg.ref_batch_size)
     ratios = logps - ref.float().cpu()
     right = (ratios[:, 0] > ratios[:, 1]).tolist()
     rows = [(right[k], g, k) for k, e in enumerate(examples)

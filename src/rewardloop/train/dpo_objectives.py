@@ -202,7 +202,7 @@ def _kto_reference_point(model: nn.Module, examples: Sequence[Example], ref: tor
     """z0 over all of ``examples`` (the whole optimizer step): policy vs reference log-probs of
     the mismatched completions, no gradient (KTO treats z0 as a constant)."""
     with torch.no_grad():
-        kl_logps = score_all(model, examples, pad_id, cfg.length_normalize, chunk)[:, 1]
+        kl_logps = score_all(model, examples, pad_id, cfg.mean_logps, chunk)[:, 1]
     return losses.kto_kl_ref_point(kl_logps.to(ref.device), ref[:, 1].to(torch.float32))
 
 

@@ -462,10 +462,14 @@ def minibatches(cfg: Any, rt: Runtime, mask: torch.Tensor, order: torch.Tensor
     mini, micro = cfg.mini_batch_size // rt.world_size, local_micro(cfg, rt)
     for start in range(0, len(order), mini):
         rows = order[start:start + mini]
-        tokens, seqs = rt.sum_floats(float(mask[rows].sum()), float(len(rows)))
+        # Sequences count when they are in the loss: one cut under --mask-truncated has no
+        # trained token, and counting it would shrink the step with the truncation rate.
+        tokens, seqs = rt.sum_floats(float(mask[rows].sum()),
+                                     float((mask[rows].sum(dim=1) > 0).sum()))
         # (no tokens at all: every completion was cut under --mask-truncated; the sums are 0)
         yield Minibatch({"mode": cfg.loss_aggregation, "global_tokens": max(tokens, 1.0),
-                         "global_seqs": seqs, "norm_length": float(cfg.max_new_tokens)},
+                         "global_seqs": max(seqs, 1.0),
+                         "norm_length": float(cfg.max_new_tokens)},
                         [rows[k:k + micro] for k in range(0, len(rows), micro)])
 
 
