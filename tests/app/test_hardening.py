@@ -72,6 +72,29 @@ def test_limiter_limits_one_address_and_one_name_across_the_other() -> None:
     assert limiter.start("bob", "10.3.0.1") is not None
 
 
+def test_a_name_tried_from_many_hosts_does_not_lock_its_user_out(server) -> None:
+    """The per-name limit alone let anyone who knows a name lock its user out, admins too
+    (audit s14, security M1): an address the user signed in from before still gets in;
+    one they never used, and every guessing host, stay refused."""
+    limiter = LoginLimiter(per_pair=5, per_addr=20, per_user=2)
+    server.app.state.login_limiter = limiter
+    c = server.client()
+    login = {"username": "ann", "password": server.password}
+    assert c.post("/api/login", json=login).status_code == 200  # ann's usual address
+    for i in range(2):  # the name tried from other hosts
+        assert limiter.start("ann", f"10.0.0.{i}") is not None
+        assert limiter.start("admin", f"10.0.0.{i}") is not None
+    assert limiter.start("ann", "10.0.0.9") is None  # guessing hosts stay capped
+    assert limiter.start("ann", "10.0.0.9", known=lambda: False) is None
+    assert c.post("/api/login", json=login).status_code == 200
+    r = c.post("/api/login", json={"username": "admin", "password": server.password})
+    assert r.status_code == 429  # admin never signed in from here
+    with server.store.read() as session:
+        assert accounts.signed_in_from(session, "ann", "testclient")
+        assert not accounts.signed_in_from(session, "ann", "10.0.0.1")
+        assert not accounts.signed_in_from(session, "nobody", "testclient")
+
+
 def test_concurrent_password_checks_are_capped(server, monkeypatch) -> None:
     """At most ``max_checks`` argon2 checks run at once; the rest wait, then get 503."""
     server.app.state.login_limiter = LoginLimiter(max_checks=2)

@@ -205,6 +205,19 @@ def open_session(session: Session, secret: str, user_id: int,
     return session_id, csrf
 
 
+def signed_in_from(session: Session, name: str, addr: str, last: int = 100) -> bool:
+    """Whether user ``name`` signed in from ``addr`` in one of their ``last`` logins (the
+    audit log keeps each login's address)."""
+    user_id = session.scalar(select(Annotator.id).where(Annotator.name == name))
+    if user_id is None:
+        return False
+    payloads = session.scalars(
+        select(AuditEvent.payload).where(AuditEvent.actor_id == user_id,
+                                         AuditEvent.action == "session.login")
+        .order_by(AuditEvent.id.desc()).limit(last))
+    return any(isinstance(p, dict) and p.get("addr") == addr for p in payloads)
+
+
 def record_failed_login(session: Session, name: str, addr: str) -> None:
     """Audit a failed login. The name is kept only when it is a user's (a typed name that is
     no one's may be a password typed into the wrong field)."""

@@ -73,12 +73,17 @@ def _check_password(request: Request, db: DbDep, username: str, password: str,
     return user_id, role
 
 
+def _signed_in_from(db: DbDep, username: str, addr: str) -> bool:
+    with db.read() as session:
+        return accounts.signed_in_from(session, username, addr)
+
+
 def do_login(request: Request, db: DbDep, username: str, password: str) -> tuple[str, str, str]:
     """Rate-limited password check: ``(session_id, csrf, role)``; 429 / 401 / 503 otherwise.
     Failures are audited (without the password, and without names nobody has)."""
     limiter = request.app.state.login_limiter
     addr = client_addr(request)
-    attempt = limiter.start(username, addr)
+    attempt = limiter.start(username, addr, known=lambda: _signed_in_from(db, username, addr))
     if attempt is None:
         raise HTTPException(429, "too many failed logins; wait a minute and try again",
                             headers={"Retry-After": str(int(limiter.window_s))})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,9 +131,23 @@ class LoginLimiter:
             q.popleft()
         return q
 
-    def start(self, user: str, addr: str) -> Attempt | None:
-        """Count an attempt; None (nothing counted) when any of its limits is reached."""
+    def start(self, user: str, addr: str, known: Callable[[], bool] | None = None
+              ) -> Attempt | None:
+        """Count an attempt; None (nothing counted) when any of its limits is reached.
+
+        The per-user-name limit alone would let anyone who knows a name lock its user out
+        (a few wrong passwords a minute from many hosts): when it is the only limit reached,
+        an address ``known`` to have signed in as that user before still gets its attempt
+        (``known`` is called only then). Distributed guessing stays capped: the guessing hosts
+        never signed in as the user."""
         keys = (("pair", f"{addr}\n{user}"), ("addr", addr), ("user", user))
+        attempt = self._count(keys, ignore=None)
+        if attempt is None and known is not None and self._only_user_full(keys) and known():
+            attempt = self._count(keys, ignore="user")
+        return attempt
+
+    def _count(self, keys: tuple[tuple[str, str], ...], ignore: str | None) -> Attempt | None:
+        """Check and count in one step (parallel attempts cannot all slip under a limit)."""
         now = time.monotonic()
         with self._lock:
             # Bound memory under a spray of names, pruning at most once a second (each prune
@@ -141,11 +156,18 @@ class LoginLimiter:
                 self._pruned_at = now
                 for key in [k for k, q in self._attempts.items() if not self._recent(k, now)]:
                     del self._attempts[key]
-            if any(len(self._recent(k, now)) >= self.limits[k[0]] for k in keys):
+            if any(len(self._recent(k, now)) >= self.limits[k[0]] for k in keys
+                   if k[0] != ignore):
                 return None
             for key in keys:
                 self._attempts[key].append(now)
         return Attempt(keys, now)
+
+    def _only_user_full(self, keys: tuple[tuple[str, str], ...]) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return all((len(self._recent(k, now)) >= self.limits[k[0]]) == (k[0] == "user")
+                       for k in keys)
 
     def withdraw(self, attempt: Attempt, *, clear_pair: bool = False) -> None:
         """Uncount ``attempt`` (it succeeded, or was never checked); ``clear_pair`` also
