@@ -62,6 +62,12 @@ def test_health_openapi_and_security_headers(server) -> None:
     assert r.headers["referrer-policy"] == "same-origin"
     paths = c.get("/openapi.json").json()["paths"]
     assert {"/api/login", "/api/tasks/next", "/api/judgments", "/api/admin/stats"} <= set(paths)
+    # One user's pages, answers and exports are kept by no cache; static files may be.
+    admin = server.client("admin")
+    for r in (server.client("ann").get("/api/tasks/next"), admin.get("/admin"),
+              admin.get("/api/admin/export"), c.get("/login")):
+        assert r.headers["cache-control"] == "no-store", r.request.url
+    assert "cache-control" not in c.get("/static/app.css").headers
 
 
 def test_next_submit_replay_and_conflicts(any_server) -> None:

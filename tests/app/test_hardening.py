@@ -369,3 +369,59 @@ def test_serve_warns_about_a_database_others_can_read(tmp_path) -> None:
     (tmp_path / "old.db").chmod(0o644)
     assert "chmod 600" in readable_by_others(url)
     assert readable_by_others("postgresql+psycopg://u@h/db") is None
+
+
+# -- audit s14: values PostgreSQL cannot store are the client's mistake ------------------------
+
+
+def test_nul_characters_and_ids_beyond_the_store_are_422_not_500(any_server, monkeypatch) -> None:
+    """PostgreSQL cannot store NUL and its ids are 32-bit: such input was a 500 (before any
+    login for /api/login) and made the writer roll back and rerun its whole group."""
+    anon, ann = any_server.client(), any_server.client("ann")
+    lease = ann.get("/api/tasks/next").json()
+    big = 2**31
+    for r in (
+        anon.post("/api/login", json={"username": "ann\x00", "password": "x" * 9}),
+        anon.post("/login", data={"username": "ann\x00", "password": "x" * 9}),
+        ann.get("/api/tasks/next", params={"batch": "round\x00"}),
+        ann.get("/annotate", params={"batch": "round\x00"}),
+        ann.post(f"/api/tasks/{big}/skip"),
+        ann.post("/api/judgments", json={"task_id": big, "ranking": [[1], [2]],
+                                         "idempotency_key": "k"}),
+        ann.post("/api/judgments", json={"task_id": lease["task_id"], "ranking": [
+            [lease["responses"][0]["id"]], [lease["responses"][1]["id"]]],
+            "idempotency_key": "k\x00"}),
+        any_server.client("admin").post("/api/admin/tasks", json={"batch": "chat", "rows": [
+            {"prompt": [{"role": "user", "content": "hi\x00"}], "responses": ["a", "b"]}]}),
+    ):
+        assert r.status_code == 422, (r.request.url, r.status_code, r.text)
+    # A value that gets past validation and is refused by the database is a 422 as well.
+    from sqlalchemy.exc import DataError as StoreDataError
+
+    from rewardloop.app import api
+
+    def refuse(*args, **kwargs):
+        raise StoreDataError("INSERT ...", {}, ValueError("integer out of range"))
+
+    monkeypatch.setattr(api.Q, "next_task", refuse)
+    r = ann.get("/api/tasks/next")
+    assert r.status_code == 422 and "cannot store" in r.json()["detail"]
+
+
+def test_weak_passwords_are_refused(sqlite_store, tmp_path) -> None:
+    """Only the length was checked: "password", "12345678" and the user's own name were taken
+    (audit s14, security L2)."""
+    from rewardloop.errors import UserError
+
+    for password, words in (("short", "at least 8"), ("Password", "first any attacker"),
+                            ("12345678", "first any attacker"), ("aaaaaaaaaa", "first any"),
+                            ("frankfrank!", "user name"), ("my-FRANK-pass", "user name")):
+        with sqlite_store.write() as s, pytest.raises(UserError, match=words):
+            accounts.add_user(s, "frank", "annotator", password=password)
+    with sqlite_store.write() as s:
+        accounts.add_user(s, "frank", "annotator", password="amber tiger river")
+    weak = tmp_path / "weak"
+    weak.write_text("password123\n")
+    r = CliRunner().invoke(cli_app, ["users", "add", "gina", "--role", "annotator",
+                                     "--password-file", str(weak), "--db", sqlite_store.url])
+    assert r.exit_code == 2 and "first any attacker tries" in r.output, r.output

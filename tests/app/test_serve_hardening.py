@@ -100,6 +100,7 @@ def test_m1_small_body_cap_and_validation_errors_echo_nothing(running) -> None:
         assert r.status_code == 422 and secret not in r.text
         r = c.post("/api/login", json={"username": "ann", "password": secret})
         assert r.status_code == 401 and secret not in r.text
+        assert "server" not in r.headers  # no "uvicorn" to fingerprint (audit s14, L5)
     assert secret not in running.log_path.read_text()
 
 

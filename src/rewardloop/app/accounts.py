@@ -56,9 +56,28 @@ class Principal:
         return self.role == "admin"
 
 
-def hash_password(password: str) -> str:
+# The most common passwords of 8 or more characters in breach lists (NIST 800-63B asks to refuse
+# those): the first ones tried against any login.
+COMMON_PASSWORDS = frozenset({
+    "password", "password1", "password123", "12345678", "123456789", "1234567890",
+    "87654321", "11111111", "00000000", "qwertyui", "qwerty123", "qwertyuiop", "1q2w3e4r",
+    "1qaz2wsx", "abcd1234", "abcdefgh", "iloveyou", "sunshine", "football", "baseball",
+    "welcome1", "letmein1", "admin123", "administrator", "trustno1", "princess", "superman",
+    "starwars", "whatever", "changeme", "passw0rd", "p@ssw0rd", "zaq12wsx", "asdfghjkl"})
+
+
+def hash_password(password: str, name: str | None = None) -> str:
+    """The stored hash of a new ``password`` (of user ``name``), refusing one shorter than
+    MIN_PASSWORD, one of the most common, one character repeated, or one that contains the
+    user name."""
     if len(password) < MIN_PASSWORD:
         raise UserError(f"a password needs at least {MIN_PASSWORD} characters")
+    lowered = password.lower()
+    if lowered in COMMON_PASSWORDS or len(set(password)) == 1:
+        raise UserError("that password is among the first any attacker tries; choose another "
+                        "(a few unrelated words make a strong one)")
+    if name and name.lower() in lowered:
+        raise UserError("a password may not contain the user name")
     return _HASHER.hash(password)
 
 
@@ -114,7 +133,8 @@ def add_user(session: Session, name: str, role: str, *, password: str | None = N
     if session.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
         raise UserError(f"a user named {name!r} already exists")
     user = Annotator(name=name, role=role, groups=list(groups or []),
-                     password_hash=hash_password(password) if password is not None else None)
+                     password_hash=(hash_password(password, name) if password is not None
+                                    else None))
     session.add(user)
     session.flush()
     session.add(AuditEvent(actor_id=None, action="user.add",

@@ -10,7 +10,7 @@ import tempfile
 from functools import partial
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +20,8 @@ from starlette.background import BackgroundTask
 from rewardloop.app import accounts
 from rewardloop.app.deps import HOT_SECURITY, SESSION_COOKIE, Admin, Db, DbDep, HotCreds, User
 from rewardloop.app.schemas import (
+    MAX_ID,
+    BatchQuery,
     JudgmentIn,
     JudgmentOut,
     LeaseOut,
@@ -133,7 +135,7 @@ def _batch_id(session: Session, name: str | None) -> int | None:
 @router.get("/tasks/next", response_model=TaskOut, openapi_extra=HOT_SECURITY,
             responses={204: {"description": "Nothing left for you"}, **ERRORS})
 async def next_task(creds: HotCreds, request: Request,
-                    batch: Annotated[str | None, Query(max_length=255)] = None
+                    batch: BatchQuery = None
                     ) -> Response | TaskOut:
     """Lease the next task to the caller (or the one they hold), responses in shown order."""
 
@@ -174,7 +176,7 @@ async def submit_judgment(body: JudgmentIn, creds: HotCreds, request: Request,
 
 
 @router.post("/tasks/{task_id}/skip", status_code=204, responses=ERRORS)
-def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
+def skip_task(task_id: Annotated[int, Path(ge=1, le=MAX_ID)], who: User,
               db: DbDep) -> Response:
     """Give a leased task back without judging it; it is not offered to the caller again."""
     db.run_refusable_sync(lambda s: Q.skip_task(s, who.id, task_id))
@@ -184,7 +186,7 @@ def skip_task(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
 @router.post("/tasks/{task_id}/renew", responses={
     404: {"description": "Not leased to you (judged, skipped or never held)"},
     409: {"description": "The lease ran out and someone else took the task"}, **ERRORS})
-def renew_lease(task_id: Annotated[int, Path(ge=1, le=2**62)], who: User,
+def renew_lease(task_id: Annotated[int, Path(ge=1, le=MAX_ID)], who: User,
                 db: DbDep, request: Request) -> LeaseOut:
     """Extend the caller's lease on a task to the lease length from now (10 minutes unless
     `serve --lease-minutes` says otherwise; the annotate page does this while its reader is
@@ -281,7 +283,7 @@ _COUNT_HEADER = {"schema": {"type": "integer"}}
                                       "(trl and hh cannot express a tie)"}}}, **ERRORS})
 def export(who: Admin, db: DbDep,
            format: Literal["trl", "ranking", "kto", "hh"] = "trl",  # noqa: A002
-           batch: Annotated[str | None, Query(max_length=255)] = None) -> FileResponse:
+           batch: BatchQuery = None) -> FileResponse:
     """All judgments (of ``batch``) as JSONL in a training format (see docs/server.md)."""
     return export_response(db, format, batch)
 

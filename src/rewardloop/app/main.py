@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
+from sqlalchemy.exc import DataError as StoreDataError
 
 from rewardloop import __version__
 from rewardloop.app import accounts
@@ -79,6 +80,14 @@ def create_app(store: Store, *, secret: str | None = None, max_body: int = MAX_B
     @app.exception_handler(RequestValidationError)
     def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StoreDataError)
+    def _unstorable(_request: Request, exc: StoreDataError) -> JSONResponse:
+        # A value the database refuses (PostgreSQL: a NUL character, a number out of range)
+        # that validation let through: the client's mistake, not a server error.
+        log.warning("the database refused a value: %s", exc.orig)
+        return JSONResponse({"detail": "a value the database cannot store (a NUL character "
+                             "or a number out of range)"}, status_code=422)
 
     @app.exception_handler(WriterUnavailable)
     def _no_writer(_request: Request, exc: WriterUnavailable) -> JSONResponse:

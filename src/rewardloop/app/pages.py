@@ -21,6 +21,7 @@ from rewardloop.app.accounts import Principal
 from rewardloop.app.api import do_login, export_response, set_session_cookie
 from rewardloop.app.deps import SESSION_COOKIE, page_user, tokens_equal
 from rewardloop.app.render import markdown, prompt_html, prompt_text
+from rewardloop.app.schemas import NO_NUL, BatchQuery
 from rewardloop.app.stats import admin_stats
 from rewardloop.data.schema import Batch, ComparisonTask, Judgment, utcnow
 from rewardloop.errors import DataError, UserError
@@ -87,7 +88,7 @@ def login_page(request: Request,
 
 
 @router.post("/login")
-def login_form(request: Request, username: Annotated[str, Form(max_length=120)],
+def login_form(request: Request, username: Annotated[str, Form(max_length=120, pattern=NO_NUL)],
                password: Annotated[str, Form(max_length=1024)],
                next: Annotated[str | None, Form(max_length=2000)] = None,  # noqa: A002
                ) -> Response:
@@ -146,7 +147,7 @@ def _lease_page(session: Session, who: Principal, batch_name: str | None, lease_
 
 @router.get("/annotate")
 def annotate(request: Request,
-             batch: Annotated[str | None, Query(max_length=255)] = None) -> Response:
+             batch: BatchQuery = None) -> Response:
     who = page_user(request)
     if who is None:
         return _to_login(request)
@@ -180,7 +181,7 @@ def admin(request: Request) -> Response:
 @router.get("/admin/export")
 def admin_export(request: Request,
                  format: Annotated[str, Query(max_length=20)] = "trl",  # noqa: A002
-                 batch: Annotated[str | None, Query(max_length=255)] = None) -> Response:
+                 batch: BatchQuery = None) -> Response:
     """The admin page's export links: the file as a download, or a page that says why not.
     (A link to the JSON API left a cancelled download and no word when the session had ended.)
     A lapsed session goes to login and back to /admin, where the link is clicked again."""

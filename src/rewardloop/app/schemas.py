@@ -5,12 +5,23 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rewardloop.data.values import IMPORT_KEY_PREFIX
 
+# The store's ids are 32-bit (PostgreSQL's integer): a larger one is no id, and PostgreSQL
+# would fail on it rather than find nothing.
+MAX_ID = 2**31 - 1
+# Text fields: PostgreSQL cannot store NUL, so no input may carry one (a query or form field
+# takes this pattern; a JSON body is checked by ``_TextIn``).
+NO_NUL = r"^[^\x00]*$"
+
+# A batch named in a query string (?batch=NAME).
+BatchQuery = Annotated[str | None, Query(max_length=255, pattern=NO_NUL)]
+
 # Strict: an id is a JSON integer, never "7" or true (lax pydantic would take both).
-ResponseId = Annotated[int, Field(ge=1, le=2**62, strict=True)]
+ResponseId = Annotated[int, Field(ge=1, le=MAX_ID, strict=True)]
 Group = Annotated[list[ResponseId], Field(min_length=1, max_length=64)]
 StrictIndex = Annotated[int, Field(ge=0, le=63, strict=True)]  # a response's index in its row
 
@@ -19,7 +30,33 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LoginIn(_In):
+class _TextIn(_In):
+    """A body whose texts are checked for NUL here (a task upload's rows are checked row by
+    row by the data layer, which names the line and field)."""
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> _TextIn:
+        if any("\x00" in text for text in _texts(self.__dict__)):
+            raise ValueError("text may not contain NUL characters (\\u0000)")
+        return self
+
+
+def _texts(value: Any) -> Any:
+    """Every string inside ``value`` (dicts' keys and values, lists, models)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
+    elif isinstance(value, BaseModel):
+        yield from _texts(value.__dict__)
+
+
+class LoginIn(_TextIn):
     username: str = Field(min_length=1, max_length=120)
     password: str = Field(min_length=1, max_length=1024)
 
@@ -55,8 +92,8 @@ class LeaseOut(BaseModel):
                               "any difference between the server's and the client's clocks).")
 
 
-class JudgmentIn(_In):
-    task_id: int = Field(ge=1, le=2**62, strict=True)
+class JudgmentIn(_TextIn):
+    task_id: int = Field(ge=1, le=MAX_ID, strict=True)
     ranking: list[Group] = Field(min_length=1, max_length=64,
                                  description="Groups of response ids, best first; a group of "
                                              "two or more is a tie.")

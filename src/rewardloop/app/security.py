@@ -19,6 +19,7 @@ HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
+NO_STORE = [(b"cache-control", b"no-store")]
 # Every route takes small JSON bodies except the admin's task upload: a small cap bounds the
 # work a single (even unauthenticated) request can cause before anything checks it.
 MAX_BODY = 64 * 1024
@@ -58,13 +59,16 @@ class SecurityMiddleware:
                     break
             receive = _replay(messages, receive)
         started = False
+        # Pages, API answers and exports are one user's: no browser or proxy may keep them
+        # (an export stayed in the disk cache after logout). Static files may be cached.
+        extra = HEADERS if scope["path"].startswith("/static/") else HEADERS + NO_STORE
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 message = dict(message)
-                message["headers"] = list(message.get("headers", [])) + HEADERS
+                message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
         try:

@@ -196,7 +196,8 @@ def register(app: typer.Typer) -> None:
                        " (or check --db)", err=True)
         options: dict[str, Any] = dict(
             log_level=log_level, proxy_headers=proxy_headers or forwarded_allow_ips is not None,
-            forwarded_allow_ips=allowed, access_log=log_level in ("debug", "info"))
+            forwarded_allow_ips=allowed, access_log=log_level in ("debug", "info"),
+            server_header=False)  # no "server: uvicorn" to fingerprint
         typer.echo(f"serving {store.safe_url} on http://{host}:{port}"
                    + (f" with {workers} worker processes" if workers > 1 else ""), err=True)
         if sock is not None:

@@ -44,8 +44,9 @@ def register(app: typer.Typer) -> None:
             "for fairness analysis. No , = or @ in a name (reward mixes name groups as "
             "RUN@group=w,group=w)."),
         password_file: Path | None = typer.Option(
-            None, "--password-file", help="File whose first line is the password (8+ chars). "
-            "Without it and without --token you are asked on the terminal."),
+            None, "--password-file", help="File whose first line is the password (8+ chars, "
+            "not a common one, not containing the user name). Without it and without --token "
+            "you are asked on the terminal."),
         token: bool = typer.Option(
             False, "--token", help="Also create a bearer token for scripts; it is printed once, "
             "alone on the last line."),

@@ -270,6 +270,8 @@ def _check_storable(row: Mapping[str, Any], prompt: Any, texts: list[str],
     try:
         if isinstance(prompt, str):
             F.check_str(prompt, "prompt")
+        else:  # chat messages (their content is stored as JSON: PostgreSQL keeps a NUL there)
+            F.check_json(prompt, "prompt")
         for i, text in enumerate(texts):
             F.check_str(text, f"responses[{i}]")
         for i, model in enumerate(models):
