@@ -29,7 +29,7 @@ ADMIN_ROUTES = [r for r in ROUTES if "/admin/" in r[1]]
 def _judge(client, lease, key=None, ranking=None, **fields):
     ids = [r["id"] for r in lease["responses"]]
     body = {"task_id": lease["task_id"], "ranking": ranking or [[ids[0]], [ids[1]]],
-            "idempotency_key": key or uuid.uuid4().hex, "strength": "clear", "time_ms": 1500,
+            "idempotency_key": key or uuid.uuid4().hex, "strength": "clear", "time_ms": 500,
             **fields}
     return client.post("/api/judgments", json=body)
 
@@ -96,7 +96,10 @@ def test_next_submit_replay_and_conflicts(any_server) -> None:
     with any_server.store.read() as s:
         assert s.scalar(select(func.count()).select_from(S.Judgment)) == 2
         j = s.scalars(select(S.Judgment).where(S.Judgment.id == r1.json()["id"])).one()
-        assert j.shown_order == ids and j.time_ms == 1500 and j.strength == "clear"
+        bobs = s.scalars(select(S.Judgment).where(S.Judgment.annotator_id != j.annotator_id)
+                         ).one()
+        assert bobs.time_ms == 500
+        assert j.shown_order == ids and j.time_ms == 500 and j.strength == "clear"
         assert j.guideline_version is not None and j.rationale is None
 
 

@@ -178,8 +178,8 @@ _OPEN_PG = {(b, wait): Prepared(
     .with_for_update(skip_locked=not wait, of=_T))
     for b in (False, True) for wait in (False, True)}
 _ACTIVE = Prepared(_active_leases(bindparam("tid")))
-_OWN_LEASE = Prepared(select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.expires_at,
-                             _A.c.guideline_version).where(
+_OWN_LEASE = Prepared(select(_A.c.id, _A.c.shown_order, _A.c.completed, _A.c.leased_at,
+                             _A.c.expires_at, _A.c.guideline_version).where(
     _A.c.task_id == bindparam("tid"), _A.c.annotator_id == bindparam("aid")))
 _ITEMS = Prepared(select(_I.c.response_id).where(_I.c.task_id == bindparam("tid"))
                   .order_by(_I.c.position))
@@ -415,7 +415,8 @@ def _replay(session: Session, prior: Any, task_id: int, ranking: Any,
     if given.get("margin") is not None:
         stored["margin"] = session.scalar(_MARGIN, {"jid": prior.id})
     differ = [name for name, value in given.items()
-              if value is not None or name in _ALWAYS_COMPARED if stored[name] != value]
+              if value is not None or name in _ALWAYS_COMPARED if stored[name] != value
+              and not (name == "time_ms" and _capped(stored[name], value))]
     if prior.task_id != task_id or prior.ranking != _normalise(ranking):
         differ.insert(0, "task_id" if prior.task_id != task_id else "ranking")
     if differ:
@@ -423,6 +424,11 @@ def _replay(session: Session, prior: Any, task_id: int, ranking: Any,
                         f"({', '.join(differ)} differ); use a fresh key for each judgment")
     stored.pop("margin", None)
     return Recorded(**{k: v for k, v in stored.items() if k != "rationale"})
+
+
+def _capped(stored: int | None, claimed: int | None) -> bool:
+    """Whether a stored time is the claimed one capped at the time that had passed."""
+    return stored is not None and claimed is not None and stored < claimed
 
 
 # What an API client always sends (or leaves out) itself; the rest is compared when given.
@@ -508,6 +514,12 @@ def submit_judgment(
             return _replay(session, prior, task_id, ranking, given), False
         raise TaskError(f"you have already judged task {task.id}")
     lease = _take_slot(db, task, own, require_lease)
+    if time_ms is not None and lease is not None and source == "human":
+        # The time a person took is what their client measured, and no more than has passed
+        # since the task was handed out (a client could claim ten minutes for each of 60
+        # judgments a second). 1 s of slack for the two clocks' rounding.
+        elapsed = (utcnow() - _aware(lease.leased_at)).total_seconds() * 1000
+        time_ms = min(time_ms, int(elapsed) + 1000)
     # The ranking is read last: who may not judge the task now (judged, skipped, no slot) is
     # told that, not the task's response ids.
     try:
