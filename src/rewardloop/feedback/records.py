@@ -55,10 +55,13 @@ def pair_values(ranking: Sequence[Sequence[int]]) -> dict[tuple[int, int], int]:
 
 
 def load_records(session: Session, batch: str | None = None) -> list[JudgmentRecord]:
-    """All judgments (of tasks in ``batch`` when given) as records, oldest first."""
-    query = (select(Judgment, ComparisonTask, Annotator)
+    """All judgments (of tasks in ``batch`` when given) as records, oldest first. Plain
+    columns, each annotator read once: loading an ORM object per judgment, task and annotator
+    was a quarter of `quality` at 200k judgments."""
+    query = (select(Judgment.id, Judgment.annotator_id, Judgment.ranking, Judgment.shown_order,
+                    ComparisonTask.id, ComparisonTask.kind, ComparisonTask.is_gold,
+                    ComparisonTask.gold_ranking)
              .join(ComparisonTask, ComparisonTask.id == Judgment.task_id)
-             .outerjoin(Annotator, Annotator.id == Judgment.annotator_id)
              .order_by(Judgment.id))
     if batch is not None:
         batch_id = session.scalar(select(Batch.id).where(Batch.name == batch))
@@ -66,7 +69,9 @@ def load_records(session: Session, batch: str | None = None) -> list[JudgmentRec
             raise UserError(f"--batch: no batch named {batch!r} in the store")
         query = query.where(ComparisonTask.batch_id == batch_id)
     rows = session.execute(query).all()
-    task_ids = sorted({task.id for _, task, _ in rows})
+    people = {aid: (name, tuple(str(g) for g in (groups or []))) for aid, name, groups in
+              session.execute(select(Annotator.id, Annotator.name, Annotator.groups))}
+    task_ids = sorted({row[4] for row in rows})
     lengths: dict[int, dict[int, int]] = {t: {} for t in task_ids}
     for start in range(0, len(task_ids), 500):
         chunk = task_ids[start:start + 500]
@@ -75,10 +80,13 @@ def load_records(session: Session, batch: str | None = None) -> list[JudgmentRec
                 .join(Response, Response.id == TaskItem.response_id)
                 .where(TaskItem.task_id.in_(chunk))):
             lengths[task_id][rid] = int(n)
-    return [JudgmentRecord(
-        judgment_id=j.id, annotator=ann.name if ann is not None else None,
-        groups=tuple(str(g) for g in (ann.groups or [])) if ann is not None else (),
-        task_id=task.id, kind=task.kind, ranking=j.ranking, shown_order=j.shown_order,
-        gold_ranking=task.gold_ranking if task.is_gold else None, lengths=lengths[task.id])
-        for j, task, ann in rows]
+    nobody: tuple[str | None, tuple[str, ...]] = (None, ())
+    records = []
+    for jid, aid, ranking, shown, task_id, kind, is_gold, gold in rows:
+        name, groups = people.get(aid, nobody) if aid is not None else nobody
+        records.append(JudgmentRecord(
+            judgment_id=jid, annotator=name, groups=groups, task_id=task_id, kind=kind,
+            ranking=ranking, shown_order=shown, gold_ranking=gold if is_gold else None,
+            lengths=lengths[task_id]))
+    return records
 
