@@ -8,28 +8,21 @@ counts k(k-1)/2 times. ``feedback.quality`` has the chance-corrected statistics.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from itertools import combinations
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session
 
 from rewardloop.data.schema import Annotator, Batch, ComparisonTask, Judgment
 from rewardloop.feedback.audience import open_aimed_labels
 from rewardloop.feedback.groups import group_counts
+from rewardloop.feedback.records import pair_values
 from rewardloop.feedback.tasks import batch_progress
 
 RECENT = 20
-
-
-def pair_values(ranking: list[list[int]]) -> dict[tuple[int, int], int]:
-    """``(lo_id, hi_id) -> -1`` when lo won, ``1`` when hi won, ``0`` for a tie."""
-    rank = {rid: i for i, group in enumerate(ranking) for rid in group}
-    out = {}
-    for a, b in combinations(sorted(rank), 2):
-        out[(a, b)] = (rank[a] > rank[b]) - (rank[a] < rank[b])
-    return out
 
 
 def _ratio(hits: float, n: float) -> float | None:
@@ -71,35 +64,54 @@ def _groups(session: Session, members: dict[str, list[str]], judged_by: list[str
             for g, c in group_counts(members, judged_by).items()}
 
 
+def _judgment_rows(session: Session) -> list[tuple[Any, ...]]:
+    """(task_id, annotator_id, ranking, shown_order, gold_ranking) of every judgment, oldest
+    first: plain columns, the JSON ones decoded here (SQLAlchemy's JSON type costs more than
+    the decoding itself, at 200k judgments a second)."""
+    query = (select(Judgment.task_id, Judgment.annotator_id,
+                    cast(Judgment.ranking, Text),
+                    cast(Judgment.shown_order, Text),
+                    cast(ComparisonTask.gold_ranking, Text))
+             .join(ComparisonTask, ComparisonTask.id == Judgment.task_id)
+             .order_by(Judgment.id))
+    loads = json.loads
+    return [(task_id, aid, loads(ranking), loads(shown) if shown else None,
+             loads(gold) if gold else None)
+            for task_id, aid, ranking, shown, gold in session.execute(query)]
+
+
 def admin_stats(session: Session) -> dict[str, Any]:
     """Everything the admin page and ``GET /api/admin/stats`` show."""
-    rows = session.execute(
-        select(Judgment.task_id, Judgment.ranking, Judgment.shown_order, Judgment.time_ms,
-               Judgment.created_at, Annotator.name, ComparisonTask.gold_ranking)
-        .join(ComparisonTask, ComparisonTask.id == Judgment.task_id)
-        .outerjoin(Annotator, Annotator.id == Judgment.annotator_id)
-        .order_by(Judgment.id)).all()
+    people = {aid: name for aid, name in session.execute(select(Annotator.id, Annotator.name))}
+    rows = _judgment_rows(session)
     by_task: Votes = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     gold: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     first_wins = [0, 0]
-    for r in rows:
-        name = r.name or UNKNOWN
-        values = pair_values(r.ranking)
+    judged_by: list[str | None] = []
+    for task_id, annotator_id, ranking, shown_order, gold_ranking in rows:
+        known = people.get(annotator_id) if annotator_id is not None else None
+        judged_by.append(known)
+        name = known or UNKNOWN
+        values = pair_values(ranking)
         counts[name] += 1
-        by_task[r.task_id].append((name, values))
-        if r.gold_ranking:
-            truth = pair_values(r.gold_ranking)
+        by_task[task_id].append((name, values))
+        if gold_ranking:
+            truth = pair_values(gold_ranking)
             gold[name][0] += sum(values.get(u) == v for u, v in truth.items())
             gold[name][1] += len(truth)
-        top = r.ranking[0]
-        if r.shown_order and len(top) == 1:  # ties say nothing about position
-            first_wins[0] += int(top[0] == r.shown_order[0])
+        top = ranking[0]
+        if shown_order and len(top) == 1:  # ties say nothing about position
+            first_wins[0] += int(top[0] == shown_order[0])
             first_wins[1] += 1
     per_agree, total_agree = _agreement(by_task)
     batches = session.scalars(select(Batch).order_by(Batch.id)).all()
     members = {a.name: [str(g) for g in a.groups]
                for a in session.scalars(select(Annotator)) if a.groups}
+    recent = session.execute(
+        select(Judgment.created_at, Annotator.name, Judgment.task_id, Judgment.time_ms)
+        .outerjoin(Annotator, Annotator.id == Judgment.annotator_id)
+        .order_by(Judgment.id.desc()).limit(RECENT)).all()
     return {
         "judgments": len(rows),
         "progress": batch_progress(session),
@@ -114,8 +126,8 @@ def admin_stats(session: Session) -> dict[str, Any]:
         "gold_accuracy": _ratio(sum(g[0] for g in gold.values()), sum(g[1] for g in gold.values())),
         "position_bias": _ratio(*first_wins),
         "position_bias_n": first_wins[1],
-        "groups": _groups(session, members, [r.name for r in rows]),
+        "groups": _groups(session, members, judged_by),
         "recent": [
             {"at": r.created_at.isoformat(), "annotator": r.name, "task_id": r.task_id,
-             "time_ms": r.time_ms} for r in rows[::-1][:RECENT]],
+             "time_ms": r.time_ms} for r in recent],
     }

@@ -47,6 +47,9 @@ class JudgmentRecord:
 
 def pair_values(ranking: Sequence[Sequence[int]]) -> dict[tuple[int, int], int]:
     """Value of each unordered pair (smaller id, larger id) in a ranking: LO, HI or TIE."""
+    if len(ranking) == 2 and len(ranking[0]) == 1 and len(ranking[1]) == 1:  # most: a pair
+        better, worse = ranking[0][0], ranking[1][0]
+        return {(better, worse): LO} if better < worse else {(worse, better): HI}
     out = {}
     for better, worse, tie in ranking_pairs([list(g) for g in ranking]):
         lo, hi = sorted((better, worse))
