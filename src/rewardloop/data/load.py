@@ -203,13 +203,19 @@ def stats(store: Store) -> dict[str, Any]:
         by_source = dict(s.execute(select(Judgment.source, func.count())
                                    .group_by(Judgment.source)).all())
         annotators = _per_annotator(s)
-        texts = list(s.scalars(select(Response.text)))
-        rankings = list(s.scalars(select(Judgment.ranking)))
-    tied = sum(any(isinstance(g, list) and len(g) > 1 for g in r) for r in rankings)
+        # Streamed: the lengths are kept, not the texts (100k answers held 300 MB at once).
+        chars, words = [], []
+        for text in s.scalars(select(Response.text).execution_options(yield_per=2000)):
+            chars.append(len(text))
+            words.append(len(text.split()))
+        tied = judged = 0
+        for ranking in s.scalars(select(Judgment.ranking).execution_options(yield_per=5000)):
+            judged += 1
+            tied += any(isinstance(g, list) and len(g) > 1 for g in ranking)
     return {
         "counts": counts,
         "judgments_by_source": dict(sorted(by_source.items())),
         "annotators": annotators,
-        "response_length": length_stats(texts),
-        "tie_rate": tied / len(rankings) if rankings else None,
+        "response_length": length_stats(chars=chars, words=words),
+        "tie_rate": tied / judged if judged else None,
     }

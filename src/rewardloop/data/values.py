@@ -69,13 +69,16 @@ def ranking_pairs(ranking: list[list[int]]) -> list[tuple[int, int, bool]]:
     return pairs
 
 
-def length_stats(texts: Sequence[str]) -> dict[str, float]:
-    """Mean/median/p95 length in characters and words."""
-    if not texts:
+def length_stats(texts: Sequence[str] = (), *, chars: Sequence[int] | None = None,
+                 words: Sequence[int] | None = None) -> dict[str, float]:
+    """Mean/median/p95 length in characters and words, of ``texts`` or of lengths counted
+    already (``chars`` and ``words``, one per text)."""
+    if chars is None or words is None:
+        chars, words = [len(t) for t in texts], [len(t.split()) for t in texts]
+    if not chars:
         return {"n": 0}
-    chars = np.array([len(t) for t in texts], dtype=float)
-    words = np.array([len(t.split()) for t in texts], dtype=float)
-    return {"n": len(texts), "chars_mean": float(chars.mean()),
-            "chars_median": float(np.median(chars)), "chars_p95": float(np.quantile(chars, 0.95)),
-            "words_mean": float(words.mean()), "words_median": float(np.median(words)),
-            "words_p95": float(np.quantile(words, 0.95))}
+    c, w = np.asarray(chars, dtype=float), np.asarray(words, dtype=float)
+    return {"n": len(c), "chars_mean": float(c.mean()),
+            "chars_median": float(np.median(c)), "chars_p95": float(np.quantile(c, 0.95)),
+            "words_mean": float(w.mean()), "words_median": float(np.median(w)),
+            "words_p95": float(np.quantile(w, 0.95))}
