@@ -339,6 +339,101 @@ def _lock_batch_tasks(session: Session, batch: Batch | None, wait: bool) -> None
                         "when it is done (what was made is skipped)", status=503)
 
 
+PREFETCH_ROWS = 500  # candidates rows whose prompts and answers are looked up at once
+
+
+def _prefetch(session: Session, rows: Sequence[Mapping[str, Any]], checked: Sequence[_Row],
+              errs: Sequence[Any]) -> list[tuple[Prompt, list[Response]]]:
+    """Each row's prompt and answers, found or made with one query and one insert per kind
+    for all ``rows`` (one at a time, each a query and a savepoint, they cost 15 ms a row). A
+    writer elsewhere that made one of them first makes the insert fail: then the rows go the
+    one-at-a-time way, which takes the other writer's row."""
+    specs = [_prompt_spec(row, err) for row, err in zip(rows, errs, strict=True)]
+    by_digest: dict[str, Any] = {}
+    for spec in specs:  # a prompt given twice is made as its first row gives it
+        by_digest.setdefault(spec[0], spec)
+    prompts = _found_or_made(
+        session, Prompt, by_digest,
+        lambda digests: select(Prompt).where(Prompt.content_hash.in_(digests)),
+        lambda p: p.content_hash,
+        lambda spec: Prompt(text=spec[1], messages=spec[2], external_id=spec[3], meta={},
+                            content_hash=spec[0]))
+    if prompts is None:
+        return [_one_at_a_time(session, row, c, err)
+                for row, c, err in zip(rows, checked, errs, strict=True)]
+    wanted: dict[tuple[int, str], tuple[int, str, str | None]] = {}
+    for spec, c in zip(specs, checked, strict=True):
+        prompt = prompts[spec[0]]
+        for text, model in zip(c.texts, c.models, strict=True):
+            wanted.setdefault((prompt.id, content_hash(text)), (prompt.id, text, model))
+    pids = sorted({key[0] for key in wanted})
+    responses = _found_or_made(
+        session, Response, wanted,
+        lambda keys: select(Response).where(Response.prompt_id.in_(pids),
+                                            Response.content_hash.in_({h for _, h in keys})),
+        lambda r: (r.prompt_id, r.content_hash),
+        lambda spec: Response(prompt_id=spec[0], text=spec[1], model=spec[2], gen_settings={},
+                              content_hash=content_hash(spec[1])))
+    if responses is None:
+        return [_one_at_a_time(session, row, c, err)
+                for row, c, err in zip(rows, checked, errs, strict=True)]
+    out = []
+    for spec, c in zip(specs, checked, strict=True):
+        prompt = prompts[spec[0]]
+        out.append((prompt, [responses[(prompt.id, content_hash(t))] for t in c.texts]))
+    return out
+
+
+def _found_or_made(session: Session, model: Any, wanted: Mapping[Any, Any],
+                   query: Any, key_of: Any, make: Any) -> dict[Any, Any] | None:
+    """``model`` rows by key: those the store holds (``query`` of the keys, ``key_of`` a
+    row's key) and the others made from their spec (``make``) in one flush; None when another
+    writer made one of them meanwhile (nothing of this call is kept)."""
+    keys = list(wanted)
+    found: dict[Any, Any] = {}
+    for start in range(0, len(keys), 500):  # bound the IN list
+        for row in session.scalars(query(keys[start:start + 500])):
+            key = key_of(row)
+            if key in wanted:
+                found[key] = row
+    new = {key: make(spec) for key, spec in wanted.items() if key not in found}
+    if new:
+        try:
+            with session.begin_nested():
+                session.add_all(new.values())
+                session.flush()
+        except IntegrityError:
+            return None
+    return {**found, **new}
+
+
+def _prompt_spec(row: Mapping[str, Any], err: Any) -> tuple[str, str | None, Any, str | None]:
+    """(content hash, text, messages, external id) of a row's prompt, checked as
+    ``get_or_create_prompt`` checks it."""
+    value = row.get("prompt")
+    ext = row.get("id")
+    ext = str(ext) if ext is not None else None
+    if isinstance(value, str):
+        return content_hash(value), value, None, ext
+    if isinstance(value, list):
+        try:
+            _check_messages(value)
+        except DataError as exc:
+            raise err(str(exc), "prompt") from None
+        return content_hash(value), None, value, ext
+    raise err("needs a prompt: a string or a list of chat messages", "prompt")
+
+
+def _one_at_a_time(session: Session, row: Mapping[str, Any], checked: _Row, err: Any
+                   ) -> tuple[Prompt, list[Response]]:
+    prompt = _row_prompt(session, row, err)
+    responses = [get_or_create_response(session, prompt, t, model=m)
+                 for t, m in zip(checked.texts, checked.models, strict=True)]
+    if any(r.id is None for r in responses):
+        session.flush()
+    return prompt, responses
+
+
 def create_tasks_from_candidates(
     session: Session,
     rows: Sequence[Mapping[str, Any]],
@@ -373,15 +468,16 @@ def create_tasks_from_candidates(
     _lock_batch_tasks(session, batch, wait_for_batch)
     held: dict[int, dict[_Key, int]] = {}  # by prompt id
     created: list[ComparisonTask] = []
-    for i, (row, checked_row) in enumerate(zip(rows, checked, strict=True)):
+    answered: list[tuple[Prompt, list[Response]]] = []
+    for i, checked_row in enumerate(checked):
+        if i % PREFETCH_ROWS == 0:  # the chunk's prompts, answers and held tasks at once
+            end = min(i + PREFETCH_ROWS, len(rows))
+            answered = _prefetch(session, rows[i:end], checked[i:end],
+                                 [_errors(path, line_numbers, j) for j in range(i, end)])
+            new_ids = {p.id for p, _ in answered} - held.keys()
+            held.update(held_by_prompt(session, batch, sorted(new_ids)))
         err = _errors(path, line_numbers, i)
-        prompt = _row_prompt(session, row, err)
-        responses = [get_or_create_response(session, prompt, t, model=m)
-                     for t, m in zip(checked_row.texts, checked_row.models, strict=True)]
-        if any(r.id is None for r in responses):
-            session.flush()
-        if prompt.id not in held:
-            held[prompt.id] = held_comparisons(session, batch, prompt.id)
+        prompt, responses = answered[i % PREFETCH_ROWS]
         groups = ([list(range(len(responses)))] if kind == "ranking"
                   else _pairs(len(responses), pairing))
         for idx in groups:
@@ -419,11 +515,11 @@ class HeldTask:
     items: tuple[tuple[int, str | None], ...]
 
 
-def held_tasks(session: Session, batch: Batch, prompt_id: int | None = None
+def held_tasks(session: Session, batch: Batch, prompt_id: int | Sequence[int] | None = None
                ) -> list[HeldTask]:
-    """The tasks ``batch`` holds (for one prompt, given ``prompt_id``): what a creation that
-    must not make a comparison twice checks against (``create_tasks_from_candidates``, the
-    arena)."""
+    """The tasks ``batch`` holds (for one prompt, or several, given ``prompt_id``): what a
+    creation that must not make a comparison twice checks against
+    (``create_tasks_from_candidates``, the arena)."""
     if batch.id is None:
         session.flush()
     query = (select(ComparisonTask.id, ComparisonTask.prompt_id, ComparisonTask.kind,
@@ -432,8 +528,10 @@ def held_tasks(session: Session, batch: Batch, prompt_id: int | None = None
              .join(TaskItem, TaskItem.task_id == ComparisonTask.id)
              .join(Response, Response.id == TaskItem.response_id)
              .where(ComparisonTask.batch_id == batch.id))
-    if prompt_id is not None:
+    if isinstance(prompt_id, int):
         query = query.where(ComparisonTask.prompt_id == prompt_id)
+    elif prompt_id is not None:
+        query = query.where(ComparisonTask.prompt_id.in_(list(prompt_id)))
     about: dict[int, tuple[int, str, bool, str | None]] = {}
     items: dict[int, list[tuple[int, str | None]]] = {}
     for task_id, prompt, kind, is_gold, audience, response_id, item_model, model in (
@@ -453,10 +551,19 @@ def comparison_key(kind: str, response_ids: Sequence[int], is_gold: bool,
 def held_comparisons(session: Session, batch: Batch | None, prompt_id: int) -> dict[_Key, int]:
     """The tasks ``batch`` holds for one prompt, by ``comparison_key`` (none without a
     batch)."""
-    if batch is None:
-        return {}
-    return {comparison_key(t.kind, [r for r, _ in t.items], t.is_gold, t.audience): t.id
-            for t in held_tasks(session, batch, prompt_id)}
+    return held_by_prompt(session, batch, [prompt_id])[prompt_id]
+
+
+def held_by_prompt(session: Session, batch: Batch | None, prompt_ids: Sequence[int]
+                   ) -> dict[int, dict[_Key, int]]:
+    """``held_comparisons`` of each of ``prompt_ids``, in one query."""
+    held: dict[int, dict[_Key, int]] = {p: {} for p in prompt_ids}
+    if batch is None or not prompt_ids:
+        return held
+    for t in held_tasks(session, batch, prompt_ids):
+        held[t.prompt_id][comparison_key(t.kind, [r for r, _ in t.items], t.is_gold,
+                                         t.audience)] = t.id
+    return held
 
 
 def _row_prompt(session: Session, row: Mapping[str, Any], err: Any) -> Prompt:
