@@ -393,8 +393,16 @@ def test_nul_characters_and_ids_beyond_the_store_are_422_not_500(any_server, mon
             "idempotency_key": "k\x00"}),
         any_server.client("admin").post("/api/admin/tasks", json={"batch": "chat", "rows": [
             {"prompt": [{"role": "user", "content": "hi\x00"}], "responses": ["a", "b"]}]}),
+        any_server.client("admin").post("/api/admin/tasks", json={"batch": "b\x00", "rows": [
+            {"prompt": "hi", "responses": ["a", "b"]}]}),
+        any_server.client("admin").post("/api/admin/tasks", json={
+            "batch": "g", "guidelines": "be kind\x00", "rows": [
+                {"prompt": "hi", "responses": ["a", "b"]}]}),
     ):
         assert r.status_code == 422, (r.request.url, r.status_code, r.text)
+    with any_server.store.read() as s:  # nothing of them was stored (SQLite would keep NUL)
+        names = set(s.scalars(select(S.Batch.name)))
+        assert not names & {"b\x00", "g", "chat"}, names
     # A value that gets past validation and is refused by the database is a 422 as well.
     from sqlalchemy.exc import DataError as StoreDataError
 
@@ -420,6 +428,9 @@ def test_weak_passwords_are_refused(sqlite_store, tmp_path) -> None:
             accounts.add_user(s, "frank", "annotator", password=password)
     with sqlite_store.write() as s:
         accounts.add_user(s, "frank", "annotator", password="amber tiger river")
+        accounts.add_user(s, "ed", "annotator", password="red tomatoes here")  # a short name
+    with sqlite_store.write() as s, pytest.raises(UserError, match="user name"):
+        accounts.add_user(s, "ed-the-annotator", "annotator", password="ed-the-annotator")
     weak = tmp_path / "weak"
     weak.write_text("password123\n")
     r = CliRunner().invoke(cli_app, ["users", "add", "gina", "--role", "annotator",

@@ -197,19 +197,37 @@ def test_sleep_then_wake_keeps_outputs(tiny_dir: Path, policy: Any) -> None:
                       HFGenerator(updated, tokenizer).generate(ids, 1, GREEDY))
 
 
+NOPAD_CHILD = """
+import json, sys
+from rewardloop.engines.base import SamplingSettings
+from rewardloop.engines.factory import EngineOptions
+from rewardloop.engines.vllm_engine import VLLMGenerator
+from rewardloop.models import load_tokenizer
+
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+plain = load_tokenizer(path, padding_side="left", sampling_only=True)
+assert plain.pad_token_id is None
+engine = VLLMGenerator(path, plain, EngineOptions(generator="vllm"), dtype="float32")
+out = engine.generate(ids, 2, SamplingSettings(max_new_tokens=16, top_k=1))
+rows = [r[m.bool()].tolist() for r, m in zip(out.completion_ids, out.completion_mask)]
+print("ROWS " + json.dumps({"rows": rows, "texts": out.texts}))
+"""
+
+
 def test_a_model_without_a_pad_token_is_sampled_as_saved(tiny_dir: Path, policy: Any,
-                                                         tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         tmp_path: Path) -> None:
     """Llama 3, Mistral, GPT-2 ship no pad token: the engine loads the directory as it is (no
     pad added: it could not load a grown vocabulary) and its greedy answers equal the built-in
     loop's, which adds a pad of its own (as `generate --generator hf` does) and never samples
-    it; the old pad token is an ordinary token for both."""
+    it; the old pad token is an ordinary token for both. The engine runs in a process of its
+    own: a second engine in this one would tear down the session engine's parallel state."""
+    import os
     import shutil
+    import subprocess
+    import sys
 
     from transformers import AutoTokenizer
 
-    from rewardloop.engines.factory import EngineOptions
-    from rewardloop.engines.vllm_engine import VLLMGenerator
     from rewardloop.models import load_tokenizer, match_tokenizer
 
     model, _ = policy
@@ -219,19 +237,23 @@ def test_a_model_without_a_pad_token_is_sampled_as_saved(tiny_dir: Path, policy:
     saved.pad_token = None
     saved.save_pretrained(nopad)
     plain = load_tokenizer(nopad, padding_side="left", sampling_only=True)
-    assert plain.pad_token_id is None
-    # A second engine in this process: vLLM-CPU sizes a share of memory less what the process
-    # holds (the session engine), so it gets an explicit 1 GiB KV cache instead.
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMGenerator(nopad, plain, EngineOptions(generator="vllm"), dtype="float32")
+    ids = _ids(plain)
+    # A share of memory less what the child holds, as for the session engine, is fine there;
+    # an explicit 1 GiB KV cache keeps it small next to this process's engine.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    child = subprocess.run([sys.executable, "-c", NOPAD_CHILD, str(nopad), json.dumps(ids)],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    line = next(x for x in child.stdout.splitlines() if x.startswith("ROWS "))
+    got = json.loads(line.removeprefix("ROWS "))
     grown = copy.deepcopy(model)
     padded = load_tokenizer(nopad, padding_side="left", add_pad_token=True)
     match_tokenizer(grown, padded)
     assert len(padded) == len(plain) + 1
-    ids = _ids(plain)
-    ours = engine.generate(ids, 2, GREEDY)
-    _same_completions(ours, HFGenerator(grown, padded).generate(ids, 2, GREEDY))
-    assert ours.completion_mask.sum() > len(ids)  # answers, not empty rows
+    expected = HFGenerator(grown, padded).generate(ids, 2, GREEDY)
+    assert got["rows"] == [r[m.bool()].tolist() for r, m in zip(
+        expected.completion_ids, expected.completion_mask, strict=True)]
+    assert got["texts"] == expected.texts and sum(map(len, got["rows"])) > len(ids)
 
 
 def _grpo_rewards(root: Path, name: str, tiny_dir: Path, generator: Any,

@@ -92,7 +92,7 @@ def test_gradient_accumulation_gives_the_same_gradient_and_step(setup, tmp_path:
     for cfg in (full, micro):
         model = dpo.load_model(cfg, tokenizer, rt)
         ref = dpo_objectives.score_all(model, examples, tokenizer.pad_token_id,
-                                       cfg.length_normalize, 8)
+                                       cfg.mean_logps, 8)
         result = dpo.train_step(rt, model, objective, examples, ref, cfg,
                                 tokenizer.pad_token_id)
         grads.append((result.loss, {n: p.grad for n, p in model.named_parameters()}))

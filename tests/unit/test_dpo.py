@@ -138,15 +138,17 @@ def test_config_is_validated(tmp_path: Path, kw: dict, match: str) -> None:
 
 
 def test_simpo_and_orpo_always_use_mean_log_probs(tmp_path: Path) -> None:
-    assert _cfg(tmp_path, loss="simpo").length_normalize
-    assert _cfg(tmp_path, loss="orpo").length_normalize
-    assert not _cfg(tmp_path, loss="dpo").length_normalize
+    assert _cfg(tmp_path, loss="simpo").mean_logps
+    assert _cfg(tmp_path, loss="orpo").mean_logps
+    assert not _cfg(tmp_path, loss="dpo").mean_logps
     # IPO's target margin 1/(2β) is per token (its authors, TRL): mean log-probs by default.
     assert _cfg(tmp_path, loss="ipo").mean_logps
     assert not _cfg(tmp_path, loss="ipo", length_normalize=False).mean_logps
     assert _cfg(tmp_path, loss="dpo", length_normalize=True).mean_logps
-    with pytest.raises(ValueError, match="mean per-token"):
-        _cfg(tmp_path, loss="simpo", length_normalize=False)
+    # A dpo run's saved config.yaml (length_normalize as given: None) reused with --loss ipo
+    # gets ipo's default; an old one that saved false does not stop simpo (review s14 L3).
+    assert _cfg(tmp_path, loss="dpo").length_normalize is None
+    assert _cfg(tmp_path, loss="simpo", length_normalize=False).mean_logps
 
 
 def test_rpo_term_is_the_token_mean_nll_of_the_chosen(tok_model, tmp_path: Path) -> None:

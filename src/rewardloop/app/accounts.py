@@ -69,14 +69,15 @@ COMMON_PASSWORDS = frozenset({
 def hash_password(password: str, name: str | None = None) -> str:
     """The stored hash of a new ``password`` (of user ``name``), refusing one shorter than
     MIN_PASSWORD, one of the most common, one character repeated, or one that contains the
-    user name."""
+    user name (of 4 or more characters; a shorter one only as the whole password)."""
     if len(password) < MIN_PASSWORD:
         raise UserError(f"a password needs at least {MIN_PASSWORD} characters")
     lowered = password.lower()
     if lowered in COMMON_PASSWORDS or len(set(password)) == 1:
         raise UserError("that password is among the first any attacker tries; choose another "
                         "(a few unrelated words make a strong one)")
-    if name and name.lower() in lowered:
+    # A short name ("ed") is inside many good passphrases: then only the name itself is out.
+    if name and (lowered == name.lower() or (len(name) >= 4 and name.lower() in lowered)):
         raise UserError("a password may not contain the user name")
     return _HASHER.hash(password)
 

@@ -129,6 +129,9 @@ def get_or_create_batch(
     defaults to the first 12 hex digits of their hash so judgments record what was shown."""
     if not name or not name.strip():
         raise DataError("a batch needs a non-empty name")
+    for text, what in ((name, "batch name"), (guidelines, "guidelines")):
+        if text is not None and "\x00" in text:  # PostgreSQL cannot store it, SQLite would
+            raise DataError(f"the {what} contains a NUL character (\\u0000)")
     if guidelines is not None and guideline_version is None:
         guideline_version = content_hash(guidelines)[:12]
     query = select(Batch).where(Batch.name == name)

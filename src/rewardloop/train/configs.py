@@ -194,8 +194,8 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
     with ε > 0 is cdpo; ipo and kto take none."""
     length_normalize: bool | None = None
     """Use the mean log-prob per completion token instead of the sum. None: on for ipo (its
-    authors' choice, as in TRL: the target margin 1/(2β) is per token), simpo and orpo (defined
-    on it, always on); off for the others."""
+    authors' choice, as in TRL: the target margin 1/(2β) is per token); off for the others.
+    simpo and orpo always use it (they are defined on it)."""
     nll_coef: float = 0.0
     """RPO (Pang et al. 2024): add this times the token-mean NLL of the chosen answers."""
     desirable_weight: float = 1.0
@@ -219,9 +219,16 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
 
     @property
     def mean_logps(self) -> bool:
-        """Whether sequences score by their mean per-token log-prob (``length_normalize``
-        resolved for the loss)."""
-        return bool(self.length_normalize)
+        """Whether sequences score by their mean per-token log-prob: always for simpo and orpo
+        (defined on it: SimPO eq. 4, ORPO eq. 2; a saved ``length_normalize: false`` of another
+        loss does not stop them), else ``length_normalize``, whose None means on for ipo only.
+        The field itself is kept as given, so a saved config.yaml reused with another --loss
+        gets that loss's default."""
+        if self.loss in REFERENCE_FREE_LOSSES:
+            return True
+        if self.length_normalize is None:
+            return self.loss == "ipo"
+        return self.length_normalize
 
     def __post_init__(self) -> None:  # noqa: C901 (one independent check per field)
         _check_blocks(self)
@@ -242,13 +249,6 @@ class DPOConfig(RuntimeOptions, ModelOptions, LoraOptions, OfflineOptions, RunOp
             if self.ref_model is not None or not self.precompute_ref:
                 raise ValueError(f"{self.loss} uses no reference model: drop --ref-model and "
                                  "--ref-on-the-fly")
-            # Both are defined on mean per-token log-probs (SimPO eq. 4, ORPO eq. 2).
-            if self.length_normalize is False:
-                raise ValueError(f"{self.loss} is defined on mean per-token log-probs; drop "
-                                 "--no-length-normalize")
-        if self.length_normalize is None:
-            object.__setattr__(self, "length_normalize",
-                               self.loss in ("ipo", *REFERENCE_FREE_LOSSES))
         if self.simpo_gamma < 0:
             raise ValueError("simpo_gamma must be >= 0")
         if self.nll_coef < 0:

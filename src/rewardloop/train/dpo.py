@@ -180,7 +180,7 @@ def _fingerprint(cfg: DPOConfig, splits: Mapping[str, Sequence[Example]]) -> str
     or whose --data changed in place, must not line up the cache with other pairs)."""
     keys = ("model", "ref_model", "lora_r", "data", "eval_data", "eval_fraction", "data_format",
             "loss",
-            "max_length", "max_prompt_length", "length_normalize", "seed", "dtype")
+            "max_length", "max_prompt_length", "mean_logps", "seed", "dtype")
     digests = {}
     for name, examples in splits.items():
         h = hashlib.sha256()
