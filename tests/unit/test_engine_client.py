@@ -192,7 +192,7 @@ def test_generation_and_weight_push_through_the_protocol(serve) -> None:
     torch.manual_seed(11)  # the seed sent comes from the trainer's (seeded) generator
     assert seen["generate"] == {"prompts": [[3, 4], [2]], "n": 2, "settings": {
         "max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 5},
-        "seed": request_seed()}
+        "seed": request_seed(), "never": [0]}  # the trainer's pad is never sampled
     assert rollout.prompt_ids.tolist() == [[3, 4], [3, 4], [0, 2], [0, 2]]
     assert rollout.completion_ids.tolist() == [[5, 1, 0], [6, 7, 0], [1, 0, 0], [8, 9, 1]]
     assert rollout.completion_mask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]]
@@ -282,3 +282,17 @@ def test_the_client_ends_answers_at_every_stop_id(serve) -> None:
     generator = ServerGenerator(serve(engine), _Tokenizer(), stop_ids=[1, 7])
     rollout = generator.generate([[3]], 3, SamplingSettings(max_new_tokens=2))
     assert rollout.has_eos.tolist() == [True, True, False]
+
+
+def test_a_pad_the_server_samples_anyway_is_no_answer_token(serve) -> None:
+    """A pad added by --add-pad-token may be an ordinary token of the served model (which
+    vllm-serve loads without a pad): the client asks the server not to sample it, and one
+    that comes back anyway is masked, as the built-in loop masks it (review s14 M1)."""
+    def engine(handler, body):
+        if handler.path == "/health":
+            return _json(200, {"model": "m", "vllm": "0.32.0", "logprobs_mode": "raw_logprobs"})
+        return _json(200, {"completion_ids": [[5, 0, 6, 1]], "logps": [[-1, -1, -1, -1]]})
+
+    rollout = ServerGenerator(serve(engine), _Tokenizer()).generate([[3]], 1, SamplingSettings())
+    assert rollout.completion_mask.tolist() == [[1, 0, 1, 1]] and rollout.has_eos.tolist() == [True]
+    assert rollout.texts == ["5 6"]

@@ -294,11 +294,11 @@ def test_vllm_stops_on_every_eos_id_of_the_models_generation_config(tmp_path: Pa
     assert saved_stop_ids(plain, load_tokenizer(plain)) == [eos]
 
     fields = vllm_sampling_fields(SamplingSettings(max_new_tokens=7, temperature=0.8, top_k=0),
-                                  3, pad, [eos, eot])
+                                  3, [pad], [eos, eot])
     assert fields == {"n": 3, "max_tokens": 7, "temperature": 0.8, "top_p": 1.0, "top_k": -1,
                       "logprobs": 0, "logit_bias": {pad: -100.0}, "stop_token_ids": [eos, eot],
                       "detokenize": False}
-    assert vllm_sampling_fields(SamplingSettings(top_k=5), 1, pad, [eos])["top_k"] == 5
+    assert vllm_sampling_fields(SamplingSettings(top_k=5), 1, [pad], [eos])["top_k"] == 5
 
     # The engine's outputs end at <|eot|>, at EOS, or at the limit.
     completions = [[10, 11, eot], [12, eos], [13, 14, 15]]

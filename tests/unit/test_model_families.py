@@ -207,7 +207,7 @@ def test_vllm_generation_takes_a_model_without_a_pad_token(tiny: Path, tmp_path:
     t.pad_token = t.eos_token
     t.save_pretrained(eos_pad)
     assert load_tokenizer(eos_pad, sampling_only=True).pad_token_id is None  # EOS stays a stop
-    assert "logit_bias" not in vllm_sampling_fields(SamplingSettings(), 1, None, [eos])
+    assert "logit_bias" not in vllm_sampling_fields(SamplingSettings(), 1, [], [eos])
 
     word = tok.convert_tokens_to_ids(tok.tokenize("order")[0])
     rollout = rollout_from_tokens([[7, 8], [9]], 2, [[word, eos], [word, word], [], [eos]],

@@ -223,6 +223,8 @@ def rollout_from_tokens(prompts: Sequence[Sequence[int]], n: int,
     raw = pad([list(c) or [-1] for c in completions], -1)
     completion_mask, has_eos = ops.completion_mask(raw, stops)
     completion_mask = completion_mask * (raw >= 0).long()
+    if tokenizer.pad_token_id is not None:  # a pad an engine sampled anyway is no answer token
+        completion_mask = completion_mask * (raw != tokenizer.pad_token_id).long()
     completion_ids = raw.masked_fill(raw < 0, pad_id)
     sampler = None
     if logps is not None:

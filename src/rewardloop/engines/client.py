@@ -135,13 +135,17 @@ class ServerClient:
         return self._call("GET", "/health")
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings,
-                 seed: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 seed: int | None = None, never: Sequence[int] = ()
+                 ) -> tuple[list[list[int]], list[list[float]]]:
         """``n`` completions per prompt and their tokens' log-probs; with a ``seed`` they depend
-        on it alone (and a call tried again asks for the same answers)."""
+        on it alone (and a call tried again asks for the same answers); ``never``: token ids
+        the server must not sample (the trainer's pad)."""
         request: dict[str, Any] = {"prompts": [list(p) for p in prompts], "n": n,
                                    "settings": asdict(settings)}
         if seed is not None:
             request["seed"] = seed
+        if never:
+            request["never"] = [int(i) for i in never]
         body = self._call("POST", "/generate", json=request)
         ids, logps = body.get("completion_ids"), body.get("logps")
         if not isinstance(ids, list) or not isinstance(logps, list) or len(ids) != len(logps):
@@ -199,7 +203,11 @@ class ServerGenerator:
                 push_once(self.client.load_weights, weights)
         # A seed from the trainer's generator (seeded per rank, restored on resume): the
         # server's answers then depend on the run, not on what else it served before.
-        ids, logps = self.client.generate(prompts, n, settings, seed=request_seed())
+        # The trainer's pad (one --add-pad-token added may be an ordinary token to the
+        # served model, which loads its directory without a pad) is never sampled.
+        pad = self.tokenizer.pad_token_id
+        ids, logps = self.client.generate(prompts, n, settings, seed=request_seed(),
+                                          never=() if pad is None else (pad,))
         return rollout_from_tokens(prompts, n, ids, logps, self.tokenizer, self.stop_ids)
 
 

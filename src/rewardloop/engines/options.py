@@ -82,19 +82,19 @@ class EngineOptions:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
-def vllm_sampling_fields(settings: SamplingSettings, n: int, pad_id: int | None,
+def vllm_sampling_fields(settings: SamplingSettings, n: int, never: Sequence[int],
                          stop_ids: Sequence[int]) -> dict[str, Any]:
     """vLLM ``SamplingParams`` fields for ``settings`` (kept free of vLLM so they are tested
-    without it): the log-prob of each sampled token, the pad token (None: the model has none)
-    never sampled (it would read as padding inside an answer), a stop at each of ``stop_ids``
-    (the tokenizer's EOS and the model's generation-config EOS ids, as the built-in loop; the
-    stop token stays in the output). The engine runs without its tokenizer (we decode), so
-    stops are token ids."""
+    without it): the log-prob of each sampled token, the ``never`` tokens not sampled (the pad:
+    the engine's own, and a trainer's that a server is told of; it would read as padding inside
+    an answer), a stop at each of ``stop_ids`` (the tokenizer's EOS and the model's
+    generation-config EOS ids, as the built-in loop; the stop token stays in the output). The
+    engine runs without its tokenizer (we decode), so stops are token ids."""
     fields = {"n": n, "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
               "top_p": settings.top_p, "top_k": settings.top_k if settings.top_k > 0 else -1,
               "logprobs": 0, "stop_token_ids": list(stop_ids), "detokenize": False}
-    if pad_id is not None:
-        fields["logit_bias"] = {pad_id: -100.0}
+    if never:
+        fields["logit_bias"] = {int(i): -100.0 for i in never}
     return fields
 
 

@@ -189,14 +189,17 @@ class VLLMGenerator:
             self.asleep = False
 
     def sample(self, prompts: Sequence[Sequence[int]], n: int, settings: SamplingSettings,
-               seed: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+               seed: int | None = None, never: Sequence[int] = ()
+               ) -> tuple[list[list[int]], list[list[float]]]:
         """``n`` completions per prompt (contiguous) and the log-prob of each of their tokens.
 
         With a ``seed`` each completion is drawn from a generator of its own: vLLM seeds the
         k-th of a request's ``n`` copies with the request's seed + k
         (``vllm/v1/engine/parallel_sampling.py``), so prompt i's request gets ``seed + i * n``
         and no two rows share a stream (two equal prompts under one seed would get equal
-        answers). Without, vLLM draws from torch's global generator. A prompt that does not
+        answers). Without, vLLM draws from torch's global generator. ``never``: token ids not
+        to sample besides the pad (a client's pad, which this engine's model may not call
+        one). A prompt that does not
         leave room for ``max_new_tokens`` in the engine's context is a UserError, as is any
         request vLLM refuses."""
         from vllm.exceptions import VLLMValidationError
@@ -204,7 +207,8 @@ class VLLMGenerator:
 
         check_context(self.max_model_len, max(len(p) for p in prompts),
                       settings.max_new_tokens, "a prompt")
-        fields = vllm_sampling_fields(settings, n, self.pad_id, self.stop_ids)
+        own = [] if self.pad_id is None else [self.pad_id]
+        fields = vllm_sampling_fields(settings, n, [*own, *never], self.stop_ids)
         params: Any = vllm.SamplingParams(**fields) if seed is None else [
             vllm.SamplingParams(**fields, seed=seed + i * n) for i in range(len(prompts))]
         self._prepare()

@@ -6,7 +6,9 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": message}`` with HT
 - ``POST /generate`` ``{prompts: [[token id]], n, settings: {max_new_tokens, temperature,
   top_p, top_k}, seed?}`` -> ``{completion_ids: [[id]], logps: [[float]]}``, ``n`` rows per
   prompt; with a ``seed`` (an integer) the answers depend on it alone, not on what the server
-  sampled before (the client sends one drawn from the trainer's seeded generator);
+  sampled before (the client sends one drawn from the trainer's seeded generator); ``never``
+  (token ids, optional) are not sampled: the client's pad, which the served model may not call
+  a pad;
 - ``POST /weights`` with a safetensors payload of checkpoint-named tensors -> ``{loaded}``.
 
 The server has no authentication (anyone who can reach it can replace the weights): it binds
@@ -85,8 +87,14 @@ class _Handler(BaseHTTPRequestHandler):
                 if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                          or not 0 <= seed < 2**62):
                     raise ValueError(f"seed must be an integer in [0, 2**62), got {seed!r}")
+                never = request.get("never", [])
+                if not isinstance(never, list) or not all(
+                        isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                        for i in never):
+                    raise ValueError(f"never must be a list of token ids, got {never!r}")
                 with self.lock:
-                    ids, logps = self.engine.sample(prompts, n, settings, seed=seed)
+                    ids, logps = self.engine.sample(prompts, n, settings, seed=seed,
+                                                    never=never)
                 self._answer(200, {"completion_ids": ids, "logps": logps})
             elif self.path == "/weights":
                 from safetensors.torch import load
