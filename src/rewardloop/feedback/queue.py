@@ -427,7 +427,8 @@ def _replay(session: Session, prior: Any, task_id: int, ranking: Any,
 
 
 def _capped(stored: int | None, claimed: int | None) -> bool:
-    """Whether a stored time is the claimed one capped at the time that had passed."""
+    """Whether a replay's claimed time may be the stored one before the cap: any larger claim
+    (the cap is not stored, so a larger claim is taken as the same judgment)."""
     return stored is not None and claimed is not None and stored < claimed
 
 
