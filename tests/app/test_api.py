@@ -316,3 +316,36 @@ def test_a_task_aimed_at_a_group_is_served_only_to_its_annotators(server) -> Non
     assert _judge(ann, lease, ranking=[[x["id"]] for x in lease["responses"]]).status_code == 201
     stats = server.client("admin").get("/api/admin/stats").json()
     assert stats["groups"]["night"]["aimed_open"] == 1
+
+
+def test_a_batch_aimed_at_other_groups_answers_like_an_unknown_one(server) -> None:
+    """bob (no group) cannot tell a batch aimed only at "night" from a name nobody uses, on the
+    API and the page, and the page's progress counts only tasks he may be handed; ann (night)
+    and the admin work on the batch and see it."""
+    with server.store.write() as s:
+        s.scalar(select(S.Annotator).where(S.Annotator.name == "ann")).groups = ["night"]
+        batch = T.get_or_create_batch(s, "nightbatch")
+        p = T.get_or_create_prompt(s, "Night shift?")
+        for i in range(3):
+            T.create_task(s, p, [T.get_or_create_response(s, p, f"{t}{i}") for t in "ab"],
+                          batch=batch, audience="night")
+    bob = server.client("bob")
+    for name in ("nightbatch", "doesnotexist"):
+        r = bob.get("/api/tasks/next", params={"batch": name})
+        assert r.status_code == 404 and r.json()["detail"] == (
+            f"no batch named {name!r} with tasks for you")
+    page = server.login("bob")[0]
+    pages = [page.get("/annotate", params={"batch": n}) for n in ("nightbatch", "doesnotexist")]
+    assert [r.status_code for r in pages] == [404, 404]
+    assert pages[0].text.replace("nightbatch", "doesnotexist") == pages[1].text
+    # Overall progress on bob's page counts the tasks for everyone, not the 3 aimed at night.
+    with server.store.read() as s:
+        everyone = s.scalar(select(func.count(S.ComparisonTask.id)).where(
+            S.ComparisonTask.audience.is_(None)))
+    assert f"of {everyone} tasks complete" in page.get("/annotate").text
+    ann = server.client("ann")
+    assert ann.get("/api/tasks/next", params={"batch": "nightbatch"}).status_code == 200
+    ann_page = server.login("ann")[0].get("/annotate", params={"batch": "nightbatch"}).text
+    assert "Batch <b>nightbatch</b>: 0 of 3 tasks complete" in ann_page
+    admin = server.client("admin")
+    assert admin.get("/api/tasks/next", params={"batch": "nightbatch"}).status_code == 204

@@ -124,11 +124,23 @@ def logout(request: Request, who: User, db: DbDep) -> Response:
 
 
 def _batch_id(session: Session, name: str | None) -> int | None:
+    """An admin's batch by name (404 when none has it)."""
     if name is None:
         return None
     found = session.scalar(select(Batch.id).where(Batch.name == name))
     if found is None:
         raise HTTPException(404, f"no batch named {name!r}")
+    return found
+
+
+def batch_of(session: Session, who: accounts.Principal, name: str | None) -> Batch | None:
+    """The batch ``who`` asked to annotate: 404 alike for an unknown name and for a batch with
+    no task for them (``tasks.batch_for``), so annotators cannot probe other groups' batches."""
+    if name is None:
+        return None
+    found = T.batch_for(session, name, who.id, admin=who.is_admin)
+    if found is None:
+        raise HTTPException(404, f"no batch named {name!r} with tasks for you")
     return found
 
 
@@ -141,7 +153,7 @@ async def next_task(creds: HotCreds, request: Request,
 
     def lease(session: Session) -> TaskOut | None:  # refuses only before writing
         who = creds.resolve(session)
-        got = Q.next_task(session, who.id, batch=_batch_id(session, batch),
+        got = Q.next_task(session, who.id, batch=batch_of(session, who, batch),
                           lease_s=request.app.state.lease_s)
         if got is None:
             return None

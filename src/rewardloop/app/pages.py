@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from rewardloop.app import accounts
 from rewardloop.app.accounts import Principal
-from rewardloop.app.api import do_login, export_response, set_session_cookie
+from rewardloop.app.api import batch_of, do_login, export_response, set_session_cookie
 from rewardloop.app.deps import SESSION_COOKIE, page_user, tokens_equal
 from rewardloop.app.render import markdown, prompt_html, prompt_text
 from rewardloop.app.schemas import NO_NUL, BatchQuery
@@ -120,15 +120,11 @@ def logout_form(request: Request, csrf_token: Annotated[str, Form(max_length=128
 
 def _lease_page(session: Session, who: Principal, batch_name: str | None, lease_s: float
                 ) -> dict[str, Any]:
-    batch = None
-    if batch_name:
-        batch = session.scalar(select(Batch).where(Batch.name == batch_name))
-        if batch is None:
-            raise HTTPException(404, f"no batch named {batch_name!r}")
+    batch = batch_of(session, who, batch_name or None)
     lease = Q.next_task(session, who.id, batch=batch, lease_s=lease_s)
     mine = session.scalar(select(func.count(Judgment.id)).where(Judgment.annotator_id == who.id))
     if lease is None:
-        return {"task": None, "mine": mine, "progress": T.batch_progress(session, batch)}
+        return {"task": None, "mine": mine, "progress": T.task_progress(session, batch, who.id)}
     view = Q.task_view(session, lease)
     task_batch = session.scalar(select(Batch).join(ComparisonTask).where(
         ComparisonTask.id == lease.task_id))
@@ -142,7 +138,7 @@ def _lease_page(session: Session, who: Principal, batch_name: str | None, lease_
                      "prompt_text": prompt_text(view["prompt"]), "items": responses,
                      "lease_seconds": seconds_left},
             "guidelines": markdown(guidelines) if guidelines else None,
-            "mine": mine, "progress": T.batch_progress(session, task_batch)}
+            "mine": mine, "progress": T.task_progress(session, task_batch, who.id)}
 
 
 @router.get("/annotate")
@@ -159,8 +155,9 @@ def annotate(request: Request,
         if exc.status_code != 404:
             raise
         return _render(request, "error.html", 404, user=who, csrf=who.csrf_token,
-                       message=f"There is no batch named \u201c{batch}\u201d. Check the link "
-                       "you were given, or annotate any batch.", back="/annotate")
+                       message=f"There is no batch named \u201c{batch}\u201d with tasks for "
+                       "you. Check the link you were given, or annotate any batch.",
+                       back="/annotate")
     return _render(request, "annotate.html", user=who, csrf=who.csrf_token, **context)
 
 

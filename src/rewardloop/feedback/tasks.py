@@ -590,6 +590,38 @@ def _batch_filter(batch: Batch | None) -> list[ColumnElement[bool]]:
 # -- progress -------------------------------------------------------------------------------
 
 
+def open_to(session: Session, annotator_id: int) -> ColumnElement[bool]:
+    """Tasks this annotator may be handed: for everyone, or aimed at one of their groups (the
+    queue's rule, ``queue._open_task``)."""
+    groups = session.scalar(select(Annotator.groups).where(Annotator.id == annotator_id)) or []
+    return ComparisonTask.audience.is_(None) | ComparisonTask.audience.in_(
+        [g for g in groups if isinstance(g, str)])
+
+
+def batch_for(session: Session, name: str, annotator_id: int, *, admin: bool = False
+              ) -> Batch | None:
+    """The batch named ``name`` if this annotator may work on it (it holds a task for everyone
+    or for one of their groups; an admin: any batch), else None. An unknown name and a batch
+    aimed only at other groups answer alike, so annotators cannot probe which batches exist."""
+    batch = session.scalar(select(Batch).where(Batch.name == name))
+    if batch is None or admin:
+        return batch
+    theirs = session.scalar(select(ComparisonTask.id).where(
+        ComparisonTask.batch_id == batch.id, open_to(session, annotator_id)).limit(1))
+    return batch if theirs is not None else None
+
+
+def task_progress(session: Session, batch: Batch | None, annotator_id: int) -> dict[str, Any]:
+    """Tasks and tasks done, in ``batch`` or overall, counting only the tasks this annotator
+    may be handed (what the annotation page shows them)."""
+    tasks, done = session.execute(
+        select(func.count(ComparisonTask.id),
+               func.count(ComparisonTask.id).filter(ComparisonTask.done.is_(True)))
+        .where(*_batch_filter(batch), open_to(session, annotator_id))).one()
+    return {"batch": batch.name if batch is not None else None, "tasks": int(tasks),
+            "done": int(done)}
+
+
 def batch_progress(session: Session, batch: Batch | None = None) -> dict[str, Any]:
     """Tasks, tasks done, judgments and judgments per annotator name, in ``batch`` or overall."""
     where = _batch_filter(batch)
