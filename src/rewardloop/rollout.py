@@ -22,7 +22,7 @@ from rewardloop.engines.factory import EngineOptions, make_generator
 from rewardloop.engines.hf import HFGenerator, position_ids, sample_tokens, warp_logits
 from rewardloop.lm_head import label_logps, with_end_label
 from rewardloop.models import load_policy, load_tokenizer, match_tokenizer
-from rewardloop.tokenize import encode
+from rewardloop.tokenize import encode_many
 from rewardloop.util.files import atomic_file
 from rewardloop.util.seed import seed_everything
 
@@ -74,8 +74,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], max_prompt_length: in
                    ) -> list[list[int]]:
     """Token ids of each prompt (chat prompts through the chat template), cut from the left to
     ``max_prompt_length`` tokens (the end of a conversation matters most)."""
-    return [encode(tokenizer, p, None, max_length=max(max_prompt_length, 2),
-                   max_prompt_length=max_prompt_length).input_ids for p in prompts]
+    return [e.input_ids for e in encode_many(tokenizer, [(p, None) for p in prompts],
+                                             max_length=max(max_prompt_length, 2),
+                                             max_prompt_length=max_prompt_length)]
 
 
 def batched_logps(model: Any, rollout: Rollout, temperature: float, micro_batch_size: int

@@ -35,9 +35,10 @@ The prompt and completion are tokenised separately and concatenated, so the boun
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +95,45 @@ def render_chat(tokenizer: Any, messages: Chat, *, generation_prompt: bool) -> s
             from None
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+_MEMO: contextvars.ContextVar[tuple[Any, dict[tuple[str, bool], list[int]]] | None] = \
+    contextvars.ContextVar("rewardloop_token_memo", default=None)
+"""Within ``encode_many``: its tokenizer and the ids of each (text, special tokens) it met."""
+
+ENCODE_CHUNK = 1000
+"""Examples whose texts ``encode_many`` tokenises in one batched call (a call per text costs
+about 2.5x as much per text with a fast tokenizer)."""
+
+
+def _ids(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    """The tokenizer's ids of ``text`` (with its special tokens such as BOS when ``special``),
+    from ``encode_many``'s memo when one is open for this tokenizer."""
+    memo = _MEMO.get()
+    if memo is None or memo[0] is not tokenizer:
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    found = memo[1].get((text, special))
+    if found is None:
+        found = memo[1][(text, special)] = list(
+            tokenizer(text, add_special_tokens=special)["input_ids"])
+    return list(found)
+
+
+@contextlib.contextmanager
+def _memo(tokenizer: Any, texts: Iterable[tuple[str, bool]]) -> Iterator[None]:
+    """Tokenise ``texts`` ((text, special tokens) each; every distinct one once, in one batched
+    call per kind) and let ``_ids`` answer from them, and remember what else it tokenises,
+    until the block ends."""
+    distinct = list(dict.fromkeys(texts))
+    table: dict[tuple[str, bool], list[int]] = {}
+    for special in (False, True):
+        todo = [text for text, sp in distinct if sp is special]
+        if todo:
+            got = tokenizer(todo, add_special_tokens=special)["input_ids"]
+            table.update(((t, special), list(ids)) for t, ids in zip(todo, got, strict=True))
+    token = _MEMO.set((tokenizer, table))
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 _PROBE_ANSWER = "Fine, thanks"
@@ -180,7 +218,7 @@ def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
     bos = getattr(tokenizer, "bos_token", None)
     if bos and str(prompt).startswith(bos):
         return _ids(tokenizer, str(prompt))
-    ids = list(tokenizer(str(prompt))["input_ids"])
+    ids = _ids(tokenizer, str(prompt), special=True)
     eos, eos_text = tokenizer.eos_token_id, getattr(tokenizer, "eos_token", None) or "\0"
     if len(ids) > 1 and ids[-1] == eos and not str(prompt).endswith(eos_text):
         ids.pop()  # the tokenizer's own EOS (add_eos_token): the prompt has not ended
@@ -290,6 +328,36 @@ def encode(tokenizer: Any, prompt: Text | None, completion: Text | None, *, max_
     has_eos = ends and len(c_ids) <= room
     c_ids = c_ids[:room]
     return Encoded(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), len(p_ids), has_eos)
+
+
+def _plain_texts(tokenizer: Any, prompt: Text | None, completion: Text | None
+                 ) -> Iterator[tuple[str, bool]]:
+    """What ``encode`` tokenises for a text example, as (text, special tokens); nothing for a
+    conversation, whose texts are known only once the template rendered them."""
+    if (prompt is not None and is_chat(prompt)) or (completion is not None
+                                                    and is_chat(completion)):
+        return
+    if prompt is not None:
+        bos = getattr(tokenizer, "bos_token", None)
+        yield str(prompt), not (bos and str(prompt).startswith(bos))
+    if completion is not None:
+        yield str(completion), False
+
+
+def encode_many(tokenizer: Any, examples: Sequence[tuple[Text | None, Text | None]], *,
+                max_length: int, max_prompt_length: int | None = None, add_eos: bool = True
+                ) -> list[Encoded]:
+    """``encode`` of each (prompt, completion): the same ids, faster. Per ``ENCODE_CHUNK``
+    examples, the texts are tokenised in one batched call and each distinct text once (a pair's
+    two answers share their prompt's ids); the memo ends with the chunk, so memory stays flat."""
+    out: list[Encoded] = []
+    for at in range(0, len(examples), ENCODE_CHUNK):
+        chunk = examples[at:at + ENCODE_CHUNK]
+        with _memo(tokenizer, (t for p, c in chunk for t in _plain_texts(tokenizer, p, c))):
+            out.extend(encode(tokenizer, p, c, max_length=max_length,
+                              max_prompt_length=max_prompt_length, add_eos=add_eos)
+                       for p, c in chunk)
+    return out
 
 
 def encode_sft(tokenizer: Any, record: SFTRecord, *, max_length: int,

@@ -150,3 +150,41 @@ def test_generate_needs_a_chat_template_for_chat_prompts(tmp_path: Path) -> None
     res = CliRunner().invoke(app, [*base, "--chat-template", str(template)])
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
+
+
+def test_encode_many_tokenises_like_encode_in_batched_calls(tok, monkeypatch) -> None:
+    """Text rows (shared prompts, a prompt that starts with BOS, no prompt, long ones cut),
+    conversations and a text answer to one give encode's very ids; each chunk's text rows are
+    tokenised in one call per kind (with and without special tokens) and a shared prompt once."""
+    bos = tok.bos_token
+    assert bos, "the test needs a tokenizer that adds BOS"
+    long = " ".join(["words"] * 60)
+    examples = [("Hello there", "Thanks"), ("Hello there", "No, thanks"),
+                (f"{bos}Already templated", "ok"), (None, "just text"), ("", "empty prompt"),
+                (long, long), (CHAT, [{"role": "assistant", "content": ANSWER}]),
+                (CHAT, ANSWER), ("Hi", None), ("Hello there", "Thanks")]
+    expect = [T.encode(tok, p, c, max_length=40, max_prompt_length=12) for p, c in examples]
+    calls: list[tuple[object, bool]] = []
+    real = type(tok).__call__
+
+    def spy(self, text, *args, add_special_tokens=True, **kw):
+        calls.append((text, add_special_tokens))
+        return real(self, text, *args, add_special_tokens=add_special_tokens, **kw)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    monkeypatch.setattr(T, "ENCODE_CHUNK", 5)
+    assert T.encode_many(tok, examples, max_length=40, max_prompt_length=12) == expect
+    batched = [c for c in calls if isinstance(c[0], list)]
+    assert len(batched) == 4  # two chunks x (plain texts, texts with special tokens)
+    first = [t for texts, _ in batched[:2] for t in texts]
+    assert first.count("Hello there") == 1 and "Thanks" in first and "Already templated" \
+        not in " ".join(t for texts, sp in batched[:2] if sp for t in texts)
+    # Every text row's texts came from the batches: single calls are the conversations' only,
+    # each distinct rendering once (the two chat rows share their prompt's).
+    head = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    singles = [text for text, _ in calls if isinstance(text, str)]
+    assert sorted(singles) == sorted([head, f"{ANSWER}{EOT}"])
+    # The memo ends with the call: encode outside it tokenises again.
+    calls.clear()
+    T.encode(tok, "Hello there", "Thanks", max_length=40)
+    assert len(calls) == 2

@@ -25,7 +25,7 @@ from rewardloop.data.records import PairRecord, RankingRecord, Record
 from rewardloop.errors import UserError
 from rewardloop.options import AnnotatorOptions
 from rewardloop.score import rewards_of
-from rewardloop.tokenize import Encoded, collate, encode
+from rewardloop.tokenize import Encoded, collate, encode_many
 from rewardloop.train.configs import PAIRWISE_FORMATS, RANKING_FORMATS, RewardConfig
 from rewardloop.train.data import read_json_mapping
 from rewardloop.train.group_balance import read_groups_file
@@ -60,19 +60,22 @@ def _ranks(ranking: Sequence[Sequence[int]], k: int) -> tuple[int, ...]:
 def to_comparisons(records: Sequence[Record], tokenizer: Any, cfg: RewardConfig
                    ) -> list[Comparison]:
     """Pairs and rankings as comparisons (a tied pair keeps both answers at rank 0)."""
-    def enc(prompt: Any, answer: Any) -> Encoded:
-        return encode(tokenizer, prompt, answer, max_length=cfg.max_length,
-                      max_prompt_length=cfg.max_prompt_length)
-
+    kept = [r for r in records if isinstance(r, PairRecord | RankingRecord)]
+    answers = [(r.chosen, r.rejected) if isinstance(r, PairRecord) else r.responses
+               for r in kept]
+    encoded = iter(encode_many(tokenizer, [(r.prompt, a) for r, each in zip(kept, answers,
+                                                                           strict=True)
+                                           for a in each],
+                               max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length))
     out = []
-    for r in records:
+    for r, each in zip(kept, answers, strict=True):
+        responses = tuple(next(encoded) for _ in each)
         if isinstance(r, PairRecord):
-            out.append(Comparison((enc(r.prompt, r.chosen), enc(r.prompt, r.rejected)),
-                                  (0, 0) if r.tie else (0, 1), float(r.margin or 0.0),
+            out.append(Comparison(responses, (0, 0) if r.tie else (0, 1),
+                                  float(r.margin or 0.0), r.annotator))
+        else:
+            out.append(Comparison(responses, _ranks(r.ranking, len(r.responses)), 0.0,
                                   r.annotator))
-        elif isinstance(r, RankingRecord):
-            out.append(Comparison(tuple(enc(r.prompt, a) for a in r.responses),
-                                  _ranks(r.ranking, len(r.responses)), 0.0, r.annotator))
     return out
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from rewardloop import losses
 from rewardloop.data.records import PairRecord, Record, UnpairedRecord
 from rewardloop.errors import UserError
-from rewardloop.tokenize import Encoded, collate, collate_pairs, encode, sequence_logps
+from rewardloop.tokenize import Encoded, collate, collate_pairs, encode_many, sequence_logps
 from rewardloop.train.configs import PAIRWISE_FORMATS, UNPAIRED_FORMATS, DPOConfig
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,13 @@ class Example:
         return len(self.first) + len(self.second)
 
 
-def _encode(tokenizer: Any, cfg: DPOConfig, prompt: Any, completion: Any) -> Encoded:
-    return encode(tokenizer, prompt, completion, max_length=cfg.max_length,
-                  max_prompt_length=cfg.max_prompt_length)
+def _examples(tokenizer: Any, cfg: DPOConfig, firsts: Sequence[tuple[Any, Any]],
+              seconds: Sequence[tuple[Any, Any]]) -> list[tuple[Encoded, Encoded]]:
+    """(first, second) encoded (prompt, completion) of each example, tokenised side by side
+    (an example's two sequences share their prompt's tokenisation)."""
+    got = encode_many(tokenizer, [x for both in zip(firsts, seconds, strict=True) for x in both],
+                      max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    return list(zip(got[0::2], got[1::2], strict=True))
 
 
 def build_pairs(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> list[Example]:
@@ -64,9 +68,10 @@ def build_pairs(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> li
     if len(kept) < len(pairs):
         log.warning("left out %d tied pairs (DPO needs a preferred answer)",
                     len(pairs) - len(kept))
-    return [Example(_encode(tokenizer, cfg, p.prompt, p.chosen),
-                    _encode(tokenizer, cfg, p.prompt, p.rejected), annotator=p.annotator)
-            for p in kept]
+    encoded = _examples(tokenizer, cfg, [(p.prompt, p.chosen) for p in kept],
+                        [(p.prompt, p.rejected) for p in kept])
+    return [Example(first, second, annotator=p.annotator)
+            for p, (first, second) in zip(kept, encoded, strict=True)]
 
 
 def build_unpaired(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) -> list[Example]:
@@ -84,10 +89,10 @@ def build_unpaired(records: Sequence[Record], tokenizer: Any, cfg: DPOConfig) ->
     if not 1.0 <= ratio <= 4.0 / 3.0:
         log.warning("KTO: desirable_weight * #desirable / (undesirable_weight * #undesirable) "
                     "= %.2f; the KTO paper recommends 1 to 4/3", ratio)
-    return [Example(_encode(tokenizer, cfg, r.prompt, r.completion),
-                    _encode(tokenizer, cfg, r.prompt, rows[partner[i]].completion), r.label,
-                    annotator=r.annotator)
-            for i, r in enumerate(rows)]
+    encoded = _examples(tokenizer, cfg, [(r.prompt, r.completion) for r in rows],
+                        [(r.prompt, rows[partner[i]].completion) for i, r in enumerate(rows)])
+    return [Example(first, second, r.label, annotator=r.annotator)
+            for r, (first, second) in zip(rows, encoded, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from rewardloop.models import (
     load_tokenizer,
     match_tokenizer,
 )
-from rewardloop.tokenize import Encoded, encode_sft, pad
+from rewardloop.tokenize import Encoded, encode_many, pad
 from rewardloop.train.configs import SFTConfig
 from rewardloop.train.data import (
     LengthGroupedSampler,
@@ -71,9 +71,9 @@ def read_sft(path: Path, tokenizer: Any, cfg: SFTConfig) -> list[Encoded]:
         raise UserError(f"{path}: looks like {fmt} rows, but train sft needs sft rows "
                         "(prompt + completion, messages ending with the assistant, or text); "
                         "for preferences use train rm or train dpo")
-    examples = [encode_sft(tokenizer, r, max_length=cfg.max_length,
-                           max_prompt_length=cfg.max_prompt_length)
-                for r in records if isinstance(r, SFTRecord)]
+    examples = encode_many(tokenizer, [r.prompt_completion() for r in records
+                                       if isinstance(r, SFTRecord)],
+                           max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     if not any(sum(target_mask(e, cfg.train_on_prompt)) for e in examples):
         raise UserError(f"{path}: no example has a token to train on (are the completions "
                         "cut away by --max-length?)")
