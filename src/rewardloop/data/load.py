@@ -103,8 +103,14 @@ def load_rankings(store: Store, *, batch: str | None = None, dimension: str | No
     """Every judgment as a ranking of its task's answers (ties kept), oldest first, with all
     it holds (models, margin, dimension, strength, rationale, time, shown order, guidelines);
     ``dimension`` as in :func:`load_pairs`."""
+    return list(iter_rankings(store, batch=batch, dimension=dimension))
+
+
+def iter_rankings(store: Store, *, batch: str | None = None, dimension: str | None = None
+                  ) -> Iterator[RankingRecord]:
+    """``load_rankings`` one at a time, read in chunks (memory stays flat: exports). The
+    dimension check comes after the last row: a writer must not keep what it wrote before."""
     with store.read() as s:
-        out: list[RankingRecord] = []
         dimensions: set[str | None] = set()
         for j in _judgments(s, batch):
             dimensions.add((j.meta or {}).get("dimension"))
@@ -112,11 +118,9 @@ def load_rankings(store: Store, *, batch: str | None = None, dimension: str | No
                 continue
             prompt, answers, groups = _ranked(j)
             models = [item.model or item.response.model for item in j.task.items]
-            out.append(RankingRecord(prompt, answers, groups, **_how(j),
-                                     models=models if any(models) else None,
-                                     shown_order=_shown(j)))
+            yield RankingRecord(prompt, answers, groups, **_how(j),
+                                models=models if any(models) else None, shown_order=_shown(j))
         _dimension_filter(dimensions, dimension)
-        return out
 
 
 def load_pairs(store: Store, *, batch: str | None = None, dimension: str | None = None
@@ -127,8 +131,13 @@ def load_pairs(store: Store, *, batch: str | None = None, dimension: str | None 
     the store holds several, ``dimension`` must pick one. Model names come from the responses;
     each pair carries its judgment's margin, strength, rationale, time and guideline version.
     """
+    return list(iter_pairs(store, batch=batch, dimension=dimension))
+
+
+def iter_pairs(store: Store, *, batch: str | None = None, dimension: str | None = None
+               ) -> Iterator[PairRecord]:
+    """``load_pairs`` one at a time, as ``iter_rankings``."""
     with store.read() as s:
-        out: list[PairRecord] = []
         dimensions: set[str | None] = set()
         for j in _judgments(s, batch):
             meta = j.meta or {}
@@ -138,43 +147,57 @@ def load_pairs(store: Store, *, batch: str | None = None, dimension: str | None 
             prompt, answers, groups = _ranked(j)
             models = [item.model or item.response.model for item in j.task.items]
             how = _how(j)
-            out.extend(PairRecord(
+            yield from (PairRecord(
                 prompt, answers[a], answers[b], tie=tie, **how,
                 models=[models[a], models[b]] if models[a] or models[b] else None)
                 for a, b, tie in ranking_pairs(groups))
         _dimension_filter(dimensions, dimension)
-        return out
 
 
 def load_unpaired(store: Store) -> list[UnpairedRecord]:
     """Every thumbs-up/down rating (ratings with only a score are left out), oldest first."""
+    return list(iter_unpaired(store))
+
+
+def iter_unpaired(store: Store) -> Iterator[UnpairedRecord]:
+    """``load_unpaired`` one at a time, read in chunks."""
     with store.read() as s:
         names: dict[int | None, str] = dict(s.execute(select(Annotator.id, Annotator.name)).all())
         query = (select(Rating).where(Rating.label.is_not(None)).order_by(Rating.id)
                  .options(selectinload(Rating.response).selectinload(Response.prompt)))
-        return [UnpairedRecord(stored_value(r.response.prompt), stored_value(r.response),
-                               bool(r.label), names.get(r.annotator_id), r.external_id)
-                for r in s.scalars(query)]
+        for r in s.scalars(query.execution_options(yield_per=_CHUNK)):
+            yield UnpairedRecord(stored_value(r.response.prompt), stored_value(r.response),
+                                 bool(r.label), names.get(r.annotator_id), r.external_id)
 
 
 def load_prompts(store: Store) -> list[PromptRecord]:
+    return list(iter_prompts(store))
+
+
+def iter_prompts(store: Store) -> Iterator[PromptRecord]:
+    """Every prompt, oldest first, read in chunks."""
     with store.read() as s:
-        return [PromptRecord(stored_value(p), p.external_id, dict(p.meta or {}))
-                for p in s.scalars(select(Prompt).order_by(Prompt.id))]
+        query = select(Prompt).order_by(Prompt.id).execution_options(yield_per=_CHUNK)
+        for p in s.scalars(query):
+            yield PromptRecord(stored_value(p), p.external_id, dict(p.meta or {}))
 
 
 def load_candidates(store: Store) -> list[CandidatesRecord]:
     """Each prompt that has answers, with their texts and models, oldest first."""
+    return list(iter_candidates(store))
+
+
+def iter_candidates(store: Store) -> Iterator[CandidatesRecord]:
+    """``load_candidates`` one at a time, read in chunks."""
     with store.read() as s:
-        query = select(Prompt).order_by(Prompt.id).options(selectinload(Prompt.responses))
-        out = []
+        query = (select(Prompt).order_by(Prompt.id).options(selectinload(Prompt.responses))
+                 .execution_options(yield_per=_CHUNK))
         for p in s.scalars(query):
             responses = sorted(p.responses, key=lambda r: r.id)
             if responses:
                 models = [r.model for r in responses]
-                out.append(CandidatesRecord(stored_value(p), [r.text for r in responses],
-                                            models if any(models) else None, p.external_id))
-        return out
+                yield CandidatesRecord(stored_value(p), [r.text for r in responses],
+                                       models if any(models) else None, p.external_id)
 
 
 # -- stats -------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ from sqlalchemy.orm import Session
 from rewardloop.data import formats
 from rewardloop.data.bulk import SKIP_IDENTICAL, Importer, ImportReport
 from rewardloop.data.load import (
-    load_candidates,
-    load_pairs,
-    load_prompts,
-    load_rankings,
-    load_unpaired,
+    iter_candidates,
+    iter_pairs,
+    iter_prompts,
+    iter_rankings,
+    iter_unpaired,
     stats,
 )
 from rewardloop.data.records import Record
@@ -138,25 +138,25 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None, *,
 
 
 def _export_records(store: Store, fmt: str, report: ExportReport, batch: str | None,
-                    dimension: str | None, ties: bool) -> list[Any]:
+                    dimension: str | None, ties: bool) -> Iterator[Any]:
+    """The records to write, one at a time as the store is read (a JSONL export's memory stays
+    flat); pairs the format cannot hold are counted in ``report.skipped`` as they pass."""
     if fmt in ("trl", "hh"):
-        pairs = load_pairs(store, batch=batch, dimension=dimension)
-        records = []
-        for pair in pairs:
+        for pair in iter_pairs(store, batch=batch, dimension=dimension):
             if fmt == "trl":
                 problem = SKIP_TIES if pair.tie and not ties else None
             else:
                 problem = SKIP_TIES if pair.tie else formats.hh_unwritable(pair)
             if problem is None:
-                records.append(pair)
+                yield pair
             else:
                 report.skipped[problem] = report.skipped.get(problem, 0) + 1
-        return records
-    if fmt == "ranking":
-        return load_rankings(store, batch=batch, dimension=dimension)
-    if fmt == "kto":
-        return load_unpaired(store)
-    return load_prompts(store) if fmt == "prompts" else load_candidates(store)
+    elif fmt == "ranking":
+        yield from iter_rankings(store, batch=batch, dimension=dimension)
+    elif fmt == "kto":
+        yield from iter_unpaired(store)
+    else:
+        yield from iter_prompts(store) if fmt == "prompts" else iter_candidates(store)
 
 
 def export(store: Store, fmt: str, path: str | Path, *, batch: str | None = None,
