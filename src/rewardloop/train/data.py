@@ -178,9 +178,20 @@ class LengthGroupedSampler:
 
     def _epoch_batches(self) -> list[list[int]]:
         if self._batches is None:
-            rng = random.Random(self.seed * 1_000_003 + self.epoch)
-            self._batches = length_grouped_batches(self.lengths, self.batch_size, rng)
+            self._batches = self._batches_of(self.epoch)
         return self._batches
+
+    def _batches_of(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        return length_grouped_batches(self.lengths, self.batch_size, rng)
+
+    def rows_drawn(self, steps: int) -> list[int] | None:
+        """The rows a run's first ``steps`` batches draw (from the start), in order; None when
+        they take a whole epoch or more, i.e. every row. Reads no state and changes none."""
+        first = self._batches_of(0)
+        if steps >= len(first):
+            return None
+        return sorted({i for batch in first[:steps] for i in batch})
 
     @property
     def batches_per_epoch(self) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,15 +195,19 @@ def _fingerprint(cfg: DPOConfig, splits: Mapping[str, Sequence[Example]]) -> str
 
 def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
                     splits: dict[str, list[Example]], run_dir: Path, rt: Runtime,
-                    objective: Objective
+                    objective: Objective, drawn: Sequence[int] | None = None
                     ) -> tuple[Callable[[str, Sequence[int]], torch.Tensor],
                                dict[str, Any] | None]:
     """``ref(split, indices) -> (b, 2)`` reference log-probs, cached unless precompute_ref=False,
     and the cache still to be written to ``run_dir/ref_logps.pt`` (``write_reference_cache``,
     once the run has started; None when there is nothing new to write).
 
-    A resumed run reads the cache back (the initial policy no longer exists then). Call before
-    any optimizer step. A loss without a reference (``objective.reference`` False) gets zeros.
+    ``drawn``: the training rows the run will draw (``LengthGroupedSampler.rows_drawn``; None:
+    all), the only ones scored: a short run (``--max-steps`` under an epoch) of a large file
+    does not wait for the reference to score pairs it never trains on. A resumed run reads the
+    cache back when it holds every row it needs. Call before any optimizer step and before a
+    checkpoint is restored (the reference is the initial policy). A loss without a reference
+    (``objective.reference`` False) gets zeros.
     """
     if not objective.reference:
         return (lambda split, idx: torch.zeros(len(idx), 2)), None
@@ -214,14 +219,36 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
     if not cfg.precompute_ref:
         return (lambda split, idx: scorer([splits[split][i] for i in idx])), None
     path, fingerprint = run_dir / REF_CACHE, _fingerprint(cfg, splits)
+    needed = {name: (list(drawn) if name == "train" and drawn is not None
+                     else range(len(examples))) for name, examples in splits.items()}
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fingerprint and all(
-                saved.get(k) is not None and len(saved[k]) == len(v) for k, v in splits.items()):
+                saved.get(k) is not None and len(saved[k]) == len(v)
+                and not saved[k][list(needed[k])].isnan().any() for k, v in splits.items()):
             log.info("read cached reference log-probs from %s", path)
-            return (lambda split, idx: saved[split][list(idx)]), None
-    cache = {name: scorer(examples) for name, examples in splits.items()}
-    return (lambda split, idx: cache[split][list(idx)]), {"fingerprint": fingerprint, **cache}
+            return _lookup(saved), None
+    cache = {}
+    for name, examples in splits.items():
+        rows = needed[name]
+        if len(rows) < len(examples):
+            log.info("scoring the reference on the %d of %d %s pairs the run's %d steps draw",
+                     len(rows), len(examples), name, cfg.max_steps)
+        cache[name] = torch.full((len(examples), 2), math.nan)
+        cache[name][list(rows)] = scorer([examples[i] for i in rows])
+    return _lookup(cache), {"fingerprint": fingerprint, **cache}
+
+
+def _lookup(cache: Mapping[str, torch.Tensor]) -> Callable[[str, Sequence[int]], torch.Tensor]:
+    """``ref(split, indices)`` reading ``cache``; a row it does not hold (NaN: never drawn when
+    it was made) is an error, not a number."""
+    def ref(split: str, idx: Sequence[int]) -> torch.Tensor:
+        got = cache[split][list(idx)]
+        if got.isnan().any():
+            raise RuntimeError(f"no cached reference log-probs for some {split} rows: the "
+                               "cache was made for a shorter run")
+        return got
+    return ref
 
 
 def shard_scores(scorer: Scorer, examples: Sequence[Example], batch_size: int, rt: Runtime
@@ -521,18 +548,18 @@ def _train(cfg: DPOConfig, rt: Runtime,  # noqa: C901 (the loop)
                  report_to=cfg.report_to, start=False)
     seed_everything(cfg.seed)
     policy = load_model(cfg, tokenizer, rt)
-    ref, ref_cache = reference_logps(cfg, policy, pad_id, splits, run.out, rt,  # before updates
-                                     objective)
     train = splits["train"]
+    # Similar-length pairs share a batch: padding (wasted compute) drops to a few percent.
+    sampler = LengthGroupedSampler([e.n_tokens for e in train], cfg.batch_size, seed=cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
+    ref, ref_cache = reference_logps(cfg, policy, pad_id, splits, run.out, rt,  # before updates
+                                     objective, sampler.rows_drawn(total_steps))
     group_ids, dro = dpo_groups(cfg, train, groups)
     train_weights = pair_weights(train, weights, groups)
 
     policy = rt.prepare(policy)  # FSDP2 replaces the parameters: collect them after
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.lr, cfg.weight_decay)
-    # Similar-length pairs share a batch: padding (wasted compute) drops to a few percent.
-    sampler = LengthGroupedSampler([e.n_tokens for e in train], cfg.batch_size, seed=cfg.seed)
-    total_steps = cfg.max_steps or cfg.epochs * sampler.batches_per_epoch
     sched = scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule)
     step = 0
     ckpt = run.restore(models={"policy": policy}, optimizers={"policy": optimizer},
