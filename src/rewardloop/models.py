@@ -466,6 +466,18 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Save ``tokenizer`` padding on the right, as the model it came with was trained (the RL
+    trainers pad prompts on the left to generate; a trainer that trusts the saved side must not
+    inherit that)."""
+    side = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.padding_side = side
+
+
 def save_model(model: HFModel, tokenizer: Any, out_dir: str | Path, *,
                merge_lora: bool = False, state_dict: dict[str, Any] | None = None
                ) -> nn.Module:
@@ -491,8 +503,12 @@ def save_model(model: HFModel, tokenizer: Any, out_dir: str | Path, *,
         if "No space left on device" in str(exc):
             raise OSError(errno.ENOSPC, "No space left on device", str(out)) from exc
         raise
+    if is_peft(model):  # peft writes none: a loader would stop only where the base stops
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(out)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        _save_tokenizer(tokenizer, out)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     write_model_card(out, CardInfo(base_model=base, command=command_line()))
     return model

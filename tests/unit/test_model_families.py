@@ -325,3 +325,33 @@ def test_end_of_turn_of_named_templates_system_first_templates_and_added_tokens(
     assert end_of_turn_id(late) is None
     late.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     assert end_of_turn_id(late) == late.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_lora_adapter_saves_the_end_of_turn_and_right_padding(tmp_path: Path) -> None:
+    """Interop audit s15 M1/L1: peft saves no generation config, so plain transformers loading
+    an adapter directory stopped only where the base stops (past the template's end of turn);
+    and RL runs saved their left-padding generation tokenizer."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _archs import build_arch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewardloop.models import LoraSettings, load_policy, load_tokenizer, save_model
+
+    base = build_arch(tmp_path / "base", "llama", eot=True)
+    tok = load_tokenizer(base, padding_side="left")
+    end = end_of_turn_id(tok)
+    assert end is not None and end != tok.eos_token_id
+    # A base that stops only at its EOS (Qwen2.5 base: <|endoftext|>, not <|im_end|>).
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+                     ).save_pretrained(base)
+    assert AutoModelForCausalLM.from_pretrained(base).generation_config.eos_token_id \
+        == tok.eos_token_id
+    model = load_policy(base, lora=LoraSettings(r=4, alpha=8))
+    add_stop_token(model, end)
+    save_model(model, tok, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.generation_config.eos_token_id == [tok.eos_token_id, end]
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").padding_side == "right"
+    assert tok.padding_side == "left"  # the trainer's own tokenizer is left as it was
