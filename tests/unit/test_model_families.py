@@ -351,7 +351,19 @@ def test_a_lora_adapter_saves_the_end_of_turn_and_right_padding(tmp_path: Path) 
     model = load_policy(base, lora=LoraSettings(r=4, alpha=8))
     add_stop_token(model, end)
     save_model(model, tok, tmp_path / "out")
+    # transformers loads an adapter with its base's generation config; the adapter's own is
+    # there to pass to generate (docs/models.md, LoRA).
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id \
+        == [tok.eos_token_id, end]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert loaded.generation_config.eos_token_id == [tok.eos_token_id, end]
+    prompt = torch.tensor([tok(tok.apply_chat_template(CHAT, add_generation_prompt=True,
+                                                       tokenize=False),
+                               add_special_tokens=False)["input_ids"]])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loaded.lm_head.weight[end] += 100.0  # the end of turn is the greedy answer
+        out = loaded.generate(prompt, max_new_tokens=4, do_sample=False,
+                              generation_config=GenerationConfig.from_pretrained(tmp_path / "out"))
+    assert out[0, prompt.shape[1]:].tolist() == [end]
     assert AutoTokenizer.from_pretrained(tmp_path / "out").padding_side == "right"
     assert tok.padding_side == "left"  # the trainer's own tokenizer is left as it was
