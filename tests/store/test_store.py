@@ -343,3 +343,46 @@ def test_a_group_name_a_reward_mix_cannot_name_is_refused(tmp_path) -> None:
         assert "none of , = @" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, [*base, "--group", "R&D <ü>"])
     assert result.exit_code == 0, result.output
+
+
+def test_commands_upgrading_one_old_store_at_once_wait_for_each_other(db_url: str) -> None:
+    """Upgrade audit s15 M1: processes opening a store that needs migrations at the same time
+    failed ("database is locked"; on PostgreSQL "relation ... already exists" or a deadlock).
+    Now they take turns: each opens it, it ends at the head once, and the log says so."""
+    import os
+    import subprocess
+    import sys
+
+    store = Store(db_url, migrate=False)
+    _at_revision(store, "0001")
+    store.dispose()
+    code = ("import sys; from rewardloop.data.store import Store; "
+            "s = Store(sys.argv[1]); print(s.revision()); s.dispose()")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    head = Store(db_url, migrate=False).revision()
+    assert [(rc, out.strip()) for rc, out, _ in results] == [(0, head)] * 3, results
+    assert sum("upgrading the store's schema" in err and "from revision 0001" in err
+               for _, _, err in results) == 1, results
+
+
+def test_a_store_a_newer_version_upgraded_is_refused_not_touched(db_url: str) -> None:
+    """Upgrade audit s15 M2: a store at a revision this version does not know gave alembic's
+    traceback (exit 1); now one line, exit 2, and the store is left as it was."""
+    from typer.testing import CliRunner
+
+    from rewardloop.cli import app
+
+    store = Store(db_url)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(UserError, match="schema revision 0099, which this rewardloop does not "
+                       "know .*a newer rewardloop upgraded it"):
+        Store(db_url)
+    res = CliRunner().invoke(app, ["data", "stats", "--db", db_url])
+    assert res.exit_code == 2 and "a newer rewardloop upgraded it" in res.output
+    assert "Traceback" not in res.output
+    assert Store(db_url, migrate=False).revision() == "0099"
+    store.dispose()

@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
@@ -84,6 +84,15 @@ def _create_private(path: Path) -> None:
         pass
     except OSError as exc:
         raise UserError(f"cannot create {path}: {exc.strerror}") from None
+
+
+_MIGRATION_LOCK = 0x72_6c_6d_69_67  # "rlmig": the PostgreSQL advisory lock of migrations
+
+
+def _too_new(url: str, current: str, head: str | None) -> str:
+    return (f"--db: {url} is at schema revision {current}, which this rewardloop does not know "
+            f"(its newest is {head}): a newer rewardloop upgraded it. Use that version or a "
+            "later one; a store is never downgraded")
 
 
 def _not_a_url(url: str) -> UserError:
@@ -257,15 +266,39 @@ class Store:
         return cfg
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (creates it on an empty database)."""
+        """Bring the schema to the newest revision (creates it on an empty database).
+
+        One process at a time: commands that open a store needing an upgrade at once wait for
+        each other (the write lock and ``BEGIN IMMEDIATE`` on SQLite, an advisory lock on
+        PostgreSQL) instead of failing half-way; the later ones find it upgraded. A store at a
+        revision this version does not know (a newer rewardloop upgraded it) is refused, never
+        downgraded.
+        """
         # Alembic takes about half a second to import; only migrations need it.
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
 
         cfg = self._alembic_config()
+        scripts = ScriptDirectory.from_config(cfg)
+        head = scripts.get_current_head()
         try:
-            with self.engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+            with self._writer_turn(), self.engine.connect() as conn:
+                conn = conn.execution_options(**{_WRITE: True})
+                with conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                     {"key": _MIGRATION_LOCK})
+                    current = MigrationContext.configure(conn).get_current_revision()
+                    known = {script.revision for script in scripts.walk_revisions()}
+                    if current is not None and current not in known:
+                        raise UserError(_too_new(self.safe_url, current, head))
+                    if current is not None and current != head:
+                        log.warning("upgrading the store's schema at %s from revision %s to %s "
+                                    "(older rewardloop versions cannot open it afterwards)",
+                                    self.safe_url, current, head)
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
         except DatabaseError as exc:  # OperationalError too; "file is not a database"
             raise UserError(f"--db: cannot open {self.safe_url}: {exc.orig}") from None
 
