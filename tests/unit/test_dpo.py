@@ -281,32 +281,43 @@ def test_a_resume_reuses_the_reference_cache_only_for_the_same_pairs(
 def test_a_short_run_scores_the_reference_only_on_the_pairs_it_draws(
         tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Scale audit s14 #5: --max-steps under an epoch scored every pair before step 1. Now
-    only the pairs the steps draw (and all held-out ones) are scored, with the same numbers as
-    scoring on the fly; a resume to a longer run scores what it lacks from the initial model."""
+    only the scoring batches holding a pair the steps draw are scored (all held-out pairs
+    too), each pair to the very number a full scoring gives it; a resume to a longer run scores
+    what it lacks from the initial model and ends where the longer run ends."""
     import logging
 
-    data = _write(tmp_path / "pairs.jsonl", preference_rows(24, seed=0))
+    data = _write(tmp_path / "pairs.jsonl", preference_rows(48, seed=0))
     common = {"model": str(tiny_dir), "data": data, "max_length": 64, "batch_size": 4,
-              "device": "cpu", "save_every": 1, "eval_fraction": 0.25, "seed": 3}
+              "device": "cpu", "save_every": 1, "eval_fraction": 0.25, "seed": 3,
+              "ref_batch_size": 2, "schedule": "constant"}
 
     def losses(out: Path) -> list[float]:
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r]
 
+    def cache(out: Path) -> dict[str, torch.Tensor]:
+        return torch.load(out / "ref_logps.pt", weights_only=True)
+
     run = tmp_path / "short"
     with caplog.at_level(logging.INFO, logger="rewardloop.train.dpo"):
-        dpo.train_dpo(DPOConfig(**common, out=run, max_steps=2))
-    assert "scoring the reference on the 8 of 18 train pairs" in caplog.text
-    cache = torch.load(run / "ref_logps.pt", weights_only=True)
-    scored = (~cache["train"].isnan().any(dim=1)).nonzero().flatten().tolist()
-    assert len(scored) == 8 and not cache["eval"].isnan().any()
-    fly = tmp_path / "fly"
-    dpo.train_dpo(DPOConfig(**common, out=fly, max_steps=4, precompute_ref=False))
-    assert losses(run) == pytest.approx(losses(fly)[:2], abs=1e-6)
+        dpo.train_dpo(DPOConfig(**common, out=run, max_steps=1))
+    n_train = len(cache(run)["train"])
+    assert f"scoring the reference on the 4 of {n_train} train pairs" in caplog.text
+    scored = (~cache(run)["train"].isnan().any(dim=1)).nonzero().flatten().tolist()
+    assert 4 <= len(scored) <= 8 and not cache(run)["eval"].isnan().any()
+    full = tmp_path / "full"
+    dpo.train_dpo(DPOConfig(**common, out=full, max_steps=n_train // 4))  # a whole epoch
+    assert torch.equal(cache(run)["train"][scored], cache(full)["train"][scored])
+    assert torch.equal(cache(run)["eval"], cache(full)["eval"])
+    longer = tmp_path / "longer"
+    dpo.train_dpo(DPOConfig(**common, out=longer, max_steps=3))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="rewardloop.train.dpo"):
-        dpo.train_dpo(DPOConfig(**common, out=run, max_steps=4, resume=True))
+        dpo.train_dpo(DPOConfig(**common, out=run, max_steps=3, resume=True))
     assert "read cached reference log-probs" not in caplog.text
-    assert "of 18 train pairs the run's 4 steps draw" in caplog.text
-    # Within float noise: the cache scores in other batches (other padding) than each step.
+    assert f"of {n_train} train pairs the run's 3 steps draw" in caplog.text
+    assert losses(run) == losses(longer)
+    fly = tmp_path / "fly"
+    dpo.train_dpo(DPOConfig(**common, out=fly, max_steps=3, precompute_ref=False))
+    # Within float noise: scoring on the fly batches (and pads) the pairs otherwise.
     assert losses(run) == pytest.approx(losses(fly), abs=1e-5)

@@ -242,6 +242,88 @@ def test_checkpoint_round_trip_restores_everything(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+def test_the_fp16_loss_scale_is_resumed(tmp_path: Path) -> None:
+    """Resume audit s15 M2: a resumed fp16 run started again at the initial scale (65536), so
+    after an overflow it skipped a step the uninterrupted run applied. The scaler's state now
+    travels in the checkpoint (the CPU scaler here; the runtime's is the CUDA one)."""
+    class Rt:
+        is_main, rank, world_size = True, 0, 1
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+
+        def barrier(self) -> None:
+            pass
+
+    run = RunDir(tmp_path / "r", {})
+    model, opt, sched = _setup()
+    rt = Rt()
+    rt.scaler.scale(torch.tensor(1.0))  # the scale exists from the first loss on
+    rt.scaler.update(new_scale=1024.0)  # where an overflow or two left it
+    rt.scaler._growth_tracker.fill_(2)  # one clean step from growing
+    save_checkpoint(run, 1, models={"m": model}, optimizers={"m": opt},
+                    schedulers={"m": sched}, runtime=rt)
+    fresh = Rt()
+    fresh.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    load_checkpoint(RunDir(tmp_path / "r", {}, resume=True), models={"m": model},
+                    optimizers={"m": opt}, schedulers={"m": sched}, runtime=fresh)
+    assert fresh.scaler.get_scale() == 1024.0
+    assert fresh.scaler.state_dict()["_growth_tracker"] == 2
+
+
+def test_a_resume_may_not_change_what_the_run_learns(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Resume audit s15 M1: --warmup-steps applied part-way, other options were overridden by
+    the checkpoint while config.yaml claimed them. A resume now refuses such a change, naming
+    it; where and how fast it runs, logging and its length may change (a stretched schedule is
+    warned about); options an upgrade added or dropped are skipped; the same directory written
+    another way is no change."""
+    import logging
+
+    cfg = {"lr": 0.01, "beta": 0.1, "warmup_steps": 2, "schedule": "linear", "max_steps": 6,
+           "log_every": 1, "device": "cpu", "old_option": 1}
+    run = RunDir(tmp_path / "r", cfg)
+    model, opt, sched = _setup()
+    save_checkpoint(run, 1, models={"m": model}, optimizers={"m": opt}, schedulers={"m": sched})
+    for change in ({"beta": 0.5}, {"warmup_steps": 0}, {"schedule": "cosine", "beta": 0.2}):
+        with pytest.raises(UserError, match="--resume keeps the options") as err:
+            RunDir(tmp_path / "r", {**cfg, **change}, resume=True)
+        for key, value in change.items():
+            assert f"{key}: {cfg[key]!r} -> {value!r}" in str(err.value)
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text()) == cfg
+    fine = {k: v for k, v in cfg.items() if k != "old_option"} | {
+        "log_every": 5, "device": "cuda", "new_option": True}
+    RunDir(tmp_path / "r", fine, resume=True)
+    (tmp_path / "data").mkdir()
+    RunDir(tmp_path / "r2", {**cfg, "data": str(tmp_path / "data")})
+    save_checkpoint(RunDir(tmp_path / "r2", {**cfg, "data": str(tmp_path / "data")},
+                           resume=True), 1, models={"m": model})
+    RunDir(tmp_path / "r2", {**cfg, "data": f"{tmp_path}/./data/"}, resume=True)
+    with caplog.at_level(logging.WARNING, logger="rewardloop.train.run"):
+        RunDir(tmp_path / "r", {**cfg, "max_steps": 8}, resume=True)
+    assert "max_steps: 6 -> 8 on resume: the linear learning-rate schedule stretches" \
+        in caplog.text
+
+
+def test_a_resume_with_a_lower_lr_continues_the_schedule_at_the_new_peak(
+        tmp_path: Path) -> None:
+    """Resume audit s15 M1 (and the NaN stop's advice, "lower the learning rate and rerun with
+    --resume"): the checkpoint's optimizer and schedule held the old peak and won, silently.
+    Now the restored schedule continues from its step at the new peak."""
+    run = RunDir(tmp_path / "r", {"lr": 0.1})
+    model, opt, sched = _setup()
+    for _ in range(3):
+        _train_step(model, opt, sched)
+    save_checkpoint(run, 3, models={"m": model}, optimizers={"m": opt}, schedulers={"m": sched})
+    model2, opt2, sched2 = _setup()
+    RunDir(tmp_path / "r", {"lr": 0.025}, resume=True).restore(
+        models={"m": model2}, optimizers={"m": opt2}, schedulers={"m": sched2})
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 4)
+    for _ in range(2):  # the schedule goes on from step 3, a quarter as high
+        _train_step(model, opt, sched)
+        _train_step(model2, opt2, sched2)
+        assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] / 4)
+    assert sched2.last_epoch == sched.last_epoch == 5
+
+
 def test_state_file_loads_with_weights_only(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "r", {})
     model, opt, sched = _setup()

@@ -174,7 +174,7 @@ def test_sft_refused_settings_leave_no_run_and_a_refused_resume_keeps_the_old(
     assert _sft(files, out, "--save-every", "2")[0] == 0
     before = _files(out)
     code, output = _sft(files, out, "--resume", "--batch-size", "2")
-    assert code == 2 and "--batch-size = 4" in output
+    assert code == 2 and "--resume keeps the options" in output and "batch_size: 4 -> 2" in output
     assert _files(out) == before
     code, output = _sft(files, out, "--overwrite", "--model", out / "model")
     assert code == 2 and "holds an input of this run (model:" in output

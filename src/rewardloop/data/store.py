@@ -283,6 +283,9 @@ class Store:
         scripts = ScriptDirectory.from_config(cfg)
         head = scripts.get_current_head()
         try:
+            with self.engine.connect() as conn:  # up to date: no lock (a writer may hold it)
+                if MigrationContext.configure(conn).get_current_revision() == head:
+                    return
             with self._writer_turn(), self.engine.connect() as conn:
                 conn = conn.execution_options(**{_WRITE: True})
                 with conn.begin():

@@ -17,8 +17,8 @@ Exports write back what was imported, row for row, in insertion order (the recor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None, *,
 
 
 def _export_records(store: Store, fmt: str, report: ExportReport, batch: str | None,
-                    dimension: str | None, ties: bool) -> Iterator[Any]:
+                    dimension: str | None, ties: bool) -> Generator[Any, None, None]:
     """The records to write, one at a time as the store is read (a JSONL export's memory stays
     flat); pairs the format cannot hold are counted in ``report.skipped`` as they pass."""
     if fmt in ("trl", "hh"):
@@ -180,8 +180,9 @@ def export(store: Store, fmt: str, path: str | Path, *, batch: str | None = None
         raise UserError(f"--ties applies to trl exports ({fmt} rows "
                         f"{'keep ties anyway' if fmt == 'ranking' else 'cannot say tie'})")
     report = ExportReport(str(path), fmt)
-    records = _export_records(store, fmt, report, batch, dimension, ties)
     write = formats.write_dataset if hf_dataset else formats.write_records
-    report.rows = write(path, fmt, records)
+    # closing: a writer that stops part-way (a bad row) ends the store's read there too.
+    with closing(_export_records(store, fmt, report, batch, dimension, ties)) as rows:
+        report.rows = write(path, fmt, rows)
     log.info("exported %d %s rows to %s", report.rows, fmt, path)
     return report

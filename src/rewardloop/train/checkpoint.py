@@ -168,8 +168,9 @@ def save_checkpoint(
     process). The models' trainable parameters and the optimizer states go through
     torch.distributed.checkpoint (``dcp/``: each rank writes its shards, a resume at another
     world size reshards); ``state.pt`` holds the schedulers, the sampler position, the
-    throughput meter and ``extra`` (controller state such as an adaptive KL coefficient: plain
-    Python values and tensors only); ``rng-R.pt`` every rank's RNG states.
+    throughput meter, the fp16 loss scaler and ``extra`` (controller state such as an adaptive
+    KL coefficient: plain Python values and tensors only); ``rng-R.pt`` every rank's RNG
+    states.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -197,6 +198,7 @@ def save_checkpoint(
                 "sampler": dict(sampler_state) if sampler_state is not None else None,
                 "meter": run.meter.state_dict(),
                 "extra": dict(extra or {}),
+                "scaler": _scaler_state(runtime),
             }
             torch.save(state, tmp / "state.pt")
     except BaseException:
@@ -217,6 +219,15 @@ def save_checkpoint(
         log.info("saved checkpoint %s", final)
     _barrier(runtime)
     return final
+
+
+def _scaler_state(runtime: Any) -> dict[str, Any] | None:
+    """The fp16 loss scaler's state (its scale and growth tracker), None without one: a resume
+    that started again at the initial scale would skip or apply other steps."""
+    scaler = getattr(runtime, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return dict(scaler.state_dict())
 
 
 @contextlib.contextmanager
@@ -334,6 +345,9 @@ def load_checkpoint(
             raise UserError(f"checkpoint {path} has no state for scheduler '{name}'")
         obj.load_state_dict(state["schedulers"][name])
     run.meter.load_state_dict(state["meter"])
+    scaler = getattr(runtime, "scaler", None)
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])  # fp16: the loss scale it had reached
     if runtime is None or runtime.is_main:
         run.truncate_metrics(int(state["step"]))
     rank = runtime.rank if runtime is not None else 0

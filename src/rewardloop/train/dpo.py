@@ -213,8 +213,8 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
         return (lambda split, idx: torch.zeros(len(idx), 2)), None
     whole = _reference_scorer(cfg, policy, pad_id, rt)
 
-    def scorer(examples: Sequence[Example]) -> torch.Tensor:
-        return shard_scores(whole, examples, cfg.ref_batch_size, rt)
+    def scorer(examples: Sequence[Example], only: Sequence[int] | None = None) -> torch.Tensor:
+        return shard_scores(whole, examples, cfg.ref_batch_size, rt, only)
 
     if not cfg.precompute_ref:
         return (lambda split, idx: scorer([splits[split][i] for i in idx])), None
@@ -232,10 +232,10 @@ def reference_logps(cfg: DPOConfig, policy: nn.Module, pad_id: int,
     for name, examples in splits.items():
         rows = needed[name]
         if len(rows) < len(examples):
-            log.info("scoring the reference on the %d of %d %s pairs the run's %d steps draw",
-                     len(rows), len(examples), name, cfg.max_steps)
-        cache[name] = torch.full((len(examples), 2), math.nan)
-        cache[name][list(rows)] = scorer([examples[i] for i in rows])
+            log.info("scoring the reference on the %d of %d %s pairs the run's %d steps draw "
+                     "(with the pairs that share their scoring batches)", len(rows),
+                     len(examples), name, cfg.max_steps)
+        cache[name] = scorer(examples, rows if len(rows) < len(examples) else None)
     return _lookup(cache), {"fingerprint": fingerprint, **cache}
 
 
@@ -251,18 +251,25 @@ def _lookup(cache: Mapping[str, torch.Tensor]) -> Callable[[str, Sequence[int]],
     return ref
 
 
-def shard_scores(scorer: Scorer, examples: Sequence[Example], batch_size: int, rt: Runtime
-                 ) -> torch.Tensor:
+def shard_scores(scorer: Scorer, examples: Sequence[Example], batch_size: int, rt: Runtime,
+                 only: Sequence[int] | None = None) -> torch.Tensor:
     """``scorer``'s (N, 2) log-probs of ``examples`` on every rank, each rank scoring its share
     of the batches (``Runtime.map_chunks``): the batches ``score_all`` makes (``batch_size``
-    examples of similar length), so the figures equal one process's."""
+    examples of similar length), so the figures equal one process's. ``only``: score just the
+    batches that hold one of these rows (NaN elsewhere); each row scored gets the very number
+    scoring everything gives it (the same batch, the same padding)."""
     order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
     starts = list(range(0, len(order), batch_size))
+    if only is not None:
+        wanted = set(only)
+        starts = [k for k in starts if wanted.intersection(order[k:k + batch_size])]
     chunks = rt.map_chunks(len(starts), lambda k: scorer(
         [examples[i] for i in order[starts[k]:starts[k] + batch_size]]).float().cpu())
-    out = torch.zeros(len(examples), 2)
+    out = torch.zeros(len(examples), 2) if only is None else torch.full((len(examples), 2),
+                                                                        math.nan)
     if chunks:
-        out[order] = torch.cat(chunks)
+        rows = [i for k in starts for i in order[k:k + batch_size]]
+        out[rows] = torch.cat(chunks)
     return out
 
 

@@ -150,6 +150,54 @@ def _plain(value: Any) -> Any:
     return value
 
 
+RESUME_MAY_CHANGE = frozenset({
+    # bookkeeping
+    "resume", "overwrite", "out", "log_every", "save_every", "eval_every", "sample_every",
+    "report_to", "early_stopping_patience", "max_restarts",
+    # where and how fast it runs, not what it learns
+    "device", "strategy", "precision", "dist_timeout", "gradient_checkpointing",
+    "chunked_lm_head", "grad_accum", "micro_batch_size", "ref_batch_size", "eval_batch_size",
+    "reward_batch_size", "generator", "hf_decoding", "vllm_mode", "vllm_server",
+    "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_sleep",
+    "vllm_max_model_len", "ray", "placement", "actor_cpus", "actor_timeout", "trainers",
+    "trainer_gpus", "rollout_gpus", "reward_gpus", "reference_gpus", "rollout_actors",
+    "reward_actors", "reference_actors", "async_rollout",
+    # how long it runs (the schedule then stretches: warned)
+    "max_steps", "epochs",
+    # the peak learning rate: applied to the restored optimizer and schedule (RunDir.restore)
+    "lr", "value_lr"})
+"""Options a ``--resume`` may change; any other change is refused (the checkpoint's optimizer,
+schedule and KL state would override some, others would apply part-way, and config.yaml would
+describe neither)."""
+
+
+def resume_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str],
+                                                                              list[str]]:
+    """(refused, length) changes of ``now`` against the run's saved config, each as "key: old
+    -> new"; keys only one of them has (options added or dropped by an upgrade) are skipped."""
+    now = yaml.safe_load(yaml.safe_dump(dict(now), sort_keys=False))  # as saved
+    refused, length = [], []
+    for key in saved.keys() & now.keys():
+        if saved[key] != now[key] and not _same_path(saved[key], now[key]):
+            change = f"{key}: {saved[key]!r} -> {now[key]!r}"
+            if key in ("max_steps", "epochs"):
+                length.append(change)
+            elif key not in RESUME_MAY_CHANGE:
+                refused.append(change)
+    return sorted(refused), sorted(length)
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two option values name one existing file or directory (``dir/`` and ``dir``,
+    a relative and an absolute path)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 class RunDir:
     """The ``--out`` directory of one training run (layout in DESIGN.md, "Run directory").
 
@@ -186,9 +234,34 @@ class RunDir:
         self._truncate_at: int | None = None  # a resume's metrics cut, made by start()
         self.meter = ThroughputMeter()
         self.trackers: list[Any] = []
+        self._saved_config: dict[str, Any] = {}  # a resumed run's config.yaml
         self._check()  # on every rank: all refuse alike, none waits
+        if resume and is_run(self.out):
+            self._check_resumed_config()
         if start:
             self.start()
+
+    def _check_resumed_config(self) -> None:
+        """Refuse a resume that changes what the run learns (``RESUME_MAY_CHANGE`` lists what
+        may change); warn when a longer or shorter run stretches the schedule."""
+        path = self.out / "config.yaml"
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read {path} to check the resumed options: {exc}") from None
+        if not isinstance(saved, Mapping):
+            raise UserError(f"{path} is not a mapping of options; cannot resume this run")
+        self._saved_config = dict(saved)
+        refused, length = resume_changes(saved, self.config)
+        if refused:
+            raise UserError(
+                f"--resume keeps the options the run in {self.out} was started with; changed: "
+                f"{'; '.join(refused)}. Resume with those values, or start a new run (another "
+                "--out, or --overwrite). If a path only moved, edit it in config.yaml there")
+        if length and self.config.get("schedule", "constant") != "constant" and self.main:
+            log.warning("%s on resume: the %s learning-rate schedule stretches to the new "
+                        "length from the restored step on, so the run differs from one started "
+                        "with it", "; ".join(length), self.config.get("schedule"))
 
     def start(self) -> None:
         """Create the run directory, replacing the run in it when allowed, or continue the run
@@ -370,8 +443,31 @@ class RunDir:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", self.out)
             self.truncate_metrics(0)
             return None
-        return load_checkpoint(self, latest, models=models, optimizers=optimizers,
+        ckpt = load_checkpoint(self, latest, models=models, optimizers=optimizers,
                                schedulers=schedulers, runtime=runtime)
+        for name, optimizer in (optimizers or {}).items():
+            self._apply_new_lr(name, optimizer, (schedulers or {}).get(name))
+        return ckpt
+
+    def _apply_new_lr(self, name: str, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """A resume with another ``--lr`` (``--value-lr`` for PPO's value model): the restored
+        optimizer and schedule continue from their step at the new peak (the checkpoint's
+        learning rate would win otherwise, whatever config.yaml says)."""
+        key = "value_lr" if name == "value" else "lr"
+        old, new = self._saved_config.get(key), self.config.get(key)
+        if not (isinstance(old, int | float) and isinstance(new, int | float)) or old == new \
+                or old <= 0:
+            return
+        ratio = float(new) / float(old)
+        for group in optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
+        if self.main:
+            log.info("--%s changed on resume from %g to %g: the schedule continues from the "
+                     "restored step at the new peak", key.replace("_", "-"), old, new)
 
 def adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``params``, as one fused kernel where torch has one for them (CPU and CUDA
