@@ -386,3 +386,16 @@ def test_a_store_a_newer_version_upgraded_is_refused_not_touched(db_url: str) ->
     assert "Traceback" not in res.output
     assert Store(db_url, migrate=False).revision() == "0099"
     store.dispose()
+
+
+def test_opening_an_up_to_date_store_does_not_wait_for_a_writer(sqlite_store: Store) -> None:
+    """Review s15: the migration lock was taken on every open, so a read-only command waited
+    for the whole of another process's write (a long import) with no word."""
+    import subprocess
+    import sys
+
+    code = "import sys; from rewardloop.data.store import Store; Store(sys.argv[1]).dispose()"
+    with sqlite_store.write():  # holds the write lock, as an import in progress does
+        done = subprocess.run([sys.executable, "-c", code, sqlite_store.url], timeout=60,
+                              capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
