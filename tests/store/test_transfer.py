@@ -282,3 +282,29 @@ def test_a_jsonl_export_streams_the_store(tmp_path: Path, monkeypatch) -> None:
         store.dispose()
     for fmt in ("trl", "ranking"):  # 400 records of 9 kB: 3.6 MB more if they were held
         assert peaks[fmt, 400] < peaks[fmt, 40] + 1_000_000, peaks
+
+
+def test_trl_rows_all_carry_a_margin_when_any_judgment_has_one(store: Store,
+                                                               tmp_path: Path) -> None:
+    """Interop audit s15 M2: a trl export where only some judgments had a margin left the rest
+    null, and TRL's RewardTrainer (which reads a margin column when there is one) failed on
+    them; a tied pair also kept its ranking's margin, which TRL applies as a preference. Now
+    every row gets a number (0 for none, and for ties); a store without margins writes none."""
+    T.import_file(store, jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a?", "chosen": "x", "rejected": "y", "margin": 0.5},
+        {"prompt": "b?", "chosen": "x", "rejected": "y"}]))
+    T.import_file(store, jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "c?", "responses": ["p", "q", "r"], "ranking": [[0, 1], [2]],
+         "margin": 1.5}]))
+    report = T.export(store, "trl", tmp_path / "out.jsonl", ties=True)
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    got = sorted((r["prompt"], r.get("tie", False), r["margin"]) for r in rows)
+    assert got == [("a?", False, 0.5), ("b?", False, 0.0), ("c?", False, 1.5),
+                   ("c?", False, 1.5), ("c?", True, 0.0)]
+    assert report.zero_margins == 2
+    plain = Store(f"sqlite:///{tmp_path}/plain.db")
+    T.import_file(plain, jsonl(tmp_path / "q.jsonl", [
+        {"prompt": "b?", "chosen": "x", "rejected": "y"}]))
+    T.export(plain, "trl", tmp_path / "plain.jsonl")
+    assert "margin" not in json.loads((tmp_path / "plain.jsonl").read_text())
+    plain.dispose()

@@ -127,6 +127,10 @@ def export_(
     typer.echo(f"wrote {report.rows} {fmt} rows to {target}")
     for reason, n in report.skipped.items():
         typer.echo(f"skipped {n} {reason}")
+    if report.zero_margins:
+        typer.echo(f"wrote margin 0 for {report.zero_margins} pairs with none of their own or "
+                   "tied (other pairs have a margin; TRL's RewardTrainer then needs one in "
+                   "every row)")
 
 
 def _print_stats(result: dict[str, Any]) -> None:

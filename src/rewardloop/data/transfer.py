@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from rewardloop.data.load import (
     stats,
 )
 from rewardloop.data.records import Record
-from rewardloop.data.schema import SOURCES, AuditEvent, Batch
+from rewardloop.data.schema import SOURCES, AuditEvent, Batch, ComparisonTask, Judgment
 from rewardloop.data.store import Store
 from rewardloop.errors import UserError
 
@@ -61,6 +61,10 @@ class ExportReport:
     format: str
     rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    zero_margins: int = 0
+    """trl rows written with margin 0: no margin of their own, or tied, in an export where
+    other pairs have one (TRL's RewardTrainer reads a margin column when there is one, and
+    then needs a number in every row)."""
 
 
 def _batch(s: Session, name: str, report: ImportReport) -> int:
@@ -137,20 +141,34 @@ def import_file(store: Store, path: str | Path, fmt: str | None = None, *,
 # -- export ------------------------------------------------------------------------------------
 
 
+def _any_margin(store: Store, batch: str | None) -> bool:
+    """Whether any judgment (of ``batch``) has a margin."""
+    query = select(Judgment.id).where(Judgment.margin.is_not(None))
+    if batch is not None:
+        query = query.join(ComparisonTask, ComparisonTask.id == Judgment.task_id).join(
+            Batch, Batch.id == ComparisonTask.batch_id).where(Batch.name == batch)
+    with store.read() as s:
+        return s.scalar(query.limit(1)) is not None
+
+
 def _export_records(store: Store, fmt: str, report: ExportReport, batch: str | None,
                     dimension: str | None, ties: bool) -> Generator[Any, None, None]:
     """The records to write, one at a time as the store is read (a JSONL export's memory stays
     flat); pairs the format cannot hold are counted in ``report.skipped`` as they pass."""
     if fmt in ("trl", "hh"):
+        margins = fmt == "trl" and _any_margin(store, batch)
         for pair in iter_pairs(store, batch=batch, dimension=dimension):
             if fmt == "trl":
                 problem = SKIP_TIES if pair.tie and not ties else None
             else:
                 problem = SKIP_TIES if pair.tie else formats.hh_unwritable(pair)
-            if problem is None:
-                yield pair
-            else:
+            if problem is not None:
                 report.skipped[problem] = report.skipped.get(problem, 0) + 1
+            elif margins and (pair.margin is None or pair.tie):
+                report.zero_margins += 1  # a tie prefers neither: its ranking's margin is moot
+                yield replace(pair, margin=0.0)
+            else:
+                yield pair
     elif fmt == "ranking":
         yield from iter_rankings(store, batch=batch, dimension=dimension)
     elif fmt == "kto":
