@@ -184,8 +184,12 @@ class RewardScorer:
         self.normalize = normalize
         self._form_warned = False
         if normalize and not {"mean", "std"} <= set(self.stats):
-            raise UserError(f"{self.model_dir} has no {STATS_FILE} with mean/std; score "
-                            "without normalisation or retrain with train rm")
+            raise UserError(
+                f"{self.model_dir} has no {STATS_FILE} (the mean/std of its scores that train "
+                "rm writes), so its rewards cannot be normalised: train it further with "
+                f"`train rm --model {self.model_dir}`, or use it unnormalised through a reward "
+                "function (`rewardloop.score.RewardScorer(DIR)` has TRL's signature; "
+                "docs/rl.md, Rewards)")
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text], **_: Any
                  ) -> list[float]:

@@ -233,8 +233,14 @@ def test_reward_model_dir_without_stats_is_refused(rm_run: Path, tmp_path: Path)
     bare = tmp_path / "bare"
     shutil.copytree(rm_run / "model", bare)
     (bare / "reward_stats.json").unlink()
-    with pytest.raises(UserError, match="reward_stats.json"):
+    with pytest.raises(UserError, match="reward_stats.json") as err:
         Rewards([RewardSpec(str(bare))])
+    # The way the message names (interop audit s15 M5: it named an option RL lacks) works.
+    assert "RewardScorer(DIR)" in str(err.value)
+    from rewardloop.score import RewardScorer
+
+    raw = RewardScorer(str(bare))(["Where is my parcel?"], ["It ships today."])
+    assert len(raw) == 1 and isinstance(raw[0], float)
 
 
 def test_uncertainty_penalty_is_the_ensemble_mean_minus_lambda_std(
