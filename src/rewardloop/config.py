@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -198,6 +199,26 @@ def _field_keys(cls: type, values: Mapping[Any, Any], where: str) -> dict[Any, A
     return given
 
 
+OTHER_NAMES = {
+    "save_steps": "save_every", "logging_steps": "log_every", "eval_steps": "eval_every",
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
+    "lr_scheduler_type": "schedule", "output_dir": "out", "model_name_or_path": "model",
+    "max_completion_length": "max_new_tokens", "resume_from_checkpoint": "resume",
+    "warmup_ratio": "warmup_steps", "per_device_eval_batch_size": "eval_batch_size",
+    "num_iterations": "ppo_epochs", "epsilon": "clip_eps", "cliprange": "clip_eps"}
+"""transformers/TRL option names (and older ones) -> ours, to name in an unknown-key error."""
+
+
+def _with_hint(key: str, known: set[str]) -> str:
+    """``key`` as an unknown-key error names it, with the known key it probably means."""
+    guess = OTHER_NAMES.get(key.replace("-", "_"))
+    if guess not in known:
+        close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1, cutoff=0.75)
+        guess = close[0] if close else None
+    return f"{key!r} (did you mean {guess!r}?)" if guess else repr(key)
+
+
 def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``values`` (field name or its flag's name, ``key_aliases`` -> value) checked against
     dataclass ``cls`` and keyed by field name: unknown keys, a field under two names and values
@@ -208,7 +229,8 @@ def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, 
     given = _field_keys(cls, values, where)
     unknown = sorted((key for name, key in given.items() if name not in known), key=str)
     if unknown:
-        raise UserError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+        named = "[" + ", ".join(_with_hint(str(key), known) for key in unknown) + "]"
+        raise UserError(f"{where}: unknown keys {named}; known: {sorted(known)}")
     out = {}
     for name, key in given.items():
         value = values[key]

@@ -270,6 +270,10 @@ def test_loop_numbers_out_of_range_are_refused(keys: dict[str, Any], words: str)
 
 @pytest.mark.parametrize(("keys", "words"), [
     ({"rm_options": {"bogus": 1}}, r"rm_options: unknown keys \['bogus'\]"),
+    # transformers' names (upgrade audit s15 L2: an old config's save_steps) point to ours
+    ({"rm_options": {"save_steps": 5, "learning_rate": 1e-5}},
+     r"unknown keys \['learning_rate' \(did you mean 'lr'\?\), 'save_steps' \(did you mean "
+     r"'save_every'\?\)\]"),
     ({"rm_options": {"lr": "fast"}}, "rm_options: lr: expected a number, got 'fast'"),
     ({"rm_options": {"lr": -1.0}}, "rm_options: lr must be > 0"),
     ({"rm_options": {"eval_fraction": 0.0}}, "rm_options: --eval-every needs held-out data"),

@@ -241,7 +241,8 @@ def test_loop_generation_options_are_checked() -> None:
     from rewardloop.loop import LoopConfig
 
     base = {"policy": "p", "prompts": Path("x")}
-    with pytest.raises(ValueError, match=r"generation: unknown keys \['generatr'\]"):
+    with pytest.raises(ValueError, match=r"generation: unknown keys "
+                       r"\['generatr' \(did you mean 'generator'\?\)\]"):
         LoopConfig(**base, generation={"generatr": "vllm"})
     with pytest.raises(ValueError, match="needs --vllm-server"):
         LoopConfig(**base, generation={"generator": "vllm", "vllm_mode": "server"})
