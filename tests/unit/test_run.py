@@ -324,6 +324,25 @@ def test_a_resume_with_a_lower_lr_continues_the_schedule_at_the_new_peak(
     assert sched2.last_epoch == sched.last_epoch == 5
 
 
+def test_a_damaged_or_old_layout_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    """Resume audit s15 L1 and upgrade audit M3: a shard cut short gave a zip-reader traceback,
+    a checkpoint of the layout before sharded ones a FileNotFoundError; both now name the
+    checkpoint and what to do (exit 2 at the command line)."""
+    run = RunDir(tmp_path / "r", {})
+    model, opt, sched = _setup()
+    path = save_checkpoint(run, 1, models={"m": model}, optimizers={"m": opt},
+                           schedulers={"m": sched})
+    shard = next(p for p in (path / "dcp").iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    resumed = RunDir(tmp_path / "r", {}, resume=True)
+    with pytest.raises(UserError, match=f"cannot read checkpoint {path} .*it is damaged; remove "
+                       "it to resume from an earlier one"):
+        resumed.restore(models={"m": model}, optimizers={"m": opt}, schedulers={"m": sched})
+    (path / "dcp" / ".metadata").unlink()
+    with pytest.raises(UserError, match="has no dcp/.metadata: it was written by an older"):
+        resumed.restore(models={"m": model}, optimizers={"m": opt}, schedulers={"m": sched})
+
+
 def test_state_file_loads_with_weights_only(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "r", {})
     model, opt, sched = _setup()

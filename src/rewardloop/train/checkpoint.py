@@ -297,6 +297,11 @@ def _load_models(path: Path, models: Mapping[str, nn.Module],
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    if not (path / "dcp" / ".metadata").is_file():
+        raise UserError(f"checkpoint {path} has no dcp/.metadata: it was written by an older "
+                        "rewardloop (before sharded checkpoints) or damaged, and cannot be "
+                        f"resumed; remove it to resume from an earlier one, or train again "
+                        "with --overwrite")
     reader = dcp.FileSystemReader(str(path / "dcp"))
     meta = reader.read_metadata().state_dict_metadata
     keys = set(meta)
@@ -309,8 +314,18 @@ def _load_models(path: Path, models: Mapping[str, nn.Module],
         _check_names(path, name, saved, parts["model"])
         if "optim" in parts and not any(k.startswith(f"{name}.optim.") for k in keys):
             raise UserError(f"checkpoint {path} has no state for optimizer '{name}'")
-    with _quiet_single_process(), unwrapped_dcp_errors():
-        dcp.load(state, storage_reader=reader)
+    try:
+        with _quiet_single_process(), unwrapped_dcp_errors():
+            dcp.load(state, storage_reader=reader)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        # Complete checkpoints are fsynced before COMPLETE is written: only damage from
+        # outside (a copy cut short, a bad disk) gets here.
+        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): it is "
+                        "damaged; remove it to resume from an earlier one, or train again "
+                        "with --overwrite") from None
     for name, model in models.items():
         set_state_dict(model, optimizers[name] if name in optimizers else (),
                        model_state_dict=state[name]["model"],
