@@ -105,6 +105,25 @@ def test_ultrafeedback_pairs_prefer_higher_rating_and_skip_ties(tmp_path: Path) 
     assert all(r.prompt == "q" for r in records)
 
 
+def test_rows_that_give_no_record_are_counted(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Interop audit s15 L2: an UltraFeedback row whose answers are all rated alike vanished
+    without a word (identical pairs are counted on import; these were not)."""
+    import json
+    import logging
+
+    path = tmp_path / "uf.jsonl"
+    rows = [{"instruction": "q", "completions": [{"response": "a", "overall_score": 8},
+                                                 {"response": "b", "overall_score": 5}]},
+            {"instruction": "r", "completions": [{"response": "a", "overall_score": 7},
+                                                 {"response": "b", "overall_score": 7}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="rewardloop.data.formats"):
+        fmt, records = F.read_records(path)
+    assert fmt == "ultrafeedback" and len(records) == 1
+    assert "1 ultrafeedback rows gave no record" in caplog.text
+
+
 def test_ultrafeedback_needs_a_numeric_rating(tmp_path: Path) -> None:
     row = {"prompt": "q", "completions": [{"response": "a", "overall_score": "N/A"}]}
     with pytest.raises(DataError, match="finite number") as err:

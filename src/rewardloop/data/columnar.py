@@ -43,7 +43,8 @@ def _table(rows: Sequence[dict[str, Any]], what: str) -> Any:
             columns[name] = pa.array([row.get(name) for row in rows])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise UserError(f"cannot write {what}: column {name!r} mixes kinds of values "
-                            f"(text and chat lists?): {exc}") from None
+                            f"(text and chat lists?): {exc}; a .jsonl file holds any mix")\
+                from None
     return pa.table(columns) if columns else pa.table({})
 
 

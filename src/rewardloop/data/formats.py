@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +68,8 @@ from rewardloop.data.shapes import (
 from rewardloop.data.sources import COLUMNAR, Location, data_error, open_source, rows
 from rewardloop.errors import DataError, UserError
 from rewardloop.util.files import atomic_file
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHAT_ROLES", "FORMATS", "WRITABLE", "CandidatesRecord", "Chat", "Message", "PairRecord",
@@ -164,12 +167,21 @@ def check_format(fmt: str, known: Iterable[str] = FORMATS) -> str:
     return fmt
 
 
-def _parsed(parse: Callable[[dict[str, Any]], list[Record]], stream: Rows) -> Iterator[Record]:
+def _parsed(parse: Callable[[dict[str, Any]], list[Record]], stream: Rows, fmt: str,
+            name: str) -> Iterator[Record]:
+    """The records of each row; rows that give none (an UltraFeedback row whose answers are all
+    rated alike states no preference) are counted and said once the input ends."""
+    empty = 0
     for where, obj in stream:
         try:
-            yield from parse(obj)
+            records = parse(obj)
         except F.Invalid as exc:
             raise data_error(where, str(exc), exc.field) from None
+        empty += not records
+        yield from records
+    if empty:
+        log.warning("%s: %d %s rows gave no record (no two answers with different ratings or "
+                    "texts: no preference)", name, empty, fmt)
 
 
 def _counted(stream: Rows, name: str) -> Rows:
@@ -194,7 +206,7 @@ def iter_records(path: str | Path, fmt: str | None = None, split: str | None = N
     stream = _counted(rows(source), source.name)
     if fmt in _STREAMS:
         return fmt, _STREAMS[fmt](stream)
-    return fmt, _parsed(PARSERS[fmt], stream)
+    return fmt, _parsed(PARSERS[fmt], stream, fmt, source.name)
 
 
 def read_records(path: str | Path, fmt: str | None = None, split: str | None = None
