@@ -201,13 +201,14 @@ def _field_keys(cls: type, values: Mapping[Any, Any], where: str) -> dict[Any, A
 
 OTHER_NAMES = {
     "save_steps": "save_every", "logging_steps": "log_every", "eval_steps": "eval_every",
-    "learning_rate": "lr", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
-    "lr_scheduler_type": "schedule", "output_dir": "out", "model_name_or_path": "model",
-    "max_completion_length": "max_new_tokens", "resume_from_checkpoint": "resume",
-    "warmup_ratio": "warmup_steps", "per_device_eval_batch_size": "eval_batch_size",
-    "num_iterations": "ppo_epochs", "epsilon": "clip_eps", "cliprange": "clip_eps"}
-"""transformers/TRL option names (and older ones) -> ours, to name in an unknown-key error."""
+    "learning_rate": "lr", "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
+    "model_name_or_path": "model", "max_completion_length": "max_new_tokens",
+    "resume_from_checkpoint": "resume", "num_iterations": "ppo_epochs", "epsilon": "clip_eps",
+    "cliprange": "clip_eps"}
+"""transformers/TRL option names (and older ones) -> ours with the same meaning and unit, to
+name in an unknown-key error (not per-device batch sizes, a warm-up ratio or output_dir,
+whose counterparts here mean something else)."""
 
 
 def _with_hint(key: str, known: set[str]) -> str:

@@ -317,20 +317,32 @@ def _load_models(path: Path, models: Mapping[str, nn.Module],
     try:
         with _quiet_single_process(), unwrapped_dcp_errors():
             dcp.load(state, storage_reader=reader)
-    except torch.OutOfMemoryError:
-        raise
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
-        # Complete checkpoints are fsynced before COMPLETE is written: only damage from
-        # outside (a copy cut short, a bad disk) gets here.
-        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): it is "
-                        "damaged; remove it to resume from an earlier one, or train again "
-                        "with --overwrite") from None
+    except (RuntimeError, EOFError, FileNotFoundError) as exc:
+        # Complete checkpoints are fsynced before COMPLETE is written: a shard cut short or
+        # missing is damage from outside (a copy cut short, a bad disk). Anything else (a
+        # process group failing, a GPU error, a permission) is raised as it is.
+        if not _damaged(exc):
+            raise
+        raise UserError(f"checkpoint {path} is damaged: a shard is cut short or missing "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "an earlier checkpoint in the same directory may still be whole "
+                        "(remove this one to resume from it)") from None
     for name, model in models.items():
         set_state_dict(model, optimizers[name] if name in optimizers else (),
                        model_state_dict=state[name]["model"],
                        optim_state_dict=state[name].get("optim", {}),
                        options=StateDictOptions(strict=False))
+
+
+_DAMAGE = ("PytorchStreamReader failed", "failed finding central directory",
+           "unexpected EOF", "file is truncated")
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether reading a shard failed because the file is cut short or missing."""
+    if isinstance(exc, EOFError | FileNotFoundError):
+        return True
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _DAMAGE)
 
 
 def load_checkpoint(
